@@ -1,0 +1,1 @@
+"""keeper_host_agent."""

@@ -1,0 +1,1 @@
+"""keeper_state_store."""
