@@ -1,0 +1,1 @@
+"""RabbitMQ: the topology in one place, and the publish / consume / call helpers."""

@@ -1,0 +1,286 @@
+"""One service's connection to the bus: publish with confirms, consume with manual acks, call.
+
+Publishing always waits for the broker's confirm, so "published" means "the broker has it".
+Consuming acks only after the handler returned, so a crash mid-handler means redelivery.
+A handler that raises gets the message requeued until the queue's delivery limit parks it in
+the dead-letter queue; a body that cannot even be decoded goes there at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aio_pika
+import structlog
+import yarl
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from keeper_shared.bus.topology import (
+    QueueSpec,
+    declare_exchanges,
+    declare_queue,
+    event_routing_key,
+)
+from keeper_shared.messages.envelope import (
+    Envelope,
+    MessageError,
+    Payload,
+    decode,
+    encode,
+    new_envelope,
+    peek_type,
+)
+
+R = TypeVar("R", bound=Payload)
+log = structlog.get_logger(__name__)
+
+
+class CallTimeoutError(TimeoutError):
+    """A command got no reply in time (the target may be down or slow)."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a handler may need to know about how a message arrived."""
+
+    user_id: str | None
+    """The publishing user as validated by the broker (None if the publisher set none)."""
+    redelivered: bool
+    reply_to: str | None
+    correlation_id: str | None
+
+
+Handler = Callable[[Envelope[Any], Delivery], Awaitable[Payload | None]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which payload type a consumer accepts and what handles it."""
+
+    payload_type: type[Payload]
+    handler: Handler
+
+
+class Consumer:
+    """A running consumer; :meth:`stop` stops taking work and waits for what is in flight."""
+
+    def __init__(self, queue: AbstractQueue, channel: AbstractChannel) -> None:
+        self._queue = queue
+        self._channel = channel
+        self._tag: str | None = None
+        self.in_flight: set[asyncio.Task[None]] = set()
+
+    async def stop(self, grace_s: float) -> None:
+        """Cancel the subscription, wait up to ``grace_s`` for handlers, cancel the rest."""
+        if self._tag is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.cancel(self._tag)
+            self._tag = None
+        if self.in_flight:
+            _, pending = await asyncio.wait(self.in_flight, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._channel.close()
+
+
+class BusClient:
+    """A service's handle on RabbitMQ."""
+
+    def __init__(
+        self, connection: AbstractRobustConnection, *, source: str, origin: str, user_id: str
+    ) -> None:
+        self._connection = connection
+        self.source = source
+        self.origin = origin
+        self._user_id = user_id
+        self._channel: AbstractChannel | None = None
+        self._events: AbstractExchange | None = None
+        self._commands: AbstractExchange | None = None
+        self._reply_queue_name = f"keeper.reply.{origin}.{uuid.uuid4().hex[:12]}"
+        self._pending_calls: dict[str, asyncio.Future[bytes]] = {}
+        self._consumers: list[Consumer] = []
+
+    @classmethod
+    async def connect(cls, url: str, *, source: str, origin: str) -> BusClient:
+        """Connect (retrying while the broker comes up) and declare the exchanges."""
+        connection = await aio_pika.connect_robust(
+            url, client_properties={"connection_name": source}, timeout=30
+        )
+        client = cls(connection, source=source, origin=origin, user_id=yarl.URL(url).user or "")
+        await client._open()
+        return client
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        """The underlying connection, for consumers this client does not manage."""
+        return self._connection
+
+    async def _open(self) -> None:
+        channel = await self._connection.channel(publisher_confirms=True)
+        self._channel = channel
+        self._events, self._commands = await declare_exchanges(channel)
+        reply_queue = await channel.declare_queue(
+            self._reply_queue_name, exclusive=True, auto_delete=True
+        )
+        await reply_queue.consume(self._on_reply, no_ack=True)
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Stop every consumer (bounded wait for in-flight work), then close."""
+        for consumer in self._consumers:
+            await consumer.stop(grace_s)
+        for future in self._pending_calls.values():
+            future.cancel()
+        await self._connection.close()
+
+    def _message(self, envelope: Envelope[Any], **properties: Any) -> aio_pika.Message:
+        return aio_pika.Message(
+            body=encode(envelope),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=str(envelope.id),
+            type=envelope.type,
+            timestamp=envelope.time,
+            user_id=self._user_id or None,
+            **properties,
+        )
+
+    async def publish_event(self, payload: Payload, *, subject: str) -> Envelope[Any]:
+        """Publish a fact to the events exchange and wait for the broker's confirm."""
+        assert self._events is not None
+        envelope = new_envelope(payload, source=self.source, subject=subject)
+        await self._events.publish(
+            self._message(envelope),
+            routing_key=event_routing_key(envelope.type, self.origin),
+            mandatory=False,
+        )
+        return envelope
+
+    async def call(
+        self,
+        target: str,
+        payload: Payload,
+        reply_type: type[R],
+        *,
+        subject: str,
+        timeout_s: float,
+    ) -> Envelope[R]:
+        """Send a command to ``target`` and wait for its reply; the command expires unread
+        after ``timeout_s`` so a target that comes back late does not act on it."""
+        assert self._commands is not None
+        envelope = new_envelope(payload, source=self.source, subject=subject)
+        correlation_id = str(envelope.id)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending_calls[correlation_id] = future
+        try:
+            await self._commands.publish(
+                self._message(
+                    envelope,
+                    correlation_id=correlation_id,
+                    reply_to=self._reply_queue_name,
+                    expiration=timeout_s,
+                ),
+                routing_key=target,
+                mandatory=True,
+            )
+            try:
+                body = await asyncio.wait_for(future, timeout_s)
+            except TimeoutError:
+                raise CallTimeoutError(
+                    f"{envelope.type} to {target} got no reply within {timeout_s:.1f} s"
+                ) from None
+        finally:
+            self._pending_calls.pop(correlation_id, None)
+        return decode(body, reply_type)
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending_calls.get(message.correlation_id or "")
+        if future is not None and not future.done():
+            future.set_result(message.body)
+
+    async def _reply(self, delivery: Delivery, payload: Payload, subject: str) -> None:
+        assert self._channel is not None
+        if delivery.reply_to is None:
+            return
+        envelope = new_envelope(payload, source=self.source, subject=subject)
+        try:
+            await self._channel.default_exchange.publish(
+                self._message(envelope, correlation_id=delivery.correlation_id),
+                routing_key=delivery.reply_to,
+                mandatory=False,
+            )
+        except aio_pika.exceptions.AMQPError as error:
+            log.warning("reply not sent", reason=type(error).__name__)
+
+    async def consume(self, spec: QueueSpec, routes: list[Route], *, prefetch: int) -> Consumer:
+        """Declare ``spec`` and start handling its messages with the matching route."""
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await declare_queue(channel, spec)
+        consumer = Consumer(queue, channel)
+        by_type: Mapping[str, Route] = {route.payload_type.message_type: route for route in routes}
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                consumer.in_flight.add(task)
+            try:
+                await self._handle(message, by_type)
+            finally:
+                if task is not None:
+                    consumer.in_flight.discard(task)
+
+        consumer._tag = await queue.consume(on_message)
+        self._consumers.append(consumer)
+        return consumer
+
+    async def _handle(self, message: AbstractIncomingMessage, by_type: Mapping[str, Route]) -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            message_id=message.message_id, queue_type=message.type
+        )
+        try:
+            message_type = peek_type(message.body)
+            route = by_type.get(message_type)
+            if route is None:
+                # Topic bindings are coarse (`vm.*.*`); types nobody here handles are facts
+                # meant for other consumers, so acknowledging them loses nothing.
+                await message.ack()
+                return
+            envelope = decode(message.body, route.payload_type)
+        except MessageError as error:
+            log.warning("message refused, dead-lettered", reason=str(error))
+            await message.reject(requeue=False)
+            return
+        structlog.contextvars.bind_contextvars(subject=envelope.subject, type=envelope.type)
+        delivery = Delivery(
+            user_id=message.user_id,
+            redelivered=bool(message.redelivered),
+            reply_to=message.reply_to,
+            correlation_id=message.correlation_id,
+        )
+        try:
+            reply = await route.handler(envelope, delivery)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            raise
+        except Exception:
+            log.exception("handler failed, message requeued")
+            await message.nack(requeue=True)
+            return
+        if reply is not None:
+            await self._reply(delivery, reply, envelope.subject)
+        await message.ack()

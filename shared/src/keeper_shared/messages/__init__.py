@@ -1,0 +1,1 @@
+"""Message models: one module per family, all carried in one :class:`Envelope`."""

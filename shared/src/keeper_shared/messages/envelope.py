@@ -1,0 +1,117 @@
+"""The CloudEvents-style envelope every message travels in, and its strict decoder.
+
+Decoding never lets a pydantic error text escape as is: pydantic puts the offending input
+into its messages, and that input can be TPM bytes (invariant 4). :class:`MessageError`
+carries only field locations and error kinds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Generic, TypeVar, cast
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+"""Largest body accepted from the bus; a prepare with TPM + 4 MB NVRAM fits compressed."""
+
+
+class MessageError(ValueError):
+    """A body that is not a valid message of the expected type. Safe to log."""
+
+
+class Payload(BaseModel):
+    """Base of every message body; subclasses name their type and schema version."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    message_type: ClassVar[str]
+    schema_version: ClassVar[int] = 1
+
+
+P = TypeVar("P", bound=Payload)
+
+
+class Envelope(BaseModel, Generic[P]):
+    """CloudEvents-style attributes around one payload."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: uuid.UUID = Field(description="Unique per message; redeliveries keep it.")
+    type: str = Field(description="What happened (event) or what to do (command).")
+    source: str = Field(description="Who sent it: `host-agent/<host>`, `state-store`, ...")
+    time: datetime = Field(description="When the sender created it (UTC).")
+    subject: str = Field(description="What it is about: a VM id, or a host id.")
+    schema_version: int = Field(description="Version of the payload schema.")
+    data: P = Field(description="The payload.")
+
+
+def new_envelope(payload: P, *, source: str, subject: str) -> Envelope[P]:
+    """Wrap ``payload`` in a fresh envelope."""
+    # Parametrise with the payload's own class so serialisation uses its field serialisers.
+    envelope_type = cast(Any, Envelope)[type(payload)]
+    return cast(
+        Envelope[P],
+        envelope_type(
+            id=uuid.uuid4(),
+            type=payload.message_type,
+            source=source,
+            time=datetime.now(UTC),
+            subject=subject,
+            schema_version=payload.schema_version,
+            data=payload,
+        ),
+    )
+
+
+def encode(envelope: Envelope[Any]) -> bytes:
+    """Serialise for the wire (JSON; secret bytes as base64, see ``SecretBlob``)."""
+    return envelope.model_dump_json().encode()
+
+
+def _safe_errors(error: ValidationError) -> str:
+    """Describe a validation error by location and kind only, never by input value."""
+    parts = []
+    for item in error.errors(include_url=False, include_input=False, include_context=False):
+        location = ".".join(str(part) for part in item["loc"]) or "<root>"
+        parts.append(f"{location}: {item['type']}")
+    return "; ".join(parts[:10])
+
+
+def decode(body: bytes, payload_type: type[P]) -> Envelope[P]:
+    """Parse a wire body into an envelope carrying ``payload_type``, or raise MessageError."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        header = _EnvelopeHeader.model_validate_json(body)
+    except ValidationError as error:
+        raise MessageError(f"not a message envelope ({_safe_errors(error)})") from None
+    if header.type != payload_type.message_type:
+        raise MessageError(f"expected {payload_type.message_type!r}, got {header.type[:64]!r}")
+    if header.schema_version != payload_type.schema_version:
+        raise MessageError(
+            f"{header.type} schema version {header.schema_version} is not supported "
+            f"(this build reads {payload_type.schema_version})"
+        )
+    try:
+        return Envelope[payload_type].model_validate_json(body)  # type: ignore[valid-type]
+    except ValidationError as error:
+        raise MessageError(f"invalid {header.type} message ({_safe_errors(error)})") from None
+
+
+def peek_type(body: bytes) -> str:
+    """The message type of a body, for routing a queue that carries several types."""
+    try:
+        return _EnvelopeHeader.model_validate_json(body).type
+    except ValidationError as error:
+        raise MessageError(f"not a message envelope ({_safe_errors(error)})") from None
+
+
+class _EnvelopeHeader(BaseModel):
+    """The envelope without its payload, read first to pick the payload model."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field(max_length=128)
+    schema_version: int

@@ -1,0 +1,41 @@
+"""Host facts: heartbeats with inventory and capabilities."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from keeper_shared.messages.envelope import Payload
+from keeper_shared.messages.types import ContentHash, HostId, VmId
+
+
+class HostCapabilities(BaseModel):
+    """What a host can run, as it found out itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    swtpm_version: str | None = Field(description="swtpm version, None when not installed.")
+    libvirt_version: str = Field(description="libvirt library version.")
+    architectures: list[str] = Field(description="Guest architectures the host can run.")
+    uefi_firmware: bool = Field(description="OVMF (or another UEFI firmware) is installed.")
+
+
+class VmInventoryEntry(BaseModel):
+    """One VM as its host currently sees it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vm_id: VmId = Field(description="The VM.")
+    epoch: int = Field(ge=0, description="Its placement epoch on this host.")
+    tpm_hash: ContentHash | None = Field(description="Hash of its stable TPM state, if any.")
+    nvram_hash: ContentHash | None = Field(description="Hash of its stable NVRAM, if any.")
+
+
+class HostHeartbeat(Payload):
+    """Sent every few seconds; missing heartbeats make a host lost."""
+
+    message_type = "host.heartbeat"
+
+    host: HostId = Field(description="The host.")
+    interval_s: float = Field(gt=0, description="How often this host sends a heartbeat.")
+    capabilities: HostCapabilities = Field(description="What it can run.")
+    vms: list[VmInventoryEntry] = Field(description="The TPM/UEFI VMs it holds.")

@@ -1,0 +1,100 @@
+"""Field types shared by several message families."""
+
+from __future__ import annotations
+
+import base64
+import enum
+import re
+import uuid
+from typing import Annotated
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretBytes,
+)
+
+MAX_COMPRESSED_BLOB_BYTES = 6 * 1024 * 1024
+"""Upper bound for one compressed blob on the wire (a 4 MB NVRAM is far below this)."""
+
+HOST_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+"""Host ids become RabbitMQ user names and routing-key words, so keep them plain."""
+
+VM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""A libvirt domain name that is also safe as part of a file name (`<name>_VARS.fd`)."""
+
+SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
+
+
+def _canonical_vm_id(value: str) -> str:
+    """Accept only the canonical text of a UUID: VM ids become directory names."""
+    try:
+        parsed = uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        raise ValueError("not a UUID") from None
+    if str(parsed) != value.lower():
+        raise ValueError("not a canonical UUID")
+    return str(parsed)
+
+
+VmId = Annotated[str, Field(max_length=36), AfterValidator(_canonical_vm_id)]
+HostId = Annotated[str, Field(pattern=HOST_ID_PATTERN)]
+VmName = Annotated[str, Field(pattern=VM_NAME_PATTERN)]
+ContentHash = Annotated[str, Field(pattern=SHA256_HEX_PATTERN)]
+
+
+def _decode_base64(value: object) -> object:
+    if isinstance(value, str):
+        if not re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", value):
+            raise ValueError("not base64")
+        return base64.b64decode(value)
+    return value
+
+
+def _encode_base64(value: SecretBytes) -> str:
+    return base64.b64encode(value.get_secret_value()).decode()
+
+
+SecretBlob = Annotated[
+    SecretBytes,
+    BeforeValidator(_decode_base64),
+    PlainSerializer(_encode_base64, return_type=str, when_used="json"),
+    Field(max_length=MAX_COMPRESSED_BLOB_BYTES),
+]
+"""Blob bytes: base64 on the wire, masked in every repr, str and log line."""
+
+
+class StateKind(enum.StrEnum):
+    """The two pieces of state kept per VM."""
+
+    TPM = "tpm"
+    NVRAM = "nvram"
+
+
+class FencingToken(BaseModel):
+    """Orders writes for one VM: placement epoch first, then generation within it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epoch: int = Field(ge=0, description="Raised each time the VM is placed on a host.")
+    generation: int = Field(ge=0, description="Grows with every change within the epoch.")
+
+    def is_newer_than(self, other: FencingToken) -> bool:
+        """True when this token orders strictly after ``other``."""
+        return (self.epoch, self.generation) > (other.epoch, other.generation)
+
+
+class StateBlob(BaseModel):
+    """One VM's TPM or NVRAM state at one version, compressed, as it travels."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: StateKind = Field(description="Which state this is.")
+    content_hash: ContentHash = Field(description="sha256 of the uncompressed canonical content.")
+    size: int = Field(ge=0, description="Length of the uncompressed canonical content.")
+    token: FencingToken = Field(description="Fencing token of the version this blob is.")
+    compressed: SecretBlob = Field(description="zlib-compressed canonical content.")

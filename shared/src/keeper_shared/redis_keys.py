@@ -1,0 +1,48 @@
+"""Redis key names, in one place. Every key of a VM carries the hash tag ``{vm_id}`` so a
+VM's keys live in one Redis Cluster slot and one Lua script may touch them all."""
+
+from __future__ import annotations
+
+from keeper_shared.messages.types import StateKind
+
+PREFIX = "keeper"
+
+
+def placement_key(vm_id: str) -> str:
+    """Hash: host, epoch (written by policy, read by the store's fencing check)."""
+    return f"{PREFIX}:{{{vm_id}}}:placement"
+
+
+def vm_record_key(vm_id: str) -> str:
+    """Hash: the registered VM spec and its approved TPM element (policy)."""
+    return f"{PREFIX}:{{{vm_id}}}:vm"
+
+
+def data_key_key(vm_id: str) -> str:
+    """String: the VM's data key, wrapped by the key-encryption key."""
+    return f"{PREFIX}:{{{vm_id}}}:dek"
+
+
+def state_head_key(vm_id: str, kind: StateKind) -> str:
+    """Hash: newest stored version, its fencing token and hash."""
+    return f"{PREFIX}:{{{vm_id}}}:{kind.value}:head"
+
+
+def state_blobs_key(vm_id: str, kind: StateKind) -> str:
+    """Hash: version number -> encrypted compressed content."""
+    return f"{PREFIX}:{{{vm_id}}}:{kind.value}:blobs"
+
+
+def state_meta_key(vm_id: str, kind: StateKind) -> str:
+    """Hash: version number -> JSON metadata (hash, size, token, host, time)."""
+    return f"{PREFIX}:{{{vm_id}}}:{kind.value}:meta"
+
+
+def state_history_key(vm_id: str, kind: StateKind) -> str:
+    """List: version numbers kept, oldest first."""
+    return f"{PREFIX}:{{{vm_id}}}:{kind.value}:history"
+
+
+def hosts_key() -> str:
+    """Hash: host id -> JSON of its last heartbeat (policy)."""
+    return f"{PREFIX}:hosts"
