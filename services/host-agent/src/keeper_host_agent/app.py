@@ -1,0 +1,179 @@
+"""Wires the host agent: libvirt, the state tracker and watcher, the bus, the heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+from keeper_host_agent.capabilities import probe_capabilities
+from keeper_host_agent.change_watcher import ChangeWatcher
+from keeper_host_agent.commands import HostCommands
+from keeper_host_agent.domain_xml import DomainXmlError, parse_domain
+from keeper_host_agent.hypervisor import HypervisorError, LibvirtHypervisor, LifecycleEvent
+from keeper_host_agent.settings import HostAgentSettings
+from keeper_host_agent.state_tracker import StateTracker
+from keeper_shared.bus.client import BusClient, Route
+from keeper_shared.bus.topology import host_command_queue
+from keeper_shared.messages.envelope import Payload
+from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
+from keeper_shared.messages.state import FetchState, StateChanged
+from keeper_shared.messages.vm import (
+    PowerOffVm,
+    PrepareVm,
+    ShutdownVm,
+    StartVm,
+    StopReason,
+    UndefineVm,
+    VmDefined,
+    VmResumed,
+    VmStarted,
+    VmStopped,
+    VmSuspended,
+    VmUndefined,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class HostAgent:
+    """One host agent: owns its libvirt connection, its tracker and its bus client."""
+
+    def __init__(self, settings: HostAgentSettings, bus: BusClient) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.hypervisor = LibvirtHypervisor(settings.libvirt_uri)
+        self.tracker = StateTracker(
+            host_id=settings.host_id,
+            window_s=settings.stability_window_s,
+            publish=self._publish_change,
+        )
+        self.watcher = ChangeWatcher(self.tracker, rescan_interval_s=settings.rescan_interval_s)
+        self.commands = HostCommands(settings, self.hypervisor, self.tracker)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _publish_change(self, change: StateChanged) -> None:
+        await self.bus.publish_event(change, subject=change.vm_id)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("lifecycle handling failed", exc_info=task.exception())
+
+    async def refresh_domain(self, vm_id: str) -> None:
+        """Re-read one domain from libvirt and track or untrack it."""
+        snapshot = await self.hypervisor.domain(vm_id)
+        if snapshot is None:
+            self.tracker.untrack(vm_id)
+        else:
+            try:
+                location = parse_domain(
+                    snapshot.xml,
+                    swtpm_root=self.settings.swtpm_root,
+                    nvram_dir=self.settings.nvram_dir,
+                )
+            except DomainXmlError as error:
+                log.warning("domain ignored", vm_id=vm_id, reason=str(error))
+                location = None
+            if location is None:
+                self.tracker.untrack(vm_id)
+            else:
+                self.tracker.track(location)
+        self.watcher.sync_watches()
+
+    async def rebuild_view(self) -> None:
+        """Track every TPM/UEFI domain libvirt knows; their state is read and re-announced."""
+        for snapshot in await self.hypervisor.list_domains():
+            await self.refresh_domain(snapshot.vm_id)
+        log.info("view rebuilt", vms=len(self.tracker.vms))
+
+    def on_lifecycle(self, event: LifecycleEvent) -> None:
+        """Called on the asyncio loop for each libvirt event."""
+        self._spawn(self._handle_lifecycle(event))
+
+    async def _handle_lifecycle(self, event: LifecycleEvent) -> None:
+        common = {"vm_id": event.vm_id, "host": self.settings.host_id, "name": event.name}
+        fact: Payload
+        if event.event == "stopped":
+            fact = VmStopped(**common, reason=event.stop_reason or StopReason.UNKNOWN)
+        else:
+            fact = {
+                "defined": VmDefined,
+                "undefined": VmUndefined,
+                "started": VmStarted,
+                "suspended": VmSuspended,
+                "resumed": VmResumed,
+            }[event.event](**common)
+        try:
+            await self.refresh_domain(event.vm_id)
+        except HypervisorError as error:
+            log.warning("domain refresh failed", vm_id=event.vm_id, reason=str(error))
+        log.info("lifecycle", vm_id=event.vm_id, lifecycle=event.event, reason=event.stop_reason)
+        await self.bus.publish_event(fact, subject=event.vm_id)
+
+    async def heartbeat_forever(self, capabilities: HostCapabilities) -> None:
+        """Send a heartbeat with the inventory every interval, until cancelled."""
+        while True:
+            beat = HostHeartbeat(
+                host=self.settings.host_id,
+                interval_s=self.settings.heartbeat_interval_s,
+                capabilities=capabilities,
+                vms=self.tracker.inventory(),
+            )
+            try:
+                await self.bus.publish_event(beat, subject=self.settings.host_id)
+            except Exception as error:  # the broker may be restarting; the next beat retries
+                log.warning("heartbeat not sent", reason=type(error).__name__)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    def routes(self) -> list[Route]:
+        """Which command goes to which handler."""
+        return [
+            Route(FetchState, self.commands.fetch),
+            Route(PrepareVm, self.commands.prepare),
+            Route(StartVm, self.commands.start),
+            Route(ShutdownVm, self.commands.shutdown),
+            Route(PowerOffVm, self.commands.power_off),
+            Route(UndefineVm, self.commands.undefine),
+        ]
+
+
+async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
+    """Run the host agent until ``stop`` is set."""
+    structlog.contextvars.bind_contextvars(host=settings.host_id)
+    bus = await BusClient.connect(
+        settings.amqp_url, source=f"host-agent/{settings.host_id}", origin=settings.host_id
+    )
+    agent = HostAgent(settings, bus)
+    agent.hypervisor.open(agent.on_lifecycle)
+    background: list[asyncio.Task[None]] = []
+    try:
+        capabilities = await probe_capabilities(await agent.hypervisor.library_version())
+        await agent.rebuild_view()
+        await bus.consume(host_command_queue(settings.host_id), agent.routes(), prefetch=8)
+        background = [
+            asyncio.create_task(agent.watcher.watch_inotify()),
+            asyncio.create_task(agent.watcher.rescan_periodically()),
+            asyncio.create_task(agent.heartbeat_forever(capabilities)),
+        ]
+        log.info("host agent ready", libvirt_uri=settings.libvirt_uri, vms=len(agent.tracker.vms))
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await bus.close(settings.shutdown_grace_s)
+        agent.watcher.close()
+        agent.hypervisor.close()
+        log.info("stopped")

@@ -1,0 +1,29 @@
+"""What this host can run, found out once at start-up for the heartbeat."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from keeper_shared.messages.host import HostCapabilities
+from keeper_shared.swtpm_tools import SwtpmError, swtpm_version
+
+UEFI_FIRMWARE_PATHS = (
+    Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+    Path("/usr/share/OVMF/OVMF_CODE.fd"),
+    Path("/usr/share/AAVMF/AAVMF_CODE.fd"),
+)
+
+
+async def probe_capabilities(libvirt_version: str) -> HostCapabilities:
+    """swtpm's version (None when absent), libvirt's, the host arch and UEFI firmware."""
+    try:
+        swtpm: str | None = await swtpm_version()
+    except (SwtpmError, FileNotFoundError):
+        swtpm = None
+    return HostCapabilities(
+        swtpm_version=swtpm,
+        libvirt_version=libvirt_version,
+        architectures=[platform.machine()],
+        uefi_firmware=any(path.exists() for path in UEFI_FIRMWARE_PATHS),
+    )

@@ -1,0 +1,160 @@
+"""What the host agent does when told: fetch, prepare, start, shut down, power off, undefine."""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import pwd
+from typing import Any
+
+import structlog
+
+from keeper_host_agent.domain_xml import DomainXmlError, fill_nvram_path, parse_domain
+from keeper_host_agent.hypervisor import HypervisorError, LibvirtHypervisor
+from keeper_host_agent.settings import HostAgentSettings
+from keeper_host_agent.state_cleanup import wipe_vm_state
+from keeper_host_agent.state_tracker import StateTracker
+from keeper_host_agent.state_writer import UnsafeStateWriteError, write_nvram, write_tpm_state
+from keeper_shared.blobs import open_blob
+from keeper_shared.bus.client import Delivery
+from keeper_shared.compression import BlobFormatError
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.state import FetchedVmState, FetchState, StateFetched
+from keeper_shared.messages.types import StateKind
+from keeper_shared.messages.vm import PowerOffVm, PrepareVm, ShutdownVm, StartVm, UndefineVm
+from keeper_shared.tpm_archive import unpack_tpm_state
+
+log = structlog.get_logger(__name__)
+
+
+def resolve_owner(spec: str | None) -> tuple[int, int] | None:
+    """`user:group` to numeric ids; None keeps the agent's own."""
+    if spec is None:
+        return None
+    user, _, group = spec.partition(":")
+    uid = pwd.getpwnam(user).pw_uid
+    gid = grp.getgrnam(group).gr_gid if group else pwd.getpwnam(user).pw_gid
+    return uid, gid
+
+
+class HostCommands:
+    """Command handlers of one host agent."""
+
+    def __init__(
+        self, settings: HostAgentSettings, hypervisor: LibvirtHypervisor, tracker: StateTracker
+    ) -> None:
+        self._settings = settings
+        self._hypervisor = hypervisor
+        self._tracker = tracker
+        self._owner = resolve_owner(settings.state_owner)
+
+    async def fetch(self, envelope: Envelope[FetchState], _delivery: Delivery) -> StateFetched:
+        """Reply with the current stable blobs of the requested VMs."""
+        request = envelope.data
+        found: list[FetchedVmState] = []
+        missing: list[str] = []
+        for vm_id in request.vm_ids:
+            if vm_id not in self._tracker.vms:
+                missing.append(vm_id)
+                continue
+            blobs = []
+            for kind in request.kinds:
+                blob = await self._tracker.current_blob(vm_id, kind)
+                if blob is not None:
+                    blobs.append(blob)
+            found.append(FetchedVmState(vm_id=vm_id, blobs=blobs))
+        return StateFetched(vms=found, missing=missing)
+
+    async def prepare(self, envelope: Envelope[PrepareVm], _delivery: Delivery) -> CommandDone:
+        """Write the given state into place, verified, before the VM starts here."""
+        request = envelope.data
+        existing = await self._hypervisor.domain(request.vm_id)
+        if existing is not None and existing.active:
+            return CommandDone(ok=False, error="VM is running on this host; refusing to overwrite")
+        nvram_path = self._settings.nvram_dir / f"{request.name}_VARS.fd"
+        written: dict[str, str] = {}
+        try:
+            # Verify everything before writing anything, so a bad NVRAM cannot leave a
+            # half-prepared VM with a new TPM and an old NVRAM.
+            tpm_files = unpack_tpm_state(open_blob(request.tpm)) if request.tpm else None
+            nvram = open_blob(request.nvram) if request.nvram else None
+            if tpm_files is not None:
+                await asyncio.to_thread(
+                    write_tpm_state,
+                    self._settings.swtpm_root,
+                    request.vm_id,
+                    tpm_files,
+                    self._owner,
+                )
+                written[StateKind.TPM.value] = request.tpm.content_hash if request.tpm else ""
+            if nvram is not None:
+                await asyncio.to_thread(write_nvram, nvram_path, nvram, self._owner)
+                written[StateKind.NVRAM.value] = request.nvram.content_hash if request.nvram else ""
+        except (BlobFormatError, UnsafeStateWriteError, ValueError) as error:
+            log.warning("prepare refused", vm_id=request.vm_id, reason=str(error))
+            return CommandDone(ok=False, error=str(error))
+        log.info("prepared", vm_id=request.vm_id, epoch=request.epoch, written=sorted(written))
+        return CommandDone(ok=True, detail=written)
+
+    async def start(self, envelope: Envelope[StartVm], _delivery: Delivery) -> CommandDone:
+        """Define the domain from the given XML and start it."""
+        request = envelope.data
+        try:
+            xml = fill_nvram_path(request.domain_xml, self._settings.nvram_dir)
+            domain = parse_domain(
+                xml, swtpm_root=self._settings.swtpm_root, nvram_dir=self._settings.nvram_dir
+            )
+        except (DomainXmlError, SyntaxError) as error:
+            return CommandDone(ok=False, error=f"unusable domain XML: {error}")
+        if domain is None or domain.vm_id != request.vm_id or domain.epoch != request.epoch:
+            return CommandDone(ok=False, error="domain XML does not match the VM id and epoch")
+        return await self._run("start", request.vm_id, self._hypervisor.define_and_start(xml))
+
+    async def shutdown(self, envelope: Envelope[ShutdownVm], _delivery: Delivery) -> CommandDone:
+        """Ask the guest to shut down; reply when the domain is off."""
+        request = envelope.data
+        return await self._run(
+            "shutdown", request.vm_id, self._hypervisor.shutdown(request.vm_id, request.timeout_s)
+        )
+
+    async def power_off(self, envelope: Envelope[PowerOffVm], _delivery: Delivery) -> CommandDone:
+        """Stop the domain at once."""
+        return await self._run(
+            "power-off", envelope.data.vm_id, self._hypervisor.power_off(envelope.data.vm_id)
+        )
+
+    async def undefine(self, envelope: Envelope[UndefineVm], _delivery: Delivery) -> CommandDone:
+        """Remove the domain, and with ``wipe_state`` its local TPM and NVRAM."""
+        request = envelope.data
+        snapshot = await self._hypervisor.domain(request.vm_id)
+        if snapshot is None:
+            return CommandDone(ok=True, detail={"note": "not defined here"})
+        location = parse_domain(
+            snapshot.xml, swtpm_root=self._settings.swtpm_root, nvram_dir=self._settings.nvram_dir
+        )
+        result = await self._run(
+            "undefine",
+            request.vm_id,
+            self._hypervisor.undefine(request.vm_id, keep_state=not request.wipe_state),
+        )
+        if result.ok:
+            self._tracker.untrack(request.vm_id)
+            if request.wipe_state:
+                removed = await asyncio.to_thread(
+                    wipe_vm_state,
+                    self._settings.swtpm_root,
+                    request.vm_id,
+                    location.nvram_path if location else None,
+                )
+                log.info("local state wiped", vm_id=request.vm_id, removed=len(removed))
+        return result
+
+    async def _run(self, action: str, vm_id: str, operation: Any) -> CommandDone:
+        try:
+            await operation
+        except HypervisorError as error:
+            log.warning(f"{action} failed", vm_id=vm_id, reason=str(error))
+            return CommandDone(ok=False, error=str(error))
+        log.info(f"{action} done", vm_id=vm_id)
+        return CommandDone(ok=True)

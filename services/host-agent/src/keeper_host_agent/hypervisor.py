@@ -1,0 +1,236 @@
+"""The agent's only door to libvirt: lifecycle events bridged into asyncio, and operations.
+
+libvirt delivers events from its own event loop, which must run in a thread of ours; each
+event is handed to the asyncio loop with ``call_soon_threadsafe``. Blocking libvirt calls run
+in worker threads (a libvirt connection is thread-safe) so the asyncio loop never stalls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import libvirt
+
+from keeper_shared.messages.vm import StopReason
+
+_T = TypeVar("_T")
+
+_STOP_REASONS = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: StopReason.SHUTDOWN,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: StopReason.DESTROYED,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: StopReason.CRASHED,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: StopReason.MIGRATED,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: StopReason.SAVED,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: StopReason.FAILED,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: StopReason.FROM_SNAPSHOT,
+}
+_EVENT_NAMES = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+}
+
+
+class HypervisorError(RuntimeError):
+    """A libvirt operation failed; the message is libvirt's (it never holds state bytes)."""
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    """One libvirt lifecycle event, reduced to what the agent acts on."""
+
+    vm_id: str
+    name: str
+    event: str
+    """defined, undefined, started, suspended, resumed or stopped."""
+    stop_reason: StopReason | None
+
+
+@dataclass(frozen=True)
+class DomainSnapshot:
+    """A domain's XML and whether it runs, read in one go."""
+
+    vm_id: str
+    name: str
+    xml: str
+    active: bool
+
+
+class LibvirtHypervisor:
+    """One libvirt connection with its event thread."""
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+        self._connection: libvirt.virConnect | None = None
+        self._event_thread: threading.Thread | None = None
+        self._running = False
+
+    def open(self, on_event: Callable[[LifecycleEvent], None]) -> None:
+        """Connect and start delivering lifecycle events to ``on_event`` on this loop."""
+        loop = asyncio.get_running_loop()
+        # libvirt prints every error to stderr by default; errors reach us as exceptions and
+        # are logged once, by us.
+        libvirt.registerErrorHandler(lambda _ctx, _error: None, None)
+        # The default event implementation must be registered before the connection opens.
+        libvirt.virEventRegisterDefaultImpl()
+        self._running = True
+        # A periodic no-op timer wakes the event loop so the thread notices a stop request.
+        libvirt.virEventAddTimeout(500, lambda _timer, _opaque: None, None)
+        self._event_thread = threading.Thread(
+            target=self._run_event_loop, name="libvirt-events", daemon=True
+        )
+        self._event_thread.start()
+        try:
+            self._connection = libvirt.open(self._uri)
+        except libvirt.libvirtError as error:
+            self._running = False
+            raise HypervisorError(f"cannot connect to {self._uri}: {error}") from None
+
+        def callback(
+            _conn: object, domain: libvirt.virDomain, event: int, detail: int, _o: object
+        ) -> None:
+            name = _EVENT_NAMES.get(event)
+            if name is None:
+                return
+            reason = _STOP_REASONS.get(detail, StopReason.UNKNOWN) if name == "stopped" else None
+            lifecycle = LifecycleEvent(
+                vm_id=domain.UUIDString().lower(),
+                name=domain.name(),
+                event=name,
+                stop_reason=reason,
+            )
+            loop.call_soon_threadsafe(on_event, lifecycle)
+
+        self._connection.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, callback, None
+        )
+
+    def _run_event_loop(self) -> None:
+        while self._running:
+            libvirt.virEventRunDefaultImpl()
+
+    def close(self) -> None:
+        """Close the connection and stop the event thread."""
+        self._running = False
+        if self._connection is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._connection.close()
+            self._connection = None
+        if self._event_thread is not None:
+            self._event_thread.join(timeout=2)
+
+    @property
+    def _conn(self) -> libvirt.virConnect:
+        if self._connection is None:
+            raise HypervisorError("not connected to libvirt")
+        return self._connection
+
+    async def list_domains(self) -> list[DomainSnapshot]:
+        """Every domain (running or not) with its XML."""
+
+        def read() -> list[DomainSnapshot]:
+            return [
+                DomainSnapshot(
+                    vm_id=domain.UUIDString().lower(),
+                    name=domain.name(),
+                    xml=domain.XMLDesc(0),
+                    active=bool(domain.isActive()),
+                )
+                for domain in self._conn.listAllDomains(0)
+            ]
+
+        return await self._call(read)
+
+    async def domain(self, vm_id: str) -> DomainSnapshot | None:
+        """One domain, or None when this host does not have it."""
+
+        def read() -> DomainSnapshot | None:
+            try:
+                domain = self._conn.lookupByUUIDString(vm_id)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+            return DomainSnapshot(vm_id, domain.name(), domain.XMLDesc(0), bool(domain.isActive()))
+
+        return await self._call(read)
+
+    async def define_and_start(self, xml: str) -> None:
+        """Define (or redefine) the domain from ``xml`` and start it."""
+
+        def run() -> None:
+            self._conn.defineXML(xml).create()
+
+        await self._call(run)
+
+    async def shutdown(self, vm_id: str, timeout_s: float) -> None:
+        """Ask the guest to shut down and wait until the domain is off."""
+
+        def run() -> None:
+            domain = self._conn.lookupByUUIDString(vm_id)
+            if domain.isActive():
+                domain.shutdown()
+            deadline = time.monotonic() + timeout_s
+            while domain.isActive():
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"guest did not shut down within {timeout_s:.0f} s")
+                time.sleep(0.1)
+
+        await self._call(run)
+
+    async def power_off(self, vm_id: str) -> None:
+        """Stop the domain at once (libvirt's ``destroy``)."""
+
+        def run() -> None:
+            domain = self._conn.lookupByUUIDString(vm_id)
+            if domain.isActive():
+                domain.destroy()
+
+        await self._call(run)
+
+    async def undefine(self, vm_id: str, *, keep_state: bool) -> None:
+        """Remove the domain; libvirt also removes its TPM and NVRAM unless told to keep them.
+
+        Drivers that keep no such state (``test:///``) refuse the flags; the plain undefine
+        is then the same thing, and the caller wipes any local files itself.
+        """
+
+        def run() -> None:
+            domain = self._conn.lookupByUUIDString(vm_id)
+            if keep_state:
+                flags = (
+                    libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_TPM
+                )
+            else:
+                flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_TPM
+            try:
+                domain.undefineFlags(flags)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() not in (
+                    libvirt.VIR_ERR_INVALID_ARG,
+                    libvirt.VIR_ERR_NO_SUPPORT,
+                ):
+                    raise
+                domain.undefineFlags(0)
+
+        await self._call(run)
+
+    async def library_version(self) -> str:
+        """libvirt's version as `major.minor.micro`."""
+        number = await asyncio.to_thread(libvirt.getVersion)
+        return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+    async def _call(self, function: Callable[[], _T]) -> _T:
+        try:
+            return await asyncio.to_thread(function)
+        except libvirt.libvirtError as error:
+            raise HypervisorError(str(error)) from None

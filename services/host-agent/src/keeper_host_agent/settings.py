@@ -1,0 +1,37 @@
+"""Host agent settings (environment prefix ``KEEPER_HOST_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from keeper_shared.messages.types import HOST_ID_PATTERN
+from keeper_shared.settings import ServiceSettings
+
+
+class HostAgentSettings(ServiceSettings):
+    """Everything one host agent needs to know about its host."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEPER_HOST_", frozen=True, extra="ignore")
+
+    host_id: str = Field(pattern=HOST_ID_PATTERN, description="This host's id on the bus.")
+    libvirt_uri: str = Field(default="qemu:///system", description="libvirt connection URI.")
+    swtpm_root: Path = Field(
+        default=Path("/var/lib/libvirt/swtpm"), description="Where libvirt keeps swtpm state."
+    )
+    nvram_dir: Path = Field(
+        default=Path("/var/lib/libvirt/qemu/nvram"),
+        description="Where NVRAM files go when the domain XML names none.",
+    )
+    state_owner: str | None = Field(
+        default=None, description="`user:group` swtpm runs as; None keeps the agent's own."
+    )
+    stability_window_s: float = Field(
+        default=0.5, gt=0, le=1.0, description="Gap between the two reads that must agree."
+    )
+    rescan_interval_s: float = Field(
+        default=5.0, gt=0, description="Stat-only safety-net rescan when inotify missed one."
+    )
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, description="Heartbeat period.")

@@ -1,0 +1,116 @@
+"""Reading a VM's TPM or NVRAM state from disk, and deciding when it is stable.
+
+A read is trusted only when nothing moved while it happened (stat signature equal before and
+after) and a second read one window later gives the same signature and the same hash. swtpm
+replaces its file by rename and QEMU writes NVRAM in place; comparing inode, size and mtime
+before and after each read catches both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from keeper_shared.blobs import MAX_CANONICAL_SIZE, content_hash
+from keeper_shared.messages.types import StateKind
+from keeper_shared.tpm_archive import (
+    ALLOWED_TPM_FILE_NAMES,
+    ArchiveLimits,
+    pack_tpm_state,
+    read_tpm_state_dir,
+)
+
+FileStat = tuple[str, int, int, int]
+"""(name, inode, size, mtime_ns) of one file."""
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    """The canonical content of one state at one moment, with the stat it was read under."""
+
+    signature: tuple[FileStat, ...]
+    content: bytes
+    content_hash: str
+
+
+class StateLocation:
+    """Where one kind of one VM's state lives, and how to read it canonically."""
+
+    def __init__(self, kind: StateKind, path: Path) -> None:
+        self.kind = kind
+        self.path = path
+
+    def signature(self) -> tuple[FileStat, ...]:
+        """Stat-only fingerprint: cheap enough to run over a thousand VMs every few seconds."""
+        if self.kind is StateKind.NVRAM:
+            return _stat_entries(self.path.parent, (self.path.name,))
+        return _stat_entries(self.path, sorted(ALLOWED_TPM_FILE_NAMES))
+
+    def read_content(self) -> bytes | None:
+        """The canonical content, or None when there is no state (yet)."""
+        if self.kind is StateKind.NVRAM:
+            return _read_regular_file(self.path, MAX_CANONICAL_SIZE[StateKind.NVRAM])
+        try:
+            files = read_tpm_state_dir(self.path, ArchiveLimits())
+        except FileNotFoundError:
+            return None
+        return pack_tpm_state(files) if files else None
+
+    def snapshot(self) -> StateSnapshot | None:
+        """One read that nothing disturbed, or None when the state moved during it."""
+        before = self.signature()
+        content = self.read_content()
+        if content is None or self.signature() != before:
+            return None
+        return StateSnapshot(before, content, content_hash(content))
+
+
+async def read_stable(
+    location: StateLocation, window_s: float, max_rounds: int = 20
+) -> StateSnapshot | None:
+    """Two consecutive undisturbed reads, ``window_s`` apart, that agree; None if the state
+    kept changing for ``max_rounds`` windows or does not exist."""
+    if not await asyncio.to_thread(location.signature):
+        return None  # nothing there yet; its creation is itself an event that pokes again
+    previous = await asyncio.to_thread(location.snapshot)
+    for _ in range(max_rounds):
+        await asyncio.sleep(window_s)
+        current = await asyncio.to_thread(location.snapshot)
+        if (
+            previous is not None
+            and current is not None
+            and previous.signature == current.signature
+            and previous.content_hash == current.content_hash
+        ):
+            return current
+        previous = current
+    return None
+
+
+def _stat_entries(directory: Path, names: list[str] | tuple[str, ...]) -> tuple[FileStat, ...]:
+    entries = []
+    for name in names:
+        try:
+            info = os.lstat(directory / name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        entries.append((name, info.st_ino, info.st_size, info.st_mtime_ns))
+    return tuple(entries)
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes | None:
+    """Read a regular file without following a symlink planted in its place."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    return data

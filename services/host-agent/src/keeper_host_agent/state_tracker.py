@@ -1,0 +1,209 @@
+"""Per-VM view of TPM and NVRAM state: what is stable now, and what was announced.
+
+A poke (from inotify or the stat rescan) starts at most one stability check per VM and kind;
+pokes that arrive during a check make it run once more afterwards, so no change is missed and
+no burst of writes causes a burst of reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from keeper_host_agent.domain_xml import DomainStateLocation
+from keeper_host_agent.state_reader import StateLocation, StateSnapshot, read_stable
+from keeper_shared.blobs import seal_blob
+from keeper_shared.messages.host import VmInventoryEntry
+from keeper_shared.messages.state import StateChanged
+from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
+
+log = structlog.get_logger(__name__)
+
+
+class GenerationClock:
+    """Generations that only grow, also across agent restarts: wall-clock microseconds,
+    bumped by one whenever the clock would repeat or step back."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        """A generation strictly greater than every one handed out before."""
+        self._last = max(self._last + 1, time.time_ns() // 1000)
+        return self._last
+
+
+@dataclass
+class TrackedState:
+    """One kind of state of one VM."""
+
+    location: StateLocation
+    stable: StateSnapshot | None = None
+    blob: StateBlob | None = None
+    check: asyncio.Task[None] | None = None
+    poked_during_check: bool = False
+
+
+@dataclass
+class TrackedVm:
+    """A VM with a TPM or NVRAM on this host."""
+
+    domain: DomainStateLocation
+    states: dict[StateKind, TrackedState] = field(default_factory=dict)
+
+
+Publish = Callable[[StateChanged], Awaitable[None]]
+
+
+class StateTracker:
+    """Tracks every TPM/UEFI VM on the host and announces stable changes."""
+
+    def __init__(self, *, host_id: str, window_s: float, publish: Publish) -> None:
+        self._host_id = host_id
+        self._window_s = window_s
+        self._publish = publish
+        self._clock = GenerationClock()
+        self.vms: dict[str, TrackedVm] = {}
+
+    def track(self, domain: DomainStateLocation) -> None:
+        """Start (or refresh) tracking a domain; its state is read and announced if new."""
+        existing = self.vms.get(domain.vm_id)
+        if existing is not None and existing.domain == domain:
+            return
+        tracked = TrackedVm(domain)
+        if domain.tpm_dir is not None:
+            tracked.states[StateKind.TPM] = TrackedState(
+                StateLocation(StateKind.TPM, domain.tpm_dir)
+            )
+        if domain.nvram_path is not None:
+            tracked.states[StateKind.NVRAM] = TrackedState(
+                StateLocation(StateKind.NVRAM, domain.nvram_path)
+            )
+        if existing is not None:
+            # Same VM, new placement or paths: keep what was read, announce under the new epoch.
+            for kind, state in tracked.states.items():
+                old = existing.states.get(kind)
+                if old is not None and old.location.path == state.location.path:
+                    state.stable = old.stable
+        self.vms[domain.vm_id] = tracked
+        for kind in tracked.states:
+            self.poke(
+                domain.vm_id,
+                kind,
+                force_announce=existing is None or existing.domain.epoch != domain.epoch,
+            )
+
+    def untrack(self, vm_id: str) -> None:
+        """Stop tracking a VM (undefined, or moved away)."""
+        tracked = self.vms.pop(vm_id, None)
+        if tracked is None:
+            return
+        for state in tracked.states.values():
+            if state.check is not None:
+                state.check.cancel()
+
+    def poke(self, vm_id: str, kind: StateKind, *, force_announce: bool = False) -> None:
+        """Something may have changed: make sure a stability check runs."""
+        tracked = self.vms.get(vm_id)
+        state = tracked.states.get(kind) if tracked else None
+        if tracked is None or state is None:
+            return
+        if state.check is not None and not state.check.done():
+            state.poked_during_check = True
+            return
+        state.check = asyncio.create_task(self._check(tracked, kind, state, force_announce))
+
+    def rescan(self) -> int:
+        """Stat every tracked file; poke those whose signature moved. Returns how many."""
+        moved = 0
+        for vm_id, tracked in list(self.vms.items()):
+            for kind, state in tracked.states.items():
+                known = state.stable.signature if state.stable else ()
+                if state.location.signature() != known:
+                    moved += 1
+                    self.poke(vm_id, kind)
+        return moved
+
+    async def _check(
+        self, tracked: TrackedVm, kind: StateKind, state: TrackedState, force_announce: bool
+    ) -> None:
+        while True:
+            state.poked_during_check = False
+            snapshot = await read_stable(state.location, self._window_s)
+            if snapshot is not None:
+                changed = state.stable is None or snapshot.content_hash != state.stable.content_hash
+                state.stable = snapshot
+                if changed or force_announce or state.blob is None:
+                    await self._announce(tracked, kind, state, snapshot)
+                    force_announce = False
+            if not state.poked_during_check:
+                return
+
+    async def _announce(
+        self, tracked: TrackedVm, kind: StateKind, state: TrackedState, snapshot: StateSnapshot
+    ) -> None:
+        token = FencingToken(epoch=tracked.domain.epoch, generation=self._clock.next())
+        state.blob = await asyncio.to_thread(seal_blob, kind, snapshot.content, token)
+        if tracked.domain.epoch == 0:
+            # Not placed by vTPM Keeper: nothing to fence with, so nothing is announced.
+            return
+        log.info(
+            "state stable",
+            vm_id=tracked.domain.vm_id,
+            kind=kind.value,
+            content_hash=snapshot.content_hash[:12],
+            size=len(snapshot.content),
+        )
+        await self._publish(
+            StateChanged(
+                vm_id=tracked.domain.vm_id,
+                host=self._host_id,
+                kind=kind,
+                content_hash=snapshot.content_hash,
+                size=len(snapshot.content),
+                token=token,
+            )
+        )
+
+    async def current_blob(self, vm_id: str, kind: StateKind) -> StateBlob | None:
+        """The state as it is now, read stably; None when the VM or the state is absent."""
+        tracked = self.vms.get(vm_id)
+        state = tracked.states.get(kind) if tracked else None
+        if tracked is None or state is None:
+            return None
+        if state.check is not None and not state.check.done():
+            await asyncio.shield(state.check)
+        if state.stable is None or state.location.signature() != state.stable.signature:
+            self.poke(vm_id, kind)
+            if state.check is not None:
+                await asyncio.shield(state.check)
+        return state.blob
+
+    def inventory(self) -> list[VmInventoryEntry]:
+        """Every tracked VM with the hashes of its stable state, for the heartbeat."""
+
+        def stable_hash(tracked: TrackedVm, kind: StateKind) -> str | None:
+            state = tracked.states.get(kind)
+            return state.stable.content_hash if state and state.stable else None
+
+        return [
+            VmInventoryEntry(
+                vm_id=vm_id,
+                epoch=tracked.domain.epoch,
+                tpm_hash=stable_hash(tracked, StateKind.TPM),
+                nvram_hash=stable_hash(tracked, StateKind.NVRAM),
+            )
+            for vm_id, tracked in self.vms.items()
+        ]
+
+    def paths_by_kind(self, kind: StateKind) -> dict[str, str]:
+        """Each tracked TPM directory or NVRAM file, mapped to its VM id."""
+        return {
+            str(tracked.states[kind].location.path): vm_id
+            for vm_id, tracked in self.vms.items()
+            if kind in tracked.states
+        }

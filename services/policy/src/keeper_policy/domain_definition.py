@@ -1,0 +1,36 @@
+"""The libvirt domain XML policy hands to a host: the VM spec, its TPM, its placement epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
+from keeper_shared.messages.tpm import VmSpec
+
+
+def domain_xml(
+    spec: VmSpec, *, tpm_xml: str, epoch: int, ovmf_code: Path, ovmf_vars_template: Path
+) -> str:
+    """A UEFI domain with the approved TPM. The `<nvram>` names no path: the host agent
+    knows where its NVRAM files live and fills it in."""
+    return f"""<domain type='qemu'>
+  <name>{spec.name}</name>
+  <uuid>{spec.vm_id}</uuid>
+  <metadata>
+    <keeper:placement xmlns:keeper={quoteattr(PLACEMENT_NAMESPACE)} epoch='{epoch}'/>
+  </metadata>
+  <memory unit='MiB'>{spec.memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch={quoteattr(spec.arch)} machine={quoteattr(spec.machine)}>hvm</type>
+    <loader readonly='yes' type='pflash'>{ovmf_code}</loader>
+    <nvram template={quoteattr(str(ovmf_vars_template))}/>
+  </os>
+  <features><acpi/><smm state='on'/></features>
+  <devices>
+    {tpm_xml}
+    <serial type='pty'/>
+  </devices>
+</domain>
+"""
