@@ -80,7 +80,10 @@ class PolicyService:
             vm = await self._registry.vm(request.vm_id)
         except UnknownVmError as error:
             return CommandDone(ok=False, error=str(error))
-        if vm.host is not None and vm.host != request.host:
+        if vm.host == request.host:
+            # A redelivered or repeated request: the VM already runs there (invariant 8).
+            return CommandDone(ok=True, detail={"epoch": str(vm.epoch), "note": "already placed"})
+        if vm.host is not None:
             return CommandDone(ok=False, error=f"VM is placed on {vm.host}; stop it there first")
         epoch = await self._registry.place(request.vm_id, request.host)
         restore = await self._call(

@@ -24,7 +24,7 @@ class MessageError(ValueError):
 class Payload(BaseModel):
     """Base of every message body; subclasses name their type and schema version."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     message_type: ClassVar[str]
     schema_version: ClassVar[int] = 1
@@ -36,7 +36,7 @@ P = TypeVar("P", bound=Payload)
 class Envelope(BaseModel, Generic[P]):
     """CloudEvents-style attributes around one payload."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     id: uuid.UUID = Field(description="Unique per message; redeliveries keep it.")
     type: str = Field(description="What happened (event) or what to do (command).")
@@ -83,10 +83,7 @@ def decode(body: bytes, payload_type: type[P]) -> Envelope[P]:
     """Parse a wire body into an envelope carrying ``payload_type``, or raise MessageError."""
     if len(body) > MAX_MESSAGE_BYTES:
         raise MessageError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        header = _EnvelopeHeader.model_validate_json(body)
-    except ValidationError as error:
-        raise MessageError(f"not a message envelope ({_safe_errors(error)})") from None
+    header = _read_header(body)
     if header.type != payload_type.message_type:
         raise MessageError(f"expected {payload_type.message_type!r}, got {header.type[:64]!r}")
     if header.schema_version != payload_type.schema_version:
@@ -94,24 +91,32 @@ def decode(body: bytes, payload_type: type[P]) -> Envelope[P]:
             f"{header.type} schema version {header.schema_version} is not supported "
             f"(this build reads {payload_type.schema_version})"
         )
+    # The MessageError is raised outside the except block so it carries no __context__:
+    # the ValidationError holds the raw input, which may be secret.
     try:
         return Envelope[payload_type].model_validate_json(body)  # type: ignore[valid-type]
     except ValidationError as error:
-        raise MessageError(f"invalid {header.type} message ({_safe_errors(error)})") from None
+        problem = _safe_errors(error)
+    raise MessageError(f"invalid {header.type} message ({problem})")
 
 
 def peek_type(body: bytes) -> str:
     """The message type of a body, for routing a queue that carries several types."""
+    return _read_header(body).type
+
+
+def _read_header(body: bytes) -> _EnvelopeHeader:
     try:
-        return _EnvelopeHeader.model_validate_json(body).type
+        return _EnvelopeHeader.model_validate_json(body)
     except ValidationError as error:
-        raise MessageError(f"not a message envelope ({_safe_errors(error)})") from None
+        problem = _safe_errors(error)
+    raise MessageError(f"not a message envelope ({problem})")
 
 
 class _EnvelopeHeader(BaseModel):
     """The envelope without its payload, read first to pick the payload model."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
 
     type: str = Field(max_length=128)
     schema_version: int

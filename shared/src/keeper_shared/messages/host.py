@@ -11,7 +11,7 @@ from keeper_shared.messages.types import ContentHash, HostId, VmId
 class HostCapabilities(BaseModel):
     """What a host can run, as it found out itself."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     swtpm_version: str | None = Field(description="swtpm version, None when not installed.")
     libvirt_version: str = Field(description="libvirt library version.")
@@ -22,7 +22,7 @@ class HostCapabilities(BaseModel):
 class VmInventoryEntry(BaseModel):
     """One VM as its host currently sees it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     vm_id: VmId = Field(description="The VM.")
     epoch: int = Field(ge=0, description="Its placement epoch on this host.")

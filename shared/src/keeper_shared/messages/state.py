@@ -43,7 +43,7 @@ class FetchState(Payload):
 class FetchedVmState(BaseModel):
     """One VM's blobs inside a :class:`StateFetched` reply."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     vm_id: VmId = Field(description="The VM.")
     blobs: list[StateBlob] = Field(description="Its stable blobs, one per kind it has.")

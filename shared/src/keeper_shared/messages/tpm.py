@@ -20,7 +20,7 @@ class Firmware(enum.StrEnum):
 class VmSpec(BaseModel):
     """What the operator wants: enough to decide on a TPM and to build the domain."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     vm_id: VmId = Field(description="The VM's UUID.")
     name: VmName = Field(description="The libvirt domain name.")

@@ -78,7 +78,7 @@ class StateKind(enum.StrEnum):
 class FencingToken(BaseModel):
     """Orders writes for one VM: placement epoch first, then generation within it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     epoch: int = Field(ge=0, description="Raised each time the VM is placed on a host.")
     generation: int = Field(ge=0, description="Grows with every change within the epoch.")
@@ -91,7 +91,7 @@ class FencingToken(BaseModel):
 class StateBlob(BaseModel):
     """One VM's TPM or NVRAM state at one version, compressed, as it travels."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     kind: StateKind = Field(description="Which state this is.")
     content_hash: ContentHash = Field(description="sha256 of the uncompressed canonical content.")
