@@ -15,7 +15,7 @@ from keeper_policy.approval import decide_tpm
 from keeper_policy.domain_definition import domain_xml
 from keeper_policy.registry import PolicyRegistry, UnknownVmError
 from keeper_policy.settings import PolicySettings
-from keeper_shared.bus.client import BusClient, CallTimeoutError, Delivery
+from keeper_shared.bus.client import BusClient, CallError, Delivery
 from keeper_shared.bus.topology import STATE_STORE, host_command_key
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, Payload
@@ -199,7 +199,7 @@ class PolicyService:
             reply = await self._bus.call(
                 target, payload, CommandDone, subject=vm_id, timeout_s=timeout_s
             )
-        except CallTimeoutError as error:
+        except CallError as error:
             return CommandDone(ok=False, error=str(error))
         return reply.data
 

@@ -13,7 +13,7 @@ import structlog
 from pydantic import SecretBytes
 
 from keeper_shared.blobs import open_blob
-from keeper_shared.bus.client import BusClient, CallTimeoutError, Delivery
+from keeper_shared.bus.client import BusClient, CallError, Delivery
 from keeper_shared.bus.topology import host_command_key
 from keeper_shared.compression import BlobFormatError
 from keeper_shared.encryption import blob_associated_data, decrypt_blob, encrypt_blob
@@ -89,7 +89,7 @@ class StateService:
         request = envelope.data
         try:
             await self.pull_and_persist(request.host, [request.vm_id], list(StateKind))
-        except (CallTimeoutError, BlobFormatError) as error:
+        except (CallError, BlobFormatError) as error:
             return CommandDone(ok=False, error=str(error))
         versions = {}
         for kind in StateKind:
@@ -121,7 +121,7 @@ class StateService:
                 subject=request.vm_id,
                 timeout_s=self._settings.prepare_timeout_s,
             )
-        except CallTimeoutError as error:
+        except CallError as error:
             return CommandDone(ok=False, error=str(error))
         return reply.data
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -46,8 +47,26 @@ R = TypeVar("R", bound=Payload)
 log = structlog.get_logger(__name__)
 
 
-class CallTimeoutError(TimeoutError):
+class CallError(RuntimeError):
+    """A command could not be completed: no reply in time, or nowhere to deliver it."""
+
+
+class CallTimeoutError(CallError, TimeoutError):
     """A command got no reply in time (the target may be down or slow)."""
+
+
+class NoRouteError(CallError):
+    """No queue is bound for the command's target; the broker returned it at once."""
+
+
+DEADLINE_HEADER = "x-keeper-deadline-ms"
+"""Unix time (ms, an integer: AMQP floats may travel as float32) after which a command is
+void: its caller has stopped waiting.
+
+A command carries its deadline instead of a per-message TTL so that an expired command is
+dropped by its consumer rather than dead-lettered: a `vm.prepare` carries TPM state, and a
+dead-letter queue is no place to keep it.
+"""
 
 
 @dataclass(frozen=True)
@@ -129,7 +148,8 @@ class BusClient:
         return self._connection
 
     async def _open(self) -> None:
-        channel = await self._connection.channel(publisher_confirms=True)
+        # on_return_raises: a command to a target with no bound queue fails at once.
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
         self._events, self._commands = await declare_exchanges(channel)
         reply_queue = await channel.declare_queue(
@@ -177,24 +197,27 @@ class BusClient:
         subject: str,
         timeout_s: float,
     ) -> Envelope[R]:
-        """Send a command to ``target`` and wait for its reply; the command expires unread
-        after ``timeout_s`` so a target that comes back late does not act on it."""
+        """Send a command to ``target`` and wait for its reply. The command is void after
+        ``timeout_s``: a target that comes back late drops it instead of acting on it."""
         assert self._commands is not None
         envelope = new_envelope(payload, source=self.source, subject=subject)
         correlation_id = str(envelope.id)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending_calls[correlation_id] = future
         try:
-            await self._commands.publish(
-                self._message(
-                    envelope,
-                    correlation_id=correlation_id,
-                    reply_to=self._reply_queue_name,
-                    expiration=timeout_s,
-                ),
-                routing_key=target,
-                mandatory=True,
-            )
+            try:
+                await self._commands.publish(
+                    self._message(
+                        envelope,
+                        correlation_id=correlation_id,
+                        reply_to=self._reply_queue_name,
+                        headers={DEADLINE_HEADER: int((time.time() + timeout_s) * 1000)},
+                    ),
+                    routing_key=target,
+                    mandatory=True,
+                )
+            except aio_pika.exceptions.DeliveryError:
+                raise NoRouteError(f"{envelope.type}: no queue is bound for {target}") from None
             try:
                 body = await asyncio.wait_for(future, timeout_s)
             except TimeoutError:
@@ -251,6 +274,12 @@ class BusClient:
         structlog.contextvars.bind_contextvars(
             message_id=message.message_id, queue_type=message.type
         )
+        deadline = (message.headers or {}).get(DEADLINE_HEADER)
+        now_ms = int(time.time() * 1000)
+        if isinstance(deadline, int) and now_ms > deadline:
+            log.info("expired command dropped", late_ms=now_ms - deadline)
+            await message.ack()
+            return
         try:
             message_type = peek_type(message.body)
             route = by_type.get(message_type)

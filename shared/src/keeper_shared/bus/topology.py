@@ -33,7 +33,7 @@ class QueueSpec:
     event_bindings: tuple[str, ...] = ()
     command_key: str | None = None
     delivery_limit: int = DELIVERY_LIMIT
-    extra_arguments: dict[str, str] = field(default_factory=dict)
+    extra_arguments: dict[str, int | str] = field(default_factory=dict)
 
     @property
     def dead_letter_queue(self) -> str:

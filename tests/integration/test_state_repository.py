@@ -1,0 +1,462 @@
+"""The state store's Redis schema (`StateRepository` + `persist.lua`) against a real Redis.
+
+Invariant 2 (never older over newer) lives in one Lua script: a write is stored only from
+the VM's placed host, under the placement's epoch, with a token strictly newer than the
+head's; anything else is refused without touching a key. Invariant 8: the same content
+again is a duplicate, not a new version. The property test drives random interleavings of
+writes from three hosts and placement changes through the real repository.
+
+Every test uses its own VM id (uuid4) and deletes that VM's keys: the server is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import pytest_asyncio
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from keeper_shared.encryption import (
+    DecryptionError,
+    KeyEncryptionKey,
+    blob_associated_data,
+    decrypt_blob,
+    encrypt_blob,
+)
+from keeper_shared.localstack import RedisServer
+from keeper_shared.messages.types import FencingToken, StateKind
+from keeper_shared.redis_keys import (
+    data_key_key,
+    placement_key,
+    state_blobs_key,
+    state_head_key,
+    state_history_key,
+    state_meta_key,
+)
+from keeper_shared.redis_results import awaited
+from keeper_state_store.durability import VolatileRedisError, ensure_durable
+from keeper_state_store.repository import StateRepository, WriteOutcome, WriteResult
+
+pytestmark = pytest.mark.redis
+
+HISTORY_DEPTH = 3
+
+
+@pytest_asyncio.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def kek() -> KeyEncryptionKey:
+    return KeyEncryptionKey(os.urandom(32))
+
+
+@pytest.fixture
+def repository(redis: Redis, kek: KeyEncryptionKey) -> StateRepository:
+    return StateRepository(redis, kek, history_depth=HISTORY_DEPTH)
+
+
+async def _delete_vm_keys(redis: Redis, vm_id: str) -> None:
+    keys = [key async for key in redis.scan_iter(match=f"keeper:{{{vm_id}}}:*")]
+    if keys:
+        await redis.delete(*keys)
+
+
+@pytest_asyncio.fixture
+async def vm_id(redis: Redis) -> AsyncIterator[str]:
+    """A fresh VM, placed on host-a under epoch 1."""
+    vm = str(uuid.uuid4())
+    await _place(redis, vm, "host-a", 1)
+    try:
+        yield vm
+    finally:
+        await _delete_vm_keys(redis, vm)
+
+
+async def _place(redis: Redis, vm_id: str, host: str, epoch: int) -> None:
+    await awaited(redis.hset(placement_key(vm_id), mapping={"host": host, "epoch": epoch}))
+
+
+def _hash(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+async def _write(
+    repository: StateRepository,
+    vm_id: str,
+    *,
+    host: str = "host-a",
+    epoch: int = 1,
+    generation: int = 1,
+    content: bytes = b"tpm state v1",
+    kind: StateKind = StateKind.TPM,
+) -> WriteResult:
+    return await repository.write_version(
+        vm_id=vm_id,
+        kind=kind,
+        host=host,
+        token=FencingToken(epoch=epoch, generation=generation),
+        content_hash=_hash(content),
+        size=len(content),
+        sealed=b"sealed:" + content,
+    )
+
+
+async def _head(redis: Redis, vm_id: str, kind: StateKind = StateKind.TPM) -> dict[bytes, bytes]:
+    head: dict[bytes, bytes] = await awaited(redis.hgetall(state_head_key(vm_id, kind)))
+    return head
+
+
+async def test_first_write_is_stored_as_version_1(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    result = await _write(repository, vm_id, generation=7)
+
+    assert result == WriteResult(WriteOutcome.STORED, "1")
+    assert await repository.head_version(vm_id, StateKind.TPM) == 1
+    assert await repository.head_hash(vm_id, StateKind.TPM) == _hash(b"tpm state v1")
+    head = await _head(redis, vm_id)
+    assert head[b"epoch"] == b"1"
+    assert head[b"generation"] == b"7"
+    # The other kind is independent and still empty.
+    assert await repository.head_version(vm_id, StateKind.NVRAM) is None
+
+
+async def test_same_hash_again_is_a_duplicate_and_changes_nothing(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    await _write(repository, vm_id, generation=1)
+    before = await _head(redis, vm_id)
+
+    # A redelivery (same token) and a later token with unchanged content alike.
+    for generation in (1, 2):
+        result = await _write(repository, vm_id, generation=generation)
+        assert result == WriteResult(WriteOutcome.DUPLICATE, "1")
+
+    assert await _head(redis, vm_id) == before
+    assert await awaited(redis.lrange(state_history_key(vm_id, StateKind.TPM), 0, -1)) == [b"1"]
+
+
+async def test_older_or_equal_generation_is_stale(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    await _write(repository, vm_id, generation=5, content=b"newest")
+    before = await _head(redis, vm_id)
+
+    for generation in (4, 5):
+        result = await _write(repository, vm_id, generation=generation, content=b"other")
+        assert result == WriteResult(WriteOutcome.STALE, "1")
+
+    assert await _head(redis, vm_id) == before
+    assert await repository.read_version(vm_id, StateKind.TPM, 2) is None
+
+
+async def test_older_epoch_is_stale_epoch(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    await _place(redis, vm_id, "host-a", 3)
+    await _write(repository, vm_id, epoch=3, generation=1, content=b"epoch 3")
+
+    result = await _write(repository, vm_id, epoch=2, generation=99, content=b"epoch 2")
+
+    assert result == WriteResult(WriteOutcome.STALE_EPOCH, "3")
+    assert await repository.head_hash(vm_id, StateKind.TPM) == _hash(b"epoch 3")
+
+
+async def test_write_from_another_host_is_wrong_host(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    result = await _write(repository, vm_id, host="host-b", epoch=1, generation=1)
+
+    assert result == WriteResult(WriteOutcome.WRONG_HOST, "host-a")
+    assert await _head(redis, vm_id) == {}
+
+
+async def test_write_for_a_vm_never_placed_is_refused(
+    repository: StateRepository, redis: Redis
+) -> None:
+    vm = str(uuid.uuid4())
+    try:
+        result = await _write(repository, vm, epoch=0, generation=0)
+        assert result == WriteResult(WriteOutcome.WRONG_HOST, "")
+        assert await redis.exists(state_head_key(vm, StateKind.TPM)) == 0
+    finally:
+        await _delete_vm_keys(redis, vm)
+
+
+async def test_new_placement_wins_and_the_old_host_is_fenced_off(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    assert (await _write(repository, vm_id, generation=50, content=b"on a")).outcome == "stored"
+
+    # The VM is started on host-b under a new epoch; its generation starts again at 0.
+    await _place(redis, vm_id, "host-b", 2)
+    on_b = await _write(repository, vm_id, host="host-b", epoch=2, generation=0, content=b"on b")
+    assert on_b == WriteResult(WriteOutcome.STORED, "2")
+
+    # host-a was declared lost and comes back with a write it made before the move.
+    late = await _write(repository, vm_id, host="host-a", epoch=1, generation=51, content=b"late")
+    assert late == WriteResult(WriteOutcome.WRONG_HOST, "host-b")
+
+    # Even once the VM returns to host-a, its old epoch stays fenced off.
+    await _place(redis, vm_id, "host-a", 3)
+    late = await _write(repository, vm_id, host="host-a", epoch=1, generation=52, content=b"late")
+    assert late == WriteResult(WriteOutcome.STALE_EPOCH, "3")
+    assert await repository.head_hash(vm_id, StateKind.TPM) == _hash(b"on b")
+    assert await repository.head_version(vm_id, StateKind.TPM) == 2
+
+
+async def test_head_from_a_newer_epoch_wins_even_if_the_placement_goes_back(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    """Defence in depth: the head's own token is checked too, so a placement record that
+    moved backwards (restored from a backup, a buggy writer) cannot let older over newer."""
+    await _place(redis, vm_id, "host-a", 5)
+    await _write(repository, vm_id, epoch=5, generation=0, content=b"epoch 5")
+    await _place(redis, vm_id, "host-a", 4)
+
+    result = await _write(repository, vm_id, epoch=4, generation=99, content=b"epoch 4")
+
+    assert result == WriteResult(WriteOutcome.STALE, "1")
+    assert await repository.head_hash(vm_id, StateKind.TPM) == _hash(b"epoch 5")
+
+
+async def test_history_is_trimmed_to_its_depth(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    total = HISTORY_DEPTH + 2
+    for generation in range(1, total + 1):
+        result = await _write(
+            repository, vm_id, generation=generation, content=f"v{generation}".encode()
+        )
+        assert result == WriteResult(WriteOutcome.STORED, str(generation))
+
+    kept = [str(v).encode() for v in range(total - HISTORY_DEPTH + 1, total + 1)]
+    assert await awaited(redis.lrange(state_history_key(vm_id, StateKind.TPM), 0, -1)) == kept
+    assert sorted(await awaited(redis.hkeys(state_blobs_key(vm_id, StateKind.TPM)))) == kept
+    assert sorted(await awaited(redis.hkeys(state_meta_key(vm_id, StateKind.TPM)))) == kept
+    for version in range(1, total - HISTORY_DEPTH + 1):
+        assert await repository.read_version(vm_id, StateKind.TPM, version) is None
+    newest = await repository.read_version(vm_id, StateKind.TPM, total)
+    assert newest is not None
+    assert newest[1] == f"sealed:v{total}".encode()
+
+
+async def test_read_version_returns_what_was_written(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    content = os.urandom(6000)
+    content_hash = _hash(content)
+    token = FencingToken(epoch=1, generation=4)
+    data_key = await repository.data_key(vm_id)
+    binding = blob_associated_data(vm_id, "tpm", token.epoch, token.generation, content_hash)
+    sealed = encrypt_blob(data_key, content, binding)
+    before = datetime.now(UTC)
+
+    result = await repository.write_version(
+        vm_id=vm_id,
+        kind=StateKind.TPM,
+        host="host-a",
+        token=token,
+        content_hash=content_hash,
+        size=len(content),
+        sealed=sealed,
+    )
+    assert result == WriteResult(WriteOutcome.STORED, "1")
+
+    found = await repository.read_version(vm_id, StateKind.TPM, 1)
+    assert found is not None
+    record, sealed_back = found
+    assert sealed_back == sealed
+    assert record.version == 1
+    assert record.content_hash == content_hash
+    assert record.size == len(content)
+    assert record.token == token
+    assert record.host == "host-a"
+    assert before - timedelta(seconds=1) <= record.stored_at <= datetime.now(UTC)
+    assert decrypt_blob(await repository.data_key(vm_id), sealed_back, binding) == content
+    assert await repository.read_version(vm_id, StateKind.TPM, 2) is None
+    assert await repository.read_version(vm_id, StateKind.NVRAM, 1) is None
+
+
+async def test_concurrent_data_key_creation_agrees_on_one_key(
+    repository: StateRepository, redis_url: str, kek: KeyEncryptionKey, vm_id: str
+) -> None:
+    other_redis = Redis.from_url(redis_url)
+    try:
+        other = StateRepository(other_redis, kek, history_depth=HISTORY_DEPTH)
+        # Two replicas, several requests each, all racing on a VM that has no key yet.
+        keys = await asyncio.gather(
+            *(repo.data_key(vm_id) for _ in range(4) for repo in (repository, other))
+        )
+        assert all(key == keys[0] for key in keys)
+        assert await other.data_key(vm_id) == keys[0]
+        # The key in Redis is wrapped: it is not the raw key material.
+        wrapped = await other_redis.get(data_key_key(vm_id))
+        assert wrapped is not None
+        assert keys[0].material not in wrapped
+    finally:
+        await other_redis.aclose()
+
+
+async def test_data_key_under_another_kek_is_refused(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    await repository.data_key(vm_id)
+    stranger = StateRepository(redis, KeyEncryptionKey(os.urandom(32)), history_depth=1)
+    with pytest.raises(DecryptionError):
+        await stranger.data_key(vm_id)
+
+
+# --- Property: random interleavings of three hosts and re-placements ---------------------
+
+HOSTS = ("host-a", "host-b", "host-c")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Policy starts the VM on ``host``: the epoch goes up by one."""
+
+    host: int
+
+
+@dataclass(frozen=True)
+class Write:
+    """``host`` (the placed host when None) writes ``content`` with ``generation`` under
+    its own last known epoch, or under ``epoch`` when given (a confused or replaying host)."""
+
+    host: int | None
+    epoch: int | None
+    generation: int
+    content: int
+
+
+_host_index = st.integers(0, len(HOSTS) - 1)
+_operations = st.lists(
+    st.one_of(
+        st.builds(Place, host=_host_index),
+        st.builds(
+            Write,
+            # Mostly the placed host under its own epoch, so that writes get far enough
+            # to be judged on their token, with enough strays to exercise the fencing.
+            host=st.one_of(st.none(), st.none(), _host_index),
+            epoch=st.one_of(st.none(), st.none(), st.integers(0, 6)),
+            generation=st.integers(0, 6),
+            content=st.integers(0, 4),
+        ),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+async def _run_interleaving(redis_url: str, operations: list[Place | Write]) -> None:
+    vm = str(uuid.uuid4())
+    kind = StateKind.NVRAM
+    async with Redis.from_url(redis_url) as redis:
+        repository = StateRepository(redis, KeyEncryptionKey(os.urandom(32)), history_depth=2)
+        placement: tuple[str, int] | None = None
+        known_epoch = dict.fromkeys(HOSTS, 0)
+        head: tuple[int, int] | None = None  # (epoch, generation) as Redis holds it
+        head_hash: str | None = None
+        version = 0
+        try:
+            for operation in operations:
+                if isinstance(operation, Place):
+                    epoch = (placement[1] if placement else 0) + 1
+                    host = HOSTS[operation.host]
+                    await _place(redis, vm, host, epoch)
+                    placement = (host, epoch)
+                    known_epoch[host] = epoch
+                    continue
+                if operation.host is not None:
+                    host = HOSTS[operation.host]
+                elif placement is not None:
+                    host = placement[0]
+                else:
+                    host = HOSTS[0]
+                token = FencingToken(
+                    epoch=known_epoch[host] if operation.epoch is None else operation.epoch,
+                    generation=operation.generation,
+                )
+                content_hash = _hash(f"content {operation.content}".encode())
+                result = await repository.write_version(
+                    vm_id=vm,
+                    kind=kind,
+                    host=host,
+                    token=token,
+                    content_hash=content_hash,
+                    size=1,
+                    sealed=b"x",
+                )
+                event(f"outcome {result.outcome.value}")
+                acceptable = (
+                    placement == (host, token.epoch)
+                    and (head is None or (token.epoch, token.generation) > head)
+                    and content_hash != head_hash
+                )
+                # Accepted exactly when it came from the placed host, under the placement's
+                # epoch, strictly newer than the head, and not the head's content again.
+                assert (result.outcome is WriteOutcome.STORED) == acceptable, (result, token)
+                stored = await _head(redis, vm, kind)
+                new_head = (int(stored[b"epoch"]), int(stored[b"generation"])) if stored else None
+                if acceptable:
+                    version += 1
+                    assert result.detail == str(version)
+                    assert new_head == (token.epoch, token.generation)
+                    head, head_hash = new_head, content_hash
+                else:
+                    # A refusal touches nothing; in particular the head never moves back.
+                    assert new_head == head
+                assert await repository.head_version(vm, kind) == (version or None)
+                history = await awaited(redis.llen(state_history_key(vm, kind)))
+                assert history == min(version, 2)
+        finally:
+            await _delete_vm_keys(redis, vm)
+
+
+@settings(max_examples=50, deadline=None)
+@given(first_host=_host_index, operations=_operations)
+def test_fencing_holds_for_any_interleaving_of_hosts_and_placements(
+    redis_url: str, first_host: int, operations: list[Place | Write]
+) -> None:
+    # A fresh event loop per example: hypothesis drives a synchronous test function. With
+    # a loop_factory the runner leaves the current event loop alone; asyncio.run would
+    # replace (and so leak, unclosed) the one pytest-asyncio keeps current between tests.
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        runner.run(_run_interleaving(redis_url, [Place(first_host), *operations]))
+
+
+# --- Durability check ------------------------------------------------------------------
+
+
+async def test_durable_redis_is_accepted(redis: Redis) -> None:
+    description = await ensure_durable(redis, allow_volatile=False)
+    assert description.startswith("appendonly=yes ")
+
+
+async def test_redis_without_append_only_file_is_refused_unless_allowed(
+    private_redis_server: RedisServer,
+) -> None:
+    async with Redis.from_url(private_redis_server.url) as volatile:
+        # The test's own server, never the shared one: turn its AOF off.
+        await volatile.config_set("appendonly", "no")
+
+        with pytest.raises(VolatileRedisError, match="appendonly=no"):
+            await ensure_durable(volatile, allow_volatile=False)
+        description = await ensure_durable(volatile, allow_volatile=True)
+        assert description.startswith("appendonly=no ")
