@@ -60,16 +60,19 @@ class ChangeWatcher:
     async def watch_inotify(self) -> None:
         """Poke the tracker for every event on a tracked file, until cancelled."""
         async for event in self._inotify:
-            if event.path is None:
-                continue
+            # An overflow event belongs to no watch (its path is None): check it first.
             if event.mask & Mask.Q_OVERFLOW:
                 self._tracker.rescan()
                 continue
+            if event.path is None:
+                continue
             if event.mask & Mask.ISDIR and event.mask & Mask.CREATE:
                 self.sync_watches()
-                created_for = self._parents.get(str(event.path.parent)) or self._tpm_dirs.get(
-                    str(event.path)
-                )
+                # libvirt creates `<uuid>/tpm2` in one `mkdir -p` and swtpm writes at once, so
+                # by now tpm2 and its files may predate the watches just added: read them now,
+                # whether the directory created was `<uuid>` or `tpm2`.
+                created = str(event.path)
+                created_for = self._parents.get(created) or self._tpm_dirs.get(created)
                 if created_for is not None:
                     self._tracker.poke(created_for, StateKind.TPM)
                 continue

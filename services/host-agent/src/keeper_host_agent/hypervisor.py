@@ -73,6 +73,7 @@ class LibvirtHypervisor:
         self._connection: libvirt.virConnect | None = None
         self._event_thread: threading.Thread | None = None
         self._running = False
+        self._wake_timer: int | None = None
 
     def open(self, on_event: Callable[[LifecycleEvent], None]) -> None:
         """Connect and start delivering lifecycle events to ``on_event`` on this loop."""
@@ -84,7 +85,7 @@ class LibvirtHypervisor:
         libvirt.virEventRegisterDefaultImpl()
         self._running = True
         # A periodic no-op timer wakes the event loop so the thread notices a stop request.
-        libvirt.virEventAddTimeout(500, lambda _timer, _opaque: None, None)
+        self._wake_timer = libvirt.virEventAddTimeout(500, lambda _timer, _opaque: None, None)
         self._event_thread = threading.Thread(
             target=self._run_event_loop, name="libvirt-events", daemon=True
         )
@@ -121,6 +122,9 @@ class LibvirtHypervisor:
     def close(self) -> None:
         """Close the connection and stop the event thread."""
         self._running = False
+        if self._wake_timer is not None:
+            libvirt.virEventRemoveTimeout(self._wake_timer)
+            self._wake_timer = None
         if self._connection is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 self._connection.close()

@@ -1,0 +1,309 @@
+"""The host agent as it runs in production: ``python -m keeper_host_agent``, configured from
+``KEEPER_HOST_*`` environment variables, talking to a real RabbitMQ node, with libvirt's
+``test:///`` driver as its simulated hypervisor.
+
+- it comes up ("host agent ready"), and SIGTERM stops it cleanly: exit code 0 within
+  20 s, every log line JSON, no traceback;
+- over the bus it carries out prepare, start, fetch, power-off and undefine, and publishes
+  the lifecycle facts, the state it was given (as hashes, under the placement epoch), and
+  heartbeats with its inventory.
+
+The process is always killed in a ``finally``, whatever the test did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+
+from keeper_policy.domain_definition import domain_xml
+from keeper_shared.blobs import content_hash, open_blob, seal_blob
+from keeper_shared.bus.client import BusClient
+from keeper_shared.bus.topology import EVENTS_EXCHANGE, host_command_key
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.envelope import decode, peek_type
+from keeper_shared.messages.host import HostHeartbeat
+from keeper_shared.messages.state import FetchState, StateChanged, StateFetched
+from keeper_shared.messages.tpm import VmSpec
+from keeper_shared.messages.types import FencingToken, StateKind
+from keeper_shared.messages.vm import (
+    PowerOffVm,
+    PrepareVm,
+    StartVm,
+    StopReason,
+    UndefineVm,
+    VmStopped,
+)
+from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.rabbit]
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+CALL_TIMEOUT_S = 30.0
+VM_ID = "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b"
+VM_NAME = "process-vm"
+
+
+@dataclass
+class AgentProcess:
+    """A running ``python -m keeper_host_agent`` and where its output goes."""
+
+    host_id: str
+    swtpm_root: Path
+    nvram_dir: Path
+    process: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+    started_at: float = field(default_factory=time.monotonic)
+
+    def output(self) -> str:
+        return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(
+            errors="replace"
+        )
+
+    def log_events(self) -> list[dict[str, object]]:
+        """The JSON log lines on stderr; fails the test on a line that is not JSON."""
+        lines = []
+        for line in self.stderr_path.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                pytest.fail(f"stderr line is not JSON: {line[:200]!r}")
+        return lines
+
+    def has_logged(self, event: str) -> bool:
+        return f'"{event}"' in self.stderr_path.read_text(errors="replace")
+
+    def wait_ready(self) -> float:
+        """Block until "host agent ready" (or the process dies); return seconds it took."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self.has_logged("host agent ready"):
+            if self.process.poll() is not None:
+                pytest.fail(f"agent exited with {self.process.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"agent not ready within {READY_TIMEOUT_S:.0f} s:\n{self.output()}")
+            time.sleep(0.05)
+        return time.monotonic() - self.started_at
+
+    def stop(self) -> tuple[int, float]:
+        """SIGTERM, then wait for the exit; return the exit code and how long it took."""
+        sent_at = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"agent still running {STOP_TIMEOUT_S:.0f} s after SIGTERM")
+        return code, time.monotonic() - sent_at
+
+
+@pytest.fixture
+def agent_process(tmp_path: Path, rabbitmq_url: str) -> Iterator[AgentProcess]:
+    """Start a host agent on its own simulated host; kill it at the end in any case."""
+    host_id = f"host-p-{uuid.uuid4().hex[:8]}"
+    swtpm_root = tmp_path / "swtpm"
+    nvram_dir = tmp_path / "nvram"
+    swtpm_root.mkdir()
+    nvram_dir.mkdir()
+    node = tmp_path / "node.xml"
+    node.write_text("<node>\n</node>\n")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KEEPER_")},
+        "KEEPER_HOST_HOST_ID": host_id,
+        "KEEPER_HOST_AMQP_URL": rabbitmq_url,
+        "KEEPER_HOST_LIBVIRT_URI": f"test://{node}",
+        "KEEPER_HOST_SWTPM_ROOT": str(swtpm_root),
+        "KEEPER_HOST_NVRAM_DIR": str(nvram_dir),
+        "KEEPER_HOST_LOG_JSON": "true",
+        "KEEPER_HOST_STABILITY_WINDOW_S": "0.2",
+        "KEEPER_HOST_HEARTBEAT_INTERVAL_S": "1",
+        "KEEPER_HOST_RESCAN_INTERVAL_S": "2",
+        "KEEPER_HOST_SHUTDOWN_GRACE_S": "5",
+    }
+    stdout_path = tmp_path / "agent.stdout"
+    stderr_path = tmp_path / "agent.stderr"
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "keeper_host_agent"],
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=tmp_path,
+        )
+    agent = AgentProcess(host_id, swtpm_root, nvram_dir, process, stdout_path, stderr_path)
+    try:
+        yield agent
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+
+
+def assert_clean_exit(agent: AgentProcess) -> None:
+    code, took = agent.stop()
+    output = agent.output()
+    assert code == 0, f"exit code {code}:\n{output}"
+    assert "Traceback" not in output
+    events = [line.get("event") for line in agent.log_events()]
+    assert "stopping" in events
+    assert events[-1] == "stopped"
+    print(f"\nagent stopped {1000 * took:.0f} ms after SIGTERM")
+
+
+def test_agent_starts_and_stops_cleanly_on_sigterm(agent_process: AgentProcess) -> None:
+    took = agent_process.wait_ready()
+    print(f"\nagent ready {took:.2f} s after exec")
+    ready = [e for e in agent_process.log_events() if e.get("event") == "host agent ready"]
+    assert len(ready) == 1
+    assert ready[0].get("vms") == 0
+    assert_clean_exit(agent_process)
+
+
+@dataclass
+class EventTap:
+    """Every event one host publishes, as (routing key, type, body)."""
+
+    host_id: str
+    seen: list[tuple[str, str, bytes]] = field(default_factory=list)
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        key = message.routing_key or ""
+        if key.endswith(f".{self.host_id}"):
+            self.seen.append((key, peek_type(message.body), message.body))
+
+    def bodies(self, message_type: str) -> list[bytes]:
+        return [body for _key, kind, body in self.seen if kind == message_type]
+
+    async def wait_for(self, message_type: str, count: int = 1) -> list[bytes]:
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while len(self.bodies(message_type)) < count:
+            if time.monotonic() > deadline:
+                kinds = [kind for _key, kind, _body in self.seen]
+                pytest.fail(f"no {count}x {message_type} within {CALL_TIMEOUT_S:.0f} s: {kinds}")
+            await asyncio.sleep(0.05)
+        return self.bodies(message_type)
+
+
+async def test_agent_process_serves_commands_and_publishes_events(
+    agent_process: AgentProcess, rabbitmq_url: str
+) -> None:
+    await asyncio.to_thread(agent_process.wait_ready)
+    host_id = agent_process.host_id
+    bus = await BusClient.connect(rabbitmq_url, source="test/driver", origin="test-driver")
+    try:
+        tap = EventTap(host_id)
+        channel = await bus.connection.channel()
+        events_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await events_queue.bind(EVENTS_EXCHANGE, routing_key="#")
+        await events_queue.consume(tap.on_message, no_ack=True)
+
+        async def call(payload: PrepareVm | StartVm | PowerOffVm | UndefineVm) -> CommandDone:
+            reply = await bus.call(
+                host_command_key(host_id),
+                payload,
+                CommandDone,
+                subject=VM_ID,
+                timeout_s=CALL_TIMEOUT_S,
+            )
+            return reply.data
+
+        permall = os.urandom(6_000)
+        nvram = os.urandom(540_672)
+        tpm = seal_blob(
+            StateKind.TPM,
+            pack_tpm_state({MAIN_STATE_FILE_NAME: permall}),
+            FencingToken(epoch=1, generation=1),
+        )
+        nvram_blob = seal_blob(StateKind.NVRAM, nvram, FencingToken(epoch=1, generation=1))
+
+        prepared = await call(
+            PrepareVm(vm_id=VM_ID, name=VM_NAME, epoch=2, tpm=tpm, nvram=nvram_blob)
+        )
+        assert prepared.ok, prepared.error
+        tpm_dir = agent_process.swtpm_root / VM_ID / "tpm2"
+        assert (tpm_dir / MAIN_STATE_FILE_NAME).read_bytes() == permall
+
+        xml = domain_xml(
+            VmSpec(vm_id=VM_ID, name=VM_NAME, guest_os="windows-11"),
+            tpm_xml="<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>",
+            epoch=2,
+            ovmf_code=Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+            ovmf_vars_template=Path("/usr/share/OVMF/OVMF_VARS_4M.fd"),
+        )
+        wrong_epoch = await call(StartVm(vm_id=VM_ID, epoch=3, domain_xml=xml))
+        assert not wrong_epoch.ok
+        started = await call(StartVm(vm_id=VM_ID, epoch=2, domain_xml=xml))
+        assert started.ok, started.error
+
+        await tap.wait_for("vm.started")
+        changed = [
+            decode(body, StateChanged).data for body in await tap.wait_for("state.changed", 2)
+        ]
+        by_kind = {c.kind: c for c in changed}
+        assert by_kind[StateKind.TPM].content_hash == tpm.content_hash
+        assert by_kind[StateKind.NVRAM].content_hash == content_hash(nvram)
+        assert all(c.token.epoch == 2 and c.host == host_id for c in changed)
+
+        fetched = await bus.call(
+            host_command_key(host_id),
+            FetchState(vm_ids=[VM_ID]),
+            StateFetched,
+            subject=VM_ID,
+            timeout_s=CALL_TIMEOUT_S,
+        )
+        (vm_state,) = fetched.data.vms
+        blobs = {blob.kind: blob for blob in vm_state.blobs}
+        assert open_blob(blobs[StateKind.TPM]) == pack_tpm_state({MAIN_STATE_FILE_NAME: permall})
+        assert open_blob(blobs[StateKind.NVRAM]) == nvram
+
+        # The heartbeat carries the VM with the hashes of what it holds.
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while True:
+            beats = [decode(b, HostHeartbeat).data for b in tap.bodies("host.heartbeat")]
+            with_vm = [b for b in beats if any(vm.vm_id == VM_ID for vm in b.vms)]
+            if with_vm:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail("no heartbeat listed the VM")
+            await asyncio.sleep(0.1)
+        (entry,) = with_vm[-1].vms
+        assert (entry.epoch, entry.tpm_hash, entry.nvram_hash) == (
+            2,
+            tpm.content_hash,
+            content_hash(nvram),
+        )
+
+        assert (await call(PowerOffVm(vm_id=VM_ID))).ok
+        (stopped_body,) = await tap.wait_for("vm.stopped")
+        assert decode(stopped_body, VmStopped).data.reason is StopReason.DESTROYED
+        assert (await call(UndefineVm(vm_id=VM_ID, wipe_state=True))).ok
+        await tap.wait_for("vm.undefined")
+        assert not (agent_process.swtpm_root / VM_ID).exists()
+        assert not (agent_process.nvram_dir / f"{VM_NAME}_VARS.fd").exists()
+        await channel.close()
+    finally:
+        await bus.close(grace_s=2)
+
+    await asyncio.to_thread(assert_clean_exit, agent_process)
+    # Invariant 4 on the way: the state bytes never reached the agent's output in any form.
+    output = agent_process.output()
+    for secret in (permall, nvram):
+        assert secret[:32].hex() not in output
+        assert base64.b64encode(secret[:48]).decode() not in output
+    assert "state stable" in output
