@@ -12,7 +12,7 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
     amqp_url: str = Field(
-        default="amqp://guest:guest@127.0.0.1:35672/",
+        default="amqp://guest:guest@127.0.0.1:28672/",
         description="RabbitMQ URL; its user is the identity the broker validates.",
     )
     log_level: str = Field(default="INFO", description="Lowest level logged.")

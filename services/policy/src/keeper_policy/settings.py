@@ -15,7 +15,7 @@ class PolicySettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="KEEPER_POLICY_", frozen=True, extra="ignore")
 
-    redis_url: str = Field(default="redis://127.0.0.1:36379/0", description="Redis URL.")
+    redis_url: str = Field(default="redis://127.0.0.1:28379/0", description="Redis URL.")
     retrieve_attempts: int = Field(
         default=3, ge=1, le=10, description="Retrievals tried before a destroy goes ahead anyway."
     )

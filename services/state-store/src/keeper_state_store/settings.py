@@ -15,7 +15,7 @@ class StateStoreSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="KEEPER_STORE_", frozen=True, extra="ignore")
 
-    redis_url: str = Field(default="redis://127.0.0.1:36379/0", description="Redis URL.")
+    redis_url: str = Field(default="redis://127.0.0.1:28379/0", description="Redis URL.")
     kek_file: Path = Field(description="Key-encryption key file (mode 0600); never in Redis.")
     history_depth: int = Field(default=10, ge=1, le=1000, description="Versions kept per kind.")
     allow_volatile_redis: bool = Field(

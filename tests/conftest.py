@@ -1,0 +1,152 @@
+"""Fixtures for tests that need a real broker or Redis.
+
+Each test session starts its own private RabbitMQ node and Redis server, on free ports and
+in its own temporary directories, and stops them at the end even when tests fail, so it
+never touches the demo stack or a system broker. Where a Docker engine answers, containers
+are used instead. When the servers are not installed the tests skip, except under
+``CI=true``, where a missing server is a failure: CI must not pass by skipping.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from keeper_shared.localstack import (
+    NotInstalledError,
+    RabbitMQConfig,
+    RabbitMQNode,
+    RedisConfig,
+    RedisServer,
+    free_tcp_ports,
+)
+
+_RABBITMQ_IMAGE = "rabbitmq:3.10"
+_REDIS_IMAGE = "redis:7.0"
+
+
+def _require_installed(check_installed: Callable[[], None]) -> None:
+    """Skip the test (fail it under CI) when ``check_installed`` finds a program missing."""
+    try:
+        check_installed()
+    except NotInstalledError as error:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{error} (CI=true: tests must not skip because a server is missing)")
+        pytest.skip(str(error))
+
+
+def _docker_engine_answers() -> bool:
+    """Tell whether a Docker engine answers a ping (the ``docker`` CLI alone is not enough)."""
+    if "DOCKER_HOST" not in os.environ and not Path("/var/run/docker.sock").exists():
+        return False
+    import docker  # type: ignore[import-untyped]
+
+    with warnings.catch_warnings():
+        # docker-py leaves its socket open when the engine does not answer; it is collected
+        # here so that its ResourceWarning cannot fail an unrelated test later.
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            client = docker.from_env(timeout=3)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except Exception:  # no engine, no permission, bad DOCKER_HOST: use local binaries
+            return False
+        finally:
+            gc.collect()
+
+
+def _rabbitmq_node(base_dir: Path) -> RabbitMQNode:
+    amqp_port, dist_port = free_tcp_ports(2)
+    # Node names share one epmd per machine, so each session's node gets its own.
+    return RabbitMQNode(
+        RabbitMQConfig(
+            name=f"keeper-test-{amqp_port}",
+            amqp_port=amqp_port,
+            dist_port=dist_port,
+            base_dir=base_dir,
+        )
+    )
+
+
+def _redis_server(base_dir: Path) -> RedisServer:
+    (port,) = free_tcp_ports(1)
+    return RedisServer(RedisConfig(port=port, base_dir=base_dir))
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> bool:
+    """Whether this session runs its servers in Docker containers."""
+    return _docker_engine_answers()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory, docker_engine: bool) -> Iterator[str]:
+    """AMQP URL of a RabbitMQ node private to this test session (quorum queues work)."""
+    if docker_engine:
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.waiting_utils import wait_for_logs
+
+        # Not testcontainers' RabbitMqContainer: its readiness probe needs pika.
+        with DockerContainer(_RABBITMQ_IMAGE).with_exposed_ports(5672) as container:
+            wait_for_logs(container, "Server startup complete", timeout=120)
+            host = container.get_container_host_ip()
+            yield f"amqp://guest:guest@{host}:{container.get_exposed_port(5672)}/"
+        return
+    node = _rabbitmq_node(tmp_path_factory.mktemp("rabbitmq"))
+    _require_installed(node.check_installed)
+    try:
+        node.start()
+        yield node.amqp_url
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory, docker_engine: bool) -> Iterator[str]:
+    """URL of a Redis server private to this test session, AOF on with ``fsync always``."""
+    if docker_engine:
+        from testcontainers.redis import RedisContainer
+
+        container = RedisContainer(_REDIS_IMAGE).with_command(
+            "redis-server --appendonly yes --appendfsync always"
+        )
+        with container:
+            host = container.get_container_host_ip()
+            yield f"redis://{host}:{container.get_exposed_port(container.port)}/0"
+        return
+    server = _redis_server(tmp_path_factory.mktemp("redis"))
+    _require_installed(server.check_installed)
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running Redis server of the test's own, for tests that kill and restart it.
+
+    Always a local process (never a container), because the test controls its lifetime.
+    """
+    server = _redis_server(tmp_path / "redis")
+    _require_installed(server.check_installed)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def local_servers_installed() -> None:
+    """Skip (fail under CI) unless rabbitmq-server and redis-server are installed locally."""
+    _require_installed(RabbitMQNode.check_installed)
+    _require_installed(RedisServer.check_installed)

@@ -1,0 +1,61 @@
+"""The demo story end to end against real RabbitMQ, Redis, swtpm and libvirt's test driver,
+then a scan of everything written for the secret and the TPM bytes (invariant 4)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from keeper_shared.demo.story import DemoConfig, run_story
+from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME
+from leak_scan import content_fingerprints, find_leaks, leak_forms
+
+pytestmark = [pytest.mark.e2e, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.swtpm]
+
+
+async def test_secret_sealed_on_host_a_reads_back_on_host_b_and_never_leaks(
+    rabbitmq_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    out = io.StringIO()
+    config = DemoConfig(
+        amqp_url=rabbitmq_url,
+        redis_url=redis_url,
+        work_dir=tmp_path / "demo",
+        kek_file=tmp_path / "keys" / "kek.key",
+    )
+
+    result = await run_story(config, out)
+
+    printed = out.getvalue()
+    print(printed)
+    assert result.secret_matches
+    assert "the secret matches" in printed
+    assert set(result.exit_codes.values()) == {0}, result.exit_codes
+
+    permall = (
+        tmp_path / "demo" / "host-b" / "swtpm" / result.vm_id / "tpm2" / MAIN_STATE_FILE_NAME
+    ).read_bytes()
+    needles = leak_forms(result.secret) + content_fingerprints(permall)
+    written = [("demo output", printed.encode())]
+    written += [(str(path), path.read_bytes()) for path in result.log_files]
+    assert find_leaks(written, needles) == []
+    for name, data in written:
+        assert b"Traceback" not in data, name
+
+    redis = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in redis.scan_iter(match=f"keeper:{{{result.vm_id}}}:*")]
+        assert keys, "nothing stored for the VM"
+        values = []
+        for key in keys:
+            kind = (await redis.type(key)).decode()
+            if kind == "hash":
+                values += [(key.decode(), v) for v in (await redis.hgetall(key)).values()]
+            elif kind == "string":
+                values.append((key.decode(), await redis.get(key)))
+        assert find_leaks(values, needles) == []
+    finally:
+        await redis.aclose()

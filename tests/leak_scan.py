@@ -1,0 +1,40 @@
+"""Looking for secret bytes in text and files, in every form they could leak in."""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from collections.abc import Iterable
+
+
+def leak_forms(secret: bytes) -> list[bytes]:
+    """Raw, hex (both cases) and base64 (standard and urlsafe) renderings of ``secret``."""
+    hex_lower = secret.hex().encode()
+    return [
+        secret,
+        hex_lower,
+        hex_lower.upper(),
+        base64.b64encode(secret).rstrip(b"="),
+        base64.urlsafe_b64encode(secret).rstrip(b"="),
+    ]
+
+
+def content_fingerprints(content: bytes, *, chunk: int = 30) -> list[bytes]:
+    """Forms of 30-byte chunks of ``content`` (and of its zlib stream, as it travels).
+
+    Chunks start at multiples of 3 so their base64 is also a substring of the base64 of the
+    whole; a log line carrying any encoding of the whole content contains one of these.
+    """
+    streams = [content, zlib.compress(content, 6)]
+    forms: list[bytes] = []
+    for stream in streams:
+        for start in range(0, max(len(stream) - chunk, 1), 3 * 97):
+            piece = stream[start : start + chunk]
+            if len(set(piece)) > 4:  # runs of 0x00/0xff are not secrets and match anything
+                forms.extend(leak_forms(piece))
+    return forms
+
+
+def find_leaks(haystacks: Iterable[tuple[str, bytes]], needles: list[bytes]) -> list[str]:
+    """Names of the haystacks that contain any needle."""
+    return [name for name, data in haystacks if any(needle in data for needle in needles)]
