@@ -118,7 +118,7 @@ def pack_tpm_state(files: Mapping[str, bytes], limits: ArchiveLimits = DEFAULT_L
     The state must contain ``tpm2-00.permall`` and only allow-listed names, and it must fit
     ``limits``: an archive this side could not unpack is never produced.
     """
-    _check_state_files(files, limits)
+    check_tpm_state_files(files, limits)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:", format=tarfile.USTAR_FORMAT) as archive:
         for name in sorted(files):
@@ -291,7 +291,9 @@ def _read_at_most(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _check_state_files(files: Mapping[str, bytes], limits: ArchiveLimits) -> None:
+def check_tpm_state_files(files: Mapping[str, bytes], limits: ArchiveLimits) -> None:
+    """Refuse state that is not allow-listed names of bytes within ``limits``, or that lacks
+    its permall (a state without it would make swtpm silently create a fresh TPM)."""
     if len(files) > limits.max_members:
         raise UnsafeArchiveError(f"TPM state has more than {limits.max_members} files")
     total = 0

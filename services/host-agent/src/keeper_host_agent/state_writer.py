@@ -24,6 +24,8 @@ from keeper_shared.tpm_archive import (
     DEFAULT_LIMITS,
     MAIN_STATE_FILE_NAME,
     ArchiveLimits,
+    UnsafeArchiveError,
+    check_tpm_state_files,
     safe_name_repr,
 )
 
@@ -168,30 +170,10 @@ def write_nvram(nvram_path: Path | str, data: bytes, owner: tuple[int, int] | No
 
 
 def _check_tpm_files(files: Mapping[str, bytes], limits: ArchiveLimits) -> None:
-    total = 0
-    for name, data in files.items():
-        if name not in ALLOWED_TPM_FILE_NAMES:
-            raise UnsafeStateWriteError(
-                f"TPM state file name {safe_name_repr(name)} is not one of the allowed names"
-            )
-        if not isinstance(data, bytes):
-            raise UnsafeStateWriteError(
-                f"TPM state file {name} must be bytes, not {type(data).__name__}"
-            )
-        if len(data) > limits.max_member_size:
-            raise UnsafeStateWriteError(
-                f"TPM state file {name} is {len(data)} bytes, more than the "
-                f"{limits.max_member_size} allowed"
-            )
-        total += len(data)
-    if total > limits.max_total_size:
-        raise UnsafeStateWriteError(
-            f"TPM state is {total} bytes, more than the {limits.max_total_size} allowed"
-        )
-    if MAIN_STATE_FILE_NAME not in files:
-        # Writing a state without its permall would leave swtpm to create a fresh TPM,
-        # silently discarding the one the guest sealed its keys into.
-        raise UnsafeStateWriteError(f"TPM state has no {MAIN_STATE_FILE_NAME}")
+    try:
+        check_tpm_state_files(files, limits)
+    except UnsafeArchiveError as error:
+        raise UnsafeStateWriteError(str(error)) from None
 
 
 def _open_root(swtpm_root: Path) -> int:
