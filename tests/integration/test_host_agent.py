@@ -5,6 +5,9 @@ swtpm root and NVRAM directory live under ``tmp_path``. What is checked:
 
 - lifecycle events travel from libvirt's event thread into the asyncio loop, in order and
   with the stop reason, and the event thread ends when the hypervisor is closed;
+- a connection libvirt reports closed (as when libvirtd restarts) is reopened, the owner is
+  told so it can rebuild its view, and events flow on the new connection (the real daemon
+  restart is in ``test_real_host.py``);
 - the command handlers (prepare, start, power-off, undefine, fetch) do what they say with a
   real libvirt underneath, and refuse what invariant 5 says they must (a blob whose hash
   does not match, a running VM, XML for another placement) without touching the state;
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import libvirt
 import pytest
 import pytest_asyncio
 
@@ -196,6 +200,47 @@ async def test_lifecycle_events_reach_asyncio_in_order(tmp_path: Path) -> None:
     assert {(e.vm_id, e.name) for e in events} == {(VM_ID, VM_NAME)}
     assert delivered_on == {threading.get_ident()}, "callbacks must run on the asyncio loop"
     assert libvirt_event_threads() == [], "close() must end the event thread"
+
+
+async def test_a_connection_libvirt_closed_is_reopened_and_events_flow_again(
+    tmp_path: Path,
+) -> None:
+    events: list[LifecycleEvent] = []
+    rebuilt = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        rebuilt.set()
+
+    def libvirt_reports_closed(generation: int) -> None:
+        # libvirt calls the close callback on its event thread, e.g. when libvirtd exits.
+        thread = threading.Thread(
+            target=hypervisor._closed_by_libvirt,
+            args=(None, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, generation),
+        )
+        thread.start()
+        thread.join()
+
+    hypervisor = LibvirtHypervisor(empty_test_node(tmp_path), reconnect_initial_s=0.05)
+    hypervisor.open(events.append, on_reconnect=on_reconnect)
+    try:
+        first_generation = hypervisor._generation
+        libvirt_reports_closed(first_generation)
+        await asyncio.wait_for(rebuilt.wait(), TIMEOUT_S)
+        assert hypervisor.connected
+        assert hypervisor.reconnects == 1
+        # A late callback of the connection already replaced changes nothing.
+        libvirt_reports_closed(first_generation)
+        await asyncio.sleep(0.2)
+        assert hypervisor.connected
+        assert hypervisor.reconnects == 1
+
+        await hypervisor.define_and_start(vm_domain_xml(epoch=1))
+        await wait_until(lambda: len(events) >= 2, "defined + started on the new connection")
+        await asyncio.sleep(0.3)
+    finally:
+        hypervisor.close()
+    assert [e.event for e in events] == ["defined", "started"]
+    assert libvirt_event_threads() == []
 
 
 async def test_undefine_keeping_state_falls_back_on_the_test_driver(tmp_path: Path) -> None:

@@ -90,10 +90,17 @@ class HostAgent:
         self.watcher.sync_watches()
 
     async def rebuild_view(self) -> None:
-        """Track every TPM/UEFI domain libvirt knows; their state is read and re-announced."""
-        for snapshot in await self.hypervisor.list_domains():
+        """Track every TPM/UEFI domain libvirt knows and forget those it no longer has; the
+        state of each is read and re-announced when it changed. Runs at start-up and after
+        each reconnect to libvirt (events that happened in between were never delivered)."""
+        domains = await self.hypervisor.list_domains()
+        listed = {snapshot.vm_id for snapshot in domains}
+        for vm_id in set(self.tracker.vms) - listed:
+            self.tracker.untrack(vm_id)
+        for snapshot in domains:
             await self.refresh_domain(snapshot.vm_id)
-        log.info("view rebuilt", vms=len(self.tracker.vms))
+        self.watcher.sync_watches()
+        log.info("view rebuilt", vms=len(self.tracker.vms), domains=len(domains))
 
     def on_lifecycle(self, event: LifecycleEvent) -> None:
         """Called on the asyncio loop for each libvirt event."""
@@ -153,7 +160,7 @@ async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
         settings.amqp_url, source=f"host-agent/{settings.host_id}", origin=settings.host_id
     )
     agent = HostAgent(settings, bus)
-    agent.hypervisor.open(agent.on_lifecycle)
+    agent.hypervisor.open(agent.on_lifecycle, on_reconnect=agent.rebuild_view)
     background: list[asyncio.Task[None]] = []
     try:
         capabilities = await probe_capabilities(await agent.hypervisor.library_version())
