@@ -32,6 +32,7 @@ from keeper_shared.encryption import (
     decrypt_blob,
     encrypt_blob,
 )
+from keeper_shared.key_ring import KeyRing
 from keeper_shared.localstack import RedisServer
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_keys import (
@@ -67,7 +68,7 @@ def kek() -> KeyEncryptionKey:
 
 @pytest.fixture
 def repository(redis: Redis, kek: KeyEncryptionKey) -> StateRepository:
-    return StateRepository(redis, kek, history_depth=HISTORY_DEPTH)
+    return StateRepository(redis, KeyRing(kek), history_depth=HISTORY_DEPTH)
 
 
 async def _delete_vm_keys(redis: Redis, vm_id: str) -> None:
@@ -298,7 +299,7 @@ async def test_concurrent_data_key_creation_agrees_on_one_key(
 ) -> None:
     other_redis = Redis.from_url(redis_url)
     try:
-        other = StateRepository(other_redis, kek, history_depth=HISTORY_DEPTH)
+        other = StateRepository(other_redis, KeyRing(kek), history_depth=HISTORY_DEPTH)
         # Two replicas, several requests each, all racing on a VM that has no key yet.
         keys = await asyncio.gather(
             *(repo.data_key(vm_id) for _ in range(4) for repo in (repository, other))
@@ -317,7 +318,7 @@ async def test_data_key_under_another_kek_is_refused(
     repository: StateRepository, redis: Redis, vm_id: str
 ) -> None:
     await repository.data_key(vm_id)
-    stranger = StateRepository(redis, KeyEncryptionKey(os.urandom(32)), history_depth=1)
+    stranger = StateRepository(redis, KeyRing(KeyEncryptionKey(os.urandom(32))), history_depth=1)
     with pytest.raises(DecryptionError):
         await stranger.data_key(vm_id)
 
@@ -368,7 +369,9 @@ async def _run_interleaving(redis_url: str, operations: list[Place | Write]) -> 
     vm = str(uuid.uuid4())
     kind = StateKind.NVRAM
     async with Redis.from_url(redis_url) as redis:
-        repository = StateRepository(redis, KeyEncryptionKey(os.urandom(32)), history_depth=2)
+        repository = StateRepository(
+            redis, KeyRing(KeyEncryptionKey(os.urandom(32))), history_depth=2
+        )
         placement: tuple[str, int] | None = None
         known_epoch = dict.fromkeys(HOSTS, 0)
         head: tuple[int, int] | None = None  # (epoch, generation) as Redis holds it

@@ -1,4 +1,5 @@
-"""A client of vTPM Keeper for people and automation: ask policy, watch the events."""
+"""A client of vTPM Keeper for people and automation: ask policy and the state store, watch
+the events."""
 
 from __future__ import annotations
 
@@ -8,19 +9,36 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from pydantic import SecretBytes, SecretStr
 
 from keeper_shared.bus.client import BusClient
-from keeper_shared.bus.topology import EVENTS_EXCHANGE, POLICY
+from keeper_shared.bus.topology import EVENTS_EXCHANGE, POLICY, STATE_STORE
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, MessageError, Payload, decode, peek_type
 from keeper_shared.messages.placement import PlaceVm, StopMode, StopVm
+from keeper_shared.messages.snapshot import (
+    CreateSnapshot,
+    DeleteSnapshot,
+    ListSnapshots,
+    SnapshotInfo,
+    SnapshotList,
+)
+from keeper_shared.messages.state import ListStateHistory, RestoreState, StateHistory
 from keeper_shared.messages.tpm import EnableTpm, VmSpec
+from keeper_shared.messages.transfer import (
+    CloneTpm,
+    CloneVm,
+    ExportState,
+    ImportState,
+    StateExported,
+)
+from keeper_shared.messages.types import StateKind
 
 E = TypeVar("E", bound=Payload)
 
 
 class KeeperRequestError(RuntimeError):
-    """Policy refused or could not carry out a request; the message says why."""
+    """Policy or the store refused or could not carry out a request; the message says why."""
 
 
 class EventWatch:
@@ -34,6 +52,22 @@ class EventWatch:
         async with self._arrived:
             self._bodies.append(message.body)
             self._arrived.notify_all()
+
+    def matching(
+        self, event_type: type[E], matches: Callable[[E], bool] = lambda _event: True
+    ) -> list[Envelope[E]]:
+        """Every event of ``event_type`` seen so far that matches, oldest first."""
+        found = []
+        for body in self._bodies:
+            try:
+                if peek_type(body) != event_type.message_type:
+                    continue
+                envelope = decode(body, event_type)
+            except MessageError:
+                continue
+            if matches(envelope.data):
+                found.append(envelope)
+        return found
 
     async def wait_for(
         self, event_type: type[E], matches: Callable[[E], bool], timeout_s: float
@@ -62,11 +96,15 @@ class EventWatch:
 
 
 class KeeperClient:
-    """Requests to policy, and a view of the events."""
+    """Requests to policy and the state store, and a view of the events."""
 
-    def __init__(self, bus: BusClient, *, request_timeout_s: float) -> None:
+    def __init__(
+        self, bus: BusClient, *, request_timeout_s: float, store_target: str = STATE_STORE
+    ) -> None:
         self._bus = bus
         self._timeout = request_timeout_s
+        # The store's command routing key; only tests point it at a private store.
+        self._store_target = store_target
         self._watch_queue: AbstractQueue | None = None
 
     @classmethod
@@ -115,3 +153,90 @@ class KeeperClient:
         """Stop a VM, keeping its final state; True when that state was retrieved."""
         detail = await self._ask_policy(StopVm(vm_id=vm_id, mode=mode), vm_id)
         return detail.get("retrieved") == "true"
+
+    async def _call_store(self, payload: Payload, reply_type: type[E], subject: str) -> E:
+        reply = await self._bus.call(
+            self._store_target, payload, reply_type, subject=subject, timeout_s=self._timeout
+        )
+        return reply.data
+
+    async def _ask_store(self, payload: Payload, subject: str) -> dict[str, str]:
+        done = await self._call_store(payload, CommandDone, subject)
+        if not done.ok:
+            raise KeeperRequestError(done.error or "refused without a reason")
+        return dict(done.detail)
+
+    async def state_history(self, vm_id: str) -> StateHistory:
+        """Every kept version of the VM's TPM and NVRAM, with pins and scrubber flags."""
+        return await self._call_store(ListStateHistory(vm_id=vm_id), StateHistory, vm_id)
+
+    async def restore_state(
+        self,
+        vm_id: str,
+        *,
+        name: str,
+        host: str,
+        epoch: int,
+        versions: dict[StateKind, int] | None = None,
+        snapshot_id: str | None = None,
+        allow_older: bool = False,
+    ) -> dict[str, str]:
+        """Have the store put stored state in place on ``host`` (a low-level step of a
+        start: policy sends it after raising the epoch). Returns the prepare's detail."""
+        request = RestoreState(
+            vm_id=vm_id,
+            name=name,
+            host=host,
+            epoch=epoch,
+            versions=versions,
+            snapshot_id=snapshot_id,
+            allow_older=allow_older,
+        )
+        return await self._ask_store(request, vm_id)
+
+    async def create_snapshot(self, vm_id: str, snapshot_id: str) -> dict[StateKind, int]:
+        """Pin the VM's newest versions under ``snapshot_id``; returns what was pinned."""
+        detail = await self._ask_store(CreateSnapshot(vm_id=vm_id, snapshot_id=snapshot_id), vm_id)
+        return _versions(detail)
+
+    async def delete_snapshot(self, vm_id: str, snapshot_id: str) -> bool:
+        """Delete a snapshot; False when there was none."""
+        detail = await self._ask_store(DeleteSnapshot(vm_id=vm_id, snapshot_id=snapshot_id), vm_id)
+        return detail.get("deleted") == "true"
+
+    async def list_snapshots(self, vm_id: str) -> list[SnapshotInfo]:
+        """The VM's snapshots, oldest first."""
+        reply = await self._call_store(ListSnapshots(vm_id=vm_id), SnapshotList, vm_id)
+        return reply.snapshots
+
+    async def clone_vm(
+        self, source_vm_id: str, target_vm_id: str, tpm: CloneTpm
+    ) -> dict[StateKind, int]:
+        """Give a VM without state a copy of another's (same TPM, or a fresh one)."""
+        request = CloneVm(source_vm_id=source_vm_id, target_vm_id=target_vm_id, tpm=tpm)
+        return _versions(await self._ask_store(request, target_vm_id))
+
+    async def export_state(self, vm_id: str, passphrase: str) -> bytes:
+        """The VM's newest state as a bundle file's bytes (see keeper_shared.bundle)."""
+        request = ExportState(vm_id=vm_id, passphrase=SecretStr(passphrase))
+        reply = await self._call_store(request, StateExported, vm_id)
+        if reply.bundle is None:
+            raise KeeperRequestError(reply.error or "export failed without a reason")
+        return reply.bundle.get_secret_value()
+
+    async def import_state(
+        self, bundle: bytes, passphrase: str, *, target_vm_id: str | None = None
+    ) -> str:
+        """Verify and store a bundle for a VM without state; returns that VM's id."""
+        request = ImportState(
+            bundle=SecretBytes(bundle),
+            passphrase=SecretStr(passphrase),
+            target_vm_id=target_vm_id,
+        )
+        detail = await self._ask_store(request, target_vm_id or "import")
+        return detail["vm_id"]
+
+
+def _versions(detail: dict[str, str]) -> dict[StateKind, int]:
+    """The per-kind versions in a store reply's detail."""
+    return {kind: int(detail[kind.value]) for kind in StateKind if kind.value in detail}

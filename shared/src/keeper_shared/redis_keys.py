@@ -43,6 +43,34 @@ def state_history_key(vm_id: str, kind: StateKind) -> str:
     return f"{PREFIX}:{{{vm_id}}}:{kind.value}:history"
 
 
+def state_flags_key(vm_id: str, kind: StateKind) -> str:
+    """Hash: version number -> JSON verification record of the scrubber (see ScrubFlag)."""
+    return f"{PREFIX}:{{{vm_id}}}:{kind.value}:flags"
+
+
+def state_pinned_blobs_key(vm_id: str, kind: StateKind) -> str:
+    """Hash: version number -> encrypted content, copied here while a snapshot pins it.
+
+    A copy beside the history (not a mark in it) keeps the history trim in persist.lua
+    simple: it may drop any version it likes, a pinned one survives here."""
+    return f"{PREFIX}:{{{vm_id}}}:{kind.value}:pinned-blobs"
+
+
+def state_pinned_meta_key(vm_id: str, kind: StateKind) -> str:
+    """Hash: version number -> JSON metadata of a pinned version (as in the meta hash)."""
+    return f"{PREFIX}:{{{vm_id}}}:{kind.value}:pinned-meta"
+
+
+def snapshots_key(vm_id: str) -> str:
+    """Hash: snapshot id -> JSON {created_at, versions: {kind: version}}."""
+    return f"{PREFIX}:{{{vm_id}}}:snapshots"
+
+
 def hosts_key() -> str:
     """Hash: host id -> JSON of its last heartbeat (policy)."""
     return f"{PREFIX}:hosts"
+
+
+def scrub_lock_key(vm_id: str) -> str:
+    """String with a TTL: which scrubber replica is verifying the VM right now."""
+    return f"{PREFIX}:{{{vm_id}}}:scrub-lock"

@@ -475,10 +475,10 @@ class RunningSwtpm:
             _LOG.warning("swtpm for %s did not stop cleanly", self._state_dir, exc_info=True)
 
 
-async def _launch(state_dir: Path, port: int) -> RunningSwtpm:
+async def _launch(state_dir: Path, port: int, work_parent: Path | None) -> RunningSwtpm:
     # The pid file and log live outside the state directory: that directory is archived
     # and restored with an allow-list of names.
-    workdir = Path(tempfile.mkdtemp(prefix="keeper-swtpm-"))
+    workdir = Path(tempfile.mkdtemp(prefix="keeper-swtpm-", dir=work_parent))
     try:
         _check_option_value(workdir)
         argv = [
@@ -517,12 +517,16 @@ async def _launch(state_dir: Path, port: int) -> RunningSwtpm:
     return running
 
 
-async def start_swtpm(state_dir: Path, *, port: int | None = None) -> RunningSwtpm:
+async def start_swtpm(
+    state_dir: Path, *, port: int | None = None, work_parent: Path | None = None
+) -> RunningSwtpm:
     """Start ``swtpm socket`` on the TPM 2 state in ``state_dir`` and wait until it serves.
 
     Listens on 127.0.0.1 ``port`` (commands) and ``port + 1`` (control); with ``port``
-    None a free pair is picked. Returns once a TPM command succeeded, within
-    10 seconds. Note that starting it changes the permall.
+    None a free pair is picked. swtpm's pid file and log go into a private directory
+    made in ``work_parent`` (the system's temporary directory when None) and removed on
+    stop. Returns once a TPM command succeeded, within 10 seconds. Note that starting it
+    changes the permall.
     Raises :class:`SwtpmError` when the state is missing or swtpm cannot load it.
     """
     state_dir = state_dir.absolute()
@@ -536,7 +540,7 @@ async def start_swtpm(state_dir: Path, *, port: int | None = None) -> RunningSwt
     while True:
         chosen = port if port is not None else _free_port_pair()
         try:
-            running = await _launch(state_dir, chosen)
+            running = await _launch(state_dir, chosen, work_parent)
         except SwtpmError as exc:
             # Another process may take a port between our check and swtpm's bind.
             if port is None and attempt < _PORT_ATTEMPTS and "Address already in use" in str(exc):

@@ -2,6 +2,8 @@
 
 Every write goes through one Lua script so the fencing check, the version record, the head
 and the history trim land together or not at all. Redis only ever sees ciphertext.
+A version a snapshot pins is also kept in the pinned hashes (see snapshot_store), so reads
+look there when the history has moved on.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ from redis.asyncio import Redis
 
 from keeper_shared.encryption import (
     DataKey,
-    KeyEncryptionKey,
     WrappedKey,
     new_data_key,
-    unwrap_data_key,
-    wrap_data_key,
 )
+from keeper_shared.key_ring import KeyRing
+from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_keys import (
     data_key_key,
@@ -31,6 +32,8 @@ from keeper_shared.redis_keys import (
     state_head_key,
     state_history_key,
     state_meta_key,
+    state_pinned_blobs_key,
+    state_pinned_meta_key,
 )
 from keeper_shared.redis_results import awaited
 
@@ -43,6 +46,30 @@ class WriteOutcome(enum.StrEnum):
     STALE = "stale"
     WRONG_HOST = "wrong_host"
     STALE_EPOCH = "stale_epoch"
+
+
+class InitialOutcome(enum.StrEnum):
+    """What a first write (clone, import) did."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    """The VM already holds exactly this state: a repeated request."""
+    EXISTS = "exists"
+    """The VM already has other state; nothing was written."""
+
+
+INITIAL_TOKEN = FencingToken(epoch=0, generation=0)
+"""Token of a clone's or an import's first version: any real write (epoch >= 1) is newer."""
+
+
+@dataclass(frozen=True)
+class InitialVersion:
+    """One kind's first version for :meth:`StateRepository.write_initial` (sealed under
+    the target's key for `INITIAL_TOKEN`)."""
+
+    content_hash: str
+    size: int
+    sealed: bytes
 
 
 @dataclass(frozen=True)
@@ -62,7 +89,50 @@ class VersionRecord:
     size: int
     token: FencingToken
     host: str
+    """'' for clones and imports, which no host wrote."""
     stored_at: datetime
+    origin: VersionOrigin = VersionOrigin.HOST
+    source_vm_id: str | None = None
+
+    @classmethod
+    def from_meta(cls, version: int, raw: bytes | str) -> VersionRecord:
+        """Parse the JSON metadata stored beside a version."""
+        meta = json.loads(raw)
+        return cls(
+            version=version,
+            content_hash=meta["hash"],
+            size=meta["size"],
+            token=FencingToken(epoch=meta["epoch"], generation=meta["generation"]),
+            host=meta["host"],
+            stored_at=datetime.fromisoformat(meta["stored_at"]),
+            origin=VersionOrigin(meta.get("origin", VersionOrigin.HOST.value)),
+            source_vm_id=meta.get("source_vm_id"),
+        )
+
+
+def version_meta(
+    *,
+    content_hash: str,
+    size: int,
+    token: FencingToken,
+    host: str,
+    origin: VersionOrigin = VersionOrigin.HOST,
+    source_vm_id: str | None = None,
+) -> str:
+    """The JSON metadata stored beside a version (what `VersionRecord.from_meta` reads)."""
+    meta: dict[str, str | int] = {
+        "hash": content_hash,
+        "size": size,
+        "epoch": token.epoch,
+        "generation": token.generation,
+        "host": host,
+        "stored_at": datetime.now(UTC).isoformat(),
+    }
+    if origin is not VersionOrigin.HOST:
+        meta["origin"] = origin.value
+    if source_vm_id is not None:
+        meta["source_vm_id"] = source_vm_id
+    return json.dumps(meta)
 
 
 @dataclass(frozen=True)
@@ -76,12 +146,20 @@ class Placement:
 class StateRepository:
     """Redis access for the state store."""
 
-    def __init__(self, redis: Redis, kek: KeyEncryptionKey, *, history_depth: int) -> None:
+    def __init__(self, redis: Redis, keys: KeyRing, *, history_depth: int) -> None:
         self._redis = redis
-        self._kek = kek
+        self._keys = keys
         self._history_depth = history_depth
-        script = resources.files(__package__).joinpath("persist.lua").read_text()
-        self._persist = redis.register_script(script)
+        scripts = resources.files(__package__)
+        self._persist = redis.register_script(scripts.joinpath("persist.lua").read_text())
+        self._persist_initial = redis.register_script(
+            scripts.joinpath("persist_initial.lua").read_text()
+        )
+
+    @property
+    def redis(self) -> Redis:
+        """The client, for the store's other Redis views (snapshots, history)."""
+        return self._redis
 
     async def placement(self, vm_id: str) -> Placement | None:
         """The VM's current placement, None if it was never placed."""
@@ -97,12 +175,12 @@ class StateRepository:
         key = data_key_key(vm_id)
         stored = await awaited(self._redis.get(key))
         if stored is None:
-            candidate = wrap_data_key(self._kek, new_data_key())
+            candidate = self._keys.wrap(new_data_key())
             await awaited(self._redis.set(key, candidate.to_bytes(), nx=True))
             stored = await awaited(self._redis.get(key))
             if stored is None:
                 raise RuntimeError(f"data key of {vm_id} vanished right after it was written")
-        return unwrap_data_key(self._kek, WrappedKey.from_bytes(stored))
+        return self._keys.unwrap(WrappedKey.from_bytes(stored))
 
     async def head_hash(self, vm_id: str, kind: StateKind) -> str | None:
         """Hash of the newest stored version, None when nothing is stored."""
@@ -127,16 +205,7 @@ class StateRepository:
         sealed: bytes,
     ) -> WriteResult:
         """Fenced compare-and-set of a new version (see persist.lua)."""
-        meta = json.dumps(
-            {
-                "hash": content_hash,
-                "size": size,
-                "epoch": token.epoch,
-                "generation": token.generation,
-                "host": host,
-                "stored_at": datetime.now(UTC).isoformat(),
-            }
-        )
+        meta = version_meta(content_hash=content_hash, size=size, token=token, host=host)
         keys = [
             placement_key(vm_id),
             state_head_key(vm_id, kind),
@@ -156,23 +225,63 @@ class StateRepository:
         outcome, detail = await self._persist(keys=keys, args=args)
         return WriteResult(WriteOutcome(outcome.decode()), detail.decode())
 
+    async def write_initial(
+        self,
+        vm_id: str,
+        versions: dict[StateKind, InitialVersion],
+        *,
+        origin: VersionOrigin,
+        source_vm_id: str,
+    ) -> InitialOutcome:
+        """Store the first state of a VM that has none, as version 1 of each given kind
+        under `INITIAL_TOKEN`, atomically (see persist_initial.lua). No placement check:
+        the VM runs nowhere yet."""
+        keys: list[str] = []
+        args: list[bytes | str | int] = [INITIAL_TOKEN.epoch, INITIAL_TOKEN.generation]
+        for kind in StateKind:
+            keys += [
+                state_head_key(vm_id, kind),
+                state_blobs_key(vm_id, kind),
+                state_meta_key(vm_id, kind),
+                state_history_key(vm_id, kind),
+            ]
+            initial = versions.get(kind)
+            if initial is None:
+                args += ["", "", ""]
+                continue
+            meta = version_meta(
+                content_hash=initial.content_hash,
+                size=initial.size,
+                token=INITIAL_TOKEN,
+                host="",
+                origin=origin,
+                source_vm_id=source_vm_id,
+            )
+            args += [initial.content_hash, initial.sealed, meta]
+        (outcome,) = await self._persist_initial(keys=keys, args=args)
+        return InitialOutcome(outcome.decode())
+
+    async def has_state(self, vm_id: str) -> bool:
+        """True when any kind of the VM has a stored version."""
+        pipe = self._redis.pipeline(transaction=False)
+        for kind in StateKind:
+            pipe.exists(state_head_key(vm_id, kind))
+        return any(await pipe.execute())
+
     async def read_version(
         self, vm_id: str, kind: StateKind, version: int
     ) -> tuple[VersionRecord, bytes] | None:
-        """A stored version's metadata and its sealed bytes, None when it is not kept."""
+        """A kept version's metadata and its sealed bytes, from the history or, once the
+        history dropped it, from the snapshot pins; None when neither keeps it."""
+        field = str(version)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hget(state_meta_key(vm_id, kind), str(version))
-        pipe.hget(state_blobs_key(vm_id, kind), str(version))
-        meta_raw, sealed = await pipe.execute()
+        pipe.hget(state_meta_key(vm_id, kind), field)
+        pipe.hget(state_blobs_key(vm_id, kind), field)
+        pipe.hget(state_pinned_meta_key(vm_id, kind), field)
+        pipe.hget(state_pinned_blobs_key(vm_id, kind), field)
+        meta_raw, sealed, pinned_meta, pinned_sealed = await pipe.execute()
+        if meta_raw is None or sealed is None:
+            meta_raw, sealed = pinned_meta, pinned_sealed
         if meta_raw is None or sealed is None:
             return None
-        meta = json.loads(meta_raw)
-        record = VersionRecord(
-            version=version,
-            content_hash=meta["hash"],
-            size=meta["size"],
-            token=FencingToken(epoch=meta["epoch"], generation=meta["generation"]),
-            host=meta["host"],
-            stored_at=datetime.fromisoformat(meta["stored_at"]),
-        )
-        return record, bytes(sealed)
+        return VersionRecord.from_meta(version, meta_raw), bytes(sealed)

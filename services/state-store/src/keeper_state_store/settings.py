@@ -24,4 +24,43 @@ class StateStoreSettings(ServiceSettings):
     )
     fetch_timeout_s: float = Field(default=10.0, gt=0, description="Wait for a host's fetch reply.")
     prepare_timeout_s: float = Field(default=30.0, gt=0, description="Wait for a host's prepare.")
+    pull_batch_window_s: float = Field(
+        default=0.005,
+        ge=0,
+        le=1.0,
+        description="How long a pull waits for others to the same host to share its fetch.",
+    )
+    pull_batch_max_vms: int = Field(
+        default=32,
+        ge=1,
+        le=256,
+        description="Most VMs in one fetch (bounds the reply: ~6 KB per VM, more for 4M NVRAM).",
+    )
     replica_id: str = Field(default="store-1", max_length=64, description="Names this replica.")
+
+    # --- Key rotation and scrubbing -------------------------------------------------------
+    previous_kek_files: list[Path] = Field(
+        default_factory=list,
+        description="Earlier key-encryption key files: they unwrap data keys, never wrap.",
+    )
+    rewrap_on_start: bool = Field(
+        default=True,
+        description="With previous KEKs given, rewrap their data keys with the current KEK "
+        "in the background at start.",
+    )
+    scrub_enabled: bool = Field(default=True, description="Verify stored versions in background.")
+    scrub_versions_per_second: float = Field(
+        default=5.0, gt=0, le=1000, description="Most versions this replica verifies per second."
+    )
+    scrub_interval_s: float = Field(
+        default=86400.0, gt=0, description="A version verified this recently is not re-verified."
+    )
+    scrub_pass_pause_s: float = Field(
+        default=60.0, gt=0, description="Pause between two scrub passes over the keyspace."
+    )
+    scrub_swtpm: bool = Field(
+        default=True, description="Load TPM versions into a throwaway swtpm when installed."
+    )
+    scrub_temp_dir: Path | None = Field(
+        default=None, description="Where throwaway swtpm state goes (system temp dir if unset)."
+    )

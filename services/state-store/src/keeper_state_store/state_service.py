@@ -2,23 +2,24 @@
 
 A ``state.changed`` event is acknowledged only after the durable write (or after deciding
 there is nothing to write), so a replica killed mid-way means redelivery to another one, and
-the fenced write makes the second attempt a no-op when the first had landed.
+the fenced write makes the second attempt a no-op when the first had landed. Pulls for one
+host are coalesced into batched fetches (see pull_batcher).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 import structlog
-from pydantic import SecretBytes
 
 from keeper_shared.blobs import open_blob
-from keeper_shared.bus.client import BusClient, CallError, Delivery
+from keeper_shared.bus.client import BusClient, CallError, Delivery, Route
 from keeper_shared.bus.topology import host_command_key
 from keeper_shared.compression import BlobFormatError
-from keeper_shared.encryption import blob_associated_data, decrypt_blob, encrypt_blob
+from keeper_shared.encryption import DecryptionError
 from keeper_shared.messages.commands import CommandDone
-from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.envelope import Envelope, MessageError
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.state import (
     FetchState,
@@ -28,17 +29,22 @@ from keeper_shared.messages.state import (
     StateFetched,
     StatePersisted,
     StateWriteRefused,
+    VersionOrigin,
 )
 from keeper_shared.messages.types import StateBlob, StateKind
 from keeper_shared.messages.vm import PrepareVm
+from keeper_state_store.pull_batcher import PullBatcher
 from keeper_state_store.repository import StateRepository, WriteOutcome
+from keeper_state_store.restore_plan import RestoreRefusedError, plan_restore
 from keeper_state_store.settings import StateStoreSettings
+from keeper_state_store.snapshot_store import SnapshotStore
+from keeper_state_store.vault import BlobVault, VersionNotKeptError
 
 log = structlog.get_logger(__name__)
 
 
 class StateService:
-    """Handlers of one state-store replica."""
+    """Handlers of one state-store replica: events from hosts, retrieve and restore."""
 
     def __init__(
         self, settings: StateStoreSettings, repository: StateRepository, bus: BusClient
@@ -46,11 +52,34 @@ class StateService:
         self._settings = settings
         self._repository = repository
         self._bus = bus
+        self._vault = BlobVault(repository)
+        self._snapshots = SnapshotStore(repository.redis)
+        self._batcher = PullBatcher(
+            self._pull_batch,
+            window_s=settings.pull_batch_window_s,
+            max_vms=settings.pull_batch_max_vms,
+        )
+
+    def event_routes(self) -> list[Route]:
+        """Routes for the store's events queue."""
+        return [Route(StateChanged, self.on_state_changed), Route(HostHeartbeat, self.on_heartbeat)]
+
+    def command_routes(self) -> list[Route]:
+        """Routes of this service on the store's commands queue."""
+        return [Route(RetrieveState, self.on_retrieve), Route(RestoreState, self.on_restore)]
+
+    async def close(self) -> None:
+        """Stop batched pulls still in flight (after the consumers stopped)."""
+        await self._batcher.close()
 
     async def on_state_changed(self, envelope: Envelope[StateChanged], delivery: Delivery) -> None:
         """Pull the announced state unless it is already stored or the host may not write it."""
         change = envelope.data
         if await self._repository.head_hash(change.vm_id, change.kind) == change.content_hash:
+            if delivery.redelivered:
+                # A replica may have died between the durable write and its announcement;
+                # announcing the stored version again is harmless (facts are idempotent).
+                await self._announce_head(change.vm_id, change.kind)
             return
         placement = await self._repository.placement(change.vm_id)
         if placement is None or placement.host != change.host:
@@ -58,7 +87,7 @@ class StateService:
                 change.vm_id, change.kind, change.host, "host is not the VM's placement"
             )
             return
-        await self.pull_and_persist(change.host, [change.vm_id], [change.kind])
+        await self._batcher.pull(change.host, change.vm_id, change.kind)
 
     async def on_heartbeat(self, envelope: Envelope[HostHeartbeat], delivery: Delivery) -> None:
         """Reconcile: pull any hash in the host's inventory that the store has not seen, so a
@@ -88,9 +117,12 @@ class StateService:
         """Pull the VM's state now (before a destroy) and report the newest stored versions."""
         request = envelope.data
         try:
-            await self.pull_and_persist(request.host, [request.vm_id], list(StateKind))
-        except (CallError, BlobFormatError) as error:
+            results = await self.pull_and_persist(request.host, [request.vm_id], list(StateKind))
+        except (CallError, MessageError) as error:
             return CommandDone(ok=False, error=str(error))
+        failure = results.get(request.vm_id)
+        if failure is not None:
+            return CommandDone(ok=False, error=f"persisting failed: {type(failure).__name__}")
         versions = {}
         for kind in StateKind:
             version = await self._repository.head_version(request.vm_id, kind)
@@ -99,13 +131,19 @@ class StateService:
         return CommandDone(ok=True, detail=versions)
 
     async def on_restore(self, envelope: Envelope[RestoreState], delivery: Delivery) -> CommandDone:
-        """Send the newest stored state to the host the VM is about to start on."""
+        """Send stored state (newest, or the versions asked for) to the host the VM is about
+        to start on, each version verified first."""
         request = envelope.data
         blobs: dict[StateKind, StateBlob] = {}
-        for kind in StateKind:
-            version = await self._repository.head_version(request.vm_id, kind)
-            if version is not None:
-                blobs[kind] = await self._load_blob(request.vm_id, kind, version)
+        try:
+            plan = await plan_restore(request, self._repository, self._snapshots)
+            for kind, version in plan.items():
+                _, blobs[kind] = await self._vault.open_version(request.vm_id, kind, version)
+        except (RestoreRefusedError, VersionNotKeptError) as error:
+            return CommandDone(ok=False, error=str(error))
+        except (DecryptionError, BlobFormatError) as error:
+            log.error("stored state does not verify", vm_id=request.vm_id, reason=str(error))
+            return CommandDone(ok=False, error=f"stored state does not verify: {error}")
         prepare = PrepareVm(
             vm_id=request.vm_id,
             name=request.name,
@@ -123,31 +161,32 @@ class StateService:
             )
         except CallError as error:
             return CommandDone(ok=False, error=str(error))
+        if reply.data.ok:
+            sent = {f"{kind.value}_version": str(version) for kind, version in plan.items()}
+            log.info("state restored", vm_id=request.vm_id, host=request.host, versions=sent)
+            return reply.data.model_copy(update={"detail": {**reply.data.detail, **sent}})
         return reply.data
 
-    async def _load_blob(self, vm_id: str, kind: StateKind, version: int) -> StateBlob:
-        found = await self._repository.read_version(vm_id, kind, version)
-        if found is None:
-            raise LookupError(f"{kind} version {version} of {vm_id} is not stored")
-        record, sealed = found
-        data_key = await self._repository.data_key(vm_id)
-        associated = blob_associated_data(
-            vm_id, kind.value, record.token.epoch, record.token.generation, record.content_hash
-        )
-        compressed = decrypt_blob(data_key, sealed, associated)
-        blob = StateBlob(
-            kind=kind,
-            content_hash=record.content_hash,
-            size=record.size,
-            token=record.token,
-            compressed=SecretBytes(compressed),
-        )
-        # Never hand out what does not verify: a restore from a corrupt version must fail here.
-        await asyncio.to_thread(open_blob, blob)
-        return blob
+    async def pull_and_persist(
+        self, host: str, vm_ids: list[str], kinds: list[StateKind]
+    ) -> dict[str, BaseException | None]:
+        """Fetch the VMs' stable state from ``host`` (in batches) and persist each blob now,
+        without waiting for other requests to join. Raises when a fetch fails."""
+        results: dict[str, BaseException | None] = {}
+        unique = list(dict.fromkeys(vm_ids))
+        size = self._settings.pull_batch_max_vms
+        for start in range(0, len(unique), size):
+            chunk = {vm_id: set(kinds) for vm_id in unique[start : start + size]}
+            results.update(await self._pull_batch(host, chunk))
+        return results
 
-    async def pull_and_persist(self, host: str, vm_ids: list[str], kinds: list[StateKind]) -> None:
-        """Fetch the VMs' stable state from ``host`` in one call and persist each blob."""
+    async def _pull_batch(
+        self, host: str, kinds_by_vm: dict[str, set[StateKind]]
+    ) -> Mapping[str, BaseException | None]:
+        """One fetch for these VMs, then each blob persisted; a failed write is reported
+        for its VM only, so the others' events are still acknowledged."""
+        kinds = sorted({kind for wanted in kinds_by_vm.values() for kind in wanted})
+        vm_ids = list(kinds_by_vm)
         reply = await self._bus.call(
             host_command_key(host),
             FetchState(vm_ids=vm_ids, kinds=kinds),
@@ -155,9 +194,17 @@ class StateService:
             subject=vm_ids[0],
             timeout_s=self._settings.fetch_timeout_s,
         )
+        results: dict[str, BaseException | None] = dict.fromkeys(vm_ids)
         for vm_state in reply.data.vms:
-            for blob in vm_state.blobs:
-                await self._persist_blob(vm_state.vm_id, host, blob)
+            if vm_state.vm_id not in kinds_by_vm:
+                continue  # not asked for: a host does not get to push state this way
+            try:
+                for blob in vm_state.blobs:
+                    await self._persist_blob(vm_state.vm_id, host, blob)
+            except Exception as error:
+                log.warning("persisting failed", vm_id=vm_state.vm_id, reason=type(error).__name__)
+                results[vm_state.vm_id] = error
+        return results
 
     async def _persist_blob(self, vm_id: str, host: str, blob: StateBlob) -> None:
         try:
@@ -165,11 +212,7 @@ class StateService:
         except BlobFormatError as error:
             await self._refuse(vm_id, blob.kind, host, f"blob does not verify: {error}")
             return
-        data_key = await self._repository.data_key(vm_id)
-        associated = blob_associated_data(
-            vm_id, blob.kind.value, blob.token.epoch, blob.token.generation, blob.content_hash
-        )
-        sealed = encrypt_blob(data_key, blob.compressed.get_secret_value(), associated)
+        sealed = await self._vault.seal(vm_id, blob)
         result = await self._repository.write_version(
             vm_id=vm_id,
             kind=blob.kind,
@@ -201,8 +244,30 @@ class StateService:
                 ),
                 subject=vm_id,
             )
+        elif result.outcome is WriteOutcome.STALE:
+            # Replicas racing on the same VM: the newer write won. Not an audit matter.
+            log.info("stale write ignored", vm_id=vm_id, kind=blob.kind.value, head=result.detail)
         elif result.outcome is not WriteOutcome.DUPLICATE:
             await self._refuse(vm_id, blob.kind, host, f"{result.outcome.value} ({result.detail})")
+
+    async def _announce_head(self, vm_id: str, kind: StateKind) -> None:
+        version = await self._repository.head_version(vm_id, kind)
+        found = await self._repository.read_version(vm_id, kind, version) if version else None
+        if found is None or found[0].origin is not VersionOrigin.HOST:
+            return
+        record = found[0]
+        await self._bus.publish_event(
+            StatePersisted(
+                vm_id=vm_id,
+                kind=kind,
+                content_hash=record.content_hash,
+                size=record.size,
+                token=record.token,
+                version=record.version,
+                host=record.host,
+            ),
+            subject=vm_id,
+        )
 
     async def _refuse(self, vm_id: str, kind: StateKind, host: str, reason: str) -> None:
         log.warning("write refused", vm_id=vm_id, kind=kind.value, from_host=host, reason=reason)

@@ -69,6 +69,15 @@ dead-letter queue is no place to keep it.
 """
 
 
+def _requeue_backoff_s(message: AbstractIncomingMessage) -> float:
+    """Wait before a requeue, longer with each delivery (quorum queues count them), so a
+    dependency that is down for seconds (Redis restarting) does not use up the delivery
+    limit in milliseconds and park healthy messages in the dead-letter queue."""
+    count = (message.headers or {}).get("x-delivery-count", 0)
+    attempts = count if isinstance(count, int) else 0
+    return float(min(0.25 * 2**attempts, 4.0))
+
+
 @dataclass(frozen=True)
 class Delivery:
     """What a handler may need to know about how a message arrived."""
@@ -308,6 +317,7 @@ class BusClient:
             raise
         except Exception:
             log.exception("handler failed, message requeued")
+            await asyncio.sleep(_requeue_backoff_s(message))
             await message.nack(requeue=True)
             return
         if reply is not None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import enum
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from keeper_shared.messages.envelope import Payload
+from keeper_shared.messages.snapshot import SnapshotId
 from keeper_shared.messages.types import (
     ContentHash,
     FencingToken,
@@ -95,9 +100,11 @@ class RetrieveState(Payload):
 
 
 class RestoreState(Payload):
-    """Command to the store: send the stored state to a host in a ``vm.prepare``.
+    """Command to the store: send stored state to a host in a ``vm.prepare``.
 
-    Replied with the host's ``CommandDone``."""
+    By default the newest version of each kind; ``versions`` or ``snapshot_id`` choose
+    others. Every version sent is decrypted, decompressed and hash-checked first. Replied
+    with the host's ``CommandDone``, or the store's own when it refuses."""
 
     message_type = "state.restore"
 
@@ -105,3 +112,90 @@ class RestoreState(Payload):
     name: VmName = Field(description="The domain name (names the NVRAM file on the host).")
     host: HostId = Field(description="The host the VM is about to start on.")
     epoch: int = Field(ge=1, description="The new placement epoch.")
+    versions: dict[StateKind, Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        description="Version to send per kind; a kind not named gets its newest version.",
+    )
+    snapshot_id: SnapshotId | None = Field(
+        default=None, description="Send the versions this snapshot pinned (not with versions)."
+    )
+    allow_older: bool = Field(
+        default=False,
+        description="Allow a version older than the newest stored one: that rolls the VM's "
+        "TPM back, so it must be asked for.",
+    )
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> RestoreState:
+        if self.versions is not None and self.snapshot_id is not None:
+            raise ValueError("versions and snapshot_id are mutually exclusive")
+        return self
+
+
+class ListStateHistory(Payload):
+    """Command to the store: list every kept version of a VM's state.
+
+    Replied with :class:`StateHistory`."""
+
+    message_type = "state.history"
+
+    vm_id: VmId = Field(description="The VM.")
+
+
+class VersionOrigin(enum.StrEnum):
+    """How a version came to be stored."""
+
+    HOST = "host"
+    """Pulled from the host the VM ran on."""
+    CLONE = "clone"
+    """Copied from another VM by ``vm.clone``."""
+    IMPORT = "import"
+    """Taken from an exported bundle by ``state.import``."""
+
+
+class StateVersionInfo(BaseModel):
+    """One kept version inside a :class:`StateHistory` (metadata only, never bytes)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    version: int = Field(ge=1, description="Sequence number for the VM and kind.")
+    content_hash: ContentHash = Field(description="sha256 of the canonical content.")
+    size: int = Field(ge=0, description="Length of the canonical content.")
+    token: FencingToken = Field(description="Placement epoch and generation it was written at.")
+    host: HostId | None = Field(description="The host it came from; None for clones, imports.")
+    origin: VersionOrigin = Field(description="How it was stored.")
+    source_vm_id: VmId | None = Field(
+        default=None, description="The VM it was cloned or exported from, if any."
+    )
+    stored_at: datetime = Field(description="When the store wrote it (UTC).")
+    in_history: bool = Field(
+        description="Within the last N versions; False when only a snapshot keeps it."
+    )
+    snapshots: list[SnapshotId] = Field(
+        default_factory=list, description="Snapshots that pin this version."
+    )
+    flags: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="The scrubber's last record for this version, as it stored it (a JSON "
+        "object: ok, reason, ek_changed, previous_good_version, ...); empty when never "
+        "scrubbed.",
+    )
+
+
+class KindHistory(BaseModel):
+    """The kept versions of one kind inside a :class:`StateHistory`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    kind: StateKind = Field(description="TPM or NVRAM.")
+    head_version: int | None = Field(description="The newest version; None when none stored.")
+    versions: list[StateVersionInfo] = Field(description="Kept versions, oldest first.")
+
+
+class StateHistory(Payload):
+    """Reply to :class:`ListStateHistory`."""
+
+    message_type = "state.history-listed"
+
+    vm_id: VmId = Field(description="The VM.")
+    kinds: list[KindHistory] = Field(description="One entry per kind, TPM first.")

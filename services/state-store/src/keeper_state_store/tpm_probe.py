@@ -1,0 +1,188 @@
+"""Load a stored TPM state into a throwaway swtpm and read its endorsement key.
+
+The scrubber's last check: a TPM version that decrypts and hashes right is also a TPM that
+swtpm accepts. The state is written to a private temporary directory (0700, files 0600),
+never the stored copy, since starting swtpm rewrites the permall; the directory is removed
+afterwards whatever happens. swtpm itself does not notice flipped bytes inside the state
+(the permall has no checksum), so this proves usability, not integrity: the hash does that.
+
+The EK is read from the persistent handle ``swtpm_setup --createek`` makes (0x81010001,
+the RSA 2048 EK of the TCG EK profile); its public area identifies the TPM. A TPM
+manufactured again gets a new EK, which is how a reset TPM is recognised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from keeper_shared.swtpm_tools import SwtpmError, missing_tools, start_swtpm
+
+EK_HANDLE: Final = 0x81010001
+"""Persistent handle of the RSA EK created by ``swtpm_setup --createek``."""
+
+_READPUBLIC: Final = "tpm2_readpublic"
+_TOOL_LIMIT_S: Final = 30.0
+# tpm2-tools report a missing persistent handle as TPM_RC_HANDLE on parameter 1.
+_HANDLE_ABSENT_MARKERS: Final = ("0x18b", "handle is not correct")
+_FILE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_PROBE_PREFIX: Final = "keeper-scrub-"
+_PROBE_DIR = re.compile(rf"^{_PROBE_PREFIX}(\d+)-")
+
+
+@dataclass(frozen=True)
+class TpmProbe:
+    """What a throwaway swtpm showed about a stored TPM state."""
+
+    ek_sha256: str | None
+    """sha256 of the EK's public area (TPM2B_PUBLIC), None when the handle is absent or
+    tpm2_readpublic is not installed."""
+
+
+def swtpm_available() -> bool:
+    """True when swtpm and its tools are installed beside this process."""
+    return not missing_tools()
+
+
+def ek_readable() -> bool:
+    """True when tpm2_readpublic is installed (the EK can be read)."""
+    return shutil.which(_READPUBLIC) is not None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, _FILE_FLAGS, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+    finally:
+        os.close(fd)
+
+
+async def _read_ek(tcti: str, workdir: Path) -> str | None:
+    out = workdir / "ek.pub"
+    env = dict(os.environ)
+    env["TPM2TOOLS_TCTI"] = tcti
+    env["TSS2_LOG"] = "all+NONE"
+    proc = await asyncio.create_subprocess_exec(
+        _READPUBLIC,
+        "-c",
+        f"0x{EK_HANDLE:x}",
+        "-o",
+        str(out),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        async with asyncio.timeout(_TOOL_LIMIT_S):
+            _stdout, stderr = await proc.communicate()
+    except TimeoutError:
+        raise SwtpmError(f"{_READPUBLIC} did not finish within {_TOOL_LIMIT_S:g} s") from None
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        text = stderr.decode("utf-8", errors="replace").lower()
+        if any(marker in text for marker in _HANDLE_ABSENT_MARKERS):
+            return None
+        raise SwtpmError(f"{_READPUBLIC} of the EK failed (exit {proc.returncode})")
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+async def probe_tpm_state(
+    files: Mapping[str, bytes], *, temp_dir: Path | None = None, read_ek: bool = True
+) -> TpmProbe:
+    """Start a throwaway swtpm on a copy of ``files`` (validated TPM state files, as
+    `keeper_shared.tpm_archive.unpack_tpm_state` returns them) and read the EK.
+
+    Raises `SwtpmError` when swtpm does not load the state or a tool fails, `OSError` when
+    the temporary directory cannot be made. The directory is gone when this returns.
+    """
+    # mkdtemp creates the directory 0700; the state directory inside is 0700 too. The name
+    # carries our pid so that a later scrubber can tell a directory left by a killed one.
+    workdir = Path(tempfile.mkdtemp(prefix=f"{_PROBE_PREFIX}{os.getpid()}-", dir=temp_dir))
+    try:
+        state_dir = workdir / "tpm2"
+        state_dir.mkdir(mode=0o700)
+        state_dir.chmod(0o700)
+        for name, data in files.items():
+            # Names are allow-listed by unpack_tpm_state; O_EXCL|O_NOFOLLOW all the same.
+            _write_private(state_dir / name, data)
+        try:
+            # swtpm's own pid file and log go inside too, so a reaper finds everything here.
+            async with await start_swtpm(state_dir, work_parent=workdir) as tpm:
+                ek = await _read_ek(tpm.tcti, workdir) if read_ek and ek_readable() else None
+        except SwtpmError as error:
+            # The throwaway path says nothing and differs every time; keep what swtpm said.
+            raise SwtpmError(str(error).replace(str(state_dir), "the copy")) from None
+        return TpmProbe(ek_sha256=ek)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swtpm_serving(state_dir: Path) -> list[int]:
+    """Pids of swtpm processes serving ``state_dir`` (found by their command line)."""
+    wanted = f"dir={state_dir}".encode()
+    found: list[int] = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if argv and os.path.basename(argv[0]) == b"swtpm" and wanted in argv:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def reap_stale_probes(temp_dir: Path | None = None) -> int:
+    """Remove what a scrubber killed mid-probe (SIGKILL runs no cleanup) left behind:
+    its throwaway swtpm, which would otherwise run on forever, and its directory.
+
+    Only directories named by this module whose owner process is gone, owned by this
+    user, are touched; a live scrubber's probes (in this or another process) are left
+    alone. Returns how many directories were removed.
+    """
+    root = temp_dir if temp_dir is not None else Path(tempfile.gettempdir())
+    removed = 0
+    for entry in root.glob(f"{_PROBE_PREFIX}*"):
+        match = _PROBE_DIR.match(entry.name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            info = entry.lstat()
+        except FileNotFoundError:
+            continue
+        if info.st_uid != os.getuid() or not entry.is_dir() or entry.is_symlink():
+            continue
+        for pid in _swtpm_serving((entry / "tpm2").absolute()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed += 1
+    return removed

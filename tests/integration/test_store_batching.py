@@ -1,0 +1,79 @@
+"""Pulls batched per host: many ``state.changed`` events for one host at once cost far fewer
+``state.fetch`` calls than events, and every one of them is persisted and acknowledged.
+
+The events travel the real way: the fake host publishes them on the events exchange, the
+store consumes them from its queue (prefetch 32) and coalesces the pulls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import pytest_asyncio
+
+from keeper_shared.encryption import KeyEncryptionKey
+from keeper_shared.messages.state import StatePersisted
+from keeper_shared.messages.types import FencingToken, StateKind
+from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from store_harness import Store, running_store, sha256
+
+pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
+
+VMS = 40
+TIMEOUT_S = 30.0
+
+
+@pytest_asyncio.fixture
+async def store(rabbitmq_url: str, redis_url: str) -> AsyncIterator[Store]:
+    async with running_store(rabbitmq_url, redis_url, KeyEncryptionKey(os.urandom(32))) as s:
+        yield s
+
+
+async def test_many_changes_on_one_host_are_fetched_in_few_batches(store: Store) -> None:
+    persisted = await store.client.watch_events(f"state.persisted.{store.origin}")
+    vm_ids = [store.new_vm() for _ in range(VMS)]
+    contents = {}
+    for index, vm_id in enumerate(vm_ids):
+        await store.place(vm_id, epoch=1)
+        contents[vm_id] = pack_tpm_state({MAIN_STATE_FILE_NAME: f"vm {index}".encode() * 300})
+        store.host.hold(vm_id, StateKind.TPM, contents[vm_id], FencingToken(epoch=1, generation=1))
+
+    await asyncio.gather(*(store.host.announce(vm_id, StateKind.TPM) for vm_id in vm_ids))
+    for vm_id in vm_ids:
+        await persisted.wait_for(StatePersisted, _about(vm_id), TIMEOUT_S)
+
+    for vm_id in vm_ids:
+        assert await store.repository.head_hash(vm_id, StateKind.TPM) == sha256(contents[vm_id])
+    fetched = [vm for batch in store.host.fetches for vm in batch]
+    assert sorted(fetched) == sorted(vm_ids), "each VM fetched exactly once"
+    assert len(store.host.fetches) < VMS / 4, store.host.fetches
+    assert max(len(batch) for batch in store.host.fetches) > 1
+
+    # Every event was acknowledged: nothing waits in the queue or is held unacked.
+    await store.wait_until_events_drained(TIMEOUT_S)
+
+
+async def test_redelivered_and_duplicate_changes_cost_no_fetch(store: Store) -> None:
+    vm_id = store.new_vm()
+    await store.place(vm_id, epoch=1)
+    store.host.hold(
+        vm_id,
+        StateKind.TPM,
+        pack_tpm_state({MAIN_STATE_FILE_NAME: b"stable" * 50}),
+        FencingToken(epoch=1, generation=1),
+    )
+    await store.pull(vm_id)
+    fetches_before = len(store.host.fetches)
+
+    await asyncio.gather(*(store.host.announce(vm_id, StateKind.TPM) for _ in range(5)))
+    await store.wait_until_events_drained(TIMEOUT_S)
+
+    assert len(store.host.fetches) == fetches_before
+    assert await store.repository.head_version(vm_id, StateKind.TPM) == 1
+
+
+def _about(vm_id: str) -> Callable[[StatePersisted], bool]:
+    return lambda event: event.vm_id == vm_id

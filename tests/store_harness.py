@@ -1,0 +1,257 @@
+"""An in-process state store on the real broker and Redis, a fake host agent that answers
+its commands, and a client that talks to that store.
+
+The store is the real `StateService`, `HistoryService` and `TransferService` on a real
+`BusClient`, consuming queues private to the test (bound to the fake host's events and to
+a command key of its own), so tests sharing the session's broker never see each other's
+messages. The fake host holds canonical state in memory, answers ``state.fetch`` with it
+(counting every fetch) and records each ``vm.prepare``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import aio_pika
+from redis.asyncio import Redis
+
+from keeper_shared.blobs import open_blob, seal_blob
+from keeper_shared.bus.client import BusClient, Consumer, Delivery, Route
+from keeper_shared.bus.topology import QueueSpec, host_command_queue
+from keeper_shared.client import KeeperClient
+from keeper_shared.encryption import KeyEncryptionKey
+from keeper_shared.key_ring import KeyRing
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.state import FetchedVmState, FetchState, StateChanged, StateFetched
+from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
+from keeper_shared.messages.vm import PrepareVm
+from keeper_shared.redis_keys import placement_key, state_blobs_key
+from keeper_shared.redis_results import awaited
+from keeper_state_store.history_service import HistoryService
+from keeper_state_store.repository import StateRepository
+from keeper_state_store.settings import StateStoreSettings
+from keeper_state_store.state_service import StateService
+from keeper_state_store.transfer_service import TransferService
+
+REQUEST_TIMEOUT_S = 30.0
+
+
+def unique(label: str) -> str:
+    """A name no other test uses (host ids must stay short and lowercase)."""
+    return f"{label}-{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class FakeHost:
+    """A host agent reduced to its commands: state in memory, fetches counted."""
+
+    host_id: str
+    bus: BusClient
+    state: dict[str, dict[StateKind, StateBlob]] = field(default_factory=dict)
+    fetches: list[list[str]] = field(default_factory=list)
+    prepared: list[PrepareVm] = field(default_factory=list)
+
+    def hold(self, vm_id: str, kind: StateKind, content: bytes, token: FencingToken) -> StateBlob:
+        """Make ``content`` the VM's current stable state of ``kind`` on this host."""
+        blob = seal_blob(kind, content, token)
+        self.state.setdefault(vm_id, {})[kind] = blob
+        return blob
+
+    async def announce(self, vm_id: str, kind: StateKind) -> None:
+        """Publish ``state.changed`` for what the host holds, as the agent does."""
+        blob = self.state[vm_id][kind]
+        change = StateChanged(
+            vm_id=vm_id,
+            host=self.host_id,
+            kind=kind,
+            content_hash=blob.content_hash,
+            size=blob.size,
+            token=blob.token,
+        )
+        await self.bus.publish_event(change, subject=vm_id)
+
+    def last_prepared(self, vm_id: str) -> PrepareVm:
+        """The newest prepare the host got for ``vm_id``."""
+        return next(p for p in reversed(self.prepared) if p.vm_id == vm_id)
+
+    async def on_fetch(self, envelope: Envelope[FetchState], _delivery: Delivery) -> StateFetched:
+        request = envelope.data
+        self.fetches.append(list(request.vm_ids))
+        found = [
+            FetchedVmState(
+                vm_id=vm_id,
+                blobs=[blob for kind, blob in self.state[vm_id].items() if kind in request.kinds],
+            )
+            for vm_id in request.vm_ids
+            if vm_id in self.state
+        ]
+        missing = [vm_id for vm_id in request.vm_ids if vm_id not in self.state]
+        return StateFetched(vms=found, missing=missing)
+
+    async def on_prepare(self, envelope: Envelope[PrepareVm], _delivery: Delivery) -> CommandDone:
+        self.prepared.append(envelope.data)
+        # Like the agent: verify what arrived before accepting it.
+        for blob in (envelope.data.tpm, envelope.data.nvram):
+            if blob is not None:
+                open_blob(blob)
+        return CommandDone(ok=True)
+
+
+def prepared_content(prepare: PrepareVm, kind: StateKind) -> bytes | None:
+    """The canonical content a prepare carried for ``kind`` (verified), None if none."""
+    blob = prepare.tpm if kind is StateKind.TPM else prepare.nvram
+    return open_blob(blob) if blob is not None else None
+
+
+@dataclass
+class Store:
+    """One in-process store replica and a client pointed at it."""
+
+    redis: Redis
+    repository: StateRepository
+    service: StateService
+    client: KeeperClient
+    host: FakeHost
+    origin: str
+    """The store's bus origin: its events' routing keys end in it."""
+    amqp_url: str
+    events_queue: str
+    """Name of the store's events queue."""
+    events_consumer: Consumer | None = None
+    vm_ids: list[str] = field(default_factory=list)
+
+    def new_vm(self) -> str:
+        """A VM id whose Redis keys are deleted when the store stops."""
+        vm_id = str(uuid.uuid4())
+        self.vm_ids.append(vm_id)
+        return vm_id
+
+    async def place(self, vm_id: str, epoch: int, host: str | None = None) -> None:
+        """Record the VM's placement as policy does (the fencing check reads it)."""
+        mapping = {"host": host or self.host.host_id, "epoch": epoch}
+        await awaited(self.redis.hset(placement_key(vm_id), mapping=mapping))
+
+    async def wait_until_events_drained(self, timeout_s: float) -> None:
+        """Until no event waits in the store's queue and none is being handled (so every
+        one was acknowledged), twice in a row to step over a delivery in between."""
+        assert self.events_consumer is not None
+        connection = await aio_pika.connect(self.amqp_url)
+        async with connection, asyncio.timeout(timeout_s):
+            channel = await connection.channel()
+            quiet = 0
+            while quiet < 2:
+                await asyncio.sleep(0.05)
+                queue = await channel.declare_queue(self.events_queue, passive=True)
+                ready = queue.declaration_result.message_count
+                idle = ready == 0 and not self.events_consumer.in_flight
+                quiet = quiet + 1 if idle else 0
+
+    async def sealed(self, vm_id: str, kind: StateKind, version: int) -> bytes:
+        """The ciphertext Redis holds for a version in the history."""
+        value = await awaited(self.redis.hget(state_blobs_key(vm_id, kind), str(version)))
+        assert value is not None
+        # No decode_responses: the client returns bytes, whatever redis-py annotates.
+        return bytes(cast(bytes, value))
+
+    async def put_sealed(self, vm_id: str, kind: StateKind, version: int, sealed: bytes) -> None:
+        """Overwrite a version's ciphertext in Redis behind the store's back."""
+        await awaited(self.redis.hset(state_blobs_key(vm_id, kind), mapping={version: sealed}))
+
+    async def pull(self, vm_id: str) -> None:
+        """Have the store pull and persist what the fake host holds for ``vm_id`` now."""
+        results = await self.service.pull_and_persist(self.host.host_id, [vm_id], list(StateKind))
+        assert results[vm_id] is None, results
+
+
+@contextlib.asynccontextmanager
+async def running_store(
+    amqp_url: str, redis_url: str, kek: KeyEncryptionKey, *, history_depth: int = 10
+) -> AsyncIterator[Store]:
+    """Start a store on private queues, with its own fake host and client; clean up after."""
+    host_id = unique("h")
+    store_key = unique("test-store")
+    events = QueueSpec(
+        name=unique("test-store-events"),
+        event_bindings=(f"state.changed.{host_id}", f"host.heartbeat.{host_id}"),
+    )
+    commands = QueueSpec(name=unique("test-store-commands"), command_key=store_key)
+    host_queue = host_command_queue(host_id)
+    settings = StateStoreSettings(
+        amqp_url=amqp_url,
+        redis_url=redis_url,
+        kek_file=Path("/nonexistent/kek"),  # the KEK is handed over directly
+        history_depth=history_depth,
+        allow_volatile_redis=True,
+        fetch_timeout_s=10.0,
+        prepare_timeout_s=10.0,
+    )
+    redis = Redis.from_url(redis_url)
+    origin = unique("store")
+    store_bus = await BusClient.connect(amqp_url, source=f"state-store/{origin}", origin=origin)
+    host_bus = await BusClient.connect(amqp_url, source=f"host-agent/{host_id}", origin=host_id)
+    client_bus = await BusClient.connect(amqp_url, source="client/test", origin=unique("client"))
+    repository = StateRepository(redis, KeyRing(kek), history_depth=history_depth)
+    service = StateService(settings, repository, store_bus)
+    host = FakeHost(host_id=host_id, bus=host_bus)
+    store = Store(
+        redis=redis,
+        repository=repository,
+        service=service,
+        client=KeeperClient(
+            client_bus, request_timeout_s=REQUEST_TIMEOUT_S, store_target=store_key
+        ),
+        host=host,
+        origin=origin,
+        amqp_url=amqp_url,
+        events_queue=events.name,
+    )
+    try:
+        await host_bus.consume(
+            host_queue,
+            [Route(FetchState, host.on_fetch), Route(PrepareVm, host.on_prepare)],
+            prefetch=8,
+        )
+        store.events_consumer = await store_bus.consume(events, service.event_routes(), prefetch=32)
+        await store_bus.consume(
+            commands,
+            [
+                *service.command_routes(),
+                *HistoryService(repository).command_routes(),
+                *TransferService(repository).command_routes(),
+            ],
+            prefetch=8,
+        )
+        yield store
+    finally:
+        for bus in (client_bus, store_bus, host_bus):
+            await bus.close(5.0)
+        await service.close()
+        await _delete_queues(amqp_url, [events, commands, host_queue])
+        for vm_id in store.vm_ids:
+            keys = [key async for key in redis.scan_iter(match=f"keeper:{{{vm_id}}}:*")]
+            if keys:
+                await redis.delete(*keys)
+        await redis.aclose()
+
+
+async def _delete_queues(amqp_url: str, specs: list[QueueSpec]) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for spec in specs:
+            for name in (spec.name, spec.dead_letter_queue):
+                # Quorum queues: if_unused=True makes the broker close the connection.
+                await channel.queue_delete(name, if_unused=False, if_empty=False)
+
+
+def sha256(content: bytes) -> str:
+    """Hex sha256, as the store names content."""
+    return hashlib.sha256(content).hexdigest()
