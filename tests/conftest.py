@@ -13,6 +13,7 @@ import gc
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -86,9 +87,26 @@ def docker_engine() -> bool:
     return _docker_engine_answers()
 
 
+@dataclass(frozen=True)
+class Broker:
+    """The session's RabbitMQ: its URL, and how to add a user with permissions."""
+
+    url: str
+    add_user: Callable[[str, str], None]
+    """(name, password) -> None: a user with every permission on the default vhost (what a
+    user may do is a matter of topic permissions, tested apart)."""
+
+    def url_for(self, user: str, password: str) -> str:
+        """The AMQP URL of this broker as another user."""
+        host_part = self.url.split("@", 1)[1]
+        return f"amqp://{user}:{password}@{host_part}"
+
+
 @pytest.fixture(scope="session")
-def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory, docker_engine: bool) -> Iterator[str]:
-    """AMQP URL of a RabbitMQ node private to this test session (quorum queues work)."""
+def rabbitmq_broker(
+    tmp_path_factory: pytest.TempPathFactory, docker_engine: bool
+) -> Iterator[Broker]:
+    """A RabbitMQ node private to this test session (quorum queues work)."""
     if docker_engine:
         from testcontainers.core.container import DockerContainer
         from testcontainers.core.waiting_utils import wait_for_logs
@@ -96,16 +114,32 @@ def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory, docker_engine: bool) 
         # Not testcontainers' RabbitMqContainer: its readiness probe needs pika.
         with DockerContainer(_RABBITMQ_IMAGE).with_exposed_ports(5672) as container:
             wait_for_logs(container, "Server startup complete", timeout=120)
+
+            def add_user_in_container(name: str, password: str) -> None:
+                container.exec(["rabbitmqctl", "add_user", name, password])
+                container.exec(["rabbitmqctl", "set_permissions", name, ".*", ".*", ".*"])
+
             host = container.get_container_host_ip()
-            yield f"amqp://guest:guest@{host}:{container.get_exposed_port(5672)}/"
+            url = f"amqp://guest:guest@{host}:{container.get_exposed_port(5672)}/"
+            yield Broker(url, add_user_in_container)
         return
     node = _rabbitmq_node(tmp_path_factory.mktemp("rabbitmq"))
     _require_installed(node.check_installed)
+
+    def add_user(name: str, password: str) -> None:
+        node.add_user(name, password)
+
     try:
         node.start()
-        yield node.amqp_url
+        yield Broker(node.amqp_url, add_user)
     finally:
         node.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(rabbitmq_broker: Broker) -> str:
+    """AMQP URL (user guest) of the session's private RabbitMQ node."""
+    return rabbitmq_broker.url
 
 
 @pytest.fixture(scope="session")

@@ -173,10 +173,20 @@ class Store:
 
 @contextlib.asynccontextmanager
 async def running_store(
-    amqp_url: str, redis_url: str, kek: KeyEncryptionKey, *, history_depth: int = 10
+    amqp_url: str,
+    redis_url: str,
+    kek: KeyEncryptionKey,
+    *,
+    history_depth: int = 10,
+    host_id: str | None = None,
+    host_amqp_url: str | None = None,
 ) -> AsyncIterator[Store]:
-    """Start a store on private queues, with its own fake host and client; clean up after."""
-    host_id = unique("h")
+    """Start a store on private queues, with its own fake host and client; clean up after.
+
+    With ``host_amqp_url`` (a per-host broker user named ``host_id``) the store verifies
+    host identities as in production; otherwise every party is the same user and it does
+    not."""
+    host_id = host_id or unique("h")
     store_key = unique("test-store")
     events = QueueSpec(
         name=unique("test-store-events"),
@@ -192,11 +202,14 @@ async def running_store(
         allow_volatile_redis=True,
         fetch_timeout_s=10.0,
         prepare_timeout_s=10.0,
+        verify_host_identity=host_amqp_url is not None,
     )
     redis = Redis.from_url(redis_url)
     origin = unique("store")
     store_bus = await BusClient.connect(amqp_url, source=f"state-store/{origin}", origin=origin)
-    host_bus = await BusClient.connect(amqp_url, source=f"host-agent/{host_id}", origin=host_id)
+    host_bus = await BusClient.connect(
+        host_amqp_url or amqp_url, source=f"host-agent/{host_id}", origin=host_id
+    )
     client_bus = await BusClient.connect(amqp_url, source="client/test", origin=unique("client"))
     repository = StateRepository(redis, KeyRing(kek), history_depth=history_depth)
     service = StateService(settings, repository, store_bus)

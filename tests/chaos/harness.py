@@ -278,6 +278,7 @@ class ChaosCluster:
                 "KEEPER_STORE_AMQP_URL": self.config.amqp_url,
                 "KEEPER_STORE_REDIS_URL": self.config.redis_url,
                 "KEEPER_STORE_KEK_FILE": str(self.kek_file),
+                "KEEPER_STORE_VERIFY_HOST_IDENTITY": "false",
                 "KEEPER_STORE_REPLICA_ID": replica,
                 "KEEPER_STORE_HISTORY_DEPTH": str(self.config.history_depth),
                 "KEEPER_STORE_SCRUB_SWTPM": str(self.config.scrub_swtpm).lower(),

@@ -470,6 +470,7 @@ async def stack(
                 "KEEPER_STORE_AMQP_URL": rabbitmq_url,
                 "KEEPER_STORE_REDIS_URL": redis_url,
                 "KEEPER_STORE_KEK_FILE": str(kek),
+                "KEEPER_STORE_VERIFY_HOST_IDENTITY": "false",
                 "KEEPER_STORE_LOG_JSON": "true",
             },
             logs / "state-store.log",

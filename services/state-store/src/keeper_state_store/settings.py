@@ -36,6 +36,14 @@ class StateStoreSettings(ServiceSettings):
         le=256,
         description="Most VMs in one fetch (bounds the reply: ~6 KB per VM, more for 4M NVRAM).",
     )
+    verify_host_identity: bool = Field(
+        default=True,
+        description=(
+            "A host's events and fetch replies must carry the broker-validated AMQP user "
+            "named after the host (per-host RabbitMQ users). Off only where every service "
+            "shares one user, as on the local demo stack."
+        ),
+    )
     replica_id: str = Field(default="store-1", max_length=64, description="Names this replica.")
 
     # --- Key rotation and scrubbing -------------------------------------------------------

@@ -68,6 +68,14 @@ class StateService:
         """Routes of this service on the store's commands queue."""
         return [Route(RetrieveState, self.on_retrieve), Route(RestoreState, self.on_restore)]
 
+    def _host_user(self, host: str) -> str | None:
+        """The AMQP user a host's replies must come from (None: not checked)."""
+        return host if self._settings.verify_host_identity else None
+
+    def _speaks_for(self, delivery: Delivery, host: str) -> bool:
+        """Whether the broker-validated publisher may speak for ``host`` (invariant 3)."""
+        return not self._settings.verify_host_identity or delivery.user_id == host
+
     async def close(self) -> None:
         """Stop batched pulls still in flight (after the consumers stopped)."""
         await self._batcher.close()
@@ -81,6 +89,14 @@ class StateService:
                 # announcing the stored version again is harmless (facts are idempotent).
                 await self._announce_head(change.vm_id, change.kind)
             return
+        if not self._speaks_for(delivery, change.host):
+            await self._refuse(
+                change.vm_id,
+                change.kind,
+                change.host,
+                f"published by AMQP user {delivery.user_id!r}, not by the host",
+            )
+            return
         placement = await self._repository.placement(change.vm_id)
         if placement is None or placement.host != change.host:
             await self._refuse(
@@ -93,6 +109,9 @@ class StateService:
         """Reconcile: pull any hash in the host's inventory that the store has not seen, so a
         lost event costs at most one heartbeat."""
         beat = envelope.data
+        if not self._speaks_for(delivery, beat.host):
+            log.warning("heartbeat ignored: publisher is not the host", host=beat.host)
+            return
         behind: list[str] = []
         for entry in beat.vms:
             placement = await self._repository.placement(entry.vm_id)
@@ -158,6 +177,7 @@ class StateService:
                 CommandDone,
                 subject=request.vm_id,
                 timeout_s=self._settings.prepare_timeout_s,
+                replier=self._host_user(request.host),
             )
         except CallError as error:
             return CommandDone(ok=False, error=str(error))
@@ -193,6 +213,7 @@ class StateService:
             StateFetched,
             subject=vm_ids[0],
             timeout_s=self._settings.fetch_timeout_s,
+            replier=self._host_user(host),
         )
         results: dict[str, BaseException | None] = dict.fromkeys(vm_ids)
         for vm_state in reply.data.vms:

@@ -138,7 +138,8 @@ class BusClient:
         self._events: AbstractExchange | None = None
         self._commands: AbstractExchange | None = None
         self._reply_queue_name = f"keeper.reply.{origin}.{uuid.uuid4().hex[:12]}"
-        self._pending_calls: dict[str, asyncio.Future[bytes]] = {}
+        # correlation id -> (reply future, the broker-validated user the reply must come from)
+        self._pending_calls: dict[str, tuple[asyncio.Future[bytes], str | None]] = {}
         self._consumers: list[Consumer] = []
 
     @classmethod
@@ -170,7 +171,7 @@ class BusClient:
         """Stop every consumer (bounded wait for in-flight work), then close."""
         for consumer in self._consumers:
             await consumer.stop(grace_s)
-        for future in self._pending_calls.values():
+        for future, _ in self._pending_calls.values():
             future.cancel()
         await self._connection.close()
 
@@ -205,14 +206,18 @@ class BusClient:
         *,
         subject: str,
         timeout_s: float,
+        replier: str | None = None,
     ) -> Envelope[R]:
         """Send a command to ``target`` and wait for its reply. The command is void after
-        ``timeout_s``: a target that comes back late drops it instead of acting on it."""
+        ``timeout_s``: a target that comes back late drops it instead of acting on it.
+
+        With ``replier``, only a reply whose broker-validated ``user_id`` is ``replier``
+        counts: a host speaks only for itself (invariant 3)."""
         assert self._commands is not None
         envelope = new_envelope(payload, source=self.source, subject=subject)
         correlation_id = str(envelope.id)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending_calls[correlation_id] = future
+        self._pending_calls[correlation_id] = (future, replier)
         try:
             try:
                 await self._commands.publish(
@@ -238,9 +243,14 @@ class BusClient:
         return decode(body, reply_type)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._pending_calls.get(message.correlation_id or "")
-        if future is not None and not future.done():
-            future.set_result(message.body)
+        pending = self._pending_calls.get(message.correlation_id or "")
+        if pending is None or pending[0].done():
+            return
+        future, replier = pending
+        if replier is not None and message.user_id != replier:
+            log.warning("reply from the wrong user ignored", user=message.user_id, expected=replier)
+            return
+        future.set_result(message.body)
 
     async def _reply(self, delivery: Delivery, payload: Payload, subject: str) -> None:
         assert self._channel is not None

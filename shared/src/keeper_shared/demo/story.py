@@ -100,6 +100,8 @@ def _services(config: DemoConfig, hosts: list[SimulatedHost]) -> list[ServicePro
                 "KEEPER_STORE_AMQP_URL": bus,
                 "KEEPER_STORE_REDIS_URL": config.redis_url,
                 "KEEPER_STORE_KEK_FILE": str(config.kek_file),
+                # Every service of this stack shares the broker user "guest".
+                "KEEPER_STORE_VERIFY_HOST_IDENTITY": "false",
                 "KEEPER_STORE_ALLOW_VOLATILE_REDIS": str(config.allow_volatile_redis).lower(),
                 "KEEPER_STORE_LOG_JSON": "true",
             },

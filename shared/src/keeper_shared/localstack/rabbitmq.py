@@ -132,6 +132,30 @@ class RabbitMQNode:
             self._ctl("stop", str(self._pid_file), timeout=timeout)
         self._kill_leftover()
 
+    def add_user(
+        self,
+        name: str,
+        password: str,
+        *,
+        configure: str = ".*",
+        write: str = ".*",
+        read: str = ".*",
+    ) -> None:
+        """Create (or reset) a user on the default vhost with these permission regexes.
+
+        Per-host users are how a host's messages get a broker-validated identity.
+        """
+        steps = [
+            ("delete_user", name),
+            ("add_user", name, password),
+            ("set_permissions", "-p", "/", name, configure, write, read),
+        ]
+        for index, step in enumerate(steps):
+            result = self._ctl(*step, timeout=30.0)
+            if index > 0 and (result is None or result.returncode != 0):
+                detail = result.stderr.strip()[-300:] if result else "timed out"
+                raise LocalStackError(f"rabbitmqctl {step[0]} {name} failed: {detail}")
+
     def _live_pid(self) -> int | None:
         return _process.live_pid(self._pid_file, self._marker)
 

@@ -1,0 +1,116 @@
+"""A host speaks only for itself (invariant 3): the store trusts the broker-validated AMQP
+``user_id`` of state events and fetch replies, not what the message body claims."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from conftest import Broker
+from keeper_shared.bus.client import BusClient, Route
+from keeper_shared.bus.topology import host_command_queue
+from keeper_shared.encryption import KeyEncryptionKey
+from keeper_shared.messages.state import (
+    FetchedVmState,
+    FetchState,
+    StateChanged,
+    StateFetched,
+    StatePersisted,
+    StateWriteRefused,
+)
+from keeper_shared.messages.types import FencingToken, StateKind
+from store_harness import Store, running_store, sha256, unique
+
+pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
+
+TIMEOUT_S = 30.0
+NVRAM = b"\xff" * 4096 + secrets.token_bytes(64)
+
+
+@pytest_asyncio.fixture
+async def store(rabbitmq_broker: Broker, redis_url: str) -> AsyncIterator[Store]:
+    host_id = unique("h")
+    password = secrets.token_hex(12)
+    rabbitmq_broker.add_user(host_id, password)
+    async with running_store(
+        rabbitmq_broker.url,
+        redis_url,
+        KeyEncryptionKey(os.urandom(32)),
+        host_id=host_id,
+        host_amqp_url=rabbitmq_broker.url_for(host_id, password),
+    ) as running:
+        yield running
+
+
+async def test_the_host_itself_is_heard(store: Store) -> None:
+    persisted = await store.client.watch_events(f"state.persisted.{store.origin}")
+    vm_id = store.new_vm()
+    await store.place(vm_id, epoch=1)
+    store.host.hold(vm_id, StateKind.NVRAM, NVRAM, FencingToken(epoch=1, generation=1))
+
+    await store.host.announce(vm_id, StateKind.NVRAM)
+
+    await persisted.wait_for(StatePersisted, lambda e: e.vm_id == vm_id, TIMEOUT_S)
+    assert await store.repository.head_hash(vm_id, StateKind.NVRAM) == sha256(NVRAM)
+
+
+async def test_a_change_published_by_another_user_is_refused_and_audited(
+    store: Store, rabbitmq_url: str
+) -> None:
+    refused = await store.client.watch_events(f"state.refused.{store.origin}")
+    vm_id = store.new_vm()
+    await store.place(vm_id, epoch=1)
+    blob = store.host.hold(vm_id, StateKind.NVRAM, NVRAM, FencingToken(epoch=1, generation=1))
+    impostor = await BusClient.connect(rabbitmq_url, source="impostor", origin=store.host.host_id)
+    try:
+        # Same routing key and body a real announcement has; only the broker user differs.
+        await impostor.publish_event(
+            StateChanged(
+                vm_id=vm_id,
+                host=store.host.host_id,
+                kind=StateKind.NVRAM,
+                content_hash=blob.content_hash,
+                size=blob.size,
+                token=blob.token,
+            ),
+            subject=vm_id,
+        )
+        audit = await refused.wait_for(StateWriteRefused, lambda e: e.vm_id == vm_id, TIMEOUT_S)
+    finally:
+        await impostor.close()
+    assert "not by the host" in audit.data.reason
+    assert store.host.fetches == []
+    assert await store.repository.head_hash(vm_id, StateKind.NVRAM) is None
+
+
+async def test_a_fetch_reply_from_another_user_is_ignored(store: Store, rabbitmq_url: str) -> None:
+    """An impostor answering on the host's command queue cannot feed the store state."""
+    vm_id = store.new_vm()
+    await store.place(vm_id, epoch=1)
+    await store.host.bus.close(5.0)  # the real host is gone; the impostor takes its queue
+    forged = store.host.hold(vm_id, StateKind.NVRAM, NVRAM, FencingToken(epoch=1, generation=9))
+    impostor = await BusClient.connect(rabbitmq_url, source="impostor", origin=unique("x"))
+    answered: list[str] = []
+
+    async def answer(envelope: object, delivery: object) -> StateFetched:
+        answered.append(vm_id)
+        return StateFetched(vms=[FetchedVmState(vm_id=vm_id, blobs=[forged])])
+
+    try:
+        await impostor.consume(
+            host_command_queue(store.host.host_id), [Route(FetchState, answer)], prefetch=1
+        )
+        results = await store.service.pull_and_persist(
+            store.host.host_id, [vm_id], [StateKind.NVRAM]
+        )
+    except TimeoutError:
+        results = {vm_id: TimeoutError()}
+    finally:
+        await impostor.close()
+    assert answered == [vm_id]
+    assert results != {vm_id: None}
+    assert await store.repository.head_hash(vm_id, StateKind.NVRAM) is None
