@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from keeper_shared.localstack import (
     NotInstalledError,
@@ -26,6 +27,13 @@ from keeper_shared.localstack import (
     RedisServer,
     free_tcp_ports,
 )
+
+# The machine runs real brokers and services beside the tests: on 2 busy cores a property
+# test's data generation may be slow, which is no failure of the code under test.
+settings.register_profile(
+    "keeper", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("keeper")
 
 _RABBITMQ_IMAGE = "rabbitmq:3.10"
 _REDIS_IMAGE = "redis:7.0"

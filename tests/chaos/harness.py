@@ -36,6 +36,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import Redis
 
+from bus_hygiene import purge_service_queues
 from keeper_shared.blobs import content_hash
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, declare_exchanges
 from keeper_shared.client import KeeperClient
@@ -346,6 +347,7 @@ class ChaosCluster:
             generate_key_file(self.kek_file)
         for host in self.hosts:
             host.create()
+        await purge_service_queues(self.config.amqp_url)
         self._redis = Redis.from_url(self.config.redis_url)
         self._recorder = await EventRecorder.start(self.config.amqp_url)
         started_at = time.time()
@@ -428,6 +430,8 @@ class ChaosCluster:
                 await self._recorder.close()
         services = self.services
         codes = await asyncio.gather(*(stop_service(service) for service in services))
+        with contextlib.suppress(Exception):
+            await purge_service_queues(self.config.amqp_url)
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 await self._redis.aclose()
@@ -807,7 +811,13 @@ async def analyse(cluster: ChaosCluster, load: StateLoad) -> Analysis:
             )
             check_chain(
                 where,
-                [(s.data.version, s.data.content_hash, s.data.token) for s in announced],
+                # A redelivered change re-announces the stored version (same fact again, see
+                # StateService.on_state_changed); only a differing repeat is a problem.
+                list(
+                    dict.fromkeys(
+                        (s.data.version, s.data.content_hash, s.data.token) for s in announced
+                    )
+                ),
                 order,
                 "announced",
                 result.problems,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from bus_hygiene import purge_service_queues
 from keeper_shared.demo.story import DemoConfig, run_story
 from keeper_shared.redis_results import awaited
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME
@@ -21,6 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.rabbit, pytest.mark.redis, pytest.mar
 async def test_secret_sealed_on_host_a_reads_back_on_host_b_and_never_leaks(
     rabbitmq_url: str, redis_url: str, tmp_path: Path
 ) -> None:
+    await purge_service_queues(rabbitmq_url)
     out = io.StringIO()
     config = DemoConfig(
         amqp_url=rabbitmq_url,

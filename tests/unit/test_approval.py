@@ -1,15 +1,19 @@
-"""TPM approval rules: every rejection names its reason."""
+"""TPM approval rules: architecture x firmware x guest OS x cluster capability x override,
+every combination, and every rejection names its rule and its reason."""
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import pytest
 
-from keeper_policy.approval import decide_tpm
+from keeper_policy.approval import ClusterView, Overrides, Rule, TpmDecision, decide_tpm
+from keeper_policy.guest_os import DEFAULT_GUEST_OS_ALIASES, DEFAULT_GUEST_OS_RULES
 from keeper_shared.messages.host import HostCapabilities
-from keeper_shared.messages.tpm import Firmware, VmSpec
+from keeper_shared.messages.tpm import Firmware, OsTpmSupport, VmSpec
 
 VM_ID = "6b2f7e0a-3c1d-4d6e-9a8b-1c2d3e4f5a6b"
-RULES = {"windows-11": "required", "rhel-9": "supported", "msdos-6": "unsupported"}
 CAPABLE = HostCapabilities(
     swtpm_version="0.7.1", libvirt_version="9.0.0", architectures=["x86_64"], uefi_firmware=True
 )
@@ -22,57 +26,187 @@ def spec(**changes: object) -> VmSpec:
     return VmSpec.model_validate(values)
 
 
+NO_OVERRIDES = Overrides()
+
+
+def decide(vm: VmSpec, cluster: ClusterView, overrides: Overrides = NO_OVERRIDES) -> TpmDecision:
+    return decide_tpm(
+        vm,
+        rules=DEFAULT_GUEST_OS_RULES,
+        aliases=DEFAULT_GUEST_OS_ALIASES,
+        cluster=cluster,
+        overrides=overrides,
+    )
+
+
+def rules_named(texts: list[str]) -> set[str]:
+    return {text.split(":", 1)[0] for text in texts}
+
+
+# --- the whole matrix ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arch:
+    arch: str
+    machine: str
+    model: str | None
+    """None: no TPM model on this architecture."""
+
+
+ARCHES = [
+    Arch("x86_64", "q35", "tpm-crb"),
+    Arch("aarch64", "virt", "tpm-tis"),
+    Arch("ppc64le", "pseries", "tpm-spapr"),
+    Arch("s390x", "s390-ccw-virtio", None),
+]
+GUEST_OSES = {
+    # id: (support, reason fragment when unsupported)
+    "windows-11": (OsTpmSupport.REQUIRED, None),
+    "win2k22": (OsTpmSupport.REQUIRED, None),
+    "windows-10": (OsTpmSupport.SUPPORTED, None),
+    "windows-2012": (OsTpmSupport.SUPPORTED, None),
+    "rhel-7": (OsTpmSupport.SUPPORTED, None),
+    "rhel-9.4": (OsTpmSupport.SUPPORTED, None),
+    "windows-8": (OsTpmSupport.UNSUPPORTED, "windows 8 is below 8.1"),
+    "rhel-6.10": (OsTpmSupport.UNSUPPORTED, "rhel 6.10 is below 7"),
+    "debian-12": (OsTpmSupport.UNSUPPORTED, "no rule allows a TPM for the debian family"),
+    "msdos": (OsTpmSupport.UNSUPPORTED, "not a `<family>-<version>` id"),
+}
+CLUSTERS = {
+    "all-swtpm": (ClusterView("prod", {"a": CAPABLE, "b": CAPABLE}), None),
+    "one-without": (
+        ClusterView("prod", {"a": CAPABLE, "b": NO_SWTPM}),
+        "hosts of cluster prod without swtpm: b",
+    ),
+    "empty": (ClusterView("prod", {}), "no live host of cluster prod has reported"),
+}
+OVERRIDES = [
+    Overrides(),
+    Overrides(cluster=True),
+    Overrides(guest_os=True),
+    Overrides(cluster=True, guest_os=True),
+]
+
+
 @pytest.mark.parametrize(
-    ("vm", "cluster", "override", "reason", "model"),
-    [
-        (spec(), {"a": CAPABLE}, False, None, "tpm-crb"),
-        (spec(guest_os="rhel-9"), {"a": CAPABLE}, False, None, "tpm-crb"),
-        (spec(arch="ppc64le", machine="pseries"), {"a": CAPABLE}, False, None, "tpm-spapr"),
-        (spec(firmware=Firmware.BIOS), {"a": CAPABLE}, False, "needs UEFI", None),
-        (
-            spec(arch="s390x", machine="s390-ccw-virtio"),
-            {"a": CAPABLE},
-            False,
-            "no TPM model",
-            None,
-        ),
-        (spec(machine="pc-i440fx-7.2"), {"a": CAPABLE}, False, "needs q35", None),
-        (spec(guest_os="msdos-6"), {"a": CAPABLE}, False, "not allowed a TPM", None),
-        (spec(guest_os="unknown-os"), {"a": CAPABLE}, False, "not allowed a TPM", None),
-        (spec(), {}, False, "no host has reported", None),
-        (spec(), {"a": CAPABLE, "b": NO_SWTPM}, False, "hosts without swtpm: b", None),
-        (spec(), {"a": CAPABLE, "b": NO_SWTPM}, True, None, "tpm-crb"),
-        (spec(), {}, True, None, "tpm-crb"),
-        (spec(firmware=Firmware.BIOS), {"b": NO_SWTPM}, True, "needs UEFI", None),
-    ],
+    ("arch", "firmware", "guest_os", "cluster_name", "overrides"),
+    list(itertools.product(ARCHES, list(Firmware), GUEST_OSES, CLUSTERS, OVERRIDES)),
+    ids=lambda value: getattr(value, "arch", None) or str(value),
 )
-def test_rules(
-    vm: VmSpec,
-    cluster: dict[str, HostCapabilities],
-    override: bool,
-    reason: str | None,
-    model: str | None,
+def test_matrix(
+    arch: Arch, firmware: Firmware, guest_os: str, cluster_name: str, overrides: Overrides
 ) -> None:
-    decision = decide_tpm(vm, guest_os_rules=RULES, cluster=cluster, override=override)
-    if reason is None:
-        assert decision.approved, decision.reasons
-        assert (
-            decision.tpm_xml
-            == f"<tpm model='{model}'><backend type='emulator' version='2.0'/></tpm>"
-        )
-    else:
+    support, os_reason = GUEST_OSES[guest_os]
+    cluster, cluster_reason = CLUSTERS[cluster_name]
+    vm = spec(arch=arch.arch, machine=arch.machine, firmware=firmware, guest_os=guest_os)
+
+    decision = decide(vm, cluster, overrides)
+
+    # What must be refused, with which words, and what an override moves aside.
+    refused: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    if firmware is not Firmware.UEFI:
+        refused[Rule.FIRMWARE] = f"needs UEFI firmware, the VM has {firmware}"
+    if arch.model is None:
+        refused[Rule.ARCHITECTURE] = f"architecture {arch.arch} has no TPM model"
+    if os_reason is not None:
+        (skipped if overrides.guest_os else refused)[Rule.GUEST_OS] = os_reason
+    if cluster_reason is not None:
+        (skipped if overrides.cluster else refused)[Rule.CLUSTER] = cluster_reason
+
+    assert rules_named(decision.reasons) == set(refused), decision.reasons
+    for rule, words in refused.items():
+        assert any(text.startswith(f"{rule}: ") and words in text for text in decision.reasons)
+    assert rules_named(decision.overridden) == set(skipped), decision.overridden
+    for rule, words in skipped.items():
+        assert any(text.startswith(f"{rule}: ") and words in text for text in decision.overridden)
+    assert decision.guest_os_support is support
+    if refused:
         assert not decision.approved
         assert decision.tpm_xml is None
-        assert any(reason in text for text in decision.reasons), decision.reasons
+    else:
+        assert decision.approved
+        assert decision.tpm_xml == (
+            f"<tpm model='{arch.model}'><backend type='emulator' version='2.0'/></tpm>"
+        )
+
+
+# --- single rules, exactly ------------------------------------------------------------------
+
+CAPABLE_CLUSTER = ClusterView("default", {"a": CAPABLE})
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"tpm_version": "1.2"}, "tpm-version: only TPM 2.0 is emulated, TPM 1.2 asked"),
+        (
+            {"secure_boot": True, "machine": "pc-i440fx-7.2"},
+            "secure-boot: Secure Boot needs a q35 machine, not pc-i440fx-7.2",
+        ),
+        ({"secure_boot": True, "smm": False}, "secure-boot: Secure Boot needs SMM turned on"),
+        (
+            {"firmware": Firmware.BIOS},
+            "firmware: TPM emulation needs UEFI firmware, the VM has bios",
+        ),
+        ({"arch": "s390x"}, "architecture: architecture s390x has no TPM model"),
+    ],
+)
+def test_hard_rules_name_their_reason(changes: dict[str, object], reason: str) -> None:
+    decision = decide(spec(**changes), CAPABLE_CLUSTER, Overrides(cluster=True, guest_os=True))
+    assert decision.reasons == [reason]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"secure_boot": True},  # q35 with SMM
+        {"secure_boot": True, "machine": "pc-q35-8.2"},
+        {"secure_boot": False, "machine": "pc-i440fx-7.2"},  # no Secure Boot: any machine
+        {"secure_boot": True, "smm": False, "arch": "aarch64", "machine": "virt"},  # no SMM on Arm
+    ],
+)
+def test_secure_boot_needs_q35_and_smm_on_x86_only(changes: dict[str, object]) -> None:
+    assert decide(spec(**changes), CAPABLE_CLUSTER).approved
 
 
 def test_every_failed_rule_is_reported() -> None:
-    vm = spec(firmware=Firmware.BIOS, machine="pc", guest_os="msdos-6")
-    decision = decide_tpm(vm, guest_os_rules=RULES, cluster={}, override=False)
-    assert len(decision.reasons) == 4
+    vm = spec(
+        firmware=Firmware.BIOS,
+        machine="pc",
+        secure_boot=True,
+        smm=False,
+        tpm_version="1.2",
+        guest_os="msdos-6",
+    )
+    decision = decide(vm, ClusterView("default", {"b": NO_SWTPM}))
+    assert rules_named(decision.reasons) == {
+        Rule.FIRMWARE,
+        Rule.TPM_VERSION,
+        Rule.SECURE_BOOT,
+        Rule.GUEST_OS,
+        Rule.CLUSTER,
+    }
+    assert len(decision.reasons) == 6  # Secure Boot fails twice: machine and SMM
 
 
-def test_override_is_recorded() -> None:
-    decision = decide_tpm(spec(), guest_os_rules=RULES, cluster={"b": NO_SWTPM}, override=True)
+def test_override_is_returned_for_the_approval_event() -> None:
+    decision = decide(
+        spec(guest_os="debian-12"),
+        ClusterView("lab", {"b": NO_SWTPM}),
+        Overrides(cluster=True, guest_os=True),
+    )
     assert decision.approved
-    assert decision.overridden == ["hosts without swtpm: b"]
+    assert decision.overridden == [
+        "guest-os: not allowed a TPM: no rule allows a TPM for the debian family",
+        "cluster-capability: hosts of cluster lab without swtpm: b",
+    ]
+
+
+def test_overrides_never_skip_hard_rules() -> None:
+    decision = decide(
+        spec(firmware=Firmware.BIOS), CAPABLE_CLUSTER, Overrides(cluster=True, guest_os=True)
+    )
+    assert not decision.approved
+    assert rules_named(decision.reasons) == {Rule.FIRMWARE}

@@ -267,6 +267,12 @@ class LibvirtHypervisor:
             self._event_thread.join(timeout=2)
 
     @property
+    def connection(self) -> libvirt.virConnect:
+        """The live libvirt connection, for command modules that need more than the
+        operations below (raises while disconnected)."""
+        return self._conn
+
+    @property
     def _conn(self) -> libvirt.virConnect:
         if self._connection is None:
             raise HypervisorError("not connected to libvirt")
@@ -344,6 +350,9 @@ class LibvirtHypervisor:
 
         def run() -> None:
             domain = self._conn.lookupByUUIDString(vm_id)
+            # Snapshot metadata would make libvirt refuse to undefine; the snapshots the
+            # keeper took are pinned in the store, not in libvirt.
+            always = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
             if keep_state:
                 flags = (
                     libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_TPM
@@ -351,14 +360,14 @@ class LibvirtHypervisor:
             else:
                 flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_TPM
             try:
-                domain.undefineFlags(flags)
+                domain.undefineFlags(flags | always)
             except libvirt.libvirtError as error:
                 if error.get_error_code() not in (
                     libvirt.VIR_ERR_INVALID_ARG,
                     libvirt.VIR_ERR_NO_SUPPORT,
                 ):
                     raise
-                domain.undefineFlags(0)
+                domain.undefineFlags(always)
 
         await self._call(run)
 

@@ -17,6 +17,9 @@ class HostAgentSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="KEEPER_HOST_", frozen=True, extra="ignore")
 
     host_id: str = Field(pattern=HOST_ID_PATTERN, description="This host's id on the bus.")
+    cluster: str = Field(
+        default="default", max_length=64, description="The cluster this host belongs to."
+    )
     libvirt_uri: str = Field(default="qemu:///system", description="libvirt connection URI.")
     swtpm_root: Path = Field(
         default=Path("/var/lib/libvirt/swtpm"), description="Where libvirt keeps swtpm state."

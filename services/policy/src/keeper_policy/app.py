@@ -1,4 +1,4 @@
-"""Wires the policy service: settings, Redis, bus and handlers."""
+"""Wires the policy service: settings, Redis, bus, handlers and background tasks."""
 
 from __future__ import annotations
 
@@ -8,17 +8,74 @@ import socket
 import structlog
 from redis.asyncio import Redis
 
+from keeper_policy.approving import Approver
+from keeper_policy.engine import WorkflowEngine
+from keeper_policy.gateway import Gateway
+from keeper_policy.hosts import HostRegistry
+from keeper_policy.liveness import HostLiveness
+from keeper_policy.migration import MigrationTracker
+from keeper_policy.place_workflow import PLACE, PlaceRunner
+from keeper_policy.placing import Placer
 from keeper_policy.registry import PolicyRegistry
+from keeper_policy.scripts import PolicyScripts
+from keeper_policy.service import PolicyService
 from keeper_policy.settings import PolicySettings
-from keeper_policy.workflows import PolicyService
-from keeper_shared.bus.client import BusClient, Route
+from keeper_policy.snapshot_workflow import SNAPSHOT, SnapshotRunner
+from keeper_policy.snapshots import Snapshotter
+from keeper_policy.stop_plan import StopBounds
+from keeper_policy.stop_workflow import STOP, StopRunner
+from keeper_policy.workflow_store import WorkflowStore
+from keeper_shared.bus.client import BusClient, Consumer
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS
-from keeper_shared.messages.host import HostHeartbeat
-from keeper_shared.messages.placement import PlaceVm, StopVm
-from keeper_shared.messages.state import StatePersisted
-from keeper_shared.messages.tpm import EnableTpm
 
 log = structlog.get_logger(__name__)
+
+
+def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> PolicyService:
+    """Every part of one replica, wired."""
+    scripts = PolicyScripts(redis)
+    registry = PolicyRegistry(redis, scripts)
+    hosts = HostRegistry(redis, scripts)
+    workflows = WorkflowStore(redis, scripts)
+    gateway = Gateway(
+        bus,
+        retrieve_timeout_s=settings.retrieve_timeout_s,
+        host_command_timeout_s=settings.host_command_timeout_s,
+    )
+    bounds = StopBounds(
+        retrieve_attempts=settings.retrieve_attempts,
+        retrieve_timeout_s=settings.retrieve_timeout_s,
+        host_command_timeout_s=settings.host_command_timeout_s,
+    )
+    engine = WorkflowEngine(
+        workflows,
+        {
+            STOP: StopRunner(gateway, registry, hosts, bounds),
+            PLACE: PlaceRunner(settings, gateway, registry, hosts),
+            SNAPSHOT: SnapshotRunner(gateway, bounds),
+        },
+        lease_s=settings.workflow_lease_s,
+        sweep_interval_s=settings.workflow_sweep_interval_s,
+    )
+    return PolicyService(
+        settings,
+        registry=registry,
+        hosts=hosts,
+        engine=engine,
+        gateway=gateway,
+        approver=Approver(settings, registry, hosts, gateway),
+        placer=Placer(settings, registry, hosts, workflows, engine),
+        liveness=HostLiveness(
+            redis,
+            registry,
+            hosts,
+            gateway,
+            lost_after_s=settings.host_lost_after_s,
+            check_interval_s=settings.liveness_check_interval_s,
+        ),
+        migrations=MigrationTracker(registry, hosts, gateway, window_s=settings.migration_window_s),
+        snapshots=Snapshotter(registry, engine, gateway, bounds, settings.workflow_lease_s),
+    )
 
 
 async def serve(settings: PolicySettings, stop: asyncio.Event) -> None:
@@ -29,29 +86,27 @@ async def serve(settings: PolicySettings, stop: asyncio.Event) -> None:
         bus = await BusClient.connect(
             settings.amqp_url, source=f"policy/{socket.gethostname()}", origin=POLICY
         )
+        service: PolicyService | None = None
+        consumers: list[Consumer] = []
         try:
-            service = PolicyService(settings, PolicyRegistry(redis), bus)
-            await bus.consume(
-                POLICY_EVENTS,
-                [
-                    Route(HostHeartbeat, service.on_heartbeat),
-                    Route(StatePersisted, service.on_persisted),
-                ],
-                prefetch=32,
+            service = build_service(settings, redis, bus)
+            consumers.append(await bus.consume(POLICY_EVENTS, service.event_routes(), prefetch=32))
+            consumers.append(
+                await bus.consume(POLICY_COMMANDS, service.command_routes(), prefetch=16)
             )
-            await bus.consume(
-                POLICY_COMMANDS,
-                [
-                    Route(EnableTpm, service.on_enable_tpm),
-                    Route(PlaceVm, service.on_place),
-                    Route(StopVm, service.on_stop),
-                ],
-                prefetch=16,
-            )
+            service.start_background()
             log.info("policy ready")
             await stop.wait()
             log.info("stopping")
         finally:
+            # Take no new messages, and give in-flight requests the grace period (a stop
+            # waiting on its workflow may finish); what is still running is cancelled, and
+            # its request is redelivered to another replica.
+            for consumer in consumers:
+                await consumer.stop(settings.shutdown_grace_s)
+            # Then hand the workflows over: leases released, another replica resumes them.
+            if service is not None:
+                await service.close()
             await bus.close(settings.shutdown_grace_s)
     finally:
         await redis.aclose()

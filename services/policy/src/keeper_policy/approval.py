@@ -1,15 +1,20 @@
 """Whether a VM may have a TPM, and which libvirt element it gets. Pure: no I/O.
 
-Every failed rule is reported, not just the first, so an operator fixes them in one go.
+Every failed rule is reported, not just the first, so an operator fixes them in one go; each
+reason starts with the rule's name. Hard technical rules (firmware, architecture, TPM
+version, Secure Boot's machine) cannot be overridden; the policy rules (guest-OS allowlist,
+cluster capability) can, and what an override skipped is returned to be recorded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from keeper_policy.guest_os import GuestOsRule, guest_os_support
 from keeper_shared.messages.host import HostCapabilities
-from keeper_shared.messages.tpm import Firmware, VmSpec
+from keeper_shared.messages.tpm import Firmware, OsTpmSupport, VmSpec
 
 TPM_MODEL_BY_ARCH = {
     "x86_64": "tpm-crb",
@@ -20,6 +25,35 @@ TPM_MODEL_BY_ARCH = {
 }
 """libvirt TPM model per guest architecture; s390x has none."""
 
+X86 = ("x86_64", "i686")
+
+
+class Rule(enum.StrEnum):
+    """The rules, named at the start of every reason."""
+
+    FIRMWARE = "firmware"
+    ARCHITECTURE = "architecture"
+    TPM_VERSION = "tpm-version"
+    SECURE_BOOT = "secure-boot"
+    GUEST_OS = "guest-os"
+    CLUSTER = "cluster-capability"
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Which overridable rules the requester chose to skip."""
+
+    cluster: bool = False
+    guest_os: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """The live hosts of the cluster a VM will run in, as their heartbeats show them."""
+
+    name: str
+    hosts: Mapping[str, HostCapabilities]
+
 
 @dataclass(frozen=True)
 class TpmDecision:
@@ -28,6 +62,7 @@ class TpmDecision:
     reasons: list[str] = field(default_factory=list)
     overridden: list[str] = field(default_factory=list)
     tpm_xml: str | None = None
+    guest_os_support: OsTpmSupport = OsTpmSupport.UNSUPPORTED
 
     @property
     def approved(self) -> bool:
@@ -40,38 +75,76 @@ def tpm_element(model: str) -> str:
     return f"<tpm model='{model}'><backend type='emulator' version='2.0'/></tpm>"
 
 
+def is_q35(machine: str) -> bool:
+    """`q35` and its versioned names (`pc-q35-8.2`), not `pc` / `pc-i440fx-*`."""
+    return machine == "q35" or machine.startswith(("q35-", "pc-q35"))
+
+
+def _reason(rule: Rule, text: str) -> str:
+    return f"{rule.value}: {text}"
+
+
+def hard_rule_failures(spec: VmSpec) -> list[str]:
+    """Rules no override skips: without them the TPM cannot work at all."""
+    reasons = []
+    if spec.firmware is not Firmware.UEFI:
+        reasons.append(
+            _reason(Rule.FIRMWARE, f"TPM emulation needs UEFI firmware, the VM has {spec.firmware}")
+        )
+    if spec.arch not in TPM_MODEL_BY_ARCH:
+        reasons.append(_reason(Rule.ARCHITECTURE, f"architecture {spec.arch} has no TPM model"))
+    if spec.tpm_version != "2.0":
+        reasons.append(
+            _reason(Rule.TPM_VERSION, f"only TPM 2.0 is emulated, TPM {spec.tpm_version} asked")
+        )
+    if spec.secure_boot and spec.arch in X86:
+        if not is_q35(spec.machine):
+            reasons.append(
+                _reason(Rule.SECURE_BOOT, f"Secure Boot needs a q35 machine, not {spec.machine}")
+            )
+        if not spec.smm:
+            reasons.append(_reason(Rule.SECURE_BOOT, "Secure Boot needs SMM turned on"))
+    return reasons
+
+
+def cluster_problems(cluster: ClusterView) -> list[str]:
+    """Why the cluster cannot run TPM VMs: no live host, or live hosts without swtpm."""
+    if not cluster.hosts:
+        return [_reason(Rule.CLUSTER, f"no live host of cluster {cluster.name} has reported")]
+    without = sorted(host for host, caps in cluster.hosts.items() if caps.swtpm_version is None)
+    if without:
+        return [
+            _reason(
+                Rule.CLUSTER, f"hosts of cluster {cluster.name} without swtpm: {', '.join(without)}"
+            )
+        ]
+    return []
+
+
 def decide_tpm(
     spec: VmSpec,
     *,
-    guest_os_rules: Mapping[str, str],
-    cluster: Mapping[str, HostCapabilities],
-    override: bool,
+    rules: Sequence[GuestOsRule],
+    aliases: Mapping[str, str],
+    cluster: ClusterView,
+    overrides: Overrides,
 ) -> TpmDecision:
-    """Apply the rules to ``spec`` against the hosts of the cluster."""
-    reasons: list[str] = []
+    """Apply every rule to ``spec`` for ``cluster``."""
+    reasons = hard_rule_failures(spec)
     overridden: list[str] = []
-    if spec.firmware is not Firmware.UEFI:
-        reasons.append(f"TPM emulation needs UEFI firmware, the VM has {spec.firmware.value}")
-    model = TPM_MODEL_BY_ARCH.get(spec.arch)
-    if model is None:
-        reasons.append(f"architecture {spec.arch} has no TPM model")
-    if spec.arch in ("x86_64", "i686") and not spec.machine.startswith("q35"):
-        reasons.append(f"machine {spec.machine} cannot do Secure Boot (needs q35 with SMM)")
-    support = guest_os_rules.get(spec.guest_os, "unsupported")
-    if support == "unsupported":
-        reasons.append(f"guest OS {spec.guest_os} is not allowed a TPM")
 
-    capability_problems = []
-    if not cluster:
-        capability_problems.append("no host has reported its capabilities")
-    without_swtpm = sorted(host for host, caps in cluster.items() if caps.swtpm_version is None)
-    if without_swtpm:
-        capability_problems.append(f"hosts without swtpm: {', '.join(without_swtpm)}")
-    if override:
-        overridden.extend(capability_problems)
-    else:
-        reasons.extend(capability_problems)
+    verdict = guest_os_support(spec.guest_os, rules, aliases)
+    if verdict.support is OsTpmSupport.UNSUPPORTED:
+        problem = _reason(Rule.GUEST_OS, f"not allowed a TPM: {verdict.explanation}")
+        (overridden if overrides.guest_os else reasons).append(problem)
 
-    if reasons or model is None:
-        return TpmDecision(reasons=reasons, overridden=overridden)
-    return TpmDecision(overridden=overridden, tpm_xml=tpm_element(model))
+    capability = cluster_problems(cluster)
+    (overridden if overrides.cluster else reasons).extend(capability)
+
+    if reasons:
+        return TpmDecision(reasons=reasons, overridden=overridden, guest_os_support=verdict.support)
+    return TpmDecision(
+        overridden=overridden,
+        tpm_xml=tpm_element(TPM_MODEL_BY_ARCH[spec.arch]),
+        guest_os_support=verdict.support,
+    )

@@ -13,7 +13,10 @@ def domain_xml(
     spec: VmSpec, *, tpm_xml: str, epoch: int, ovmf_code: Path, ovmf_vars_template: Path
 ) -> str:
     """A UEFI domain with the approved TPM. The `<nvram>` names no path: the host agent
-    knows where its NVRAM files live and fills it in."""
+    knows where its NVRAM files live and fills it in. A Secure Boot VM gets a secure loader
+    (the caller passes the Secure Boot firmware and its key-enrolled NVRAM template)."""
+    secure = " secure='yes'" if spec.secure_boot else ""
+    smm = "on" if spec.smm else "off"
     return f"""<domain type='qemu'>
   <name>{spec.name}</name>
   <uuid>{spec.vm_id}</uuid>
@@ -24,10 +27,10 @@ def domain_xml(
   <vcpu>1</vcpu>
   <os>
     <type arch={quoteattr(spec.arch)} machine={quoteattr(spec.machine)}>hvm</type>
-    <loader readonly='yes' type='pflash'>{ovmf_code}</loader>
+    <loader readonly='yes'{secure} type='pflash'>{ovmf_code}</loader>
     <nvram template={quoteattr(str(ovmf_vars_template))}/>
   </os>
-  <features><acpi/><smm state='on'/></features>
+  <features><acpi/><smm state='{smm}'/></features>
   <devices>
     {tpm_xml}
     <serial type='pty'/>

@@ -1,25 +1,45 @@
-"""Policy's records in Redis: registered VMs, placements (epochs) and host heartbeats.
+"""Policy's records of VMs in Redis: the registered spec, the placement (host and epoch),
+the newest persisted versions, the swtpm that last ran the VM, and loss marks.
 
 The placement hash is also what the store's fencing script reads, so raising the epoch here
-is what fences a host the VM has left.
+is what fences a host the VM has left. Every change of a placement is a compare-and-set
+script (see ``lua/``), so concurrent replicas cannot both move a VM.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 
-from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
+from keeper_policy.keys import EPOCH_PENDING, host_vms_key, migration_key
+from keeper_policy.scripts import PolicyScripts
+from keeper_shared.messages.placement import RecoveryPoint
 from keeper_shared.messages.tpm import VmSpec
-from keeper_shared.redis_keys import hosts_key, placement_key, vm_record_key
+from keeper_shared.messages.types import StateKind
+from keeper_shared.redis_keys import placement_key, vm_record_key
 from keeper_shared.redis_results import awaited
 
 
 class UnknownVmError(LookupError):
     """The VM was never registered through ``tpm.enable``."""
+
+
+class PlacementConflictError(RuntimeError):
+    """The placement changed under us (another replica placed or stopped the VM)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a VM runs, as the store's fencing sees it."""
+
+    host: str | None
+    epoch: int
+    placed_at: float | None = None
+    epoch_pending: bool = False
+    """Moved by a migration; the destination has not confirmed the new epoch yet."""
 
 
 @dataclass(frozen=True)
@@ -31,25 +51,51 @@ class VmRecord:
     host: str | None
     epoch: int
     last_persisted_at: float | None
+    versions: dict[StateKind, int] = field(default_factory=dict)
+    swtpm_version: str | None = None
+    """swtpm version of the host the VM was last placed on (its state's writer)."""
+    last_host: str | None = None
+    """The host it was last placed on."""
+    lost_from: str | None = None
+    """Set while the VM's host is declared lost and it was not placed elsewhere yet."""
+    placement: Placement = field(default_factory=lambda: Placement(None, 0))
+
+    def recovery_point(self, at: float) -> RecoveryPoint:
+        """What the VM would restart from, seen at ``at``."""
+        persisted = self.last_persisted_at
+        return RecoveryPoint(
+            vm_id=self.spec.vm_id,
+            epoch=self.epoch,
+            versions=dict(self.versions),
+            last_persisted_at=datetime.fromtimestamp(persisted, UTC) if persisted else None,
+            age_s=max(0.0, at - persisted) if persisted else None,
+        )
 
 
-@dataclass(frozen=True)
-class HostRecord:
-    """A host as its last heartbeat showed it."""
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value else None
 
-    host: str
-    capabilities: HostCapabilities
-    last_seen: float
+
+def parse_placement(raw: dict[bytes, bytes]) -> Placement:
+    """A placement hash as read from Redis."""
+    placed_at = raw.get(b"placed_at")
+    return Placement(
+        host=_text(raw.get(b"host")),
+        epoch=int(raw.get(b"epoch", 0)),
+        placed_at=float(placed_at) if placed_at else None,
+        epoch_pending=raw.get(b"epoch_pending") == b"1",
+    )
 
 
 class PolicyRegistry:
-    """Redis access for policy."""
+    """Redis access for VM records and placements."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, scripts: PolicyScripts) -> None:
         self._redis = redis
+        self._scripts = scripts
 
     async def register_vm(self, spec: VmSpec, tpm_xml: str) -> None:
-        """Record an approved VM (idempotent)."""
+        """Record an approved VM (idempotent; a new approval replaces spec and element)."""
         await awaited(
             self._redis.hset(
                 vm_record_key(spec.vm_id),
@@ -57,59 +103,129 @@ class PolicyRegistry:
             )
         )
 
+    async def placement(self, vm_id: str) -> Placement:
+        """The VM's placement (host None when it runs nowhere)."""
+        return parse_placement(await awaited(self._redis.hgetall(placement_key(vm_id))))
+
     async def vm(self, vm_id: str) -> VmRecord:
         """A registered VM with its placement; UnknownVmError if never registered."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.hgetall(vm_record_key(vm_id))
         pipe.hgetall(placement_key(vm_id))
-        record, placement = await pipe.execute()
+        record, raw_placement = await pipe.execute()
         if not record:
             raise UnknownVmError(f"VM {vm_id} is not registered (enable its TPM first)")
-        host = placement.get(b"host", b"").decode() or None
+        placement = parse_placement(raw_placement)
         persisted = record.get(b"last_persisted_at")
+        versions = {
+            kind: int(record[f"{kind.value}_version".encode()])
+            for kind in StateKind
+            if f"{kind.value}_version".encode() in record
+        }
         return VmRecord(
             spec=VmSpec.model_validate_json(record[b"spec"]),
             tpm_xml=record[b"tpm_xml"].decode(),
-            host=host,
-            epoch=int(placement.get(b"epoch", 0)),
+            host=placement.host,
+            epoch=placement.epoch,
             last_persisted_at=float(persisted) if persisted else None,
+            versions=versions,
+            swtpm_version=_text(record.get(b"swtpm_version")),
+            last_host=_text(record.get(b"last_host")),
+            lost_from=_text(record.get(b"lost_from")),
+            placement=placement,
         )
 
-    async def place(self, vm_id: str, host: str) -> int:
-        """Raise the VM's epoch and set its host, atomically; returns the new epoch."""
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hincrby(placement_key(vm_id), "epoch", 1)
-        pipe.hset(placement_key(vm_id), "host", host)
-        epoch, _ = await pipe.execute()
-        return int(epoch)
-
-    async def unplace(self, vm_id: str) -> None:
-        """The VM runs nowhere: no host may write its state until it is placed again."""
-        await awaited(self._redis.hset(placement_key(vm_id), "host", ""))
-
-    async def note_persisted(self, vm_id: str, at: float) -> None:
-        """Remember when the newest version was persisted (the recovery point)."""
-        await awaited(self._redis.hset(vm_record_key(vm_id), "last_persisted_at", str(at)))
-
-    async def note_heartbeat(self, beat: HostHeartbeat) -> None:
-        """Record a host's heartbeat."""
-        record = {
-            "capabilities": beat.capabilities.model_dump(mode="json"),
-            "last_seen": time.time(),
-        }
-        await awaited(self._redis.hset(hosts_key(), beat.host, json.dumps(record)))
-
-    async def hosts(self) -> list[HostRecord]:
-        """Every host that ever sent a heartbeat."""
-        raw = await awaited(self._redis.hgetall(hosts_key()))
-        records = []
-        for host, value in raw.items():
-            data = json.loads(value)
-            records.append(
-                HostRecord(
-                    host=host.decode(),
-                    capabilities=HostCapabilities.model_validate(data["capabilities"]),
-                    last_seen=float(data["last_seen"]),
-                )
+    async def place(self, vm_id: str, host: str, *, expected_host: str | None) -> int:
+        """Raise the VM's epoch and set its host, if it is still on ``expected_host``;
+        returns the new epoch. PlacementConflictError when it moved meanwhile."""
+        outcome, detail = await self._scripts.place(
+            keys=[placement_key(vm_id)], args=[expected_host or "", host, time.time()]
+        )
+        if outcome != b"placed":
+            raise PlacementConflictError(
+                f"VM {vm_id} is now placed on {detail.decode() or 'no host'}, not "
+                f"{expected_host or 'no host'}"
             )
-        return records
+        await self._index(vm_id, old=expected_host, new=host)
+        return int(detail)
+
+    async def unplace(self, vm_id: str, host: str) -> bool:
+        """The VM runs nowhere, if it was on ``host``: no host may write its state until it
+        is placed again. False when it is placed on another host now."""
+        cleared = bool(await self._scripts.unplace(keys=[placement_key(vm_id)], args=[host]))
+        if cleared:
+            await self._index(vm_id, old=host, new=None)
+        return cleared
+
+    async def migrate_half(
+        self, vm_id: str, role: str, host: str, window_s: float
+    ) -> tuple[str, list[str]]:
+        """Record one half of a migration (see ``lua/migrate.lua``)."""
+        reply = await self._scripts.migrate(
+            keys=[placement_key(vm_id), migration_key(vm_id)],
+            args=[role, host, int(window_s * 1000), time.time()],
+        )
+        outcome, *rest = [part.decode() for part in reply]
+        if outcome == "moved":
+            await self._index(vm_id, old=rest[1], new=rest[2])
+            await awaited(self._redis.sadd(EPOCH_PENDING, vm_id))
+        return outcome, rest
+
+    async def epoch_pending(self) -> set[str]:
+        """VMs whose destination has not confirmed its new epoch (may hold settled ones)."""
+        return {m.decode() for m in await awaited(self._redis.smembers(EPOCH_PENDING))}
+
+    async def confirm_epoch(self, vm_id: str, host: str, epoch: int) -> None:
+        """The host reports the VM under its current epoch: nothing is pending any more
+        (also forgets VMs whose pending epoch was settled otherwise, by a stop or a place)."""
+        placement = await self.placement(vm_id)
+        if placement.epoch_pending and placement.host == host and placement.epoch == epoch:
+            await awaited(self._redis.hdel(placement_key(vm_id), "epoch_pending"))
+            placement = await self.placement(vm_id)
+        if not placement.epoch_pending:
+            await awaited(self._redis.srem(EPOCH_PENDING, vm_id))
+
+    async def _index(self, vm_id: str, *, old: str | None, new: str | None) -> None:
+        # A hint only (the placement hash is the truth), kept per host to find a lost
+        # host's VMs without scanning every placement.
+        pipe = self._redis.pipeline(transaction=False)
+        if old:
+            pipe.srem(host_vms_key(old), vm_id)
+        if new:
+            pipe.sadd(host_vms_key(new), vm_id)
+        await pipe.execute()
+
+    async def vms_on(self, host: str) -> list[str]:
+        """VMs whose placement is ``host`` (index members re-checked against placements)."""
+        members = sorted(
+            m.decode() for m in await awaited(self._redis.smembers(host_vms_key(host)))
+        )
+        placed = []
+        for vm_id in members:
+            if (await self.placement(vm_id)).host == host:
+                placed.append(vm_id)
+        return placed
+
+    async def note_placed(self, vm_id: str, host: str, swtpm_version: str | None) -> None:
+        """The VM started on ``host``: its state is now written by that host's swtpm, and
+        any loss mark is over."""
+        key = vm_record_key(vm_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(key, "last_host", host)
+        if swtpm_version is not None:
+            pipe.hset(key, "swtpm_version", swtpm_version)
+        pipe.hdel(key, "lost_from", "recovery_point")
+        await pipe.execute()
+
+    async def mark_lost(self, vm_id: str, host: str, point: RecoveryPoint) -> None:
+        """Record that the VM's host was declared lost, with its recovery point."""
+        await awaited(
+            self._redis.hset(
+                vm_record_key(vm_id),
+                mapping={"lost_from": host, "recovery_point": point.model_dump_json()},
+            )
+        )
+
+    async def note_persisted(self, vm_id: str, kind: StateKind, version: int, at: float) -> None:
+        """Remember the newest persisted version of ``kind`` and when (the recovery point)."""
+        await self._scripts.persisted(keys=[vm_record_key(vm_id)], args=[kind.value, version, at])

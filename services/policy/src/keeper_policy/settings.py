@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from keeper_policy.guest_os import DEFAULT_GUEST_OS_ALIASES, DEFAULT_GUEST_OS_RULES, GuestOsRule
 from keeper_shared.settings import ServiceSettings
 
 
@@ -26,27 +27,44 @@ class PolicySettings(ServiceSettings):
     host_lost_after_s: float = Field(
         default=30.0, gt=0, description="A host whose last heartbeat is older is lost."
     )
+    liveness_check_interval_s: float = Field(
+        default=2.0, gt=0, description="How often each replica looks for lost hosts."
+    )
+    workflow_lease_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A workflow whose runner stopped renewing its lease for this long is "
+        "resumed by another replica.",
+    )
+    workflow_sweep_interval_s: float = Field(
+        default=2.0, gt=0, description="How often each replica looks for orphaned workflows."
+    )
+    migration_window_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long one half of a migration (source stopped, destination started) "
+        "waits for the other.",
+    )
     ovmf_code: Path = Field(
         default=Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), description="UEFI firmware code."
     )
     ovmf_vars_template: Path = Field(
         default=Path("/usr/share/OVMF/OVMF_VARS_4M.fd"), description="NVRAM template."
     )
-    guest_os_tpm: dict[str, str] = Field(
-        default_factory=lambda: {
-            "windows-11": "required",
-            "windows-2022": "required",
-            "windows-10": "supported",
-            "windows-8.1": "supported",
-            "windows-2012": "supported",
-            "windows-2016": "supported",
-            "windows-2019": "supported",
-            "rhel-7": "supported",
-            "rhel-8": "supported",
-            "rhel-9": "supported",
-            "rhel-10": "supported",
-            "debian-12": "supported",
-            "ubuntu-24.04": "supported",
-        },
-        description="osinfo-style TPM support per guest OS; absent means unsupported.",
+    ovmf_secure_code: Path = Field(
+        default=Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"),
+        description="UEFI firmware code for Secure Boot VMs.",
+    )
+    ovmf_secure_vars_template: Path = Field(
+        default=Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
+        description="NVRAM template with the Microsoft keys enrolled, for Secure Boot VMs.",
+    )
+    guest_os_rules: list[GuestOsRule] = Field(
+        default_factory=lambda: list(DEFAULT_GUEST_OS_RULES),
+        description="osinfo-style TPM support per OS family from a minimum version up; an OS "
+        "no rule covers is unsupported.",
+    )
+    guest_os_aliases: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_GUEST_OS_ALIASES),
+        description="Other spellings of guest OS ids (osinfo short ids) -> `<family>-<version>`.",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_shared.messages.envelope import Payload
-from keeper_shared.messages.types import ContentHash, HostId, VmId
+from keeper_shared.messages.types import HOST_ID_PATTERN, ContentHash, HostId, VmId
 
 
 class HostCapabilities(BaseModel):
@@ -39,3 +39,9 @@ class HostHeartbeat(Payload):
     interval_s: float = Field(gt=0, description="How often this host sends a heartbeat.")
     capabilities: HostCapabilities = Field(description="What it can run.")
     vms: list[VmInventoryEntry] = Field(description="The TPM/UEFI VMs it holds.")
+    cluster: str = Field(
+        default="default",
+        pattern=HOST_ID_PATTERN,
+        description="The cluster the host belongs to (TPM approval checks a cluster's hosts); "
+        "hosts that name none are in `default`.",
+    )

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_shared.messages.envelope import Payload
-from keeper_shared.messages.types import VmId, VmName
+from keeper_shared.messages.types import HOST_ID_PATTERN, VmId, VmName
+
+CLUSTER_PATTERN = HOST_ID_PATTERN
+"""Cluster names follow the host id rules: plain words that are safe in keys and logs."""
+
+DEFAULT_CLUSTER = "default"
+"""The cluster of every host that does not name one."""
 
 
 class Firmware(enum.StrEnum):
@@ -15,6 +22,17 @@ class Firmware(enum.StrEnum):
 
     UEFI = "uefi"
     BIOS = "bios"
+
+
+class OsTpmSupport(enum.StrEnum):
+    """osinfo-style TPM support of a guest OS (oVirt's ``tpmSupport``)."""
+
+    UNSUPPORTED = "unsupported"
+    """The OS may not have a TPM (the default for every OS no rule names)."""
+    SUPPORTED = "supported"
+    """The OS may have a TPM."""
+    REQUIRED = "required"
+    """The OS will not install or run without one (Windows 11, Server 2022)."""
 
 
 class VmSpec(BaseModel):
@@ -28,7 +46,21 @@ class VmSpec(BaseModel):
     machine: str = Field(default="q35", max_length=32, description="Machine type.")
     firmware: Firmware = Field(default=Firmware.UEFI, description="Boot firmware.")
     memory_mib: int = Field(default=256, ge=16, le=4 * 1024 * 1024, description="Guest RAM.")
-    guest_os: str = Field(max_length=64, description="Guest OS id, e.g. `windows-11`, `rhel-9`.")
+    guest_os: str = Field(
+        max_length=64,
+        description="Guest OS id `<family>-<version>` (e.g. `windows-11`, `rhel-9.2`, "
+        "`windows-server-2022`) or an osinfo short id policy knows (`win11`, `win2k22`).",
+    )
+    tpm_version: Literal["1.2", "2.0"] = Field(
+        default="2.0", description="TPM version asked for; only 2.0 is approved."
+    )
+    secure_boot: bool = Field(
+        default=False,
+        description="Boot with UEFI Secure Boot (needs a q35 machine with SMM on x86).",
+    )
+    smm: bool = Field(
+        default=True, description="System Management Mode on; Secure Boot on x86 needs it."
+    )
 
 
 class EnableTpm(Payload):
@@ -37,7 +69,18 @@ class EnableTpm(Payload):
     message_type = "tpm.enable"
 
     spec: VmSpec = Field(description="The VM.")
-    override: bool = Field(default=False, description="Approve despite cluster capability.")
+    cluster: str = Field(
+        default=DEFAULT_CLUSTER,
+        pattern=CLUSTER_PATTERN,
+        description="The cluster the VM will run in; all its live hosts must have swtpm.",
+    )
+    override: bool = Field(
+        default=False,
+        description="Approve although the cluster's hosts do not all report swtpm.",
+    )
+    override_guest_os: bool = Field(
+        default=False, description="Approve although the guest-OS rules do not allow a TPM."
+    )
 
 
 class TpmApproved(Payload):
@@ -47,7 +90,19 @@ class TpmApproved(Payload):
 
     vm_id: VmId = Field(description="The VM.")
     tpm_xml: str = Field(description="The `<tpm>` element for the domain XML.")
-    overridden: list[str] = Field(default_factory=list, description="Rules an override skipped.")
+    overridden: list[str] = Field(
+        default_factory=list, description="Rules an override skipped, each with its reason."
+    )
+    override_requested_by: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Who asked for the override (validated bus user, else the sender); "
+        "None when nothing was overridden.",
+    )
+    guest_os_support: OsTpmSupport = Field(
+        default=OsTpmSupport.SUPPORTED, description="What the guest-OS rules say of this OS."
+    )
+    cluster: str = Field(default=DEFAULT_CLUSTER, description="The cluster it was checked for.")
 
 
 class TpmRejected(Payload):
@@ -56,4 +111,6 @@ class TpmRejected(Payload):
     message_type = "tpm.rejected"
 
     vm_id: VmId = Field(description="The VM.")
-    reasons: list[str] = Field(min_length=1, description="Every rule that failed.")
+    reasons: list[str] = Field(
+        min_length=1, description="Every rule that failed, as `<rule>: <why>`."
+    )

@@ -1,0 +1,81 @@
+"""``tpm.enable``: decide, record the decision as an event, register an approved VM."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from keeper_policy.approval import ClusterView, Overrides, decide_tpm
+from keeper_policy.gateway import Gateway
+from keeper_policy.hosts import HostRegistry
+from keeper_policy.registry import PolicyRegistry
+from keeper_policy.settings import PolicySettings
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.tpm import EnableTpm, TpmApproved, TpmRejected
+
+log = structlog.get_logger(__name__)
+
+
+class Approver:
+    """Carries out ``tpm.enable``."""
+
+    def __init__(
+        self,
+        settings: PolicySettings,
+        registry: PolicyRegistry,
+        hosts: HostRegistry,
+        gateway: Gateway,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._hosts = hosts
+        self._gateway = gateway
+
+    async def enable(self, envelope: Envelope[EnableTpm], user_id: str | None) -> CommandDone:
+        """Approve or reject; an approval registers the VM and names who overrode what."""
+        request = envelope.data
+        now = time.time()
+        live = {
+            host.host: host.capabilities
+            for host in await self._hosts.hosts()
+            if host.cluster == request.cluster and host.alive(now, self._settings.host_lost_after_s)
+        }
+        decision = decide_tpm(
+            request.spec,
+            rules=self._settings.guest_os_rules,
+            aliases=self._settings.guest_os_aliases,
+            cluster=ClusterView(request.cluster, live),
+            overrides=Overrides(cluster=request.override, guest_os=request.override_guest_os),
+        )
+        vm_id = request.spec.vm_id
+        if decision.tpm_xml is None:
+            await self._gateway.publish(TpmRejected(vm_id=vm_id, reasons=decision.reasons), vm_id)
+            log.info("TPM rejected", vm_id=vm_id, reasons=decision.reasons)
+            return CommandDone(ok=False, error="; ".join(decision.reasons))
+        await self._registry.register_vm(request.spec, decision.tpm_xml)
+        # The broker-validated user if there is one: the envelope's source is the sender's
+        # own claim.
+        requested_by = (user_id or envelope.source) if decision.overridden else None
+        await self._gateway.publish(
+            TpmApproved(
+                vm_id=vm_id,
+                tpm_xml=decision.tpm_xml,
+                overridden=decision.overridden,
+                override_requested_by=requested_by,
+                guest_os_support=decision.guest_os_support,
+                cluster=request.cluster,
+            ),
+            vm_id,
+        )
+        log.info(
+            "TPM approved",
+            vm_id=vm_id,
+            overridden=decision.overridden,
+            override_requested_by=requested_by,
+        )
+        detail = {"tpm_xml": decision.tpm_xml, "guest_os_support": decision.guest_os_support}
+        if decision.overridden:
+            detail["overridden"] = "; ".join(decision.overridden)
+        return CommandDone(ok=True, detail=detail)

@@ -1,0 +1,57 @@
+"""Redis keys only policy uses (the shared ones, placement and VM record, are in
+``keeper_shared.redis_keys``). Per-VM keys carry the ``{vm_id}`` hash tag like every VM key,
+so a Lua script may touch a VM's placement, record and workflow together; per-host keys
+carry ``{host:<id>}``."""
+
+from __future__ import annotations
+
+from keeper_shared.redis_keys import PREFIX
+
+WORKFLOWS_INDEX = f"{PREFIX}:policy:workflows"
+"""Sorted set: VM id -> creation time of its workflow. A hint for the sweep, written before
+the workflow and cleared after it, so no workflow exists without an entry."""
+
+HOST_STATUS = f"{PREFIX}:policy:host-status"
+"""Hash: host id -> `alive:<last_seen>` or `lost:<declared_at>:<last_seen>`. One key, so the
+alive -> lost transition is one atomic script with exactly one winner."""
+
+EPOCH_PENDING = f"{PREFIX}:policy:epoch-pending"
+"""Set: VMs moved by a migration whose destination has not confirmed the new epoch yet (so
+a heartbeat is checked against a few VMs, not all it reports)."""
+
+
+def workflow_key(vm_id: str) -> str:
+    """Hash: the VM's workflow in progress (id, kind, step, attempts, host, deadline...)."""
+    return f"{PREFIX}:{{{vm_id}}}:workflow"
+
+
+def workflow_lease_key(vm_id: str) -> str:
+    """String with a TTL: the replica running the VM's workflow (SET NX PX)."""
+    return f"{PREFIX}:{{{vm_id}}}:workflow-lease"
+
+
+def workflow_result_key(vm_id: str) -> str:
+    """String with a TTL: JSON outcome of the VM's last finished workflow, for a replica
+    answering a redelivered request whose workflow another replica finished."""
+    return f"{PREFIX}:{{{vm_id}}}:workflow-result"
+
+
+def migration_key(vm_id: str) -> str:
+    """Hash with a TTL: the halves of a migration seen so far (`left`, `arrived`)."""
+    return f"{PREFIX}:{{{vm_id}}}:migration"
+
+
+def cleanup_lock_key(vm_id: str) -> str:
+    """String with a TTL: one replica at a time tells a host to remove this VM."""
+    return f"{PREFIX}:{{{vm_id}}}:cleanup-lock"
+
+
+def host_vms_key(host: str) -> str:
+    """Set: VMs placed on the host (a hint; each VM's placement hash is the truth)."""
+    return f"{PREFIX}:{{host:{host}}}:vms"
+
+
+def host_cleanup_key(host: str) -> str:
+    """Set: VMs the host must remove, unretrieved, when it next reports them: they were
+    placed on it when it was declared lost, or a stop could not confirm their undefine."""
+    return f"{PREFIX}:{{host:{host}}}:cleanup"

@@ -1,0 +1,226 @@
+"""Placing a VM as a workflow: fence (new epoch on the target host), restore (the store
+puts the state in place there), start, record. A failed restore or start undoes the
+placement so the VM can be placed again at once.
+
+Being a workflow, a placement survives its replica dying: another one resumes it at the
+recorded step, and a repeated request joins it instead of starting a second one. A step
+that may already have happened before the crash (the domain may be running) is first
+checked against the host's own report: a heartbeat newer than the step that lists the VM
+under this placement's epoch means it is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import time
+
+import structlog
+
+from keeper_policy.domain_definition import domain_xml
+from keeper_policy.engine import LeaseLostError, SaveProgress, StepOutcome
+from keeper_policy.gateway import Gateway
+from keeper_policy.hosts import HostRegistry
+from keeper_policy.registry import PlacementConflictError, PolicyRegistry, VmRecord
+from keeper_policy.settings import PolicySettings
+from keeper_policy.workflow_store import WorkflowRecord, WorkflowResult
+from keeper_shared.bus.topology import STATE_STORE
+from keeper_shared.messages.placement import PlaceVm, VmPlaced
+from keeper_shared.messages.state import RestoreState
+from keeper_shared.messages.vm import StartVm
+
+log = structlog.get_logger(__name__)
+
+PLACE = "place"
+"""The workflow kind."""
+
+HEARTBEATS_TO_WAIT = 3
+"""How many heartbeat intervals a resumed step waits for the host's report."""
+
+
+class PlaceStep(enum.StrEnum):
+    """Where a placement is."""
+
+    FENCE = "fence"
+    RESTORE = "restore"
+    START = "start"
+    RECORD = "record"
+    UNDO = "undo"
+    DONE = "done"
+
+
+def new_place(
+    request: PlaceVm,
+    *,
+    expected_host: str | None,
+    swtpm: str | None,
+    overridden: str | None,
+    bound_s: float,
+) -> WorkflowRecord:
+    """A placement of ``request.vm_id`` on ``request.host``, not started yet."""
+    return WorkflowRecord.new(
+        request.vm_id,
+        PLACE,
+        PlaceStep.FENCE.value,
+        request.host,
+        bound_s,
+        request=request.model_dump_json(),
+        expected_host=expected_host or "",
+        swtpm=swtpm or "",
+        version_overridden=overridden or "",
+    )
+
+
+class PlaceRunner:
+    """Steps of the placement workflow."""
+
+    def __init__(
+        self,
+        settings: PolicySettings,
+        gateway: Gateway,
+        registry: PolicyRegistry,
+        hosts: HostRegistry,
+    ) -> None:
+        self._settings = settings
+        self._gateway = gateway
+        self._registry = registry
+        self._hosts = hosts
+
+    async def step(self, record: WorkflowRecord, save: SaveProgress) -> StepOutcome:
+        """Run the current step; return the record advanced to the next one."""
+        step = PlaceStep(record.step)
+        if step is PlaceStep.DONE:
+            return StepOutcome(record, self._result(record))
+        if step is PlaceStep.FENCE:
+            return StepOutcome(await self._fence(record))
+        if step is PlaceStep.RECORD:
+            return StepOutcome(await self._record(record))
+        if step is PlaceStep.UNDO:
+            await self._registry.unplace(record.vm_id, record.host)
+            # The start may yet happen (a slow host): it removes the domain when it reports it.
+            await self._hosts.add_cleanup(record.host, [record.vm_id])
+            return StepOutcome(record.advanced(step=PlaceStep.DONE.value))
+        # RESTORE and START may have happened before a crash: ask the host first.
+        epoch = int(record.data["epoch"])
+        if record.attempts > 0 and await self._running_there(record, epoch):
+            return StepOutcome(record.advanced(step=PlaceStep.RECORD.value, attempts=0))
+        began = time.time()
+        progress = record.advanced(attempts=record.attempts + 1, data={"step_began": repr(began)})
+        if not await save(progress):
+            raise LeaseLostError(record.vm_id)
+        if step is PlaceStep.RESTORE:
+            return StepOutcome(await self._restore(progress, epoch))
+        return StepOutcome(await self._start(progress, epoch))
+
+    async def _fence(self, record: WorkflowRecord) -> WorkflowRecord:
+        expected = record.data["expected_host"] or None
+        try:
+            epoch = await self._registry.place(record.vm_id, record.host, expected_host=expected)
+        except PlacementConflictError as error:
+            placement = await self._registry.placement(record.vm_id)
+            if placement.host != record.host:
+                return record.advanced(step=PlaceStep.DONE.value, data={"error": str(error)})
+            epoch = placement.epoch  # fenced before a crash: carry on under that epoch
+        if expected is not None:
+            log.warning(
+                "VM taken from a lost host", vm_id=record.vm_id, lost_host=expected, epoch=epoch
+            )
+        return record.advanced(step=PlaceStep.RESTORE.value, attempts=0, data={"epoch": str(epoch)})
+
+    async def _restore(self, record: WorkflowRecord, epoch: int) -> WorkflowRecord:
+        request = PlaceVm.model_validate_json(record.data["request"])
+        vm = await self._registry.vm(record.vm_id)
+        restore = await self._gateway.call(
+            STATE_STORE,
+            RestoreState(
+                vm_id=record.vm_id,
+                name=vm.spec.name,
+                host=record.host,
+                epoch=epoch,
+                versions=request.versions,
+                snapshot_id=request.snapshot_id,
+                allow_older=request.allow_older,
+            ),
+            record.vm_id,
+            self._settings.host_command_timeout_s,
+        )
+        if not restore.ok:
+            error = f"prepare on {record.host} failed: {restore.error}"
+            return record.advanced(step=PlaceStep.UNDO.value, data={"error": error})
+        return record.advanced(
+            step=PlaceStep.START.value, attempts=0, data={"restored": json.dumps(restore.detail)}
+        )
+
+    async def _start(self, record: WorkflowRecord, epoch: int) -> WorkflowRecord:
+        vm = await self._registry.vm(record.vm_id)
+        started = await self._gateway.host(
+            record.host,
+            StartVm(vm_id=record.vm_id, epoch=epoch, domain_xml=self._domain_xml(vm, epoch)),
+            record.vm_id,
+        )
+        # A start repeated after a crash is refused by a host that already runs the domain,
+        # and a start that timed out may yet have happened: the host's report decides.
+        unsure = record.attempts > 1 or started.detail.get("timeout") == "true"
+        if started.ok or (unsure and await self._running_there(record, epoch)):
+            return record.advanced(step=PlaceStep.RECORD.value, attempts=0)
+        error = f"start on {record.host} failed: {started.error}"
+        return record.advanced(step=PlaceStep.UNDO.value, data={"error": error})
+
+    async def _record(self, record: WorkflowRecord) -> WorkflowRecord:
+        epoch = int(record.data["epoch"])
+        swtpm = record.data["swtpm"] or None
+        overridden = record.data["version_overridden"] or None
+        await self._registry.note_placed(record.vm_id, record.host, swtpm)
+        await self._gateway.publish(
+            VmPlaced(
+                vm_id=record.vm_id,
+                host=record.host,
+                epoch=epoch,
+                swtpm_version=swtpm,
+                version_overridden=overridden,
+            ),
+            record.vm_id,
+        )
+        log.info(
+            "VM placed", vm_id=record.vm_id, host=record.host, epoch=epoch, overridden=overridden
+        )
+        return record.advanced(step=PlaceStep.DONE.value)
+
+    def _result(self, record: WorkflowRecord) -> WorkflowResult:
+        error = record.data.get("error")
+        if error:
+            return WorkflowResult(ok=False, error=error)
+        detail = {"epoch": record.data["epoch"], **json.loads(record.data.get("restored", "{}"))}
+        if record.data["version_overridden"]:
+            detail["version_overridden"] = record.data["version_overridden"]
+        return WorkflowResult(ok=True, detail=detail)
+
+    async def _running_there(self, record: WorkflowRecord, epoch: int) -> bool:
+        """Whether the host reports the VM under ``epoch`` in a heartbeat sent after the
+        current step began (waits a few heartbeat intervals for one)."""
+        since = float(record.data.get("step_began", "0"))
+        waited_from = time.monotonic()
+        while True:
+            host = await self._hosts.host(record.host)
+            if host is None or host.lost_at is not None:
+                return False
+            if host.last_seen > since:
+                return host.inventory.get(record.vm_id) == epoch
+            if time.monotonic() - waited_from > HEARTBEATS_TO_WAIT * host.interval_s:
+                return False
+            await asyncio.sleep(min(0.2, host.interval_s / 4))
+
+    def _domain_xml(self, vm: VmRecord, epoch: int) -> str:
+        secure = vm.spec.secure_boot
+        return domain_xml(
+            vm.spec,
+            tpm_xml=vm.tpm_xml,
+            epoch=epoch,
+            ovmf_code=self._settings.ovmf_secure_code if secure else self._settings.ovmf_code,
+            ovmf_vars_template=(
+                self._settings.ovmf_secure_vars_template
+                if secure
+                else self._settings.ovmf_vars_template
+            ),
+        )

@@ -1,0 +1,78 @@
+"""Whether a VM may be placed on a host. Pure: no I/O.
+
+A VM goes only to a live host with swtpm, and not to one whose swtpm is older than the one
+that last ran it: swtpm's state format only moves forward, so an older swtpm may fail to
+read (or silently misread) newer state. An explicit override lets it through and is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keeper_policy.hosts import HostRecord
+from keeper_policy.versions import VersionError, parse_version
+
+
+@dataclass(frozen=True)
+class PlacementCheck:
+    """The verdict: refused with a reason, or allowed (maybe only thanks to an override)."""
+
+    refusal: str | None = None
+    overridden: str | None = None
+
+
+def check_target(
+    target: HostRecord | None, host_id: str, *, now: float, lost_after_s: float
+) -> str | None:
+    """Why ``host_id`` cannot take a VM now, or None when it can."""
+    if target is None:
+        return f"host {host_id} has never sent a heartbeat"
+    if target.lost_at is not None:
+        return f"host {host_id} is declared lost (silent for {now - target.last_seen:.0f} s)"
+    if now - target.last_seen > lost_after_s:
+        return f"host {host_id} has sent no heartbeat for {now - target.last_seen:.0f} s"
+    if target.capabilities.swtpm_version is None:
+        return f"host {host_id} has no swtpm"
+    return None
+
+
+def check_swtpm_version(
+    *,
+    host_id: str,
+    host_swtpm: str,
+    last_swtpm: str | None,
+    last_host: str | None,
+    override: bool,
+) -> PlacementCheck:
+    """Refuse a host whose swtpm is older than the one that last ran the VM."""
+    if last_swtpm is None:
+        return PlacementCheck()  # never ran: any swtpm manufactures its TPM
+    try:
+        older = parse_version(host_swtpm) < parse_version(last_swtpm)
+        problem = (
+            f"host {host_id} runs swtpm {host_swtpm}, older than swtpm {last_swtpm} that last "
+            f"wrote this VM's state (on {last_host or 'an unknown host'})"
+        )
+    except VersionError:
+        older = True
+        problem = (
+            f"cannot compare host {host_id}'s swtpm {host_swtpm!r} with swtpm {last_swtpm!r} "
+            "that last wrote this VM's state"
+        )
+    if not older:
+        return PlacementCheck()
+    if override:
+        return PlacementCheck(overridden=problem)
+    return PlacementCheck(refusal=f"{problem}; place with override_version to allow it")
+
+
+def check_current_placement(
+    current_host: str | None, current: HostRecord | None, target_host: str
+) -> str | None:
+    """Why the VM cannot move from where it is placed now, or None. A VM on a lost host may
+    be placed elsewhere: the new epoch fences the lost host."""
+    if current_host is None or current_host == target_host:
+        return None
+    if current is not None and current.lost_at is not None:
+        return None
+    return f"VM is placed on {current_host}; stop it there first"

@@ -1,0 +1,109 @@
+"""``vm.place``: the checks that decide whether a VM may go to a host, then the placement
+workflow (place_workflow) that fences, restores, starts and records.
+
+A request for a placement already in progress joins it (a redelivery after a replica died,
+or a client retrying), so a VM is never placed twice at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from keeper_policy.engine import WorkflowEngine
+from keeper_policy.hosts import HostRegistry
+from keeper_policy.place_workflow import PLACE, new_place
+from keeper_policy.placement_rules import (
+    check_current_placement,
+    check_swtpm_version,
+    check_target,
+)
+from keeper_policy.registry import PolicyRegistry, UnknownVmError
+from keeper_policy.settings import PolicySettings
+from keeper_policy.workflow_store import WorkflowRecord, WorkflowStore
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.placement import PlaceVm
+
+log = structlog.get_logger(__name__)
+
+
+class Placer:
+    """Carries out ``vm.place``."""
+
+    def __init__(
+        self,
+        settings: PolicySettings,
+        registry: PolicyRegistry,
+        hosts: HostRegistry,
+        workflows: WorkflowStore,
+        engine: WorkflowEngine,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._hosts = hosts
+        self._workflows = workflows
+        self._engine = engine
+
+    def bound_s(self) -> float:
+        """How long a placement may take: restore and start at their bounds, a few
+        heartbeats to confirm a start, and slack for the writes in between."""
+        return 3 * self._settings.host_command_timeout_s + 30.0
+
+    async def place(self, request: PlaceVm) -> CommandDone:
+        """Check, then run (or join) the placement workflow; a refusal says why."""
+        vm_id, host = request.vm_id, request.host
+        running = await self._workflows.load(vm_id)
+        if running is not None:
+            if running.kind == PLACE and running.host == host:
+                log.info("joining the placement in progress", vm_id=vm_id, step=running.step)
+                return await self._finish(running)
+            return CommandDone(
+                ok=False, error=f"a {running.kind} of this VM is in progress on {running.host}"
+            )
+        try:
+            vm = await self._registry.vm(vm_id)
+        except UnknownVmError as error:
+            return CommandDone(ok=False, error=str(error))
+        now = time.time()
+        target = await self._hosts.host(host)
+        refusal = check_target(target, host, now=now, lost_after_s=self._settings.host_lost_after_s)
+        if vm.host == host and refusal is None:
+            # A repeated request: the VM already runs there (invariant 8).
+            return CommandDone(ok=True, detail={"epoch": str(vm.epoch), "note": "already placed"})
+        current = await self._hosts.host(vm.host) if vm.host else None
+        refusal = refusal or check_current_placement(vm.host, current, host)
+        if refusal is not None or target is None:
+            log.info("placement refused", vm_id=vm_id, host=host, reason=refusal)
+            return CommandDone(ok=False, error=refusal)
+        version = check_swtpm_version(
+            host_id=host,
+            host_swtpm=target.capabilities.swtpm_version or "",
+            last_swtpm=vm.swtpm_version,
+            last_host=vm.last_host,
+            override=request.override_version,
+        )
+        if version.refusal is not None:
+            log.info("placement refused", vm_id=vm_id, host=host, reason=version.refusal)
+            return CommandDone(ok=False, error=version.refusal)
+        record, created = await self._engine.start(
+            new_place(
+                request,
+                expected_host=vm.host,
+                swtpm=target.capabilities.swtpm_version,
+                overridden=version.overridden,
+                bound_s=self.bound_s(),
+            )
+        )
+        if not created and (record.kind != PLACE or record.host != host):
+            return CommandDone(
+                ok=False, error=f"a {record.kind} of this VM is in progress on {record.host}"
+            )
+        return await self._finish(record)
+
+    async def _finish(self, record: WorkflowRecord) -> CommandDone:
+        timeout = max(1.0, record.deadline - time.time()) + 2 * self._settings.workflow_lease_s
+        result = await self._engine.run_to_end(record, timeout)
+        if result is None:
+            return CommandDone(ok=False, error="the placement is still in progress; ask again")
+        return CommandDone(ok=result.ok, error=result.error, detail=result.detail)

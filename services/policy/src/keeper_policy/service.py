@@ -1,0 +1,214 @@
+"""The handlers of one policy replica: each message type to the part that decides it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+from keeper_policy.approving import Approver
+from keeper_policy.engine import WorkflowEngine
+from keeper_policy.gateway import Gateway
+from keeper_policy.hosts import HostRegistry
+from keeper_policy.liveness import HostLiveness
+from keeper_policy.migration import MigrationTracker
+from keeper_policy.placing import Placer
+from keeper_policy.registry import PolicyRegistry, UnknownVmError
+from keeper_policy.settings import PolicySettings
+from keeper_policy.snapshots import Snapshotter
+from keeper_policy.stop_plan import StopBounds
+from keeper_policy.stop_workflow import STOP, new_stop
+from keeper_shared.bus.client import Delivery, Route
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.host import HostHeartbeat
+from keeper_shared.messages.placement import PlaceVm, StopMode, StopTrigger, StopVm
+from keeper_shared.messages.state import StatePersisted
+from keeper_shared.messages.tpm import EnableTpm
+from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped
+from keeper_shared.messages.vm_snapshot import SnapshotVm
+
+log = structlog.get_logger(__name__)
+
+EVENT_TRIGGERS = {
+    StopReason.SHUTDOWN: StopTrigger.GUEST_SHUTDOWN,
+    StopReason.CRASHED: StopTrigger.CRASHED,
+    StopReason.DESTROYED: StopTrigger.DESTROYED,
+}
+"""Stops a host reports without a ``vm.stop``, after which policy retrieves and undefines.
+`saved` (managed save) and `from_snapshot` keep the VM on its host; `migrated` moves it."""
+
+
+class PolicyService:
+    """Handlers of one policy replica, and its background tasks."""
+
+    def __init__(
+        self,
+        settings: PolicySettings,
+        *,
+        registry: PolicyRegistry,
+        hosts: HostRegistry,
+        engine: WorkflowEngine,
+        gateway: Gateway,
+        approver: Approver,
+        placer: Placer,
+        liveness: HostLiveness,
+        migrations: MigrationTracker,
+        snapshots: Snapshotter,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._hosts = hosts
+        self._engine = engine
+        self._gateway = gateway
+        self._approver = approver
+        self._placer = placer
+        self._liveness = liveness
+        self._migrations = migrations
+        self._snapshots = snapshots
+        self._bounds = StopBounds(
+            retrieve_attempts=settings.retrieve_attempts,
+            retrieve_timeout_s=settings.retrieve_timeout_s,
+            host_command_timeout_s=settings.host_command_timeout_s,
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def event_routes(self) -> list[Route]:
+        """Routes of the policy events queue."""
+        return [
+            Route(HostHeartbeat, self.on_heartbeat),
+            Route(StatePersisted, self.on_persisted),
+            Route(VmStopped, self.on_vm_stopped),
+            Route(VmStarted, self.on_vm_started),
+        ]
+
+    def command_routes(self) -> list[Route]:
+        """Routes of the policy commands queue."""
+        return [
+            Route(EnableTpm, self.on_enable_tpm),
+            Route(PlaceVm, self.on_place),
+            Route(StopVm, self.on_stop),
+            Route(SnapshotVm, self.on_snapshot),
+        ]
+
+    def start_background(self) -> None:
+        """Loss detection and the workflow sweep, until :meth:`close`."""
+        self._spawn(self._liveness.check_forever())
+        self._spawn(self._engine.sweep_forever())
+
+    async def close(self) -> None:
+        """Stop background work; workflows in progress are left to another replica."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._engine.close()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    async def on_enable_tpm(self, envelope: Envelope[EnableTpm], delivery: Delivery) -> CommandDone:
+        """Approve or reject a TPM; an approval registers the VM."""
+        return await self._approver.enable(envelope, delivery.user_id)
+
+    async def on_place(self, envelope: Envelope[PlaceVm], delivery: Delivery) -> CommandDone:
+        """New epoch, state put in place on the host by the store, then start."""
+        return await self._placer.place(envelope.data)
+
+    async def on_stop(self, envelope: Envelope[StopVm], delivery: Delivery) -> CommandDone:
+        """Stop a VM keeping its final state; a stop already running (from this request's
+        first delivery, or from the host's report) is joined, not repeated."""
+        request = envelope.data
+        record = await self._engine.current(request.vm_id)
+        if record is None:
+            try:
+                vm = await self._registry.vm(request.vm_id)
+            except UnknownVmError as error:
+                return CommandDone(ok=False, error=str(error))
+            if vm.host is None:
+                return CommandDone(ok=True, detail={"note": "VM is not running anywhere"})
+            shutdown = request.mode is StopMode.SHUTDOWN
+            trigger = StopTrigger.SHUTDOWN if shutdown else StopTrigger.POWEROFF
+            record, created = await self._engine.start(
+                new_stop(request.vm_id, vm.host, trigger, self._bounds)
+            )
+        else:
+            created = False
+        if record.kind != STOP:
+            return CommandDone(ok=False, error=f"a {record.kind} of this VM is in progress")
+        if not created:
+            log.info(
+                "joining the stop in progress",
+                vm_id=request.vm_id,
+                step=record.step,
+                trigger=record.data.get("trigger"),
+            )
+        # Waits a little past the workflow's own bound: it ends by then, here or elsewhere.
+        timeout = max(1.0, record.deadline - time.time()) + 2 * self._settings.workflow_lease_s
+        result = await self._engine.run_to_end(record, timeout)
+        if result is None:
+            return CommandDone(ok=False, error="the stop is still in progress; ask again")
+        return CommandDone(ok=result.ok, error=result.error, detail=result.detail)
+
+    async def on_snapshot(self, envelope: Envelope[SnapshotVm], delivery: Delivery) -> CommandDone:
+        """Snapshot a VM: a pin of its stored state, or (with memory) pause, retrieve, pin,
+        libvirt snapshot, resume."""
+        return await self._snapshots.snapshot(envelope.data)
+
+    async def on_vm_stopped(self, envelope: Envelope[VmStopped], delivery: Delivery) -> None:
+        """A domain stopped without a ``vm.stop`` (the guest shut down, it crashed, someone
+        destroyed it): retrieve its final state before the domain goes. A migration moves
+        the placement instead."""
+        event = envelope.data
+        if event.reason is StopReason.MIGRATED:
+            await self._migrations.source_left(event)
+            return
+        trigger = EVENT_TRIGGERS.get(event.reason)
+        if trigger is None:
+            return
+        placement = await self._registry.placement(event.vm_id)
+        if placement.host != event.host:
+            return  # not placed there (fenced, or a stop already unplaced it): not ours
+        if placement.placed_at is not None and envelope.time.timestamp() < placement.placed_at:
+            return  # a late report about an earlier run of the VM on this host
+        _, created = await self._engine.start(
+            new_stop(event.vm_id, event.host, trigger, self._bounds)
+        )
+        if created:
+            log.info(
+                "VM stopped on its own; retrieving before undefine",
+                vm_id=event.vm_id,
+                host=event.host,
+                trigger=trigger.value,
+            )
+            self._engine.spawn(event.vm_id)
+
+    async def on_vm_started(self, envelope: Envelope[VmStarted], delivery: Delivery) -> None:
+        """A domain started: on a host other than its placement, a migration's destination."""
+        await self._migrations.maybe_arrived(envelope.data)
+
+    async def on_heartbeat(self, envelope: Envelope[HostHeartbeat], delivery: Delivery) -> None:
+        """Remember the host as alive; a returning host cleans up; pending epochs settle."""
+        beat = envelope.data
+        outcome = await self._hosts.note_heartbeat(beat, time.time())
+        await self._liveness.on_heartbeat(beat, outcome.lost_at if outcome.returned else None)
+        await self._migrations.on_heartbeat(beat)
+
+    async def on_persisted(self, envelope: Envelope[StatePersisted], delivery: Delivery) -> None:
+        """Track the recovery point of each VM."""
+        event = envelope.data
+        await self._registry.note_persisted(
+            event.vm_id, event.kind, event.version, envelope.time.timestamp()
+        )

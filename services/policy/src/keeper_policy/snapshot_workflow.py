@@ -1,0 +1,172 @@
+"""A snapshot with memory as a workflow: pause the VM, retrieve its TPM and NVRAM state
+while it is frozen, pin that state in the store under the snapshot's name, take the libvirt
+snapshot (memory included), resume.
+
+While the guest is paused nothing runs that could use the TPM, so the state retrieved, and
+the version pinned, is exactly the state at the pause: the one the memory image expects
+(oVirt disabled memory snapshots of TPM VMs because it could not promise this). Every
+failure still resumes the VM; the resume is retried within the attempt bound, and a replica
+resuming the workflow after a crash repeats steps that are all idempotent.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+
+import structlog
+
+from keeper_policy.engine import LeaseLostError, SaveProgress, StepOutcome
+from keeper_policy.gateway import Gateway
+from keeper_policy.stop_plan import StopBounds, may_retrieve
+from keeper_policy.workflow_store import WorkflowRecord, WorkflowResult
+from keeper_shared.bus.topology import STATE_STORE
+from keeper_shared.messages.snapshot import CreateSnapshot
+from keeper_shared.messages.types import StateKind
+from keeper_shared.messages.vm_control import ResumeVm, SnapshotDomain, SuspendVm
+from keeper_shared.messages.vm_snapshot import SnapshotMode, VmSnapshotted
+
+log = structlog.get_logger(__name__)
+
+SNAPSHOT = "snapshot"
+"""The workflow kind."""
+
+
+class SnapshotStep(enum.StrEnum):
+    """Where a snapshot with memory is."""
+
+    SUSPEND = "suspend"
+    RETRIEVE = "retrieve"
+    PIN = "pin"
+    DOMAIN_SNAPSHOT = "domain-snapshot"
+    RESUME = "resume"
+    DONE = "done"
+
+
+def new_memory_snapshot(
+    vm_id: str, host: str, snapshot_id: str, bounds: StopBounds
+) -> WorkflowRecord:
+    """A snapshot with memory of the VM on ``host``, not started yet."""
+    bound = (
+        bounds.retrieve_attempts * (bounds.retrieve_timeout_s + bounds.host_command_timeout_s)
+        + 3 * bounds.host_command_timeout_s
+    ) * 1.2 + 5.0
+    return WorkflowRecord.new(
+        vm_id, SNAPSHOT, SnapshotStep.SUSPEND.value, host, bound, snapshot_id=snapshot_id
+    )
+
+
+class SnapshotRunner:
+    """Steps of the snapshot-with-memory workflow."""
+
+    def __init__(self, gateway: Gateway, bounds: StopBounds) -> None:
+        self._gateway = gateway
+        self._bounds = bounds
+
+    async def step(self, record: WorkflowRecord, save: SaveProgress) -> StepOutcome:
+        """Run the current step; return the record advanced to the next one."""
+        step = SnapshotStep(record.step)
+        vm_id, host = record.vm_id, record.host
+        snapshot_id = record.data["snapshot_id"]
+        if step is SnapshotStep.DONE:
+            return StepOutcome(record, await self._finish(record))
+        if step is SnapshotStep.RESUME:
+            return StepOutcome(await self._resume(record, save))
+        if step is SnapshotStep.RETRIEVE:
+            return StepOutcome(await self._retrieve(record, save))
+        if step is SnapshotStep.SUSPEND:
+            done = await self._gateway.host(host, SuspendVm(vm_id=vm_id), vm_id)
+            following = SnapshotStep.RETRIEVE
+            error = f"pause failed: {done.error}"
+        elif step is SnapshotStep.PIN:
+            done = await self._gateway.call(
+                STATE_STORE,
+                CreateSnapshot(vm_id=vm_id, snapshot_id=snapshot_id),
+                vm_id,
+                self._gateway.host_timeout_s,
+            )
+            following = SnapshotStep.DOMAIN_SNAPSHOT
+            error = f"pinning the state failed: {done.error}"
+            if done.ok:
+                versions = {k: v for k, v in done.detail.items() if k in set(StateKind)}
+                record = record.advanced(data={"versions": json.dumps(versions)})
+        else:
+            versions = json.loads(record.data.get("versions", "{}"))
+            pinned = ", ".join(f"{kind} v{version}" for kind, version in sorted(versions.items()))
+            done = await self._gateway.host(
+                host,
+                SnapshotDomain(
+                    vm_id=vm_id,
+                    snapshot_id=snapshot_id,
+                    description=f"vTPM Keeper: TPM/NVRAM pinned as {snapshot_id} ({pinned})",
+                ),
+                vm_id,
+            )
+            following = SnapshotStep.RESUME
+            error = f"the libvirt snapshot failed (TPM/NVRAM stay pinned): {done.error}"
+        if done.ok:
+            return StepOutcome(record.advanced(step=following.value, attempts=0))
+        log.warning(
+            "snapshot step failed; resuming the VM", vm_id=vm_id, step=step.value, reason=done.error
+        )
+        return StepOutcome(
+            record.advanced(step=SnapshotStep.RESUME.value, attempts=0, data={"error": error})
+        )
+
+    async def _retrieve(self, record: WorkflowRecord, save: SaveProgress) -> WorkflowRecord:
+        attempts = record.attempts
+        if may_retrieve(attempts, self._bounds, out_of_time=time.time() > record.deadline):
+            attempts += 1
+            if not await save(record.advanced(attempts=attempts)):
+                raise LeaseLostError(record.vm_id)
+            result = await self._gateway.retrieve(record.vm_id, record.host)
+            if result.ok:
+                log.info("state retrieved while paused", vm_id=record.vm_id, versions=result.detail)
+                return record.advanced(step=SnapshotStep.PIN.value, attempts=0)
+        if may_retrieve(attempts, self._bounds, out_of_time=time.time() > record.deadline):
+            return record.advanced(attempts=attempts)  # try again
+        error = "the state could not be retrieved while the VM was paused; no snapshot taken"
+        return record.advanced(step=SnapshotStep.RESUME.value, attempts=0, data={"error": error})
+
+    async def _resume(self, record: WorkflowRecord, save: SaveProgress) -> WorkflowRecord:
+        attempts = record.attempts + 1
+        if not await save(record.advanced(attempts=attempts)):
+            raise LeaseLostError(record.vm_id)
+        done = await self._gateway.host(record.host, ResumeVm(vm_id=record.vm_id), record.vm_id)
+        if done.ok:
+            return record.advanced(step=SnapshotStep.DONE.value, attempts=attempts)
+        if attempts < self._bounds.retrieve_attempts:
+            return record.advanced(attempts=attempts)
+        log.error(
+            "VM left paused: resume failed", vm_id=record.vm_id, host=record.host, reason=done.error
+        )
+        problem = f"the VM could not be resumed and is paused on {record.host}: {done.error}"
+        earlier = record.data.get("error")
+        return record.advanced(
+            step=SnapshotStep.DONE.value,
+            data={"error": f"{earlier}; {problem}" if earlier else problem},
+        )
+
+    async def _finish(self, record: WorkflowRecord) -> WorkflowResult:
+        error = record.data.get("error")
+        if error:
+            return WorkflowResult(ok=False, error=error)
+        versions = {StateKind(k): int(v) for k, v in json.loads(record.data["versions"]).items()}
+        await self._gateway.publish(
+            VmSnapshotted(
+                vm_id=record.vm_id,
+                snapshot_id=record.data["snapshot_id"],
+                mode=SnapshotMode.MEMORY,
+                versions=versions,
+                host=record.host,
+            ),
+            record.vm_id,
+        )
+        return WorkflowResult(
+            ok=True,
+            detail={
+                "mode": SnapshotMode.MEMORY.value,
+                **{kind.value: str(version) for kind, version in versions.items()},
+            },
+        )

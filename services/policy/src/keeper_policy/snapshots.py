@@ -1,0 +1,97 @@
+"""``vm.snapshot``: offline and live-without-memory snapshots are a pin of the stored
+state in the store; a snapshot with memory of a running VM is the snapshot workflow."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from keeper_policy.engine import WorkflowEngine
+from keeper_policy.gateway import Gateway
+from keeper_policy.registry import PolicyRegistry, UnknownVmError
+from keeper_policy.snapshot_workflow import SNAPSHOT, new_memory_snapshot
+from keeper_policy.stop_plan import StopBounds
+from keeper_shared.bus.topology import STATE_STORE
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.snapshot import CreateSnapshot
+from keeper_shared.messages.types import StateKind
+from keeper_shared.messages.vm_snapshot import SnapshotMode, SnapshotVm, VmSnapshotted
+
+log = structlog.get_logger(__name__)
+
+
+class Snapshotter:
+    """Carries out ``vm.snapshot``."""
+
+    def __init__(
+        self,
+        registry: PolicyRegistry,
+        engine: WorkflowEngine,
+        gateway: Gateway,
+        bounds: StopBounds,
+        lease_s: float,
+    ) -> None:
+        self._registry = registry
+        self._engine = engine
+        self._gateway = gateway
+        self._bounds = bounds
+        self._lease_s = lease_s
+
+    async def snapshot(self, request: SnapshotVm) -> CommandDone:
+        """Pin (offline, live) or run the memory workflow; a refusal says why."""
+        vm_id = request.vm_id
+        running = await self._engine.current(vm_id)
+        if running is not None and not (
+            running.kind == SNAPSHOT and running.data.get("snapshot_id") == request.snapshot_id
+        ):
+            return CommandDone(ok=False, error=f"a {running.kind} of this VM is in progress")
+        try:
+            vm = await self._registry.vm(vm_id)
+        except UnknownVmError as error:
+            return CommandDone(ok=False, error=str(error))
+        if running is None and (vm.host is None or not request.memory):
+            return await self._pin(request, vm.host, vm.last_persisted_at)
+        record = running
+        if record is None:
+            assert vm.host is not None
+            record, _ = await self._engine.start(
+                new_memory_snapshot(vm_id, vm.host, request.snapshot_id, self._bounds)
+            )
+        timeout = max(1.0, record.deadline - time.time()) + 2 * self._lease_s
+        result = await self._engine.run_to_end(record, timeout)
+        if result is None:
+            return CommandDone(ok=False, error="the snapshot is still in progress; ask again")
+        return CommandDone(ok=result.ok, error=result.error, detail=result.detail)
+
+    async def _pin(
+        self, request: SnapshotVm, host: str | None, persisted_at: float | None
+    ) -> CommandDone:
+        mode = SnapshotMode.OFFLINE if host is None else SnapshotMode.LIVE
+        pinned = await self._gateway.call(
+            STATE_STORE,
+            CreateSnapshot(vm_id=request.vm_id, snapshot_id=request.snapshot_id),
+            request.vm_id,
+            self._gateway.host_timeout_s,
+        )
+        if not pinned.ok:
+            return pinned
+        versions = {StateKind(k): int(v) for k, v in pinned.detail.items() if k in set(StateKind)}
+        # A live snapshot takes what was persisted; say how far it may trail the running TPM.
+        age = time.time() - persisted_at if mode is SnapshotMode.LIVE and persisted_at else None
+        await self._gateway.publish(
+            VmSnapshotted(
+                vm_id=request.vm_id,
+                snapshot_id=request.snapshot_id,
+                mode=mode,
+                versions=versions,
+                persisted_age_s=age,
+                host=host,
+            ),
+            request.vm_id,
+        )
+        log.info("snapshot pinned", vm_id=request.vm_id, mode=mode.value, persisted_age_s=age)
+        detail = {"mode": mode.value, **{k.value: str(v) for k, v in versions.items()}}
+        if age is not None:
+            detail["persisted_age_s"] = f"{age:.3f}"
+        return CommandDone(ok=True, detail=detail)

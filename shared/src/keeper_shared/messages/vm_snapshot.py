@@ -1,0 +1,59 @@
+"""Snapshots of a VM as policy takes them: offline (the stored state), live without memory
+(the newest persisted state, with its age), and with memory (paused, state retrieved while
+frozen, libvirt snapshot, resumed: TPM and RAM agree)."""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import Field
+
+from keeper_shared.messages.envelope import Payload
+from keeper_shared.messages.snapshot import SnapshotId
+from keeper_shared.messages.types import HostId, StateKind, VmId
+
+
+class SnapshotMode(enum.StrEnum):
+    """What a snapshot holds."""
+
+    OFFLINE = "offline"
+    """The VM runs nowhere: its stored state is its whole state."""
+    LIVE = "live"
+    """Running, no memory: the newest persisted state, which may trail the running TPM."""
+    MEMORY = "memory"
+    """Running, with memory: paused while its state is retrieved, so TPM and RAM agree."""
+
+
+class SnapshotVm(Payload):
+    """Command to policy: snapshot this VM. Restoring is a ``vm.place`` with the
+    ``snapshot_id`` (and ``allow_older``), which restores the pinned TPM and NVRAM.
+
+    Replied with ``CommandDone``: detail ``mode``, the pinned version per kind, and for a
+    live snapshot ``persisted_age_s``."""
+
+    message_type = "vm.snapshot"
+
+    vm_id: VmId = Field(description="The VM.")
+    snapshot_id: SnapshotId = Field(description="Name of the snapshot, unique per VM.")
+    memory: bool = Field(
+        default=False,
+        description="Include the running VM's memory (pauses it briefly); ignored when the "
+        "VM runs nowhere.",
+    )
+
+
+class VmSnapshotted(Payload):
+    """Policy took a snapshot of a VM."""
+
+    message_type = "vm.snapshotted"
+
+    vm_id: VmId = Field(description="The VM.")
+    snapshot_id: SnapshotId = Field(description="The snapshot.")
+    mode: SnapshotMode = Field(description="What it holds.")
+    versions: dict[StateKind, int] = Field(description="The pinned version of each kind.")
+    persisted_age_s: float | None = Field(
+        default=None,
+        description="Live snapshots: how old the newest persisted version was (how far the "
+        "pinned TPM may trail the running one). None for offline and memory snapshots.",
+    )
+    host: HostId | None = Field(default=None, description="Where the VM ran, if anywhere.")

@@ -1,0 +1,371 @@
+"""Real services as processes for the policy integration tests: one state store, policy
+replicas and host agents on simulated hosts (libvirt ``test:///`` files), plus what a test
+does to them: write a guest's TPM state, freeze or kill an agent, publish what a host would.
+
+Host ids carry a run id, so the broker and Redis shared with the rest of the session never
+mix this stack's hosts with another test's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import secrets
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from aio_pika.abc import AbstractIncomingMessage
+from redis.asyncio import Redis
+
+from bus_hygiene import purge_service_queues
+from keeper_shared.blobs import content_hash
+from keeper_shared.bus.client import BusClient
+from keeper_shared.bus.topology import (
+    EVENTS_EXCHANGE,
+    host_command_key,
+)
+from keeper_shared.demo.hosts import SimulatedHost
+from keeper_shared.demo.processes import ServiceProcess
+from keeper_shared.encryption import generate_key_file
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.envelope import (
+    Envelope,
+    MessageError,
+    Payload,
+    decode,
+    peek_type,
+)
+from keeper_shared.messages.state import StatePersisted
+from keeper_shared.messages.tpm import VmSpec
+from keeper_shared.messages.types import StateKind
+from keeper_shared.policy_client import PolicyClient
+from keeper_shared.redis_keys import hosts_key, placement_key
+from keeper_shared.redis_results import awaited
+from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+
+E = TypeVar("E", bound=Payload)
+
+STEP_TIMEOUT_S = 45.0
+"""Bound on any one wait; only a hang reaches it."""
+
+FAST_POLICY = {
+    "KEEPER_POLICY_RETRIEVE_TIMEOUT_S": "2",
+    "KEEPER_POLICY_HOST_COMMAND_TIMEOUT_S": "3",
+    "KEEPER_POLICY_HOST_LOST_AFTER_S": "30",
+    "KEEPER_POLICY_LIVENESS_CHECK_INTERVAL_S": "0.5",
+    "KEEPER_POLICY_WORKFLOW_LEASE_S": "3",
+    "KEEPER_POLICY_WORKFLOW_SWEEP_INTERVAL_S": "0.5",
+    "KEEPER_POLICY_SHUTDOWN_GRACE_S": "2",
+}
+"""Short bounds so failure paths end in seconds, not minutes."""
+
+
+class StackError(RuntimeError):
+    """The stack could not be brought to the state a test needs."""
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool] | bool], what: str, timeout_s: float = STEP_TIMEOUT_S
+) -> None:
+    """Poll ``condition`` until it holds; StackError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        holds = condition()
+        if inspect.isawaitable(holds):
+            holds = await holds
+        if holds:
+            return
+        if time.monotonic() > deadline:
+            raise StackError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+class EventLog:
+    """Every event on the bus since the stack came up, in the order the broker delivered
+    them to one queue (so "persisted before undefined" can be checked)."""
+
+    def __init__(self) -> None:
+        self._bodies: list[bytes] = []
+        self._arrived = asyncio.Condition()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        async with self._arrived:
+            self._bodies.append(message.body)
+            self._arrived.notify_all()
+
+    def _decoded(self, event_type: type[E]) -> list[tuple[int, Envelope[E]]]:
+        found = []
+        for position, body in enumerate(self._bodies):
+            try:
+                if peek_type(body) == event_type.message_type:
+                    found.append((position, decode(body, event_type)))
+            except MessageError:
+                continue
+        return found
+
+    def matching(
+        self, event_type: type[E], matches: Callable[[E], bool] = lambda _e: True
+    ) -> list[Envelope[E]]:
+        """Every event of ``event_type`` seen so far that matches, oldest first."""
+        return [env for _, env in self._decoded(event_type) if matches(env.data)]
+
+    def position(self, envelope: Envelope[Any]) -> int:
+        """Where ``envelope`` is in the order of arrival."""
+        for position, body in enumerate(self._bodies):
+            if str(envelope.id).encode() in body:
+                return position
+        raise StackError(f"event {envelope.id} was never seen")
+
+    async def wait_for(
+        self, event_type: type[E], matches: Callable[[E], bool], timeout_s: float = STEP_TIMEOUT_S
+    ) -> Envelope[E]:
+        """The first event of ``event_type`` (seen before or after the call) that matches."""
+        async with asyncio.timeout(timeout_s), self._arrived:
+            while True:
+                found = self.matching(event_type, matches)
+                if found:
+                    return found[0]
+                await self._arrived.wait()
+
+
+@dataclass
+class PolicyStack:
+    """The services of one test, started by ``async with``."""
+
+    amqp_url: str
+    redis_url: str
+    work_dir: Path
+    host_names: tuple[str, ...] = ("a", "b")
+    policy_env: dict[str, str] = field(default_factory=dict)
+    policy_replicas: int = 1
+    agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Extra environment per host name (e.g. a PATH with another swtpm)."""
+    run_id: str = field(default_factory=lambda: secrets.token_hex(3))
+    hosts: dict[str, SimulatedHost] = field(default_factory=dict)
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+    _client: PolicyClient | None = None
+    _redis: Redis | None = None
+    _observer: BusClient | None = None
+    _events: EventLog | None = None
+    _publishers: dict[str, BusClient] = field(default_factory=dict)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> PolicyStack:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        await purge_service_queues(self.amqp_url)
+        kek = self.work_dir / "kek.key"
+        generate_key_file(kek)
+        self._redis = Redis.from_url(self.redis_url)
+        self.services["store"] = self._service(
+            "store",
+            "keeper_state_store",
+            {
+                "KEEPER_STORE_AMQP_URL": self.amqp_url,
+                "KEEPER_STORE_REDIS_URL": self.redis_url,
+                "KEEPER_STORE_KEK_FILE": str(kek),
+                "KEEPER_STORE_VERIFY_HOST_IDENTITY": "false",
+                "KEEPER_STORE_FETCH_TIMEOUT_S": "1.5",
+                "KEEPER_STORE_PREPARE_TIMEOUT_S": "3",
+                "KEEPER_STORE_SHUTDOWN_GRACE_S": "2",
+            },
+        )
+        for index in range(self.policy_replicas):
+            self.services[f"policy-{index}"] = self.policy_process(index)
+        for name in self.host_names:
+            host = SimulatedHost(f"{name}-{self.run_id}", self.work_dir / f"host-{name}")
+            host.create()
+            self.hosts[name] = host
+            self.services[name] = self.agent_process(name, **self.agent_env.get(name, {}))
+        started = time.time()
+        try:
+            for service in self.services.values():
+                await service.start()
+            await wait_until(
+                lambda: self.heard_from([h.host_id for h in self.hosts.values()], started),
+                "every host's heartbeat to reach policy",
+            )
+            self._client = await PolicyClient.connect(
+                self.amqp_url, name=f"test-{self.run_id}", request_timeout_s=60
+            )
+            self._observer = await BusClient.connect(
+                self.amqp_url, source=f"test/{self.run_id}", origin="test"
+            )
+            self._events = EventLog()
+            channel = await self._observer.connection.channel()
+            queue = await channel.declare_queue(
+                f"keeper.test.{self.run_id}", exclusive=True, auto_delete=True
+            )
+            await queue.bind(EVENTS_EXCHANGE, routing_key="#")
+            await queue.consume(self._events.on_message, no_ack=True)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop everything this stack started, whatever state it is in."""
+        for service in self.services.values():
+            if service.process is not None and service.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    service.process.send_signal(signal.SIGCONT)  # a frozen one cannot stop
+        for service in reversed(list(self.services.values())):
+            await service.stop(grace_s=10)
+        for publisher in self._publishers.values():
+            await publisher.close()
+        if self._observer is not None:
+            await self._observer.close()
+        if self._client is not None:
+            await self._client.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    def _service(self, name: str, module: str, env: dict[str, str]) -> ServiceProcess:
+        return ServiceProcess(
+            name, module, {"KEEPER_LOG_JSON": "true", **env}, self.work_dir / f"{name}.log"
+        )
+
+    def policy_process(self, index: int) -> ServiceProcess:
+        """A policy replica (not started)."""
+        return self._service(
+            f"policy-{index}",
+            "keeper_policy",
+            {
+                "KEEPER_POLICY_AMQP_URL": self.amqp_url,
+                "KEEPER_POLICY_REDIS_URL": self.redis_url,
+                **FAST_POLICY,
+                **self.policy_env,
+            },
+        )
+
+    def agent_process(self, name: str, **env: str) -> ServiceProcess:
+        """The host agent of host ``name`` (not started)."""
+        host = self.hosts[name]
+        return self._service(
+            name,
+            "keeper_host_agent",
+            {
+                "KEEPER_HOST_HOST_ID": host.host_id,
+                "KEEPER_HOST_AMQP_URL": self.amqp_url,
+                "KEEPER_HOST_LIBVIRT_URI": host.libvirt_uri,
+                "KEEPER_HOST_SWTPM_ROOT": str(host.swtpm_root),
+                "KEEPER_HOST_NVRAM_DIR": str(host.nvram_dir),
+                "KEEPER_HOST_STABILITY_WINDOW_S": "0.2",
+                "KEEPER_HOST_HEARTBEAT_INTERVAL_S": "0.5",
+                "KEEPER_HOST_RESCAN_INTERVAL_S": "1",
+                "KEEPER_HOST_SHUTDOWN_GRACE_S": "2",
+                **env,
+            },
+        )
+
+    # --- access ---------------------------------------------------------------------------
+
+    @property
+    def client(self) -> PolicyClient:
+        """The client a person or automation would use."""
+        assert self._client is not None
+        return self._client
+
+    @property
+    def events(self) -> EventLog:
+        """Every event published since the stack came up."""
+        assert self._events is not None
+        return self._events
+
+    @property
+    def redis(self) -> Redis:
+        """Redis, to look at what policy recorded."""
+        assert self._redis is not None
+        return self._redis
+
+    def host_id(self, name: str) -> str:
+        """The bus id of host ``name``."""
+        return self.hosts[name].host_id
+
+    async def heard_from(self, host_ids: list[str], since: float) -> bool:
+        """Policy recorded a heartbeat from each host after ``since``."""
+        records = await awaited(self.redis.hmget(hosts_key(), host_ids))
+        return all(r is not None and json.loads(r)["last_seen"] >= since for r in records)
+
+    async def placement(self, vm_id: str) -> tuple[str, int]:
+        """(host, epoch) of the VM's placement as the store's fencing reads it."""
+        raw = await awaited(self.redis.hgetall(placement_key(vm_id)))
+        return raw.get(b"host", b"").decode(), int(raw.get(b"epoch", 0))
+
+    # --- what a test does -----------------------------------------------------------------
+
+    async def new_vm(self, host: str) -> VmSpec:
+        """A Windows 11 VM with an approved TPM, started on host ``host``."""
+        vm_id = str(uuid.uuid4())
+        spec = VmSpec(vm_id=vm_id, name=f"vm-{vm_id[:8]}", guest_os="windows-11")
+        await self.client.request_tpm(spec)
+        await self.client.place(vm_id, self.host_id(host))
+        return spec
+
+    def write_tpm(self, host: str, vm_id: str) -> str:
+        """What swtpm does when the guest uses its TPM: new state written to a temp file and
+        renamed over the old. Returns the canonical hash the agent and the store will use."""
+        tpm_dir = self.hosts[host].tpm_dir(vm_id)
+        tpm_dir.mkdir(parents=True, exist_ok=True)
+        state = os.urandom(4096)
+        temp = tpm_dir / "TMP2-00.permall"
+        temp.write_bytes(state)
+        temp.chmod(0o600)
+        temp.rename(tpm_dir / MAIN_STATE_FILE_NAME)
+        return content_hash(pack_tpm_state({MAIN_STATE_FILE_NAME: state}))
+
+    async def write_tpm_persisted(self, host: str, vm_id: str) -> str:
+        """Write new TPM state and wait until the store announced it persisted."""
+        digest = self.write_tpm(host, vm_id)
+        await self.events.wait_for(
+            StatePersisted,
+            lambda e: e.vm_id == vm_id and e.kind is StateKind.TPM and e.content_hash == digest,
+            STEP_TIMEOUT_S,
+        )
+        return digest
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        """Send ``sig`` to service ``name`` (SIGSTOP freezes it: it answers nothing)."""
+        process = self.services[name].process
+        assert process is not None
+        process.send_signal(sig)
+
+    async def command_host(self, name: str, payload: Payload, subject: str) -> CommandDone:
+        """Send a command straight to host ``name``'s agent, bypassing policy."""
+        assert self._observer is not None
+        reply = await self._observer.call(
+            host_command_key(self.host_id(name)),
+            payload,
+            CommandDone,
+            subject=subject,
+            timeout_s=10,
+        )
+        return reply.data
+
+    async def publish_as_host(self, name: str, payload: Payload, subject: str) -> None:
+        """Publish an event exactly as host ``name``'s agent would (its origin, its key)."""
+        host_id = self.host_id(name)
+        publisher = self._publishers.get(name)
+        if publisher is None:
+            publisher = await BusClient.connect(
+                self.amqp_url, source=f"host-agent/{host_id}", origin=host_id
+            )
+            self._publishers[name] = publisher
+        await publisher.publish_event(payload, subject=subject)

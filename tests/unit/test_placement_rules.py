@@ -1,0 +1,105 @@
+"""Where a VM may be placed: live hosts with swtpm, never an older swtpm than the one that
+last wrote its state unless overridden, and away from a lost host."""
+
+from __future__ import annotations
+
+import pytest
+
+from keeper_policy.hosts import HostRecord
+from keeper_policy.placement_rules import (
+    check_current_placement,
+    check_swtpm_version,
+    check_target,
+)
+from keeper_shared.messages.host import HostCapabilities
+
+NOW = 1_000_000.0
+CAPS = HostCapabilities(
+    swtpm_version="0.8.0", libvirt_version="9.0.0", architectures=["x86_64"], uefi_firmware=True
+)
+
+
+def host(**changes: object) -> HostRecord:
+    values: dict[str, object] = {"host": "host-b", "capabilities": CAPS, "last_seen": NOW - 1}
+    values.update(changes)
+    return HostRecord(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (None, "host host-b has never sent a heartbeat"),
+        (host(lost_at=NOW - 5, last_seen=NOW - 40), "host host-b is declared lost"),
+        (host(last_seen=NOW - 31), "host host-b has sent no heartbeat for 31 s"),
+        (
+            host(capabilities=CAPS.model_copy(update={"swtpm_version": None})),
+            "host host-b has no swtpm",
+        ),
+    ],
+)
+def test_target_must_be_live_with_swtpm(record: HostRecord | None, reason: str) -> None:
+    refusal = check_target(record, "host-b", now=NOW, lost_after_s=30)
+    assert refusal is not None
+    assert refusal.startswith(reason)
+
+
+def test_a_live_host_with_swtpm_is_fine() -> None:
+    assert check_target(host(), "host-b", now=NOW, lost_after_s=30) is None
+
+
+@pytest.mark.parametrize(
+    ("host_swtpm", "last_swtpm", "refused"),
+    [
+        ("0.8.0", None, False),  # never ran anywhere
+        ("0.8.0", "0.8.0", False),
+        ("0.8.0", "0.8", False),
+        ("0.10.0", "0.9.1", False),  # 0.10 is newer, whatever string order says
+        ("0.9.1", "0.10.0", True),
+        ("0.7.1", "0.8.0", True),
+        ("0.8.0-rc1", "0.8.0", True),
+        ("unknown", "0.8.0", True),  # cannot compare: refuse rather than guess
+    ],
+)
+def test_swtpm_must_not_be_older(host_swtpm: str, last_swtpm: str | None, refused: bool) -> None:
+    check = check_swtpm_version(
+        host_id="host-b",
+        host_swtpm=host_swtpm,
+        last_swtpm=last_swtpm,
+        last_host="host-a",
+        override=False,
+    )
+    assert (check.refusal is not None) is refused
+    if refused:
+        assert check.refusal is not None
+        assert host_swtpm in check.refusal
+        assert str(last_swtpm) in check.refusal
+
+
+def test_older_swtpm_refusal_names_both_versions_and_the_override() -> None:
+    check = check_swtpm_version(
+        host_id="host-b", host_swtpm="0.7.1", last_swtpm="0.8.0", last_host="host-a", override=False
+    )
+    assert check.refusal == (
+        "host host-b runs swtpm 0.7.1, older than swtpm 0.8.0 that last wrote this VM's state "
+        "(on host-a); place with override_version to allow it"
+    )
+
+
+def test_override_lets_an_older_swtpm_through_and_says_what_it_skipped() -> None:
+    check = check_swtpm_version(
+        host_id="host-b", host_swtpm="0.7.1", last_swtpm="0.8.0", last_host="host-a", override=True
+    )
+    assert check.refusal is None
+    assert check.overridden is not None
+    assert "older than swtpm 0.8.0" in check.overridden
+
+
+def test_a_vm_moves_only_from_nowhere_or_from_a_lost_host() -> None:
+    alive = host(host="host-a")
+    lost = host(host="host-a", lost_at=NOW)
+    assert check_current_placement(None, None, "host-b") is None
+    assert check_current_placement("host-b", host(), "host-b") is None
+    assert check_current_placement("host-a", lost, "host-b") is None
+    assert check_current_placement("host-a", alive, "host-b") == (
+        "VM is placed on host-a; stop it there first"
+    )

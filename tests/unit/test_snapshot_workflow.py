@@ -1,0 +1,104 @@
+"""The snapshot-with-memory workflow's steps against a scripted gateway (no I/O): the order
+pause -> retrieve -> pin -> libvirt snapshot -> resume, a failure at any step still resumes
+the VM, and every loop is bounded."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+
+from keeper_policy.gateway import Gateway
+from keeper_policy.snapshot_workflow import SnapshotRunner, new_memory_snapshot
+from keeper_policy.stop_plan import StopBounds
+from keeper_policy.workflow_store import WorkflowRecord, WorkflowResult
+from keeper_shared.bus.client import BusClient
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.envelope import Payload
+from keeper_shared.messages.vm_snapshot import VmSnapshotted
+
+VM_ID = "6b2f7e0a-3c1d-4d6e-9a8b-1c2d3e4f5a6b"
+BOUNDS = StopBounds(retrieve_attempts=3, retrieve_timeout_s=1.0, host_command_timeout_s=1.0)
+
+
+class ScriptedGateway(Gateway):
+    """Answers every command at once; the types in ``failing`` fail."""
+
+    def __init__(self, failing: set[str]) -> None:
+        super().__init__(cast(BusClient, None), retrieve_timeout_s=1, host_command_timeout_s=1)
+        self.failing = failing
+        self.sent: list[str] = []
+        self.published: list[Payload] = []
+
+    def _answer(self, kind: str) -> CommandDone:
+        self.sent.append(kind)
+        if kind in self.failing:
+            return CommandDone(ok=False, error=f"{kind} refused")
+        return CommandDone(ok=True, detail={"tpm": "3", "nvram": "2"})
+
+    async def host(
+        self, host: str, payload: Payload, vm_id: str, timeout_s: float | None = None
+    ) -> CommandDone:
+        return self._answer(payload.message_type)
+
+    async def call(
+        self, target: str, payload: Payload, vm_id: str, timeout_s: float
+    ) -> CommandDone:
+        return self._answer(payload.message_type)
+
+    async def retrieve(self, vm_id: str, host: str) -> CommandDone:
+        return self._answer("state.retrieve")
+
+    async def publish(self, payload: Payload, subject: str) -> None:
+        self.published.append(payload)
+
+
+async def run(gateway: ScriptedGateway) -> WorkflowResult:
+    runner = SnapshotRunner(gateway, BOUNDS)
+    record = new_memory_snapshot(VM_ID, "host-a", "snap-1", BOUNDS)
+
+    async def save(_progress: WorkflowRecord) -> bool:
+        return True
+
+    for _ in range(50):
+        outcome = await runner.step(record, save)
+        if outcome.result is not None:
+            return outcome.result
+        record = outcome.record
+    pytest.fail("the snapshot workflow did not end")
+
+
+PAUSE, RETRIEVE, PIN = "vm.suspend", "state.retrieve", "snapshot.create"
+SNAPSHOT, RESUME = "vm.snapshot-domain", "vm.resume"
+
+
+async def test_state_is_retrieved_and_pinned_while_paused() -> None:
+    gateway = ScriptedGateway(failing=set())
+    result = await run(gateway)
+    assert result.ok
+    assert gateway.sent == [PAUSE, RETRIEVE, PIN, SNAPSHOT, RESUME]
+    assert result.detail == {"mode": "memory", "tpm": "3", "nvram": "2"}
+    (event,) = gateway.published
+    assert isinstance(event, VmSnapshotted)
+
+
+@pytest.mark.parametrize(
+    ("failing", "sent", "error"),
+    [
+        ({PAUSE}, [PAUSE, RESUME], "pause failed"),
+        ({RETRIEVE}, [PAUSE, RETRIEVE, RETRIEVE, RETRIEVE, RESUME], "could not be retrieved"),
+        ({PIN}, [PAUSE, RETRIEVE, PIN, RESUME], "pinning the state failed"),
+        ({SNAPSHOT}, [PAUSE, RETRIEVE, PIN, SNAPSHOT, RESUME], "the libvirt snapshot failed"),
+        ({RESUME}, [PAUSE, RETRIEVE, PIN, SNAPSHOT, RESUME, RESUME, RESUME], "is paused on"),
+    ],
+)
+async def test_every_failure_still_resumes_the_vm(
+    failing: set[str], sent: list[str], error: str
+) -> None:
+    gateway = ScriptedGateway(failing=failing)
+    result = await run(gateway)
+    assert not result.ok
+    assert result.error is not None
+    assert error in result.error
+    assert gateway.sent == sent
+    assert gateway.published == []
