@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
+from keeper_shared.blobs import seal_blob
 from keeper_shared.client import KeeperRequestError
 from keeper_shared.encryption import KeyEncryptionKey
 from keeper_shared.messages.state import VersionOrigin
@@ -264,3 +265,24 @@ async def test_a_version_pinned_twice_stays_pinned_until_the_last_snapshot_goes(
 async def test_a_snapshot_of_a_vm_without_state_is_refused(store: Store) -> None:
     with pytest.raises(KeeperRequestError, match="no stored state to pin"):
         await store.client.create_snapshot(store.new_vm(), "empty")
+
+
+async def test_each_version_records_the_swtpm_version_that_read_it(store: Store) -> None:
+    vm_id = store.new_vm()
+    await store.place(vm_id, epoch=1)
+    for generation, swtpm in ((1, "0.7.1"), (2, "0.8.0")):
+        blob = seal_blob(
+            StateKind.TPM,
+            tpm_content(f"swtpm {swtpm}"),
+            FencingToken(epoch=1, generation=generation),
+            swtpm_version=swtpm,
+        )
+        store.host.state.setdefault(vm_id, {})[StateKind.TPM] = blob
+        await store.pull(vm_id)
+
+    history = await store.client.state_history(vm_id)
+    (tpm,) = [kind for kind in history.kinds if kind.kind is StateKind.TPM]
+    assert [(info.version, info.swtpm_version) for info in tpm.versions] == [
+        (1, "0.7.1"),
+        (2, "0.8.0"),
+    ]

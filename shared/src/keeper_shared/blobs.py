@@ -30,14 +30,18 @@ def content_hash(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def seal_blob(kind: StateKind, content: bytes, token: FencingToken) -> StateBlob:
-    """Compress canonical content into a blob that carries its hash and token."""
+def seal_blob(
+    kind: StateKind, content: bytes, token: FencingToken, swtpm_version: str | None = None
+) -> StateBlob:
+    """Compress canonical content into a blob that carries its hash, token and the swtpm
+    version of the host that read it."""
     return StateBlob(
         kind=kind,
         content_hash=content_hash(content),
         size=len(content),
         token=token,
         compressed=SecretBytes(compress(content)),
+        swtpm_version=swtpm_version,
     )
 
 

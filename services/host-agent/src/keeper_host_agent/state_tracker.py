@@ -67,6 +67,8 @@ class StateTracker:
         self._window_s = window_s
         self._publish = publish
         self._clock = GenerationClock()
+        self.swtpm_version: str | None = None
+        """This host's swtpm version, recorded in every blob (set once it is probed)."""
         self.vms: dict[str, TrackedVm] = {}
 
     def track(self, domain: DomainStateLocation) -> None:
@@ -147,7 +149,9 @@ class StateTracker:
         self, tracked: TrackedVm, kind: StateKind, state: TrackedState, snapshot: StateSnapshot
     ) -> None:
         token = FencingToken(epoch=tracked.domain.epoch, generation=self._clock.next())
-        state.blob = await asyncio.to_thread(seal_blob, kind, snapshot.content, token)
+        state.blob = await asyncio.to_thread(
+            seal_blob, kind, snapshot.content, token, self.swtpm_version
+        )
         if tracked.domain.epoch == 0:
             # Not placed by vTPM Keeper: nothing to fence with, so nothing is announced.
             return

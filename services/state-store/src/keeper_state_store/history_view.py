@@ -53,6 +53,7 @@ async def read_kind_history(
                 origin=record.origin,
                 source_vm_id=record.source_vm_id,
                 stored_at=record.stored_at,
+                swtpm_version=record.swtpm_version,
                 in_history=version in in_history,
                 snapshots=[
                     name

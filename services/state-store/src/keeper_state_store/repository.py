@@ -93,6 +93,8 @@ class VersionRecord:
     stored_at: datetime
     origin: VersionOrigin = VersionOrigin.HOST
     source_vm_id: str | None = None
+    swtpm_version: str | None = None
+    """swtpm on the host that read this state (None for old records, clones, imports)."""
 
     @classmethod
     def from_meta(cls, version: int, raw: bytes | str) -> VersionRecord:
@@ -107,6 +109,7 @@ class VersionRecord:
             stored_at=datetime.fromisoformat(meta["stored_at"]),
             origin=VersionOrigin(meta.get("origin", VersionOrigin.HOST.value)),
             source_vm_id=meta.get("source_vm_id"),
+            swtpm_version=meta.get("swtpm_version"),
         )
 
 
@@ -118,6 +121,7 @@ def version_meta(
     host: str,
     origin: VersionOrigin = VersionOrigin.HOST,
     source_vm_id: str | None = None,
+    swtpm_version: str | None = None,
 ) -> str:
     """The JSON metadata stored beside a version (what `VersionRecord.from_meta` reads)."""
     meta: dict[str, str | int] = {
@@ -132,6 +136,8 @@ def version_meta(
         meta["origin"] = origin.value
     if source_vm_id is not None:
         meta["source_vm_id"] = source_vm_id
+    if swtpm_version is not None:
+        meta["swtpm_version"] = swtpm_version
     return json.dumps(meta)
 
 
@@ -203,9 +209,16 @@ class StateRepository:
         content_hash: str,
         size: int,
         sealed: bytes,
+        swtpm_version: str | None = None,
     ) -> WriteResult:
         """Fenced compare-and-set of a new version (see persist.lua)."""
-        meta = version_meta(content_hash=content_hash, size=size, token=token, host=host)
+        meta = version_meta(
+            content_hash=content_hash,
+            size=size,
+            token=token,
+            host=host,
+            swtpm_version=swtpm_version,
+        )
         keys = [
             placement_key(vm_id),
             state_head_key(vm_id, kind),

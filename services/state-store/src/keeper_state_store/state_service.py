@@ -9,6 +9,7 @@ host are coalesced into batched fetches (see pull_batcher).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 
 import structlog
@@ -22,6 +23,7 @@ from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, MessageError
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.state import (
+    FetchedVmState,
     FetchState,
     RestoreState,
     RetrieveState,
@@ -33,6 +35,7 @@ from keeper_shared.messages.state import (
 )
 from keeper_shared.messages.types import StateBlob, StateKind
 from keeper_shared.messages.vm import PrepareVm
+from keeper_shared.observability import metrics
 from keeper_state_store.pull_batcher import PullBatcher
 from keeper_state_store.repository import StateRepository, WriteOutcome
 from keeper_state_store.restore_plan import RestoreRefusedError, plan_restore
@@ -135,12 +138,15 @@ class StateService:
     ) -> CommandDone:
         """Pull the VM's state now (before a destroy) and report the newest stored versions."""
         request = envelope.data
+        metrics.RETRIEVAL_ATTEMPTS.inc()
         try:
             results = await self.pull_and_persist(request.host, [request.vm_id], list(StateKind))
         except (CallError, MessageError) as error:
+            metrics.RETRIEVAL_FAILURES.inc()
             return CommandDone(ok=False, error=str(error))
         failure = results.get(request.vm_id)
         if failure is not None:
+            metrics.RETRIEVAL_FAILURES.inc()
             return CommandDone(ok=False, error=f"persisting failed: {type(failure).__name__}")
         versions = {}
         for kind in StateKind:
@@ -207,30 +213,49 @@ class StateService:
         for its VM only, so the others' events are still acknowledged."""
         kinds = sorted({kind for wanted in kinds_by_vm.values() for kind in wanted})
         vm_ids = list(kinds_by_vm)
-        reply = await self._bus.call(
-            host_command_key(host),
-            FetchState(vm_ids=vm_ids, kinds=kinds),
-            StateFetched,
-            subject=vm_ids[0],
-            timeout_s=self._settings.fetch_timeout_s,
-            replier=self._host_user(host),
-        )
+        try:
+            reply = await self._bus.call(
+                host_command_key(host),
+                FetchState(vm_ids=vm_ids, kinds=kinds),
+                StateFetched,
+                subject=vm_ids[0],
+                timeout_s=self._settings.fetch_timeout_s,
+                replier=self._host_user(host),
+            )
+        except BaseException:
+            metrics.PULLS.labels(outcome="failed").inc()
+            raise
+        metrics.PULLS.labels(outcome="ok").inc()
         results: dict[str, BaseException | None] = dict.fromkeys(vm_ids)
-        for vm_state in reply.data.vms:
-            if vm_state.vm_id not in kinds_by_vm:
-                continue  # not asked for: a host does not get to push state this way
+
+        async def persist_vm(vm_state: FetchedVmState) -> None:
             try:
                 for blob in vm_state.blobs:
                     await self._persist_blob(vm_state.vm_id, host, blob)
             except Exception as error:
                 log.warning("persisting failed", vm_id=vm_state.vm_id, reason=type(error).__name__)
                 results[vm_state.vm_id] = error
+
+        # VMs are independent (each write is fenced per VM; one VM's kinds stay in order):
+        # persisting them concurrently lets Redis share one AOF fsync among the batch's
+        # writes and the broker confirm the persisted events together (bench: ~3x).
+        await asyncio.gather(
+            *(
+                persist_vm(vm_state)
+                for vm_state in reply.data.vms
+                # not asked for: a host does not get to push state this way
+                if vm_state.vm_id in kinds_by_vm
+            )
+        )
         return results
 
     async def _persist_blob(self, vm_id: str, host: str, blob: StateBlob) -> None:
+        began = time.perf_counter()
+        metrics.PULLED_BYTES.labels(kind=blob.kind.value).inc(blob.size)
         try:
             await asyncio.to_thread(open_blob, blob)
         except BlobFormatError as error:
+            metrics.PERSISTED.labels(kind=blob.kind.value, outcome="refused").inc()
             await self._refuse(vm_id, blob.kind, host, f"blob does not verify: {error}")
             return
         sealed = await self._vault.seal(vm_id, blob)
@@ -242,7 +267,10 @@ class StateService:
             content_hash=blob.content_hash,
             size=blob.size,
             sealed=sealed,
+            swtpm_version=blob.swtpm_version,
         )
+        metrics.PERSIST_SECONDS.observe(time.perf_counter() - began)
+        metrics.PERSISTED.labels(kind=blob.kind.value, outcome=result.outcome.value).inc()
         if result.outcome is WriteOutcome.STORED:
             version = int(result.detail)
             log.info(

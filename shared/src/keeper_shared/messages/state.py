@@ -168,6 +168,9 @@ class StateVersionInfo(BaseModel):
         default=None, description="The VM it was cloned or exported from, if any."
     )
     stored_at: datetime = Field(description="When the store wrote it (UTC).")
+    swtpm_version: str | None = Field(
+        default=None, description="swtpm version of the host that read it, when known."
+    )
     in_history: bool = Field(
         description="Within the last N versions; False when only a snapshot keeps it."
     )

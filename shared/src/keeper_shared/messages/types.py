@@ -98,3 +98,9 @@ class StateBlob(BaseModel):
     size: int = Field(ge=0, description="Length of the uncompressed canonical content.")
     token: FencingToken = Field(description="Fencing token of the version this blob is.")
     compressed: SecretBlob = Field(description="zlib-compressed canonical content.")
+    swtpm_version: str | None = Field(
+        default=None,
+        max_length=32,
+        description="swtpm version on the host that read this state (state formats change "
+        "between versions; policy will not place a VM on an older swtpm).",
+    )
