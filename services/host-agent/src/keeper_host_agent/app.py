@@ -14,7 +14,9 @@ from keeper_host_agent.change_watcher import ChangeWatcher
 from keeper_host_agent.commands import HostCommands
 from keeper_host_agent.domain_xml import DomainXmlError, parse_domain
 from keeper_host_agent.hypervisor import HypervisorError, LibvirtHypervisor, LifecycleEvent
+from keeper_host_agent.placement_commands import PlacementCommands
 from keeper_host_agent.settings import HostAgentSettings
+from keeper_host_agent.snapshot_commands import SnapshotCommands
 from keeper_host_agent.state_tracker import StateTracker
 from keeper_shared.bus.client import BusClient, Route
 from keeper_shared.bus.topology import host_command_queue
@@ -35,6 +37,14 @@ from keeper_shared.messages.vm import (
     VmSuspended,
     VmUndefined,
 )
+from keeper_shared.messages.vm_control import (
+    DeleteDomainSnapshot,
+    ResumeVm,
+    SetPlacementEpoch,
+    SnapshotDomain,
+    SuspendVm,
+)
+from keeper_shared.observability import metrics, serve_observability, watch_dead_letters
 
 log = structlog.get_logger(__name__)
 
@@ -53,10 +63,13 @@ class HostAgent:
         )
         self.watcher = ChangeWatcher(self.tracker, rescan_interval_s=settings.rescan_interval_s)
         self.commands = HostCommands(settings, self.hypervisor, self.tracker)
+        self.placement = PlacementCommands(lambda: self.hypervisor.connection, self.refresh_domain)
+        self.snapshots = SnapshotCommands(lambda: self.hypervisor.connection)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _publish_change(self, change: StateChanged) -> None:
         await self.bus.publish_event(change, subject=change.vm_id)
+        metrics.STATE_CHANGES_PUBLISHED.labels(kind=change.kind.value).inc()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -132,6 +145,7 @@ class HostAgent:
             beat = HostHeartbeat(
                 host=self.settings.host_id,
                 interval_s=self.settings.heartbeat_interval_s,
+                cluster=self.settings.cluster,
                 capabilities=capabilities,
                 vms=self.tracker.inventory(),
             )
@@ -150,6 +164,11 @@ class HostAgent:
             Route(ShutdownVm, self.commands.shutdown),
             Route(PowerOffVm, self.commands.power_off),
             Route(UndefineVm, self.commands.undefine),
+            Route(SetPlacementEpoch, self.placement.set_epoch),
+            Route(SuspendVm, self.snapshots.suspend),
+            Route(ResumeVm, self.snapshots.resume),
+            Route(SnapshotDomain, self.snapshots.snapshot),
+            Route(DeleteDomainSnapshot, self.snapshots.delete_snapshot),
         ]
 
 
@@ -164,16 +183,26 @@ async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
     background: list[asyncio.Task[None]] = []
     try:
         capabilities = await probe_capabilities(await agent.hypervisor.library_version())
+        agent.tracker.swtpm_version = capabilities.swtpm_version
         await agent.rebuild_view()
         await bus.consume(host_command_queue(settings.host_id), agent.routes(), prefetch=8)
+        commands = host_command_queue(settings.host_id)
         background = [
             asyncio.create_task(agent.watcher.watch_inotify()),
             asyncio.create_task(agent.watcher.rescan_periodically()),
             asyncio.create_task(agent.heartbeat_forever(capabilities)),
+            asyncio.create_task(watch_dead_letters(bus.connection, [commands.dead_letter_queue])),
         ]
-        log.info("host agent ready", libvirt_uri=settings.libvirt_uri, vms=len(agent.tracker.vms))
-        await stop.wait()
-        log.info("stopping")
+
+        async def bus_connected() -> bool:
+            return not bus.connection.is_closed
+
+        async with serve_observability(checks={"rabbitmq": bus_connected}):
+            log.info(
+                "host agent ready", libvirt_uri=settings.libvirt_uri, vms=len(agent.tracker.vms)
+            )
+            await stop.wait()
+            log.info("stopping")
     finally:
         for task in background:
             task.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import structlog
@@ -27,6 +28,7 @@ from keeper_policy.stop_workflow import STOP, StopRunner
 from keeper_policy.workflow_store import WorkflowStore
 from keeper_shared.bus.client import BusClient, Consumer
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS
+from keeper_shared.observability import serve_observability, watch_dead_letters
 
 log = structlog.get_logger(__name__)
 
@@ -95,9 +97,30 @@ async def serve(settings: PolicySettings, stop: asyncio.Event) -> None:
                 await bus.consume(POLICY_COMMANDS, service.command_routes(), prefetch=16)
             )
             service.start_background()
-            log.info("policy ready")
-            await stop.wait()
-            log.info("stopping")
+
+            async def redis_answers() -> bool:
+                return bool(await redis.ping())
+
+            async def bus_connected() -> bool:
+                return not bus.connection.is_closed
+
+            dead_letters = asyncio.create_task(
+                watch_dead_letters(
+                    bus.connection,
+                    [POLICY_EVENTS.dead_letter_queue, POLICY_COMMANDS.dead_letter_queue],
+                )
+            )
+            try:
+                async with serve_observability(
+                    checks={"redis": redis_answers, "rabbitmq": bus_connected}
+                ):
+                    log.info("policy ready")
+                    await stop.wait()
+                    log.info("stopping")
+            finally:
+                dead_letters.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dead_letters
         finally:
             # Take no new messages, and give in-flight requests the grace period (a stop
             # waiting on its workflow may finish); what is still running is cancelled, and

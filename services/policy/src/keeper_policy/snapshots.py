@@ -17,6 +17,7 @@ from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.snapshot import CreateSnapshot
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm_snapshot import SnapshotMode, SnapshotVm, VmSnapshotted
+from keeper_shared.observability import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -94,4 +95,5 @@ class Snapshotter:
         detail = {"mode": mode.value, **{k.value: str(v) for k, v in versions.items()}}
         if age is not None:
             detail["persisted_age_s"] = f"{age:.3f}"
+            metrics.RECOVERY_POINT_AGE_SECONDS.observe(age)
         return CommandDone(ok=True, detail=detail)

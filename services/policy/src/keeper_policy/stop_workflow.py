@@ -28,6 +28,7 @@ from keeper_policy.stop_plan import (
 from keeper_policy.workflow_store import WorkflowRecord, WorkflowResult
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.placement import StateLossRecorded, StopTrigger, VmRetired
+from keeper_shared.observability import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -142,6 +143,9 @@ class StopRunner:
     async def _record_loss(self, record: WorkflowRecord, attempts: int) -> None:
         vm = await self._registry.vm(record.vm_id)
         age = time.time() - vm.last_persisted_at if vm.last_persisted_at else None
+        metrics.RETRIEVALS_ABANDONED.inc()
+        if age is not None:
+            metrics.RECOVERY_POINT_AGE_SECONDS.observe(age)
         await self._gateway.publish(
             StateLossRecorded(
                 vm_id=record.vm_id,

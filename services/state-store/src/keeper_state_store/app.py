@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import structlog
 from redis.asyncio import Redis
@@ -10,6 +11,7 @@ from redis.asyncio import Redis
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import STATE_STORE, STATE_STORE_COMMANDS, STATE_STORE_EVENTS
 from keeper_shared.key_ring import KeyRing
+from keeper_shared.observability import serve_observability, watch_dead_letters
 from keeper_state_store.durability import ensure_durable
 from keeper_state_store.history_service import HistoryService
 from keeper_state_store.maintenance import Maintenance
@@ -48,9 +50,30 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                 prefetch=8,
             )
             maintenance.start()
-            log.info("state store ready", redis=durability, kek_id=keys.current.key_id)
-            await stop.wait()
-            log.info("stopping")
+
+            async def redis_answers() -> bool:
+                return bool(await redis.ping())
+
+            async def bus_connected() -> bool:
+                return not bus.connection.is_closed
+
+            dead_letters = asyncio.create_task(
+                watch_dead_letters(
+                    bus.connection,
+                    [STATE_STORE_EVENTS.dead_letter_queue, STATE_STORE_COMMANDS.dead_letter_queue],
+                )
+            )
+            try:
+                async with serve_observability(
+                    checks={"redis": redis_answers, "rabbitmq": bus_connected}
+                ):
+                    log.info("state store ready", redis=durability, kek_id=keys.current.key_id)
+                    await stop.wait()
+                    log.info("stopping")
+            finally:
+                dead_letters.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dead_letters
         finally:
             await maintenance.close()
             await bus.close(settings.shutdown_grace_s)

@@ -42,6 +42,7 @@ from keeper_shared.messages.envelope import (
     new_envelope,
     peek_type,
 )
+from keeper_shared.observability import metrics
 
 R = TypeVar("R", bound=Payload)
 log = structlog.get_logger(__name__)
@@ -297,6 +298,7 @@ class BusClient:
         now_ms = int(time.time() * 1000)
         if isinstance(deadline, int) and now_ms > deadline:
             log.info("expired command dropped", late_ms=now_ms - deadline)
+            metrics.EVENTS_HANDLED.labels(type="command", outcome="expired").inc()
             await message.ack()
             return
         try:
@@ -305,11 +307,14 @@ class BusClient:
             if route is None:
                 # Topic bindings are coarse (`vm.*.*`); types nobody here handles are facts
                 # meant for other consumers, so acknowledging them loses nothing.
+                metrics.EVENTS_HANDLED.labels(type="other", outcome="ignored").inc()
                 await message.ack()
                 return
             envelope = decode(message.body, route.payload_type)
         except MessageError as error:
             log.warning("message refused, dead-lettered", reason=str(error))
+            metrics.EVENTS_HANDLED.labels(type="invalid", outcome="refused").inc()
+            metrics.DEAD_LETTERED.labels(type="invalid").inc()
             await message.reject(requeue=False)
             return
         structlog.contextvars.bind_contextvars(subject=envelope.subject, type=envelope.type)
@@ -327,9 +332,11 @@ class BusClient:
             raise
         except Exception:
             log.exception("handler failed, message requeued")
+            metrics.EVENTS_HANDLED.labels(type=envelope.type, outcome="failed").inc()
             await asyncio.sleep(_requeue_backoff_s(message))
             await message.nack(requeue=True)
             return
         if reply is not None:
             await self._reply(delivery, reply, envelope.subject)
         await message.ack()
+        metrics.EVENTS_HANDLED.labels(type=envelope.type, outcome="ok").inc()

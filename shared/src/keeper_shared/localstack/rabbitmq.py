@@ -219,6 +219,11 @@ class RabbitMQNode:
         )
         return env
 
+    def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str] | None:
+        """Run ``rabbitmqctl <args>`` against this node (e.g. ``import_definitions FILE``);
+        None when it did not finish in time."""
+        return self._ctl(*args, timeout=timeout)
+
     def _ctl(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str] | None:
         """Run rabbitmqctl against this node; None when it did not finish in time."""
         ctl = _process.find_binary("rabbitmqctl", _DEBIAN_SCRIPTS_DIR)

@@ -7,7 +7,9 @@ carries only field locations and error kinds.
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
@@ -79,6 +81,67 @@ def _safe_errors(error: ValidationError) -> str:
     return "; ".join(parts[:10])
 
 
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns the ``data`` of a message at one schema version into the next version's."""
+
+_UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+def register_upcaster(message_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+    """Register (as a decorator) how ``message_type`` data moves from ``from_version`` to
+    ``from_version + 1``. When a payload's ``schema_version`` is raised, register the step
+    from the old version next to the model, so messages still in queues (or sent by hosts
+    not yet upgraded) are read: :func:`decode` applies the steps one version at a time
+    before validating."""
+
+    def register(upcaster: Upcaster) -> Upcaster:
+        key = (message_type, from_version)
+        if key in _UPCASTERS and _UPCASTERS[key] is not upcaster:
+            raise ValueError(f"an upcaster for {message_type} v{from_version} already exists")
+        _UPCASTERS[key] = upcaster
+        return upcaster
+
+    return register
+
+
+def unregister_upcaster(message_type: str, from_version: int) -> None:
+    """Forget an upcaster (for tests)."""
+    _UPCASTERS.pop((message_type, from_version), None)
+
+
+def _upcast(body: bytes, header: _EnvelopeHeader, target_version: int) -> bytes:
+    """``body`` with its data brought from ``header.schema_version`` to ``target_version``."""
+    problem: str | None = None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
+        raise MessageError(f"invalid {header.type} message (data: not an object)")
+    data: dict[str, Any] = document["data"]
+    version = header.schema_version
+    while version < target_version:
+        upcaster = _UPCASTERS.get((header.type, version))
+        if upcaster is None:
+            raise MessageError(
+                f"{header.type} schema version {header.schema_version} is not supported "
+                f"(this build reads {target_version}; no upcaster from v{version})"
+            )
+        try:
+            data = upcaster(dict(data))
+        except Exception as error:  # the text of an upcaster's error may quote the input
+            problem = type(error).__name__
+        if problem is not None:
+            break
+        version += 1
+    # Raised outside the except block: the upcaster's exception may hold the raw input.
+    if problem is not None:
+        raise MessageError(f"{header.type} v{version} could not be upcast ({problem})")
+    document["data"] = data
+    document["schema_version"] = target_version
+    return json.dumps(document).encode()
+
+
 def decode(body: bytes, payload_type: type[P]) -> Envelope[P]:
     """Parse a wire body into an envelope carrying ``payload_type``, or raise MessageError."""
     if len(body) > MAX_MESSAGE_BYTES:
@@ -86,7 +149,9 @@ def decode(body: bytes, payload_type: type[P]) -> Envelope[P]:
     header = _read_header(body)
     if header.type != payload_type.message_type:
         raise MessageError(f"expected {payload_type.message_type!r}, got {header.type[:64]!r}")
-    if header.schema_version != payload_type.schema_version:
+    if 0 < header.schema_version < payload_type.schema_version:
+        body = _upcast(body, header, payload_type.schema_version)
+    elif header.schema_version != payload_type.schema_version:
         raise MessageError(
             f"{header.type} schema version {header.schema_version} is not supported "
             f"(this build reads {payload_type.schema_version})"

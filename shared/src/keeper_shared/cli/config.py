@@ -1,0 +1,38 @@
+"""Where the CLI finds the bus and Redis: ``KEEPER_AMQP_URL`` and ``KEEPER_REDIS_URL``,
+defaulting to the local stack's ports (``make demo``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from keeper_shared.bus.topology import STATE_STORE
+from keeper_shared.localstack.settings import LocalStackSettings
+
+
+def _stack() -> LocalStackSettings:
+    return LocalStackSettings()
+
+
+class CliSettings(BaseSettings):
+    """Settings of the ``keeper`` command, from ``KEEPER_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEPER_", frozen=True, extra="ignore")
+
+    amqp_url: str = Field(
+        default_factory=lambda: f"amqp://guest:guest@127.0.0.1:{_stack().rabbitmq_port}/",
+        description="RabbitMQ URL (the local stack's by default).",
+    )
+    redis_url: str = Field(
+        default_factory=lambda: f"redis://127.0.0.1:{_stack().redis_port}/0",
+        description="Redis URL, read for `status` and `hosts` (the local stack's by default).",
+    )
+    timeout_s: float = Field(
+        default=120.0, gt=0, description="How long a request waits for policy or the store."
+    )
+    store_target: str = Field(
+        default=STATE_STORE, description="The store's command key (tests point it elsewhere)."
+    )
+    host_lost_after_s: float = Field(
+        default=30.0, gt=0, description="A host silent this long shows as `silent`."
+    )

@@ -1,0 +1,147 @@
+"""deploy/rabbitmq/definitions.json is what the topology generates, loads into a real
+RabbitMQ node, and agrees with what the services declare; a host user is confined to its
+own routing keys and command queue."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import aio_pika
+import aio_pika.exceptions
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+
+from keeper_shared.bus import topology
+from keeper_shared.bus.client import BusClient
+from keeper_shared.contract.rabbitmq import definitions, host_definitions, main, render
+from keeper_shared.localstack import NotInstalledError, RabbitMQConfig, RabbitMQNode, free_tcp_ports
+from keeper_shared.messages.envelope import Payload
+
+
+class _Ping(Payload):
+    """A test event."""
+
+    message_type: ClassVar[str] = "test.ping"
+
+
+async def _ignore(message: AbstractIncomingMessage) -> None:
+    del message
+
+
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED = REPO / "deploy" / "rabbitmq" / "definitions.json"
+
+
+def test_committed_definitions_are_generated_from_the_topology(tmp_path: Path) -> None:
+    assert COMMITTED.read_text(encoding="utf-8") == render(definitions()), (
+        "deploy/rabbitmq/definitions.json differs from keeper_shared.bus.topology: run "
+        "`.venv/bin/python -m keeper_shared.contract.rabbitmq definitions`"
+    )
+    stale = tmp_path / "definitions.json"
+    stale.write_text("{}", encoding="utf-8")
+    assert main(["definitions", "--check", "--output", str(stale)]) == 1
+
+
+def test_a_bad_host_id_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a host id"):
+        host_definitions("Host_A", "pw")
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQNode]:
+    amqp_port, dist_port = free_tcp_ports(2)
+    rabbit = RabbitMQNode(
+        RabbitMQConfig(
+            name=f"keeper-defs-{amqp_port}",
+            amqp_port=amqp_port,
+            dist_port=dist_port,
+            base_dir=tmp_path_factory.mktemp("rabbitmq-defs"),
+        )
+    )
+    try:
+        rabbit.check_installed()
+    except NotInstalledError as error:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+    try:
+        rabbit.start()
+        yield rabbit
+    finally:
+        rabbit.stop()
+
+
+def _import(node: RabbitMQNode, document: dict[str, object], path: Path) -> None:
+    path.write_text(json.dumps(document), encoding="utf-8")
+    result = node.ctl("import_definitions", str(path))
+    assert result is not None, "rabbitmqctl import_definitions timed out"
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _url(node: RabbitMQNode, user: str, password: str) -> str:
+    return f"amqp://{user}:{password}@127.0.0.1:{node.config.amqp_port}/"
+
+
+@pytest.mark.rabbit
+async def test_definitions_load_and_agree_with_the_declarations(
+    node: RabbitMQNode, tmp_path: Path
+) -> None:
+    _import(node, json.loads(COMMITTED.read_text(encoding="utf-8")), tmp_path / "defs.json")
+    _import(node, host_definitions("host-a", "secret-a"), tmp_path / "host-a.json")
+    listed = node.ctl("list_queues", "name", "type", "arguments")
+    assert listed is not None
+    assert listed.returncode == 0
+    for spec in (topology.STATE_STORE_EVENTS, topology.POLICY_COMMANDS):
+        assert spec.name in listed.stdout
+        assert spec.dead_letter_queue in listed.stdout
+    assert "keeper.host.host-a.commands" in listed.stdout
+
+    # Redeclaring what the definitions created must not fail with PRECONDITION_FAILED.
+    connection = await aio_pika.connect(node.amqp_url)
+    try:
+        channel = await connection.channel()
+        for spec in (
+            topology.STATE_STORE_EVENTS,
+            topology.STATE_STORE_COMMANDS,
+            topology.POLICY_EVENTS,
+            topology.POLICY_COMMANDS,
+            topology.host_command_queue("host-a"),
+        ):
+            await topology.declare_queue(channel, spec)
+    finally:
+        await connection.close()
+
+
+@pytest.mark.rabbit
+async def test_a_host_user_speaks_only_for_itself(node: RabbitMQNode, tmp_path: Path) -> None:
+    _import(node, json.loads(COMMITTED.read_text(encoding="utf-8")), tmp_path / "defs.json")
+    _import(node, host_definitions("host-b", "secret-b"), tmp_path / "host-b.json")
+    _import(node, host_definitions("host-c", "secret-c"), tmp_path / "host-c.json")
+
+    # As the host agent does: connect, declare, consume its queue, publish its events.
+    bus = await BusClient.connect(
+        _url(node, "host-b", "secret-b"), source="host-agent/host-b", origin="host-b"
+    )
+    try:
+        consumer = await bus.consume(topology.host_command_queue("host-b"), [], prefetch=1)
+        await bus.publish_event(_Ping(), subject="host-b")
+        await consumer.stop(1.0)
+    finally:
+        await bus.close()
+
+    connection = await aio_pika.connect(_url(node, "host-b", "secret-b"))
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        events = await channel.get_exchange(topology.EVENTS_EXCHANGE, ensure=False)
+        with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):
+            await events.publish(aio_pika.Message(b"{}"), routing_key="host.heartbeat.host-c")
+        channel = await connection.channel()
+        queue = await channel.get_queue("keeper.host.host-c.commands", ensure=False)
+        with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):
+            await queue.consume(_ignore)
+    finally:
+        await connection.close()

@@ -1,0 +1,98 @@
+"""`keeper` argument handling, exit codes and messages, without any server."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from typer.testing import CliRunner
+
+from keeper_shared.cli.app import app
+from keeper_shared.cli.config import CliSettings
+from keeper_shared.cli.errors import ExitCode
+from keeper_shared.cli.output import age
+
+runner = CliRunner()
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    port = _closed_port()
+    monkeypatch.setenv("KEEPER_AMQP_URL", f"amqp://guest:guest@127.0.0.1:{port}/")
+    monkeypatch.setenv("KEEPER_REDIS_URL", f"redis://127.0.0.1:{port}/0")
+
+
+def test_help_lists_every_command() -> None:
+    result = runner.invoke(app, ["vm", "--help"])
+    assert result.exit_code == 0
+    for command in (
+        "enable-tpm",
+        "start",
+        "shutdown",
+        "poweroff",
+        "status",
+        "history",
+        "restore",
+        "snapshot",
+        "clone",
+        "export",
+        "import",
+    ):
+        assert command in result.output
+    assert "hosts" in runner.invoke(app, ["--help"]).output
+
+
+def test_defaults_point_at_the_local_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("KEEPER_AMQP_URL", "KEEPER_REDIS_URL", "KEEPER_STACK_RABBITMQ_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    settings = CliSettings()
+    assert settings.amqp_url == "amqp://guest:guest@127.0.0.1:28672/"
+    assert settings.redis_url == "redis://127.0.0.1:28379/0"
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["vm", "start", "some-vm"],  # --host missing
+        ["vm", "restore", "some-vm", "--host", "h"],  # neither --version nor --snapshot
+        ["vm", "restore", "some-vm", "--host", "h", "--version", "1", "--snapshot", "s"],
+        ["vm", "clone", "some-vm", "not-a-uuid", "--tpm", "copy"],
+        ["vm", "clone", "some-vm", "7d4e5a40-3c43-4a8f-9c40-1b3a2b3c4d5e", "--tpm", "maybe"],
+        ["vm", "enable-tpm", "bad name!", "--guest-os", "windows-11"],
+        ["vm", "enable-tpm", "vm1", "--guest-os", "windows-11", "--firmware", "coreboot"],
+    ],
+)
+def test_bad_arguments_exit_2(arguments: list[str]) -> None:
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == ExitCode.USAGE, result.output
+
+
+@pytest.mark.usefixtures("nothing_runs")
+@pytest.mark.parametrize(
+    ("arguments", "what"),
+    [
+        (["vm", "status"], "Redis"),
+        (["hosts", "--json"], "Redis"),
+        (["vm", "start", "vm1", "--host", "h"], "Redis"),
+        (["vm", "enable-tpm", "vm1", "--guest-os", "windows-11"], "RabbitMQ"),
+    ],
+)
+def test_an_unreachable_server_is_named(arguments: list[str], what: str) -> None:
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == ExitCode.UNREACHABLE
+    assert f"cannot reach {what}" in result.stderr
+    assert result.stdout == ""
+
+
+def test_ages_read_well() -> None:
+    assert age(None) is None
+    assert age(5) == "5s"
+    assert age(600) == "10m"
+    assert age(3 * 3600) == "3h"
+    assert age(3 * 86400) == "3d"
