@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PACKAGES := shared services/host-agent services/state-store services/policy
 
-.PHONY: setup demo test lint stack-start stack-stop stack-status lock
+.PHONY: setup demo test lint stack-start stack-stop stack-status lock bench
 
 # Debian packages first (python3-venv, libvirt-dev and gcc are needed to build the venv).
 $(INSTALLED): requirements.lock deploy/local/install-packages $(addsuffix /pyproject.toml,$(PACKAGES))
@@ -22,12 +22,17 @@ demo: setup
 	$(PY) -m keeper_shared.demo
 
 lint: setup
-	$(VENV)/bin/ruff check shared services tests
-	$(VENV)/bin/ruff format --check shared services tests
-	$(VENV)/bin/mypy shared/src services/host-agent/src services/state-store/src services/policy/src tests
+	$(VENV)/bin/ruff check shared services tests bench
+	$(VENV)/bin/ruff format --check shared services tests bench
+	$(VENV)/bin/mypy shared/src services/host-agent/src services/state-store/src services/policy/src tests bench
 
 test: lint
 	$(VENV)/bin/pytest
+
+# Benchmarks against a private RabbitMQ node and Redis of their own (free ports, temp dir,
+# stopped at the end); writes docs/benchmarks.md. BENCH_ROUNDS=N changes the rounds (3).
+bench: setup
+	$(PY) -m bench
 
 stack-start: setup
 	deploy/local/stack start

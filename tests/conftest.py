@@ -13,12 +13,12 @@ import gc
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from broker import Broker
 from keeper_shared.localstack import (
     NotInstalledError,
     RabbitMQConfig,
@@ -93,21 +93,6 @@ def _redis_server(base_dir: Path) -> RedisServer:
 def docker_engine() -> bool:
     """Whether this session runs its servers in Docker containers."""
     return _docker_engine_answers()
-
-
-@dataclass(frozen=True)
-class Broker:
-    """The session's RabbitMQ: its URL, and how to add a user with permissions."""
-
-    url: str
-    add_user: Callable[[str, str], None]
-    """(name, password) -> None: a user with every permission on the default vhost (what a
-    user may do is a matter of topic permissions, tested apart)."""
-
-    def url_for(self, user: str, password: str) -> str:
-        """The AMQP URL of this broker as another user."""
-        host_part = self.url.split("@", 1)[1]
-        return f"amqp://{user}:{password}@{host_part}"
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from asyncinotify import Inotify, Mask, Watch
 
 from keeper_host_agent.state_tracker import StateTracker
 from keeper_shared.messages.types import StateKind
+from keeper_shared.tpm_archive import ALLOWED_TPM_FILE_NAMES
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +79,11 @@ class ChangeWatcher:
                 continue
             vm_id = self._tpm_dirs.get(str(event.path.parent))
             if vm_id is not None:
-                self._tracker.poke(vm_id, StateKind.TPM)
+                # Only the state files make the state. swtpm writes a temp file (TMP2-00...)
+                # and renames it over the state file: poking on the temp file's CREATE starts
+                # the first read before the rename, which then costs a second window.
+                if event.path.name in ALLOWED_TPM_FILE_NAMES:
+                    self._tracker.poke(vm_id, StateKind.TPM)
                 continue
             vm_id = self._nvram_files.get(str(event.path))
             if vm_id is not None:

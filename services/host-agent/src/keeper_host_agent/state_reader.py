@@ -42,12 +42,25 @@ class StateLocation:
     def __init__(self, kind: StateKind, path: Path) -> None:
         self.kind = kind
         self.path = path
+        # (name, path as str) of each file the signature stats, built once: joining Path
+        # objects on every call cost more than the lstat calls themselves.
+        if kind is StateKind.NVRAM:
+            self._stat_targets: tuple[tuple[str, str], ...] = ((path.name, str(path)),)
+        else:
+            self._stat_targets = tuple(
+                (name, os.path.join(path, name)) for name in sorted(ALLOWED_TPM_FILE_NAMES)
+            )
 
     def signature(self) -> tuple[FileStat, ...]:
         """Stat-only fingerprint: cheap enough to run over a thousand VMs every few seconds."""
-        if self.kind is StateKind.NVRAM:
-            return _stat_entries(self.path.parent, (self.path.name,))
-        return _stat_entries(self.path, sorted(ALLOWED_TPM_FILE_NAMES))
+        entries = []
+        for name, target in self._stat_targets:
+            try:
+                info = os.lstat(target)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            entries.append((name, info.st_ino, info.st_size, info.st_mtime_ns))
+        return tuple(entries)
 
     def read_content(self) -> bytes | None:
         """The canonical content, or None when there is no state (yet)."""
@@ -88,17 +101,6 @@ async def read_stable(
             return current
         previous = current
     return None
-
-
-def _stat_entries(directory: Path, names: list[str] | tuple[str, ...]) -> tuple[FileStat, ...]:
-    entries = []
-    for name in names:
-        try:
-            info = os.lstat(directory / name)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        entries.append((name, info.st_ino, info.st_size, info.st_mtime_ns))
-    return tuple(entries)
 
 
 def _read_regular_file(path: Path, limit: int) -> bytes | None:

@@ -1,0 +1,60 @@
+"""Realistic state contents: a TPM manufactured by swtpm_setup (as libvirt does on a VM's
+first start) and the OVMF VARS template, each with variants that differ in a few bytes."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.hosts import nvram_template
+from keeper_shared.blobs import seal_blob
+from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
+from keeper_shared.swtpm_tools import manufacture_tpm_state, write_private_ca_config
+from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state, read_tpm_state_dir
+
+
+@dataclass(frozen=True)
+class RealContent:
+    """A real swtpm permall, and its canonical archive."""
+
+    permall: bytes
+    manufactured: bool
+
+
+async def real_tpm_state(work: Path) -> RealContent:
+    """A freshly manufactured swtpm TPM 2 state (random 6 KB if swtpm_setup is missing)."""
+    try:
+        with tempfile.TemporaryDirectory(dir=work) as scratch:
+            config = write_private_ca_config(Path(scratch) / "ca")
+            state_dir = Path(scratch) / "tpm2"
+            await manufacture_tpm_state(state_dir, config=config)
+            files = read_tpm_state_dir(state_dir)
+            return RealContent(files[MAIN_STATE_FILE_NAME], True)
+    except Exception:  # no swtpm here: fall back, and say so in the report
+        return RealContent(random.Random(1).randbytes(6 * 1024), False)
+
+
+def variants(kind: StateKind, base: bytes, count: int, seed: int) -> list[StateBlob]:
+    """``count`` sealed blobs of ``base`` with a few bytes changed, as a TPM or the firmware
+    changes them (16 bytes for a TPM, one 64-byte variable write for the NVRAM)."""
+    rng = random.Random(seed)
+    blobs = []
+    for _ in range(count):
+        content = bytearray(base)
+        width = 16 if kind is StateKind.TPM else 64
+        offset = rng.randrange(0, len(content) - width)
+        content[offset : offset + width] = rng.randbytes(width)
+        canonical = (
+            pack_tpm_state({MAIN_STATE_FILE_NAME: bytes(content)})
+            if kind is StateKind.TPM
+            else bytes(content)
+        )
+        blobs.append(seal_blob(kind, canonical, FencingToken(epoch=1, generation=1)))
+    return blobs
+
+
+def nvram_base() -> bytes:
+    """The OVMF VARS template a VM's NVRAM starts from."""
+    return nvram_template()

@@ -1,0 +1,386 @@
+"""The benchmarks, in order, against one private broker and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from bench import content, idle, pipeline, profile, raw, restore, scale
+from bench.env import (
+    PersistedRecorder,
+    Stack,
+    agent_process,
+    rss_bytes,
+    start_service,
+    store_process,
+)
+from bench.hosts import OVMF_VARS_SIZE, BenchVm, lay_out_host
+from bench.stats import Figure, percentile
+from keeper_shared.blobs import seal_blob
+from keeper_shared.bus.client import BusClient
+from keeper_shared.demo.processes import ServiceProcess
+from keeper_shared.encryption import generate_key_file
+from keeper_shared.messages.types import FencingToken, StateKind
+from keeper_shared.redis_keys import placement_key
+from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+
+TPM_SIZE = 16 * 1024
+SIZES = (("tpm", TPM_SIZE, "16 KiB"), ("nvram", OVMF_VARS_SIZE, "540 KiB"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how many."""
+
+    rounds: int = 3
+    quick: bool = False
+    window_s: float = 0.05
+    """Stability window of the pipeline's host agent (a latency, reported apart)."""
+    vms: int = 200
+    idle_vms: int = 1000
+    latency_rate: float = 50.0
+    restore_calls: int = 100
+    history_depth: int = 100
+    parts: tuple[str, ...] = ("pipeline", "idle", "scale")
+
+    @property
+    def throughput_s(self) -> float:
+        """Measured seconds of each throughput round (after a warm-up)."""
+        return 2.0 if self.quick else 5.0
+
+    @property
+    def latency_s(self) -> float:
+        """Seconds of each latency round."""
+        return 2.0 if self.quick else 6.0
+
+    @property
+    def idle_s(self) -> float:
+        """Seconds of each idle-CPU round (three rounds make the ~30 s)."""
+        return 3.0 if self.quick else 10.0
+
+    @property
+    def scale_s(self) -> float:
+        """Seconds of each scale throughput round."""
+        return 2.0 if self.quick else 4.0
+
+
+@dataclass
+class Bench:
+    """Runs everything; the figures and notes are read by the report."""
+
+    stack: Stack
+    work: Path
+    settings: Settings
+    figures: dict[str, Figure] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    profiles: dict[str, profile.Summary] = field(default_factory=dict)
+    _services: list[ServiceProcess] = field(default_factory=list)
+
+    def figure(self, key: str, name: str, unit: str, target: str = "") -> Figure:
+        """The figure under ``key`` (created on first use, in table order)."""
+        if key not in self.figures:
+            self.figures[key] = Figure(name, unit, target=target)
+        return self.figures[key]
+
+    def say(self, text: str) -> None:
+        """A progress line."""
+        print(f"bench: {text}", flush=True)
+
+    async def run_all(self) -> None:
+        """Every benchmark; every process started here is stopped whatever happens."""
+        kek = self.work / "keys" / "kek.key"
+        kek.parent.mkdir(parents=True)
+        generate_key_file(kek)
+        self.redis = Redis.from_url(self.stack.redis.url)
+        self.recorder = await PersistedRecorder.start(self.stack.rabbit.amqp_url)
+        self.bus = await BusClient.connect(
+            self.stack.rabbit.amqp_url, source="bench", origin="bench"
+        )
+        try:
+            self.store = store_process(
+                self.stack, self.work, kek, history_depth=self.settings.history_depth
+            )
+            self._services.append(self.store)
+            await start_service(self.store)
+            self.tpm = await content.real_tpm_state(self.work)
+            if not self.tpm.manufactured:
+                self.notes.append("swtpm_setup was not available: TPM content is random 6 KB.")
+            if "pipeline" in self.settings.parts:
+                await self.pipeline_benchmarks()
+            if "idle" in self.settings.parts:
+                await self.idle_benchmark()
+            if "scale" in self.settings.parts:
+                await self.scale_benchmarks()
+            assert self.store.process is not None
+            rss = rss_bytes(self.store.process.pid) / 2**20
+            self.figure("store_rss", "State store RSS at the end", "MiB").add(rss)
+        finally:
+            for service in reversed(self._services):
+                with contextlib.suppress(Exception):
+                    await service.stop(10.0)
+            with contextlib.suppress(Exception):
+                await self.bus.close(2.0)
+            with contextlib.suppress(Exception):
+                await self.recorder.close()
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+
+    # --- 1, 2, 4: the real host agent and store -------------------------------------------
+
+    async def pipeline_benchmarks(self) -> None:
+        """Throughput against raw, latency, restore, and profiles, on one real host."""
+        settings = self.settings
+        host_id = "bench-h1"
+        root = self.work / "hosts" / host_id
+        vms = lay_out_host(root, settings.vms, epoch=1, tpm_state=os.urandom(TPM_SIZE))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for vm in vms:
+                pipe.hset(placement_key(vm.vm_id), mapping={"host": host_id, "epoch": "1"})
+            await pipe.execute()
+        agent = agent_process(self.stack, self.work, host_id, root, window_s=settings.window_s)
+        self._services.append(agent)
+        await start_service(agent)
+        assert agent.process is not None
+        assert self.store.process is not None
+        began = time.monotonic()
+        while self.recorder.count < 2 * len(vms):
+            if time.monotonic() - began > 180:
+                raise RuntimeError(
+                    f"initial state of {len(vms)} VMs not persisted "
+                    f"({self.recorder.count} events) in 180 s"
+                )
+            await asyncio.sleep(0.2)
+        self.say(f"{len(vms)} VMs tracked and stored in {time.monotonic() - began:.1f} s")
+
+        for index in range(settings.rounds):
+            for kind, size, label in SIZES:
+                order = ["raw", "pipe"] if index % 2 == 0 else ["pipe", "raw"]
+                measured: dict[str, float] = {}
+                for which in order:
+                    if which == "raw":
+                        measured["raw"] = await raw.raw_round_trip(
+                            self.stack.rabbit.amqp_url, size, settings.throughput_s
+                        )
+                    else:
+                        rate, timeouts = await pipeline.throughput(
+                            self.recorder, vms, kind, settings.throughput_s, tpm_size=TPM_SIZE
+                        )
+                        measured["pipe"] = rate
+                        if timeouts:
+                            self.notes.append(
+                                f"throughput {label} round {index + 1}: {timeouts} changes "
+                                "not announced within 20 s"
+                            )
+                self.figure(f"raw_{kind}", f"Raw aio-pika round trip, {label}", "msg/s").add(
+                    measured["raw"]
+                )
+                self.figure(
+                    f"pipe_{kind}", f"Pipeline, {label} changes ({kind.upper()})", "versions/s"
+                ).add(measured["pipe"])
+                self.figure(
+                    f"ratio_{kind}", f"Pipeline / raw, {label}", "ratio", target="≥ 0.6"
+                ).add(measured["pipe"] / measured["raw"])
+                self.say(
+                    f"round {index + 1} {label}: raw {measured['raw']:.0f}/s, "
+                    f"pipeline {measured['pipe']:.0f}/s"
+                )
+        self.figure("store_rss_pipe", "State store RSS after the throughput runs", "MiB").add(
+            rss_bytes(self.store.process.pid) / 2**20
+        )
+
+        window_ms = settings.window_s * 1000
+        pooled: list[float] = []
+        for index in range(settings.rounds):
+            timed, timeouts = await pipeline.latency(
+                self.recorder, vms, settings.latency_rate, settings.latency_s, tpm_size=TPM_SIZE
+            )
+            if timeouts:
+                self.notes.append(f"latency round {index + 1}: {timeouts} changes timed out")
+            pooled += [seconds for _, seconds in timed]
+            beyond = [1000 * seconds - window_ms for _, seconds in timed]
+            window = f"beyond the {window_ms:.0f} ms window"
+            self.figure("lat_p50", f"Change → persisted p50, {window}", "ms").add(
+                percentile(beyond, 0.5)
+            )
+            self.figure("lat_p99", f"Change → persisted p99, {window}", "ms", target="< 20").add(
+                percentile(beyond, 0.99)
+            )
+            for kind in ("tpm", "nvram"):
+                mine = [1000 * seconds - window_ms for k, seconds in timed if k == kind]
+                if mine:
+                    self.figure(f"lat_{kind}_p50", f"… {kind.upper()} changes p50", "ms").add(
+                        percentile(mine, 0.5)
+                    )
+                    self.figure(f"lat_{kind}_p99", f"… {kind.upper()} changes p99", "ms").add(
+                        percentile(mine, 0.99)
+                    )
+            self.say(f"latency round {index + 1}: {len(timed)} changes timed")
+        self.pooled_latency = [1000 * sample - window_ms for sample in pooled]
+        for _ in range(settings.rounds):
+            hop = [
+                1000 * sample
+                for sample in await raw.raw_latency(self.stack.rabbit.amqp_url, TPM_SIZE, 100)
+            ]
+            hop_name = "Raw one hop (16 KiB publish → delivered, quorum queue)"
+            self.figure("hop_p50", f"{hop_name} p50", "ms").add(percentile(hop, 0.5))
+            self.figure("hop_p99", f"{hop_name} p99", "ms").add(percentile(hop, 0.99))
+
+        tpm_blob = seal_blob(
+            StateKind.TPM,
+            pack_tpm_state({MAIN_STATE_FILE_NAME: self.tpm.permall}),
+            FencingToken(epoch=1, generation=1),
+        )
+        nvram_blob = seal_blob(
+            StateKind.NVRAM, content.nvram_base(), FencingToken(epoch=1, generation=1)
+        )
+        for _ in range(settings.rounds):
+            samples = await restore.prepare_calls(
+                self.bus, host_id, root, tpm_blob, nvram_blob, settings.restore_calls
+            )
+            ms = [1000 * sample for sample in samples]
+            self.figure("restore_p50", "Restore (vm.prepare → written, fsynced) p50", "ms").add(
+                percentile(ms, 0.5)
+            )
+            self.figure(
+                "restore_p99", "Restore (vm.prepare → written, fsynced) p99", "ms", target="< 20"
+            ).add(percentile(ms, 0.99))
+
+        await self.profile_pipeline(vms, agent)
+        await agent.stop(10.0)
+        shutil.rmtree(root, ignore_errors=True)
+
+    async def profile_pipeline(self, vms: list[BenchVm], agent: ServiceProcess) -> None:
+        """One extra (untimed) saturated round per size under py-spy, store and agent."""
+        if profile.py_spy() is None:
+            self.notes.append("py-spy is not installed: no profile.")
+            return
+        assert agent.process is not None
+        assert self.store.process is not None
+        seconds = 3 if self.settings.quick else 6
+        for kind in ("tpm", "nvram"):
+            out_store = self.work / f"profile-store-{kind}.txt"
+            out_agent = self.work / f"profile-agent-{kind}.txt"
+            load = asyncio.create_task(
+                pipeline.throughput(self.recorder, vms, kind, seconds + 1, tpm_size=TPM_SIZE)
+            )
+            await asyncio.sleep(1.0)
+            ok_store, ok_agent = await asyncio.gather(
+                profile.record(self.store.process.pid, out_store, seconds),
+                profile.record(agent.process.pid, out_agent, seconds),
+            )
+            await load
+            if ok_store:
+                self.profiles[f"state store, {kind.upper()} changes"] = profile.summarise(out_store)
+            if ok_agent:
+                self.profiles[f"host agent, {kind.upper()} changes"] = profile.summarise(out_agent)
+            if not (ok_store and ok_agent):
+                self.notes.append(f"py-spy could not sample every process ({kind}).")
+
+    # --- 3: idle --------------------------------------------------------------------------
+
+    async def idle_benchmark(self) -> None:
+        """One real agent, 1,000 domains, no changes, default rescan and heartbeat."""
+        settings = self.settings
+        host_id = "bench-idle"
+        root = self.work / "hosts" / host_id
+        lay_out_host(
+            root, settings.idle_vms, epoch=0, tpm_state=self.tpm.permall, sparse_nvram=True
+        )
+        agent = agent_process(self.stack, self.work, host_id, root, window_s=0.5)
+        self._services.append(agent)
+        await start_service(agent, timeout_s=180)
+        assert agent.process is not None
+        settled = await idle.settle(agent.process.pid)
+        self.say(f"idle agent settled after {settled:.0f} s")
+        for _ in range(settings.rounds):
+            share = await idle.cpu_share(agent.process.pid, settings.idle_s)
+            self.figure(
+                "idle_cpu",
+                f"Idle host agent, {settings.idle_vms:,} VMs ({settings.idle_s:.0f} s rounds)",
+                "% of a core",
+                target="< 1",
+            ).add(share)
+        if profile.py_spy() is not None:
+            out = self.work / "profile-agent-idle.txt"
+            if await profile.record(agent.process.pid, out, int(settings.idle_s)):
+                self.profiles[f"host agent, idle, {settings.idle_vms:,} VMs"] = profile.summarise(
+                    out
+                )
+        self.figure("idle_rss", f"Idle host agent RSS, {settings.idle_vms:,} VMs", "MiB").add(
+            rss_bytes(agent.process.pid) / 2**20
+        )
+        await agent.stop(10.0)
+        shutil.rmtree(root, ignore_errors=True)
+
+    # --- 5: scale -------------------------------------------------------------------------
+
+    async def scale_benchmarks(self) -> None:
+        """The real store against 1, 10 and 100 simulated hosts (see bench.scale)."""
+        settings = self.settings
+        pools = {
+            StateKind.TPM: content.variants(StateKind.TPM, self.tpm.permall, 8, seed=1),
+            StateKind.NVRAM: content.variants(StateKind.NVRAM, content.nvram_base(), 8, seed=2),
+        }
+        for kind, label in ((StateKind.TPM, "TPM"), (StateKind.NVRAM, "NVRAM")):
+            sizes = [len(blob.compressed.get_secret_value()) for blob in pools[kind]]
+            self.figure(
+                f"blob_{kind.value}",
+                f"Compressed {label} blob (raw {pools[kind][0].size:,} bytes)",
+                "KB",
+            ).add(sum(sizes) / len(sizes) / 1000)
+        hosts = await scale.FakeHosts.start(self.bus, pools)
+        both = [StateKind.TPM, StateKind.NVRAM]
+        for count in (1, 10, 100):
+            run = uuid.uuid4().hex[:4]
+            host_ids = [f"bench-s{count}-{run}-{i}" for i in range(count)]
+            vms = [
+                scale.FakeVm(str(uuid.uuid4()), host_ids[i % count]) for i in range(settings.vms)
+            ]
+            await hosts.serve(host_ids)
+            await scale.place(self.redis, vms)
+            before = await scale.used_memory(self.redis)
+            await scale.closed_loop(hosts, self.recorder, vms, both, duration_s=None, steps=2)
+            per_vm = (await scale.used_memory(self.redis) - before) / len(vms)
+            self.figure(
+                "mem_vm", "Redis memory per VM (placement, key, heads, first TPM + NVRAM)", "KB"
+            ).add(per_vm / 1000)
+            for _ in range(settings.rounds):
+                done, seconds, timeouts = await scale.closed_loop(
+                    hosts, self.recorder, vms, both, duration_s=settings.scale_s
+                )
+                if timeouts:
+                    self.notes.append(f"scale {count} hosts: {timeouts} changes timed out")
+                self.figure(
+                    f"scale_{count}",
+                    f"Store throughput, {count} simulated host{'s' if count > 1 else ''} "
+                    f"x {settings.vms // count} VMs (real blobs, TPM and NVRAM)",
+                    "versions/s",
+                ).add(done / seconds)
+            per_kind = {}
+            for kind in both:
+                before = await scale.used_memory(self.redis)
+                done, _, _ = await scale.closed_loop(
+                    hosts, self.recorder, vms, [kind], duration_s=settings.scale_s / 2
+                )
+                per_kind[kind] = (await scale.used_memory(self.redis) - before) / max(done, 1)
+            self.figure(
+                "mem_version",
+                "Redis memory per stored version of TPM + NVRAM",
+                "KB",
+                target="< 8",
+            ).add(sum(per_kind.values()) / 1000)
+            self.figure("mem_tpm", "… of which TPM (manufactured swtpm state)", "KB").add(
+                per_kind[StateKind.TPM] / 1000
+            )
+            self.figure("mem_nvram", "… of which NVRAM (OVMF VARS, 540 KiB)", "KB").add(
+                per_kind[StateKind.NVRAM] / 1000
+            )
+            self.say(f"scale {count} hosts done ({hosts.fetches} fetches so far)")

@@ -1,0 +1,160 @@
+"""Scale: the real store against many simulated hosts.
+
+What is real: the state-store process, RabbitMQ, Redis, every message (``state.changed``
+published under each host's routing key, ``state.fetch`` sent by the store to each host's
+own quorum queue, the ``state.fetched`` reply with real compressed blobs). What is
+simulated: the hosts. One bench-only responder in this process consumes the command queues
+of all simulated host ids and answers fetches with the blob it announced last, so 100 hosts
+do not need 100 host-agent processes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aio_pika
+from aio_pika.abc import AbstractExchange
+from redis.asyncio import Redis
+
+from bench.env import PersistedRecorder
+from keeper_shared.bus.client import BusClient, Delivery, Route
+from keeper_shared.bus.topology import declare_exchanges, event_routing_key, host_command_queue
+from keeper_shared.messages.envelope import Envelope, encode, new_envelope
+from keeper_shared.messages.state import FetchedVmState, FetchState, StateChanged, StateFetched
+from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
+from keeper_shared.redis_keys import placement_key
+
+WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class FakeVm:
+    """A VM on a simulated host."""
+
+    vm_id: str
+    host: str
+
+
+@dataclass
+class FakeHosts:
+    """The responder for every simulated host, and the announcer of their changes."""
+
+    bus: BusClient
+    events: AbstractExchange
+    pools: dict[StateKind, list[StateBlob]]
+    current: dict[tuple[str, StateKind], StateBlob] = field(default_factory=dict)
+    steps: dict[tuple[str, StateKind], int] = field(default_factory=dict)
+    generation: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    fetches: int = 0
+
+    @classmethod
+    async def start(cls, bus: BusClient, pools: dict[StateKind, list[StateBlob]]) -> FakeHosts:
+        """Ready to serve hosts added with ``serve``."""
+        channel = await bus.connection.channel(publisher_confirms=True)
+        events, _ = await declare_exchanges(channel)
+        return cls(bus, events, pools)
+
+    async def serve(self, host_ids: Sequence[str]) -> None:
+        """Consume these hosts' command queues."""
+        for host_id in host_ids:
+            await self.bus.consume(
+                host_command_queue(host_id), [Route(FetchState, self.fetch)], prefetch=8
+            )
+
+    async def fetch(self, envelope: Envelope[FetchState], _delivery: Delivery) -> StateFetched:
+        """What a host agent answers: the current blob of each asked VM and kind."""
+        self.fetches += 1
+        found = []
+        for vm_id in envelope.data.vm_ids:
+            blobs = [
+                self.current[(vm_id, kind)]
+                for kind in envelope.data.kinds
+                if (vm_id, kind) in self.current
+            ]
+            found.append(FetchedVmState(vm_id=vm_id, blobs=blobs))
+        return StateFetched(vms=found)
+
+    async def change(self, vm: FakeVm, kind: StateKind) -> StateBlob:
+        """The VM's state changes to its next variant; announce it as its host would."""
+        step = self.steps.get((vm.vm_id, kind), 0)
+        self.steps[(vm.vm_id, kind)] = step + 1
+        pool = self.pools[kind]
+        token = FencingToken(epoch=1, generation=next(self.generation))
+        blob = pool[step % len(pool)].model_copy(update={"token": token})
+        self.current[(vm.vm_id, kind)] = blob
+        change = StateChanged(
+            vm_id=vm.vm_id,
+            host=vm.host,
+            kind=kind,
+            content_hash=blob.content_hash,
+            size=blob.size,
+            token=token,
+        )
+        envelope = new_envelope(change, source=f"host-agent/{vm.host}", subject=vm.vm_id)
+        await self.events.publish(
+            aio_pika.Message(
+                encode(envelope),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(envelope.id),
+                type=envelope.type,
+            ),
+            routing_key=event_routing_key(StateChanged.message_type, vm.host),
+        )
+        return blob
+
+
+async def place(redis: Redis, vms: Sequence[FakeVm]) -> None:
+    """What policy writes when it places a VM: its host and epoch."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for vm in vms:
+            pipe.hset(placement_key(vm.vm_id), mapping={"host": vm.host, "epoch": "1"})
+        await pipe.execute()
+
+
+async def closed_loop(
+    hosts: FakeHosts,
+    recorder: PersistedRecorder,
+    vms: Sequence[FakeVm],
+    kinds: Sequence[StateKind],
+    *,
+    duration_s: float | None,
+    steps: int | None = None,
+) -> tuple[int, float, int]:
+    """Each VM changes (cycling through ``kinds``) as soon as its last change was persisted,
+    for ``duration_s`` or ``steps`` changes each. Returns (persisted, seconds, timeouts)."""
+    began = time.monotonic()
+    ends = began + duration_s if duration_s is not None else float("inf")
+    done = 0
+    timeouts = 0
+
+    async def one(vm: FakeVm, offset: int) -> None:
+        nonlocal done, timeouts
+        step = 0
+        while time.monotonic() < ends and (steps is None or step < steps):
+            kind = kinds[(offset + step) % len(kinds)]
+            step += 1
+            blob = await hosts.change(vm, kind)
+            future = recorder.expect(vm.vm_id, blob.content_hash)
+            try:
+                at = await asyncio.wait_for(future, WAIT_S)
+            except TimeoutError:
+                timeouts += 1
+                recorder.forget(vm.vm_id, blob.content_hash)
+                continue
+            if at < ends:
+                done += 1
+
+    await asyncio.gather(*(one(vm, index) for index, vm in enumerate(vms)))
+    elapsed = (duration_s if duration_s is not None else time.monotonic() - began) or 1e-9
+    return done, elapsed, timeouts
+
+
+async def used_memory(redis: Redis) -> int:
+    """Redis INFO memory used_memory."""
+    info = await redis.info("memory")
+    return int(info["used_memory"])

@@ -1,0 +1,21 @@
+"""The session's RabbitMQ as tests see it (the fixture lives in conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Broker:
+    """The session's RabbitMQ: its URL, and how to add a user with permissions."""
+
+    url: str
+    add_user: Callable[[str, str], None]
+    """(name, password) -> None: a user with every permission on the default vhost (what a
+    user may do is a matter of topic permissions, tested apart)."""
+
+    def url_for(self, user: str, password: str) -> str:
+        """The AMQP URL of this broker as another user."""
+        host_part = self.url.split("@", 1)[1]
+        return f"amqp://{user}:{password}@{host_part}"
