@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from keeper_host_agent.domain_xml import DomainStateLocation
-from keeper_host_agent.state_reader import StateLocation, StateSnapshot, read_stable
+from keeper_host_agent.state_reader import FileStat, StateLocation, StateSnapshot, read_stable
 from keeper_shared.blobs import seal_blob
 from keeper_shared.messages.host import VmInventoryEntry
 from keeper_shared.messages.state import StateChanged
@@ -37,12 +37,21 @@ class GenerationClock:
         return self._last
 
 
+@dataclass(frozen=True)
+class StableState:
+    """What is remembered of the last stable read: enough to notice a change, not the
+    content itself (a host keeps a thousand 540 KB NVRAMs; their compressed blob suffices)."""
+
+    signature: tuple[FileStat, ...]
+    content_hash: str
+
+
 @dataclass
 class TrackedState:
     """One kind of state of one VM."""
 
     location: StateLocation
-    stable: StateSnapshot | None = None
+    stable: StableState | None = None
     blob: StateBlob | None = None
     check: asyncio.Task[None] | None = None
     poked_during_check: bool = False
@@ -138,7 +147,7 @@ class StateTracker:
             snapshot = await read_stable(state.location, self._window_s)
             if snapshot is not None:
                 changed = state.stable is None or snapshot.content_hash != state.stable.content_hash
-                state.stable = snapshot
+                state.stable = StableState(snapshot.signature, snapshot.content_hash)
                 if changed or force_announce or state.blob is None:
                     await self._announce(tracked, kind, state, snapshot)
                     force_announce = False
