@@ -44,7 +44,7 @@ from keeper_shared.messages.vm_control import (
     SnapshotDomain,
     SuspendVm,
 )
-from keeper_shared.observability import metrics, serve_observability, watch_dead_letters
+from keeper_shared.observability import metrics, observe_service
 
 log = structlog.get_logger(__name__)
 
@@ -191,13 +191,8 @@ async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
             asyncio.create_task(agent.watcher.watch_inotify()),
             asyncio.create_task(agent.watcher.rescan_periodically()),
             asyncio.create_task(agent.heartbeat_forever(capabilities)),
-            asyncio.create_task(watch_dead_letters(bus.connection, [commands.dead_letter_queue])),
         ]
-
-        async def bus_connected() -> bool:
-            return not bus.connection.is_closed
-
-        async with serve_observability(checks={"rabbitmq": bus_connected}):
+        async with observe_service(bus, [commands.dead_letter_queue]):
             log.info(
                 "host agent ready", libvirt_uri=settings.libvirt_uri, vms=len(agent.tracker.vms)
             )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 
 import structlog
@@ -28,7 +27,7 @@ from keeper_policy.stop_workflow import STOP, StopRunner
 from keeper_policy.workflow_store import WorkflowStore
 from keeper_shared.bus.client import BusClient, Consumer
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS
-from keeper_shared.observability import serve_observability, watch_dead_letters
+from keeper_shared.observability import observe_service
 
 log = structlog.get_logger(__name__)
 
@@ -98,29 +97,14 @@ async def serve(settings: PolicySettings, stop: asyncio.Event) -> None:
             )
             service.start_background()
 
-            async def redis_answers() -> bool:
-                return bool(await redis.ping())
-
-            async def bus_connected() -> bool:
-                return not bus.connection.is_closed
-
-            dead_letters = asyncio.create_task(
-                watch_dead_letters(
-                    bus.connection,
-                    [POLICY_EVENTS.dead_letter_queue, POLICY_COMMANDS.dead_letter_queue],
-                )
-            )
-            try:
-                async with serve_observability(
-                    checks={"redis": redis_answers, "rabbitmq": bus_connected}
-                ):
-                    log.info("policy ready")
-                    await stop.wait()
-                    log.info("stopping")
-            finally:
-                dead_letters.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await dead_letters
+            dead_letter_queues = [
+                POLICY_EVENTS.dead_letter_queue,
+                POLICY_COMMANDS.dead_letter_queue,
+            ]
+            async with observe_service(bus, dead_letter_queues, redis):
+                log.info("policy ready")
+                await stop.wait()
+                log.info("stopping")
         finally:
             # Take no new messages, and give in-flight requests the grace period (a stop
             # waiting on its workflow may finish); what is still running is cancelled, and

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 from redis.asyncio import Redis
@@ -11,7 +10,7 @@ from redis.asyncio import Redis
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import STATE_STORE, STATE_STORE_COMMANDS, STATE_STORE_EVENTS
 from keeper_shared.key_ring import KeyRing
-from keeper_shared.observability import serve_observability, watch_dead_letters
+from keeper_shared.observability import observe_service
 from keeper_state_store.durability import ensure_durable
 from keeper_state_store.history_service import HistoryService
 from keeper_state_store.maintenance import Maintenance
@@ -51,29 +50,14 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
             )
             maintenance.start()
 
-            async def redis_answers() -> bool:
-                return bool(await redis.ping())
-
-            async def bus_connected() -> bool:
-                return not bus.connection.is_closed
-
-            dead_letters = asyncio.create_task(
-                watch_dead_letters(
-                    bus.connection,
-                    [STATE_STORE_EVENTS.dead_letter_queue, STATE_STORE_COMMANDS.dead_letter_queue],
-                )
-            )
-            try:
-                async with serve_observability(
-                    checks={"redis": redis_answers, "rabbitmq": bus_connected}
-                ):
-                    log.info("state store ready", redis=durability, kek_id=keys.current.key_id)
-                    await stop.wait()
-                    log.info("stopping")
-            finally:
-                dead_letters.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await dead_letters
+            dead_letter_queues = [
+                STATE_STORE_EVENTS.dead_letter_queue,
+                STATE_STORE_COMMANDS.dead_letter_queue,
+            ]
+            async with observe_service(bus, dead_letter_queues, redis):
+                log.info("state store ready", redis=durability, kek_id=keys.current.key_id)
+                await stop.wait()
+                log.info("stopping")
         finally:
             await maintenance.close()
             await bus.close(settings.shutdown_grace_s)

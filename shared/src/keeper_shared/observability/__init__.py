@@ -12,12 +12,14 @@ from keeper_shared.observability.server import (
     ReadinessCheck,
     serve_observability,
 )
+from keeper_shared.observability.service import observe_service
 
 __all__ = [
     "HealthServer",
     "ObservabilitySettings",
     "ReadinessCheck",
     "metrics",
+    "observe_service",
     "serve_observability",
     "watch_dead_letters",
 ]
