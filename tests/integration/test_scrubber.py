@@ -58,10 +58,8 @@ from keeper_shared.swtpm_tools import (
     DEMO_NV_INDEX,
     PERMALL_NAME,
     manufacture_tpm_state,
-    missing_tools,
     nv_write_secret,
     start_swtpm,
-    write_private_ca_config,
 )
 from keeper_shared.tpm_archive import pack_tpm_state, read_tpm_state_dir, unpack_tpm_state
 from keeper_state_store.repository import StateRepository, WriteOutcome
@@ -70,51 +68,14 @@ from keeper_state_store.scrubber import Scrubber, VmScrubOutcome
 from keeper_state_store.tpm_probe import reap_stale_probes
 from leak_scan import leak_forms
 
-pytestmark = [pytest.mark.redis, pytest.mark.swtpm]
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.swtpm,
+    pytest.mark.usefixtures("swtpm_tools", "no_swtpm_left"),
+]
 
 SCRUB_DB = 10
 CANARY = b"SCRUBBER-CANARY-" + os.urandom(16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _require_tools() -> None:
-    """Skip without swtpm, except on CI where a missing tool is a broken setup."""
-    missing = missing_tools()
-    if shutil.which("tpm2_readpublic") is None:
-        missing.append("tpm2_readpublic")
-    if not missing:
-        return
-    message = f"missing {', '.join(missing)} (apt-get install swtpm swtpm-tools tpm2-tools)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def _swtpm_children() -> list[int]:
-    """Pids of swtpm processes (zombies included) whose parent is this test process."""
-    me = os.getpid()
-    found: list[int] = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        comm = text[text.index("(") + 1 : text.rindex(")")]
-        ppid = int(text[text.rindex(")") + 2 :].split()[1])
-        if comm == "swtpm" and ppid == me:
-            found.append(int(text.split()[0]))
-    return found
-
-
-@pytest.fixture(autouse=True)
-def _no_swtpm_left() -> Iterator[None]:
-    assert _swtpm_children() == [], "an swtpm was running before the test"
-    yield
-    leftovers = _swtpm_children()
-    for pid in leftovers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    assert leftovers == [], f"swtpm left running: {leftovers}"
 
 
 @pytest.fixture
@@ -127,11 +88,6 @@ def scrub_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 # --- TPM states: two manufactured TPMs (two EKs), each before and after a seal ----------
-
-
-@pytest.fixture(scope="module")
-def ca_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_private_ca_config(tmp_path_factory.mktemp("swtpm-ca"))
 
 
 async def _tpm_archives(root: Path, ca_config: Path) -> tuple[bytes, bytes]:

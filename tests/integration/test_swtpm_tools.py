@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import os
 import re
@@ -17,7 +16,6 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,65 +26,16 @@ from keeper_shared.swtpm_tools import (
     PERMALL_NAME,
     SwtpmError,
     manufacture_tpm_state,
-    missing_tools,
     nv_read_secret,
     nv_write_secret,
     start_swtpm,
     swtpm_version,
-    write_private_ca_config,
 )
+from process_table import swtpm_children
 
-pytestmark = pytest.mark.swtpm
+pytestmark = [pytest.mark.swtpm, pytest.mark.usefixtures("swtpm_tools", "no_swtpm_left")]
 
 SECRET_SIZE = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _require_tools() -> None:
-    """Skip without the tools, except on CI where a missing tool is a broken setup."""
-    missing = missing_tools()
-    if not missing:
-        return
-    message = f"missing {', '.join(missing)} (apt-get install swtpm swtpm-tools tpm2-tools)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def _swtpm_children() -> list[int]:
-    """Pids of swtpm processes (zombies included) whose parent is this test process."""
-    me = os.getpid()
-    found: list[int] = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # gone meanwhile
-        # "pid (comm) state ppid ...": comm may hold spaces, so split after the ")".
-        comm = text[text.index("(") + 1 : text.rindex(")")]
-        ppid = int(text[text.rindex(")") + 2 :].split()[1])
-        if comm == "swtpm" and ppid == me:
-            found.append(int(text.split()[0]))
-    return found
-
-
-@pytest.fixture(autouse=True)
-def _no_swtpm_left() -> Iterator[None]:
-    """Every test must leave no swtpm behind, whether it passed or failed."""
-    assert _swtpm_children() == [], "an swtpm was running before the test"
-    yield
-    leftovers = _swtpm_children()
-    for pid in leftovers:
-        # Report the leak, but do not let it outlive the test run.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    assert leftovers == [], f"swtpm left running: {leftovers}"
-
-
-@pytest.fixture(scope="module")
-def ca_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private swtpm_setup config, so tests do not touch /var/lib/swtpm-localca."""
-    return write_private_ca_config(tmp_path_factory.mktemp("swtpm-ca"))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -223,7 +172,7 @@ async def test_cancelled_task_stops_swtpm(sealed_copy: tuple[Path, bytes]) -> No
     with pytest.raises(asyncio.CancelledError):
         await task
     assert pids
-    assert _swtpm_children() == []
+    assert swtpm_children() == []
 
 
 async def test_stop_kills_a_hung_swtpm(sealed_copy: tuple[Path, bytes]) -> None:
