@@ -60,7 +60,7 @@ _LONG_BASE64 = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{65,}={0,2}")
 _PADDED_BASE64 = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{22,}={1,2}(?![A-Za-z0-9+/_=-])")
 
 
-def _bytes_literal_placeholder(match: re.Match[str]) -> str:
+def _mask_bytes_literal(match: re.Match[str]) -> str:
     literal = match.group(0)
     try:
         value = ast.literal_eval(literal)
@@ -69,7 +69,7 @@ def _bytes_literal_placeholder(match: re.Match[str]) -> str:
     return f"<redacted {len(value)} bytes>" if isinstance(value, bytes) else "<redacted bytes>"
 
 
-def _long_base64_placeholder(match: re.Match[str]) -> str:
+def _mask_long_base64(match: re.Match[str]) -> str:
     run = match.group(0)
     # Random base64 this long mixes upper, lower and digits with near certainty, and uses
     # one alphabet (`+/` or `-_`), never both. Paths and identifiers usually fail one of
@@ -83,16 +83,16 @@ def _long_base64_placeholder(match: re.Match[str]) -> str:
     return f"<redacted {len(run)} chars>" if looks_encoded else run
 
 
-def _padded_base64_placeholder(match: re.Match[str]) -> str:
+def _mask_padded_base64(match: re.Match[str]) -> str:
     token = match.group(0)
     return f"<redacted {len(token)} chars>" if len(token) % 4 == 0 else token
 
 
 def _redact_text(text: str) -> str:
-    text = _BYTES_LITERAL.sub(_bytes_literal_placeholder, text)
+    text = _BYTES_LITERAL.sub(_mask_bytes_literal, text)
     text = _LONG_HEX.sub(lambda m: f"<redacted {len(m.group(0))} chars>", text)
-    text = _LONG_BASE64.sub(_long_base64_placeholder, text)
-    return _PADDED_BASE64.sub(_padded_base64_placeholder, text)
+    text = _LONG_BASE64.sub(_mask_long_base64, text)
+    return _PADDED_BASE64.sub(_mask_padded_base64, text)
 
 
 def _is_secret_name(name: str) -> bool:
@@ -104,7 +104,7 @@ def _is_secret_name(name: str) -> bool:
     return any(part in lowered for part in _SECRET_NAME_PARTS)
 
 
-def _placeholder(value: object) -> object:
+def _redaction_marker(value: object) -> object:
     """What a value under a secret-named field becomes."""
     if value is None or isinstance(value, bool | int | float):
         return value
@@ -125,7 +125,7 @@ def _redact_value(value: object, depth: int) -> object:
     if isinstance(value, str):
         return _redact_text(value)
     if isinstance(value, bytes | bytearray | memoryview | SecretBytes):
-        return _placeholder(value)
+        return _redaction_marker(value)
     if isinstance(value, SecretStr | Secret):
         # Not even the length: it says too much about a passphrase.
         return "<redacted>"
@@ -152,7 +152,7 @@ def _redact_key(key: object) -> str:
 
 def _redact_field(name: str, value: object, depth: int) -> object:
     if _is_secret_name(name):
-        return _placeholder(value)
+        return _redaction_marker(value)
     return _redact_value(value, depth)
 
 
