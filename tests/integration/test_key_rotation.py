@@ -33,6 +33,7 @@ from keeper_shared.redis_results import awaited
 from keeper_state_store import key_rotation
 from keeper_state_store.key_rotation import rotate_data_keys
 from keeper_state_store.repository import StateRepository, WriteOutcome
+from redis_db import database_url, private_database
 
 pytestmark = pytest.mark.redis
 
@@ -41,23 +42,14 @@ VMS = 120
 
 
 def _repository(redis: Redis, kek: KeyEncryptionKey) -> StateRepository:
-    """The store's repository with one KEK (takes ``KeyRing(kek)`` once it takes a ring)."""
+    """The store's repository with ``kek`` as its only key-encryption key."""
     return StateRepository(redis, KeyRing(kek), history_depth=3)
-
-
-def _db_url(redis_url: str, db: int) -> str:
-    return f"{redis_url.rsplit('/', 1)[0]}/{db}"
 
 
 @pytest_asyncio.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(_db_url(redis_url, ROTATION_DB))
-    await client.flushdb()
-    try:
+    async with private_database(redis_url, ROTATION_DB) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 @pytest.fixture
@@ -164,7 +156,7 @@ async def test_concurrent_rotation_from_two_replicas_rewraps_each_record_once(
     redis: Redis, redis_url: str, kek1: KeyEncryptionKey, kek2: KeyEncryptionKey
 ) -> None:
     stored = await _store_vms(redis, kek1, VMS)
-    replicas = [Redis.from_url(_db_url(redis_url, ROTATION_DB)) for _ in range(3)]
+    replicas = [Redis.from_url(database_url(redis_url, ROTATION_DB)) for _ in range(3)]
     try:
         reports = await asyncio.gather(
             *(rotate_data_keys(client, KeyRing(kek2, [kek1])) for client in replicas)

@@ -67,6 +67,7 @@ from keeper_state_store.scrub_flags import ScrubFlag
 from keeper_state_store.scrubber import Scrubber, VmScrubOutcome
 from keeper_state_store.tpm_probe import reap_stale_probes
 from leak_scan import leak_forms
+from redis_db import database_url, private_database
 
 pytestmark = [
     pytest.mark.redis,
@@ -115,19 +116,14 @@ async def tpm_states(tmp_path_factory: pytest.TempPathFactory, ca_config: Path) 
 
 
 def _repository(redis: Redis, kek: KeyEncryptionKey, history_depth: int = 10) -> StateRepository:
-    """The store's repository with one KEK (takes ``KeyRing(kek)`` once it takes a ring)."""
+    """The store's repository with ``kek`` as its only key-encryption key."""
     return StateRepository(redis, KeyRing(kek), history_depth=history_depth)
 
 
 @pytest_asyncio.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(f"{redis_url.rsplit('/', 1)[0]}/{SCRUB_DB}")
-    await client.flushdb()
-    try:
+    async with private_database(redis_url, SCRUB_DB) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 @pytest.fixture
@@ -355,7 +351,7 @@ async def test_two_scrubbers_never_work_on_one_vm_at_once(
     for vm in vms:
         for seed in range(3):
             await vm.write(StateKind.NVRAM, _nvram(seed))
-    url = f"{redis_url.rsplit('/', 1)[0]}/{SCRUB_DB}"
+    url = database_url(redis_url, SCRUB_DB)
     clients = [Redis.from_url(url), Redis.from_url(url)]
     try:
         recorder = Recorder()
