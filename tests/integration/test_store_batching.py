@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 from keeper_shared.encryption import KeyEncryptionKey
+from keeper_shared.messages.host import HostCapabilities, HostHeartbeat, VmInventoryEntry
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
@@ -77,3 +78,40 @@ async def test_redelivered_and_duplicate_changes_cost_no_fetch(store: Store) -> 
 
 def _about(vm_id: str) -> Callable[[StatePersisted], bool]:
     return lambda event: event.vm_id == vm_id
+
+
+async def test_a_heartbeat_reconciles_changes_whose_events_were_lost(store: Store) -> None:
+    """A lost ``state.changed`` costs at most one heartbeat: the inventory's hash is pulled.
+    A VM the host lists but is not placed on is left alone."""
+    persisted = await store.client.watch_events(f"state.persisted.{store.origin}")
+    missed, elsewhere = store.new_vm(), store.new_vm()
+    await store.place(missed, epoch=1)
+    await store.place(elsewhere, epoch=1, host="some-other-host")
+    contents = {}
+    for vm_id in (missed, elsewhere):
+        contents[vm_id] = pack_tpm_state({MAIN_STATE_FILE_NAME: vm_id.encode() * 100})
+        store.host.hold(vm_id, StateKind.TPM, contents[vm_id], FencingToken(epoch=1, generation=1))
+
+    beat = HostHeartbeat(
+        host=store.host.host_id,
+        interval_s=1.0,
+        capabilities=HostCapabilities(
+            swtpm_version="0.7.1",
+            libvirt_version="9.0.0",
+            architectures=["x86_64"],
+            uefi_firmware=True,
+        ),
+        vms=[
+            VmInventoryEntry(
+                vm_id=vm_id, epoch=1, tpm_hash=sha256(contents[vm_id]), nvram_hash=None
+            )
+            for vm_id in (missed, elsewhere)
+        ],
+    )
+    await store.host.bus.publish_event(beat, subject=store.host.host_id)
+
+    await persisted.wait_for(StatePersisted, _about(missed), TIMEOUT_S)
+    await store.wait_until_events_drained(TIMEOUT_S)
+    assert await store.repository.head_hash(missed, StateKind.TPM) == sha256(contents[missed])
+    assert await store.repository.head_hash(elsewhere, StateKind.TPM) is None
+    assert [vm for batch in store.host.fetches for vm in batch] == [missed]

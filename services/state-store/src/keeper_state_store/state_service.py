@@ -115,20 +115,19 @@ class StateService:
         if not self._speaks_for(delivery, beat.host):
             log.warning("heartbeat ignored: publisher is not the host", host=beat.host)
             return
+        stored = await self._repository.placements_and_head_hashes(
+            [entry.vm_id for entry in beat.vms]
+        )
         behind: list[str] = []
         for entry in beat.vms:
-            placement = await self._repository.placement(entry.vm_id)
+            placement, heads = stored[entry.vm_id]
             if placement is None or placement.host != beat.host or placement.epoch != entry.epoch:
                 continue
-            for kind, announced in (
-                (StateKind.TPM, entry.tpm_hash),
-                (StateKind.NVRAM, entry.nvram_hash),
+            announced = {StateKind.TPM: entry.tpm_hash, StateKind.NVRAM: entry.nvram_hash}
+            if any(
+                digest is not None and digest != heads[kind] for kind, digest in announced.items()
             ):
-                if announced is not None and announced != await self._repository.head_hash(
-                    entry.vm_id, kind
-                ):
-                    behind.append(entry.vm_id)
-                    break
+                behind.append(entry.vm_id)
         if behind:
             log.info("reconciling from heartbeat", host=beat.host, vms=len(behind))
             await self.pull_and_persist(beat.host, behind, list(StateKind))
