@@ -60,6 +60,10 @@ class NoRouteError(CallError):
     """No queue is bound for the command's target; the broker returned it at once."""
 
 
+BROKER_CLOSE_TIMEOUT_S = 5.0
+"""Bound on each closing handshake with the broker: stopping never hangs on a channel or
+connection the broker (or a half-open channel cancelled mid-open) does not answer for."""
+
 DEADLINE_HEADER = "x-keeper-deadline-ms"
 """Unix time (ms, an integer: AMQP floats may travel as float32) after which a command is
 void: its caller has stopped waiting.
@@ -114,7 +118,8 @@ class Consumer:
         """Cancel the subscription, wait up to ``grace_s`` for handlers, cancel the rest."""
         if self._tag is not None:
             with contextlib.suppress(Exception):
-                await self._queue.cancel(self._tag)
+                async with asyncio.timeout(BROKER_CLOSE_TIMEOUT_S):
+                    await self._queue.cancel(self._tag)
             self._tag = None
         if self.in_flight:
             _, pending = await asyncio.wait(self.in_flight, timeout=grace_s)
@@ -122,7 +127,8 @@ class Consumer:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await self._channel.close()
+            async with asyncio.timeout(BROKER_CLOSE_TIMEOUT_S):
+                await self._channel.close()
 
 
 class BusClient:
@@ -174,7 +180,11 @@ class BusClient:
             await consumer.stop(grace_s)
         for future, _ in self._pending_calls.values():
             future.cancel()
-        await self._connection.close()
+        try:
+            async with asyncio.timeout(BROKER_CLOSE_TIMEOUT_S):
+                await self._connection.close()
+        except TimeoutError:
+            log.warning("broker did not confirm the close in time; leaving the connection")
 
     def _message(self, envelope: Envelope[Any], **properties: Any) -> aio_pika.Message:
         return aio_pika.Message(
