@@ -35,6 +35,7 @@ from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.redis_keys import placement_key, state_blobs_key
 from keeper_shared.redis_results import awaited
+from keeper_state_store.deletion_service import DeletionService
 from keeper_state_store.history_service import HistoryService
 from keeper_state_store.repository import StateRepository
 from keeper_state_store.settings import StateStoreSettings
@@ -239,6 +240,7 @@ async def running_store(
                 *service.command_routes(),
                 *HistoryService(repository).command_routes(),
                 *TransferService(repository).command_routes(),
+                *DeletionService(redis, store_bus).command_routes(),
             ],
             prefetch=8,
         )

@@ -183,3 +183,34 @@ async def test_hosts_as_json(store: Store, redis_url: str) -> None:
     finally:
         await awaited(store.redis.hdel(hosts_key(), host))
         await awaited(store.redis.delete(placement_key(host)))
+
+
+async def test_delete_state_says_what_is_lost_asks_and_leaves_only_the_placement(
+    store: Store, redis_url: str
+) -> None:
+    name = unique("cli-vm")
+    vm_id = await register(store, name)
+    await store.client.create_snapshot(vm_id, "before-upgrade")
+
+    running = await keeper(store, redis_url, "vm", "delete-state", name, "--yes")
+    assert running.exit_code == ExitCode.REFUSED
+    assert "shut it down first" in running.stderr
+
+    await awaited(store.redis.hset(placement_key(vm_id), "host", ""))  # stopped
+    unconfirmed = await keeper(store, redis_url, "vm", "delete-state", name)
+    assert unconfirmed.exit_code == ExitCode.ABORTED
+    assert "TPM: 2 stored versions (v1..v2), newest v2" in unconfirmed.stderr
+    assert "snapshots: 1 (before-upgrade)" in unconfirmed.stderr
+    assert await store.repository.head_version(vm_id, StateKind.TPM) == 2  # nothing deleted
+
+    deleted = parsed(await keeper(store, redis_url, "vm", "delete-state", name, "--yes", "--json"))
+    assert deleted == {
+        "vm_id": vm_id,
+        "tpm_disabled": False,
+        "deleted": {"tpm_versions": 2, "nvram_versions": 0, "snapshots": 1},
+    }
+    left = {key async for key in store.redis.scan_iter(match=f"keeper:{{{vm_id}}}:*")}
+    assert left == {placement_key(vm_id).encode(), vm_record_key(vm_id).encode()}
+
+    again = parsed(await keeper(store, redis_url, "vm", "delete-state", name, "--json"))
+    assert again["deleted"] == {"tpm_versions": 0, "nvram_versions": 0, "snapshots": 0}

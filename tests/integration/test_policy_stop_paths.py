@@ -30,6 +30,7 @@ import pytest_asyncio
 
 from integration.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
 from keeper_shared.client import KeeperRequestError
+from keeper_shared.messages.deletion import StateDeleted, TpmDisabled
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.placement import (
     StateLossRecorded,
@@ -42,6 +43,7 @@ from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import TpmApproved, VmSpec
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import ShutdownVm, StopReason, VmStopped, VmUndefined
+from keeper_shared.redis_keys import placement_key, state_head_key
 
 pytestmark = [
     pytest.mark.rabbit,
@@ -283,3 +285,40 @@ async def test_logs_hold_no_traceback(stack: PolicyStack) -> None:
     for service in stack.services.values():
         log = Path(service.log_path).read_bytes()
         assert b"Traceback" not in log, service.name
+
+
+async def test_disable_tpm_is_refused_while_running_then_deletes_state_and_registration(
+    stack: PolicyStack,
+) -> None:
+    spec = await stack.new_vm("a")
+    await stack.write_tpm_persisted("a", spec.vm_id)
+
+    with pytest.raises(KeeperRequestError, match="shut it down first"):
+        await stack.client.disable_tpm(spec.vm_id)
+    assert await stack.redis.exists(state_head_key(spec.vm_id, StateKind.TPM))
+
+    await stack.client.stop_vm(spec.vm_id, StopMode.POWEROFF)
+    _, epoch = await stack.placement(spec.vm_id)
+    deleted = await stack.client.disable_tpm(spec.vm_id, reason="decommissioned")
+
+    assert deleted["tpm_versions"] == 1  # the final retrieval found the same content
+    assert deleted["snapshots"] == 0
+    gone = await stack.events.wait_for(
+        StateDeleted, lambda e: e.vm_id == spec.vm_id, STEP_TIMEOUT_S
+    )
+    assert gone.data.reason == "decommissioned"
+    await stack.events.wait_for(TpmDisabled, lambda e: e.vm_id == spec.vm_id, STEP_TIMEOUT_S)
+    left = {
+        key
+        async for key in stack.redis.scan_iter(match=f"keeper:{{{spec.vm_id}}}:*")
+        if await stack.redis.ttl(key) < 0  # the stop's result expires by itself
+    }
+    # Only the placement stays, so a re-enabled VM's epochs keep rising past a stale host's.
+    assert left == {placement_key(spec.vm_id).encode()}
+    with pytest.raises(KeeperRequestError, match="not registered"):
+        await stack.client.place(spec.vm_id, stack.host_id("b"))
+
+    await stack.client.request_tpm(spec)
+    await stack.client.place(spec.vm_id, stack.host_id("b"))
+    assert (await stack.placement(spec.vm_id))[1] > epoch
+    await stack.client.stop_vm(spec.vm_id, StopMode.POWEROFF)

@@ -43,6 +43,8 @@ def test_help_lists_every_command() -> None:
         "clone",
         "export",
         "import",
+        "delete-state",
+        "disable-tpm",
     ):
         assert command in result.output
     assert "hosts" in runner.invoke(app, ["--help"]).output

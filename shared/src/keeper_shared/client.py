@@ -14,6 +14,7 @@ from pydantic import SecretBytes, SecretStr
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, POLICY, STATE_STORE
 from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.deletion import DeleteState, DisableTpm
 from keeper_shared.messages.envelope import Envelope, MessageError, Payload, decode, peek_type
 from keeper_shared.messages.placement import PlaceVm, StopMode, StopVm
 from keeper_shared.messages.snapshot import (
@@ -204,6 +205,18 @@ class KeeperClient:
         detail = await self._ask_store(DeleteSnapshot(vm_id=vm_id, snapshot_id=snapshot_id), vm_id)
         return detail.get("deleted") == "true"
 
+    async def delete_state(self, vm_id: str, *, reason: str = "") -> dict[str, int]:
+        """Delete a stopped VM's stored state, snapshots and data key; returns how many
+        ``tpm_versions``, ``nvram_versions`` and ``snapshots`` were deleted."""
+        detail = await self._ask_store(DeleteState(vm_id=vm_id, reason=reason), vm_id)
+        return _counts(detail)
+
+    async def disable_tpm(self, vm_id: str, *, reason: str = "") -> dict[str, int]:
+        """Disable a stopped VM's TPM: its state is deleted (as :meth:`delete_state`) and
+        its registration removed; returns what was deleted."""
+        detail = await self._ask_policy(DisableTpm(vm_id=vm_id, reason=reason), vm_id)
+        return _counts(detail)
+
     async def list_snapshots(self, vm_id: str) -> list[SnapshotInfo]:
         """The VM's snapshots, oldest first."""
         reply = await self._call_store(ListSnapshots(vm_id=vm_id), SnapshotList, vm_id)
@@ -235,6 +248,11 @@ class KeeperClient:
         )
         detail = await self._ask_store(request, target_vm_id or "import")
         return detail["vm_id"]
+
+
+def _counts(detail: dict[str, str]) -> dict[str, int]:
+    """The numeric facts of a reply's detail."""
+    return {name: int(value) for name, value in detail.items() if value.isdigit()}
 
 
 def _versions(detail: dict[str, str]) -> dict[StateKind, int]:

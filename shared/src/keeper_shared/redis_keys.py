@@ -61,6 +61,20 @@ def state_pinned_meta_key(vm_id: str, kind: StateKind) -> str:
     return f"{PREFIX}:{{{vm_id}}}:{kind.value}:pinned-meta"
 
 
+def kind_state_keys(vm_id: str, kind: StateKind) -> list[str]:
+    """Every key holding stored state of one kind (blobs and pinned blobs first): what
+    deleting a VM's state deletes."""
+    return [
+        state_blobs_key(vm_id, kind),
+        state_pinned_blobs_key(vm_id, kind),
+        state_head_key(vm_id, kind),
+        state_meta_key(vm_id, kind),
+        state_history_key(vm_id, kind),
+        state_flags_key(vm_id, kind),
+        state_pinned_meta_key(vm_id, kind),
+    ]
+
+
 def snapshots_key(vm_id: str) -> str:
     """Hash: snapshot id -> JSON {created_at, versions: {kind: version}}."""
     return f"{PREFIX}:{{{vm_id}}}:snapshots"

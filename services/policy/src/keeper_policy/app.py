@@ -9,6 +9,7 @@ import structlog
 from redis.asyncio import Redis
 
 from keeper_policy.approving import Approver
+from keeper_policy.disabling import TpmDisabler
 from keeper_policy.engine import WorkflowEngine
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts import HostRegistry
@@ -76,6 +77,9 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         ),
         migrations=MigrationTracker(registry, hosts, gateway, window_s=settings.migration_window_s),
         snapshots=Snapshotter(registry, engine, gateway, bounds, settings.workflow_lease_s),
+        disabler=TpmDisabler(
+            registry, engine, gateway, store_timeout_s=settings.retrieve_timeout_s
+        ),
     )
 
 

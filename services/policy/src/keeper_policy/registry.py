@@ -217,6 +217,18 @@ class PolicyRegistry:
         pipe.hdel(key, "lost_from", "recovery_point")
         await pipe.execute()
 
+    async def forget(self, vm_id: str) -> str | None:
+        """Remove the VM's registration; None when done, else the host it was placed on
+        meanwhile (then nothing changed)."""
+        host = await self._scripts.forget(keys=[vm_record_key(vm_id), placement_key(vm_id)])
+        return host.decode() or None
+
+    async def forget_versions(self, vm_id: str) -> None:
+        """The store deleted the VM's state: no persisted version is known any more."""
+        await self._scripts.versions_forget(
+            keys=[vm_record_key(vm_id)], args=[kind.value for kind in StateKind]
+        )
+
     async def mark_lost(self, vm_id: str, host: str, point: RecoveryPoint) -> None:
         """Record that the VM's host was declared lost, with its recovery point."""
         await awaited(

@@ -30,3 +30,5 @@ class PolicyScripts:
         self.lease_renew = _load(redis, "lease_renew")
         self.lease_release = _load(redis, "lease_release")
         self.index_drop = _load(redis, "index_drop")
+        self.forget = _load(redis, "forget")
+        self.versions_forget = _load(redis, "versions_forget")

@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 
 from keeper_policy.approving import Approver
+from keeper_policy.disabling import TpmDisabler
 from keeper_policy.engine import WorkflowEngine
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts import HostRegistry
@@ -24,6 +25,7 @@ from keeper_policy.stop_plan import StopBounds
 from keeper_policy.stop_workflow import STOP, new_stop
 from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.deletion import DisableTpm, StateDeleted
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.placement import PlaceVm, StopMode, StopTrigger, StopVm
@@ -59,6 +61,7 @@ class PolicyService:
         liveness: HostLiveness,
         migrations: MigrationTracker,
         snapshots: Snapshotter,
+        disabler: TpmDisabler,
     ) -> None:
         self._settings = settings
         self._registry = registry
@@ -70,6 +73,7 @@ class PolicyService:
         self._liveness = liveness
         self._migrations = migrations
         self._snapshots = snapshots
+        self._disabler = disabler
         self._bounds = StopBounds(
             retrieve_attempts=settings.retrieve_attempts,
             retrieve_timeout_s=settings.retrieve_timeout_s,
@@ -82,6 +86,7 @@ class PolicyService:
         return [
             Route(HostHeartbeat, self.on_heartbeat),
             Route(StatePersisted, self.on_persisted),
+            Route(StateDeleted, self.on_state_deleted),
             Route(VmStopped, self.on_vm_stopped),
             Route(VmStarted, self.on_vm_started),
         ]
@@ -90,6 +95,7 @@ class PolicyService:
         """Routes of the policy commands queue."""
         return [
             Route(EnableTpm, self.on_enable_tpm),
+            Route(DisableTpm, self.on_disable_tpm),
             Route(PlaceVm, self.on_place),
             Route(StopVm, self.on_stop),
             Route(SnapshotVm, self.on_snapshot),
@@ -122,6 +128,12 @@ class PolicyService:
     async def on_enable_tpm(self, envelope: Envelope[EnableTpm], delivery: Delivery) -> CommandDone:
         """Approve or reject a TPM; an approval registers the VM."""
         return await self._approver.enable(envelope, delivery.user_id)
+
+    async def on_disable_tpm(
+        self, envelope: Envelope[DisableTpm], delivery: Delivery
+    ) -> CommandDone:
+        """Delete a stopped VM's stored state and its registration."""
+        return await self._disabler.disable(envelope.data, delivery.user_id)
 
     async def on_place(self, envelope: Envelope[PlaceVm], delivery: Delivery) -> CommandDone:
         """New epoch, state put in place on the host by the store, then start."""
@@ -205,6 +217,10 @@ class PolicyService:
         outcome = await self._hosts.note_heartbeat(beat, time.time())
         await self._liveness.on_heartbeat(beat, outcome.lost_at if outcome.returned else None)
         await self._migrations.on_heartbeat(beat)
+
+    async def on_state_deleted(self, envelope: Envelope[StateDeleted], delivery: Delivery) -> None:
+        """The store deleted a VM's state: its recovery point is gone with it."""
+        await self._registry.forget_versions(envelope.data.vm_id)
 
     async def on_persisted(self, envelope: Envelope[StatePersisted], delivery: Delivery) -> None:
         """Track the recovery point of each VM."""

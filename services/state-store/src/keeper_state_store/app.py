@@ -11,6 +11,7 @@ from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import STATE_STORE, STATE_STORE_COMMANDS, STATE_STORE_EVENTS
 from keeper_shared.key_ring import KeyRing
 from keeper_shared.observability import observe_service
+from keeper_state_store.deletion_service import DeletionService
 from keeper_state_store.durability import ensure_durable
 from keeper_state_store.history_service import HistoryService
 from keeper_state_store.maintenance import Maintenance
@@ -45,6 +46,7 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                     *service.command_routes(),
                     *HistoryService(repository).command_routes(),
                     *TransferService(repository).command_routes(),
+                    *DeletionService(redis, bus).command_routes(),
                 ],
                 prefetch=8,
             )

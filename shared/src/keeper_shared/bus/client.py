@@ -74,6 +74,16 @@ dead-letter queue is no place to keep it.
 """
 
 
+LOG_CONTEXT_FIELDS = ("vm_id", "host")
+"""Payload fields every log line of a handler carries, so an operator can follow one VM or
+host through every service's logs."""
+
+
+def _log_context(payload: Payload) -> dict[str, str]:
+    fields = {name: getattr(payload, name, None) for name in LOG_CONTEXT_FIELDS}
+    return {name: value for name, value in fields.items() if isinstance(value, str)}
+
+
 def _requeue_backoff_s(message: AbstractIncomingMessage) -> float:
     """Wait before a requeue, longer with each delivery (quorum queues count them), so a
     dependency that is down for seconds (Redis restarting) does not use up the delivery
@@ -327,7 +337,9 @@ class BusClient:
             metrics.DEAD_LETTERED.labels(type="invalid").inc()
             await message.reject(requeue=False)
             return
-        structlog.contextvars.bind_contextvars(subject=envelope.subject, type=envelope.type)
+        structlog.contextvars.bind_contextvars(
+            subject=envelope.subject, type=envelope.type, **_log_context(envelope.data)
+        )
         delivery = Delivery(
             user_id=message.user_id,
             redelivered=bool(message.redelivered),

@@ -63,7 +63,13 @@ STATE_STORE_EVENTS = QueueSpec(
 STATE_STORE_COMMANDS = QueueSpec(name="keeper.state-store.commands", command_key=STATE_STORE)
 POLICY_EVENTS = QueueSpec(
     name="keeper.policy.events",
-    event_bindings=("host.heartbeat.*", "vm.*.*", "state.persisted.*"),
+    event_bindings=(
+        "host.heartbeat.*",
+        "vm.*.*",
+        "state.persisted.*",
+        # Only the store deletes state; a host's user may not publish with its origin.
+        event_routing_key("state.deleted", STATE_STORE),
+    ),
 )
 POLICY_COMMANDS = QueueSpec(name="keeper.policy.commands", command_key=POLICY)
 

@@ -23,12 +23,22 @@ import aio_pika.exceptions
 import redis.exceptions
 import typer
 from redis.asyncio import Redis
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from keeper_shared.bus.client import BusClient, CallError, CallTimeoutError
 from keeper_shared.bus.topology import POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
 from keeper_shared.cli import output, views
 from keeper_shared.cli.config import CliSettings
 from keeper_shared.cli.errors import CliError, ExitCode
+from keeper_shared.cli.loss import describe_loss
 from keeper_shared.client import KeeperClient, KeeperRequestError
 from keeper_shared.messages.envelope import MessageError
 from keeper_shared.messages.placement import StopMode
@@ -181,13 +191,18 @@ async def _resolve(settings: CliSettings, reference: str) -> str:
 
 
 @contextlib.contextmanager
-def _progress(message: str, *, quiet: bool) -> Iterator[None]:
-    """A spinner on stderr while a long request runs (nothing with --json)."""
+def _progress(message: str, *, quiet: bool, total: int = 1) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr while a long request runs (nothing with --json): elapsed
+    time, and done/total when there are several items. Yields the "one item done" step."""
     if quiet:
-        yield
+        yield lambda: None
         return
-    with output.stderr.status(message):
-        yield
+    columns: list[ProgressColumn] = [SpinnerColumn(), TextColumn("{task.description}")]
+    if total > 1:
+        columns += [BarColumn(), MofNCompleteColumn()]
+    with Progress(*columns, TimeElapsedColumn(), console=output.stderr, transient=True) as bar:
+        task = bar.add_task(message, total=total)
+        yield lambda: bar.advance(task)
 
 
 def _confirm(question: str, *, yes: bool) -> None:
@@ -282,38 +297,87 @@ def start(
     output.facts([("started", vm), ("vm id", vm_id), ("host", host), ("placement epoch", epoch)])
 
 
-def _stop(vm: str, mode: StopMode, as_json: bool) -> None:
-    async def work(settings: CliSettings) -> tuple[str, bool]:
-        vm_id = await _resolve(settings, vm)
-        async with _client(settings, needs=("policy",)) as client:
-            verb = "Shutting down" if mode is StopMode.SHUTDOWN else "Powering off"
-            with _progress(f"{verb} {vm} (retrieving its final state first)...", quiet=as_json):
-                return vm_id, bool(await client.stop(vm_id, mode))
+StopOutcome = tuple[str, str, bool | None, str | None]
+"""A stop's VM reference, VM id, whether its final state was retrieved, and the error."""
 
-    vm_id, retrieved = _run(work)
+STOP_CONCURRENCY = 4
+"""Stops sent to policy at once; each waits for its guest, so a few overlap well."""
+
+
+def _stop(vms: list[str], mode: StopMode, as_json: bool) -> None:
+    verb = "Shutting down" if mode is StopMode.SHUTDOWN else "Powering off"
+
+    async def stop_one(client: Any, reference: str, vm_id: str) -> StopOutcome:
+        try:
+            return reference, vm_id, bool(await client.stop(vm_id, mode)), None
+        except (KeeperRequestError, CallError, MessageError) as error:
+            if len(vms) == 1:
+                raise
+            return reference, vm_id, None, str(error)
+
+    async def work(settings: CliSettings) -> list[StopOutcome]:
+        vm_ids = [await _resolve(settings, reference) for reference in vms]
+        gate = asyncio.Semaphore(STOP_CONCURRENCY)
+        async with _client(settings, needs=("policy",)) as client:
+            what = vms[0] if len(vms) == 1 else f"{len(vms)} VMs"
+            message = f"{verb} {what} (retrieving the final state first)..."
+            with _progress(message, quiet=as_json, total=len(vms)) as one_done:
+
+                async def gated(reference: str, vm_id: str) -> StopOutcome:
+                    async with gate:
+                        outcome = await stop_one(client, reference, vm_id)
+                    one_done()
+                    return outcome
+
+                return list(await asyncio.gather(*map(gated, vms, vm_ids)))
+
+    outcomes = _run(work)
+    failed = [item for item in outcomes if item[3] is not None]
     if as_json:
-        output.emit_json(
-            {"vm_id": vm_id, "mode": mode.value, "stopped": True, "retrieved": retrieved}
+        documents = [
+            {"vm_id": vm_id, "mode": mode.value, "stopped": error is None, "retrieved": retrieved}
+            | ({"error": error} if error is not None else {})
+            for _, vm_id, retrieved, error in outcomes
+        ]
+        output.emit_json(documents[0] if len(vms) == 1 else documents)
+    elif len(vms) == 1:
+        reference, vm_id, retrieved, _ = outcomes[0]
+        output.facts(
+            [("stopped", reference), ("vm id", vm_id), ("final state retrieved", retrieved)]
         )
-        return
-    output.facts([("stopped", vm), ("vm id", vm_id), ("final state retrieved", retrieved)])
-    if not retrieved:
+    else:
+        output.table(
+            None,
+            ["VM", "ID", "STOPPED", "FINAL STATE RETRIEVED", "ERROR"],
+            [
+                [ref, vm_id, error is None, retrieved, error]
+                for ref, vm_id, retrieved, error in outcomes
+            ],
+        )
+    if any(retrieved is False for _, _, retrieved, _ in outcomes):
         output.stderr.print(
-            "[yellow]warning:[/yellow] the final state could not be retrieved; the newest "
+            "[yellow]warning:[/yellow] a final state could not be retrieved; the newest "
             "stored version is what a restart gets (see `keeper vm status`)."
         )
+    if failed:
+        raise typer.Exit(int(ExitCode.REFUSED))
+
+
+VmsArgument = Annotated[list[str], typer.Argument(help="VM ids (UUIDs) or domain names.")]
 
 
 @vm_app.command("shutdown")
-def shutdown(vm: VmArgument, as_json: JsonOption = False) -> None:
-    """Shut a VM down (guest shutdown), keeping its final state, and remove it from its host."""
-    _stop(vm, StopMode.SHUTDOWN, as_json)
+def shutdown(vms: VmsArgument, as_json: JsonOption = False) -> None:
+    """Shut VMs down (guest shutdown), keeping their final state, and remove them from their
+    hosts. With several VMs: one JSON object each, in a list."""
+    _stop(vms, StopMode.SHUTDOWN, as_json)
 
 
 @vm_app.command("poweroff")
-def poweroff(vm: VmArgument, as_json: JsonOption = False) -> None:
-    """Power a VM off, keeping its final state (retrieved while it still runs)."""
-    _stop(vm, StopMode.POWEROFF, as_json)
+def poweroff(vms: VmsArgument, as_json: JsonOption = False) -> None:
+    """Power VMs off, keeping their final state (retrieved while they still run). With
+    several VMs: one JSON object each, in a list."""
+    _stop(vms, StopMode.POWEROFF, as_json)
 
 
 @vm_app.command("status")
@@ -567,6 +631,71 @@ def snapshot_delete(
         output.emit_json({"vm_id": vm_id, "snapshot_id": snapshot_id, "deleted": deleted})
         return
     output.stdout.print(f"snapshot {snapshot_id}: {'deleted' if deleted else 'there was none'}")
+
+
+def _delete(vm: str, *, disable: bool, reason: str, yes: bool, as_json: bool) -> None:
+    """``delete-state`` and ``disable-tpm``: say what is lost, confirm, delete."""
+
+    async def work(settings: CliSettings) -> tuple[str, dict[str, int]]:
+        vm_id = await _resolve(settings, vm)
+        async with _redis(settings) as redis_client:
+            found = await views.vm_status(redis_client, vm_id)
+        if found is not None and found.host is not None:
+            raise CliError(
+                f"{vm} runs on {found.host}: shut it down first (`keeper vm shutdown {vm}`)",
+                ExitCode.REFUSED,
+            )
+        async with _client(
+            settings, needs=("policy", "store") if disable else ("store",)
+        ) as client:
+            lost = describe_loss(
+                await client.state_history(vm_id), await client.list_snapshots(vm_id)
+            )
+            action = f"Disable the TPM of {vm}" if disable else f"Delete the stored state of {vm}"
+            if lost:
+                listed = "".join(f"\n  - {line}" for line in lost)
+                _confirm(f"{action}? This deletes for good:{listed}\nContinue?", yes=yes)
+            elif disable:
+                _confirm(f"{action}? It has no stored state; it is no longer registered.", yes=yes)
+            with _progress(f"{action}...", quiet=as_json):
+                if disable:
+                    return vm_id, await client.disable_tpm(vm_id, reason=reason)
+                return vm_id, await client.delete_state(vm_id, reason=reason)
+
+    vm_id, deleted = _run(work)
+    if as_json:
+        output.emit_json({"vm_id": vm_id, "tpm_disabled": disable, "deleted": deleted})
+        return
+    output.facts(
+        [
+            ("tpm disabled" if disable else "state deleted", vm),
+            ("vm id", vm_id),
+            *((name.replace("_", " "), count) for name, count in sorted(deleted.items())),
+        ]
+    )
+
+
+ReasonOption = Annotated[str, typer.Option(help="Why, for the audit log.")]
+
+
+@vm_app.command("delete-state")
+def delete_state(
+    vm: VmArgument, reason: ReasonOption = "", yes: YesOption = False, as_json: JsonOption = False
+) -> None:
+    """Delete a stopped VM's stored TPM and NVRAM state, its snapshots and its data key.
+
+    The VM stays registered; its next start begins with an empty TPM and fresh UEFI
+    variables. Says what is lost and asks first (--yes for automation)."""
+    _delete(vm, disable=False, reason=reason, yes=yes, as_json=as_json)
+
+
+@vm_app.command("disable-tpm")
+def disable_tpm(
+    vm: VmArgument, reason: ReasonOption = "", yes: YesOption = False, as_json: JsonOption = False
+) -> None:
+    """Disable a stopped VM's TPM: delete its stored state (as delete-state) and its
+    registration. Says what is lost and asks first (--yes for automation)."""
+    _delete(vm, disable=True, reason=reason, yes=yes, as_json=as_json)
 
 
 @vm_app.command("clone")

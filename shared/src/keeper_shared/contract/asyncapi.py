@@ -63,9 +63,12 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "vm.clone",
             "state.export",
             "state.import",
+            "state.delete",
         }
     ),
-    MessageRole.POLICY_COMMAND: frozenset({"tpm.enable", "vm.place", "vm.stop", "vm.snapshot"}),
+    MessageRole.POLICY_COMMAND: frozenset(
+        {"tpm.enable", "tpm.disable", "vm.place", "vm.stop", "vm.snapshot"}
+    ),
     MessageRole.REPLY: frozenset(
         {
             "command.done",

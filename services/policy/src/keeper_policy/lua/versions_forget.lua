@@ -1,0 +1,8 @@
+-- The store deleted the VM's state: forget the persisted versions policy remembered, so
+-- the recovery point is "nothing stored" and versions counted from 1 again are taken.
+-- KEYS: vm record   ARGV: the kind names
+for _, kind in ipairs(ARGV) do
+  redis.call('HDEL', KEYS[1], kind .. '_version', kind .. '_persisted_at')
+end
+redis.call('HDEL', KEYS[1], 'last_persisted_at')
+return 1
