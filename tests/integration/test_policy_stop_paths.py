@@ -19,6 +19,8 @@ Also: TPM approval against the cluster's heartbeats, with an override recorded.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -27,8 +29,10 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from typer.testing import CliRunner
 
 from integration.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
+from keeper_shared.cli.app import app
 from keeper_shared.client import KeeperRequestError
 from keeper_shared.messages.deletion import StateDeleted, TpmDisabled
 from keeper_shared.messages.envelope import Envelope
@@ -322,3 +326,21 @@ async def test_disable_tpm_is_refused_while_running_then_deletes_state_and_regis
     await stack.client.place(spec.vm_id, stack.host_id("b"))
     assert (await stack.placement(spec.vm_id))[1] > epoch
     await stack.client.stop_vm(spec.vm_id, StopMode.POWEROFF)
+
+
+async def test_keeper_powers_off_several_vms_at_once(stack: PolicyStack) -> None:
+    specs = [await stack.new_vm("a"), await stack.new_vm("b")]
+    env = {"KEEPER_AMQP_URL": stack.amqp_url, "KEEPER_REDIS_URL": stack.redis_url}
+    ids = [spec.vm_id for spec in specs]
+
+    result = await asyncio.to_thread(
+        CliRunner().invoke, app, ["vm", "poweroff", *ids, "--json"], env=env
+    )
+
+    assert result.exit_code == 0, result.output
+    documents = json.loads(result.stdout)
+    assert [(d["vm_id"], d["stopped"], d["retrieved"]) for d in documents] == [
+        (vm_id, True, True) for vm_id in ids
+    ]
+    for vm_id in ids:
+        assert (await stack.placement(vm_id))[0] == ""

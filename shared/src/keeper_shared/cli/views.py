@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from keeper_shared.messages.types import StateKind
 from keeper_shared.redis_keys import (
     PREFIX,
+    data_key_key,
     hosts_key,
     placement_key,
     state_head_key,
@@ -189,10 +190,11 @@ async def all_vm_status(redis: Redis) -> list[VmStatus]:
 
 async def resolve_vm(redis: Redis, reference: str) -> list[str]:
     """The ids of the VMs ``reference`` names (a VM id, or a domain name, which several
-    VMs may share); empty when none."""
+    VMs may share); empty when none. A VM id also names a VM that is not registered but has
+    stored state (imported or cloned for a VM to be registered later)."""
     lowered = reference.lower()
     if re.fullmatch(r"[0-9a-f-]{36}", lowered) and await awaited(
-        redis.exists(vm_record_key(lowered))
+        redis.exists(vm_record_key(lowered), data_key_key(lowered))
     ):
         return [lowered]
     return [s.vm_id for s in await all_vm_status(redis) if s.name == reference]
