@@ -193,8 +193,9 @@ async def _resolve(settings: CliSettings, reference: str) -> str:
 @contextlib.contextmanager
 def _progress(message: str, *, quiet: bool, total: int = 1) -> Iterator[Callable[[], None]]:
     """A progress bar on stderr while a long request runs (nothing with --json): elapsed
-    time, and done/total when there are several items. Yields the "one item done" step."""
-    if quiet:
+    time, and done/total when there are several items. Yields the "one item done" step.
+    Into a pipe or a log file it draws nothing: a bar there is only noise."""
+    if quiet or not output.stderr.is_terminal:
         yield lambda: None
         return
     columns: list[ProgressColumn] = [SpinnerColumn(), TextColumn("{task.description}")]
