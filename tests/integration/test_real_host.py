@@ -873,12 +873,13 @@ async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
         f"encrypted TPM persisted {time.monotonic() - began:.1f} s after the enable request "
         f"(v{tpm1_event.data.version}, canonical archive {kib(len(tpm1))})"
     )
-    # Encrypted for real: swtpm without the secret cannot load the state persisted.
-    locked = tmp_path / "without-secret" / "tpm2"
-    shutil.copytree(tpm_dir(vm_id), locked, ignore=shutil.ignore_patterns(".*"))
-    with pytest.raises(SwtpmError):
-        async with await start_swtpm(locked):
-            pass
+    # Encrypted for real: swtpm loads the state persisted only with the secret's value.
+    copy = tmp_path / "encrypted" / "tpm2"
+    shutil.copytree(tpm_dir(vm_id), copy, ignore=shutil.ignore_patterns(".*"))
+    with pytest.raises(SwtpmError, match="GetDecryptedData"):
+        await start_swtpm(copy)
+    async with await start_swtpm(copy, passphrase=value):
+        pass
 
     # --- power-off: state retrieved, domain undefined, state and secret gone (a new host)
     assert await client.stop(vm_id, StopMode.POWEROFF)

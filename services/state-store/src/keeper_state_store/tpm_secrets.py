@@ -17,7 +17,12 @@ import uuid
 
 from pydantic import SecretBytes
 
-from keeper_shared.encryption import decrypt_blob, encrypt_blob, tpm_secret_associated_data
+from keeper_shared.encryption import (
+    DataKey,
+    decrypt_blob,
+    encrypt_blob,
+    tpm_secret_associated_data,
+)
 from keeper_shared.messages.types import TpmSecret
 from keeper_shared.redis_keys import tpm_secret_key
 from keeper_shared.redis_results import awaited
@@ -33,6 +38,19 @@ def new_secret_value() -> bytes:
     return secrets.token_urlsafe(SECRET_ENTROPY_BYTES).encode("ascii")
 
 
+def open_tpm_secret(vm_id: str, stored: bytes, data_key: DataKey) -> TpmSecret:
+    """A secret record as stored under `tpm_secret_key`, opened with the VM's data key.
+    Raises `DecryptionError` when it does not open (wrong key, VM or UUID, or tampered)."""
+    record = json.loads(stored)
+    secret_uuid = str(record["uuid"])
+    value = decrypt_blob(
+        data_key,
+        base64.b64decode(record["sealed"]),
+        tpm_secret_associated_data(vm_id, secret_uuid),
+    )
+    return TpmSecret(uuid=secret_uuid, value=SecretBytes(value))
+
+
 class TpmSecretVault:
     """Sealed TPM secrets in Redis, one per VM."""
 
@@ -44,15 +62,7 @@ class TpmSecretVault:
         stored = await awaited(self._repository.redis.get(tpm_secret_key(vm_id)))
         if stored is None:
             return None
-        record = json.loads(stored)
-        secret_uuid = str(record["uuid"])
-        data_key = await self._repository.data_key(vm_id)
-        value = decrypt_blob(
-            data_key,
-            base64.b64decode(record["sealed"]),
-            tpm_secret_associated_data(vm_id, secret_uuid),
-        )
-        return TpmSecret(uuid=secret_uuid, value=SecretBytes(value))
+        return open_tpm_secret(vm_id, bytes(stored), await self._repository.data_key(vm_id))
 
     async def held_or_created(self, vm_id: str) -> TpmSecret:
         """The VM's secret, created (random UUID and value) on first use. Two replicas
