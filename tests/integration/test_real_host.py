@@ -28,7 +28,10 @@ cannot load; after the undefine (state and secret gone, as on a new host) the st
 the secret again and swtpm runs on the restored encrypted state. The secret's value is in
 no log and nowhere in Redis in clear.
 
-The third test restarts libvirtd under a running VM and shows the agent reconnects,
+The third test defines domains whose TPMs use secrets the keeper did not create: a
+readable one the host can ship, a private one it reports as ``tpm.state.stranded``.
+
+The last test restarts libvirtd under a running VM and shows the agent reconnects,
 rebuilds its view and still reports the VM's lifecycle.
 
 Every domain this module creates is named ``keeper-rh-<8 hex>``; the module fixture destroys
@@ -42,9 +45,11 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
+import secrets
 import select
 import shutil
 import subprocess
@@ -63,6 +68,7 @@ import pytest
 from redis.asyncio import Redis
 
 from keeper_host_agent.tpm_secrets import KEEPER_USAGE_PREFIX as KEEPER_SECRET_PREFIX
+from keeper_host_agent.tpm_secrets import read_foreign_secret
 from keeper_shared.blobs import content_hash
 from keeper_shared.client import EventWatch, KeeperClient
 from keeper_shared.compression import compress
@@ -950,6 +956,84 @@ async def stored_tpm_secret(redis_url: str, kek_file: Path, vm_id: str) -> TpmSe
         return await TpmSecretVault(repository).held(vm_id)
     finally:
         await redis.aclose()
+
+
+async def test_a_tpm_secret_the_keeper_did_not_create_is_read_or_reported(
+    real_host: RealHost, stack: Stack
+) -> None:
+    """Domains defined outside the keeper with their own secrets (as oVirt or Nova make
+    them): a readable one the host can ship to the store; a private one it cannot, and it
+    says so with ``tpm.state.stranded`` instead of failing silently."""
+    watch = await stack.client.watch_events("tpm.state.*", "vm.*.*")
+    made: dict[str, tuple[str, str]] = {}
+    readable_value = secrets.token_urlsafe(32).encode()
+    try:
+        for private in (True, False):
+            vm_id, secret_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+            made["private" if private else "readable"] = (vm_id, secret_uuid)
+            value = secrets.token_urlsafe(32).encode() if private else readable_value
+            _libvirt_call(
+                functools.partial(
+                    _define_foreign,
+                    vm_id=vm_id,
+                    secret_uuid=secret_uuid,
+                    value=value,
+                    private=private,
+                )
+            )
+
+        private_vm, private_secret = made["private"]
+        stranded = await wait_event(
+            watch,
+            TpmStateStranded,
+            lambda event: event.vm_id == private_vm,
+            "tpm.state.stranded for the private secret",
+        )
+        assert stranded.data.secret_uuid == private_secret
+        assert stranded.data.host == stack.host_id
+        assert "private" in stranded.data.reason
+
+        readable_vm, readable_secret = made["readable"]
+        await wait_event(
+            watch, VmDefined, lambda e: e.vm_id == readable_vm, "vm.defined (readable)"
+        )
+        shipped = _libvirt_call(lambda c: read_foreign_secret(c, readable_vm, readable_secret))
+        assert shipped is not None
+        assert shipped.uuid == readable_secret
+        assert shipped.value.get_secret_value() == readable_value
+        assert watch.matching(TpmStateStranded, lambda e: e.vm_id == readable_vm) == []
+    finally:
+        _libvirt_call(lambda conn: _remove_foreign(conn, list(made.values())))
+    codes = await stack.stop_services()
+    assert set(codes.values()) == {0}, codes
+
+
+def _define_foreign(
+    conn: libvirt.virConnect, *, vm_id: str, secret_uuid: str, value: bytes, private: bool
+) -> None:
+    """A vtpm secret and a (stopped) domain whose TPM is encrypted with it, made the way a
+    manager other than the keeper would."""
+    secret = conn.secretDefineXML(
+        f"<secret ephemeral='no' private='{'yes' if private else 'no'}'>"
+        f"<uuid>{secret_uuid}</uuid><usage type='vtpm'><name>other-{vm_id}</name></usage>"
+        "</secret>"
+    )
+    secret.setValue(value)
+    conn.defineXML(
+        f"<domain type='qemu'><name>{NAME_PREFIX}{vm_id[:8]}</name><uuid>{vm_id}</uuid>"
+        "<memory unit='MiB'>64</memory>"
+        "<os><type arch='x86_64' machine='q35'>hvm</type></os>"
+        "<devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'>"
+        f"<encryption secret='{secret_uuid}'/></backend></tpm></devices></domain>"
+    )
+
+
+def _remove_foreign(conn: libvirt.virConnect, made: list[tuple[str, str]]) -> None:
+    for vm_id, secret_uuid in made:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByUUIDString(vm_id).undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.secretLookupByUUIDString(secret_uuid).undefine()
 
 
 async def test_agent_reconnects_when_libvirtd_restarts(real_host: RealHost, stack: Stack) -> None:

@@ -116,7 +116,12 @@ def read_foreign_secret(
     try:
         value = secret.value()
     except libvirt.libvirtError as error:
-        if error.get_error_code() == libvirt.VIR_ERR_OPERATION_DENIED:
+        # libvirtd answers a private secret with "Invalid secret: secret is private"; a
+        # connection without the right (polkit, read-only) with "operation denied".
+        if error.get_error_code() in (
+            libvirt.VIR_ERR_INVALID_SECRET,
+            libvirt.VIR_ERR_OPERATION_DENIED,
+        ):
             raise TpmSecretUnreadableError(
                 f"secret {secret_uuid} is private: libvirt does not reveal its value"
             ) from None

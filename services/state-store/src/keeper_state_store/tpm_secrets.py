@@ -64,13 +64,20 @@ class TpmSecretVault:
             return None
         return open_tpm_secret(vm_id, bytes(stored), await self._repository.data_key(vm_id))
 
-    async def held_or_created(self, vm_id: str) -> TpmSecret:
-        """The VM's secret, created (random UUID and value) on first use. Two replicas
-        racing agree on one: only the first SET NX wins and both read back the winner."""
+    async def held_or_created(
+        self, vm_id: str, *, value: bytes | None = None, secret_uuid: str | None = None
+    ) -> TpmSecret:
+        """The VM's secret, created on first use: with ``value`` (a clone's or an import's
+        state is encrypted with its source's) or a random one, under ``secret_uuid`` or a
+        new UUID. Two replicas racing agree on one: only the first SET NX wins and both
+        read back the winner."""
         held = await self.held(vm_id)
         if held is not None:
             return held
-        candidate = TpmSecret(uuid=str(uuid.uuid4()), value=SecretBytes(new_secret_value()))
+        candidate = TpmSecret(
+            uuid=secret_uuid or str(uuid.uuid4()),
+            value=SecretBytes(value if value is not None else new_secret_value()),
+        )
         await self._write(vm_id, candidate, only_if_absent=True)
         held = await self.held(vm_id)
         if held is None:
