@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import base64
 import zlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+
+from redis.asyncio import Redis
+
+from keeper_shared.redis_results import awaited
 
 
 def leak_forms(secret: bytes) -> list[bytes]:
@@ -38,3 +42,24 @@ def content_fingerprints(content: bytes, *, chunk: int = 30) -> list[bytes]:
 def find_leaks(haystacks: Iterable[tuple[str, bytes]], needles: list[bytes]) -> list[str]:
     """Names of the haystacks that contain any needle."""
     return [name for name, data in haystacks if any(needle in data for needle in needles)]
+
+
+async def every_redis_value(redis: Redis) -> AsyncIterator[tuple[bytes, bytes]]:
+    """Every value of every key in the database, of every type, with its key (a hash
+    field as ``field=value``), to scan what is stored at rest."""
+    async for key in redis.scan_iter(count=1000):
+        kind = (await redis.type(key)).decode()
+        if kind == "string":
+            yield key, await awaited(redis.get(key))
+        elif kind == "hash":
+            for field, value in (await awaited(redis.hgetall(key))).items():
+                yield key, field + b"=" + value
+        elif kind == "list":
+            for value in await awaited(redis.lrange(key, 0, -1)):
+                yield key, value
+        elif kind == "set":
+            for value in await awaited(redis.smembers(key)):
+                yield key, value
+        elif kind == "zset":
+            for value in await awaited(redis.zrange(key, 0, -1)):
+                yield key, value

@@ -31,7 +31,7 @@ from keeper_shared.key_ring import KeyRing
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.state import FetchedVmState, FetchState, StateChanged, StateFetched
-from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
+from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, TpmSecret
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.redis_keys import placement_key, state_blobs_key
 from keeper_shared.redis_results import awaited
@@ -59,6 +59,8 @@ class FakeHost:
     state: dict[str, dict[StateKind, StateBlob]] = field(default_factory=dict)
     fetches: list[list[str]] = field(default_factory=list)
     prepared: list[PrepareVm] = field(default_factory=list)
+    tpm_secrets: dict[str, TpmSecret] = field(default_factory=dict)
+    """Secrets the keeper did not create that the host reads from its domains' TPMs."""
 
     def hold(self, vm_id: str, kind: StateKind, content: bytes, token: FencingToken) -> StateBlob:
         """Make ``content`` the VM's current stable state of ``kind`` on this host."""
@@ -90,6 +92,7 @@ class FakeHost:
             FetchedVmState(
                 vm_id=vm_id,
                 blobs=[blob for kind, blob in self.state[vm_id].items() if kind in request.kinds],
+                tpm_secret=self.tpm_secrets.get(vm_id),
             )
             for vm_id in request.vm_ids
             if vm_id in self.state

@@ -4,7 +4,6 @@ then a scan of everything written for the secret and the TPM bytes (invariant 4)
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,8 @@ from redis.asyncio import Redis
 
 from bus_hygiene import purge_service_queues
 from keeper_shared.demo.story import DemoConfig, run_story
-from keeper_shared.redis_results import awaited
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME
-from leak_scan import content_fingerprints, find_leaks, leak_forms
+from leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.swtpm]
 
@@ -52,27 +50,8 @@ async def test_secret_sealed_on_host_a_reads_back_on_host_b_and_never_leaks(
     # Every key in Redis, of every type, not only this VM's: no plaintext anywhere.
     redis = Redis.from_url(redis_url)
     try:
-        values = [(key.decode(), value) async for key, value in _every_value(redis)]
+        values = [(key.decode(), value) async for key, value in every_redis_value(redis)]
         assert any(f"{{{result.vm_id}}}" in key for key, _ in values), "nothing stored for the VM"
         assert find_leaks(values, needles) == []
     finally:
         await redis.aclose()
-
-
-async def _every_value(redis: Redis) -> AsyncIterator[tuple[bytes, bytes]]:
-    async for key in redis.scan_iter(count=1000):
-        kind = (await redis.type(key)).decode()
-        if kind == "string":
-            yield key, await awaited(redis.get(key))
-        elif kind == "hash":
-            for field, value in (await awaited(redis.hgetall(key))).items():
-                yield key, field + b"=" + value
-        elif kind == "list":
-            for value in await awaited(redis.lrange(key, 0, -1)):
-                yield key, value
-        elif kind == "set":
-            for value in await awaited(redis.smembers(key)):
-                yield key, value
-        elif kind == "zset":
-            for value in await awaited(redis.zrange(key, 0, -1)):
-                yield key, value

@@ -22,6 +22,7 @@ import os
 import stat
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import cast
 import libvirt
 import pytest
 import pytest_asyncio
+from pydantic import SecretBytes
 
 from keeper_host_agent.app import HostAgent
 from keeper_host_agent.commands import HostCommands
@@ -44,7 +46,7 @@ from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, P, Payload, new_envelope
 from keeper_shared.messages.state import FetchState, StateChanged
 from keeper_shared.messages.tpm import VmSpec
-from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
+from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, TpmSecret
 from keeper_shared.messages.vm import (
     PowerOffVm,
     PrepareVm,
@@ -57,6 +59,7 @@ from keeper_shared.messages.vm import (
     VmUndefined,
 )
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from leak_scan import find_leaks, leak_forms
 
 pytestmark = pytest.mark.libvirt
 
@@ -278,9 +281,15 @@ class Host:
         return self.settings.nvram_dir / f"{VM_NAME}_VARS.fd"
 
     async def prepare(
-        self, *, tpm: StateBlob | None = None, nvram: StateBlob | None = None
+        self,
+        *,
+        tpm: StateBlob | None = None,
+        nvram: StateBlob | None = None,
+        tpm_secret: TpmSecret | None = None,
     ) -> CommandDone:
-        request = PrepareVm(vm_id=VM_ID, name=VM_NAME, epoch=1, tpm=tpm, nvram=nvram)
+        request = PrepareVm(
+            vm_id=VM_ID, name=VM_NAME, epoch=1, tpm=tpm, nvram=nvram, tpm_secret=tpm_secret
+        )
         return await self.commands.prepare(envelope(request), DELIVERY)
 
     async def start(self, *, xml_epoch: int, epoch: int) -> CommandDone:
@@ -397,6 +406,24 @@ async def test_prepare_refuses_a_blob_whose_hash_does_not_match(host: Host) -> N
     assert garbage.error
 
     assert tree(host.settings.swtpm_root) | tree(host.settings.nvram_dir) == before
+
+
+async def test_an_encrypted_tpm_is_refused_by_a_libvirt_without_secrets(host: Host) -> None:
+    """The test driver has no secret driver: a TPM state encrypted with a libvirt secret
+    could not be read there, so nothing is written and the refusal says why (never the
+    secret's value)."""
+    value = os.urandom(32)
+    secret = TpmSecret(uuid=str(uuid.uuid4()), value=SecretBytes(value))
+
+    refused = await host.prepare(
+        tpm=tpm_blob(os.urandom(6_000)), nvram=nvram_blob(b"\x01" * 4096), tpm_secret=secret
+    )
+
+    assert not refused.ok
+    assert refused.error is not None
+    assert "no secret driver" in refused.error
+    assert find_leaks([("error", refused.error.encode())], leak_forms(value)) == []
+    assert tree(host.settings.swtpm_root) | tree(host.settings.nvram_dir) == {}
 
 
 async def test_prepare_is_refused_while_the_vm_runs(host: Host) -> None:

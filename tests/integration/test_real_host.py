@@ -20,7 +20,18 @@ only imitate:
   libvirt's ``swtpm_setup --createek``), read with ``tpm2_readpublic`` from a throwaway
   swtpm on a copy of the state, equals the one of the first run.
 
-The second test restarts libvirtd under a running VM and shows the agent reconnects,
+The second test does the same with a TPM whose state swtpm encrypts with a libvirt secret
+(``<encryption secret='…'/>``, what oVirt and Nova do): the store creates the secret's value
+and keeps it sealed, the host defines the secret (private) before the start and removes it
+with the domain; the state persisted is the encrypted one, which a swtpm without the secret
+cannot load; after the undefine (state and secret gone, as on a new host) the start defines
+the secret again and swtpm runs on the restored encrypted state. The secret's value is in
+no log and nowhere in Redis in clear.
+
+The third test defines domains whose TPMs use secrets the keeper did not create: a
+readable one the host can ship, a private one it reports as ``tpm.state.stranded``.
+
+The last test restarts libvirtd under a running VM and shows the agent reconnects,
 rebuilds its view and still reports the VM's lifecycle.
 
 Every domain this module creates is named ``keeper-rh-<8 hex>``; the module fixture destroys
@@ -31,11 +42,14 @@ sessions on one machine take turns (a lock file): there is only one libvirtd to 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
+import secrets
 import select
 import shutil
 import subprocess
@@ -53,16 +67,19 @@ import libvirt
 import pytest
 from redis.asyncio import Redis
 
+from keeper_host_agent.tpm_secrets import KEEPER_USAGE_PREFIX as KEEPER_SECRET_PREFIX
+from keeper_host_agent.tpm_secrets import read_foreign_secret
 from keeper_shared.blobs import content_hash
 from keeper_shared.client import EventWatch, KeeperClient
 from keeper_shared.compression import compress
 from keeper_shared.demo.processes import ServiceProcess
 from keeper_shared.encryption import generate_key_file
+from keeper_shared.key_ring import KeyRing
 from keeper_shared.messages.envelope import Envelope, Payload
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.state import StatePersisted
-from keeper_shared.messages.tpm import VmSpec
-from keeper_shared.messages.types import StateKind
+from keeper_shared.messages.tpm import TpmStateStranded, VmSpec
+from keeper_shared.messages.types import StateKind, TpmSecret
 from keeper_shared.messages.vm import (
     StopReason,
     VmDefined,
@@ -70,11 +87,13 @@ from keeper_shared.messages.vm import (
     VmStopped,
     VmUndefined,
 )
-from keeper_shared.redis_keys import hosts_key
+from keeper_shared.redis_keys import hosts_key, tpm_secret_key
 from keeper_shared.redis_results import awaited
-from keeper_shared.swtpm_tools import missing_tools, start_swtpm
+from keeper_shared.swtpm_tools import SwtpmError, missing_tools, start_swtpm
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state, read_tpm_state_dir
-from leak_scan import content_fingerprints, find_leaks
+from keeper_state_store.repository import StateRepository
+from keeper_state_store.tpm_secrets import TpmSecretVault
+from leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
 
 pytestmark = [
     pytest.mark.real_host,
@@ -91,6 +110,7 @@ E = TypeVar("E", bound=Payload)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REAL_HOST = REPO_ROOT / "deploy" / "local" / "real-host"
 LIBVIRT_URI = "qemu:///system"
+LIBVIRT_SECRETS_DIR = Path("/etc/libvirt/secrets")
 SWTPM_ROOT = Path("/var/lib/libvirt/swtpm")
 NVRAM_DIR = Path("/var/lib/libvirt/qemu/nvram")
 NAME_PREFIX = "keeper-rh-"
@@ -153,6 +173,44 @@ def _live_xml(vm_id: str) -> str:
     return _libvirt_call(lambda conn: str(conn.lookupByUUIDString(vm_id).XMLDesc(0)))
 
 
+def _live_tpm_secret_uuid(vm_id: str) -> str:
+    """The secret the running domain's TPM names in ``<encryption secret>``."""
+    match = re.search(r"<encryption secret='([0-9a-f-]{36})'", _live_xml(vm_id))
+    assert match, "the domain's TPM names no encryption secret"
+    return match.group(1)
+
+
+@dataclass(frozen=True)
+class LibvirtSecret:
+    """A libvirt secret as the daemon shows it through its API."""
+
+    usage_id: str
+    private: bool
+    value_readable: bool
+
+
+def _libvirt_secret(secret_uuid: str) -> LibvirtSecret | None:
+    def look(conn: libvirt.virConnect) -> LibvirtSecret | None:
+        try:
+            secret = conn.secretLookupByUUIDString(secret_uuid)
+        except libvirt.libvirtError as error:
+            if error.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                return None
+            raise
+        try:
+            secret.value()
+            readable = True
+        except libvirt.libvirtError:
+            readable = False
+        return LibvirtSecret(
+            usage_id=str(secret.usageID()),
+            private="private='yes'" in secret.XMLDesc(0),
+            value_readable=readable,
+        )
+
+    return _libvirt_call(look)
+
+
 def _remove_leftover_domains() -> list[str]:
     """Destroy and undefine (with TPM and NVRAM) every domain this module may have made."""
 
@@ -169,6 +227,14 @@ def _remove_leftover_domains() -> list[str]:
                     libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_TPM
                 )
             removed.append(domain.name())
+        for secret in conn.listAllSecrets(0):
+            # The keeper's secrets of VMs this module made and did not see through.
+            if secret.usageID().startswith(KEEPER_SECRET_PREFIX):
+                vm_id = secret.usageID().removeprefix(KEEPER_SECRET_PREFIX)
+                if not any(d.UUIDString() == vm_id for d in conn.listAllDomains(0)):
+                    with contextlib.suppress(libvirt.libvirtError):
+                        secret.undefine()
+                    removed.append(f"secret {secret.UUIDString()}")
         return removed
 
     try:
@@ -773,6 +839,201 @@ async def test_tpm_and_nvram_survive_power_off_and_restart_on_a_real_libvirt_hos
     print("\nreal host figures:")
     for line in figures:
         print(f"  - {line}")
+
+
+async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
+    real_host: RealHost, stack: Stack, redis_url: str, tmp_path: Path
+) -> None:
+    client, host = stack.client, stack.host_id
+    vm_id = str(uuid.uuid4())
+    name = f"{NAME_PREFIX}{vm_id[:8]}"
+    spec = VmSpec(vm_id=vm_id, name=name, guest_os="windows-11", encrypt_tpm_state=True)
+    figures: list[str] = []
+
+    def is_ours(event: Payload) -> bool:
+        return getattr(event, "vm_id", None) == vm_id
+
+    # --- first start: the store makes the secret, the host defines it, swtpm encrypts
+    run1 = await client.watch_events("vm.*.*", "state.persisted.*", "tpm.state.*")
+    began = time.monotonic()
+    await client.enable_tpm(spec)
+    await client.start(vm_id, host)
+    await wait_event(run1, VmStarted, is_ours, "vm.started of the encrypted-TPM VM")
+    secret_uuid = _live_tpm_secret_uuid(vm_id)
+    secret = _libvirt_secret(secret_uuid)
+    assert secret is not None, "the host did not define the secret before the start"
+    assert secret.usage_id == f"{KEEPER_SECRET_PREFIX}{vm_id}"
+    assert secret.private
+    assert not secret.value_readable
+    # The daemon keeps the value on disk; the store's sealed copy must be the same value.
+    value = base64.b64decode((LIBVIRT_SECRETS_DIR / f"{secret_uuid}.base64").read_bytes())
+    stored = await stored_tpm_secret(redis_url, tmp_path / "kek.key", vm_id)
+    assert stored is not None
+    assert stored.uuid == secret_uuid
+    assert stored.value.get_secret_value() == value
+
+    tpm1_event, tpm1 = await wait_persisted_current(
+        run1, vm_id, StateKind.TPM, lambda: disk_tpm_content(vm_id), timeout_s=STEP_TIMEOUT_S
+    )
+    figures.append(
+        f"encrypted TPM persisted {time.monotonic() - began:.1f} s after the enable request "
+        f"(v{tpm1_event.data.version}, canonical archive {kib(len(tpm1))})"
+    )
+    # Encrypted for real: swtpm loads the state persisted only with the secret's value.
+    copy = tmp_path / "encrypted" / "tpm2"
+    shutil.copytree(tpm_dir(vm_id), copy, ignore=shutil.ignore_patterns(".*"))
+    with pytest.raises(SwtpmError, match="GetDecryptedData"):
+        await start_swtpm(copy)
+    async with await start_swtpm(copy, passphrase=value):
+        pass
+
+    # --- power-off: state retrieved, domain undefined, state and secret gone (a new host)
+    assert await client.stop(vm_id, StopMode.POWEROFF)
+    await wait_event(run1, VmUndefined, is_ours, "vm.undefined of the encrypted-TPM VM")
+    assert not (SWTPM_ROOT / vm_id).exists()
+    assert _libvirt_secret(secret_uuid) is None, "the secret outlived its domain on the host"
+    newest_tpm = newest_persisted(run1, vm_id, StateKind.TPM)
+
+    # --- start again from the store: the secret comes back first, swtpm reads the state
+    run2 = await client.watch_events("vm.*.*", "state.persisted.*", "tpm.state.*")
+    capture = RestoreCapture(vm_id, name)
+    capture.start()
+    try:
+        await client.start(vm_id, host)
+    finally:
+        capture.stop()
+    await wait_event(run2, VmStarted, is_ours, "vm.started after the encrypted restore")
+    assert capture.tpm is not None, "prepare wrote no TPM state"
+    assert content_hash(capture.tpm) == newest_tpm.content_hash
+    assert _live_tpm_secret_uuid(vm_id) == secret_uuid
+    again = _libvirt_secret(secret_uuid)
+    assert again is not None
+    assert again.private
+    assert base64.b64decode((LIBVIRT_SECRETS_DIR / f"{secret_uuid}.base64").read_bytes()) == value
+    # The firmware's first TPM commands make swtpm decrypt, change and re-encrypt the state.
+    tpm2_event, _ = await wait_persisted_current(
+        run2,
+        vm_id,
+        StateKind.TPM,
+        lambda: disk_tpm_content(vm_id),
+        accept=lambda content: content != capture.tpm,
+        timeout_s=STEP_TIMEOUT_S,
+    )
+    figures.append(
+        f"restored encrypted TPM v{newest_tpm.version} ({newest_tpm.content_hash[:12]}) "
+        f"used by swtpm and changed: v{tpm2_event.data.version} persisted"
+    )
+    assert run2.matching(TpmStateStranded, is_ours) == []
+
+    assert await client.stop(vm_id, StopMode.POWEROFF)
+    await wait_event(run2, VmUndefined, is_ours, "vm.undefined after the final power-off")
+    assert _libvirt_secret(secret_uuid) is None
+
+    # --- the value is in no log line and nowhere in Redis in clear
+    codes = await stack.stop_services()
+    assert set(codes.values()) == {0}, codes
+    needles = leak_forms(value)
+    written = [(str(s.log_path), s.log_path.read_bytes()) for s in stack.services]
+    assert find_leaks(written, needles) == []
+    redis = Redis.from_url(redis_url)
+    try:
+        values = [(key.decode(), data) async for key, data in every_redis_value(redis)]
+    finally:
+        await redis.aclose()
+    assert any(key == tpm_secret_key(vm_id) for key, _ in values), "the store kept no secret"
+    assert find_leaks(values, needles) == []
+    figures.append(f"whole encrypted cycle: {time.monotonic() - began:.1f} s")
+    print("\nencrypted TPM figures:")
+    for line in figures:
+        print(f"  - {line}")
+
+
+async def stored_tpm_secret(redis_url: str, kek_file: Path, vm_id: str) -> TpmSecret | None:
+    """The VM's secret as the store holds it, opened with the store's own key file."""
+    redis = Redis.from_url(redis_url)
+    try:
+        repository = StateRepository(redis, KeyRing.from_files(kek_file), history_depth=1)
+        return await TpmSecretVault(repository).held(vm_id)
+    finally:
+        await redis.aclose()
+
+
+async def test_a_tpm_secret_the_keeper_did_not_create_is_read_or_reported(
+    real_host: RealHost, stack: Stack
+) -> None:
+    """Domains defined outside the keeper with their own secrets (as oVirt or Nova make
+    them): a readable one the host can ship to the store; a private one it cannot, and it
+    says so with ``tpm.state.stranded`` instead of failing silently."""
+    watch = await stack.client.watch_events("tpm.state.*", "vm.*.*")
+    made: dict[str, tuple[str, str]] = {}
+    readable_value = secrets.token_urlsafe(32).encode()
+    try:
+        for private in (True, False):
+            vm_id, secret_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+            made["private" if private else "readable"] = (vm_id, secret_uuid)
+            value = secrets.token_urlsafe(32).encode() if private else readable_value
+            _libvirt_call(
+                functools.partial(
+                    _define_foreign,
+                    vm_id=vm_id,
+                    secret_uuid=secret_uuid,
+                    value=value,
+                    private=private,
+                )
+            )
+
+        private_vm, private_secret = made["private"]
+        stranded = await wait_event(
+            watch,
+            TpmStateStranded,
+            lambda event: event.vm_id == private_vm,
+            "tpm.state.stranded for the private secret",
+        )
+        assert stranded.data.secret_uuid == private_secret
+        assert stranded.data.host == stack.host_id
+        assert "private" in stranded.data.reason
+
+        readable_vm, readable_secret = made["readable"]
+        await wait_event(
+            watch, VmDefined, lambda e: e.vm_id == readable_vm, "vm.defined (readable)"
+        )
+        shipped = _libvirt_call(lambda c: read_foreign_secret(c, readable_vm, readable_secret))
+        assert shipped is not None
+        assert shipped.uuid == readable_secret
+        assert shipped.value.get_secret_value() == readable_value
+        assert watch.matching(TpmStateStranded, lambda e: e.vm_id == readable_vm) == []
+    finally:
+        _libvirt_call(lambda conn: _remove_foreign(conn, list(made.values())))
+    codes = await stack.stop_services()
+    assert set(codes.values()) == {0}, codes
+
+
+def _define_foreign(
+    conn: libvirt.virConnect, *, vm_id: str, secret_uuid: str, value: bytes, private: bool
+) -> None:
+    """A vtpm secret and a (stopped) domain whose TPM is encrypted with it, made the way a
+    manager other than the keeper would."""
+    secret = conn.secretDefineXML(
+        f"<secret ephemeral='no' private='{'yes' if private else 'no'}'>"
+        f"<uuid>{secret_uuid}</uuid><usage type='vtpm'><name>other-{vm_id}</name></usage>"
+        "</secret>"
+    )
+    secret.setValue(value)
+    conn.defineXML(
+        f"<domain type='qemu'><name>{NAME_PREFIX}{vm_id[:8]}</name><uuid>{vm_id}</uuid>"
+        "<memory unit='MiB'>64</memory>"
+        "<os><type arch='x86_64' machine='q35'>hvm</type></os>"
+        "<devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'>"
+        f"<encryption secret='{secret_uuid}'/></backend></tpm></devices></domain>"
+    )
+
+
+def _remove_foreign(conn: libvirt.virConnect, made: list[tuple[str, str]]) -> None:
+    for vm_id, secret_uuid in made:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByUUIDString(vm_id).undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.secretLookupByUUIDString(secret_uuid).undefine()
 
 
 async def test_agent_reconnects_when_libvirtd_restarts(real_host: RealHost, stack: Stack) -> None:

@@ -52,6 +52,7 @@ from keeper_shared.redis_keys import (
     state_meta_key,
     state_pinned_blobs_key,
     state_pinned_meta_key,
+    tpm_secret_key,
 )
 from keeper_shared.redis_results import awaited
 from keeper_shared.swtpm_tools import (
@@ -66,6 +67,7 @@ from keeper_state_store.repository import StateRepository, WriteOutcome
 from keeper_state_store.scrub_flags import ScrubFlag
 from keeper_state_store.scrubber import Scrubber, VmScrubOutcome
 from keeper_state_store.tpm_probe import reap_stale_probes
+from keeper_state_store.tpm_secrets import TpmSecretVault
 from leak_scan import leak_forms
 from redis_db import database_url, private_database
 
@@ -593,3 +595,37 @@ async def test_probes_left_by_a_killed_scrubber_are_reaped(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(live_dir, ignore_errors=True)
+
+
+async def test_an_encrypted_tpm_state_is_loaded_with_the_vms_secret(
+    redis: Redis, kek: KeyEncryptionKey, scrub_dir: Path, tmp_path: Path, ca_config: Path
+) -> None:
+    """swtpm cannot load a state written under <encryption secret> without the secret's
+    value: the scrubber opens the VM's secret the store keeps and hands it to swtpm, so
+    the check proves the stored secret still opens the stored state."""
+    vm = await Vm.placed(redis, kek)
+    secrets_vault = TpmSecretVault(vm.repository)
+    secret = await secrets_vault.held_or_created(vm.vm_id)
+    state_dir = tmp_path / "encrypted" / "tpm2"
+    await manufacture_tpm_state(
+        state_dir, config=ca_config, passphrase=secret.value.get_secret_value()
+    )
+    version = await vm.write(StateKind.TPM, pack_tpm_state(read_tpm_state_dir(state_dir)))
+    scrubber = _scrubber(redis, kek, Recorder(), scrub_dir)
+
+    report = await scrubber.scrub_vm(vm.vm_id, [StateKind.TPM])
+
+    assert (report.verified, report.failed) == (1, 0)
+    flag = (await vm.flags(StateKind.TPM))[version]
+    assert flag.ok
+    assert flag.swtpm_loaded
+    assert flag.ek_sha256 is not None
+
+    # Another secret under the VM's id (as if the value were lost): swtpm refuses the state.
+    await awaited(redis.delete(tpm_secret_key(vm.vm_id)))
+    await secrets_vault.held_or_created(vm.vm_id)
+    report = await _scrubber(redis, kek, Recorder(), scrub_dir).scrub_vm(vm.vm_id, [StateKind.TPM])
+    assert (report.verified, report.failed) == (1, 1)
+    flag = (await vm.flags(StateKind.TPM))[version]
+    assert not flag.ok
+    assert "swtpm could not load the state" in (flag.reason or "")

@@ -106,6 +106,28 @@ async def test_sealed_secret_survives_a_copy_of_the_state(tmp_path: Path, ca_con
     assert tpm.returncode == 0
 
 
+async def test_an_encrypted_state_loads_only_with_its_passphrase(
+    tmp_path: Path, ca_config: Path
+) -> None:
+    """As libvirt does for a TPM with <encryption secret>: manufactured encrypted with the
+    secret's value, the state opens only with that passphrase, and what it seals stays."""
+    state_dir = tmp_path / "tpm2"
+    passphrase = secrets.token_urlsafe(32).encode()
+    secret = secrets.token_bytes(SECRET_SIZE)
+    await manufacture_tpm_state(state_dir, config=ca_config, passphrase=passphrase)
+    async with await start_swtpm(state_dir, passphrase=passphrase) as tpm:
+        await nv_write_secret(tpm.tcti, DEMO_NV_INDEX, secret)
+    assert tpm.returncode == 0
+    assert secret not in (state_dir / PERMALL_NAME).read_bytes()
+
+    with pytest.raises(SwtpmError, match="GetDecryptedData"):
+        await start_swtpm(state_dir)
+    with pytest.raises(SwtpmError, match="GetDecryptedData"):
+        await start_swtpm(state_dir, passphrase=secrets.token_urlsafe(32).encode())
+    async with await start_swtpm(state_dir, passphrase=passphrase) as tpm:
+        assert await nv_read_secret(tpm.tcti, DEMO_NV_INDEX, SECRET_SIZE) == secret
+
+
 async def test_manufacture_with_the_system_config_as_libvirt_does(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("the system CA in /var/lib/swtpm-localca is writable by root and tss only")

@@ -9,6 +9,7 @@ decompression, TPM archive rules), because whoever made it may be the attacker.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import zlib
@@ -32,7 +33,7 @@ from keeper_shared.bundle import (
     read_bundle,
     write_bundle,
 )
-from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
+from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, TpmSecret
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from leak_scan import content_fingerprints, leak_forms
 
@@ -246,3 +247,41 @@ def test_header_layout_is_what_the_docstring_says(sealed: bytes) -> None:
     magic, version, kdf, log2_n, r, p = struct.unpack_from(">8sBBBBB", sealed)
     assert (magic, version, kdf, log2_n, r, p) == (MAGIC, 1, 1, FAST.log2_n, FAST.r, FAST.p)
     assert HEADER_SIZE == 8 + 5 + 16 + 12
+
+
+def _with_secret(value: bytes) -> Bundle:
+    secret = TpmSecret(uuid="0c6a4b7e-54a4-4bb5-a0d2-6e3b3f1e2d11", value=SecretBytes(value))
+    return dataclasses.replace(_bundle(), tpm_secret=secret)
+
+
+def test_the_tpm_secret_travels_sealed_in_a_version_2_bundle() -> None:
+    value = os.urandom(43)
+    original = _with_secret(value)
+
+    data = write_bundle(original, PASSPHRASE, FAST)
+
+    assert struct.unpack_from(">8sB", data)[1] == 2
+    assert not any(form in data for form in leak_forms(value))
+    read = read_bundle(data, PASSPHRASE)
+    assert read.tpm_secret == original.tpm_secret
+    assert [entry.blob for entry in read.entries] == [entry.blob for entry in original.entries]
+
+
+def test_a_wrong_passphrase_reveals_nothing_of_the_tpm_secret() -> None:
+    value = os.urandom(43)
+    data = write_bundle(_with_secret(value), PASSPHRASE, FAST)
+    with pytest.raises(BundleAuthenticationError) as refused:
+        read_bundle(data, "not the passphrase")
+    assert not any(form in str(refused.value).encode() for form in leak_forms(value))
+
+
+def test_a_version_that_does_not_match_the_secret_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A version-2 header over a manifest without a secret (or the reverse) is not a file
+    this module writes."""
+    with monkeypatch.context() as patch:
+        patch.setattr(bundle_module, "FORMAT_VERSION", 2)
+        data = write_bundle(_bundle(), PASSPHRASE, FAST)
+        with pytest.raises(BundleContentError, match="does not match whether it holds"):
+            read_bundle(data, PASSPHRASE)

@@ -18,8 +18,13 @@ from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
 from keeper_shared.logging import configure_logging, redact_secrets
+from keeper_shared.messages.types import TpmSecret
+from keeper_shared.messages.vm import PrepareVm
+from keeper_state_store.tpm_secrets import new_secret_value
+from leak_scan import find_leaks, leak_forms
 
 VM_ID = "5b0e8d1e-3c55-4d8f-9a51-0c6f6f8e2a11"
+SECRET_UUID = "0c6a4b7e-54a4-4bb5-a0d2-6e3b3f1e2d11"
 HASH = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 WINDOW = 16
 
@@ -255,6 +260,30 @@ def test_json_output_never_contains_the_canary(
     assert lines[-1]["content_hash"] == HASH
     assert_no_leak(output, canary)
     assert_no_leak(output, canary_blob)
+
+
+def test_a_tpm_secret_in_a_prepare_never_renders(capsys: pytest.CaptureFixture[str]) -> None:
+    """The libvirt secret swtpm encrypts the TPM with, as the store makes them (a printable
+    passphrase, short enough to slip past the long-hex/base64 patterns): only the models'
+    masking keeps it out, wherever it is logged."""
+    value = new_secret_value()
+    secret = TpmSecret(uuid=SECRET_UUID, value=SecretBytes(value))
+    prepare = PrepareVm(vm_id=VM_ID, name="win11", epoch=3, tpm_secret=secret)
+    configure_logging("host-agent", json_output=True)
+    log = structlog.get_logger("keeper.test")
+
+    log.info("prepare", request=prepare, neutral=secret)
+    log.info("secret", tpm_secret=secret.value, tpm_secret_id=secret.uuid)
+    log.info(f"in the message {prepare!r} {secret}")
+    try:
+        raise ValueError(f"cannot define {secret.value}")
+    except ValueError:
+        log.exception("failed", vm_id=VM_ID)
+
+    output = capsys.readouterr().err
+    assert len(json_lines(output)) == 4
+    assert SECRET_UUID in output  # a name operators need, not a secret
+    assert find_leaks([("log", output.encode())], leak_forms(value)) == []
 
 
 def fail_to_store(canary: bytes, canary_blob: bytes) -> None:

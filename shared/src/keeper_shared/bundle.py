@@ -10,6 +10,11 @@ Layout (all integers big-endian)::
     plaintext          u32 manifest length, manifest (JSON), then each entry's compressed
                        canonical content, in manifest order
 
+Format version 2 is version 1 plus the libvirt secret the TPM state is encrypted with (a
+TPM with ``<encryption secret>``), in the manifest, so inside the ciphertext like the state:
+without it the exported TPM state is useless. A bundle without a secret is still written as
+version 1, which older builds read.
+
 The header is the associated data, so flipping any byte of the file (or a wrong passphrase,
 or truncation) fails authentication before anything is parsed. Content is verified after
 decryption anyway (bounded decompression, size, hash, and for the TPM the archive rules),
@@ -41,12 +46,14 @@ from keeper_shared.messages.types import (
     FencingToken,
     StateBlob,
     StateKind,
+    TpmSecret,
     VmId,
 )
 from keeper_shared.tpm_archive import unpack_tpm_state
 
 MAGIC: Final = b"VTPMKEEP"
 FORMAT_VERSION: Final = 1
+FORMAT_VERSION_WITH_TPM_SECRET: Final = 2
 KDF_SCRYPT: Final = 1
 _HEADER = struct.Struct(">8sBBBBB16s12s")
 HEADER_SIZE: Final = _HEADER.size
@@ -128,6 +135,8 @@ class Bundle:
     """When it was exported (UTC)."""
     entries: tuple[BundleEntry, ...]
     """TPM and/or NVRAM."""
+    tpm_secret: TpmSecret | None = None
+    """The libvirt secret the TPM state is encrypted with, None for a plain TPM state."""
 
     def entry(self, kind: StateKind) -> BundleEntry | None:
         """The entry of ``kind``, None when the bundle has none."""
@@ -153,6 +162,7 @@ class _Manifest(BaseModel):
     vm_id: VmId
     exported_at: datetime
     entries: list[_ManifestEntry] = Field(min_length=1, max_length=len(StateKind))
+    tpm_secret: TpmSecret | None = None
 
 
 def write_bundle(bundle: Bundle, passphrase: str, params: ScryptParams = DEFAULT_SCRYPT) -> bytes:
@@ -177,8 +187,9 @@ def write_bundle(bundle: Bundle, passphrase: str, params: ScryptParams = DEFAULT
             )
             for entry in bundle.entries
         ],
+        tpm_secret=bundle.tpm_secret,
     )
-    manifest_json = manifest.model_dump_json().encode()
+    manifest_json = manifest.model_dump_json(exclude_none=True).encode()
     plaintext = b"".join(
         [
             _LENGTH.pack(len(manifest_json)),
@@ -188,8 +199,9 @@ def write_bundle(bundle: Bundle, passphrase: str, params: ScryptParams = DEFAULT
     )
     salt = secrets.token_bytes(16)
     nonce = secrets.token_bytes(12)
+    version = FORMAT_VERSION if bundle.tpm_secret is None else FORMAT_VERSION_WITH_TPM_SECRET
     header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, KDF_SCRYPT, params.log2_n, params.r, params.p, salt, nonce
+        MAGIC, version, KDF_SCRYPT, params.log2_n, params.r, params.p, salt, nonce
     )
     key = _derive_key(passphrase, salt, params)
     data = header + AESGCM(key).encrypt(nonce, plaintext, header)
@@ -209,7 +221,7 @@ def read_bundle(data: bytes, passphrase: str) -> Bundle:
     magic, version, kdf, log2_n, r, p, salt, nonce = _HEADER.unpack(header)
     if magic != MAGIC:
         raise BundleFormatError("not a vTPM Keeper bundle (wrong magic)")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, FORMAT_VERSION_WITH_TPM_SECRET):
         raise BundleFormatError(f"bundle format version {version} is not supported")
     if kdf != KDF_SCRYPT:
         raise BundleFormatError(f"bundle key derivation {kdf} is not supported")
@@ -223,7 +235,13 @@ def read_bundle(data: bytes, passphrase: str) -> Bundle:
             "bundle failed authentication: the passphrase is wrong, or the bundle was "
             "modified or truncated"
         ) from None
-    return _parse_plaintext(plaintext)
+    bundle = _parse_plaintext(plaintext)
+    # The version is authenticated (it is in the header): it must say what the manifest holds.
+    if (bundle.tpm_secret is not None) != (version == FORMAT_VERSION_WITH_TPM_SECRET):
+        raise BundleContentError(
+            f"bundle format version {version} does not match whether it holds a TPM secret"
+        )
+    return bundle
 
 
 def _derive_key(passphrase: str, salt: bytes, params: ScryptParams) -> bytes:
@@ -266,7 +284,12 @@ def _parse_plaintext(plaintext: bytes) -> Bundle:
             BundleEntry(blob=blob, version=item.version, host=item.host, stored_at=item.stored_at)
         )
     _check_entries(entries)
-    return Bundle(vm_id=manifest.vm_id, exported_at=manifest.exported_at, entries=tuple(entries))
+    return Bundle(
+        vm_id=manifest.vm_id,
+        exported_at=manifest.exported_at,
+        entries=tuple(entries),
+        tpm_secret=manifest.tpm_secret,
+    )
 
 
 def _parse_manifest(manifest_json: bytes) -> _Manifest:

@@ -181,9 +181,11 @@ class KeeperClient:
         versions: dict[StateKind, int] | None = None,
         snapshot_id: str | None = None,
         allow_older: bool = False,
+        encrypt_tpm_state: bool = False,
     ) -> dict[str, str]:
         """Have the store put stored state in place on ``host`` (a low-level step of a
-        start: policy sends it after raising the epoch). Returns the prepare's detail."""
+        start: policy sends it after raising the epoch). Returns the prepare's detail
+        (with ``tpm_secret_uuid`` when the TPM state is encrypted with a libvirt secret)."""
         request = RestoreState(
             vm_id=vm_id,
             name=name,
@@ -192,6 +194,7 @@ class KeeperClient:
             versions=versions,
             snapshot_id=snapshot_id,
             allow_older=allow_older,
+            encrypt_tpm_state=encrypt_tpm_state,
         )
         return await self._ask_store(request, vm_id)
 

@@ -46,6 +46,7 @@ _TAG_SIZE: Final = 16
 # a wrong path, and reading it whole would be pointless.
 _MAX_KEY_FILE_SIZE: Final = 4096
 _AAD_DOMAIN: Final = b"vtpm-keeper/blob-aad/v1"
+_TPM_SECRET_AAD_DOMAIN: Final = b"vtpm-keeper/tpm-secret/v1"
 BLOB_KINDS: Final = frozenset({"tpm", "nvram"})
 """The kinds of state a sealed blob can hold."""
 
@@ -383,5 +384,17 @@ def blob_associated_data(
             _length_prefixed(kind.encode("utf-8")),
             struct.pack(">QQ", epoch, generation),
             _length_prefixed(content_hash.encode("utf-8")),
+        )
+    )
+
+
+def tpm_secret_associated_data(vm_id: str, secret_uuid: str) -> bytes:
+    """AES-GCM associated data binding a sealed TPM secret value to its VM and UUID, under
+    its own domain tag so a sealed secret can never pass for a sealed blob or the reverse."""
+    return b"".join(
+        (
+            _length_prefixed(_TPM_SECRET_AAD_DOMAIN),
+            _length_prefixed(vm_id.encode("utf-8")),
+            _length_prefixed(secret_uuid.encode("utf-8")),
         )
     )

@@ -23,6 +23,12 @@ def data_key_key(vm_id: str) -> str:
     return f"{PREFIX}:{{{vm_id}}}:dek"
 
 
+def tpm_secret_key(vm_id: str) -> str:
+    """String: JSON {uuid, sealed} of the libvirt secret the VM's TPM state is encrypted
+    with; the value sealed under the VM's data key, never in clear."""
+    return f"{PREFIX}:{{{vm_id}}}:tpm-secret"
+
+
 def state_head_key(vm_id: str, kind: StateKind) -> str:
     """Hash: newest stored version, its fencing token and hash."""
     return f"{PREFIX}:{{{vm_id}}}:{kind.value}:head"

@@ -117,6 +117,7 @@ async def _run(
     limit_s: float,
     stdin: bytes | None = None,
     env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> _Completed:
     """Run a command without a shell; kill it on timeout or cancellation."""
     try:
@@ -126,6 +127,7 @@ async def _run(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
+            pass_fds=pass_fds,
         )
     except FileNotFoundError:
         raise SwtpmError(
@@ -230,13 +232,16 @@ async def manufacture_tpm_state(
     *,
     overwrite: bool = False,
     config: Path | None = None,
+    passphrase: bytes | None = None,
 ) -> None:
     """Manufacture a new TPM 2 in ``state_dir`` the way libvirt does for a new VM.
 
     Runs ``swtpm_setup --tpm2 --createek --create-ek-cert --create-platform-cert
     --lock-nvram``. ``state_dir`` (the ``tpm2`` directory) is created 0700 if missing.
     Existing state is an error unless ``overwrite`` is set. ``config`` replaces
-    ``/etc/swtpm_setup.conf`` (see :func:`write_private_ca_config`).
+    ``/etc/swtpm_setup.conf`` (see :func:`write_private_ca_config`). With ``passphrase``
+    the state is encrypted with it from the start, as libvirt does for a TPM with
+    ``<encryption secret>`` (``--pwdfile-fd`` on a pipe, ``--cipher aes-256-cbc``).
     """
     state_dir = state_dir.absolute()
     _check_option_value(state_dir)
@@ -256,8 +261,20 @@ async def manufacture_tpm_state(
         argv.append("--overwrite")
     if config is not None:
         argv += ["--config", str(config.absolute())]
+    passphrase_fd = None if passphrase is None else _passphrase_pipe(passphrase)
+    if passphrase_fd is not None:
+        # Not stdin: swtpm_setup does not read a passphrase from fd 0 reliably.
+        argv += ["--pwdfile-fd", str(passphrase_fd), "--cipher", "aes-256-cbc"]
     started = time.monotonic()
-    result = await _run(argv, limit_s=_SETUP_LIMIT_S)
+    try:
+        result = await _run(
+            argv,
+            limit_s=_SETUP_LIMIT_S,
+            pass_fds=() if passphrase_fd is None else (passphrase_fd,),
+        )
+    finally:
+        if passphrase_fd is not None:
+            os.close(passphrase_fd)
     if result.returncode != 0:
         # swtpm_setup reports failures on stderr; its stdout is progress and public keys.
         raise SwtpmError(
@@ -475,10 +492,28 @@ class RunningSwtpm:
             _LOG.warning("swtpm for %s did not stop cleanly", self._state_dir, exc_info=True)
 
 
-async def _launch(state_dir: Path, port: int, work_parent: Path | None) -> RunningSwtpm:
+def _passphrase_pipe(passphrase: bytes) -> int:
+    """A pipe's read end holding ``passphrase``: swtpm reads it from the inherited fd, so the
+    value is never in an argument, the environment or a file. (Far below the pipe buffer,
+    so writing it before swtpm runs cannot block.)"""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, passphrase)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return read_end
+
+
+async def _launch(
+    state_dir: Path, port: int, work_parent: Path | None, passphrase: bytes | None
+) -> RunningSwtpm:
     # The pid file and log live outside the state directory: that directory is archived
     # and restored with an allow-list of names.
     workdir = Path(tempfile.mkdtemp(prefix="keeper-swtpm-", dir=work_parent))
+    passphrase_fd: int | None = None
     try:
         _check_option_value(workdir)
         argv = [
@@ -496,10 +531,19 @@ async def _launch(state_dir: Path, port: int, work_parent: Path | None) -> Runni
             "--pid",
             f"file={workdir / 'swtpm.pid'}",
         ]
+        if passphrase is not None:
+            # What libvirt passes for a TPM with <encryption secret>: the state is
+            # encrypted with a key derived from the secret's value.
+            passphrase_fd = _passphrase_pipe(passphrase)
+            argv += ["--key", f"pwdfd={passphrase_fd},mode=aes-256-cbc"]
         # A file, not a pipe: nobody reads swtpm's output while it runs.
         with (workdir / "swtpm.log").open("wb") as log:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=() if passphrase_fd is None else (passphrase_fd,),
             )
     except FileNotFoundError:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -507,6 +551,9 @@ async def _launch(state_dir: Path, port: int, work_parent: Path | None) -> Runni
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
+    finally:
+        if passphrase_fd is not None:
+            os.close(passphrase_fd)
     running = RunningSwtpm(state_dir=state_dir, port=port, proc=proc, workdir=workdir)
     try:
         await running._wait_ready(_READY_LIMIT_S)
@@ -518,7 +565,11 @@ async def _launch(state_dir: Path, port: int, work_parent: Path | None) -> Runni
 
 
 async def start_swtpm(
-    state_dir: Path, *, port: int | None = None, work_parent: Path | None = None
+    state_dir: Path,
+    *,
+    port: int | None = None,
+    work_parent: Path | None = None,
+    passphrase: bytes | None = None,
 ) -> RunningSwtpm:
     """Start ``swtpm socket`` on the TPM 2 state in ``state_dir`` and wait until it serves.
 
@@ -526,7 +577,9 @@ async def start_swtpm(
     None a free pair is picked. swtpm's pid file and log go into a private directory
     made in ``work_parent`` (the system's temporary directory when None) and removed on
     stop. Returns once a TPM command succeeded, within 10 seconds. Note that starting it
-    changes the permall.
+    changes the permall. ``passphrase`` is the value of the libvirt secret an encrypted
+    state was written with (a TPM with ``<encryption secret>``); without the right one
+    swtpm cannot load such a state.
     Raises :class:`SwtpmError` when the state is missing or swtpm cannot load it.
     """
     state_dir = state_dir.absolute()
@@ -540,7 +593,7 @@ async def start_swtpm(
     while True:
         chosen = port if port is not None else _free_port_pair()
         try:
-            running = await _launch(state_dir, chosen, work_parent)
+            running = await _launch(state_dir, chosen, work_parent, passphrase)
         except SwtpmError as exc:
             # Another process may take a port between our check and swtpm's bind.
             if port is None and attempt < _PORT_ATTEMPTS and "Address already in use" in str(exc):

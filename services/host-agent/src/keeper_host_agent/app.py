@@ -7,22 +7,29 @@ import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
+import libvirt
 import structlog
 
 from keeper_host_agent.capabilities import probe_capabilities
 from keeper_host_agent.change_watcher import ChangeWatcher
 from keeper_host_agent.commands import HostCommands
-from keeper_host_agent.domain_xml import DomainXmlError, parse_domain
+from keeper_host_agent.domain_xml import DomainStateLocation, DomainXmlError, parse_domain
 from keeper_host_agent.hypervisor import HypervisorError, LibvirtHypervisor, LifecycleEvent
 from keeper_host_agent.placement_commands import PlacementCommands
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_host_agent.snapshot_commands import SnapshotCommands
 from keeper_host_agent.state_tracker import StateTracker
+from keeper_host_agent.tpm_secrets import (
+    TpmSecretError,
+    TpmSecretUnreadableError,
+    read_foreign_secret,
+)
 from keeper_shared.bus.client import BusClient, Route
 from keeper_shared.bus.topology import host_command_queue
 from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
 from keeper_shared.messages.state import FetchState, StateChanged
+from keeper_shared.messages.tpm import TpmStateStranded
 from keeper_shared.messages.vm import (
     PowerOffVm,
     PrepareVm,
@@ -66,6 +73,8 @@ class HostAgent:
         self.placement = PlacementCommands(lambda: self.hypervisor.connection, self.refresh_domain)
         self.snapshots = SnapshotCommands(lambda: self.hypervisor.connection)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._secret_checked: dict[str, str] = {}
+        """VM id -> the TPM secret already checked for it."""
 
     async def _publish_change(self, change: StateChanged) -> None:
         await self.bus.publish_event(change, subject=change.vm_id)
@@ -86,6 +95,7 @@ class HostAgent:
         snapshot = await self.hypervisor.domain(vm_id)
         if snapshot is None:
             self.tracker.untrack(vm_id)
+            self._secret_checked.pop(vm_id, None)
         else:
             try:
                 location = parse_domain(
@@ -100,7 +110,43 @@ class HostAgent:
                 self.tracker.untrack(vm_id)
             else:
                 self.tracker.track(location)
+                self._check_tpm_secret(location)
         self.watcher.sync_watches()
+
+    def _check_tpm_secret(self, location: DomainStateLocation) -> None:
+        """Once per domain and secret: say so when the TPM state is encrypted with a secret
+        this host cannot read, since that state cannot be used anywhere else."""
+        if location.tpm_secret_uuid is None:
+            return
+        if self._secret_checked.get(location.vm_id) != location.tpm_secret_uuid:
+            self._secret_checked[location.vm_id] = location.tpm_secret_uuid
+            self._spawn(self._report_unreadable_secret(location.vm_id, location.tpm_secret_uuid))
+
+    async def _report_unreadable_secret(self, vm_id: str, secret_uuid: str) -> None:
+        try:
+            await asyncio.to_thread(
+                read_foreign_secret, self.hypervisor.connection, vm_id, secret_uuid
+            )
+            return
+        except TpmSecretUnreadableError as error:
+            reason = str(error)
+        except (TpmSecretError, HypervisorError, libvirt.libvirtError) as error:
+            # Not known either way (libvirt away): ask again when the domain is next read.
+            self._secret_checked.pop(vm_id, None)
+            log.warning("TPM secret not checked", vm_id=vm_id, reason=str(error))
+            return
+        log.warning(
+            "TPM state cannot be moved: its secret is unreadable",
+            vm_id=vm_id,
+            tpm_secret_id=secret_uuid,
+            reason=reason,
+        )
+        await self.bus.publish_event(
+            TpmStateStranded(
+                vm_id=vm_id, host=self.settings.host_id, secret_uuid=secret_uuid, reason=reason
+            ),
+            subject=vm_id,
+        )
 
     async def rebuild_view(self) -> None:
         """Track every TPM/UEFI domain libvirt knows and forget those it no longer has; the

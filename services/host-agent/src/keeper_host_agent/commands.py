@@ -7,6 +7,7 @@ import grp
 import pwd
 from typing import Any
 
+import libvirt
 import structlog
 
 from keeper_host_agent.domain_xml import DomainXmlError, fill_nvram_path, parse_domain
@@ -15,13 +16,19 @@ from keeper_host_agent.settings import HostAgentSettings
 from keeper_host_agent.state_cleanup import wipe_vm_state
 from keeper_host_agent.state_tracker import StateTracker
 from keeper_host_agent.state_writer import UnsafeStateWriteError, write_nvram, write_tpm_state
+from keeper_host_agent.tpm_secrets import (
+    TpmSecretError,
+    define_tpm_secret,
+    read_foreign_secret,
+    remove_tpm_secret,
+)
 from keeper_shared.blobs import open_blob
 from keeper_shared.bus.client import Delivery
 from keeper_shared.compression import BlobFormatError
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.state import FetchedVmState, FetchState, StateFetched
-from keeper_shared.messages.types import StateKind
+from keeper_shared.messages.types import StateKind, TpmSecret
 from keeper_shared.messages.vm import PowerOffVm, PrepareVm, ShutdownVm, StartVm, UndefineVm
 from keeper_shared.tpm_archive import unpack_tpm_state
 
@@ -63,8 +70,24 @@ class HostCommands:
                 blob = await self._tracker.current_blob(vm_id, kind)
                 if blob is not None:
                     blobs.append(blob)
-            found.append(FetchedVmState(vm_id=vm_id, blobs=blobs))
+            secret = await self._foreign_secret(vm_id) if StateKind.TPM in request.kinds else None
+            found.append(FetchedVmState(vm_id=vm_id, blobs=blobs, tpm_secret=secret))
         return StateFetched(vms=found, missing=missing)
+
+    async def _foreign_secret(self, vm_id: str) -> TpmSecret | None:
+        """The secret the VM's TPM state is encrypted with, when the keeper did not create
+        it and libvirt reveals it: without it the state is useless elsewhere. An unreadable
+        one is reported when the domain is discovered, not on every fetch."""
+        secret_uuid = self._tracker.vms[vm_id].domain.tpm_secret_uuid
+        if secret_uuid is None:
+            return None
+        try:
+            return await asyncio.to_thread(
+                read_foreign_secret, self._hypervisor.connection, vm_id, secret_uuid
+            )
+        except (TpmSecretError, HypervisorError, libvirt.libvirtError) as error:
+            log.info("TPM secret not shipped", vm_id=vm_id, reason=str(error))
+            return None
 
     async def prepare(self, envelope: Envelope[PrepareVm], _delivery: Delivery) -> CommandDone:
         """Write the given state into place, verified, before the VM starts here."""
@@ -79,6 +102,16 @@ class HostCommands:
             # half-prepared VM with a new TPM and an old NVRAM.
             tpm_files = unpack_tpm_state(open_blob(request.tpm)) if request.tpm else None
             nvram = open_blob(request.nvram) if request.nvram else None
+            if request.tpm_secret is not None:
+                # Before the state: a VM whose secret is missing cannot start, one whose
+                # secret is there but state is not yet can be prepared again.
+                await asyncio.to_thread(
+                    define_tpm_secret,
+                    self._hypervisor.connection,
+                    request.vm_id,
+                    request.tpm_secret,
+                )
+                written["tpm_secret_uuid"] = request.tpm_secret.uuid
             if tpm_files is not None:
                 await asyncio.to_thread(
                     write_tpm_state,
@@ -91,7 +124,14 @@ class HostCommands:
             if nvram is not None:
                 await asyncio.to_thread(write_nvram, nvram_path, nvram, self._owner)
                 written[StateKind.NVRAM.value] = request.nvram.content_hash if request.nvram else ""
-        except (BlobFormatError, UnsafeStateWriteError, ValueError) as error:
+        except (
+            BlobFormatError,
+            UnsafeStateWriteError,
+            ValueError,
+            TpmSecretError,
+            HypervisorError,
+            libvirt.libvirtError,
+        ) as error:
             log.warning("prepare refused", vm_id=request.vm_id, reason=str(error))
             return CommandDone(ok=False, error=str(error))
         log.info("prepared", vm_id=request.vm_id, epoch=request.epoch, written=sorted(written))
@@ -129,6 +169,9 @@ class HostCommands:
         request = envelope.data
         snapshot = await self._hypervisor.domain(request.vm_id)
         if snapshot is None:
+            if request.wipe_state:
+                # A prepare whose start never happened may have left the secret behind.
+                await self._remove_secret(request.vm_id)
             return CommandDone(ok=True, detail={"note": "not defined here"})
         location = parse_domain(
             snapshot.xml, swtpm_root=self._settings.swtpm_root, nvram_dir=self._settings.nvram_dir
@@ -148,7 +191,20 @@ class HostCommands:
                     location.nvram_path if location else None,
                 )
                 log.info("local state wiped", vm_id=request.vm_id, removed=len(removed))
+                await self._remove_secret(request.vm_id)
         return result
+
+    async def _remove_secret(self, vm_id: str) -> None:
+        """Remove the keeper's TPM secret of a VM that left this host with its state; the
+        store keeps the value. A failure is logged, not fatal: the domain is gone already,
+        and the secret is redefined (same UUID, same value) if the VM comes back."""
+        try:
+            removed = await asyncio.to_thread(remove_tpm_secret, self._hypervisor.connection, vm_id)
+        except (HypervisorError, libvirt.libvirtError) as error:
+            log.warning("TPM secret not removed", vm_id=vm_id, reason=str(error))
+            return
+        if removed:
+            log.info("TPM secret removed", vm_id=vm_id)
 
     async def _run(self, action: str, vm_id: str, operation: Any) -> CommandDone:
         try:

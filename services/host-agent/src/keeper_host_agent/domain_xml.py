@@ -6,6 +6,7 @@ emulated TPM 2.0 or a UEFI NVRAM matter; anything else is ignored cheaply.
 
 from __future__ import annotations
 
+import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ class DomainStateLocation:
     machine: str
     tpm_model: str | None
     tpm_version: str | None
+    tpm_secret_uuid: str | None = None
+    """The libvirt secret swtpm encrypts the TPM state with (`<encryption secret>`)."""
 
 
 def parse_domain(xml_text: str, *, swtpm_root: Path, nvram_dir: Path) -> DomainStateLocation | None:
@@ -74,7 +77,18 @@ def parse_domain(xml_text: str, *, swtpm_root: Path, nvram_dir: Path) -> DomainS
         machine=os_type.get("machine", "") if os_type is not None else "",
         tpm_model=tpm.get("model") if tpm is not None else None,
         tpm_version=backend.get("version") if backend is not None else None,
+        tpm_secret_uuid=_encryption_secret(backend) if emulated else None,
     )
+
+
+def _encryption_secret(backend: ET.Element | None) -> str | None:
+    encryption = backend.find("encryption") if backend is not None else None
+    if encryption is None:
+        return None
+    try:
+        return str(uuid.UUID(encryption.get("secret", "")))
+    except ValueError:
+        raise DomainXmlError("the TPM's <encryption secret> is not a UUID") from None
 
 
 def _placement_epoch(root: ET.Element) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -37,3 +39,17 @@ def domain_xml(
   </devices>
 </domain>
 """
+
+
+def with_tpm_encryption(tpm_xml: str, secret_uuid: str) -> str:
+    """The approved `<tpm>` element with `<encryption secret='…'/>` in its emulator backend:
+    libvirt then has swtpm encrypt the state with that secret's value."""
+    canonical = str(uuid.UUID(secret_uuid))
+    tpm = ET.fromstring(tpm_xml)  # noqa: S314 - policy's own element (see approval)
+    backend = tpm.find("backend")
+    if backend is None or backend.get("type") != "emulator":
+        raise ValueError("only an emulated TPM (swtpm) can encrypt its state")
+    for old in backend.findall("encryption"):
+        backend.remove(old)
+    ET.SubElement(backend, "encryption", {"secret": canonical})
+    return ET.tostring(tpm, encoding="unicode")

@@ -18,7 +18,7 @@ import time
 
 import structlog
 
-from keeper_policy.domain_definition import domain_xml
+from keeper_policy.domain_definition import domain_xml, with_tpm_encryption
 from keeper_policy.engine import LeaseLostError, SaveProgress, StepOutcome
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts import HostRegistry
@@ -141,6 +141,7 @@ class PlaceRunner:
                 versions=request.versions,
                 snapshot_id=request.snapshot_id,
                 allow_older=request.allow_older,
+                encrypt_tpm_state=vm.spec.encrypt_tpm_state,
             ),
             record.vm_id,
             self._settings.host_command_timeout_s,
@@ -154,9 +155,16 @@ class PlaceRunner:
 
     async def _start(self, record: WorkflowRecord, epoch: int) -> WorkflowRecord:
         vm = await self._registry.vm(record.vm_id)
+        # The store names the secret it put on the host with the state: the domain's TPM
+        # must name the same one, or swtpm cannot read (or would not encrypt) its state.
+        secret_uuid = json.loads(record.data.get("restored", "{}")).get("tpm_secret_uuid")
         started = await self._gateway.host(
             record.host,
-            StartVm(vm_id=record.vm_id, epoch=epoch, domain_xml=self._domain_xml(vm, epoch)),
+            StartVm(
+                vm_id=record.vm_id,
+                epoch=epoch,
+                domain_xml=self._domain_xml(vm, epoch, secret_uuid),
+            ),
             record.vm_id,
         )
         # A start repeated after a crash is refused by a host that already runs the domain,
@@ -211,11 +219,14 @@ class PlaceRunner:
                 return False
             await asyncio.sleep(min(0.2, host.interval_s / 4))
 
-    def _domain_xml(self, vm: VmRecord, epoch: int) -> str:
+    def _domain_xml(self, vm: VmRecord, epoch: int, tpm_secret_uuid: str | None) -> str:
         secure = vm.spec.secure_boot
+        tpm_xml = vm.tpm_xml
+        if tpm_secret_uuid is not None:
+            tpm_xml = with_tpm_encryption(tpm_xml, tpm_secret_uuid)
         return domain_xml(
             vm.spec,
-            tpm_xml=vm.tpm_xml,
+            tpm_xml=tpm_xml,
             epoch=epoch,
             ovmf_code=self._settings.ovmf_secure_code if secure else self._settings.ovmf_code,
             ovmf_vars_template=(

@@ -63,6 +63,7 @@ from keeper_shared.redis_keys import (
     state_meta_key,
     state_pinned_blobs_key,
     state_pinned_meta_key,
+    tpm_secret_key,
 )
 from keeper_shared.redis_results import awaited
 from keeper_shared.swtpm_tools import SwtpmError
@@ -74,6 +75,7 @@ from keeper_state_store.tpm_probe import (
     reap_stale_probes,
     swtpm_available,
 )
+from keeper_state_store.tpm_secrets import open_tpm_secret
 
 log = structlog.get_logger(__name__)
 
@@ -548,16 +550,30 @@ class Scrubber:
             del content
             if not self._use_swtpm:
                 return _Verdict(ok=True)
-            return await self._load_in_swtpm(files)
+            return await self._load_in_swtpm(files, await self._tpm_passphrase(vm_id, data_key))
         except _VerificationFailed as failure:
             return _Verdict(ok=False, reason=str(failure))
 
-    async def _load_in_swtpm(self, files: dict[str, bytes]) -> _Verdict:
+    async def _tpm_passphrase(self, vm_id: str, data_key: DataKey) -> bytes | None:
+        """The value of the libvirt secret the VM's TPM state is encrypted with (None for a
+        plain state): swtpm cannot load an encrypted state without it."""
+        stored = await awaited(self._redis.get(tpm_secret_key(vm_id)))
+        if stored is None:
+            return None
+        try:
+            secret = open_tpm_secret(vm_id, bytes(stored), data_key)
+        except (DecryptionError, ValueError, KeyError) as error:
+            raise _VerificationFailed(_reason("the VM's TPM secret does not open", error)) from None
+        return secret.value.get_secret_value()
+
+    async def _load_in_swtpm(self, files: dict[str, bytes], passphrase: bytes | None) -> _Verdict:
         last: SwtpmError | None = None
         for _attempt in range(_SWTPM_ATTEMPTS):
             started = time.monotonic()
             try:
-                probe = await probe_tpm_state(files, temp_dir=self._temp_dir, read_ek=self._read_ek)
+                probe = await probe_tpm_state(
+                    files, temp_dir=self._temp_dir, read_ek=self._read_ek, passphrase=passphrase
+                )
             except SwtpmError as error:
                 # A second attempt tells a state swtpm refuses from a passing hiccup
                 # (a port taken between pick and bind, a slow machine).

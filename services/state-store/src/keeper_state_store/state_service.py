@@ -33,7 +33,7 @@ from keeper_shared.messages.state import (
     StateWriteRefused,
     VersionOrigin,
 )
-from keeper_shared.messages.types import StateBlob, StateKind
+from keeper_shared.messages.types import StateBlob, StateKind, TpmSecret
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.observability import metrics
 from keeper_state_store.pull_batcher import PullBatcher
@@ -41,6 +41,7 @@ from keeper_state_store.repository import StateRepository, WriteOutcome
 from keeper_state_store.restore_plan import RestoreRefusedError, plan_restore
 from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.snapshot_store import SnapshotStore
+from keeper_state_store.tpm_secrets import TpmSecretVault
 from keeper_state_store.vault import BlobVault, VersionNotKeptError
 
 log = structlog.get_logger(__name__)
@@ -56,6 +57,7 @@ class StateService:
         self._repository = repository
         self._bus = bus
         self._vault = BlobVault(repository)
+        self._secrets = TpmSecretVault(repository)
         self._snapshots = SnapshotStore(repository.redis)
         self._batcher = PullBatcher(
             self._pull_batch,
@@ -163,6 +165,13 @@ class StateService:
             plan = await plan_restore(request, self._repository, self._snapshots)
             for kind, version in plan.items():
                 _, blobs[kind] = await self._vault.open_version(request.vm_id, kind, version)
+            # An encrypted TPM needs its secret on the host; a VM that asks for encryption
+            # gets one made on its first start, before swtpm ever writes its state.
+            secret = await (
+                self._secrets.held_or_created(request.vm_id)
+                if request.encrypt_tpm_state
+                else self._secrets.held(request.vm_id)
+            )
         except (RestoreRefusedError, VersionNotKeptError) as error:
             return CommandDone(ok=False, error=str(error))
         except (DecryptionError, BlobFormatError) as error:
@@ -174,6 +183,7 @@ class StateService:
             epoch=request.epoch,
             tpm=blobs.get(StateKind.TPM),
             nvram=blobs.get(StateKind.NVRAM),
+            tpm_secret=secret,
         )
         try:
             reply = await self._bus.call(
@@ -188,6 +198,8 @@ class StateService:
             return CommandDone(ok=False, error=str(error))
         if reply.data.ok:
             sent = {f"{kind.value}_version": str(version) for kind, version in plan.items()}
+            if secret is not None:
+                sent["tpm_secret_uuid"] = secret.uuid
             log.info("state restored", vm_id=request.vm_id, host=request.host, versions=sent)
             return reply.data.model_copy(update={"detail": {**reply.data.detail, **sent}})
         return reply.data
@@ -229,6 +241,8 @@ class StateService:
 
         async def persist_vm(vm_state: FetchedVmState) -> None:
             try:
+                if vm_state.tpm_secret is not None:
+                    await self._keep_secret(vm_state.vm_id, host, vm_state.tpm_secret)
                 for blob in vm_state.blobs:
                     await self._persist_blob(vm_state.vm_id, host, blob)
             except Exception as error:
@@ -247,6 +261,12 @@ class StateService:
             )
         )
         return results
+
+    async def _keep_secret(self, vm_id: str, host: str, secret: TpmSecret) -> None:
+        """Keep the secret a host read from the VM's domain (the keeper did not create it):
+        without it the VM's encrypted TPM state cannot be used on any other host."""
+        if await self._secrets.keep(vm_id, secret):
+            log.info("TPM secret kept", vm_id=vm_id, tpm_secret_id=secret.uuid, from_host=host)
 
     async def _persist_blob(self, vm_id: str, host: str, blob: StateBlob) -> None:
         began = time.perf_counter()

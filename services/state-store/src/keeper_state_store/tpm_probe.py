@@ -106,10 +106,15 @@ async def _read_ek(tcti: str, workdir: Path) -> str | None:
 
 
 async def probe_tpm_state(
-    files: Mapping[str, bytes], *, temp_dir: Path | None = None, read_ek: bool = True
+    files: Mapping[str, bytes],
+    *,
+    temp_dir: Path | None = None,
+    read_ek: bool = True,
+    passphrase: bytes | None = None,
 ) -> TpmProbe:
     """Start a throwaway swtpm on a copy of ``files`` (validated TPM state files, as
     `keeper_shared.tpm_archive.unpack_tpm_state` returns them) and read the EK.
+    ``passphrase``: the value of the libvirt secret an encrypted state was written with.
 
     Raises `SwtpmError` when swtpm does not load the state or a tool fails, `OSError` when
     the temporary directory cannot be made. The directory is gone when this returns.
@@ -126,7 +131,9 @@ async def probe_tpm_state(
             _write_private(state_dir / name, data)
         try:
             # swtpm's own pid file and log go inside too, so a reaper finds everything here.
-            async with await start_swtpm(state_dir, work_parent=workdir) as tpm:
+            async with await start_swtpm(
+                state_dir, work_parent=workdir, passphrase=passphrase
+            ) as tpm:
                 ek = await _read_ek(tpm.tcti, workdir) if read_ek and ek_readable() else None
         except SwtpmError as error:
             # The throwaway path says nothing and differs every time; keep what swtpm said.

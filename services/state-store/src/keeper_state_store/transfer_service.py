@@ -5,6 +5,10 @@ the VM has no stored state at all (persist_initial.lua), so they can never overw
 host wrote. The VM id is bound into every ciphertext's AAD, so state moving to another VM is
 always decrypted, verified and sealed again under the target's key and binding; a plain copy
 of the bytes would not decrypt. Nothing is stored before all of it verified.
+
+A TPM state swtpm encrypted with a libvirt secret goes nowhere without that secret's value:
+an export seals it in the bundle with the state, and a copied TPM (clone, import) gives the
+target the same value (under its own secret UUID unless the VM keeps its id).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from keeper_state_store.repository import (
     StateRepository,
     VersionRecord,
 )
+from keeper_state_store.tpm_secrets import TpmSecretVault
 from keeper_state_store.vault import BlobVault, VersionNotKeptError
 
 log = structlog.get_logger(__name__)
@@ -50,6 +55,7 @@ class TransferService:
     def __init__(self, repository: StateRepository) -> None:
         self._repository = repository
         self._vault = BlobVault(repository)
+        self._secrets = TpmSecretVault(repository)
 
     def command_routes(self) -> list[Route]:
         """Routes of this service on the store's commands queue."""
@@ -77,7 +83,13 @@ class TransferService:
             wanted = " or ".join(kind.value for kind in kinds)
             return CommandDone(ok=False, error=f"source VM {source} has no stored {wanted}")
         blobs = {kind: blob for kind, (_, blob) in newest.items()}
+        try:
+            secret = await self._secrets.held(source) if StateKind.TPM in blobs else None
+        except DecryptionError as error:
+            return CommandDone(ok=False, error=f"source TPM secret does not verify: {error}")
         reply = await self._store_initial(target, blobs, VersionOrigin.CLONE, source)
+        if reply.ok and secret is not None:
+            await self._secrets.held_or_created(target, value=secret.value.get_secret_value())
         if reply.ok:
             log.info("VM cloned", source_vm_id=source, vm_id=target, tpm=request.tpm.value)
         return reply
@@ -93,6 +105,12 @@ class TransferService:
             )
         if not newest:
             return StateExported(vm_id=request.vm_id, error=f"VM {request.vm_id} has no state")
+        try:
+            secret = await self._secrets.held(request.vm_id)
+        except DecryptionError as error:
+            return StateExported(
+                vm_id=request.vm_id, error=f"stored TPM secret does not verify: {error}"
+            )
         bundle = Bundle(
             vm_id=request.vm_id,
             exported_at=datetime.now(UTC),
@@ -102,6 +120,7 @@ class TransferService:
                 )
                 for record, blob in newest.values()
             ),
+            tpm_secret=secret,
         )
         try:
             data = await asyncio.to_thread(
@@ -127,6 +146,13 @@ class TransferService:
         target = request.target_vm_id or bundle.vm_id
         blobs = {entry.blob.kind: entry.blob for entry in bundle.entries}
         reply = await self._store_initial(target, blobs, VersionOrigin.IMPORT, bundle.vm_id)
+        if reply.ok and bundle.tpm_secret is not None:
+            await self._secrets.held_or_created(
+                target,
+                value=bundle.tpm_secret.value.get_secret_value(),
+                # The same VM keeps its secret's UUID: hosts may still have it defined.
+                secret_uuid=bundle.tpm_secret.uuid if target == bundle.vm_id else None,
+            )
         if reply.ok:
             log.info("state imported", vm_id=target, source_vm_id=bundle.vm_id)
         return reply

@@ -246,6 +246,13 @@ def enable_tpm(
     firmware: Annotated[Firmware, typer.Option(help="Boot firmware.")] = Firmware.UEFI,
     memory_mib: Annotated[int, typer.Option(help="Guest RAM in MiB.")] = 256,
     secure_boot: Annotated[bool, typer.Option(help="UEFI Secure Boot.")] = False,
+    encrypt_state: Annotated[
+        bool,
+        typer.Option(
+            help="Encrypt the TPM state with a per-VM libvirt secret the keeper creates and "
+            "keeps (needs hosts whose libvirt has a secret driver, as qemu:///system does)."
+        ),
+    ] = False,
     override: Annotated[bool, typer.Option(help="Approve despite failed checks.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -260,6 +267,7 @@ def enable_tpm(
             memory_mib=memory_mib,
             guest_os=guest_os,
             secure_boot=secure_boot,
+            encrypt_tpm_state=encrypt_state,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error).splitlines()[0]) from None
@@ -272,9 +280,24 @@ def enable_tpm(
 
     tpm_xml = _run(work)
     if as_json:
-        output.emit_json({"vm_id": spec.vm_id, "name": name, "approved": True, "tpm_xml": tpm_xml})
+        output.emit_json(
+            {
+                "vm_id": spec.vm_id,
+                "name": name,
+                "approved": True,
+                "tpm_xml": tpm_xml,
+                "encrypt_state": encrypt_state,
+            }
+        )
         return
-    output.facts([("approved", name), ("vm id", spec.vm_id), ("tpm", tpm_xml)])
+    output.facts(
+        [
+            ("approved", name),
+            ("vm id", spec.vm_id),
+            ("tpm", tpm_xml),
+            ("state encrypted", "yes" if encrypt_state else "no"),
+        ]
+    )
 
 
 @vm_app.command("start")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
-from keeper_shared.messages.envelope import Payload
+from keeper_shared.messages.envelope import Payload, register_upcaster
 from keeper_shared.messages.snapshot import SnapshotId
 from keeper_shared.messages.types import (
     ContentHash,
@@ -16,6 +16,7 @@ from keeper_shared.messages.types import (
     HostId,
     StateBlob,
     StateKind,
+    TpmSecret,
     VmId,
     VmName,
 )
@@ -52,15 +53,27 @@ class FetchedVmState(BaseModel):
 
     vm_id: VmId = Field(description="The VM.")
     blobs: list[StateBlob] = Field(description="Its stable blobs, one per kind it has.")
+    tpm_secret: TpmSecret | None = Field(
+        default=None,
+        description="The libvirt secret its TPM state is encrypted with, when the domain names "
+        "one the keeper did not create and libvirt lets the host read it (not private).",
+    )
 
 
 class StateFetched(Payload):
     """Reply to :class:`FetchState`: the blobs, and the VMs the host does not hold."""
 
     message_type = "state.fetched"
+    schema_version = 2
 
     vms: list[FetchedVmState] = Field(description="State of each VM the host holds.")
     missing: list[VmId] = Field(default_factory=list, description="VMs the host does not hold.")
+
+
+@register_upcaster(StateFetched.message_type, 1)
+def _state_fetched_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 replies predate ``tpm_secret``: they never carry one."""
+    return data
 
 
 class StatePersisted(Payload):
@@ -107,6 +120,7 @@ class RestoreState(Payload):
     with the host's ``CommandDone``, or the store's own when it refuses."""
 
     message_type = "state.restore"
+    schema_version = 2
 
     vm_id: VmId = Field(description="The VM.")
     name: VmName = Field(description="The domain name (names the NVRAM file on the host).")
@@ -124,12 +138,24 @@ class RestoreState(Payload):
         description="Allow a version older than the newest stored one: that rolls the VM's "
         "TPM back, so it must be asked for.",
     )
+    encrypt_tpm_state: bool = Field(
+        default=False,
+        description="The VM's TPM state is to be encrypted: the store creates the VM's "
+        "libvirt secret if it holds none yet. A secret the store holds is sent either way; "
+        "its UUID is in the reply's detail as `tpm_secret_uuid`.",
+    )
 
     @model_validator(mode="after")
     def _one_choice(self) -> RestoreState:
         if self.versions is not None and self.snapshot_id is not None:
             raise ValueError("versions and snapshot_id are mutually exclusive")
         return self
+
+
+@register_upcaster(RestoreState.message_type, 1)
+def _restore_state_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 predates ``encrypt_tpm_state``: no secret was ever created for it."""
+    return data
 
 
 class ListStateHistory(Payload):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from keeper_shared.messages.envelope import Payload
-from keeper_shared.messages.types import HOST_ID_PATTERN, VmId, VmName
+from keeper_shared.messages.envelope import Payload, register_upcaster
+from keeper_shared.messages.types import HOST_ID_PATTERN, HostId, SecretUuid, VmId, VmName
 
 CLUSTER_PATTERN = HOST_ID_PATTERN
 """Cluster names follow the host id rules: plain words that are safe in keys and logs."""
@@ -61,12 +61,19 @@ class VmSpec(BaseModel):
     smm: bool = Field(
         default=True, description="System Management Mode on; Secure Boot on x86 needs it."
     )
+    encrypt_tpm_state: bool = Field(
+        default=False,
+        description="Have swtpm encrypt the TPM state with a per-VM libvirt secret (usage "
+        "`vtpm`) the keeper creates once, keeps encrypted in the store and defines on each "
+        "host before the VM starts there.",
+    )
 
 
 class EnableTpm(Payload):
     """Command to policy: approve (or reject) a TPM for this VM and register it."""
 
     message_type = "tpm.enable"
+    schema_version = 2
 
     spec: VmSpec = Field(description="The VM.")
     cluster: str = Field(
@@ -81,6 +88,12 @@ class EnableTpm(Payload):
     override_guest_os: bool = Field(
         default=False, description="Approve although the guest-OS rules do not allow a TPM."
     )
+
+
+@register_upcaster(EnableTpm.message_type, 1)
+def _enable_tpm_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 specs predate ``encrypt_tpm_state``; its default (not encrypted) applies."""
+    return data
 
 
 class TpmApproved(Payload):
@@ -114,3 +127,17 @@ class TpmRejected(Payload):
     reasons: list[str] = Field(
         min_length=1, description="Every rule that failed, as `<rule>: <why>`."
     )
+
+
+class TpmStateStranded(Payload):
+    """A VM's TPM state is stranded on its host: swtpm encrypts it with a libvirt secret
+    the keeper did not create and the host cannot read (a private secret). The state is
+    still saved, but it is useless on any other host, so the VM cannot be moved or restored
+    elsewhere until the secret is made readable or defined there by hand."""
+
+    message_type = "tpm.state.stranded"
+
+    vm_id: VmId = Field(description="The VM.")
+    host: HostId = Field(description="The host that found it.")
+    secret_uuid: SecretUuid = Field(description="The secret the domain's TPM names.")
+    reason: str = Field(max_length=512, description="Why the host cannot read it.")

@@ -42,6 +42,8 @@ def _canonical_vm_id(value: str) -> str:
 
 
 VmId = Annotated[str, Field(max_length=36), AfterValidator(_canonical_vm_id)]
+SecretUuid = VmId
+"""A libvirt secret's UUID, held to the same canonical text as a VM id."""
 HostId = Annotated[str, Field(pattern=HOST_ID_PATTERN)]
 VmName = Annotated[str, Field(pattern=VM_NAME_PATTERN)]
 ContentHash = Annotated[str, Field(pattern=SHA256_HEX_PATTERN)]
@@ -66,6 +68,31 @@ SecretBlob = Annotated[
     Field(max_length=MAX_COMPRESSED_BLOB_BYTES),
 ]
 """Blob bytes: base64 on the wire, masked in every repr, str and log line."""
+
+
+MAX_TPM_SECRET_BYTES = 1024
+"""Upper bound for a libvirt secret value swtpm derives its state key from (a passphrase)."""
+
+SecretValue = Annotated[
+    SecretBytes,
+    BeforeValidator(_decode_base64),
+    PlainSerializer(_encode_base64, return_type=str, when_used="json"),
+    Field(min_length=1, max_length=MAX_TPM_SECRET_BYTES),
+]
+"""A secret's value: base64 on the wire, masked in every repr, str and log line."""
+
+
+class TpmSecret(BaseModel):
+    """The libvirt secret (usage type ``vtpm``) swtpm encrypts a VM's TPM state with.
+
+    A TPM state encrypted this way is useless on a host that lacks the secret, so the value
+    travels with the state: in ``vm.prepare`` to the host the VM starts on, and in a fetch
+    reply when a host read a secret the keeper did not create."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    uuid: SecretUuid = Field(description="The secret's UUID (the TPM's `<encryption secret>`).")
+    value: SecretValue = Field(description="The secret's value (swtpm's passphrase).")
 
 
 class StateKind(enum.StrEnum):

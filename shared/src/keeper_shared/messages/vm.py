@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from pydantic import Field
 
-from keeper_shared.messages.envelope import Payload
-from keeper_shared.messages.types import HostId, StateBlob, VmId, VmName
+from keeper_shared.messages.envelope import Payload, register_upcaster
+from keeper_shared.messages.types import HostId, StateBlob, TpmSecret, VmId, VmName
 
 
 class StopReason(enum.StrEnum):
@@ -73,12 +74,24 @@ class PrepareVm(Payload):
     """Command: write this state into place before the VM starts on this host."""
 
     message_type = "vm.prepare"
+    schema_version = 2
 
     vm_id: VmId = Field(description="The VM to prepare.")
     name: VmName = Field(description="Domain name; the NVRAM file is `<name>_VARS.fd`.")
     epoch: int = Field(ge=1, description="The placement epoch this start belongs to.")
     tpm: StateBlob | None = Field(default=None, description="TPM state, or None for a new TPM.")
     nvram: StateBlob | None = Field(default=None, description="NVRAM, or None for a new one.")
+    tpm_secret: TpmSecret | None = Field(
+        default=None,
+        description="The libvirt secret the TPM state is encrypted with: defined on the host "
+        "(private, persistent) before the VM starts. None for an unencrypted TPM.",
+    )
+
+
+@register_upcaster(PrepareVm.message_type, 1)
+def _prepare_vm_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 predates ``tpm_secret``: its TPM state was never encrypted."""
+    return data
 
 
 class StartVm(Payload):

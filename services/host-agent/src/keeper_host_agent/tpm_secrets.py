@@ -1,0 +1,131 @@
+"""The libvirt secrets swtpm encrypts TPM state with (usage type ``vtpm``).
+
+A domain whose TPM has ``<encryption secret='UUID'/>`` gets its state encrypted by swtpm
+with that secret's value; on a host without the secret the state cannot be read. So the
+keeper defines the secret (private, persistent) before the VM starts on a host, removes it
+with the VM, and reads a secret it did not create where libvirt allows.
+
+The keeper's own secrets are recognised by their usage name, ``vtpm-keeper-<vm id>``: one
+per VM, so removal needs no UUID, and a secret someone else defined is never touched.
+
+Every function here blocks (libvirt calls): run them in a worker thread. The secret's value
+only ever passes through ``TpmSecret`` (masked) and libvirt; errors carry libvirt's text,
+which never includes a value.
+"""
+
+from __future__ import annotations
+
+import libvirt
+from pydantic import SecretBytes
+
+from keeper_shared.messages.types import TpmSecret
+
+KEEPER_USAGE_PREFIX = "vtpm-keeper-"
+
+_NOT_FOUND = (libvirt.VIR_ERR_NO_SECRET,)
+_NO_SECRET_DRIVER = (libvirt.VIR_ERR_NO_SUPPORT,)
+
+
+class TpmSecretError(RuntimeError):
+    """A secret cannot be defined, read or removed; the message says why (never the value)."""
+
+
+class TpmSecretUnreadableError(TpmSecretError):
+    """The domain's secret exists but libvirt will not reveal its value (``private='yes'``),
+    or it does not exist on this host."""
+
+
+def keeper_usage_name(vm_id: str) -> str:
+    """The usage name of the secret the keeper defines for ``vm_id``."""
+    return f"{KEEPER_USAGE_PREFIX}{vm_id}"
+
+
+def secret_xml(vm_id: str, secret_uuid: str) -> str:
+    """The keeper's secret definition: private (its value cannot be read back through the
+    API) and persistent (it survives a libvirtd restart while the VM is defined here)."""
+    return (
+        "<secret ephemeral='no' private='yes'>"
+        f"<uuid>{secret_uuid}</uuid>"
+        f"<description>vTPM Keeper: TPM state key of VM {vm_id}</description>"
+        f"<usage type='vtpm'><name>{keeper_usage_name(vm_id)}</name></usage>"
+        "</secret>"
+    )
+
+
+def _lookup(connection: libvirt.virConnect, secret_uuid: str) -> libvirt.virSecret | None:
+    try:
+        return connection.secretLookupByUUIDString(secret_uuid)
+    except libvirt.libvirtError as error:
+        if error.get_error_code() in _NOT_FOUND:
+            return None
+        if error.get_error_code() in _NO_SECRET_DRIVER:
+            raise TpmSecretError(f"this host's libvirt has no secret driver: {error}") from None
+        raise
+
+
+def define_tpm_secret(connection: libvirt.virConnect, vm_id: str, secret: TpmSecret) -> None:
+    """Define (or update) the keeper's secret for ``vm_id`` with ``secret``'s UUID and value.
+
+    Refused when a secret with that UUID exists for another use: it belongs to someone
+    else, and overwriting its value would break whatever uses it."""
+    existing = _lookup(connection, secret.uuid)
+    if existing is not None and existing.usageID() != keeper_usage_name(vm_id):
+        raise TpmSecretError(
+            f"secret {secret.uuid} already exists on this host for another use "
+            f"({existing.usageID()!r}); not overwriting it"
+        )
+    created = existing is None
+    try:
+        defined = connection.secretDefineXML(secret_xml(vm_id, secret.uuid))
+    except libvirt.libvirtError as error:
+        raise TpmSecretError(f"secret {secret.uuid} not defined: {error}") from None
+    try:
+        defined.setValue(secret.value.get_secret_value())
+    except libvirt.libvirtError as error:
+        if created:
+            defined.undefine()
+        raise TpmSecretError(f"value of secret {secret.uuid} not set: {error}") from None
+
+
+def remove_tpm_secret(connection: libvirt.virConnect, vm_id: str) -> bool:
+    """Remove the keeper's secret for ``vm_id``; False when there is none (or no secret
+    driver, as with ``test:///``, where none can have been defined)."""
+    try:
+        secret = connection.secretLookupByUsage(
+            libvirt.VIR_SECRET_USAGE_TYPE_VTPM, keeper_usage_name(vm_id)
+        )
+    except libvirt.libvirtError as error:
+        if error.get_error_code() in _NOT_FOUND + _NO_SECRET_DRIVER:
+            return False
+        raise
+    secret.undefine()
+    return True
+
+
+def read_foreign_secret(
+    connection: libvirt.virConnect, vm_id: str, secret_uuid: str
+) -> TpmSecret | None:
+    """The value of a secret a domain's TPM names, when the keeper did not define it (None
+    when it did: the store already holds that one). Raises ``TpmSecretUnreadableError``
+    when the secret is private or missing."""
+    secret = _lookup(connection, secret_uuid)
+    if secret is None:
+        raise TpmSecretUnreadableError(f"secret {secret_uuid} is not defined on this host")
+    if secret.usageID() == keeper_usage_name(vm_id):
+        return None
+    try:
+        value = secret.value()
+    except libvirt.libvirtError as error:
+        # libvirtd answers a private secret with "Invalid secret: secret is private"; a
+        # connection without the right (polkit, read-only) with "operation denied".
+        if error.get_error_code() in (
+            libvirt.VIR_ERR_INVALID_SECRET,
+            libvirt.VIR_ERR_OPERATION_DENIED,
+        ):
+            raise TpmSecretUnreadableError(
+                f"secret {secret_uuid} is private: libvirt does not reveal its value"
+            ) from None
+        if error.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+            raise TpmSecretUnreadableError(f"secret {secret_uuid} has no value") from None
+        raise
+    return TpmSecret(uuid=secret_uuid, value=SecretBytes(value))
