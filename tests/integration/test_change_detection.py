@@ -29,7 +29,7 @@ import pytest_asyncio
 
 from keeper_host_agent.change_watcher import ChangeWatcher
 from keeper_host_agent.domain_xml import DomainStateLocation
-from keeper_host_agent.state_reader import StateSnapshot
+from keeper_host_agent.state_reader import UndisturbedRead
 from keeper_host_agent.state_tracker import StateTracker
 from keeper_shared.blobs import content_hash, open_blob
 from keeper_shared.messages.state import StateChanged
@@ -439,18 +439,18 @@ async def test_inotify_queue_overflow_triggers_a_rescan(harness: Harness) -> Non
 
 
 class CountedReads:
-    """Counts the full reads (`StateLocation.snapshot`) of one tracked state."""
+    """Counts the full reads (`StateLocation.read`) of one tracked state."""
 
     def __init__(self, harness: Harness, kind: StateKind) -> None:
         location = harness.tracker.vms[VM_ID].states[kind].location
         self.count = 0
-        real_snapshot = location.snapshot
+        real_read = location.read
 
-        def counted() -> StateSnapshot | None:
+        def counted() -> UndisturbedRead | None:
             self.count += 1
-            return real_snapshot()
+            return real_read()
 
-        location.snapshot = counted  # type: ignore[method-assign]
+        location.read = counted  # type: ignore[method-assign]
 
 
 async def finished_check(harness: Harness, kind: StateKind) -> None:

@@ -172,7 +172,12 @@ class StateTracker:
     ) -> None:
         token = FencingToken(epoch=tracked.domain.epoch, generation=self._clock.next())
         state.blob = await asyncio.to_thread(
-            seal_blob, kind, snapshot.content, token, self.swtpm_version
+            seal_blob,
+            kind,
+            snapshot.content,
+            token,
+            self.swtpm_version,
+            digest=snapshot.content_hash,
         )
         if tracked.domain.epoch == 0:
             # Not placed by vTPM Keeper: nothing to fence with, so nothing is announced.
