@@ -148,7 +148,8 @@ def _method(settings: Settings) -> list[str]:
         "after publishing `state.changed` under that host's routing key. The same "
         f"{settings.vms} VMs in flight are spread over 1, 10 and 100 hosts, so only the host "
         "count changes. Redis memory is INFO `used_memory` deltas over TPM-only and NVRAM-only "
-        "runs divided by the versions stored; no version is trimmed meanwhile.",
+        "runs, taken once every change in flight has landed, divided by every version those "
+        "runs stored; no version is trimmed meanwhile.",
         "",
     ]
 

@@ -353,24 +353,25 @@ class Bench:
                 "mem_vm", "Redis memory per VM (placement, key, heads, first TPM + NVRAM)", "KB"
             ).add(per_vm / 1000)
             for _ in range(settings.rounds):
-                done, seconds, timeouts = await scale.closed_loop(
+                loop = await scale.closed_loop(
                     hosts, self.recorder, vms, both, duration_s=settings.scale_s
                 )
-                if timeouts:
-                    self.notes.append(f"scale {count} hosts: {timeouts} changes timed out")
+                if loop.timeouts:
+                    self.notes.append(f"scale {count} hosts: {loop.timeouts} changes timed out")
                 self.figure(
                     f"scale_{count}",
                     f"Store throughput, {count} simulated host{'s' if count > 1 else ''} "
                     f"x {settings.vms // count} VMs (real blobs, TPM and NVRAM)",
                     "versions/s",
-                ).add(done / seconds)
+                ).add(loop.persisted_in_time / loop.seconds)
             per_kind = {}
             for kind in both:
                 before = await scale.used_memory(self.redis)
-                done, _, _ = await scale.closed_loop(
+                loop = await scale.closed_loop(
                     hosts, self.recorder, vms, [kind], duration_s=settings.scale_s / 2
                 )
-                per_kind[kind] = (await scale.used_memory(self.redis) - before) / max(done, 1)
+                stored = await scale.used_memory(self.redis) - before
+                per_kind[kind] = stored / max(loop.persisted, 1)
             self.figure(
                 "mem_version",
                 "Redis memory per stored version of TPM + NVRAM",

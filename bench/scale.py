@@ -116,6 +116,19 @@ async def place(redis: Redis, vms: Sequence[FakeVm]) -> None:
         await pipe.execute()
 
 
+@dataclass(frozen=True)
+class LoopResult:
+    """What one closed loop did."""
+
+    persisted_in_time: int
+    """Versions persisted within the measured duration (the throughput's numerator)."""
+    seconds: float
+    timeouts: int
+    persisted: int
+    """Every version persisted, also those in flight at the end that landed after it: what
+    Redis holds once the loop returns, so the divisor of memory per version."""
+
+
 async def closed_loop(
     hosts: FakeHosts,
     recorder: PersistedRecorder,
@@ -124,16 +137,18 @@ async def closed_loop(
     *,
     duration_s: float | None,
     steps: int | None = None,
-) -> tuple[int, float, int]:
+) -> LoopResult:
     """Each VM changes (cycling through ``kinds``) as soon as its last change was persisted,
-    for ``duration_s`` or ``steps`` changes each. Returns (persisted, seconds, timeouts)."""
+    for ``duration_s`` or ``steps`` changes each; returns once every change in flight has
+    been persisted or timed out."""
     began = time.monotonic()
     ends = began + duration_s if duration_s is not None else float("inf")
     done = 0
+    persisted = 0
     timeouts = 0
 
     async def one(vm: FakeVm, offset: int) -> None:
-        nonlocal done, timeouts
+        nonlocal done, persisted, timeouts
         step = 0
         while time.monotonic() < ends and (steps is None or step < steps):
             kind = kinds[(offset + step) % len(kinds)]
@@ -146,12 +161,13 @@ async def closed_loop(
                 timeouts += 1
                 recorder.forget(vm.vm_id, blob.content_hash)
                 continue
+            persisted += 1
             if at < ends:
                 done += 1
 
     await asyncio.gather(*(one(vm, index) for index, vm in enumerate(vms)))
     elapsed = (duration_s if duration_s is not None else time.monotonic() - began) or 1e-9
-    return done, elapsed, timeouts
+    return LoopResult(done, elapsed, timeouts, persisted)
 
 
 async def used_memory(redis: Redis) -> int:

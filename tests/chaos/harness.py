@@ -50,6 +50,7 @@ from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_keys import hosts_key, state_head_key, state_meta_key
 from keeper_shared.redis_results import awaited
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_shared.version_meta import unpack_version_meta
 
 P = TypeVar("P", bound=Payload)
 
@@ -482,12 +483,10 @@ class ChaosCluster:
         raw = await awaited(self.redis.hgetall(state_meta_key(vm_id, kind)))
         versions = {}
         for number, meta_raw in raw.items():
-            meta = json.loads(meta_raw)
+            meta = unpack_version_meta(meta_raw)
             version = int(number)
             versions[version] = StoredVersion(
-                version=version,
-                content_hash=str(meta["hash"]),
-                token=FencingToken(epoch=int(meta["epoch"]), generation=int(meta["generation"])),
+                version=version, content_hash=meta.content_hash, token=meta.token
             )
         return versions
 

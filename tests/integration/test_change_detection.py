@@ -20,7 +20,7 @@ import hashlib
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ import pytest_asyncio
 
 from keeper_host_agent.change_watcher import ChangeWatcher
 from keeper_host_agent.domain_xml import DomainStateLocation
+from keeper_host_agent.state_reader import UndisturbedRead
 from keeper_host_agent.state_tracker import StateTracker
 from keeper_shared.blobs import content_hash, open_blob
 from keeper_shared.messages.state import StateChanged
@@ -66,6 +67,8 @@ class Harness:
         self.tpm_dir = self.swtpm_root / VM_ID / "tpm2"
         self.nvram_path = self.nvram_dir / f"{VM_NAME}_VARS.fd"
         self.published: list[Published] = []
+        self.on_publish: Callable[[StateChanged], None] | None = None
+        """Called with each change as it is published (to act at that exact moment)."""
         self.tracker = StateTracker(host_id=HOST_ID, window_s=WINDOW_S, publish=self._publish)
         # The periodic rescan is never started here: what is found, inotify (or an explicit
         # rescan() call) found.
@@ -74,6 +77,8 @@ class Harness:
 
     async def _publish(self, change: StateChanged) -> None:
         self.published.append(Published(time.monotonic(), change))
+        if self.on_publish is not None:
+            self.on_publish(change)
 
     def location(self, *, epoch: int = 1) -> DomainStateLocation:
         return DomainStateLocation(
@@ -431,3 +436,76 @@ async def test_inotify_queue_overflow_triggers_a_rescan(harness: Harness) -> Non
 
     await harness.wait_published(2)
     assert harness.published[1].change.content_hash == content_hash(harness.nvram_path.read_bytes())
+
+
+class CountedReads:
+    """Counts the full reads (`StateLocation.read`) of one tracked state."""
+
+    def __init__(self, harness: Harness, kind: StateKind) -> None:
+        location = harness.tracker.vms[VM_ID].states[kind].location
+        self.count = 0
+        real_read = location.read
+
+        def counted() -> UndisturbedRead | None:
+            self.count += 1
+            return real_read()
+
+        location.read = counted  # type: ignore[method-assign]
+
+
+async def finished_check(harness: Harness, kind: StateKind) -> None:
+    """Wait (bounded) for the running stability check of ``kind`` to end."""
+    check = harness.tracker.vms[VM_ID].states[kind].check
+    assert check is not None
+    await asyncio.wait_for(asyncio.shield(check), TIMEOUT_S)
+
+
+async def test_a_late_event_of_a_change_already_read_costs_one_read_not_a_window(
+    harness: Harness,
+) -> None:
+    harness.nvram_path.write_bytes(version_bytes(0, NVRAM_SIZE))
+    harness.track()
+    await harness.wait_published(1)
+    await finished_check(harness, StateKind.NVRAM)
+    reads = CountedReads(harness, StateKind.NVRAM)
+
+    write_in_place(harness.nvram_path, 0x1000, os.urandom(64))
+    harness.tracker.poke(VM_ID, StateKind.NVRAM)  # the write's MODIFY starts a check
+    await asyncio.sleep(0)
+    harness.tracker.poke(VM_ID, StateKind.NVRAM)  # its CLOSE_WRITE arrives during it
+    await harness.wait_published(2)
+    await finished_check(harness, StateKind.NVRAM)
+
+    # Two reads a window apart made it stable; one more read confirmed the late event
+    # changed nothing (before, the check ran a whole second window: two more reads).
+    assert reads.count == 3
+    assert len(harness.published) == 2
+
+
+async def test_a_change_right_after_the_stable_read_still_gets_its_own_check(
+    harness: Harness,
+) -> None:
+    harness.nvram_path.write_bytes(version_bytes(0, NVRAM_SIZE))
+    harness.track()
+    await harness.wait_published(1)
+    await finished_check(harness, StateKind.NVRAM)
+    final = version_bytes(2, NVRAM_SIZE)
+
+    def write_again_once_announced(change: StateChanged) -> None:
+        # Between the stable read and the confirming read: exactly what must not be missed.
+        if change.content_hash == content_hash(version_bytes(1, NVRAM_SIZE)):
+            write_in_place(harness.nvram_path, 0, final)
+            harness.tracker.poke(VM_ID, StateKind.NVRAM)
+
+    harness.on_publish = write_again_once_announced
+    write_in_place(harness.nvram_path, 0, version_bytes(1, NVRAM_SIZE))
+    harness.tracker.poke(VM_ID, StateKind.NVRAM)
+    await asyncio.sleep(0)
+    harness.tracker.poke(VM_ID, StateKind.NVRAM)  # a late event: the confirming read is due
+    await harness.wait_published(3)
+    await finished_check(harness, StateKind.NVRAM)
+
+    assert harness.published[2].change.content_hash == content_hash(final)
+    blob = await harness.tracker.current_blob(VM_ID, StateKind.NVRAM)
+    assert blob is not None
+    assert open_blob(blob) == final

@@ -41,7 +41,7 @@ class FakePull:
 
 async def test_requests_arriving_together_share_one_fetch() -> None:
     pull = FakePull()
-    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32)
+    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32, max_in_flight=4)
 
     await asyncio.gather(
         *(batcher.pull("host-a", f"vm-{i}", StateKind.TPM) for i in range(20)),
@@ -57,7 +57,7 @@ async def test_requests_arriving_together_share_one_fetch() -> None:
 
 async def test_each_caller_returns_only_after_its_fetch_completed() -> None:
     pull = FakePull(delay_s=0.05)
-    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32)
+    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32, max_in_flight=4)
 
     async def pull_and_check(vm: str) -> None:
         await batcher.pull("host-a", vm, StateKind.TPM)
@@ -68,7 +68,7 @@ async def test_each_caller_returns_only_after_its_fetch_completed() -> None:
 
 async def test_requests_during_a_fetch_join_the_next_one() -> None:
     pull = FakePull(delay_s=0.1)
-    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32)
+    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32, max_in_flight=4)
 
     first = asyncio.create_task(batcher.pull("host-a", "vm-first", StateKind.TPM))
     await asyncio.sleep(WINDOW_S * 3)  # the first fetch is now in flight
@@ -83,7 +83,7 @@ async def test_requests_during_a_fetch_join_the_next_one() -> None:
 
 async def test_hosts_are_batched_separately_and_concurrently() -> None:
     pull = FakePull(delay_s=0.2)
-    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32)
+    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32, max_in_flight=4)
 
     async with asyncio.timeout(0.35):  # one fetch's time, not two: the hosts overlap
         await asyncio.gather(
@@ -95,7 +95,7 @@ async def test_hosts_are_batched_separately_and_concurrently() -> None:
 
 async def test_a_batch_never_exceeds_its_vm_limit() -> None:
     pull = FakePull()
-    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=4)
+    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=4, max_in_flight=4)
 
     await asyncio.gather(*(batcher.pull("host-a", f"vm-{i}", StateKind.TPM) for i in range(10)))
 
@@ -106,7 +106,7 @@ async def test_a_batch_never_exceeds_its_vm_limit() -> None:
 async def test_a_failed_write_fails_only_its_own_callers() -> None:
     pull = FakePull()
     pull.fail = {"vm-bad"}
-    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32)
+    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32, max_in_flight=4)
 
     results = await asyncio.gather(
         batcher.pull("host-a", "vm-good", StateKind.TPM),
@@ -122,7 +122,7 @@ async def test_a_failed_write_fails_only_its_own_callers() -> None:
 async def test_a_failed_fetch_fails_every_caller_of_that_batch_then_recovers() -> None:
     pull = FakePull()
     pull.fetch_error = TimeoutError("no reply")
-    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32)
+    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32, max_in_flight=4)
 
     results = await asyncio.gather(
         *(batcher.pull("host-a", f"vm-{i}", StateKind.TPM) for i in range(3)),
@@ -137,7 +137,7 @@ async def test_a_failed_fetch_fails_every_caller_of_that_batch_then_recovers() -
 
 async def test_close_cancels_waiting_callers_instead_of_leaving_them_hanging() -> None:
     pull = FakePull(delay_s=10)
-    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32)
+    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32, max_in_flight=4)
     waiting = asyncio.create_task(batcher.pull("host-a", "vm-0", StateKind.TPM))
     await asyncio.sleep(WINDOW_S * 3)
 
@@ -149,7 +149,7 @@ async def test_close_cancels_waiting_callers_instead_of_leaving_them_hanging() -
 
 async def test_a_cancelled_caller_does_not_break_the_batch() -> None:
     pull = FakePull(delay_s=0.05)
-    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32)
+    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32, max_in_flight=4)
     gone = asyncio.create_task(batcher.pull("host-a", "vm-gone", StateKind.TPM))
     stays = asyncio.create_task(batcher.pull("host-a", "vm-stays", StateKind.TPM))
     await asyncio.sleep(WINDOW_S * 2)
@@ -157,3 +157,62 @@ async def test_a_cancelled_caller_does_not_break_the_batch() -> None:
 
     await stays
     assert "vm-stays" in pull.done
+
+
+class GatedPull(FakePull):
+    """A fetch that holds every batch until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.started: asyncio.Queue[None] = asyncio.Queue()
+        """One item per batch whose fetch began."""
+
+    async def __call__(self, host: str, kinds: dict[str, set[StateKind]]) -> PullResults:
+        self.batches.append((host, {vm: set(wanted) for vm, wanted in kinds.items()}))
+        self.started.put_nowait(None)
+        await self.gate.wait()
+        self.done.update(kinds)
+        return dict.fromkeys(kinds)
+
+
+async def test_a_request_to_an_idle_host_does_not_wait_for_the_window() -> None:
+    pull = FakePull()
+    batcher = PullBatcher(pull, window_s=60.0, max_vms=32, max_in_flight=4)
+
+    async with asyncio.timeout(10):  # far below the window: nothing waited for it
+        await batcher.pull("host-a", "vm-0", StateKind.TPM)
+    assert pull.done == {"vm-0"}
+
+
+async def test_the_next_batch_is_fetched_while_the_previous_one_is_in_flight() -> None:
+    pull = GatedPull()
+    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32, max_in_flight=2)
+
+    async with asyncio.timeout(10):
+        first = asyncio.create_task(batcher.pull("host-a", "vm-first", StateKind.TPM))
+        await pull.started.get()
+        second = asyncio.create_task(batcher.pull("host-a", "vm-second", StateKind.TPM))
+        await pull.started.get()  # the second fetch began while the first is still held
+        assert not first.done()
+        pull.gate.set()
+        await asyncio.gather(first, second)
+    assert pull.done == {"vm-first", "vm-second"}
+
+
+async def test_no_more_batches_than_allowed_are_in_flight_per_host() -> None:
+    pull = GatedPull()
+    batcher = PullBatcher(pull, window_s=WINDOW_S, max_vms=32, max_in_flight=1)
+
+    async with asyncio.timeout(10):
+        first = asyncio.create_task(batcher.pull("host-a", "vm-first", StateKind.TPM))
+        await pull.started.get()
+        later = [
+            asyncio.create_task(batcher.pull("host-a", f"vm-{i}", StateKind.TPM)) for i in range(3)
+        ]
+        for _ in range(5):  # several windows pass; the held fetch keeps the slot
+            await asyncio.sleep(WINDOW_S)
+        assert len(pull.batches) == 1
+        pull.gate.set()
+        await asyncio.gather(first, *later)
+    assert [len(kinds) for _, kinds in pull.batches] == [1, 3]

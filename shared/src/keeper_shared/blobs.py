@@ -31,13 +31,20 @@ def content_hash(content: bytes) -> str:
 
 
 def seal_blob(
-    kind: StateKind, content: bytes, token: FencingToken, swtpm_version: str | None = None
+    kind: StateKind,
+    content: bytes,
+    token: FencingToken,
+    swtpm_version: str | None = None,
+    *,
+    digest: str | None = None,
 ) -> StateBlob:
     """Compress canonical content into a blob that carries its hash, token and the swtpm
-    version of the host that read it."""
+    version of the host that read it. ``digest`` is ``content_hash(content)`` when the
+    caller has just computed it (the host agent hashes each stable read once); a wrong one
+    only makes a blob that every reader refuses."""
     return StateBlob(
         kind=kind,
-        content_hash=content_hash(content),
+        content_hash=digest if digest is not None else content_hash(content),
         size=len(content),
         token=token,
         compressed=SecretBytes(compress(content)),

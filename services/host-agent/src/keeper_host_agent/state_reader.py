@@ -72,13 +72,30 @@ class StateLocation:
             return None
         return pack_tpm_state(files) if files else None
 
-    def snapshot(self) -> StateSnapshot | None:
+    def read(self) -> UndisturbedRead | None:
         """One read that nothing disturbed, or None when the state moved during it."""
         before = self.signature()
         content = self.read_content()
         if content is None or self.signature() != before:
             return None
-        return StateSnapshot(before, content, content_hash(content))
+        return UndisturbedRead(before, content)
+
+    def snapshot(self) -> StateSnapshot | None:
+        """One undisturbed read, hashed."""
+        read = self.read()
+        return read.hashed() if read is not None else None
+
+
+@dataclass(frozen=True)
+class UndisturbedRead:
+    """The content of one read that nothing disturbed, and the stat it was read under."""
+
+    signature: tuple[FileStat, ...]
+    content: bytes
+
+    def hashed(self) -> StateSnapshot:
+        """This read with the hash of its content."""
+        return StateSnapshot(self.signature, self.content, content_hash(self.content))
 
 
 async def read_stable(
@@ -88,17 +105,14 @@ async def read_stable(
     kept changing for ``max_rounds`` windows or does not exist."""
     if not await asyncio.to_thread(location.signature):
         return None  # nothing there yet; its creation is itself an event that pokes again
-    previous = await asyncio.to_thread(location.snapshot)
+    previous = await asyncio.to_thread(location.read)
     for _ in range(max_rounds):
         await asyncio.sleep(window_s)
-        current = await asyncio.to_thread(location.snapshot)
-        if (
-            previous is not None
-            and current is not None
-            and previous.signature == current.signature
-            and previous.content_hash == current.content_hash
-        ):
-            return current
+        current = await asyncio.to_thread(location.read)
+        # Equal signatures and equal bytes: exact, and a memcmp costs a fraction of a
+        # sha256 of 540 KB, so only the read that is kept gets hashed.
+        if previous is not None and current is not None and current == previous:
+            return await asyncio.to_thread(current.hashed)
         previous = current
     return None
 

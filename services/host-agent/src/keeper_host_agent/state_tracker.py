@@ -142,9 +142,22 @@ class StateTracker:
     async def _check(
         self, tracked: TrackedVm, kind: StateKind, state: TrackedState, force_announce: bool
     ) -> None:
+        just_stable = False
         while True:
             state.poked_during_check = False
+            if just_stable and await asyncio.to_thread(_still_as_stable, state):
+                # Poked while checking, but one read shows exactly the state that was just
+                # found stable: the poke was a later event of the change already read (a
+                # write's MODIFY, then its CLOSE_WRITE), and nothing new is declared
+                # stable, so no second window is needed. A fetch waiting on this check
+                # used to wait that whole window (the latency tail); any change since the
+                # stable read moves the signature or the hash and gets the full check.
+                just_stable = False
+                if not state.poked_during_check:
+                    return
+                continue
             snapshot = await read_stable(state.location, self._window_s)
+            just_stable = snapshot is not None
             if snapshot is not None:
                 changed = state.stable is None or snapshot.content_hash != state.stable.content_hash
                 state.stable = StableState(snapshot.signature, snapshot.content_hash)
@@ -159,7 +172,12 @@ class StateTracker:
     ) -> None:
         token = FencingToken(epoch=tracked.domain.epoch, generation=self._clock.next())
         state.blob = await asyncio.to_thread(
-            seal_blob, kind, snapshot.content, token, self.swtpm_version
+            seal_blob,
+            kind,
+            snapshot.content,
+            token,
+            self.swtpm_version,
+            digest=snapshot.content_hash,
         )
         if tracked.domain.epoch == 0:
             # Not placed by vTPM Keeper: nothing to fence with, so nothing is announced.
@@ -220,3 +238,14 @@ class StateTracker:
             for vm_id, tracked in self.vms.items()
             if kind in tracked.states
         }
+
+
+def _still_as_stable(state: TrackedState) -> bool:
+    """One undisturbed read gives the signature and hash of the last stable read."""
+    snapshot = state.location.snapshot()
+    return (
+        snapshot is not None
+        and state.stable is not None
+        and snapshot.signature == state.stable.signature
+        and snapshot.content_hash == state.stable.content_hash
+    )

@@ -1,7 +1,7 @@
 -- First state of a VM that has none (clone, import): every kind lands at version 1, under
 -- one fencing token, all at once or not at all. No placement check: nothing runs yet.
 -- KEYS: per kind, in a fixed order: head, blobs, meta, history (4 keys per kind)
--- ARGV: epoch, generation, then per kind in the same order: content_hash, sealed, meta_json
+-- ARGV: epoch, generation, then per kind in the same order: content_hash, sealed, packed meta
 --       (an empty content_hash leaves that kind empty)
 -- Returns {outcome}: stored; duplicate when every kind already holds exactly these hashes
 -- (a redelivered request); exists when the VM has any other state.

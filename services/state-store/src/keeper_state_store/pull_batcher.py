@@ -1,11 +1,17 @@
 """Coalescing pulls per host: many ``state.changed`` events for one host, one ``state.fetch``.
 
 A host that boots fifty VMs announces fifty changes at once; fetching them one by one costs
-fifty round trips through the broker. Here each request waits a few milliseconds for others
-to the same host, and requests that arrive while a fetch to that host is in flight wait for
-the next one. Every caller still gets its own answer: its call returns only once its VM's
-blobs from that fetch were durably written (or found duplicate, or refused), and raises if
-the fetch or its VM's write failed, so each event is acknowledged after its own write.
+fifty round trips through the broker. Batches form like group commits: a request to a host
+with no fetch in flight goes at once with whatever arrived together (at a light load there
+is nothing to wait for, and waiting would only add latency); while fetches are in flight,
+requests gather for a window and then share the next fetch. Up to ``max_in_flight`` batches
+per host overlap, so the next fetch travels while the previous batch is being written
+(one batch at a time left the broker and Redis idle half of each round). Two batches may
+carry the same VM; the fenced write keeps the newer state whichever lands last.
+
+Every caller still gets its own answer: its call returns only once its VM's blobs from
+that fetch were durably written (or found duplicate, or refused), and raises if the fetch
+or its VM's write failed, so each event is acknowledged after its own write.
 """
 
 from __future__ import annotations
@@ -35,12 +41,16 @@ class _Batch:
 class PullBatcher:
     """Per-host coalescing of pull requests into batched fetches."""
 
-    def __init__(self, pull: BatchPull, *, window_s: float, max_vms: int) -> None:
+    def __init__(
+        self, pull: BatchPull, *, window_s: float, max_vms: int, max_in_flight: int
+    ) -> None:
         self._pull = pull
         self._window_s = window_s
         self._max_vms = max_vms
+        self._max_in_flight = max_in_flight
         self._pending: dict[str, _Batch] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
+        self._in_flight: dict[str, set[asyncio.Task[None]]] = {}
 
     async def pull(self, host: str, vm_id: str, kind: StateKind) -> None:
         """Have ``kind`` of ``vm_id`` pulled from ``host`` in the next batch; return once it
@@ -54,35 +64,50 @@ class PullBatcher:
         await future
 
     async def close(self) -> None:
-        """Cancel batches still running (their callers see the cancellation)."""
-        runners = list(self._runners.values())
-        for runner in runners:
-            runner.cancel()
-        await asyncio.gather(*runners, return_exceptions=True)
+        """Cancel batches still waiting or running (their callers see the cancellation)."""
+        tasks = [
+            *self._runners.values(),
+            *(task for flying in self._in_flight.values() for task in flying),
+        ]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, host: str) -> None:
-        """One host's loop: gather for the window, fetch, answer, repeat while work waits."""
+        """One host's dispatcher: form a batch, start its fetch, repeat while work waits."""
         # The task inherited the context of the event that started it; its log lines speak
         # for a batch, not for that one event.
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(pull_host=host)
-        batch: _Batch | None = None
+        flying = self._in_flight.setdefault(host, set())
         try:
             while host in self._pending:
-                await asyncio.sleep(self._window_s)
+                # Idle: one turn of the loop takes in what arrived together. Busy: let the
+                # next batch fill while the fetches in flight are answered.
+                await asyncio.sleep(self._window_s if flying else 0)
+                while len(flying) >= self._max_in_flight:
+                    await asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED)
                 batch = self._take(host)
-                try:
-                    results: PullResults = await self._pull(host, batch.kinds)
-                except Exception as error:
-                    results = dict.fromkeys(batch.kinds, error)
-                _answer(batch, results)
-                batch = None
+                task = asyncio.create_task(self._fetch(host, batch), name=f"fetch-{host}")
+                flying.add(task)
+                task.add_done_callback(flying.discard)
         finally:
             # Only reached with work outstanding when cancelled: nobody may wait forever.
             del self._runners[host]
-            for leftover in (batch, self._pending.pop(host, None)):
-                if leftover is not None:
-                    _answer(leftover, dict.fromkeys(leftover.kinds, asyncio.CancelledError()))
+            leftover = self._pending.pop(host, None)
+            if leftover is not None:
+                _answer(leftover, dict.fromkeys(leftover.kinds, asyncio.CancelledError()))
+
+    async def _fetch(self, host: str, batch: _Batch) -> None:
+        """One batch: fetch and persist, then answer each of its callers."""
+        try:
+            results: PullResults = await self._pull(host, batch.kinds)
+        except asyncio.CancelledError:
+            _answer(batch, dict.fromkeys(batch.kinds, asyncio.CancelledError()))
+            raise
+        except Exception as error:
+            results = dict.fromkeys(batch.kinds, error)
+        _answer(batch, results)
 
     def _take(self, host: str) -> _Batch:
         """Up to ``max_vms`` VMs off the host's pending batch; the rest stays for the next."""

@@ -9,7 +9,6 @@ look there when the history has moved on.
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -36,6 +35,7 @@ from keeper_shared.redis_keys import (
     state_pinned_meta_key,
 )
 from keeper_shared.redis_results import awaited
+from keeper_shared.version_meta import VersionMeta, pack_version_meta, unpack_version_meta
 
 
 class WriteOutcome(enum.StrEnum):
@@ -97,19 +97,20 @@ class VersionRecord:
     """swtpm on the host that read this state (None for old records, clones, imports)."""
 
     @classmethod
-    def from_meta(cls, version: int, raw: bytes | str) -> VersionRecord:
-        """Parse the JSON metadata stored beside a version."""
-        meta = json.loads(raw)
+    def from_meta(cls, version: int, raw: bytes) -> VersionRecord:
+        """Parse the metadata stored beside a version (packed, or JSON from earlier
+        releases); raises `VersionMetaError` when it is malformed."""
+        meta = unpack_version_meta(raw)
         return cls(
             version=version,
-            content_hash=meta["hash"],
-            size=meta["size"],
-            token=FencingToken(epoch=meta["epoch"], generation=meta["generation"]),
-            host=meta["host"],
-            stored_at=datetime.fromisoformat(meta["stored_at"]),
-            origin=VersionOrigin(meta.get("origin", VersionOrigin.HOST.value)),
-            source_vm_id=meta.get("source_vm_id"),
-            swtpm_version=meta.get("swtpm_version"),
+            content_hash=meta.content_hash,
+            size=meta.size,
+            token=meta.token,
+            host=meta.host,
+            stored_at=meta.stored_at,
+            origin=meta.origin,
+            source_vm_id=meta.source_vm_id,
+            swtpm_version=meta.swtpm_version,
         )
 
 
@@ -122,23 +123,21 @@ def version_meta(
     origin: VersionOrigin = VersionOrigin.HOST,
     source_vm_id: str | None = None,
     swtpm_version: str | None = None,
-) -> str:
-    """The JSON metadata stored beside a version (what `VersionRecord.from_meta` reads)."""
-    meta: dict[str, str | int] = {
-        "hash": content_hash,
-        "size": size,
-        "epoch": token.epoch,
-        "generation": token.generation,
-        "host": host,
-        "stored_at": datetime.now(UTC).isoformat(),
-    }
-    if origin is not VersionOrigin.HOST:
-        meta["origin"] = origin.value
-    if source_vm_id is not None:
-        meta["source_vm_id"] = source_vm_id
-    if swtpm_version is not None:
-        meta["swtpm_version"] = swtpm_version
-    return json.dumps(meta)
+) -> bytes:
+    """The packed metadata stored beside a version, stamped now (what
+    `VersionRecord.from_meta` reads)."""
+    return pack_version_meta(
+        VersionMeta(
+            content_hash=content_hash,
+            size=size,
+            token=token,
+            host=host,
+            stored_at=datetime.now(UTC),
+            origin=origin,
+            source_vm_id=source_vm_id,
+            swtpm_version=swtpm_version,
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -324,4 +323,4 @@ class StateRepository:
             meta_raw, sealed = pinned_meta, pinned_sealed
         if meta_raw is None or sealed is None:
             return None
-        return VersionRecord.from_meta(version, meta_raw), bytes(sealed)
+        return VersionRecord.from_meta(version, bytes(meta_raw)), bytes(sealed)

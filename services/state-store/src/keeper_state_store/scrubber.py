@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import re
 import secrets
 import time
@@ -68,6 +67,7 @@ from keeper_shared.redis_keys import (
 from keeper_shared.redis_results import awaited
 from keeper_shared.swtpm_tools import SwtpmError
 from keeper_shared.tpm_archive import unpack_tpm_state
+from keeper_shared.version_meta import VersionMetaError, unpack_version_meta
 from keeper_state_store.scrub_flags import ScrubFlag
 from keeper_state_store.tpm_probe import (
     ek_readable,
@@ -591,10 +591,9 @@ def _recorded_hash(meta_raw: bytes | None) -> str | None:
     if meta_raw is None:
         return None
     try:
-        value = json.loads(meta_raw).get("hash")
-    except (ValueError, AttributeError):
+        return unpack_version_meta(bytes(meta_raw)).content_hash
+    except VersionMetaError:
         return None
-    return value if isinstance(value, str) else None
 
 
 def _open_version(
@@ -602,18 +601,12 @@ def _open_version(
 ) -> bytes:
     """Decrypt, decompress (bounded) and check the hash, as a restore would; CPU-bound."""
     try:
-        meta = json.loads(meta_raw)
-        recorded_hash = meta["hash"]
-        size = meta["size"]
-        epoch = meta["epoch"]
-        generation = meta["generation"]
-        if not (
-            isinstance(recorded_hash, str)
-            and all(isinstance(value, int) for value in (size, epoch, generation))
-        ):
-            raise TypeError
-        associated = blob_associated_data(vm_id, kind.value, epoch, generation, recorded_hash)
-    except (ValueError, TypeError, KeyError, AttributeError):
+        meta = unpack_version_meta(meta_raw)
+        recorded_hash, size = meta.content_hash, meta.size
+        associated = blob_associated_data(
+            vm_id, kind.value, meta.token.epoch, meta.token.generation, recorded_hash
+        )
+    except ValueError:  # VersionMetaError included
         raise _VerificationFailed("the version's metadata is unreadable") from None
     try:
         compressed = decrypt_blob(data_key, sealed, associated)

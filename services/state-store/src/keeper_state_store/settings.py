@@ -28,7 +28,16 @@ class StateStoreSettings(ServiceSettings):
         default=0.005,
         ge=0,
         le=1.0,
-        description="How long a pull waits for others to the same host to share its fetch.",
+        description=(
+            "While fetches to a host are in flight, how long the next pull waits for others "
+            "to share its fetch (a host with none in flight is fetched from at once)."
+        ),
+    )
+    pull_batches_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Most batched fetches to one host in flight at once.",
     )
     pull_batch_max_vms: int = Field(
         default=32,

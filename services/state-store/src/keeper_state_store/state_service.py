@@ -63,6 +63,7 @@ class StateService:
             self._pull_batch,
             window_s=settings.pull_batch_window_s,
             max_vms=settings.pull_batch_max_vms,
+            max_in_flight=settings.pull_batches_in_flight,
         )
 
     def event_routes(self) -> list[Route]:

@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -27,6 +27,7 @@ from keeper_shared.redis_keys import (
     vm_record_key,
 )
 from keeper_shared.redis_results import awaited
+from keeper_shared.version_meta import VersionMetaError, unpack_version_meta
 
 HOST_STATUS_KEY = f"{PREFIX}:policy:host-status"
 """Policy's hash of host liveness: `alive:<last_seen>` or `lost:<declared_at>:<last_seen>`."""
@@ -162,10 +163,10 @@ async def vm_status(redis: Redis, vm_id: str) -> VmStatus | None:
             meta_raw = await awaited(redis.hget(state_meta_key(vm_id, kind), str(version)))
             if meta_raw:
                 try:
-                    meta = json.loads(meta_raw)
-                    stored_at = datetime.fromisoformat(meta["stored_at"]).timestamp()
-                    size = int(meta["size"]) if "size" in meta else None
-                except (ValueError, KeyError, TypeError):
+                    # The client returns bytes; redis-py's annotation says str.
+                    meta = unpack_version_meta(bytes(cast(bytes, meta_raw)))
+                    stored_at, size = meta.stored_at.timestamp(), meta.size
+                except VersionMetaError:
                     pass
             if stored_at is None and record.get(f"{kind.value}_persisted_at".encode()):
                 stored_at = float(record[f"{kind.value}_persisted_at".encode()])
