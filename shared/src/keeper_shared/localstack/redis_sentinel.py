@@ -221,6 +221,32 @@ class RedisSentinelGroup:
         self._wait(promoted, "a Sentinel failover", deadline)
         return self.primary()
 
+    def wait_for_replica(self, timeout: float = 60.0) -> None:
+        """Wait until the current primary has a replica online (a returning old primary is
+        turned into one by the Sentinels, which wait about 8 s before they do)."""
+        deadline = time.monotonic() + timeout
+
+        def replica_online() -> bool:
+            try:
+                port = self._master_port()
+            except LocalStackError:
+                return False
+            client = _client(port)
+            try:
+                info = _ask(client, "INFO", "replication")
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+            replicas = [
+                value
+                for key, value in (info.items() if isinstance(info, dict) else [])
+                if key.startswith("slave") and isinstance(value, dict)
+            ]
+            return any(replica.get("state") == "online" for replica in replicas)
+
+        self._wait(replica_online, "a replica of the primary to come online", deadline)
+
     def stop(self) -> None:
         """Stop the Sentinels, then the servers; idempotent."""
         for sentinel in self.sentinels:
