@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -110,9 +110,9 @@ class KeeperClient:
 
     @classmethod
     async def connect(
-        cls, amqp_url: str, *, name: str, request_timeout_s: float = 120.0
+        cls, amqp_url: str | Sequence[str], *, name: str, request_timeout_s: float = 120.0
     ) -> KeeperClient:
-        """Connect as a client named ``name``."""
+        """Connect as a client named ``name`` (to one broker URL, or a cluster's nodes)."""
         bus = await BusClient.connect(amqp_url, source=f"client/{name}", origin="client")
         return cls(bus, request_timeout_s=request_timeout_s)
 

@@ -8,6 +8,8 @@ snapshots (offline, live, with memory).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from keeper_shared.bus.client import BusClient
 from keeper_shared.client import KeeperClient
 from keeper_shared.messages.placement import PlaceVm, StopMode, StopVm
@@ -21,9 +23,9 @@ class PolicyClient(KeeperClient):
 
     @classmethod
     async def connect(
-        cls, amqp_url: str, *, name: str, request_timeout_s: float = 120.0
+        cls, amqp_url: str | Sequence[str], *, name: str, request_timeout_s: float = 120.0
     ) -> PolicyClient:
-        """Connect as a client named ``name``."""
+        """Connect as a client named ``name`` (to one broker URL, or a cluster's nodes)."""
         bus = await BusClient.connect(amqp_url, source=f"client/{name}", origin="client")
         return cls(bus, request_timeout_s=request_timeout_s)
 

@@ -94,3 +94,10 @@ def hosts_key() -> str:
 def scrub_lock_key(vm_id: str) -> str:
     """String with a TTL: which scrubber replica is verifying the VM right now."""
     return f"{PREFIX}:{{{vm_id}}}:scrub-lock"
+
+
+def replication_barrier_key() -> str:
+    """A counter the store bumps after each state write it waits for replicas on: Redis
+    WAIT covers only writes made on its own connection, and a write the store found
+    already done (a duplicate) made none."""
+    return f"{PREFIX}:replication-barrier"

@@ -222,7 +222,7 @@ async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
     """Run the host agent until ``stop`` is set."""
     structlog.contextvars.bind_contextvars(host=settings.host_id)
     bus = await BusClient.connect(
-        settings.amqp_url, source=f"host-agent/{settings.host_id}", origin=settings.host_id
+        settings.amqp_endpoints, source=f"host-agent/{settings.host_id}", origin=settings.host_id
     )
     agent = HostAgent(settings, bus)
     agent.hypervisor.open(agent.on_lifecycle, on_reconnect=agent.rebuild_view)

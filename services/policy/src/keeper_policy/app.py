@@ -29,6 +29,7 @@ from keeper_policy.workflow_store import WorkflowStore
 from keeper_shared.bus.client import BusClient, Consumer
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS
 from keeper_shared.observability import observe_service
+from keeper_shared.redis_connection import connect_redis
 
 log = structlog.get_logger(__name__)
 
@@ -85,11 +86,11 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
 
 async def serve(settings: PolicySettings, stop: asyncio.Event) -> None:
     """Run one policy replica until ``stop`` is set."""
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect_redis(settings)
     try:
         await redis.ping()
         bus = await BusClient.connect(
-            settings.amqp_url, source=f"policy/{socket.gethostname()}", origin=POLICY
+            settings.amqp_endpoints, source=f"policy/{socket.gethostname()}", origin=POLICY
         )
         service: PolicyService | None = None
         consumers: list[Consumer] = []

@@ -8,15 +8,15 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from keeper_policy.guest_os import DEFAULT_GUEST_OS_ALIASES, DEFAULT_GUEST_OS_RULES, GuestOsRule
+from keeper_shared.redis_connection import RedisSettings
 from keeper_shared.settings import ServiceSettings
 
 
-class PolicySettings(ServiceSettings):
+class PolicySettings(ServiceSettings, RedisSettings):
     """Rules and time bounds of the policy service."""
 
     model_config = SettingsConfigDict(env_prefix="KEEPER_POLICY_", frozen=True, extra="ignore")
 
-    redis_url: str = Field(default="redis://127.0.0.1:28379/0", description="Redis URL.")
     retrieve_attempts: int = Field(
         default=3, ge=1, le=10, description="Retrievals tried before a destroy goes ahead anyway."
     )

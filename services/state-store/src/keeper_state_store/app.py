@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import structlog
-from redis.asyncio import Redis
 
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import STATE_STORE, STATE_STORE_COMMANDS, STATE_STORE_EVENTS
 from keeper_shared.key_ring import KeyRing
 from keeper_shared.observability import observe_service
+from keeper_shared.redis_connection import connect_redis
+from keeper_shared.redis_replication import ReplicaQuorum
 from keeper_state_store.deletion_service import DeletionService
 from keeper_state_store.durability import ensure_durable
 from keeper_state_store.history_service import HistoryService
@@ -27,16 +28,23 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
     """Run one store replica until ``stop`` is set."""
     structlog.contextvars.bind_contextvars(replica=settings.replica_id)
     keys = KeyRing.from_files(settings.kek_file, settings.previous_kek_files)
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect_redis(settings)
     try:
         durability = await ensure_durable(redis, allow_volatile=settings.allow_volatile_redis)
         bus = await BusClient.connect(
-            settings.amqp_url, source=f"state-store/{settings.replica_id}", origin=STATE_STORE
+            settings.amqp_endpoints, source=f"state-store/{settings.replica_id}", origin=STATE_STORE
         )
         maintenance = Maintenance(settings, redis, keys, bus)  # scrubber, KEK rotation
         service: StateService | None = None
         try:
-            repository = StateRepository(redis, keys, history_depth=settings.history_depth)
+            repository = StateRepository(
+                redis,
+                keys,
+                history_depth=settings.history_depth,
+                replicas=ReplicaQuorum(
+                    settings.redis_min_replicas, settings.redis_replica_timeout_ms
+                ),
+            )
             service = StateService(settings, repository, bus)
             # Prefetch bounds how many state.changed events can wait in one pull batch.
             await bus.consume(STATE_STORE_EVENTS, service.event_routes(), prefetch=32)

@@ -1,5 +1,5 @@
 -- Delete everything stored of a VM's state, unless the VM is placed on a host.
--- KEYS: placement, snapshots, data key, scrub lock, then per kind (ARGV order) the keys
+-- KEYS: placement, snapshots, data key, TPM secret, scrub lock, then per kind (ARGV order) the keys
 --       listed by keeper_shared.redis_keys.kind_state_keys, blobs and pinned blobs first
 -- ARGV: the number of keys per kind, then the kind names
 -- Returns {'placed', host} (nothing deleted), or
@@ -14,7 +14,7 @@ local snapshots = redis.call('HKEYS', KEYS[2])
 local reply = {'deleted', cjson.encode(snapshots)}
 local per_kind = tonumber(ARGV[1])
 for i = 2, #ARGV do
-  local base = 5 + (i - 2) * per_kind
+  local base = 6 + (i - 2) * per_kind
   -- A version lives in the history blobs, the pinned copies, or both: count each once.
   local versions = {}
   local count = 0

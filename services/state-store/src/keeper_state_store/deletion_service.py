@@ -1,4 +1,5 @@
-"""``state.delete``: forget a stopped VM's stored state, its snapshots and its data key.
+"""``state.delete``: forget a stopped VM's stored state, its snapshots, its data key and
+the libvirt secret its TPM state was encrypted with.
 
 One Lua script checks the placement and deletes, so a VM placed meanwhile keeps its state.
 Deleting the wrapped data key is what makes the deletion final: a Redis backup taken before
@@ -24,6 +25,7 @@ from keeper_shared.redis_keys import (
     placement_key,
     scrub_lock_key,
     snapshots_key,
+    tpm_secret_key,
 )
 
 log = structlog.get_logger(__name__)
@@ -51,6 +53,7 @@ class DeletionService:
             placement_key(vm_id),
             snapshots_key(vm_id),
             data_key_key(vm_id),
+            tpm_secret_key(vm_id),
             scrub_lock_key(vm_id),
             *(key for group in per_kind for key in group),
         ]

@@ -34,6 +34,7 @@ from keeper_shared.redis_keys import (
     state_pinned_blobs_key,
     state_pinned_meta_key,
 )
+from keeper_shared.redis_replication import NO_REPLICAS, ReplicaQuorum, run_replicated
 from keeper_shared.redis_results import awaited
 from keeper_shared.version_meta import VersionMeta, pack_version_meta, unpack_version_meta
 
@@ -151,10 +152,18 @@ class Placement:
 class StateRepository:
     """Redis access for the state store."""
 
-    def __init__(self, redis: Redis, keys: KeyRing, *, history_depth: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: KeyRing,
+        *,
+        history_depth: int,
+        replicas: ReplicaQuorum = NO_REPLICAS,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._history_depth = history_depth
+        self._replicas = replicas
         scripts = resources.files(__package__)
         self._persist = redis.register_script(scripts.joinpath("persist.lua").read_text())
         self._persist_initial = redis.register_script(
@@ -237,7 +246,8 @@ class StateRepository:
         sealed: bytes,
         swtpm_version: str | None = None,
     ) -> WriteResult:
-        """Fenced compare-and-set of a new version (see persist.lua)."""
+        """Fenced compare-and-set of a new version (see persist.lua), returned once the
+        replicas hold it (NotReplicatedError when they do not in time)."""
         meta = version_meta(
             content_hash=content_hash,
             size=size,
@@ -261,7 +271,11 @@ class StateRepository:
             meta,
             self._history_depth,
         ]
-        outcome, detail = await self._persist(keys=keys, args=args)
+        ((outcome, detail),) = await run_replicated(
+            self._redis,
+            self._replicas,
+            lambda pipe: self._persist(keys=keys, args=args, client=pipe),
+        )
         return WriteResult(WriteOutcome(outcome.decode()), detail.decode())
 
     async def write_initial(
@@ -274,7 +288,7 @@ class StateRepository:
     ) -> InitialOutcome:
         """Store the first state of a VM that has none, as version 1 of each given kind
         under `INITIAL_TOKEN`, atomically (see persist_initial.lua). No placement check:
-        the VM runs nowhere yet."""
+        the VM runs nowhere yet. Returned once the replicas hold it."""
         keys: list[str] = []
         args: list[bytes | str | int] = [INITIAL_TOKEN.epoch, INITIAL_TOKEN.generation]
         for kind in StateKind:
@@ -297,7 +311,11 @@ class StateRepository:
                 source_vm_id=source_vm_id,
             )
             args += [initial.content_hash, initial.sealed, meta]
-        (outcome,) = await self._persist_initial(keys=keys, args=args)
+        ((outcome,),) = await run_replicated(
+            self._redis,
+            self._replicas,
+            lambda pipe: self._persist_initial(keys=keys, args=args, client=pipe),
+        )
         return InitialOutcome(outcome.decode())
 
     async def has_state(self, vm_id: str) -> bool:

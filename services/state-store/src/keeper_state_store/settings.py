@@ -7,15 +7,30 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from keeper_shared.redis_connection import RedisSettings
 from keeper_shared.settings import ServiceSettings
 
 
-class StateStoreSettings(ServiceSettings):
+class StateStoreSettings(ServiceSettings, RedisSettings):
     """Where the store keeps state and how it treats it."""
 
     model_config = SettingsConfigDict(env_prefix="KEEPER_STORE_", frozen=True, extra="ignore")
 
-    redis_url: str = Field(default="redis://127.0.0.1:28379/0", description="Redis URL.")
+    redis_min_replicas: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description=(
+            "Replicas that must hold a write (Redis WAIT) before it is acknowledged or "
+            "announced; 0 does not wait (a single Redis)."
+        ),
+    )
+    redis_replica_timeout_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=60000,
+        description="How long one write waits for its replicas before it counts as not durable.",
+    )
     kek_file: Path = Field(description="Key-encryption key file (mode 0600); never in Redis.")
     history_depth: int = Field(default=10, ge=1, le=1000, description="Versions kept per kind.")
     allow_volatile_redis: bool = Field(

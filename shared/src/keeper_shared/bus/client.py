@@ -12,13 +12,12 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aio_pika
 import structlog
-import yarl
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -27,6 +26,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from keeper_shared.bus.node_failover import NodeFailover, broker_user, connect_first_answering
 from keeper_shared.bus.topology import (
     QueueSpec,
     declare_exchanges,
@@ -145,9 +145,16 @@ class BusClient:
     """A service's handle on RabbitMQ."""
 
     def __init__(
-        self, connection: AbstractRobustConnection, *, source: str, origin: str, user_id: str
+        self,
+        connection: AbstractRobustConnection,
+        *,
+        source: str,
+        origin: str,
+        user_id: str,
+        failover: NodeFailover | None = None,
     ) -> None:
         self._connection = connection
+        self._failover = failover
         self.source = source
         self.origin = origin
         self._user_id = user_id
@@ -160,12 +167,20 @@ class BusClient:
         self._consumers: list[Consumer] = []
 
     @classmethod
-    async def connect(cls, url: str, *, source: str, origin: str) -> BusClient:
-        """Connect (retrying while the broker comes up) and declare the exchanges."""
-        connection = await aio_pika.connect_robust(
-            url, client_properties={"connection_name": source}, timeout=30
+    async def connect(cls, urls: str | Sequence[str], *, source: str, origin: str) -> BusClient:
+        """Connect to the first broker node in ``urls`` that answers (one URL, or every node
+        of a cluster) and declare the exchanges. A lost connection is re-established, on
+        another node while its own stays down, with every channel and consumer restored."""
+        endpoints = [urls] if isinstance(urls, str) else list(urls)
+        user_id = broker_user(endpoints)
+        connection, index = await connect_first_answering(endpoints, connection_name=source)
+        client = cls(
+            connection,
+            source=source,
+            origin=origin,
+            user_id=user_id,
+            failover=NodeFailover(connection, endpoints, index),
         )
-        client = cls(connection, source=source, origin=origin, user_id=yarl.URL(url).user or "")
         await client._open()
         return client
 
@@ -190,6 +205,8 @@ class BusClient:
             await consumer.stop(grace_s)
         for future, _ in self._pending_calls.values():
             future.cancel()
+        if self._failover is not None:
+            self._failover.stop()
         try:
             async with asyncio.timeout(BROKER_CLOSE_TIMEOUT_S):
                 await self._connection.close()

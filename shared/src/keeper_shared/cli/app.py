@@ -45,6 +45,7 @@ from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.tpm import Firmware, VmSpec
 from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import StateKind
+from keeper_shared.redis_connection import connect_redis
 
 T = TypeVar("T")
 
@@ -98,13 +99,14 @@ def _run(work: Callable[[CliSettings], Coroutine[Any, Any, T]]) -> T:
 
 @contextlib.asynccontextmanager
 async def _redis(settings: CliSettings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    client = connect_redis(settings, socket_connect_timeout=5, socket_timeout=10)
     try:
         try:
             await client.ping()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            where = ", ".join(settings.redis_sentinels) or _where(settings.redis_url)
             raise CliError(
-                f"cannot reach Redis at {_where(settings.redis_url)} "
+                f"cannot reach Redis at {where} "
                 "(set KEEPER_REDIS_URL; for the local stack: `make stack-status`)",
                 ExitCode.UNREACHABLE,
             ) from None
@@ -126,13 +128,15 @@ async def _client(settings: CliSettings, *, needs: tuple[str, ...]) -> AsyncIter
     try:
         bus = await asyncio.wait_for(
             BusClient.connect(
-                settings.amqp_url, source=f"client/keeper-{getpass.getuser()}", origin="client"
+                settings.amqp_endpoints,
+                source=f"client/keeper-{getpass.getuser()}",
+                origin="client",
             ),
             timeout=15,
         )
     except (aio_pika.exceptions.AMQPError, OSError, TimeoutError):
         raise CliError(
-            f"cannot reach RabbitMQ at {_where(settings.amqp_url)} "
+            f"cannot reach RabbitMQ at {', '.join(map(_where, settings.amqp_endpoints))} "
             "(set KEEPER_AMQP_URL; for the local stack: `make stack-status`)",
             ExitCode.UNREACHABLE,
         ) from None

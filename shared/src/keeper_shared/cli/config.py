@@ -1,20 +1,25 @@
-"""Where the CLI finds the bus and Redis: ``KEEPER_AMQP_URL`` and ``KEEPER_REDIS_URL``,
-defaulting to the local stack's ports (``make demo``)."""
+"""Where the CLI finds the bus and Redis: ``KEEPER_AMQP_URL`` (or ``KEEPER_AMQP_URLS`` for a
+cluster) and ``KEEPER_REDIS_URL`` (or ``KEEPER_REDIS_SENTINELS``), defaulting to the local
+stack's ports (``make demo``)."""
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from keeper_shared.bus.topology import STATE_STORE
 from keeper_shared.localstack.settings import LocalStackSettings
+from keeper_shared.redis_connection import RedisSettings
+from keeper_shared.settings import split_list
 
 
 def _stack() -> LocalStackSettings:
     return LocalStackSettings()
 
 
-class CliSettings(BaseSettings):
+class CliSettings(BaseSettings, RedisSettings):
     """Settings of the ``keeper`` command, from ``KEEPER_*`` environment variables."""
 
     model_config = SettingsConfigDict(env_prefix="KEEPER_", frozen=True, extra="ignore")
@@ -22,6 +27,11 @@ class CliSettings(BaseSettings):
     amqp_url: str = Field(
         default_factory=lambda: f"amqp://guest:guest@127.0.0.1:{_stack().rabbitmq_port}/",
         description="RabbitMQ URL (the local stack's by default).",
+    )
+    amqp_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="A RabbitMQ cluster's node URLs (comma-separated); when set, amqp_url "
+        "is not used.",
     )
     redis_url: str = Field(
         default_factory=lambda: f"redis://127.0.0.1:{_stack().redis_port}/0",
@@ -36,3 +46,10 @@ class CliSettings(BaseSettings):
     host_lost_after_s: float = Field(
         default=30.0, gt=0, description="A host silent this long shows as `silent`."
     )
+
+    _split_amqp_urls = field_validator("amqp_urls", mode="before")(split_list)
+
+    @property
+    def amqp_endpoints(self) -> list[str]:
+        """The broker URLs to try, in order: ``amqp_urls``, else ``amqp_url`` alone."""
+        return list(self.amqp_urls) or [self.amqp_url]

@@ -23,6 +23,7 @@ from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import StateKind
+from keeper_shared.redis_connection import RedisSettings, connect_redis
 from keeper_shared.redis_keys import hosts_key
 from keeper_shared.redis_results import awaited
 from keeper_shared.swtpm_tools import (
@@ -168,7 +169,7 @@ async def run_story(config: DemoConfig, out: TextIO) -> StoryResult:
     result = StoryResult()
     services = _services(config, [host_a, host_b])
     result.log_files = [service.log_path for service in services]
-    redis = Redis.from_url(config.redis_url)
+    redis = connect_redis(RedisSettings(redis_url=config.redis_url))
     client: KeeperClient | None = None
     try:
         for service in services:

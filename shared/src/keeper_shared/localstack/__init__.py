@@ -1,4 +1,5 @@
-"""The local stack: a private RabbitMQ node and a private Redis server from Debian's packages.
+"""The local stack: a private RabbitMQ node and a private Redis server from Debian's packages,
+and, for the distributed engines, a three-node RabbitMQ cluster and a Sentinel-managed Redis.
 
 ``deploy/local/stack`` and ``make demo`` use it through ``python -m keeper_shared.localstack``;
 the test fixtures use the classes directly, each with its own ports and directories.
@@ -7,16 +8,21 @@ the test fixtures use the classes directly, each with its own ports and director
 from keeper_shared.localstack._process import free_tcp_ports
 from keeper_shared.localstack.errors import LocalStackError, NotInstalledError
 from keeper_shared.localstack.rabbitmq import RabbitMQConfig, RabbitMQNode
+from keeper_shared.localstack.rabbitmq_cluster import RabbitMQCluster
 from keeper_shared.localstack.redis import RedisConfig, RedisServer
+from keeper_shared.localstack.redis_sentinel import RedisSentinel, RedisSentinelGroup
 from keeper_shared.localstack.settings import LocalStackSettings
 
 __all__ = [
     "LocalStackError",
     "LocalStackSettings",
     "NotInstalledError",
+    "RabbitMQCluster",
     "RabbitMQConfig",
     "RabbitMQNode",
     "RedisConfig",
+    "RedisSentinel",
+    "RedisSentinelGroup",
     "RedisServer",
     "free_tcp_ports",
 ]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import string
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keeper_shared.localstack import _process
@@ -29,6 +30,8 @@ class RabbitMQConfig:
     amqp_port: int
     dist_port: int
     base_dir: Path
+    erlang_cookie: str | None = field(default=None, repr=False)
+    """The Erlang cookie; nodes of one cluster share it. None: a random one of its own."""
 
     @property
     def node(self) -> str:
@@ -132,6 +135,17 @@ class RabbitMQNode:
             self._ctl("stop", str(self._pid_file), timeout=timeout)
         self._kill_leftover()
 
+    def kill(self) -> None:
+        """SIGKILL the node, as a crash would, and wait until it is gone; ``start`` brings
+        it back with its data (a clustered node rejoins its cluster)."""
+        pid = self._live_pid()
+        if pid is None:
+            return
+        _process.send_signal(pid, signal.SIGKILL)
+        if not _process.wait_gone(pid, 10.0):
+            raise LocalStackError(f"RabbitMQ node {self.config.node} survived SIGKILL")
+        self._pid_file.unlink(missing_ok=True)
+
     def add_user(
         self,
         name: str,
@@ -187,7 +201,9 @@ class RabbitMQNode:
         if not cookie.exists():
             # Erlang refuses a cookie file that others can read; creating it before the first
             # start means the node and rabbitmqctl can never race to create two.
-            value = "".join(secrets.choice(string.ascii_uppercase) for _ in range(32))
+            value = self.config.erlang_cookie or "".join(
+                secrets.choice(string.ascii_uppercase) for _ in range(32)
+            )
             fd = os.open(cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
             with os.fdopen(fd, "w", encoding="ascii") as handle:
                 handle.write(value)

@@ -24,6 +24,8 @@ class RedisConfig:
 
     port: int
     base_dir: Path
+    replica_of: int | None = None
+    """Port of the primary on 127.0.0.1 this server replicates; None for a primary."""
 
 
 class RedisServer:
@@ -146,6 +148,11 @@ class RedisServer:
             "--pidfile", str(self._pid_file),
             "--logfile", str(self.log_file),
         ]  # fmt: skip
+        if self.config.replica_of is not None:
+            command += ["--replicaof", "127.0.0.1", str(self.config.replica_of)]
+        # A replica that (re)joins gets its copy at once, instead of after the 5 s Redis
+        # waits by default for other replicas to share the transfer.
+        command += ["--repl-diskless-sync-delay", "0"]
         with self._startup_out.open("ab") as out:
             # A file, not a pipe: the daemon would inherit a pipe and keep it open.
             launched = subprocess.run(

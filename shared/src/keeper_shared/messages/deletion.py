@@ -19,8 +19,8 @@ REASON_MAX_LENGTH = 256
 
 class DeleteState(Payload):
     """Command to the store: delete every stored version of the VM's TPM and NVRAM state,
-    its snapshots and its data key (the ciphertext of any copy left elsewhere, e.g. in a
-    Redis backup, cannot be opened without that key).
+    its snapshots, its TPM secret and its data key (the ciphertext of any copy left
+    elsewhere, e.g. in a Redis backup, cannot be opened without that key).
 
     Replied with ``CommandDone``; its detail has ``tpm_versions``, ``nvram_versions`` and
     ``snapshots`` (how many were deleted). Deleting a VM without state is not an error."""

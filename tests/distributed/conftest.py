@@ -1,0 +1,50 @@
+"""Fixtures for the distributed engines: a three-node RabbitMQ cluster and a Redis primary
+with a replica and three Sentinels, each the test's own (on free ports, in its temporary
+directory) because the tests kill their members. Stopped whatever ended the test; no
+service process the chaos harness started may outlive it either."""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chaos.harness import kill_leftovers
+from keeper_shared.localstack import RabbitMQCluster, RedisSentinelGroup
+
+
+@pytest.fixture
+def rabbitmq_cluster(tmp_path: Path, local_servers_installed: None) -> Iterator[RabbitMQCluster]:
+    """Three private RabbitMQ nodes joined into one cluster."""
+    # Node names share one epmd per machine, so each test's nodes get their own.
+    cluster = RabbitMQCluster(tmp_path / "rabbitmq", prefix=f"keeper-c{secrets.token_hex(3)}")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_sentinel_group(
+    tmp_path: Path, local_servers_installed: None
+) -> Iterator[RedisSentinelGroup]:
+    """A Redis primary, its replica and three Sentinels, AOF on."""
+    group = RedisSentinelGroup(tmp_path / "redis")
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_the_test() -> Iterator[None]:
+    """After each test, SIGKILL any service process group the harness did not reap."""
+    yield
+    left = kill_leftovers()
+    if left:
+        warnings.warn(f"killed leftover service process groups {left}", stacklevel=1)

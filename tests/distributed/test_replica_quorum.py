@@ -1,0 +1,55 @@
+"""A write counts as durable only once the replica holds it (Redis WAIT), against a real
+primary, replica and Sentinels."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio.client import Pipeline
+
+from keeper_shared.localstack import RedisSentinelGroup
+from keeper_shared.redis_connection import RedisSettings, connect_redis
+from keeper_shared.redis_replication import NotReplicatedError, ReplicaQuorum, run_replicated
+
+pytestmark = [pytest.mark.redis]
+
+ONE_REPLICA = ReplicaQuorum(min_replicas=1, timeout_ms=300)
+
+
+async def _set(pipe: Pipeline, key: str, value: str) -> None:
+    pipe.set(key, value)
+
+
+async def _noop(_pipe: Pipeline) -> None:
+    return None
+
+
+async def test_a_write_is_durable_once_the_replica_holds_it_and_not_before(
+    redis_sentinel_group: RedisSentinelGroup,
+) -> None:
+    group = redis_sentinel_group
+    settings = RedisSettings(
+        redis_sentinels=group.sentinel_addresses, redis_master_name=group.master_name
+    )
+    redis = connect_redis(settings, decode_responses=True)
+    try:
+        results = await run_replicated(redis, ONE_REPLICA, lambda p: _set(p, "k", "held"))
+        assert results == [True]
+
+        replica = next(server for server in group.servers if server is not group.primary())
+        await asyncio.to_thread(replica.stop)
+        with pytest.raises(NotReplicatedError, match="0 of 1 Redis replicas"):
+            await run_replicated(redis, ONE_REPLICA, lambda p: _set(p, "k", "unreplicated"))
+        # The primary has it; only its durability is unknown, so the caller must not
+        # acknowledge and its retry (finding the write done) must wait again.
+        assert await redis.get("k") == "unreplicated"
+        with pytest.raises(NotReplicatedError):
+            await run_replicated(redis, ONE_REPLICA, lambda p: _set(p, "k", "unreplicated"))
+
+        await asyncio.to_thread(replica.start)
+        await asyncio.to_thread(group.wait_for_replica)
+        # A retry that writes nothing new still waits for everything written before it.
+        assert await run_replicated(redis, ONE_REPLICA, _noop) == []
+    finally:
+        await redis.aclose()
