@@ -114,3 +114,18 @@ async def test_a_fetch_reply_from_another_user_is_ignored(store: Store, rabbitmq
     assert answered == [vm_id]
     assert results != {vm_id: None}
     assert await store.repository.head_hash(vm_id, StateKind.NVRAM) is None
+
+
+async def test_a_host_writing_for_a_vm_it_does_not_hold_is_refused(store: Store) -> None:
+    """The broker vouches for who the host is; the placement decides what it may write."""
+    refused = await store.client.watch_events(f"state.refused.{store.origin}")
+    vm_id = store.new_vm()
+    await store.place(vm_id, epoch=1, host=unique("elsewhere"))
+    store.host.hold(vm_id, StateKind.NVRAM, NVRAM, FencingToken(epoch=1, generation=1))
+
+    await store.host.announce(vm_id, StateKind.NVRAM)  # with its own, validated user
+
+    audit = await refused.wait_for(StateWriteRefused, lambda e: e.vm_id == vm_id, TIMEOUT_S)
+    assert "not the VM's placement" in audit.data.reason
+    assert store.host.fetches == []
+    assert await store.repository.head_hash(vm_id, StateKind.NVRAM) is None

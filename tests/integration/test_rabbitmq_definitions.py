@@ -16,10 +16,11 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from keeper_shared.bus import topology
-from keeper_shared.bus.client import BusClient
+from keeper_shared.bus.client import BusClient, Delivery, Route
 from keeper_shared.contract.rabbitmq import definitions, host_definitions, main, render
 from keeper_shared.localstack import NotInstalledError, RabbitMQConfig, RabbitMQNode, free_tcp_ports
-from keeper_shared.messages.envelope import Payload
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.envelope import Envelope, Payload
 
 
 class _Ping(Payload):
@@ -145,3 +146,86 @@ async def test_a_host_user_speaks_only_for_itself(node: RabbitMQNode, tmp_path: 
             await queue.consume(_ignore)
     finally:
         await connection.close()
+
+
+@pytest.mark.rabbit
+async def test_a_host_user_cannot_spoof_reach_or_read_what_is_not_its_own(
+    node: RabbitMQNode, tmp_path: Path
+) -> None:
+    """Invariant 3 at the broker: besides another host's routing key and command queue
+    (above), a host user can neither claim another user id, nor slip a message into a
+    service's queue through the default exchange, nor read a service's queue."""
+    _import(node, json.loads(COMMITTED.read_text(encoding="utf-8")), tmp_path / "defs.json")
+    _import(node, host_definitions("host-d", "secret-d"), tmp_path / "host-d.json")
+    connection = await aio_pika.connect(_url(node, "host-d", "secret-d"))
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        events = await channel.get_exchange(topology.EVENTS_EXCHANGE, ensure=False)
+        with pytest.raises(aio_pika.exceptions.ChannelClosed, match="PRECONDITION_FAILED"):
+            await events.publish(
+                aio_pika.Message(b"{}", user_id="host-e"), routing_key="host.heartbeat.host-d"
+            )
+        channel = await connection.channel(publisher_confirms=True)
+        with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):
+            await channel.default_exchange.publish(
+                aio_pika.Message(b"{}"), routing_key=topology.STATE_STORE_EVENTS.name
+            )
+        for spec in (topology.STATE_STORE_EVENTS, topology.POLICY_COMMANDS):
+            channel = await connection.channel()
+            queue = await channel.get_queue(spec.name, ensure=False)
+            with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):
+                await queue.consume(_ignore)
+            channel = await connection.channel()
+            queue = await channel.get_queue(spec.name, ensure=False)
+            with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):
+                await queue.get(fail=False)
+    finally:
+        await connection.close()
+
+
+@pytest.mark.rabbit
+async def test_a_host_user_replies_through_the_replies_exchange_and_reads_no_other_reply(
+    node: RabbitMQNode, tmp_path: Path
+) -> None:
+    """Without the default exchange a host still answers commands; and it cannot bind its
+    reply queue to another caller's replies (which may carry other hosts' state)."""
+    _import(node, json.loads(COMMITTED.read_text(encoding="utf-8")), tmp_path / "defs.json")
+    _import(node, host_definitions("host-f", "secret-f"), tmp_path / "host-f.json")
+
+    class _Poke(Payload):
+        """A test command."""
+
+        message_type: ClassVar[str] = "test.poke"
+
+    async def answer(_envelope: Envelope[_Poke], _delivery: Delivery) -> CommandDone:
+        return CommandDone(ok=True)
+
+    host = await BusClient.connect(
+        _url(node, "host-f", "secret-f"), source="host-agent/host-f", origin="host-f"
+    )
+    caller = await BusClient.connect(node.amqp_url, source="policy/test", origin="policy")
+    try:
+        await host.consume(
+            topology.host_command_queue("host-f"), [Route(_Poke, answer)], prefetch=1
+        )
+        reply = await caller.call(
+            topology.host_command_key("host-f"),
+            _Poke(),
+            CommandDone,
+            subject="host-f",
+            timeout_s=30,
+            replier="host-f",
+        )
+        assert reply.data.ok
+
+        channel = await host.connection.channel()
+        own = await channel.declare_queue(
+            topology.reply_queue_name("host-f", "00ff"), exclusive=True, auto_delete=True
+        )
+        with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):
+            await own.bind(
+                topology.REPLIES_EXCHANGE, routing_key=topology.reply_queue_name("policy", "00ff")
+            )
+    finally:
+        await caller.close()
+        await host.close()

@@ -28,10 +28,12 @@ from aio_pika.abc import (
 
 from keeper_shared.bus.node_failover import NodeFailover, broker_user, connect_first_answering
 from keeper_shared.bus.topology import (
+    REPLIES_EXCHANGE,
     QueueSpec,
     declare_exchanges,
     declare_queue,
     event_routing_key,
+    reply_queue_name,
 )
 from keeper_shared.messages.envelope import (
     Envelope,
@@ -161,7 +163,8 @@ class BusClient:
         self._channel: AbstractChannel | None = None
         self._events: AbstractExchange | None = None
         self._commands: AbstractExchange | None = None
-        self._reply_queue_name = f"keeper.reply.{origin}.{uuid.uuid4().hex[:12]}"
+        self._replies: AbstractExchange | None = None
+        self._reply_queue_name = reply_queue_name(origin, uuid.uuid4().hex[:12])
         # correlation id -> (reply future, the broker-validated user the reply must come from)
         self._pending_calls: dict[str, tuple[asyncio.Future[bytes], str | None]] = {}
         self._consumers: list[Consumer] = []
@@ -194,9 +197,11 @@ class BusClient:
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
         self._events, self._commands = await declare_exchanges(channel)
+        self._replies = await channel.get_exchange(REPLIES_EXCHANGE, ensure=False)
         reply_queue = await channel.declare_queue(
             self._reply_queue_name, exclusive=True, auto_delete=True
         )
+        await reply_queue.bind(REPLIES_EXCHANGE, routing_key=self._reply_queue_name)
         await reply_queue.consume(self._on_reply, no_ack=True)
 
     async def close(self, grace_s: float = 10.0) -> None:
@@ -291,12 +296,12 @@ class BusClient:
         future.set_result(message.body)
 
     async def _reply(self, delivery: Delivery, payload: Payload, subject: str) -> None:
-        assert self._channel is not None
+        assert self._replies is not None
         if delivery.reply_to is None:
             return
         envelope = new_envelope(payload, source=self.source, subject=subject)
         try:
-            await self._channel.default_exchange.publish(
+            await self._replies.publish(
                 self._message(envelope, correlation_id=delivery.correlation_id),
                 routing_key=delivery.reply_to,
                 mandatory=False,

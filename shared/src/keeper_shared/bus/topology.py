@@ -3,9 +3,12 @@
 Events go to a topic exchange with the routing key ``<type>.<origin>`` (origin = host id or
 service name), so per-host topic permissions can pin a host to keys ending in its own id.
 Commands go to a direct exchange keyed by the target (a host's id, ``state-store``,
-``policy``). Every queue is a quorum queue with an explicit delivery limit (RabbitMQ 3.10
-has no default) and dead-letters into a per-queue DLQ, so a poison message is parked after a
-few attempts instead of looping forever.
+``policy``). Replies go to a topic exchange keyed by the caller's reply queue, never through
+the default exchange, which routes to any queue by name: a host allowed to publish there
+could drop a message straight into a service's queue, past its topic permissions. Every
+queue is a quorum queue with an explicit delivery limit (RabbitMQ 3.10 has no default) and
+dead-letters into a per-queue DLQ, so a poison message is parked after a few attempts
+instead of looping forever.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 EVENTS_EXCHANGE = "keeper.events"
 COMMANDS_EXCHANGE = "keeper.commands"
 DEAD_LETTER_EXCHANGE = "keeper.dead-letter"
+REPLIES_EXCHANGE = "keeper.replies"
+"""Topic, so topic permissions can pin a host's bindings to its own reply queue's key."""
+REPLY_QUEUE_PREFIX = "keeper.reply"
 DELIVERY_LIMIT = 5
 """Attempts before a message is dead-lettered: enough for transient faults, not a loop."""
 
@@ -51,6 +57,11 @@ def host_command_key(host_id: str) -> str:
     return f"host.{host_id}"
 
 
+def reply_queue_name(origin: str, unique: str) -> str:
+    """A caller's exclusive reply queue, also the routing key replies to it carry."""
+    return f"{REPLY_QUEUE_PREFIX}.{origin}.{unique}"
+
+
 def host_command_queue(host_id: str) -> QueueSpec:
     """The queue a host agent takes its commands from."""
     return QueueSpec(name=f"keeper.host.{host_id}.commands", command_key=host_command_key(host_id))
@@ -75,8 +86,9 @@ POLICY_COMMANDS = QueueSpec(name="keeper.policy.commands", command_key=POLICY)
 
 
 async def declare_exchanges(channel: AbstractChannel) -> tuple[AbstractExchange, AbstractExchange]:
-    """Declare the events and commands exchanges (idempotent) and return them."""
+    """Declare every exchange (idempotent); return the events and commands exchanges."""
     await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+    await channel.declare_exchange(REPLIES_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     events = await channel.declare_exchange(
         EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
     )

@@ -270,7 +270,8 @@ def build_document() -> dict[str, Any]:
                 f"Commands on the `{topology.COMMANDS_EXCHANGE}` direct exchange with the "
                 f"routing key `{spec.command_key}`, consumed from the quorum queue "
                 f"`{spec.name}` (dead letters in `{spec.dead_letter_queue}`). The reply "
-                "goes to the AMQP `reply_to` queue with the same `correlation_id`."
+                f"goes to the `{topology.REPLIES_EXCHANGE}` topic exchange with the AMQP "
+                "`reply_to` as its routing key and the same `correlation_id`."
             ),
             "publish": {"operationId": operation, "message": _one_of(by_role[role])},
             "bindings": _queue_binding(spec),
@@ -282,7 +283,10 @@ def build_document() -> dict[str, Any]:
         channels[spec.name] = channel
     if by_role[MessageRole.REPLY]:
         channels["{reply_to}"] = {
-            "description": "The caller's exclusive reply queue, named by `reply_to`.",
+            "description": (
+                "The caller's exclusive reply queue, named by `reply_to` and bound to "
+                f"`{topology.REPLIES_EXCHANGE}` with that name as the routing key."
+            ),
             "parameters": {
                 "reply_to": {
                     "description": "Reply queue of the caller.",

@@ -6,7 +6,8 @@ configuration under ``deploy/rabbitmq/`` never drifts from what the services dec
 dead-letter arguments, the dead-letter queues, bindings). ``host HOST`` prints the
 definitions of one host: its command queue, its user (password from ``KEEPER_HOST_PASSWORD``
 or a prompt) and its permissions: it may publish on ``keeper.events`` only with routing keys
-ending in ``.HOST`` and consume only its own command queue. Load either with
+ending in ``.HOST``, reply only through ``keeper.replies`` (never the default exchange),
+bind only its own reply queue, and consume only its own command queue. Load either with
 ``rabbitmqctl import_definitions FILE``.
 """
 
@@ -102,6 +103,7 @@ def definitions() -> dict[str, Any]:
             (topology.COMMANDS_EXCHANGE, "direct"),
             (topology.DEAD_LETTER_EXCHANGE, "direct"),
             (topology.EVENTS_EXCHANGE, "topic"),
+            (topology.REPLIES_EXCHANGE, "topic"),
         )
     ]
     queues: list[dict[str, Any]] = []
@@ -132,16 +134,19 @@ def host_definitions(host_id: str, password: str, *, salt: bytes | None = None) 
     spec = topology.host_command_queue(host_id)
     queues, bindings = queue_definitions(spec)
     own = re.escape(spec.name)
-    reply = rf"keeper\.reply\.{re.escape(host_id)}\.[0-9a-f]+"
+    reply = re.escape(topology.reply_queue_name(host_id, "")) + "[0-9a-f]+"
+    any_reply = re.escape(topology.REPLY_QUEUE_PREFIX + ".") + r"[a-z0-9-]+\.[0-9a-f]+"
     events = re.escape(topology.EVENTS_EXCHANGE)
     commands = re.escape(topology.COMMANDS_EXCHANGE)
     dead_letter = re.escape(topology.DEAD_LETTER_EXCHANGE)
+    replies = re.escape(topology.REPLIES_EXCHANGE)
     exchanges = "|".join(
         re.escape(name)
         for name in (
             topology.EVENTS_EXCHANGE,
             topology.COMMANDS_EXCHANGE,
             topology.DEAD_LETTER_EXCHANGE,
+            topology.REPLIES_EXCHANGE,
         )
     )
     return {
@@ -159,10 +164,11 @@ def host_definitions(host_id: str, password: str, *, salt: bytes | None = None) 
                 "vhost": VHOST,
                 # Declaring (idempotently) the exchanges, its queue, DLQ and reply queue.
                 "configure": rf"^({exchanges}|{own}|{own}\.dlq|{reply})$",
-                # Publishing events, replies (default exchange), binding its own queues.
-                "write": rf"^({events}|amq\.default|{own}|{own}\.dlq|{reply})$",
-                # Consuming its own queue and reply queue; binding from the two exchanges.
-                "read": rf"^({own}|{reply}|{commands}|{dead_letter})$",
+                # Publishing events and replies, binding its own queues. Not the default
+                # exchange: it would route to any queue by name, past the topic permissions.
+                "write": rf"^({events}|{replies}|{own}|{own}\.dlq|{reply})$",
+                # Consuming its own queue and reply queue; binding from the exchanges.
+                "read": rf"^({own}|{reply}|{commands}|{dead_letter}|{replies})$",
             }
         ],
         "topic_permissions": [
@@ -172,7 +178,16 @@ def host_definitions(host_id: str, password: str, *, salt: bytes | None = None) 
                 "exchange": topology.EVENTS_EXCHANGE,
                 "write": rf"^[a-z0-9.-]+\.{re.escape(host_id)}$",
                 "read": "^$",
-            }
+            },
+            {
+                # Replies to any caller's reply queue; bindings only for its own, so it
+                # cannot bind its queue to another caller's replies and read them.
+                "user": host_id,
+                "vhost": VHOST,
+                "exchange": topology.REPLIES_EXCHANGE,
+                "write": rf"^{any_reply}$",
+                "read": rf"^{reply}$",
+            },
         ],
         "queues": queues,
         "bindings": bindings,
