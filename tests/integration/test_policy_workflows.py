@@ -11,7 +11,8 @@
   removes its copy, the destination takes the new epoch (through the ``vm.set-epoch``
   route, wired as the host agent is asked to wire it) and its writes are stored under it;
 - a VM is not placed on a host whose swtpm is older than the one that last ran it (that
-  host runs a ``swtpm`` reporting an older version), unless the placement overrides it.
+  host runs a ``swtpm`` reporting an older version), unless the placement overrides it;
+- a VM whose TPM state is to be encrypted is not started on a host without libvirt secrets.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,9 +31,10 @@ from keeper_policy.keys import workflow_key
 from keeper_shared.client import KeeperRequestError
 from keeper_shared.messages.placement import StopMode, VmEvicted, VmMigrated, VmPlaced
 from keeper_shared.messages.state import StateChanged, StatePersisted, StateWriteRefused
+from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm import StartVm, StopReason, VmStarted, VmStopped
-from keeper_shared.redis_keys import placement_key
+from keeper_shared.redis_keys import placement_key, tpm_secret_key
 from keeper_shared.redis_results import awaited
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
@@ -236,3 +239,28 @@ async def test_a_placement_survives_its_policy_replica_being_killed(
         assert not await awaited(stack.redis.exists(workflow_key(spec.vm_id)))
         stopped = await stack.client.stop_vm(spec.vm_id, StopMode.POWEROFF)
         assert stopped["retrieved"] == "true"
+
+
+async def test_an_encrypted_tpm_is_not_started_where_libvirt_keeps_no_secrets(
+    rabbitmq_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The simulated hosts' test:/// driver has no secret driver: the prepare of a VM whose
+    TPM state is to be encrypted is refused there with the reason, the placement is
+    undone, and nothing was written on the host."""
+    async with PolicyStack(rabbitmq_url, redis_url, tmp_path) as stack:
+        vm_id = str(uuid.uuid4())
+        spec = VmSpec(
+            vm_id=vm_id, name=f"vm-{vm_id[:8]}", guest_os="windows-11", encrypt_tpm_state=True
+        )
+        await stack.client.request_tpm(spec)
+
+        with pytest.raises(KeeperRequestError, match="no secret driver"):
+            await stack.client.place(vm_id, stack.host_id("a"))
+
+        async def unplaced() -> bool:
+            return not await awaited(stack.redis.hget(placement_key(vm_id), "host"))
+
+        await wait_until(unplaced, "the placement to be undone")
+        assert not stack.hosts["a"].tpm_dir(vm_id).exists()
+        # The store made the VM's secret for this first start; it keeps it for the next.
+        assert await awaited(stack.redis.exists(tpm_secret_key(vm_id)))

@@ -854,7 +854,7 @@ async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
         return getattr(event, "vm_id", None) == vm_id
 
     # --- first start: the store makes the secret, the host defines it, swtpm encrypts
-    run1 = await client.watch_events("vm.*.*", "state.persisted.*", "tpm.state.*")
+    run1 = await client.watch_events("vm.*.*", "state.persisted.*", "tpm.state.*.*")
     began = time.monotonic()
     await client.enable_tpm(spec)
     await client.start(vm_id, host)
@@ -895,7 +895,7 @@ async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
     newest_tpm = newest_persisted(run1, vm_id, StateKind.TPM)
 
     # --- start again from the store: the secret comes back first, swtpm reads the state
-    run2 = await client.watch_events("vm.*.*", "state.persisted.*", "tpm.state.*")
+    run2 = await client.watch_events("vm.*.*", "state.persisted.*", "tpm.state.*.*")
     capture = RestoreCapture(vm_id, name)
     capture.start()
     try:
@@ -964,7 +964,7 @@ async def test_a_tpm_secret_the_keeper_did_not_create_is_read_or_reported(
     """Domains defined outside the keeper with their own secrets (as oVirt or Nova make
     them): a readable one the host can ship to the store; a private one it cannot, and it
     says so with ``tpm.state.stranded`` instead of failing silently."""
-    watch = await stack.client.watch_events("tpm.state.*", "vm.*.*")
+    watch = await stack.client.watch_events("tpm.state.*.*", "vm.*.*")
     made: dict[str, tuple[str, str]] = {}
     readable_value = secrets.token_urlsafe(32).encode()
     try:

@@ -103,8 +103,8 @@ class HostCommands:
             tpm_files = unpack_tpm_state(open_blob(request.tpm)) if request.tpm else None
             nvram = open_blob(request.nvram) if request.nvram else None
             if request.tpm_secret is not None:
-                # Before the state: a VM whose secret is missing cannot start, one whose
-                # secret is there but state is not yet can be prepared again.
+                # Before any file: when it fails nothing is written; a secret left behind
+                # by a later failure is defined again (same UUID, same value) next time.
                 await asyncio.to_thread(
                     define_tpm_secret,
                     self._hypervisor.connection,
