@@ -65,10 +65,15 @@ from typing import TypeVar
 
 import libvirt
 import pytest
+from pydantic import SecretBytes
 from redis.asyncio import Redis
 
 from keeper_host_agent.tpm_secrets import KEEPER_USAGE_PREFIX as KEEPER_SECRET_PREFIX
-from keeper_host_agent.tpm_secrets import read_foreign_secret
+from keeper_host_agent.tpm_secrets import (
+    TpmSecretError,
+    define_tpm_secret,
+    read_foreign_secret,
+)
 from keeper_shared.blobs import content_hash
 from keeper_shared.client import EventWatch, KeeperClient
 from keeper_shared.compression import compress
@@ -1002,6 +1007,16 @@ async def test_a_tpm_secret_the_keeper_did_not_create_is_read_or_reported(
         assert shipped.uuid == readable_secret
         assert shipped.value.get_secret_value() == readable_value
         assert watch.matching(TpmStateStranded, lambda e: e.vm_id == readable_vm) == []
+
+        # Prepared again on this host with the value the store kept: the other manager's
+        # secret is left as it is; one claiming another value is refused, not overwritten.
+        assert not _libvirt_call(lambda c: define_tpm_secret(c, readable_vm, shipped))
+        forged = TpmSecret(uuid=readable_secret, value=SecretBytes(b"another value"))
+        with pytest.raises(TpmSecretError, match="another value"):
+            _libvirt_call(lambda c: define_tpm_secret(c, readable_vm, forged))
+        assert _libvirt_call(lambda c: read_foreign_secret(c, readable_vm, readable_secret)) == (
+            shipped
+        )
     finally:
         _libvirt_call(lambda conn: _remove_foreign(conn, list(made.values())))
     codes = await stack.stop_services()

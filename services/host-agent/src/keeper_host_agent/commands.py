@@ -105,12 +105,18 @@ class HostCommands:
             if request.tpm_secret is not None:
                 # Before any file: when it fails nothing is written; a secret left behind
                 # by a later failure is defined again (same UUID, same value) next time.
-                await asyncio.to_thread(
+                defined = await asyncio.to_thread(
                     define_tpm_secret,
                     self._hypervisor.connection,
                     request.vm_id,
                     request.tpm_secret,
                 )
+                if not defined:
+                    log.info(
+                        "TPM secret already defined here by someone else; left as it is",
+                        vm_id=request.vm_id,
+                        tpm_secret_id=request.tpm_secret.uuid,
+                    )
                 written["tpm_secret_uuid"] = request.tpm_secret.uuid
             if tpm_files is not None:
                 await asyncio.to_thread(
