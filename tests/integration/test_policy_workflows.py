@@ -12,7 +12,8 @@
   route, wired as the host agent is asked to wire it) and its writes are stored under it;
 - a VM is not placed on a host whose swtpm is older than the one that last ran it (that
   host runs a ``swtpm`` reporting an older version), unless the placement overrides it;
-- a VM whose TPM state is to be encrypted is not started on a host without libvirt secrets.
+- a VM whose TPM state is to be encrypted is not approved for, nor placed on, hosts whose
+  libvirt keeps no secrets.
 """
 
 from __future__ import annotations
@@ -241,26 +242,26 @@ async def test_a_placement_survives_its_policy_replica_being_killed(
         assert stopped["retrieved"] == "true"
 
 
-async def test_an_encrypted_tpm_is_not_started_where_libvirt_keeps_no_secrets(
+async def test_an_encrypted_tpm_is_not_approved_or_placed_where_libvirt_keeps_no_secrets(
     rabbitmq_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    """The simulated hosts' test:/// driver has no secret driver: the prepare of a VM whose
-    TPM state is to be encrypted is refused there with the reason, the placement is
-    undone, and nothing was written on the host."""
+    """The simulated hosts' test:/// driver has no secret driver, and their heartbeats say
+    so: a TPM whose state is to be encrypted is refused for their cluster (the rule names
+    the hosts) unless overridden, and then not placed on them, with the reason."""
     async with PolicyStack(rabbitmq_url, redis_url, tmp_path) as stack:
         vm_id = str(uuid.uuid4())
         spec = VmSpec(
             vm_id=vm_id, name=f"vm-{vm_id[:8]}", guest_os="windows-11", encrypt_tpm_state=True
         )
-        await stack.client.request_tpm(spec)
+        with pytest.raises(KeeperRequestError, match="keeps no secrets") as refused:
+            await stack.client.request_tpm(spec)
+        assert stack.host_id("a") in str(refused.value)
 
-        with pytest.raises(KeeperRequestError, match="no secret driver"):
+        approved = await stack.client.request_tpm(spec, override=True)
+        assert "keeps no secrets" in approved["overridden"]
+        with pytest.raises(KeeperRequestError, match="libvirt keeps no secrets"):
             await stack.client.place(vm_id, stack.host_id("a"))
 
-        async def unplaced() -> bool:
-            return not await awaited(stack.redis.hget(placement_key(vm_id), "host"))
-
-        await wait_until(unplaced, "the placement to be undone")
+        assert not await awaited(stack.redis.hget(placement_key(vm_id), "host"))
         assert not stack.hosts["a"].tpm_dir(vm_id).exists()
-        # The store made the VM's secret for this first start; it keeps it for the next.
-        assert await awaited(stack.redis.exists(tpm_secret_key(vm_id)))
+        assert not await awaited(stack.redis.exists(tpm_secret_key(vm_id)))

@@ -522,6 +522,10 @@ async def stack(
         "keeper_host_agent",
         {
             "KEEPER_HOST_HOST_ID": host_id,
+            # A cluster of its own: approvals look at this host only, not at the simulated
+            # hosts other tests of the session left in Redis (their heartbeats stay fresh
+            # for a while, and their test:/// libvirt keeps no secrets).
+            "KEEPER_HOST_CLUSTER": host_id,
             "KEEPER_HOST_AMQP_URL": rabbitmq_url,
             "KEEPER_HOST_LIBVIRT_URI": LIBVIRT_URI,
             "KEEPER_HOST_SWTPM_ROOT": str(SWTPM_ROOT),
@@ -680,7 +684,7 @@ async def test_tpm_and_nvram_survive_power_off_and_restart_on_a_real_libvirt_hos
 
     # --- first start: libvirt manufactures the TPM, OVMF boots and writes its NVRAM
     run1 = await client.watch_events("vm.*.*", "state.persisted.*")
-    tpm_xml = await client.enable_tpm(spec, override=False)
+    tpm_xml = await client.enable_tpm(spec, cluster=host)
     assert "tpm-crb" in tpm_xml
     wall_start = time.time()
     epoch1, took = await timed(client.start(vm_id, host))
@@ -861,7 +865,7 @@ async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
     # --- first start: the store makes the secret, the host defines it, swtpm encrypts
     run1 = await client.watch_events("vm.*.*", "state.persisted.*", "tpm.state.*.*")
     began = time.monotonic()
-    await client.enable_tpm(spec)
+    await client.enable_tpm(spec, cluster=host)
     await client.start(vm_id, host)
     await wait_event(run1, VmStarted, is_ours, "vm.started of the encrypted-TPM VM")
     secret_uuid = _live_tpm_secret_uuid(vm_id)
@@ -1063,7 +1067,7 @@ async def test_agent_reconnects_when_libvirtd_restarts(real_host: RealHost, stac
     def is_ours(event: Payload) -> bool:
         return getattr(event, "vm_id", None) == vm_id
 
-    await client.enable_tpm(VmSpec(vm_id=vm_id, name=name, guest_os="windows-11"))
+    await client.enable_tpm(VmSpec(vm_id=vm_id, name=name, guest_os="windows-11"), cluster=host)
     await client.start(vm_id, host)
     await wait_event(watch, VmStarted, is_ours, "vm.started")
     await wait_persisted_current(watch, vm_id, StateKind.TPM, lambda: disk_tpm_content(vm_id))
