@@ -57,6 +57,8 @@ class VmStatus:
     kinds: dict[str, KindStatus]
     lost_from: str | None = None
     last_host: str | None = None
+    tpm_encrypted: bool = False
+    """swtpm encrypts the TPM state with the VM's libvirt secret (``--encrypt-state``)."""
 
     def newest_stored_at(self) -> float | None:
         times = [k.stored_at for k in self.kinds.values() if k.stored_at is not None]
@@ -94,6 +96,7 @@ class VmStatus:
             },
             "lost_from": self.lost_from,
             "last_host": self.last_host,
+            "tpm_encrypted": self.tpm_encrypted,
         }
 
 
@@ -148,9 +151,11 @@ async def vm_status(redis: Redis, vm_id: str) -> VmStatus | None:
     if not record:
         return None
     name = guest_os = None
+    encrypted = False
     try:
         spec = json.loads(record.get(b"spec", b"{}"))
         name, guest_os = spec.get("name"), spec.get("guest_os")
+        encrypted = spec.get("encrypt_tpm_state") is True
     except ValueError:
         pass
     kinds: dict[str, KindStatus] = {}
@@ -178,6 +183,7 @@ async def vm_status(redis: Redis, vm_id: str) -> VmStatus | None:
         kinds=kinds,
         lost_from=_text(record.get(b"lost_from")),
         last_host=_text(record.get(b"last_host")),
+        tpm_encrypted=encrypted,
     )
 
 
