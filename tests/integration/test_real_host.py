@@ -25,8 +25,9 @@ The second test does the same with a TPM whose state swtpm encrypts with a libvi
 and keeps it sealed, the host defines the secret (private) before the start and removes it
 with the domain; the state persisted is the encrypted one, which a swtpm without the secret
 cannot load; after the undefine (state and secret gone, as on a new host) the start defines
-the secret again and swtpm runs on the restored encrypted state. The secret's value is in
-no log and nowhere in Redis in clear.
+the secret again and swtpm runs on the restored encrypted state, the same TPM (same
+endorsement key, read with the secret's value). The secret's value is in no log and nowhere
+in Redis in clear.
 
 The third test defines domains whose TPMs use secrets the keeper did not create: a
 readable one the host can ship, a private one it reports as ``tpm.state.stranded``.
@@ -376,12 +377,13 @@ def nvram_template(live_xml: str) -> Path:
     return Path(match.group(1))
 
 
-async def read_ek_public(state_dir: Path, work_dir: Path) -> bytes:
-    """The EK public area from a throwaway swtpm on a copy of ``state_dir``."""
+async def read_ek_public(state_dir: Path, work_dir: Path, passphrase: bytes | None = None) -> bytes:
+    """The EK public area from a throwaway swtpm on a copy of ``state_dir`` (encrypted
+    with ``passphrase`` when given)."""
     copy = work_dir / "tpm2"
     shutil.copytree(state_dir, copy)
     out = work_dir / "ek.pub"
-    async with await start_swtpm(copy) as tpm:
+    async with await start_swtpm(copy, passphrase=passphrase) as tpm:
         process = await asyncio.create_subprocess_exec(
             "tpm2_readpublic",
             "-c",
@@ -893,8 +895,7 @@ async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
     shutil.copytree(tpm_dir(vm_id), copy, ignore=shutil.ignore_patterns(".*"))
     with pytest.raises(SwtpmError, match="GetDecryptedData"):
         await start_swtpm(copy)
-    async with await start_swtpm(copy, passphrase=value):
-        pass
+    ek_run1 = await read_ek_public(copy, tmp_path / "ek1", passphrase=value)
 
     # --- power-off: state retrieved, domain undefined, state and secret gone (a new host)
     assert await client.stop(vm_id, StopMode.POWEROFF)
@@ -933,6 +934,11 @@ async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
         f"used by swtpm and changed: v{tpm2_event.data.version} persisted"
     )
     assert run2.matching(TpmStateStranded, is_ours) == []
+    # The same TPM: the endorsement key read from the state the restored run wrote.
+    saved_run2 = tmp_path / "run2-tpm2"
+    shutil.copytree(tpm_dir(vm_id), saved_run2, ignore=shutil.ignore_patterns(".*"))
+    ek_run2 = await read_ek_public(saved_run2, tmp_path / "ek2", passphrase=value)
+    assert ek_run1 == ek_run2, "the restored encrypted TPM has another endorsement key"
 
     assert await client.stop(vm_id, StopMode.POWEROFF)
     await wait_event(run2, VmUndefined, is_ours, "vm.undefined after the final power-off")
