@@ -63,7 +63,7 @@ STATE_STORE_EVENTS = QueueSpec(
 STATE_STORE_COMMANDS = QueueSpec(name="keeper.state-store.commands", command_key=STATE_STORE)
 POLICY_EVENTS = QueueSpec(
     name="keeper.policy.events",
-    event_bindings=("host.heartbeat.*", "vm.*.*", "state.persisted.*"),
+    event_bindings=("host.heartbeat.*", "vm.*.*", "state.persisted.*", "tpm.state.stranded.*"),
 )
 POLICY_COMMANDS = QueueSpec(name="keeper.policy.commands", command_key=POLICY)
 

@@ -59,6 +59,8 @@ class VmStatus:
     last_host: str | None = None
     tpm_encrypted: bool = False
     """swtpm encrypts the TPM state with the VM's libvirt secret (``--encrypt-state``)."""
+    tpm_stranded: str | None = None
+    """Why the TPM state cannot be used off its host (a secret the keeper cannot read)."""
 
     def newest_stored_at(self) -> float | None:
         times = [k.stored_at for k in self.kinds.values() if k.stored_at is not None]
@@ -66,9 +68,12 @@ class VmStatus:
 
     def protection(self) -> str:
         """`protected` (state stored), `unprotected` (nothing stored yet), `loss-recorded`
-        (a stop could not retrieve the final state)."""
+        (a stop could not retrieve the final state), `stranded` (stored, but encrypted with
+        a secret the keeper cannot read: useless on another host)."""
         if self.lost_from:
             return "loss-recorded"
+        if self.tpm_stranded:
+            return "stranded"
         if any(k.version is not None for k in self.kinds.values()):
             return "protected"
         return "unprotected"
@@ -97,6 +102,7 @@ class VmStatus:
             "lost_from": self.lost_from,
             "last_host": self.last_host,
             "tpm_encrypted": self.tpm_encrypted,
+            "tpm_stranded": self.tpm_stranded,
         }
 
 
@@ -184,6 +190,7 @@ async def vm_status(redis: Redis, vm_id: str) -> VmStatus | None:
         lost_from=_text(record.get(b"lost_from")),
         last_host=_text(record.get(b"last_host")),
         tpm_encrypted=encrypted,
+        tpm_stranded=_text(record.get(b"tpm_stranded")),
     )
 
 
