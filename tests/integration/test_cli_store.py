@@ -57,10 +57,10 @@ def parsed(result: Result) -> Any:
     return json.loads("".join(lines[start:]))
 
 
-async def register(store: Store, name: str) -> str:
+async def register(store: Store, name: str, *, encrypted: bool = False) -> str:
     """A VM registered as policy does, running on the fake host, with two TPM versions."""
     vm_id = store.new_vm()
-    spec = VmSpec(vm_id=vm_id, name=name, guest_os="windows-11")
+    spec = VmSpec(vm_id=vm_id, name=name, guest_os="windows-11", encrypt_tpm_state=encrypted)
     await awaited(
         store.redis.hset(
             vm_record_key(vm_id), mapping={"spec": spec.model_dump_json(), "tpm_xml": "<tpm/>"}
@@ -85,6 +85,11 @@ async def test_status_and_history_as_json(store: Store, redis_url: str) -> None:
     assert status["protection"] == "protected"
     assert status["state"]["tpm"]["version"] == 2
     assert 0 <= status["newest_persisted_age_s"] < 120
+    assert status["tpm_encrypted"] is False
+    encrypted = unique("cli-vm")
+    await register(store, encrypted, encrypted=True)
+    (status,) = parsed(await keeper(store, redis_url, "vm", "status", encrypted, "--json"))
+    assert status["tpm_encrypted"] is True
 
     table = await keeper(store, redis_url, "vm", "status")
     assert table.exit_code == 0

@@ -11,7 +11,9 @@
   removes its copy, the destination takes the new epoch (through the ``vm.set-epoch``
   route, wired as the host agent is asked to wire it) and its writes are stored under it;
 - a VM is not placed on a host whose swtpm is older than the one that last ran it (that
-  host runs a ``swtpm`` reporting an older version), unless the placement overrides it.
+  host runs a ``swtpm`` reporting an older version), unless the placement overrides it;
+- a VM whose TPM state is to be encrypted is not approved for, nor placed on, hosts whose
+  libvirt keeps no secrets; a VM whose host cannot read its TPM secret is marked stranded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,12 +29,14 @@ import pytest
 from integration.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
 from keeper_policy.domain_definition import domain_xml
 from keeper_policy.keys import workflow_key
+from keeper_shared.cli.views import vm_status
 from keeper_shared.client import KeeperRequestError
 from keeper_shared.messages.placement import StopMode, VmEvicted, VmMigrated, VmPlaced
 from keeper_shared.messages.state import StateChanged, StatePersisted, StateWriteRefused
+from keeper_shared.messages.tpm import TpmStateStranded, VmSpec
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm import StartVm, StopReason, VmStarted, VmStopped
-from keeper_shared.redis_keys import placement_key
+from keeper_shared.redis_keys import placement_key, tpm_secret_key
 from keeper_shared.redis_results import awaited
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
@@ -236,3 +241,57 @@ async def test_a_placement_survives_its_policy_replica_being_killed(
         assert not await awaited(stack.redis.exists(workflow_key(spec.vm_id)))
         stopped = await stack.client.stop_vm(spec.vm_id, StopMode.POWEROFF)
         assert stopped["retrieved"] == "true"
+
+
+async def test_an_encrypted_tpm_is_not_approved_or_placed_where_libvirt_keeps_no_secrets(
+    rabbitmq_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The simulated hosts' test:/// driver has no secret driver, and their heartbeats say
+    so: a TPM whose state is to be encrypted is refused for their cluster (the rule names
+    the hosts) unless overridden, and then not placed on them, with the reason."""
+    async with PolicyStack(rabbitmq_url, redis_url, tmp_path) as stack:
+        vm_id = str(uuid.uuid4())
+        spec = VmSpec(
+            vm_id=vm_id, name=f"vm-{vm_id[:8]}", guest_os="windows-11", encrypt_tpm_state=True
+        )
+        with pytest.raises(KeeperRequestError, match="keeps no secrets") as refused:
+            await stack.client.request_tpm(spec)
+        assert stack.host_id("a") in str(refused.value)
+
+        approved = await stack.client.request_tpm(spec, override=True)
+        assert "keeps no secrets" in approved["overridden"]
+        with pytest.raises(KeeperRequestError, match="libvirt keeps no secrets"):
+            await stack.client.place(vm_id, stack.host_id("a"))
+
+        assert not await awaited(stack.redis.hget(placement_key(vm_id), "host"))
+        assert not stack.hosts["a"].tpm_dir(vm_id).exists()
+        assert not await awaited(stack.redis.exists(tpm_secret_key(vm_id)))
+
+
+async def test_a_stranded_tpm_reported_by_its_host_shows_in_the_vms_status(
+    rabbitmq_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A host that finds the VM's TPM state encrypted with a secret it cannot read says
+    so; policy marks the VM (only on the word of its placement host) and status shows it."""
+    async with PolicyStack(rabbitmq_url, redis_url, tmp_path) as stack:
+        spec = await stack.new_vm("a")
+        secret_uuid = str(uuid.uuid4())
+        reason = f"secret {secret_uuid} is private: libvirt does not reveal its value"
+
+        def stranded(host: str) -> TpmStateStranded:
+            return TpmStateStranded(
+                vm_id=spec.vm_id, host=host, secret_uuid=secret_uuid, reason=reason
+            )
+
+        await stack.publish_as_host("b", stranded(stack.host_id("b")), spec.vm_id)
+        await stack.publish_as_host("a", stranded(stack.host_id("a")), spec.vm_id)
+
+        async def marked() -> bool:
+            status = await vm_status(stack.redis, spec.vm_id)
+            return status is not None and status.tpm_stranded is not None
+
+        await wait_until(marked, "the VM to be marked stranded")
+        status = await vm_status(stack.redis, spec.vm_id)
+        assert status is not None
+        assert status.protection() == "stranded"
+        assert status.tpm_stranded == f"on {stack.host_id('a')}: {reason}"

@@ -25,8 +25,9 @@ The second test does the same with a TPM whose state swtpm encrypts with a libvi
 and keeps it sealed, the host defines the secret (private) before the start and removes it
 with the domain; the state persisted is the encrypted one, which a swtpm without the secret
 cannot load; after the undefine (state and secret gone, as on a new host) the start defines
-the secret again and swtpm runs on the restored encrypted state. The secret's value is in
-no log and nowhere in Redis in clear.
+the secret again and swtpm runs on the restored encrypted state, the same TPM (same
+endorsement key, read with the secret's value). The secret's value is in no log and nowhere
+in Redis in clear.
 
 The third test defines domains whose TPMs use secrets the keeper did not create: a
 readable one the host can ship, a private one it reports as ``tpm.state.stranded``.
@@ -65,10 +66,15 @@ from typing import TypeVar
 
 import libvirt
 import pytest
+from pydantic import SecretBytes
 from redis.asyncio import Redis
 
 from keeper_host_agent.tpm_secrets import KEEPER_USAGE_PREFIX as KEEPER_SECRET_PREFIX
-from keeper_host_agent.tpm_secrets import read_foreign_secret
+from keeper_host_agent.tpm_secrets import (
+    TpmSecretError,
+    define_tpm_secret,
+    read_foreign_secret,
+)
 from keeper_shared.blobs import content_hash
 from keeper_shared.client import EventWatch, KeeperClient
 from keeper_shared.compression import compress
@@ -371,12 +377,13 @@ def nvram_template(live_xml: str) -> Path:
     return Path(match.group(1))
 
 
-async def read_ek_public(state_dir: Path, work_dir: Path) -> bytes:
-    """The EK public area from a throwaway swtpm on a copy of ``state_dir``."""
+async def read_ek_public(state_dir: Path, work_dir: Path, passphrase: bytes | None = None) -> bytes:
+    """The EK public area from a throwaway swtpm on a copy of ``state_dir`` (encrypted
+    with ``passphrase`` when given)."""
     copy = work_dir / "tpm2"
     shutil.copytree(state_dir, copy)
     out = work_dir / "ek.pub"
-    async with await start_swtpm(copy) as tpm:
+    async with await start_swtpm(copy, passphrase=passphrase) as tpm:
         process = await asyncio.create_subprocess_exec(
             "tpm2_readpublic",
             "-c",
@@ -517,6 +524,10 @@ async def stack(
         "keeper_host_agent",
         {
             "KEEPER_HOST_HOST_ID": host_id,
+            # A cluster of its own: approvals look at this host only, not at the simulated
+            # hosts other tests of the session left in Redis (their heartbeats stay fresh
+            # for a while, and their test:/// libvirt keeps no secrets).
+            "KEEPER_HOST_CLUSTER": host_id,
             "KEEPER_HOST_AMQP_URL": rabbitmq_url,
             "KEEPER_HOST_LIBVIRT_URI": LIBVIRT_URI,
             "KEEPER_HOST_SWTPM_ROOT": str(SWTPM_ROOT),
@@ -675,7 +686,7 @@ async def test_tpm_and_nvram_survive_power_off_and_restart_on_a_real_libvirt_hos
 
     # --- first start: libvirt manufactures the TPM, OVMF boots and writes its NVRAM
     run1 = await client.watch_events("vm.*.*", "state.persisted.*")
-    tpm_xml = await client.enable_tpm(spec, override=False)
+    tpm_xml = await client.enable_tpm(spec, cluster=host)
     assert "tpm-crb" in tpm_xml
     wall_start = time.time()
     epoch1, took = await timed(client.start(vm_id, host))
@@ -854,9 +865,9 @@ async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
         return getattr(event, "vm_id", None) == vm_id
 
     # --- first start: the store makes the secret, the host defines it, swtpm encrypts
-    run1 = await client.watch_events("vm.*.*", "state.persisted.*", "tpm.state.*")
+    run1 = await client.watch_events("vm.*.*", "state.persisted.*", "tpm.state.*.*")
     began = time.monotonic()
-    await client.enable_tpm(spec)
+    await client.enable_tpm(spec, cluster=host)
     await client.start(vm_id, host)
     await wait_event(run1, VmStarted, is_ours, "vm.started of the encrypted-TPM VM")
     secret_uuid = _live_tpm_secret_uuid(vm_id)
@@ -884,8 +895,7 @@ async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
     shutil.copytree(tpm_dir(vm_id), copy, ignore=shutil.ignore_patterns(".*"))
     with pytest.raises(SwtpmError, match="GetDecryptedData"):
         await start_swtpm(copy)
-    async with await start_swtpm(copy, passphrase=value):
-        pass
+    ek_run1 = await read_ek_public(copy, tmp_path / "ek1", passphrase=value)
 
     # --- power-off: state retrieved, domain undefined, state and secret gone (a new host)
     assert await client.stop(vm_id, StopMode.POWEROFF)
@@ -895,7 +905,7 @@ async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
     newest_tpm = newest_persisted(run1, vm_id, StateKind.TPM)
 
     # --- start again from the store: the secret comes back first, swtpm reads the state
-    run2 = await client.watch_events("vm.*.*", "state.persisted.*", "tpm.state.*")
+    run2 = await client.watch_events("vm.*.*", "state.persisted.*", "tpm.state.*.*")
     capture = RestoreCapture(vm_id, name)
     capture.start()
     try:
@@ -924,6 +934,11 @@ async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
         f"used by swtpm and changed: v{tpm2_event.data.version} persisted"
     )
     assert run2.matching(TpmStateStranded, is_ours) == []
+    # The same TPM: the endorsement key read from the state the restored run wrote.
+    saved_run2 = tmp_path / "run2-tpm2"
+    shutil.copytree(tpm_dir(vm_id), saved_run2, ignore=shutil.ignore_patterns(".*"))
+    ek_run2 = await read_ek_public(saved_run2, tmp_path / "ek2", passphrase=value)
+    assert ek_run1 == ek_run2, "the restored encrypted TPM has another endorsement key"
 
     assert await client.stop(vm_id, StopMode.POWEROFF)
     await wait_event(run2, VmUndefined, is_ours, "vm.undefined after the final power-off")
@@ -964,7 +979,7 @@ async def test_a_tpm_secret_the_keeper_did_not_create_is_read_or_reported(
     """Domains defined outside the keeper with their own secrets (as oVirt or Nova make
     them): a readable one the host can ship to the store; a private one it cannot, and it
     says so with ``tpm.state.stranded`` instead of failing silently."""
-    watch = await stack.client.watch_events("tpm.state.*", "vm.*.*")
+    watch = await stack.client.watch_events("tpm.state.*.*", "vm.*.*")
     made: dict[str, tuple[str, str]] = {}
     readable_value = secrets.token_urlsafe(32).encode()
     try:
@@ -1002,6 +1017,16 @@ async def test_a_tpm_secret_the_keeper_did_not_create_is_read_or_reported(
         assert shipped.uuid == readable_secret
         assert shipped.value.get_secret_value() == readable_value
         assert watch.matching(TpmStateStranded, lambda e: e.vm_id == readable_vm) == []
+
+        # Prepared again on this host with the value the store kept: the other manager's
+        # secret is left as it is; one claiming another value is refused, not overwritten.
+        assert not _libvirt_call(lambda c: define_tpm_secret(c, readable_vm, shipped))
+        forged = TpmSecret(uuid=readable_secret, value=SecretBytes(b"another value"))
+        with pytest.raises(TpmSecretError, match="another value"):
+            _libvirt_call(lambda c: define_tpm_secret(c, readable_vm, forged))
+        assert _libvirt_call(lambda c: read_foreign_secret(c, readable_vm, readable_secret)) == (
+            shipped
+        )
     finally:
         _libvirt_call(lambda conn: _remove_foreign(conn, list(made.values())))
     codes = await stack.stop_services()
@@ -1048,7 +1073,7 @@ async def test_agent_reconnects_when_libvirtd_restarts(real_host: RealHost, stac
     def is_ours(event: Payload) -> bool:
         return getattr(event, "vm_id", None) == vm_id
 
-    await client.enable_tpm(VmSpec(vm_id=vm_id, name=name, guest_os="windows-11"))
+    await client.enable_tpm(VmSpec(vm_id=vm_id, name=name, guest_os="windows-11"), cluster=host)
     await client.start(vm_id, host)
     await wait_event(watch, VmStarted, is_ours, "vm.started")
     await wait_persisted_current(watch, vm_id, StateKind.TPM, lambda: disk_tpm_content(vm_id))

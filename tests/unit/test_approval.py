@@ -210,3 +210,34 @@ def test_overrides_never_skip_hard_rules() -> None:
     )
     assert not decision.approved
     assert rules_named(decision.reasons) == {Rule.FIRMWARE}
+
+
+# --- encrypted TPM state ------------------------------------------------------------------
+
+WITH_SECRETS = CAPABLE.model_copy(update={"tpm_secrets": True})
+
+
+def test_an_encrypted_tpm_needs_every_live_host_to_keep_libvirt_secrets() -> None:
+    encrypted = spec(encrypt_tpm_state=True)
+    mixed = ClusterView("prod", {"hv1": WITH_SECRETS, "hv2": CAPABLE})
+
+    refused = decide(encrypted, mixed)
+
+    assert not refused.approved
+    (reason,) = refused.reasons
+    assert reason.startswith(f"{Rule.CLUSTER.value}: ")
+    assert "keeps no secrets" in reason
+    assert "hv2" in reason
+    assert "hv1" not in reason
+    assert decide(spec(), mixed).approved  # only the encryption needs secrets
+    assert decide(encrypted, ClusterView("prod", {"hv1": WITH_SECRETS})).approved
+
+
+def test_an_override_skips_the_secrets_rule_and_records_it() -> None:
+    decision = decide(
+        spec(encrypt_tpm_state=True),
+        ClusterView("prod", {"hv2": CAPABLE}),
+        Overrides(cluster=True),
+    )
+    assert decision.approved
+    assert any("keeps no secrets" in skipped for skipped in decision.overridden)

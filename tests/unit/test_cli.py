@@ -83,6 +83,7 @@ def test_bad_arguments_exit_2(arguments: list[str]) -> None:
         (["hosts", "--json"], "Redis"),
         (["vm", "start", "vm1", "--host", "h"], "Redis"),
         (["vm", "enable-tpm", "vm1", "--guest-os", "windows-11"], "RabbitMQ"),
+        (["vm", "enable-tpm", "vm1", "--guest-os", "windows-11", "--encrypt-state"], "RabbitMQ"),
     ],
 )
 def test_an_unreachable_server_is_named(arguments: list[str], what: str) -> None:

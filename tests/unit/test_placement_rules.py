@@ -10,6 +10,7 @@ from keeper_policy.placement_rules import (
     check_current_placement,
     check_swtpm_version,
     check_target,
+    check_tpm_secrets,
 )
 from keeper_shared.messages.host import HostCapabilities
 
@@ -103,3 +104,12 @@ def test_a_vm_moves_only_from_nowhere_or_from_a_lost_host() -> None:
     assert check_current_placement("host-a", alive, "host-b") == (
         "VM is placed on host-a; stop it there first"
     )
+
+
+def test_an_encrypted_tpm_goes_only_where_libvirt_keeps_secrets() -> None:
+    refusal = check_tpm_secrets(host(), "host-b", encrypt_tpm_state=True)
+    assert refusal is not None
+    assert "host-b's libvirt keeps no secrets" in refusal
+    keeps = host(capabilities=CAPS.model_copy(update={"tpm_secrets": True}))
+    assert check_tpm_secrets(keeps, "host-b", encrypt_tpm_state=True) is None
+    assert check_tpm_secrets(host(), "host-b", encrypt_tpm_state=False) is None

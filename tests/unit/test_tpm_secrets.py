@@ -30,6 +30,7 @@ from keeper_shared.encryption import (
     tpm_secret_associated_data,
 )
 from keeper_shared.messages.envelope import MessageError, decode, encode, new_envelope
+from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
 from keeper_shared.messages.state import FetchedVmState, RestoreState, StateFetched
 from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded, VmSpec
 from keeper_shared.messages.types import MAX_TPM_SECRET_BYTES, TpmSecret
@@ -150,6 +151,25 @@ def test_version_1_messages_are_still_read(
     assert read == payload
     if field is not None:
         assert getattr(read, field) == default
+
+
+def test_a_version_1_heartbeat_says_its_host_keeps_no_secrets() -> None:
+    """Hosts not yet upgraded never announce secrets: an encrypted TPM is not sent there."""
+    capabilities = HostCapabilities(
+        swtpm_version="0.7.1",
+        libvirt_version="9.0.0",
+        architectures=["x86_64"],
+        uefi_firmware=True,
+        tpm_secrets=True,
+    )
+    beat = HostHeartbeat(host="hv01", interval_s=5, capabilities=capabilities, vms=[])
+    body = json.loads(encode(new_envelope(beat, source="old", subject="hv01")))
+    body["schema_version"] = 1
+    del body["data"]["capabilities"]["tpm_secrets"]
+
+    read = decode(json.dumps(body).encode(), HostHeartbeat).data
+
+    assert not read.capabilities.tpm_secrets
 
 
 def test_the_stranded_event_names_the_secret_but_carries_no_value() -> None:

@@ -25,7 +25,7 @@ from keeper_shared.messages.snapshot import (
     SnapshotList,
 )
 from keeper_shared.messages.state import ListStateHistory, RestoreState, StateHistory
-from keeper_shared.messages.tpm import EnableTpm, VmSpec
+from keeper_shared.messages.tpm import DEFAULT_CLUSTER, EnableTpm, VmSpec
 from keeper_shared.messages.transfer import (
     CloneTpm,
     CloneVm,
@@ -140,9 +140,13 @@ class KeeperClient:
             raise KeeperRequestError(reply.data.error or "refused without a reason")
         return dict(reply.data.detail)
 
-    async def enable_tpm(self, spec: VmSpec, *, override: bool = False) -> str:
-        """Register a VM with a TPM; returns the approved `<tpm>` element."""
-        detail = await self._ask_policy(EnableTpm(spec=spec, override=override), spec.vm_id)
+    async def enable_tpm(
+        self, spec: VmSpec, *, override: bool = False, cluster: str = DEFAULT_CLUSTER
+    ) -> str:
+        """Register a VM with a TPM for ``cluster``'s hosts; returns the approved `<tpm>`
+        element."""
+        request = EnableTpm(spec=spec, override=override, cluster=cluster)
+        detail = await self._ask_policy(request, spec.vm_id)
         return str(detail["tpm_xml"])
 
     async def start(self, vm_id: str, host: str) -> int:

@@ -228,7 +228,10 @@ async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
     agent.hypervisor.open(agent.on_lifecycle, on_reconnect=agent.rebuild_view)
     background: list[asyncio.Task[None]] = []
     try:
-        capabilities = await probe_capabilities(await agent.hypervisor.library_version())
+        capabilities = await probe_capabilities(
+            await agent.hypervisor.library_version(),
+            tpm_secrets=await agent.hypervisor.keeps_secrets(),
+        )
         agent.tracker.swtpm_version = capabilities.swtpm_version
         await agent.rebuild_view()
         await bus.consume(host_command_queue(settings.host_id), agent.routes(), prefetch=8)

@@ -15,8 +15,9 @@ UEFI_FIRMWARE_PATHS = (
 )
 
 
-async def probe_capabilities(libvirt_version: str) -> HostCapabilities:
-    """swtpm's version (None when absent), libvirt's, the host arch and UEFI firmware."""
+async def probe_capabilities(libvirt_version: str, *, tpm_secrets: bool) -> HostCapabilities:
+    """swtpm's version (None when absent), libvirt's, the host arch, UEFI firmware, and
+    whether libvirt keeps secrets (``tpm_secrets``, asked of the connection by the caller)."""
     try:
         swtpm: str | None = await swtpm_version()
     except (SwtpmError, FileNotFoundError):
@@ -26,4 +27,5 @@ async def probe_capabilities(libvirt_version: str) -> HostCapabilities:
         libvirt_version=libvirt_version,
         architectures=[platform.machine()],
         uefi_firmware=any(path.exists() for path in UEFI_FIRMWARE_PATHS),
+        tpm_secrets=tpm_secrets,
     )

@@ -103,14 +103,20 @@ class HostCommands:
             tpm_files = unpack_tpm_state(open_blob(request.tpm)) if request.tpm else None
             nvram = open_blob(request.nvram) if request.nvram else None
             if request.tpm_secret is not None:
-                # Before the state: a VM whose secret is missing cannot start, one whose
-                # secret is there but state is not yet can be prepared again.
-                await asyncio.to_thread(
+                # Before any file: when it fails nothing is written; a secret left behind
+                # by a later failure is defined again (same UUID, same value) next time.
+                defined = await asyncio.to_thread(
                     define_tpm_secret,
                     self._hypervisor.connection,
                     request.vm_id,
                     request.tpm_secret,
                 )
+                if not defined:
+                    log.info(
+                        "TPM secret already defined here by someone else; left as it is",
+                        vm_id=request.vm_id,
+                        tpm_secret_id=request.tpm_secret.uuid,
+                    )
                 written["tpm_secret_uuid"] = request.tpm_secret.uuid
             if tpm_files is not None:
                 await asyncio.to_thread(

@@ -371,6 +371,20 @@ class LibvirtHypervisor:
 
         await self._call(run)
 
+    async def keeps_secrets(self) -> bool:
+        """Whether this libvirt keeps secrets (has a secret driver; ``test:///`` has none)."""
+
+        def probe() -> bool:
+            try:
+                self._conn.listAllSecrets(0)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+                    return False
+                raise
+            return True
+
+        return await self._call(probe)
+
     async def library_version(self) -> str:
         """libvirt's version as `major.minor.micro`."""
         number = await asyncio.to_thread(libvirt.getVersion)

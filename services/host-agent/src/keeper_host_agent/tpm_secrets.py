@@ -15,6 +15,8 @@ which never includes a value.
 
 from __future__ import annotations
 
+import hmac
+
 import libvirt
 from pydantic import SecretBytes
 
@@ -63,17 +65,25 @@ def _lookup(connection: libvirt.virConnect, secret_uuid: str) -> libvirt.virSecr
         raise
 
 
-def define_tpm_secret(connection: libvirt.virConnect, vm_id: str, secret: TpmSecret) -> None:
-    """Define (or update) the keeper's secret for ``vm_id`` with ``secret``'s UUID and value.
+def define_tpm_secret(connection: libvirt.virConnect, vm_id: str, secret: TpmSecret) -> bool:
+    """Make ``secret`` available to swtpm on this host; False when it already was.
 
-    Refused when a secret with that UUID exists for another use: it belongs to someone
-    else, and overwriting its value would break whatever uses it."""
+    Usually that defines (or updates) the keeper's secret for ``vm_id``. A secret with that
+    UUID that someone else defined (a domain that came with its own, back on its host) is
+    left as it is, never overwritten: refused when libvirt shows it holds another value,
+    trusted when it is private (swtpm then says at the start if it is not the right one)."""
     existing = _lookup(connection, secret.uuid)
     if existing is not None and existing.usageID() != keeper_usage_name(vm_id):
-        raise TpmSecretError(
-            f"secret {secret.uuid} already exists on this host for another use "
-            f"({existing.usageID()!r}); not overwriting it"
-        )
+        if _other_value(existing, secret.value.get_secret_value()):
+            raise TpmSecretError(
+                f"secret {secret.uuid} already exists on this host for another use "
+                f"({existing.usageID()!r}) with another value; not overwriting it"
+            )
+        return False
+    if existing is None:
+        # A keeper secret of this VM under another UUID (the store's was made again) would
+        # make libvirt refuse the new one: one secret per usage name.
+        remove_tpm_secret(connection, vm_id)
     created = existing is None
     try:
         defined = connection.secretDefineXML(secret_xml(vm_id, secret.uuid))
@@ -85,6 +95,15 @@ def define_tpm_secret(connection: libvirt.virConnect, vm_id: str, secret: TpmSec
         if created:
             defined.undefine()
         raise TpmSecretError(f"value of secret {secret.uuid} not set: {error}") from None
+    return True
+
+
+def _other_value(existing: libvirt.virSecret, value: bytes) -> bool:
+    """True when libvirt reveals ``existing``'s value and it is not ``value``."""
+    try:
+        return not hmac.compare_digest(existing.value(), value)
+    except libvirt.libvirtError:
+        return False  # private, or no value set: nothing to compare
 
 
 def remove_tpm_secret(connection: libvirt.virConnect, vm_id: str) -> bool:

@@ -121,6 +121,23 @@ def cluster_problems(cluster: ClusterView) -> list[str]:
     return []
 
 
+def encryption_problems(spec: VmSpec, cluster: ClusterView) -> list[str]:
+    """Why the cluster cannot run ``spec``'s encrypted TPM state: live hosts whose libvirt
+    keeps no secrets could not define the one swtpm needs."""
+    if not spec.encrypt_tpm_state:
+        return []
+    without = sorted(host for host, caps in cluster.hosts.items() if not caps.tpm_secrets)
+    if not without:
+        return []
+    return [
+        _reason(
+            Rule.CLUSTER,
+            f"hosts of cluster {cluster.name} whose libvirt keeps no secrets (needed to "
+            f"encrypt the TPM state): {', '.join(without)}",
+        )
+    ]
+
+
 def decide_tpm(
     spec: VmSpec,
     *,
@@ -138,7 +155,7 @@ def decide_tpm(
         problem = _reason(Rule.GUEST_OS, f"not allowed a TPM: {verdict.explanation}")
         (overridden if overrides.guest_os else reasons).append(problem)
 
-    capability = cluster_problems(cluster)
+    capability = cluster_problems(cluster) + encryption_problems(spec, cluster)
     (overridden if overrides.cluster else reasons).extend(capability)
 
     if reasons:

@@ -3,6 +3,7 @@
 A VM goes only to a live host with swtpm, and not to one whose swtpm is older than the one
 that last ran it: swtpm's state format only moves forward, so an older swtpm may fail to
 read (or silently misread) newer state. An explicit override lets it through and is recorded.
+A VM whose TPM state is encrypted goes only to a host whose libvirt keeps secrets.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ def check_target(
         return f"host {host_id} has sent no heartbeat for {now - target.last_seen:.0f} s"
     if target.capabilities.swtpm_version is None:
         return f"host {host_id} has no swtpm"
+    return None
+
+
+def check_tpm_secrets(target: HostRecord, host_id: str, *, encrypt_tpm_state: bool) -> str | None:
+    """Why ``host_id`` cannot run a VM whose TPM state is encrypted, or None: swtpm needs
+    the VM's libvirt secret there, and a libvirt without a secret driver cannot keep it."""
+    if encrypt_tpm_state and not target.capabilities.tpm_secrets:
+        return (
+            f"host {host_id}'s libvirt keeps no secrets: it cannot run a VM whose TPM state "
+            "is encrypted"
+        )
     return None
 
 

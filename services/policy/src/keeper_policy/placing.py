@@ -18,6 +18,7 @@ from keeper_policy.placement_rules import (
     check_current_placement,
     check_swtpm_version,
     check_target,
+    check_tpm_secrets,
 )
 from keeper_policy.registry import PolicyRegistry, UnknownVmError
 from keeper_policy.settings import PolicySettings
@@ -73,6 +74,8 @@ class Placer:
             return CommandDone(ok=True, detail={"epoch": str(vm.epoch), "note": "already placed"})
         current = await self._hosts.host(vm.host) if vm.host else None
         refusal = refusal or check_current_placement(vm.host, current, host)
+        if refusal is None and target is not None:
+            refusal = check_tpm_secrets(target, host, encrypt_tpm_state=vm.spec.encrypt_tpm_state)
         if refusal is not None or target is None:
             log.info("placement refused", vm_id=vm_id, host=host, reason=refusal)
             return CommandDone(ok=False, error=refusal)

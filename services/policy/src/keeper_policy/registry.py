@@ -95,13 +95,15 @@ class PolicyRegistry:
         self._scripts = scripts
 
     async def register_vm(self, spec: VmSpec, tpm_xml: str) -> None:
-        """Record an approved VM (idempotent; a new approval replaces spec and element)."""
-        await awaited(
-            self._redis.hset(
-                vm_record_key(spec.vm_id),
-                mapping={"spec": spec.model_dump_json(), "tpm_xml": tpm_xml},
-            )
+        """Record an approved VM (idempotent; a new approval replaces spec and element, and
+        forgets a stranded-TPM mark: the operator has dealt with it)."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(
+            vm_record_key(spec.vm_id),
+            mapping={"spec": spec.model_dump_json(), "tpm_xml": tpm_xml},
         )
+        pipe.hdel(vm_record_key(spec.vm_id), "tpm_stranded")
+        await pipe.execute()
 
     async def placement(self, vm_id: str) -> Placement:
         """The VM's placement (host None when it runs nowhere)."""
@@ -228,6 +230,15 @@ class PolicyRegistry:
         await self._scripts.versions_forget(
             keys=[vm_record_key(vm_id)], args=[kind.value for kind in StateKind]
         )
+
+    async def mark_stranded(self, vm_id: str, host: str, reason: str) -> bool:
+        """Record that the VM's TPM state cannot be used off ``host`` (its secret is
+        unreadable there); False when the VM is not registered."""
+        key = vm_record_key(vm_id)
+        if not await awaited(self._redis.exists(key)):
+            return False
+        await awaited(self._redis.hset(key, "tpm_stranded", f"on {host}: {reason}"))
+        return True
 
     async def mark_lost(self, vm_id: str, host: str, point: RecoveryPoint) -> None:
         """Record that the VM's host was declared lost, with its recovery point."""

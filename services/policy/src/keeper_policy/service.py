@@ -30,7 +30,7 @@ from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.placement import PlaceVm, StopMode, StopTrigger, StopVm
 from keeper_shared.messages.state import StatePersisted
-from keeper_shared.messages.tpm import EnableTpm
+from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded
 from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped
 from keeper_shared.messages.vm_snapshot import SnapshotVm
 
@@ -89,6 +89,7 @@ class PolicyService:
             Route(StateDeleted, self.on_state_deleted),
             Route(VmStopped, self.on_vm_stopped),
             Route(VmStarted, self.on_vm_started),
+            Route(TpmStateStranded, self.on_tpm_state_stranded),
         ]
 
     def command_routes(self) -> list[Route]:
@@ -210,6 +211,23 @@ class PolicyService:
     async def on_vm_started(self, envelope: Envelope[VmStarted], delivery: Delivery) -> None:
         """A domain started: on a host other than its placement, a migration's destination."""
         await self._migrations.maybe_arrived(envelope.data)
+
+    async def on_tpm_state_stranded(
+        self, envelope: Envelope[TpmStateStranded], delivery: Delivery
+    ) -> None:
+        """Mark a VM whose encrypted TPM state its host cannot move (the secret is private
+        and not the keeper's), so status says so; only its placement host is heard."""
+        event = envelope.data
+        placement = await self._registry.placement(event.vm_id)
+        if placement.host != event.host:
+            return
+        if await self._registry.mark_stranded(event.vm_id, event.host, event.reason):
+            log.warning(
+                "VM's TPM state cannot be moved: its secret is unreadable",
+                vm_id=event.vm_id,
+                host=event.host,
+                tpm_secret_id=event.secret_uuid,
+            )
 
     async def on_heartbeat(self, envelope: Envelope[HostHeartbeat], delivery: Delivery) -> None:
         """Remember the host as alive; a returning host cleans up; pending epochs settle."""

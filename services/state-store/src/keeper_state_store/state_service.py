@@ -199,9 +199,17 @@ class StateService:
             return CommandDone(ok=False, error=str(error))
         if reply.data.ok:
             sent = {f"{kind.value}_version": str(version) for kind, version in plan.items()}
-            if secret is not None:
-                sent["tpm_secret_uuid"] = secret.uuid
-            log.info("state restored", vm_id=request.vm_id, host=request.host, versions=sent)
+            secret_id = secret.uuid if secret is not None else None
+            log.info(
+                "state restored",
+                vm_id=request.vm_id,
+                host=request.host,
+                versions=sent,
+                tpm_secret_id=secret_id,
+            )
+            if secret_id is not None:
+                # Policy names it in the domain's <encryption secret>.
+                sent["tpm_secret_uuid"] = secret_id
             return reply.data.model_copy(update={"detail": {**reply.data.detail, **sent}})
         return reply.data
 

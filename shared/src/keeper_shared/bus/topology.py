@@ -78,6 +78,7 @@ POLICY_EVENTS = QueueSpec(
         "host.heartbeat.*",
         "vm.*.*",
         "state.persisted.*",
+        "tpm.state.stranded.*",
         # Only the store deletes state; a host's user may not publish with its origin.
         event_routing_key("state.deleted", STATE_STORE),
     ),

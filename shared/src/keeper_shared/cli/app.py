@@ -434,7 +434,7 @@ def status(
         return
     output.table(
         None,
-        ["VM", "ID", "HOST", "EPOCH", "TPM", "NVRAM", "PERSISTED", "PROTECTION"],
+        ["VM", "ID", "HOST", "EPOCH", "TPM", "ENCRYPTED", "NVRAM", "PERSISTED", "PROTECTION"],
         [
             [
                 item.name,
@@ -442,6 +442,7 @@ def status(
                 item.host or "(stopped)",
                 item.epoch,
                 _version(item.kinds.get("tpm")),
+                "yes" if item.tpm_encrypted else "no",
                 _version(item.kinds.get("nvram")),
                 _ago(item.newest_stored_at(), now),
                 item.protection(),

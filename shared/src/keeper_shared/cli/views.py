@@ -59,6 +59,10 @@ class VmStatus:
     kinds: dict[str, KindStatus]
     lost_from: str | None = None
     last_host: str | None = None
+    tpm_encrypted: bool = False
+    """swtpm encrypts the TPM state with the VM's libvirt secret (``--encrypt-state``)."""
+    tpm_stranded: str | None = None
+    """Why the TPM state cannot be used off its host (a secret the keeper cannot read)."""
 
     def newest_stored_at(self) -> float | None:
         times = [k.stored_at for k in self.kinds.values() if k.stored_at is not None]
@@ -66,9 +70,12 @@ class VmStatus:
 
     def protection(self) -> str:
         """`protected` (state stored), `unprotected` (nothing stored yet), `loss-recorded`
-        (a stop could not retrieve the final state)."""
+        (a stop could not retrieve the final state), `stranded` (stored, but encrypted with
+        a secret the keeper cannot read: useless on another host)."""
         if self.lost_from:
             return "loss-recorded"
+        if self.tpm_stranded:
+            return "stranded"
         if any(k.version is not None for k in self.kinds.values()):
             return "protected"
         return "unprotected"
@@ -96,6 +103,8 @@ class VmStatus:
             },
             "lost_from": self.lost_from,
             "last_host": self.last_host,
+            "tpm_encrypted": self.tpm_encrypted,
+            "tpm_stranded": self.tpm_stranded,
         }
 
 
@@ -150,9 +159,11 @@ async def vm_status(redis: Redis, vm_id: str) -> VmStatus | None:
     if not record:
         return None
     name = guest_os = None
+    encrypted = False
     try:
         spec = json.loads(record.get(b"spec", b"{}"))
         name, guest_os = spec.get("name"), spec.get("guest_os")
+        encrypted = spec.get("encrypt_tpm_state") is True
     except ValueError:
         pass
     kinds: dict[str, KindStatus] = {}
@@ -180,6 +191,8 @@ async def vm_status(redis: Redis, vm_id: str) -> VmStatus | None:
         kinds=kinds,
         lost_from=_text(record.get(b"lost_from")),
         last_host=_text(record.get(b"last_host")),
+        tpm_encrypted=encrypted,
+        tpm_stranded=_text(record.get(b"tpm_stranded")),
     )
 
 

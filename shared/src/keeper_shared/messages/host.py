@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from keeper_shared.messages.envelope import Payload
+from keeper_shared.messages.envelope import Payload, register_upcaster
 from keeper_shared.messages.types import HOST_ID_PATTERN, ContentHash, HostId, VmId
 
 
@@ -17,6 +19,11 @@ class HostCapabilities(BaseModel):
     libvirt_version: str = Field(description="libvirt library version.")
     architectures: list[str] = Field(description="Guest architectures the host can run.")
     uefi_firmware: bool = Field(description="OVMF (or another UEFI firmware) is installed.")
+    tpm_secrets: bool = Field(
+        default=False,
+        description="libvirt on the host keeps secrets (it has a secret driver), which a VM "
+        "whose TPM state is encrypted needs.",
+    )
 
 
 class VmInventoryEntry(BaseModel):
@@ -34,6 +41,7 @@ class HostHeartbeat(Payload):
     """Sent every few seconds; missing heartbeats make a host lost."""
 
     message_type = "host.heartbeat"
+    schema_version = 2
 
     host: HostId = Field(description="The host.")
     interval_s: float = Field(gt=0, description="How often this host sends a heartbeat.")
@@ -45,3 +53,9 @@ class HostHeartbeat(Payload):
         description="The cluster the host belongs to (TPM approval checks a cluster's hosts); "
         "hosts that name none are in `default`.",
     )
+
+
+@register_upcaster(HostHeartbeat.message_type, 1)
+def _heartbeat_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 capabilities predate ``tpm_secrets``: such a host is not trusted with secrets."""
+    return data
