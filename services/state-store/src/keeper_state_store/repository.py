@@ -193,6 +193,18 @@ class StateRepository:
         # The client returns bytes (no decode_responses); redis-py's annotation says str.
         return bytes(cast(bytes, value)).decode() if value is not None else None
 
+    async def head_hash_and_placement(
+        self, vm_id: str, kind: StateKind
+    ) -> tuple[str | None, Placement | None]:
+        """`head_hash` and `placement` in one round trip: every ``state.changed`` needs
+        both before it pulls."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(state_head_key(vm_id, kind), "hash")
+        pipe.hmget(placement_key(vm_id), ["host", "epoch"])
+        head, (host, epoch) = await pipe.execute()
+        placement = None if host is None or epoch is None else Placement(host.decode(), int(epoch))
+        return (head.decode() if head is not None else None), placement
+
     async def placements_and_head_hashes(
         self, vm_ids: list[str]
     ) -> dict[str, tuple[Placement | None, dict[StateKind, str | None]]]:
