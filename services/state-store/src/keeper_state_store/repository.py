@@ -171,14 +171,6 @@ class StateRepository:
         """The client, for the store's other Redis views (snapshots, history)."""
         return self._redis
 
-    async def placement(self, vm_id: str) -> Placement | None:
-        """The VM's current placement, None if it was never placed."""
-        values = await awaited(self._redis.hmget(placement_key(vm_id), ["host", "epoch"]))
-        host, epoch = values
-        if host is None or epoch is None:
-            return None
-        return Placement(host=host.decode(), epoch=int(epoch))
-
     async def data_key(self, vm_id: str) -> DataKey:
         """The VM's data key, created on first use. Two replicas racing agree on one key:
         only the first SET NX wins and both read back the winner."""
