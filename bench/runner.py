@@ -18,6 +18,7 @@ from bench.env import (
     PersistedRecorder,
     Stack,
     agent_process,
+    cpu_seconds,
     rss_bytes,
     start_service,
     store_process,
@@ -160,6 +161,7 @@ class Bench:
             await asyncio.sleep(0.2)
         self.say(f"{len(vms)} VMs tracked and stored in {time.monotonic() - began:.1f} s")
 
+        store_pid = self.store.process.pid
         for index in range(settings.rounds):
             for kind, size, label in SIZES:
                 order = ["raw", "pipe"] if index % 2 == 0 else ["pipe", "raw"]
@@ -170,10 +172,15 @@ class Bench:
                             self.stack.rabbit.amqp_url, size, settings.throughput_s
                         )
                     else:
+                        cpu_before = cpu_seconds(agent.process.pid), cpu_seconds(store_pid)
+                        persisted_before = self.recorder.count
                         rate, timeouts = await pipeline.throughput(
                             self.recorder, vms, kind, settings.throughput_s, tpm_size=TPM_SIZE
                         )
                         measured["pipe"] = rate
+                        self.cpu_per_version(
+                            kind, label, agent.process.pid, store_pid, cpu_before, persisted_before
+                        )
                         if timeouts:
                             self.notes.append(
                                 f"throughput {label} round {index + 1}: {timeouts} changes "
@@ -256,6 +263,26 @@ class Bench:
         await self.profile_pipeline(vms, agent)
         await agent.stop(10.0)
         shutil.rmtree(root, ignore_errors=True)
+
+    def cpu_per_version(
+        self,
+        kind: str,
+        label: str,
+        agent_pid: int,
+        store_pid: int,
+        cpu_before: tuple[float, float],
+        persisted_before: int,
+    ) -> None:
+        """CPU time of the agent and the store per version persisted in a throughput run:
+        what the pipeline costs, far less sensitive to other work on the machine than rates."""
+        versions = max(self.recorder.count - persisted_before, 1)
+        for pid, before, who in (
+            (agent_pid, cpu_before[0], "Host agent"),
+            (store_pid, cpu_before[1], "State store"),
+        ):
+            self.figure(
+                f"cpu_{who.split()[-1].lower()}_{kind}", f"{who} CPU per version, {label}", "ms"
+            ).add(1000 * (cpu_seconds(pid) - before) / versions)
 
     async def profile_pipeline(self, vms: list[BenchVm], agent: ServiceProcess) -> None:
         """One extra (untimed) saturated round per size under py-spy, store and agent."""

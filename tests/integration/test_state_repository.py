@@ -463,3 +463,15 @@ async def test_redis_without_append_only_file_is_refused_unless_allowed(
             await ensure_durable(volatile, allow_volatile=False)
         description = await ensure_durable(volatile, allow_volatile=True)
         assert description.startswith("appendonly=no ")
+
+
+async def test_a_data_key_created_anew_is_used_not_a_remembered_one(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    first = await repository.data_key(vm_id)
+    assert await repository.data_key(vm_id) == first
+    # The VM's keys were removed; its next write creates a new data key.
+    await redis.delete(data_key_key(vm_id))
+    second = await repository.data_key(vm_id)
+    assert second != first
+    assert await repository.data_key(vm_id) == second

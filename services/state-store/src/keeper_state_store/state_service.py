@@ -89,7 +89,10 @@ class StateService:
     async def on_state_changed(self, envelope: Envelope[StateChanged], delivery: Delivery) -> None:
         """Pull the announced state unless it is already stored or the host may not write it."""
         change = envelope.data
-        if await self._repository.head_hash(change.vm_id, change.kind) == change.content_hash:
+        head_hash, placement = await self._repository.head_hash_and_placement(
+            change.vm_id, change.kind
+        )
+        if head_hash == change.content_hash:
             if delivery.redelivered:
                 # A replica may have died between the durable write and its announcement;
                 # announcing the stored version again is harmless (facts are idempotent).
@@ -103,7 +106,6 @@ class StateService:
                 f"published by AMQP user {delivery.user_id!r}, not by the host",
             )
             return
-        placement = await self._repository.placement(change.vm_id)
         if placement is None or placement.host != change.host:
             await self._refuse(
                 change.vm_id, change.kind, change.host, "host is not the VM's placement"
