@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 
 def leak_forms(secret: bytes) -> list[bytes]:
@@ -38,3 +39,13 @@ def content_fingerprints(content: bytes, *, chunk: int = 30) -> list[bytes]:
 def find_leaks(haystacks: Iterable[tuple[str, bytes]], needles: list[bytes]) -> list[str]:
     """Names of the haystacks that contain any needle."""
     return [name for name, data in haystacks if any(needle in data for needle in needles)]
+
+
+def read_files(paths: Iterable[Path]) -> Iterator[tuple[str, bytes]]:
+    """(path, bytes) of every file at or under ``paths`` (directories walked; missing
+    paths skipped: a server that never logged has no log)."""
+    for path in paths:
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for file in files:
+            if file.is_file():
+                yield str(file), file.read_bytes()
