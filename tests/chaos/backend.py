@@ -7,11 +7,14 @@ plugs in by offering the same URLs and operations, and prints the same table.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from keeper_shared.localstack import RabbitMQNode, RedisServer
+from keeper_shared.contract.rabbitmq import host_definitions
+from keeper_shared.localstack import LocalStackError, RabbitMQNode, RedisServer
 
 
 class ChaosBackend(Protocol):
@@ -29,6 +32,11 @@ class ChaosBackend(Protocol):
     @property
     def redis_url(self) -> str:
         """The URL of the Redis the store and policy use."""
+        ...
+
+    def add_host_user(self, host_id: str, password: str) -> None:
+        """Give a host its own RabbitMQ user, permissions and command queue (what
+        ``python -m keeper_shared.contract.rabbitmq host HOST`` generates)."""
         ...
 
     def restart_broker(self) -> None:
@@ -65,6 +73,16 @@ class LocalBackend:
     def redis_url(self) -> str:
         """The server's URL."""
         return self.redis.url
+
+    def add_host_user(self, host_id: str, password: str) -> None:
+        """Import the host's definitions into the node."""
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / "host.json"
+            path.write_text(json.dumps(host_definitions(host_id, password)), encoding="utf-8")
+            result = self.node.ctl("import_definitions", str(path))
+        if result is None or result.returncode != 0:
+            said = "timed out" if result is None else (result.stdout + result.stderr)[-500:]
+            raise LocalStackError(f"importing the definitions of {host_id} failed: {said}")
 
     def restart_broker(self) -> None:
         """A clean stop (``rabbitmqctl stop``) and a start from the same directory."""

@@ -101,6 +101,11 @@ async def wait_until(
 # --- configuration and services -----------------------------------------------------------
 
 
+def host_id_for(run_id: str, index: int) -> str:
+    """The id of a run's ``index``-th host (from 1), also its RabbitMQ user name."""
+    return f"chaos-{run_id}-h{index}"
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """What to start, and against which broker and Redis."""
@@ -123,6 +128,9 @@ class ClusterConfig:
     of the scrubber (decrypt, decompress, hash) runs as in production."""
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     """Makes host ids unique in a broker and Redis shared with other tests."""
+    verify_host_identity: bool = False
+    """The store trusts a host's events only from the host's own RabbitMQ user; on when
+    each agent connects as its own user (see `agent_amqp_urls`)."""
     agent_amqp_urls: tuple[str, ...] = ()
     """Per host (in order), the URL its agent connects to instead of ``amqp_url``: a proxy
     that can cut the host off."""
@@ -244,7 +252,7 @@ class ChaosCluster:
         self.kek_file = config.work_dir / "keys" / "kek.key"
         self.logs_dir = config.work_dir / "logs"
         self.hosts = [
-            SimulatedHost(f"chaos-{config.run_id}-h{index}", config.work_dir / f"host-{index}")
+            SimulatedHost(host_id_for(config.run_id, index), config.work_dir / f"host-{index}")
             for index in range(1, config.hosts + 1)
         ]
         self.stores = [self._store(index) for index in range(1, config.store_replicas + 1)]
@@ -299,7 +307,7 @@ class ChaosCluster:
                 "KEEPER_STORE_AMQP_URL": self.config.amqp_url,
                 "KEEPER_STORE_REDIS_URL": redis_url,
                 "KEEPER_STORE_KEK_FILE": str(self.kek_file),
-                "KEEPER_STORE_VERIFY_HOST_IDENTITY": "false",
+                "KEEPER_STORE_VERIFY_HOST_IDENTITY": str(self.config.verify_host_identity).lower(),
                 "KEEPER_STORE_REPLICA_ID": replica,
                 "KEEPER_STORE_HISTORY_DEPTH": str(self.config.history_depth),
                 "KEEPER_STORE_SCRUB_SWTPM": str(self.config.scrub_swtpm).lower(),

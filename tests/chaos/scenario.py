@@ -3,7 +3,8 @@ every invariant checked and the figures printed as one table.
 
 `run_chaos(backend, profile, work_dir)` is the whole run; the CI test and ``make chaos``
 differ only in the `ChaosProfile` (and the cluster variant only in the backend). Each host
-agent runs in a network namespace of its own and reaches the broker through a `TcpProxy`
+agent runs in a network namespace of its own, connects as its own RabbitMQ user (the store
+checks it) and reaches the broker through a `TcpProxy`
 (see `HostLink`, to cut it off); each store replica reaches Redis through a proxy (to lose
 a reply after a write). Every VM's TPM state carries a canary
 and bad input carrying it goes through the bus; when the services have stopped, every log
@@ -31,6 +32,7 @@ from chaos.harness import (
     StateLoad,
     analyse,
     figures_table,
+    host_id_for,
     wait_until_stored,
 )
 from chaos.netns import HostLink, HostNetwork, NetnsUnavailableError
@@ -107,6 +109,8 @@ class ChaosReport:
     changes_made: int = 0
     changes_stored: int = 0
     acknowledged: int = 0
+    refused: int = 0
+    """Writes the store refused and audited (stale tokens after faults; not failures)."""
     acknowledged_lost: list[str] = field(default_factory=list)
     stale_overwrites: list[str] = field(default_factory=list)
     applied_twice: list[str] = field(default_factory=list)
@@ -160,6 +164,7 @@ class ChaosReport:
             ("changes made", self.changes_made),
             ("changes stored (versions)", self.changes_stored),
             ("acknowledged versions checked", self.acknowledged),
+            ("writes refused by the store (audited)", self.refused),
             ("acknowledged lost (must be 0)", len(self.acknowledged_lost)),
             ("stale overwrites (must be 0)", len(self.stale_overwrites)),
             ("writes applied twice (must be 0)", len(self.applied_twice)),
@@ -191,10 +196,13 @@ def fault_sequence(profile: ChaosProfile, rng: random.Random) -> list[FaultKind]
     return sequence
 
 
-def _via(url: str, proxy: TcpProxy) -> str:
-    """``url`` pointed at ``proxy`` instead of the server."""
+def _via(url: str, proxy: TcpProxy, user: tuple[str, str] | None = None) -> str:
+    """``url`` pointed at ``proxy`` instead of the server, as ``user`` (name, password)
+    when given."""
     parts = urlsplit(url)
     credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    if user is not None:
+        credentials = f"{user[0]}:{user[1]}@"
     return urlunsplit(parts._replace(netloc=f"{credentials}{proxy.listen_host}:{proxy.port}"))
 
 
@@ -260,6 +268,12 @@ async def run_chaos(
     report.recovery_point_bound_s = profile.recovery_point_bound_s
     canary = CANARY_PREFIX + secrets.token_bytes(24)
     began = time.monotonic()
+    run_id = secrets.token_hex(3)
+    host_users = [
+        (host_id_for(run_id, index), secrets.token_hex(16)) for index in range(1, profile.hosts + 1)
+    ]
+    for host_id, password in host_users:
+        await asyncio.to_thread(backend.add_host_user, host_id, password)
     async with (
         _host_links(backend.amqp_url, profile.hosts) as (host_links, report.host_cut_by),
         _proxies(backend.redis_url, profile.store_replicas) as redis_proxies,
@@ -271,7 +285,12 @@ async def run_chaos(
             hosts=profile.hosts,
             store_replicas=profile.store_replicas,
             policy_replicas=profile.policy_replicas,
-            agent_amqp_urls=tuple(_via(backend.amqp_url, link.proxy) for link in host_links),
+            run_id=run_id,
+            verify_host_identity=True,
+            agent_amqp_urls=tuple(
+                _via(backend.amqp_url, link.proxy, user)
+                for link, user in zip(host_links, host_users, strict=True)
+            ),
             agent_command_prefixes=tuple(
                 link.network.command_prefix if link.network else () for link in host_links
             ),
@@ -356,7 +375,9 @@ async def _judge(
         problems.extend(analysis.problems)
     report.stale_overwrites, report.applied_twice, report.other_problems = classify(problems)
     acknowledged = cluster.recorder.persisted_for(cluster.vm_ids)
-    report.acknowledged = len(acknowledged)
+    # A redelivered change re-announces its version: count versions, not announcements.
+    report.acknowledged = len({(s.data.vm_id, s.data.kind, s.data.version) for s in acknowledged})
+    report.refused = len(cluster.recorder.refused_for(cluster.vm_ids))
     report.acknowledged_lost = await acknowledged_lost(cluster, acknowledged)
     points = await recovery_points(cluster, loads, faults, profile.recovery_point_bound_s)
     report.recovery_points_checked = points.checked

@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from chaos.faults import FaultKind, InjectedFault
-from chaos.harness import ChaosCluster, Seen, StateLoad, StoredVersion
+from chaos.harness import ChaosCluster, Seen, StateLoad, StoredVersion, Write
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import StateKind
 
@@ -53,6 +53,40 @@ class RecoveryPoints:
     worst_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class AtKill:
+    """One VM's state of one kind at one host-agent kill."""
+
+    stable_s: float
+    """How long the content current at the kill had been in place."""
+    saved: bool
+    """Whether that content was stored before the agent came back."""
+    recovery_point_s: float
+    """From the first change not stored to the kill (0 when every change was stored): what
+    a host that never came back would have cost."""
+
+
+def at_kill(
+    writes: Sequence[Write], stored: Iterable[StoredVersion], killed_at: float, back_at: float
+) -> AtKill | None:
+    """Judge one VM state at one kill; None when nothing had been written yet."""
+    before = [write for write in writes if write.at <= killed_at]
+    if not before:
+        return None
+    # Only the agent hands the store a blob: what was stored before it came back had been
+    # fetched before it died.
+    saved = {version.content_hash for version in stored if version.stored_at < back_at}
+    newest_saved = max(
+        (i for i, write in enumerate(before) if write.content_hash in saved), default=-1
+    )
+    unsaved = before[newest_saved + 1 :]
+    return AtKill(
+        stable_s=killed_at - before[-1].at,
+        saved=not unsaved,
+        recovery_point_s=killed_at - unsaved[0].at if unsaved else 0.0,
+    )
+
+
 async def recovery_points(
     cluster: ChaosCluster,
     loads: Sequence[StateLoad],
@@ -66,32 +100,20 @@ async def recovery_points(
         for vm in load.vms:
             for kind in StateKind:
                 writes = load.writes.get((vm.vm_id, kind), [])
-                stored = await cluster.stored_versions(vm.vm_id, kind)
+                stored = (await cluster.stored_versions(vm.vm_id, kind)).values()
                 for kill in kills:
                     if kill.target != vm.host.host_id:
                         continue
-                    before = [write for write in writes if write.at <= kill.at]
-                    if not before:
+                    judged = at_kill(writes, stored, kill.at, kill.back_at)
+                    if judged is None:
                         continue
-                    saved = {
-                        version.content_hash
-                        for version in stored.values()
-                        if version.stored_at < kill.back_at
-                    }
-                    newest_saved = max(
-                        (i for i, write in enumerate(before) if write.content_hash in saved),
-                        default=-1,
-                    )
-                    if newest_saved < len(before) - 1:
-                        first_unsaved = before[newest_saved + 1]
-                        result.worst_s = max(result.worst_s, kill.at - first_unsaved.at)
-                    current = before[-1]
-                    if kill.at - current.at > bound_s:
+                    result.worst_s = max(result.worst_s, judged.recovery_point_s)
+                    if judged.stable_s > bound_s:
                         result.checked += 1
-                        if current.content_hash not in saved:
+                        if not judged.saved:
                             result.violations.append(
                                 f"{kind.value} of {vm.vm_id[:8]} on {kill.target}: stable "
-                                f"{kill.at - current.at:.1f} s before the kill, not stored"
+                                f"{judged.stable_s:.1f} s before the kill, not stored"
                             )
     return result
 
