@@ -28,6 +28,7 @@ from keeper_policy.workflow_store import WorkflowStore
 from keeper_shared.bus.client import BusClient, Consumer
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS
 from keeper_shared.observability import observe_service
+from keeper_shared.startup import REDIS_UNAVAILABLE, StoppedWhileWaitingError, wait_for_dependency
 
 log = structlog.get_logger(__name__)
 
@@ -83,10 +84,13 @@ async def serve(settings: PolicySettings, stop: asyncio.Event) -> None:
     """Run one policy replica until ``stop`` is set."""
     redis = Redis.from_url(settings.redis_url)
     try:
-        await redis.ping()
-        bus = await BusClient.connect(
-            settings.amqp_url, source=f"policy/{socket.gethostname()}", origin=POLICY
-        )
+        try:
+            await wait_for_dependency(redis.ping, "Redis", stop, retry_on=REDIS_UNAVAILABLE)
+            bus = await BusClient.connect_when_up(
+                settings.amqp_url, source=f"policy/{socket.gethostname()}", origin=POLICY, stop=stop
+            )
+        except StoppedWhileWaitingError:
+            return
         service: PolicyService | None = None
         consumers: list[Consumer] = []
         try:

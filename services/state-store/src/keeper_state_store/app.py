@@ -11,6 +11,7 @@ from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import STATE_STORE, STATE_STORE_COMMANDS, STATE_STORE_EVENTS
 from keeper_shared.key_ring import KeyRing
 from keeper_shared.observability import observe_service
+from keeper_shared.startup import REDIS_UNAVAILABLE, StoppedWhileWaitingError, wait_for_dependency
 from keeper_state_store.durability import ensure_durable
 from keeper_state_store.history_service import HistoryService
 from keeper_state_store.maintenance import Maintenance
@@ -28,10 +29,21 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
     keys = KeyRing.from_files(settings.kek_file, settings.previous_kek_files)
     redis = Redis.from_url(settings.redis_url)
     try:
-        durability = await ensure_durable(redis, allow_volatile=settings.allow_volatile_redis)
-        bus = await BusClient.connect(
-            settings.amqp_url, source=f"state-store/{settings.replica_id}", origin=STATE_STORE
-        )
+        try:
+            durability = await wait_for_dependency(
+                lambda: ensure_durable(redis, allow_volatile=settings.allow_volatile_redis),
+                "Redis",
+                stop,
+                retry_on=REDIS_UNAVAILABLE,
+            )
+            bus = await BusClient.connect_when_up(
+                settings.amqp_url,
+                source=f"state-store/{settings.replica_id}",
+                origin=STATE_STORE,
+                stop=stop,
+            )
+        except StoppedWhileWaitingError:
+            return
         maintenance = Maintenance(settings, redis, keys, bus)  # scrubber, KEK rotation
         service: StateService | None = None
         try:
