@@ -101,9 +101,11 @@ class FaultInjector:
     async def inject(self, kind: FaultKind) -> InjectedFault:
         """Do ``kind`` once and wait until the system is back; remember it."""
         handlers = {
-            FaultKind.HOST_KILL: lambda: self._kill(self._cluster.agents, kind),
-            FaultKind.STORE_KILL: lambda: self._kill(self._cluster.stores, kind),
-            FaultKind.POLICY_KILL: lambda: self._kill(self._cluster.policies, kind),
+            FaultKind.HOST_KILL: lambda: self._kill(self._cluster.agents, kind, wait_ready=True),
+            FaultKind.STORE_KILL: lambda: self._kill(self._cluster.stores, kind, wait_ready=False),
+            FaultKind.POLICY_KILL: lambda: self._kill(
+                self._cluster.policies, kind, wait_ready=False
+            ),
             FaultKind.BROKER_RESTART: self._restart_broker,
             FaultKind.REDIS_RESTART: self._restart_redis,
             FaultKind.HOST_CUT: self._cut_host,
@@ -113,17 +115,20 @@ class FaultInjector:
         self.injected.append(fault)
         return fault
 
-    async def _kill(self, victims: list[ServiceProcess], kind: FaultKind) -> InjectedFault:
+    async def _kill(
+        self, victims: list[ServiceProcess], kind: FaultKind, *, wait_ready: bool
+    ) -> InjectedFault:
         victim = self._rng.choice(victims)
         at = time.time()
         await self._cluster.kill(victim)
         await asyncio.sleep(self._rng.uniform(*self._timing.down_s))
         back_at = time.time()
         await self._cluster.restart(victim)
-        # One fault at a time: a service starting while Redis or the broker is down exits
-        # (systemd's Restart=on-failure starts it again in production), which would make
-        # two faults of one here.
-        await self._cluster.wait_ready([victim], STARTUP_TIMEOUT_S)
+        # A replica may still be starting when the next fault (a Redis or broker outage)
+        # hits: it must wait that out. A host agent is waited for, so that each host kill's
+        # recovery point is judged on its own.
+        if wait_ready:
+            await self._cluster.wait_ready([victim], STARTUP_TIMEOUT_S)
         return InjectedFault(kind, victim.name, at, back_at)
 
     async def _restart_broker(self) -> InjectedFault:
