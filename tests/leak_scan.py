@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
 
 from redis.asyncio import Redis
 
@@ -63,3 +64,13 @@ async def every_redis_value(redis: Redis) -> AsyncIterator[tuple[bytes, bytes]]:
         elif kind == "zset":
             for value in await awaited(redis.zrange(key, 0, -1)):
                 yield key, value
+
+
+def read_files(paths: Iterable[Path]) -> Iterator[tuple[str, bytes]]:
+    """(path, bytes) of every file at or under ``paths`` (directories walked; missing
+    paths skipped: a server that never logged has no log)."""
+    for path in paths:
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for file in files:
+            if file.is_file():
+                yield str(file), file.read_bytes()

@@ -1,13 +1,23 @@
-"""Chaos tests start many processes; none may outlive its test, whatever ended it."""
+"""Chaos tests start many processes (none may outlive its test, whatever ended it) and
+servers of their own."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from chaos.backend import LocalBackend
 from chaos.harness import kill_leftovers
+from keeper_shared.localstack import (
+    RabbitMQConfig,
+    RabbitMQNode,
+    RedisConfig,
+    RedisServer,
+    free_tcp_ports,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -18,3 +28,26 @@ def no_process_outlives_the_test() -> Iterator[None]:
     left = kill_leftovers()
     if left:
         warnings.warn(f"killed leftover service process groups {left}", stacklevel=1)
+
+
+@pytest.fixture
+def local_chaos_backend(tmp_path: Path, local_servers_installed: None) -> Iterator[LocalBackend]:
+    """A RabbitMQ node and a Redis server of the test's own (a chaos run restarts and kills
+    them), stopped at the end whatever happened."""
+    amqp_port, dist_port, redis_port = free_tcp_ports(3)
+    node = RabbitMQNode(
+        RabbitMQConfig(
+            name=f"keeper-chaos-{amqp_port}",
+            amqp_port=amqp_port,
+            dist_port=dist_port,
+            base_dir=tmp_path / "rabbitmq",
+        )
+    )
+    redis = RedisServer(RedisConfig(port=redis_port, base_dir=tmp_path / "redis"))
+    try:
+        node.start()
+        redis.start()
+        yield LocalBackend(node, redis)
+    finally:
+        redis.stop()
+        node.stop()

@@ -4,7 +4,9 @@
   its own simulated host: a libvirt ``test:///`` file, a swtpm root and an NVRAM directory)
   against a RabbitMQ node and a Redis server, registers and places VMs through the client,
   records every ``state.persisted`` and ``state.refused`` event, and stops every process it
-  started, SIGKILL as the fallback, whatever happened.
+  started, SIGKILL as the fallback, whatever happened. A restarted agent finds its host's
+  VMs still running (`ChaosCluster.keep_running_domains`); agents and store replicas can be
+  pointed at proxies, and agents run under a command prefix (a network namespace).
 - `StateLoad` changes each VM's TPM and NVRAM on disk the way swtpm and OVMF do (new TPM
   state written to ``TMP2-00.permall`` then renamed; NVRAM changed in place) and remembers
   the canonical hash and time of every content it wrote.
@@ -37,6 +39,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import Redis
 
 from bus_hygiene import purge_service_queues
+from keeper_host_agent.domain_xml import fill_nvram_path
+from keeper_policy.domain_definition import domain_xml
 from keeper_shared.blobs import content_hash
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, declare_exchanges
 from keeper_shared.client import KeeperClient
@@ -59,6 +63,9 @@ STOP_GRACE_S = 10.0
 TPM_TEMP_FILE_NAME = "TMP2-00.permall"
 """swtpm writes new state here, then renames it over ``tpm2-00.permall``."""
 NVRAM_WRITE_SIZE = 64
+GUEST_OS = "windows-11"
+TPM_XML = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 READY_EVENTS = {
     "keeper_state_store": "state store ready",
     "keeper_policy": "policy ready",
@@ -94,6 +101,11 @@ async def wait_until(
 # --- configuration and services -----------------------------------------------------------
 
 
+def host_id_for(run_id: str, index: int) -> str:
+    """The id of a run's ``index``-th host (from 1), also its RabbitMQ user name."""
+    return f"chaos-{run_id}-h{index}"
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """What to start, and against which broker and Redis."""
@@ -116,6 +128,17 @@ class ClusterConfig:
     of the scrubber (decrypt, decompress, hash) runs as in production."""
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     """Makes host ids unique in a broker and Redis shared with other tests."""
+    verify_host_identity: bool = False
+    """The store trusts a host's events only from the host's own RabbitMQ user; on when
+    each agent connects as its own user (see `agent_amqp_urls`)."""
+    agent_amqp_urls: tuple[str, ...] = ()
+    """Per host (in order), the URL its agent connects to instead of ``amqp_url``: a proxy
+    that can cut the host off."""
+    agent_command_prefixes: tuple[tuple[str, ...], ...] = ()
+    """Per host (in order), the command its agent runs under (``ip netns exec NS``)."""
+    store_redis_urls: tuple[str, ...] = ()
+    """Per store replica (in order), the Redis URL it uses instead of ``redis_url``: a
+    proxy that can lose a reply."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +240,8 @@ class StoredVersion:
     version: int
     content_hash: str
     token: FencingToken
+    stored_at: float
+    """When the store wrote it (its wall clock, the same machine's)."""
 
 
 class ChaosCluster:
@@ -227,12 +252,12 @@ class ChaosCluster:
         self.kek_file = config.work_dir / "keys" / "kek.key"
         self.logs_dir = config.work_dir / "logs"
         self.hosts = [
-            SimulatedHost(f"chaos-{config.run_id}-h{index}", config.work_dir / f"host-{index}")
+            SimulatedHost(host_id_for(config.run_id, index), config.work_dir / f"host-{index}")
             for index in range(1, config.hosts + 1)
         ]
         self.stores = [self._store(index) for index in range(1, config.store_replicas + 1)]
         self.policies = [self._policy(index) for index in range(1, config.policy_replicas + 1)]
-        self.agents = [self._agent(host) for host in self.hosts]
+        self.agents = [self._agent(index, host) for index, host in enumerate(self.hosts)]
         self.vms: list[ChaosVm] = []
         self.kills = 0
         self._log_offsets: dict[str, int] = {}
@@ -273,14 +298,16 @@ class ChaosCluster:
 
     def _store(self, index: int) -> ServiceProcess:
         replica = f"store-{index}"
+        redis_urls = self.config.store_redis_urls
+        redis_url = redis_urls[index - 1] if index <= len(redis_urls) else self.config.redis_url
         return ServiceProcess(
             replica,
             "keeper_state_store",
             {
                 "KEEPER_STORE_AMQP_URL": self.config.amqp_url,
-                "KEEPER_STORE_REDIS_URL": self.config.redis_url,
+                "KEEPER_STORE_REDIS_URL": redis_url,
                 "KEEPER_STORE_KEK_FILE": str(self.kek_file),
-                "KEEPER_STORE_VERIFY_HOST_IDENTITY": "false",
+                "KEEPER_STORE_VERIFY_HOST_IDENTITY": str(self.config.verify_host_identity).lower(),
                 "KEEPER_STORE_REPLICA_ID": replica,
                 "KEEPER_STORE_HISTORY_DEPTH": str(self.config.history_depth),
                 "KEEPER_STORE_SCRUB_SWTPM": str(self.config.scrub_swtpm).lower(),
@@ -304,14 +331,17 @@ class ChaosCluster:
             self.logs_dir / f"policy-{index}.log",
         )
 
-    def _agent(self, host: SimulatedHost) -> ServiceProcess:
+    def _agent(self, index: int, host: SimulatedHost) -> ServiceProcess:
         config = self.config
+        amqp_urls = config.agent_amqp_urls
+        amqp_url = amqp_urls[index] if index < len(amqp_urls) else config.amqp_url
+        prefixes = config.agent_command_prefixes
         return ServiceProcess(
             host.host_id,
             "keeper_host_agent",
             {
                 "KEEPER_HOST_HOST_ID": host.host_id,
-                "KEEPER_HOST_AMQP_URL": config.amqp_url,
+                "KEEPER_HOST_AMQP_URL": amqp_url,
                 "KEEPER_HOST_LIBVIRT_URI": host.libvirt_uri,
                 "KEEPER_HOST_SWTPM_ROOT": str(host.swtpm_root),
                 "KEEPER_HOST_NVRAM_DIR": str(host.nvram_dir),
@@ -322,6 +352,7 @@ class ChaosCluster:
                 "KEEPER_HOST_SHUTDOWN_GRACE_S": "5",
             },
             self.logs_dir / f"{host.host_id}.log",
+            command_prefix=prefixes[index] if index < len(prefixes) else (),
         )
 
     async def __aenter__(self) -> ChaosCluster:
@@ -452,9 +483,35 @@ class ChaosCluster:
         """Start a killed service again (its log continues in the same file)."""
         if service.running:
             raise ChaosError(f"{service.name} is still running")
+        if service in self.agents:
+            self.keep_running_domains(self.hosts[self.agents.index(service)])
         await self._launch(service)
 
-    async def place_vms(self, per_host: int, guest_os: str = "windows-11") -> list[ChaosVm]:
+    def keep_running_domains(self, host: SimulatedHost) -> None:
+        """Write the host's VMs into its libvirt node file as running domains.
+
+        A real hypervisor outlives its agent: killed and restarted, the agent finds the VMs
+        still running. The ``test:///`` driver lives inside the agent's process and dies
+        with it, but reads the domains of its node file when opened again.
+        """
+        domains = [
+            fill_nvram_path(
+                domain_xml(
+                    VmSpec(vm_id=vm.vm_id, name=vm.name, guest_os=GUEST_OS),
+                    tpm_xml=TPM_XML,
+                    epoch=vm.epoch,
+                    ovmf_code=OVMF_CODE,
+                    ovmf_vars_template=OVMF_VARS_TEMPLATE,
+                ),
+                host.nvram_dir,
+            )
+            for vm in self.vms
+            if vm.host is host
+        ]
+        node = "<node>\n" + "\n".join(domains) + "\n</node>\n"
+        (host.root / "libvirt-node.xml").write_text(node, encoding="utf-8")
+
+    async def place_vms(self, per_host: int, guest_os: str = GUEST_OS) -> list[ChaosVm]:
         """Register ``per_host`` VMs for each host and start them there."""
         placed = []
         for host in self.hosts:
@@ -486,7 +543,10 @@ class ChaosCluster:
             meta = unpack_version_meta(meta_raw)
             version = int(number)
             versions[version] = StoredVersion(
-                version=version, content_hash=meta.content_hash, token=meta.token
+                version=version,
+                content_hash=meta.content_hash,
+                token=meta.token,
+                stored_at=meta.stored_at.timestamp(),
             )
         return versions
 
@@ -563,6 +623,7 @@ class StateLoad:
     VMs spread out). The first change of a VM lays out its NVRAM from the firmware template
     and its swtpm ``tpm2`` directory (0700) with a first state. Every content written is
     remembered, in order, with its canonical hash (the hash the agent and the store use).
+    ``embed_in_tpm`` starts every TPM state (a leak canary: a secret the guest sealed).
     """
 
     def __init__(
@@ -572,8 +633,10 @@ class StateLoad:
         change_interval_s: float = 0.3,
         tpm_state_size: int = 6 * 1024,
         seed: int | None = None,
+        embed_in_tpm: bytes = b"",
     ) -> None:
         self.vms = list(vms)
+        self.embed_in_tpm = embed_in_tpm
         self.change_interval_s = change_interval_s
         self.tpm_state_size = tpm_state_size
         self.seed = seed if seed is not None else secrets.randbits(32)
@@ -642,7 +705,7 @@ class StateLoad:
             tpm_dir.parent.chmod(0o711)
             tpm_dir.mkdir(exist_ok=True)
             tpm_dir.chmod(0o700)
-        state = os.urandom(self.tpm_state_size)
+        state = self.embed_in_tpm + os.urandom(self.tpm_state_size - len(self.embed_in_tpm))
         temp = tpm_dir / TPM_TEMP_FILE_NAME
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:

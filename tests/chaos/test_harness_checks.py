@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chaos.harness import check_chain
+from chaos.harness import StoredVersion, Write, check_chain
+from chaos.verdict import at_kill, classify
 from keeper_shared.messages.types import FencingToken
 
 pytestmark = [pytest.mark.chaos]
@@ -42,3 +43,38 @@ def test_a_sound_history_passes() -> None:
 )
 def test_each_fault_is_caught(chain: list[tuple[int, str, FencingToken]], expected: str) -> None:
     assert any(expected in problem for problem in problems(chain)), problems(chain)
+
+
+WRITES = [Write("a", 10.0), Write("b", 20.0), Write("c", 30.0), Write("d", 50.0)]
+"""Contents a-d written at these times; the agent is killed at 40 and back at 45."""
+
+
+def stored(*versions: tuple[str, float]) -> list[StoredVersion]:
+    return [
+        StoredVersion(i + 1, digest, token(1, i + 1), at) for i, (digest, at) in enumerate(versions)
+    ]
+
+
+def test_the_content_current_at_a_kill_stored_before_the_agent_came_back_is_saved() -> None:
+    judged = at_kill(WRITES, stored(("a", 11.0), ("c", 31.0)), killed_at=40.0, back_at=45.0)
+    assert judged is not None
+    assert (judged.stable_s, judged.saved, judged.recovery_point_s) == (10.0, True, 0.0)
+
+
+def test_content_stored_only_after_the_agent_came_back_was_not_saved_before_the_kill() -> None:
+    judged = at_kill(WRITES, stored(("a", 11.0), ("c", 46.0)), killed_at=40.0, back_at=45.0)
+    assert judged is not None
+    assert not judged.saved
+    assert judged.recovery_point_s == 20.0  # b (written at 20) was the first change lost
+
+
+def test_nothing_written_before_a_kill_is_not_judged() -> None:
+    assert at_kill(WRITES, [], killed_at=5.0, back_at=6.0) is None
+
+
+def test_problems_are_told_apart() -> None:
+    found = problems([(1, "b", token(1, 5)), (2, "a", token(1, 6)), (3, "a", token(1, 7))])
+    stale, double, other = classify([*found, "vm: nothing stored"])
+    assert stale
+    assert double
+    assert other == ["vm: nothing stored"]

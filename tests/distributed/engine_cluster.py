@@ -82,8 +82,8 @@ class EngineChaosCluster(ChaosCluster):
     def _policy(self, index: int) -> ServiceProcess:
         return self._on_engines(super()._policy(index))
 
-    def _agent(self, host: SimulatedHost) -> ServiceProcess:
-        return self._on_engines(super()._agent(host))
+    def _agent(self, index: int, host: SimulatedHost) -> ServiceProcess:
+        return self._on_engines(super()._agent(index, host))
 
     def _on_engines(self, service: ServiceProcess) -> ServiceProcess:
         service.env.update(self.engines.settings(service.module))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import os
 import zlib
+from pathlib import Path
 
 import pytest
 
-from leak_scan import content_fingerprints, find_leaks, leak_forms
+from leak_scan import content_fingerprints, find_leaks, leak_forms, read_files
 
 SECRET = os.urandom(32)
 STATE = os.urandom(6000)
@@ -48,3 +49,13 @@ def test_clean_text_has_no_hits() -> None:
         b'{"event": "state persisted", "content_hash": "' + os.urandom(32).hex().encode() + b'"}'
     )
     assert find_leaks([("log", clean)], leak_forms(SECRET) + content_fingerprints(STATE)) == []
+
+
+def test_files_under_a_directory_are_read_and_a_planted_hit_found(tmp_path: Path) -> None:
+    (tmp_path / "logs" / "deep").mkdir(parents=True)
+    (tmp_path / "logs" / "clean.log").write_bytes(b"nothing here\n")
+    planted = tmp_path / "logs" / "deep" / "planted.log"
+    planted.write_bytes(b"x=" + base64.b64encode(SECRET) + b"\n")
+    scanned = list(read_files([tmp_path / "logs", tmp_path / "absent.log"]))
+    assert len(scanned) == 2
+    assert find_leaks(scanned, leak_forms(SECRET)) == [str(planted)]

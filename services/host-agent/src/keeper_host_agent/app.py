@@ -52,6 +52,7 @@ from keeper_shared.messages.vm_control import (
     SuspendVm,
 )
 from keeper_shared.observability import metrics, observe_service
+from keeper_shared.startup import StoppedWhileWaitingError
 
 log = structlog.get_logger(__name__)
 
@@ -221,9 +222,15 @@ class HostAgent:
 async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
     """Run the host agent until ``stop`` is set."""
     structlog.contextvars.bind_contextvars(host=settings.host_id)
-    bus = await BusClient.connect(
-        settings.amqp_endpoints, source=f"host-agent/{settings.host_id}", origin=settings.host_id
-    )
+    try:
+        bus = await BusClient.connect_when_up(
+            settings.amqp_endpoints,
+            source=f"host-agent/{settings.host_id}",
+            origin=settings.host_id,
+            stop=stop,
+        )
+    except StoppedWhileWaitingError:
+        return
     agent = HostAgent(settings, bus)
     agent.hypervisor.open(agent.on_lifecycle, on_reconnect=agent.rebuild_view)
     background: list[asyncio.Task[None]] = []

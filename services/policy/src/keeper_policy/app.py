@@ -30,6 +30,7 @@ from keeper_shared.bus.client import BusClient, Consumer
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS
 from keeper_shared.observability import observe_service
 from keeper_shared.redis_connection import connect_redis
+from keeper_shared.startup import REDIS_UNAVAILABLE, StoppedWhileWaitingError, wait_for_dependency
 
 log = structlog.get_logger(__name__)
 
@@ -88,10 +89,16 @@ async def serve(settings: PolicySettings, stop: asyncio.Event) -> None:
     """Run one policy replica until ``stop`` is set."""
     redis = connect_redis(settings)
     try:
-        await redis.ping()
-        bus = await BusClient.connect(
-            settings.amqp_endpoints, source=f"policy/{socket.gethostname()}", origin=POLICY
-        )
+        try:
+            await wait_for_dependency(redis.ping, "Redis", stop, retry_on=REDIS_UNAVAILABLE)
+            bus = await BusClient.connect_when_up(
+                settings.amqp_endpoints,
+                source=f"policy/{socket.gethostname()}",
+                origin=POLICY,
+                stop=stop,
+            )
+        except StoppedWhileWaitingError:
+            return
         service: PolicyService | None = None
         consumers: list[Consumer] = []
         try:

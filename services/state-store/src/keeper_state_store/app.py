@@ -12,6 +12,7 @@ from keeper_shared.key_ring import KeyRing
 from keeper_shared.observability import observe_service
 from keeper_shared.redis_connection import connect_redis
 from keeper_shared.redis_replication import ReplicaQuorum
+from keeper_shared.startup import REDIS_UNAVAILABLE, StoppedWhileWaitingError, wait_for_dependency
 from keeper_state_store.deletion_service import DeletionService
 from keeper_state_store.durability import ensure_durable
 from keeper_state_store.history_service import HistoryService
@@ -30,10 +31,21 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
     keys = KeyRing.from_files(settings.kek_file, settings.previous_kek_files)
     redis = connect_redis(settings)
     try:
-        durability = await ensure_durable(redis, allow_volatile=settings.allow_volatile_redis)
-        bus = await BusClient.connect(
-            settings.amqp_endpoints, source=f"state-store/{settings.replica_id}", origin=STATE_STORE
-        )
+        try:
+            durability = await wait_for_dependency(
+                lambda: ensure_durable(redis, allow_volatile=settings.allow_volatile_redis),
+                "Redis",
+                stop,
+                retry_on=REDIS_UNAVAILABLE,
+            )
+            bus = await BusClient.connect_when_up(
+                settings.amqp_endpoints,
+                source=f"state-store/{settings.replica_id}",
+                origin=STATE_STORE,
+                stop=stop,
+            )
+        except StoppedWhileWaitingError:
+            return
         maintenance = Maintenance(settings, redis, keys, bus)  # scrubber, KEK rotation
         service: StateService | None = None
         try:

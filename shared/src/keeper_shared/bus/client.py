@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aio_pika
+import aiormq.exceptions
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -45,6 +46,7 @@ from keeper_shared.messages.envelope import (
     peek_type,
 )
 from keeper_shared.observability import metrics
+from keeper_shared.startup import wait_for_dependency
 
 R = TypeVar("R", bound=Payload)
 log = structlog.get_logger(__name__)
@@ -186,6 +188,26 @@ class BusClient:
         )
         await client._open()
         return client
+
+    @classmethod
+    async def connect_when_up(
+        cls, urls: str | Sequence[str], *, source: str, origin: str, stop: asyncio.Event
+    ) -> BusClient:
+        """`connect`, waiting while the broker is down or still booting (a service's
+        start-up); refused credentials fail at once. Raises StoppedWhileWaitingError when
+        ``stop`` is set first."""
+        return await wait_for_dependency(
+            lambda: cls.connect(urls, source=source, origin=origin),
+            "RabbitMQ",
+            stop,
+            retry_on=(aio_pika.exceptions.AMQPConnectionError, OSError, TimeoutError),
+            fatal=(
+                aiormq.exceptions.AuthenticationError,
+                aiormq.exceptions.ProbableAuthenticationError,
+                aiormq.exceptions.IncompatibleProtocolError,
+                aiormq.exceptions.ConnectionNotAllowed,
+            ),
+        )
 
     @property
     def connection(self) -> AbstractRobustConnection:

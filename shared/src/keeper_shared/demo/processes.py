@@ -20,12 +20,15 @@ class ServiceProcess:
     env: dict[str, str]
     log_path: Path
     process: asyncio.subprocess.Process | None = None
+    command_prefix: tuple[str, ...] = ()
+    """Runs the service under this command, e.g. ``ip netns exec NAME`` (tests)."""
 
     async def start(self) -> None:
         """Start it, with stdout and stderr in its log file."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
+                *self.command_prefix,
                 sys.executable,
                 "-m",
                 self.module,

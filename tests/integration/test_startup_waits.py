@@ -1,0 +1,104 @@
+"""A service started while Redis or the broker is down waits for it instead of exiting
+(found by the chaos run: a store replica restarted during a Redis outage exited at once),
+and still stops cleanly on SIGTERM while waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keeper_shared.demo.processes import ServiceProcess
+from keeper_shared.encryption import generate_key_file
+from keeper_shared.localstack import RedisConfig, RedisServer, free_tcp_ports
+
+pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
+
+WAITING = "waiting for a dependency"
+TIMEOUT_S = 60.0
+"""Generous: against hangs only."""
+
+
+def events(service: ServiceProcess) -> list[str]:
+    """The ``event`` of every JSON line the service logged so far."""
+    found = []
+    for line in service.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            found.append(str(record.get("event")))
+    return found
+
+
+async def logged(service: ServiceProcess, event: str) -> None:
+    """Wait until the service logged ``event``; fail if it exits first."""
+    async with asyncio.timeout(TIMEOUT_S):
+        while event not in events(service):
+            assert service.running, f"{service.name} exited: {events(service)[-5:]}"
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def later_redis(tmp_path: Path, local_servers_installed: None) -> Iterator[RedisServer]:
+    """A Redis server on a free port, not started yet."""
+    (port,) = free_tcp_ports(1)
+    server = RedisServer(RedisConfig(port=port, base_dir=tmp_path / "redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_a_store_started_before_redis_waits_then_serves(
+    rabbitmq_url: str, later_redis: RedisServer, tmp_path: Path
+) -> None:
+    kek = tmp_path / "kek.key"
+    generate_key_file(kek)
+    store = ServiceProcess(
+        "store",
+        "keeper_state_store",
+        {
+            "KEEPER_STORE_AMQP_URL": rabbitmq_url,
+            "KEEPER_STORE_REDIS_URL": later_redis.url,
+            "KEEPER_STORE_KEK_FILE": str(kek),
+            "KEEPER_STORE_REPLICA_ID": "store-waits",
+            "KEEPER_STORE_LOG_JSON": "true",
+        },
+        tmp_path / "store.log",
+    )
+    await store.start()
+    try:
+        await logged(store, WAITING)
+        await asyncio.to_thread(later_redis.start)
+        await logged(store, "state store ready")
+    finally:
+        code = await store.stop(TIMEOUT_S)
+    assert code == 0
+
+
+async def test_a_policy_replica_waiting_for_the_broker_stops_cleanly_on_sigterm(
+    redis_url: str, tmp_path: Path
+) -> None:
+    (dead_port,) = free_tcp_ports(1)
+    policy = ServiceProcess(
+        "policy",
+        "keeper_policy",
+        {
+            "KEEPER_POLICY_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{dead_port}/",
+            "KEEPER_POLICY_REDIS_URL": redis_url,
+            "KEEPER_POLICY_LOG_JSON": "true",
+        },
+        tmp_path / "policy.log",
+    )
+    await policy.start()
+    try:
+        await logged(policy, WAITING)
+    finally:
+        code = await policy.stop(TIMEOUT_S)
+    assert code == 0
+    assert "policy ready" not in events(policy)
