@@ -196,7 +196,7 @@ class BusClient:
         for future, _ in self._pending_calls.values():
             future.cancel()
         if self._failover is not None:
-            self._failover.stop()
+            await self._failover.stop()
         try:
             async with asyncio.timeout(BROKER_CLOSE_TIMEOUT_S):
                 await self._connection.close()
