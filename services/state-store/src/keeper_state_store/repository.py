@@ -176,6 +176,11 @@ class StateRepository:
         """The client, for the store's other Redis views (snapshots, history)."""
         return self._redis
 
+    @property
+    def replicas(self) -> ReplicaQuorum:
+        """The replicas a write waits for, for the store's other writers (snapshots)."""
+        return self._replicas
+
     async def placement(self, vm_id: str) -> Placement | None:
         """The VM's current placement, None if it was never placed."""
         values = await awaited(self._redis.hmget(placement_key(vm_id), ["host", "epoch"]))
