@@ -243,7 +243,7 @@ async def running_store(
                 *service.command_routes(),
                 *HistoryService(repository).command_routes(),
                 *TransferService(repository).command_routes(),
-                *DeletionService(redis, store_bus).command_routes(),
+                *DeletionService(repository, store_bus).command_routes(),
             ],
             prefetch=8,
         )

@@ -102,6 +102,7 @@ async def test_sentinel_failover_loses_no_acknowledged_write(
         reconciled = cluster.count_log_lines(RECONCILED, cluster.stores)
         dead_lettered = await cluster.queue_depth(STATE_STORE_EVENTS.dead_letter_queue)
         primary_now = group.primary()
+        exit_codes = await cluster.stop()  # SIGTERM: each must stop cleanly
 
     print()
     print(
@@ -134,3 +135,4 @@ async def test_sentinel_failover_loses_no_acknowledged_write(
     assert after_failover, "the store persisted nothing after the failover"
     assert quiet_after_s is not None, "the newest state of some VM never reached the store"
     assert not analysis.problems, "\n".join(analysis.problems[:25])
+    assert all(code == 0 for code in exit_codes.values()), exit_codes

@@ -162,7 +162,19 @@ class StateTracker:
                 changed = state.stable is None or snapshot.content_hash != state.stable.content_hash
                 state.stable = StableState(snapshot.signature, snapshot.content_hash)
                 if changed or force_announce or state.blob is None:
-                    await self._announce(tracked, kind, state, snapshot)
+                    try:
+                        await self._announce(tracked, kind, state, snapshot)
+                    except Exception as error:  # the bus is down or moving to another node
+                        # Forgetting the stable state makes the next rescan read and
+                        # announce it again; the check itself must not die with the error.
+                        state.stable = None
+                        log.warning(
+                            "state change not announced, retried on the next rescan",
+                            vm_id=tracked.domain.vm_id,
+                            kind=kind.value,
+                            reason=type(error).__name__,
+                        )
+                        return
                     force_announce = False
             if not state.poked_during_check:
                 return

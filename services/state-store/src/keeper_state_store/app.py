@@ -66,7 +66,7 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                     *service.command_routes(),
                     *HistoryService(repository).command_routes(),
                     *TransferService(repository).command_routes(),
-                    *DeletionService(redis, bus).command_routes(),
+                    *DeletionService(repository, bus).command_routes(),
                 ],
                 prefetch=8,
             )

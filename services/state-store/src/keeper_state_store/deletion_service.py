@@ -12,7 +12,6 @@ import json
 from importlib import resources
 
 import structlog
-from redis.asyncio import Redis
 
 from keeper_shared.bus.client import BusClient, Delivery, Route
 from keeper_shared.messages.commands import CommandDone
@@ -27,6 +26,8 @@ from keeper_shared.redis_keys import (
     snapshots_key,
     tpm_secret_key,
 )
+from keeper_shared.redis_replication import run_replicated
+from keeper_state_store.repository import StateRepository
 
 log = structlog.get_logger(__name__)
 
@@ -34,10 +35,12 @@ log = structlog.get_logger(__name__)
 class DeletionService:
     """The store's ``state.delete`` handler."""
 
-    def __init__(self, redis: Redis, bus: BusClient) -> None:
+    def __init__(self, repository: StateRepository, bus: BusClient) -> None:
+        self._redis = repository.redis
+        self._replicas = repository.replicas
         self._bus = bus
         script = resources.files(__package__).joinpath("delete_state.lua").read_text()
-        self._delete = redis.register_script(script)
+        self._delete = self._redis.register_script(script)
 
     def command_routes(self) -> list[Route]:
         """Routes of this service on the store's commands queue."""
@@ -57,8 +60,13 @@ class DeletionService:
             scrub_lock_key(vm_id),
             *(key for group in per_kind for key in group),
         ]
-        reply = await self._delete(
-            keys=keys, args=[len(per_kind[0]), *(kind.value for kind in kinds)]
+        args = [len(per_kind[0]), *(kind.value for kind in kinds)]
+        # Replicated before it is reported: a Redis failover must not bring deleted state
+        # (and the data key that opens it) back.
+        (reply,) = await run_replicated(
+            self._redis,
+            self._replicas,
+            lambda pipe: self._delete(keys=keys, args=args, client=pipe),
         )
         if reply[0] == b"placed":
             host = reply[1].decode()

@@ -28,7 +28,7 @@ class HistoryService:
 
     def __init__(self, repository: StateRepository) -> None:
         self._redis = repository.redis
-        self._snapshots = SnapshotStore(repository.redis)
+        self._snapshots = SnapshotStore(repository.redis, repository.replicas)
 
     def command_routes(self) -> list[Route]:
         """Routes of this service on the store's commands queue."""

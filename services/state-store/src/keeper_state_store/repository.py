@@ -180,6 +180,11 @@ class StateRepository:
         """The client, for the store's other Redis views (snapshots, history)."""
         return self._redis
 
+    @property
+    def replicas(self) -> ReplicaQuorum:
+        """The replicas a write waits for, for the store's other writers (snapshots)."""
+        return self._replicas
+
     async def data_key(self, vm_id: str) -> DataKey:
         """The VM's data key, created on first use. Two replicas racing agree on one key:
         only the first SET NX wins and both read back the winner."""

@@ -25,6 +25,7 @@ from keeper_shared.redis_keys import (
     state_pinned_blobs_key,
     state_pinned_meta_key,
 )
+from keeper_shared.redis_replication import NO_REPLICAS, ReplicaQuorum, run_replicated
 from keeper_shared.redis_results import awaited
 
 
@@ -74,14 +75,16 @@ class SnapshotResult:
 class SnapshotStore:
     """Redis access for snapshots."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, replicas: ReplicaQuorum = NO_REPLICAS) -> None:
         self._redis = redis
+        self._replicas = replicas
         scripts = resources.files(__package__)
         self._create = redis.register_script(scripts.joinpath("snapshot_create.lua").read_text())
         self._delete = redis.register_script(scripts.joinpath("snapshot_delete.lua").read_text())
 
     async def create(self, vm_id: str, snapshot_id: str) -> SnapshotResult:
-        """Pin the newest version of each kind under ``snapshot_id``."""
+        """Pin the newest version of each kind under ``snapshot_id``, returned once the
+        replicas hold the pin (NotReplicatedError when they do not in time)."""
         keys = [snapshots_key(vm_id)]
         for kind in StateKind:
             keys += [
@@ -92,7 +95,12 @@ class SnapshotStore:
                 state_pinned_meta_key(vm_id, kind),
             ]
         args = [snapshot_id, datetime.now(UTC).isoformat(), *(kind.value for kind in StateKind)]
-        return self._result(await self._create(keys=keys, args=args))
+        (result,) = await run_replicated(
+            self._redis,
+            self._replicas,
+            lambda pipe: self._create(keys=keys, args=args, client=pipe),
+        )
+        return self._result(result)
 
     async def delete(self, vm_id: str, snapshot_id: str) -> SnapshotResult:
         """Drop ``snapshot_id``; unpin its versions unless another snapshot pins them."""

@@ -58,7 +58,7 @@ class StateService:
         self._bus = bus
         self._vault = BlobVault(repository)
         self._secrets = TpmSecretVault(repository)
-        self._snapshots = SnapshotStore(repository.redis)
+        self._snapshots = SnapshotStore(repository.redis, repository.replicas)
         self._batcher = PullBatcher(
             self._pull_batch,
             window_s=settings.pull_batch_window_s,

@@ -16,6 +16,7 @@ import secrets
 import uuid
 
 from pydantic import SecretBytes
+from redis.asyncio.client import Pipeline
 
 from keeper_shared.encryption import (
     DataKey,
@@ -25,6 +26,7 @@ from keeper_shared.encryption import (
 )
 from keeper_shared.messages.types import TpmSecret
 from keeper_shared.redis_keys import tpm_secret_key
+from keeper_shared.redis_replication import run_replicated
 from keeper_shared.redis_results import awaited
 from keeper_state_store.repository import StateRepository
 
@@ -105,4 +107,10 @@ class TpmSecretVault:
             tpm_secret_associated_data(vm_id, secret.uuid),
         )
         record = json.dumps({"uuid": secret.uuid, "sealed": base64.b64encode(sealed).decode()})
-        await awaited(self._repository.redis.set(tpm_secret_key(vm_id), record, nx=only_if_absent))
+
+        # Replicated before it is used: a host's state encrypted with a secret a Redis
+        # failover then lost could never be opened again.
+        async def queue(pipe: Pipeline) -> None:
+            pipe.set(tpm_secret_key(vm_id), record, nx=only_if_absent)
+
+        await run_replicated(self._repository.redis, self._repository.replicas, queue)

@@ -233,7 +233,7 @@ class BusClient:
         for future, _ in self._pending_calls.values():
             future.cancel()
         if self._failover is not None:
-            self._failover.stop()
+            await self._failover.stop()
         try:
             async with asyncio.timeout(BROKER_CLOSE_TIMEOUT_S):
                 await self._connection.close()
@@ -295,7 +295,11 @@ class BusClient:
                     routing_key=target,
                     mandatory=True,
                 )
-            except aio_pika.exceptions.DeliveryError:
+            except aio_pika.exceptions.DeliveryError as error:
+                if getattr(error.frame, "name", "") == "Basic.Nack":
+                    # The queue exists but did not take the command (a quorum queue without
+                    # a leader): worth a retry, unlike a command nobody is bound for.
+                    raise CallError(f"{envelope.type}: broker refused it for {target}") from None
                 raise NoRouteError(f"{envelope.type}: no queue is bound for {target}") from None
             try:
                 body = await asyncio.wait_for(future, timeout_s)

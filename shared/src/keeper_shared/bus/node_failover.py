@@ -84,33 +84,40 @@ class NodeFailover:
         if len(self._urls) > 1:
             connection.close_callbacks.add(self._on_lost)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Stop moving the connection (before closing it on purpose)."""
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
     def _on_lost(self, _sender: Any, _error: BaseException | None = None) -> None:
         if self._stopped or (self._task is not None and not self._task.done()):
             return
-        self._task = asyncio.get_running_loop().create_task(self._move_until_connected())
-
-    async def _move_until_connected(self) -> None:
-        connection = self._connection
+        # The node that dropped us is the likeliest to be down: the robust connection's
+        # first attempt, which it schedules right after this callback, goes to the next.
         lost = node_label(self._urls[self._index])
-        # The node that dropped us is the likeliest to be down: the first attempt after a
-        # loss already goes to the next one.
+        self._point_at_next(lost)
+        self._task = asyncio.get_running_loop().create_task(self._move_until_connected(lost))
+
+    def _point_at_next(self, lost: str) -> None:
+        self._index = (self._index + 1) % len(self._urls)
+        target = self._urls[self._index]
+        # aio-pika reads `url` on every attempt; it is a public attribute (its own
+        # update_secret rewrites it the same way). An attempt already under way keeps the
+        # URL it started with.
+        self._connection.url = target  # type: ignore[attr-defined]
+        log.warning("broker node lost, trying another", lost=lost, next=node_label(target))
+
+    async def _move_until_connected(self, lost: str) -> None:
+        connection = self._connection
         while not self._stopped and not connection.is_closed:
-            self._index = (self._index + 1) % len(self._urls)
-            target = self._urls[self._index]
-            # aio-pika reads `url` on every attempt; it is a public attribute (its own
-            # update_secret rewrites it the same way). An attempt already under way keeps
-            # the URL it started with.
-            connection.url = target  # type: ignore[attr-defined]
-            log.warning("broker node lost, trying another", lost=lost, next=node_label(target))
             with contextlib.suppress(TimeoutError):
                 # About one attempt per node: the robust connection pauses between them.
                 await asyncio.wait_for(connection.connected.wait(), 1.5 * RECONNECT_INTERVAL_S)
             if connection.connected.is_set():
-                log.info("broker node reached", node=node_label(target))
+                log.info("broker node reached", node=node_label(self._urls[self._index]))
                 return
+            self._point_at_next(lost)
