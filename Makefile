@@ -34,11 +34,13 @@ test: lint
 bench: setup
 	$(PY) -m bench
 
-# The long chaos run (issue 6) on a RabbitMQ node and a Redis of its own: every fault many
-# times under load, then the figures table; exits non-zero when an invariant breaks. The
-# CI variant of the same run is part of `make test`.
+# The long chaos runs (issue 6): on a RabbitMQ node and a Redis of its own, then on a 3-node
+# RabbitMQ cluster and a Redis primary + replica + 3 Sentinels; every fault many times under
+# load, then a figures table each; exits non-zero when an invariant breaks. The short
+# variants of the same runs are part of `make test`.
 chaos: setup
-	KEEPER_CHAOS_PROFILE=long $(VENV)/bin/pytest tests/chaos/test_chaos_run.py -s -p no:cacheprovider
+	KEEPER_CHAOS_PROFILE=long $(VENV)/bin/pytest -s -p no:cacheprovider \
+		tests/chaos/test_chaos_run.py tests/distributed/test_distributed_chaos_run.py
 
 stack-start: setup
 	deploy/local/stack start

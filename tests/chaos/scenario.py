@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from chaos.backend import ChaosBackend
+from chaos.engine_cluster import EngineChaosCluster
 from chaos.faults import FaultInjector, FaultKind, Timing
 from chaos.harness import (
     ChaosCluster,
@@ -90,6 +91,34 @@ LONG_PROFILE = ChaosProfile(
         FaultKind.REDIS_RESTART: 5,
         FaultKind.HOST_CUT: 8,
         FaultKind.REPLY_DROP: 8,
+    },
+    hosts=4,
+    fast_vms_per_host=5,
+    slow_vms_per_host=3,
+    gap_s=(1.0, 4.0),
+)
+
+DISTRIBUTED_PROFILE = ChaosProfile(
+    name="distributed",
+    faults={
+        FaultKind.HOST_KILL: 3,
+        FaultKind.STORE_KILL: 3,
+        FaultKind.POLICY_KILL: 2,
+        FaultKind.BROKER_RESTART: 2,
+        FaultKind.REDIS_RESTART: 2,
+    },
+)
+"""The faults the distributed engines add meaning to: a broker restart is a node SIGKILLed
+and started again, a Redis restart a primary SIGKILLed, failed over by the Sentinels and
+back as the new primary's replica."""
+DISTRIBUTED_LONG_PROFILE = ChaosProfile(
+    name="distributed, long",
+    faults={
+        FaultKind.HOST_KILL: 8,
+        FaultKind.STORE_KILL: 8,
+        FaultKind.POLICY_KILL: 4,
+        FaultKind.BROKER_RESTART: 4,
+        FaultKind.REDIS_RESTART: 4,
     },
     hosts=4,
     fast_vms_per_host=5,
@@ -269,15 +298,22 @@ async def run_chaos(
     canary = CANARY_PREFIX + secrets.token_bytes(24)
     began = time.monotonic()
     run_id = secrets.token_hex(3)
+    engines = backend.engines
+    # On the distributed engines every service follows the broker nodes and the Sentinels
+    # itself, so nothing sits between them: no host links to cut, no Redis proxy, and the
+    # agents connect as the shared user (per-host users are the single-node run's proof).
+    proxied = not engines.amqp_urls
     host_users = [
         (host_id_for(run_id, index), secrets.token_hex(16)) for index in range(1, profile.hosts + 1)
     ]
-    for host_id, password in host_users:
-        await asyncio.to_thread(backend.add_host_user, host_id, password)
+    if proxied:
+        for host_id, password in host_users:
+            await asyncio.to_thread(backend.add_host_user, host_id, password)
     async with (
-        _host_links(backend.amqp_url, profile.hosts) as (host_links, report.host_cut_by),
-        _proxies(backend.redis_url, profile.store_replicas) as redis_proxies,
+        _host_links(backend.amqp_url, profile.hosts if proxied else 0) as (host_links, cut_by),
+        _proxies(backend.redis_url, profile.store_replicas if proxied else 0) as redis_proxies,
     ):
+        report.host_cut_by = cut_by if proxied else "(not in this run)"
         config = ClusterConfig(
             amqp_url=backend.amqp_url,
             redis_url=backend.redis_url,
@@ -286,17 +322,18 @@ async def run_chaos(
             store_replicas=profile.store_replicas,
             policy_replicas=profile.policy_replicas,
             run_id=run_id,
-            verify_host_identity=True,
+            verify_host_identity=proxied,
             agent_amqp_urls=tuple(
                 _via(backend.amqp_url, link.proxy, user)
-                for link, user in zip(host_links, host_users, strict=True)
+                for link, user in zip(host_links, host_users[: len(host_links)], strict=True)
             ),
             agent_command_prefixes=tuple(
                 link.network.command_prefix if link.network else () for link in host_links
             ),
             store_redis_urls=tuple(_via(backend.redis_url, proxy) for proxy in redis_proxies),
         )
-        async with ChaosCluster(config) as cluster:
+        cluster = ChaosCluster(config) if proxied else EngineChaosCluster(config, engines)
+        async with cluster:
             fast = StateLoad(
                 await cluster.place_vms(per_host=profile.fast_vms_per_host),
                 change_interval_s=profile.change_interval_s,

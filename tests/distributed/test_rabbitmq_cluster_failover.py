@@ -34,6 +34,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from chaos.engine_cluster import EngineChaosCluster, Engines
 from chaos.harness import (
     ClusterConfig,
     StateLoad,
@@ -42,7 +43,6 @@ from chaos.harness import (
     wait_until,
     wait_until_stored,
 )
-from distributed.engine_cluster import EngineChaosCluster, Engines
 from keeper_shared.localstack import RabbitMQCluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]

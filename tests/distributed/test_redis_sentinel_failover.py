@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from chaos.engine_cluster import EngineChaosCluster, Engines
 from chaos.harness import ClusterConfig, StateLoad, analyse, figures_table, wait_until_stored
-from distributed.engine_cluster import EngineChaosCluster, Engines
 from keeper_shared.bus.topology import STATE_STORE_EVENTS
 from keeper_shared.localstack import RedisSentinelGroup
 
