@@ -12,7 +12,7 @@ import aio_pika
 import pytest
 import yarl
 
-from distributed.tcp_proxy import TcpProxy
+from chaos.tcp_proxy import TcpProxy
 from keeper_shared.bus.client import BusClient, Delivery, Route
 from keeper_shared.bus.topology import QueueSpec, event_routing_key
 from keeper_shared.localstack import free_tcp_ports
@@ -53,7 +53,8 @@ async def test_a_lost_node_is_left_for_the_next_that_answers_with_consumers_rest
 ) -> None:
     live = yarl.URL(rabbitmq_url)
     assert live.port is not None
-    proxy = TcpProxy(live.port)
+    assert live.host is not None
+    proxy = TcpProxy(live.host, live.port)
     await proxy.start()
     (closed_port,) = free_tcp_ports(1)
     # The node in use will drop out, and the next in the list does not answer at all.
@@ -73,7 +74,7 @@ async def test_a_lost_node_is_left_for_the_next_that_answers_with_consumers_rest
     publisher = await BusClient.connect(rabbitmq_url, source="test/node-list-pub", origin=origin)
     try:
         await bus.consume(spec, [Route(StatePersisted, on_persisted)], prefetch=1)
-        await proxy.cut()
+        proxy.cut()
         after_cut = str(uuid.uuid4())
         async with asyncio.timeout(30):  # generous: a hang fails, slowness does not
             while True:
@@ -87,7 +88,7 @@ async def test_a_lost_node_is_left_for_the_next_that_answers_with_consumers_rest
     finally:
         await bus.close()
         await publisher.close()
-        await proxy.cut()
+        await proxy.close()
         await _delete_queues(rabbitmq_url, [spec.name, spec.dead_letter_queue])
 
 
