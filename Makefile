@@ -27,7 +27,7 @@ lint: setup
 	$(VENV)/bin/mypy shared/src services/host-agent/src services/state-store/src services/policy/src tests bench
 
 test: lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "not on_demand"
 
 # Benchmarks against a private RabbitMQ node and Redis of their own (free ports, temp dir,
 # stopped at the end); writes docs/benchmarks.md. BENCH_ROUNDS=N changes the rounds (3).
@@ -37,7 +37,7 @@ bench: setup
 # The long chaos runs (issue 6): on a RabbitMQ node and a Redis of its own, then on a 3-node
 # RabbitMQ cluster and a Redis primary + replica + 3 Sentinels; every fault many times under
 # load, then a figures table each; exits non-zero when an invariant breaks. The short
-# variants of the same runs are part of `make test`.
+# variant of the single-node run is part of `make test`.
 chaos: setup
 	KEEPER_CHAOS_PROFILE=long $(VENV)/bin/pytest -s -p no:cacheprovider \
 		tests/chaos/test_chaos_run.py tests/distributed/test_distributed_chaos_run.py
