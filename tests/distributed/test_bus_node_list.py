@@ -41,13 +41,6 @@ async def test_no_node_answering_is_an_error() -> None:
         await BusClient.connect(urls, source="test/node-list", origin="test")
 
 
-# aiormq drops the stream writer of a connection the peer cut without closing it (the
-# warning's context is aiormq's writer task); the services run as processes, where it is
-# only a late ResourceWarning. Ignored for this test alone, by exact message.
-@pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <function StreamWriter.__del__"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
 async def test_a_lost_node_is_left_for_the_next_that_answers_with_consumers_restored(
     rabbitmq_url: str,
 ) -> None:
