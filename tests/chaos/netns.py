@@ -18,6 +18,12 @@ from dataclasses import dataclass
 
 from chaos.tcp_proxy import TcpProxy
 
+NETNS_DIR = "/run/netns"
+_netns_dir_was_mounted: bool | None = None
+"""Whether ``ip netns add`` found /run/netns mounted already when this process first made a
+namespace; if not, it mounted it, and the last `HostNetwork.destroy` unmounts it again (so
+a run leaves the machine's mounts as it found them)."""
+
 
 class NetnsUnavailableError(RuntimeError):
     """Network namespaces cannot be made here (not root, no ``ip``, or the kernel said no)."""
@@ -28,6 +34,13 @@ def _ip(*args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
     except subprocess.CalledProcessError as error:
         raise NetnsUnavailableError(f"ip {' '.join(args)}: {error.stderr.strip()}") from error
+
+
+def _is_mount_point(path: str) -> bool:
+    """Whether ``path`` is a mount point, bind mounts of its own filesystem included (which
+    ``os.path.ismount`` misses: ``ip netns`` bind-mounts /run/netns onto itself)."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+        return any(line.split()[4] == path for line in mounts)
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,9 @@ class HostNetwork:
         host_side, ns_side = f"kh{tag}{index}", f"kn{tag}{index}"
         subnet = f"10.{secrets.randbelow(200) + 50}.{secrets.randbelow(256)}"
         network = cls(namespace, host_side, f"{subnet}.1")
+        global _netns_dir_was_mounted
+        if _netns_dir_was_mounted is None:
+            _netns_dir_was_mounted = _is_mount_point(NETNS_DIR)
         try:
             _ip("netns", "add", namespace)
             _ip("link", "add", host_side, "type", "veth", "peer", "name", ns_side)
@@ -82,6 +98,10 @@ class HostNetwork:
         """Remove the namespace and the pair (either may be half made); never raises."""
         for args in (("link", "del", self.host_side), ("netns", "del", self.namespace)):
             subprocess.run(["ip", *args], capture_output=True, timeout=30, check=False)
+        # Unmounted only when empty: another namespace may still live there.
+        ours = _netns_dir_was_mounted is False and _is_mount_point(NETNS_DIR)
+        if ours and not os.listdir(NETNS_DIR):
+            subprocess.run(["umount", NETNS_DIR], capture_output=True, timeout=30, check=False)
 
 
 @dataclass(frozen=True)
