@@ -204,19 +204,11 @@ class RedisSentinelGroup:
         deadline = time.monotonic() + timeout
 
         def promoted() -> bool:
-            try:
-                port = self._master_port()
-            except LocalStackError:
+            answer = self._ask_primary("ROLE")
+            if answer is None:
                 return False
-            if port == old_primary.config.port:
-                return False
-            client = _client(port)
-            try:
-                return bool(_ask(client, "ROLE")[0] == "master")
-            except redis.RedisError:
-                return False
-            finally:
-                client.close()
+            port, role = answer
+            return port != old_primary.config.port and role[0] == "master"
 
         self._wait(promoted, "a Sentinel failover", deadline)
         return self.primary()
@@ -227,17 +219,8 @@ class RedisSentinelGroup:
         deadline = time.monotonic() + timeout
 
         def replica_online() -> bool:
-            try:
-                port = self._master_port()
-            except LocalStackError:
-                return False
-            client = _client(port)
-            try:
-                info = _ask(client, "INFO", "replication")
-            except redis.RedisError:
-                return False
-            finally:
-                client.close()
+            answer = self._ask_primary("INFO", "replication")
+            info = answer[1] if answer is not None else None
             replicas = [
                 value
                 for key, value in (info.items() if isinstance(info, dict) else [])
@@ -253,6 +236,21 @@ class RedisSentinelGroup:
             sentinel.stop()
         for server in reversed(self.servers):
             server.stop()
+
+    def _ask_primary(self, *command: str) -> tuple[int, Any] | None:
+        """The port the Sentinels name as primary, and that server's answer to
+        ``command``; None while the Sentinels or the server cannot be asked."""
+        try:
+            port = self._master_port()
+        except LocalStackError:
+            return None
+        client = _client(port)
+        try:
+            return port, _ask(client, *command)
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
 
     def _master_port(self) -> int:
         for sentinel in self.sentinels:
