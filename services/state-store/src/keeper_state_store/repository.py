@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from importlib import resources
 from typing import cast
@@ -85,21 +85,11 @@ class WriteResult:
     detail: str
 
 
-@dataclass(frozen=True)
-class VersionRecord:
-    """Metadata of one stored version (everything but the bytes)."""
+@dataclass(frozen=True, kw_only=True)
+class VersionRecord(VersionMeta):
+    """Metadata of one stored version (everything but the bytes), with its number."""
 
     version: int
-    content_hash: str
-    size: int
-    token: FencingToken
-    host: str
-    """'' for clones and imports, which no host wrote."""
-    stored_at: datetime
-    origin: VersionOrigin = VersionOrigin.HOST
-    source_vm_id: str | None = None
-    swtpm_version: str | None = None
-    """swtpm on the host that read this state (None for old records, clones, imports)."""
 
     @classmethod
     def from_meta(cls, version: int, raw: bytes) -> VersionRecord:
@@ -107,15 +97,7 @@ class VersionRecord:
         releases); raises `VersionMetaError` when it is malformed."""
         meta = unpack_version_meta(raw)
         return cls(
-            version=version,
-            content_hash=meta.content_hash,
-            size=meta.size,
-            token=meta.token,
-            host=meta.host,
-            stored_at=meta.stored_at,
-            origin=meta.origin,
-            source_vm_id=meta.source_vm_id,
-            swtpm_version=meta.swtpm_version,
+            version=version, **{field.name: getattr(meta, field.name) for field in fields(meta)}
         )
 
 
