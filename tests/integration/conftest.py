@@ -1,4 +1,5 @@
-"""Fixtures for the integration tests that run swtpm themselves."""
+"""Fixtures for the integration tests: swtpm checks, and in-process state stores on the
+session's RabbitMQ and Redis."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import contextlib
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
+from keeper_shared.encryption import KeyEncryptionKey
+from keeper_shared.localstack import RedisServer
 from keeper_shared.swtpm_tools import missing_tools, write_private_ca_config
 from process_table import swtpm_children
+from store_harness import Store, running_store
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +51,18 @@ def no_swtpm_left() -> Iterator[None]:
 def ca_config(tmp_path_factory: pytest.TempPathFactory, swtpm_tools: None) -> Path:
     """A private swtpm_setup config, so tests do not touch /var/lib/swtpm-localca."""
     return write_private_ca_config(tmp_path_factory.mktemp("swtpm-ca"))
+
+
+@pytest_asyncio.fixture
+async def store(rabbitmq_url: str, redis_url: str) -> AsyncIterator[Store]:
+    """A state store of the test's own (private queues, fake host, random KEK)."""
+    async with running_store(rabbitmq_url, redis_url, KeyEncryptionKey(os.urandom(32))) as s:
+        yield s
+
+
+@pytest_asyncio.fixture
+async def empty_store(rabbitmq_url: str, private_redis_server: RedisServer) -> AsyncIterator[Store]:
+    """A second store: its own, empty Redis and its own KEK."""
+    kek = KeyEncryptionKey(os.urandom(32))
+    async with running_store(rabbitmq_url, private_redis_server.url, kek) as s:
+        yield s

@@ -9,31 +9,22 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from typer.testing import CliRunner, Result
 
 from keeper_shared.cli.app import app
 from keeper_shared.cli.errors import ExitCode
-from keeper_shared.encryption import KeyEncryptionKey
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_keys import hosts_key, placement_key, vm_record_key
 from keeper_shared.redis_results import awaited
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
-from store_harness import Store, running_store, unique
+from store_harness import Store, unique
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
-
-
-@pytest_asyncio.fixture
-async def store(rabbitmq_url: str, redis_url: str) -> AsyncIterator[Store]:
-    async with running_store(rabbitmq_url, redis_url, KeyEncryptionKey(os.urandom(32))) as s:
-        yield s
 
 
 async def keeper(store: Store, redis_url: str, *arguments: str, stdin: str = "") -> Result:

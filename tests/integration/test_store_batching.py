@@ -8,29 +8,20 @@ store consumes them from its queue (prefetch 32) and coalesces the pulls.
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
-import pytest_asyncio
 
-from keeper_shared.encryption import KeyEncryptionKey
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat, VmInventoryEntry
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
-from store_harness import Store, running_store, sha256
+from store_harness import Store, sha256
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 
 VMS = 40
 TIMEOUT_S = 30.0
-
-
-@pytest_asyncio.fixture
-async def store(rabbitmq_url: str, redis_url: str) -> AsyncIterator[Store]:
-    async with running_store(rabbitmq_url, redis_url, KeyEncryptionKey(os.urandom(32))) as s:
-        yield s
 
 
 async def test_many_changes_on_one_host_are_fetched_in_few_batches(store: Store) -> None:

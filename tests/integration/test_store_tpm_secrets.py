@@ -10,38 +10,20 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 from pydantic import SecretBytes
 
-from keeper_shared.encryption import KeyEncryptionKey
-from keeper_shared.localstack.redis import RedisServer
 from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import FencingToken, StateKind, TpmSecret
 from keeper_shared.redis_keys import tpm_secret_key
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from leak_scan import find_leaks, leak_forms
-from store_harness import Store, running_store
+from store_harness import Store
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 
 PASSPHRASE = "export passphrase 7c1d"
-
-
-@pytest_asyncio.fixture
-async def store(rabbitmq_url: str, redis_url: str) -> AsyncIterator[Store]:
-    async with running_store(rabbitmq_url, redis_url, KeyEncryptionKey(os.urandom(32))) as s:
-        yield s
-
-
-@pytest_asyncio.fixture
-async def empty_store(rabbitmq_url: str, private_redis_server: RedisServer) -> AsyncIterator[Store]:
-    """A second store: its own, empty Redis and its own KEK."""
-    kek = KeyEncryptionKey(os.urandom(32))
-    async with running_store(rabbitmq_url, private_redis_server.url, kek) as s:
-        yield s
 
 
 async def _restore(store: Store, vm_id: str, epoch: int, *, encrypt: bool) -> dict[str, str]:

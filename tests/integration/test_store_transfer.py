@@ -15,46 +15,28 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 from redis.asyncio import Redis
 
 from keeper_shared.client import KeeperRequestError
 from keeper_shared.encryption import (
     DecryptionError,
-    KeyEncryptionKey,
     blob_associated_data,
     decrypt_blob,
 )
-from keeper_shared.localstack import RedisServer
 from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_results import awaited
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from leak_scan import content_fingerprints, find_leaks, leak_forms
-from store_harness import Store, prepared_content, running_store, sha256
+from store_harness import Store, prepared_content, sha256
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 
 PASSPHRASE = "export passphrase 0f9e"
 TOKEN = FencingToken(epoch=4, generation=17)
-
-
-@pytest_asyncio.fixture
-async def store(rabbitmq_url: str, redis_url: str) -> AsyncIterator[Store]:
-    async with running_store(rabbitmq_url, redis_url, KeyEncryptionKey(os.urandom(32))) as s:
-        yield s
-
-
-@pytest_asyncio.fixture
-async def empty_store(rabbitmq_url: str, private_redis_server: RedisServer) -> AsyncIterator[Store]:
-    """A second store: its own, empty Redis and its own KEK."""
-    kek = KeyEncryptionKey(os.urandom(32))
-    async with running_store(rabbitmq_url, private_redis_server.url, kek) as s:
-        yield s
 
 
 async def vm_with_state(store: Store) -> tuple[str, bytes, bytes]:
