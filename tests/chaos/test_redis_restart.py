@@ -27,6 +27,7 @@ from chaos.harness import (
     figures_table,
     wait_until_stored,
 )
+from chaos.verdict import acknowledged_lost
 from keeper_shared.bus.topology import STATE_STORE_EVENTS
 from keeper_shared.localstack import RedisServer
 
@@ -80,12 +81,7 @@ async def test_redis_sigkill_and_restart_loses_no_acknowledged_version(
         cluster.check_running()
         dead_lettered = await cluster.queue_depth(DEAD_LETTERS) - dead_letters_before
 
-        lost = []
-        for seen in acknowledged:
-            event = seen.data
-            kept = (await cluster.stored_versions(event.vm_id, event.kind)).get(event.version)
-            if kept is None or kept.content_hash != event.content_hash or kept.token != event.token:
-                lost.append(f"{event.kind.value} v{event.version} of {event.vm_id[:8]}")
+        lost = await acknowledged_lost(cluster, acknowledged)
         persisted = cluster.recorder.persisted_for(vm_ids)
         after_restart = [seen for seen in persisted if seen.received_at > restarted_at]
         # Announced (stamped by the store) while Redis was surely down: the margin covers a

@@ -43,6 +43,7 @@ from chaos.harness import (
     wait_until,
     wait_until_stored,
 )
+from chaos.verdict import acknowledged_lost
 from keeper_shared.localstack import RabbitMQCluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
@@ -158,12 +159,7 @@ async def test_killing_the_node_the_services_use_loses_nothing(
         cluster.check_running()
         kept = await _drain(node_1.amqp_url, kept_queue)
 
-        lost = []
-        for seen in acknowledged:
-            event = seen.data
-            stored = (await cluster.stored_versions(event.vm_id, event.kind)).get(event.version)
-            if stored is None or stored.content_hash != event.content_hash:
-                lost.append(f"{event.kind.value} v{event.version} of {event.vm_id[:8]}")
+        lost = await acknowledged_lost(cluster, acknowledged)
         after_kill = [seen for seen in down if seen.received_at > killed_at]
         after_restart = [
             seen

@@ -29,6 +29,7 @@ import pytest
 
 from chaos.engine_cluster import EngineChaosCluster, Engines
 from chaos.harness import ClusterConfig, StateLoad, analyse, figures_table, wait_until_stored
+from chaos.verdict import acknowledged_lost
 from keeper_shared.bus.topology import STATE_STORE_EVENTS
 from keeper_shared.localstack import RedisSentinelGroup
 
@@ -89,12 +90,7 @@ async def test_sentinel_failover_loses_no_acknowledged_write(
         quiet_after_s = await wait_until_stored(cluster, load, QUIET_TIMEOUT_S)
         cluster.check_running()
 
-        lost = []
-        for seen in acknowledged:
-            event = seen.data
-            kept = (await cluster.stored_versions(event.vm_id, event.kind)).get(event.version)
-            if kept is None or kept.content_hash != event.content_hash or kept.token != event.token:
-                lost.append(f"{event.kind.value} v{event.version} of {event.vm_id[:8]}")
+        lost = await acknowledged_lost(cluster, acknowledged)
         persisted = cluster.recorder.persisted_for(vm_ids)
         after_failover = [seen for seen in persisted if seen.received_at > failed_over_at]
         analysis = await analyse(cluster, load)
