@@ -15,32 +15,6 @@ import pytest
 from chaos.harness import kill_leftovers
 from keeper_shared.localstack import RabbitMQCluster, RedisSentinelGroup
 
-DISTRIBUTED = Path(__file__).parent
-
-CUT_CONNECTION_WARNINGS = (
-    "Exception ignored in. <socket.socket fd=[0-9]+, family=2, type=1, proto=6",
-    "Exception ignored in. <function _SelectorTransport.__del__",
-    "Exception ignored in. <function StreamWriter.__del__",
-)
-"""What aiormq leaves behind in the test process when a broker node dies under one of its
-connections (the test's own publisher on the killed node, a cut proxy): its stream and
-transport are dropped without being closed, and Python reports them when they are
-collected (seen on Python 3.11.2 only, in about one run of three). Killing nodes under
-connections is what these tests do, so these three messages are ignored here, and only
-here; every other warning still fails the test."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Ignore `CUT_CONNECTION_WARNINGS` in this directory's tests."""
-    for item in items:
-        if item.path.is_relative_to(DISTRIBUTED):
-            for message in CUT_CONNECTION_WARNINGS:
-                item.add_marker(
-                    pytest.mark.filterwarnings(
-                        f"ignore:{message}:pytest.PytestUnraisableExceptionWarning"
-                    )
-                )
-
 
 @pytest.fixture
 def rabbitmq_cluster(tmp_path: Path, local_servers_installed: None) -> Iterator[RabbitMQCluster]:
