@@ -103,18 +103,37 @@ async def read_stable(
 ) -> StateSnapshot | None:
     """Two consecutive undisturbed reads, ``window_s`` apart, that agree; None if the state
     kept changing for ``max_rounds`` windows or does not exist."""
-    if not await asyncio.to_thread(location.signature):
+    # One trip to the worker thread per read: each trip costs more CPU than reading and
+    # comparing a 16 KiB state, and a saturated host makes thousands of them a second.
+    present, previous = await asyncio.to_thread(_first_read, location)
+    if not present:
         return None  # nothing there yet; its creation is itself an event that pokes again
-    previous = await asyncio.to_thread(location.read)
     for _ in range(max_rounds):
         await asyncio.sleep(window_s)
-        current = await asyncio.to_thread(location.read)
-        # Equal signatures and equal bytes: exact, and a memcmp costs a fraction of a
-        # sha256 of 540 KB, so only the read that is kept gets hashed.
-        if previous is not None and current is not None and current == previous:
-            return await asyncio.to_thread(current.hashed)
+        current = await asyncio.to_thread(_read_again, location, previous)
+        if isinstance(current, StateSnapshot):
+            return current
         previous = current
     return None
+
+
+def _first_read(location: StateLocation) -> tuple[bool, UndisturbedRead | None]:
+    """Whether the state exists at all, and one undisturbed read of it."""
+    if not location.signature():
+        return False, None
+    return True, location.read()
+
+
+def _read_again(
+    location: StateLocation, previous: UndisturbedRead | None
+) -> StateSnapshot | UndisturbedRead | None:
+    """The next read: hashed when it agrees with ``previous`` (stable), else as read."""
+    current = location.read()
+    # Equal signatures and equal bytes: exact, and a memcmp costs a fraction of a sha256 of
+    # 540 KB, so only the read that is kept gets hashed.
+    if previous is not None and current is not None and current == previous:
+        return current.hashed()
+    return current
 
 
 def _read_regular_file(path: Path, limit: int) -> bytes | None:

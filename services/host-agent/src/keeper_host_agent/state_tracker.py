@@ -17,6 +17,7 @@ import structlog
 from keeper_host_agent.domain_xml import DomainStateLocation
 from keeper_host_agent.state_reader import FileStat, StateLocation, StateSnapshot, read_stable
 from keeper_shared.blobs import seal_blob
+from keeper_shared.cpu_work import run_sized
 from keeper_shared.messages.host import VmInventoryEntry
 from keeper_shared.messages.state import StateChanged
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
@@ -183,7 +184,8 @@ class StateTracker:
         self, tracked: TrackedVm, kind: StateKind, state: TrackedState, snapshot: StateSnapshot
     ) -> None:
         token = FencingToken(epoch=tracked.domain.epoch, generation=self._clock.next())
-        state.blob = await asyncio.to_thread(
+        state.blob = await run_sized(
+            len(snapshot.content),
             seal_blob,
             kind,
             snapshot.content,

@@ -18,6 +18,7 @@ from keeper_shared.blobs import open_blob
 from keeper_shared.bus.client import BusClient, CallError, Delivery, Route
 from keeper_shared.bus.topology import host_command_key
 from keeper_shared.compression import BlobFormatError
+from keeper_shared.cpu_work import run_sized
 from keeper_shared.encryption import DecryptionError
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, MessageError
@@ -283,7 +284,7 @@ class StateService:
         began = time.perf_counter()
         metrics.PULLED_BYTES.labels(kind=blob.kind.value).inc(blob.size)
         try:
-            await asyncio.to_thread(open_blob, blob)
+            await run_sized(blob.size, open_blob, blob)
         except BlobFormatError as error:
             metrics.PERSISTED.labels(kind=blob.kind.value, outcome="refused").inc()
             await self._refuse(vm_id, blob.kind, host, f"blob does not verify: {error}")

@@ -8,11 +8,10 @@ store.
 
 from __future__ import annotations
 
-import asyncio
-
 from pydantic import SecretBytes
 
 from keeper_shared.blobs import open_blob
+from keeper_shared.cpu_work import run_sized
 from keeper_shared.encryption import blob_associated_data, decrypt_blob, encrypt_blob
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 from keeper_state_store.repository import StateRepository, VersionRecord
@@ -55,7 +54,7 @@ class BlobVault:
             token=record.token,
             compressed=SecretBytes(decrypt_blob(data_key, sealed, associated)),
         )
-        await asyncio.to_thread(open_blob, blob)
+        await run_sized(blob.size, open_blob, blob)
         return record, blob
 
 
