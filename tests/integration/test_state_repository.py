@@ -475,3 +475,55 @@ async def test_a_data_key_created_anew_is_used_not_a_remembered_one(
     second = await repository.data_key(vm_id)
     assert second != first
     assert await repository.data_key(vm_id) == second
+
+
+async def _script_exists_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    entry = stats.get("cmdstat_script|exists")
+    return int(entry["calls"]) if entry else 0
+
+
+async def test_a_write_asks_no_script_exists_once_the_script_ran(
+    private_redis_server: RedisServer, kek: KeyEncryptionKey
+) -> None:
+    # redis-py asks SCRIPT EXISTS before every pipeline holding a script: a round trip per
+    # stored version that the repository skips for a script its server has already run.
+    redis = Redis.from_url(private_redis_server.url)
+    try:
+        repository = StateRepository(redis, KeyRing(kek), history_depth=HISTORY_DEPTH)
+        vm = str(uuid.uuid4())
+        await _place(redis, vm, "host-a", 1)
+        await _write(repository, vm, generation=1, content=b"v1")
+        asked = await _script_exists_calls(redis)
+
+        for generation in range(2, 6):
+            result = await _write(
+                repository, vm, generation=generation, content=b"v%d" % generation
+            )
+            assert result.outcome is WriteOutcome.STORED
+
+        assert await _script_exists_calls(redis) == asked
+    finally:
+        await redis.aclose()
+
+
+async def test_a_write_after_the_server_forgot_its_scripts_is_stored_once(
+    private_redis_server: RedisServer, kek: KeyEncryptionKey
+) -> None:
+    # A restart or a failover empties the script cache: the write that meets NOSCRIPT
+    # loads the script and runs again, and is applied exactly once.
+    redis = Redis.from_url(private_redis_server.url)
+    try:
+        repository = StateRepository(redis, KeyRing(kek), history_depth=HISTORY_DEPTH)
+        vm = str(uuid.uuid4())
+        await _place(redis, vm, "host-a", 1)
+        await _write(repository, vm, generation=1, content=b"v1")
+        await redis.script_flush()
+
+        result = await _write(repository, vm, generation=2, content=b"v2")
+
+        assert result == WriteResult(WriteOutcome.STORED, "2")
+        history = await awaited(redis.lrange(state_history_key(vm, StateKind.TPM), 0, -1))
+        assert history == [b"1", b"2"]
+    finally:
+        await redis.aclose()

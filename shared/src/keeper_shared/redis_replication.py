@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from keeper_shared.redis_keys import replication_barrier_key
 
@@ -45,12 +47,41 @@ async def run_replicated(
     its own connection's last write. A barrier write just before it makes that offset
     cover every write made before, by anyone, even when the queued commands wrote nothing.
     """
+    try:
+        return await _run_once(redis, quorum, queue, trust_script_cache=True)
+    except NoScriptError:
+        # The server forgot its scripts (a restart, or a failover to a replica): nothing of
+        # the lone script ran, so running it again, loading it first, is safe.
+        _scripts_loaded.pop(redis, None)
+        return await _run_once(redis, quorum, queue, trust_script_cache=False)
+
+
+_scripts_loaded: WeakKeyDictionary[Redis, set[str]] = WeakKeyDictionary()
+"""Per client, the scripts (by sha) its server is known to hold."""
+
+
+async def _run_once(
+    redis: Redis,
+    quorum: ReplicaQuorum,
+    queue: Callable[[Pipeline], Awaitable[Any]],
+    *,
+    trust_script_cache: bool,
+) -> list[Any]:
     async with redis.pipeline(transaction=False) as pipe:
         await queue(pipe)
+        shas = {script.sha for script in pipe.scripts}
+        loaded = _scripts_loaded.setdefault(redis, set())
+        # redis-py asks SCRIPT EXISTS before every pipeline that holds a script: one more
+        # round trip per stored version. Skipped for a script this server already ran, but
+        # only when the script is the pipeline's one command, so that a NOSCRIPT reply
+        # means nothing ran and the retry above cannot apply anything twice.
+        if trust_script_cache and len(pipe.command_stack) == 1 and shas <= loaded:
+            pipe.scripts.clear()
         if quorum.min_replicas:
             pipe.incr(replication_barrier_key())
             pipe.wait(quorum.min_replicas, quorum.timeout_ms)
         results: list[Any] = await pipe.execute()
+    loaded |= shas
     if not quorum.min_replicas:
         return results
     *results, _barrier, replicas = results
