@@ -24,7 +24,13 @@ from bench.env import PersistedRecorder
 from keeper_shared.bus.client import BusClient, Delivery, Route
 from keeper_shared.bus.topology import declare_exchanges, event_routing_key, host_command_queue
 from keeper_shared.messages.envelope import Envelope, encode, new_envelope
-from keeper_shared.messages.state import FetchedVmState, FetchState, StateChanged, StateFetched
+from keeper_shared.messages.state import (
+    FetchedVmState,
+    FetchState,
+    StateChange,
+    StateChanged,
+    StateFetched,
+)
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 from keeper_shared.redis_keys import placement_key
 
@@ -87,12 +93,16 @@ class FakeHosts:
         blob = pool[step % len(pool)].model_copy(update={"token": token})
         self.current[(vm.vm_id, kind)] = blob
         change = StateChanged(
-            vm_id=vm.vm_id,
             host=vm.host,
-            kind=kind,
-            content_hash=blob.content_hash,
-            size=blob.size,
-            token=token,
+            changes=[
+                StateChange(
+                    vm_id=vm.vm_id,
+                    kind=kind,
+                    content_hash=blob.content_hash,
+                    size=blob.size,
+                    token=token,
+                )
+            ],
         )
         envelope = new_envelope(change, source=f"host-agent/{vm.host}", subject=vm.vm_id)
         await self.events.publish(

@@ -30,7 +30,13 @@ from keeper_shared.encryption import KeyEncryptionKey
 from keeper_shared.key_ring import KeyRing
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
-from keeper_shared.messages.state import FetchedVmState, FetchState, StateChanged, StateFetched
+from keeper_shared.messages.state import (
+    FetchedVmState,
+    FetchState,
+    StateChange,
+    StateChanged,
+    StateFetched,
+)
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, TpmSecret
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.redis_keys import placement_key, state_blobs_key
@@ -70,16 +76,25 @@ class FakeHost:
 
     async def announce(self, vm_id: str, kind: StateKind) -> None:
         """Publish ``state.changed`` for what the host holds, as the agent does."""
-        blob = self.state[vm_id][kind]
-        change = StateChanged(
-            vm_id=vm_id,
-            host=self.host_id,
-            kind=kind,
-            content_hash=blob.content_hash,
-            size=blob.size,
-            token=blob.token,
-        )
-        await self.bus.publish_event(change, subject=vm_id)
+        await self.announce_together([vm_id], kind)
+
+    async def announce_together(self, vm_ids: list[str], kind: StateKind) -> None:
+        """One ``state.changed`` for these VMs' states, as the agent sends what it found
+        stable while its previous announcement was on its way."""
+        changes = []
+        for vm_id in vm_ids:
+            blob = self.state[vm_id][kind]
+            changes.append(
+                StateChange(
+                    vm_id=vm_id,
+                    kind=kind,
+                    content_hash=blob.content_hash,
+                    size=blob.size,
+                    token=blob.token,
+                )
+            )
+        event = StateChanged(host=self.host_id, changes=changes)
+        await self.bus.publish_event(event, subject=self.host_id)
 
     def last_prepared(self, vm_id: str) -> PrepareVm:
         """The newest prepare the host got for ``vm_id``."""

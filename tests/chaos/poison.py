@@ -23,7 +23,7 @@ from keeper_shared.bus.topology import EVENTS_EXCHANGE, event_routing_key, host_
 from keeper_shared.compression import compress
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import encode, new_envelope
-from keeper_shared.messages.state import StateChanged
+from keeper_shared.messages.state import StateChange, StateChanged
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 from keeper_shared.messages.vm import PrepareVm
 
@@ -77,12 +77,16 @@ async def send_poison(cluster: ChaosCluster, canary: bytes) -> PoisonOutcome:
         vm_id = str(uuid.uuid4())
         valid = new_envelope(
             StateChanged(
-                vm_id=vm_id,
                 host=host.host_id,
-                kind=StateKind.TPM,
-                content_hash="0" * 64,
-                size=len(canary),
-                token=FencingToken(epoch=1, generation=1),
+                changes=[
+                    StateChange(
+                        vm_id=vm_id,
+                        kind=StateKind.TPM,
+                        content_hash="0" * 64,
+                        size=len(canary),
+                        token=FencingToken(epoch=1, generation=1),
+                    )
+                ],
             ),
             source="chaos/poison",
             subject=vm_id,

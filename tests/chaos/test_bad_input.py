@@ -44,7 +44,7 @@ from keeper_shared.bus.topology import (
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import MAX_MESSAGE_BYTES, Payload, encode, new_envelope
 from keeper_shared.messages.placement import PlaceVm
-from keeper_shared.messages.state import RestoreState, StateChanged
+from keeper_shared.messages.state import RestoreState, StateChange, StateChanged
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.redis_keys import placement_key
@@ -92,12 +92,12 @@ async def test_bad_input_is_dead_lettered_refused_and_changes_nothing(
         ghost = f"ghost-{uuid.uuid4().hex[:8]}"
         token = FencingToken(epoch=1, generation=1)
         store_change = StateChanged(
-            vm_id=vm_id,
             host=host.host_id,
-            kind=StateKind.TPM,
-            content_hash="0" * 64,
-            size=1,
-            token=token,
+            changes=[
+                StateChange(
+                    vm_id=vm_id, kind=StateKind.TPM, content_hash="0" * 64, size=1, token=token
+                )
+            ],
         )
         restore = RestoreState(vm_id=vm_id, name="chaos-x", host=host.host_id, epoch=1)
         place = PlaceVm(vm_id=vm_id, host=host.host_id)
@@ -141,12 +141,16 @@ async def test_bad_input_is_dead_lettered_refused_and_changes_nothing(
         try:
             await ghost_bus.publish_event(
                 StateChanged(
-                    vm_id=poison_vm,
                     host=ghost,
-                    kind=StateKind.NVRAM,
-                    content_hash="1" * 64,
-                    size=4096,
-                    token=token,
+                    changes=[
+                        StateChange(
+                            vm_id=poison_vm,
+                            kind=StateKind.NVRAM,
+                            content_hash="1" * 64,
+                            size=4096,
+                            token=token,
+                        )
+                    ],
                 ),
                 subject=poison_vm,
             )

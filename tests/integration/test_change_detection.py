@@ -1,7 +1,7 @@
 """The host agent's change detection on real files: StateTracker + ChangeWatcher (inotify).
 
 No libvirt and no bus: a `DomainStateLocation` points at directories under ``tmp_path`` and
-the tracker's ``publish`` callback records every `StateChanged`. The files are written the
+the tracker's ``publish`` callback records every `StateChange`. The files are written the
 way the real writers do it (swtpm: a temporary file renamed over ``tpm2-00.permall``;
 OVMF/QEMU: the NVRAM file rewritten in place), and the tests check what reaches the bus:
 only stable content (invariant 6), with the hash of the canonical content, never for a VM
@@ -32,7 +32,7 @@ from keeper_host_agent.domain_xml import DomainStateLocation
 from keeper_host_agent.state_reader import UndisturbedRead
 from keeper_host_agent.state_tracker import StateTracker
 from keeper_shared.blobs import content_hash, open_blob
-from keeper_shared.messages.state import StateChanged
+from keeper_shared.messages.state import StateChange
 from keeper_shared.messages.types import StateKind
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 
@@ -50,10 +50,10 @@ TIMEOUT_S = 15.0
 
 @dataclass(frozen=True)
 class Published:
-    """One StateChanged as the tracker handed it to the bus, with when."""
+    """One StateChange as the tracker handed it to the bus, with when."""
 
     at: float
-    change: StateChanged
+    change: StateChange
 
 
 class Harness:
@@ -67,15 +67,15 @@ class Harness:
         self.tpm_dir = self.swtpm_root / VM_ID / "tpm2"
         self.nvram_path = self.nvram_dir / f"{VM_NAME}_VARS.fd"
         self.published: list[Published] = []
-        self.on_publish: Callable[[StateChanged], None] | None = None
+        self.on_publish: Callable[[StateChange], None] | None = None
         """Called with each change as it is published (to act at that exact moment)."""
-        self.tracker = StateTracker(host_id=HOST_ID, window_s=WINDOW_S, publish=self._publish)
+        self.tracker = StateTracker(window_s=WINDOW_S, announce=self._publish)
         # The periodic rescan is never started here: what is found, inotify (or an explicit
         # rescan() call) found.
         self.watcher = ChangeWatcher(self.tracker, rescan_interval_s=3600)
         self._inotify_task: asyncio.Task[None] | None = None
 
-    async def _publish(self, change: StateChanged) -> None:
+    async def _publish(self, change: StateChange) -> None:
         self.published.append(Published(time.monotonic(), change))
         if self.on_publish is not None:
             self.on_publish(change)
@@ -100,7 +100,7 @@ class Harness:
         self.watcher.sync_watches()
         self._inotify_task = asyncio.create_task(self.watcher.watch_inotify())
 
-    def changes(self, kind: StateKind | None = None) -> list[StateChanged]:
+    def changes(self, kind: StateKind | None = None) -> list[StateChange]:
         return [p.change for p in self.published if kind is None or p.change.kind is kind]
 
     async def wait_published(self, count: int, timeout_s: float = TIMEOUT_S) -> list[Published]:
@@ -207,7 +207,6 @@ async def test_tpm_state_written_by_rename_is_published_once_after_it_was_stable
     change = first.change
     assert change.kind is StateKind.TPM
     assert change.vm_id == VM_ID
-    assert change.host == HOST_ID
     assert change.content_hash == tpm_hash(permall)
     assert change.size == len(pack_tpm_state({MAIN_STATE_FILE_NAME: permall}))
     assert change.token.epoch == 1
@@ -491,7 +490,7 @@ async def test_a_change_right_after_the_stable_read_still_gets_its_own_check(
     await finished_check(harness, StateKind.NVRAM)
     final = version_bytes(2, NVRAM_SIZE)
 
-    def write_again_once_announced(change: StateChanged) -> None:
+    def write_again_once_announced(change: StateChange) -> None:
         # Between the stable read and the confirming read: exactly what must not be missed.
         if change.content_hash == content_hash(version_bytes(1, NVRAM_SIZE)):
             write_in_place(harness.nvram_path, 0, final)

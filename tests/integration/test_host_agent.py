@@ -44,7 +44,7 @@ from keeper_shared.blobs import content_hash, seal_blob
 from keeper_shared.bus.client import BusClient, Delivery
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, P, Payload, new_envelope
-from keeper_shared.messages.state import FetchState, StateChanged
+from keeper_shared.messages.state import FetchState, StateChange, StateChanged
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, TpmSecret
 from keeper_shared.messages.vm import (
@@ -269,7 +269,7 @@ class Host:
     hypervisor: LibvirtHypervisor
     tracker: StateTracker
     commands: HostCommands
-    published: list[StateChanged]
+    published: list[StateChange]
     events: list[LifecycleEvent]
 
     @property
@@ -314,16 +314,14 @@ def host_settings(tmp_path: Path) -> HostAgentSettings:
 @pytest_asyncio.fixture
 async def host(tmp_path: Path) -> AsyncIterator[Host]:
     settings = host_settings(tmp_path)
-    published: list[StateChanged] = []
+    published: list[StateChange] = []
     events: list[LifecycleEvent] = []
 
-    async def publish(change: StateChanged) -> None:
+    async def publish(change: StateChange) -> None:
         published.append(change)
 
     hypervisor = LibvirtHypervisor(settings.libvirt_uri)
-    tracker = StateTracker(
-        host_id=settings.host_id, window_s=settings.stability_window_s, publish=publish
-    )
+    tracker = StateTracker(window_s=settings.stability_window_s, announce=publish)
     hypervisor.open(events.append)
     try:
         yield Host(
@@ -560,6 +558,11 @@ class RecordingBus:
         return [e for e in self.events if isinstance(e, kind)]
 
 
+def announced_changes(bus: RecordingBus) -> list[StateChange]:
+    """Every change in every ``state.changed`` the agent published, in order."""
+    return [c for e in cast(list[StateChanged], bus.of_type(StateChanged)) for c in e.changes]
+
+
 @pytest_asyncio.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[tuple[HostAgent, RecordingBus]]:
     bus = RecordingBus()
@@ -597,12 +600,12 @@ async def test_agent_tracks_a_started_vm_and_announces_the_prepared_state(
     )
     assert started.ok, started.error
 
-    await wait_until(lambda: len(bus.of_type(StateChanged)) >= 2, "two state.changed events")
-    changes = cast(list[StateChanged], bus.of_type(StateChanged))
-    by_kind = {c.kind: c for c in changes}
+    await wait_until(lambda: len(announced_changes(bus)) >= 2, "two changes announced")
+    by_kind = {c.kind: c for c in announced_changes(bus)}
     assert by_kind[StateKind.TPM].content_hash == tpm.content_hash
     assert by_kind[StateKind.NVRAM].content_hash == content_hash(nvram)
-    assert all(c.token.epoch == 3 and c.host == HOST_ID for c in changes)
+    assert all(c.token.epoch == 3 for c in by_kind.values())
+    assert all(e.host == HOST_ID for e in cast(list[StateChanged], bus.of_type(StateChanged)))
     assert len(bus.of_type(VmDefined)) == 1
     assert len(bus.of_type(VmStarted)) == 1
     (entry,) = host_agent.tracker.inventory()
@@ -616,9 +619,7 @@ async def test_agent_tracks_a_started_vm_and_announces_the_prepared_state(
     os.rename(tpm_dir / "TMP2-00.permall", tpm_dir / MAIN_STATE_FILE_NAME)
     newer_hash = content_hash(pack_tpm_state({MAIN_STATE_FILE_NAME: newer}))
     await wait_until(
-        lambda: any(
-            isinstance(e, StateChanged) and e.content_hash == newer_hash for e in bus.events
-        ),
+        lambda: any(c.content_hash == newer_hash for c in announced_changes(bus)),
         "state.changed for swtpm's save",
     )
 

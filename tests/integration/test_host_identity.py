@@ -17,6 +17,7 @@ from keeper_shared.encryption import KeyEncryptionKey
 from keeper_shared.messages.state import (
     FetchedVmState,
     FetchState,
+    StateChange,
     StateChanged,
     StateFetched,
     StatePersisted,
@@ -70,12 +71,16 @@ async def test_a_change_published_by_another_user_is_refused_and_audited(
         # Same routing key and body a real announcement has; only the broker user differs.
         await impostor.publish_event(
             StateChanged(
-                vm_id=vm_id,
                 host=store.host.host_id,
-                kind=StateKind.NVRAM,
-                content_hash=blob.content_hash,
-                size=blob.size,
-                token=blob.token,
+                changes=[
+                    StateChange(
+                        vm_id=vm_id,
+                        kind=StateKind.NVRAM,
+                        content_hash=blob.content_hash,
+                        size=blob.size,
+                        token=blob.token,
+                    )
+                ],
             ),
             subject=vm_id,
         )

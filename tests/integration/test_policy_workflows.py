@@ -32,7 +32,12 @@ from keeper_policy.keys import workflow_key
 from keeper_shared.cli.views import vm_status
 from keeper_shared.client import KeeperRequestError
 from keeper_shared.messages.placement import StopMode, VmEvicted, VmMigrated, VmPlaced
-from keeper_shared.messages.state import StateChanged, StatePersisted, StateWriteRefused
+from keeper_shared.messages.state import (
+    StateChange,
+    StateChanged,
+    StatePersisted,
+    StateWriteRefused,
+)
 from keeper_shared.messages.tpm import TpmStateStranded, VmSpec
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm import StartVm, StopReason, VmStarted, VmStopped
@@ -122,12 +127,16 @@ async def test_live_migration_moves_the_placement_and_fences_the_source(
         await stack.publish_as_host(
             "a",
             StateChanged(
-                vm_id=spec.vm_id,
                 host=host_a,
-                kind=StateKind.TPM,
-                content_hash="ab" * 32,
-                size=4096,
-                token=FencingToken(epoch=1, generation=2**50),
+                changes=[
+                    StateChange(
+                        vm_id=spec.vm_id,
+                        kind=StateKind.TPM,
+                        content_hash="ab" * 32,
+                        size=4096,
+                        token=FencingToken(epoch=1, generation=2**50),
+                    )
+                ],
             ),
             spec.vm_id,
         )

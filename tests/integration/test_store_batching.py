@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat, VmInventoryEntry
-from keeper_shared.messages.state import StatePersisted
+from keeper_shared.messages.state import StatePersisted, StateWriteRefused
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from store_harness import Store, sha256
@@ -106,3 +106,32 @@ async def test_a_heartbeat_reconciles_changes_whose_events_were_lost(store: Stor
     assert await store.repository.head_hash(missed, StateKind.TPM) == sha256(contents[missed])
     assert await store.repository.head_hash(elsewhere, StateKind.TPM) is None
     assert [vm for batch in store.host.fetches for vm in batch] == [missed]
+
+
+async def test_one_event_announcing_several_vms_persists_each_and_refuses_the_misplaced(
+    store: Store,
+) -> None:
+    events = await store.client.watch_events("state.#")
+    placed = [store.new_vm() for _ in range(3)]
+    elsewhere = store.new_vm()
+    for vm_id in placed:
+        await store.place(vm_id, epoch=1)
+    await store.place(elsewhere, epoch=1, host="another-host")
+    contents = {}
+    for index, vm_id in enumerate([*placed, elsewhere]):
+        contents[vm_id] = pack_tpm_state({MAIN_STATE_FILE_NAME: f"batch {index}".encode() * 99})
+        store.host.hold(vm_id, StateKind.TPM, contents[vm_id], FencingToken(epoch=1, generation=1))
+
+    await store.host.announce_together([*placed, elsewhere], StateKind.TPM)
+    for vm_id in placed:
+        await events.wait_for(StatePersisted, _about(vm_id), TIMEOUT_S)
+    refused = await events.wait_for(
+        StateWriteRefused, lambda event: event.vm_id == elsewhere, TIMEOUT_S
+    )
+
+    assert "placement" in refused.data.reason
+    for vm_id in placed:
+        assert await store.repository.head_hash(vm_id, StateKind.TPM) == sha256(contents[vm_id])
+    assert await store.repository.head_hash(elsewhere, StateKind.TPM) is None
+    assert store.host.fetches == [placed], "one fetch for the event, never the misplaced VM"
+    await store.wait_until_events_drained(TIMEOUT_S)

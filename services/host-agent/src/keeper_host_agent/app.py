@@ -10,6 +10,7 @@ from typing import Any
 import libvirt
 import structlog
 
+from keeper_host_agent.announcer import ChangeAnnouncer
 from keeper_host_agent.capabilities import probe_capabilities
 from keeper_host_agent.change_watcher import ChangeWatcher
 from keeper_host_agent.commands import HostCommands
@@ -64,10 +65,9 @@ class HostAgent:
         self.settings = settings
         self.bus = bus
         self.hypervisor = LibvirtHypervisor(settings.libvirt_uri)
+        self.announcer = ChangeAnnouncer(settings.host_id, self._publish_changes)
         self.tracker = StateTracker(
-            host_id=settings.host_id,
-            window_s=settings.stability_window_s,
-            publish=self._publish_change,
+            window_s=settings.stability_window_s, announce=self.announcer.announce
         )
         self.watcher = ChangeWatcher(self.tracker, rescan_interval_s=settings.rescan_interval_s)
         self.commands = HostCommands(settings, self.hypervisor, self.tracker)
@@ -77,9 +77,10 @@ class HostAgent:
         self._secret_checked: dict[str, str] = {}
         """VM id -> the TPM secret already checked for it."""
 
-    async def _publish_change(self, change: StateChanged) -> None:
-        await self.bus.publish_event(change, subject=change.vm_id)
-        metrics.STATE_CHANGES_PUBLISHED.labels(kind=change.kind.value).inc()
+    async def _publish_changes(self, event: StateChanged) -> None:
+        await self.bus.publish_event(event, subject=event.host)
+        for change in event.changes:
+            metrics.STATE_CHANGES_PUBLISHED.labels(kind=change.kind.value).inc()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -260,6 +261,7 @@ async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await agent.announcer.close()
         await bus.close(settings.shutdown_grace_s)
         agent.watcher.close()
         agent.hypervisor.close()

@@ -19,7 +19,7 @@ from keeper_host_agent.state_reader import FileStat, StateLocation, StateSnapsho
 from keeper_shared.blobs import seal_blob
 from keeper_shared.cpu_work import run_sized
 from keeper_shared.messages.host import VmInventoryEntry
-from keeper_shared.messages.state import StateChanged
+from keeper_shared.messages.state import StateChange
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 
 log = structlog.get_logger(__name__)
@@ -66,16 +66,16 @@ class TrackedVm:
     states: dict[StateKind, TrackedState] = field(default_factory=dict)
 
 
-Publish = Callable[[StateChanged], Awaitable[None]]
+Announce = Callable[[StateChange], Awaitable[None]]
+"""Hands one change to the bus; returns once the broker has it."""
 
 
 class StateTracker:
     """Tracks every TPM/UEFI VM on the host and announces stable changes."""
 
-    def __init__(self, *, host_id: str, window_s: float, publish: Publish) -> None:
-        self._host_id = host_id
+    def __init__(self, *, window_s: float, announce: Announce) -> None:
         self._window_s = window_s
-        self._publish = publish
+        self._announce_change = announce
         self._clock = GenerationClock()
         self.swtpm_version: str | None = None
         """This host's swtpm version, recorded in every blob (set once it is probed)."""
@@ -203,10 +203,9 @@ class StateTracker:
             content_hash=snapshot.content_hash[:12],
             size=len(snapshot.content),
         )
-        await self._publish(
-            StateChanged(
+        await self._announce_change(
+            StateChange(
                 vm_id=tracked.domain.vm_id,
-                host=self._host_id,
                 kind=kind,
                 content_hash=snapshot.content_hash,
                 size=len(snapshot.content),

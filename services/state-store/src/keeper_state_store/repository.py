@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from importlib import resources
@@ -203,17 +204,23 @@ class StateRepository:
         # The client returns bytes (no decode_responses); redis-py's annotation says str.
         return bytes(cast(bytes, value)).decode() if value is not None else None
 
-    async def head_hash_and_placement(
-        self, vm_id: str, kind: StateKind
-    ) -> tuple[str | None, Placement | None]:
-        """`head_hash` and `placement` in one round trip: every ``state.changed`` needs
-        both before it pulls."""
+    async def heads_and_placements(
+        self, states: Sequence[tuple[str, StateKind]]
+    ) -> list[tuple[str | None, Placement | None]]:
+        """`head_hash` and `placement` of each (VM, kind) in one round trip: every change a
+        ``state.changed`` announces needs both before it is pulled."""
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hget(state_head_key(vm_id, kind), "hash")
-        pipe.hmget(placement_key(vm_id), ["host", "epoch"])
-        head, (host, epoch) = await pipe.execute()
-        placement = None if host is None or epoch is None else Placement(host.decode(), int(epoch))
-        return (head.decode() if head is not None else None), placement
+        for vm_id, kind in states:
+            pipe.hget(state_head_key(vm_id, kind), "hash")
+            pipe.hmget(placement_key(vm_id), ["host", "epoch"])
+        replies = iter(await pipe.execute())
+        found: list[tuple[str | None, Placement | None]] = []
+        for head, (host, epoch) in zip(replies, replies, strict=True):
+            placement = (
+                None if host is None or epoch is None else Placement(host.decode(), int(epoch))
+            )
+            found.append(((head.decode() if head is not None else None), placement))
+        return found
 
     async def placements_and_head_hashes(
         self, vm_ids: list[str]

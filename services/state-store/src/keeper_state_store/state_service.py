@@ -88,31 +88,40 @@ class StateService:
         await self._batcher.close()
 
     async def on_state_changed(self, envelope: Envelope[StateChanged], delivery: Delivery) -> None:
-        """Pull the announced state unless it is already stored or the host may not write it."""
-        change = envelope.data
-        head_hash, placement = await self._repository.head_hash_and_placement(
-            change.vm_id, change.kind
+        """Pull each announced state unless it is already stored or the host may not write
+        it; the event is acknowledged once every pull it asked for was persisted."""
+        event = envelope.data
+        stored = await self._repository.heads_and_placements(
+            [(change.vm_id, change.kind) for change in event.changes]
         )
-        if head_hash == change.content_hash:
-            if delivery.redelivered:
-                # A replica may have died between the durable write and its announcement;
-                # announcing the stored version again is harmless (facts are idempotent).
-                await self._announce_head(change.vm_id, change.kind)
-            return
-        if not self._speaks_for(delivery, change.host):
-            await self._refuse(
-                change.vm_id,
-                change.kind,
-                change.host,
-                f"published by AMQP user {delivery.user_id!r}, not by the host",
-            )
-            return
-        if placement is None or placement.host != change.host:
-            await self._refuse(
-                change.vm_id, change.kind, change.host, "host is not the VM's placement"
-            )
-            return
-        await self._batcher.pull(change.host, change.vm_id, change.kind)
+        pulls = []
+        for change, (head_hash, placement) in zip(event.changes, stored, strict=True):
+            if head_hash == change.content_hash:
+                if delivery.redelivered:
+                    # A replica may have died between the durable write and its
+                    # announcement; announcing the stored version again is harmless (facts
+                    # are idempotent).
+                    await self._announce_head(change.vm_id, change.kind)
+                continue
+            if not self._speaks_for(delivery, event.host):
+                await self._refuse(
+                    change.vm_id,
+                    change.kind,
+                    event.host,
+                    f"published by AMQP user {delivery.user_id!r}, not by the host",
+                )
+                continue
+            if placement is None or placement.host != event.host:
+                await self._refuse(
+                    change.vm_id, change.kind, event.host, "host is not the VM's placement"
+                )
+                continue
+            pulls.append(self._batcher.pull(event.host, change.vm_id, change.kind))
+        # Every pull waits for its own write; one that failed gets the whole event redelivered,
+        # and the changes already stored are then duplicates, skipped above.
+        for outcome in await asyncio.gather(*pulls, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def on_heartbeat(self, envelope: Envelope[HostHeartbeat], delivery: Delivery) -> None:
         """Reconcile: pull any hash in the host's inventory that the store has not seen, so a

@@ -21,18 +21,42 @@ from keeper_shared.messages.types import (
     VmName,
 )
 
+MAX_VMS_PER_MESSAGE = 256
+"""Most VMs one ``state.changed`` announces or one ``state.fetch`` names."""
 
-class StateChanged(Payload):
-    """A VM's state changed on its host and has been stable; carries the hash, not the bytes."""
 
-    message_type = "state.changed"
+class StateChange(BaseModel):
+    """One VM's state that changed on its host and has been stable, inside a
+    :class:`StateChanged`: the hash, not the bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     vm_id: VmId = Field(description="The VM whose state changed.")
-    host: HostId = Field(description="The host that holds it.")
     kind: StateKind = Field(description="TPM or NVRAM.")
     content_hash: ContentHash = Field(description="sha256 of the canonical content.")
     size: int = Field(ge=0, description="Length of the canonical content.")
     token: FencingToken = Field(description="Placement epoch and generation of this change.")
+
+
+class StateChanged(Payload):
+    """States of a host's VMs changed and have been stable: every change the host found
+    while its previous announcement was on its way, in one event (one message per VM was
+    two broker hops per stored version, the pipeline's largest cost at TPM size)."""
+
+    message_type = "state.changed"
+    schema_version = 2
+
+    host: HostId = Field(description="The host that holds the VMs.")
+    changes: list[StateChange] = Field(
+        min_length=1, max_length=MAX_VMS_PER_MESSAGE, description="The changes, by VM."
+    )
+
+
+@register_upcaster(StateChanged.message_type, 1)
+def _state_changed_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 announced one VM's change per event, with the host beside it."""
+    change = {key: value for key, value in data.items() if key != "host"}
+    return {"host": data.get("host"), "changes": [change]}
 
 
 class FetchState(Payload):
@@ -40,7 +64,9 @@ class FetchState(Payload):
 
     message_type = "state.fetch"
 
-    vm_ids: list[VmId] = Field(min_length=1, max_length=256, description="VMs to fetch.")
+    vm_ids: list[VmId] = Field(
+        min_length=1, max_length=MAX_VMS_PER_MESSAGE, description="VMs to fetch."
+    )
     kinds: list[StateKind] = Field(
         default_factory=lambda: [StateKind.TPM, StateKind.NVRAM], description="Which kinds."
     )
