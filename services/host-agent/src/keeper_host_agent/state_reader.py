@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keeper_shared.blobs import MAX_CANONICAL_SIZE, content_hash
+from keeper_shared.cpu_work import run_sized
 from keeper_shared.messages.types import StateKind
 from keeper_shared.tpm_archive import (
     ALLOWED_TPM_FILE_NAMES,
@@ -103,25 +104,21 @@ async def read_stable(
 ) -> StateSnapshot | None:
     """Two consecutive undisturbed reads, ``window_s`` apart, that agree; None if the state
     kept changing for ``max_rounds`` windows or does not exist."""
-    # One trip to the worker thread per read: each trip costs more CPU than reading and
-    # comparing a 16 KiB state, and a saturated host makes thousands of them a second.
-    present, previous = await asyncio.to_thread(_first_read, location)
-    if not present:
+    # A few lstat calls, made in the loop like the periodic rescan's.
+    signature = location.signature()
+    if not signature:
         return None  # nothing there yet; its creation is itself an event that pokes again
+    # A TPM state (tens of KB, in the page cache) is read in the loop: the trip to a worker
+    # thread and back cost more than the read. An NVRAM (540 KB to 4 MB) goes to a thread.
+    size = sum(size for _name, _inode, size, _mtime in signature)
+    previous = await run_sized(size, location.read)
     for _ in range(max_rounds):
         await asyncio.sleep(window_s)
-        current = await asyncio.to_thread(_read_again, location, previous)
+        current = await run_sized(size, _read_again, location, previous)
         if isinstance(current, StateSnapshot):
             return current
         previous = current
     return None
-
-
-def _first_read(location: StateLocation) -> tuple[bool, UndisturbedRead | None]:
-    """Whether the state exists at all, and one undisturbed read of it."""
-    if not location.signature():
-        return False, None
-    return True, location.read()
 
 
 def _read_again(

@@ -146,7 +146,7 @@ class StateTracker:
         just_stable = False
         while True:
             state.poked_during_check = False
-            if just_stable and await asyncio.to_thread(_still_as_stable, state):
+            if just_stable and await run_sized(_stable_size(state), _still_as_stable, state):
                 # Poked while checking, but one read shows exactly the state that was just
                 # found stable: the poke was a later event of the change already read (a
                 # write's MODIFY, then its CLOSE_WRITE), and nothing new is declared
@@ -251,6 +251,12 @@ class StateTracker:
             for vm_id, tracked in self.vms.items()
             if kind in tracked.states
         }
+
+
+def _stable_size(state: TrackedState) -> int:
+    """Bytes of the last stable read, by its signature."""
+    signature = state.stable.signature if state.stable else ()
+    return sum(size for _name, _inode, size, _mtime in signature)
 
 
 def _still_as_stable(state: TrackedState) -> bool:
