@@ -8,6 +8,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -15,9 +16,15 @@ from aio_pika.abc import AbstractIncomingMessage
 
 
 async def raw_round_trip(
-    amqp_url: str, body_size: int, duration_s: float, in_flight: int = 64
-) -> float:
-    """Messages per second consumed and acknowledged during ``duration_s``."""
+    amqp_url: str,
+    body_size: int,
+    duration_s: float,
+    cpu_seconds: Callable[[], float],
+    in_flight: int = 64,
+) -> tuple[float, float]:
+    """Messages per second consumed and acknowledged during ``duration_s``, and the CPU
+    seconds per message that ``cpu_seconds`` (a clock of the processes on the path) counted
+    meanwhile."""
     queue_name = f"bench.raw.{uuid.uuid4().hex[:8]}"
     publisher = await aio_pika.connect_robust(amqp_url, timeout=30)
     consumer = await aio_pika.connect_robust(amqp_url, timeout=30)
@@ -53,16 +60,18 @@ async def raw_round_trip(
         await asyncio.sleep(0.5)  # warm up
         counting = True
         window.append(time.monotonic())
+        cpu_before = cpu_seconds()
         await asyncio.sleep(duration_s)
         counting = False
         window.append(time.monotonic())
+        cpu_spent = cpu_seconds() - cpu_before
         await asyncio.gather(*publishers)
         await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)
     finally:
         await publisher.close()
         await consumer.close()
-    return consumed / (window[1] - window[0])
+    return consumed / (window[1] - window[0]), cpu_spent / max(consumed, 1)
 
 
 async def raw_latency(amqp_url: str, body_size: int, count: int) -> list[float]:

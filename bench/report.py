@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,6 +76,17 @@ def _targets(bench: Bench, settings: Settings) -> list[str]:
         + _verdict(median("ratio_nvram"), median("ratio_nvram") >= 0.6)
         + " (target ≥ 0.6)"
     )
+    cpus = os.cpu_count() or 1
+    for kind, label in (("tpm", "16 KiB"), ("nvram", "540 KiB")):
+        pipe_cpu, raw_cpu = median(f"cpu_all_{kind}"), median(f"cpu_raw_{kind}")
+        ceiling = 1000 * cpus / pipe_cpu
+        rows.append(
+            f"- Where the {label} ratio goes: a stored version costs {pipe_cpu:.2f} ms of CPU "
+            f"over every process on its path, a raw message {raw_cpu:.2f} ms "
+            f"({pipe_cpu / raw_cpu:.1f} times); {cpus} CPUs can do no more than "
+            f"{ceiling:,.0f} versions/s at that cost, {ceiling / median(f'raw_{kind}'):.2f} "
+            "of the raw rate"
+        )
     pooled = getattr(bench, "pooled_latency", [])
     if pooled:
         p99 = percentile(pooled, 0.99)
@@ -122,9 +134,12 @@ def _method(settings: Settings) -> list[str]:
         "in place in the 540,672-byte OVMF VARS file. Closed loop: each VM changes again as "
         "soon as its previous change was announced `state.persisted`; persisted versions per "
         "second after a 1 s warm-up. Raw and pipeline rounds alternate (raw first in odd "
-        "rounds, pipeline first in even ones). CPU per version: utime + stime of the agent "
-        "and of the store over a whole throughput run (warm-up included) divided by the "
-        "versions persisted in it, a cost that other work on the machine barely moves. "
+        "rounds, pipeline first in even ones). CPU per version: utime + stime of each "
+        "process on the path (agent, store, the RabbitMQ node, Redis, and the bench process, "
+        "which writes the changes and consumes the persisted events) over a whole throughput "
+        "run (warm-up included) divided by the versions persisted in it, a cost that other "
+        "work on the machine barely moves; the raw path's per message is the bench process "
+        "and the node over the counting window. "
         "Policy is not on this path and is not started; "
         "the VMs' placements are written in Redis as policy writes them. Every bench client "
         "shares the private node's one AMQP user, so the store runs with "

@@ -168,19 +168,26 @@ class Bench:
                 measured: dict[str, float] = {}
                 for which in order:
                     if which == "raw":
-                        measured["raw"] = await raw.raw_round_trip(
-                            self.stack.rabbit.amqp_url, size, settings.throughput_s
+                        measured["raw"], raw_cpu = await raw.raw_round_trip(
+                            self.stack.rabbit.amqp_url,
+                            size,
+                            settings.throughput_s,
+                            lambda: self.cpu_of(self.stack.rabbit.pid(), os.getpid()),
                         )
+                        self.figure(
+                            f"cpu_raw_{kind}",
+                            f"Raw CPU per message, {label} (bench client + broker)",
+                            "ms",
+                        ).add(1000 * raw_cpu)
                     else:
-                        cpu_before = cpu_seconds(agent.process.pid), cpu_seconds(store_pid)
+                        pids = self.path_pids(agent.process.pid, store_pid)
+                        cpu_before = {who: self.cpu_of(pid) for who, pid in pids.items()}
                         persisted_before = self.recorder.count
                         rate, timeouts = await pipeline.throughput(
                             self.recorder, vms, kind, settings.throughput_s, tpm_size=TPM_SIZE
                         )
                         measured["pipe"] = rate
-                        self.cpu_per_version(
-                            kind, label, agent.process.pid, store_pid, cpu_before, persisted_before
-                        )
+                        self.cpu_per_version(kind, label, pids, cpu_before, persisted_before)
                         if timeouts:
                             self.notes.append(
                                 f"throughput {label} round {index + 1}: {timeouts} changes "
@@ -264,25 +271,41 @@ class Bench:
         await agent.stop(10.0)
         shutil.rmtree(root, ignore_errors=True)
 
+    def cpu_of(self, *pids: int | None) -> float:
+        """utime + stime of these processes together, in seconds."""
+        return sum(cpu_seconds(pid) for pid in pids if pid is not None)
+
+    def path_pids(self, agent_pid: int, store_pid: int) -> dict[str, int | None]:
+        """Every process a version passes through, by the name its figure carries: the
+        services, the broker, Redis, and this process (it writes the changes and consumes
+        the persisted events)."""
+        return {
+            "Host agent": agent_pid,
+            "State store": store_pid,
+            "RabbitMQ": self.stack.rabbit.pid(),
+            "Redis": self.stack.redis.pid(),
+            "Bench driver": os.getpid(),
+        }
+
     def cpu_per_version(
         self,
         kind: str,
         label: str,
-        agent_pid: int,
-        store_pid: int,
-        cpu_before: tuple[float, float],
+        pids: dict[str, int | None],
+        cpu_before: dict[str, float],
         persisted_before: int,
     ) -> None:
-        """CPU time of the agent and the store per version persisted in a throughput run:
-        what the pipeline costs, far less sensitive to other work on the machine than rates."""
+        """CPU time of each process on the path per version persisted in a throughput run:
+        what the pipeline costs, far less sensitive to other work on the machine than rates;
+        their sum against the raw path's per message says where the throughput ratio goes."""
         versions = max(self.recorder.count - persisted_before, 1)
-        for pid, before, who in (
-            (agent_pid, cpu_before[0], "Host agent"),
-            (store_pid, cpu_before[1], "State store"),
-        ):
-            self.figure(
-                f"cpu_{who.split()[-1].lower()}_{kind}", f"{who} CPU per version, {label}", "ms"
-            ).add(1000 * (cpu_seconds(pid) - before) / versions)
+        total = 0.0
+        for who, pid in pids.items():
+            spent = 1000 * (self.cpu_of(pid) - cpu_before[who]) / versions
+            total += spent
+            key = f"cpu_{who.split()[-1].lower()}_{kind}"
+            self.figure(key, f"{who} CPU per version, {label}", "ms").add(spent)
+        self.figure(f"cpu_all_{kind}", f"All processes CPU per version, {label}", "ms").add(total)
 
     async def profile_pipeline(self, vms: list[BenchVm], agent: ServiceProcess) -> None:
         """One extra (untimed) saturated round per size under py-spy, store and agent."""

@@ -76,7 +76,7 @@ class RabbitMQNode:
 
     def is_running(self) -> bool:
         """Tell whether the node's process is alive and its AMQP port accepts connections."""
-        return self._live_pid() is not None and _process.port_open(self.config.amqp_port)
+        return self.pid() is not None and _process.port_open(self.config.amqp_port)
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the node and wait until RabbitMQ is fully booted; a running node is kept.
@@ -87,7 +87,7 @@ class RabbitMQNode:
         if self.is_running():
             return
         server = _process.find_binary("rabbitmq-server", _DEBIAN_SCRIPTS_DIR)
-        if self._live_pid() is None:
+        if self.pid() is None:
             self._check_ports_free()
             self._prepare_files()
             self._pid_file.unlink(missing_ok=True)
@@ -124,7 +124,7 @@ class RabbitMQNode:
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the node cleanly (rabbitmqctl stop), killing it if that fails; idempotent."""
-        pid = self._live_pid()
+        pid = self.pid()
         if pid is None:
             self._pid_file.unlink(missing_ok=True)
             return
@@ -138,7 +138,7 @@ class RabbitMQNode:
     def kill(self) -> None:
         """SIGKILL the node, as a crash would, and wait until it is gone; ``start`` brings
         it back with its data (a clustered node rejoins its cluster)."""
-        pid = self._live_pid()
+        pid = self.pid()
         if pid is None:
             return
         _process.send_signal(pid, signal.SIGKILL)
@@ -170,11 +170,12 @@ class RabbitMQNode:
                 detail = result.stderr.strip()[-300:] if result else "timed out"
                 raise LocalStackError(f"rabbitmqctl {step[0]} {name} failed: {detail}")
 
-    def _live_pid(self) -> int | None:
+    def pid(self) -> int | None:
+        """The server's process id while it runs (None when it does not)."""
         return _process.live_pid(self._pid_file, self._marker)
 
     def _kill_leftover(self) -> None:
-        pid = self._live_pid()
+        pid = self.pid()
         if pid is not None:
             _process.terminate(pid, grace=30.0)
         self._pid_file.unlink(missing_ok=True)

@@ -57,7 +57,7 @@ class RedisServer:
 
     def is_running(self) -> bool:
         """Tell whether the server's process is alive and answers PING."""
-        return self._live_pid() is not None and self._answers_ping()
+        return self.pid() is not None and self._answers_ping()
 
     def start(self, timeout: float = 15.0) -> None:
         """Start the server and wait until it answers PING; a running server is kept.
@@ -68,7 +68,7 @@ class RedisServer:
         if self.is_running():
             return
         binary = _process.find_binary("redis-server")
-        if self._live_pid() is None:
+        if self.pid() is None:
             self._launch(binary)
         deadline = time.monotonic() + timeout
         while not self.is_running():
@@ -87,7 +87,7 @@ class RedisServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Shut the server down cleanly (SIGTERM flushes the AOF); idempotent."""
-        pid = self._live_pid()
+        pid = self.pid()
         if pid is not None:
             _process.terminate(pid, grace=timeout)
         self._pid_file.unlink(missing_ok=True)
@@ -97,14 +97,15 @@ class RedisServer:
 
         The pid file stays behind, as after a real crash; ``start`` copes with it.
         """
-        pid = self._live_pid()
+        pid = self.pid()
         if pid is None:
             return
         _process.send_signal(pid, signal.SIGKILL)
         if not _process.wait_gone(pid, 10.0):
             raise LocalStackError(f"Redis process {pid} survived SIGKILL")
 
-    def _live_pid(self) -> int | None:
+    def pid(self) -> int | None:
+        """The server's process id while it runs (None when it does not)."""
         return _process.live_pid(self._pid_file, _MARKER)
 
     def _died_after_launch(self) -> bool:
@@ -171,7 +172,7 @@ class RedisServer:
             )
 
     def _kill_leftover(self) -> None:
-        pid = self._live_pid()
+        pid = self.pid()
         if pid is not None:
             _process.terminate(pid, grace=10.0)
         self._pid_file.unlink(missing_ok=True)
