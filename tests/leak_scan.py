@@ -9,6 +9,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from keeper_shared.compression import compress
 from keeper_shared.redis_results import awaited
 
 
@@ -25,12 +26,13 @@ def leak_forms(secret: bytes) -> list[bytes]:
 
 
 def content_fingerprints(content: bytes, *, chunk: int = 30) -> list[bytes]:
-    """Forms of 30-byte chunks of ``content`` (and of its zlib stream, as it travels).
+    """Forms of 30-byte chunks of ``content`` and of its compressed forms: the zstd frame
+    it travels and rests as, and the zlib stream older versions stored and exported.
 
     Chunks start at multiples of 3 so their base64 is also a substring of the base64 of the
     whole; a log line carrying any encoding of the whole content contains one of these.
     """
-    streams = [content, zlib.compress(content, 6)]
+    streams = [content, compress(content), zlib.compress(content, 6)]
     forms: list[bytes] = []
     for stream in streams:
         for start in range(0, max(len(stream) - chunk, 1), 3 * 97):

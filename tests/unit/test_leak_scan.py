@@ -5,14 +5,19 @@ from __future__ import annotations
 import base64
 import os
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from keeper_shared.compression import compress
 from leak_scan import content_fingerprints, find_leaks, leak_forms, read_files
 
 SECRET = os.urandom(32)
 STATE = os.urandom(6000)
+NVRAM = b"\xff" * 4000 + os.urandom(2000)
+"""Erased flash then variable data: it compresses, so its compressed forms share no chunk
+with it (random STATE does not compress: its zstd frame holds it verbatim)."""
 
 
 @pytest.mark.parametrize(
@@ -42,6 +47,16 @@ def test_every_form_of_the_secret_is_found(leaked: bytes) -> None:
 def test_state_bytes_are_found_in_any_encoding(encode: object) -> None:
     leaked = encode(STATE)  # type: ignore[operator]
     assert find_leaks([("log", b"prefix " + leaked)], content_fingerprints(STATE)) == ["log"]
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [compress, lambda data: zlib.compress(data, 6)],
+    ids=["zstd, as it travels now", "zlib, as older versions stored it"],
+)
+def test_compressed_state_is_found_as_it_travels(encode: Callable[[bytes], bytes]) -> None:
+    leaked = base64.b64encode(encode(NVRAM))
+    assert find_leaks([("log", b"prefix " + leaked)], content_fingerprints(NVRAM)) == ["log"]
 
 
 def test_clean_text_has_no_hits() -> None:

@@ -222,6 +222,7 @@ def _crafted_corpus() -> list[Crafted]:
         Crafted("no permall", _tar([_file(VOLATILE)])),
         Crafted("no members at all", bytes(tarfile.RECORDSIZE)),
         Crafted("zlib bomb as the outer compression", _zlib_bomb(64), compressed=True),
+        Crafted("zstd bomb as the outer compression", compress(bytes(64 << 20)), compressed=True),
         Crafted("corrupt outer compression", compress(valid)[:-9], compressed=True),
         Crafted("gzip-compressed tar", gzip.compress(valid, mtime=0)),
         Crafted("truncated inside a member", valid[: tarfile.BLOCKSIZE + 100]),
@@ -421,8 +422,9 @@ def test_crafted_archive_is_refused_off_the_wire(crafted: Crafted) -> None:
         _through_the_wire(crafted)
 
 
-def test_the_outer_bomb_is_a_decompression_bomb() -> None:
-    (bomb,) = [crafted for crafted in CORPUS if crafted.name.startswith("zlib bomb")]
+@pytest.mark.parametrize("name", ["zlib bomb", "zstd bomb"])
+def test_the_outer_bomb_is_a_decompression_bomb(name: str) -> None:
+    (bomb,) = [crafted for crafted in CORPUS if crafted.name.startswith(name)]
     with pytest.raises(DecompressionBombError):
         _through_the_wire(bomb)
 

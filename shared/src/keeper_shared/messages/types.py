@@ -124,7 +124,10 @@ class StateBlob(BaseModel):
     content_hash: ContentHash = Field(description="sha256 of the uncompressed canonical content.")
     size: int = Field(ge=0, description="Length of the uncompressed canonical content.")
     token: FencingToken = Field(description="Fencing token of the version this blob is.")
-    compressed: SecretBlob = Field(description="zlib-compressed canonical content.")
+    compressed: SecretBlob = Field(
+        description="Canonical content compressed as one zstd frame (a zlib stream, as older "
+        "versions wrote, is still accepted)."
+    )
     swtpm_version: str | None = Field(
         default=None,
         max_length=32,
