@@ -5,12 +5,14 @@ published under each host's routing key, ``state.fetch`` sent by the store to ea
 own quorum queue, the ``state.fetched`` reply with real compressed blobs). What is
 simulated: the hosts. One bench-only responder in this process consumes the command queues
 of all simulated host ids and answers fetches with the blob it announced last, so 100 hosts
-do not need 100 host-agent processes on a 2-core machine.
+do not need 100 host-agent processes on a 2-core machine; each simulated host batches its
+announcements with the agent's own `ChangeAnnouncer`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ from aio_pika.abc import AbstractExchange
 from redis.asyncio import Redis
 
 from bench.env import PersistedRecorder
+from keeper_host_agent.announcer import ChangeAnnouncer
 from keeper_shared.bus.client import BusClient, Delivery, Route
 from keeper_shared.bus.topology import declare_exchanges, event_routing_key, host_command_queue
 from keeper_shared.messages.envelope import Envelope, encode, new_envelope
@@ -56,6 +59,8 @@ class FakeHosts:
     steps: dict[tuple[str, StateKind], int] = field(default_factory=dict)
     generation: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     fetches: int = 0
+    announcers: dict[str, ChangeAnnouncer] = field(default_factory=dict)
+    """Per simulated host, the agent's own batching of announcements."""
 
     @classmethod
     async def start(cls, bus: BusClient, pools: dict[StateKind, list[StateBlob]]) -> FakeHosts:
@@ -92,19 +97,24 @@ class FakeHosts:
         token = FencingToken(epoch=1, generation=next(self.generation))
         blob = pool[step % len(pool)].model_copy(update={"token": token})
         self.current[(vm.vm_id, kind)] = blob
-        change = StateChanged(
-            host=vm.host,
-            changes=[
-                StateChange(
-                    vm_id=vm.vm_id,
-                    kind=kind,
-                    content_hash=blob.content_hash,
-                    size=blob.size,
-                    token=token,
-                )
-            ],
+        announcer = self.announcers.get(vm.host)
+        if announcer is None:
+            announcer = ChangeAnnouncer(vm.host, functools.partial(self._publish, vm.host))
+            self.announcers[vm.host] = announcer
+        await announcer.announce(
+            StateChange(
+                vm_id=vm.vm_id,
+                kind=kind,
+                content_hash=blob.content_hash,
+                size=blob.size,
+                token=token,
+            )
         )
-        envelope = new_envelope(change, source=f"host-agent/{vm.host}", subject=vm.vm_id)
+        return blob
+
+    async def _publish(self, host: str, event: StateChanged) -> None:
+        """Publish under the host's routing key, as its agent would."""
+        envelope = new_envelope(event, source=f"host-agent/{host}", subject=host)
         await self.events.publish(
             aio_pika.Message(
                 encode(envelope),
@@ -113,9 +123,13 @@ class FakeHosts:
                 message_id=str(envelope.id),
                 type=envelope.type,
             ),
-            routing_key=event_routing_key(StateChanged.message_type, vm.host),
+            routing_key=event_routing_key(StateChanged.message_type, host),
         )
-        return blob
+
+    async def close(self) -> None:
+        """Stop the hosts' announcers."""
+        for announcer in self.announcers.values():
+            await announcer.close()
 
 
 async def place(redis: Redis, vms: Sequence[FakeVm]) -> None:
