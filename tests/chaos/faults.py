@@ -62,7 +62,14 @@ class InjectedFault:
     back_at: float
     """For a host kill: when the agent was started again (until then it served nothing)."""
     recovery_s: float | None = None
-    """Broker restart: how long until every service queue had its consumers again."""
+    """Broker restart: how long until every service queue had its consumers again. Redis
+    restart: how long until a write could be made durable again (the restarted server
+    answers; with replicas, it is back as the new primary's replica)."""
+
+    @property
+    def recovered_at(self) -> float:
+        """When the system could do its work again: the awaited recovery, else ``back_at``."""
+        return self.at + self.recovery_s if self.recovery_s is not None else self.back_at
 
 
 class FaultsNotRecoveredError(RuntimeError):
@@ -192,7 +199,8 @@ class FaultInjector:
         await asyncio.sleep(self._rng.uniform(*self._timing.down_s))
         back_at = time.time()
         await asyncio.to_thread(self._backend.start_redis)
-        return InjectedFault(FaultKind.REDIS_RESTART, "redis", at, back_at)
+        recovered_s = time.time() - at
+        return InjectedFault(FaultKind.REDIS_RESTART, "redis", at, back_at, recovered_s)
 
     async def _cut_host(self) -> InjectedFault:
         index = self._rng.randrange(len(self._host_links))

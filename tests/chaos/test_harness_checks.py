@@ -68,6 +68,20 @@ def test_content_stored_only_after_the_agent_came_back_was_not_saved_before_the_
     assert judged.recovery_point_s == 20.0  # b (written at 20) was the first change lost
 
 
+def test_stable_time_counts_from_when_the_store_could_write_again() -> None:
+    # c was written at 30, but Redis could make no write durable until 37: at a kill at 40
+    # it has been storable for 3 s, not 10.
+    judged = at_kill(WRITES, stored(("a", 11.0)), killed_at=40.0, back_at=45.0, writable_since=37.0)
+    assert judged is not None
+    assert judged.stable_s == 3.0
+    # An outage over before the last write changes nothing.
+    earlier = at_kill(
+        WRITES, stored(("a", 11.0)), killed_at=40.0, back_at=45.0, writable_since=25.0
+    )
+    assert earlier is not None
+    assert earlier.stable_s == 10.0
+
+
 def test_nothing_written_before_a_kill_is_not_judged() -> None:
     assert at_kill(WRITES, [], killed_at=5.0, back_at=6.0) is None
 

@@ -7,7 +7,9 @@
   before the agent came back (only the agent can hand the store a blob, so anything stored
   while it was dead was fetched before it died); and how much change a host that never
   came back would have cost (the recovery point: from the first change not stored to the
-  kill), the worst of which the table reports.
+  kill), the worst of which the table reports. Stable counts from when the store could
+  write again: nothing is stored while the broker or Redis is down (or, with replicas, while
+  no replica can acknowledge a write), so the bound starts again once that fault recovered.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ STALE_MARKERS = ("older over newer", "is not newer", "newer token than the head"
 """How `analyse` words a write that put older state over newer."""
 DOUBLE_APPLY_MARKERS = ("repeats", "twice")
 """How `analyse` words a write applied twice."""
+STORAGE_OUTAGES = frozenset({FaultKind.BROKER_RESTART, FaultKind.REDIS_RESTART})
+"""Faults during which no store replica can store anything."""
 
 
 async def acknowledged_lost(
@@ -67,9 +71,15 @@ class AtKill:
 
 
 def at_kill(
-    writes: Sequence[Write], stored: Iterable[StoredVersion], killed_at: float, back_at: float
+    writes: Sequence[Write],
+    stored: Iterable[StoredVersion],
+    killed_at: float,
+    back_at: float,
+    writable_since: float = 0.0,
 ) -> AtKill | None:
-    """Judge one VM state at one kill; None when nothing had been written yet."""
+    """Judge one VM state at one kill; None when nothing had been written yet. Stable time
+    counts from the last write or from ``writable_since`` (when the store could last write
+    again after an outage), whichever is later."""
     before = [write for write in writes if write.at <= killed_at]
     if not before:
         return None
@@ -81,7 +91,7 @@ def at_kill(
     )
     unsaved = before[newest_saved + 1 :]
     return AtKill(
-        stable_s=killed_at - before[-1].at,
+        stable_s=killed_at - max(before[-1].at, writable_since),
         saved=not unsaved,
         recovery_point_s=killed_at - unsaved[0].at if unsaved else 0.0,
     )
@@ -96,6 +106,7 @@ async def recovery_points(
     """Check and measure every host kill (see the module docstring)."""
     result = RecoveryPoints()
     kills = [fault for fault in faults if fault.kind is FaultKind.HOST_KILL]
+    outages = [fault for fault in faults if fault.kind in STORAGE_OUTAGES]
     for load in loads:
         for vm in load.vms:
             for kind in StateKind:
@@ -104,7 +115,15 @@ async def recovery_points(
                 for kill in kills:
                     if kill.target != vm.host.host_id:
                         continue
-                    judged = at_kill(writes, stored, kill.at, kill.back_at)
+                    writable_since = max(
+                        (
+                            outage.recovered_at
+                            for outage in outages
+                            if outage.recovered_at <= kill.at
+                        ),
+                        default=0.0,
+                    )
+                    judged = at_kill(writes, stored, kill.at, kill.back_at, writable_since)
                     if judged is None:
                         continue
                     result.worst_s = max(result.worst_s, judged.recovery_point_s)
