@@ -283,3 +283,23 @@ def test_corrupt_blobs_are_refused_without_leaking_data(name: str, blob: bytes) 
 def test_negative_limit_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="must not be negative"):
         decompress_bounded(compress(b"x"), -1)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_kept_frames_do_not_pin_their_worst_case_buffers() -> None:
+    # A host agent keeps one compressed NVRAM per VM. Each frame used to sit in a buffer
+    # allocated for the whole input: 200 kept frames of ~9 KB then held ~100 MB.
+    image = bytearray(540_672)
+    for offset in range(0, len(image), 4096):
+        image[offset : offset + 64] = os.urandom(64)
+    before = _resident_bytes()
+
+    kept = [compress(bytes(image)) for _ in range(200)]
+
+    grown = _resident_bytes() - before
+    assert sum(map(len, kept)) < 4 * 1024 * 1024
+    assert grown < 40 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"

@@ -50,7 +50,12 @@ def compress(data: bytes) -> bytes:
     compressor = zstandard.ZstdCompressor(
         level=COMPRESSION_LEVEL, write_checksum=False, write_content_size=True
     )
-    return compressor.compress(data)
+    frame = compressor.compress(data)
+    # The frame comes in a buffer allocated for the worst case (the input's size) and shrunk
+    # in place; the heap cannot reuse the hole behind it for the next such buffer. A host
+    # agent keeps a frame per VM, so each pinned ~540 KB: 600 MB of RSS for 1,000 NVRAMs.
+    # A copy of the right size frees the big buffer (bench: idle agent RSS).
+    return bytes(memoryview(frame))
 
 
 def decompress_bounded(data: bytes, max_size: int) -> bytes:
