@@ -69,6 +69,8 @@ class Harness:
         self.published: list[Published] = []
         self.on_publish: Callable[[StateChange], None] | None = None
         """Called with each change as it is published (to act at that exact moment)."""
+        self.confirms: asyncio.Event | None = None
+        """When set to an event, each publish waits for it, as for a broker's confirm."""
         self.tracker = StateTracker(window_s=WINDOW_S, announce=self._publish)
         # The periodic rescan is never started here: what is found, inotify (or an explicit
         # rescan() call) found.
@@ -79,6 +81,8 @@ class Harness:
         self.published.append(Published(time.monotonic(), change))
         if self.on_publish is not None:
             self.on_publish(change)
+        if self.confirms is not None:
+            await self.confirms.wait()
 
     def location(self, *, epoch: int = 1) -> DomainStateLocation:
         return DomainStateLocation(
@@ -343,6 +347,27 @@ async def test_tpm_directory_created_after_tracking_is_found_by_inotify(
     write_like_swtpm(harness.tpm_dir, newer)
     await harness.wait_published(2)
     assert harness.published[1].change.content_hash == tpm_hash(newer)
+
+
+async def test_a_fetch_does_not_wait_for_a_confirm_the_broker_has_not_sent(
+    harness: Harness,
+) -> None:
+    # The stable state was read and sealed before it was announced: a publish stuck in a
+    # broker outage must not hold up a fetch, nor a heartbeat's reconciliation through one.
+    harness.confirms = asyncio.Event()
+    make_tpm_dir(harness.tpm_dir)
+    harness.track()
+    harness.start_inotify()
+    permall = os.urandom(6_000)
+    write_like_swtpm(harness.tpm_dir, permall)
+    await harness.wait_published(1)
+
+    blob = await asyncio.wait_for(harness.tracker.current_blob(VM_ID, StateKind.TPM), TIMEOUT_S)
+
+    assert blob is not None
+    assert blob.content_hash == tpm_hash(permall)
+    assert open_blob(blob) == pack_tpm_state({MAIN_STATE_FILE_NAME: permall})
+    harness.confirms.set()
 
 
 async def test_current_blob_is_the_stable_state_and_opens_to_the_file_content(

@@ -56,6 +56,8 @@ class TrackedState:
     blob: StateBlob | None = None
     check: asyncio.Task[None] | None = None
     poked_during_check: bool = False
+    announcing: bool = False
+    """The check has read and sealed the stable state and waits only for the broker."""
 
 
 @dataclass
@@ -203,15 +205,19 @@ class StateTracker:
             content_hash=snapshot.content_hash[:12],
             size=len(snapshot.content),
         )
-        await self._announce_change(
-            StateChange(
-                vm_id=tracked.domain.vm_id,
-                kind=kind,
-                content_hash=snapshot.content_hash,
-                size=len(snapshot.content),
-                token=token,
+        state.announcing = True
+        try:
+            await self._announce_change(
+                StateChange(
+                    vm_id=tracked.domain.vm_id,
+                    kind=kind,
+                    content_hash=snapshot.content_hash,
+                    size=len(snapshot.content),
+                    token=token,
+                )
             )
-        )
+        finally:
+            state.announcing = False
 
     async def current_blob(self, vm_id: str, kind: StateKind) -> StateBlob | None:
         """The state as it is now, read stably; None when the VM or the state is absent."""
@@ -219,7 +225,10 @@ class StateTracker:
         state = tracked.states.get(kind) if tracked else None
         if tracked is None or state is None:
             return None
-        if state.check is not None and not state.check.done():
+        if state.check is not None and not state.check.done() and not state.announcing:
+            # A check that only waits for the broker to confirm its announcement has its
+            # blob ready: waiting for it would tie a fetch (a heartbeat's reconciliation
+            # included) to a publish stuck in a broker outage.
             await asyncio.shield(state.check)
         if state.stable is None or state.location.signature() != state.stable.signature:
             self.poke(vm_id, kind)
