@@ -135,6 +135,11 @@ class Placement:
     host: str
     epoch: int
 
+    @classmethod
+    def from_reply(cls, host: bytes | None, epoch: bytes | None) -> Placement | None:
+        """The placement hash's HMGET host, epoch reply; None when the VM is not placed."""
+        return None if host is None or epoch is None else cls(host.decode(), int(epoch))
+
 
 class StateRepository:
     """Redis access for the state store."""
@@ -216,10 +221,8 @@ class StateRepository:
         replies = iter(await pipe.execute())
         found: list[tuple[str | None, Placement | None]] = []
         for head, (host, epoch) in zip(replies, replies, strict=True):
-            placement = (
-                None if host is None or epoch is None else Placement(host.decode(), int(epoch))
-            )
-            found.append(((head.decode() if head is not None else None), placement))
+            head_hash = head.decode() if head is not None else None
+            found.append((head_hash, Placement.from_reply(host, epoch)))
         return found
 
     async def placements_and_head_hashes(
@@ -236,12 +239,7 @@ class StateRepository:
         replies = iter(await pipe.execute())
         found: dict[str, tuple[Placement | None, dict[StateKind, str | None]]] = {}
         for vm_id in vm_ids:
-            host, epoch = next(replies)
-            placement = (
-                None
-                if host is None or epoch is None
-                else Placement(host=host.decode(), epoch=int(epoch))
-            )
+            placement = Placement.from_reply(*next(replies))
             heads = {}
             for kind in StateKind:
                 value = next(replies)
