@@ -28,6 +28,11 @@ FileStat = tuple[str, int, int, int]
 """(name, inode, size, mtime_ns) of one file."""
 
 
+def signature_size(signature: tuple[FileStat, ...]) -> int:
+    """Bytes of the files a signature stats."""
+    return sum(size for _name, _inode, size, _mtime in signature)
+
+
 @dataclass(frozen=True)
 class StateSnapshot:
     """The canonical content of one state at one moment, with the stat it was read under."""
@@ -110,7 +115,7 @@ async def read_stable(
         return None  # nothing there yet; its creation is itself an event that pokes again
     # A TPM state (tens of KB, in the page cache) is read in the loop: the trip to a worker
     # thread and back cost more than the read. An NVRAM (540 KB to 4 MB) goes to a thread.
-    size = sum(size for _name, _inode, size, _mtime in signature)
+    size = signature_size(signature)
     previous = await run_sized(size, location.read)
     for _ in range(max_rounds):
         await asyncio.sleep(window_s)

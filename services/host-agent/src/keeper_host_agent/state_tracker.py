@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 import structlog
 
 from keeper_host_agent.domain_xml import DomainStateLocation
-from keeper_host_agent.state_reader import FileStat, StateLocation, StateSnapshot, read_stable
+from keeper_host_agent.state_reader import (
+    FileStat,
+    StateLocation,
+    StateSnapshot,
+    read_stable,
+    signature_size,
+)
 from keeper_shared.blobs import seal_blob
 from keeper_shared.cpu_work import run_sized
 from keeper_shared.messages.host import VmInventoryEntry
@@ -263,9 +269,8 @@ class StateTracker:
 
 
 def _stable_size(state: TrackedState) -> int:
-    """Bytes of the last stable read, by its signature."""
-    signature = state.stable.signature if state.stable else ()
-    return sum(size for _name, _inode, size, _mtime in signature)
+    """Bytes of the last stable read."""
+    return signature_size(state.stable.signature) if state.stable else 0
 
 
 def _still_as_stable(state: TrackedState) -> bool:
