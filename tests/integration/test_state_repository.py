@@ -483,47 +483,61 @@ async def _script_exists_calls(redis: Redis) -> int:
     return int(entry["calls"]) if entry else 0
 
 
-async def test_a_write_asks_no_script_exists_once_the_script_ran(
+@dataclass(frozen=True)
+class WrittenOnce:
+    """A repository on a Redis of the test's own, and a VM whose v1 was written (so the
+    server has run the write script): for tests that read its stats or flush its scripts."""
+
+    redis: Redis
+    repository: StateRepository
+    vm_id: str
+
+
+@pytest_asyncio.fixture
+async def written_once(
     private_redis_server: RedisServer, kek: KeyEncryptionKey
+) -> AsyncIterator[WrittenOnce]:
+    redis = Redis.from_url(private_redis_server.url)
+    try:
+        repository = StateRepository(redis, KeyRing(kek), history_depth=HISTORY_DEPTH)
+        vm = str(uuid.uuid4())
+        await _place(redis, vm, "host-a", 1)
+        await _write(repository, vm, generation=1, content=b"v1")
+        yield WrittenOnce(redis, repository, vm)
+    finally:
+        await redis.aclose()
+
+
+async def test_a_write_asks_no_script_exists_once_the_script_ran(
+    written_once: WrittenOnce,
 ) -> None:
     # redis-py asks SCRIPT EXISTS before every pipeline holding a script: a round trip per
     # stored version that the repository skips for a script its server has already run.
-    redis = Redis.from_url(private_redis_server.url)
-    try:
-        repository = StateRepository(redis, KeyRing(kek), history_depth=HISTORY_DEPTH)
-        vm = str(uuid.uuid4())
-        await _place(redis, vm, "host-a", 1)
-        await _write(repository, vm, generation=1, content=b"v1")
-        asked = await _script_exists_calls(redis)
+    asked = await _script_exists_calls(written_once.redis)
 
-        for generation in range(2, 6):
-            result = await _write(
-                repository, vm, generation=generation, content=b"v%d" % generation
-            )
-            assert result.outcome is WriteOutcome.STORED
+    for generation in range(2, 6):
+        result = await _write(
+            written_once.repository,
+            written_once.vm_id,
+            generation=generation,
+            content=b"v%d" % generation,
+        )
+        assert result.outcome is WriteOutcome.STORED
 
-        assert await _script_exists_calls(redis) == asked
-    finally:
-        await redis.aclose()
+    assert await _script_exists_calls(written_once.redis) == asked
 
 
 async def test_a_write_after_the_server_forgot_its_scripts_is_stored_once(
-    private_redis_server: RedisServer, kek: KeyEncryptionKey
+    written_once: WrittenOnce,
 ) -> None:
     # A restart or a failover empties the script cache: the write that meets NOSCRIPT
     # loads the script and runs again, and is applied exactly once.
-    redis = Redis.from_url(private_redis_server.url)
-    try:
-        repository = StateRepository(redis, KeyRing(kek), history_depth=HISTORY_DEPTH)
-        vm = str(uuid.uuid4())
-        await _place(redis, vm, "host-a", 1)
-        await _write(repository, vm, generation=1, content=b"v1")
-        await redis.script_flush()
+    await written_once.redis.script_flush()
 
-        result = await _write(repository, vm, generation=2, content=b"v2")
+    result = await _write(written_once.repository, written_once.vm_id, generation=2, content=b"v2")
 
-        assert result == WriteResult(WriteOutcome.STORED, "2")
-        history = await awaited(redis.lrange(state_history_key(vm, StateKind.TPM), 0, -1))
-        assert history == [b"1", b"2"]
-    finally:
-        await redis.aclose()
+    assert result == WriteResult(WriteOutcome.STORED, "2")
+    history = await awaited(
+        written_once.redis.lrange(state_history_key(written_once.vm_id, StateKind.TPM), 0, -1)
+    )
+    assert history == [b"1", b"2"]
