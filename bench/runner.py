@@ -374,7 +374,6 @@ class Bench:
 
     async def scale_benchmarks(self) -> None:
         """The real store against 1, 10 and 100 simulated hosts (see bench.scale)."""
-        settings = self.settings
         pools = {
             StateKind.TPM: content.variants(StateKind.TPM, self.tpm.permall, 8, seed=1),
             StateKind.NVRAM: content.variants(StateKind.NVRAM, content.nvram_base(), 8, seed=2),
@@ -387,55 +386,58 @@ class Bench:
                 "KB",
             ).add(sum(sizes) / len(sizes) / 1000)
         hosts = await scale.FakeHosts.start(self.bus, pools)
-        both = [StateKind.TPM, StateKind.NVRAM]
         try:
             for count in (1, 10, 100):
-                run = uuid.uuid4().hex[:4]
-                host_ids = [f"bench-s{count}-{run}-{i}" for i in range(count)]
-                vms = [
-                    scale.FakeVm(str(uuid.uuid4()), host_ids[i % count])
-                    for i in range(settings.vms)
-                ]
-                await hosts.serve(host_ids)
-                await scale.place(self.redis, vms)
-                before = await scale.used_memory(self.redis)
-                await scale.closed_loop(hosts, self.recorder, vms, both, duration_s=None, steps=2)
-                per_vm = (await scale.used_memory(self.redis) - before) / len(vms)
-                self.figure(
-                    "mem_vm", "Redis memory per VM (placement, key, heads, first TPM + NVRAM)", "KB"
-                ).add(per_vm / 1000)
-                for _ in range(settings.rounds):
-                    loop = await scale.closed_loop(
-                        hosts, self.recorder, vms, both, duration_s=settings.scale_s
-                    )
-                    if loop.timeouts:
-                        self.notes.append(f"scale {count} hosts: {loop.timeouts} changes timed out")
-                    self.figure(
-                        f"scale_{count}",
-                        f"Store throughput, {count} simulated host{'s' if count > 1 else ''} "
-                        f"x {settings.vms // count} VMs (real blobs, TPM and NVRAM)",
-                        "versions/s",
-                    ).add(loop.persisted_in_time / loop.seconds)
-                per_kind = {}
-                for kind in both:
-                    before = await scale.used_memory(self.redis)
-                    loop = await scale.closed_loop(
-                        hosts, self.recorder, vms, [kind], duration_s=settings.scale_s / 2
-                    )
-                    stored = await scale.used_memory(self.redis) - before
-                    per_kind[kind] = stored / max(loop.persisted, 1)
-                self.figure(
-                    "mem_version",
-                    "Redis memory per stored version of TPM + NVRAM",
-                    "KB",
-                    target="< 8",
-                ).add(sum(per_kind.values()) / 1000)
-                self.figure("mem_tpm", "… of which TPM (manufactured swtpm state)", "KB").add(
-                    per_kind[StateKind.TPM] / 1000
-                )
-                self.figure("mem_nvram", "… of which NVRAM (OVMF VARS, 540 KiB)", "KB").add(
-                    per_kind[StateKind.NVRAM] / 1000
-                )
-                self.say(f"scale {count} hosts done ({hosts.fetches} fetches so far)")
+                await self.scale_over(hosts, count)
         finally:
             await hosts.close()
+
+    async def scale_over(self, hosts: scale.FakeHosts, count: int) -> None:
+        """The same VMs in flight spread over ``count`` simulated hosts: Redis memory per
+        VM and per version, and the store's throughput."""
+        settings = self.settings
+        both = [StateKind.TPM, StateKind.NVRAM]
+        run = uuid.uuid4().hex[:4]
+        host_ids = [f"bench-s{count}-{run}-{i}" for i in range(count)]
+        vms = [scale.FakeVm(str(uuid.uuid4()), host_ids[i % count]) for i in range(settings.vms)]
+        await hosts.serve(host_ids)
+        await scale.place(self.redis, vms)
+        before = await scale.used_memory(self.redis)
+        await scale.closed_loop(hosts, self.recorder, vms, both, duration_s=None, steps=2)
+        per_vm = (await scale.used_memory(self.redis) - before) / len(vms)
+        self.figure(
+            "mem_vm", "Redis memory per VM (placement, key, heads, first TPM + NVRAM)", "KB"
+        ).add(per_vm / 1000)
+        for _ in range(settings.rounds):
+            loop = await scale.closed_loop(
+                hosts, self.recorder, vms, both, duration_s=settings.scale_s
+            )
+            if loop.timeouts:
+                self.notes.append(f"scale {count} hosts: {loop.timeouts} changes timed out")
+            self.figure(
+                f"scale_{count}",
+                f"Store throughput, {count} simulated host{'s' if count > 1 else ''} "
+                f"x {settings.vms // count} VMs (real blobs, TPM and NVRAM)",
+                "versions/s",
+            ).add(loop.persisted_in_time / loop.seconds)
+        per_kind = {}
+        for kind in both:
+            before = await scale.used_memory(self.redis)
+            loop = await scale.closed_loop(
+                hosts, self.recorder, vms, [kind], duration_s=settings.scale_s / 2
+            )
+            stored = await scale.used_memory(self.redis) - before
+            per_kind[kind] = stored / max(loop.persisted, 1)
+        self.figure(
+            "mem_version",
+            "Redis memory per stored version of TPM + NVRAM",
+            "KB",
+            target="< 8",
+        ).add(sum(per_kind.values()) / 1000)
+        self.figure("mem_tpm", "… of which TPM (manufactured swtpm state)", "KB").add(
+            per_kind[StateKind.TPM] / 1000
+        )
+        self.figure("mem_nvram", "… of which NVRAM (OVMF VARS, 540 KiB)", "KB").add(
+            per_kind[StateKind.NVRAM] / 1000
+        )
+        self.say(f"scale {count} hosts done ({hosts.fetches} fetches so far)")
