@@ -107,6 +107,14 @@ async def recovery_points(
     result = RecoveryPoints()
     kills = [fault for fault in faults if fault.kind is FaultKind.HOST_KILL]
     outages = [fault for fault in faults if fault.kind in STORAGE_OUTAGES]
+    # Per kill, when the store could last write again before it (0: no outage before it).
+    writable_since = {
+        kill: max(
+            (outage.recovered_at for outage in outages if outage.recovered_at <= kill.at),
+            default=0.0,
+        )
+        for kill in kills
+    }
     for load in loads:
         for vm in load.vms:
             for kind in StateKind:
@@ -115,15 +123,7 @@ async def recovery_points(
                 for kill in kills:
                     if kill.target != vm.host.host_id:
                         continue
-                    writable_since = max(
-                        (
-                            outage.recovered_at
-                            for outage in outages
-                            if outage.recovered_at <= kill.at
-                        ),
-                        default=0.0,
-                    )
-                    judged = at_kill(writes, stored, kill.at, kill.back_at, writable_since)
+                    judged = at_kill(writes, stored, kill.at, kill.back_at, writable_since[kill])
                     if judged is None:
                         continue
                     result.worst_s = max(result.worst_s, judged.recovery_point_s)
