@@ -32,7 +32,7 @@ from keeper_shared.redis_keys import data_key_key, placement_key
 from keeper_shared.redis_results import awaited
 from keeper_state_store import key_rotation
 from keeper_state_store.key_rotation import rotate_data_keys
-from keeper_state_store.repository import StateRepository, WriteOutcome
+from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome
 from redis_db import database_url, private_database
 
 pytestmark = pytest.mark.redis
@@ -76,13 +76,15 @@ async def _store_vms(redis: Redis, kek: KeyEncryptionKey, count: int) -> dict[st
         data_key = await repository.data_key(vm_id)
         binding = blob_associated_data(vm_id, "tpm", 1, 1, digest)
         result = await repository.write_version(
-            vm_id=vm_id,
-            kind=StateKind.TPM,
-            host="host-a",
-            token=token,
-            content_hash=digest,
-            size=len(content),
-            sealed=encrypt_blob(data_key, content, binding),
+            VersionWrite(
+                vm_id=vm_id,
+                kind=StateKind.TPM,
+                host="host-a",
+                token=token,
+                content_hash=digest,
+                size=len(content),
+                sealed=encrypt_blob(data_key, content, binding),
+            )
         )
         assert result.outcome is WriteOutcome.STORED
         stored[vm_id] = content

@@ -24,6 +24,7 @@ import pytest_asyncio
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from keeper_shared.encryption import (
     DecryptionError,
@@ -43,9 +44,10 @@ from keeper_shared.redis_keys import (
     state_history_key,
     state_meta_key,
 )
+from keeper_shared.redis_replication import NO_REPLICAS, run_replicated
 from keeper_shared.redis_results import awaited
 from keeper_state_store.durability import VolatileRedisError, ensure_durable
-from keeper_state_store.repository import StateRepository, WriteOutcome, WriteResult
+from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome, WriteResult
 
 pytestmark = pytest.mark.redis
 
@@ -96,6 +98,26 @@ def _hash(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
+def _version(
+    vm_id: str,
+    *,
+    host: str = "host-a",
+    epoch: int = 1,
+    generation: int = 1,
+    content: bytes = b"tpm state v1",
+    kind: StateKind = StateKind.TPM,
+) -> VersionWrite:
+    return VersionWrite(
+        vm_id=vm_id,
+        kind=kind,
+        host=host,
+        token=FencingToken(epoch=epoch, generation=generation),
+        content_hash=_hash(content),
+        size=len(content),
+        sealed=b"sealed:" + content,
+    )
+
+
 async def _write(
     repository: StateRepository,
     vm_id: str,
@@ -107,13 +129,7 @@ async def _write(
     kind: StateKind = StateKind.TPM,
 ) -> WriteResult:
     return await repository.write_version(
-        vm_id=vm_id,
-        kind=kind,
-        host=host,
-        token=FencingToken(epoch=epoch, generation=generation),
-        content_hash=_hash(content),
-        size=len(content),
-        sealed=b"sealed:" + content,
+        _version(vm_id, host=host, epoch=epoch, generation=generation, content=content, kind=kind)
     )
 
 
@@ -269,13 +285,15 @@ async def test_read_version_returns_what_was_written(
     before = datetime.now(UTC)
 
     result = await repository.write_version(
-        vm_id=vm_id,
-        kind=StateKind.TPM,
-        host="host-a",
-        token=token,
-        content_hash=content_hash,
-        size=len(content),
-        sealed=sealed,
+        VersionWrite(
+            vm_id=vm_id,
+            kind=StateKind.TPM,
+            host="host-a",
+            token=token,
+            content_hash=content_hash,
+            size=len(content),
+            sealed=sealed,
+        )
     )
     assert result == WriteResult(WriteOutcome.STORED, "1")
 
@@ -398,13 +416,15 @@ async def _run_interleaving(redis_url: str, operations: list[Place | Write]) -> 
                 )
                 content_hash = _hash(f"content {operation.content}".encode())
                 result = await repository.write_version(
-                    vm_id=vm,
-                    kind=kind,
-                    host=host,
-                    token=token,
-                    content_hash=content_hash,
-                    size=1,
-                    sealed=b"x",
+                    VersionWrite(
+                        vm_id=vm,
+                        kind=kind,
+                        host=host,
+                        token=token,
+                        content_hash=content_hash,
+                        size=1,
+                        sealed=b"x",
+                    )
                 )
                 event(f"outcome {result.outcome.value}")
                 acceptable = (
@@ -541,3 +561,103 @@ async def test_a_write_after_the_server_forgot_its_scripts_is_stored_once(
         written_once.redis.lrange(state_history_key(written_once.vm_id, StateKind.TPM), 0, -1)
     )
     assert history == [b"1", b"2"]
+
+
+async def _history(redis: Redis, vm_id: str, kind: StateKind = StateKind.TPM) -> list[bytes]:
+    history: list[bytes] = await awaited(redis.lrange(state_history_key(vm_id, kind), 0, -1))
+    return history
+
+
+async def test_a_batch_of_writes_is_fenced_write_by_write(
+    written_once: WrittenOnce,
+) -> None:
+    # One pipeline for a fetched batch, but each write keeps its own fencing and outcome.
+    redis, repository, placed = written_once.redis, written_once.repository, written_once.vm_id
+    elsewhere = str(uuid.uuid4())
+    await _place(redis, elsewhere, "host-b", 1)
+    asked = await _script_exists_calls(redis)
+
+    results = await repository.write_versions(
+        [
+            _version(placed, generation=2, content=b"v2"),
+            _version(placed, kind=StateKind.NVRAM, content=b"vars v1"),
+            _version(elsewhere, content=b"not from its host"),
+            _version(placed, kind=StateKind.NVRAM, generation=0, content=b"older"),
+        ]
+    )
+
+    assert results == [
+        WriteResult(WriteOutcome.STORED, "2"),
+        WriteResult(WriteOutcome.STORED, "1"),
+        WriteResult(WriteOutcome.WRONG_HOST, "host-b"),
+        WriteResult(WriteOutcome.STALE, "1"),
+    ]
+    assert await _history(redis, placed) == [b"1", b"2"]
+    assert await _history(redis, placed, StateKind.NVRAM) == [b"1"]
+    assert await _head(redis, elsewhere) == {}
+    assert await _script_exists_calls(redis) == asked
+
+
+async def test_a_batch_after_the_server_forgot_its_scripts_stores_each_write_once(
+    written_once: WrittenOnce,
+) -> None:
+    redis, repository, placed = written_once.redis, written_once.repository, written_once.vm_id
+    others = [str(uuid.uuid4()) for _ in range(3)]
+    for vm in others:
+        await _place(redis, vm, "host-a", 1)
+    await redis.script_flush()
+
+    results = await repository.write_versions(
+        [
+            _version(placed, generation=2, content=b"v2"),
+            *(_version(vm, content=b"first of " + vm.encode()) for vm in others),
+        ]
+    )
+
+    assert [result.outcome for result in results] == [WriteOutcome.STORED] * 4
+    assert await _history(redis, placed) == [b"1", b"2"]
+    for vm in others:
+        assert await _history(redis, vm) == [b"1"]
+
+
+async def test_only_the_commands_that_met_noscript_run_again(
+    private_redis_server: RedisServer,
+) -> None:
+    # A pipeline whose script met NOSCRIPT while its other commands ran: the script runs
+    # again once loaded, the others do not (an INCR applied twice would show).
+    redis = Redis.from_url(private_redis_server.url)
+    try:
+        script = redis.register_script("return redis.call('INCR', KEYS[1])")
+
+        async def queue(pipe: Pipeline) -> None:
+            pipe.incr("plain")
+            await script(keys=["scripted"], client=pipe)
+            pipe.incr("plain")
+
+        assert await run_replicated(redis, NO_REPLICAS, queue) == [1, 1, 2]
+        await redis.script_flush()
+        assert await run_replicated(redis, NO_REPLICAS, queue) == [3, 2, 4]
+        assert await redis.mget(["plain", "scripted"]) == [b"4", b"2"]
+        # The cached script was trusted, met NOSCRIPT once and ran again.
+        evalsha = (await redis.info("commandstats"))["cmdstat_evalsha"]
+        assert (evalsha["calls"], evalsha["failed_calls"]) == (3, 1)
+    finally:
+        await redis.aclose()
+
+
+async def test_data_keys_of_many_vms_are_each_vms_own(
+    repository: StateRepository, redis: Redis
+) -> None:
+    vms = [str(uuid.uuid4()) for _ in range(3)]
+    try:
+        known = await repository.data_key(vms[0])
+
+        keys = await repository.data_keys(vms)
+
+        assert keys[vms[0]] == known
+        assert keys[vms[1]] != keys[vms[2]] != known != keys[vms[1]]
+        for vm in vms:
+            assert await repository.data_key(vm) == keys[vm]
+    finally:
+        for vm in vms:
+            await _delete_vm_keys(redis, vm)

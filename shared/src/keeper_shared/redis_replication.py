@@ -14,7 +14,7 @@ from weakref import WeakKeyDictionary
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from keeper_shared.redis_keys import replication_barrier_key
 
@@ -41,50 +41,58 @@ async def run_replicated(
     redis: Redis, quorum: ReplicaQuorum, queue: Callable[[Pipeline], Awaitable[Any]]
 ) -> list[Any]:
     """Run the commands ``queue`` adds to a pipeline, then wait for ``quorum``; return the
-    commands' results. Raises NotReplicatedError when too few replicas answered in time.
+    commands' results. Raises NotReplicatedError when too few replicas answered in time, and
+    the first command's error (as redis-py does) when one failed.
 
     Everything runs on one connection, because WAIT waits for the replication offset of
     its own connection's last write. A barrier write just before it makes that offset
     cover every write made before, by anyone, even when the queued commands wrote nothing.
+
+    A script command that met NOSCRIPT ran nothing; it runs again, after the others, once
+    its script is loaded. Queue only commands whose order among each other does not matter
+    (one fenced write per VM and kind, say).
     """
-    try:
-        return await _run_once(redis, quorum, queue, trust_script_cache=True)
-    except NoScriptError:
-        # The server forgot its scripts (a restart, or a failover to a replica): nothing of
-        # the lone script ran, so running it again, loading it first, is safe.
-        _scripts_loaded.pop(redis, None)
-        return await _run_once(redis, quorum, queue, trust_script_cache=False)
+    async with redis.pipeline(transaction=False) as pipe:
+        await queue(pipe)
+        scripts = set(pipe.scripts)
+        loaded = _scripts_loaded.setdefault(redis, set())
+        # redis-py asks SCRIPT EXISTS before every pipeline that holds a script: one more
+        # round trip per write. A script this server already ran is trusted to be there;
+        # if it is not (a restart, a failover), its NOSCRIPT replies are retried below.
+        if {script.sha for script in scripts} <= loaded:
+            pipe.scripts.clear()
+        commands = list(pipe.command_stack)
+        results = await _execute(pipe, quorum)
+    loaded |= {script.sha for script in scripts}
+    forgotten = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
+    if forgotten:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.scripts |= scripts  # loaded first (SCRIPT EXISTS, SCRIPT LOAD)
+            pipe.command_stack.extend(commands[index] for index in forgotten)
+            for index, result in zip(forgotten, await _execute(pipe, quorum), strict=True):
+                results[index] = result
+    for result in results:
+        if isinstance(result, ResponseError):
+            raise result
+    return results
 
 
 _scripts_loaded: WeakKeyDictionary[Redis, set[str]] = WeakKeyDictionary()
 """Per client, the scripts (by sha) its server is known to hold."""
 
 
-async def _run_once(
-    redis: Redis,
-    quorum: ReplicaQuorum,
-    queue: Callable[[Pipeline], Awaitable[Any]],
-    *,
-    trust_script_cache: bool,
-) -> list[Any]:
-    async with redis.pipeline(transaction=False) as pipe:
-        await queue(pipe)
-        shas = {script.sha for script in pipe.scripts}
-        loaded = _scripts_loaded.setdefault(redis, set())
-        # redis-py asks SCRIPT EXISTS before every pipeline that holds a script: one more
-        # round trip per stored version. Skipped for a script this server already ran, but
-        # only when the script is the pipeline's one command, so that a NOSCRIPT reply
-        # means nothing ran and the retry above cannot apply anything twice.
-        if trust_script_cache and len(pipe.command_stack) == 1 and shas <= loaded:
-            pipe.scripts.clear()
-        if quorum.min_replicas:
-            pipe.incr(replication_barrier_key())
-            pipe.wait(quorum.min_replicas, quorum.timeout_ms)
-        results: list[Any] = await pipe.execute()
-    loaded |= shas
+async def _execute(pipe: Pipeline, quorum: ReplicaQuorum) -> list[Any]:
+    """The pipeline's results, errors among them, once the replicas hold its writes."""
+    if quorum.min_replicas:
+        pipe.incr(replication_barrier_key())
+        pipe.wait(quorum.min_replicas, quorum.timeout_ms)
+    results: list[Any] = await pipe.execute(raise_on_error=False)
     if not quorum.min_replicas:
         return results
-    *results, _barrier, replicas = results
+    *results, barrier, replicas = results
+    for reply in (barrier, replicas):
+        if isinstance(reply, ResponseError):
+            raise reply
     if int(replicas) < quorum.min_replicas:
         raise NotReplicatedError(
             f"{replicas} of {quorum.min_replicas} Redis replicas acknowledged the write "

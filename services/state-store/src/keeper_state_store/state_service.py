@@ -9,36 +9,32 @@ host are coalesced into batched fetches (see pull_batcher).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping
 
 import structlog
 
-from keeper_shared.blobs import open_blob
 from keeper_shared.bus.client import BusClient, CallError, Delivery, Route
 from keeper_shared.bus.topology import host_command_key
 from keeper_shared.compression import BlobFormatError
-from keeper_shared.cpu_work import run_sized
 from keeper_shared.encryption import DecryptionError
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, MessageError
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.state import (
-    FetchedVmState,
     FetchState,
     RestoreState,
     RetrieveState,
     StateChanged,
     StateFetched,
     StatePersisted,
-    StateWriteRefused,
     VersionOrigin,
 )
-from keeper_shared.messages.types import StateBlob, StateKind, TpmSecret
+from keeper_shared.messages.types import StateBlob, StateKind
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.observability import metrics
+from keeper_state_store.fetched_writer import FetchedStateWriter
 from keeper_state_store.pull_batcher import PullBatcher
-from keeper_state_store.repository import StateRepository, WriteOutcome
+from keeper_state_store.repository import StateRepository
 from keeper_state_store.restore_plan import RestoreRefusedError, plan_restore
 from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.snapshot_store import SnapshotStore
@@ -60,6 +56,7 @@ class StateService:
         self._vault = BlobVault(repository)
         self._secrets = TpmSecretVault(repository)
         self._snapshots = SnapshotStore(repository.redis, repository.replicas)
+        self._writer = FetchedStateWriter(repository, self._vault, self._secrets, bus)
         self._batcher = PullBatcher(
             self._pull_batch,
             window_s=settings.pull_batch_window_s,
@@ -104,7 +101,7 @@ class StateService:
                     await self._announce_head(change.vm_id, change.kind)
                 continue
             if not self._speaks_for(delivery, event.host):
-                await self._refuse(
+                await self._writer.refuse(
                     change.vm_id,
                     change.kind,
                     event.host,
@@ -112,7 +109,7 @@ class StateService:
                 )
                 continue
             if placement is None or placement.host != event.host:
-                await self._refuse(
+                await self._writer.refuse(
                     change.vm_id, change.kind, event.host, "host is not the VM's placement"
                 )
                 continue
@@ -258,86 +255,11 @@ class StateService:
             metrics.PULLS.labels(outcome="failed").inc()
             raise
         metrics.PULLS.labels(outcome="ok").inc()
+        # A host does not get to push state this way: only what was asked for is written.
+        fetched = [vm_state for vm_state in reply.data.vms if vm_state.vm_id in kinds_by_vm]
         results: dict[str, BaseException | None] = dict.fromkeys(vm_ids)
-
-        async def persist_vm(vm_state: FetchedVmState) -> None:
-            try:
-                if vm_state.tpm_secret is not None:
-                    await self._keep_secret(vm_state.vm_id, host, vm_state.tpm_secret)
-                for blob in vm_state.blobs:
-                    await self._persist_blob(vm_state.vm_id, host, blob)
-            except Exception as error:
-                log.warning("persisting failed", vm_id=vm_state.vm_id, reason=type(error).__name__)
-                results[vm_state.vm_id] = error
-
-        # VMs are independent (each write is fenced per VM; one VM's kinds stay in order):
-        # persisting them concurrently lets Redis share one AOF fsync among the batch's
-        # writes and the broker confirm the persisted events together (bench: ~3x).
-        await asyncio.gather(
-            *(
-                persist_vm(vm_state)
-                for vm_state in reply.data.vms
-                # not asked for: a host does not get to push state this way
-                if vm_state.vm_id in kinds_by_vm
-            )
-        )
+        results.update(await self._writer.persist(host, fetched))
         return results
-
-    async def _keep_secret(self, vm_id: str, host: str, secret: TpmSecret) -> None:
-        """Keep the secret a host read from the VM's domain (the keeper did not create it):
-        without it the VM's encrypted TPM state cannot be used on any other host."""
-        if await self._secrets.keep(vm_id, secret):
-            log.info("TPM secret kept", vm_id=vm_id, tpm_secret_id=secret.uuid, from_host=host)
-
-    async def _persist_blob(self, vm_id: str, host: str, blob: StateBlob) -> None:
-        began = time.perf_counter()
-        metrics.PULLED_BYTES.labels(kind=blob.kind.value).inc(blob.size)
-        try:
-            await run_sized(blob.size, open_blob, blob)
-        except BlobFormatError as error:
-            metrics.PERSISTED.labels(kind=blob.kind.value, outcome="refused").inc()
-            await self._refuse(vm_id, blob.kind, host, f"blob does not verify: {error}")
-            return
-        sealed = await self._vault.seal(vm_id, blob)
-        result = await self._repository.write_version(
-            vm_id=vm_id,
-            kind=blob.kind,
-            host=host,
-            token=blob.token,
-            content_hash=blob.content_hash,
-            size=blob.size,
-            sealed=sealed,
-            swtpm_version=blob.swtpm_version,
-        )
-        metrics.PERSIST_SECONDS.observe(time.perf_counter() - began)
-        metrics.PERSISTED.labels(kind=blob.kind.value, outcome=result.outcome.value).inc()
-        if result.outcome is WriteOutcome.STORED:
-            version = int(result.detail)
-            log.info(
-                "state persisted",
-                vm_id=vm_id,
-                kind=blob.kind.value,
-                version=version,
-                content_hash=blob.content_hash[:12],
-                epoch=blob.token.epoch,
-            )
-            await self._bus.publish_event(
-                StatePersisted(
-                    vm_id=vm_id,
-                    kind=blob.kind,
-                    content_hash=blob.content_hash,
-                    size=blob.size,
-                    token=blob.token,
-                    version=version,
-                    host=host,
-                ),
-                subject=vm_id,
-            )
-        elif result.outcome is WriteOutcome.STALE:
-            # Replicas racing on the same VM: the newer write won. Not an audit matter.
-            log.info("stale write ignored", vm_id=vm_id, kind=blob.kind.value, head=result.detail)
-        elif result.outcome is not WriteOutcome.DUPLICATE:
-            await self._refuse(vm_id, blob.kind, host, f"{result.outcome.value} ({result.detail})")
 
     async def _announce_head(self, vm_id: str, kind: StateKind) -> None:
         version = await self._repository.head_version(vm_id, kind)
@@ -356,10 +278,4 @@ class StateService:
                 host=record.host,
             ),
             subject=vm_id,
-        )
-
-    async def _refuse(self, vm_id: str, kind: StateKind, host: str, reason: str) -> None:
-        log.warning("write refused", vm_id=vm_id, kind=kind.value, from_host=host, reason=reason)
-        await self._bus.publish_event(
-            StateWriteRefused(vm_id=vm_id, kind=kind, host=host, reason=reason), subject=vm_id
         )

@@ -8,6 +8,8 @@ store.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydantic import SecretBytes
 
 from keeper_shared.blobs import open_blob
@@ -30,9 +32,20 @@ class BlobVault:
     async def seal(self, vm_id: str, blob: StateBlob) -> bytes:
         """Encrypt ``blob``'s compressed content under ``vm_id``'s data key, bound to the VM,
         the blob's kind, token and hash."""
-        data_key = await self._repository.data_key(vm_id)
-        associated = _binding(vm_id, blob.kind, blob.token, blob.content_hash)
-        return encrypt_blob(data_key, blob.compressed.get_secret_value(), associated)
+        (sealed,) = await self.seal_all([(vm_id, blob)])
+        return sealed
+
+    async def seal_all(self, blobs: Sequence[tuple[str, StateBlob]]) -> list[bytes]:
+        """`seal` of each (VM, blob), reading every VM's data key in one round trip."""
+        data_keys = await self._repository.data_keys({vm_id for vm_id, _ in blobs})
+        return [
+            encrypt_blob(
+                data_keys[vm_id],
+                blob.compressed.get_secret_value(),
+                _binding(vm_id, blob.kind, blob.token, blob.content_hash),
+            )
+            for vm_id, blob in blobs
+        ]
 
     async def open_version(
         self, vm_id: str, kind: StateKind, version: int
