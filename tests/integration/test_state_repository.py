@@ -25,6 +25,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
 
 from keeper_shared.encryption import (
     DecryptionError,
@@ -614,10 +615,31 @@ async def test_a_batch_after_the_server_forgot_its_scripts_stores_each_write_onc
         ]
     )
 
-    assert [result.outcome for result in results] == [WriteOutcome.STORED] * 4
+    assert results == [
+        WriteResult(WriteOutcome.STORED, "2"),
+        *[WriteResult(WriteOutcome.STORED, "1")] * 3,
+    ]
     assert await _history(redis, placed) == [b"1", b"2"]
     for vm in others:
         assert await _history(redis, vm) == [b"1"]
+
+
+async def test_a_write_redis_fails_in_a_batch_fails_alone(
+    repository: StateRepository, redis: Redis, vm_id: str
+) -> None:
+    damaged = str(uuid.uuid4())
+    await _place(redis, damaged, "host-a", 1)
+    await redis.set(state_head_key(damaged, StateKind.TPM), b"not a hash")
+    try:
+        results = await repository.write_versions(
+            [_version(damaged), _version(vm_id), _version(vm_id, kind=StateKind.NVRAM)]
+        )
+    finally:
+        await _delete_vm_keys(redis, damaged)
+
+    assert isinstance(results[0], ResponseError)
+    assert "WRONGTYPE" in str(results[0])
+    assert results[1:] == [WriteResult(WriteOutcome.STORED, "1")] * 2
 
 
 async def test_only_the_commands_that_met_noscript_run_again(

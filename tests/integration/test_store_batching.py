@@ -11,10 +11,12 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+from redis.exceptions import ResponseError
 
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat, VmInventoryEntry
 from keeper_shared.messages.state import StatePersisted, StateWriteRefused
 from keeper_shared.messages.types import FencingToken, StateKind
+from keeper_shared.redis_keys import state_head_key
 from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from store_harness import Store, sha256
 
@@ -135,3 +137,29 @@ async def test_one_event_announcing_several_vms_persists_each_and_refuses_the_mi
     assert await store.repository.head_hash(elsewhere, StateKind.TPM) is None
     assert store.host.fetches == [placed], "one fetch for the event, never the misplaced VM"
     await store.wait_until_events_drained(TIMEOUT_S)
+
+
+async def test_a_vm_whose_write_redis_fails_does_not_fail_its_batch(store: Store) -> None:
+    # A fetched batch is written in one Redis pipeline; a damaged key fails that VM's
+    # write alone, and the others are stored and announced.
+    events = await store.client.watch_events("state.#")
+    healthy = [store.new_vm() for _ in range(2)]
+    damaged = store.new_vm()
+    contents = {}
+    for index, vm_id in enumerate([*healthy, damaged]):
+        await store.place(vm_id, epoch=1)
+        contents[vm_id] = pack_tpm_state({MAIN_STATE_FILE_NAME: f"vm {index}".encode() * 99})
+        store.host.hold(vm_id, StateKind.TPM, contents[vm_id], FencingToken(epoch=1, generation=1))
+    await store.redis.set(state_head_key(damaged, StateKind.TPM), b"not a hash")
+
+    results = await store.service.pull_and_persist(
+        store.host.host_id, [healthy[0], damaged, healthy[1]], [StateKind.TPM]
+    )
+
+    assert isinstance(results[damaged], ResponseError)
+    assert [results[vm_id] for vm_id in healthy] == [None, None]
+    for vm_id in healthy:
+        await events.wait_for(StatePersisted, _about(vm_id), TIMEOUT_S)
+        assert await store.repository.head_hash(vm_id, StateKind.TPM) == sha256(contents[vm_id])
+    assert await store.redis.get(state_head_key(damaged, StateKind.TPM)) == b"not a hash"
+    assert store.host.fetches == [[healthy[0], damaged, healthy[1]]]

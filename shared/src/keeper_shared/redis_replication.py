@@ -38,11 +38,17 @@ NO_REPLICAS = ReplicaQuorum()
 
 
 async def run_replicated(
-    redis: Redis, quorum: ReplicaQuorum, queue: Callable[[Pipeline], Awaitable[Any]]
+    redis: Redis,
+    quorum: ReplicaQuorum,
+    queue: Callable[[Pipeline], Awaitable[Any]],
+    *,
+    raise_on_error: bool = True,
 ) -> list[Any]:
     """Run the commands ``queue`` adds to a pipeline, then wait for ``quorum``; return the
     commands' results. Raises NotReplicatedError when too few replicas answered in time, and
-    the first command's error (as redis-py does) when one failed.
+    the first command's error (as redis-py does) when one failed; with ``raise_on_error``
+    false a failed command's error is its result instead, so one bad write does not fail
+    the others.
 
     Everything runs on one connection, because WAIT waits for the replication offset of
     its own connection's last write. A barrier write just before it makes that offset
@@ -72,7 +78,7 @@ async def run_replicated(
             for index, result in zip(forgotten, await _execute(pipe, quorum), strict=True):
                 results[index] = result
     for result in results:
-        if isinstance(result, ResponseError):
+        if raise_on_error and isinstance(result, ResponseError):
             raise result
     return results
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 import structlog
+from redis.exceptions import RedisError
 
 from keeper_shared.blobs import open_blob
 from keeper_shared.bus.client import BusClient
@@ -94,14 +95,20 @@ class FetchedStateWriter:
             self._failed(results, [vm_id for vm_id, _ in to_write], error)
             return results
         elapsed = time.perf_counter() - began
+        written = []
+        for (vm_id, blob), outcome in zip(to_write, outcomes, strict=True):
+            if isinstance(outcome, RedisError):
+                self._failed(results, [vm_id], outcome)
+            else:
+                written.append((vm_id, blob, outcome))
         reports = await asyncio.gather(
             *(
                 self._report(vm_id, host, blob, outcome, elapsed)
-                for (vm_id, blob), outcome in zip(to_write, outcomes, strict=True)
+                for vm_id, blob, outcome in written
             ),
             return_exceptions=True,
         )
-        for (vm_id, _), reported in zip(to_write, reports, strict=True):
+        for (vm_id, _, _), reported in zip(written, reports, strict=True):
             if isinstance(reported, Exception):
                 self._failed(results, [vm_id], reported)
             elif isinstance(reported, BaseException):

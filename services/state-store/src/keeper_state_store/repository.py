@@ -18,6 +18,7 @@ from typing import cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
 
 from keeper_shared.encryption import (
     DataKey,
@@ -283,12 +284,18 @@ class StateRepository:
         """Fenced compare-and-set of a new version (see persist.lua), returned once the
         replicas hold it (NotReplicatedError when they do not in time)."""
         (result,) = await self.write_versions([write])
+        if isinstance(result, RedisError):
+            raise result
         return result
 
-    async def write_versions(self, writes: Sequence[VersionWrite]) -> list[WriteResult]:
+    async def write_versions(
+        self, writes: Sequence[VersionWrite]
+    ) -> list[WriteResult | RedisError]:
         """`write_version` of each, in one pipeline with one wait for the replicas: a fetched
         batch costs one Redis round trip and shares one AOF fsync. Each write is fenced on
-        its own; give at most one per VM and kind (a retried one may run after the rest)."""
+        its own, and one that Redis failed (a damaged key, say) is that write's result, not
+        the batch's. Give at most one write per VM and kind (a retried one may run after
+        the rest). Raises NotReplicatedError when the replicas do not hold them in time."""
 
         async def queue(pipe: Pipeline) -> None:
             for write in writes:
@@ -318,10 +325,12 @@ class StateRepository:
                     client=pipe,
                 )
 
-        replies = await run_replicated(self._redis, self._replicas, queue)
+        replies = await run_replicated(self._redis, self._replicas, queue, raise_on_error=False)
         return [
-            WriteResult(WriteOutcome(outcome.decode()), detail.decode())
-            for outcome, detail in replies
+            reply
+            if isinstance(reply, RedisError)
+            else WriteResult(WriteOutcome(reply[0].decode()), reply[1].decode())
+            for reply in replies
         ]
 
     async def write_initial(
