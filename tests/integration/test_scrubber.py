@@ -63,7 +63,7 @@ from keeper_shared.swtpm_tools import (
     start_swtpm,
 )
 from keeper_shared.tpm_archive import pack_tpm_state, read_tpm_state_dir, unpack_tpm_state
-from keeper_state_store.repository import StateRepository, WriteOutcome
+from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome
 from keeper_state_store.scrub_flags import ScrubFlag
 from keeper_state_store.scrubber import Scrubber, VmScrubOutcome
 from keeper_state_store.tpm_probe import reap_stale_probes
@@ -181,13 +181,15 @@ class Vm:
         data_key = await self.repository.data_key(self.vm_id)
         binding = blob_associated_data(self.vm_id, kind.value, 1, self.generation, digest)
         result = await self.repository.write_version(
-            vm_id=self.vm_id,
-            kind=kind,
-            host="host-a",
-            token=token,
-            content_hash=digest,
-            size=len(content),
-            sealed=encrypt_blob(data_key, compress(content), binding),
+            VersionWrite(
+                vm_id=self.vm_id,
+                kind=kind,
+                host="host-a",
+                token=token,
+                content_hash=digest,
+                size=len(content),
+                sealed=encrypt_blob(data_key, compress(content), binding),
+            )
         )
         assert result.outcome is WriteOutcome.STORED, result
         return int(result.detail)
