@@ -119,21 +119,6 @@ def _version(
     )
 
 
-async def _write(
-    repository: StateRepository,
-    vm_id: str,
-    *,
-    host: str = "host-a",
-    epoch: int = 1,
-    generation: int = 1,
-    content: bytes = b"tpm state v1",
-    kind: StateKind = StateKind.TPM,
-) -> WriteResult:
-    return await repository.write_version(
-        _version(vm_id, host=host, epoch=epoch, generation=generation, content=content, kind=kind)
-    )
-
-
 async def _head(redis: Redis, vm_id: str, kind: StateKind = StateKind.TPM) -> dict[bytes, bytes]:
     head: dict[bytes, bytes] = await awaited(redis.hgetall(state_head_key(vm_id, kind)))
     return head
@@ -142,7 +127,7 @@ async def _head(redis: Redis, vm_id: str, kind: StateKind = StateKind.TPM) -> di
 async def test_first_write_is_stored_as_version_1(
     repository: StateRepository, redis: Redis, vm_id: str
 ) -> None:
-    result = await _write(repository, vm_id, generation=7)
+    result = await repository.write_version(_version(vm_id, generation=7))
 
     assert result == WriteResult(WriteOutcome.STORED, "1")
     assert await repository.head_version(vm_id, StateKind.TPM) == 1
@@ -157,12 +142,12 @@ async def test_first_write_is_stored_as_version_1(
 async def test_same_hash_again_is_a_duplicate_and_changes_nothing(
     repository: StateRepository, redis: Redis, vm_id: str
 ) -> None:
-    await _write(repository, vm_id, generation=1)
+    await repository.write_version(_version(vm_id, generation=1))
     before = await _head(redis, vm_id)
 
     # A redelivery (same token) and a later token with unchanged content alike.
     for generation in (1, 2):
-        result = await _write(repository, vm_id, generation=generation)
+        result = await repository.write_version(_version(vm_id, generation=generation))
         assert result == WriteResult(WriteOutcome.DUPLICATE, "1")
 
     assert await _head(redis, vm_id) == before
@@ -172,11 +157,13 @@ async def test_same_hash_again_is_a_duplicate_and_changes_nothing(
 async def test_older_or_equal_generation_is_stale(
     repository: StateRepository, redis: Redis, vm_id: str
 ) -> None:
-    await _write(repository, vm_id, generation=5, content=b"newest")
+    await repository.write_version(_version(vm_id, generation=5, content=b"newest"))
     before = await _head(redis, vm_id)
 
     for generation in (4, 5):
-        result = await _write(repository, vm_id, generation=generation, content=b"other")
+        result = await repository.write_version(
+            _version(vm_id, generation=generation, content=b"other")
+        )
         assert result == WriteResult(WriteOutcome.STALE, "1")
 
     assert await _head(redis, vm_id) == before
@@ -187,9 +174,11 @@ async def test_older_epoch_is_stale_epoch(
     repository: StateRepository, redis: Redis, vm_id: str
 ) -> None:
     await _place(redis, vm_id, "host-a", 3)
-    await _write(repository, vm_id, epoch=3, generation=1, content=b"epoch 3")
+    await repository.write_version(_version(vm_id, epoch=3, generation=1, content=b"epoch 3"))
 
-    result = await _write(repository, vm_id, epoch=2, generation=99, content=b"epoch 2")
+    result = await repository.write_version(
+        _version(vm_id, epoch=2, generation=99, content=b"epoch 2")
+    )
 
     assert result == WriteResult(WriteOutcome.STALE_EPOCH, "3")
     assert await repository.head_hash(vm_id, StateKind.TPM) == _hash(b"epoch 3")
@@ -198,7 +187,7 @@ async def test_older_epoch_is_stale_epoch(
 async def test_write_from_another_host_is_wrong_host(
     repository: StateRepository, redis: Redis, vm_id: str
 ) -> None:
-    result = await _write(repository, vm_id, host="host-b", epoch=1, generation=1)
+    result = await repository.write_version(_version(vm_id, host="host-b", epoch=1, generation=1))
 
     assert result == WriteResult(WriteOutcome.WRONG_HOST, "host-a")
     assert await _head(redis, vm_id) == {}
@@ -209,7 +198,7 @@ async def test_write_for_a_vm_never_placed_is_refused(
 ) -> None:
     vm = str(uuid.uuid4())
     try:
-        result = await _write(repository, vm, epoch=0, generation=0)
+        result = await repository.write_version(_version(vm, epoch=0, generation=0))
         assert result == WriteResult(WriteOutcome.WRONG_HOST, "")
         assert await redis.exists(state_head_key(vm, StateKind.TPM)) == 0
     finally:
@@ -219,20 +208,28 @@ async def test_write_for_a_vm_never_placed_is_refused(
 async def test_new_placement_wins_and_the_old_host_is_fenced_off(
     repository: StateRepository, redis: Redis, vm_id: str
 ) -> None:
-    assert (await _write(repository, vm_id, generation=50, content=b"on a")).outcome == "stored"
+    assert (
+        await repository.write_version(_version(vm_id, generation=50, content=b"on a"))
+    ).outcome == "stored"
 
     # The VM is started on host-b under a new epoch; its generation starts again at 0.
     await _place(redis, vm_id, "host-b", 2)
-    on_b = await _write(repository, vm_id, host="host-b", epoch=2, generation=0, content=b"on b")
+    on_b = await repository.write_version(
+        _version(vm_id, host="host-b", epoch=2, generation=0, content=b"on b")
+    )
     assert on_b == WriteResult(WriteOutcome.STORED, "2")
 
     # host-a was declared lost and comes back with a write it made before the move.
-    late = await _write(repository, vm_id, host="host-a", epoch=1, generation=51, content=b"late")
+    late = await repository.write_version(
+        _version(vm_id, host="host-a", epoch=1, generation=51, content=b"late")
+    )
     assert late == WriteResult(WriteOutcome.WRONG_HOST, "host-b")
 
     # Even once the VM returns to host-a, its old epoch stays fenced off.
     await _place(redis, vm_id, "host-a", 3)
-    late = await _write(repository, vm_id, host="host-a", epoch=1, generation=52, content=b"late")
+    late = await repository.write_version(
+        _version(vm_id, host="host-a", epoch=1, generation=52, content=b"late")
+    )
     assert late == WriteResult(WriteOutcome.STALE_EPOCH, "3")
     assert await repository.head_hash(vm_id, StateKind.TPM) == _hash(b"on b")
     assert await repository.head_version(vm_id, StateKind.TPM) == 2
@@ -244,10 +241,12 @@ async def test_head_from_a_newer_epoch_wins_even_if_the_placement_goes_back(
     """Defence in depth: the head's own token is checked too, so a placement record that
     moved backwards (restored from a backup, a buggy writer) cannot let older over newer."""
     await _place(redis, vm_id, "host-a", 5)
-    await _write(repository, vm_id, epoch=5, generation=0, content=b"epoch 5")
+    await repository.write_version(_version(vm_id, epoch=5, generation=0, content=b"epoch 5"))
     await _place(redis, vm_id, "host-a", 4)
 
-    result = await _write(repository, vm_id, epoch=4, generation=99, content=b"epoch 4")
+    result = await repository.write_version(
+        _version(vm_id, epoch=4, generation=99, content=b"epoch 4")
+    )
 
     assert result == WriteResult(WriteOutcome.STALE, "1")
     assert await repository.head_hash(vm_id, StateKind.TPM) == _hash(b"epoch 5")
@@ -258,8 +257,8 @@ async def test_history_is_trimmed_to_its_depth(
 ) -> None:
     total = HISTORY_DEPTH + 2
     for generation in range(1, total + 1):
-        result = await _write(
-            repository, vm_id, generation=generation, content=f"v{generation}".encode()
+        result = await repository.write_version(
+            _version(vm_id, generation=generation, content=f"v{generation}".encode())
         )
         assert result == WriteResult(WriteOutcome.STORED, str(generation))
 
@@ -523,7 +522,7 @@ async def written_once(
         repository = StateRepository(redis, KeyRing(kek), history_depth=HISTORY_DEPTH)
         vm = str(uuid.uuid4())
         await _place(redis, vm, "host-a", 1)
-        await _write(repository, vm, generation=1, content=b"v1")
+        await repository.write_version(_version(vm, generation=1, content=b"v1"))
         yield WrittenOnce(redis, repository, vm)
     finally:
         await redis.aclose()
@@ -537,11 +536,12 @@ async def test_a_write_asks_no_script_exists_once_the_script_ran(
     asked = await _script_exists_calls(written_once.redis)
 
     for generation in range(2, 6):
-        result = await _write(
-            written_once.repository,
-            written_once.vm_id,
-            generation=generation,
-            content=b"v%d" % generation,
+        result = await written_once.repository.write_version(
+            _version(
+                written_once.vm_id,
+                generation=generation,
+                content=b"v%d" % generation,
+            )
         )
         assert result.outcome is WriteOutcome.STORED
 
@@ -555,7 +555,9 @@ async def test_a_write_after_the_server_forgot_its_scripts_is_stored_once(
     # loads the script and runs again, and is applied exactly once.
     await written_once.redis.script_flush()
 
-    result = await _write(written_once.repository, written_once.vm_id, generation=2, content=b"v2")
+    result = await written_once.repository.write_version(
+        _version(written_once.vm_id, generation=2, content=b"v2")
+    )
 
     assert result == WriteResult(WriteOutcome.STORED, "2")
     history = await awaited(
