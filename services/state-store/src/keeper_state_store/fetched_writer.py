@@ -1,6 +1,6 @@
 """Persisting what one ``state.fetch`` brought back, as one batch.
 
-Every blob is verified, sealed under its VM's data key (all keys read in one round trip) and
+Every blob is verified, sealed under its VM's data key (every key read in one round trip) and
 written by its own fenced script, all in one Redis pipeline with one wait for the replicas:
 a batch of a hundred TPM states costs one round trip and shares one AOF fsync instead of
 two round trips each. Only then is each stored version announced ``state.persisted``.

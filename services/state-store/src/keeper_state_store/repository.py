@@ -206,7 +206,11 @@ class StateRepository:
     async def data_keys(self, vm_ids: Collection[str]) -> dict[str, DataKey]:
         """`data_key` of many VMs, in one round trip when they all have one already."""
         wanted = list(vm_ids)
-        stored = await awaited(self._redis.mget([data_key_key(vm_id) for vm_id in wanted]))
+        # GETs in a pipeline, not one MGET: each VM's keys are in its own cluster slot.
+        pipe = self._redis.pipeline(transaction=False)
+        for vm_id in wanted:
+            pipe.get(data_key_key(vm_id))
+        stored = await pipe.execute()
         found: dict[str, DataKey] = {}
         for vm_id, raw in zip(wanted, stored, strict=True):
             found[vm_id] = (
