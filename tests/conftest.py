@@ -39,7 +39,12 @@ _RABBITMQ_IMAGE = "rabbitmq:3.10"
 _REDIS_IMAGE = "redis:7.0"
 
 
-BROKER_KILLING_TEST_DIRS = (Path(__file__).parent / "chaos", Path(__file__).parent / "distributed")
+BROKER_KILLING_TEST_DIRS = (
+    Path(__file__).parent / "chaos",
+    Path(__file__).parent / "distributed",
+    # Cancels channel RPCs mid-flight, after which the broker closes the connection.
+    Path(__file__).parent / "integration" / "test_dead_letter_watch.py",
+)
 """Tests that restart, SIGKILL or cut off RabbitMQ under the test process's own connections."""
 
 CUT_CONNECTION_WARNINGS = (

@@ -33,4 +33,16 @@ async def watch_dead_letters(
                 raise
             except Exception as error:  # missing queue, broker restarting: try next time
                 log.debug("dead-letter queue not polled", queue=name, reason=type(error).__name__)
+            _raise_if_cancelled()
         await asyncio.sleep(interval_s)
+
+
+def _raise_if_cancelled() -> None:
+    """End the task if it was cancelled while aio-pika swallowed the CancelledError.
+
+    Cancelled while it opened or closed a channel, the watcher went on to sleep and poll
+    for ever, and a service waiting for it on SIGTERM hung (a store at start-up, until it
+    was killed). The task still counts the cancellation it never saw."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
