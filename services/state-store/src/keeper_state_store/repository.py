@@ -191,17 +191,11 @@ class StateRepository:
         return self._replicas
 
     async def data_key(self, vm_id: str) -> DataKey:
-        """The VM's data key, created on first use. Two replicas racing agree on one key:
-        only the first SET NX wins and both read back the winner."""
-        key = data_key_key(vm_id)
-        stored = await awaited(self._redis.get(key))
-        if stored is None:
-            candidate = self._keys.wrap(new_data_key())
-            await awaited(self._redis.set(key, candidate.to_bytes(), nx=True))
-            stored = await awaited(self._redis.get(key))
-            if stored is None:
-                raise RuntimeError(f"data key of {vm_id} vanished right after it was written")
-        return self._unwrap(bytes(stored))
+        """The VM's data key, created on first use."""
+        stored = await awaited(self._redis.get(data_key_key(vm_id)))
+        return self._unwrap(
+            bytes(stored) if stored is not None else await self._new_data_key(vm_id)
+        )
 
     async def data_keys(self, vm_ids: Collection[str]) -> dict[str, DataKey]:
         """`data_key` of many VMs, in one round trip when they all have one already."""
@@ -213,10 +207,21 @@ class StateRepository:
         stored = await pipe.execute()
         found: dict[str, DataKey] = {}
         for vm_id, raw in zip(wanted, stored, strict=True):
-            found[vm_id] = (
-                self._unwrap(bytes(raw)) if raw is not None else await self.data_key(vm_id)
+            found[vm_id] = self._unwrap(
+                bytes(raw) if raw is not None else await self._new_data_key(vm_id)
             )
         return found
+
+    async def _new_data_key(self, vm_id: str) -> bytes:
+        """Store a data key for a VM that had none; the stored (wrapped) key. Two replicas
+        racing agree on one key: only the first SET NX wins and both read back the winner."""
+        key = data_key_key(vm_id)
+        candidate = self._keys.wrap(new_data_key())
+        await awaited(self._redis.set(key, candidate.to_bytes(), nx=True))
+        stored = await awaited(self._redis.get(key))
+        if stored is None:
+            raise RuntimeError(f"data key of {vm_id} vanished right after it was written")
+        return bytes(stored)
 
     def _unwrap(self, stored: bytes) -> DataKey:
         """Unwrap a stored data key, remembering recent ones by their wrapped bytes.
