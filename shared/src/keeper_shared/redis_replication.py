@@ -61,15 +61,16 @@ async def run_replicated(
     async with redis.pipeline(transaction=False) as pipe:
         await queue(pipe)
         scripts = set(pipe.scripts)
+        shas = {script.sha for script in scripts}
         loaded = _scripts_loaded.setdefault(redis, set())
         # redis-py asks SCRIPT EXISTS before every pipeline that holds a script: one more
         # round trip per write. A script this server already ran is trusted to be there;
         # if it is not (a restart, a failover), its NOSCRIPT replies are retried below.
-        if {script.sha for script in scripts} <= loaded:
+        if shas <= loaded:
             pipe.scripts.clear()
         commands = list(pipe.command_stack)
         results = await _execute(pipe, quorum)
-    loaded |= {script.sha for script in scripts}
+    loaded |= shas
     forgotten = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
     if forgotten:
         async with redis.pipeline(transaction=False) as pipe:
