@@ -39,13 +39,20 @@ _RABBITMQ_IMAGE = "rabbitmq:3.10"
 _REDIS_IMAGE = "redis:7.0"
 
 
-BROKER_KILLING_TEST_DIRS = (
+BROKER_KILLING_TESTS = (
     Path(__file__).parent / "chaos",
     Path(__file__).parent / "distributed",
     # Cancels channel RPCs mid-flight, after which the broker closes the connection.
     Path(__file__).parent / "integration" / "test_dead_letter_watch.py",
 )
-"""Tests that restart, SIGKILL or cut off RabbitMQ under the test process's own connections."""
+"""Tests (directories, or one file) that restart, SIGKILL or cut off RabbitMQ under the test
+process's own connections."""
+
+
+def _kills_the_broker(path: Path) -> bool:
+    """Whether the test file at ``path`` is one of `BROKER_KILLING_TESTS`."""
+    return any(path.is_relative_to(killing) for killing in BROKER_KILLING_TESTS)
+
 
 CUT_CONNECTION_WARNINGS = (
     "Exception ignored in. <socket.socket fd=[0-9]+, family=2, type=1, proto=6",
@@ -56,14 +63,14 @@ CUT_CONNECTION_WARNINGS = (
 its connections: its stream and transport are dropped without being closed, and Python
 reports them when they are collected (seen in a few runs of the chaos and cluster tests,
 on Python 3.11.2 and 3.11.7). Losing the broker under a connection is what those tests do,
-so these three messages are ignored in `BROKER_KILLING_TEST_DIRS`, and only there; every
+so these three messages are ignored in `BROKER_KILLING_TESTS`, and only there; every
 other warning still fails the test."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Ignore `CUT_CONNECTION_WARNINGS` in the tests that kill the broker."""
     for item in items:
-        if any(item.path.is_relative_to(directory) for directory in BROKER_KILLING_TEST_DIRS):
+        if _kills_the_broker(item.path):
             for message in CUT_CONNECTION_WARNINGS:
                 item.add_marker(
                     pytest.mark.filterwarnings(
@@ -79,7 +86,7 @@ def _collect_cut_connections(request: pytest.FixtureRequest) -> Iterator[None]:
     another directory's test, the same warnings failed that test (a test_bus test after
     the distributed ones, once)."""
     yield
-    if any(request.path.is_relative_to(directory) for directory in BROKER_KILLING_TEST_DIRS):
+    if _kills_the_broker(request.path):
         for _ in range(3):  # a finalizer may free another cycle
             gc.collect()
 
