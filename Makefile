@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-PACKAGES := shared services/host-agent services/state-store services/policy
+PACKAGES := shared services/host-agent services/state-store services/policy cli devtools
 
 .PHONY: setup demo test lint stack-start stack-stop stack-status lock bench chaos
 
@@ -19,12 +19,12 @@ setup: $(INSTALLED)
 
 demo: setup
 	deploy/local/stack start
-	$(PY) -m keeper_shared.demo
+	$(PY) -m keeper_devtools.demo
 
 lint: setup
-	$(VENV)/bin/ruff check shared services tests bench
-	$(VENV)/bin/ruff format --check shared services tests bench
-	$(VENV)/bin/mypy shared/src services/host-agent/src services/state-store/src services/policy/src tests bench
+	$(VENV)/bin/ruff check $(PACKAGES) tests bench
+	$(VENV)/bin/ruff format --check $(PACKAGES) tests bench
+	$(VENV)/bin/mypy $(addsuffix /src,$(PACKAGES)) tests bench
 
 test: lint
 	$(VENV)/bin/pytest -m "not on_demand"

@@ -9,10 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.hosts import nvram_template
-from keeper_shared.blobs import seal_blob
+from keeper_devtools.swtpm_lab import manufacture_tpm_state, write_private_ca_config
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
-from keeper_shared.swtpm_tools import manufacture_tpm_state, write_private_ca_config
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state, read_tpm_state_dir
+from keeper_shared.state_format.blobs import seal_blob
+from keeper_shared.state_format.tpm_archive import (
+    MAIN_STATE_FILE_NAME,
+    pack_tpm_state,
+    read_tpm_state_dir,
+)
 
 
 @dataclass(frozen=True)

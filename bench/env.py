@@ -23,15 +23,15 @@ import aio_pika
 import redis
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from keeper_shared.bus.topology import EVENTS_EXCHANGE, declare_exchanges
-from keeper_shared.demo.processes import ServiceProcess
-from keeper_shared.localstack import (
+from keeper_devtools.demo.processes import ServiceProcess
+from keeper_devtools.localstack import (
     RabbitMQConfig,
     RabbitMQNode,
     RedisConfig,
     RedisServer,
     free_tcp_ports,
 )
+from keeper_shared.bus.topology import EVENTS_EXCHANGE, declare_exchanges
 from keeper_shared.messages.envelope import MessageError, decode, peek_type
 from keeper_shared.messages.state import StatePersisted
 

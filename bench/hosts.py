@@ -9,9 +9,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from keeper_shared.blobs import content_hash
 from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_shared.state_format.blobs import content_hash
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 
 OVMF_VARS_TEMPLATE = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 OVMF_VARS_SIZE = 540_672

@@ -25,13 +25,13 @@ from bench.env import (
 )
 from bench.hosts import OVMF_VARS_SIZE, BenchVm, lay_out_host
 from bench.stats import Figure, percentile
-from keeper_shared.blobs import seal_blob
+from keeper_devtools.demo.processes import ServiceProcess
 from keeper_shared.bus.client import BusClient
-from keeper_shared.demo.processes import ServiceProcess
-from keeper_shared.encryption import generate_key_file
 from keeper_shared.messages.types import FencingToken, StateKind
-from keeper_shared.redis_keys import placement_key
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_shared.redis_access.keys import placement_key
+from keeper_shared.state_format.blobs import seal_blob
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_state_store.crypto.encryption import generate_key_file
 
 TPM_SIZE = 16 * 1024
 SIZES = (("tpm", TPM_SIZE, "16 KiB"), ("nvram", OVMF_VARS_SIZE, "540 KiB"))

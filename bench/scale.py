@@ -35,7 +35,7 @@ from keeper_shared.messages.state import (
     StateFetched,
 )
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
-from keeper_shared.redis_keys import placement_key
+from keeper_shared.redis_access.keys import placement_key
 
 WAIT_S = 30.0
 

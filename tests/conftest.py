@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from broker import Broker
-from keeper_shared.localstack import (
+from keeper_devtools.localstack import (
     NotInstalledError,
     RabbitMQConfig,
     RabbitMQNode,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from keeper_shared.compression import compress
-from keeper_shared.redis_results import awaited
+from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.compression import compress
 
 
 def leak_forms(secret: bytes) -> list[bytes]:

@@ -22,12 +22,9 @@ from typing import cast
 import aio_pika
 from redis.asyncio import Redis
 
-from keeper_shared.blobs import open_blob, seal_blob
+from keeper_cli.client import KeeperClient
 from keeper_shared.bus.client import BusClient, Consumer, Delivery, Route
 from keeper_shared.bus.topology import QueueSpec, host_command_queue
-from keeper_shared.client import KeeperClient
-from keeper_shared.encryption import KeyEncryptionKey
-from keeper_shared.key_ring import KeyRing
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.state import (
@@ -39,8 +36,11 @@ from keeper_shared.messages.state import (
 )
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, TpmSecret
 from keeper_shared.messages.vm import PrepareVm
-from keeper_shared.redis_keys import placement_key, state_blobs_key
-from keeper_shared.redis_results import awaited
+from keeper_shared.redis_access.keys import placement_key, state_blobs_key
+from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.blobs import open_blob, seal_blob
+from keeper_state_store.crypto.encryption import KeyEncryptionKey
+from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.deletion_service import DeletionService
 from keeper_state_store.history_service import HistoryService
 from keeper_state_store.repository import StateRepository

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Protocol
 
 from chaos.engine_cluster import Engines
-from keeper_shared.contract.rabbitmq import host_definitions
-from keeper_shared.localstack import (
+from keeper_devtools.contract.rabbitmq import host_definitions
+from keeper_devtools.localstack import (
     LocalStackError,
     RabbitMQCluster,
     RabbitMQNode,
@@ -52,7 +52,7 @@ class ChaosBackend(Protocol):
 
     def add_host_user(self, host_id: str, password: str) -> None:
         """Give a host its own RabbitMQ user, permissions and command queue (what
-        ``python -m keeper_shared.contract.rabbitmq host HOST`` generates)."""
+        ``python -m keeper_devtools.contract.rabbitmq host HOST`` generates)."""
         ...
 
     def restart_broker(self) -> None:

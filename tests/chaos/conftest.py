@@ -11,7 +11,7 @@ import pytest
 
 from chaos.backend import LocalBackend
 from chaos.harness import kill_leftovers
-from keeper_shared.localstack import (
+from keeper_devtools.localstack import (
     RabbitMQConfig,
     RabbitMQNode,
     RedisConfig,

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from chaos.harness import ChaosCluster, ClusterConfig
-from keeper_shared.demo.hosts import SimulatedHost
-from keeper_shared.demo.processes import ServiceProcess
-from keeper_shared.redis_connection import RedisSettings, connect_redis
+from keeper_devtools.demo.hosts import SimulatedHost
+from keeper_devtools.demo.processes import ServiceProcess
+from keeper_shared.redis_access.connection import RedisSettings, connect_redis
 
 SERVICE_PREFIXES = {
     "keeper_state_store": "KEEPER_STORE_",

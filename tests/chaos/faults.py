@@ -23,6 +23,7 @@ from chaos.backend import ChaosBackend
 from chaos.harness import STARTUP_TIMEOUT_S, ChaosCluster, ChaosTimeoutError, wait_until
 from chaos.netns import HostLink
 from chaos.tcp_proxy import TcpProxy
+from keeper_devtools.demo.processes import ServiceProcess
 from keeper_shared.bus.topology import (
     POLICY_COMMANDS,
     POLICY_EVENTS,
@@ -30,7 +31,6 @@ from keeper_shared.bus.topology import (
     STATE_STORE_EVENTS,
     host_command_queue,
 )
-from keeper_shared.demo.processes import ServiceProcess
 
 CONSUMERS_BACK_TIMEOUT_S = 90.0
 """Generous: a service that never resumes consuming fails the run, a slow one does not."""

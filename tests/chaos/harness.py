@@ -39,22 +39,22 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import Redis
 
 from bus_hygiene import purge_service_queues
+from keeper_cli.client import KeeperClient
+from keeper_devtools.demo.hosts import OVMF_VARS_SIZE, OVMF_VARS_TEMPLATE, SimulatedHost
+from keeper_devtools.demo.processes import ServiceProcess
 from keeper_host_agent.domain_xml import fill_nvram_path
 from keeper_policy.domain_definition import domain_xml
-from keeper_shared.blobs import content_hash
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, declare_exchanges
-from keeper_shared.client import KeeperClient
-from keeper_shared.demo.hosts import OVMF_VARS_SIZE, OVMF_VARS_TEMPLATE, SimulatedHost
-from keeper_shared.demo.processes import ServiceProcess
-from keeper_shared.encryption import generate_key_file
 from keeper_shared.messages.envelope import Envelope, MessageError, Payload, decode, peek_type
 from keeper_shared.messages.state import StatePersisted, StateWriteRefused
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import FencingToken, StateKind
-from keeper_shared.redis_keys import hosts_key, state_head_key, state_meta_key
-from keeper_shared.redis_results import awaited
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
-from keeper_shared.version_meta import unpack_version_meta
+from keeper_shared.redis_access.keys import hosts_key, state_head_key, state_meta_key
+from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.blobs import content_hash
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_state_store.crypto.encryption import generate_key_file
+from keeper_state_store.storage.version_meta import unpack_version_meta
 
 P = TypeVar("P", bound=Payload)
 

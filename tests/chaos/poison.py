@@ -17,15 +17,15 @@ import aio_pika
 from pydantic import SecretBytes
 
 from chaos.harness import ChaosCluster
-from keeper_shared.blobs import seal_blob
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, event_routing_key, host_command_key
-from keeper_shared.compression import compress
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import encode, new_envelope
 from keeper_shared.messages.state import StateChange, StateChanged
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 from keeper_shared.messages.vm import PrepareVm
+from keeper_shared.state_format.blobs import seal_blob
+from keeper_shared.state_format.compression import compress
 
 ESCAPING_MEMBER = "../escaped-by-chaos"
 """A member name that would land outside the VM's directory if unpacked naively."""

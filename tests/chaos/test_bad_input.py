@@ -31,7 +31,6 @@ from chaos.harness import (
     wait_until_stored,
 )
 from chaos.poison import escaped_files, escaping_archive
-from keeper_shared.blobs import seal_blob
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import (
     POLICY_COMMANDS,
@@ -47,8 +46,9 @@ from keeper_shared.messages.placement import PlaceVm
 from keeper_shared.messages.state import RestoreState, StateChange, StateChanged
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm import PrepareVm
-from keeper_shared.redis_keys import placement_key
-from keeper_shared.redis_results import awaited
+from keeper_shared.redis_access.keys import placement_key
+from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.blobs import seal_blob
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 

@@ -28,8 +28,8 @@ from chaos.harness import (
     wait_until_stored,
 )
 from chaos.verdict import acknowledged_lost
+from keeper_devtools.localstack import RedisServer
 from keeper_shared.bus.topology import STATE_STORE_EVENTS
-from keeper_shared.localstack import RedisServer
 
 pytestmark = [pytest.mark.chaos, pytest.mark.redis, pytest.mark.rabbit, pytest.mark.libvirt]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from chaos.harness import kill_leftovers
-from keeper_shared.localstack import RabbitMQCluster, RedisSentinelGroup
+from keeper_devtools.localstack import RabbitMQCluster, RedisSentinelGroup
 
 
 @pytest.fixture

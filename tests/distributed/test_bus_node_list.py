@@ -13,9 +13,9 @@ import pytest
 import yarl
 
 from chaos.tcp_proxy import TcpProxy
+from keeper_devtools.localstack import free_tcp_ports
 from keeper_shared.bus.client import BusClient, Delivery, Route
 from keeper_shared.bus.topology import QueueSpec, event_routing_key
-from keeper_shared.localstack import free_tcp_ports
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import FencingToken, StateKind

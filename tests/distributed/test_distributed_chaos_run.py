@@ -14,7 +14,7 @@ import pytest
 from chaos.backend import DistributedBackend
 from chaos.faults import FaultKind
 from chaos.scenario import DISTRIBUTED_LONG_PROFILE, DISTRIBUTED_PROFILE, run_chaos
-from keeper_shared.localstack import RabbitMQCluster, RedisSentinelGroup
+from keeper_devtools.localstack import RabbitMQCluster, RedisSentinelGroup
 
 LONG = os.environ.get("KEEPER_CHAOS_PROFILE") == "long"
 """``make chaos`` runs the long profile; ``pytest -m on_demand`` the short one (~100 s)."""

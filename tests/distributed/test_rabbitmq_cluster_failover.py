@@ -44,7 +44,7 @@ from chaos.harness import (
     wait_until_stored,
 )
 from chaos.verdict import acknowledged_lost
-from keeper_shared.localstack import RabbitMQCluster
+from keeper_devtools.localstack import RabbitMQCluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 

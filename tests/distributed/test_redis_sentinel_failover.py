@@ -30,8 +30,8 @@ import pytest
 from chaos.engine_cluster import EngineChaosCluster, Engines
 from chaos.harness import ClusterConfig, StateLoad, analyse, figures_table, wait_until_stored
 from chaos.verdict import acknowledged_lost
+from keeper_devtools.localstack import RedisSentinelGroup
 from keeper_shared.bus.topology import STATE_STORE_EVENTS
-from keeper_shared.localstack import RedisSentinelGroup
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 from redis.asyncio.client import Pipeline
 
-from keeper_shared.localstack import RedisSentinelGroup
-from keeper_shared.redis_connection import RedisSettings, connect_redis
-from keeper_shared.redis_replication import NotReplicatedError, ReplicaQuorum, run_replicated
+from keeper_devtools.localstack import RedisSentinelGroup
+from keeper_shared.redis_access.connection import RedisSettings, connect_redis
+from keeper_state_store.storage.replication import NotReplicatedError, ReplicaQuorum, run_replicated
 
 pytestmark = [pytest.mark.redis]
 

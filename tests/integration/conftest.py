@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from keeper_shared.encryption import KeyEncryptionKey
-from keeper_shared.localstack import RedisServer
-from keeper_shared.swtpm_tools import missing_tools, write_private_ca_config
+from keeper_devtools.localstack import RedisServer
+from keeper_devtools.swtpm_lab import write_private_ca_config
+from keeper_shared.swtpm import missing_tools
+from keeper_state_store.crypto.encryption import KeyEncryptionKey
 from process_table import swtpm_children
 from store_harness import Store, running_store
 

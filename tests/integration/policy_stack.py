@@ -27,15 +27,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from redis.asyncio import Redis
 
 from bus_hygiene import purge_service_queues
-from keeper_shared.blobs import content_hash
+from keeper_cli.policy_client import PolicyClient
+from keeper_devtools.demo.hosts import SimulatedHost
+from keeper_devtools.demo.processes import ServiceProcess
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import (
     EVENTS_EXCHANGE,
     host_command_key,
 )
-from keeper_shared.demo.hosts import SimulatedHost
-from keeper_shared.demo.processes import ServiceProcess
-from keeper_shared.encryption import generate_key_file
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import (
     Envelope,
@@ -47,10 +46,11 @@ from keeper_shared.messages.envelope import (
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import StateKind
-from keeper_shared.policy_client import PolicyClient
-from keeper_shared.redis_keys import hosts_key, placement_key
-from keeper_shared.redis_results import awaited
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_shared.redis_access.keys import hosts_key, placement_key
+from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.blobs import content_hash
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_state_store.crypto.encryption import generate_key_file
 
 E = TypeVar("E", bound=Payload)
 

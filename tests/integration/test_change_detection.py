@@ -31,10 +31,10 @@ from keeper_host_agent.change_watcher import ChangeWatcher
 from keeper_host_agent.domain_xml import DomainStateLocation
 from keeper_host_agent.state_reader import UndisturbedRead
 from keeper_host_agent.state_tracker import StateTracker
-from keeper_shared.blobs import content_hash, open_blob
 from keeper_shared.messages.state import StateChange
 from keeper_shared.messages.types import StateKind
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_shared.state_format.blobs import content_hash, open_blob
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 
 HOST_ID = "host-cd"
 VM_ID = "0d3c4b5a-6978-4a1b-8c2d-3e4f5a6b7c8d"

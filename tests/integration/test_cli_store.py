@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from keeper_shared.cli.app import app
-from keeper_shared.cli.errors import ExitCode
+from keeper_cli.app import app
+from keeper_cli.errors import ExitCode
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import FencingToken, StateKind
-from keeper_shared.redis_keys import hosts_key, placement_key, vm_record_key
-from keeper_shared.redis_results import awaited
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_shared.redis_access.keys import hosts_key, placement_key, vm_record_key
+from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from store_harness import Store, unique
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]

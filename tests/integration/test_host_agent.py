@@ -40,7 +40,6 @@ from keeper_host_agent.hypervisor import LibvirtHypervisor, LifecycleEvent
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_host_agent.state_tracker import StateTracker
 from keeper_policy.domain_definition import domain_xml
-from keeper_shared.blobs import content_hash, seal_blob
 from keeper_shared.bus.client import BusClient, Delivery
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, P, Payload, new_envelope
@@ -58,7 +57,8 @@ from keeper_shared.messages.vm import (
     VmStopped,
     VmUndefined,
 )
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_shared.state_format.blobs import content_hash, seal_blob
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from leak_scan import find_leaks, leak_forms
 
 pytestmark = pytest.mark.libvirt

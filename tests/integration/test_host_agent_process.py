@@ -30,7 +30,6 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from keeper_policy.domain_definition import domain_xml
-from keeper_shared.blobs import content_hash, open_blob, seal_blob
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, host_command_key
 from keeper_shared.messages.commands import CommandDone
@@ -47,7 +46,8 @@ from keeper_shared.messages.vm import (
     UndefineVm,
     VmStopped,
 )
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_shared.state_format.blobs import content_hash, open_blob, seal_blob
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.rabbit]
 

@@ -13,7 +13,6 @@ import pytest_asyncio
 from broker import Broker
 from keeper_shared.bus.client import BusClient, Route
 from keeper_shared.bus.topology import host_command_queue
-from keeper_shared.encryption import KeyEncryptionKey
 from keeper_shared.messages.state import (
     FetchedVmState,
     FetchState,
@@ -24,6 +23,7 @@ from keeper_shared.messages.state import (
     StateWriteRefused,
 )
 from keeper_shared.messages.types import FencingToken, StateKind
+from keeper_state_store.crypto.encryption import KeyEncryptionKey
 from store_harness import Store, running_store, sha256, unique
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]

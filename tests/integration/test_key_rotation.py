@@ -16,7 +16,11 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from keeper_shared.encryption import (
+from keeper_shared.messages.types import FencingToken, StateKind
+from keeper_shared.redis_access.keys import data_key_key, placement_key
+from keeper_shared.redis_access.results import awaited
+from keeper_state_store import key_rotation
+from keeper_state_store.crypto.encryption import (
     DecryptionError,
     KeyEncryptionKey,
     WrappedKey,
@@ -26,11 +30,7 @@ from keeper_shared.encryption import (
     new_data_key,
     wrap_data_key,
 )
-from keeper_shared.key_ring import KeyRing
-from keeper_shared.messages.types import FencingToken, StateKind
-from keeper_shared.redis_keys import data_key_key, placement_key
-from keeper_shared.redis_results import awaited
-from keeper_state_store import key_rotation
+from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.key_rotation import rotate_data_keys
 from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome
 from redis_db import database_url, private_database

@@ -14,7 +14,7 @@ import pytest
 import redis
 from aio_pika.exceptions import ChannelPreconditionFailed
 
-from keeper_shared.localstack import RedisServer, free_tcp_ports
+from keeper_devtools.localstack import RedisServer, free_tcp_ports
 
 
 @pytest.mark.rabbit
@@ -82,7 +82,7 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
 
     def cli(command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "keeper_shared.localstack", command],
+            [sys.executable, "-m", "keeper_devtools.localstack", command],
             env=env,
             cwd=tmp_path,
             capture_output=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bus_hygiene import purge_service_queues
-from keeper_shared.localstack import free_tcp_ports
+from keeper_devtools.localstack import free_tcp_ports
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 

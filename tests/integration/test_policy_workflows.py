@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 
 from integration.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
+from keeper_cli.client import KeeperRequestError
+from keeper_cli.views import vm_status
 from keeper_policy.domain_definition import domain_xml
 from keeper_policy.keys import workflow_key
-from keeper_shared.cli.views import vm_status
-from keeper_shared.client import KeeperRequestError
 from keeper_shared.messages.placement import StopMode, VmEvicted, VmMigrated, VmPlaced
 from keeper_shared.messages.state import (
     StateChange,
@@ -41,8 +41,8 @@ from keeper_shared.messages.state import (
 from keeper_shared.messages.tpm import TpmStateStranded, VmSpec
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm import StartVm, StopReason, VmStarted, VmStopped
-from keeper_shared.redis_keys import placement_key, tpm_secret_key
-from keeper_shared.redis_results import awaited
+from keeper_shared.redis_access.keys import placement_key, tpm_secret_key
+from keeper_shared.redis_access.results import awaited
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 

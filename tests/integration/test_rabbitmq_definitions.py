@@ -15,10 +15,15 @@ import aio_pika.exceptions
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
+from keeper_devtools.contract.rabbitmq import definitions, host_definitions, main, render
+from keeper_devtools.localstack import (
+    NotInstalledError,
+    RabbitMQConfig,
+    RabbitMQNode,
+    free_tcp_ports,
+)
 from keeper_shared.bus import topology
 from keeper_shared.bus.client import BusClient, Delivery, Route
-from keeper_shared.contract.rabbitmq import definitions, host_definitions, main, render
-from keeper_shared.localstack import NotInstalledError, RabbitMQConfig, RabbitMQNode, free_tcp_ports
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, Payload
 
@@ -40,7 +45,7 @@ COMMITTED = REPO / "deploy" / "rabbitmq" / "definitions.json"
 def test_committed_definitions_are_generated_from_the_topology(tmp_path: Path) -> None:
     assert COMMITTED.read_text(encoding="utf-8") == render(definitions()), (
         "deploy/rabbitmq/definitions.json differs from keeper_shared.bus.topology: run "
-        "`.venv/bin/python -m keeper_shared.contract.rabbitmq definitions`"
+        "`.venv/bin/python -m keeper_devtools.contract.rabbitmq definitions`"
     )
     stale = tmp_path / "definitions.json"
     stale.write_text("{}", encoding="utf-8")

@@ -69,18 +69,14 @@ import pytest
 from pydantic import SecretBytes
 from redis.asyncio import Redis
 
+from keeper_cli.client import EventWatch, KeeperClient
+from keeper_devtools.demo.processes import ServiceProcess
 from keeper_host_agent.tpm_secrets import KEEPER_USAGE_PREFIX as KEEPER_SECRET_PREFIX
 from keeper_host_agent.tpm_secrets import (
     TpmSecretError,
     define_tpm_secret,
     read_foreign_secret,
 )
-from keeper_shared.blobs import content_hash
-from keeper_shared.client import EventWatch, KeeperClient
-from keeper_shared.compression import compress
-from keeper_shared.demo.processes import ServiceProcess
-from keeper_shared.encryption import generate_key_file
-from keeper_shared.key_ring import KeyRing
 from keeper_shared.messages.envelope import Envelope, Payload
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.state import StatePersisted
@@ -93,10 +89,18 @@ from keeper_shared.messages.vm import (
     VmStopped,
     VmUndefined,
 )
-from keeper_shared.redis_keys import hosts_key, tpm_secret_key
-from keeper_shared.redis_results import awaited
-from keeper_shared.swtpm_tools import SwtpmError, missing_tools, start_swtpm
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state, read_tpm_state_dir
+from keeper_shared.redis_access.keys import hosts_key, tpm_secret_key
+from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.blobs import content_hash
+from keeper_shared.state_format.compression import compress
+from keeper_shared.state_format.tpm_archive import (
+    MAIN_STATE_FILE_NAME,
+    pack_tpm_state,
+    read_tpm_state_dir,
+)
+from keeper_shared.swtpm import SwtpmError, missing_tools, start_swtpm
+from keeper_state_store.crypto.encryption import generate_key_file
+from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.repository import StateRepository
 from keeper_state_store.tpm_secrets import TpmSecretVault
 from leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms

@@ -30,20 +30,11 @@ import pytest_asyncio
 import structlog
 from redis.asyncio import Redis
 
-from keeper_shared.blobs import content_hash
-from keeper_shared.compression import compress
-from keeper_shared.encryption import (
-    KeyEncryptionKey,
-    blob_associated_data,
-    encrypt_blob,
-    new_data_key,
-    wrap_data_key,
-)
-from keeper_shared.key_ring import KeyRing
+from keeper_devtools.swtpm_lab import DEMO_NV_INDEX, manufacture_tpm_state, nv_write_secret
 from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.scrub import StateScrubFailed, TpmReset
 from keeper_shared.messages.types import FencingToken, StateKind
-from keeper_shared.redis_keys import (
+from keeper_shared.redis_access.keys import (
     data_key_key,
     placement_key,
     scrub_lock_key,
@@ -54,15 +45,23 @@ from keeper_shared.redis_keys import (
     state_pinned_meta_key,
     tpm_secret_key,
 )
-from keeper_shared.redis_results import awaited
-from keeper_shared.swtpm_tools import (
-    DEMO_NV_INDEX,
-    PERMALL_NAME,
-    manufacture_tpm_state,
-    nv_write_secret,
-    start_swtpm,
+from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.blobs import content_hash
+from keeper_shared.state_format.compression import compress
+from keeper_shared.state_format.tpm_archive import (
+    pack_tpm_state,
+    read_tpm_state_dir,
+    unpack_tpm_state,
 )
-from keeper_shared.tpm_archive import pack_tpm_state, read_tpm_state_dir, unpack_tpm_state
+from keeper_shared.swtpm import PERMALL_NAME, start_swtpm
+from keeper_state_store.crypto.encryption import (
+    KeyEncryptionKey,
+    blob_associated_data,
+    encrypt_blob,
+    new_data_key,
+    wrap_data_key,
+)
+from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome
 from keeper_state_store.scrub_flags import ScrubFlag
 from keeper_state_store.scrubber import Scrubber, VmScrubOutcome
@@ -536,7 +535,7 @@ async def test_a_state_swtpm_refuses_is_flagged_and_nothing_is_left_behind(
 _PROBE_LOOP = """
 import asyncio, sys
 from pathlib import Path
-from keeper_shared.tpm_archive import unpack_tpm_state
+from keeper_shared.state_format.tpm_archive import unpack_tpm_state
 from keeper_state_store.tpm_probe import probe_tpm_state
 
 async def main() -> None:

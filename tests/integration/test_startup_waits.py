@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from keeper_shared.demo.processes import ServiceProcess
-from keeper_shared.encryption import generate_key_file
-from keeper_shared.localstack import RedisConfig, RedisServer, free_tcp_ports
+from keeper_devtools.demo.processes import ServiceProcess
+from keeper_devtools.localstack import RedisConfig, RedisServer, free_tcp_ports
+from keeper_state_store.crypto.encryption import generate_key_file
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 

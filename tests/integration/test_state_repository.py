@@ -27,17 +27,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from keeper_shared.encryption import (
-    DecryptionError,
-    KeyEncryptionKey,
-    blob_associated_data,
-    decrypt_blob,
-    encrypt_blob,
-)
-from keeper_shared.key_ring import KeyRing
-from keeper_shared.localstack import RedisServer
+from keeper_devtools.localstack import RedisServer
 from keeper_shared.messages.types import FencingToken, StateKind
-from keeper_shared.redis_keys import (
+from keeper_shared.redis_access.keys import (
     data_key_key,
     placement_key,
     state_blobs_key,
@@ -45,10 +37,18 @@ from keeper_shared.redis_keys import (
     state_history_key,
     state_meta_key,
 )
-from keeper_shared.redis_replication import NO_REPLICAS, run_replicated
-from keeper_shared.redis_results import awaited
+from keeper_shared.redis_access.results import awaited
+from keeper_state_store.crypto.encryption import (
+    DecryptionError,
+    KeyEncryptionKey,
+    blob_associated_data,
+    decrypt_blob,
+    encrypt_blob,
+)
+from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.durability import VolatileRedisError, ensure_durable
 from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome, WriteResult
+from keeper_state_store.storage.replication import NO_REPLICAS, run_replicated
 
 pytestmark = pytest.mark.redis
 

@@ -21,14 +21,14 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from keeper_shared.blobs import seal_blob
-from keeper_shared.client import KeeperRequestError
-from keeper_shared.encryption import KeyEncryptionKey
+from keeper_cli.client import KeeperRequestError
 from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.types import FencingToken, StateKind
-from keeper_shared.redis_keys import state_flags_key
-from keeper_shared.redis_results import awaited
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_shared.redis_access.keys import state_flags_key
+from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.blobs import seal_blob
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_state_store.crypto.encryption import KeyEncryptionKey
 from store_harness import Store, prepared_content, running_store, sha256
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]

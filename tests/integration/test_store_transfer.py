@@ -19,17 +19,17 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from keeper_shared.client import KeeperRequestError
-from keeper_shared.encryption import (
+from keeper_cli.client import KeeperRequestError
+from keeper_shared.messages.state import VersionOrigin
+from keeper_shared.messages.transfer import CloneTpm
+from keeper_shared.messages.types import FencingToken, StateKind
+from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_state_store.crypto.encryption import (
     DecryptionError,
     blob_associated_data,
     decrypt_blob,
 )
-from keeper_shared.messages.state import VersionOrigin
-from keeper_shared.messages.transfer import CloneTpm
-from keeper_shared.messages.types import FencingToken, StateKind
-from keeper_shared.redis_results import awaited
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from leak_scan import content_fingerprints, find_leaks, leak_forms
 from store_harness import Store, prepared_content, sha256
 

@@ -1,4 +1,4 @@
-"""The real swtpm and tpm2-tools through keeper_shared.swtpm_tools.
+"""The real swtpm and tpm2-tools through keeper_shared.swtpm.
 
 The honest end-to-end check that a TPM survived a copy: seal a secret into an NV index,
 stop swtpm, copy the state directory, start a new swtpm on the copy and read it back.
@@ -21,16 +21,13 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from keeper_shared.swtpm_tools import (
+from keeper_devtools.swtpm_lab import (
     DEMO_NV_INDEX,
-    PERMALL_NAME,
-    SwtpmError,
     manufacture_tpm_state,
     nv_read_secret,
     nv_write_secret,
-    start_swtpm,
-    swtpm_version,
 )
+from keeper_shared.swtpm import PERMALL_NAME, SwtpmError, start_swtpm, swtpm_version
 from process_table import swtpm_children
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.usefixtures("swtpm_tools", "no_swtpm_left")]

@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from keeper_shared.contract import MessageRole, build_document, discover_payloads, render, role_of
-from keeper_shared.contract.__main__ import main as contract_main
+from keeper_devtools.contract import MessageRole, build_document, discover_payloads, render, role_of
+from keeper_devtools.contract.__main__ import main as contract_main
 from keeper_shared.messages.envelope import (
     MessageError,
     Payload,
@@ -27,12 +27,12 @@ COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.json"
 
 def test_committed_document_matches_the_models() -> None:
     assert COMMITTED.exists(), (
-        "docs/asyncapi.json is missing: run `python -m keeper_shared.contract`"
+        "docs/asyncapi.json is missing: run `python -m keeper_devtools.contract`"
     )
     committed = COMMITTED.read_text(encoding="utf-8")
     assert committed == render(), (
         "docs/asyncapi.json differs from the message models: "
-        "run `.venv/bin/python -m keeper_shared.contract` and commit the result"
+        "run `.venv/bin/python -m keeper_devtools.contract` and commit the result"
     )
 
 
@@ -169,7 +169,7 @@ _PAST_TENSE_IRREGULAR = {"heartbeat", "lost", "reset"}
 
 def test_every_event_reads_as_a_fact() -> None:
     """Messages default to events; a new command must be named in the contract's table
-    (keeper_shared.contract.asyncapi._COMMANDS) or it is documented on the wrong channel.
+    (keeper_devtools.contract.asyncapi._COMMANDS) or it is documented on the wrong channel.
     Events are facts in the past tense, so an imperative classed as an event is caught."""
     for cls in discover_payloads():
         if role_of(cls.message_type) is not MessageRole.EVENT:
@@ -177,5 +177,5 @@ def test_every_event_reads_as_a_fact() -> None:
         last = cls.message_type.rsplit(".", 1)[-1]
         assert last.endswith("ed") or last in _PAST_TENSE_IRREGULAR, (
             f"{cls.message_type} looks like a command: add it to "
-            "keeper_shared.contract.asyncapi._COMMANDS, then regenerate docs/asyncapi.json"
+            "keeper_devtools.contract.asyncapi._COMMANDS, then regenerate docs/asyncapi.json"
         )

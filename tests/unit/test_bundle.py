@@ -1,5 +1,5 @@
-"""The export bundle format (`keeper_shared.bundle`): round trip, and every kind of damage
-refused before anything is returned, with errors that never carry the passphrase or state.
+"""The export bundle format (`keeper_state_store.transfer.bundle`): round trip, and every kind
+of damage refused before anything is returned, with errors that never carry the passphrase or state.
 
 A bundle is authenticated as a whole (the header is the AES-GCM associated data), so a
 flipped byte anywhere, a wrong passphrase, truncation or extra bytes all fail. Content
@@ -18,9 +18,11 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import SecretBytes
 
-from keeper_shared import bundle as bundle_module
-from keeper_shared.blobs import open_blob, seal_blob
-from keeper_shared.bundle import (
+from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, TpmSecret
+from keeper_shared.state_format.blobs import open_blob, seal_blob
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from keeper_state_store.transfer import bundle as bundle_module
+from keeper_state_store.transfer.bundle import (
     HEADER_SIZE,
     MAGIC,
     Bundle,
@@ -33,8 +35,6 @@ from keeper_shared.bundle import (
     read_bundle,
     write_bundle,
 )
-from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, TpmSecret
-from keeper_shared.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from leak_scan import content_fingerprints, leak_forms
 
 VM_ID = "6c1b2a3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"

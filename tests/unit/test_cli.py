@@ -7,10 +7,10 @@ import socket
 import pytest
 from typer.testing import CliRunner
 
-from keeper_shared.cli.app import app
-from keeper_shared.cli.config import CliSettings
-from keeper_shared.cli.errors import ExitCode
-from keeper_shared.cli.output import age
+from keeper_cli.app import app
+from keeper_cli.config import CliSettings
+from keeper_cli.errors import ExitCode
+from keeper_cli.output import age
 
 runner = CliRunner()
 

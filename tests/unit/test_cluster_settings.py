@@ -6,8 +6,8 @@ import pydantic
 import pytest
 
 from keeper_shared.bus.node_failover import broker_user
-from keeper_shared.redis_connection import RedisSettings
-from keeper_shared.settings import ServiceSettings
+from keeper_shared.redis_access.connection import RedisSettings
+from keeper_shared.runtime.settings import ServiceSettings
 
 
 def test_amqp_urls_come_comma_separated_or_as_json_and_default_to_amqp_url(

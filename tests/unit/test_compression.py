@@ -12,8 +12,8 @@ from collections.abc import Callable
 import pytest
 import zstandard
 
-from keeper_shared.blobs import MAX_CANONICAL_SIZE
-from keeper_shared.compression import (
+from keeper_shared.state_format.blobs import MAX_CANONICAL_SIZE
+from keeper_shared.state_format.compression import (
     MAX_WINDOW_SIZE,
     ZSTD_MAGIC,
     BlobFormatError,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from keeper_shared.cpu_work import INLINE_LIMIT, run_sized
+from keeper_shared.runtime.cpu_work import INLINE_LIMIT, run_sized
 
 
 def _thread_of(_data: bytes) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from keeper_shared.encryption import (
+from keeper_state_store.crypto.encryption import (
     DataKey,
     DecryptionError,
     KeyEncryptionKey,

@@ -9,11 +9,11 @@ import uuid
 import pytest
 from pydantic import SecretBytes
 
-from keeper_shared.blobs import open_blob, seal_blob
 from keeper_shared.messages.envelope import MessageError, decode, encode, new_envelope, peek_type
 from keeper_shared.messages.state import StateChanged
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm import PrepareVm
+from keeper_shared.state_format.blobs import open_blob, seal_blob
 
 VM_ID = "6b2f7e0a-3c1d-4d6e-9a8b-1c2d3e4f5a6b"
 CANARY = b"CANARY-" + bytes(range(256)) * 4

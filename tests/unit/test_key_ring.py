@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from keeper_shared.encryption import (
+from keeper_state_store.crypto.encryption import (
     DecryptionError,
     KeyEncryptionKey,
     KeyFileError,
@@ -16,7 +16,7 @@ from keeper_shared.encryption import (
     new_data_key,
     wrap_data_key,
 )
-from keeper_shared.key_ring import KeyRing, UnknownKeyError
+from keeper_state_store.crypto.key_ring import KeyRing, UnknownKeyError
 
 
 def _kek() -> KeyEncryptionKey:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from keeper_shared.compression import compress
+from keeper_shared.state_format.compression import compress
 from leak_scan import content_fingerprints, find_leaks, leak_forms, read_files
 
 SECRET = os.urandom(32)

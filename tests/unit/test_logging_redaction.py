@@ -17,9 +17,9 @@ from pydantic import SecretBytes, SecretStr
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
-from keeper_shared.logging import configure_logging, redact_secrets
 from keeper_shared.messages.types import TpmSecret
 from keeper_shared.messages.vm import PrepareVm
+from keeper_shared.runtime.logging import configure_logging, redact_secrets
 from keeper_state_store.tpm_secrets import new_secret_value
 from leak_scan import find_leaks, leak_forms
 
@@ -35,7 +35,7 @@ def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     level, hook = root.level, sys.excepthook
     yield
-    for handler in [h for h in root.handlers if h.get_name() == "keeper_shared.logging"]:
+    for handler in [h for h in root.handlers if h.get_name() == "keeper_shared.runtime.logging"]:
         root.removeHandler(handler)
     root.setLevel(level)
     sys.excepthook = hook

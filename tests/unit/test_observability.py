@@ -63,7 +63,7 @@ async def test_off_unless_a_port_is_set(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 async def test_serves_while_the_block_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    from keeper_shared.localstack import free_tcp_ports
+    from keeper_devtools.localstack import free_tcp_ports
 
     (port,) = free_tcp_ports(1)
     monkeypatch.setenv("KEEPER_METRICS_PORT", str(port))

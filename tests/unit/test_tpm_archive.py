@@ -26,13 +26,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keeper_host_agent.state_writer import write_tpm_state
-from keeper_shared.compression import (
+from keeper_shared.state_format.compression import (
     BlobFormatError,
     DecompressionBombError,
     compress,
     decompress_bounded,
 )
-from keeper_shared.tpm_archive import (
+from keeper_shared.state_format.tpm_archive import (
     ALLOWED_TPM_FILE_NAMES,
     DEFAULT_LIMITS,
     MAIN_STATE_FILE_NAME,

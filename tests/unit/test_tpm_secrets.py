@@ -21,7 +21,13 @@ from keeper_host_agent.domain_xml import DomainXmlError, fill_nvram_path, parse_
 from keeper_host_agent.tpm_secrets import keeper_usage_name, secret_xml
 from keeper_policy.approval import tpm_element
 from keeper_policy.domain_definition import domain_xml, with_tpm_encryption
-from keeper_shared.encryption import (
+from keeper_shared.messages.envelope import MessageError, decode, encode, new_envelope
+from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
+from keeper_shared.messages.state import FetchedVmState, RestoreState, StateFetched
+from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded, VmSpec
+from keeper_shared.messages.types import MAX_TPM_SECRET_BYTES, TpmSecret
+from keeper_shared.messages.vm import PrepareVm
+from keeper_state_store.crypto.encryption import (
     DecryptionError,
     blob_associated_data,
     decrypt_blob,
@@ -29,12 +35,6 @@ from keeper_shared.encryption import (
     new_data_key,
     tpm_secret_associated_data,
 )
-from keeper_shared.messages.envelope import MessageError, decode, encode, new_envelope
-from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
-from keeper_shared.messages.state import FetchedVmState, RestoreState, StateFetched
-from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded, VmSpec
-from keeper_shared.messages.types import MAX_TPM_SECRET_BYTES, TpmSecret
-from keeper_shared.messages.vm import PrepareVm
 from keeper_state_store.tpm_secrets import new_secret_value
 from leak_scan import leak_forms
 

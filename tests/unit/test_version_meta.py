@@ -9,7 +9,7 @@ import pytest
 
 from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.types import FencingToken
-from keeper_shared.version_meta import (
+from keeper_state_store.storage.version_meta import (
     VersionMeta,
     VersionMetaError,
     pack_version_meta,

@@ -6,8 +6,8 @@ import functools
 
 from keeper_host_agent.app import serve
 from keeper_host_agent.settings import HostAgentSettings
-from keeper_shared.logging import configure_logging
-from keeper_shared.service_runner import run_until_signalled
+from keeper_shared.runtime.logging import configure_logging
+from keeper_shared.runtime.service_runner import run_until_signalled
 
 
 def main() -> None:

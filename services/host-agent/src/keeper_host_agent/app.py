@@ -53,7 +53,7 @@ from keeper_shared.messages.vm_control import (
     SuspendVm,
 )
 from keeper_shared.observability import metrics, observe_service
-from keeper_shared.startup import StoppedWhileWaitingError
+from keeper_shared.runtime.startup import StoppedWhileWaitingError
 
 log = structlog.get_logger(__name__)
 

@@ -6,7 +6,7 @@ import platform
 from pathlib import Path
 
 from keeper_shared.messages.host import HostCapabilities
-from keeper_shared.swtpm_tools import SwtpmError, swtpm_version
+from keeper_shared.swtpm import SwtpmError, swtpm_version
 
 UEFI_FIRMWARE_PATHS = (
     Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),

@@ -16,7 +16,7 @@ from asyncinotify import Inotify, Mask, Watch
 
 from keeper_host_agent.state_tracker import StateTracker
 from keeper_shared.messages.types import StateKind
-from keeper_shared.tpm_archive import ALLOWED_TPM_FILE_NAMES
+from keeper_shared.state_format.tpm_archive import ALLOWED_TPM_FILE_NAMES
 
 log = structlog.get_logger(__name__)
 

@@ -22,15 +22,15 @@ from keeper_host_agent.tpm_secrets import (
     read_foreign_secret,
     remove_tpm_secret,
 )
-from keeper_shared.blobs import open_blob
 from keeper_shared.bus.client import Delivery
-from keeper_shared.compression import BlobFormatError
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.state import FetchedVmState, FetchState, StateFetched
 from keeper_shared.messages.types import StateKind, TpmSecret
 from keeper_shared.messages.vm import PowerOffVm, PrepareVm, ShutdownVm, StartVm, UndefineVm
-from keeper_shared.tpm_archive import unpack_tpm_state
+from keeper_shared.state_format.blobs import open_blob
+from keeper_shared.state_format.compression import BlobFormatError
+from keeper_shared.state_format.tpm_archive import unpack_tpm_state
 
 log = structlog.get_logger(__name__)
 

@@ -8,7 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from keeper_shared.messages.types import HOST_ID_PATTERN
-from keeper_shared.settings import ServiceSettings
+from keeper_shared.runtime.settings import ServiceSettings
 
 
 class HostAgentSettings(ServiceSettings):

@@ -14,10 +14,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from keeper_shared.blobs import MAX_CANONICAL_SIZE, content_hash
-from keeper_shared.cpu_work import run_sized
 from keeper_shared.messages.types import StateKind
-from keeper_shared.tpm_archive import (
+from keeper_shared.runtime.cpu_work import run_sized
+from keeper_shared.state_format.blobs import MAX_CANONICAL_SIZE, content_hash
+from keeper_shared.state_format.tpm_archive import (
     ALLOWED_TPM_FILE_NAMES,
     ArchiveLimits,
     pack_tpm_state,

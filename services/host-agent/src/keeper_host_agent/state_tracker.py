@@ -22,11 +22,11 @@ from keeper_host_agent.state_reader import (
     read_stable,
     signature_size,
 )
-from keeper_shared.blobs import seal_blob
-from keeper_shared.cpu_work import run_sized
 from keeper_shared.messages.host import VmInventoryEntry
 from keeper_shared.messages.state import StateChange
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
+from keeper_shared.runtime.cpu_work import run_sized
+from keeper_shared.state_format.blobs import seal_blob
 
 log = structlog.get_logger(__name__)
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
 
-from keeper_shared.tpm_archive import (
+from keeper_shared.state_format.tpm_archive import (
     ALLOWED_TPM_FILE_NAMES,
     DEFAULT_LIMITS,
     MAIN_STATE_FILE_NAME,

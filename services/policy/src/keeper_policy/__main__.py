@@ -6,8 +6,8 @@ import functools
 
 from keeper_policy.app import serve
 from keeper_policy.settings import PolicySettings
-from keeper_shared.logging import configure_logging
-from keeper_shared.service_runner import run_until_signalled
+from keeper_shared.runtime.logging import configure_logging
+from keeper_shared.runtime.service_runner import run_until_signalled
 
 
 def main() -> None:

@@ -29,8 +29,12 @@ from keeper_policy.workflow_store import WorkflowStore
 from keeper_shared.bus.client import BusClient, Consumer
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS
 from keeper_shared.observability import observe_service
-from keeper_shared.redis_connection import connect_redis
-from keeper_shared.startup import REDIS_UNAVAILABLE, StoppedWhileWaitingError, wait_for_dependency
+from keeper_shared.redis_access.connection import connect_redis
+from keeper_shared.runtime.startup import (
+    REDIS_UNAVAILABLE,
+    StoppedWhileWaitingError,
+    wait_for_dependency,
+)
 
 log = structlog.get_logger(__name__)
 

@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 from keeper_policy.keys import HOST_STATUS, host_cleanup_key
 from keeper_policy.scripts import PolicyScripts
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
-from keeper_shared.redis_keys import hosts_key
-from keeper_shared.redis_results import awaited
+from keeper_shared.redis_access.keys import hosts_key
+from keeper_shared.redis_access.results import awaited
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """Redis keys only policy uses (the shared ones, placement and VM record, are in
-``keeper_shared.redis_keys``). Per-VM keys carry the ``{vm_id}`` hash tag like every VM key,
+``keeper_shared.redis_access.keys``). Per-VM keys carry the ``{vm_id}`` hash tag like every VM key,
 so a Lua script may touch a VM's placement, record and workflow together; per-host keys
 carry ``{host:<id>}``."""
 
 from __future__ import annotations
 
-from keeper_shared.redis_keys import PREFIX
+from keeper_shared.redis_access.keys import PREFIX
 
 WORKFLOWS_INDEX = f"{PREFIX}:policy:workflows"
 """Sorted set: VM id -> creation time of its workflow. A hint for the sweep, written before

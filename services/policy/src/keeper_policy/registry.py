@@ -19,8 +19,8 @@ from keeper_policy.scripts import PolicyScripts
 from keeper_shared.messages.placement import RecoveryPoint
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import StateKind
-from keeper_shared.redis_keys import placement_key, vm_record_key
-from keeper_shared.redis_results import awaited
+from keeper_shared.redis_access.keys import placement_key, vm_record_key
+from keeper_shared.redis_access.results import awaited
 
 
 class UnknownVmError(LookupError):

@@ -25,7 +25,7 @@ from keeper_policy.keys import (
     workflow_result_key,
 )
 from keeper_policy.scripts import PolicyScripts
-from keeper_shared.redis_results import awaited
+from keeper_shared.redis_access.results import awaited
 
 RESULT_TTL_S = 3600
 """How long a finished workflow's outcome is kept for a redelivered request to find."""

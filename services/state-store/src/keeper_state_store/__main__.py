@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 
-from keeper_shared.logging import configure_logging
-from keeper_shared.service_runner import run_until_signalled
+from keeper_shared.runtime.logging import configure_logging
+from keeper_shared.runtime.service_runner import run_until_signalled
 from keeper_state_store.app import serve
 from keeper_state_store.settings import StateStoreSettings
 

@@ -8,11 +8,14 @@ import structlog
 
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import STATE_STORE, STATE_STORE_COMMANDS, STATE_STORE_EVENTS
-from keeper_shared.key_ring import KeyRing
 from keeper_shared.observability import observe_service
-from keeper_shared.redis_connection import connect_redis
-from keeper_shared.redis_replication import ReplicaQuorum
-from keeper_shared.startup import REDIS_UNAVAILABLE, StoppedWhileWaitingError, wait_for_dependency
+from keeper_shared.redis_access.connection import connect_redis
+from keeper_shared.runtime.startup import (
+    REDIS_UNAVAILABLE,
+    StoppedWhileWaitingError,
+    wait_for_dependency,
+)
+from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.deletion_service import DeletionService
 from keeper_state_store.durability import ensure_durable
 from keeper_state_store.history_service import HistoryService
@@ -20,6 +23,7 @@ from keeper_state_store.maintenance import Maintenance
 from keeper_state_store.repository import StateRepository
 from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.state_service import StateService
+from keeper_state_store.storage.replication import ReplicaQuorum
 from keeper_state_store.transfer_service import TransferService
 
 log = structlog.get_logger(__name__)

@@ -1,6 +1,6 @@
 -- Delete everything stored of a VM's state, unless the VM is placed on a host.
 -- KEYS: placement, snapshots, data key, TPM secret, scrub lock, then per kind (ARGV order) the keys
---       listed by keeper_shared.redis_keys.kind_state_keys, blobs and pinned blobs first
+--       listed by keeper_shared.redis_access.keys.kind_state_keys, blobs and pinned blobs first
 -- ARGV: the number of keys per kind, then the kind names
 -- Returns {'placed', host} (nothing deleted), or
 --         {'deleted', snapshot names JSON, versions of kind 1, versions of kind 2, ...}

@@ -18,7 +18,7 @@ from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DeleteState, StateDeleted
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.types import StateKind
-from keeper_shared.redis_keys import (
+from keeper_shared.redis_access.keys import (
     data_key_key,
     kind_state_keys,
     placement_key,
@@ -26,8 +26,8 @@ from keeper_shared.redis_keys import (
     snapshots_key,
     tpm_secret_key,
 )
-from keeper_shared.redis_replication import run_replicated
 from keeper_state_store.repository import StateRepository
+from keeper_state_store.storage.replication import run_replicated
 
 log = structlog.get_logger(__name__)
 

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 import structlog
 from redis.exceptions import RedisError
 
-from keeper_shared.blobs import open_blob
 from keeper_shared.bus.client import BusClient
-from keeper_shared.compression import BlobFormatError
-from keeper_shared.cpu_work import run_sized
 from keeper_shared.messages.state import FetchedVmState, StatePersisted, StateWriteRefused
 from keeper_shared.messages.types import StateBlob, StateKind, TpmSecret
 from keeper_shared.observability import metrics
+from keeper_shared.runtime.cpu_work import run_sized
+from keeper_shared.state_format.blobs import open_blob
+from keeper_shared.state_format.compression import BlobFormatError
 from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome, WriteResult
 from keeper_state_store.tpm_secrets import TpmSecretVault
 from keeper_state_store.vault import BlobVault

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from keeper_shared.messages.state import KindHistory, StateVersionInfo
 from keeper_shared.messages.types import StateKind
-from keeper_shared.redis_keys import (
+from keeper_shared.redis_access.keys import (
     state_flags_key,
     state_head_key,
     state_history_key,

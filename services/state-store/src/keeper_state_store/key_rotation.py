@@ -14,7 +14,7 @@ callable from a CLI. It is safe everywhere at once:
 
 Readers need no pause: during the rotation every replica holds both KEKs in its `KeyRing`
 and unwraps each record with the KEK it names. The order of a rollout is described in
-`keeper_shared.key_ring`.
+`keeper_state_store.crypto.key_ring`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import structlog
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from keeper_shared.encryption import DecryptionError, WrappedKey
-from keeper_shared.key_ring import KeyRing, UnknownKeyError
-from keeper_shared.redis_keys import data_key_key
-from keeper_shared.redis_results import awaited
+from keeper_shared.redis_access.keys import data_key_key
+from keeper_shared.redis_access.results import awaited
+from keeper_state_store.crypto.encryption import DecryptionError, WrappedKey
+from keeper_state_store.crypto.key_ring import KeyRing, UnknownKeyError
 
 log = structlog.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 -- Fenced, atomic write of one state version (invariants 1, 2, 8).
 -- KEYS: placement, head, blobs, meta, history
--- ARGV: host, epoch, generation, content_hash, sealed_blob, packed meta (keeper_shared.version_meta), history_depth
+-- ARGV: host, epoch, generation, content_hash, sealed_blob, packed meta (keeper_state_store.storage.version_meta), history_depth
 -- Returns {outcome, detail}: stored/<version>, duplicate/<version>, stale/<version>,
 -- wrong_host/<placement host>, stale_epoch/<placement epoch>.
 local host, epoch, generation = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])

@@ -20,15 +20,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from keeper_shared.encryption import (
-    DataKey,
-    WrappedKey,
-    new_data_key,
-)
-from keeper_shared.key_ring import KeyRing
 from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.types import FencingToken, StateKind
-from keeper_shared.redis_keys import (
+from keeper_shared.redis_access.keys import (
     data_key_key,
     placement_key,
     state_blobs_key,
@@ -38,9 +32,19 @@ from keeper_shared.redis_keys import (
     state_pinned_blobs_key,
     state_pinned_meta_key,
 )
-from keeper_shared.redis_replication import NO_REPLICAS, ReplicaQuorum, run_replicated
-from keeper_shared.redis_results import awaited
-from keeper_shared.version_meta import VersionMeta, pack_version_meta, unpack_version_meta
+from keeper_shared.redis_access.results import awaited
+from keeper_state_store.crypto.encryption import (
+    DataKey,
+    WrappedKey,
+    new_data_key,
+)
+from keeper_state_store.crypto.key_ring import KeyRing
+from keeper_state_store.storage.replication import NO_REPLICAS, ReplicaQuorum, run_replicated
+from keeper_state_store.storage.version_meta import (
+    VersionMeta,
+    pack_version_meta,
+    unpack_version_meta,
+)
 
 
 class WriteOutcome(enum.StrEnum):

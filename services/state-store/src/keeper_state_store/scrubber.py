@@ -40,20 +40,10 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from keeper_shared.blobs import MAX_CANONICAL_SIZE, content_hash
-from keeper_shared.compression import BlobFormatError, decompress_bounded
-from keeper_shared.encryption import (
-    DataKey,
-    DecryptionError,
-    WrappedKey,
-    blob_associated_data,
-    decrypt_blob,
-)
-from keeper_shared.key_ring import KeyRing, UnknownKeyError
 from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.scrub import StateScrubFailed, TpmReset
 from keeper_shared.messages.types import StateKind
-from keeper_shared.redis_keys import (
+from keeper_shared.redis_access.keys import (
     PREFIX,
     data_key_key,
     scrub_lock_key,
@@ -64,11 +54,21 @@ from keeper_shared.redis_keys import (
     state_pinned_meta_key,
     tpm_secret_key,
 )
-from keeper_shared.redis_results import awaited
-from keeper_shared.swtpm_tools import SwtpmError
-from keeper_shared.tpm_archive import unpack_tpm_state
-from keeper_shared.version_meta import VersionMetaError, unpack_version_meta
+from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.blobs import MAX_CANONICAL_SIZE, content_hash
+from keeper_shared.state_format.compression import BlobFormatError, decompress_bounded
+from keeper_shared.state_format.tpm_archive import unpack_tpm_state
+from keeper_shared.swtpm import SwtpmError
+from keeper_state_store.crypto.encryption import (
+    DataKey,
+    DecryptionError,
+    WrappedKey,
+    blob_associated_data,
+    decrypt_blob,
+)
+from keeper_state_store.crypto.key_ring import KeyRing, UnknownKeyError
 from keeper_state_store.scrub_flags import ScrubFlag
+from keeper_state_store.storage.version_meta import VersionMetaError, unpack_version_meta
 from keeper_state_store.tpm_probe import (
     ek_readable,
     probe_tpm_state,

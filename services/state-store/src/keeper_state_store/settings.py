@@ -7,8 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from keeper_shared.redis_connection import RedisSettings
-from keeper_shared.settings import ServiceSettings
+from keeper_shared.redis_access.connection import RedisSettings
+from keeper_shared.runtime.settings import ServiceSettings
 
 
 class StateStoreSettings(ServiceSettings, RedisSettings):

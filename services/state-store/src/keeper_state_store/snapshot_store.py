@@ -17,7 +17,7 @@ from importlib import resources
 from redis.asyncio import Redis
 
 from keeper_shared.messages.types import StateKind
-from keeper_shared.redis_keys import (
+from keeper_shared.redis_access.keys import (
     snapshots_key,
     state_blobs_key,
     state_head_key,
@@ -25,8 +25,8 @@ from keeper_shared.redis_keys import (
     state_pinned_blobs_key,
     state_pinned_meta_key,
 )
-from keeper_shared.redis_replication import NO_REPLICAS, ReplicaQuorum, run_replicated
-from keeper_shared.redis_results import awaited
+from keeper_shared.redis_access.results import awaited
+from keeper_state_store.storage.replication import NO_REPLICAS, ReplicaQuorum, run_replicated
 
 
 class SnapshotOutcome(enum.StrEnum):

@@ -15,8 +15,6 @@ import structlog
 
 from keeper_shared.bus.client import BusClient, CallError, Delivery, Route
 from keeper_shared.bus.topology import host_command_key
-from keeper_shared.compression import BlobFormatError
-from keeper_shared.encryption import DecryptionError
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, MessageError
 from keeper_shared.messages.host import HostHeartbeat
@@ -32,6 +30,8 @@ from keeper_shared.messages.state import (
 from keeper_shared.messages.types import StateBlob, StateKind
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.observability import metrics
+from keeper_shared.state_format.compression import BlobFormatError
+from keeper_state_store.crypto.encryption import DecryptionError
 from keeper_state_store.fetched_writer import FetchedStateWriter
 from keeper_state_store.pull_batcher import PullBatcher
 from keeper_state_store.repository import StateRepository

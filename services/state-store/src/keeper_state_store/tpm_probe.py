@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from keeper_shared.swtpm_tools import SwtpmError, missing_tools, start_swtpm
+from keeper_shared.swtpm import SwtpmError, missing_tools, start_swtpm
 
 EK_HANDLE: Final = 0x81010001
 """Persistent handle of the RSA EK created by ``swtpm_setup --createek``."""
@@ -113,7 +113,7 @@ async def probe_tpm_state(
     passphrase: bytes | None = None,
 ) -> TpmProbe:
     """Start a throwaway swtpm on a copy of ``files`` (validated TPM state files, as
-    `keeper_shared.tpm_archive.unpack_tpm_state` returns them) and read the EK.
+    `keeper_shared.state_format.tpm_archive.unpack_tpm_state` returns them) and read the EK.
     ``passphrase``: the value of the libvirt secret an encrypted state was written with.
 
     Raises `SwtpmError` when swtpm does not load the state or a tool fails, `OSError` when

@@ -18,17 +18,17 @@ import uuid
 from pydantic import SecretBytes
 from redis.asyncio.client import Pipeline
 
-from keeper_shared.encryption import (
+from keeper_shared.messages.types import TpmSecret
+from keeper_shared.redis_access.keys import tpm_secret_key
+from keeper_shared.redis_access.results import awaited
+from keeper_state_store.crypto.encryption import (
     DataKey,
     decrypt_blob,
     encrypt_blob,
     tpm_secret_associated_data,
 )
-from keeper_shared.messages.types import TpmSecret
-from keeper_shared.redis_keys import tpm_secret_key
-from keeper_shared.redis_replication import run_replicated
-from keeper_shared.redis_results import awaited
 from keeper_state_store.repository import StateRepository
+from keeper_state_store.storage.replication import run_replicated
 
 SECRET_ENTROPY_BYTES = 32
 """Random bytes behind a new secret value (libvirt hands it to swtpm as a passphrase, so it

@@ -19,10 +19,7 @@ from datetime import UTC, datetime
 import structlog
 from pydantic import SecretBytes
 
-from keeper_shared.bundle import Bundle, BundleEntry, BundleError, read_bundle, write_bundle
 from keeper_shared.bus.client import Delivery, Route
-from keeper_shared.compression import BlobFormatError
-from keeper_shared.encryption import DecryptionError
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.state import VersionOrigin
@@ -34,6 +31,8 @@ from keeper_shared.messages.transfer import (
     StateExported,
 )
 from keeper_shared.messages.types import StateBlob, StateKind
+from keeper_shared.state_format.compression import BlobFormatError
+from keeper_state_store.crypto.encryption import DecryptionError
 from keeper_state_store.repository import (
     INITIAL_TOKEN,
     InitialOutcome,
@@ -42,6 +41,13 @@ from keeper_state_store.repository import (
     VersionRecord,
 )
 from keeper_state_store.tpm_secrets import TpmSecretVault
+from keeper_state_store.transfer.bundle import (
+    Bundle,
+    BundleEntry,
+    BundleError,
+    read_bundle,
+    write_bundle,
+)
 from keeper_state_store.vault import BlobVault, VersionNotKeptError
 
 log = structlog.get_logger(__name__)

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 from pydantic import SecretBytes
 
-from keeper_shared.blobs import open_blob
-from keeper_shared.cpu_work import run_sized
-from keeper_shared.encryption import blob_associated_data, decrypt_blob, encrypt_blob
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
+from keeper_shared.runtime.cpu_work import run_sized
+from keeper_shared.state_format.blobs import open_blob
+from keeper_state_store.crypto.encryption import blob_associated_data, decrypt_blob, encrypt_blob
 from keeper_state_store.repository import StateRepository, VersionRecord
 
 

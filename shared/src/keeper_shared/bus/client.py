@@ -46,7 +46,7 @@ from keeper_shared.messages.envelope import (
     peek_type,
 )
 from keeper_shared.observability import metrics
-from keeper_shared.startup import wait_for_dependency
+from keeper_shared.runtime.startup import wait_for_dependency
 
 R = TypeVar("R", bound=Payload)
 log = structlog.get_logger(__name__)

@@ -73,7 +73,8 @@ class StateExported(Payload):
 
     vm_id: VmId = Field(description="The exported VM.")
     bundle: SecretBlob | None = Field(
-        default=None, description="The bundle file's bytes (see keeper_shared.bundle)."
+        default=None,
+        description="The bundle file's bytes, encrypted with the passphrase.",
     )
     error: str | None = Field(default=None, description="Why the export failed; None if not.")
 

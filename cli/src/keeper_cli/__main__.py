@@ -1,0 +1,5 @@
+"""``python -m keeper_cli``."""
+
+from keeper_cli import main
+
+main()

@@ -1,0 +1,267 @@
+"""A client of vTPM Keeper for people and automation: ask policy and the state store, watch
+the events."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from pydantic import SecretBytes, SecretStr
+
+from keeper_shared.bus.client import BusClient
+from keeper_shared.bus.topology import EVENTS_EXCHANGE, POLICY, STATE_STORE
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.deletion import DeleteState, DisableTpm
+from keeper_shared.messages.envelope import Envelope, MessageError, Payload, decode, peek_type
+from keeper_shared.messages.placement import PlaceVm, StopMode, StopVm
+from keeper_shared.messages.snapshot import (
+    CreateSnapshot,
+    DeleteSnapshot,
+    ListSnapshots,
+    SnapshotInfo,
+    SnapshotList,
+)
+from keeper_shared.messages.state import ListStateHistory, RestoreState, StateHistory
+from keeper_shared.messages.tpm import DEFAULT_CLUSTER, EnableTpm, VmSpec
+from keeper_shared.messages.transfer import (
+    CloneTpm,
+    CloneVm,
+    ExportState,
+    ImportState,
+    StateExported,
+)
+from keeper_shared.messages.types import StateKind
+
+E = TypeVar("E", bound=Payload)
+
+
+class KeeperRequestError(RuntimeError):
+    """Policy or the store refused or could not carry out a request; the message says why."""
+
+
+class EventWatch:
+    """Events seen since the watch began, to wait for one that matches."""
+
+    def __init__(self) -> None:
+        self._bodies: list[bytes] = []
+        self._arrived = asyncio.Condition()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        async with self._arrived:
+            self._bodies.append(message.body)
+            self._arrived.notify_all()
+
+    def matching(
+        self, event_type: type[E], matches: Callable[[E], bool] = lambda _event: True
+    ) -> list[Envelope[E]]:
+        """Every event of ``event_type`` seen so far that matches, oldest first."""
+        found = []
+        for body in self._bodies:
+            try:
+                if peek_type(body) != event_type.message_type:
+                    continue
+                envelope = decode(body, event_type)
+            except MessageError:
+                continue
+            if matches(envelope.data):
+                found.append(envelope)
+        return found
+
+    async def wait_for(
+        self, event_type: type[E], matches: Callable[[E], bool], timeout_s: float
+    ) -> Envelope[E]:
+        """The first event of ``event_type`` (seen before or after the call) that matches."""
+        seen = 0
+
+        def find() -> Envelope[E] | None:
+            nonlocal seen
+            for body in self._bodies[seen:]:
+                seen += 1
+                try:
+                    if peek_type(body) != event_type.message_type:
+                        continue
+                    envelope = decode(body, event_type)
+                except MessageError:
+                    continue
+                if matches(envelope.data):
+                    return envelope
+            return None
+
+        async with asyncio.timeout(timeout_s), self._arrived:
+            while (found := find()) is None:
+                await self._arrived.wait()
+            return found
+
+
+class KeeperClient:
+    """Requests to policy and the state store, and a view of the events."""
+
+    def __init__(
+        self, bus: BusClient, *, request_timeout_s: float, store_target: str = STATE_STORE
+    ) -> None:
+        self._bus = bus
+        self._timeout = request_timeout_s
+        # The store's command routing key; only tests point it at a private store.
+        self._store_target = store_target
+        self._watch_queue: AbstractQueue | None = None
+
+    @classmethod
+    async def connect(
+        cls, amqp_url: str | Sequence[str], *, name: str, request_timeout_s: float = 120.0
+    ) -> KeeperClient:
+        """Connect as a client named ``name`` (to one broker URL, or a cluster's nodes)."""
+        bus = await BusClient.connect(amqp_url, source=f"client/{name}", origin="client")
+        return cls(bus, request_timeout_s=request_timeout_s)
+
+    async def close(self) -> None:
+        """Disconnect."""
+        await self._bus.close()
+
+    async def watch_events(self, *patterns: str) -> EventWatch:
+        """Start collecting events whose routing key matches any of ``patterns``."""
+        watch = EventWatch()
+        channel = await self._bus.connection.channel()
+        queue = await channel.declare_queue(
+            f"keeper.watch.{uuid.uuid4().hex[:12]}", exclusive=True, auto_delete=True
+        )
+        for pattern in patterns:
+            await queue.bind(EVENTS_EXCHANGE, routing_key=pattern)
+        await queue.consume(watch.on_message, no_ack=True)
+        return watch
+
+    async def _ask_policy(self, payload: Payload, subject: str) -> dict[str, Any]:
+        reply = await self._bus.call(
+            POLICY, payload, CommandDone, subject=subject, timeout_s=self._timeout
+        )
+        if not reply.data.ok:
+            raise KeeperRequestError(reply.data.error or "refused without a reason")
+        return dict(reply.data.detail)
+
+    async def enable_tpm(
+        self, spec: VmSpec, *, override: bool = False, cluster: str = DEFAULT_CLUSTER
+    ) -> str:
+        """Register a VM with a TPM for ``cluster``'s hosts; returns the approved `<tpm>`
+        element."""
+        request = EnableTpm(spec=spec, override=override, cluster=cluster)
+        detail = await self._ask_policy(request, spec.vm_id)
+        return str(detail["tpm_xml"])
+
+    async def start(self, vm_id: str, host: str) -> int:
+        """Start a VM on ``host`` with its newest state; returns the new placement epoch."""
+        detail = await self._ask_policy(PlaceVm(vm_id=vm_id, host=host), vm_id)
+        return int(detail["epoch"])
+
+    async def stop(self, vm_id: str, mode: StopMode) -> bool:
+        """Stop a VM, keeping its final state; True when that state was retrieved."""
+        detail = await self._ask_policy(StopVm(vm_id=vm_id, mode=mode), vm_id)
+        return detail.get("retrieved") == "true"
+
+    async def _call_store(self, payload: Payload, reply_type: type[E], subject: str) -> E:
+        reply = await self._bus.call(
+            self._store_target, payload, reply_type, subject=subject, timeout_s=self._timeout
+        )
+        return reply.data
+
+    async def _ask_store(self, payload: Payload, subject: str) -> dict[str, str]:
+        done = await self._call_store(payload, CommandDone, subject)
+        if not done.ok:
+            raise KeeperRequestError(done.error or "refused without a reason")
+        return dict(done.detail)
+
+    async def state_history(self, vm_id: str) -> StateHistory:
+        """Every kept version of the VM's TPM and NVRAM, with pins and scrubber flags."""
+        return await self._call_store(ListStateHistory(vm_id=vm_id), StateHistory, vm_id)
+
+    async def restore_state(
+        self,
+        vm_id: str,
+        *,
+        name: str,
+        host: str,
+        epoch: int,
+        versions: dict[StateKind, int] | None = None,
+        snapshot_id: str | None = None,
+        allow_older: bool = False,
+        encrypt_tpm_state: bool = False,
+    ) -> dict[str, str]:
+        """Have the store put stored state in place on ``host`` (a low-level step of a
+        start: policy sends it after raising the epoch). Returns the prepare's detail
+        (with ``tpm_secret_uuid`` when the TPM state is encrypted with a libvirt secret)."""
+        request = RestoreState(
+            vm_id=vm_id,
+            name=name,
+            host=host,
+            epoch=epoch,
+            versions=versions,
+            snapshot_id=snapshot_id,
+            allow_older=allow_older,
+            encrypt_tpm_state=encrypt_tpm_state,
+        )
+        return await self._ask_store(request, vm_id)
+
+    async def create_snapshot(self, vm_id: str, snapshot_id: str) -> dict[StateKind, int]:
+        """Pin the VM's newest versions under ``snapshot_id``; returns what was pinned."""
+        detail = await self._ask_store(CreateSnapshot(vm_id=vm_id, snapshot_id=snapshot_id), vm_id)
+        return _versions(detail)
+
+    async def delete_snapshot(self, vm_id: str, snapshot_id: str) -> bool:
+        """Delete a snapshot; False when there was none."""
+        detail = await self._ask_store(DeleteSnapshot(vm_id=vm_id, snapshot_id=snapshot_id), vm_id)
+        return detail.get("deleted") == "true"
+
+    async def delete_state(self, vm_id: str, *, reason: str = "") -> dict[str, int]:
+        """Delete a stopped VM's stored state, snapshots and data key; returns how many
+        ``tpm_versions``, ``nvram_versions`` and ``snapshots`` were deleted."""
+        detail = await self._ask_store(DeleteState(vm_id=vm_id, reason=reason), vm_id)
+        return _counts(detail)
+
+    async def disable_tpm(self, vm_id: str, *, reason: str = "") -> dict[str, int]:
+        """Disable a stopped VM's TPM: its state is deleted (as :meth:`delete_state`) and
+        its registration removed; returns what was deleted."""
+        detail = await self._ask_policy(DisableTpm(vm_id=vm_id, reason=reason), vm_id)
+        return _counts(detail)
+
+    async def list_snapshots(self, vm_id: str) -> list[SnapshotInfo]:
+        """The VM's snapshots, oldest first."""
+        reply = await self._call_store(ListSnapshots(vm_id=vm_id), SnapshotList, vm_id)
+        return reply.snapshots
+
+    async def clone_vm(
+        self, source_vm_id: str, target_vm_id: str, tpm: CloneTpm
+    ) -> dict[StateKind, int]:
+        """Give a VM without state a copy of another's (same TPM, or a fresh one)."""
+        request = CloneVm(source_vm_id=source_vm_id, target_vm_id=target_vm_id, tpm=tpm)
+        return _versions(await self._ask_store(request, target_vm_id))
+
+    async def export_state(self, vm_id: str, passphrase: str) -> bytes:
+        """The VM's newest state as a bundle file's bytes (the store's bundle format)."""
+        request = ExportState(vm_id=vm_id, passphrase=SecretStr(passphrase))
+        reply = await self._call_store(request, StateExported, vm_id)
+        if reply.bundle is None:
+            raise KeeperRequestError(reply.error or "export failed without a reason")
+        return reply.bundle.get_secret_value()
+
+    async def import_state(
+        self, bundle: bytes, passphrase: str, *, target_vm_id: str | None = None
+    ) -> str:
+        """Verify and store a bundle for a VM without state; returns that VM's id."""
+        request = ImportState(
+            bundle=SecretBytes(bundle),
+            passphrase=SecretStr(passphrase),
+            target_vm_id=target_vm_id,
+        )
+        detail = await self._ask_store(request, target_vm_id or "import")
+        return detail["vm_id"]
+
+
+def _counts(detail: dict[str, str]) -> dict[str, int]:
+    """The numeric facts of a reply's detail."""
+    return {name: int(value) for name, value in detail.items() if value.isdigit()}
+
+
+def _versions(detail: dict[str, str]) -> dict[StateKind, int]:
+    """The per-kind versions in a store reply's detail."""
+    return {kind: int(detail[kind.value]) for kind in StateKind if kind.value in detail}

@@ -1,0 +1,1 @@
+"""Versioned, fenced storage of TPM and NVRAM state in Redis."""

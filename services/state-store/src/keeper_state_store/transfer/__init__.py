@@ -1,0 +1,1 @@
+"""Moving state in and out: restores, exports and imports (bundles), clones."""

@@ -1,0 +1,1 @@
+"""Redis as every service reaches it: the connection, key names, reply helpers."""

@@ -1,0 +1,1 @@
+"""Runtime of every service: settings, logging, start-up waits, the runner, CPU offload."""

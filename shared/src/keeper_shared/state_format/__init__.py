@@ -1,0 +1,1 @@
+"""The state format: canonical TPM archives, bounded compression, hashed blobs."""
