@@ -25,6 +25,7 @@ lint: setup
 	$(VENV)/bin/ruff check $(PACKAGES) tests bench
 	$(VENV)/bin/ruff format --check $(PACKAGES) tests bench
 	$(VENV)/bin/mypy $(addsuffix /src,$(PACKAGES)) tests bench
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(VENV)/bin/pytest -m "not on_demand"
@@ -34,7 +35,7 @@ test: lint
 bench: setup
 	$(PY) -m bench
 
-# The long chaos runs (issue 6): on a RabbitMQ node and a Redis of its own, then on a 3-node
+# The long chaos runs: on a RabbitMQ node and a Redis of its own, then on a 3-node
 # RabbitMQ cluster and a Redis primary + replica + 3 Sentinels; every fault many times under
 # load, then a figures table each; exits non-zero when an invariant breaks. The short
 # variant of the single-node run is part of `make test`.
