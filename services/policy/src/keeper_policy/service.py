@@ -10,19 +10,19 @@ from typing import Any
 
 import structlog
 
-from keeper_policy.approving import Approver
-from keeper_policy.disabling import TpmDisabler
-from keeper_policy.engine import WorkflowEngine
 from keeper_policy.gateway import Gateway
-from keeper_policy.hosts import HostRegistry
-from keeper_policy.liveness import HostLiveness
-from keeper_policy.migration import MigrationTracker
-from keeper_policy.placing import Placer
-from keeper_policy.registry import PolicyRegistry, UnknownVmError
+from keeper_policy.hosts.liveness import HostLiveness
+from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.placement.migration import MigrationTracker
+from keeper_policy.placement.placer import Placer
 from keeper_policy.settings import PolicySettings
-from keeper_policy.snapshots import Snapshotter
-from keeper_policy.stop_plan import StopBounds
-from keeper_policy.stop_workflow import STOP, new_stop
+from keeper_policy.snapshot.snapshotter import Snapshotter
+from keeper_policy.stop.plan import StopBounds
+from keeper_policy.stop.workflow import STOP, new_stop
+from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError
+from keeper_policy.tpm.approver import Approver
+from keeper_policy.tpm.disabler import TpmDisabler
+from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DisableTpm, StateDeleted

@@ -11,18 +11,18 @@ import time
 
 import structlog
 
-from keeper_policy.engine import WorkflowEngine
-from keeper_policy.hosts import HostRegistry
-from keeper_policy.place_workflow import PLACE, new_place
-from keeper_policy.placement_rules import (
+from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.placement.rules import (
     check_current_placement,
     check_swtpm_version,
     check_target,
     check_tpm_secrets,
 )
-from keeper_policy.registry import PolicyRegistry, UnknownVmError
+from keeper_policy.placement.workflow import PLACE, new_place
 from keeper_policy.settings import PolicySettings
-from keeper_policy.workflow_store import WorkflowRecord, WorkflowStore
+from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError
+from keeper_policy.workflows.engine import WorkflowEngine
+from keeper_policy.workflows.store import WorkflowRecord, WorkflowStore
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.placement import PlaceVm
 
