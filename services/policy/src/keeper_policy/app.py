@@ -19,6 +19,7 @@ from keeper_policy.settings import PolicySettings
 from keeper_policy.snapshot.snapshotter import Snapshotter
 from keeper_policy.snapshot.workflow import SNAPSHOT, SnapshotRunner
 from keeper_policy.stop.plan import StopBounds
+from keeper_policy.stop.stopper import Stopper
 from keeper_policy.stop.workflow import STOP, StopRunner
 from keeper_policy.storage.scripts import PolicyScripts
 from keeper_policy.storage.vm_registry import PolicyRegistry
@@ -66,13 +67,12 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         sweep_interval_s=settings.workflow_sweep_interval_s,
     )
     return PolicyService(
-        settings,
         registry=registry,
         hosts=hosts,
         engine=engine,
-        gateway=gateway,
         approver=Approver(settings, registry, hosts, gateway),
         placer=Placer(settings, registry, hosts, workflows, engine),
+        stopper=Stopper(registry, engine, bounds, lease_s=settings.workflow_lease_s),
         liveness=HostLiveness(
             redis,
             registry,

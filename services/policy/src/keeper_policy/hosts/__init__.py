@@ -1,1 +1,1 @@
-"""Hosts as policy knows them: their heartbeats, and lost hosts fenced and cleaned up."""
+"""Hosts as policy knows them: their heartbeats, lost hosts declared and cleaned up."""

@@ -1,5 +1,5 @@
 """``vm.place``: the checks that decide whether a VM may go to a host, then the placement
-workflow (place_workflow) that fences, restores, starts and records.
+workflow (see workflow) that fences, restores, starts and records.
 
 A request for a placement already in progress joins it (a redelivery after a replica died,
 or a client retrying), so a VM is never placed twice at once.

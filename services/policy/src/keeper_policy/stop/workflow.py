@@ -1,4 +1,4 @@
-"""Carries out the stop workflow's steps (see stop_plan for their order and why).
+"""Carries out the stop workflow's steps (see plan for their order and why).
 
 Each step is one bounded command, so the whole stop is bounded. A step repeated after a
 replica died is harmless: shutting down or powering off a stopped domain and undefining an
