@@ -39,7 +39,7 @@ from keeper_host_agent.domain_xml import fill_nvram_path, parse_domain
 from keeper_host_agent.hypervisor import LibvirtHypervisor, LifecycleEvent
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_host_agent.state_tracker import StateTracker
-from keeper_policy.domain_definition import domain_xml
+from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.client import BusClient, Delivery
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, P, Payload, new_envelope

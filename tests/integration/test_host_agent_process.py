@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from keeper_policy.domain_definition import domain_xml
+from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, host_command_key
 from keeper_shared.messages.commands import CommandDone

@@ -12,7 +12,7 @@ import pytest
 
 from keeper_host_agent.domain_xml import fill_nvram_path, parse_domain
 from keeper_host_agent.placement_commands import PlacementCommands
-from keeper_policy.domain_definition import domain_xml
+from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.client import Delivery
 from keeper_shared.messages.envelope import new_envelope
 from keeper_shared.messages.tpm import VmSpec

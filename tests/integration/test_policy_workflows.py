@@ -29,8 +29,8 @@ import pytest
 from integration.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
 from keeper_cli.client import KeeperRequestError
 from keeper_cli.views import vm_status
-from keeper_policy.domain_definition import domain_xml
-from keeper_policy.keys import workflow_key
+from keeper_policy.placement.domain_definition import domain_xml
+from keeper_policy.storage.keys import workflow_key
 from keeper_shared.messages.placement import StopMode, VmEvicted, VmMigrated, VmPlaced
 from keeper_shared.messages.state import (
     StateChange,

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from keeper_policy.approval import ClusterView, Overrides, Rule, TpmDecision, decide_tpm
-from keeper_policy.guest_os import DEFAULT_GUEST_OS_ALIASES, DEFAULT_GUEST_OS_RULES
+from keeper_policy.tpm.guest_os import DEFAULT_GUEST_OS_ALIASES, DEFAULT_GUEST_OS_RULES
+from keeper_policy.tpm.rules import ClusterView, Overrides, Rule, TpmDecision, decide_tpm
 from keeper_shared.messages.host import HostCapabilities
 from keeper_shared.messages.tpm import Firmware, OsTpmSupport, VmSpec
 

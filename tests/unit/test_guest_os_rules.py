@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from keeper_policy.guest_os import (
+from keeper_policy.settings import PolicySettings
+from keeper_policy.tpm.guest_os import (
     DEFAULT_GUEST_OS_ALIASES,
     DEFAULT_GUEST_OS_RULES,
     GuestOsRule,
     guest_os_support,
     split_guest_os,
 )
-from keeper_policy.settings import PolicySettings
 from keeper_policy.versions import VersionError, parse_version
 from keeper_shared.messages.tpm import OsTpmSupport
 

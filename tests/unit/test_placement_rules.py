@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from keeper_policy.hosts import HostRecord
-from keeper_policy.placement_rules import (
+from keeper_policy.hosts.registry import HostRecord
+from keeper_policy.placement.rules import (
     check_current_placement,
     check_swtpm_version,
     check_target,

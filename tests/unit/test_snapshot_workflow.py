@@ -9,9 +9,9 @@ from typing import cast
 import pytest
 
 from keeper_policy.gateway import Gateway
-from keeper_policy.snapshot_workflow import SnapshotRunner, new_memory_snapshot
-from keeper_policy.stop_plan import StopBounds
-from keeper_policy.workflow_store import WorkflowRecord, WorkflowResult
+from keeper_policy.snapshot.workflow import SnapshotRunner, new_memory_snapshot
+from keeper_policy.stop.plan import StopBounds
+from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
 from keeper_shared.bus.client import BusClient
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Payload

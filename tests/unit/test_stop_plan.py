@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from keeper_policy.stop_plan import (
+from keeper_policy.stop.plan import (
     StopBounds,
     StopStep,
     first_step,

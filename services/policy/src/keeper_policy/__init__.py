@@ -1,1 +1,1 @@
-"""keeper_policy."""
+"""The policy service: approves TPMs, places, stops and snapshots VMs, fences lost hosts."""

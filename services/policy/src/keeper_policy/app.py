@@ -8,24 +8,25 @@ import socket
 import structlog
 from redis.asyncio import Redis
 
-from keeper_policy.approving import Approver
-from keeper_policy.disabling import TpmDisabler
-from keeper_policy.engine import WorkflowEngine
 from keeper_policy.gateway import Gateway
-from keeper_policy.hosts import HostRegistry
-from keeper_policy.liveness import HostLiveness
-from keeper_policy.migration import MigrationTracker
-from keeper_policy.place_workflow import PLACE, PlaceRunner
-from keeper_policy.placing import Placer
-from keeper_policy.registry import PolicyRegistry
-from keeper_policy.scripts import PolicyScripts
+from keeper_policy.hosts.liveness import HostLiveness
+from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.placement.migration import MigrationTracker
+from keeper_policy.placement.placer import Placer
+from keeper_policy.placement.workflow import PLACE, PlaceRunner
 from keeper_policy.service import PolicyService
 from keeper_policy.settings import PolicySettings
-from keeper_policy.snapshot_workflow import SNAPSHOT, SnapshotRunner
-from keeper_policy.snapshots import Snapshotter
-from keeper_policy.stop_plan import StopBounds
-from keeper_policy.stop_workflow import STOP, StopRunner
-from keeper_policy.workflow_store import WorkflowStore
+from keeper_policy.snapshot.snapshotter import Snapshotter
+from keeper_policy.snapshot.workflow import SNAPSHOT, SnapshotRunner
+from keeper_policy.stop.plan import StopBounds
+from keeper_policy.stop.stopper import Stopper
+from keeper_policy.stop.workflow import STOP, StopRunner
+from keeper_policy.storage.scripts import PolicyScripts
+from keeper_policy.storage.vm_registry import PolicyRegistry
+from keeper_policy.tpm.approver import Approver
+from keeper_policy.tpm.disabler import TpmDisabler
+from keeper_policy.workflows.engine import WorkflowEngine
+from keeper_policy.workflows.store import WorkflowStore
 from keeper_shared.bus.client import BusClient, Consumer
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS
 from keeper_shared.observability import observe_service
@@ -66,13 +67,12 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         sweep_interval_s=settings.workflow_sweep_interval_s,
     )
     return PolicyService(
-        settings,
         registry=registry,
         hosts=hosts,
         engine=engine,
-        gateway=gateway,
         approver=Approver(settings, registry, hosts, gateway),
         placer=Placer(settings, registry, hosts, workflows, engine),
+        stopper=Stopper(registry, engine, bounds, lease_s=settings.workflow_lease_s),
         liveness=HostLiveness(
             redis,
             registry,

@@ -10,25 +10,22 @@ from typing import Any
 
 import structlog
 
-from keeper_policy.approving import Approver
-from keeper_policy.disabling import TpmDisabler
-from keeper_policy.engine import WorkflowEngine
-from keeper_policy.gateway import Gateway
-from keeper_policy.hosts import HostRegistry
-from keeper_policy.liveness import HostLiveness
-from keeper_policy.migration import MigrationTracker
-from keeper_policy.placing import Placer
-from keeper_policy.registry import PolicyRegistry, UnknownVmError
-from keeper_policy.settings import PolicySettings
-from keeper_policy.snapshots import Snapshotter
-from keeper_policy.stop_plan import StopBounds
-from keeper_policy.stop_workflow import STOP, new_stop
+from keeper_policy.hosts.liveness import HostLiveness
+from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.placement.migration import MigrationTracker
+from keeper_policy.placement.placer import Placer
+from keeper_policy.snapshot.snapshotter import Snapshotter
+from keeper_policy.stop.stopper import Stopper
+from keeper_policy.storage.vm_registry import PolicyRegistry
+from keeper_policy.tpm.approver import Approver
+from keeper_policy.tpm.disabler import TpmDisabler
+from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DisableTpm, StateDeleted
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host import HostHeartbeat
-from keeper_shared.messages.placement import PlaceVm, StopMode, StopTrigger, StopVm
+from keeper_shared.messages.placement import PlaceVm, StopVm
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded
 from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped
@@ -36,49 +33,34 @@ from keeper_shared.messages.vm_snapshot import SnapshotVm
 
 log = structlog.get_logger(__name__)
 
-EVENT_TRIGGERS = {
-    StopReason.SHUTDOWN: StopTrigger.GUEST_SHUTDOWN,
-    StopReason.CRASHED: StopTrigger.CRASHED,
-    StopReason.DESTROYED: StopTrigger.DESTROYED,
-}
-"""Stops a host reports without a ``vm.stop``, after which policy retrieves and undefines.
-`saved` (managed save) and `from_snapshot` keep the VM on its host; `migrated` moves it."""
-
 
 class PolicyService:
     """Handlers of one policy replica, and its background tasks."""
 
     def __init__(
         self,
-        settings: PolicySettings,
         *,
         registry: PolicyRegistry,
         hosts: HostRegistry,
         engine: WorkflowEngine,
-        gateway: Gateway,
         approver: Approver,
         placer: Placer,
+        stopper: Stopper,
         liveness: HostLiveness,
         migrations: MigrationTracker,
         snapshots: Snapshotter,
         disabler: TpmDisabler,
     ) -> None:
-        self._settings = settings
         self._registry = registry
         self._hosts = hosts
         self._engine = engine
-        self._gateway = gateway
         self._approver = approver
         self._placer = placer
+        self._stopper = stopper
         self._liveness = liveness
         self._migrations = migrations
         self._snapshots = snapshots
         self._disabler = disabler
-        self._bounds = StopBounds(
-            retrieve_attempts=settings.retrieve_attempts,
-            retrieve_timeout_s=settings.retrieve_timeout_s,
-            host_command_timeout_s=settings.host_command_timeout_s,
-        )
         self._tasks: set[asyncio.Task[None]] = set()
 
     def event_routes(self) -> list[Route]:
@@ -141,39 +123,8 @@ class PolicyService:
         return await self._placer.place(envelope.data)
 
     async def on_stop(self, envelope: Envelope[StopVm], delivery: Delivery) -> CommandDone:
-        """Stop a VM keeping its final state; a stop already running (from this request's
-        first delivery, or from the host's report) is joined, not repeated."""
-        request = envelope.data
-        record = await self._engine.current(request.vm_id)
-        if record is None:
-            try:
-                vm = await self._registry.vm(request.vm_id)
-            except UnknownVmError as error:
-                return CommandDone(ok=False, error=str(error))
-            if vm.host is None:
-                return CommandDone(ok=True, detail={"note": "VM is not running anywhere"})
-            shutdown = request.mode is StopMode.SHUTDOWN
-            trigger = StopTrigger.SHUTDOWN if shutdown else StopTrigger.POWEROFF
-            record, created = await self._engine.start(
-                new_stop(request.vm_id, vm.host, trigger, self._bounds)
-            )
-        else:
-            created = False
-        if record.kind != STOP:
-            return CommandDone(ok=False, error=f"a {record.kind} of this VM is in progress")
-        if not created:
-            log.info(
-                "joining the stop in progress",
-                vm_id=request.vm_id,
-                step=record.step,
-                trigger=record.data.get("trigger"),
-            )
-        # Waits a little past the workflow's own bound: it ends by then, here or elsewhere.
-        timeout = max(1.0, record.deadline - time.time()) + 2 * self._settings.workflow_lease_s
-        result = await self._engine.run_to_end(record, timeout)
-        if result is None:
-            return CommandDone(ok=False, error="the stop is still in progress; ask again")
-        return CommandDone(ok=result.ok, error=result.error, detail=result.detail)
+        """Stop a VM keeping its final state, or join the stop already running."""
+        return await self._stopper.stop(envelope.data)
 
     async def on_snapshot(self, envelope: Envelope[SnapshotVm], delivery: Delivery) -> CommandDone:
         """Snapshot a VM: a pin of its stored state, or (with memory) pause, retrieve, pin,
@@ -181,32 +132,13 @@ class PolicyService:
         return await self._snapshots.snapshot(envelope.data)
 
     async def on_vm_stopped(self, envelope: Envelope[VmStopped], delivery: Delivery) -> None:
-        """A domain stopped without a ``vm.stop`` (the guest shut down, it crashed, someone
-        destroyed it): retrieve its final state before the domain goes. A migration moves
-        the placement instead."""
+        """A domain stopped without a ``vm.stop``: a migration moves the placement, any
+        other stop is retrieved and undefined."""
         event = envelope.data
         if event.reason is StopReason.MIGRATED:
             await self._migrations.source_left(event)
             return
-        trigger = EVENT_TRIGGERS.get(event.reason)
-        if trigger is None:
-            return
-        placement = await self._registry.placement(event.vm_id)
-        if placement.host != event.host:
-            return  # not placed there (fenced, or a stop already unplaced it): not ours
-        if placement.placed_at is not None and envelope.time.timestamp() < placement.placed_at:
-            return  # a late report about an earlier run of the VM on this host
-        _, created = await self._engine.start(
-            new_stop(event.vm_id, event.host, trigger, self._bounds)
-        )
-        if created:
-            log.info(
-                "VM stopped on its own; retrieving before undefine",
-                vm_id=event.vm_id,
-                host=event.host,
-                trigger=trigger.value,
-            )
-            self._engine.spawn(event.vm_id)
+        await self._stopper.stopped_on_its_own(event, envelope.time.timestamp())
 
     async def on_vm_started(self, envelope: Envelope[VmStarted], delivery: Delivery) -> None:
         """A domain started: on a host other than its placement, a migration's destination."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from keeper_policy.guest_os import DEFAULT_GUEST_OS_ALIASES, DEFAULT_GUEST_OS_RULES, GuestOsRule
+from keeper_policy.tpm.guest_os import DEFAULT_GUEST_OS_ALIASES, DEFAULT_GUEST_OS_RULES, GuestOsRule
 from keeper_shared.redis_access.connection import RedisSettings
 from keeper_shared.runtime.settings import ServiceSettings
 

@@ -1,5 +1,5 @@
 """``vm.place``: the checks that decide whether a VM may go to a host, then the placement
-workflow (place_workflow) that fences, restores, starts and records.
+workflow (see workflow) that fences, restores, starts and records.
 
 A request for a placement already in progress joins it (a redelivery after a replica died,
 or a client retrying), so a VM is never placed twice at once.
@@ -11,18 +11,18 @@ import time
 
 import structlog
 
-from keeper_policy.engine import WorkflowEngine
-from keeper_policy.hosts import HostRegistry
-from keeper_policy.place_workflow import PLACE, new_place
-from keeper_policy.placement_rules import (
+from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.placement.rules import (
     check_current_placement,
     check_swtpm_version,
     check_target,
     check_tpm_secrets,
 )
-from keeper_policy.registry import PolicyRegistry, UnknownVmError
+from keeper_policy.placement.workflow import PLACE, new_place
 from keeper_policy.settings import PolicySettings
-from keeper_policy.workflow_store import WorkflowRecord, WorkflowStore
+from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError
+from keeper_policy.workflows.engine import WorkflowEngine
+from keeper_policy.workflows.store import WorkflowRecord, WorkflowStore
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.placement import PlaceVm
 

@@ -7,11 +7,11 @@ import time
 
 import structlog
 
-from keeper_policy.engine import WorkflowEngine
 from keeper_policy.gateway import Gateway
-from keeper_policy.registry import PolicyRegistry, UnknownVmError
-from keeper_policy.snapshot_workflow import SNAPSHOT, new_memory_snapshot
-from keeper_policy.stop_plan import StopBounds
+from keeper_policy.snapshot.workflow import SNAPSHOT, new_memory_snapshot
+from keeper_policy.stop.plan import StopBounds
+from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError
+from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_shared.bus.topology import STATE_STORE
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.snapshot import CreateSnapshot

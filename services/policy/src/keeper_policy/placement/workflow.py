@@ -18,13 +18,13 @@ import time
 
 import structlog
 
-from keeper_policy.domain_definition import domain_xml, with_tpm_encryption
-from keeper_policy.engine import LeaseLostError, SaveProgress, StepOutcome
 from keeper_policy.gateway import Gateway
-from keeper_policy.hosts import HostRegistry
-from keeper_policy.registry import PlacementConflictError, PolicyRegistry, VmRecord
+from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.placement.domain_definition import domain_xml, with_tpm_encryption
 from keeper_policy.settings import PolicySettings
-from keeper_policy.workflow_store import WorkflowRecord, WorkflowResult
+from keeper_policy.storage.vm_registry import PlacementConflictError, PolicyRegistry, VmRecord
+from keeper_policy.workflows.engine import LeaseLostError, SaveProgress, StepOutcome
+from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
 from keeper_shared.bus.topology import STATE_STORE
 from keeper_shared.messages.placement import PlaceVm, VmPlaced
 from keeper_shared.messages.state import RestoreState

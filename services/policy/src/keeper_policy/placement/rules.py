@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keeper_policy.hosts import HostRecord
+from keeper_policy.hosts.registry import HostRecord
 from keeper_policy.versions import VersionError, parse_version
 
 

@@ -12,7 +12,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from keeper_policy.guest_os import GuestOsRule, guest_os_support
+from keeper_policy.tpm.guest_os import GuestOsRule, guest_os_support
 from keeper_shared.messages.host import HostCapabilities
 from keeper_shared.messages.tpm import Firmware, OsTpmSupport, VmSpec
 

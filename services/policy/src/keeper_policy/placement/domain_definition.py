@@ -45,7 +45,7 @@ def with_tpm_encryption(tpm_xml: str, secret_uuid: str) -> str:
     """The approved `<tpm>` element with `<encryption secret='…'/>` in its emulator backend:
     libvirt then has swtpm encrypt the state with that secret's value."""
     canonical = str(uuid.UUID(secret_uuid))
-    tpm = ET.fromstring(tpm_xml)  # noqa: S314 - policy's own element (see approval)
+    tpm = ET.fromstring(tpm_xml)  # noqa: S314 - policy's own element (see tpm.rules)
     backend = tpm.find("backend")
     if backend is None or backend.get("type") != "emulator":
         raise ValueError("only an emulated TPM (swtpm) can encrypt its state")

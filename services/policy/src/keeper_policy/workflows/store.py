@@ -18,13 +18,13 @@ from dataclasses import dataclass, field, replace
 
 from redis.asyncio import Redis
 
-from keeper_policy.keys import (
+from keeper_policy.storage.keys import (
     WORKFLOWS_INDEX,
     workflow_key,
     workflow_lease_key,
     workflow_result_key,
 )
-from keeper_policy.scripts import PolicyScripts
+from keeper_policy.storage.scripts import PolicyScripts
 from keeper_shared.redis_access.results import awaited
 
 RESULT_TTL_S = 3600

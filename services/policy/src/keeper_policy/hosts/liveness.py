@@ -19,9 +19,9 @@ import structlog
 from redis.asyncio import Redis
 
 from keeper_policy.gateway import Gateway
-from keeper_policy.hosts import HostRegistry
-from keeper_policy.keys import cleanup_lock_key
-from keeper_policy.registry import PolicyRegistry, UnknownVmError
+from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.storage.keys import cleanup_lock_key
+from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.host_loss import HostLost, HostReturned
 from keeper_shared.messages.placement import RecoveryPoint, VmEvicted

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from keeper_policy.keys import HOST_STATUS, host_cleanup_key
-from keeper_policy.scripts import PolicyScripts
+from keeper_policy.storage.keys import HOST_STATUS, host_cleanup_key
+from keeper_policy.storage.scripts import PolicyScripts
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
 from keeper_shared.redis_access.keys import hosts_key
 from keeper_shared.redis_access.results import awaited

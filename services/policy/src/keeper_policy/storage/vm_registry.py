@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 
-from keeper_policy.keys import EPOCH_PENDING, host_vms_key, migration_key
-from keeper_policy.scripts import PolicyScripts
+from keeper_policy.storage.keys import EPOCH_PENDING, host_vms_key, migration_key
+from keeper_policy.storage.scripts import PolicyScripts
 from keeper_shared.messages.placement import RecoveryPoint
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import StateKind

@@ -1,4 +1,4 @@
-"""Carries out the stop workflow's steps (see stop_plan for their order and why).
+"""Carries out the stop workflow's steps (see plan for their order and why).
 
 Each step is one bounded command, so the whole stop is bounded. A step repeated after a
 replica died is harmless: shutting down or powering off a stopped domain and undefining an
@@ -13,11 +13,9 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from keeper_policy.engine import LeaseLostError, SaveProgress, StepOutcome
 from keeper_policy.gateway import Gateway
-from keeper_policy.hosts import HostRegistry
-from keeper_policy.registry import PolicyRegistry
-from keeper_policy.stop_plan import (
+from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.stop.plan import (
     StopBounds,
     StopStep,
     first_step,
@@ -25,7 +23,9 @@ from keeper_policy.stop_plan import (
     may_retrieve,
     next_step,
 )
-from keeper_policy.workflow_store import WorkflowRecord, WorkflowResult
+from keeper_policy.storage.vm_registry import PolicyRegistry
+from keeper_policy.workflows.engine import LeaseLostError, SaveProgress, StepOutcome
+from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.placement import StateLossRecorded, StopTrigger, VmRetired
 from keeper_shared.observability import metrics

@@ -17,10 +17,10 @@ import time
 
 import structlog
 
-from keeper_policy.engine import LeaseLostError, SaveProgress, StepOutcome
 from keeper_policy.gateway import Gateway
-from keeper_policy.stop_plan import StopBounds, may_retrieve
-from keeper_policy.workflow_store import WorkflowRecord, WorkflowResult
+from keeper_policy.stop.plan import StopBounds, may_retrieve
+from keeper_policy.workflows.engine import LeaseLostError, SaveProgress, StepOutcome
+from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
 from keeper_shared.bus.topology import STATE_STORE
 from keeper_shared.messages.snapshot import CreateSnapshot
 from keeper_shared.messages.types import StateKind

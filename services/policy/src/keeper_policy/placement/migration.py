@@ -15,8 +15,8 @@ from __future__ import annotations
 import structlog
 
 from keeper_policy.gateway import Gateway
-from keeper_policy.hosts import HostRegistry
-from keeper_policy.registry import PolicyRegistry
+from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.storage.vm_registry import PolicyRegistry
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.placement import VmEvicted, VmMigrated
 from keeper_shared.messages.vm import VmStarted, VmStopped

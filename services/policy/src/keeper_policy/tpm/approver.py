@@ -6,11 +6,11 @@ import time
 
 import structlog
 
-from keeper_policy.approval import ClusterView, Overrides, decide_tpm
 from keeper_policy.gateway import Gateway
-from keeper_policy.hosts import HostRegistry
-from keeper_policy.registry import PolicyRegistry
+from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.settings import PolicySettings
+from keeper_policy.storage.vm_registry import PolicyRegistry
+from keeper_policy.tpm.rules import ClusterView, Overrides, decide_tpm
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.tpm import EnableTpm, TpmApproved, TpmRejected

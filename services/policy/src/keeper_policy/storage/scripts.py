@@ -10,7 +10,7 @@ from redis.commands.core import AsyncScript
 
 
 def _load(redis: Redis, name: str) -> AsyncScript:
-    text = resources.files("keeper_policy").joinpath("lua", f"{name}.lua").read_text()
+    text = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
     return redis.register_script(text)
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import structlog
 
-from keeper_policy.engine import WorkflowEngine
 from keeper_policy.gateway import Gateway
-from keeper_policy.registry import PolicyRegistry, UnknownVmError
+from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError
+from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_shared.bus.topology import STATE_STORE
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DeleteState, DisableTpm, TpmDisabled

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import structlog
 
-from keeper_policy.workflow_store import WorkflowRecord, WorkflowResult, WorkflowStore
+from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult, WorkflowStore
 
 log = structlog.get_logger(__name__)
 

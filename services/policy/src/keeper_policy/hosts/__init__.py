@@ -1,0 +1,1 @@
+"""Hosts as policy knows them: their heartbeats, lost hosts declared and cleaned up."""

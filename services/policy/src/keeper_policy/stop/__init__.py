@@ -1,0 +1,1 @@
+"""Stopping a VM with its final state retrieved: the step order and the workflow."""

@@ -1,0 +1,1 @@
+"""Whether a VM may have a TPM: the approval and guest-OS rules, enabling and disabling."""
