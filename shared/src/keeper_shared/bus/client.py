@@ -186,7 +186,13 @@ class BusClient:
             user_id=user_id,
             failover=NodeFailover(connection, endpoints, index),
         )
-        await client._open()
+        try:
+            await client._open()
+        except BaseException:
+            # The node went away while the client set up its own channel: left open, the
+            # robust connection would reconnect and restore a client that nobody holds.
+            await client.close()
+            raise
         return client
 
     @classmethod
