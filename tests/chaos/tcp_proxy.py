@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+from typing import cast
 
+from pamqp.base import Frame
 from pamqp.commands import INDEX_MAPPING
 
 CHUNK = 64 * 1024
@@ -50,7 +52,8 @@ class AmqpMethodReader:
                 break
             if frame_type == AMQP_METHOD_FRAME:
                 (index,) = struct.unpack_from(">I", self._buffer, AMQP_FRAME_HEADER.size)
-                method = INDEX_MAPPING.get(index)
+                # pamqp's map is typed loosely; every value is a method frame class.
+                method = cast("type[Frame] | None", INDEX_MAPPING.get(index))
                 names.append(method.name if method is not None else f"unknown {index:#010x}")
             del self._buffer[:frame_end]
         return names
