@@ -8,14 +8,55 @@ Placed between a service and a server, it forwards bytes both ways untouched unt
   retries it: the case that must not apply a write twice.
 - `cut()` and `heal()`: every connection is reset and new ones are refused until healed,
   as when a host loses its network (the service keeps running and must reconnect).
+- `cut_at_method(name, occurrence)`: for AMQP clients, `cut()` the moment the client
+  sends the ``occurrence``-th frame of that method (``"Queue.Bind"``, ``"Basic.Qos"`` ...),
+  which is swallowed: the broker node is gone while that declaration is in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
+from typing import cast
+
+from pamqp.base import Frame
+from pamqp.commands import INDEX_MAPPING
 
 CHUNK = 64 * 1024
+AMQP_PROTOCOL_HEADER_SIZE = 8
+AMQP_FRAME_HEADER = struct.Struct(">BHI")  # type, channel, payload size; then payload, end
+AMQP_METHOD_FRAME = 1
+
+
+class AmqpMethodReader:
+    """Names the AMQP methods in one client's byte stream, whatever its chunking."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._header_skipped = False
+
+    def feed(self, data: bytes) -> list[str]:
+        """The methods (``"Queue.Declare"`` ...) of every frame that ``data`` completes."""
+        self._buffer += data
+        if not self._header_skipped:
+            if len(self._buffer) < AMQP_PROTOCOL_HEADER_SIZE:
+                return []
+            del self._buffer[:AMQP_PROTOCOL_HEADER_SIZE]
+            self._header_skipped = True
+        names = []
+        while len(self._buffer) >= AMQP_FRAME_HEADER.size:
+            frame_type, _, size = AMQP_FRAME_HEADER.unpack_from(self._buffer)
+            frame_end = AMQP_FRAME_HEADER.size + size + 1
+            if len(self._buffer) < frame_end:
+                break
+            if frame_type == AMQP_METHOD_FRAME:
+                (index,) = struct.unpack_from(">I", self._buffer, AMQP_FRAME_HEADER.size)
+                # pamqp's map is typed loosely; every value is a method frame class.
+                method = cast("type[Frame] | None", INDEX_MAPPING.get(index))
+                names.append(method.name if method is not None else f"unknown {index:#010x}")
+            del self._buffer[:frame_end]
+        return names
 
 
 class TcpProxy:
@@ -29,8 +70,12 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._drop_marker: bytes | None = None
         self._cut = False
+        self._cut_method: str | None = None
+        self._method_countdown = 0
         self.replies_dropped = 0
         self.cuts = 0
+        self.refused = 0
+        """Connections refused while cut: a client that tried again."""
 
     @property
     def port(self) -> int:
@@ -55,6 +100,11 @@ class TcpProxy:
             task.cancel()
         await asyncio.gather(*self._links, return_exceptions=True)
 
+    @property
+    def connections(self) -> int:
+        """How many client connections the proxy holds now."""
+        return len(self._links)
+
     def drop_reply_after(self, marker: bytes) -> None:
         """Lose the answer to the next request that contains ``marker`` (once)."""
         self._drop_marker = marker
@@ -63,6 +113,18 @@ class TcpProxy:
     def drop_pending(self) -> bool:
         """True while an armed drop has not happened yet."""
         return self._drop_marker is not None
+
+    def cut_at_method(self, name: str, occurrence: int = 1) -> None:
+        """`cut` when a client sends its ``occurrence``-th ``name`` method frame (counted
+        over the connections opened from now on; once). The frame does not reach the
+        server."""
+        self._cut_method = name
+        self._method_countdown = occurrence
+
+    @property
+    def cut_pending(self) -> bool:
+        """True while an armed `cut_at_method` has not happened yet."""
+        return self._cut_method is not None
 
     def cut(self) -> None:
         """Reset every connection and refuse new ones until `heal`."""
@@ -88,6 +150,7 @@ class TcpProxy:
         server_w: asyncio.StreamWriter | None = None
         try:
             if self._cut:
+                self.refused += 1
                 return
             try:
                 server_r, server_w = await asyncio.open_connection(*self._target)
@@ -113,14 +176,29 @@ class TcpProxy:
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, marked: asyncio.Event
     ) -> None:
-        """Client to server; notes when a request carries the armed marker."""
+        """Client to server; notes when a request carries the armed marker, and cuts at the
+        armed AMQP method."""
+        # Only a stream read from its first byte can be split into frames.
+        methods = AmqpMethodReader() if self._cut_method is not None else None
         with contextlib.suppress(OSError):
             while data := await reader.read(CHUNK):
                 if self._drop_marker is not None and self._drop_marker in data:
                     self._drop_marker = None
                     marked.set()
+                if (
+                    methods is not None
+                    and self._cut_method is not None
+                    and self._reaches_cut_method(methods.feed(data))
+                ):
+                    self._cut_method = None
+                    self.cut()
+                    return
                 writer.write(data)
                 await writer.drain()
+
+    def _reaches_cut_method(self, methods: list[str]) -> bool:
+        self._method_countdown -= methods.count(self._cut_method or "")
+        return self._method_countdown <= 0
 
     async def _pump_replies(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, marked: asyncio.Event

@@ -52,8 +52,8 @@ from keeper_shared.messages.vm_control import (
     SnapshotDomain,
     SuspendVm,
 )
-from keeper_shared.observability import metrics, observe_service
-from keeper_shared.runtime.startup import StoppedWhileWaitingError
+from keeper_shared.observability import metrics
+from keeper_shared.runtime.service_runner import ServiceStartup, Serving, serve_on_bus
 
 log = structlog.get_logger(__name__)
 
@@ -223,46 +223,49 @@ class HostAgent:
 async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
     """Run the host agent until ``stop`` is set."""
     structlog.contextvars.bind_contextvars(host=settings.host_id)
-    try:
-        bus = await BusClient.connect_when_up(
-            settings.amqp_endpoints,
-            source=f"host-agent/{settings.host_id}",
-            origin=settings.host_id,
-            stop=stop,
-        )
-    except StoppedWhileWaitingError:
-        return
-    agent = HostAgent(settings, bus)
-    agent.hypervisor.open(agent.on_lifecycle, on_reconnect=agent.rebuild_view)
-    background: list[asyncio.Task[None]] = []
-    try:
+
+    async def set_up(startup: ServiceStartup) -> Serving:
+        agent = HostAgent(settings, startup.bus)
+        agent.hypervisor.open(agent.on_lifecycle, on_reconnect=agent.rebuild_view)
+        # After the bus closed (last registered runs first): the watcher, then libvirt.
+        startup.after_bus_closes.callback(agent.hypervisor.close)
+        startup.after_bus_closes.callback(agent.watcher.close)
+        startup.before_bus_closes.push_async_callback(agent.announcer.close)
         capabilities = await probe_capabilities(
             await agent.hypervisor.library_version(),
             tpm_secrets=await agent.hypervisor.keeps_secrets(),
         )
         agent.tracker.swtpm_version = capabilities.swtpm_version
         await agent.rebuild_view()
-        await bus.consume(host_command_queue(settings.host_id), agent.routes(), prefetch=8)
         commands = host_command_queue(settings.host_id)
+        await startup.bus.consume(commands, agent.routes(), prefetch=8)
         background = [
             asyncio.create_task(agent.watcher.watch_inotify()),
             asyncio.create_task(agent.watcher.rescan_periodically()),
             asyncio.create_task(agent.heartbeat_forever(capabilities)),
         ]
-        async with observe_service(bus, [commands.dead_letter_queue]):
-            log.info(
-                "host agent ready", libvirt_uri=settings.libvirt_uri, vms=len(agent.tracker.vms)
-            )
-            await stop.wait()
-            log.info("stopping")
-    finally:
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await agent.announcer.close()
-        await bus.close(settings.shutdown_grace_s)
-        agent.watcher.close()
-        agent.hypervisor.close()
-        log.info("stopped")
+        # Before the announcer's last flush: nothing announces or beats after it.
+        startup.before_bus_closes.push_async_callback(_cancel_all, background)
+        return Serving(
+            dead_letter_queues=[commands.dead_letter_queue],
+            ready_fields={"libvirt_uri": settings.libvirt_uri, "vms": len(agent.tracker.vms)},
+        )
+
+    await serve_on_bus(
+        stop,
+        set_up,
+        name="host agent",
+        amqp_endpoints=settings.amqp_endpoints,
+        source=f"host-agent/{settings.host_id}",
+        origin=settings.host_id,
+        grace_s=settings.shutdown_grace_s,
+    )
+    log.info("stopped")
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -29,8 +29,8 @@ from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_policy.workflows.store import WorkflowStore
 from keeper_shared.bus.client import BusClient, Consumer
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS
-from keeper_shared.observability import observe_service
 from keeper_shared.redis_access.connection import connect_redis
+from keeper_shared.runtime.service_runner import ServiceStartup, Serving, serve_on_bus
 from keeper_shared.runtime.startup import (
     REDIS_UNAVAILABLE,
     StoppedWhileWaitingError,
@@ -95,42 +95,48 @@ async def serve(settings: PolicySettings, stop: asyncio.Event) -> None:
     try:
         try:
             await wait_for_dependency(redis.ping, "Redis", stop, retry_on=REDIS_UNAVAILABLE)
-            bus = await BusClient.connect_when_up(
-                settings.amqp_endpoints,
-                source=f"policy/{socket.gethostname()}",
-                origin=POLICY,
-                stop=stop,
-            )
         except StoppedWhileWaitingError:
             return
-        service: PolicyService | None = None
-        consumers: list[Consumer] = []
-        try:
-            service = build_service(settings, redis, bus)
-            consumers.append(await bus.consume(POLICY_EVENTS, service.event_routes(), prefetch=32))
+
+        async def set_up(startup: ServiceStartup) -> Serving:
+            service = build_service(settings, redis, startup.bus)
+            # Runs after the consumers stopped (registered before them): hands the workflows
+            # over, leases released, and another replica resumes them.
+            startup.before_bus_closes.push_async_callback(service.close)
+            consumers: list[Consumer] = []
+
+            async def stop_consumers() -> None:
+                # Take no new messages, and give in-flight requests the grace period (a stop
+                # waiting on its workflow may finish); what is still running is cancelled,
+                # and its request is redelivered to another replica.
+                for consumer in consumers:
+                    await consumer.stop(settings.shutdown_grace_s)
+
+            startup.before_bus_closes.push_async_callback(stop_consumers)
             consumers.append(
-                await bus.consume(POLICY_COMMANDS, service.command_routes(), prefetch=16)
+                await startup.bus.consume(POLICY_EVENTS, service.event_routes(), prefetch=32)
+            )
+            consumers.append(
+                await startup.bus.consume(POLICY_COMMANDS, service.command_routes(), prefetch=16)
             )
             service.start_background()
+            return Serving(
+                dead_letter_queues=[
+                    POLICY_EVENTS.dead_letter_queue,
+                    POLICY_COMMANDS.dead_letter_queue,
+                ]
+            )
 
-            dead_letter_queues = [
-                POLICY_EVENTS.dead_letter_queue,
-                POLICY_COMMANDS.dead_letter_queue,
-            ]
-            async with observe_service(bus, dead_letter_queues, redis):
-                log.info("policy ready")
-                await stop.wait()
-                log.info("stopping")
-        finally:
-            # Take no new messages, and give in-flight requests the grace period (a stop
-            # waiting on its workflow may finish); what is still running is cancelled, and
-            # its request is redelivered to another replica.
-            for consumer in consumers:
-                await consumer.stop(settings.shutdown_grace_s)
-            # Then hand the workflows over: leases released, another replica resumes them.
-            if service is not None:
-                await service.close()
-            await bus.close(settings.shutdown_grace_s)
+        await serve_on_bus(
+            stop,
+            set_up,
+            name="policy",
+            amqp_endpoints=settings.amqp_endpoints,
+            source=f"policy/{socket.gethostname()}",
+            origin=POLICY,
+            grace_s=settings.shutdown_grace_s,
+            redis=redis,
+        )
     finally:
         await redis.aclose()
         log.info("stopped")

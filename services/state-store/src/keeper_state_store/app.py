@@ -6,10 +6,9 @@ import asyncio
 
 import structlog
 
-from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import STATE_STORE, STATE_STORE_COMMANDS, STATE_STORE_EVENTS
-from keeper_shared.observability import observe_service
 from keeper_shared.redis_access.connection import connect_redis
+from keeper_shared.runtime.service_runner import ServiceStartup, Serving, serve_on_bus
 from keeper_shared.runtime.startup import (
     REDIS_UNAVAILABLE,
     StoppedWhileWaitingError,
@@ -42,17 +41,13 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                 stop,
                 retry_on=REDIS_UNAVAILABLE,
             )
-            bus = await BusClient.connect_when_up(
-                settings.amqp_endpoints,
-                source=f"state-store/{settings.replica_id}",
-                origin=STATE_STORE,
-                stop=stop,
-            )
         except StoppedWhileWaitingError:
             return
-        maintenance = Maintenance(settings, redis, keys, bus)  # scrubber, KEK rotation
-        service: StateService | None = None
-        try:
+
+        async def set_up(startup: ServiceStartup) -> Serving:
+            bus = startup.bus
+            maintenance = Maintenance(settings, redis, keys, bus)  # scrubber, KEK rotation
+            startup.before_bus_closes.push_async_callback(maintenance.close)
             repository = StateRepository(
                 redis,
                 keys,
@@ -62,6 +57,8 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                 ),
             )
             service = StateService(settings, repository, bus)
+            # Its pulls in flight end after the consumers that wait for them stopped.
+            startup.after_bus_closes.push_async_callback(service.close)
             # Prefetch bounds how many state.changed events can wait in one pull batch.
             await bus.consume(STATE_STORE_EVENTS, service.event_routes(), prefetch=32)
             await bus.consume(
@@ -75,20 +72,24 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                 prefetch=8,
             )
             maintenance.start()
+            return Serving(
+                dead_letter_queues=[
+                    STATE_STORE_EVENTS.dead_letter_queue,
+                    STATE_STORE_COMMANDS.dead_letter_queue,
+                ],
+                ready_fields={"redis": durability, "kek_id": keys.current.key_id},
+            )
 
-            dead_letter_queues = [
-                STATE_STORE_EVENTS.dead_letter_queue,
-                STATE_STORE_COMMANDS.dead_letter_queue,
-            ]
-            async with observe_service(bus, dead_letter_queues, redis):
-                log.info("state store ready", redis=durability, kek_id=keys.current.key_id)
-                await stop.wait()
-                log.info("stopping")
-        finally:
-            await maintenance.close()
-            await bus.close(settings.shutdown_grace_s)
-            if service is not None:
-                await service.close()
+        await serve_on_bus(
+            stop,
+            set_up,
+            name="state store",
+            amqp_endpoints=settings.amqp_endpoints,
+            source=f"state-store/{settings.replica_id}",
+            origin=STATE_STORE,
+            grace_s=settings.shutdown_grace_s,
+            redis=redis,
+        )
     finally:
         await redis.aclose()
         log.info("stopped")

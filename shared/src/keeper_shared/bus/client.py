@@ -186,7 +186,13 @@ class BusClient:
             user_id=user_id,
             failover=NodeFailover(connection, endpoints, index),
         )
-        await client._open()
+        try:
+            await client._open()
+        except BaseException:
+            # The node went away while the client set up its own channel: left open, the
+            # robust connection would reconnect and restore a client that nobody holds.
+            await client.close()
+            raise
         return client
 
     @classmethod
@@ -275,6 +281,8 @@ class BusClient:
     ) -> Envelope[R]:
         """Send a command to ``target`` and wait for its reply. The command is void after
         ``timeout_s``: a target that comes back late drops it instead of acting on it.
+        The broker's confirm and the reply together get ``timeout_s``: a confirm that never
+        comes (a quorum queue whose leader is stale) times the call out like a lost reply.
 
         With ``replier``, only a reply whose broker-validated ``user_id`` is ``replier``
         counts: a host speaks only for itself (invariant 3)."""
@@ -283,18 +291,25 @@ class BusClient:
         correlation_id = str(envelope.id)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending_calls[correlation_id] = (future, replier)
+        deadline = asyncio.get_running_loop().time() + timeout_s
         try:
             try:
-                await self._commands.publish(
-                    self._message(
-                        envelope,
-                        correlation_id=correlation_id,
-                        reply_to=self._reply_queue_name,
-                        headers={DEADLINE_HEADER: int((time.time() + timeout_s) * 1000)},
-                    ),
-                    routing_key=target,
-                    mandatory=True,
-                )
+                async with asyncio.timeout_at(deadline):
+                    await self._commands.publish(
+                        self._message(
+                            envelope,
+                            correlation_id=correlation_id,
+                            reply_to=self._reply_queue_name,
+                            headers={DEADLINE_HEADER: int((time.time() + timeout_s) * 1000)},
+                        ),
+                        routing_key=target,
+                        mandatory=True,
+                    )
+            except TimeoutError:
+                # Whether the broker has it is unknown; its deadline voids it either way.
+                raise CallTimeoutError(
+                    f"{envelope.type} to {target} got no confirm within {timeout_s:.1f} s"
+                ) from None
             except aio_pika.exceptions.DeliveryError as error:
                 if getattr(error.frame, "name", "") == "Basic.Nack":
                     # The queue exists but did not take the command (a quorum queue without
@@ -302,7 +317,8 @@ class BusClient:
                     raise CallError(f"{envelope.type}: broker refused it for {target}") from None
                 raise NoRouteError(f"{envelope.type}: no queue is bound for {target}") from None
             try:
-                body = await asyncio.wait_for(future, timeout_s)
+                async with asyncio.timeout_at(deadline):
+                    body = await future
             except TimeoutError:
                 raise CallTimeoutError(
                     f"{envelope.type} to {target} got no reply within {timeout_s:.1f} s"
