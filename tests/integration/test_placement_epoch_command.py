@@ -10,8 +10,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from keeper_host_agent.domain_xml import fill_nvram_path, parse_domain
-from keeper_host_agent.placement_commands import PlacementCommands
+from keeper_host_agent.commands.placement import PlacementCommands
+from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path, parse_domain
 from keeper_policy.domain_definition import domain_xml
 from keeper_shared.bus.client import Delivery
 from keeper_shared.messages.envelope import new_envelope

@@ -71,8 +71,8 @@ from redis.asyncio import Redis
 
 from keeper_cli.client import EventWatch, KeeperClient
 from keeper_devtools.demo.processes import ServiceProcess
-from keeper_host_agent.tpm_secrets import KEEPER_USAGE_PREFIX as KEEPER_SECRET_PREFIX
-from keeper_host_agent.tpm_secrets import (
+from keeper_host_agent.hypervisor.libvirt_secrets import KEEPER_USAGE_PREFIX as KEEPER_SECRET_PREFIX
+from keeper_host_agent.hypervisor.libvirt_secrets import (
     TpmSecretError,
     define_tpm_secret,
     read_foreign_secret,

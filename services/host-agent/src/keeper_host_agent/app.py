@@ -10,21 +10,29 @@ from typing import Any
 import libvirt
 import structlog
 
-from keeper_host_agent.announcer import ChangeAnnouncer
-from keeper_host_agent.capabilities import probe_capabilities
-from keeper_host_agent.change_watcher import ChangeWatcher
-from keeper_host_agent.commands import HostCommands
-from keeper_host_agent.domain_xml import DomainStateLocation, DomainXmlError, parse_domain
-from keeper_host_agent.hypervisor import HypervisorError, LibvirtHypervisor, LifecycleEvent
-from keeper_host_agent.placement_commands import PlacementCommands
-from keeper_host_agent.settings import HostAgentSettings
-from keeper_host_agent.snapshot_commands import SnapshotCommands
-from keeper_host_agent.state_tracker import StateTracker
-from keeper_host_agent.tpm_secrets import (
+from keeper_host_agent.commands.placement import PlacementCommands
+from keeper_host_agent.commands.snapshots import SnapshotCommands
+from keeper_host_agent.commands.vm_lifecycle import HostCommands
+from keeper_host_agent.detect.announcer import ChangeAnnouncer
+from keeper_host_agent.detect.change_watcher import ChangeWatcher
+from keeper_host_agent.detect.state_tracker import StateTracker
+from keeper_host_agent.hypervisor.capabilities import probe_capabilities
+from keeper_host_agent.hypervisor.domain_xml import (
+    DomainStateLocation,
+    DomainXmlError,
+    parse_domain,
+)
+from keeper_host_agent.hypervisor.libvirt_adapter import (
+    HypervisorError,
+    LibvirtHypervisor,
+    LifecycleEvent,
+)
+from keeper_host_agent.hypervisor.libvirt_secrets import (
     TpmSecretError,
     TpmSecretUnreadableError,
     read_foreign_secret,
 )
+from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.client import BusClient, Route
 from keeper_shared.bus.topology import host_command_queue
 from keeper_shared.messages.envelope import Payload

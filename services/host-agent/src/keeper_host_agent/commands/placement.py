@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import libvirt
 import structlog
 
-from keeper_host_agent.hypervisor import HypervisorError
+from keeper_host_agent.hypervisor.libvirt_adapter import HypervisorError
 from keeper_shared.bus.client import Delivery
 from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
 from keeper_shared.messages.commands import CommandDone

@@ -10,18 +10,18 @@ from typing import Any
 import libvirt
 import structlog
 
-from keeper_host_agent.domain_xml import DomainXmlError, fill_nvram_path, parse_domain
-from keeper_host_agent.hypervisor import HypervisorError, LibvirtHypervisor
-from keeper_host_agent.settings import HostAgentSettings
-from keeper_host_agent.state_cleanup import wipe_vm_state
-from keeper_host_agent.state_tracker import StateTracker
-from keeper_host_agent.state_writer import UnsafeStateWriteError, write_nvram, write_tpm_state
-from keeper_host_agent.tpm_secrets import (
+from keeper_host_agent.detect.state_tracker import StateTracker
+from keeper_host_agent.files.state_cleanup import wipe_vm_state
+from keeper_host_agent.files.state_writer import UnsafeStateWriteError, write_nvram, write_tpm_state
+from keeper_host_agent.hypervisor.domain_xml import DomainXmlError, fill_nvram_path, parse_domain
+from keeper_host_agent.hypervisor.libvirt_adapter import HypervisorError, LibvirtHypervisor
+from keeper_host_agent.hypervisor.libvirt_secrets import (
     TpmSecretError,
     define_tpm_secret,
     read_foreign_secret,
     remove_tpm_secret,
 )
+from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.client import Delivery
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope

@@ -17,7 +17,7 @@ from xml.sax.saxutils import escape
 import libvirt
 import structlog
 
-from keeper_host_agent.hypervisor import HypervisorError
+from keeper_host_agent.hypervisor.libvirt_adapter import HypervisorError
 from keeper_shared.bus.client import Delivery
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from keeper_host_agent.domain_xml import DomainStateLocation
-from keeper_host_agent.state_reader import (
+from keeper_host_agent.detect.state_reader import (
     FileStat,
     StateLocation,
     StateSnapshot,
     read_stable,
     signature_size,
 )
+from keeper_host_agent.hypervisor.domain_xml import DomainStateLocation
 from keeper_shared.messages.host import VmInventoryEntry
 from keeper_shared.messages.state import StateChange
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
