@@ -29,7 +29,7 @@ log = structlog.get_logger(__name__)
 
 
 class HostCommands:
-    """Command handlers of one host agent."""
+    """Handlers of the VM commands: fetch, prepare, start, shutdown, power-off, undefine."""
 
     def __init__(
         self, settings: HostAgentSettings, hypervisor: Hypervisor, tracker: StateTracker
