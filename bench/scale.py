@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractExchange
 from redis.asyncio import Redis
 
 from bench.env import PersistedRecorder
-from keeper_host_agent.announcer import ChangeAnnouncer
+from keeper_host_agent.detect.announcer import ChangeAnnouncer
 from keeper_shared.bus.client import BusClient, Delivery, Route
 from keeper_shared.bus.topology import declare_exchanges, event_routing_key, host_command_queue
 from keeper_shared.messages.envelope import Envelope, encode, new_envelope

@@ -42,7 +42,7 @@ from bus_hygiene import purge_service_queues
 from keeper_cli.client import KeeperClient
 from keeper_devtools.demo.hosts import OVMF_VARS_SIZE, OVMF_VARS_TEMPLATE, SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
-from keeper_host_agent.domain_xml import fill_nvram_path
+from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, declare_exchanges
 from keeper_shared.messages.envelope import Envelope, MessageError, Payload, decode, peek_type

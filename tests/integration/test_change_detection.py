@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from keeper_host_agent.change_watcher import ChangeWatcher
-from keeper_host_agent.domain_xml import DomainStateLocation
-from keeper_host_agent.state_reader import UndisturbedRead
-from keeper_host_agent.state_tracker import StateTracker
+from keeper_host_agent.detect.change_watcher import ChangeWatcher
+from keeper_host_agent.detect.state_reader import UndisturbedRead
+from keeper_host_agent.detect.state_tracker import StateTracker
+from keeper_host_agent.hypervisor.domain_xml import DomainStateLocation
 from keeper_shared.messages.state import StateChange
 from keeper_shared.messages.types import StateKind
 from keeper_shared.state_format.blobs import content_hash, open_blob

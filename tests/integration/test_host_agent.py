@@ -33,12 +33,13 @@ import pytest
 import pytest_asyncio
 from pydantic import SecretBytes
 
-from keeper_host_agent.app import HostAgent
-from keeper_host_agent.commands import HostCommands
-from keeper_host_agent.domain_xml import fill_nvram_path, parse_domain
-from keeper_host_agent.hypervisor import LibvirtHypervisor, LifecycleEvent
+from keeper_host_agent.agent import HostAgent
+from keeper_host_agent.commands.vm_lifecycle import HostCommands
+from keeper_host_agent.detect.state_tracker import StateTracker
+from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path, parse_domain
+from keeper_host_agent.hypervisor.libvirt_adapter import LibvirtHypervisor
+from keeper_host_agent.hypervisor.port import LifecycleEvent
 from keeper_host_agent.settings import HostAgentSettings
-from keeper_host_agent.state_tracker import StateTracker
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.client import BusClient, Delivery
 from keeper_shared.messages.commands import CommandDone

@@ -1,17 +1,25 @@
 """The host agent's ``vm.set-epoch`` against libvirt's real ``test:///`` driver: a running
 domain takes a new placement epoch in its metadata (live and persistent), is re-read so its
-state is announced under it, never goes back to an older epoch, and a repeat is a no-op."""
+state is announced under it, never goes back to an older epoch, and a repeat is a no-op.
+
+The handler works through the agent's ``LibvirtHypervisor``; the test looks at the domain
+through a second connection of its own, as an operator's ``virsh`` would. Both reach the
+same simulated host because ``test:///default`` is shared by every connection of a process
+(a ``test://<file>`` node is private to its connection).
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from keeper_host_agent.domain_xml import fill_nvram_path, parse_domain
-from keeper_host_agent.placement_commands import PlacementCommands
+from keeper_host_agent.commands.placement import PlacementCommands
+from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path, parse_domain
+from keeper_host_agent.hypervisor.libvirt_adapter import LibvirtHypervisor
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.client import Delivery
 from keeper_shared.messages.envelope import new_envelope
@@ -22,11 +30,20 @@ pytestmark = pytest.mark.libvirt
 
 TPM_XML = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 DELIVERY = Delivery(user_id=None, redelivered=False, reply_to=None, correlation_id=None)
+SHARED_TEST_NODE = "test:///default"
 
 
-def running_domain(tmp_path: Path, epoch: int) -> tuple[libvirt.virConnect, str]:
-    (tmp_path / "node.xml").write_text("<node>\n</node>\n")
-    connection = libvirt.open(f"test://{tmp_path / 'node.xml'}")
+@pytest.fixture
+def connection() -> Iterator[libvirt.virConnect]:
+    """The test's own connection to the shared simulated host."""
+    opened = libvirt.open(SHARED_TEST_NODE)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def running_domain(connection: libvirt.virConnect, tmp_path: Path, epoch: int) -> str:
     vm_id = str(uuid.uuid4())
     spec = VmSpec(vm_id=vm_id, name="migrated", guest_os="windows-11")
     xml = domain_xml(
@@ -37,7 +54,7 @@ def running_domain(tmp_path: Path, epoch: int) -> tuple[libvirt.virConnect, str]
         ovmf_vars_template=Path("/usr/share/OVMF/OVMF_VARS_4M.fd"),
     )
     connection.defineXML(fill_nvram_path(xml, tmp_path)).create()
-    return connection, vm_id
+    return vm_id
 
 
 def epoch_of(connection: libvirt.virConnect, vm_id: str, flags: int = 0) -> int:
@@ -47,14 +64,18 @@ def epoch_of(connection: libvirt.virConnect, vm_id: str, flags: int = 0) -> int:
     return location.epoch
 
 
-async def test_a_running_domain_takes_a_newer_epoch_only(tmp_path: Path) -> None:
-    connection, vm_id = running_domain(tmp_path, epoch=1)
+async def test_a_running_domain_takes_a_newer_epoch_only(
+    connection: libvirt.virConnect, tmp_path: Path
+) -> None:
+    vm_id = running_domain(connection, tmp_path, epoch=1)
     refreshed: list[str] = []
 
     async def refresh(refreshed_vm: str) -> None:
         refreshed.append(refreshed_vm)
 
-    commands = PlacementCommands(lambda: connection, refresh)
+    hypervisor = LibvirtHypervisor(SHARED_TEST_NODE)
+    hypervisor.open(lambda _event: None)
+    commands = PlacementCommands(hypervisor, refresh)
 
     async def set_epoch(epoch: int) -> tuple[bool, str | None]:
         envelope = new_envelope(
@@ -83,4 +104,7 @@ async def test_a_running_domain_takes_a_newer_epoch_only(tmp_path: Path) -> None
         done = await commands.set_epoch(missing, DELIVERY)
         assert not done.ok  # no such domain: a clear refusal, nothing raised
     finally:
-        connection.close()
+        hypervisor.close()
+        domain = connection.lookupByUUIDString(vm_id)
+        domain.destroy()
+        domain.undefine()

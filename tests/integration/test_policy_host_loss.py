@@ -25,7 +25,7 @@ import pytest_asyncio
 
 from integration.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
 from keeper_cli.client import KeeperRequestError
-from keeper_host_agent.domain_xml import fill_nvram_path
+from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.messages.host_loss import HostLost, HostReturned
 from keeper_shared.messages.placement import StopMode, VmEvicted, VmPlaced

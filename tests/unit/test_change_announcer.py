@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from keeper_host_agent.announcer import ChangeAnnouncer
+from keeper_host_agent.detect.announcer import ChangeAnnouncer
 from keeper_shared.messages.envelope import decode, encode, new_envelope
 from keeper_shared.messages.state import MAX_VMS_PER_MESSAGE, StateChange, StateChanged
 from keeper_shared.messages.types import FencingToken, StateKind

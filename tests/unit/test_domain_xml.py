@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from keeper_host_agent.domain_xml import DomainXmlError, fill_nvram_path, parse_domain
+from keeper_host_agent.hypervisor.domain_xml import DomainXmlError, fill_nvram_path, parse_domain
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
 from keeper_shared.messages.tpm import VmSpec

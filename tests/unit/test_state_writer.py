@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from keeper_host_agent.state_writer import (
+from keeper_host_agent.files.state_writer import (
     InvalidVmIdError,
     UnsafeStateWriteError,
     validate_vm_id,

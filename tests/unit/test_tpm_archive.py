@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keeper_host_agent.state_writer import write_tpm_state
+from keeper_host_agent.files.state_writer import write_tpm_state
 from keeper_shared.state_format.compression import (
     BlobFormatError,
     DecompressionBombError,

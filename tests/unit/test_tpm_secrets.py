@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretBytes, ValidationError
 
-from keeper_host_agent.domain_xml import DomainXmlError, fill_nvram_path, parse_domain
-from keeper_host_agent.tpm_secrets import keeper_usage_name, secret_xml
+from keeper_host_agent.hypervisor.domain_xml import DomainXmlError, fill_nvram_path, parse_domain
+from keeper_host_agent.hypervisor.libvirt_secrets import keeper_usage_name, secret_xml
 from keeper_policy.placement.domain_definition import domain_xml, with_tpm_encryption
 from keeper_policy.tpm.rules import tpm_element
 from keeper_shared.messages.envelope import MessageError, decode, encode, new_envelope

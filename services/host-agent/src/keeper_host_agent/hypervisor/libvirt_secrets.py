@@ -8,9 +8,10 @@ with the VM, and reads a secret it did not create where libvirt allows.
 The keeper's own secrets are recognised by their usage name, ``vtpm-keeper-<vm id>``: one
 per VM, so removal needs no UUID, and a secret someone else defined is never touched.
 
-Every function here blocks (libvirt calls): run them in a worker thread. The secret's value
-only ever passes through ``TpmSecret`` (masked) and libvirt; errors carry libvirt's text,
-which never includes a value.
+Every function here blocks (libvirt calls): ``LibvirtHypervisor`` runs them in a worker
+thread. The secret's value only ever passes through ``TpmSecret`` (masked) and libvirt;
+errors are the agent's (``TpmSecretError`` or another ``HypervisorError``) and carry
+libvirt's text, which never includes a value.
 """
 
 from __future__ import annotations
@@ -20,21 +21,19 @@ import hmac
 import libvirt
 from pydantic import SecretBytes
 
+from keeper_host_agent.hypervisor.errors import (
+    AccessDeniedError,
+    HypervisorError,
+    InvalidSecretError,
+    SecretNotFoundError,
+    TpmSecretError,
+    TpmSecretUnreadableError,
+    UnsupportedError,
+)
+from keeper_host_agent.hypervisor.libvirt_errors import translating
 from keeper_shared.messages.types import TpmSecret
 
 KEEPER_USAGE_PREFIX = "vtpm-keeper-"
-
-_NOT_FOUND = (libvirt.VIR_ERR_NO_SECRET,)
-_NO_SECRET_DRIVER = (libvirt.VIR_ERR_NO_SUPPORT,)
-
-
-class TpmSecretError(RuntimeError):
-    """A secret cannot be defined, read or removed; the message says why (never the value)."""
-
-
-class TpmSecretUnreadableError(TpmSecretError):
-    """The domain's secret exists but libvirt will not reveal its value (``private='yes'``),
-    or it does not exist on this host."""
 
 
 def keeper_usage_name(vm_id: str) -> str:
@@ -56,13 +55,12 @@ def secret_xml(vm_id: str, secret_uuid: str) -> str:
 
 def _lookup(connection: libvirt.virConnect, secret_uuid: str) -> libvirt.virSecret | None:
     try:
-        return connection.secretLookupByUUIDString(secret_uuid)
-    except libvirt.libvirtError as error:
-        if error.get_error_code() in _NOT_FOUND:
-            return None
-        if error.get_error_code() in _NO_SECRET_DRIVER:
-            raise TpmSecretError(f"this host's libvirt has no secret driver: {error}") from None
-        raise
+        with translating():
+            return connection.secretLookupByUUIDString(secret_uuid)
+    except SecretNotFoundError:
+        return None
+    except UnsupportedError as error:
+        raise TpmSecretError(f"this host's libvirt has no secret driver: {error}") from None
 
 
 def define_tpm_secret(connection: libvirt.virConnect, vm_id: str, secret: TpmSecret) -> bool:
@@ -86,12 +84,14 @@ def define_tpm_secret(connection: libvirt.virConnect, vm_id: str, secret: TpmSec
         remove_tpm_secret(connection, vm_id)
     created = existing is None
     try:
-        defined = connection.secretDefineXML(secret_xml(vm_id, secret.uuid))
-    except libvirt.libvirtError as error:
+        with translating():
+            defined = connection.secretDefineXML(secret_xml(vm_id, secret.uuid))
+    except HypervisorError as error:
         raise TpmSecretError(f"secret {secret.uuid} not defined: {error}") from None
     try:
-        defined.setValue(secret.value.get_secret_value())
-    except libvirt.libvirtError as error:
+        with translating():
+            defined.setValue(secret.value.get_secret_value())
+    except HypervisorError as error:
         if created:
             defined.undefine()
         raise TpmSecretError(f"value of secret {secret.uuid} not set: {error}") from None
@@ -101,22 +101,23 @@ def define_tpm_secret(connection: libvirt.virConnect, vm_id: str, secret: TpmSec
 def _other_value(existing: libvirt.virSecret, value: bytes) -> bool:
     """True when libvirt reveals ``existing``'s value and it is not ``value``."""
     try:
-        return not hmac.compare_digest(existing.value(), value)
-    except libvirt.libvirtError:
+        with translating():
+            revealed = existing.value()
+    except HypervisorError:
         return False  # private, or no value set: nothing to compare
+    return not hmac.compare_digest(revealed, value)
 
 
 def remove_tpm_secret(connection: libvirt.virConnect, vm_id: str) -> bool:
     """Remove the keeper's secret for ``vm_id``; False when there is none (or no secret
     driver, as with ``test:///``, where none can have been defined)."""
     try:
-        secret = connection.secretLookupByUsage(
-            libvirt.VIR_SECRET_USAGE_TYPE_VTPM, keeper_usage_name(vm_id)
-        )
-    except libvirt.libvirtError as error:
-        if error.get_error_code() in _NOT_FOUND + _NO_SECRET_DRIVER:
-            return False
-        raise
+        with translating():
+            secret = connection.secretLookupByUsage(
+                libvirt.VIR_SECRET_USAGE_TYPE_VTPM, keeper_usage_name(vm_id)
+            )
+    except (SecretNotFoundError, UnsupportedError):
+        return False
     secret.undefine()
     return True
 
@@ -133,18 +134,14 @@ def read_foreign_secret(
     if secret.usageID() == keeper_usage_name(vm_id):
         return None
     try:
-        value = secret.value()
-    except libvirt.libvirtError as error:
+        with translating():
+            value = secret.value()
+    except (InvalidSecretError, AccessDeniedError):
         # libvirtd answers a private secret with "Invalid secret: secret is private"; a
         # connection without the right (polkit, read-only) with "operation denied".
-        if error.get_error_code() in (
-            libvirt.VIR_ERR_INVALID_SECRET,
-            libvirt.VIR_ERR_OPERATION_DENIED,
-        ):
-            raise TpmSecretUnreadableError(
-                f"secret {secret_uuid} is private: libvirt does not reveal its value"
-            ) from None
-        if error.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
-            raise TpmSecretUnreadableError(f"secret {secret_uuid} has no value") from None
-        raise
+        raise TpmSecretUnreadableError(
+            f"secret {secret_uuid} is private: libvirt does not reveal its value"
+        ) from None
+    except SecretNotFoundError:
+        raise TpmSecretUnreadableError(f"secret {secret_uuid} has no value") from None
     return TpmSecret(uuid=secret_uuid, value=SecretBytes(value))

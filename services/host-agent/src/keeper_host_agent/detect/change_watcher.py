@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 from asyncinotify import Inotify, Mask, Watch
 
-from keeper_host_agent.state_tracker import StateTracker
+from keeper_host_agent.detect.state_tracker import StateTracker
 from keeper_shared.messages.types import StateKind
 from keeper_shared.state_format.tpm_archive import ALLOWED_TPM_FILE_NAMES
 

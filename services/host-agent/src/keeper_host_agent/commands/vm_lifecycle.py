@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import grp
-import pwd
-from typing import Any
+from collections.abc import Awaitable
 
-import libvirt
 import structlog
 
-from keeper_host_agent.domain_xml import DomainXmlError, fill_nvram_path, parse_domain
-from keeper_host_agent.hypervisor import HypervisorError, LibvirtHypervisor
+from keeper_host_agent.detect.state_tracker import StateTracker
+from keeper_host_agent.files.owner import resolve_owner
+from keeper_host_agent.files.state_cleanup import wipe_vm_state
+from keeper_host_agent.files.state_writer import UnsafeStateWriteError, write_nvram, write_tpm_state
+from keeper_host_agent.hypervisor.domain_xml import DomainXmlError, fill_nvram_path, parse_domain
+from keeper_host_agent.hypervisor.errors import HypervisorError
+from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_host_agent.settings import HostAgentSettings
-from keeper_host_agent.state_cleanup import wipe_vm_state
-from keeper_host_agent.state_tracker import StateTracker
-from keeper_host_agent.state_writer import UnsafeStateWriteError, write_nvram, write_tpm_state
-from keeper_host_agent.tpm_secrets import (
-    TpmSecretError,
-    define_tpm_secret,
-    read_foreign_secret,
-    remove_tpm_secret,
-)
 from keeper_shared.bus.client import Delivery
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
@@ -35,21 +28,11 @@ from keeper_shared.state_format.tpm_archive import unpack_tpm_state
 log = structlog.get_logger(__name__)
 
 
-def resolve_owner(spec: str | None) -> tuple[int, int] | None:
-    """`user:group` to numeric ids; None keeps the agent's own."""
-    if spec is None:
-        return None
-    user, _, group = spec.partition(":")
-    uid = pwd.getpwnam(user).pw_uid
-    gid = grp.getgrnam(group).gr_gid if group else pwd.getpwnam(user).pw_gid
-    return uid, gid
-
-
 class HostCommands:
-    """Command handlers of one host agent."""
+    """Handlers of the VM commands: fetch, prepare, start, shutdown, power-off, undefine."""
 
     def __init__(
-        self, settings: HostAgentSettings, hypervisor: LibvirtHypervisor, tracker: StateTracker
+        self, settings: HostAgentSettings, hypervisor: Hypervisor, tracker: StateTracker
     ) -> None:
         self._settings = settings
         self._hypervisor = hypervisor
@@ -82,10 +65,8 @@ class HostCommands:
         if secret_uuid is None:
             return None
         try:
-            return await asyncio.to_thread(
-                read_foreign_secret, self._hypervisor.connection, vm_id, secret_uuid
-            )
-        except (TpmSecretError, HypervisorError, libvirt.libvirtError) as error:
+            return await self._hypervisor.read_foreign_secret(vm_id, secret_uuid)
+        except HypervisorError as error:
             log.info("TPM secret not shipped", vm_id=vm_id, reason=str(error))
             return None
 
@@ -105,11 +86,8 @@ class HostCommands:
             if request.tpm_secret is not None:
                 # Before any file: when it fails nothing is written; a secret left behind
                 # by a later failure is defined again (same UUID, same value) next time.
-                defined = await asyncio.to_thread(
-                    define_tpm_secret,
-                    self._hypervisor.connection,
-                    request.vm_id,
-                    request.tpm_secret,
+                defined = await self._hypervisor.define_tpm_secret(
+                    request.vm_id, request.tpm_secret
                 )
                 if not defined:
                     log.info(
@@ -130,14 +108,7 @@ class HostCommands:
             if nvram is not None:
                 await asyncio.to_thread(write_nvram, nvram_path, nvram, self._owner)
                 written[StateKind.NVRAM.value] = request.nvram.content_hash if request.nvram else ""
-        except (
-            BlobFormatError,
-            UnsafeStateWriteError,
-            ValueError,
-            TpmSecretError,
-            HypervisorError,
-            libvirt.libvirtError,
-        ) as error:
+        except (BlobFormatError, UnsafeStateWriteError, ValueError, HypervisorError) as error:
             log.warning("prepare refused", vm_id=request.vm_id, reason=str(error))
             return CommandDone(ok=False, error=str(error))
         log.info("prepared", vm_id=request.vm_id, epoch=request.epoch, written=sorted(written))
@@ -205,14 +176,14 @@ class HostCommands:
         store keeps the value. A failure is logged, not fatal: the domain is gone already,
         and the secret is redefined (same UUID, same value) if the VM comes back."""
         try:
-            removed = await asyncio.to_thread(remove_tpm_secret, self._hypervisor.connection, vm_id)
-        except (HypervisorError, libvirt.libvirtError) as error:
+            removed = await self._hypervisor.remove_tpm_secret(vm_id)
+        except HypervisorError as error:
             log.warning("TPM secret not removed", vm_id=vm_id, reason=str(error))
             return
         if removed:
             log.info("TPM secret removed", vm_id=vm_id)
 
-    async def _run(self, action: str, vm_id: str, operation: Any) -> CommandDone:
+    async def _run(self, action: str, vm_id: str, operation: Awaitable[None]) -> CommandDone:
         try:
             await operation
         except HypervisorError as error:

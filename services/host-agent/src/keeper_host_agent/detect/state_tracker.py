@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from keeper_host_agent.domain_xml import DomainStateLocation
-from keeper_host_agent.state_reader import (
+from keeper_host_agent.detect.state_reader import (
     FileStat,
     StateLocation,
     StateSnapshot,
     read_stable,
     signature_size,
 )
+from keeper_host_agent.hypervisor.domain_xml import DomainStateLocation
 from keeper_shared.messages.host import VmInventoryEntry
 from keeper_shared.messages.state import StateChange
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
@@ -158,9 +158,9 @@ class StateTracker:
                 # Poked while checking, but one read shows exactly the state that was just
                 # found stable: the poke was a later event of the change already read (a
                 # write's MODIFY, then its CLOSE_WRITE), and nothing new is declared
-                # stable, so no second window is needed. A fetch waiting on this check
-                # used to wait that whole window (the latency tail); any change since the
-                # stable read moves the signature or the hash and gets the full check.
+                # stable, so no second window is needed, and a fetch waiting on this check
+                # does not wait one; any change since the stable read moves the signature
+                # or the hash and gets the full check.
                 just_stable = False
                 if not state.poked_during_check:
                     return

@@ -17,7 +17,7 @@ UEFI_FIRMWARE_PATHS = (
 
 async def probe_capabilities(libvirt_version: str, *, tpm_secrets: bool) -> HostCapabilities:
     """swtpm's version (None when absent), libvirt's, the host arch, UEFI firmware, and
-    whether libvirt keeps secrets (``tpm_secrets``, asked of the connection by the caller)."""
+    whether libvirt keeps secrets (``tpm_secrets``, asked of the hypervisor by the caller)."""
     try:
         swtpm: str | None = await swtpm_version()
     except (SwtpmError, FileNotFoundError):

@@ -7,7 +7,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from keeper_host_agent.state_writer import validate_vm_id
+from keeper_host_agent.files.state_writer import validate_vm_id
 
 
 def wipe_vm_state(swtpm_root: Path, vm_id: str, nvram_path: Path | None) -> list[str]:

@@ -10,14 +10,12 @@ one that does not all succeed without doing anything.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from xml.sax.saxutils import escape
+from collections.abc import Awaitable
 
-import libvirt
 import structlog
 
-from keeper_host_agent.hypervisor import HypervisorError
+from keeper_host_agent.hypervisor.errors import HypervisorError
+from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_shared.bus.client import Delivery
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
@@ -31,64 +29,50 @@ from keeper_shared.messages.vm_control import (
 log = structlog.get_logger(__name__)
 
 
-def suspend(connection: libvirt.virConnect, vm_id: str) -> bool:
-    """Pause the domain; False when it was paused already. Blocking."""
-    domain = connection.lookupByUUIDString(vm_id)
-    state, _ = domain.state()
-    if state == libvirt.VIR_DOMAIN_PAUSED:
+async def suspend(hypervisor: Hypervisor, vm_id: str) -> bool:
+    """Pause the domain; False when it was paused already."""
+    if await hypervisor.is_paused(vm_id):
         return False
-    domain.suspend()
+    await hypervisor.suspend(vm_id)
     return True
 
 
-def resume(connection: libvirt.virConnect, vm_id: str) -> bool:
-    """Let a paused domain run; False when it was not paused. Blocking."""
-    domain = connection.lookupByUUIDString(vm_id)
-    state, _ = domain.state()
-    if state != libvirt.VIR_DOMAIN_PAUSED:
+async def resume(hypervisor: Hypervisor, vm_id: str) -> bool:
+    """Let a paused domain run; False when it was not paused."""
+    if not await hypervisor.is_paused(vm_id):
         return False
-    domain.resume()
+    await hypervisor.resume(vm_id)
     return True
 
 
-def take_snapshot(connection: libvirt.virConnect, vm_id: str, name: str, description: str) -> bool:
+async def take_snapshot(hypervisor: Hypervisor, vm_id: str, name: str, description: str) -> bool:
     """Snapshot the domain as it is (memory included when active); False when a snapshot of
-    that name exists. Blocking."""
-    domain = connection.lookupByUUIDString(vm_id)
-    if name in domain.snapshotListNames():
+    that name exists."""
+    if name in await hypervisor.snapshot_names(vm_id):
         return False
-    xml = (
-        f"<domainsnapshot><name>{escape(name)}</name>"
-        f"<description>{escape(description)}</description></domainsnapshot>"
-    )
-    domain.snapshotCreateXML(xml, 0)
+    await hypervisor.create_snapshot(vm_id, name, description)
     return True
 
 
-def delete_snapshot(connection: libvirt.virConnect, vm_id: str, name: str) -> bool:
-    """Delete the named snapshot; False when there is none. Blocking."""
-    domain = connection.lookupByUUIDString(vm_id)
-    if name not in domain.snapshotListNames():
+async def delete_snapshot(hypervisor: Hypervisor, vm_id: str, name: str) -> bool:
+    """Delete the named snapshot; False when there is none."""
+    if name not in await hypervisor.snapshot_names(vm_id):
         return False
-    domain.snapshotLookupByName(name).delete(0)
+    await hypervisor.delete_snapshot(vm_id, name)
     return True
 
 
 class SnapshotCommands:
     """Handlers of ``vm.suspend``, ``vm.resume``, ``vm.snapshot-domain`` and
-    ``vm.snapshot-domain-delete``; ``connection`` returns the agent's live libvirt
-    connection (it changes after a reconnect)."""
+    ``vm.snapshot-domain-delete``."""
 
-    def __init__(self, connection: Callable[[], libvirt.virConnect]) -> None:
-        self._connection = connection
+    def __init__(self, hypervisor: Hypervisor) -> None:
+        self._hypervisor = hypervisor
 
-    async def _run(
-        self, action: str, vm_id: str, call: Callable[[libvirt.virConnect], bool]
-    ) -> CommandDone:
+    async def _run(self, action: str, vm_id: str, call: Awaitable[bool]) -> CommandDone:
         try:
-            connection = self._connection()
-            changed = await asyncio.to_thread(call, connection)
-        except (libvirt.libvirtError, HypervisorError) as error:
+            changed = await call
+        except HypervisorError as error:
             log.warning(f"{action} failed", vm_id=vm_id, reason=str(error))
             return CommandDone(ok=False, error=str(error))
         log.info(f"{action} done", vm_id=vm_id, changed=changed)
@@ -97,12 +81,12 @@ class SnapshotCommands:
     async def suspend(self, envelope: Envelope[SuspendVm], _delivery: Delivery) -> CommandDone:
         """Pause the domain."""
         vm_id = envelope.data.vm_id
-        return await self._run("suspend", vm_id, lambda c: suspend(c, vm_id))
+        return await self._run("suspend", vm_id, suspend(self._hypervisor, vm_id))
 
     async def resume(self, envelope: Envelope[ResumeVm], _delivery: Delivery) -> CommandDone:
         """Resume the domain."""
         vm_id = envelope.data.vm_id
-        return await self._run("resume", vm_id, lambda c: resume(c, vm_id))
+        return await self._run("resume", vm_id, resume(self._hypervisor, vm_id))
 
     async def snapshot(
         self, envelope: Envelope[SnapshotDomain], _delivery: Delivery
@@ -112,7 +96,9 @@ class SnapshotCommands:
         return await self._run(
             "domain snapshot",
             request.vm_id,
-            lambda c: take_snapshot(c, request.vm_id, request.snapshot_id, request.description),
+            take_snapshot(
+                self._hypervisor, request.vm_id, request.snapshot_id, request.description
+            ),
         )
 
     async def delete_snapshot(
@@ -123,5 +109,5 @@ class SnapshotCommands:
         return await self._run(
             "domain snapshot delete",
             request.vm_id,
-            lambda c: delete_snapshot(c, request.vm_id, request.snapshot_id),
+            delete_snapshot(self._hypervisor, request.vm_id, request.snapshot_id),
         )

@@ -10,14 +10,13 @@ and persistent definition) and the domain is re-read, which re-announces its sta
 
 from __future__ import annotations
 
-import asyncio
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 
-import libvirt
 import structlog
 
-from keeper_host_agent.hypervisor import HypervisorError
+from keeper_host_agent.hypervisor.errors import HypervisorError
+from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_shared.bus.client import Delivery
 from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
 from keeper_shared.messages.commands import CommandDone
@@ -26,7 +25,7 @@ from keeper_shared.messages.vm_control import SetPlacementEpoch
 
 log = structlog.get_logger(__name__)
 
-METADATA_KEY = "keeper"
+METADATA_PREFIX = "keeper"
 """The namespace prefix libvirt writes for our `<metadata>` element."""
 
 
@@ -34,57 +33,36 @@ class EpochRefusedError(ValueError):
     """The domain already runs under a newer epoch than the one asked for."""
 
 
-def current_epoch(domain: libvirt.virDomain) -> int:
-    """The placement epoch in the domain's metadata; 0 when it has none."""
-    try:
-        text = domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, PLACEMENT_NAMESPACE, 0)
-    except libvirt.libvirtError as error:
-        if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-            return 0
-        raise
-    element = ET.fromstring(text)  # noqa: S314 - libvirt's own serialisation of our element
+def epoch_in(metadata: str | None) -> int:
+    """The placement epoch in the domain's `<placement>` metadata element; 0 without one."""
+    if metadata is None:
+        return 0
+    element = ET.fromstring(metadata)  # noqa: S314 - libvirt's own serialisation of our element
     try:
         return max(0, int(element.get("epoch", "0")))
     except ValueError:
         return 0
 
 
-def set_placement_epoch(connection: libvirt.virConnect, vm_id: str, epoch: int) -> int:
-    """Write ``epoch`` into the domain's metadata (live and persistent); returns the epoch it
-    had. Blocking: run it in a worker thread. Never lowers the epoch."""
-    domain = connection.lookupByUUIDString(vm_id)
-    previous = current_epoch(domain)
+async def set_placement_epoch(hypervisor: Hypervisor, vm_id: str, epoch: int) -> int:
+    """Write ``epoch`` into the domain's metadata; returns the epoch it had. Never lowers
+    the epoch."""
+    previous = epoch_in(await hypervisor.metadata(vm_id, PLACEMENT_NAMESPACE))
     if previous > epoch:
         raise EpochRefusedError(f"domain runs under epoch {previous}, newer than {epoch}")
-    if previous == epoch:
-        return previous
-    flags = 0
-    if domain.isActive():
-        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
-    if domain.isPersistent():
-        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
-    domain.setMetadata(
-        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-        f"<placement epoch='{epoch}'/>",
-        METADATA_KEY,
-        PLACEMENT_NAMESPACE,
-        flags,
-    )
+    if previous < epoch:
+        await hypervisor.set_metadata(
+            vm_id, PLACEMENT_NAMESPACE, METADATA_PREFIX, f"<placement epoch='{epoch}'/>"
+        )
     return previous
 
 
 class PlacementCommands:
-    """Handler of ``vm.set-epoch``.
+    """Handler of ``vm.set-epoch``; ``refresh`` re-reads one domain into the agent's
+    tracker."""
 
-    ``connection`` returns the agent's live libvirt connection (it changes after a
-    reconnect); ``refresh`` re-reads one domain into the agent's tracker."""
-
-    def __init__(
-        self,
-        connection: Callable[[], libvirt.virConnect],
-        refresh: Callable[[str], Awaitable[None]],
-    ) -> None:
-        self._connection = connection
+    def __init__(self, hypervisor: Hypervisor, refresh: Callable[[str], Awaitable[None]]) -> None:
+        self._hypervisor = hypervisor
         self._refresh = refresh
 
     async def set_epoch(
@@ -93,11 +71,8 @@ class PlacementCommands:
         """Take the new epoch; the state is re-announced under it."""
         request = envelope.data
         try:
-            connection = self._connection()
-            previous = await asyncio.to_thread(
-                set_placement_epoch, connection, request.vm_id, request.epoch
-            )
-        except (libvirt.libvirtError, HypervisorError, EpochRefusedError) as error:
+            previous = await set_placement_epoch(self._hypervisor, request.vm_id, request.epoch)
+        except (HypervisorError, EpochRefusedError) as error:
             log.warning(
                 "epoch not taken", vm_id=request.vm_id, epoch=request.epoch, reason=str(error)
             )

@@ -1,8 +1,7 @@
-"""The agent's only door to libvirt: lifecycle events bridged into asyncio, and operations.
+"""A libvirt connection kept open, with its lifecycle events bridged into asyncio.
 
 libvirt delivers events from its own event loop, which must run in a thread of ours; each
-event is handed to the asyncio loop with ``call_soon_threadsafe``. Blocking libvirt calls run
-in worker threads (a libvirt connection is thread-safe) so the asyncio loop never stalls.
+event is handed to the asyncio loop with ``call_soon_threadsafe``.
 
 A connection to a daemon (``qemu:///system``) dies when libvirtd restarts. libvirt says so
 through the connection's close callback; the agent then reconnects with a growing backoff,
@@ -15,19 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import libvirt
 import structlog
 
+from keeper_host_agent.hypervisor.errors import HypervisorError
+from keeper_host_agent.hypervisor.libvirt_errors import translated
+from keeper_host_agent.hypervisor.port import LifecycleEvent
 from keeper_shared.messages.vm import StopReason
 
 log = structlog.get_logger(__name__)
-
-_T = TypeVar("_T")
 
 _CLOSE_REASONS = {
     libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
@@ -57,32 +55,7 @@ _EVENT_NAMES = {
 }
 
 
-class HypervisorError(RuntimeError):
-    """A libvirt operation failed; the message is libvirt's (it never holds state bytes)."""
-
-
-@dataclass(frozen=True)
-class LifecycleEvent:
-    """One libvirt lifecycle event, reduced to what the agent acts on."""
-
-    vm_id: str
-    name: str
-    event: str
-    """defined, undefined, started, suspended, resumed or stopped."""
-    stop_reason: StopReason | None
-
-
-@dataclass(frozen=True)
-class DomainSnapshot:
-    """A domain's XML and whether it runs, read in one go."""
-
-    vm_id: str
-    name: str
-    xml: str
-    active: bool
-
-
-class LibvirtHypervisor:
+class LibvirtConnection:
     """One libvirt connection with its event thread; reconnects when the daemon goes away."""
 
     def __init__(
@@ -146,7 +119,7 @@ class LibvirtHypervisor:
         try:
             connection = libvirt.open(self._uri)
         except libvirt.libvirtError as error:
-            raise HypervisorError(f"cannot connect to {self._uri}: {error}") from None
+            raise translated(error, f"cannot connect to {self._uri}") from None
         self._generation += 1
         try:
             # Drivers without a daemon (test:///) accept the close callback and never call
@@ -160,7 +133,7 @@ class LibvirtHypervisor:
             )
         except libvirt.libvirtError as error:
             self._release(connection)
-            raise HypervisorError(f"cannot watch {self._uri}: {error}") from None
+            raise translated(error, f"cannot watch {self._uri}") from None
         return connection
 
     def _lifecycle(
@@ -266,132 +239,8 @@ class LibvirtHypervisor:
         if self._event_thread is not None:
             self._event_thread.join(timeout=2)
 
-    @property
-    def connection(self) -> libvirt.virConnect:
-        """The live libvirt connection, for command modules that need more than the
-        operations below (raises while disconnected)."""
-        return self._conn
-
-    @property
-    def _conn(self) -> libvirt.virConnect:
+    def _live(self) -> libvirt.virConnect:
+        """The open connection; raises while there is none (lost, not yet re-established)."""
         if self._connection is None:
             raise HypervisorError("not connected to libvirt")
         return self._connection
-
-    async def list_domains(self) -> list[DomainSnapshot]:
-        """Every domain (running or not) with its XML."""
-
-        def read() -> list[DomainSnapshot]:
-            return [
-                DomainSnapshot(
-                    vm_id=domain.UUIDString().lower(),
-                    name=domain.name(),
-                    xml=domain.XMLDesc(0),
-                    active=bool(domain.isActive()),
-                )
-                for domain in self._conn.listAllDomains(0)
-            ]
-
-        return await self._call(read)
-
-    async def domain(self, vm_id: str) -> DomainSnapshot | None:
-        """One domain, or None when this host does not have it."""
-
-        def read() -> DomainSnapshot | None:
-            try:
-                domain = self._conn.lookupByUUIDString(vm_id)
-            except libvirt.libvirtError as error:
-                if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return None
-                raise
-            return DomainSnapshot(vm_id, domain.name(), domain.XMLDesc(0), bool(domain.isActive()))
-
-        return await self._call(read)
-
-    async def define_and_start(self, xml: str) -> None:
-        """Define (or redefine) the domain from ``xml`` and start it."""
-
-        def run() -> None:
-            self._conn.defineXML(xml).create()
-
-        await self._call(run)
-
-    async def shutdown(self, vm_id: str, timeout_s: float) -> None:
-        """Ask the guest to shut down and wait until the domain is off."""
-
-        def run() -> None:
-            domain = self._conn.lookupByUUIDString(vm_id)
-            if domain.isActive():
-                domain.shutdown()
-            deadline = time.monotonic() + timeout_s
-            while domain.isActive():
-                if time.monotonic() > deadline:
-                    raise HypervisorError(f"guest did not shut down within {timeout_s:.0f} s")
-                time.sleep(0.1)
-
-        await self._call(run)
-
-    async def power_off(self, vm_id: str) -> None:
-        """Stop the domain at once (libvirt's ``destroy``)."""
-
-        def run() -> None:
-            domain = self._conn.lookupByUUIDString(vm_id)
-            if domain.isActive():
-                domain.destroy()
-
-        await self._call(run)
-
-    async def undefine(self, vm_id: str, *, keep_state: bool) -> None:
-        """Remove the domain; libvirt also removes its TPM and NVRAM unless told to keep them.
-
-        Drivers that keep no such state (``test:///``) refuse the flags; the plain undefine
-        is then the same thing, and the caller wipes any local files itself.
-        """
-
-        def run() -> None:
-            domain = self._conn.lookupByUUIDString(vm_id)
-            # Snapshot metadata would make libvirt refuse to undefine; the snapshots the
-            # keeper took are pinned in the store, not in libvirt.
-            always = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            if keep_state:
-                flags = (
-                    libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_TPM
-                )
-            else:
-                flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_TPM
-            try:
-                domain.undefineFlags(flags | always)
-            except libvirt.libvirtError as error:
-                if error.get_error_code() not in (
-                    libvirt.VIR_ERR_INVALID_ARG,
-                    libvirt.VIR_ERR_NO_SUPPORT,
-                ):
-                    raise
-                domain.undefineFlags(always)
-
-        await self._call(run)
-
-    async def keeps_secrets(self) -> bool:
-        """Whether this libvirt keeps secrets (has a secret driver; ``test:///`` has none)."""
-
-        def probe() -> bool:
-            try:
-                self._conn.listAllSecrets(0)
-            except libvirt.libvirtError as error:
-                if error.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
-                    return False
-                raise
-            return True
-
-        return await self._call(probe)
-
-    async def library_version(self) -> str:
-        """libvirt's version as `major.minor.micro`."""
-        number = await asyncio.to_thread(libvirt.getVersion)
-        return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
-
-    async def _call(self, function: Callable[[], _T]) -> _T:
-        try:
-            return await asyncio.to_thread(function)
-        except libvirt.libvirtError as error:
-            raise HypervisorError(str(error)) from None

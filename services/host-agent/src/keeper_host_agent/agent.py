@@ -1,0 +1,215 @@
+"""One host agent: its hypervisor, the state tracker and watcher, its command handlers, the
+heartbeat, and what it does on each libvirt lifecycle event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+from keeper_host_agent.commands.placement import PlacementCommands
+from keeper_host_agent.commands.snapshots import SnapshotCommands
+from keeper_host_agent.commands.vm_lifecycle import HostCommands
+from keeper_host_agent.detect.announcer import ChangeAnnouncer
+from keeper_host_agent.detect.change_watcher import ChangeWatcher
+from keeper_host_agent.detect.state_tracker import StateTracker
+from keeper_host_agent.hypervisor.domain_xml import (
+    DomainStateLocation,
+    DomainXmlError,
+    parse_domain,
+)
+from keeper_host_agent.hypervisor.errors import HypervisorError, TpmSecretUnreadableError
+from keeper_host_agent.hypervisor.libvirt_adapter import LibvirtHypervisor
+from keeper_host_agent.hypervisor.port import Hypervisor, LifecycleEvent
+from keeper_host_agent.settings import HostAgentSettings
+from keeper_shared.bus.client import BusClient, Route
+from keeper_shared.messages.envelope import Payload
+from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
+from keeper_shared.messages.state import FetchState, StateChanged
+from keeper_shared.messages.tpm import TpmStateStranded
+from keeper_shared.messages.vm import (
+    PowerOffVm,
+    PrepareVm,
+    ShutdownVm,
+    StartVm,
+    StopReason,
+    UndefineVm,
+    VmDefined,
+    VmResumed,
+    VmStarted,
+    VmStopped,
+    VmSuspended,
+    VmUndefined,
+)
+from keeper_shared.messages.vm_control import (
+    DeleteDomainSnapshot,
+    ResumeVm,
+    SetPlacementEpoch,
+    SnapshotDomain,
+    SuspendVm,
+)
+from keeper_shared.observability import metrics
+
+log = structlog.get_logger(__name__)
+
+
+class HostAgent:
+    """One host agent: owns its hypervisor connection, its tracker and its bus client."""
+
+    def __init__(self, settings: HostAgentSettings, bus: BusClient) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.hypervisor: Hypervisor = LibvirtHypervisor(settings.libvirt_uri)
+        self.announcer = ChangeAnnouncer(settings.host_id, self._publish_changes)
+        self.tracker = StateTracker(
+            window_s=settings.stability_window_s, announce=self.announcer.announce
+        )
+        self.watcher = ChangeWatcher(self.tracker, rescan_interval_s=settings.rescan_interval_s)
+        self.commands = HostCommands(settings, self.hypervisor, self.tracker)
+        self.placement = PlacementCommands(self.hypervisor, self.refresh_domain)
+        self.snapshots = SnapshotCommands(self.hypervisor)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._secret_checked: dict[str, str] = {}
+        """VM id -> the TPM secret already checked for it."""
+
+    async def _publish_changes(self, event: StateChanged) -> None:
+        await self.bus.publish_event(event, subject=event.host)
+        for change in event.changes:
+            metrics.STATE_CHANGES_PUBLISHED.labels(kind=change.kind.value).inc()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("lifecycle handling failed", exc_info=task.exception())
+
+    async def refresh_domain(self, vm_id: str) -> None:
+        """Re-read one domain from libvirt and track or untrack it."""
+        snapshot = await self.hypervisor.domain(vm_id)
+        if snapshot is None:
+            self.tracker.untrack(vm_id)
+            self._secret_checked.pop(vm_id, None)
+        else:
+            try:
+                location = parse_domain(
+                    snapshot.xml,
+                    swtpm_root=self.settings.swtpm_root,
+                    nvram_dir=self.settings.nvram_dir,
+                )
+            except DomainXmlError as error:
+                log.warning("domain ignored", vm_id=vm_id, reason=str(error))
+                location = None
+            if location is None:
+                self.tracker.untrack(vm_id)
+            else:
+                self.tracker.track(location)
+                self._check_tpm_secret(location)
+        self.watcher.sync_watches()
+
+    def _check_tpm_secret(self, location: DomainStateLocation) -> None:
+        """Once per domain and secret: say so when the TPM state is encrypted with a secret
+        this host cannot read, since that state cannot be used anywhere else."""
+        if location.tpm_secret_uuid is None:
+            return
+        if self._secret_checked.get(location.vm_id) != location.tpm_secret_uuid:
+            self._secret_checked[location.vm_id] = location.tpm_secret_uuid
+            self._spawn(self._report_unreadable_secret(location.vm_id, location.tpm_secret_uuid))
+
+    async def _report_unreadable_secret(self, vm_id: str, secret_uuid: str) -> None:
+        try:
+            await self.hypervisor.read_foreign_secret(vm_id, secret_uuid)
+            return
+        except TpmSecretUnreadableError as error:
+            reason = str(error)
+        except HypervisorError as error:
+            # Not known either way (libvirt away): ask again when the domain is next read.
+            self._secret_checked.pop(vm_id, None)
+            log.warning("TPM secret not checked", vm_id=vm_id, reason=str(error))
+            return
+        log.warning(
+            "TPM state cannot be moved: its secret is unreadable",
+            vm_id=vm_id,
+            tpm_secret_id=secret_uuid,
+            reason=reason,
+        )
+        await self.bus.publish_event(
+            TpmStateStranded(
+                vm_id=vm_id, host=self.settings.host_id, secret_uuid=secret_uuid, reason=reason
+            ),
+            subject=vm_id,
+        )
+
+    async def rebuild_view(self) -> None:
+        """Track every TPM/UEFI domain libvirt knows and forget those it no longer has; the
+        state of each is read and re-announced when it changed. Runs at start-up and after
+        each reconnect to libvirt (events that happened in between were never delivered)."""
+        domains = await self.hypervisor.list_domains()
+        listed = {snapshot.vm_id for snapshot in domains}
+        for vm_id in set(self.tracker.vms) - listed:
+            self.tracker.untrack(vm_id)
+        for snapshot in domains:
+            await self.refresh_domain(snapshot.vm_id)
+        self.watcher.sync_watches()
+        log.info("view rebuilt", vms=len(self.tracker.vms), domains=len(domains))
+
+    def on_lifecycle(self, event: LifecycleEvent) -> None:
+        """Called on the asyncio loop for each libvirt event."""
+        self._spawn(self._handle_lifecycle(event))
+
+    async def _handle_lifecycle(self, event: LifecycleEvent) -> None:
+        common = {"vm_id": event.vm_id, "host": self.settings.host_id, "name": event.name}
+        fact: Payload
+        if event.event == "stopped":
+            fact = VmStopped(**common, reason=event.stop_reason or StopReason.UNKNOWN)
+        else:
+            fact = {
+                "defined": VmDefined,
+                "undefined": VmUndefined,
+                "started": VmStarted,
+                "suspended": VmSuspended,
+                "resumed": VmResumed,
+            }[event.event](**common)
+        try:
+            await self.refresh_domain(event.vm_id)
+        except HypervisorError as error:
+            log.warning("domain refresh failed", vm_id=event.vm_id, reason=str(error))
+        log.info("lifecycle", vm_id=event.vm_id, lifecycle=event.event, reason=event.stop_reason)
+        await self.bus.publish_event(fact, subject=event.vm_id)
+
+    async def heartbeat_forever(self, capabilities: HostCapabilities) -> None:
+        """Send a heartbeat with the inventory every interval, until cancelled."""
+        while True:
+            beat = HostHeartbeat(
+                host=self.settings.host_id,
+                interval_s=self.settings.heartbeat_interval_s,
+                cluster=self.settings.cluster,
+                capabilities=capabilities,
+                vms=self.tracker.inventory(),
+            )
+            try:
+                await self.bus.publish_event(beat, subject=self.settings.host_id)
+            except Exception as error:  # the broker may be restarting; the next beat retries
+                log.warning("heartbeat not sent", reason=type(error).__name__)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    def routes(self) -> list[Route]:
+        """Which command goes to which handler."""
+        return [
+            Route(FetchState, self.commands.fetch),
+            Route(PrepareVm, self.commands.prepare),
+            Route(StartVm, self.commands.start),
+            Route(ShutdownVm, self.commands.shutdown),
+            Route(PowerOffVm, self.commands.power_off),
+            Route(UndefineVm, self.commands.undefine),
+            Route(SetPlacementEpoch, self.placement.set_epoch),
+            Route(SuspendVm, self.snapshots.suspend),
+            Route(ResumeVm, self.snapshots.resume),
+            Route(SnapshotDomain, self.snapshots.snapshot),
+            Route(DeleteDomainSnapshot, self.snapshots.delete_snapshot),
+        ]

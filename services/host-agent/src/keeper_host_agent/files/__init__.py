@@ -1,0 +1,1 @@
+"""Writing and removing TPM and NVRAM state files on this host, safely."""

@@ -1,0 +1,1 @@
+"""libvirt behind one narrow interface: the protocol, its adapter, domain XML, TPM secrets."""

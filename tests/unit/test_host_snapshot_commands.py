@@ -1,0 +1,89 @@
+"""The host agent's snapshot commands on an in-memory hypervisor: each does its thing once
+and a repeat (a policy replica resuming a workflow) succeeds without doing it again; a
+domain this host does not have is a refusal, not an exception."""
+
+from __future__ import annotations
+
+import uuid
+
+from fake_hypervisor import FakeDomain, FakeHypervisor
+from keeper_host_agent.commands.snapshots import SnapshotCommands
+from keeper_host_agent.hypervisor.port import Hypervisor
+from keeper_shared.bus.client import Delivery
+from keeper_shared.messages.envelope import Envelope, P, new_envelope
+from keeper_shared.messages.vm_control import (
+    DeleteDomainSnapshot,
+    ResumeVm,
+    SnapshotDomain,
+    SuspendVm,
+)
+
+DELIVERY = Delivery(user_id=None, redelivered=False, reply_to=None, correlation_id=None)
+SNAPSHOT = "keeper-snap-1"
+
+
+def envelope(payload: P) -> Envelope[P]:
+    return new_envelope(payload, source="t", subject="vm")
+
+
+def running_vm() -> tuple[str, FakeHypervisor]:
+    vm_id = str(uuid.uuid4())
+    return vm_id, FakeHypervisor(FakeDomain(vm_id, "vm", active=True))
+
+
+async def test_a_running_domain_is_paused_snapshotted_and_resumed_once_each() -> None:
+    vm_id, fake = running_vm()
+    hypervisor: Hypervisor = fake
+    commands = SnapshotCommands(hypervisor)
+    snapshot = SnapshotDomain(vm_id=vm_id, snapshot_id=SNAPSHOT, description="pinned v3")
+
+    paused = await commands.suspend(envelope(SuspendVm(vm_id=vm_id)), DELIVERY)
+    taken = await commands.snapshot(envelope(snapshot), DELIVERY)
+    resumed = await commands.resume(envelope(ResumeVm(vm_id=vm_id)), DELIVERY)
+
+    assert [paused.ok, taken.ok, resumed.ok] == [True, True, True]
+    assert [done.detail for done in (paused, taken, resumed)] == [{"changed": "true"}] * 3
+    domain = fake.domains[vm_id]
+    assert domain.snapshots == [SNAPSHOT]
+    assert not domain.paused
+    assert domain.active
+
+
+async def test_each_repeat_succeeds_without_doing_anything() -> None:
+    vm_id, fake = running_vm()
+    commands = SnapshotCommands(fake)
+    snapshot = SnapshotDomain(vm_id=vm_id, snapshot_id=SNAPSHOT)
+    delete = DeleteDomainSnapshot(vm_id=vm_id, snapshot_id=SNAPSHOT)
+
+    await commands.suspend(envelope(SuspendVm(vm_id=vm_id)), DELIVERY)
+    await commands.snapshot(envelope(snapshot), DELIVERY)
+    repeats = [
+        await commands.suspend(envelope(SuspendVm(vm_id=vm_id)), DELIVERY),
+        await commands.snapshot(envelope(snapshot), DELIVERY),
+    ]
+    await commands.resume(envelope(ResumeVm(vm_id=vm_id)), DELIVERY)
+    await commands.delete_snapshot(envelope(delete), DELIVERY)
+    repeats += [
+        await commands.resume(envelope(ResumeVm(vm_id=vm_id)), DELIVERY),
+        await commands.delete_snapshot(envelope(delete), DELIVERY),
+    ]
+
+    assert all(done.ok for done in repeats)
+    assert [done.detail for done in repeats] == [{"changed": "false"}] * 4
+    acted = [operation for operation, _ in fake.calls]
+    for operation in ("suspend", "create_snapshot", "resume", "delete_snapshot"):
+        assert acted.count(operation) == 1, operation
+    assert fake.domains[vm_id].snapshots == []
+
+
+async def test_a_domain_this_host_does_not_have_is_refused() -> None:
+    commands = SnapshotCommands(FakeHypervisor())
+    missing = str(uuid.uuid4())
+
+    done = await commands.snapshot(
+        envelope(SnapshotDomain(vm_id=missing, snapshot_id=SNAPSHOT)), DELIVERY
+    )
+
+    assert not done.ok
+    assert done.error is not None
+    assert missing in done.error
