@@ -46,9 +46,14 @@ from keeper_state_store.crypto.encryption import (
     encrypt_blob,
 )
 from keeper_state_store.crypto.key_ring import KeyRing
-from keeper_state_store.durability import VolatileRedisError, ensure_durable
-from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome, WriteResult
+from keeper_state_store.storage.durability import VolatileRedisError, ensure_durable
 from keeper_state_store.storage.replication import NO_REPLICAS, run_replicated
+from keeper_state_store.storage.repository import (
+    StateRepository,
+    VersionWrite,
+    WriteOutcome,
+    WriteResult,
+)
 
 pytestmark = pytest.mark.redis
 

@@ -3,7 +3,7 @@
 A ``state.changed`` event is acknowledged only after the durable write (or after deciding
 there is nothing to write), so a replica killed mid-way means redelivery to another one, and
 the fenced write makes the second attempt a no-op when the first had landed. Pulls for one
-host are coalesced into batched fetches (see pull_batcher).
+host are coalesced into batched fetches (see handlers.pull_batcher).
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.observability import metrics
 from keeper_shared.state_format.compression import BlobFormatError
 from keeper_state_store.crypto.encryption import DecryptionError
-from keeper_state_store.fetched_writer import FetchedStateWriter
-from keeper_state_store.pull_batcher import PullBatcher
-from keeper_state_store.repository import StateRepository
-from keeper_state_store.restore_plan import RestoreRefusedError, plan_restore
+from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.crypto.vault import BlobVault, VersionNotKeptError
+from keeper_state_store.handlers.fetched_writer import FetchedStateWriter
+from keeper_state_store.handlers.pull_batcher import PullBatcher
 from keeper_state_store.settings import StateStoreSettings
-from keeper_state_store.snapshot_store import SnapshotStore
-from keeper_state_store.tpm_secrets import TpmSecretVault
-from keeper_state_store.vault import BlobVault, VersionNotKeptError
+from keeper_state_store.storage.repository import StateRepository
+from keeper_state_store.storage.snapshots import SnapshotStore
+from keeper_state_store.transfer.restore_plan import RestoreRefusedError, plan_restore
 
 log = structlog.get_logger(__name__)
 

@@ -22,9 +22,14 @@ from keeper_shared.observability import metrics
 from keeper_shared.runtime.cpu_work import run_sized
 from keeper_shared.state_format.blobs import open_blob
 from keeper_shared.state_format.compression import BlobFormatError
-from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome, WriteResult
-from keeper_state_store.tpm_secrets import TpmSecretVault
-from keeper_state_store.vault import BlobVault
+from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.crypto.vault import BlobVault
+from keeper_state_store.storage.repository import (
+    StateRepository,
+    VersionWrite,
+    WriteOutcome,
+    WriteResult,
+)
 
 log = structlog.get_logger(__name__)
 

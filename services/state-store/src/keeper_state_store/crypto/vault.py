@@ -16,7 +16,7 @@ from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 from keeper_shared.runtime.cpu_work import run_sized
 from keeper_shared.state_format.blobs import open_blob
 from keeper_state_store.crypto.encryption import blob_associated_data, decrypt_blob, encrypt_blob
-from keeper_state_store.repository import StateRepository, VersionRecord
+from keeper_state_store.storage.repository import StateRepository, VersionRecord
 
 
 class VersionNotKeptError(LookupError):

@@ -33,14 +33,15 @@ from keeper_shared.messages.transfer import (
 from keeper_shared.messages.types import StateBlob, StateKind
 from keeper_shared.state_format.compression import BlobFormatError
 from keeper_state_store.crypto.encryption import DecryptionError
-from keeper_state_store.repository import (
+from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.crypto.vault import BlobVault, VersionNotKeptError
+from keeper_state_store.storage.repository import (
     INITIAL_TOKEN,
     InitialOutcome,
     InitialVersion,
     StateRepository,
     VersionRecord,
 )
-from keeper_state_store.tpm_secrets import TpmSecretVault
 from keeper_state_store.transfer.bundle import (
     Bundle,
     BundleEntry,
@@ -48,7 +49,6 @@ from keeper_state_store.transfer.bundle import (
     read_bundle,
     write_bundle,
 )
-from keeper_state_store.vault import BlobVault, VersionNotKeptError
 
 log = structlog.get_logger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every write goes through one Lua script so the fencing check, the version record, the head
 and the history trim land together or not at all. Redis only ever sees ciphertext.
-A version a snapshot pins is also kept in the pinned hashes (see snapshot_store), so reads
+A version a snapshot pins is also kept in the pinned hashes (see storage.snapshots), so reads
 look there when the history has moved on.
 """
 

@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 
 from keeper_shared.bus.client import BusClient
 from keeper_state_store.crypto.key_ring import KeyRing
-from keeper_state_store.key_rotation import rotate_data_keys
-from keeper_state_store.scrubber import Scrubber
+from keeper_state_store.crypto.key_rotation import rotate_data_keys
+from keeper_state_store.scrub.scrubber import Scrubber
 from keeper_state_store.settings import StateStoreSettings
 
 log = structlog.get_logger(__name__)

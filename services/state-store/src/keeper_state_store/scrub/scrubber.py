@@ -67,15 +67,15 @@ from keeper_state_store.crypto.encryption import (
     decrypt_blob,
 )
 from keeper_state_store.crypto.key_ring import KeyRing, UnknownKeyError
-from keeper_state_store.scrub_flags import ScrubFlag
-from keeper_state_store.storage.version_meta import VersionMetaError, unpack_version_meta
-from keeper_state_store.tpm_probe import (
+from keeper_state_store.crypto.tpm_secrets import open_tpm_secret
+from keeper_state_store.scrub.flags import ScrubFlag
+from keeper_state_store.scrub.tpm_probe import (
     ek_readable,
     probe_tpm_state,
     reap_stale_probes,
     swtpm_available,
 )
-from keeper_state_store.tpm_secrets import open_tpm_secret
+from keeper_state_store.storage.version_meta import VersionMetaError, unpack_version_meta
 
 log = structlog.get_logger(__name__)
 
