@@ -31,16 +31,20 @@ from keeper_shared.messages.transfer import (
     StateExported,
 )
 from keeper_shared.messages.types import StateBlob, StateKind
-from keeper_shared.state_format.compression import BlobFormatError
 from keeper_state_store.crypto.encryption import DecryptionError
+from keeper_state_store.crypto.sealing import BlobSealer
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
-from keeper_state_store.crypto.vault import BlobVault, VersionNotKeptError
 from keeper_state_store.storage.repository import (
     INITIAL_TOKEN,
     InitialOutcome,
     InitialVersion,
     StateRepository,
     VersionRecord,
+)
+from keeper_state_store.storage.version_reader import (
+    VersionNotKeptError,
+    VersionReader,
+    VersionUnreadableError,
 )
 from keeper_state_store.transfer.bundle import (
     Bundle,
@@ -52,7 +56,7 @@ from keeper_state_store.transfer.bundle import (
 
 log = structlog.get_logger(__name__)
 
-_UNREADABLE = (VersionNotKeptError, DecryptionError, BlobFormatError)
+_UNREADABLE = (VersionNotKeptError, VersionUnreadableError, DecryptionError)
 
 
 class TransferService:
@@ -60,7 +64,8 @@ class TransferService:
 
     def __init__(self, repository: StateRepository) -> None:
         self._repository = repository
-        self._vault = BlobVault(repository)
+        self._reader = VersionReader(repository.redis, repository.keys)
+        self._sealer = BlobSealer(repository)
         self._secrets = TpmSecretVault(repository)
 
     def command_routes(self) -> list[Route]:
@@ -171,7 +176,8 @@ class TransferService:
         for kind in kinds:
             head = await self._repository.head_version(vm_id, kind)
             if head is not None:
-                found[kind] = await self._vault.open_version(vm_id, kind, head)
+                verified = await self._reader.read(vm_id, kind, head)
+                found[kind] = (verified.record, verified.blob)
         return found
 
     async def _store_initial(
@@ -184,7 +190,7 @@ class TransferService:
             versions[kind] = InitialVersion(
                 content_hash=blob.content_hash,
                 size=blob.size,
-                sealed=await self._vault.seal(target, rebound),
+                sealed=await self._sealer.seal(target, rebound),
             )
         outcome = await self._repository.write_initial(
             target, versions, origin=origin, source_vm_id=source
