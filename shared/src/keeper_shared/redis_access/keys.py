@@ -40,7 +40,7 @@ def state_blobs_key(vm_id: str, kind: StateKind) -> str:
 
 
 def state_meta_key(vm_id: str, kind: StateKind) -> str:
-    """Hash: version number -> JSON metadata (hash, size, token, host, time)."""
+    """Hash: version number -> packed metadata (hash, size, token, host, time, origin)."""
     return f"{PREFIX}:{{{vm_id}}}:{kind.value}:meta"
 
 
@@ -63,7 +63,7 @@ def state_pinned_blobs_key(vm_id: str, kind: StateKind) -> str:
 
 
 def state_pinned_meta_key(vm_id: str, kind: StateKind) -> str:
-    """Hash: version number -> JSON metadata of a pinned version (as in the meta hash)."""
+    """Hash: version number -> metadata of a pinned version (as in the meta hash)."""
     return f"{PREFIX}:{{{vm_id}}}:{kind.value}:pinned-meta"
 
 

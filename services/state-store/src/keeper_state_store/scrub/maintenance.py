@@ -1,4 +1,4 @@
-"""The store replica's background work: the scrubber and, at start, KEK rotation.
+"""The store replica's background tasks: the scrubber and, at start, KEK rotation.
 
 Neither blocks the replica: both run as tasks beside the consumers, and both stop when
 the replica stops (the scrubber after the version it is on, within the shutdown grace).
@@ -56,7 +56,7 @@ class Maintenance:
     async def _rotate(self) -> None:
         try:
             report = await rotate_data_keys(self._redis, self._keys)
-        except Exception as error:  # logged; the next start (or the CLI) runs it again
+        except Exception as error:  # logged; the next start runs it again
             log.warning("data key rotation failed", error_type=type(error).__name__)
             return
         if not report.complete:

@@ -1,14 +1,14 @@
 """Background verification of every stored version: a backup is only as good as its restore.
 
-Each store replica runs one `Scrubber`. A pass SCANs the keyspace for the versions each VM
-keeps (``keeper:{<vm>}:<kind>:meta``, plus the versions snapshots pin) and reads every
-version not verified within ``interval_s`` through the restore's own path
-(`keeper_state_store.storage.version_reader`): the same copy, decrypted, decompressed
-within bounds and checked against the recorded hash the same way. A TPM version must also
-unpack as a canonical archive and, where swtpm is installed beside the store, start in a
-throwaway swtpm, whose EK public area is then hashed. swtpm does not notice flipped bytes
-inside a state, so the hash is what catches corruption; swtpm proves the state is a usable
-TPM.
+Each store replica runs one `Scrubber`. A pass SCANs the keyspace for the kinds each VM
+stores (``keeper:{<vm>}:<kind>:head``) and, of the versions kept (the history, plus those
+snapshots pin), reads every one not verified within ``interval_s`` through the restore's
+own path (`keeper_state_store.storage.version_reader`): the same copy, decrypted,
+decompressed within bounds and checked against the recorded hash the same way. A TPM
+version must also unpack as a canonical archive and, where swtpm is installed beside the
+store, start in a throwaway swtpm, whose EK public area is then hashed. swtpm does not
+notice flipped bytes inside a state, so the hash is what catches corruption; swtpm proves
+the state is a usable TPM.
 
 The result of each version goes into ``state_flags_key(vm, kind)`` (see `ScrubFlag`). A
 failure is counted, logged (names and reasons only, never bytes) and announced as
@@ -47,6 +47,7 @@ from keeper_shared.redis_access.keys import (
     PREFIX,
     scrub_lock_key,
     state_flags_key,
+    state_history_key,
     state_meta_key,
     state_pinned_meta_key,
     tpm_secret_key,
@@ -73,9 +74,9 @@ from keeper_state_store.storage.version_reader import (
 
 log = structlog.get_logger(__name__)
 
-_META_KEY = re.compile(
+_HEAD_KEY = re.compile(
     rf"^{PREFIX}:\{{([0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}})\}}:"
-    r"(tpm|nvram):meta$"
+    r"(tpm|nvram):head$"
 )
 _SCAN_COUNT: Final = 1000
 _MAX_REASON: Final = 480
@@ -306,10 +307,11 @@ class Scrubber:
         return summary
 
     async def _stored_kinds(self) -> AsyncIterator[tuple[str, StateKind]]:
-        pattern = f"{PREFIX}:{{*}}:*:meta"
+        # Every kind with kept versions has a head, whatever else of it Redis lost.
+        pattern = f"{PREFIX}:{{*}}:*:head"
         async for raw in self._redis.scan_iter(match=pattern, count=_SCAN_COUNT):
             key = raw.decode() if isinstance(raw, bytes) else str(raw)
-            match = _META_KEY.match(key)
+            match = _HEAD_KEY.match(key)
             if match is not None:
                 yield match.group(1), StateKind(match.group(2))
 
@@ -367,12 +369,16 @@ class Scrubber:
     ) -> None:
         flags_key = state_flags_key(vm_id, kind)
         pipe = self._redis.pipeline(transaction=False)
+        pipe.lrange(state_history_key(vm_id, kind), 0, -1)
         pipe.hkeys(state_meta_key(vm_id, kind))
         pipe.hkeys(state_pinned_meta_key(vm_id, kind))
         pipe.hgetall(flags_key)
-        in_history, pinned, raw_flags = await pipe.execute()
-        # Kept: the last N of the history, and whatever a snapshot pins beyond them.
-        versions = sorted({int(v) for v in [*in_history, *pinned] if bytes(v).isdigit()})
+        in_history, with_meta, pinned, raw_flags = await pipe.execute()
+        # Kept: the last N of the history, and whatever a snapshot pins beyond them. The
+        # history list names them even when a version's metadata is lost, which a restore
+        # would then report, so the scrubber must judge that version too.
+        kept_fields = [*in_history, *with_meta, *pinned]
+        versions = sorted({int(v) for v in kept_fields if bytes(v).isdigit()})
         flags: dict[int, ScrubFlag | None] = {
             int(field): ScrubFlag.from_json(value)
             for field, value in raw_flags.items()
