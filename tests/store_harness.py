@@ -41,12 +41,12 @@ from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import open_blob, seal_blob
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
 from keeper_state_store.crypto.key_ring import KeyRing
-from keeper_state_store.deletion_service import DeletionService
-from keeper_state_store.history_service import HistoryService
-from keeper_state_store.repository import StateRepository
+from keeper_state_store.handlers.deletion import DeletionService
+from keeper_state_store.handlers.history import HistoryService
+from keeper_state_store.handlers.state import StateService
+from keeper_state_store.handlers.transfer import TransferService
 from keeper_state_store.settings import StateStoreSettings
-from keeper_state_store.state_service import StateService
-from keeper_state_store.transfer_service import TransferService
+from keeper_state_store.storage.repository import StateRepository
 
 REQUEST_TIMEOUT_S = 30.0
 

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import data_key_key, placement_key
 from keeper_shared.redis_access.results import awaited
-from keeper_state_store import key_rotation
+from keeper_state_store.crypto import key_rotation
 from keeper_state_store.crypto.encryption import (
     DecryptionError,
     KeyEncryptionKey,
@@ -31,8 +31,9 @@ from keeper_state_store.crypto.encryption import (
     wrap_data_key,
 )
 from keeper_state_store.crypto.key_ring import KeyRing
-from keeper_state_store.key_rotation import rotate_data_keys
-from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome
+from keeper_state_store.crypto.key_rotation import rotate_data_keys
+from keeper_state_store.storage.repository import StateRepository, VersionWrite, WriteOutcome
+from keeper_state_store.storage.version_reader import VersionReader
 from redis_db import database_url, private_database
 
 pytestmark = pytest.mark.redis
@@ -103,9 +104,11 @@ async def _read_all(
     repository = _repository(redis, kek)
     read: dict[str, bytes] = {}
     for vm_id in stored:
-        found = await repository.read_version(vm_id, StateKind.TPM, 1)
+        found = await VersionReader(redis, repository.keys).fetch(vm_id, StateKind.TPM, 1)
         assert found is not None
-        record, sealed = found
+        record, sealed = found.record(), found.copies[0].sealed
+        assert record is not None
+        assert sealed is not None
         binding = blob_associated_data(
             vm_id, "tpm", record.token.epoch, record.token.generation, record.content_hash
         )

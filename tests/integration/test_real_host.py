@@ -98,8 +98,8 @@ from keeper_shared.state_format.tpm_archive import (
 from keeper_shared.swtpm import SwtpmError, missing_tools, start_swtpm
 from keeper_state_store.crypto.encryption import generate_key_file
 from keeper_state_store.crypto.key_ring import KeyRing
-from keeper_state_store.repository import StateRepository
-from keeper_state_store.tpm_secrets import TpmSecretVault
+from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.storage.repository import StateRepository
 from leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
 
 pytestmark = [

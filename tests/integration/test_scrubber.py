@@ -62,11 +62,11 @@ from keeper_state_store.crypto.encryption import (
     wrap_data_key,
 )
 from keeper_state_store.crypto.key_ring import KeyRing
-from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome
-from keeper_state_store.scrub_flags import ScrubFlag
-from keeper_state_store.scrubber import Scrubber, VmScrubOutcome
-from keeper_state_store.tpm_probe import reap_stale_probes
-from keeper_state_store.tpm_secrets import TpmSecretVault
+from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.scrub.flags import ScrubFlag
+from keeper_state_store.scrub.scrubber import Scrubber, VmScrubOutcome
+from keeper_state_store.scrub.tpm_probe import reap_stale_probes
+from keeper_state_store.storage.repository import StateRepository, VersionWrite, WriteOutcome
 from leak_scan import leak_forms
 from redis_db import database_url, private_database
 
@@ -536,7 +536,7 @@ _PROBE_LOOP = """
 import asyncio, sys
 from pathlib import Path
 from keeper_shared.state_format.tpm_archive import unpack_tpm_state
-from keeper_state_store.tpm_probe import probe_tpm_state
+from keeper_state_store.scrub.tpm_probe import probe_tpm_state
 
 async def main() -> None:
     files = unpack_tpm_state(Path(sys.argv[1]).read_bytes())

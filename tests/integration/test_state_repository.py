@@ -46,9 +46,15 @@ from keeper_state_store.crypto.encryption import (
     encrypt_blob,
 )
 from keeper_state_store.crypto.key_ring import KeyRing
-from keeper_state_store.durability import VolatileRedisError, ensure_durable
-from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome, WriteResult
+from keeper_state_store.storage.durability import VolatileRedisError, ensure_durable
 from keeper_state_store.storage.replication import NO_REPLICAS, run_replicated
+from keeper_state_store.storage.repository import (
+    StateRepository,
+    VersionWrite,
+    WriteOutcome,
+    WriteResult,
+)
+from keeper_state_store.storage.version_reader import StoredVersion, VersionCopy, VersionReader
 
 pytestmark = pytest.mark.redis
 
@@ -93,6 +99,13 @@ async def vm_id(redis: Redis) -> AsyncIterator[str]:
 
 async def _place(redis: Redis, vm_id: str, host: str, epoch: int) -> None:
     await awaited(redis.hset(placement_key(vm_id), mapping={"host": host, "epoch": epoch}))
+
+
+async def _fetch(
+    repository: StateRepository, vm_id: str, kind: StateKind, version: int
+) -> StoredVersion | None:
+    """A version as Redis holds it, unopened (what a store replica would then verify)."""
+    return await VersionReader(repository.redis, repository.keys).fetch(vm_id, kind, version)
 
 
 def _hash(content: bytes) -> str:
@@ -167,7 +180,7 @@ async def test_older_or_equal_generation_is_stale(
         assert result == WriteResult(WriteOutcome.STALE, "1")
 
     assert await _head(redis, vm_id) == before
-    assert await repository.read_version(vm_id, StateKind.TPM, 2) is None
+    assert await _fetch(repository, vm_id, StateKind.TPM, 2) is None
 
 
 async def test_older_epoch_is_stale_epoch(
@@ -267,10 +280,10 @@ async def test_history_is_trimmed_to_its_depth(
     assert sorted(await awaited(redis.hkeys(state_blobs_key(vm_id, StateKind.TPM)))) == kept
     assert sorted(await awaited(redis.hkeys(state_meta_key(vm_id, StateKind.TPM)))) == kept
     for version in range(1, total - HISTORY_DEPTH + 1):
-        assert await repository.read_version(vm_id, StateKind.TPM, version) is None
-    newest = await repository.read_version(vm_id, StateKind.TPM, total)
+        assert await _fetch(repository, vm_id, StateKind.TPM, version) is None
+    newest = await _fetch(repository, vm_id, StateKind.TPM, total)
     assert newest is not None
-    assert newest[1] == f"sealed:v{total}".encode()
+    assert newest.copies[0].sealed == f"sealed:v{total}".encode()
 
 
 async def test_read_version_returns_what_was_written(
@@ -297,9 +310,12 @@ async def test_read_version_returns_what_was_written(
     )
     assert result == WriteResult(WriteOutcome.STORED, "1")
 
-    found = await repository.read_version(vm_id, StateKind.TPM, 1)
+    found = await _fetch(repository, vm_id, StateKind.TPM, 1)
     assert found is not None
-    record, sealed_back = found
+    (copy,) = found.copies
+    assert copy.where is VersionCopy.HISTORY
+    record, sealed_back = found.record(), copy.sealed
+    assert record is not None
     assert sealed_back == sealed
     assert record.version == 1
     assert record.content_hash == content_hash
@@ -308,8 +324,8 @@ async def test_read_version_returns_what_was_written(
     assert record.host == "host-a"
     assert before - timedelta(seconds=1) <= record.stored_at <= datetime.now(UTC)
     assert decrypt_blob(await repository.data_key(vm_id), sealed_back, binding) == content
-    assert await repository.read_version(vm_id, StateKind.TPM, 2) is None
-    assert await repository.read_version(vm_id, StateKind.NVRAM, 1) is None
+    assert await _fetch(repository, vm_id, StateKind.TPM, 2) is None
+    assert await _fetch(repository, vm_id, StateKind.NVRAM, 1) is None
 
 
 async def test_concurrent_data_key_creation_agrees_on_one_key(

@@ -1,4 +1,4 @@
-"""The per-host pull coalescer (`keeper_state_store.pull_batcher`) with a fake fetch.
+"""The per-host pull coalescer (`keeper_state_store.handlers.pull_batcher`) with a fake fetch.
 
 What the store relies on: requests for one host that arrive together share one fetch;
 requests that arrive while a fetch is in flight share the next one; each caller returns
@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from keeper_shared.messages.types import StateKind
-from keeper_state_store.pull_batcher import PullBatcher, PullResults
+from keeper_state_store.handlers.pull_batcher import PullBatcher, PullResults
 
 WINDOW_S = 0.01
 

@@ -9,7 +9,7 @@ import pytest
 
 from keeper_shared.messages.types import StateKind
 from keeper_shared.redis_access.keys import scrub_lock_key, state_flags_key
-from keeper_state_store.scrub_flags import ScrubFlag
+from keeper_state_store.scrub.flags import ScrubFlag
 
 VM = "5b0e8d1e-3c55-4d8f-9a51-0c6f6f8e2a11"
 

@@ -35,7 +35,7 @@ from keeper_state_store.crypto.encryption import (
     new_data_key,
     tpm_secret_associated_data,
 )
-from keeper_state_store.tpm_secrets import new_secret_value
+from keeper_state_store.crypto.tpm_secrets import new_secret_value
 from leak_scan import leak_forms
 
 VM_ID = "6b2f7e0a-3c1d-4d6e-9a8b-1c2d3e4f5a6b"

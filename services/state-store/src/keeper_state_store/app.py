@@ -15,15 +15,15 @@ from keeper_shared.runtime.startup import (
     wait_for_dependency,
 )
 from keeper_state_store.crypto.key_ring import KeyRing
-from keeper_state_store.deletion_service import DeletionService
-from keeper_state_store.durability import ensure_durable
-from keeper_state_store.history_service import HistoryService
-from keeper_state_store.maintenance import Maintenance
-from keeper_state_store.repository import StateRepository
+from keeper_state_store.handlers.deletion import DeletionService
+from keeper_state_store.handlers.history import HistoryService
+from keeper_state_store.handlers.state import StateService
+from keeper_state_store.handlers.transfer import TransferService
+from keeper_state_store.scrub.maintenance import Maintenance
 from keeper_state_store.settings import StateStoreSettings
-from keeper_state_store.state_service import StateService
+from keeper_state_store.storage.durability import ensure_durable
 from keeper_state_store.storage.replication import ReplicaQuorum
-from keeper_state_store.transfer_service import TransferService
+from keeper_state_store.storage.repository import StateRepository
 
 log = structlog.get_logger(__name__)
 

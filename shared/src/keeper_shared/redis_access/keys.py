@@ -40,8 +40,7 @@ def state_blobs_key(vm_id: str, kind: StateKind) -> str:
 
 
 def state_meta_key(vm_id: str, kind: StateKind) -> str:
-    """Hash: version number -> packed version metadata (hash, size, token, host, time; the
-    store's version_meta format)."""
+    """Hash: version number -> packed metadata (hash, size, token, host, time, origin)."""
     return f"{PREFIX}:{{{vm_id}}}:{kind.value}:meta"
 
 

@@ -1,1 +1,1 @@
-"""Encryption at rest: AES-256-GCM data keys per VM, wrapped by the key-encryption keys."""
+"""Encryption at rest: per-VM data keys under the KEKs, sealed blobs and TPM secrets, rotation."""

@@ -7,7 +7,7 @@ wrapped with the current KEK. That is what lets a KEK rotation run without downt
 1. give every replica the new KEK as a *previous* key (all replicas can now open records
    wrapped by either key, none writes with the new one yet);
 2. make the new KEK current and the old one previous on every replica; records are
-   rewrapped (see ``keeper_state_store.key_rotation``) while every replica still reads both;
+   rewrapped (see ``keeper_state_store.crypto.key_rotation``) while every replica still reads both;
 3. once no record names the old KEK any more, drop it from the configuration.
 
 Nothing here puts key bytes into a repr or an error text (invariant 4): keys are named by

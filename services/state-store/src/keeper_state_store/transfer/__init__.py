@@ -1,1 +1,1 @@
-"""Moving state in and out: restores, exports and imports (bundles), clones."""
+"""Moving state in and out: restore plans, exports and imports (bundles), clones."""

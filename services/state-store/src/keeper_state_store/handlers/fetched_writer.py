@@ -22,9 +22,14 @@ from keeper_shared.observability import metrics
 from keeper_shared.runtime.cpu_work import run_sized
 from keeper_shared.state_format.blobs import open_blob
 from keeper_shared.state_format.compression import BlobFormatError
-from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome, WriteResult
-from keeper_state_store.tpm_secrets import TpmSecretVault
-from keeper_state_store.vault import BlobVault
+from keeper_state_store.crypto.sealing import BlobSealer
+from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.storage.repository import (
+    StateRepository,
+    VersionWrite,
+    WriteOutcome,
+    WriteResult,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -39,12 +44,12 @@ class FetchedStateWriter:
     def __init__(
         self,
         repository: StateRepository,
-        vault: BlobVault,
+        sealer: BlobSealer,
         secrets: TpmSecretVault,
         bus: BusClient,
     ) -> None:
         self._repository = repository
-        self._vault = vault
+        self._sealer = sealer
         self._secrets = secrets
         self._bus = bus
 
@@ -75,7 +80,7 @@ class FetchedStateWriter:
         if not to_write:
             return results
         try:
-            sealed = await self._vault.seal_all(to_write)
+            sealed = await self._sealer.seal_all(to_write)
             outcomes = await self._repository.write_versions(
                 [
                     VersionWrite(

@@ -26,8 +26,8 @@ from keeper_shared.redis_access.keys import (
     snapshots_key,
     tpm_secret_key,
 )
-from keeper_state_store.repository import StateRepository
 from keeper_state_store.storage.replication import run_replicated
+from keeper_state_store.storage.repository import StateRepository
 
 log = structlog.get_logger(__name__)
 

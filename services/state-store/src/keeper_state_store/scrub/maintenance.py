@@ -1,4 +1,4 @@
-"""The store replica's background work: the scrubber and, at start, KEK rotation.
+"""The store replica's background tasks: the scrubber and, at start, KEK rotation.
 
 Neither blocks the replica: both run as tasks beside the consumers, and both stop when
 the replica stops (the scrubber after the version it is on, within the shutdown grace).
@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 
 from keeper_shared.bus.client import BusClient
 from keeper_state_store.crypto.key_ring import KeyRing
-from keeper_state_store.key_rotation import rotate_data_keys
-from keeper_state_store.scrubber import Scrubber
+from keeper_state_store.crypto.key_rotation import rotate_data_keys
+from keeper_state_store.scrub.scrubber import Scrubber
 from keeper_state_store.settings import StateStoreSettings
 
 log = structlog.get_logger(__name__)
@@ -56,7 +56,7 @@ class Maintenance:
     async def _rotate(self) -> None:
         try:
             report = await rotate_data_keys(self._redis, self._keys)
-        except Exception as error:  # logged; the next start (or the CLI) runs it again
+        except Exception as error:  # logged; the next start runs it again
             log.warning("data key rotation failed", error_type=type(error).__name__)
             return
         if not report.complete:

@@ -16,9 +16,9 @@ from keeper_shared.messages.snapshot import (
 )
 from keeper_shared.messages.state import ListStateHistory, StateHistory
 from keeper_shared.messages.types import StateKind
-from keeper_state_store.history_view import read_kind_history
-from keeper_state_store.repository import StateRepository
-from keeper_state_store.snapshot_store import SnapshotOutcome, SnapshotRecord, SnapshotStore
+from keeper_state_store.storage.history_listing import read_kind_history
+from keeper_state_store.storage.repository import StateRepository
+from keeper_state_store.storage.snapshots import SnapshotOutcome, SnapshotRecord, SnapshotStore
 
 log = structlog.get_logger(__name__)
 

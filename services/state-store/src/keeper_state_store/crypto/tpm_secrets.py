@@ -27,8 +27,8 @@ from keeper_state_store.crypto.encryption import (
     encrypt_blob,
     tpm_secret_associated_data,
 )
-from keeper_state_store.repository import StateRepository
 from keeper_state_store.storage.replication import run_replicated
+from keeper_state_store.storage.repository import StateRepository
 
 SECRET_ENTROPY_BYTES = 32
 """Random bytes behind a new secret value (libvirt hands it to swtpm as a passphrase, so it

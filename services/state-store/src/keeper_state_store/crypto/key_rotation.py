@@ -1,8 +1,8 @@
 """KEK rotation: rewrap every VM's data key with the current key-encryption key.
 
 Only the wrapping changes: blobs stay sealed under the same data keys, so no blob is
-touched and no reader notices. Run by each replica at start (``rewrap_on_start``) and
-callable from a CLI. It is safe everywhere at once:
+touched and no reader notices. Each replica runs it at start (``rewrap_on_start``) while
+it holds previous KEKs. It is safe everywhere at once:
 
 - each record is replaced by a compare-and-set on its old value (one Lua script, one key,
   so it works on Redis Cluster too): a record that changed meanwhile is read again, never

@@ -3,7 +3,7 @@
 A ``state.changed`` event is acknowledged only after the durable write (or after deciding
 there is nothing to write), so a replica killed mid-way means redelivery to another one, and
 the fenced write makes the second attempt a no-op when the first had landed. Pulls for one
-host are coalesced into batched fetches (see pull_batcher).
+host are coalesced into batched fetches (see handlers.pull_batcher).
 """
 
 from __future__ import annotations
@@ -30,16 +30,20 @@ from keeper_shared.messages.state import (
 from keeper_shared.messages.types import StateBlob, StateKind
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.observability import metrics
-from keeper_shared.state_format.compression import BlobFormatError
 from keeper_state_store.crypto.encryption import DecryptionError
-from keeper_state_store.fetched_writer import FetchedStateWriter
-from keeper_state_store.pull_batcher import PullBatcher
-from keeper_state_store.repository import StateRepository
-from keeper_state_store.restore_plan import RestoreRefusedError, plan_restore
+from keeper_state_store.crypto.sealing import BlobSealer
+from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.handlers.fetched_writer import FetchedStateWriter
+from keeper_state_store.handlers.pull_batcher import PullBatcher
 from keeper_state_store.settings import StateStoreSettings
-from keeper_state_store.snapshot_store import SnapshotStore
-from keeper_state_store.tpm_secrets import TpmSecretVault
-from keeper_state_store.vault import BlobVault, VersionNotKeptError
+from keeper_state_store.storage.repository import StateRepository
+from keeper_state_store.storage.snapshots import SnapshotStore
+from keeper_state_store.storage.version_reader import (
+    VersionNotKeptError,
+    VersionReader,
+    VersionUnreadableError,
+)
+from keeper_state_store.transfer.restore_plan import RestoreRefusedError, plan_restore
 
 log = structlog.get_logger(__name__)
 
@@ -53,10 +57,10 @@ class StateService:
         self._settings = settings
         self._repository = repository
         self._bus = bus
-        self._vault = BlobVault(repository)
+        self._reader = VersionReader(repository.redis, repository.keys)
         self._secrets = TpmSecretVault(repository)
         self._snapshots = SnapshotStore(repository.redis, repository.replicas)
-        self._writer = FetchedStateWriter(repository, self._vault, self._secrets, bus)
+        self._writer = FetchedStateWriter(repository, BlobSealer(repository), self._secrets, bus)
         self._batcher = PullBatcher(
             self._pull_batch,
             window_s=settings.pull_batch_window_s,
@@ -174,7 +178,7 @@ class StateService:
         try:
             plan = await plan_restore(request, self._repository, self._snapshots)
             for kind, version in plan.items():
-                _, blobs[kind] = await self._vault.open_version(request.vm_id, kind, version)
+                blobs[kind] = (await self._reader.read(request.vm_id, kind, version)).blob
             # An encrypted TPM needs its secret on the host; a VM that asks for encryption
             # gets one made on its first start, before swtpm ever writes its state.
             secret = await (
@@ -184,7 +188,7 @@ class StateService:
             )
         except (RestoreRefusedError, VersionNotKeptError) as error:
             return CommandDone(ok=False, error=str(error))
-        except (DecryptionError, BlobFormatError) as error:
+        except (VersionUnreadableError, DecryptionError) as error:
             log.error("stored state does not verify", vm_id=request.vm_id, reason=str(error))
             return CommandDone(ok=False, error=f"stored state does not verify: {error}")
         prepare = PrepareVm(
@@ -263,10 +267,10 @@ class StateService:
 
     async def _announce_head(self, vm_id: str, kind: StateKind) -> None:
         version = await self._repository.head_version(vm_id, kind)
-        found = await self._repository.read_version(vm_id, kind, version) if version else None
-        if found is None or found[0].origin is not VersionOrigin.HOST:
+        stored = await self._reader.fetch(vm_id, kind, version) if version else None
+        record = stored.record() if stored is not None else None
+        if record is None or record.origin is not VersionOrigin.HOST:
             return
-        record = found[0]
         await self._bus.publish_event(
             StatePersisted(
                 vm_id=vm_id,

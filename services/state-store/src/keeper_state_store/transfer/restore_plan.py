@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from keeper_shared.messages.state import RestoreState
 from keeper_shared.messages.types import StateKind
-from keeper_state_store.repository import StateRepository
-from keeper_state_store.snapshot_store import SnapshotStore
+from keeper_state_store.storage.repository import StateRepository
+from keeper_state_store.storage.snapshots import SnapshotStore
 
 
 class RestoreRefusedError(ValueError):

@@ -21,8 +21,8 @@ from keeper_shared.redis_access.keys import (
     state_meta_key,
     state_pinned_meta_key,
 )
-from keeper_state_store.repository import VersionRecord
-from keeper_state_store.snapshot_store import SnapshotRecord
+from keeper_state_store.storage.repository import VersionRecord
+from keeper_state_store.storage.snapshots import SnapshotRecord
 
 
 async def read_kind_history(

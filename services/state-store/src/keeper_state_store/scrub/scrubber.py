@@ -1,14 +1,14 @@
 """Background verification of every stored version: a backup is only as good as its restore.
 
-Each store replica runs one `Scrubber`. A pass SCANs the keyspace for the versions each VM
-keeps (``keeper:{<vm>}:<kind>:meta``, plus the versions snapshots pin) and, for every
-version not verified within ``interval_s``, does what a restore would do: unwrap the
-VM's data key (with the replica's `KeyRing`), decrypt (AES-GCM, bound to VM, kind and
-token), decompress within the kind's bound and compare the hash with the recorded one.
-A TPM version must also unpack as a canonical archive and, where swtpm is installed
-beside the store, start in a throwaway swtpm, whose EK public area is then hashed.
-swtpm does not notice flipped bytes inside a state, so the hash is what catches
-corruption; swtpm proves the state is a usable TPM.
+Each store replica runs one `Scrubber`. A pass SCANs the keyspace for the kinds each VM
+stores (``keeper:{<vm>}:<kind>:head``) and, of the versions kept (the history, plus those
+snapshots pin), reads every one not verified within ``interval_s`` through the restore's
+own path (`keeper_state_store.storage.version_reader`): the same copy, decrypted,
+decompressed within bounds and checked against the recorded hash the same way. A TPM
+version must also unpack as a canonical archive and, where swtpm is installed beside the
+store, start in a throwaway swtpm, whose EK public area is then hashed. swtpm does not
+notice flipped bytes inside a state, so the hash is what catches corruption; swtpm proves
+the state is a usable TPM.
 
 The result of each version goes into ``state_flags_key(vm, kind)`` (see `ScrubFlag`). A
 failure is counted, logged (names and reasons only, never bytes) and announced as
@@ -31,7 +31,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, Protocol
@@ -45,43 +45,38 @@ from keeper_shared.messages.scrub import StateScrubFailed, TpmReset
 from keeper_shared.messages.types import StateKind
 from keeper_shared.redis_access.keys import (
     PREFIX,
-    data_key_key,
     scrub_lock_key,
-    state_blobs_key,
     state_flags_key,
+    state_history_key,
     state_meta_key,
-    state_pinned_blobs_key,
     state_pinned_meta_key,
     tpm_secret_key,
 )
 from keeper_shared.redis_access.results import awaited
-from keeper_shared.state_format.blobs import MAX_CANONICAL_SIZE, content_hash
-from keeper_shared.state_format.compression import BlobFormatError, decompress_bounded
+from keeper_shared.state_format.compression import BlobFormatError
 from keeper_shared.state_format.tpm_archive import unpack_tpm_state
 from keeper_shared.swtpm import SwtpmError
-from keeper_state_store.crypto.encryption import (
-    DataKey,
-    DecryptionError,
-    WrappedKey,
-    blob_associated_data,
-    decrypt_blob,
-)
+from keeper_state_store.crypto.encryption import DataKey, DecryptionError
 from keeper_state_store.crypto.key_ring import KeyRing, UnknownKeyError
-from keeper_state_store.scrub_flags import ScrubFlag
-from keeper_state_store.storage.version_meta import VersionMetaError, unpack_version_meta
-from keeper_state_store.tpm_probe import (
+from keeper_state_store.crypto.tpm_secrets import open_tpm_secret
+from keeper_state_store.scrub.flags import ScrubFlag
+from keeper_state_store.scrub.tpm_probe import (
     ek_readable,
     probe_tpm_state,
     reap_stale_probes,
     swtpm_available,
 )
-from keeper_state_store.tpm_secrets import open_tpm_secret
+from keeper_state_store.storage.version_reader import (
+    StoredVersion,
+    VersionReader,
+    VersionUnreadableError,
+)
 
 log = structlog.get_logger(__name__)
 
-_META_KEY = re.compile(
+_HEAD_KEY = re.compile(
     rf"^{PREFIX}:\{{([0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}})\}}:"
-    r"(tpm|nvram):meta$"
+    r"(tpm|nvram):head$"
 )
 _SCAN_COUNT: Final = 1000
 _MAX_REASON: Final = 480
@@ -193,7 +188,7 @@ class _DataKeyCache:
     __slots__ = ("value",)
 
     def __init__(self) -> None:
-        self.value: DataKey | _VerificationFailed | None = None
+        self.value: DataKey | VersionUnreadableError | None = None
 
 
 class _RateLimiter:
@@ -211,7 +206,7 @@ class _RateLimiter:
             await asyncio.sleep(start - now)
 
 
-def _reason(prefix: str, error: BaseException) -> str:
+def _reason(prefix: str, error: BaseException | str) -> str:
     return f"{prefix}: {error}"[:_MAX_REASON]
 
 
@@ -238,7 +233,7 @@ class Scrubber:
         if versions_per_second <= 0:
             raise ValueError("versions_per_second must be positive")
         self._redis = redis
-        self._keys = keys
+        self._reader = VersionReader(redis, keys)
         self._publish = publish
         self._interval = timedelta(seconds=interval_s)
         self._pass_pause_s = pass_pause_s
@@ -312,10 +307,11 @@ class Scrubber:
         return summary
 
     async def _stored_kinds(self) -> AsyncIterator[tuple[str, StateKind]]:
-        pattern = f"{PREFIX}:{{*}}:*:meta"
+        # Every kind with kept versions has a head, whatever else of it Redis lost.
+        pattern = f"{PREFIX}:{{*}}:*:head"
         async for raw in self._redis.scan_iter(match=pattern, count=_SCAN_COUNT):
             key = raw.decode() if isinstance(raw, bytes) else str(raw)
-            match = _META_KEY.match(key)
+            match = _HEAD_KEY.match(key)
             if match is not None:
                 yield match.group(1), StateKind(match.group(2))
 
@@ -352,20 +348,14 @@ class Scrubber:
         return VmScrubReport(vm_id, outcome, **counts)
 
     async def _data_key(self, vm_id: str, cache: _DataKeyCache) -> DataKey:
-        """The VM's data key, read once per scrub; never created (that is the writer's)."""
+        """The VM's data key, read once per scrub (`UnknownKeyError` passes through)."""
         if cache.value is None:
-            stored = await awaited(self._redis.get(data_key_key(vm_id)))
-            if stored is None:
-                cache.value = _VerificationFailed("the VM's data key is missing")
-            else:
-                try:
-                    cache.value = self._keys.unwrap(WrappedKey.from_bytes(bytes(stored)))
-                except UnknownKeyError:
-                    raise
-                except DecryptionError as error:
-                    cache.value = _VerificationFailed(_reason("data key does not unwrap", error))
+            try:
+                cache.value = await self._reader.data_key(vm_id)
+            except VersionUnreadableError as missing:
+                cache.value = missing
         found = cache.value
-        if isinstance(found, _VerificationFailed):
+        if isinstance(found, VersionUnreadableError):
             raise found
         return found
 
@@ -377,16 +367,18 @@ class Scrubber:
         dek: _DataKeyCache,
         counts: dict[str, int],
     ) -> None:
-        meta_key = state_meta_key(vm_id, kind)
-        pinned_meta_key = state_pinned_meta_key(vm_id, kind)
         flags_key = state_flags_key(vm_id, kind)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hkeys(meta_key)
-        pipe.hkeys(pinned_meta_key)
+        pipe.lrange(state_history_key(vm_id, kind), 0, -1)
+        pipe.hkeys(state_meta_key(vm_id, kind))
+        pipe.hkeys(state_pinned_meta_key(vm_id, kind))
         pipe.hgetall(flags_key)
-        in_history, pinned, raw_flags = await pipe.execute()
-        # Kept: the last N of the history, and whatever a snapshot pins beyond them.
-        versions = sorted({int(v) for v in [*in_history, *pinned] if bytes(v).isdigit()})
+        in_history, with_meta, pinned, raw_flags = await pipe.execute()
+        # Kept: the last N of the history, and whatever a snapshot pins beyond them. The
+        # history list names them even when a version's metadata is lost, which a restore
+        # would then report, so the scrubber must judge that version too.
+        kept_fields = [*in_history, *with_meta, *pinned]
+        versions = sorted({int(v) for v in kept_fields if bytes(v).isdigit()})
         flags: dict[int, ScrubFlag | None] = {
             int(field): ScrubFlag.from_json(value)
             for field, value in raw_flags.items()
@@ -402,19 +394,11 @@ class Scrubber:
             if self._stop.is_set():
                 return
             existing = flags.get(version)
-            field = str(version)
-            # One transaction: the history's copy, else the pinned copy, as restores read.
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hget(meta_key, field)
-            pipe.hget(state_blobs_key(vm_id, kind), field)
-            pipe.hget(pinned_meta_key, field)
-            pipe.hget(state_pinned_blobs_key(vm_id, kind), field)
-            meta_raw, sealed, pinned_meta, pinned_sealed = await pipe.execute()
-            if meta_raw is None and sealed is None:
-                meta_raw, sealed = pinned_meta, pinned_sealed
-            if meta_raw is None and sealed is None:
+            stored = await self._reader.fetch(vm_id, kind, version)
+            if stored is None:
                 continue  # dropped meanwhile
-            recorded_hash = _recorded_hash(meta_raw)
+            record = stored.record()
+            recorded_hash = record.content_hash if record is not None else None
             if (
                 existing is not None
                 and existing.content_hash == recorded_hash
@@ -430,7 +414,7 @@ class Scrubber:
                 keys=[scrub_lock_key(vm_id)], args=[token, self._lock_ttl_ms]
             ):
                 raise _LockLost
-            verdict = await self._verify(vm_id, kind, meta_raw, sealed, dek)
+            verdict = await self._verify(stored, dek)
             flag = ScrubFlag(
                 scrubbed_at=datetime.now(UTC),
                 ok=verdict.ok,
@@ -524,35 +508,35 @@ class Scrubber:
                 self.stats.announced += 1
         await awaited(self._redis.hset(state_flags_key(vm_id, kind), str(version), flag.to_json()))
 
-    async def _verify(
-        self,
-        vm_id: str,
-        kind: StateKind,
-        meta_raw: bytes | None,
-        sealed: bytes | None,
-        dek: _DataKeyCache,
-    ) -> _Verdict:
+    async def _verify(self, stored: StoredVersion, dek: _DataKeyCache) -> _Verdict:
         try:
-            if meta_raw is None:
-                raise _VerificationFailed("the version's metadata is missing")
-            if sealed is None:
-                raise _VerificationFailed("the version's blob is missing")
-            data_key = await self._data_key(vm_id, dek)
-            content = await asyncio.to_thread(
-                _open_version, vm_id, kind, bytes(meta_raw), bytes(sealed), data_key
+            data_key = await self._data_key(stored.vm_id, dek)
+            verified = await self._reader.open(stored, data_key)
+            verdict = (
+                await self._verify_tpm(stored.vm_id, verified.content, data_key)
+                if stored.kind is StateKind.TPM
+                else _Verdict(ok=True)
             )
-            if kind is not StateKind.TPM:
-                return _Verdict(ok=True)
-            try:
-                files = unpack_tpm_state(content)
-            except BlobFormatError as error:
-                raise _VerificationFailed(_reason("not a valid TPM archive", error)) from None
-            del content
-            if not self._use_swtpm:
-                return _Verdict(ok=True)
-            return await self._load_in_swtpm(files, await self._tpm_passphrase(vm_id, data_key))
-        except _VerificationFailed as failure:
-            return _Verdict(ok=False, reason=str(failure))
+        except (VersionUnreadableError, _VerificationFailed) as failure:
+            return _Verdict(ok=False, reason=str(failure)[:_MAX_REASON])
+        if verdict.ok and verified.history_fault is not None:
+            # Restorable (a restore reads the pinned copy too), but the history's copy is
+            # damaged: worth a note in the flag, not an alarm.
+            note = _reason(
+                "verified from the pinned copy; the history copy", verified.history_fault
+            )
+            return replace(verdict, reason=note)
+        return verdict
+
+    async def _verify_tpm(self, vm_id: str, content: bytes, data_key: DataKey) -> _Verdict:
+        """What a TPM version must pass beyond its hash: it unpacks, and swtpm loads it."""
+        try:
+            files = unpack_tpm_state(content)
+        except BlobFormatError as error:
+            raise _VerificationFailed(_reason("not a valid TPM archive", error)) from None
+        if not self._use_swtpm:
+            return _Verdict(ok=True)
+        return await self._load_in_swtpm(files, await self._tpm_passphrase(vm_id, data_key))
 
     async def _tpm_passphrase(self, vm_id: str, data_key: DataKey) -> bytes | None:
         """The value of the libvirt secret the VM's TPM state is encrypted with (None for a
@@ -585,45 +569,3 @@ class Scrubber:
             return _Verdict(ok=True, ek_sha256=probe.ek_sha256, swtpm_loaded=True)
         assert last is not None
         return _Verdict(ok=False, reason=_reason("swtpm could not load the state", last))
-
-
-def _recorded_hash(meta_raw: bytes | None) -> str | None:
-    if meta_raw is None:
-        return None
-    try:
-        return unpack_version_meta(bytes(meta_raw)).content_hash
-    except VersionMetaError:
-        return None
-
-
-def _open_version(
-    vm_id: str, kind: StateKind, meta_raw: bytes, sealed: bytes, data_key: DataKey
-) -> bytes:
-    """Decrypt, decompress (bounded) and check the hash, as a restore would; CPU-bound."""
-    try:
-        meta = unpack_version_meta(meta_raw)
-        recorded_hash, size = meta.content_hash, meta.size
-        associated = blob_associated_data(
-            vm_id, kind.value, meta.token.epoch, meta.token.generation, recorded_hash
-        )
-    except ValueError:  # VersionMetaError included
-        raise _VerificationFailed("the version's metadata is unreadable") from None
-    try:
-        compressed = decrypt_blob(data_key, sealed, associated)
-    except DecryptionError as error:
-        raise _VerificationFailed(_reason("decryption failed", error)) from None
-    limit = MAX_CANONICAL_SIZE[kind]
-    if not 0 <= size <= limit:
-        raise _VerificationFailed(f"recorded size {size} is outside 0..{limit}")
-    try:
-        content = decompress_bounded(compressed, size)
-    except BlobFormatError as error:
-        raise _VerificationFailed(_reason("decompression failed", error)) from None
-    if len(content) != size:
-        raise _VerificationFailed(f"content is {len(content)} bytes, recorded {size}")
-    actual = content_hash(content)
-    if actual != recorded_hash:
-        raise _VerificationFailed(
-            f"content hash {actual[:12]} does not match the recorded {recorded_hash[:12]}"
-        )
-    return content

@@ -2,8 +2,7 @@
 
 Every write goes through one Lua script so the fencing check, the version record, the head
 and the history trim land together or not at all. Redis only ever sees ciphertext.
-A version a snapshot pins is also kept in the pinned hashes (see snapshot_store), so reads
-look there when the history has moved on.
+Reading versions back is `keeper_state_store.storage.version_reader`'s job.
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ from keeper_shared.redis_access.keys import (
     state_head_key,
     state_history_key,
     state_meta_key,
-    state_pinned_blobs_key,
-    state_pinned_meta_key,
 )
 from keeper_shared.redis_access.results import awaited
 from keeper_state_store.crypto.encryption import (
@@ -188,6 +185,11 @@ class StateRepository:
     def redis(self) -> Redis:
         """The client, for the store's other Redis views (snapshots, history)."""
         return self._redis
+
+    @property
+    def keys(self) -> KeyRing:
+        """The key ring, for the store's other readers of data keys (stored versions)."""
+        return self._keys
 
     @property
     def replicas(self) -> ReplicaQuorum:
@@ -392,21 +394,3 @@ class StateRepository:
         for kind in StateKind:
             pipe.exists(state_head_key(vm_id, kind))
         return any(await pipe.execute())
-
-    async def read_version(
-        self, vm_id: str, kind: StateKind, version: int
-    ) -> tuple[VersionRecord, bytes] | None:
-        """A kept version's metadata and its sealed bytes, from the history or, once the
-        history dropped it, from the snapshot pins; None when neither keeps it."""
-        field = str(version)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hget(state_meta_key(vm_id, kind), field)
-        pipe.hget(state_blobs_key(vm_id, kind), field)
-        pipe.hget(state_pinned_meta_key(vm_id, kind), field)
-        pipe.hget(state_pinned_blobs_key(vm_id, kind), field)
-        meta_raw, sealed, pinned_meta, pinned_sealed = await pipe.execute()
-        if meta_raw is None or sealed is None:
-            meta_raw, sealed = pinned_meta, pinned_sealed
-        if meta_raw is None or sealed is None:
-            return None
-        return VersionRecord.from_meta(version, bytes(meta_raw)), bytes(sealed)

@@ -1,10 +1,7 @@
 """Handlers for state that leaves its VM: ``vm.clone``, ``state.export``, ``state.import``.
 
-Clones and imports are a VM's first state: stored as version 1 under token (0, 0), only if
-the VM has no stored state at all (persist_initial.lua), so they can never overwrite what a
-host wrote. The VM id is bound into every ciphertext's AAD, so state moving to another VM is
-always decrypted, verified and sealed again under the target's key and binding; a plain copy
-of the bytes would not decrypt. Nothing is stored before all of it verified.
+What moves is read verified and stored as the target's first state (see
+`keeper_state_store.transfer.moving`); nothing is stored before all of it verified.
 
 A TPM state swtpm encrypted with a libvirt secret goes nowhere without that secret's value:
 an export seals it in the bundle with the state, and a copied TPM (clone, import) gives the
@@ -31,16 +28,15 @@ from keeper_shared.messages.transfer import (
     StateExported,
 )
 from keeper_shared.messages.types import StateBlob, StateKind
-from keeper_shared.state_format.compression import BlobFormatError
 from keeper_state_store.crypto.encryption import DecryptionError
-from keeper_state_store.repository import (
-    INITIAL_TOKEN,
-    InitialOutcome,
-    InitialVersion,
-    StateRepository,
-    VersionRecord,
+from keeper_state_store.crypto.sealing import BlobSealer
+from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.storage.repository import InitialOutcome, StateRepository
+from keeper_state_store.storage.version_reader import (
+    VersionNotKeptError,
+    VersionReader,
+    VersionUnreadableError,
 )
-from keeper_state_store.tpm_secrets import TpmSecretVault
 from keeper_state_store.transfer.bundle import (
     Bundle,
     BundleEntry,
@@ -48,11 +44,11 @@ from keeper_state_store.transfer.bundle import (
     read_bundle,
     write_bundle,
 )
-from keeper_state_store.vault import BlobVault, VersionNotKeptError
+from keeper_state_store.transfer.moving import read_newest, store_first_state
 
 log = structlog.get_logger(__name__)
 
-_UNREADABLE = (VersionNotKeptError, DecryptionError, BlobFormatError)
+_UNREADABLE = (VersionNotKeptError, VersionUnreadableError, DecryptionError)
 
 
 class TransferService:
@@ -60,7 +56,8 @@ class TransferService:
 
     def __init__(self, repository: StateRepository) -> None:
         self._repository = repository
-        self._vault = BlobVault(repository)
+        self._reader = VersionReader(repository.redis, repository.keys)
+        self._sealer = BlobSealer(repository)
         self._secrets = TpmSecretVault(repository)
 
     def command_routes(self) -> list[Route]:
@@ -82,13 +79,13 @@ class TransferService:
             [StateKind.TPM, StateKind.NVRAM] if request.tpm is CloneTpm.COPY else [StateKind.NVRAM]
         )
         try:
-            newest = await self._newest(source, kinds)
+            newest = await read_newest(self._repository, self._reader, source, kinds)
         except _UNREADABLE as error:
             return CommandDone(ok=False, error=f"source state does not verify: {error}")
         if not newest:
             wanted = " or ".join(kind.value for kind in kinds)
             return CommandDone(ok=False, error=f"source VM {source} has no stored {wanted}")
-        blobs = {kind: blob for kind, (_, blob) in newest.items()}
+        blobs = {kind: verified.blob for kind, verified in newest.items()}
         try:
             secret = await self._secrets.held(source) if StateKind.TPM in blobs else None
         except DecryptionError as error:
@@ -104,7 +101,9 @@ class TransferService:
         """The VM's newest state in one passphrase-encrypted bundle."""
         request = envelope.data
         try:
-            newest = await self._newest(request.vm_id, list(StateKind))
+            newest = await read_newest(
+                self._repository, self._reader, request.vm_id, list(StateKind)
+            )
         except _UNREADABLE as error:
             return StateExported(
                 vm_id=request.vm_id, error=f"stored state does not verify: {error}"
@@ -122,9 +121,12 @@ class TransferService:
             exported_at=datetime.now(UTC),
             entries=tuple(
                 BundleEntry(
-                    blob=blob, version=record.version, host=record.host, stored_at=record.stored_at
+                    blob=verified.blob,
+                    version=verified.record.version,
+                    host=verified.record.host,
+                    stored_at=verified.record.stored_at,
                 )
-                for record, blob in newest.values()
+                for verified in newest.values()
             ),
             tpm_secret=secret,
         )
@@ -163,37 +165,17 @@ class TransferService:
             log.info("state imported", vm_id=target, source_vm_id=bundle.vm_id)
         return reply
 
-    async def _newest(
-        self, vm_id: str, kinds: list[StateKind]
-    ) -> dict[StateKind, tuple[VersionRecord, StateBlob]]:
-        """The newest version of each kind the VM has, verified."""
-        found = {}
-        for kind in kinds:
-            head = await self._repository.head_version(vm_id, kind)
-            if head is not None:
-                found[kind] = await self._vault.open_version(vm_id, kind, head)
-        return found
-
     async def _store_initial(
         self, target: str, blobs: dict[StateKind, StateBlob], origin: VersionOrigin, source: str
     ) -> CommandDone:
-        versions = {}
-        for kind, blob in blobs.items():
-            # Re-bound to the target and to the initial token: the AAD names both.
-            rebound = blob.model_copy(update={"token": INITIAL_TOKEN})
-            versions[kind] = InitialVersion(
-                content_hash=blob.content_hash,
-                size=blob.size,
-                sealed=await self._vault.seal(target, rebound),
-            )
-        outcome = await self._repository.write_initial(
-            target, versions, origin=origin, source_vm_id=source
+        outcome = await store_first_state(
+            self._repository, self._sealer, target, blobs, origin=origin, source_vm_id=source
         )
         if outcome is InitialOutcome.EXISTS:
             return CommandDone(
                 ok=False, error=f"VM {target} already has stored state; refusing to overwrite it"
             )
-        detail = {"vm_id": target, **{kind.value: "1" for kind in versions}}
+        detail = {"vm_id": target, **{kind.value: "1" for kind in blobs}}
         if outcome is InitialOutcome.DUPLICATE:
             detail["note"] = "already stored"
         return CommandDone(ok=True, detail=detail)

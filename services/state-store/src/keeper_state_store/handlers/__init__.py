@@ -1,0 +1,1 @@
+"""Bus-facing handlers of the store's events and commands, one module per command family."""

@@ -1,0 +1,1 @@
+"""Background verification of stored versions, and the replica's background tasks."""
