@@ -23,6 +23,7 @@ from keeper_policy.settings import PolicySettings
 from keeper_policy.snapshots import Snapshotter
 from keeper_policy.stop_plan import StopBounds
 from keeper_policy.stop_workflow import STOP, new_stop
+from keeper_policy.views.queries import PolicyQueries
 from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DisableTpm, StateDeleted
@@ -100,6 +101,9 @@ class PolicyService:
             Route(PlaceVm, self.on_place),
             Route(StopVm, self.on_stop),
             Route(SnapshotVm, self.on_snapshot),
+            *PolicyQueries(
+                self._registry, self._hosts, lost_after_s=self._settings.host_lost_after_s
+            ).command_routes(),
         ]
 
     def start_background(self) -> None:

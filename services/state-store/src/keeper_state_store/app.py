@@ -25,6 +25,7 @@ from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.state_service import StateService
 from keeper_state_store.storage.replication import ReplicaQuorum
 from keeper_state_store.transfer_service import TransferService
+from keeper_state_store.views.queries import StoreQueries
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +72,7 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                     *HistoryService(repository).command_routes(),
                     *TransferService(repository).command_routes(),
                     *DeletionService(repository, bus).command_routes(),
+                    *StoreQueries(repository).command_routes(),
                 ],
                 prefetch=8,
             )
