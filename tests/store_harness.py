@@ -1,11 +1,12 @@
 """An in-process state store on the real broker and Redis, a fake host agent that answers
 its commands, and a client that talks to that store.
 
-The store is the real `StateService`, `HistoryService` and `TransferService` on a real
-`BusClient`, consuming queues private to the test (bound to the fake host's events and to
-a command key of its own), so tests sharing the session's broker never see each other's
-messages. The fake host holds canonical state in memory, answers ``state.fetch`` with it
-(counting every fetch) and records each ``vm.prepare``.
+The store is the real `StateService`, `HistoryService`, `TransferService`,
+`DeletionService` and `StoreQueries` on a real `BusClient`, consuming queues private to the
+test (bound to the fake host's events and to a command key of its own), so tests sharing the
+session's broker never see each other's messages. Policy's queries (`PolicyQueries`) can run
+beside it the same way, for the CLI. The fake host holds canonical state in memory, answers
+``state.fetch`` with it (counting every fetch) and records each ``vm.prepare``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ import aio_pika
 from redis.asyncio import Redis
 
 from keeper_cli.client import KeeperClient
+from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.storage.scripts import PolicyScripts
+from keeper_policy.storage.vm_registry import PolicyRegistry
+from keeper_policy.views.queries import PolicyQueries
 from keeper_shared.bus.client import BusClient, Consumer, Delivery, Route
 from keeper_shared.bus.topology import QueueSpec, host_command_queue
 from keeper_shared.messages.commands import CommandDone
@@ -47,6 +52,7 @@ from keeper_state_store.handlers.state import StateService
 from keeper_state_store.handlers.transfer import TransferService
 from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.storage.repository import StateRepository
+from keeper_state_store.views.queries import StoreQueries
 
 REQUEST_TIMEOUT_S = 30.0
 
@@ -259,6 +265,7 @@ async def running_store(
                 *HistoryService(repository).command_routes(),
                 *TransferService(repository).command_routes(),
                 *DeletionService(repository, store_bus).command_routes(),
+                *StoreQueries(repository).command_routes(),
             ],
             prefetch=8,
         )
@@ -273,6 +280,27 @@ async def running_store(
             if keys:
                 await redis.delete(*keys)
         await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running_policy_queries(
+    amqp_url: str, redis: Redis, *, lost_after_s: float
+) -> AsyncIterator[str]:
+    """Policy's query handlers (``vms.list``, ``hosts.list``) over ``redis`` on a private
+    commands queue; yields its command key (the CLI's ``KEEPER_POLICY_TARGET``)."""
+    policy_key = unique("test-policy")
+    commands = QueueSpec(name=unique("test-policy-commands"), command_key=policy_key)
+    scripts = PolicyScripts(redis)
+    queries = PolicyQueries(
+        PolicyRegistry(redis, scripts), HostRegistry(redis, scripts), lost_after_s=lost_after_s
+    )
+    bus = await BusClient.connect(amqp_url, source="policy/test", origin=unique("policy"))
+    try:
+        await bus.consume(commands, queries.command_routes(), prefetch=8)
+        yield policy_key
+    finally:
+        await bus.close(5.0)
+        await _delete_queues(amqp_url, [commands])
 
 
 async def _delete_queues(amqp_url: str, specs: list[QueueSpec]) -> None:

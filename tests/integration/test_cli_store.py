@@ -1,38 +1,70 @@
-"""`keeper` against a real state store (the in-process store of store_harness on the
-session's RabbitMQ and Redis): status, history, snapshots, export and import, with --json
-parsed as a script would, and the errors a user meets."""
+"""`keeper` against a real state store and policy's real query handlers (in process, from
+store_harness, on the session's RabbitMQ and Redis): status, hosts, history, snapshots,
+export and import, with --json parsed as a script would, and the errors a user meets.
+
+The CLI is given no usable Redis address (``KEEPER_REDIS_URL`` names a closed port): what it
+shows comes from the services' answers, and is checked against what they hold."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from typer.testing import CliRunner, Result
 
 from keeper_cli.app import app
 from keeper_cli.errors import ExitCode
+from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.storage.keys import HOST_STATUS
+from keeper_policy.storage.scripts import PolicyScripts
+from keeper_shared.messages.host import HostCapabilities, HostHeartbeat, VmInventoryEntry
 from keeper_shared.messages.tpm import VmSpec
+from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import hosts_key, placement_key, vm_record_key
 from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
-from store_harness import Store, unique
+from keeper_state_store.storage.version_reader import VersionReader
+from store_harness import Store, running_policy_queries, unique
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 
+LOST_AFTER_S = 30.0
+"""The private policy's loss bound: a host silent longer shows as silent."""
 
-async def keeper(store: Store, redis_url: str, *arguments: str, stdin: str = "") -> Result:
-    """Run `keeper` as a user would, in a thread (it runs its own event loop)."""
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest_asyncio.fixture
+async def policy_key(store: Store) -> AsyncIterator[str]:
+    """Policy's query handlers over the store's Redis; their command key."""
+    async with running_policy_queries(
+        store.amqp_url, store.redis, lost_after_s=LOST_AFTER_S
+    ) as key:
+        yield key
+
+
+async def keeper(store: Store, policy_key: str, *arguments: str, stdin: str = "") -> Result:
+    """Run `keeper` as a user would, in a thread (it runs its own event loop), with a Redis
+    address it cannot reach: nothing it does may need Redis."""
     env = {
         "KEEPER_AMQP_URL": store.amqp_url,
-        "KEEPER_REDIS_URL": redis_url,
+        "KEEPER_REDIS_URL": f"redis://127.0.0.1:{_closed_port()}/0",
         "KEEPER_STORE_TARGET": store.client._store_target,
+        "KEEPER_POLICY_TARGET": policy_key,
         "KEEPER_TIMEOUT_S": "20",
     }
     runner = CliRunner()
@@ -65,11 +97,11 @@ async def register(store: Store, name: str, *, encrypted: bool = False) -> str:
     return vm_id
 
 
-async def test_status_and_history_as_json(store: Store, redis_url: str) -> None:
+async def test_status_and_history_as_json(store: Store, policy_key: str) -> None:
     name = unique("cli-vm")
     vm_id = await register(store, name)
 
-    (status,) = parsed(await keeper(store, redis_url, "vm", "status", name, "--json"))
+    (status,) = parsed(await keeper(store, policy_key, "vm", "status", name, "--json"))
     assert status["vm_id"] == vm_id
     assert status["host"] == store.host.host_id
     assert status["epoch"] == 1
@@ -79,35 +111,35 @@ async def test_status_and_history_as_json(store: Store, redis_url: str) -> None:
     assert status["tpm_encrypted"] is False
     encrypted = unique("cli-vm")
     await register(store, encrypted, encrypted=True)
-    (status,) = parsed(await keeper(store, redis_url, "vm", "status", encrypted, "--json"))
+    (status,) = parsed(await keeper(store, policy_key, "vm", "status", encrypted, "--json"))
     assert status["tpm_encrypted"] is True
 
-    table = await keeper(store, redis_url, "vm", "status")
+    table = await keeper(store, policy_key, "vm", "status")
     assert table.exit_code == 0
     assert name in table.stdout
 
-    history = parsed(await keeper(store, redis_url, "vm", "history", vm_id, "--json"))
+    history = parsed(await keeper(store, policy_key, "vm", "history", vm_id, "--json"))
     (tpm,) = [kind for kind in history["kinds"] if kind["kind"] == "tpm"]
     assert tpm["head_version"] == 2
     assert [v["version"] for v in tpm["versions"]] == [1, 2]
 
 
-async def test_snapshot_export_and_import(store: Store, redis_url: str, tmp_path: Path) -> None:
+async def test_snapshot_export_and_import(store: Store, policy_key: str, tmp_path: Path) -> None:
     name = unique("cli-vm")
     vm_id = await register(store, name)
 
     pinned = parsed(
-        await keeper(store, redis_url, "vm", "snapshot", name, "--name", "s1", "--json")
+        await keeper(store, policy_key, "vm", "snapshot", name, "--name", "s1", "--json")
     )
     assert pinned["versions"] == {"tpm": 2}
-    (listed,) = parsed(await keeper(store, redis_url, "vm", "snapshots", name, "--json"))
+    (listed,) = parsed(await keeper(store, policy_key, "vm", "snapshots", name, "--json"))
     assert listed["snapshot_id"] == "s1"
 
-    refused = await keeper(store, redis_url, "vm", "snapshot-delete", name, "s1")
+    refused = await keeper(store, policy_key, "vm", "snapshot-delete", name, "s1")
     assert refused.exit_code == ExitCode.ABORTED
     assert "--yes" in refused.stderr
     deleted = parsed(
-        await keeper(store, redis_url, "vm", "snapshot-delete", name, "s1", "--yes", "--json")
+        await keeper(store, policy_key, "vm", "snapshot-delete", name, "s1", "--yes", "--json")
     )
     assert deleted["deleted"] is True
 
@@ -116,7 +148,7 @@ async def test_snapshot_export_and_import(store: Store, redis_url: str, tmp_path
     bundle = tmp_path / "vm.bundle"
     exported = parsed(
         await keeper(
-            store, redis_url, "vm", "export", name, "-o", str(bundle),
+            store, policy_key, "vm", "export", name, "-o", str(bundle),
             "--passphrase-file", str(passphrase), "--json",
         )
     )  # fmt: skip
@@ -127,21 +159,21 @@ async def test_snapshot_export_and_import(store: Store, redis_url: str, tmp_path
     store.vm_ids.append(target)
     imported = parsed(
         await keeper(
-            store, redis_url, "vm", "import", str(bundle), "--vm-id", target,
+            store, policy_key, "vm", "import", str(bundle), "--vm-id", target,
             "--passphrase-file", str(passphrase), "--json",
         )
     )  # fmt: skip
     assert imported["vm_id"] == target
     again = await keeper(
-        store, redis_url, "vm", "import", str(bundle), "--vm-id", target,
+        store, policy_key, "vm", "import", str(bundle), "--vm-id", target,
         "--passphrase-file", str(passphrase),
     )  # fmt: skip
     assert again.exit_code in (ExitCode.OK, ExitCode.REFUSED)  # a repeat is a no-op or refused
     assert vm_id != target
 
 
-async def test_errors_a_user_meets(store: Store, redis_url: str) -> None:
-    unknown = await keeper(store, redis_url, "vm", "history", str(uuid.uuid4()))
+async def test_errors_a_user_meets(store: Store, policy_key: str) -> None:
+    unknown = await keeper(store, policy_key, "vm", "history", str(uuid.uuid4()))
     assert unknown.exit_code == ExitCode.UNKNOWN_VM
     assert "unknown VM" in unknown.stderr
 
@@ -150,56 +182,179 @@ async def test_errors_a_user_meets(store: Store, redis_url: str) -> None:
     env_store = store.client._store_target
     store.client._store_target = "state-store"  # the real store's queue: nobody consumes it
     try:
-        nobody = await keeper(store, redis_url, "vm", "history", name)
+        nobody = await keeper(store, policy_key, "vm", "history", name)
     finally:
         store.client._store_target = env_store
     assert nobody.exit_code == ExitCode.UNREACHABLE
     assert "no state store is running" in nobody.stderr
 
 
-async def test_hosts_as_json(store: Store, redis_url: str) -> None:
+async def heartbeat(store: Store, host: str, at: float, vms: int = 1) -> HostRegistry:
+    """Record a heartbeat from ``host`` at ``at`` as policy does; the registry that did."""
+    hosts = HostRegistry(store.redis, PolicyScripts(store.redis))
+    beat = HostHeartbeat(
+        host=host,
+        interval_s=5.0,
+        capabilities=HostCapabilities(
+            swtpm_version="0.8.0",
+            libvirt_version="10.0.0",
+            architectures=["x86_64"],
+            uefi_firmware=True,
+        ),
+        vms=[
+            VmInventoryEntry(vm_id=str(uuid.uuid4()), epoch=1, tpm_hash=None, nvram_hash=None)
+            for _ in range(vms)
+        ],
+    )
+    await hosts.note_heartbeat(beat, at)
+    return hosts
+
+
+async def forget_hosts(store: Store, *hosts: str) -> None:
+    await awaited(store.redis.hdel(hosts_key(), *hosts))
+    await awaited(store.redis.hdel(HOST_STATUS, *hosts))
+
+
+async def test_hosts_as_json(store: Store, policy_key: str) -> None:
     host = unique("cli-host")
-    record = {
-        "capabilities": {
-            "swtpm_version": "0.8.0",
-            "architectures": ["x86_64"],
-            "uefi_firmware": True,
-        },
-        "last_seen": time.time(),
-        "cluster": "default",
-        "vms": {str(uuid.uuid4()): 1},
-    }
-    await awaited(store.redis.hset(hosts_key(), host, json.dumps(record)))
+    await heartbeat(store, host, time.time())
     try:
-        found = parsed(await keeper(store, redis_url, "hosts", "--json"))
+        found = parsed(await keeper(store, policy_key, "hosts", "--json"))
         (mine,) = [item for item in found if item["host"] == host]
         assert mine["status"] == "alive"
         assert mine["vms"] == 1
         assert mine["capabilities"]["swtpm_version"] == "0.8.0"
     finally:
-        await awaited(store.redis.hdel(hosts_key(), host))
-        await awaited(store.redis.delete(placement_key(host)))
+        await forget_hosts(store, host)
+
+
+async def test_hosts_show_policys_liveness(store: Store, policy_key: str) -> None:
+    """Silent past policy's bound, lost once declared: the rule is policy's, the CLI only
+    shows it (table and JSON)."""
+    alive, silent, lost = unique("alive"), unique("silent"), unique("lost")
+    now = time.time()
+    await heartbeat(store, alive, now, vms=2)
+    await heartbeat(store, silent, now - LOST_AFTER_S - 10)
+    hosts = await heartbeat(store, lost, now - LOST_AFTER_S - 60)
+    assert await hosts.declare_lost(lost, now, LOST_AFTER_S) is not None
+    try:
+        found = {
+            item["host"]: item
+            for item in parsed(await keeper(store, policy_key, "hosts", "--json"))
+        }
+        assert (found[alive]["status"], found[alive]["vms"]) == ("alive", 2)
+        assert found[silent]["status"] == "silent"
+        assert found[silent]["last_seen_age_s"] >= LOST_AFTER_S + 10
+        assert found[lost]["status"] == "lost"
+        assert found[lost]["cluster"] == "default"
+        assert set(found[lost]["capabilities"]) == set(HostCapabilities.model_fields)
+
+        table = await keeper(store, policy_key, "hosts")
+        assert table.exit_code == 0, table.output
+        rows = {line.split()[1]: line for line in table.stdout.splitlines() if "│" in line}
+        assert "silent" in rows[silent]
+        assert "lost" in rows[lost]
+    finally:
+        await forget_hosts(store, alive, silent, lost)
+
+
+async def test_status_shows_what_policy_and_the_store_hold(store: Store, policy_key: str) -> None:
+    name = unique("cli-vm")
+    vm_id = await register(store, name)
+    await awaited(store.redis.hset(vm_record_key(vm_id), "last_host", store.host.host_id))
+
+    (status,) = parsed(await keeper(store, policy_key, "vm", "status", vm_id, "--json"))
+    head = await store.repository.head_version(vm_id, StateKind.TPM)
+    assert head is not None
+    newest = await VersionReader(store.repository.redis, store.repository.keys).fetch(
+        vm_id, StateKind.TPM, head
+    )
+    assert newest is not None
+    meta = newest.record()
+    assert meta is not None
+    assert status["name"] == name
+    assert status["guest_os"] == "windows-11"
+    assert status["running"] is True
+    assert status["last_host"] == store.host.host_id
+    assert status["state"]["tpm"]["version"] == head
+    assert status["state"]["tpm"]["size"] == meta.size
+    assert status["state"]["tpm"]["persisted_at"] == meta.stored_at.astimezone().isoformat(
+        timespec="seconds"
+    )
+    assert status["state"]["nvram"] == {
+        "version": None,
+        "persisted_at": None,
+        "age_s": None,
+        "size": None,
+    }
+
+    everything = parsed(await keeper(store, policy_key, "vm", "status", "--json"))
+    assert [item["vm_id"] for item in everything if item["name"] == name] == [vm_id]
+    names = [item["name"] or "" for item in everything]
+    assert names == sorted(names)  # by name, as policy lists them
+
+
+async def test_names_resolve_through_policy_and_the_store(store: Store, policy_key: str) -> None:
+    name = unique("cli-vm")
+    vm_id = await register(store, name)
+
+    history = parsed(await keeper(store, policy_key, "vm", "history", name, "--json"))
+    assert history["vm_id"] == vm_id
+
+    # A clone is not registered; its id still names it (the store holds its state).
+    clone_id = store.new_vm()
+    await store.client.clone_vm(vm_id, clone_id, CloneTpm.COPY)
+    history = parsed(await keeper(store, policy_key, "vm", "history", clone_id, "--json"))
+    assert history["vm_id"] == clone_id
+    assert parsed(await keeper(store, policy_key, "vm", "status", clone_id, "--json")) == []
+
+    twin = await register(store, name)
+    ambiguous = await keeper(store, policy_key, "vm", "history", name)
+    assert ambiguous.exit_code == ExitCode.USAGE
+    assert vm_id in ambiguous.stderr
+    assert twin in ambiguous.stderr
+
+    for unknown in (str(uuid.uuid4()), unique("nobody"), "not a name!"):
+        result = await keeper(store, policy_key, "vm", "status", unknown)
+        assert result.exit_code == ExitCode.UNKNOWN_VM, result.output
+
+
+async def test_a_missing_policy_is_named(store: Store) -> None:
+    """Without policy nothing can be resolved or listed: exit 4, naming what is missing."""
+    name = unique("cli-vm")
+    await register(store, name)
+    runner = CliRunner()
+    env = {
+        "KEEPER_AMQP_URL": store.amqp_url,
+        "KEEPER_STORE_TARGET": store.client._store_target,
+        "KEEPER_POLICY_TARGET": "policy",  # the real policy's queue: nobody consumes it here
+        "KEEPER_TIMEOUT_S": "20",
+    }
+    for arguments in (["vm", "status"], ["hosts"], ["vm", "history", name]):
+        result = await asyncio.to_thread(runner.invoke, app, arguments, env=env)
+        assert result.exit_code == ExitCode.UNREACHABLE, result.output
+        assert "no policy service is running" in result.stderr
 
 
 async def test_delete_state_says_what_is_lost_asks_and_leaves_only_the_placement(
-    store: Store, redis_url: str
+    store: Store, policy_key: str
 ) -> None:
     name = unique("cli-vm")
     vm_id = await register(store, name)
     await store.client.create_snapshot(vm_id, "before-upgrade")
 
-    running = await keeper(store, redis_url, "vm", "delete-state", name, "--yes")
+    running = await keeper(store, policy_key, "vm", "delete-state", name, "--yes")
     assert running.exit_code == ExitCode.REFUSED
     assert "shut it down first" in running.stderr
 
     await awaited(store.redis.hset(placement_key(vm_id), "host", ""))  # stopped
-    unconfirmed = await keeper(store, redis_url, "vm", "delete-state", name)
+    unconfirmed = await keeper(store, policy_key, "vm", "delete-state", name)
     assert unconfirmed.exit_code == ExitCode.ABORTED
     assert "TPM: 2 stored versions (v1..v2), newest v2" in unconfirmed.stderr
     assert "snapshots: 1 (before-upgrade)" in unconfirmed.stderr
     assert await store.repository.head_version(vm_id, StateKind.TPM) == 2  # nothing deleted
 
-    deleted = parsed(await keeper(store, redis_url, "vm", "delete-state", name, "--yes", "--json"))
+    deleted = parsed(await keeper(store, policy_key, "vm", "delete-state", name, "--yes", "--json"))
     assert deleted == {
         "vm_id": vm_id,
         "tpm_disabled": False,
@@ -208,5 +363,5 @@ async def test_delete_state_says_what_is_lost_asks_and_leaves_only_the_placement
     left = {key async for key in store.redis.scan_iter(match=f"keeper:{{{vm_id}}}:*")}
     assert left == {placement_key(vm_id).encode(), vm_record_key(vm_id).encode()}
 
-    again = parsed(await keeper(store, redis_url, "vm", "delete-state", name, "--json"))
+    again = parsed(await keeper(store, policy_key, "vm", "delete-state", name, "--json"))
     assert again["deleted"] == {"tpm_versions": 0, "nvram_versions": 0, "snapshots": 0}

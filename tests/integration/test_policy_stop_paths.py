@@ -48,6 +48,7 @@ from keeper_shared.messages.tpm import TpmApproved, VmSpec
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import ShutdownVm, StopReason, VmStopped, VmUndefined
 from keeper_shared.redis_access.keys import placement_key, state_head_key
+from keeper_shared.redis_access.results import awaited
 
 pytestmark = [
     pytest.mark.rabbit,
@@ -330,7 +331,7 @@ async def test_disable_tpm_is_refused_while_running_then_deletes_state_and_regis
 
 async def test_keeper_powers_off_several_vms_at_once(stack: PolicyStack) -> None:
     specs = [await stack.new_vm("a"), await stack.new_vm("b")]
-    env = {"KEEPER_AMQP_URL": stack.amqp_url, "KEEPER_REDIS_URL": stack.redis_url}
+    env = {"KEEPER_AMQP_URL": stack.amqp_url}
     ids = [spec.vm_id for spec in specs]
 
     result = await asyncio.to_thread(
@@ -344,3 +345,35 @@ async def test_keeper_powers_off_several_vms_at_once(stack: PolicyStack) -> None
     ]
     for vm_id in ids:
         assert (await stack.placement(vm_id))[0] == ""
+
+
+async def test_keeper_shows_status_and_hosts_from_the_services_without_redis(
+    stack: PolicyStack,
+) -> None:
+    """`status`, `hosts` and names are the policy and store processes' answers: the CLI,
+    given a Redis address nothing listens on, shows what they hold."""
+    spec = await stack.new_vm("a")
+    await stack.write_tpm_persisted("a", spec.vm_id)
+    env = {"KEEPER_AMQP_URL": stack.amqp_url, "KEEPER_REDIS_URL": "redis://127.0.0.1:1/0"}
+    runner = CliRunner()
+
+    result = await asyncio.to_thread(
+        runner.invoke, app, ["vm", "status", spec.name, "--json"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    (status,) = json.loads(result.stdout)
+    host, epoch = await stack.placement(spec.vm_id)
+    head = await awaited(stack.redis.hget(state_head_key(spec.vm_id, StateKind.TPM), "version"))
+    assert (status["vm_id"], status["name"]) == (spec.vm_id, spec.name)
+    assert (status["host"], status["epoch"]) == (host, epoch)
+    assert host == stack.host_id("a")
+    assert head is not None
+    assert status["state"]["tpm"]["version"] == int(head)
+    assert status["protection"] == "protected"
+
+    result = await asyncio.to_thread(runner.invoke, app, ["hosts", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    found = {item["host"]: item for item in json.loads(result.stdout)}
+    for name in ("a", "b"):
+        assert found[stack.host_id(name)]["status"] == "alive"
+    assert found[stack.host_id("a")]["vms"] >= 1

@@ -296,11 +296,11 @@ async def test_a_stranded_tpm_reported_by_its_host_shows_in_the_vms_status(
         await stack.publish_as_host("a", stranded(stack.host_id("a")), spec.vm_id)
 
         async def marked() -> bool:
-            status = await vm_status(stack.redis, spec.vm_id)
+            status = await vm_status(stack.client, spec.vm_id)
             return status is not None and status.tpm_stranded is not None
 
         await wait_until(marked, "the VM to be marked stranded")
-        status = await vm_status(stack.redis, spec.vm_id)
+        status = await vm_status(stack.client, spec.vm_id)
         assert status is not None
         assert status.protection() == "stranded"
         assert status.tpm_stranded == f"on {stack.host_id('a')}: {reason}"

@@ -25,7 +25,6 @@ def _closed_port() -> int:
 def nothing_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     port = _closed_port()
     monkeypatch.setenv("KEEPER_AMQP_URL", f"amqp://guest:guest@127.0.0.1:{port}/")
-    monkeypatch.setenv("KEEPER_REDIS_URL", f"redis://127.0.0.1:{port}/0")
 
 
 def test_help_lists_every_command() -> None:
@@ -51,11 +50,35 @@ def test_help_lists_every_command() -> None:
 
 
 def test_defaults_point_at_the_local_stack(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("KEEPER_AMQP_URL", "KEEPER_REDIS_URL", "KEEPER_STACK_RABBITMQ_PORT"):
+    for name in ("KEEPER_AMQP_URL", "KEEPER_AMQP_URLS", "KEEPER_STACK_RABBITMQ_PORT"):
         monkeypatch.delenv(name, raising=False)
     settings = CliSettings()
     assert settings.amqp_url == "amqp://guest:guest@127.0.0.1:28672/"
-    assert settings.redis_url == "redis://127.0.0.1:28379/0"
+    assert settings.amqp_endpoints == [settings.amqp_url]
+
+
+def test_redis_variables_of_earlier_releases_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI asks policy and the store over the bus; a Redis address left in an operator's
+    environment (even one an earlier release would have refused) changes nothing."""
+    monkeypatch.setenv("KEEPER_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("KEEPER_REDIS_SENTINELS", "not-an-address")
+    monkeypatch.setenv("KEEPER_HOST_LOST_AFTER_S", "-1")
+    settings = CliSettings()
+    assert not any(name.startswith("redis") for name in CliSettings.model_fields)
+    assert "host_lost_after_s" not in CliSettings.model_fields
+    assert settings.amqp_endpoints
+
+
+@pytest.mark.usefixtures("nothing_runs")
+def test_status_never_asks_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With RabbitMQ down and a Redis address set, what is named is the broker: the CLI has
+    no Redis connection to try."""
+    monkeypatch.setenv("KEEPER_REDIS_URL", "redis://127.0.0.1:1/0")
+    for arguments in (["vm", "status"], ["hosts"], ["vm", "history", "vm1"]):
+        result = runner.invoke(app, arguments)
+        assert result.exit_code == ExitCode.UNREACHABLE
+        assert "cannot reach RabbitMQ" in result.stderr
+        assert "Redis" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -79,9 +102,9 @@ def test_bad_arguments_exit_2(arguments: list[str]) -> None:
 @pytest.mark.parametrize(
     ("arguments", "what"),
     [
-        (["vm", "status"], "Redis"),
-        (["hosts", "--json"], "Redis"),
-        (["vm", "start", "vm1", "--host", "h"], "Redis"),
+        (["vm", "status"], "RabbitMQ"),
+        (["hosts", "--json"], "RabbitMQ"),
+        (["vm", "start", "vm1", "--host", "h"], "RabbitMQ"),
         (["vm", "enable-tpm", "vm1", "--guest-os", "windows-11"], "RabbitMQ"),
         (["vm", "enable-tpm", "vm1", "--guest-os", "windows-11", "--encrypt-state"], "RabbitMQ"),
     ],

@@ -1,9 +1,9 @@
 """``keeper``: vTPM Keeper for people and automation.
 
-Every command talks to policy and the state store over RabbitMQ (``KEEPER_AMQP_URL``);
-``status``, ``hosts`` and VM names are read from Redis (``KEEPER_REDIS_URL``). Both default
-to the local stack of ``make demo``. Human tables by default, ``--json`` for scripts; exit
-codes are listed in :class:`~keeper_cli.errors.ExitCode`.
+Every command talks to policy and the state store over RabbitMQ (``KEEPER_AMQP_URL``,
+by default the local stack of ``make demo``); ``status``, ``hosts`` and VM names are their
+answers to queries, so the CLI needs no access to their storage. Human tables by default,
+``--json`` for scripts; exit codes are listed in :class:`~keeper_cli.errors.ExitCode`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import aio_pika.exceptions
-import redis.exceptions
 import typer
-from redis.asyncio import Redis
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -39,13 +37,12 @@ from keeper_cli.config import CliSettings
 from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.loss import describe_loss
 from keeper_shared.bus.client import BusClient, CallError, CallTimeoutError
-from keeper_shared.bus.topology import POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
+from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
 from keeper_shared.messages.envelope import MessageError
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.tpm import Firmware, VmSpec
 from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import StateKind
-from keeper_shared.redis_access.connection import connect_redis
 
 T = TypeVar("T")
 
@@ -97,24 +94,6 @@ def _run(work: Callable[[CliSettings], Coroutine[Any, Any, T]]) -> T:
         raise typer.Exit(int(ExitCode.REFUSED)) from None
 
 
-@contextlib.asynccontextmanager
-async def _redis(settings: CliSettings) -> AsyncIterator[Redis]:
-    client = connect_redis(settings, socket_connect_timeout=5, socket_timeout=10)
-    try:
-        try:
-            await client.ping()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-            where = ", ".join(settings.redis_sentinels) or _where(settings.redis_url)
-            raise CliError(
-                f"cannot reach Redis at {where} "
-                "(set KEEPER_REDIS_URL; for the local stack: `make stack-status`)",
-                ExitCode.UNREACHABLE,
-            ) from None
-        yield client
-    finally:
-        await client.aclose()
-
-
 def _where(url: str) -> str:
     """host:port of a URL, without credentials."""
     rest = url.split("://", 1)[-1]
@@ -149,7 +128,10 @@ async def _client(settings: CliSettings, *, needs: tuple[str, ...]) -> AsyncIter
 
             client_type = PolicyClient
         yield client_type(
-            bus, request_timeout_s=settings.timeout_s, store_target=settings.store_target
+            bus,
+            request_timeout_s=settings.timeout_s,
+            store_target=settings.store_target,
+            policy_target=settings.policy_target,
         )
     finally:
         await bus.close(2.0)
@@ -161,6 +143,8 @@ async def _require_consumer(bus: BusClient, service: str, settings: CliSettings)
             return  # a private store (tests): its queue has another name
         queue_name, label = STATE_STORE_COMMANDS.name, "state store"
     else:
+        if settings.policy_target != POLICY:
+            return  # a private policy (tests): its queue has another name
         queue_name, label = POLICY_COMMANDS.name, "policy service"
     channel = await bus.connection.channel()
     try:
@@ -177,10 +161,14 @@ async def _require_consumer(bus: BusClient, service: str, settings: CliSettings)
         )
 
 
-async def _resolve(settings: CliSettings, reference: str) -> str:
+RESOLVING = ("policy", "store")
+"""The services a VM reference needs: policy knows the registered VMs, the store those
+that only have stored state (imported or cloned, not registered yet)."""
+
+
+async def _resolve(client: KeeperClient, reference: str) -> str:
     """The VM id of a VM id or name; unknown VMs end the command (exit 3)."""
-    async with _redis(settings) as client:
-        matches = await views.resolve_vm(client, reference)
+    matches = await views.resolve_vm(client, reference)
     if not matches:
         raise CliError(
             f"unknown VM {reference!r} (see `keeper vm status`; enable its TPM first)",
@@ -313,8 +301,8 @@ def start(
     """Start a VM on a host with its newest stored TPM and NVRAM state."""
 
     async def work(settings: CliSettings) -> tuple[str, int]:
-        vm_id = await _resolve(settings, vm)
-        async with _client(settings, needs=("policy",)) as client:
+        async with _client(settings, needs=RESOLVING) as client:
+            vm_id = await _resolve(client, vm)
             with _progress(f"Starting {vm} on {host}...", quiet=as_json):
                 return vm_id, int(await client.start(vm_id, host))
 
@@ -344,9 +332,9 @@ def _stop(vms: list[str], mode: StopMode, as_json: bool) -> None:
             return reference, vm_id, None, str(error)
 
     async def work(settings: CliSettings) -> list[StopOutcome]:
-        vm_ids = [await _resolve(settings, reference) for reference in vms]
         gate = asyncio.Semaphore(STOP_CONCURRENCY)
-        async with _client(settings, needs=("policy",)) as client:
+        async with _client(settings, needs=RESOLVING) as client:
+            vm_ids = [await _resolve(client, reference) for reference in vms]
             what = vms[0] if len(vms) == 1 else f"{len(vms)} VMs"
             message = f"{verb} {what} (retrieving the final state first)..."
             with _progress(message, quiet=as_json, total=len(vms)) as one_done:
@@ -416,12 +404,10 @@ def status(
     """Every VM: host, placement epoch, newest persisted state and its age, protection."""
 
     async def work(settings: CliSettings) -> list[views.VmStatus]:
-        if vm is not None:
-            vm_id = await _resolve(settings, vm)
-        async with _redis(settings) as client:
+        async with _client(settings, needs=RESOLVING) as client:
             if vm is None:
-                return await views.all_vm_status(client)
-            one = await views.vm_status(client, vm_id)
+                return await views.vm_statuses(client)
+            one = await views.vm_status(client, await _resolve(client, vm))
             return [one] if one is not None else []
 
     found = _run(work)
@@ -465,9 +451,8 @@ def history(vm: VmArgument, as_json: JsonOption = False) -> None:
     """Every kept version of a VM's TPM and NVRAM state."""
 
     async def work(settings: CliSettings) -> Any:
-        vm_id = await _resolve(settings, vm)
-        async with _client(settings, needs=("store",)) as client:
-            return await client.state_history(vm_id)
+        async with _client(settings, needs=RESOLVING) as client:
+            return await client.state_history(await _resolve(client, vm))
 
     reply = _run(work)
     if as_json:
@@ -529,8 +514,8 @@ def restore(
     kinds = kind or list(StateKind)
 
     async def work(settings: CliSettings) -> tuple[str, dict[str, str]]:
-        vm_id = await _resolve(settings, vm)
-        async with _client(settings, needs=("policy", "store")) as client:
+        async with _client(settings, needs=RESOLVING) as client:
+            vm_id = await _resolve(client, vm)
             if not hasattr(client, "place"):
                 raise CliError("this build's client cannot restore", ExitCode.REFUSED)
             reply = await client.state_history(vm_id)
@@ -595,8 +580,8 @@ def snapshot(
     snapshot_id = name or time.strftime("snap-%Y%m%d-%H%M%S")
 
     async def work(settings: CliSettings) -> tuple[str, dict[StateKind, int]]:
-        vm_id = await _resolve(settings, vm)
-        async with _client(settings, needs=("store",)) as client:
+        async with _client(settings, needs=RESOLVING) as client:
+            vm_id = await _resolve(client, vm)
             return vm_id, await client.create_snapshot(vm_id, snapshot_id)
 
     vm_id, pinned = _run(work)
@@ -614,9 +599,8 @@ def snapshots(vm: VmArgument, as_json: JsonOption = False) -> None:
     """List a VM's snapshots."""
 
     async def work(settings: CliSettings) -> Any:
-        vm_id = await _resolve(settings, vm)
-        async with _client(settings, needs=("store",)) as client:
-            return await client.list_snapshots(vm_id)
+        async with _client(settings, needs=RESOLVING) as client:
+            return await client.list_snapshots(await _resolve(client, vm))
 
     found = _run(work)
     if as_json:
@@ -646,13 +630,13 @@ def snapshot_delete(
     """Delete a snapshot (versions only it kept are deleted with it)."""
 
     async def work(settings: CliSettings) -> tuple[str, bool]:
-        vm_id = await _resolve(settings, vm)
-        _confirm(
-            f"Delete snapshot {snapshot_id} of {vm}? TPM and NVRAM versions that only this "
-            "snapshot keeps are deleted and cannot be restored afterwards.",
-            yes=yes,
-        )
-        async with _client(settings, needs=("store",)) as client:
+        async with _client(settings, needs=RESOLVING) as client:
+            vm_id = await _resolve(client, vm)
+            _confirm(
+                f"Delete snapshot {snapshot_id} of {vm}? TPM and NVRAM versions that only this "
+                "snapshot keeps are deleted and cannot be restored afterwards.",
+                yes=yes,
+            )
             return vm_id, bool(await client.delete_snapshot(vm_id, snapshot_id))
 
     vm_id, deleted = _run(work)
@@ -666,17 +650,14 @@ def _delete(vm: str, *, disable: bool, reason: str, yes: bool, as_json: bool) ->
     """``delete-state`` and ``disable-tpm``: say what is lost, confirm, delete."""
 
     async def work(settings: CliSettings) -> tuple[str, dict[str, int]]:
-        vm_id = await _resolve(settings, vm)
-        async with _redis(settings) as redis_client:
-            found = await views.vm_status(redis_client, vm_id)
-        if found is not None and found.host is not None:
-            raise CliError(
-                f"{vm} runs on {found.host}: shut it down first (`keeper vm shutdown {vm}`)",
-                ExitCode.REFUSED,
-            )
-        async with _client(
-            settings, needs=("policy", "store") if disable else ("store",)
-        ) as client:
+        async with _client(settings, needs=RESOLVING) as client:
+            vm_id = await _resolve(client, vm)
+            found = await views.vm_status(client, vm_id)
+            if found is not None and found.host is not None:
+                raise CliError(
+                    f"{vm} runs on {found.host}: shut it down first (`keeper vm shutdown {vm}`)",
+                    ExitCode.REFUSED,
+                )
             lost = describe_loss(
                 await client.state_history(vm_id), await client.list_snapshots(vm_id)
             )
@@ -741,8 +722,8 @@ def clone(
         raise typer.BadParameter(f"not a UUID: {target_vm_id!r}") from None
 
     async def work(settings: CliSettings) -> tuple[str, dict[StateKind, int]]:
-        vm_id = await _resolve(settings, source)
-        async with _client(settings, needs=("store",)) as client:
+        async with _client(settings, needs=RESOLVING) as client:
+            vm_id = await _resolve(client, source)
             return vm_id, await client.clone_vm(vm_id, target, tpm)
 
     source_id, versions = _run(work)
@@ -770,9 +751,10 @@ def export(
         raise typer.BadParameter(f"{output_file} exists (use --force to overwrite)")
 
     async def work(settings: CliSettings) -> tuple[str, bytes]:
-        vm_id = await _resolve(settings, vm)
-        passphrase = _passphrase(True, passphrase_file)
-        async with _client(settings, needs=("store",)) as client:
+        async with _client(settings, needs=RESOLVING) as client:
+            vm_id = await _resolve(client, vm)
+            # In a thread: the connection keeps its heartbeats while someone types.
+            passphrase = await asyncio.to_thread(_passphrase, True, passphrase_file)
             with _progress(f"Exporting {vm}...", quiet=as_json):
                 return vm_id, await client.export_state(vm_id, passphrase)
 
@@ -826,8 +808,8 @@ def hosts(as_json: JsonOption = False) -> None:
     """Every host: alive, silent or lost, and what it can run."""
 
     async def work(settings: CliSettings) -> list[views.HostStatus]:
-        async with _redis(settings) as client:
-            return await views.host_statuses(client, lost_after_s=settings.host_lost_after_s)
+        async with _client(settings, needs=("policy",)) as client:
+            return await views.host_statuses(client)
 
     found = _run(work)
     now = time.time()

@@ -17,6 +17,17 @@ from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DeleteState, DisableTpm
 from keeper_shared.messages.envelope import Envelope, MessageError, Payload, decode, peek_type
 from keeper_shared.messages.placement import PlaceVm, StopMode, StopVm
+from keeper_shared.messages.queries import (
+    MAX_DESCRIBED_VMS,
+    DescribeStoredState,
+    HostsListed,
+    ListHosts,
+    ListVms,
+    StoredStateDescribed,
+    StoredVmState,
+    VmsListed,
+    VmView,
+)
 from keeper_shared.messages.snapshot import (
     CreateSnapshot,
     DeleteSnapshot,
@@ -100,12 +111,18 @@ class KeeperClient:
     """Requests to policy and the state store, and a view of the events."""
 
     def __init__(
-        self, bus: BusClient, *, request_timeout_s: float, store_target: str = STATE_STORE
+        self,
+        bus: BusClient,
+        *,
+        request_timeout_s: float,
+        store_target: str = STATE_STORE,
+        policy_target: str = POLICY,
     ) -> None:
         self._bus = bus
         self._timeout = request_timeout_s
-        # The store's command routing key; only tests point it at a private store.
+        # The services' command routing keys; only tests point them at private services.
         self._store_target = store_target
+        self._policy_target = policy_target
         self._watch_queue: AbstractQueue | None = None
 
     @classmethod
@@ -132,13 +149,38 @@ class KeeperClient:
         await queue.consume(watch.on_message, no_ack=True)
         return watch
 
-    async def _ask_policy(self, payload: Payload, subject: str) -> dict[str, Any]:
+    async def _call_policy(self, payload: Payload, reply_type: type[E], subject: str) -> E:
         reply = await self._bus.call(
-            POLICY, payload, CommandDone, subject=subject, timeout_s=self._timeout
+            self._policy_target, payload, reply_type, subject=subject, timeout_s=self._timeout
         )
-        if not reply.data.ok:
-            raise KeeperRequestError(reply.data.error or "refused without a reason")
-        return dict(reply.data.detail)
+        return reply.data
+
+    async def _ask_policy(self, payload: Payload, subject: str) -> dict[str, Any]:
+        done = await self._call_policy(payload, CommandDone, subject)
+        if not done.ok:
+            raise KeeperRequestError(done.error or "refused without a reason")
+        return dict(done.detail)
+
+    async def list_vms(self, reference: str | None = None) -> list[VmView]:
+        """Every registered VM as policy keeps it, or those ``reference`` (a VM id or a
+        domain name) names; by name, then id."""
+        reply = await self._call_policy(ListVms(vm=reference), VmsListed, reference or "vms")
+        return reply.vms
+
+    async def list_hosts(self) -> HostsListed:
+        """Every host policy heard from, with its liveness by policy's rule."""
+        return await self._call_policy(ListHosts(), HostsListed, "hosts")
+
+    async def describe_stored_state(self, vm_ids: Sequence[str]) -> list[StoredVmState]:
+        """What the store holds for each of ``vm_ids`` (newest version per kind), in order;
+        asked in batches the message allows."""
+        found: list[StoredVmState] = []
+        for start in range(0, len(vm_ids), MAX_DESCRIBED_VMS):
+            batch = list(vm_ids[start : start + MAX_DESCRIBED_VMS])
+            request = DescribeStoredState(vm_ids=batch)
+            reply = await self._call_store(request, StoredStateDescribed, batch[0])
+            found.extend(reply.vms)
+        return found
 
     async def enable_tpm(
         self, spec: VmSpec, *, override: bool = False, cluster: str = DEFAULT_CLUSTER

@@ -1,6 +1,7 @@
-"""Where the CLI finds the bus and Redis: ``KEEPER_AMQP_URL`` (or ``KEEPER_AMQP_URLS`` for a
-cluster) and ``KEEPER_REDIS_URL`` (or ``KEEPER_REDIS_SENTINELS``), defaulting to the local
-stack's ports (``make demo``)."""
+"""Where the CLI finds the bus: ``KEEPER_AMQP_URL`` (or ``KEEPER_AMQP_URLS`` for a cluster),
+defaulting to the local stack's port (``make demo``). It asks policy and the store for
+everything it shows, so it needs no Redis address (``KEEPER_REDIS_*`` variables left from
+earlier releases are ignored)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from keeper_shared.bus.topology import STATE_STORE
-from keeper_shared.redis_access.connection import RedisSettings
+from keeper_shared.bus.topology import POLICY, STATE_STORE
 from keeper_shared.runtime.settings import split_list
 
 
@@ -34,7 +34,7 @@ def _stack() -> LocalStackPorts:
     return LocalStackPorts()
 
 
-class CliSettings(BaseSettings, RedisSettings):
+class CliSettings(BaseSettings):
     """Settings of the ``keeper`` command, from ``KEEPER_*`` environment variables."""
 
     model_config = SettingsConfigDict(env_prefix="KEEPER_", frozen=True, extra="ignore")
@@ -48,18 +48,14 @@ class CliSettings(BaseSettings, RedisSettings):
         description="A RabbitMQ cluster's node URLs (comma-separated); when set, amqp_url "
         "is not used.",
     )
-    redis_url: str = Field(
-        default_factory=lambda: f"redis://127.0.0.1:{_stack().redis_port}/0",
-        description="Redis URL, read for `status` and `hosts` (the local stack's by default).",
-    )
     timeout_s: float = Field(
         default=120.0, gt=0, description="How long a request waits for policy or the store."
     )
     store_target: str = Field(
         default=STATE_STORE, description="The store's command key (tests point it elsewhere)."
     )
-    host_lost_after_s: float = Field(
-        default=30.0, gt=0, description="A host silent this long shows as `silent`."
+    policy_target: str = Field(
+        default=POLICY, description="Policy's command key (tests point it elsewhere)."
     )
 
     _split_amqp_urls = field_validator("amqp_urls", mode="before")(split_list)

@@ -16,7 +16,7 @@ class ExitCode(enum.IntEnum):
     UNKNOWN_VM = 3
     """No VM with that id or name is registered."""
     UNREACHABLE = 4
-    """RabbitMQ, Redis, policy or the state store cannot be reached."""
+    """RabbitMQ, policy or the state store cannot be reached."""
     ABORTED = 5
     """A destructive action was not confirmed."""
     TIMEOUT = 6

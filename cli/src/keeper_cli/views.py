@@ -1,38 +1,19 @@
-"""Read-only views of what policy and the store keep in Redis, for ``status`` and
-``hosts`` (there is no query command for them on the bus).
-
-Everything here only reads, and tolerates records written by older or newer services:
-a field it does not know is ignored, a field that is missing shows as unknown.
+"""What ``status`` and ``hosts`` show, and how a VM reference resolves: policy's and the
+store's answers to their queries (``vms.list``, ``hosts.list``, ``state.describe``) put
+together for tables and JSON. Nothing here reads a service's storage.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from redis.asyncio import Redis
-
-from keeper_shared.messages.types import StateKind
-from keeper_shared.redis_access.keys import (
-    PREFIX,
-    data_key_key,
-    hosts_key,
-    placement_key,
-    state_head_key,
-    state_meta_key,
-    vm_record_key,
-)
-from keeper_shared.redis_access.results import awaited
-from keeper_state_store.storage.version_meta import VersionMetaError, unpack_version_meta
-
-HOST_STATUS_KEY = f"{PREFIX}:policy:host-status"
-"""Policy's hash of host liveness: `alive:<last_seen>` or `lost:<declared_at>:<last_seen>`."""
-
-_VM_RECORD = re.compile(rf"^{PREFIX}:\{{([0-9a-f-]{{36}})\}}:vm$")
+from keeper_cli.client import KeeperClient
+from keeper_shared.messages.queries import HostView, StoredVmState, VmView
+from keeper_shared.messages.types import VM_NAME_PATTERN, StateKind
 
 
 @dataclass(frozen=True)
@@ -127,126 +108,90 @@ class HostStatus:
 
 
 def iso(timestamp: float | None) -> str | None:
+    """A timestamp as local ISO 8601 text to the second; None stays None."""
     if timestamp is None:
         return None
     return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
 
 
-def _text(value: bytes | None) -> str | None:
-    if value is None or value == b"":
-        return None
-    return value.decode(errors="replace")
-
-
-async def vm_ids(redis: Redis) -> list[str]:
-    """Every VM policy registered."""
-    found = set()
-    async for key in redis.scan_iter(match=f"{PREFIX}:{{*}}:vm", count=500):
-        match = _VM_RECORD.match(key.decode() if isinstance(key, bytes) else str(key))
-        if match:
-            found.add(match.group(1))
-    return sorted(found)
-
-
-async def vm_status(redis: Redis, vm_id: str) -> VmStatus | None:
-    """One VM, None when policy never registered it."""
-    pipe = redis.pipeline(transaction=False)
-    pipe.hgetall(vm_record_key(vm_id))
-    pipe.hgetall(placement_key(vm_id))
-    for kind in StateKind:
-        pipe.hgetall(state_head_key(vm_id, kind))
-    record, placement, *heads = await pipe.execute()
-    if not record:
-        return None
-    name = guest_os = None
-    encrypted = False
-    try:
-        spec = json.loads(record.get(b"spec", b"{}"))
-        name, guest_os = spec.get("name"), spec.get("guest_os")
-        encrypted = spec.get("encrypt_tpm_state") is True
-    except ValueError:
-        pass
+def vm_status_from(view: VmView, stored: StoredVmState | None) -> VmStatus:
+    """One VM from policy's view of it and what the store holds. A version whose metadata
+    the store cannot read shows when policy heard it was persisted."""
     kinds: dict[str, KindStatus] = {}
-    for kind, head in zip(StateKind, heads, strict=True):
-        version = int(head[b"version"]) if head.get(b"version") else None
-        stored_at = size = None
-        if version is not None:
-            meta_raw = await awaited(redis.hget(state_meta_key(vm_id, kind), str(version)))
-            if meta_raw:
-                try:
-                    # The client returns bytes; redis-py's annotation says str.
-                    meta = unpack_version_meta(bytes(cast(bytes, meta_raw)))
-                    stored_at, size = meta.stored_at.timestamp(), meta.size
-                except VersionMetaError:
-                    pass
-            if stored_at is None and record.get(f"{kind.value}_persisted_at".encode()):
-                stored_at = float(record[f"{kind.value}_persisted_at".encode()])
-        kinds[kind.value] = KindStatus(version=version, stored_at=stored_at, size=size)
+    for kind in StateKind:
+        newest = stored.newest.get(kind) if stored is not None else None
+        if newest is None:
+            kinds[kind.value] = KindStatus(version=None, stored_at=None, size=None)
+            continue
+        stored_at = newest.stored_at.timestamp() if newest.stored_at is not None else None
+        persisted = view.persisted.get(kind)
+        if stored_at is None and persisted is not None:
+            stored_at = persisted.persisted_at.timestamp()
+        kinds[kind.value] = KindStatus(
+            version=newest.version, stored_at=stored_at, size=newest.size
+        )
     return VmStatus(
-        vm_id=vm_id,
-        name=name,
-        guest_os=guest_os,
-        host=_text(placement.get(b"host")),
-        epoch=int(placement.get(b"epoch", 0) or 0),
+        vm_id=view.vm_id,
+        name=view.name,
+        guest_os=view.guest_os,
+        host=view.host,
+        epoch=view.epoch,
         kinds=kinds,
-        lost_from=_text(record.get(b"lost_from")),
-        last_host=_text(record.get(b"last_host")),
-        tpm_encrypted=encrypted,
-        tpm_stranded=_text(record.get(b"tpm_stranded")),
+        lost_from=view.lost_from,
+        last_host=view.last_host,
+        tpm_encrypted=view.tpm_encrypted,
+        tpm_stranded=view.tpm_stranded,
     )
 
 
-async def all_vm_status(redis: Redis) -> list[VmStatus]:
-    """Every registered VM, by name."""
-    found = [status for vm_id in await vm_ids(redis) if (status := await vm_status(redis, vm_id))]
-    return sorted(found, key=lambda s: (s.name or "", s.vm_id))
+async def vm_statuses(client: KeeperClient, reference: str | None = None) -> list[VmStatus]:
+    """Every registered VM (or those ``reference`` names), by name, with its newest stored
+    state."""
+    views = await client.list_vms(reference)
+    if not views:
+        return []
+    stored = await client.describe_stored_state([view.vm_id for view in views])
+    by_vm = {item.vm_id: item for item in stored}
+    return [vm_status_from(view, by_vm.get(view.vm_id)) for view in views]
 
 
-async def resolve_vm(redis: Redis, reference: str) -> list[str]:
+async def vm_status(client: KeeperClient, vm_id: str) -> VmStatus | None:
+    """One VM by id, None when policy has not registered it."""
+    found = [item for item in await vm_statuses(client, vm_id) if item.vm_id == vm_id]
+    return found[0] if found else None
+
+
+async def resolve_vm(client: KeeperClient, reference: str) -> list[str]:
     """The ids of the VMs ``reference`` names (a VM id, or a domain name, which several
     VMs may share); empty when none. A VM id also names a VM that is not registered but has
     stored state (imported or cloned for a VM to be registered later)."""
-    lowered = reference.lower()
-    if re.fullmatch(r"[0-9a-f-]{36}", lowered) and await awaited(
-        redis.exists(vm_record_key(lowered), data_key_key(lowered))
-    ):
-        return [lowered]
-    return [s.vm_id for s in await all_vm_status(redis) if s.name == reference]
+    if not re.fullmatch(VM_NAME_PATTERN, reference):
+        return []  # neither an id nor a domain name: nothing can be registered under it
+    views = await client.list_vms(reference)
+    try:
+        vm_id = str(uuid.UUID(reference))
+    except ValueError:
+        vm_id = None
+    if vm_id is not None and all(view.vm_id != vm_id for view in views):
+        (stored,) = await client.describe_stored_state([vm_id])
+        if stored.has_data_key or stored.newest:
+            return [vm_id]
+    return [view.vm_id for view in views]
 
 
-async def host_statuses(redis: Redis, *, lost_after_s: float) -> list[HostStatus]:
+def host_status_from(view: HostView) -> HostStatus:
+    """One host from policy's view of it."""
+    return HostStatus(
+        host=view.host,
+        status=view.liveness.value,
+        last_seen=view.last_seen.timestamp(),
+        cluster=view.cluster,
+        capabilities=view.capabilities.model_dump(mode="json"),
+        vms=view.vms,
+    )
+
+
+async def host_statuses(client: KeeperClient) -> list[HostStatus]:
     """Every host that ever sent a heartbeat: alive, silent (no heartbeat for a while,
-    not yet declared lost) or lost."""
-    pipe = redis.pipeline(transaction=False)
-    pipe.hgetall(hosts_key())
-    pipe.hgetall(HOST_STATUS_KEY)
-    records, statuses = await pipe.execute()
-    now = time.time()
-    hosts = []
-    for raw_host, raw in sorted(records.items()):
-        host = raw_host.decode()
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            record = {}
-        last_seen = record.get("last_seen")
-        last_seen = float(last_seen) if isinstance(last_seen, int | float) else None
-        marker = (_text(statuses.get(raw_host)) or "").split(":", 1)[0]
-        if marker == "lost":
-            status = "lost"
-        elif last_seen is not None and now - last_seen > lost_after_s:
-            status = "silent"
-        else:
-            status = "alive"
-        vms = record.get("vms", {})
-        hosts.append(
-            HostStatus(
-                host=host,
-                status=status,
-                last_seen=last_seen,
-                cluster=record.get("cluster"),
-                capabilities=dict(record.get("capabilities") or {}),
-                vms=len(vms) if isinstance(vms, dict | list) else 0,
-            )
-        )
-    return hosts
+    not yet declared lost) or lost, by policy's rule."""
+    return [host_status_from(view) for view in (await client.list_hosts()).hosts]

@@ -64,10 +64,19 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "state.export",
             "state.import",
             "state.delete",
+            "state.describe",
         }
     ),
     MessageRole.POLICY_COMMAND: frozenset(
-        {"tpm.enable", "tpm.disable", "vm.place", "vm.stop", "vm.snapshot"}
+        {
+            "tpm.enable",
+            "tpm.disable",
+            "vm.place",
+            "vm.stop",
+            "vm.snapshot",
+            "vms.list",
+            "hosts.list",
+        }
     ),
     MessageRole.REPLY: frozenset(
         {
@@ -76,6 +85,9 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "state.history-listed",
             "snapshot.listed",
             "state.exported",
+            "state.described",
+            "vms.listed",
+            "hosts.listed",
         }
     ),
 }

@@ -25,6 +25,7 @@ from keeper_policy.storage.scripts import PolicyScripts
 from keeper_policy.storage.vm_registry import PolicyRegistry
 from keeper_policy.tpm.approver import Approver
 from keeper_policy.tpm.disabler import TpmDisabler
+from keeper_policy.views.queries import PolicyQueries
 from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_policy.workflows.store import WorkflowStore
 from keeper_shared.bus.client import BusClient, Consumer
@@ -83,6 +84,7 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         ),
         migrations=MigrationTracker(registry, hosts, gateway, window_s=settings.migration_window_s),
         snapshots=Snapshotter(registry, engine, gateway, bounds, settings.workflow_lease_s),
+        queries=PolicyQueries(registry, hosts, lost_after_s=settings.host_lost_after_s),
         disabler=TpmDisabler(
             registry, engine, gateway, store_timeout_s=settings.retrieve_timeout_s
         ),

@@ -19,6 +19,7 @@ from keeper_policy.stop.stopper import Stopper
 from keeper_policy.storage.vm_registry import PolicyRegistry
 from keeper_policy.tpm.approver import Approver
 from keeper_policy.tpm.disabler import TpmDisabler
+from keeper_policy.views.queries import PolicyQueries
 from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.messages.commands import CommandDone
@@ -50,6 +51,7 @@ class PolicyService:
         migrations: MigrationTracker,
         snapshots: Snapshotter,
         disabler: TpmDisabler,
+        queries: PolicyQueries,
     ) -> None:
         self._registry = registry
         self._hosts = hosts
@@ -61,6 +63,7 @@ class PolicyService:
         self._migrations = migrations
         self._snapshots = snapshots
         self._disabler = disabler
+        self._queries = queries
         self._tasks: set[asyncio.Task[None]] = set()
 
     def event_routes(self) -> list[Route]:
@@ -82,6 +85,7 @@ class PolicyService:
             Route(PlaceVm, self.on_place),
             Route(StopVm, self.on_stop),
             Route(SnapshotVm, self.on_snapshot),
+            *self._queries.command_routes(),
         ]
 
     def start_background(self) -> None:

@@ -24,6 +24,7 @@ from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.storage.durability import ensure_durable
 from keeper_state_store.storage.replication import ReplicaQuorum
 from keeper_state_store.storage.repository import StateRepository
+from keeper_state_store.views.queries import StoreQueries
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +69,7 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                     *HistoryService(repository).command_routes(),
                     *TransferService(repository).command_routes(),
                     *DeletionService(repository, bus).command_routes(),
+                    *StoreQueries(repository).command_routes(),
                 ],
                 prefetch=8,
             )

@@ -20,7 +20,7 @@ SENTINEL_TIMEOUT_S = 2.0
 class RedisSettings(BaseModel):
     """Where Redis is; mixed into the settings of each component that uses it, which read
     it from the environment under their own prefix (``KEEPER_STORE_REDIS_URL``,
-    ``KEEPER_POLICY_REDIS_SENTINELS``, ``KEEPER_REDIS_MASTER_NAME`` for the CLI…)."""
+    ``KEEPER_POLICY_REDIS_SENTINELS``, ``KEEPER_POLICY_REDIS_MASTER_NAME``…)."""
 
     redis_url: str = Field(
         default="redis://127.0.0.1:28379/0",

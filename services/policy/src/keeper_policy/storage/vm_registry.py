@@ -94,6 +94,11 @@ class PolicyRegistry:
         self._redis = redis
         self._scripts = scripts
 
+    @property
+    def redis(self) -> Redis:
+        """The client, for policy's read-only views (:mod:`keeper_policy.views`)."""
+        return self._redis
+
     async def register_vm(self, spec: VmSpec, tpm_xml: str) -> None:
         """Record an approved VM (idempotent; a new approval replaces spec and element, and
         forgets a stranded-TPM mark: the operator has dealt with it)."""
