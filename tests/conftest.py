@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from broker import Broker
 from keeper_devtools.localstack import (
     NotInstalledError,
     RabbitMQConfig,
@@ -27,6 +26,7 @@ from keeper_devtools.localstack import (
     RedisServer,
     free_tcp_ports,
 )
+from support.broker import Broker
 
 # The machine runs real brokers and services beside the tests: on 2 busy cores a property
 # test's data generation may be slow, which is no failure of the code under test.

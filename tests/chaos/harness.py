@@ -38,7 +38,6 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import Redis
 
-from bus_hygiene import purge_service_queues
 from keeper_cli.client import KeeperClient
 from keeper_devtools.demo.hosts import OVMF_VARS_SIZE, OVMF_VARS_TEMPLATE, SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
@@ -55,6 +54,7 @@ from keeper_shared.state_format.blobs import content_hash
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.crypto.encryption import generate_key_file
 from keeper_state_store.storage.version_meta import unpack_version_meta
+from support.bus_hygiene import purge_service_queues
 
 P = TypeVar("P", bound=Payload)
 

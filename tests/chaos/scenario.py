@@ -40,7 +40,7 @@ from chaos.netns import HostLink, HostNetwork, NetnsUnavailableError
 from chaos.poison import PoisonOutcome, send_poison
 from chaos.tcp_proxy import TcpProxy
 from chaos.verdict import acknowledged_lost, classify, recovery_points
-from leak_scan import find_leaks, leak_forms, read_files
+from support.leak_scan import find_leaks, leak_forms, read_files
 
 CANARY_PREFIX = b"keeper-chaos-canary:"
 

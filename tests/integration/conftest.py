@@ -17,8 +17,8 @@ from keeper_devtools.localstack import RedisServer
 from keeper_devtools.swtpm_lab import write_private_ca_config
 from keeper_shared.swtpm import missing_tools
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
-from process_table import swtpm_children
-from store_harness import Store, running_store
+from support.in_process_store import Store, running_store
+from support.process_table import swtpm_children
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""`keeper` against a real state store (the in-process store of store_harness on the
+"""`keeper` against a real state store (the in-process store of support.in_process_store on the
 session's RabbitMQ and Redis): status, history, snapshots, export and import, with --json
 parsed as a script would, and the errors a user meets."""
 
@@ -22,7 +22,7 @@ from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import hosts_key, placement_key, vm_record_key
 from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
-from store_harness import Store, unique
+from support.in_process_store import Store, unique
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 

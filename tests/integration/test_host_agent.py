@@ -59,7 +59,7 @@ from keeper_shared.messages.vm import (
 )
 from keeper_shared.state_format.blobs import content_hash, seal_blob
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
-from leak_scan import find_leaks, leak_forms
+from support.leak_scan import find_leaks, leak_forms
 
 pytestmark = pytest.mark.libvirt
 

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from broker import Broker
 from keeper_shared.bus.client import BusClient, Route
 from keeper_shared.bus.topology import host_command_queue
 from keeper_shared.messages.state import (
@@ -24,7 +23,8 @@ from keeper_shared.messages.state import (
 )
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
-from store_harness import Store, running_store, sha256, unique
+from support.broker import Broker
+from support.in_process_store import Store, running_store, sha256, unique
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 

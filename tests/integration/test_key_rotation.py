@@ -33,7 +33,7 @@ from keeper_state_store.crypto.encryption import (
 from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.key_rotation import rotate_data_keys
 from keeper_state_store.repository import StateRepository, VersionWrite, WriteOutcome
-from redis_db import database_url, private_database
+from support.redis_db import database_url, private_database
 
 pytestmark = pytest.mark.redis
 

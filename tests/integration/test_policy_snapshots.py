@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from integration.policy_stack import PolicyStack
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import VmResumed, VmSuspended
 from keeper_shared.messages.vm_snapshot import SnapshotMode, VmSnapshotted
+from support.policy_stack import PolicyStack
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 

@@ -31,7 +31,6 @@ import pytest
 import pytest_asyncio
 from typer.testing import CliRunner
 
-from integration.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
 from keeper_cli.app import app
 from keeper_cli.client import KeeperRequestError
 from keeper_shared.messages.deletion import StateDeleted, TpmDisabled
@@ -48,6 +47,7 @@ from keeper_shared.messages.tpm import TpmApproved, VmSpec
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import ShutdownVm, StopReason, VmStopped, VmUndefined
 from keeper_shared.redis_access.keys import placement_key, state_head_key
+from support.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
 
 pytestmark = [
     pytest.mark.rabbit,

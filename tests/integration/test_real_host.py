@@ -103,7 +103,7 @@ from keeper_state_store.crypto.encryption import generate_key_file
 from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.repository import StateRepository
 from keeper_state_store.tpm_secrets import TpmSecretVault
-from leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
+from support.leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
 
 pytestmark = [
     pytest.mark.real_host,

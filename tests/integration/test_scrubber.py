@@ -67,8 +67,8 @@ from keeper_state_store.scrub_flags import ScrubFlag
 from keeper_state_store.scrubber import Scrubber, VmScrubOutcome
 from keeper_state_store.tpm_probe import reap_stale_probes
 from keeper_state_store.tpm_secrets import TpmSecretVault
-from leak_scan import leak_forms
-from redis_db import database_url, private_database
+from support.leak_scan import leak_forms
+from support.redis_db import database_url, private_database
 
 pytestmark = [
     pytest.mark.redis,

@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractIncomingMessage
 from redis.asyncio import Redis
 
-from bus_hygiene import purge_service_queues
 from keeper_cli.policy_client import PolicyClient
 from keeper_devtools.demo.hosts import SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
@@ -51,6 +50,7 @@ from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import content_hash
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.crypto.encryption import generate_key_file
+from support.bus_hygiene import purge_service_queues
 
 E = TypeVar("E", bound=Payload)
 
