@@ -28,7 +28,7 @@ import secrets
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -55,6 +55,7 @@ from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tp
 from keeper_state_store.crypto.encryption import generate_key_file
 from keeper_state_store.storage.version_meta import unpack_version_meta
 from support.bus_hygiene import purge_service_queues
+from support.waiting import WaitTimeoutError, wait_until
 
 P = TypeVar("P", bound=Payload)
 
@@ -79,23 +80,8 @@ SIGKILLs what is left when a test was torn down without reaching its own cleanup
 
 
 class ChaosError(RuntimeError):
-    """The harness could not set the scene (a service did not come up, a request failed)."""
-
-
-class ChaosTimeoutError(ChaosError):
-    """What the harness waited for did not happen in time."""
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float, poll_s: float = 0.1
-) -> float:
-    """Poll ``condition`` until true; return how long it took, raise ChaosError on timeout."""
-    started = time.monotonic()
-    while not await condition():
-        if time.monotonic() - started > timeout_s:
-            raise ChaosTimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(poll_s)
-    return time.monotonic() - started
+    """The harness could not set the scene (a service exited, a request failed); what it
+    waited for in vain raises `WaitTimeoutError` instead."""
 
 
 # --- configuration and services -----------------------------------------------------------
@@ -817,7 +803,7 @@ async def wait_until_stored(
 
     try:
         return await wait_until(all_stored, "the newest state of every VM", timeout_s)
-    except ChaosTimeoutError:
+    except WaitTimeoutError:
         return None
 
 

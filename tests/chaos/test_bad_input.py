@@ -27,7 +27,6 @@ from chaos.harness import (
     ChaosCluster,
     ClusterConfig,
     StateLoad,
-    wait_until,
     wait_until_stored,
 )
 from chaos.poison import escaped_files, escaping_archive
@@ -49,6 +48,7 @@ from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.redis_access.keys import placement_key
 from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import seal_blob
+from support.waiting import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 

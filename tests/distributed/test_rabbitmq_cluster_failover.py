@@ -40,11 +40,11 @@ from chaos.harness import (
     StateLoad,
     analyse,
     figures_table,
-    wait_until,
     wait_until_stored,
 )
 from chaos.verdict import acknowledged_lost
 from keeper_devtools.localstack import RabbitMQCluster
+from support.waiting import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 

@@ -21,9 +21,8 @@ import asyncio
 import os
 import stat
 import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -60,6 +59,7 @@ from keeper_shared.messages.vm import (
 from keeper_shared.state_format.blobs import content_hash, seal_blob
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from support.leak_scan import find_leaks, leak_forms
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.libvirt
 
@@ -107,14 +107,6 @@ def mode_of(path: Path) -> int:
 
 def libvirt_event_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "libvirt-events" and t.is_alive()]
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {TIMEOUT_S:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def empty_test_node(tmp_path: Path) -> str:

@@ -31,7 +31,8 @@ from keeper_shared.messages.placement import StopMode, VmEvicted, VmPlaced
 from keeper_shared.messages.state import StatePersisted, StateWriteRefused
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import StateKind
-from support.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
+from support.policy_stack import STEP_TIMEOUT_S, PolicyStack
+from support.waiting import wait_until
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 

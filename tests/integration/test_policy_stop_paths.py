@@ -47,7 +47,8 @@ from keeper_shared.messages.tpm import TpmApproved, VmSpec
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import ShutdownVm, StopReason, VmStopped, VmUndefined
 from keeper_shared.redis_access.keys import placement_key, state_head_key
-from support.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
+from support.policy_stack import STEP_TIMEOUT_S, PolicyStack
+from support.waiting import wait_until
 
 pytestmark = [
     pytest.mark.rabbit,

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import secrets
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +50,7 @@ from keeper_shared.state_format.blobs import content_hash
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.crypto.encryption import generate_key_file
 from support.bus_hygiene import purge_service_queues
+from support.waiting import wait_until
 
 E = TypeVar("E", bound=Payload)
 
@@ -71,22 +71,6 @@ FAST_POLICY = {
 
 class StackError(RuntimeError):
     """The stack could not be brought to the state a test needs."""
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool] | bool], what: str, timeout_s: float = STEP_TIMEOUT_S
-) -> None:
-    """Poll ``condition`` until it holds; StackError naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        holds = condition()
-        if inspect.isawaitable(holds):
-            holds = await holds
-        if holds:
-            return
-        if time.monotonic() > deadline:
-            raise StackError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 class EventLog:
