@@ -411,10 +411,10 @@ async def _judge(
         report.changes_stored += analysis.versions_stored
         problems.extend(analysis.problems)
     report.stale_overwrites, report.applied_twice, report.other_problems = classify(problems)
-    acknowledged = cluster.recorder.persisted_for(cluster.vm_ids)
+    acknowledged = cluster.persisted_for(cluster.vm_ids)
     # A redelivered change re-announces its version: count versions, not announcements.
     report.acknowledged = len({(s.data.vm_id, s.data.kind, s.data.version) for s in acknowledged})
-    report.refused = len(cluster.recorder.refused_for(cluster.vm_ids))
+    report.refused = len(cluster.refused_for(cluster.vm_ids))
     report.acknowledged_lost = await acknowledged_lost(cluster, acknowledged)
     points = await recovery_points(cluster, loads, faults, profile.recovery_point_bound_s)
     report.recovery_points_checked = points.checked

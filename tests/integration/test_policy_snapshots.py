@@ -55,12 +55,11 @@ async def test_snapshots_with_memory_live_and_offline(
             StatePersisted, lambda e: e.vm_id == vm_id and e.content_hash == at_pause
         )
         taken = await stack.events.wait_for(VmSnapshotted, lambda e: e.vm_id == vm_id)
-        position = stack.events.position
         # Causal order only: the pin was persisted before policy resumed the guest. (The
         # host's vm.resumed and policy's vm.snapshotted have no order between them.)
-        assert position(stored) < position(resumed)
-        assert position(suspended) < position(resumed)
-        assert position(stored) < position(taken)
+        assert stored.position < resumed.position
+        assert suspended.position < resumed.position
+        assert stored.position < taken.position
         assert taken.data.mode is SnapshotMode.MEMORY
 
         # The guest runs on and changes its TPM; the snapshot does not move.
