@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 
 from keeper_policy.domain_definition import domain_xml
-from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import host_command_key
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.host import HostHeartbeat
@@ -48,6 +47,7 @@ from keeper_shared.messages.vm import (
 )
 from keeper_shared.state_format.blobs import content_hash, open_blob, seal_blob
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from support.bus_clients import ConnectBus
 from support.events import EventRecorder
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.rabbit]
@@ -177,11 +177,11 @@ def test_agent_starts_and_stops_cleanly_on_sigterm(agent_process: AgentProcess) 
 
 
 async def test_agent_process_serves_commands_and_publishes_events(
-    agent_process: AgentProcess, rabbitmq_url: str
+    agent_process: AgentProcess, rabbitmq_url: str, connect_bus: ConnectBus
 ) -> None:
     await asyncio.to_thread(agent_process.wait_ready)
     host_id = agent_process.host_id
-    bus = await BusClient.connect(rabbitmq_url, source="test/driver", origin="test-driver")
+    bus = await connect_bus(source="test/driver", origin="test-driver")
     # Every event this host publishes (its events' routing keys end in its id).
     tap = await EventRecorder.start(rabbitmq_url, f"#.{host_id}", name="test/driver events")
     try:
@@ -274,7 +274,6 @@ async def test_agent_process_serves_commands_and_publishes_events(
         assert not (agent_process.nvram_dir / f"{VM_NAME}_VARS.fd").exists()
     finally:
         await tap.close()
-        await bus.close(grace_s=2)
 
     await asyncio.to_thread(assert_clean_exit, agent_process)
     # Invariant 4 on the way: the state bytes never reached the agent's output in any form.

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,7 +68,7 @@ from keeper_state_store.tpm_probe import reap_stale_probes
 from keeper_state_store.tpm_secrets import TpmSecretVault
 from support.leak_scan import leak_forms
 from support.recording_publisher import RecordingPublisher
-from support.redis_db import database_url, private_database
+from support.redis_db import PrivateDatabase
 
 pytestmark = [
     pytest.mark.redis,
@@ -76,7 +76,6 @@ pytestmark = [
     pytest.mark.usefixtures("swtpm_tools", "no_swtpm_left"),
 ]
 
-SCRUB_DB = 10
 CANARY = b"SCRUBBER-CANARY-" + os.urandom(16)
 
 
@@ -121,15 +120,9 @@ def _repository(redis: Redis, kek: KeyEncryptionKey, history_depth: int = 10) ->
     return StateRepository(redis, KeyRing(kek), history_depth=history_depth)
 
 
-@pytest_asyncio.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    async with private_database(redis_url, SCRUB_DB) as client:
-        yield client
-
-
 @pytest.fixture
-def kek() -> KeyEncryptionKey:
-    return KeyEncryptionKey(os.urandom(32))
+def redis(private_redis: PrivateDatabase) -> Redis:
+    return private_redis.client
 
 
 def _scrubber(
@@ -339,14 +332,13 @@ async def test_a_tpm_manufactured_again_is_flagged_as_a_reset_naming_the_good_ve
 
 
 async def test_two_scrubbers_never_work_on_one_vm_at_once(
-    redis: Redis, redis_url: str, kek: KeyEncryptionKey, scrub_dir: Path
+    redis: Redis, private_redis: PrivateDatabase, kek: KeyEncryptionKey, scrub_dir: Path
 ) -> None:
     vms = [await Vm.placed(redis, kek) for _ in range(4)]
     for vm in vms:
         for seed in range(3):
             await vm.write(StateKind.NVRAM, _nvram(seed))
-    url = database_url(redis_url, SCRUB_DB)
-    clients = [Redis.from_url(url), Redis.from_url(url)]
+    clients = [Redis.from_url(private_redis.url), Redis.from_url(private_redis.url)]
     try:
         recorder = RecordingPublisher()
         first, second = (

@@ -38,8 +38,7 @@ VM_NAME = "history-vm"
 
 
 @pytest_asyncio.fixture
-async def store(rabbitmq_url: str, redis_url: str) -> AsyncIterator[Store]:
-    kek = KeyEncryptionKey(os.urandom(32))
+async def store(rabbitmq_url: str, redis_url: str, kek: KeyEncryptionKey) -> AsyncIterator[Store]:
     async with running_store(rabbitmq_url, redis_url, kek, history_depth=HISTORY_DEPTH) as s:
         yield s
 
