@@ -226,15 +226,12 @@ async def test_agent_process_serves_commands_and_publishes_events(
 
         await tap.wait_for(VmStarted, timeout_s=CALL_TIMEOUT_S)
         changed = await tap.wait_for_count(StateChanged, 1, timeout_s=CALL_TIMEOUT_S)
-        events = [seen.data for seen in changed]
-        while sum(len(event.changes) for event in events) < 2:
+        while sum(len(seen.data.changes) for seen in changed) < 2:
             # TPM and NVRAM are announced together when found stable in the same turn.
-            events = [
-                seen.data
-                for seen in await tap.wait_for_count(
-                    StateChanged, len(events) + 1, timeout_s=CALL_TIMEOUT_S
-                )
-            ]
+            changed = await tap.wait_for_count(
+                StateChanged, len(changed) + 1, timeout_s=CALL_TIMEOUT_S
+            )
+        events = [seen.data for seen in changed]
         by_kind = {c.kind: c for event in events for c in event.changes}
         assert by_kind[StateKind.TPM].content_hash == tpm.content_hash
         assert by_kind[StateKind.NVRAM].content_hash == content_hash(nvram)
@@ -253,12 +250,19 @@ async def test_agent_process_serves_commands_and_publishes_events(
         assert open_blob(blobs[StateKind.TPM]) == pack_tpm_state({MAIN_STATE_FILE_NAME: permall})
         assert open_blob(blobs[StateKind.NVRAM]) == nvram
 
-        # The heartbeat carries the VM with the hashes of what it holds.
+        # A heartbeat after the announcement carries the VM with the hashes of what it holds.
+        # (One sent between the start and the state turning stable lists it without them.)
+        announced_at = changed[-1].position
+
         def lists_the_vm(beat: HostHeartbeat) -> bool:
             return any(vm.vm_id == VM_ID for vm in beat.vms)
 
-        await tap.wait_for(HostHeartbeat, lists_the_vm, CALL_TIMEOUT_S)
-        (entry,) = tap.matching(HostHeartbeat, lists_the_vm)[-1].data.vms
+        beats = await tap.wait_for_count(HostHeartbeat, 1, lists_the_vm, CALL_TIMEOUT_S)
+        while beats[-1].position < announced_at:
+            beats = await tap.wait_for_count(
+                HostHeartbeat, len(beats) + 1, lists_the_vm, CALL_TIMEOUT_S
+            )
+        (entry,) = beats[-1].data.vms
         assert (entry.epoch, entry.tpm_hash, entry.nvram_hash) == (
             2,
             tpm.content_hash,
