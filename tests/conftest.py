@@ -12,13 +12,13 @@ from __future__ import annotations
 import gc
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from hypothesis import HealthCheck, settings
 
-from broker import Broker
 from keeper_devtools.localstack import (
     NotInstalledError,
     RabbitMQConfig,
@@ -27,6 +27,10 @@ from keeper_devtools.localstack import (
     RedisServer,
     free_tcp_ports,
 )
+from keeper_state_store.crypto.encryption import KeyEncryptionKey, generate_key_file
+from support.broker import Broker
+from support.bus_clients import BusClients, ConnectBus
+from support.redis_db import PrivateDatabase, private_database
 
 # The machine runs real brokers and services beside the tests: on 2 busy cores a property
 # test's data generation may be slow, which is no failure of the code under test.
@@ -229,3 +233,38 @@ def local_servers_installed() -> None:
     """Skip (fail under CI) unless rabbitmq-server and redis-server are installed locally."""
     _require_installed(RabbitMQNode.check_installed)
     _require_installed(RedisServer.check_installed)
+
+
+@pytest_asyncio.fixture
+async def connect_bus(rabbitmq_url: str) -> AsyncIterator[ConnectBus]:
+    """``await connect_bus(source=..., origin=...)``: a bus client for a test that publishes,
+    calls or consumes itself. Every client is closed when the test ends, before the fixtures
+    the test asked for ahead of this one (a store whose queues a client consumes) stop."""
+    clients = BusClients(rabbitmq_url)
+    try:
+        yield clients.connect
+    finally:
+        await clients.close_all()
+
+
+@pytest_asyncio.fixture
+async def private_redis(redis_url: str) -> AsyncIterator[PrivateDatabase]:
+    """A database of the session's Redis that the test has to itself (emptied before and
+    after), for tests that SCAN every key or run several clients against one database."""
+    async with private_database(redis_url) as database:
+        yield database
+
+
+@pytest.fixture
+def kek() -> KeyEncryptionKey:
+    """A random key-encryption key of the test's own."""
+    return KeyEncryptionKey(os.urandom(32))
+
+
+@pytest.fixture
+def kek_file(tmp_path: Path) -> Path:
+    """A key-encryption key file of the test's own (mode 0600, as ``keeper`` writes it), for
+    a store run as a process."""
+    path = tmp_path / "kek.key"
+    generate_key_file(path)
+    return path

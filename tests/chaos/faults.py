@@ -20,7 +20,7 @@ from enum import StrEnum
 import aio_pika
 
 from chaos.backend import ChaosBackend
-from chaos.harness import STARTUP_TIMEOUT_S, ChaosCluster, ChaosTimeoutError, wait_until
+from chaos.harness import STARTUP_TIMEOUT_S, ChaosCluster
 from chaos.netns import HostLink
 from chaos.tcp_proxy import TcpProxy
 from keeper_devtools.demo.processes import ServiceProcess
@@ -31,6 +31,7 @@ from keeper_shared.bus.topology import (
     STATE_STORE_EVENTS,
     host_command_queue,
 )
+from support.waiting import WaitTimeoutError, wait_until
 
 CONSUMERS_BACK_TIMEOUT_S = 90.0
 """Generous: a service that never resumes consuming fails the run, a slow one does not."""
@@ -147,9 +148,9 @@ class FaultInjector:
                 self._consumers_back,
                 "every service queue's consumers",
                 CONSUMERS_BACK_TIMEOUT_S,
-                0.5,
+                poll_s=0.5,
             )
-        except ChaosTimeoutError as error:
+        except WaitTimeoutError as error:
             raise FaultsNotRecoveredError(
                 f"after a broker restart: {error}; missing: {await self._missing_consumers()}"
             ) from error
@@ -223,7 +224,7 @@ class FaultInjector:
 
         try:
             await wait_until(dropped, "a store write whose reply to lose", REPLY_DROP_TIMEOUT_S)
-        except ChaosTimeoutError as error:
+        except WaitTimeoutError as error:
             raise FaultsNotRecoveredError(
                 f"store-{index + 1} made no write to lose a reply of: {error}"
             ) from error

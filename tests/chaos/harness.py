@@ -28,24 +28,19 @@ import secrets
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Generic, TypeVar
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import Redis
 
-from bus_hygiene import purge_service_queues
 from keeper_cli.client import KeeperClient
 from keeper_devtools.demo.hosts import OVMF_VARS_SIZE, OVMF_VARS_TEMPLATE, SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
 from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path
 from keeper_policy.placement.domain_definition import domain_xml
-from keeper_shared.bus.topology import EVENTS_EXCHANGE, declare_exchanges
-from keeper_shared.messages.envelope import Envelope, MessageError, Payload, decode, peek_type
 from keeper_shared.messages.state import StatePersisted, StateWriteRefused
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import FencingToken, StateKind
@@ -55,8 +50,9 @@ from keeper_shared.state_format.blobs import content_hash
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.crypto.encryption import generate_key_file
 from keeper_state_store.storage.version_meta import unpack_version_meta
-
-P = TypeVar("P", bound=Payload)
+from support.bus_hygiene import purge_service_queues
+from support.events import EventRecorder, Seen
+from support.waiting import WaitTimeoutError, wait_until
 
 STARTUP_TIMEOUT_S = 90.0
 STOP_GRACE_S = 10.0
@@ -79,23 +75,8 @@ SIGKILLs what is left when a test was torn down without reaching its own cleanup
 
 
 class ChaosError(RuntimeError):
-    """The harness could not set the scene (a service did not come up, a request failed)."""
-
-
-class ChaosTimeoutError(ChaosError):
-    """What the harness waited for did not happen in time."""
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float, poll_s: float = 0.1
-) -> float:
-    """Poll ``condition`` until true; return how long it took, raise ChaosError on timeout."""
-    started = time.monotonic()
-    while not await condition():
-        if time.monotonic() - started > timeout_s:
-            raise ChaosTimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(poll_s)
-    return time.monotonic() - started
+    """The harness could not set the scene (a service exited, a request failed); what it
+    waited for in vain raises `WaitTimeoutError` instead."""
 
 
 # --- configuration and services -----------------------------------------------------------
@@ -149,79 +130,6 @@ class ChaosVm:
     name: str
     host: SimulatedHost
     epoch: int
-
-
-@dataclass(frozen=True)
-class Seen(Generic[P]):
-    """An event and when it reached the harness (wall clock)."""
-
-    envelope: Envelope[P]
-    received_at: float
-
-    @property
-    def data(self) -> P:
-        """The event's payload."""
-        return self.envelope.data
-
-
-class EventRecorder:
-    """Every ``state.persisted`` and ``state.refused`` event, with its arrival time.
-
-    Like ``KeeperClient.watch_events`` (an exclusive queue bound to the events exchange),
-    but keeping every event and when it arrived, for the figures.
-    """
-
-    PATTERNS = ("state.persisted.*", "state.refused.*")
-
-    def __init__(self, connection: AbstractRobustConnection) -> None:
-        self._connection = connection
-        self.persisted: list[Seen[StatePersisted]] = []
-        self.refused: list[Seen[StateWriteRefused]] = []
-
-    @classmethod
-    async def start(cls, amqp_url: str) -> EventRecorder:
-        """Connect and start recording."""
-        connection = await aio_pika.connect_robust(
-            amqp_url, client_properties={"connection_name": "chaos-recorder"}, timeout=30
-        )
-        recorder = cls(connection)
-        channel = await connection.channel()
-        await declare_exchanges(channel)  # the recorder may be up before any service
-        queue = await channel.declare_queue(
-            f"keeper.chaos.{uuid.uuid4().hex[:12]}", exclusive=True, auto_delete=True
-        )
-        for pattern in cls.PATTERNS:
-            await queue.bind(EVENTS_EXCHANGE, routing_key=pattern)
-        await queue.consume(recorder._on_message, no_ack=True)
-        return recorder
-
-    @property
-    def connection(self) -> AbstractRobustConnection:
-        """The recorder's broker connection, for other looks at the broker."""
-        return self._connection
-
-    async def close(self) -> None:
-        """Stop recording."""
-        await self._connection.close()
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        now = time.time()
-        try:
-            message_type = peek_type(message.body)
-            if message_type == StatePersisted.message_type:
-                self.persisted.append(Seen(decode(message.body, StatePersisted), now))
-            elif message_type == StateWriteRefused.message_type:
-                self.refused.append(Seen(decode(message.body, StateWriteRefused), now))
-        except MessageError:
-            pass  # not ours to judge here
-
-    def persisted_for(self, vm_ids: set[str]) -> list[Seen[StatePersisted]]:
-        """Persisted events of these VMs so far (a copy: later events do not change it)."""
-        return [seen for seen in self.persisted if seen.data.vm_id in vm_ids]
-
-    def refused_for(self, vm_ids: set[str]) -> list[Seen[StateWriteRefused]]:
-        """Refusals concerning these VMs so far."""
-        return [seen for seen in self.refused if seen.data.vm_id in vm_ids]
 
 
 @dataclass(frozen=True)
@@ -283,6 +191,15 @@ class ChaosCluster:
         if self._recorder is None:
             raise ChaosError("the cluster is not started")
         return self._recorder
+
+    def persisted_for(self, vm_ids: set[str]) -> list[Seen[StatePersisted]]:
+        """``state.persisted`` events of these VMs recorded so far, oldest first (a copy:
+        later events do not change it)."""
+        return self.recorder.matching(StatePersisted, lambda e: e.vm_id in vm_ids)
+
+    def refused_for(self, vm_ids: set[str]) -> list[Seen[StateWriteRefused]]:
+        """``state.refused`` events concerning these VMs recorded so far."""
+        return self.recorder.matching(StateWriteRefused, lambda e: e.vm_id in vm_ids)
 
     @property
     def redis(self) -> Redis:
@@ -381,7 +298,9 @@ class ChaosCluster:
             host.create()
         await purge_service_queues(self.config.amqp_url)
         self._redis = Redis.from_url(self.config.redis_url)
-        self._recorder = await EventRecorder.start(self.config.amqp_url)
+        self._recorder = await EventRecorder.start(
+            self.config.amqp_url, "state.persisted.*", "state.refused.*", name="chaos-recorder"
+        )
         started_at = time.time()
         for service in self.services:
             await self._launch(service)
@@ -817,7 +736,7 @@ async def wait_until_stored(
 
     try:
         return await wait_until(all_stored, "the newest state of every VM", timeout_s)
-    except ChaosTimeoutError:
+    except WaitTimeoutError:
         return None
 
 
@@ -840,7 +759,7 @@ class Analysis:
 async def analyse(cluster: ChaosCluster, load: StateLoad) -> Analysis:
     """Check the store against what the load wrote (see the module docstring)."""
     result = Analysis()
-    persisted = cluster.recorder.persisted_for({vm.vm_id for vm in load.vms})
+    persisted = cluster.persisted_for({vm.vm_id for vm in load.vms})
     events: dict[tuple[str, StateKind], list[Seen[StatePersisted]]] = {}
     for seen in persisted:
         events.setdefault((seen.data.vm_id, seen.data.kind), []).append(seen)

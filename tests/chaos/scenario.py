@@ -40,7 +40,7 @@ from chaos.netns import HostLink, HostNetwork, NetnsUnavailableError
 from chaos.poison import PoisonOutcome, send_poison
 from chaos.tcp_proxy import TcpProxy
 from chaos.verdict import acknowledged_lost, classify, recovery_points
-from leak_scan import find_leaks, leak_forms, read_files
+from support.leak_scan import find_leaks, leak_forms, read_files
 
 CANARY_PREFIX = b"keeper-chaos-canary:"
 
@@ -411,10 +411,10 @@ async def _judge(
         report.changes_stored += analysis.versions_stored
         problems.extend(analysis.problems)
     report.stale_overwrites, report.applied_twice, report.other_problems = classify(problems)
-    acknowledged = cluster.recorder.persisted_for(cluster.vm_ids)
+    acknowledged = cluster.persisted_for(cluster.vm_ids)
     # A redelivered change re-announces its version: count versions, not announcements.
     report.acknowledged = len({(s.data.vm_id, s.data.kind, s.data.version) for s in acknowledged})
-    report.refused = len(cluster.recorder.refused_for(cluster.vm_ids))
+    report.refused = len(cluster.refused_for(cluster.vm_ids))
     report.acknowledged_lost = await acknowledged_lost(cluster, acknowledged)
     points = await recovery_points(cluster, loads, faults, profile.recovery_point_bound_s)
     report.recovery_points_checked = points.checked

@@ -27,11 +27,9 @@ from chaos.harness import (
     ChaosCluster,
     ClusterConfig,
     StateLoad,
-    wait_until,
     wait_until_stored,
 )
 from chaos.poison import escaped_files, escaping_archive
-from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import (
     POLICY_COMMANDS,
     STATE_STORE_COMMANDS,
@@ -49,6 +47,8 @@ from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.redis_access.keys import placement_key
 from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import seal_blob
+from support.bus_clients import ConnectBus
+from support.waiting import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 
@@ -76,7 +76,7 @@ def prepare_body(vm_id: str, name: str) -> bytes:
 
 
 async def test_bad_input_is_dead_lettered_refused_and_changes_nothing(
-    rabbitmq_url: str, redis_url: str, tmp_path: Path
+    rabbitmq_url: str, redis_url: str, tmp_path: Path, connect_bus: ConnectBus
 ) -> None:
     config = ClusterConfig(
         amqp_url=rabbitmq_url,
@@ -137,25 +137,22 @@ async def test_bad_input_is_dead_lettered_refused_and_changes_nothing(
         await awaited(
             cluster.redis.hset(placement_key(poison_vm), mapping={"host": ghost, "epoch": 1})
         )
-        ghost_bus = await BusClient.connect(rabbitmq_url, source="test/ghost", origin=ghost)
-        try:
-            await ghost_bus.publish_event(
-                StateChanged(
-                    host=ghost,
-                    changes=[
-                        StateChange(
-                            vm_id=poison_vm,
-                            kind=StateKind.NVRAM,
-                            content_hash="1" * 64,
-                            size=4096,
-                            token=token,
-                        )
-                    ],
-                ),
-                subject=poison_vm,
-            )
-        finally:
-            await ghost_bus.close()
+        ghost_bus = await connect_bus(source="test/ghost", origin=ghost)
+        await ghost_bus.publish_event(
+            StateChanged(
+                host=ghost,
+                changes=[
+                    StateChange(
+                        vm_id=poison_vm,
+                        kind=StateKind.NVRAM,
+                        content_hash="1" * 64,
+                        size=4096,
+                        token=token,
+                    )
+                ],
+            ),
+            subject=poison_vm,
+        )
         expected = {spec.dead_letter_queue: len(queue_bodies) for spec, queue_bodies in bodies}
         expected[STATE_STORE_EVENTS.dead_letter_queue] += 1
 
@@ -165,17 +162,14 @@ async def test_bad_input_is_dead_lettered_refused_and_changes_nothing(
             epoch=1,
             tpm=seal_blob(StateKind.TPM, escaping_archive(b"x" * 64), token),
         )
-        caller = await BusClient.connect(rabbitmq_url, source="test/bad-input", origin="test")
-        try:
-            reply = await caller.call(
-                host_command_key(host.host_id),
-                crafted,
-                CommandDone,
-                subject=crafted.vm_id,
-                timeout_s=REPLY_TIMEOUT_S,
-            )
-        finally:
-            await caller.close()
+        caller = await connect_bus(source="test/bad-input", origin="test")
+        reply = await caller.call(
+            host_command_key(host.host_id),
+            crafted,
+            CommandDone,
+            subject=crafted.vm_id,
+            timeout_s=REPLY_TIMEOUT_S,
+        )
 
         async def all_parked() -> bool:
             cluster.check_running()

@@ -69,7 +69,7 @@ async def test_redis_sigkill_and_restart_loses_no_acknowledged_version(
             cluster.check_running()  # the store must ride out the outage, not exit
             # Everything announced so far was written before the kill (Redis has been dead
             # since), including events still in flight at the kill.
-            acknowledged = cluster.recorder.persisted_for(vm_ids)
+            acknowledged = cluster.persisted_for(vm_ids)
             restarting_at = time.time()
             await asyncio.to_thread(redis_server.start)
             restarted_at = time.time()
@@ -82,7 +82,7 @@ async def test_redis_sigkill_and_restart_loses_no_acknowledged_version(
         dead_lettered = await cluster.queue_depth(DEAD_LETTERS) - dead_letters_before
 
         lost = await acknowledged_lost(cluster, acknowledged)
-        persisted = cluster.recorder.persisted_for(vm_ids)
+        persisted = cluster.persisted_for(vm_ids)
         after_restart = [seen for seen in persisted if seen.received_at > restarted_at]
         # Announced (stamped by the store) while Redis was surely down: the margin covers a
         # write that returned just before the kill and was announced right after it.

@@ -67,7 +67,7 @@ async def test_replicas_killed_mid_stream_keep_newest_state_and_never_older_over
         await asyncio.sleep(2 * config.heartbeat_interval_s)  # late events, late writes
         cluster.check_running()
         analysis = await analyse(cluster, load)
-        refused = cluster.recorder.refused_for(cluster.vm_ids)
+        refused = cluster.refused_for(cluster.vm_ids)
         handler_failures = cluster.count_log_lines("handler failed", cluster.stores)
 
     print()

@@ -18,9 +18,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from chaos.faults import FaultKind, InjectedFault
-from chaos.harness import ChaosCluster, Seen, StateLoad, StoredVersion, Write
+from chaos.harness import ChaosCluster, StateLoad, StoredVersion, Write
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import StateKind
+from support.events import Seen
 
 STALE_MARKERS = ("older over newer", "is not newer", "newer token than the head")
 """How `analyse` words a write that put older state over newer."""

@@ -40,11 +40,11 @@ from chaos.harness import (
     StateLoad,
     analyse,
     figures_table,
-    wait_until,
     wait_until_stored,
 )
 from chaos.verdict import acknowledged_lost
 from keeper_devtools.localstack import RabbitMQCluster
+from support.waiting import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 
@@ -134,7 +134,7 @@ async def test_killing_the_node_the_services_use_loses_nothing(
             await asyncio.to_thread(node_2.kill)
             killed_at = time.time()
             # Everything announced so far was acknowledged before the kill or in flight.
-            acknowledged = cluster.recorder.persisted_for(vm_ids)
+            acknowledged = cluster.persisted_for(vm_ids)
 
             async def every_service_moved() -> bool:
                 cluster.check_running()
@@ -147,7 +147,7 @@ async def test_killing_the_node_the_services_use_loses_nothing(
                 every_service_moved, "every service on another node", RECONNECT_TIMEOUT_S
             )
             await asyncio.sleep(LOAD_AFTER_KILL_S)
-            down = cluster.recorder.persisted_for(vm_ids)
+            down = cluster.persisted_for(vm_ids)
             restart_began = time.monotonic()
             await asyncio.to_thread(node_2.start)
             restart_s = time.monotonic() - restart_began
@@ -162,9 +162,7 @@ async def test_killing_the_node_the_services_use_loses_nothing(
         lost = await acknowledged_lost(cluster, acknowledged)
         after_kill = [seen for seen in down if seen.received_at > killed_at]
         after_restart = [
-            seen
-            for seen in cluster.recorder.persisted_for(vm_ids)
-            if seen.received_at > restarted_at
+            seen for seen in cluster.persisted_for(vm_ids) if seen.received_at > restarted_at
         ]
         refused = cluster.count_log_lines(REFUSED, cluster.stores)
         analysis = await analyse(cluster, load)

@@ -76,7 +76,7 @@ async def test_sentinel_failover_loses_no_acknowledged_write(
             killed_at = time.time()
             # Announced before the kill, or in flight: all acknowledged by the old primary
             # and, with WAIT, by its replica.
-            acknowledged = cluster.recorder.persisted_for(vm_ids)
+            acknowledged = cluster.persisted_for(vm_ids)
             new_primary = await asyncio.to_thread(
                 group.wait_for_failover, old_primary, FAILOVER_TIMEOUT_S
             )
@@ -91,7 +91,7 @@ async def test_sentinel_failover_loses_no_acknowledged_write(
         cluster.check_running()
 
         lost = await acknowledged_lost(cluster, acknowledged)
-        persisted = cluster.recorder.persisted_for(vm_ids)
+        persisted = cluster.persisted_for(vm_ids)
         after_failover = [seen for seen in persisted if seen.received_at > failed_over_at]
         analysis = await analyse(cluster, load)
         not_replicated = cluster.count_log_lines(NOT_REPLICATED, cluster.stores)

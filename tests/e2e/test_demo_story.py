@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from bus_hygiene import purge_service_queues
 from keeper_devtools.demo.story import DemoConfig, run_story
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME
-from leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
+from support.bus_hygiene import purge_service_queues
+from support.leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.swtpm]
 

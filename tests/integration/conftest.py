@@ -17,8 +17,8 @@ from keeper_devtools.localstack import RedisServer
 from keeper_devtools.swtpm_lab import write_private_ca_config
 from keeper_shared.swtpm import missing_tools
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
-from process_table import swtpm_children
-from store_harness import Store, running_store
+from support.in_process_store import Store, running_store
+from support.process_table import swtpm_children
 
 
 @pytest.fixture(scope="session")
@@ -55,9 +55,9 @@ def ca_config(tmp_path_factory: pytest.TempPathFactory, swtpm_tools: None) -> Pa
 
 
 @pytest_asyncio.fixture
-async def store(rabbitmq_url: str, redis_url: str) -> AsyncIterator[Store]:
-    """A state store of the test's own (private queues, fake host, random KEK)."""
-    async with running_store(rabbitmq_url, redis_url, KeyEncryptionKey(os.urandom(32))) as s:
+async def store(rabbitmq_url: str, redis_url: str, kek: KeyEncryptionKey) -> AsyncIterator[Store]:
+    """A state store of the test's own (private queues, fake host, the test's KEK)."""
+    async with running_store(rabbitmq_url, redis_url, kek) as s:
         yield s
 
 

@@ -41,6 +41,7 @@ from keeper_shared.bus.topology import (
     declare_queue,
 )
 from keeper_shared.messages.envelope import Envelope, Payload, encode, new_envelope
+from support.bus_clients import ConnectBus
 
 pytestmark = pytest.mark.rabbit
 
@@ -88,22 +89,16 @@ async def queue_specs(rabbitmq_url: str) -> AsyncIterator[list[QueueSpec]]:
                     await cleanup.queue_delete(name, if_unused=False, if_empty=False)
 
 
-@pytest_asyncio.fixture
-async def make_bus(rabbitmq_url: str, queue_specs: list[QueueSpec]) -> AsyncIterator[BusFactory]:
-    """Connect as many bus clients as the test needs; all are closed at the end (before
-    ``queue_specs`` deletes the queues, so no consumer sees its queue vanish)."""
-    clients: list[BusClient] = []
+@pytest.fixture
+def make_bus(queue_specs: list[QueueSpec], connect_bus: ConnectBus) -> BusFactory:
+    """Connect as many bus clients as the test needs. ``connect_bus`` closes them all at the
+    end, and (set up after ``queue_specs``) before the queues are deleted, so no consumer
+    sees its queue vanish."""
 
     async def connect() -> BusClient:
-        client = await BusClient.connect(rabbitmq_url, source="test/bus", origin=_unique("origin"))
-        clients.append(client)
-        return client
+        return await connect_bus(source="test/bus", origin=_unique("origin"))
 
-    try:
-        yield connect
-    finally:
-        for client in clients:
-            await client.close(grace_s=5.0)
+    return connect
 
 
 @pytest_asyncio.fixture

@@ -1,5 +1,5 @@
 """`keeper` against a real state store and policy's real query handlers (in process, from
-store_harness, on the session's RabbitMQ and Redis): status, hosts, history, snapshots,
+support.in_process_store, on the session's RabbitMQ and Redis): status, hosts, history, snapshots,
 export and import, with --json parsed as a script would, and the errors a user meets.
 
 The CLI is given no usable Redis address (``KEEPER_REDIS_URL`` names a closed port): what it
@@ -34,7 +34,7 @@ from keeper_shared.redis_access.keys import hosts_key, placement_key, vm_record_
 from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.storage.version_reader import VersionReader
-from store_harness import Store, running_policy_queries, unique
+from support.in_process_store import Store, running_policy_queries, unique
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 

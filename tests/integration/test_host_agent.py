@@ -21,9 +21,8 @@ import asyncio
 import os
 import stat
 import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -43,7 +42,7 @@ from keeper_host_agent.settings import HostAgentSettings
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.client import BusClient, Delivery
 from keeper_shared.messages.commands import CommandDone
-from keeper_shared.messages.envelope import Envelope, P, Payload, new_envelope
+from keeper_shared.messages.envelope import Envelope, P, new_envelope
 from keeper_shared.messages.state import FetchState, StateChange, StateChanged
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, TpmSecret
@@ -60,7 +59,9 @@ from keeper_shared.messages.vm import (
 )
 from keeper_shared.state_format.blobs import content_hash, seal_blob
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
-from leak_scan import find_leaks, leak_forms
+from support.leak_scan import find_leaks, leak_forms
+from support.recording_publisher import RecordingPublisher
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.libvirt
 
@@ -108,14 +109,6 @@ def mode_of(path: Path) -> int:
 
 def libvirt_event_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "libvirt-events" and t.is_alive()]
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {TIMEOUT_S:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def empty_test_node(tmp_path: Path) -> str:
@@ -545,28 +538,14 @@ async def test_fetch_serves_the_prepared_state_of_a_tracked_vm(host: Host) -> No
     assert all(blob.token.epoch == 1 for blob in fetched.blobs)
 
 
-class RecordingBus:
-    """Stands in for BusClient where the agent only publishes events."""
-
-    def __init__(self) -> None:
-        self.events: list[Payload] = []
-
-    async def publish_event(self, payload: Payload, *, subject: str) -> None:
-        assert subject in (getattr(payload, "vm_id", None), HOST_ID)
-        self.events.append(payload)
-
-    def of_type(self, kind: type[Payload]) -> list[Payload]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-
-def announced_changes(bus: RecordingBus) -> list[StateChange]:
+def announced_changes(bus: RecordingPublisher) -> list[StateChange]:
     """Every change in every ``state.changed`` the agent published, in order."""
-    return [c for e in cast(list[StateChanged], bus.of_type(StateChanged)) for c in e.changes]
+    return [c for e in bus.of_type(StateChanged) for c in e.changes]
 
 
 @pytest_asyncio.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[tuple[HostAgent, RecordingBus]]:
-    bus = RecordingBus()
+async def agent(tmp_path: Path) -> AsyncIterator[tuple[HostAgent, RecordingPublisher]]:
+    bus = RecordingPublisher()
     host_agent = HostAgent(host_settings(tmp_path), cast(BusClient, bus))
     host_agent.hypervisor.open(host_agent.on_lifecycle)
     watcher = asyncio.create_task(host_agent.watcher.watch_inotify())
@@ -583,7 +562,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[tuple[HostAgent, RecordingBus]]
 
 
 async def test_agent_tracks_a_started_vm_and_announces_the_prepared_state(
-    agent: tuple[HostAgent, RecordingBus],
+    agent: tuple[HostAgent, RecordingPublisher],
 ) -> None:
     """prepare -> start -> lifecycle event -> tracked -> state.changed with the prepared
     hashes under the XML's epoch; power-off and undefine are reported and untrack it."""
@@ -606,7 +585,7 @@ async def test_agent_tracks_a_started_vm_and_announces_the_prepared_state(
     assert by_kind[StateKind.TPM].content_hash == tpm.content_hash
     assert by_kind[StateKind.NVRAM].content_hash == content_hash(nvram)
     assert all(c.token.epoch == 3 for c in by_kind.values())
-    assert all(e.host == HOST_ID for e in cast(list[StateChanged], bus.of_type(StateChanged)))
+    assert all(e.host == HOST_ID for e in bus.of_type(StateChanged))
     assert len(bus.of_type(VmDefined)) == 1
     assert len(bus.of_type(VmStarted)) == 1
     (entry,) = host_agent.tracker.inventory()
@@ -626,7 +605,7 @@ async def test_agent_tracks_a_started_vm_and_announces_the_prepared_state(
 
     assert (await host_agent.commands.power_off(envelope(PowerOffVm(vm_id=VM_ID)), DELIVERY)).ok
     await wait_until(lambda: len(bus.of_type(VmStopped)) == 1, "vm.stopped")
-    (stopped,) = cast(list[VmStopped], bus.of_type(VmStopped))
+    (stopped,) = bus.of_type(VmStopped)
     assert stopped.reason is StopReason.DESTROYED
     assert (
         await host_agent.commands.undefine(
@@ -637,3 +616,7 @@ async def test_agent_tracks_a_started_vm_and_announces_the_prepared_state(
     await wait_until(lambda: VM_ID not in host_agent.tracker.vms, "the VM untracked")
     assert not tpm_dir.parent.exists()
     assert host_agent.tracker.inventory() == []
+    # Every event is about its VM, or (changes found together, a heartbeat) about the host.
+    assert all(
+        subject in (getattr(payload, "vm_id", None), HOST_ID) for payload, subject in bus.events
+    )

@@ -27,13 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from aio_pika.abc import AbstractIncomingMessage
 
 from keeper_policy.placement.domain_definition import domain_xml
-from keeper_shared.bus.client import BusClient
-from keeper_shared.bus.topology import EVENTS_EXCHANGE, host_command_key
+from keeper_shared.bus.topology import host_command_key
 from keeper_shared.messages.commands import CommandDone
-from keeper_shared.messages.envelope import decode, peek_type
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.state import FetchState, StateChanged, StateFetched
 from keeper_shared.messages.tpm import VmSpec
@@ -44,10 +41,14 @@ from keeper_shared.messages.vm import (
     StartVm,
     StopReason,
     UndefineVm,
+    VmStarted,
     VmStopped,
+    VmUndefined,
 )
 from keeper_shared.state_format.blobs import content_hash, open_blob, seal_blob
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
+from support.bus_clients import ConnectBus
+from support.events import EventRecorder
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.rabbit]
 
@@ -175,43 +176,15 @@ def test_agent_starts_and_stops_cleanly_on_sigterm(agent_process: AgentProcess) 
     assert_clean_exit(agent_process)
 
 
-@dataclass
-class EventTap:
-    """Every event one host publishes, as (routing key, type, body)."""
-
-    host_id: str
-    seen: list[tuple[str, str, bytes]] = field(default_factory=list)
-
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        key = message.routing_key or ""
-        if key.endswith(f".{self.host_id}"):
-            self.seen.append((key, peek_type(message.body), message.body))
-
-    def bodies(self, message_type: str) -> list[bytes]:
-        return [body for _key, kind, body in self.seen if kind == message_type]
-
-    async def wait_for(self, message_type: str, count: int = 1) -> list[bytes]:
-        deadline = time.monotonic() + CALL_TIMEOUT_S
-        while len(self.bodies(message_type)) < count:
-            if time.monotonic() > deadline:
-                kinds = [kind for _key, kind, _body in self.seen]
-                pytest.fail(f"no {count}x {message_type} within {CALL_TIMEOUT_S:.0f} s: {kinds}")
-            await asyncio.sleep(0.05)
-        return self.bodies(message_type)
-
-
 async def test_agent_process_serves_commands_and_publishes_events(
-    agent_process: AgentProcess, rabbitmq_url: str
+    agent_process: AgentProcess, rabbitmq_url: str, connect_bus: ConnectBus
 ) -> None:
     await asyncio.to_thread(agent_process.wait_ready)
     host_id = agent_process.host_id
-    bus = await BusClient.connect(rabbitmq_url, source="test/driver", origin="test-driver")
+    bus = await connect_bus(source="test/driver", origin="test-driver")
+    # Every event this host publishes (its events' routing keys end in its id).
+    tap = await EventRecorder.start(rabbitmq_url, f"#.{host_id}", name="test/driver events")
     try:
-        tap = EventTap(host_id)
-        channel = await bus.connection.channel()
-        events_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await events_queue.bind(EVENTS_EXCHANGE, routing_key="#")
-        await events_queue.consume(tap.on_message, no_ack=True)
 
         async def call(payload: PrepareVm | StartVm | PowerOffVm | UndefineVm) -> CommandDone:
             reply = await bus.call(
@@ -251,14 +224,14 @@ async def test_agent_process_serves_commands_and_publishes_events(
         started = await call(StartVm(vm_id=VM_ID, epoch=2, domain_xml=xml))
         assert started.ok, started.error
 
-        await tap.wait_for("vm.started")
-        events = [decode(body, StateChanged).data for body in await tap.wait_for("state.changed")]
-        while sum(len(event.changes) for event in events) < 2:
+        await tap.wait_for(VmStarted, timeout_s=CALL_TIMEOUT_S)
+        changed = await tap.wait_for_count(StateChanged, 1, timeout_s=CALL_TIMEOUT_S)
+        while sum(len(seen.data.changes) for seen in changed) < 2:
             # TPM and NVRAM are announced together when found stable in the same turn.
-            events = [
-                decode(body, StateChanged).data
-                for body in await tap.wait_for("state.changed", len(events) + 1)
-            ]
+            changed = await tap.wait_for_count(
+                StateChanged, len(changed) + 1, timeout_s=CALL_TIMEOUT_S
+            )
+        events = [seen.data for seen in changed]
         by_kind = {c.kind: c for event in events for c in event.changes}
         assert by_kind[StateKind.TPM].content_hash == tpm.content_hash
         assert by_kind[StateKind.NVRAM].content_hash == content_hash(nvram)
@@ -277,17 +250,19 @@ async def test_agent_process_serves_commands_and_publishes_events(
         assert open_blob(blobs[StateKind.TPM]) == pack_tpm_state({MAIN_STATE_FILE_NAME: permall})
         assert open_blob(blobs[StateKind.NVRAM]) == nvram
 
-        # The heartbeat carries the VM with the hashes of what it holds.
-        deadline = time.monotonic() + CALL_TIMEOUT_S
-        while True:
-            beats = [decode(b, HostHeartbeat).data for b in tap.bodies("host.heartbeat")]
-            with_vm = [b for b in beats if any(vm.vm_id == VM_ID for vm in b.vms)]
-            if with_vm:
-                break
-            if time.monotonic() > deadline:
-                pytest.fail("no heartbeat listed the VM")
-            await asyncio.sleep(0.1)
-        (entry,) = with_vm[-1].vms
+        # A heartbeat after the announcement carries the VM with the hashes of what it holds.
+        # (One sent between the start and the state turning stable lists it without them.)
+        announced_at = changed[-1].position
+
+        def lists_the_vm(beat: HostHeartbeat) -> bool:
+            return any(vm.vm_id == VM_ID for vm in beat.vms)
+
+        beats = await tap.wait_for_count(HostHeartbeat, 1, lists_the_vm, CALL_TIMEOUT_S)
+        while beats[-1].position < announced_at:
+            beats = await tap.wait_for_count(
+                HostHeartbeat, len(beats) + 1, lists_the_vm, CALL_TIMEOUT_S
+            )
+        (entry,) = beats[-1].data.vms
         assert (entry.epoch, entry.tpm_hash, entry.nvram_hash) == (
             2,
             tpm.content_hash,
@@ -295,15 +270,14 @@ async def test_agent_process_serves_commands_and_publishes_events(
         )
 
         assert (await call(PowerOffVm(vm_id=VM_ID))).ok
-        (stopped_body,) = await tap.wait_for("vm.stopped")
-        assert decode(stopped_body, VmStopped).data.reason is StopReason.DESTROYED
+        (stopped,) = await tap.wait_for_count(VmStopped, 1, timeout_s=CALL_TIMEOUT_S)
+        assert stopped.data.reason is StopReason.DESTROYED
         assert (await call(UndefineVm(vm_id=VM_ID, wipe_state=True))).ok
-        await tap.wait_for("vm.undefined")
+        await tap.wait_for(VmUndefined, timeout_s=CALL_TIMEOUT_S)
         assert not (agent_process.swtpm_root / VM_ID).exists()
         assert not (agent_process.nvram_dir / f"{VM_NAME}_VARS.fd").exists()
-        await channel.close()
     finally:
-        await bus.close(grace_s=2)
+        await tap.close()
 
     await asyncio.to_thread(assert_clean_exit, agent_process)
     # Invariant 4 on the way: the state bytes never reached the agent's output in any form.

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
-from broker import Broker
-from keeper_shared.bus.client import BusClient, Route
+from keeper_shared.bus.client import Route
 from keeper_shared.bus.topology import host_command_queue
 from keeper_shared.messages.state import (
     FetchedVmState,
@@ -24,7 +22,9 @@ from keeper_shared.messages.state import (
 )
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
-from store_harness import Store, running_store, sha256, unique
+from support.broker import Broker
+from support.bus_clients import ConnectBus
+from support.in_process_store import Store, running_store, sha256, unique
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 
@@ -33,14 +33,16 @@ NVRAM = b"\xff" * 4096 + secrets.token_bytes(64)
 
 
 @pytest_asyncio.fixture
-async def store(rabbitmq_broker: Broker, redis_url: str) -> AsyncIterator[Store]:
+async def store(
+    rabbitmq_broker: Broker, redis_url: str, kek: KeyEncryptionKey
+) -> AsyncIterator[Store]:
     host_id = unique("h")
     password = secrets.token_hex(12)
     rabbitmq_broker.add_user(host_id, password)
     async with running_store(
         rabbitmq_broker.url,
         redis_url,
-        KeyEncryptionKey(os.urandom(32)),
+        kek,
         host_id=host_id,
         host_amqp_url=rabbitmq_broker.url_for(host_id, password),
     ) as running:
@@ -60,45 +62,44 @@ async def test_the_host_itself_is_heard(store: Store) -> None:
 
 
 async def test_a_change_published_by_another_user_is_refused_and_audited(
-    store: Store, rabbitmq_url: str
+    store: Store, connect_bus: ConnectBus
 ) -> None:
     refused = await store.client.watch_events(f"state.refused.{store.origin}")
     vm_id = store.new_vm()
     await store.place(vm_id, epoch=1)
     blob = store.host.hold(vm_id, StateKind.NVRAM, NVRAM, FencingToken(epoch=1, generation=1))
-    impostor = await BusClient.connect(rabbitmq_url, source="impostor", origin=store.host.host_id)
-    try:
-        # Same routing key and body a real announcement has; only the broker user differs.
-        await impostor.publish_event(
-            StateChanged(
-                host=store.host.host_id,
-                changes=[
-                    StateChange(
-                        vm_id=vm_id,
-                        kind=StateKind.NVRAM,
-                        content_hash=blob.content_hash,
-                        size=blob.size,
-                        token=blob.token,
-                    )
-                ],
-            ),
-            subject=vm_id,
-        )
-        audit = await refused.wait_for(StateWriteRefused, lambda e: e.vm_id == vm_id, TIMEOUT_S)
-    finally:
-        await impostor.close()
+    impostor = await connect_bus(source="impostor", origin=store.host.host_id)
+    # Same routing key and body a real announcement has; only the broker user differs.
+    await impostor.publish_event(
+        StateChanged(
+            host=store.host.host_id,
+            changes=[
+                StateChange(
+                    vm_id=vm_id,
+                    kind=StateKind.NVRAM,
+                    content_hash=blob.content_hash,
+                    size=blob.size,
+                    token=blob.token,
+                )
+            ],
+        ),
+        subject=vm_id,
+    )
+    audit = await refused.wait_for(StateWriteRefused, lambda e: e.vm_id == vm_id, TIMEOUT_S)
     assert "not by the host" in audit.data.reason
     assert store.host.fetches == []
     assert await store.repository.head_hash(vm_id, StateKind.NVRAM) is None
 
 
-async def test_a_fetch_reply_from_another_user_is_ignored(store: Store, rabbitmq_url: str) -> None:
+async def test_a_fetch_reply_from_another_user_is_ignored(
+    store: Store, connect_bus: ConnectBus
+) -> None:
     """An impostor answering on the host's command queue cannot feed the store state."""
     vm_id = store.new_vm()
     await store.place(vm_id, epoch=1)
     await store.host.bus.close(5.0)  # the real host is gone; the impostor takes its queue
     forged = store.host.hold(vm_id, StateKind.NVRAM, NVRAM, FencingToken(epoch=1, generation=9))
-    impostor = await BusClient.connect(rabbitmq_url, source="impostor", origin=unique("x"))
+    impostor = await connect_bus(source="impostor", origin=unique("x"))
     answered: list[str] = []
 
     async def answer(envelope: object, delivery: object) -> StateFetched:
@@ -114,8 +115,6 @@ async def test_a_fetch_reply_from_another_user_is_ignored(store: Store, rabbitmq
         )
     except TimeoutError:
         results = {vm_id: TimeoutError()}
-    finally:
-        await impostor.close()
     assert answered == [vm_id]
     assert results != {vm_id: None}
     assert await store.repository.head_hash(vm_id, StateKind.NVRAM) is None

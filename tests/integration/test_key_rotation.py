@@ -10,10 +10,8 @@ import asyncio
 import hashlib
 import os
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 from redis.asyncio import Redis
 
 from keeper_shared.messages.types import FencingToken, StateKind
@@ -34,11 +32,10 @@ from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.crypto.key_rotation import rotate_data_keys
 from keeper_state_store.storage.repository import StateRepository, VersionWrite, WriteOutcome
 from keeper_state_store.storage.version_reader import VersionReader
-from redis_db import database_url, private_database
+from support.redis_db import PrivateDatabase
 
 pytestmark = pytest.mark.redis
 
-ROTATION_DB = 9
 VMS = 120
 
 
@@ -47,10 +44,9 @@ def _repository(redis: Redis, kek: KeyEncryptionKey) -> StateRepository:
     return StateRepository(redis, KeyRing(kek), history_depth=3)
 
 
-@pytest_asyncio.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    async with private_database(redis_url, ROTATION_DB) as client:
-        yield client
+@pytest.fixture
+def redis(private_redis: PrivateDatabase) -> Redis:
+    return private_redis.client
 
 
 @pytest.fixture
@@ -158,10 +154,10 @@ async def test_running_it_twice_is_a_no_op(
 
 
 async def test_concurrent_rotation_from_two_replicas_rewraps_each_record_once(
-    redis: Redis, redis_url: str, kek1: KeyEncryptionKey, kek2: KeyEncryptionKey
+    redis: Redis, private_redis: PrivateDatabase, kek1: KeyEncryptionKey, kek2: KeyEncryptionKey
 ) -> None:
     stored = await _store_vms(redis, kek1, VMS)
-    replicas = [Redis.from_url(database_url(redis_url, ROTATION_DB)) for _ in range(3)]
+    replicas = [Redis.from_url(private_redis.url) for _ in range(3)]
     try:
         reports = await asyncio.gather(
             *(rotate_data_keys(client, KeyRing(kek2, [kek1])) for client in replicas)

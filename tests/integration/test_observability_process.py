@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bus_hygiene import purge_service_queues
 from keeper_devtools.localstack import free_tcp_ports
+from support.bus_hygiene import purge_service_queues
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from integration.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
 from keeper_cli.client import KeeperRequestError
 from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path
 from keeper_policy.placement.domain_definition import domain_xml
@@ -32,6 +31,8 @@ from keeper_shared.messages.placement import StopMode, VmEvicted, VmPlaced
 from keeper_shared.messages.state import StatePersisted, StateWriteRefused
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import StateKind
+from support.policy_stack import STEP_TIMEOUT_S, PolicyStack
+from support.waiting import wait_until
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 

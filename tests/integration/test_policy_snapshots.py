@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from integration.policy_stack import PolicyStack
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import VmResumed, VmSuspended
 from keeper_shared.messages.vm_snapshot import SnapshotMode, VmSnapshotted
+from support.policy_stack import PolicyStack
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 
@@ -55,12 +55,11 @@ async def test_snapshots_with_memory_live_and_offline(
             StatePersisted, lambda e: e.vm_id == vm_id and e.content_hash == at_pause
         )
         taken = await stack.events.wait_for(VmSnapshotted, lambda e: e.vm_id == vm_id)
-        position = stack.events.position
         # Causal order only: the pin was persisted before policy resumed the guest. (The
         # host's vm.resumed and policy's vm.snapshotted have no order between them.)
-        assert position(stored) < position(resumed)
-        assert position(suspended) < position(resumed)
-        assert position(stored) < position(taken)
+        assert stored.position < resumed.position
+        assert suspended.position < resumed.position
+        assert stored.position < taken.position
         assert taken.data.mode is SnapshotMode.MEMORY
 
         # The guest runs on and changes its TPM; the snapshot does not move.

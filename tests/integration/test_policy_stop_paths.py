@@ -25,17 +25,14 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
 from typer.testing import CliRunner
 
-from integration.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
 from keeper_cli.app import app
 from keeper_cli.client import KeeperRequestError
 from keeper_shared.messages.deletion import StateDeleted, TpmDisabled
-from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.placement import (
     StateLossRecorded,
     StopMode,
@@ -49,6 +46,9 @@ from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import ShutdownVm, StopReason, VmStopped, VmUndefined
 from keeper_shared.redis_access.keys import placement_key, state_head_key
 from keeper_shared.redis_access.results import awaited
+from support.events import Seen
+from support.policy_stack import STEP_TIMEOUT_S, PolicyStack
+from support.waiting import wait_until
 
 pytestmark = [
     pytest.mark.rabbit,
@@ -68,12 +68,7 @@ async def stack(
         yield running
 
 
-def index_of(stack: PolicyStack, envelope: Envelope[Any]) -> int:
-    """Position of an event in the order the test saw them (one queue, so broker order)."""
-    return stack.events.position(envelope)
-
-
-async def persisted(stack: PolicyStack, vm_id: str, digest: str) -> Envelope[StatePersisted]:
+async def persisted(stack: PolicyStack, vm_id: str, digest: str) -> Seen[StatePersisted]:
     return await stack.events.wait_for(
         StatePersisted,
         lambda e: e.vm_id == vm_id and e.kind is StateKind.TPM and e.content_hash == digest,
@@ -81,11 +76,11 @@ async def persisted(stack: PolicyStack, vm_id: str, digest: str) -> Envelope[Sta
     )
 
 
-async def retired(stack: PolicyStack, vm_id: str) -> Envelope[VmRetired]:
+async def retired(stack: PolicyStack, vm_id: str) -> Seen[VmRetired]:
     return await stack.events.wait_for(VmRetired, lambda e: e.vm_id == vm_id, STEP_TIMEOUT_S)
 
 
-async def undefined(stack: PolicyStack, vm_id: str, host: str) -> Envelope[VmUndefined]:
+async def undefined(stack: PolicyStack, vm_id: str, host: str) -> Seen[VmUndefined]:
     return await stack.events.wait_for(
         VmUndefined, lambda e: e.vm_id == vm_id and e.host == host, STEP_TIMEOUT_S
     )
@@ -123,8 +118,8 @@ async def test_shutdown_retrieves_the_final_state_after_the_guest_is_down(
     )
     gone = await undefined(stack, spec.vm_id, host_a)
     stored = await persisted(stack, spec.vm_id, final)
-    assert index_of(stack, down) < index_of(stack, gone)
-    assert index_of(stack, stored) < index_of(stack, gone)
+    assert down.position < gone.position
+    assert stored.position < gone.position
     assert wiped(stack, "a", spec)
     assert await stack.placement(spec.vm_id) == ("", 1)
     await restarts_elsewhere_with(stack, spec, final)
@@ -147,7 +142,7 @@ async def test_poweroff_retrieves_while_running_then_destroys(stack: PolicyStack
     )
     gone = await undefined(stack, spec.vm_id, stack.host_id("a"))
     # Retrieved while it still ran: persisted before the destroy, destroyed before undefine.
-    assert index_of(stack, stored) < index_of(stack, destroyed) < index_of(stack, gone)
+    assert stored.position < destroyed.position < gone.position
     assert wiped(stack, "a", spec)
     await restarts_elsewhere_with(stack, spec, final)
 
@@ -170,7 +165,7 @@ async def test_guest_shutdown_without_a_stop_request_is_retrieved_before_undefin
     assert event.data.removed
     stored = await persisted(stack, spec.vm_id, final)
     gone = await undefined(stack, spec.vm_id, stack.host_id("a"))
-    assert index_of(stack, stored) < index_of(stack, gone)
+    assert stored.position < gone.position
     assert wiped(stack, "a", spec)
     await restarts_elsewhere_with(stack, spec, final)
 
@@ -194,7 +189,7 @@ async def test_crash_reported_by_the_host_is_retrieved_before_undefine(stack: Po
     assert event.data.retrieved
     stored = await persisted(stack, spec.vm_id, final)
     gone = await undefined(stack, spec.vm_id, host_a)
-    assert index_of(stack, stored) < index_of(stack, gone)
+    assert stored.position < gone.position
     assert wiped(stack, "a", spec)
     await restarts_elsewhere_with(stack, spec, final)
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-from integration.policy_stack import STEP_TIMEOUT_S, PolicyStack, wait_until
 from keeper_cli.client import KeeperRequestError
 from keeper_cli.views import vm_status
 from keeper_policy.placement.domain_definition import domain_xml
@@ -43,6 +42,8 @@ from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm import StartVm, StopReason, VmStarted, VmStopped
 from keeper_shared.redis_access.keys import placement_key, tpm_secret_key
 from keeper_shared.redis_access.results import awaited
+from support.policy_stack import STEP_TIMEOUT_S, PolicyStack
+from support.waiting import wait_until
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 

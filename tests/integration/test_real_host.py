@@ -96,11 +96,10 @@ from keeper_shared.state_format.tpm_archive import (
     read_tpm_state_dir,
 )
 from keeper_shared.swtpm import SwtpmError, missing_tools, start_swtpm
-from keeper_state_store.crypto.encryption import generate_key_file
 from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
 from keeper_state_store.storage.repository import StateRepository
-from leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
+from support.leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
 
 pytestmark = [
     pytest.mark.real_host,
@@ -514,11 +513,9 @@ async def _host_heard_since(redis: Redis, host_id: str, since: float) -> bool:
 
 @pytest.fixture
 async def stack(
-    real_host: RealHost, rabbitmq_url: str, redis_url: str, tmp_path: Path
+    real_host: RealHost, rabbitmq_url: str, redis_url: str, tmp_path: Path, kek_file: Path
 ) -> AsyncIterator[Stack]:
     host_id = f"real-{uuid.uuid4().hex[:8]}"
-    kek = tmp_path / "kek.key"
-    generate_key_file(kek)
     logs = tmp_path / "logs"
     agent = ServiceProcess(
         host_id,
@@ -547,7 +544,7 @@ async def stack(
             {
                 "KEEPER_STORE_AMQP_URL": rabbitmq_url,
                 "KEEPER_STORE_REDIS_URL": redis_url,
-                "KEEPER_STORE_KEK_FILE": str(kek),
+                "KEEPER_STORE_KEK_FILE": str(kek_file),
                 "KEEPER_STORE_VERIFY_HOST_IDENTITY": "false",
                 "KEEPER_STORE_LOG_JSON": "true",
             },
@@ -854,7 +851,7 @@ async def test_tpm_and_nvram_survive_power_off_and_restart_on_a_real_libvirt_hos
 
 
 async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
-    real_host: RealHost, stack: Stack, redis_url: str, tmp_path: Path
+    real_host: RealHost, stack: Stack, redis_url: str, kek_file: Path, tmp_path: Path
 ) -> None:
     client, host = stack.client, stack.host_id
     vm_id = str(uuid.uuid4())
@@ -879,7 +876,7 @@ async def test_encrypted_tpm_state_moves_with_its_libvirt_secret(
     assert not secret.value_readable
     # The daemon keeps the value on disk; the store's sealed copy must be the same value.
     value = base64.b64decode((LIBVIRT_SECRETS_DIR / f"{secret_uuid}.base64").read_bytes())
-    stored = await stored_tpm_secret(redis_url, tmp_path / "kek.key", vm_id)
+    stored = await stored_tpm_secret(redis_url, kek_file, vm_id)
     assert stored is not None
     assert stored.uuid == secret_uuid
     assert stored.value.get_secret_value() == value

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,6 @@ import structlog
 from redis.asyncio import Redis
 
 from keeper_devtools.swtpm_lab import DEMO_NV_INDEX, manufacture_tpm_state, nv_write_secret
-from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.scrub import StateScrubFailed, TpmReset
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import (
@@ -67,8 +66,9 @@ from keeper_state_store.scrub.flags import ScrubFlag
 from keeper_state_store.scrub.scrubber import Scrubber, VmScrubOutcome
 from keeper_state_store.scrub.tpm_probe import reap_stale_probes
 from keeper_state_store.storage.repository import StateRepository, VersionWrite, WriteOutcome
-from leak_scan import leak_forms
-from redis_db import database_url, private_database
+from support.leak_scan import leak_forms
+from support.recording_publisher import RecordingPublisher
+from support.redis_db import PrivateDatabase
 
 pytestmark = [
     pytest.mark.redis,
@@ -76,7 +76,6 @@ pytestmark = [
     pytest.mark.usefixtures("swtpm_tools", "no_swtpm_left"),
 ]
 
-SCRUB_DB = 10
 CANARY = b"SCRUBBER-CANARY-" + os.urandom(16)
 
 
@@ -121,36 +120,21 @@ def _repository(redis: Redis, kek: KeyEncryptionKey, history_depth: int = 10) ->
     return StateRepository(redis, KeyRing(kek), history_depth=history_depth)
 
 
-@pytest_asyncio.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    async with private_database(redis_url, SCRUB_DB) as client:
-        yield client
-
-
 @pytest.fixture
-def kek() -> KeyEncryptionKey:
-    return KeyEncryptionKey(os.urandom(32))
-
-
-class Recorder:
-    """Stands in for ``BusClient.publish_event``."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[Payload, str]] = []
-
-    async def __call__(self, payload: Payload, *, subject: str) -> None:
-        self.events.append((payload, subject))
-
-    def of(self, kind: type[Payload]) -> list[Payload]:
-        return [payload for payload, _subject in self.events if isinstance(payload, kind)]
+def redis(private_redis: PrivateDatabase) -> Redis:
+    return private_redis.client
 
 
 def _scrubber(
-    redis: Redis, kek: KeyEncryptionKey, publish: Recorder, temp_dir: Path, **options: object
+    redis: Redis,
+    kek: KeyEncryptionKey,
+    publisher: RecordingPublisher,
+    temp_dir: Path,
+    **options: object,
 ) -> Scrubber:
     settings: dict[str, object] = {"versions_per_second": 50.0, "interval_s": 0.0}
     settings.update(options)
-    return Scrubber(redis, KeyRing(kek), publish, temp_dir=temp_dir, **settings)  # type: ignore[arg-type]
+    return Scrubber(redis, KeyRing(kek), publisher.publish_event, temp_dir=temp_dir, **settings)  # type: ignore[arg-type]
 
 
 class Vm:
@@ -239,7 +223,7 @@ async def test_corrupted_versions_are_flagged_and_announced_and_good_ones_are_no
     nvram_flipped = await vm.write(StateKind.NVRAM, _nvram(2))
     await vm.flip_byte(StateKind.TPM, tpm_flipped)
     await vm.flip_byte(StateKind.NVRAM, nvram_flipped)
-    recorder = Recorder()
+    recorder = RecordingPublisher()
     scrubber = _scrubber(redis, kek, recorder, scrub_dir)
     assert scrubber.uses_swtpm
 
@@ -262,14 +246,14 @@ async def test_corrupted_versions_are_flagged_and_announced_and_good_ones_are_no
     assert nvram[nvram_good].ok
     assert nvram[nvram_good].ek_sha256 is None
     assert not nvram[nvram_flipped].ok
-    failed = {(e.kind, e.version) for e in recorder.of(StateScrubFailed)}  # type: ignore[attr-defined]
+    failed = {(e.kind, e.version) for e in recorder.of_type(StateScrubFailed)}
     assert failed == {
         (StateKind.TPM, tpm_flipped),
         (StateKind.TPM, tpm_mismatch),
         (StateKind.NVRAM, nvram_flipped),
     }
     assert all(subject == vm.vm_id for _payload, subject in recorder.events)
-    assert recorder.of(TpmReset) == []
+    assert recorder.of_type(TpmReset) == []
     warnings = [entry for entry in logs if entry["event"] == "stored version failed verification"]
     assert len(warnings) == 3
     print(
@@ -307,7 +291,7 @@ async def test_a_tpm_manufactured_again_is_flagged_as_a_reset_naming_the_good_ve
     v5 = await vm.write(StateKind.TPM, tpm_states["b2"])
     # v3 is damaged in Redis too: it must be neither the reset nor the base of comparison.
     await vm.flip_byte(StateKind.TPM, v3)
-    recorder = Recorder()
+    recorder = RecordingPublisher()
     scrubber = _scrubber(redis, kek, recorder, scrub_dir)
 
     started = time.monotonic()
@@ -330,12 +314,12 @@ async def test_a_tpm_manufactured_again_is_flagged_as_a_reset_naming_the_good_ve
     assert "endorsement key changed since version 2" in (flags[v4].reason or "")
     for version in (v1, v2, v5):
         assert not flags[version].ek_changed
-    (reset,) = recorder.of(TpmReset)
+    (reset,) = recorder.of_type(TpmReset)
     assert isinstance(reset, TpmReset)
     assert (reset.vm_id, reset.version, reset.previous_good_version) == (vm.vm_id, v4, v2)
     assert reset.ek_sha256 == flags[v4].ek_sha256
     assert reset.previous_ek_sha256 == flags[v2].ek_sha256
-    assert [(e.version) for e in recorder.of(StateScrubFailed)] == [v3]  # type: ignore[attr-defined]
+    assert [(e.version) for e in recorder.of_type(StateScrubFailed)] == [v3]
 
     # A replica that finds everything verified recently skips it, and still compares a
     # new version against the recorded EKs: the new TPM continuing is not a reset.
@@ -344,20 +328,19 @@ async def test_a_tpm_manufactured_again_is_flagged_as_a_reset_naming_the_good_ve
     report = await later.scrub_vm(vm.vm_id, [StateKind.TPM])
     assert (report.verified, report.fresh, report.ek_changed) == (1, 5, 0)
     assert (await vm.flags(StateKind.TPM))[v6].ok
-    assert len(recorder.of(TpmReset)) == 1
+    assert len(recorder.of_type(TpmReset)) == 1
 
 
 async def test_two_scrubbers_never_work_on_one_vm_at_once(
-    redis: Redis, redis_url: str, kek: KeyEncryptionKey, scrub_dir: Path
+    redis: Redis, private_redis: PrivateDatabase, kek: KeyEncryptionKey, scrub_dir: Path
 ) -> None:
     vms = [await Vm.placed(redis, kek) for _ in range(4)]
     for vm in vms:
         for seed in range(3):
             await vm.write(StateKind.NVRAM, _nvram(seed))
-    url = database_url(redis_url, SCRUB_DB)
-    clients = [Redis.from_url(url), Redis.from_url(url)]
+    clients = [Redis.from_url(private_redis.url), Redis.from_url(private_redis.url)]
     try:
-        recorder = Recorder()
+        recorder = RecordingPublisher()
         first, second = (
             _scrubber(client, kek, recorder, scrub_dir, versions_per_second=20.0)
             for client in clients
@@ -412,7 +395,7 @@ async def test_rate_is_bounded_and_the_background_task_stops_cleanly(
     scrubber = _scrubber(
         redis,
         kek,
-        Recorder(),
+        RecordingPublisher(),
         scrub_dir,
         versions_per_second=rate,
         interval_s=3600.0,
@@ -445,7 +428,7 @@ async def test_missing_or_foreign_data_keys(
     lost, foreign = await Vm.placed(redis, kek), await Vm.placed(redis, kek)
     for vm in (lost, foreign):
         await vm.write(StateKind.NVRAM, _nvram(1))
-    recorder = Recorder()
+    recorder = RecordingPublisher()
     scrubber = _scrubber(redis, kek, recorder, scrub_dir)
 
     # Without its data key a version cannot be restored: that is a failure to flag.
@@ -461,7 +444,7 @@ async def test_missing_or_foreign_data_keys(
     report = await scrubber.scrub_vm(foreign.vm_id)
     assert report.outcome is VmScrubOutcome.UNREADABLE
     assert await foreign.flags(StateKind.NVRAM) == {}
-    assert len(recorder.of(StateScrubFailed)) == 1
+    assert len(recorder.of_type(StateScrubFailed)) == 1
 
 
 async def test_pinned_versions_are_verified_and_flags_follow_what_is_kept(
@@ -487,7 +470,7 @@ async def test_pinned_versions_are_verified_and_flags_follow_what_is_kept(
     sealed = bytearray(await awaited(redis.hget(key, "1")))  # type: ignore[arg-type]
     sealed[-5] ^= 0x80
     await awaited(redis.hset(key, mapping={"1": bytes(sealed)}))
-    recorder = Recorder()
+    recorder = RecordingPublisher()
     scrubber = _scrubber(redis, kek, recorder, scrub_dir)
 
     report = await scrubber.scrub_vm(vm.vm_id)
@@ -498,7 +481,7 @@ async def test_pinned_versions_are_verified_and_flags_follow_what_is_kept(
     assert not flags[1].ok
     assert flags[2].ok
     assert flags[3].ok
-    assert [e.version for e in recorder.of(StateScrubFailed)] == [1]  # type: ignore[attr-defined]
+    assert [e.version for e in recorder.of_type(StateScrubFailed)] == [1]
 
     # The snapshot is deleted: version 1 is kept by nothing, and so is its flag.
     await redis.delete(state_pinned_meta_key(vm.vm_id, kind), key)
@@ -514,7 +497,7 @@ async def test_a_state_swtpm_refuses_is_flagged_and_nothing_is_left_behind(
     broken = pack_tpm_state({PERMALL_NAME: permall[:200]})
     vm = await Vm.placed(redis, kek)
     version = await vm.write(StateKind.TPM, broken)
-    recorder = Recorder()
+    recorder = RecordingPublisher()
     scrubber = _scrubber(redis, kek, recorder, scrub_dir)
 
     report = await scrubber.scrub_vm(vm.vm_id)
@@ -524,7 +507,7 @@ async def test_a_state_swtpm_refuses_is_flagged_and_nothing_is_left_behind(
     assert not flag.ok
     assert "swtpm could not load the state" in (flag.reason or "")
     assert scrubber.stats.swtpm_loads == 2  # tried twice before flagging
-    (failed,) = recorder.of(StateScrubFailed)
+    (failed,) = recorder.of_type(StateScrubFailed)
     assert isinstance(failed, StateScrubFailed)
     assert failed.version == version
     _assert_no_canary(flag.reason or "")
@@ -612,7 +595,7 @@ async def test_an_encrypted_tpm_state_is_loaded_with_the_vms_secret(
         state_dir, config=ca_config, passphrase=secret.value.get_secret_value()
     )
     version = await vm.write(StateKind.TPM, pack_tpm_state(read_tpm_state_dir(state_dir)))
-    scrubber = _scrubber(redis, kek, Recorder(), scrub_dir)
+    scrubber = _scrubber(redis, kek, RecordingPublisher(), scrub_dir)
 
     report = await scrubber.scrub_vm(vm.vm_id, [StateKind.TPM])
 
@@ -625,7 +608,9 @@ async def test_an_encrypted_tpm_state_is_loaded_with_the_vms_secret(
     # Another secret under the VM's id (as if the value were lost): swtpm refuses the state.
     await awaited(redis.delete(tpm_secret_key(vm.vm_id)))
     await secrets_vault.held_or_created(vm.vm_id)
-    report = await _scrubber(redis, kek, Recorder(), scrub_dir).scrub_vm(vm.vm_id, [StateKind.TPM])
+    report = await _scrubber(redis, kek, RecordingPublisher(), scrub_dir).scrub_vm(
+        vm.vm_id, [StateKind.TPM]
+    )
     assert (report.verified, report.failed) == (1, 1)
     flag = (await vm.flags(StateKind.TPM))[version]
     assert not flag.ok

@@ -23,7 +23,6 @@ import pytest_asyncio
 import yarl
 from aio_pika.abc import AbstractIncomingMessage
 
-from bus_hygiene import purge_service_queues
 from chaos.tcp_proxy import TcpProxy
 from keeper_devtools.demo.processes import ServiceProcess
 from keeper_shared.bus.client import BusClient
@@ -44,6 +43,7 @@ from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.placement import StopMode, StopVm
 from keeper_shared.messages.state import ListStateHistory, StateHistory
 from keeper_state_store.crypto.encryption import generate_key_file
+from support.bus_hygiene import purge_service_queues
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 

@@ -13,7 +13,6 @@ import pytest
 
 from keeper_devtools.demo.processes import ServiceProcess
 from keeper_devtools.localstack import RedisConfig, RedisServer, free_tcp_ports
-from keeper_state_store.crypto.encryption import generate_key_file
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 
@@ -55,17 +54,15 @@ def later_redis(tmp_path: Path, local_servers_installed: None) -> Iterator[Redis
 
 
 async def test_a_store_started_before_redis_waits_then_serves(
-    rabbitmq_url: str, later_redis: RedisServer, tmp_path: Path
+    rabbitmq_url: str, later_redis: RedisServer, kek_file: Path, tmp_path: Path
 ) -> None:
-    kek = tmp_path / "kek.key"
-    generate_key_file(kek)
     store = ServiceProcess(
         "store",
         "keeper_state_store",
         {
             "KEEPER_STORE_AMQP_URL": rabbitmq_url,
             "KEEPER_STORE_REDIS_URL": later_redis.url,
-            "KEEPER_STORE_KEK_FILE": str(kek),
+            "KEEPER_STORE_KEK_FILE": str(kek_file),
             "KEEPER_STORE_REPLICA_ID": "store-waits",
             "KEEPER_STORE_LOG_JSON": "true",
         },

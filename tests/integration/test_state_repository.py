@@ -71,11 +71,6 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-def kek() -> KeyEncryptionKey:
-    return KeyEncryptionKey(os.urandom(32))
-
-
-@pytest.fixture
 def repository(redis: Redis, kek: KeyEncryptionKey) -> StateRepository:
     return StateRepository(redis, KeyRing(kek), history_depth=HISTORY_DEPTH)
 

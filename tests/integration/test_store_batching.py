@@ -18,7 +18,7 @@ from keeper_shared.messages.state import StatePersisted, StateWriteRefused
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import state_head_key
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
-from store_harness import Store, sha256
+from support.in_process_store import Store, sha256
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 

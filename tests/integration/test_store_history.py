@@ -1,7 +1,7 @@
 """History, restore by version and snapshots, through the bus against a real store.
 
 The store runs in process (real `StateService` etc. on a real broker and Redis) with a fake
-host agent answering its fetches and prepares (see store_harness). What is shown:
+host agent answering its fetches and prepares (see support.in_process_store). What is shown:
 
 - ``state.history`` lists every kept version with its metadata and the scrubber's flags;
 - a restore sends the chosen version, verified; an older version over newer state only
@@ -29,7 +29,7 @@ from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import seal_blob
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
-from store_harness import Store, prepared_content, running_store, sha256
+from support.in_process_store import Store, prepared_content, running_store, sha256
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 
@@ -38,8 +38,7 @@ VM_NAME = "history-vm"
 
 
 @pytest_asyncio.fixture
-async def store(rabbitmq_url: str, redis_url: str) -> AsyncIterator[Store]:
-    kek = KeyEncryptionKey(os.urandom(32))
+async def store(rabbitmq_url: str, redis_url: str, kek: KeyEncryptionKey) -> AsyncIterator[Store]:
     async with running_store(rabbitmq_url, redis_url, kek, history_depth=HISTORY_DEPTH) as s:
         yield s
 

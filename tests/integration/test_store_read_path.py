@@ -25,7 +25,7 @@ from keeper_state_store.scrub.flags import ScrubFlag
 from keeper_state_store.scrub.scrubber import Scrubber
 from keeper_state_store.storage.version_reader import VersionReader
 from keeper_state_store.transfer.bundle import read_bundle
-from store_harness import Store, prepared_content, sha256
+from support.in_process_store import Store, prepared_content, sha256
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 

@@ -18,8 +18,8 @@ from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import FencingToken, StateKind, TpmSecret
 from keeper_shared.redis_access.keys import tpm_secret_key
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
-from leak_scan import find_leaks, leak_forms
-from store_harness import Store
+from support.in_process_store import Store
+from support.leak_scan import find_leaks, leak_forms
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 

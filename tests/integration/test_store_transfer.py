@@ -30,8 +30,8 @@ from keeper_state_store.crypto.encryption import (
     blob_associated_data,
     decrypt_blob,
 )
-from leak_scan import content_fingerprints, find_leaks, leak_forms
-from store_harness import Store, prepared_content, sha256
+from support.in_process_store import Store, prepared_content, sha256
+from support.leak_scan import content_fingerprints, find_leaks, leak_forms
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 

@@ -28,7 +28,7 @@ from keeper_devtools.swtpm_lab import (
     nv_write_secret,
 )
 from keeper_shared.swtpm import PERMALL_NAME, SwtpmError, start_swtpm, swtpm_version
-from process_table import swtpm_children
+from support.process_table import swtpm_children
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.usefixtures("swtpm_tools", "no_swtpm_left")]
 

@@ -35,7 +35,7 @@ from keeper_state_store.transfer.bundle import (
     read_bundle,
     write_bundle,
 )
-from leak_scan import content_fingerprints, leak_forms
+from support.leak_scan import content_fingerprints, leak_forms
 
 VM_ID = "6c1b2a3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 PASSPHRASE = "correct horse battery staple"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 
-from fake_hypervisor import FakeDomain, FakeHypervisor
 from keeper_host_agent.commands.placement import PlacementCommands, epoch_in
 from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_shared.bus.client import Delivery
@@ -14,6 +13,7 @@ from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import new_envelope
 from keeper_shared.messages.vm_control import SetPlacementEpoch
+from support.fake_hypervisor import FakeDomain, FakeHypervisor
 
 DELIVERY = Delivery(user_id=None, redelivered=False, reply_to=None, correlation_id=None)
 

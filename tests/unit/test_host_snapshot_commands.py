@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 
-from fake_hypervisor import FakeDomain, FakeHypervisor
 from keeper_host_agent.commands.snapshots import SnapshotCommands
 from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_shared.bus.client import Delivery
@@ -17,6 +16,7 @@ from keeper_shared.messages.vm_control import (
     SnapshotDomain,
     SuspendVm,
 )
+from support.fake_hypervisor import FakeDomain, FakeHypervisor
 
 DELIVERY = Delivery(user_id=None, redelivered=False, reply_to=None, correlation_id=None)
 SNAPSHOT = "keeper-snap-1"

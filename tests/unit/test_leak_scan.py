@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from keeper_shared.state_format.compression import compress
-from leak_scan import content_fingerprints, find_leaks, leak_forms, read_files
+from support.leak_scan import content_fingerprints, find_leaks, leak_forms, read_files
 
 SECRET = os.urandom(32)
 STATE = os.urandom(6000)

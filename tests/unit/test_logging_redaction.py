@@ -21,7 +21,7 @@ from keeper_shared.messages.types import TpmSecret
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.runtime.logging import configure_logging, redact_secrets
 from keeper_state_store.crypto.tpm_secrets import new_secret_value
-from leak_scan import find_leaks, leak_forms
+from support.leak_scan import find_leaks, leak_forms
 
 VM_ID = "5b0e8d1e-3c55-4d8f-9a51-0c6f6f8e2a11"
 SECRET_UUID = "0c6a4b7e-54a4-4bb5-a0d2-6e3b3f1e2d11"

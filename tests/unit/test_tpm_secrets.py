@@ -36,7 +36,7 @@ from keeper_state_store.crypto.encryption import (
     tpm_secret_associated_data,
 )
 from keeper_state_store.crypto.tpm_secrets import new_secret_value
-from leak_scan import leak_forms
+from support.leak_scan import leak_forms
 
 VM_ID = "6b2f7e0a-3c1d-4d6e-9a8b-1c2d3e4f5a6b"
 SECRET_UUID = "0c6a4b7e-54a4-4bb5-a0d2-6e3b3f1e2d11"

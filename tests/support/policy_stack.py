@@ -8,40 +8,29 @@ mix this stack's hosts with another test's.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import json
 import os
 import secrets
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
 
-from aio_pika.abc import AbstractIncomingMessage
 from redis.asyncio import Redis
 
-from bus_hygiene import purge_service_queues
 from keeper_cli.policy_client import PolicyClient
 from keeper_devtools.demo.hosts import SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import (
-    EVENTS_EXCHANGE,
     host_command_key,
 )
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import (
-    Envelope,
-    MessageError,
     Payload,
-    decode,
-    peek_type,
 )
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import VmSpec
@@ -51,8 +40,9 @@ from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import content_hash
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.crypto.encryption import generate_key_file
-
-E = TypeVar("E", bound=Payload)
+from support.bus_hygiene import purge_service_queues
+from support.events import EventRecorder
+from support.waiting import wait_until
 
 STEP_TIMEOUT_S = 45.0
 """Bound on any one wait; only a hang reaches it."""
@@ -67,74 +57,6 @@ FAST_POLICY = {
     "KEEPER_POLICY_SHUTDOWN_GRACE_S": "2",
 }
 """Short bounds so failure paths end in seconds, not minutes."""
-
-
-class StackError(RuntimeError):
-    """The stack could not be brought to the state a test needs."""
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool] | bool], what: str, timeout_s: float = STEP_TIMEOUT_S
-) -> None:
-    """Poll ``condition`` until it holds; StackError naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        holds = condition()
-        if inspect.isawaitable(holds):
-            holds = await holds
-        if holds:
-            return
-        if time.monotonic() > deadline:
-            raise StackError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-class EventLog:
-    """Every event on the bus since the stack came up, in the order the broker delivered
-    them to one queue (so "persisted before undefined" can be checked)."""
-
-    def __init__(self) -> None:
-        self._bodies: list[bytes] = []
-        self._arrived = asyncio.Condition()
-
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        async with self._arrived:
-            self._bodies.append(message.body)
-            self._arrived.notify_all()
-
-    def _decoded(self, event_type: type[E]) -> list[tuple[int, Envelope[E]]]:
-        found = []
-        for position, body in enumerate(self._bodies):
-            try:
-                if peek_type(body) == event_type.message_type:
-                    found.append((position, decode(body, event_type)))
-            except MessageError:
-                continue
-        return found
-
-    def matching(
-        self, event_type: type[E], matches: Callable[[E], bool] = lambda _e: True
-    ) -> list[Envelope[E]]:
-        """Every event of ``event_type`` seen so far that matches, oldest first."""
-        return [env for _, env in self._decoded(event_type) if matches(env.data)]
-
-    def position(self, envelope: Envelope[Any]) -> int:
-        """Where ``envelope`` is in the order of arrival."""
-        for position, body in enumerate(self._bodies):
-            if str(envelope.id).encode() in body:
-                return position
-        raise StackError(f"event {envelope.id} was never seen")
-
-    async def wait_for(
-        self, event_type: type[E], matches: Callable[[E], bool], timeout_s: float = STEP_TIMEOUT_S
-    ) -> Envelope[E]:
-        """The first event of ``event_type`` (seen before or after the call) that matches."""
-        async with asyncio.timeout(timeout_s), self._arrived:
-            while True:
-                found = self.matching(event_type, matches)
-                if found:
-                    return found[0]
-                await self._arrived.wait()
 
 
 @dataclass
@@ -155,7 +77,7 @@ class PolicyStack:
     _client: PolicyClient | None = None
     _redis: Redis | None = None
     _observer: BusClient | None = None
-    _events: EventLog | None = None
+    _events: EventRecorder | None = None
     _publishers: dict[str, BusClient] = field(default_factory=dict)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -200,13 +122,9 @@ class PolicyStack:
             self._observer = await BusClient.connect(
                 self.amqp_url, source=f"test/{self.run_id}", origin="test"
             )
-            self._events = EventLog()
-            channel = await self._observer.connection.channel()
-            queue = await channel.declare_queue(
-                f"keeper.test.{self.run_id}", exclusive=True, auto_delete=True
+            self._events = await EventRecorder.start(
+                self.amqp_url, name=f"test/{self.run_id} events"
             )
-            await queue.bind(EVENTS_EXCHANGE, routing_key="#")
-            await queue.consume(self._events.on_message, no_ack=True)
         except BaseException:
             await self.close()
             raise
@@ -230,6 +148,8 @@ class PolicyStack:
             await service.stop(grace_s=10)
         for publisher in self._publishers.values():
             await publisher.close()
+        if self._events is not None:
+            await self._events.close()
         if self._observer is not None:
             await self._observer.close()
         if self._client is not None:
@@ -284,7 +204,7 @@ class PolicyStack:
         return self._client
 
     @property
-    def events(self) -> EventLog:
+    def events(self) -> EventRecorder:
         """Every event published since the stack came up."""
         assert self._events is not None
         return self._events
