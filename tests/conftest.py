@@ -47,7 +47,7 @@ BROKER_KILLING_TESTS = (
     Path(__file__).parent / "chaos",
     Path(__file__).parent / "distributed",
     # Cancels channel RPCs mid-flight, after which the broker closes the connection.
-    Path(__file__).parent / "integration" / "test_dead_letter_watch.py",
+    Path(__file__).parent / "integration" / "bus" / "test_dead_letter_watch.py",
 )
 """Tests (directories, or one file) that restart, SIGKILL or cut off RabbitMQ under the test
 process's own connections."""

@@ -38,7 +38,7 @@ async def _ignore(message: AbstractIncomingMessage) -> None:
     del message
 
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 COMMITTED = REPO / "deploy" / "rabbitmq" / "definitions.json"
 
 

@@ -22,7 +22,7 @@ from keeper_shared.messages.envelope import (
 )
 from keeper_shared.messages.state import StateChanged
 
-COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.json"
+COMMITTED = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.json"
 
 
 def test_committed_document_matches_the_models() -> None:

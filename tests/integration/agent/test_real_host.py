@@ -113,7 +113,7 @@ pytestmark = [
 T = TypeVar("T")
 E = TypeVar("E", bound=Payload)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 REAL_HOST = REPO_ROOT / "deploy" / "local" / "real-host"
 LIBVIRT_URI = "qemu:///system"
 LIBVIRT_SECRETS_DIR = Path("/etc/libvirt/secrets")
