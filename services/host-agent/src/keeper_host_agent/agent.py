@@ -4,8 +4,6 @@ heartbeat, and what it does on each libvirt lifecycle event."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any
 
 import structlog
 
@@ -51,6 +49,7 @@ from keeper_shared.messages.vm_control import (
     SuspendVm,
 )
 from keeper_shared.observability import metrics
+from keeper_shared.runtime.background import BackgroundTasks
 
 log = structlog.get_logger(__name__)
 
@@ -58,10 +57,13 @@ log = structlog.get_logger(__name__)
 class HostAgent:
     """One host agent: owns its hypervisor connection, its tracker and its bus client."""
 
-    def __init__(self, settings: HostAgentSettings, bus: BusClient) -> None:
+    def __init__(
+        self, settings: HostAgentSettings, bus: BusClient, hypervisor: Hypervisor | None = None
+    ) -> None:
+        """``hypervisor`` defaults to libvirt at ``settings.libvirt_uri`` (tests pass a fake)."""
         self.settings = settings
         self.bus = bus
-        self.hypervisor: Hypervisor = LibvirtHypervisor(settings.libvirt_uri)
+        self.hypervisor: Hypervisor = hypervisor or LibvirtHypervisor(settings.libvirt_uri)
         self.announcer = ChangeAnnouncer(settings.host_id, self._publish_changes)
         self.tracker = StateTracker(
             window_s=settings.stability_window_s, announce=self.announcer.announce
@@ -70,7 +72,8 @@ class HostAgent:
         self.commands = HostCommands(settings, self.hypervisor, self.tracker)
         self.placement = PlacementCommands(self.hypervisor, self.refresh_domain)
         self.snapshots = SnapshotCommands(self.hypervisor)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.lifecycle_tasks = BackgroundTasks("lifecycle handling failed")
+        """What each libvirt event set off (publishing its fact, re-reading the domain)."""
         self._secret_checked: dict[str, str] = {}
         """VM id -> the TPM secret already checked for it."""
 
@@ -78,16 +81,6 @@ class HostAgent:
         await self.bus.publish_event(event, subject=event.host)
         for change in event.changes:
             metrics.STATE_CHANGES_PUBLISHED.labels(kind=change.kind.value).inc()
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("lifecycle handling failed", exc_info=task.exception())
 
     async def refresh_domain(self, vm_id: str) -> None:
         """Re-read one domain from libvirt and track or untrack it."""
@@ -119,7 +112,9 @@ class HostAgent:
             return
         if self._secret_checked.get(location.vm_id) != location.tpm_secret_uuid:
             self._secret_checked[location.vm_id] = location.tpm_secret_uuid
-            self._spawn(self._report_unreadable_secret(location.vm_id, location.tpm_secret_uuid))
+            self.lifecycle_tasks.spawn(
+                self._report_unreadable_secret(location.vm_id, location.tpm_secret_uuid)
+            )
 
     async def _report_unreadable_secret(self, vm_id: str, secret_uuid: str) -> None:
         try:
@@ -160,7 +155,7 @@ class HostAgent:
 
     def on_lifecycle(self, event: LifecycleEvent) -> None:
         """Called on the asyncio loop for each libvirt event."""
-        self._spawn(self._handle_lifecycle(event))
+        self.lifecycle_tasks.spawn(self._handle_lifecycle(event))
 
     async def _handle_lifecycle(self, event: LifecycleEvent) -> None:
         common = {"vm_id": event.vm_id, "host": self.settings.host_id, "name": event.name}

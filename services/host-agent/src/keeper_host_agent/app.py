@@ -4,7 +4,6 @@ command queue and the background loops, until told to stop."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 
@@ -12,6 +11,7 @@ from keeper_host_agent.agent import HostAgent
 from keeper_host_agent.hypervisor.capabilities import probe_capabilities
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.topology import host_command_queue
+from keeper_shared.runtime.background import BackgroundTasks
 from keeper_shared.runtime.service_runner import ServiceStartup, Serving, serve_on_bus
 
 log = structlog.get_logger(__name__)
@@ -36,13 +36,13 @@ async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
         await agent.rebuild_view()
         commands = host_command_queue(settings.host_id)
         await startup.bus.consume(commands, agent.routes(), prefetch=8)
-        background = [
-            asyncio.create_task(agent.watcher.watch_inotify()),
-            asyncio.create_task(agent.watcher.rescan_periodically()),
-            asyncio.create_task(agent.heartbeat_forever(capabilities)),
-        ]
+        loops = BackgroundTasks("host agent loop failed")
+        loops.spawn(agent.watcher.watch_inotify(), name="inotify")
+        loops.spawn(agent.watcher.rescan_periodically(), name="rescan")
+        loops.spawn(agent.heartbeat_forever(capabilities), name="heartbeat")
         # Before the announcer's last flush: nothing announces or beats after it.
-        startup.before_bus_closes.push_async_callback(_cancel_all, background)
+        startup.before_bus_closes.push_async_callback(loops.cancel_all)
+        startup.before_bus_closes.push_async_callback(agent.lifecycle_tasks.cancel_all)
         return Serving(
             dead_letter_queues=[commands.dead_letter_queue],
             ready_fields={"libvirt_uri": settings.libvirt_uri, "vms": len(agent.tracker.vms)},
@@ -58,11 +58,3 @@ async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
         grace_s=settings.shutdown_grace_s,
     )
     log.info("stopped")
-
-
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

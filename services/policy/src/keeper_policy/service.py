@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 import structlog
 
@@ -31,6 +27,7 @@ from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded
 from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped
 from keeper_shared.messages.vm_snapshot import SnapshotVm
+from keeper_shared.runtime.background import BackgroundTasks
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +61,7 @@ class PolicyService:
         self._snapshots = snapshots
         self._disabler = disabler
         self._queries = queries
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks("background task failed")
 
     def event_routes(self) -> list[Route]:
         """Routes of the policy events queue."""
@@ -90,27 +87,13 @@ class PolicyService:
 
     def start_background(self) -> None:
         """Loss detection and the workflow sweep, until :meth:`close`."""
-        self._spawn(self._liveness.check_forever())
-        self._spawn(self._engine.sweep_forever())
+        self._background.spawn(self._liveness.check_forever())
+        self._background.spawn(self._engine.sweep_forever())
 
     async def close(self) -> None:
         """Stop background work; workflows in progress are left to another replica."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._background.cancel_all()
         await self._engine.close()
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
 
     async def on_enable_tpm(self, envelope: Envelope[EnableTpm], delivery: Delivery) -> CommandDone:
         """Approve or reject a TPM; an approval registers the VM."""
