@@ -1,0 +1,120 @@
+"""Policy's handlers on the in-memory bus double, against a real Redis: approval reads the
+cluster from the hosts' heartbeats, answers the caller, and tells everyone (``tpm.approved``
+or ``tpm.rejected`` with every reason); the approved VM is listed by the ``vms.list`` query
+the CLI uses. The same services run on the real broker in test_policy_workflows."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest_asyncio
+
+from keeper_policy.app import build_service
+from keeper_policy.service import PolicyService
+from keeper_policy.settings import PolicySettings
+from keeper_shared.bus.client import Delivery, Route
+from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS, QueueSpec
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
+from keeper_shared.messages.queries import ListVms, VmsListed
+from keeper_shared.messages.tpm import EnableTpm, TpmApproved, TpmRejected, VmSpec
+from support.memory_bus import MemoryBroker, MemoryBus
+from support.redis_db import PrivateDatabase
+from support.waiting import wait_until
+
+TIMEOUT_S = 30.0
+"""Generous: against hangs only."""
+
+OBSERVER = QueueSpec(name="test.observer", event_bindings=("tpm.*.*",))
+
+
+@dataclass
+class Scene:
+    broker: MemoryBroker
+    service: PolicyService
+    caller: MemoryBus
+    facts: list[Any]
+
+
+@pytest_asyncio.fixture
+async def scene(private_redis: PrivateDatabase) -> AsyncIterator[Scene]:
+    broker = MemoryBroker()
+    settings = PolicySettings(amqp_url="amqp://unused/", redis_url=private_redis.url)
+    bus = broker.client(source="policy/t", origin=POLICY)
+    service = build_service(settings, private_redis.client, bus)
+    await bus.consume(POLICY_EVENTS, service.event_routes(), prefetch=32)
+    await bus.consume(POLICY_COMMANDS, service.command_routes(), prefetch=16)
+    facts: list[Any] = []
+
+    async def observe(envelope: Envelope[Any], _: Delivery) -> None:
+        facts.append(envelope.data)
+
+    observer = broker.client(source="automation/t", origin="automation")
+    routes = [Route(TpmApproved, observe), Route(TpmRejected, observe)]
+    await observer.consume(OBSERVER, routes, prefetch=8)
+    try:
+        yield Scene(broker, service, observer, facts)
+    finally:
+        await service.close()
+
+
+async def beat(broker: MemoryBroker, host: str, swtpm: str | None) -> None:
+    capabilities = HostCapabilities(
+        swtpm_version=swtpm, libvirt_version="9.0.0", architectures=["x86_64"], uefi_firmware=True
+    )
+    bus = broker.client(source=f"host-agent/{host}", origin=host)
+    await bus.publish_event(
+        HostHeartbeat(host=host, interval_s=5.0, capabilities=capabilities, vms=[]), subject=host
+    )
+    await broker.settled()
+
+
+def windows_11(name: str) -> VmSpec:
+    return VmSpec(vm_id=str(uuid.uuid4()), name=name, guest_os="windows-11")
+
+
+async def enable(scene: Scene, spec: VmSpec) -> CommandDone:
+    reply = await scene.caller.call(
+        POLICY, EnableTpm(spec=spec), CommandDone, subject=spec.vm_id, timeout_s=TIMEOUT_S
+    )
+    return reply.data
+
+
+async def test_a_tpm_is_approved_on_a_cluster_whose_hosts_run_swtpm(scene: Scene) -> None:
+    await beat(scene.broker, "host-a", swtpm="0.7.1")
+    spec = windows_11("win-01")
+
+    done = await enable(scene, spec)
+
+    assert done.ok, done.error
+    await wait_until(lambda: bool(scene.facts), "tpm.approved", timeout_s=TIMEOUT_S)
+    (approved,) = scene.facts
+    assert isinstance(approved, TpmApproved)
+    assert approved.vm_id == spec.vm_id
+    assert "tpm-crb" in approved.tpm_xml
+    listed = await scene.caller.call(
+        POLICY, ListVms(vm="win-01"), VmsListed, subject="win-01", timeout_s=TIMEOUT_S
+    )
+    assert [vm.vm_id for vm in listed.data.vms] == [spec.vm_id]
+
+
+async def test_a_cluster_with_a_host_without_swtpm_is_refused_with_the_reason(
+    scene: Scene,
+) -> None:
+    await beat(scene.broker, "host-a", swtpm="0.7.1")
+    await beat(scene.broker, "host-b", swtpm=None)
+    spec = windows_11("win-02")
+
+    done = await enable(scene, spec)
+
+    assert not done.ok
+    assert done.error is not None
+    assert "host-b" in done.error
+    await wait_until(lambda: bool(scene.facts), "tpm.rejected", timeout_s=TIMEOUT_S)
+    (rejected,) = scene.facts
+    assert isinstance(rejected, TpmRejected)
+    assert any("host-b" in reason for reason in rejected.reasons)

@@ -1,0 +1,135 @@
+"""The state store's event and command handlers on the in-memory bus double, against a
+real Redis: a host's ``state.changed`` is pulled, verified, stored and announced; a change
+published by another host's user is refused. The same paths run on the real broker in
+test_host_identity and the chaos runs; here they run in well under a second each."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from keeper_shared.bus.client import Delivery, Route
+from keeper_shared.bus.topology import (
+    STATE_STORE,
+    STATE_STORE_EVENTS,
+    QueueSpec,
+    host_command_queue,
+)
+from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.state import FetchState, StatePersisted, StateWriteRefused
+from keeper_shared.messages.types import FencingToken, StateKind
+from keeper_shared.redis_access.keys import PREFIX, placement_key
+from keeper_shared.redis_access.results import awaited
+from keeper_state_store.crypto.encryption import KeyEncryptionKey
+from keeper_state_store.crypto.key_ring import KeyRing
+from keeper_state_store.handlers.state import StateService
+from keeper_state_store.settings import StateStoreSettings
+from keeper_state_store.storage.repository import StateRepository
+from support.in_process_store import FakeHost, sha256
+from support.memory_bus import MemoryBroker
+from support.waiting import wait_until
+
+HOST = "host-a"
+TIMEOUT_S = 30.0
+"""Generous: against hangs only."""
+
+
+AUDIT = QueueSpec(name="test.audit", event_bindings=("state.persisted.*", "state.refused.*"))
+"""What automation watching the store would bind: its announcements and its refusals."""
+
+
+class PolicyView:
+    """What the store announced."""
+
+    def __init__(self) -> None:
+        self.persisted: list[StatePersisted] = []
+        self.refused: list[StateWriteRefused] = []
+
+    async def on_persisted(self, envelope: Envelope[StatePersisted], _: Delivery) -> None:
+        self.persisted.append(envelope.data)
+
+    async def on_refused(self, envelope: Envelope[StateWriteRefused], _: Delivery) -> None:
+        self.refused.append(envelope.data)
+
+
+@dataclass
+class Scene:
+    broker: MemoryBroker
+    host: FakeHost
+    policy: PolicyView
+    repository: StateRepository
+    redis: Redis
+    vm_id: str
+
+
+@pytest_asyncio.fixture
+async def scene(redis_url: str, kek: KeyEncryptionKey) -> AsyncIterator[Scene]:
+    broker = MemoryBroker()
+    redis = Redis.from_url(redis_url)
+    repository = StateRepository(redis, KeyRing(kek), history_depth=10)
+    settings = StateStoreSettings(
+        amqp_url="amqp://unused/",
+        redis_url=redis_url,
+        kek_file=Path("/nonexistent/kek"),
+        allow_volatile_redis=True,
+        fetch_timeout_s=10.0,
+        verify_host_identity=True,
+    )
+    store_bus = broker.client(source="state-store/t", origin=STATE_STORE)
+    service = StateService(settings, repository, store_bus)
+    host = FakeHost(host_id=HOST, bus=broker.client(source=f"host-agent/{HOST}", origin=HOST))
+    await host.bus.consume(host_command_queue(HOST), [Route(FetchState, host.on_fetch)], prefetch=8)
+    await store_bus.consume(STATE_STORE_EVENTS, service.event_routes(), prefetch=32)
+    policy = PolicyView()
+    observer = broker.client(source="policy/t", origin="policy")
+    routes = [
+        Route(StatePersisted, policy.on_persisted),
+        Route(StateWriteRefused, policy.on_refused),
+    ]
+    await observer.consume(AUDIT, routes, prefetch=8)
+    vm_id = str(uuid.uuid4())
+    await awaited(redis.hset(placement_key(vm_id), mapping={"host": HOST, "epoch": 1}))
+    try:
+        yield Scene(broker, host, policy, repository, redis, vm_id)
+    finally:
+        await service.close()
+        keys = [key async for key in redis.scan_iter(match=f"{PREFIX}:{{{vm_id}}}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+
+
+async def test_a_change_is_pulled_stored_and_announced(scene: Scene) -> None:
+    content = b"tpm state " + uuid.uuid4().bytes
+    scene.host.hold(scene.vm_id, StateKind.TPM, content, FencingToken(epoch=1, generation=1))
+
+    await scene.host.announce(scene.vm_id, StateKind.TPM)
+    await wait_until(lambda: bool(scene.policy.persisted), "state.persisted", timeout_s=TIMEOUT_S)
+
+    (persisted,) = scene.policy.persisted
+    assert (persisted.vm_id, persisted.version, persisted.host) == (scene.vm_id, 1, HOST)
+    assert persisted.content_hash == sha256(content)
+    assert await scene.repository.head_version(scene.vm_id, StateKind.TPM) == 1
+    assert scene.host.fetches == [[scene.vm_id]]
+
+
+async def test_a_change_published_by_another_hosts_user_is_refused(scene: Scene) -> None:
+    scene.host.hold(scene.vm_id, StateKind.TPM, b"forged", FencingToken(epoch=1, generation=1))
+    # The impostor claims to be HOST in the body; the broker validated its own user.
+    impostor = scene.broker.client(source=f"host-agent/{HOST}", origin=HOST, user_id="host-b")
+    scene.host.bus = impostor
+
+    await scene.host.announce(scene.vm_id, StateKind.TPM)
+    await scene.broker.settled()
+
+    assert scene.policy.persisted == []
+    (refused,) = scene.policy.refused
+    assert refused.vm_id == scene.vm_id
+    assert "not by the host" in refused.reason
+    assert scene.host.fetches == []
+    assert await scene.repository.head_version(scene.vm_id, StateKind.TPM) is None
