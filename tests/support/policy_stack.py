@@ -21,7 +21,7 @@ from types import TracebackType
 
 from redis.asyncio import Redis
 
-from keeper_cli.policy_client import PolicyClient
+from keeper_cli.client import KeeperClient
 from keeper_devtools.demo.hosts import SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
 from keeper_shared.bus.client import BusClient
@@ -74,7 +74,7 @@ class PolicyStack:
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     hosts: dict[str, SimulatedHost] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
-    _client: PolicyClient | None = None
+    _client: KeeperClient | None = None
     _redis: Redis | None = None
     _observer: BusClient | None = None
     _events: EventRecorder | None = None
@@ -116,7 +116,7 @@ class PolicyStack:
                 lambda: self.heard_from([h.host_id for h in self.hosts.values()], started),
                 "every host's heartbeat to reach policy",
             )
-            self._client = await PolicyClient.connect(
+            self._client = await KeeperClient.connect(
                 self.amqp_url, name=f"test-{self.run_id}", request_timeout_s=60
             )
             self._observer = await BusClient.connect(
@@ -198,7 +198,7 @@ class PolicyStack:
     # --- access ---------------------------------------------------------------------------
 
     @property
-    def client(self) -> PolicyClient:
+    def client(self) -> KeeperClient:
         """The client a person or automation would use."""
         assert self._client is not None
         return self._client

@@ -102,7 +102,7 @@ def _where(url: str) -> str:
 
 @contextlib.asynccontextmanager
 async def _client(settings: CliSettings, *, needs: tuple[str, ...]) -> AsyncIterator[Any]:
-    """A connected client (a PolicyClient when available); checks that the services in
+    """A connected client; checks that the services in
     ``needs`` (``policy``, ``store``) have a consumer, so a missing one fails at once."""
     try:
         bus = await asyncio.wait_for(
@@ -122,12 +122,7 @@ async def _client(settings: CliSettings, *, needs: tuple[str, ...]) -> AsyncIter
     try:
         for service in needs:
             await _require_consumer(bus, service, settings)
-        client_type: type[KeeperClient] = KeeperClient
-        with contextlib.suppress(ImportError):
-            from keeper_cli.policy_client import PolicyClient
-
-            client_type = PolicyClient
-        yield client_type(
+        yield KeeperClient(
             bus,
             request_timeout_s=settings.timeout_s,
             store_target=settings.store_target,

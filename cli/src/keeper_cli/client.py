@@ -45,6 +45,7 @@ from keeper_shared.messages.transfer import (
     StateExported,
 )
 from keeper_shared.messages.types import StateKind
+from keeper_shared.messages.vm_snapshot import SnapshotVm
 
 E = TypeVar("E", bound=Payload)
 
@@ -186,20 +187,73 @@ class KeeperClient:
         self, spec: VmSpec, *, override: bool = False, cluster: str = DEFAULT_CLUSTER
     ) -> str:
         """Register a VM with a TPM for ``cluster``'s hosts; returns the approved `<tpm>`
-        element."""
-        request = EnableTpm(spec=spec, override=override, cluster=cluster)
-        detail = await self._ask_policy(request, spec.vm_id)
+        element (:meth:`request_tpm` returns the whole approval)."""
+        detail = await self.request_tpm(spec, override=override, cluster=cluster)
         return str(detail["tpm_xml"])
 
     async def start(self, vm_id: str, host: str) -> int:
-        """Start a VM on ``host`` with its newest state; returns the new placement epoch."""
-        detail = await self._ask_policy(PlaceVm(vm_id=vm_id, host=host), vm_id)
+        """Start a VM on ``host`` with its newest state; returns the new placement epoch
+        (:meth:`place` takes versions, snapshots and overrides)."""
+        detail = await self.place(vm_id, host)
         return int(detail["epoch"])
 
     async def stop(self, vm_id: str, mode: StopMode) -> bool:
-        """Stop a VM, keeping its final state; True when that state was retrieved."""
-        detail = await self._ask_policy(StopVm(vm_id=vm_id, mode=mode), vm_id)
+        """Stop a VM, keeping its final state; True when that state was retrieved
+        (:meth:`stop_vm` returns the whole account)."""
+        detail = await self.stop_vm(vm_id, mode)
         return detail.get("retrieved") == "true"
+
+    async def request_tpm(
+        self,
+        spec: VmSpec,
+        *,
+        cluster: str = DEFAULT_CLUSTER,
+        override: bool = False,
+        override_guest_os: bool = False,
+    ) -> dict[str, str]:
+        """Register a VM with a TPM in ``cluster``; returns the approval's detail
+        (``tpm_xml``, ``guest_os_support``, ``overridden``). Raises KeeperRequestError with
+        every reason when rejected."""
+        request = EnableTpm(
+            spec=spec, cluster=cluster, override=override, override_guest_os=override_guest_os
+        )
+        return await self._ask_policy(request, spec.vm_id)
+
+    async def place(
+        self,
+        vm_id: str,
+        host: str,
+        *,
+        override_version: bool = False,
+        versions: dict[StateKind, int] | None = None,
+        snapshot_id: str | None = None,
+        allow_older: bool = False,
+    ) -> dict[str, str]:
+        """Start a VM on ``host``; returns the detail (``epoch``, versions sent, and
+        ``version_overridden`` when an older swtpm was allowed)."""
+        request = PlaceVm(
+            vm_id=vm_id,
+            host=host,
+            override_version=override_version,
+            versions=versions,
+            snapshot_id=snapshot_id,
+            allow_older=allow_older,
+        )
+        return await self._ask_policy(request, vm_id)
+
+    async def stop_vm(self, vm_id: str, mode: StopMode) -> dict[str, str]:
+        """Stop a VM; returns how it went (``retrieved``, ``removed``, ``trigger``,
+        ``attempts``), or a ``note`` when it ran nowhere."""
+        return await self._ask_policy(StopVm(vm_id=vm_id, mode=mode), vm_id)
+
+    async def snapshot(
+        self, vm_id: str, snapshot_id: str, *, memory: bool = False
+    ) -> dict[str, str]:
+        """Snapshot a VM (with memory: paused while its TPM state is retrieved); returns the
+        detail (``mode``, the pinned version per kind, ``persisted_age_s`` for a live one).
+        Restore it with :meth:`place` and ``snapshot_id``."""
+        request = SnapshotVm(vm_id=vm_id, snapshot_id=snapshot_id, memory=memory)
+        return await self._ask_policy(request, vm_id)
 
     async def _call_store(self, payload: Payload, reply_type: type[E], subject: str) -> E:
         reply = await self._bus.call(
