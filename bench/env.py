@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import re
@@ -34,8 +33,6 @@ from keeper_devtools.localstack import (
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, declare_exchanges
 from keeper_shared.messages.envelope import MessageError, decode, peek_type
 from keeper_shared.messages.state import StatePersisted
-
-READY_MARKERS = {"keeper_state_store": "state store ready", "keeper_host_agent": "host agent ready"}
 
 
 @dataclass
@@ -168,26 +165,11 @@ def agent_process(
     )
 
 
-def is_ready(service: ServiceProcess) -> bool:
-    """True once the service logged its ready line."""
-    marker = READY_MARKERS[service.module]
-    try:
-        text = service.log_path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return False
-    for line in text.splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and record.get("event") == marker:
-                return True
-    return False
-
-
 async def start_service(service: ServiceProcess, timeout_s: float = 90.0) -> None:
     """Start a service and wait for its ready line."""
     await service.start()
     deadline = time.monotonic() + timeout_s
-    while not is_ready(service):
+    while not service.is_ready():
         if not service.running:
             raise RuntimeError(f"{service.name} exited; see {service.log_path}")
         if time.monotonic() > deadline:

@@ -62,12 +62,6 @@ NVRAM_WRITE_SIZE = 64
 GUEST_OS = "windows-11"
 TPM_XML = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-READY_EVENTS = {
-    "keeper_state_store": "state store ready",
-    "keeper_policy": "policy ready",
-    "keeper_host_agent": "host agent ready",
-}
-"""The log line each service writes once it consumes its queues."""
 
 LIVE_PROCESS_GROUPS: set[int] = set()
 """Process groups started here and not yet reaped: a last-resort cleanup (see conftest)
@@ -337,19 +331,7 @@ class ChaosCluster:
 
     def is_ready(self, service: ServiceProcess) -> bool:
         """True once the service logged that it is ready since it was last started."""
-        marker = READY_EVENTS[service.module]
-        try:
-            with service.log_path.open("rb") as log:
-                log.seek(self._log_offsets.get(service.name, 0))
-                lines = log.read().decode("utf-8", errors="replace").splitlines()
-        except FileNotFoundError:
-            return False
-        for line in lines:
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict) and record.get("event") == marker:
-                    return True
-        return False
+        return service.is_ready(from_offset=self._log_offsets.get(service.name, 0))
 
     async def wait_ready(self, services: Sequence[ServiceProcess], timeout_s: float) -> float:
         """Wait until each of ``services`` is ready; return how long that took."""

@@ -23,13 +23,13 @@ import aio_pika
 import pytest
 
 from chaos.harness import (
-    READY_EVENTS,
     ChaosCluster,
     ClusterConfig,
     StateLoad,
     wait_until_stored,
 )
 from chaos.poison import escaped_files, escaping_archive
+from keeper_devtools.demo.processes import READY_EVENTS
 from keeper_shared.bus.topology import (
     POLICY_COMMANDS,
     STATE_STORE_COMMANDS,

@@ -13,7 +13,6 @@ the attempt that failed). The test's own connections go straight to the broker.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -72,24 +71,13 @@ def cut_point_id(cut_point: tuple[str, int]) -> str:
     return f"{cut_point[0]}-{cut_point[1]}"
 
 
-def events(service: ServiceProcess) -> list[str]:
-    """The ``event`` of every JSON line the service logged so far."""
-    found = []
-    for line in service.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            found.append(str(record.get("event")))
-    return found
-
-
 async def until(condition: Callable[[], bool], service: ServiceProcess, what: str) -> None:
     """Wait until ``condition()``; fail if the service exits first."""
     async with asyncio.timeout(TIMEOUT_S):
         while not condition():
-            assert service.running, f"{service.name} exited before {what}: {events(service)[-8:]}"
+            assert service.running, (
+                f"{service.name} exited before {what}: {service.logged_events()[-8:]}"
+            )
             await asyncio.sleep(0.1)
 
 
@@ -158,17 +146,17 @@ async def comes_up_despite_the_cut(
         # Healed only once the service came back to a node that was not there.
         await until(lambda: proxy.refused > 0, service, "trying again")
         proxy.heal()
-        await until(lambda: ready in events(service), service, f'"{ready}"')
+        await until(lambda: ready in service.logged_events(), service, f'"{ready}"')
         async with asyncio.timeout(TIMEOUT_S):
             await serves()
         # One connection: none left behind by the attempt that failed (a robust connection
         # nobody holds, reconnecting and restoring its channels on its own).
         assert proxy.connections == 1
-        assert service.running, events(service)[-8:]
-        assert events(service).count(ready) == 1
+        assert service.running, service.logged_events()[-8:]
+        assert service.logged_events().count(ready) == 1
     finally:
         code = await service.stop(TIMEOUT_S)
-    assert code == 0, events(service)[-8:]
+    assert code == 0, service.logged_events()[-8:]
 
 
 @pytest.mark.parametrize("cut_point", CUT_POINTS + SECOND_CONSUMER_CUT_POINTS, ids=cut_point_id)

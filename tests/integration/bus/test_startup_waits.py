@@ -5,7 +5,6 @@ and still stops cleanly on SIGTERM while waiting."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,24 +20,11 @@ TIMEOUT_S = 60.0
 """Generous: against hangs only."""
 
 
-def events(service: ServiceProcess) -> list[str]:
-    """The ``event`` of every JSON line the service logged so far."""
-    found = []
-    for line in service.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            found.append(str(record.get("event")))
-    return found
-
-
 async def logged(service: ServiceProcess, event: str) -> None:
     """Wait until the service logged ``event``; fail if it exits first."""
     async with asyncio.timeout(TIMEOUT_S):
-        while event not in events(service):
-            assert service.running, f"{service.name} exited: {events(service)[-5:]}"
+        while event not in service.logged_events():
+            assert service.running, f"{service.name} exited: {service.logged_events()[-5:]}"
             await asyncio.sleep(0.1)
 
 
@@ -98,4 +84,4 @@ async def test_a_policy_replica_waiting_for_the_broker_stops_cleanly_on_sigterm(
     finally:
         code = await policy.stop(TIMEOUT_S)
     assert code == 0
-    assert "policy ready" not in events(policy)
+    assert "policy ready" not in policy.logged_events()

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+READY_EVENTS = {
+    "keeper_state_store": "state store ready",
+    "keeper_policy": "policy ready",
+    "keeper_host_agent": "host agent ready",
+}
+"""The line each service logs once it serves (``keeper_shared.runtime.service_runner``)."""
 
 
 @dataclass
@@ -38,6 +47,31 @@ class ServiceProcess:
                 env={**os.environ, **self.env},
                 start_new_session=True,
             )
+
+    def log_records(self, *, from_offset: int = 0) -> list[dict[str, Any]]:
+        """The JSON records the service logged, from byte ``from_offset`` of its log on
+        (a restarted service appends to the same file); other lines are skipped."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(from_offset)
+                text = log.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        records = []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
+        return records
+
+    def logged_events(self, *, from_offset: int = 0) -> list[str]:
+        """The ``event`` of every record the service logged (see :meth:`log_records`)."""
+        return [str(record.get("event")) for record in self.log_records(from_offset=from_offset)]
+
+    def is_ready(self, *, from_offset: int = 0) -> bool:
+        """Whether the service logged its ready line (since ``from_offset``)."""
+        return READY_EVENTS[self.module] in self.logged_events(from_offset=from_offset)
 
     @property
     def running(self) -> bool:
