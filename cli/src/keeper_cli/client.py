@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import SecretBytes, SecretStr
@@ -150,14 +150,15 @@ class KeeperClient:
         await queue.consume(watch.on_message, no_ack=True)
         return watch
 
-    async def _call_policy(self, payload: Payload, reply_type: type[E], subject: str) -> E:
+    async def _call(self, target: str, payload: Payload, reply_type: type[E], subject: str) -> E:
         reply = await self._bus.call(
-            self._policy_target, payload, reply_type, subject=subject, timeout_s=self._timeout
+            target, payload, reply_type, subject=subject, timeout_s=self._timeout
         )
         return reply.data
 
-    async def _ask_policy(self, payload: Payload, subject: str) -> dict[str, Any]:
-        done = await self._call_policy(payload, CommandDone, subject)
+    async def _ask(self, target: str, payload: Payload, subject: str) -> dict[str, str]:
+        """A command answered with CommandDone: its detail, or KeeperRequestError."""
+        done = await self._call(target, payload, CommandDone, subject)
         if not done.ok:
             raise KeeperRequestError(done.error or "refused without a reason")
         return dict(done.detail)
@@ -165,12 +166,14 @@ class KeeperClient:
     async def list_vms(self, reference: str | None = None) -> list[VmView]:
         """Every registered VM as policy keeps it, or those ``reference`` (a VM id or a
         domain name) names; by name, then id."""
-        reply = await self._call_policy(ListVms(vm=reference), VmsListed, reference or "vms")
+        reply = await self._call(
+            self._policy_target, ListVms(vm=reference), VmsListed, reference or "vms"
+        )
         return reply.vms
 
     async def list_hosts(self) -> HostsListed:
         """Every host policy heard from, with its liveness by policy's rule."""
-        return await self._call_policy(ListHosts(), HostsListed, "hosts")
+        return await self._call(self._policy_target, ListHosts(), HostsListed, "hosts")
 
     async def describe_stored_state(self, vm_ids: Sequence[str]) -> list[StoredVmState]:
         """What the store holds for each of ``vm_ids`` (newest version per kind), in order;
@@ -179,7 +182,7 @@ class KeeperClient:
         for start in range(0, len(vm_ids), MAX_DESCRIBED_VMS):
             batch = list(vm_ids[start : start + MAX_DESCRIBED_VMS])
             request = DescribeStoredState(vm_ids=batch)
-            reply = await self._call_store(request, StoredStateDescribed, batch[0])
+            reply = await self._call(self._store_target, request, StoredStateDescribed, batch[0])
             found.extend(reply.vms)
         return found
 
@@ -217,7 +220,7 @@ class KeeperClient:
         request = EnableTpm(
             spec=spec, cluster=cluster, override=override, override_guest_os=override_guest_os
         )
-        return await self._ask_policy(request, spec.vm_id)
+        return await self._ask(self._policy_target, request, spec.vm_id)
 
     async def place(
         self,
@@ -239,12 +242,12 @@ class KeeperClient:
             snapshot_id=snapshot_id,
             allow_older=allow_older,
         )
-        return await self._ask_policy(request, vm_id)
+        return await self._ask(self._policy_target, request, vm_id)
 
     async def stop_vm(self, vm_id: str, mode: StopMode) -> dict[str, str]:
         """Stop a VM; returns how it went (``retrieved``, ``removed``, ``trigger``,
         ``attempts``), or a ``note`` when it ran nowhere."""
-        return await self._ask_policy(StopVm(vm_id=vm_id, mode=mode), vm_id)
+        return await self._ask(self._policy_target, StopVm(vm_id=vm_id, mode=mode), vm_id)
 
     async def snapshot(
         self, vm_id: str, snapshot_id: str, *, memory: bool = False
@@ -253,23 +256,13 @@ class KeeperClient:
         detail (``mode``, the pinned version per kind, ``persisted_age_s`` for a live one).
         Restore it with :meth:`place` and ``snapshot_id``."""
         request = SnapshotVm(vm_id=vm_id, snapshot_id=snapshot_id, memory=memory)
-        return await self._ask_policy(request, vm_id)
-
-    async def _call_store(self, payload: Payload, reply_type: type[E], subject: str) -> E:
-        reply = await self._bus.call(
-            self._store_target, payload, reply_type, subject=subject, timeout_s=self._timeout
-        )
-        return reply.data
-
-    async def _ask_store(self, payload: Payload, subject: str) -> dict[str, str]:
-        done = await self._call_store(payload, CommandDone, subject)
-        if not done.ok:
-            raise KeeperRequestError(done.error or "refused without a reason")
-        return dict(done.detail)
+        return await self._ask(self._policy_target, request, vm_id)
 
     async def state_history(self, vm_id: str) -> StateHistory:
         """Every kept version of the VM's TPM and NVRAM, with pins and scrubber flags."""
-        return await self._call_store(ListStateHistory(vm_id=vm_id), StateHistory, vm_id)
+        return await self._call(
+            self._store_target, ListStateHistory(vm_id=vm_id), StateHistory, vm_id
+        )
 
     async def restore_state(
         self,
@@ -296,33 +289,39 @@ class KeeperClient:
             allow_older=allow_older,
             encrypt_tpm_state=encrypt_tpm_state,
         )
-        return await self._ask_store(request, vm_id)
+        return await self._ask(self._store_target, request, vm_id)
 
     async def create_snapshot(self, vm_id: str, snapshot_id: str) -> dict[StateKind, int]:
         """Pin the VM's newest versions under ``snapshot_id``; returns what was pinned."""
-        detail = await self._ask_store(CreateSnapshot(vm_id=vm_id, snapshot_id=snapshot_id), vm_id)
+        detail = await self._ask(
+            self._store_target, CreateSnapshot(vm_id=vm_id, snapshot_id=snapshot_id), vm_id
+        )
         return _versions(detail)
 
     async def delete_snapshot(self, vm_id: str, snapshot_id: str) -> bool:
         """Delete a snapshot; False when there was none."""
-        detail = await self._ask_store(DeleteSnapshot(vm_id=vm_id, snapshot_id=snapshot_id), vm_id)
+        detail = await self._ask(
+            self._store_target, DeleteSnapshot(vm_id=vm_id, snapshot_id=snapshot_id), vm_id
+        )
         return detail.get("deleted") == "true"
 
     async def delete_state(self, vm_id: str, *, reason: str = "") -> dict[str, int]:
         """Delete a stopped VM's stored state, snapshots and data key; returns how many
         ``tpm_versions``, ``nvram_versions`` and ``snapshots`` were deleted."""
-        detail = await self._ask_store(DeleteState(vm_id=vm_id, reason=reason), vm_id)
+        detail = await self._ask(self._store_target, DeleteState(vm_id=vm_id, reason=reason), vm_id)
         return _counts(detail)
 
     async def disable_tpm(self, vm_id: str, *, reason: str = "") -> dict[str, int]:
         """Disable a stopped VM's TPM: its state is deleted (as :meth:`delete_state`) and
         its registration removed; returns what was deleted."""
-        detail = await self._ask_policy(DisableTpm(vm_id=vm_id, reason=reason), vm_id)
+        detail = await self._ask(self._policy_target, DisableTpm(vm_id=vm_id, reason=reason), vm_id)
         return _counts(detail)
 
     async def list_snapshots(self, vm_id: str) -> list[SnapshotInfo]:
         """The VM's snapshots, oldest first."""
-        reply = await self._call_store(ListSnapshots(vm_id=vm_id), SnapshotList, vm_id)
+        reply = await self._call(
+            self._store_target, ListSnapshots(vm_id=vm_id), SnapshotList, vm_id
+        )
         return reply.snapshots
 
     async def clone_vm(
@@ -330,12 +329,12 @@ class KeeperClient:
     ) -> dict[StateKind, int]:
         """Give a VM without state a copy of another's (same TPM, or a fresh one)."""
         request = CloneVm(source_vm_id=source_vm_id, target_vm_id=target_vm_id, tpm=tpm)
-        return _versions(await self._ask_store(request, target_vm_id))
+        return _versions(await self._ask(self._store_target, request, target_vm_id))
 
     async def export_state(self, vm_id: str, passphrase: str) -> bytes:
         """The VM's newest state as a bundle file's bytes (the store's bundle format)."""
         request = ExportState(vm_id=vm_id, passphrase=SecretStr(passphrase))
-        reply = await self._call_store(request, StateExported, vm_id)
+        reply = await self._call(self._store_target, request, StateExported, vm_id)
         if reply.bundle is None:
             raise KeeperRequestError(reply.error or "export failed without a reason")
         return reply.bundle.get_secret_value()
@@ -349,7 +348,7 @@ class KeeperClient:
             passphrase=SecretStr(passphrase),
             target_vm_id=target_vm_id,
         )
-        detail = await self._ask_store(request, target_vm_id or "import")
+        detail = await self._ask(self._store_target, request, target_vm_id or "import")
         return detail["vm_id"]
 
 
