@@ -1,4 +1,4 @@
-"""Bad input through the bus reaches the real service processes and costs nothing (issue 6).
+"""Bad input through the bus reaches the real service processes and costs nothing.
 
 One host agent, one store and one policy replica run as processes. Into each of their
 queues go a body that is not JSON, one of an unknown schema version, and (into the store's

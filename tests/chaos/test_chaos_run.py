@@ -1,4 +1,4 @@
-"""The chaos run (issue 6): every fault under load, every invariant checked, one table.
+"""The chaos run: every fault under load, every invariant checked, one table.
 
 The CI variant (part of ``make test``) injects at least 5 host-agent kills, 5 store-replica
 kills, 2 broker restarts and 2 Redis restarts, plus policy kills, host cut-offs and lost

@@ -1,4 +1,4 @@
-"""Redis SIGKILLed mid-run and started again from its append-only file (issue 4).
+"""Redis SIGKILLed mid-run and started again from its append-only file.
 
 A store replica, policy and one host with a few VMs under load run against a Redis of the
 test's own (AOF on, ``appendfsync always``). Redis is killed with SIGKILL mid-run, left down

@@ -1,11 +1,11 @@
-"""Three state-store replicas on one stream, one SIGKILLed every few seconds (issue 4).
+"""Three state-store replicas on one stream, one SIGKILLed every few seconds.
 
 Two hosts with ten VMs each change their TPM and NVRAM about every 0.3 s per VM for 30 s
 while a replica chosen at random is killed with SIGKILL every 2-4 s and restarted. Then the
 load stops and the test waits until every host's heartbeat has been reconciled. It proves:
 
 - every VM's newest content, for both kinds, is the store's head (invariant 1 and the
-  reconciliation of issue 4: lost events cost at most a heartbeat);
+  heartbeat reconciliation: lost events cost at most a heartbeat);
 - never older over newer (invariant 2): in Redis's history and in the ``state.persisted``
   events, versions are distinct, tokens strictly grow with the version, and the contents
   follow the order the load wrote them; no announced version is newer than the head;

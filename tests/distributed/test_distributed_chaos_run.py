@@ -1,4 +1,4 @@
-"""The chaos run (issue 6) on the distributed engines: a 3-node RabbitMQ cluster and a
+"""The chaos run on the distributed engines: a 3-node RabbitMQ cluster and a
 Redis primary with a replica and three Sentinels. Same load, same checks, same table as the
 single-node run; a broker restart is a node SIGKILLed and started again, a Redis restart a
 primary SIGKILLed and failed over (the store waits for one replica before it acknowledges).

@@ -1,4 +1,4 @@
-"""A RabbitMQ node SIGKILLed mid-run under the services connected to it (issue 6, item 6).
+"""A RabbitMQ node SIGKILLed mid-run under the services connected to it.
 
 Three private nodes form one cluster. Every service (two store replicas, policy, two host
 agents with VMs under load) is given all three URLs and connects to the first, node 2;

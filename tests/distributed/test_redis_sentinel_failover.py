@@ -1,4 +1,4 @@
-"""The Redis primary failed over by Sentinel mid-run (issue 6, item 6).
+"""The Redis primary failed over by Sentinel mid-run.
 
 A Redis primary with one replica and three Sentinels; two store replicas and policy follow
 the master name through the Sentinels, and the store acknowledges a write only once the

@@ -1,6 +1,6 @@
 """A service whose broker connection is lost while it sets up its queues comes up anyway
-(issue 21: a policy replica reached a node, the node was killed during ``queue.bind``, and
-the replica exited with "Server connection reset").
+(seen in a distributed chaos run: a policy replica reached a node, the node was killed
+during ``queue.bind``, and the replica exited with "Server connection reset").
 
 Each service runs as a real process whose AMQP URL points at a TCP proxy; the proxy cuts
 every connection the moment the service sends one chosen declaration (the n-th
