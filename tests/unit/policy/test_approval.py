@@ -52,23 +52,28 @@ class Arch:
     machine: str
     model: str | None
     """None: no TPM model on this architecture."""
+    firmware: Firmware | None
+    """The firmware its TPM works with; None where there is no TPM."""
 
 
 ARCHES = [
-    Arch("x86_64", "q35", "tpm-crb"),
-    Arch("aarch64", "virt", "tpm-tis"),
-    Arch("ppc64le", "pseries", "tpm-spapr"),
-    Arch("s390x", "s390-ccw-virtio", None),
+    Arch("x86_64", "q35", "tpm-crb", Firmware.UEFI),
+    Arch("i686", "pc-i440fx-7.2", "tpm-crb", Firmware.UEFI),
+    Arch("aarch64", "virt", "tpm-tis", Firmware.UEFI),
+    Arch("ppc64le", "pseries", "tpm-spapr", Firmware.SLOF),
+    Arch("ppc64", "pseries-8.2", "tpm-spapr", Firmware.SLOF),
+    Arch("s390x", "s390-ccw-virtio", None, None),
 ]
 GUEST_OSES = {
     # id: (support, reason fragment when unsupported)
     "windows-11": (OsTpmSupport.REQUIRED, None),
-    "win2k22": (OsTpmSupport.REQUIRED, None),
+    "win2k22": (OsTpmSupport.SUPPORTED, None),
     "windows-10": (OsTpmSupport.SUPPORTED, None),
+    "windows-8": (OsTpmSupport.SUPPORTED, None),
     "windows-2012": (OsTpmSupport.SUPPORTED, None),
     "rhel-7": (OsTpmSupport.SUPPORTED, None),
     "rhel-9.4": (OsTpmSupport.SUPPORTED, None),
-    "windows-8": (OsTpmSupport.UNSUPPORTED, "windows 8 is below 8.1"),
+    "windows-7": (OsTpmSupport.UNSUPPORTED, "windows 7 is below 8"),
     "rhel-6.10": (OsTpmSupport.UNSUPPORTED, "rhel 6.10 is below 7"),
     "debian-12": (OsTpmSupport.UNSUPPORTED, "no rule allows a TPM for the debian family"),
     "msdos": (OsTpmSupport.UNSUPPORTED, "not a `<family>-<version>` id"),
@@ -106,10 +111,15 @@ def test_matrix(
     # What must be refused, with which words, and what an override moves aside.
     refused: dict[str, str] = {}
     skipped: dict[str, str] = {}
-    if firmware is not Firmware.UEFI:
-        refused[Rule.FIRMWARE] = f"needs UEFI firmware, the VM has {firmware}"
     if arch.model is None:
+        # No TPM device at all: its firmware is not worth a second reason.
         refused[Rule.ARCHITECTURE] = f"architecture {arch.arch} has no TPM model"
+    elif firmware is not arch.firmware:
+        refused[Rule.FIRMWARE] = (
+            f"needs UEFI firmware, the VM has {firmware}"
+            if arch.firmware is Firmware.UEFI
+            else f"works with SLOF firmware, the VM has {firmware}"
+        )
     if os_reason is not None:
         (skipped if overrides.guest_os else refused)[Rule.GUEST_OS] = os_reason
     if cluster_reason is not None:
@@ -151,6 +161,30 @@ CAPABLE_CLUSTER = ClusterView("default", {"a": CAPABLE})
             "firmware: TPM emulation needs UEFI firmware, the VM has bios",
         ),
         ({"arch": "s390x"}, "architecture: architecture s390x has no TPM model"),
+        (
+            {"arch": "s390x", "machine": "s390-ccw-virtio", "firmware": Firmware.BIOS},
+            "architecture: architecture s390x has no TPM model",
+        ),
+        (
+            {"firmware": Firmware.SLOF},
+            "firmware: TPM emulation needs UEFI firmware, the VM has slof",
+        ),
+        (
+            {"arch": "ppc64le", "machine": "pseries"},
+            "firmware: a pseries TPM (tpm-spapr) works with SLOF firmware, the VM has uefi",
+        ),
+        (
+            {"arch": "ppc64le", "machine": "powernv", "firmware": Firmware.SLOF},
+            "machine: tpm-spapr needs a pseries machine, not powernv",
+        ),
+        (
+            {"arch": "ppc64", "machine": "pseries", "firmware": Firmware.SLOF, "secure_boot": True},
+            "secure-boot: pseries has no UEFI Secure Boot",
+        ),
+        (
+            {"arch": "aarch64", "machine": "sbsa-ref"},
+            "machine: aarch64's TPM needs the virt machine, not sbsa-ref",
+        ),
     ],
 )
 def test_hard_rules_name_their_reason(changes: dict[str, object], reason: str) -> None:
@@ -169,6 +203,27 @@ def test_hard_rules_name_their_reason(changes: dict[str, object], reason: str) -
 )
 def test_secure_boot_needs_q35_and_smm_on_x86_only(changes: dict[str, object]) -> None:
     assert decide(spec(**changes), CAPABLE_CLUSTER).approved
+
+
+@pytest.mark.parametrize(
+    ("arch", "machine", "firmware", "model"),
+    [
+        ("x86_64", "q35", Firmware.UEFI, "tpm-crb"),
+        ("aarch64", "virt-8.2", Firmware.UEFI, "tpm-tis"),
+        ("ppc64le", "pseries", Firmware.SLOF, "tpm-spapr"),
+        ("ppc64", "pseries-8.2", Firmware.SLOF, "tpm-spapr"),
+    ],
+)
+def test_each_architecture_gets_its_tpm_with_its_own_firmware(
+    arch: str, machine: str, firmware: Firmware, model: str
+) -> None:
+    decision = decide(
+        spec(arch=arch, machine=machine, firmware=firmware, guest_os="rhel-9"), CAPABLE_CLUSTER
+    )
+    assert decision.approved, decision.reasons
+    assert decision.tpm_xml == (
+        f"<tpm model='{model}'><backend type='emulator' version='2.0'/></tpm>"
+    )
 
 
 def test_every_failed_rule_is_reported() -> None:

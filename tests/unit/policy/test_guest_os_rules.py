@@ -66,7 +66,8 @@ def test_guest_os_ids_split(guest_os: str, family: str, version: str) -> None:
 @pytest.mark.parametrize(
     ("guest_os", "support"),
     [
-        ("windows-8", UNSUPPORTED),
+        ("windows-7", UNSUPPORTED),
+        ("windows-8", SUPPORTED),  # oVirt's windows_8
         ("windows-8.1", SUPPORTED),
         ("windows-10", SUPPORTED),
         ("windows-11", REQUIRED),
@@ -74,8 +75,8 @@ def test_guest_os_ids_split(guest_os: str, family: str, version: str) -> None:
         ("windows-server-2008", UNSUPPORTED),
         ("windows-server-2012", SUPPORTED),
         ("windows-2019", SUPPORTED),
-        ("windows-server-2022", REQUIRED),
-        ("win2k25", REQUIRED),
+        ("windows-server-2022", SUPPORTED),  # oVirt: inherited from 2012, not required
+        ("win2k25", SUPPORTED),
         ("rhel-6.10", UNSUPPORTED),
         ("rhel-7", SUPPORTED),
         ("rhel-10", SUPPORTED),
@@ -86,6 +87,45 @@ def test_guest_os_ids_split(guest_os: str, family: str, version: str) -> None:
 )
 def test_default_rules(guest_os: str, support: OsTpmSupport) -> None:
     verdict = guest_os_support(guest_os, DEFAULT_GUEST_OS_RULES, DEFAULT_GUEST_OS_ALIASES)
+    assert verdict.support is support, verdict.explanation
+
+
+@pytest.mark.parametrize(
+    ("ovirt_os", "support"),
+    [
+        # Every os id oVirt's osinfo-defaults.properties marks (or inherits) as allowing a
+        # TPM, and some it leaves unsupported.
+        ("windows_8", SUPPORTED),
+        ("windows_8x64", SUPPORTED),
+        ("windows_10", SUPPORTED),
+        ("windows_10x64", SUPPORTED),
+        ("windows_11", REQUIRED),
+        ("windows_2012x64", SUPPORTED),
+        ("windows_2012R2x64", SUPPORTED),
+        ("windows_2016x64", SUPPORTED),
+        ("windows_2019x64", SUPPORTED),
+        ("windows_2022", SUPPORTED),
+        ("windows_2025", SUPPORTED),
+        ("rhel_7x64", SUPPORTED),
+        ("rhel_8x64", SUPPORTED),
+        ("rhel_9x64", SUPPORTED),
+        ("rhel_10x64", SUPPORTED),
+        ("rhel_7_ppc64", SUPPORTED),
+        ("rhel_9_ppc64", SUPPORTED),
+        ("rhel_7_s390x", SUPPORTED),  # allowed by the OS; the architecture rule refuses it
+        ("rhcos_x64", SUPPORTED),
+        ("other_linux_kernel_4", SUPPORTED),
+        ("windows_7x64", UNSUPPORTED),
+        ("windows_2008R2x64", UNSUPPORTED),
+        ("rhel_6x64", UNSUPPORTED),
+        ("sles_11", UNSUPPORTED),
+        ("ubuntu_18_04", UNSUPPORTED),
+        ("debian_9", UNSUPPORTED),
+        ("other_linux", UNSUPPORTED),
+    ],
+)
+def test_ovirt_os_ids_get_ovirts_sample_support(ovirt_os: str, support: OsTpmSupport) -> None:
+    verdict = guest_os_support(ovirt_os, DEFAULT_GUEST_OS_RULES, DEFAULT_GUEST_OS_ALIASES)
     assert verdict.support is support, verdict.explanation
 
 

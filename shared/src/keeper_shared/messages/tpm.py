@@ -21,7 +21,11 @@ class Firmware(enum.StrEnum):
     """Boot firmware of the VM."""
 
     UEFI = "uefi"
+    """OVMF on x86, AAVMF on aarch64: what a TPM needs there."""
     BIOS = "bios"
+    """SeaBIOS (x86): no TPM is approved with it."""
+    SLOF = "slof"
+    """SLOF, the Open Firmware of POWER pseries machines (they have no UEFI)."""
 
 
 class OsTpmSupport(enum.StrEnum):
@@ -44,7 +48,10 @@ class VmSpec(BaseModel):
     name: VmName = Field(description="The libvirt domain name.")
     arch: str = Field(default="x86_64", max_length=32, description="Guest architecture.")
     machine: str = Field(default="q35", max_length=32, description="Machine type.")
-    firmware: Firmware = Field(default=Firmware.UEFI, description="Boot firmware.")
+    firmware: Firmware = Field(
+        default=Firmware.UEFI,
+        description="Boot firmware: `uefi` on x86_64 and aarch64, `slof` on ppc64 pseries.",
+    )
     memory_mib: int = Field(default=256, ge=16, le=4 * 1024 * 1024, description="Guest RAM.")
     guest_os: str = Field(
         max_length=64,

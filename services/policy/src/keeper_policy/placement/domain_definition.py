@@ -7,18 +7,34 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+from keeper_policy.tpm.rules import X86, is_pseries
 from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
-from keeper_shared.messages.tpm import VmSpec
+from keeper_shared.messages.tpm import Firmware, VmSpec
 
 
 def domain_xml(
     spec: VmSpec, *, tpm_xml: str, epoch: int, ovmf_code: Path, ovmf_vars_template: Path
 ) -> str:
-    """A UEFI domain with the approved TPM. The `<nvram>` names no path: the host agent
-    knows where its NVRAM files live and fills it in. A Secure Boot VM gets a secure loader
-    (the caller passes the Secure Boot firmware and its key-enrolled NVRAM template)."""
-    secure = " secure='yes'" if spec.secure_boot else ""
-    smm = "on" if spec.smm else "off"
+    """A domain with the approved TPM, booting the firmware that TPM works with.
+
+    UEFI (x86_64, aarch64): a pflash loader and an `<nvram>` that names no path: the host
+    agent knows where its NVRAM files live and fills it in. A Secure Boot VM gets a secure
+    loader (the caller passes the Secure Boot firmware and its key-enrolled NVRAM template).
+    SLOF (ppc64 pseries): QEMU's own firmware, so no loader and no NVRAM file; the TPM is
+    `tpm-spapr`. SMM exists on x86 only and ACPI not on pseries, so the features follow the
+    architecture.
+    """
+    loader = ""
+    if spec.firmware is Firmware.UEFI:
+        secure = " secure='yes'" if spec.secure_boot else ""
+        loader = f"""
+    <loader readonly='yes'{secure} type='pflash'>{ovmf_code}</loader>
+    <nvram template={quoteattr(str(ovmf_vars_template))}/>"""
+    features = ""
+    if spec.arch in X86:
+        features = f"\n  <features><acpi/><smm state='{'on' if spec.smm else 'off'}'/></features>"
+    elif not is_pseries(spec.machine):
+        features = "\n  <features><acpi/></features>"
     return f"""<domain type='qemu'>
   <name>{spec.name}</name>
   <uuid>{spec.vm_id}</uuid>
@@ -28,11 +44,8 @@ def domain_xml(
   <memory unit='MiB'>{spec.memory_mib}</memory>
   <vcpu>1</vcpu>
   <os>
-    <type arch={quoteattr(spec.arch)} machine={quoteattr(spec.machine)}>hvm</type>
-    <loader readonly='yes'{secure} type='pflash'>{ovmf_code}</loader>
-    <nvram template={quoteattr(str(ovmf_vars_template))}/>
-  </os>
-  <features><acpi/><smm state='{smm}'/></features>
+    <type arch={quoteattr(spec.arch)} machine={quoteattr(spec.machine)}>hvm</type>{loader}
+  </os>{features}
   <devices>
     {tpm_xml}
     <serial type='pty'/>

@@ -37,16 +37,22 @@ class GuestOsRule(BaseModel):
 
 
 DEFAULT_GUEST_OS_RULES: tuple[GuestOsRule, ...] = (
-    GuestOsRule(family="windows", min_version="8.1", support=OsTpmSupport.SUPPORTED),
+    GuestOsRule(family="windows", min_version="8", support=OsTpmSupport.SUPPORTED),
     GuestOsRule(family="windows", min_version="11", support=OsTpmSupport.REQUIRED),
     GuestOsRule(family="windows-server", min_version="2012", support=OsTpmSupport.SUPPORTED),
-    GuestOsRule(family="windows-server", min_version="2022", support=OsTpmSupport.REQUIRED),
     GuestOsRule(family="rhel", min_version="7", support=OsTpmSupport.SUPPORTED),
+    GuestOsRule(family="rhcos", min_version="4", support=OsTpmSupport.SUPPORTED),
+    GuestOsRule(family="linux", min_version="4", support=OsTpmSupport.SUPPORTED),
 )
-"""Windows from 8.1 and Server from 2012 may have one, Windows 11 and Server 2022 need one,
-RHEL from 7 may have one; everything else is off until configured."""
+"""oVirt's sample configuration (ovirt-engine ``packaging/conf/osinfo-defaults.properties``,
+``os.<id>.devices.tpm.value``, inherited through ``derivedFrom``): Windows from 8 may have
+a TPM and Windows 11 needs one; Windows Server from 2012 may have one (2012 R2 to 2025
+inherit it: none of them needs one to install); RHEL from 7 on every architecture, Red Hat
+CoreOS (``rhcos_x64``) and "Other Linux (kernel 4.x)" (``other_linux_kernel_4``, kernel 4
+and later here) may have one. Every other OS is off until configured."""
 
 DEFAULT_GUEST_OS_ALIASES: dict[str, str] = {
+    "win8": "windows-8",
     "win8.1": "windows-8.1",
     "win10": "windows-10",
     "win11": "windows-11",
@@ -63,8 +69,31 @@ DEFAULT_GUEST_OS_ALIASES: dict[str, str] = {
     "windows-2019": "windows-server-2019",
     "windows-2022": "windows-server-2022",
     "windows-2025": "windows-server-2025",
+    # oVirt's os ids (osinfo-defaults.properties), so a VM coming from oVirt keeps its id.
+    "windows_8": "windows-8",
+    "windows_8x64": "windows-8",
+    "windows_10": "windows-10",
+    "windows_10x64": "windows-10",
+    "windows_11": "windows-11",
+    "windows_2012x64": "windows-server-2012",
+    "windows_2012r2x64": "windows-server-2012r2",
+    "windows_2016x64": "windows-server-2016",
+    "windows_2019x64": "windows-server-2019",
+    "windows_2022": "windows-server-2022",
+    "windows_2025": "windows-server-2025",
+    "rhel_7x64": "rhel-7",
+    "rhel_8x64": "rhel-8",
+    "rhel_9x64": "rhel-9",
+    "rhel_10x64": "rhel-10",
+    "rhel_7_ppc64": "rhel-7",
+    "rhel_8_ppc64": "rhel-8",
+    "rhel_9_ppc64": "rhel-9",
+    "rhel_7_s390x": "rhel-7",
+    "rhcos_x64": "rhcos-4",
+    "other_linux_kernel_4": "linux-4",
 }
-"""osinfo short ids and common spellings, mapped to `<family>-<version>`."""
+"""osinfo short ids, oVirt os ids and common spellings, mapped to `<family>-<version>`
+(keys lower-case: ids are matched case-insensitively)."""
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Whether a VM may have a TPM, and which libvirt element it gets. Pure: no I/O.
 
 Every failed rule is reported, not just the first, so an operator fixes them in one go; each
-reason starts with the rule's name. Hard technical rules (firmware, architecture, TPM
-version, Secure Boot's machine) cannot be overridden; the policy rules (guest-OS allowlist,
-cluster capability) can, and what an override skipped is returned to be recorded.
+reason starts with the rule's name. Hard technical rules (architecture, the firmware and
+machine that architecture's TPM needs, TPM version, Secure Boot's machine) cannot be
+overridden; the policy rules (guest-OS allowlist, cluster capability) can, and what an
+override skipped is returned to be recorded.
 """
 
 from __future__ import annotations
@@ -23,9 +24,24 @@ TPM_MODEL_BY_ARCH = {
     "ppc64": "tpm-spapr",
     "ppc64le": "tpm-spapr",
 }
-"""libvirt TPM model per guest architecture; s390x has none."""
+"""libvirt TPM model per guest architecture. x86 gets CRB (TPM 2.0 only, as oVirt's
+`tpm-crb`); libvirt accepts `tpm-tis` only for x86 and aarch64, where QEMU makes it the
+sysbus `tpm-tis-device` of the `virt` machine; `tpm-spapr` is the pSeries vTPM (libvirt's
+default there). QEMU has no TPM device for s390x, and oVirt does not offer one there."""
 
 X86 = ("x86_64", "i686")
+PPC64 = ("ppc64", "ppc64le")
+
+FIRMWARE_BY_ARCH = {
+    "x86_64": Firmware.UEFI,
+    "i686": Firmware.UEFI,
+    "aarch64": Firmware.UEFI,
+    "ppc64": Firmware.SLOF,
+    "ppc64le": Firmware.SLOF,
+}
+"""The firmware a TPM works with: the TPM's event log and ACPI table come from OVMF (x86)
+or AAVMF (aarch64); pseries has no UEFI, SLOF drives `tpm-spapr` (oVirt requires OVMF for
+a TPM on x86 only)."""
 
 
 class Rule(enum.StrEnum):
@@ -33,6 +49,7 @@ class Rule(enum.StrEnum):
 
     FIRMWARE = "firmware"
     ARCHITECTURE = "architecture"
+    MACHINE = "machine"
     TPM_VERSION = "tpm-version"
     SECURE_BOOT = "secure-boot"
     GUEST_OS = "guest-os"
@@ -84,15 +101,23 @@ def _reason(rule: Rule, text: str) -> str:
     return f"{rule.value}: {text}"
 
 
+def is_pseries(machine: str) -> bool:
+    """`pseries` and its versioned names (`pseries-8.2`), not `powernv`."""
+    return machine == "pseries" or machine.startswith("pseries-")
+
+
+def is_arm_virt(machine: str) -> bool:
+    """`virt` and its versioned names (`virt-8.2`)."""
+    return machine == "virt" or machine.startswith("virt-")
+
+
 def hard_rule_failures(spec: VmSpec) -> list[str]:
     """Rules no override skips: without them the TPM cannot work at all."""
-    reasons = []
-    if spec.firmware is not Firmware.UEFI:
-        reasons.append(
-            _reason(Rule.FIRMWARE, f"TPM emulation needs UEFI firmware, the VM has {spec.firmware}")
-        )
     if spec.arch not in TPM_MODEL_BY_ARCH:
-        reasons.append(_reason(Rule.ARCHITECTURE, f"architecture {spec.arch} has no TPM model"))
+        # Firmware and machine do not matter where no TPM device exists at all.
+        reasons = [_reason(Rule.ARCHITECTURE, f"architecture {spec.arch} has no TPM model")]
+    else:
+        reasons = _firmware_failures(spec) + _machine_failures(spec)
     if spec.tpm_version != "2.0":
         reasons.append(
             _reason(Rule.TPM_VERSION, f"only TPM 2.0 is emulated, TPM {spec.tpm_version} asked")
@@ -104,7 +129,28 @@ def hard_rule_failures(spec: VmSpec) -> list[str]:
             )
         if not spec.smm:
             reasons.append(_reason(Rule.SECURE_BOOT, "Secure Boot needs SMM turned on"))
+    if spec.secure_boot and spec.arch in PPC64:
+        reasons.append(_reason(Rule.SECURE_BOOT, "pseries has no UEFI Secure Boot"))
     return reasons
+
+
+def _firmware_failures(spec: VmSpec) -> list[str]:
+    needed = FIRMWARE_BY_ARCH[spec.arch]
+    if spec.firmware is needed:
+        return []
+    if needed is Firmware.UEFI:
+        text = f"TPM emulation needs UEFI firmware, the VM has {spec.firmware}"
+    else:
+        text = f"a pseries TPM (tpm-spapr) works with SLOF firmware, the VM has {spec.firmware}"
+    return [_reason(Rule.FIRMWARE, text)]
+
+
+def _machine_failures(spec: VmSpec) -> list[str]:
+    if spec.arch in PPC64 and not is_pseries(spec.machine):
+        return [_reason(Rule.MACHINE, f"tpm-spapr needs a pseries machine, not {spec.machine}")]
+    if spec.arch == "aarch64" and not is_arm_virt(spec.machine):
+        return [_reason(Rule.MACHINE, f"aarch64's TPM needs the virt machine, not {spec.machine}")]
+    return []
 
 
 def cluster_problems(cluster: ClusterView) -> list[str]:
