@@ -20,6 +20,7 @@ from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS, Q
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
+from keeper_shared.messages.placement import PlaceVm
 from keeper_shared.messages.queries import ListVms, VmsListed
 from keeper_shared.messages.tpm import EnableTpm, TpmApproved, TpmRejected, VmSpec
 from support.memory_bus import MemoryBroker, MemoryBus
@@ -62,9 +63,19 @@ async def scene(private_redis: PrivateDatabase) -> AsyncIterator[Scene]:
         await service.close()
 
 
-async def beat(broker: MemoryBroker, host: str, swtpm: str | None) -> None:
+async def beat(
+    broker: MemoryBroker,
+    host: str,
+    swtpm: str | None,
+    *,
+    architectures: tuple[str, ...] = ("x86_64",),
+    uefi_firmware: bool = True,
+) -> None:
     capabilities = HostCapabilities(
-        swtpm_version=swtpm, libvirt_version="9.0.0", architectures=["x86_64"], uefi_firmware=True
+        swtpm_version=swtpm,
+        libvirt_version="9.0.0",
+        architectures=list(architectures),
+        uefi_firmware=uefi_firmware,
     )
     bus = broker.client(source=f"host-agent/{host}", origin=host)
     await bus.publish_event(
@@ -118,3 +129,34 @@ async def test_a_cluster_with_a_host_without_swtpm_is_refused_with_the_reason(
     (rejected,) = scene.facts
     assert isinstance(rejected, TpmRejected)
     assert any("host-b" in reason for reason in rejected.reasons)
+
+
+async def test_a_refused_placement_lists_every_reason_and_leaves_the_vm_where_it_was(
+    scene: Scene,
+) -> None:
+    await beat(scene.broker, "host-a", swtpm="0.7.1")
+    spec = windows_11("win-03")
+    assert (await enable(scene, spec)).ok
+    # An Arm host without swtpm or UEFI firmware: three reasons against an x86_64 UEFI VM.
+    await beat(scene.broker, "arm-1", swtpm=None, architectures=("aarch64",), uefi_firmware=False)
+
+    reply = await scene.caller.call(
+        POLICY,
+        PlaceVm(vm_id=spec.vm_id, host="arm-1"),
+        CommandDone,
+        subject=spec.vm_id,
+        timeout_s=TIMEOUT_S,
+    )
+
+    assert not reply.data.ok
+    assert reply.data.error is not None
+    assert reply.data.error.split("; ") == [
+        "host arm-1 has no swtpm",
+        "host arm-1 runs aarch64, not the VM's x86_64",
+        "host arm-1 has no UEFI firmware (OVMF/AAVMF) for the VM's UEFI boot",
+    ]
+    listed = await scene.caller.call(
+        POLICY, ListVms(vm="win-03"), VmsListed, subject="win-03", timeout_s=TIMEOUT_S
+    )
+    (vm,) = listed.data.vms
+    assert (vm.host, vm.epoch, vm.last_host) == (None, 0, None)

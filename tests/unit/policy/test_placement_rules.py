@@ -9,10 +9,12 @@ from keeper_policy.hosts.registry import HostRecord
 from keeper_policy.placement.rules import (
     check_current_placement,
     check_swtpm_version,
-    check_target,
     check_tpm_secrets,
+    machine_problems,
+    target_problems,
 )
 from keeper_shared.messages.host import HostCapabilities
+from keeper_shared.messages.tpm import Firmware, VmSpec
 
 NOW = 1_000_000.0
 CAPS = HostCapabilities(
@@ -39,13 +41,77 @@ def host(**changes: object) -> HostRecord:
     ],
 )
 def test_target_must_be_live_with_swtpm(record: HostRecord | None, reason: str) -> None:
-    refusal = check_target(record, "host-b", now=NOW, lost_after_s=30)
-    assert refusal is not None
+    (refusal,) = target_problems(record, "host-b", now=NOW, lost_after_s=30)
     assert refusal.startswith(reason)
 
 
 def test_a_live_host_with_swtpm_is_fine() -> None:
-    assert check_target(host(), "host-b", now=NOW, lost_after_s=30) is None
+    assert target_problems(host(), "host-b", now=NOW, lost_after_s=30) == []
+
+
+def test_a_lost_host_without_swtpm_gets_both_reasons() -> None:
+    record = host(
+        lost_at=NOW - 5,
+        last_seen=NOW - 40,
+        capabilities=CAPS.model_copy(update={"swtpm_version": None}),
+    )
+    refusals = target_problems(record, "host-b", now=NOW, lost_after_s=30)
+    assert [refusal.split(" (")[0] for refusal in refusals] == [
+        "host host-b is declared lost",
+        "host host-b has no swtpm",
+    ]
+
+
+VM_ID = "6b2f7e0a-3c1d-4d6e-9a8b-1c2d3e4f5a6b"
+X86_UEFI = VmSpec(vm_id=VM_ID, name="vm", guest_os="windows-11")
+PSERIES = VmSpec(
+    vm_id=VM_ID,
+    name="vm",
+    guest_os="rhel-9",
+    arch="ppc64le",
+    machine="pseries",
+    firmware=Firmware.SLOF,
+)
+ARM_ONLY = CAPS.model_copy(update={"architectures": ["aarch64"]})
+NO_OVMF = CAPS.model_copy(update={"uefi_firmware": False})
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "spec", "reasons"),
+    [
+        (CAPS, X86_UEFI, []),
+        (ARM_ONLY, X86_UEFI, ["host host-b runs aarch64, not the VM's x86_64"]),
+        (
+            NO_OVMF,
+            X86_UEFI,
+            ["host host-b has no UEFI firmware (OVMF/AAVMF) for the VM's UEFI boot"],
+        ),
+        (
+            ARM_ONLY.model_copy(update={"uefi_firmware": False}),
+            X86_UEFI,
+            [
+                "host host-b runs aarch64, not the VM's x86_64",
+                "host host-b has no UEFI firmware (OVMF/AAVMF) for the VM's UEFI boot",
+            ],
+        ),
+        # SLOF comes with QEMU: a pseries VM needs no UEFI firmware on its host.
+        (
+            CAPS.model_copy(update={"architectures": ["ppc64le"], "uefi_firmware": False}),
+            PSERIES,
+            [],
+        ),
+        (CAPS, PSERIES, ["host host-b runs x86_64, not the VM's ppc64le"]),
+        (
+            CAPS.model_copy(update={"architectures": []}),
+            X86_UEFI,
+            ["host host-b runs no architecture it reported, not the VM's x86_64"],
+        ),
+    ],
+)
+def test_the_host_must_run_the_vms_architecture_and_firmware(
+    capabilities: HostCapabilities, spec: VmSpec, reasons: list[str]
+) -> None:
+    assert machine_problems(host(capabilities=capabilities), "host-b", spec) == reasons
 
 
 @pytest.mark.parametrize(

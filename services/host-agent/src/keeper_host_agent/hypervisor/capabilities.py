@@ -14,6 +14,15 @@ UEFI_FIRMWARE_PATHS = (
     Path("/usr/share/AAVMF/AAVMF_CODE.fd"),
 )
 
+ALSO_RUNS = {"x86_64": ("i686",)}
+"""Guest architectures a host runs besides its own: every x86_64 CPU runs 32-bit guests.
+Policy places a VM only on a host that reports the VM's architecture."""
+
+
+def guest_architectures(host_arch: str) -> list[str]:
+    """The guest architectures a host of ``host_arch`` runs, its own first."""
+    return [host_arch, *ALSO_RUNS.get(host_arch, ())]
+
 
 async def probe_capabilities(libvirt_version: str, *, tpm_secrets: bool) -> HostCapabilities:
     """swtpm's version (None when absent), libvirt's, the host arch, UEFI firmware, and
@@ -25,7 +34,7 @@ async def probe_capabilities(libvirt_version: str, *, tpm_secrets: bool) -> Host
     return HostCapabilities(
         swtpm_version=swtpm,
         libvirt_version=libvirt_version,
-        architectures=[platform.machine()],
+        architectures=guest_architectures(platform.machine()),
         uefi_firmware=any(path.exists() for path in UEFI_FIRMWARE_PATHS),
         tpm_secrets=tpm_secrets,
     )

@@ -15,8 +15,9 @@ from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.placement.rules import (
     check_current_placement,
     check_swtpm_version,
-    check_target,
     check_tpm_secrets,
+    machine_problems,
+    target_problems,
 )
 from keeper_policy.placement.workflow import PLACE, new_place
 from keeper_policy.settings import PolicySettings
@@ -68,33 +69,44 @@ class Placer:
             return CommandDone(ok=False, error=str(error))
         now = time.time()
         target = await self._hosts.host(host)
-        refusal = check_target(target, host, now=now, lost_after_s=self._settings.host_lost_after_s)
-        if vm.host == host and refusal is None:
+        refusals = target_problems(
+            target, host, now=now, lost_after_s=self._settings.host_lost_after_s
+        )
+        if vm.host == host and not refusals:
             # A repeated request: the VM already runs there (invariant 8).
             return CommandDone(ok=True, detail={"epoch": str(vm.epoch), "note": "already placed"})
         current = await self._hosts.host(vm.host) if vm.host else None
-        refusal = refusal or check_current_placement(vm.host, current, host)
-        if refusal is None and target is not None:
-            refusal = check_tpm_secrets(target, host, encrypt_tpm_state=vm.spec.encrypt_tpm_state)
-        if refusal is not None or target is None:
-            log.info("placement refused", vm_id=vm_id, host=host, reason=refusal)
-            return CommandDone(ok=False, error=refusal)
-        version = check_swtpm_version(
-            host_id=host,
-            host_swtpm=target.capabilities.swtpm_version or "",
-            last_swtpm=vm.swtpm_version,
-            last_host=vm.last_host,
-            override=request.override_version,
-        )
-        if version.refusal is not None:
-            log.info("placement refused", vm_id=vm_id, host=host, reason=version.refusal)
-            return CommandDone(ok=False, error=version.refusal)
+        moving = check_current_placement(vm.host, current, host)
+        if moving is not None:
+            refusals.append(moving)
+        overridden: str | None = None
+        if target is not None:
+            refusals += machine_problems(target, host, vm.spec)
+            secrets = check_tpm_secrets(target, host, encrypt_tpm_state=vm.spec.encrypt_tpm_state)
+            if secrets is not None:
+                refusals.append(secrets)
+            if target.capabilities.swtpm_version is not None:
+                version = check_swtpm_version(
+                    host_id=host,
+                    host_swtpm=target.capabilities.swtpm_version,
+                    last_swtpm=vm.swtpm_version,
+                    last_host=vm.last_host,
+                    override=request.override_version,
+                )
+                if version.refusal is not None:
+                    refusals.append(version.refusal)
+                overridden = version.overridden
+        if refusals or target is None:
+            # Nothing has changed yet: the VM stays where it was, and every reason is given
+            # so the operator fixes them all at once.
+            log.info("placement refused", vm_id=vm_id, host=host, reasons=refusals)
+            return CommandDone(ok=False, error="; ".join(refusals))
         record, created = await self._engine.start(
             new_place(
                 request,
                 expected_host=vm.host,
                 swtpm=target.capabilities.swtpm_version,
-                overridden=version.overridden,
+                overridden=overridden,
                 bound_s=self.bound_s(),
             )
         )

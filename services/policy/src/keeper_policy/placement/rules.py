@@ -1,9 +1,11 @@
 """Whether a VM may be placed on a host. Pure: no I/O.
 
-A VM goes only to a live host with swtpm, and not to one whose swtpm is older than the one
-that last ran it: swtpm's state format only moves forward, so an older swtpm may fail to
-read (or silently misread) newer state. An explicit override lets it through and is recorded.
-A VM whose TPM state is encrypted goes only to a host whose libvirt keeps secrets.
+A VM goes only to a live host with swtpm that runs its architecture (and has UEFI firmware
+when the VM boots UEFI), as the host's heartbeat reports them, and not to one whose swtpm is
+older than the one that last ran it: swtpm's state format only moves forward, so an older
+swtpm may fail to read (or silently misread) newer state. An explicit override lets that one
+through and is recorded. A VM whose TPM state is encrypted goes only to a host whose libvirt
+keeps secrets. Each check returns every problem it finds, so a refusal lists them all.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 from keeper_policy.hosts.registry import HostRecord
 from keeper_policy.versions import VersionError, parse_version
+from keeper_shared.messages.tpm import Firmware, VmSpec
 
 
 @dataclass(frozen=True)
@@ -22,19 +25,38 @@ class PlacementCheck:
     overridden: str | None = None
 
 
-def check_target(
+def target_problems(
     target: HostRecord | None, host_id: str, *, now: float, lost_after_s: float
-) -> str | None:
-    """Why ``host_id`` cannot take a VM now, or None when it can."""
+) -> list[str]:
+    """Why ``host_id`` cannot take a VM now (empty when it can): never heard of, lost or
+    silent, without swtpm."""
     if target is None:
-        return f"host {host_id} has never sent a heartbeat"
+        return [f"host {host_id} has never sent a heartbeat"]
+    problems = []
     if target.lost_at is not None:
-        return f"host {host_id} is declared lost (silent for {now - target.last_seen:.0f} s)"
-    if now - target.last_seen > lost_after_s:
-        return f"host {host_id} has sent no heartbeat for {now - target.last_seen:.0f} s"
+        problems.append(
+            f"host {host_id} is declared lost (silent for {now - target.last_seen:.0f} s)"
+        )
+    elif now - target.last_seen > lost_after_s:
+        problems.append(f"host {host_id} has sent no heartbeat for {now - target.last_seen:.0f} s")
     if target.capabilities.swtpm_version is None:
-        return f"host {host_id} has no swtpm"
-    return None
+        problems.append(f"host {host_id} has no swtpm")
+    return problems
+
+
+def machine_problems(target: HostRecord, host_id: str, spec: VmSpec) -> list[str]:
+    """Why ``host_id`` cannot run ``spec`` as its heartbeat describes it: the VM's
+    architecture is not one the host runs, or the VM boots UEFI and the host has no UEFI
+    firmware (OVMF, AAVMF) to give it. SLOF comes with QEMU itself, so a pseries VM needs
+    nothing more."""
+    capabilities = target.capabilities
+    problems = []
+    if spec.arch not in capabilities.architectures:
+        runs = ", ".join(capabilities.architectures) or "no architecture it reported"
+        problems.append(f"host {host_id} runs {runs}, not the VM's {spec.arch}")
+    if spec.firmware is Firmware.UEFI and not capabilities.uefi_firmware:
+        problems.append(f"host {host_id} has no UEFI firmware (OVMF/AAVMF) for the VM's UEFI boot")
+    return problems
 
 
 def check_tpm_secrets(target: HostRecord, host_id: str, *, encrypt_tpm_state: bool) -> str | None:
