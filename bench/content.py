@@ -9,7 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.hosts import nvram_template
-from keeper_devtools.swtpm_lab import manufacture_tpm_state, write_private_ca_config
+from keeper_devtools.swtpm_lab import (
+    manufacture_tpm_state,
+    permall_framing,
+    write_private_ca_config,
+)
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 from keeper_shared.state_format.blobs import seal_blob
 from keeper_shared.state_format.tpm_archive import (
@@ -17,6 +21,11 @@ from keeper_shared.state_format.tpm_archive import (
     pack_tpm_state,
     read_tpm_state_dir,
 )
+
+_PERMALL_HEAD = 32
+"""swtpm's header, its record header and libtpms' header, with room to spare."""
+_PERMALL_TAIL = 4
+"""libtpms' closing magic."""
 
 
 @dataclass(frozen=True)
@@ -37,18 +46,21 @@ async def real_tpm_state(work: Path) -> RealContent:
             files = read_tpm_state_dir(state_dir)
             return RealContent(files[MAIN_STATE_FILE_NAME], True)
     except Exception:  # no swtpm here: fall back, and say so in the report
-        return RealContent(random.Random(1).randbytes(6 * 1024), False)
+        return RealContent(permall_framing(random.Random(1).randbytes(6 * 1024)), False)
 
 
 def variants(kind: StateKind, base: bytes, count: int, seed: int) -> list[StateBlob]:
     """``count`` sealed blobs of ``base`` with a few bytes changed, as a TPM or the firmware
-    changes them (16 bytes for a TPM, one 64-byte variable write for the NVRAM)."""
+    changes them (16 bytes for a TPM, one 64-byte variable write for the NVRAM). A TPM
+    changes inside its state, never in swtpm's and libtpms' headers or closing magic (a
+    host refuses a permall whose framing is broken)."""
     rng = random.Random(seed)
     blobs = []
     for _ in range(count):
         content = bytearray(base)
         width = 16 if kind is StateKind.TPM else 64
-        offset = rng.randrange(0, len(content) - width)
+        head, tail = (_PERMALL_HEAD, _PERMALL_TAIL) if kind is StateKind.TPM else (0, 0)
+        offset = rng.randrange(head, len(content) - width - tail)
         content[offset : offset + width] = rng.randbytes(width)
         canonical = (
             pack_tpm_state({MAIN_STATE_FILE_NAME: bytes(content)})

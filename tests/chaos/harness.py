@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 from keeper_cli.client import KeeperClient
 from keeper_devtools.demo.hosts import OVMF_VARS_SIZE, OVMF_VARS_TEMPLATE, SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
+from keeper_devtools.swtpm_lab import permall_framing
 from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.messages.state import StatePersisted, StateWriteRefused
@@ -606,7 +607,9 @@ class StateLoad:
             tpm_dir.parent.chmod(0o711)
             tpm_dir.mkdir(exist_ok=True)
             tpm_dir.chmod(0o700)
-        state = self.embed_in_tpm + os.urandom(self.tpm_state_size - len(self.embed_in_tpm))
+        state = permall_framing(
+            self.embed_in_tpm + os.urandom(self.tpm_state_size - len(self.embed_in_tpm))
+        )
         temp = tpm_dir / TPM_TEMP_FILE_NAME
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from keeper_cli.client import KeeperClient
 from keeper_devtools.demo.hosts import SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
+from keeper_devtools.swtpm_lab import permall_framing
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import (
     host_command_key,
@@ -244,7 +245,7 @@ class PolicyStack:
         renamed over the old. Returns the canonical hash the agent and the store will use."""
         tpm_dir = self.hosts[host].tpm_dir(vm_id)
         tpm_dir.mkdir(parents=True, exist_ok=True)
-        state = os.urandom(4096)
+        state = permall_framing(os.urandom(4096))
         temp = tpm_dir / "TMP2-00.permall"
         temp.write_bytes(state)
         temp.chmod(0o600)

@@ -1,6 +1,7 @@
 """swtpm and tpm2-tools as the demo, the benchmarks and the tests use them: manufacture a
-TPM the way libvirt does, and play the guest that seals a secret into an NV index and reads
-it back (the honest check that a restored TPM is the same TPM). Never needed on a host."""
+TPM the way libvirt does, play the guest that seals a secret into an NV index and reads it
+back (the honest check that a restored TPM is the same TPM), and frame chosen bytes as a
+permall swtpm would store. Never needed on a host."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ import shutil
 import time
 from pathlib import Path
 
+from keeper_host_agent.files.permall_check import (
+    LIBTPMS_HEADER,
+    PERSISTENT_ALL_MAGIC,
+    SWTPM_HEADER,
+    TAG_DATA,
+    TLV_HEADER,
+)
 from keeper_shared.swtpm import (
     PERMALL_NAME,
     SwtpmError,
@@ -32,6 +40,20 @@ _NV_INDEX_MAX = 0x01FF_FFFF
 _NV_MAX_SIZE = 2048
 _SETUP_LIMIT_S = 120.0
 _TOOL_LIMIT_S = 30.0
+
+
+def permall_framing(body: bytes) -> bytes:
+    """``body`` framed as swtpm stores a plain libtpms TPM 2 permanent state: swtpm's
+    version 2 header, one ``TAG_DATA`` record, libtpms' header and closing magic around it.
+
+    For tests and benchmarks that need a permall of a chosen size or content (a canary,
+    random bytes) which a host will write: it passes the host's plausibility check, as a
+    real permall does, without manufacturing a TPM. swtpm itself would not load it.
+    """
+    state = LIBTPMS_HEADER.pack(4, PERSISTENT_ALL_MAGIC) + body + PERSISTENT_ALL_MAGIC.to_bytes(4)
+    record = TLV_HEADER.pack(TAG_DATA, len(state)) + state
+    total = SWTPM_HEADER.size + len(record)
+    return SWTPM_HEADER.pack(2, 1, SWTPM_HEADER.size, 0, total) + record
 
 
 def write_private_ca_config(config_dir: Path) -> Path:

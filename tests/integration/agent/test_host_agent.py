@@ -32,6 +32,11 @@ import pytest
 import pytest_asyncio
 from pydantic import SecretBytes
 
+from keeper_devtools.swtpm_lab import (
+    manufacture_tpm_state,
+    permall_framing,
+    write_private_ca_config,
+)
 from keeper_host_agent.agent import HostAgent
 from keeper_host_agent.commands.vm_lifecycle import HostCommands
 from keeper_host_agent.detect.state_tracker import StateTracker
@@ -89,6 +94,11 @@ def vm_domain_xml(*, epoch: int, vm_id: str = VM_ID, name: str = VM_NAME) -> str
 def envelope(payload: P) -> Envelope[P]:
     subject = getattr(payload, "vm_id", HOST_ID)
     return new_envelope(payload, source="test", subject=str(subject))
+
+
+def random_permall(size: int) -> bytes:
+    """Random TPM content framed as swtpm stores a permall (the host writes no other)."""
+    return permall_framing(os.urandom(size))
 
 
 def tpm_blob(permall: bytes, *, generation: int = 1) -> StateBlob:
@@ -343,7 +353,7 @@ def tree(path: Path) -> dict[str, tuple[int, bytes]]:
 
 
 async def test_prepare_writes_the_tpm_state_where_swtpm_reads_it(host: Host) -> None:
-    permall = os.urandom(6_000)
+    permall = random_permall(6_000)
     nvram = os.urandom(NVRAM_SIZE)
     blob = tpm_blob(permall)
     done = await host.prepare(tpm=blob, nvram=nvram_blob(nvram))
@@ -363,7 +373,7 @@ async def test_prepare_writes_the_tpm_state_where_swtpm_reads_it(host: Host) -> 
     assert [p.name for p in host.settings.swtpm_root.iterdir()] == [VM_ID]
 
     # A second prepare (a redelivery, or a newer version) replaces the state atomically.
-    newer = os.urandom(6_200)
+    newer = random_permall(6_200)
     again = await host.prepare(tpm=tpm_blob(newer, generation=2))
     assert again.ok, again.error
     assert permall_path.read_bytes() == newer
@@ -372,11 +382,11 @@ async def test_prepare_writes_the_tpm_state_where_swtpm_reads_it(host: Host) -> 
 
 
 async def test_prepare_refuses_a_blob_whose_hash_does_not_match(host: Host) -> None:
-    good = await host.prepare(tpm=tpm_blob(os.urandom(6_000)), nvram=nvram_blob(b"\x01" * 4096))
+    good = await host.prepare(tpm=tpm_blob(random_permall(6_000)), nvram=nvram_blob(b"\x01" * 4096))
     assert good.ok, good.error
     before = tree(host.settings.swtpm_root) | tree(host.settings.nvram_dir)
 
-    other = tpm_blob(os.urandom(6_000), generation=2)
+    other = tpm_blob(random_permall(6_000), generation=2)
     forged = other.model_copy(update={"content_hash": "0" * 64})
     refused = await host.prepare(tpm=forged)
     assert not refused.ok
@@ -386,7 +396,7 @@ async def test_prepare_refuses_a_blob_whose_hash_does_not_match(host: Host) -> N
 
     # A good TPM with a bad NVRAM must not leave a half-prepared VM either.
     bad_nvram = nvram_blob(b"\x02" * 4096).model_copy(update={"content_hash": "f" * 64})
-    half = await host.prepare(tpm=tpm_blob(os.urandom(6_000), generation=3), nvram=bad_nvram)
+    half = await host.prepare(tpm=tpm_blob(random_permall(6_000), generation=3), nvram=bad_nvram)
     assert not half.ok
     assert half.error is not None
     assert "does not match" in half.error
@@ -400,6 +410,46 @@ async def test_prepare_refuses_a_blob_whose_hash_does_not_match(host: Host) -> N
     assert tree(host.settings.swtpm_root) | tree(host.settings.nvram_dir) == before
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+async def test_a_permall_swtpm_could_not_load_never_replaces_a_real_tpm(
+    host: Host, tmp_path: Path, encrypted: bool
+) -> None:
+    """A TPM swtpm_setup manufactured (plain, or encrypted as libvirt does with a secret) is
+    written; a prepare that would replace it with a permall swtpm refuses (0 bytes, cut
+    short, bytes lost in the middle, not libtpms' state) is refused with the reason, and
+    neither the TPM nor the NVRAM sent with it is touched."""
+    manufactured = tmp_path / "manufactured"
+    await manufacture_tpm_state(
+        manufactured,
+        config=write_private_ca_config(tmp_path / "ca"),
+        passphrase=b"libvirt secret value" if encrypted else None,
+    )
+    real = (manufactured / MAIN_STATE_FILE_NAME).read_bytes()
+    assert (await host.prepare(tpm=tpm_blob(real), nvram=nvram_blob(b"\x01" * 4096))).ok
+    before = tree(host.settings.swtpm_root) | tree(host.settings.nvram_dir)
+    middle = len(real) // 2
+    framed = permall_framing(os.urandom(6_000))
+    unloadable = {
+        "is empty (0 bytes)": b"",
+        "its swtpm header says": real[: len(real) - 512],
+        "shorter than swtpm's 10-byte state header": real[:6],
+        "truncated": real[:middle] + real[middle + 100 :],
+        # swtpm's framing right, but what it holds is not libtpms' state.
+        "permanent-state magic": framed[:18] + b"\0\0\0\0" + framed[22:],
+    }
+
+    for generation, (reason, permall) in enumerate(unloadable.items(), start=2):
+        refused = await host.prepare(
+            tpm=tpm_blob(permall, generation=generation), nvram=nvram_blob(b"\x02" * 4096)
+        )
+
+        assert not refused.ok, reason
+        assert refused.error is not None
+        assert reason in refused.error
+        assert "left as it was" in refused.error
+        assert tree(host.settings.swtpm_root) | tree(host.settings.nvram_dir) == before
+
+
 async def test_an_encrypted_tpm_is_refused_by_a_libvirt_without_secrets(host: Host) -> None:
     """The test driver has no secret driver: a TPM state encrypted with a libvirt secret
     could not be read there, so nothing is written and the refusal says why (never the
@@ -408,7 +458,7 @@ async def test_an_encrypted_tpm_is_refused_by_a_libvirt_without_secrets(host: Ho
     secret = TpmSecret(uuid=str(uuid.uuid4()), value=SecretBytes(value))
 
     refused = await host.prepare(
-        tpm=tpm_blob(os.urandom(6_000)), nvram=nvram_blob(b"\x01" * 4096), tpm_secret=secret
+        tpm=tpm_blob(random_permall(6_000)), nvram=nvram_blob(b"\x01" * 4096), tpm_secret=secret
     )
 
     assert not refused.ok
@@ -419,7 +469,7 @@ async def test_an_encrypted_tpm_is_refused_by_a_libvirt_without_secrets(host: Ho
 
 
 async def test_prepare_is_refused_while_the_vm_runs(host: Host) -> None:
-    first = os.urandom(6_000)
+    first = random_permall(6_000)
     assert (await host.prepare(tpm=tpm_blob(first))).ok
     started = await host.start(xml_epoch=1, epoch=1)
     assert started.ok, started.error
@@ -427,7 +477,7 @@ async def test_prepare_is_refused_while_the_vm_runs(host: Host) -> None:
     assert snapshot is not None
     assert snapshot.active
 
-    refused = await host.prepare(tpm=tpm_blob(os.urandom(6_000), generation=2))
+    refused = await host.prepare(tpm=tpm_blob(random_permall(6_000), generation=2))
     assert not refused.ok
     assert refused.error is not None
     assert "running" in refused.error
@@ -435,7 +485,7 @@ async def test_prepare_is_refused_while_the_vm_runs(host: Host) -> None:
 
     powered_off = await host.commands.power_off(envelope(PowerOffVm(vm_id=VM_ID)), DELIVERY)
     assert powered_off.ok, powered_off.error
-    allowed = await host.prepare(tpm=tpm_blob(os.urandom(6_000), generation=3))
+    allowed = await host.prepare(tpm=tpm_blob(random_permall(6_000), generation=3))
     assert allowed.ok, allowed.error
 
 
@@ -472,7 +522,7 @@ async def test_start_refuses_xml_of_another_placement(host: Host) -> None:
 
 async def test_undefine_with_wipe_state_removes_tpm_and_nvram(host: Host) -> None:
     assert (
-        await host.prepare(tpm=tpm_blob(os.urandom(6_000)), nvram=nvram_blob(os.urandom(4096)))
+        await host.prepare(tpm=tpm_blob(random_permall(6_000)), nvram=nvram_blob(os.urandom(4096)))
     ).ok
     assert (await host.start(xml_epoch=1, epoch=1)).ok
     assert (await host.commands.power_off(envelope(PowerOffVm(vm_id=VM_ID)), DELIVERY)).ok
@@ -498,7 +548,7 @@ async def test_undefine_with_wipe_state_removes_tpm_and_nvram(host: Host) -> Non
 
 
 async def test_undefine_without_wipe_keeps_the_local_state(host: Host) -> None:
-    permall = os.urandom(6_000)
+    permall = random_permall(6_000)
     assert (await host.prepare(tpm=tpm_blob(permall), nvram=nvram_blob(b"\x05" * 4096))).ok
     assert (await host.start(xml_epoch=1, epoch=1)).ok
     assert (await host.commands.power_off(envelope(PowerOffVm(vm_id=VM_ID)), DELIVERY)).ok
@@ -512,7 +562,7 @@ async def test_undefine_without_wipe_keeps_the_local_state(host: Host) -> None:
 
 
 async def test_fetch_serves_the_prepared_state_of_a_tracked_vm(host: Host) -> None:
-    permall = os.urandom(6_000)
+    permall = random_permall(6_000)
     nvram = os.urandom(NVRAM_SIZE)
     tpm = tpm_blob(permall)
     assert (await host.prepare(tpm=tpm, nvram=nvram_blob(nvram))).ok
@@ -567,7 +617,7 @@ async def test_agent_tracks_a_started_vm_and_announces_the_prepared_state(
     """prepare -> start -> lifecycle event -> tracked -> state.changed with the prepared
     hashes under the XML's epoch; power-off and undefine are reported and untrack it."""
     host_agent, bus = agent
-    permall = os.urandom(6_000)
+    permall = random_permall(6_000)
     nvram = os.urandom(NVRAM_SIZE)
     tpm = tpm_blob(permall)
     prepared = await host_agent.commands.prepare(
@@ -594,7 +644,7 @@ async def test_agent_tracks_a_started_vm_and_announces_the_prepared_state(
 
     # swtpm saves while the VM runs: the watcher (set up by the lifecycle handling) sees it.
     tpm_dir = host_agent.settings.swtpm_root / VM_ID / "tpm2"
-    newer = os.urandom(6_000)
+    newer = random_permall(6_000)
     (tpm_dir / "TMP2-00.permall").write_bytes(newer)
     os.rename(tpm_dir / "TMP2-00.permall", tpm_dir / MAIN_STATE_FILE_NAME)
     newer_hash = content_hash(pack_tpm_state({MAIN_STATE_FILE_NAME: newer}))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from keeper_devtools.swtpm_lab import permall_framing
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.topology import host_command_key
 from keeper_shared.messages.commands import CommandDone
@@ -196,7 +197,7 @@ async def test_agent_process_serves_commands_and_publishes_events(
             )
             return reply.data
 
-        permall = os.urandom(6_000)
+        permall = permall_framing(os.urandom(6_000))
         nvram = os.urandom(540_672)
         tpm = seal_blob(
             StateKind.TPM,

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from keeper_devtools.swtpm_lab import permall_framing
 from keeper_host_agent.files.state_writer import (
     InvalidVmIdError,
     UnsafeStateWriteError,
@@ -25,8 +26,11 @@ PERMALL = "tpm2-00.permall"
 VOLATILE = "tpm2-00.volatilestate"
 SAVESTATE = "tpm2-00.savestate"
 CANARY = b"CANARY-WRITER-SECRET-91f0"
-OLD_STATE = {PERMALL: b"old permall " + CANARY, VOLATILE: b"old volatile " + CANARY}
-NEW_STATE = {PERMALL: b"new permall " + CANARY, SAVESTATE: b"new savestate"}
+OLD_STATE = {
+    PERMALL: permall_framing(b"old permall " + CANARY),
+    VOLATILE: b"old volatile " + CANARY,
+}
+NEW_STATE = {PERMALL: permall_framing(b"new permall " + CANARY), SAVESTATE: b"new savestate"}
 
 
 @pytest.fixture
@@ -160,8 +164,8 @@ def test_rewrite_replaces_state_and_removes_stale_companions(swtpm_root: Path) -
 
 def test_rewrite_with_permall_only_removes_both_companions(swtpm_root: Path) -> None:
     tpm2 = write_tpm_state(swtpm_root, VM_ID, {**OLD_STATE, SAVESTATE: b"s"}, None)
-    write_tpm_state(swtpm_root, VM_ID, {PERMALL: b"p"}, None)
-    assert _state_files(tpm2) == {PERMALL: b"p"}
+    write_tpm_state(swtpm_root, VM_ID, {PERMALL: permall_framing(b"p")}, None)
+    assert _state_files(tpm2) == {PERMALL: permall_framing(b"p")}
 
 
 def test_existing_directories_are_reused(swtpm_root: Path) -> None:
@@ -197,6 +201,37 @@ def test_bad_file_sets_are_refused_and_old_state_kept(
     before = _tree(swtpm_root.parent)
     with pytest.raises(UnsafeStateWriteError) as caught:
         write_tpm_state(swtpm_root, VM_ID, files, None)
+    assert CANARY.decode() not in str(caught.value)
+    assert _tree(swtpm_root.parent) == before
+    assert _state_files(tpm2) == OLD_STATE
+
+
+GOOD_PERMALL = permall_framing(b"a TPM " + CANARY + bytes(2000))
+
+
+@pytest.mark.parametrize(
+    ("permall", "reason"),
+    [
+        (b"", "is empty (0 bytes)"),
+        (GOOD_PERMALL[:7], "shorter than swtpm's 10-byte state header: truncated"),
+        (GOOD_PERMALL[:-100], "its swtpm header says"),
+        (permall_framing(bytes(300 * 1024)), "more than the 262144"),
+    ],
+    ids=["empty", "below-the-header", "truncated", "too-large"],
+)
+def test_a_permall_swtpm_could_not_load_is_refused_before_anything_is_written(
+    swtpm_root: Path, permall: bytes, reason: str
+) -> None:
+    # On a host that never had this VM, not even its directory appears.
+    with pytest.raises(UnsafeStateWriteError, match="left as it was"):
+        write_tpm_state(swtpm_root, str(uuid.uuid4()), {PERMALL: permall}, None)
+    assert list(swtpm_root.iterdir()) == []
+
+    tpm2 = write_tpm_state(swtpm_root, VM_ID, OLD_STATE, None)
+    before = _tree(swtpm_root.parent)
+    with pytest.raises(UnsafeStateWriteError) as caught:
+        write_tpm_state(swtpm_root, VM_ID, {PERMALL: permall, SAVESTATE: b"s"}, None)
+    assert reason in str(caught.value)
     assert CANARY.decode() not in str(caught.value)
     assert _tree(swtpm_root.parent) == before
     assert _state_files(tpm2) == OLD_STATE

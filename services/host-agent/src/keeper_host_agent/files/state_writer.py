@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
 
+from keeper_host_agent.files.permall_check import ImplausiblePermallError, check_permall
 from keeper_shared.state_format.tpm_archive import (
     ALLOWED_TPM_FILE_NAMES,
     DEFAULT_LIMITS,
@@ -104,8 +105,9 @@ def write_tpm_state(
     of its companions, and a retry completes the write.
 
     Raises `InvalidVmIdError` for a bad VM id, `UnsafeStateWriteError` for disallowed file
-    names or sizes, a missing permall, or a symlink/non-directory/non-regular file in the
-    way, and `OSError` for I/O failures.
+    names or sizes, a missing permall or one swtpm could not load (`permall_check`), or a
+    symlink/non-directory/non-regular file in the way, and `OSError` for I/O failures. All
+    of these but I/O failures are raised before anything is created or written.
     """
     vm_uuid = validate_vm_id(vm_id)
     _check_tpm_files(files, limits)
@@ -172,8 +174,15 @@ def write_nvram(nvram_path: Path | str, data: bytes, owner: tuple[int, int] | No
 def _check_tpm_files(files: Mapping[str, bytes], limits: ArchiveLimits) -> None:
     try:
         check_tpm_state_files(files, limits)
+        check_permall(files[MAIN_STATE_FILE_NAME])
     except UnsafeArchiveError as error:
         raise UnsafeStateWriteError(str(error)) from None
+    except ImplausiblePermallError as error:
+        # Written, it would replace a TPM swtpm loads with one it refuses: the VM would
+        # not start, or libvirt would manufacture a blank TPM in its place.
+        raise UnsafeStateWriteError(
+            f"{error}; the TPM state on this host was left as it was"
+        ) from None
 
 
 def _open_root(swtpm_root: Path) -> int:
