@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keeper_devtools.swtpm_lab import permall_framing
 from keeper_host_agent.files.state_writer import write_tpm_state
 from keeper_shared.state_format.compression import (
     BlobFormatError,
@@ -637,7 +638,7 @@ def test_no_crafted_archive_changes_anything_on_disk(tmp_path: Path) -> None:
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "passwd").write_bytes(b"root:x:0:0::/root:/bin/sh\n")
-    old_state = {PERMALL: b"old permall " + CANARY, VOLATILE: b"old volatile"}
+    old_state = {PERMALL: permall_framing(b"old permall " + CANARY), VOLATILE: b"old volatile"}
     tpm2 = write_tpm_state(swtpm_root, VM_ID, old_state, None)
     before = _snapshot(tmp_path)
 
@@ -654,7 +655,7 @@ def test_no_crafted_archive_changes_anything_on_disk(tmp_path: Path) -> None:
     assert _snapshot(tmp_path) == before
     assert read_tpm_state_dir(tpm2) == old_state
     # And a valid blob through the same path does land, only inside the VM's directory.
-    new_state = {PERMALL: b"new permall"}
+    new_state = {PERMALL: permall_framing(b"new permall")}
     valid = Crafted("valid", pack_tpm_state(new_state))
     write_tpm_state(swtpm_root, VM_ID, _through_the_wire(valid), None)
     after = _snapshot(tmp_path)
