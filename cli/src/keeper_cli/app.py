@@ -421,10 +421,9 @@ def status(
     found, unprotected = _run(work)
     now = time.time()
     if as_json:
-        output.emit_json(
-            [item.as_json(now) for item in found]
-            + [views.unprotected_json(item) for item in unprotected]
-        )
+        documents = [item.as_json(now) for item in found]
+        documents += [views.unprotected_json(item) for item in unprotected]
+        output.emit_json(sorted(documents, key=lambda doc: (doc["name"] or "", doc["vm_id"])))
         return
     if not found and not unprotected:
         output.stdout.print("No VMs yet: `keeper vm enable-tpm NAME --guest-os OS` registers one.")
