@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -91,6 +91,11 @@ async def unprotected(stack: PolicyStack, vm_id: str) -> UnprotectedVmView:
     return found[0]
 
 
+def stored_as(vm_id: str, kind: StateKind, digest: str) -> Callable[[StatePersisted], bool]:
+    """Matches the store's announcement of exactly this state."""
+    return lambda e: e.vm_id == vm_id and e.kind is kind and e.content_hash == digest
+
+
 def keeper(stack: PolicyStack, *arguments: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, list(arguments), env={"KEEPER_AMQP_URL": stack.amqp_url})
     return result.exit_code, result.stdout, result.stderr
@@ -108,11 +113,7 @@ async def test_a_domain_another_manager_defined_is_adopted_and_its_state_stored(
     assert adopted.data.host == stack.host_id("a")
     assert adopted.data.requested_by is None  # the host's mode adopted it
     for kind, digest in ((StateKind.TPM, tpm), (StateKind.NVRAM, nvram)):
-        await stack.events.wait_for(
-            StatePersisted,
-            lambda e, k=kind, d=digest: e.vm_id == vm_id and e.kind is k and e.content_hash == d,
-            STEP_TIMEOUT_S,
-        )
+        await stack.events.wait_for(StatePersisted, stored_as(vm_id, kind, digest), STEP_TIMEOUT_S)
     assert await stack.placement(vm_id) == (stack.host_id("a"), adopted.data.epoch)
     record = await awaited(stack.redis.hgetall(vm_record_key(vm_id)))
     spec = VmSpec.model_validate_json(record[b"spec"])
