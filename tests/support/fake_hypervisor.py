@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from keeper_host_agent.hypervisor.errors import DomainNotFoundError, TpmSecretUnreadableError
 from keeper_host_agent.hypervisor.port import DomainSnapshot, LifecycleEvent
 from keeper_shared.messages.types import TpmSecret
+from keeper_shared.messages.vm import StopReason
 
 
 @dataclass
@@ -27,6 +28,13 @@ class FakeDomain:
     snapshots: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     """namespace -> element XML."""
+    stop_reason: StopReason = StopReason.UNKNOWN
+    """Why it is off, while it is (libvirt's shut-off reason)."""
+
+    def snapshot(self) -> DomainSnapshot:
+        """As libvirt would read it."""
+        reason = None if self.active else self.stop_reason
+        return DomainSnapshot(self.vm_id, self.name, self.xml, self.active, reason)
 
 
 class FakeHypervisor:
@@ -65,14 +73,12 @@ class FakeHypervisor:
 
     async def list_domains(self) -> list[DomainSnapshot]:
         """Every domain."""
-        return [DomainSnapshot(d.vm_id, d.name, d.xml, d.active) for d in self.domains.values()]
+        return [domain.snapshot() for domain in self.domains.values()]
 
     async def domain(self, vm_id: str) -> DomainSnapshot | None:
         """One domain, or None."""
         found = self.domains.get(vm_id)
-        if found is None:
-            return None
-        return DomainSnapshot(found.vm_id, found.name, found.xml, found.active)
+        return None if found is None else found.snapshot()
 
     async def define_and_start(self, xml: str) -> None:
         """Define the domain from its `<uuid>` and `<name>` and run it."""
@@ -83,11 +89,13 @@ class FakeHypervisor:
 
     async def shutdown(self, vm_id: str, timeout_s: float) -> None:
         """The domain is off."""
-        self._get("shutdown", vm_id).active = False
+        domain = self._get("shutdown", vm_id)
+        domain.active, domain.stop_reason = False, StopReason.SHUTDOWN
 
     async def power_off(self, vm_id: str) -> None:
         """The domain is off."""
-        self._get("power_off", vm_id).active = False
+        domain = self._get("power_off", vm_id)
+        domain.active, domain.stop_reason = False, StopReason.DESTROYED
 
     async def undefine(self, vm_id: str, *, keep_state: bool) -> None:
         """The domain is gone."""

@@ -38,6 +38,7 @@ from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.loss import describe_loss
 from keeper_shared.bus.client import BusClient, CallError, CallTimeoutError
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
+from keeper_shared.messages.adoption import AdoptVm, UnprotectedVmView, VmAdoptionResult
 from keeper_shared.messages.envelope import MessageError
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.tpm import Firmware, VmSpec
@@ -396,41 +397,123 @@ def status(
     vm: Annotated[str | None, typer.Argument(help="One VM (id or name); all by default.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Every VM: host, placement epoch, newest persisted state and its age, protection."""
+    """Every VM: host, placement epoch, newest persisted state and its age, protection; and
+    the TPM domains hosts reported that are not adopted, with the reasons."""
 
-    async def work(settings: CliSettings) -> list[views.VmStatus]:
+    async def work(
+        settings: CliSettings,
+    ) -> tuple[list[views.VmStatus], list[UnprotectedVmView]]:
         async with _client(settings, needs=RESOLVING) as client:
+            unprotected = await client.list_unprotected()
             if vm is None:
-                return await views.vm_statuses(client)
+                return await views.vm_statuses(client), unprotected
+            named = [item for item in unprotected if views.names(item, vm)]
+            if named and not await views.resolve_vm(client, vm):
+                return [], named
             one = await views.vm_status(client, await _resolve(client, vm))
-            return [one] if one is not None else []
+            return ([one] if one is not None else []), named
 
-    found = _run(work)
+    found, unprotected = _run(work)
     now = time.time()
     if as_json:
-        output.emit_json([item.as_json(now) for item in found])
+        documents = [item.as_json(now) for item in found]
+        documents += [views.unprotected_json(item) for item in unprotected]
+        output.emit_json(sorted(documents, key=lambda doc: (doc["name"] or "", doc["vm_id"])))
         return
-    if not found:
+    if not found and not unprotected:
         output.stdout.print("No VMs yet: `keeper vm enable-tpm NAME --guest-os OS` registers one.")
         return
-    output.table(
-        None,
-        ["VM", "ID", "HOST", "EPOCH", "TPM", "ENCRYPTED", "NVRAM", "PERSISTED", "PROTECTION"],
-        [
+    if found:
+        output.table(
+            None,
+            ["VM", "ID", "HOST", "EPOCH", "TPM", "ENCRYPTED", "NVRAM", "PERSISTED", "PROTECTION"],
             [
-                item.name,
-                item.vm_id,
-                item.host or "(stopped)",
-                item.epoch,
-                _version(item.kinds.get("tpm")),
-                "yes" if item.tpm_encrypted else "no",
-                _version(item.kinds.get("nvram")),
-                _ago(item.newest_stored_at(), now),
-                item.protection(),
-            ]
-            for item in found
-        ],
-    )
+                [
+                    item.name,
+                    item.vm_id,
+                    item.host or "(stopped)",
+                    item.epoch,
+                    _version(item.kinds.get("tpm")),
+                    "yes" if item.tpm_encrypted else "no",
+                    _version(item.kinds.get("nvram")),
+                    _ago(item.newest_stored_at(), now),
+                    item.protection(),
+                ]
+                for item in found
+            ],
+        )
+    if unprotected:
+        output.table(
+            "TPM domains not protected (`keeper vm adopt NAME` adopts one)",
+            ["VM", "ID", "HOST", "RUNNING", "WHY NOT"],
+            [
+                [
+                    item.name,
+                    item.vm_id,
+                    item.host,
+                    "yes" if item.running else "no",
+                    "; ".join(item.reasons),
+                ]
+                for item in unprotected
+            ],
+        )
+
+
+@vm_app.command("adopt")
+def adopt(
+    vm: VmArgument,
+    host: Annotated[
+        str | None, typer.Option(help="The host it is on, when several report that name.")
+    ] = None,
+    guest_os: Annotated[
+        str | None,
+        typer.Option(help="Guest OS, when the domain's metadata names none (e.g. windows-11)."),
+    ] = None,
+    override: Annotated[
+        bool, typer.Option(help="Adopt although the cluster's hosts do not all report swtpm.")
+    ] = False,
+    override_guest_os: Annotated[
+        bool, typer.Option(help="Adopt although the guest-OS rules do not allow a TPM.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Protect a TPM domain a host reported that vTPM Keeper did not define: registered from
+    its XML and placed where it runs, never redefined or restarted. The approval rules
+    still apply; the host's adoption mode does not."""
+    try:
+        request = AdoptVm(
+            vm=vm,
+            host=host,
+            guest_os=guest_os,
+            override=override,
+            override_guest_os=override_guest_os,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error).splitlines()[0]) from None
+
+    async def work(settings: CliSettings) -> VmAdoptionResult:
+        async with _client(settings, needs=("policy",)) as client:
+            with _progress(f"Adopting {vm}...", quiet=as_json):
+                result: VmAdoptionResult = await client.adopt(request)
+                return result
+
+    result = _run(work)
+    if as_json:
+        output.emit_json(result.model_dump(mode="json"))
+    if not result.adopted:
+        code = ExitCode.UNKNOWN_VM if result.vm_id is None else ExitCode.REFUSED
+        output.stderr.print(f"[red]refused:[/red] {'; '.join(result.reasons)}", highlight=False)
+        raise typer.Exit(int(code))
+    if not as_json:
+        rows: list[tuple[str, Any]] = [
+            ("adopted", result.name or vm),
+            ("vm id", result.vm_id),
+            ("host", result.host),
+            ("placement epoch", result.epoch),
+        ]
+        if result.overridden:
+            rows.append(("overridden", "; ".join(result.overridden)))
+        output.facts(rows)
 
 
 def _ago(timestamp: float | None, now: float) -> str | None:
@@ -800,23 +883,40 @@ def import_(
 
 @app.command("hosts")
 def hosts(as_json: JsonOption = False) -> None:
-    """Every host: alive, silent or lost, and what it can run."""
+    """Every host: alive, silent or lost, what it can run, and its TPM domains that are not
+    protected."""
 
-    async def work(settings: CliSettings) -> list[views.HostStatus]:
+    async def work(
+        settings: CliSettings,
+    ) -> tuple[list[views.HostStatus], list[UnprotectedVmView]]:
         async with _client(settings, needs=("policy",)) as client:
-            return await views.host_statuses(client)
+            return await views.host_statuses(client), await client.list_unprotected()
 
-    found = _run(work)
+    found, unprotected = _run(work)
     now = time.time()
+    by_host: dict[str, list[UnprotectedVmView]] = {}
+    for domain in unprotected:
+        by_host.setdefault(domain.host, []).append(domain)
     if as_json:
-        output.emit_json([item.as_json(now) for item in found])
+        output.emit_json(
+            [
+                item.as_json(now)
+                | {
+                    "unprotected": [
+                        {"vm_id": d.vm_id, "name": d.name, "reasons": list(d.reasons)}
+                        for d in by_host.get(item.host, [])
+                    ]
+                }
+                for item in found
+            ]
+        )
         return
     if not found:
         output.stdout.print("No host has sent a heartbeat yet.")
         return
     output.table(
         None,
-        ["HOST", "STATUS", "LAST SEEN", "CLUSTER", "SWTPM", "ARCH", "UEFI", "VMS"],
+        ["HOST", "STATUS", "LAST SEEN", "CLUSTER", "SWTPM", "ARCH", "UEFI", "VMS", "UNPROTECTED"],
         [
             [
                 item.host,
@@ -827,6 +927,7 @@ def hosts(as_json: JsonOption = False) -> None:
                 ",".join(item.capabilities.get("architectures") or []) or None,
                 item.capabilities.get("uefi_firmware"),
                 item.vms,
+                ", ".join(d.name for d in by_host.get(item.host, [])) or None,
             ]
             for item in found
         ],

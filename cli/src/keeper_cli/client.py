@@ -13,6 +13,13 @@ from pydantic import SecretBytes, SecretStr
 
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, POLICY, STATE_STORE
+from keeper_shared.messages.adoption import (
+    AdoptVm,
+    ListUnprotectedVms,
+    UnprotectedVmsListed,
+    UnprotectedVmView,
+    VmAdoptionResult,
+)
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DeleteState, DisableTpm
 from keeper_shared.messages.envelope import Envelope, MessageError, Payload, decode, peek_type
@@ -174,6 +181,15 @@ class KeeperClient:
     async def list_hosts(self) -> HostsListed:
         """Every host policy heard from, with its liveness by policy's rule."""
         return await self._call(self._policy_target, ListHosts(), HostsListed, "hosts")
+
+    async def list_unprotected(self) -> list[UnprotectedVmView]:
+        """The TPM/UEFI domains hosts reported that vTPM Keeper does not protect, with why."""
+        reply = await self._call_policy(ListUnprotectedVms(), UnprotectedVmsListed, "unprotected")
+        return reply.vms
+
+    async def adopt(self, request: AdoptVm) -> VmAdoptionResult:
+        """Ask policy to adopt a reported domain; the reply says whether, or why not."""
+        return await self._call_policy(request, VmAdoptionResult, request.vm)
 
     async def describe_stored_state(self, vm_ids: Sequence[str]) -> list[StoredVmState]:
         """What the store holds for each of ``vm_ids`` (newest version per kind), in order;

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from keeper_cli.client import KeeperClient
+from keeper_shared.messages.adoption import UnprotectedVmView
 from keeper_shared.messages.queries import HostView, StoredVmState, VmView
 from keeper_shared.messages.types import VM_NAME_PATTERN, StateKind
 
@@ -195,3 +196,25 @@ async def host_statuses(client: KeeperClient) -> list[HostStatus]:
     """Every host that ever sent a heartbeat: alive, silent (no heartbeat for a while,
     not yet declared lost) or lost, by policy's rule."""
     return [host_status_from(view) for view in (await client.list_hosts()).hosts]
+
+
+NOT_ADOPTED = "not-adopted"
+"""The protection of a TPM/UEFI domain a host reported that vTPM Keeper did not adopt."""
+
+
+def unprotected_json(view: UnprotectedVmView) -> dict[str, Any]:
+    """A domain that is not adopted, in the shape of a VM's status where the two meet."""
+    return {
+        "vm_id": view.vm_id,
+        "name": view.name,
+        "host": view.host,
+        "running": view.running,
+        "protection": NOT_ADOPTED,
+        "reasons": list(view.reasons),
+        "reported_at": iso(view.reported_at.timestamp()),
+    }
+
+
+def names(view: UnprotectedVmView, reference: str) -> bool:
+    """Whether ``reference`` (a VM id or a domain name) names ``view``'s domain."""
+    return reference in (view.vm_id, view.name)

@@ -44,6 +44,7 @@ def test_help_lists_every_command() -> None:
         "import",
         "delete-state",
         "disable-tpm",
+        "adopt",
     ):
         assert command in result.output
     assert "hosts" in runner.invoke(app, ["--help"]).output

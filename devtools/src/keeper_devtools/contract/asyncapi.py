@@ -74,7 +74,9 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "vm.place",
             "vm.stop",
             "vm.snapshot",
+            "vm.adopt",
             "vms.list",
+            "vms.unprotected.list",
             "hosts.list",
         }
     ),
@@ -87,6 +89,8 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "state.exported",
             "state.described",
             "vms.listed",
+            "vms.unprotected.listed",
+            "vm.adoption-result",
             "hosts.listed",
         }
     ),

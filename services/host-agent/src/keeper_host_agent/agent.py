@@ -20,7 +20,9 @@ from keeper_host_agent.hypervisor.domain_xml import (
 )
 from keeper_host_agent.hypervisor.errors import HypervisorError, TpmSecretUnreadableError
 from keeper_host_agent.hypervisor.libvirt_adapter import LibvirtHypervisor
-from keeper_host_agent.hypervisor.port import Hypervisor, LifecycleEvent
+from keeper_host_agent.hypervisor.port import DomainSnapshot, Hypervisor, LifecycleEvent
+from keeper_host_agent.reconcile.discovery import discovered
+from keeper_host_agent.reconcile.implied_facts import DomainPresence, implied_facts
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.client import BusClient, Route
 from keeper_shared.messages.envelope import Payload
@@ -76,6 +78,10 @@ class HostAgent:
         """What each libvirt event set off (publishing its fact, re-reading the domain)."""
         self._secret_checked: dict[str, str] = {}
         """VM id -> the TPM secret already checked for it."""
+        self._presence: dict[str, DomainPresence] = {}
+        """Every tracked domain as last read, to tell what changed while nobody watched."""
+        self._view_read = False
+        """The view was read once: a later rebuild knows what the host held before."""
 
     async def _publish_changes(self, event: StateChanged) -> None:
         await self.bus.publish_event(event, subject=event.host)
@@ -85,6 +91,7 @@ class HostAgent:
     async def refresh_domain(self, vm_id: str) -> None:
         """Re-read one domain from libvirt and track or untrack it."""
         snapshot = await self.hypervisor.domain(vm_id)
+        self._presence.pop(vm_id, None)
         if snapshot is None:
             self.tracker.untrack(vm_id)
             self._secret_checked.pop(vm_id, None)
@@ -103,7 +110,27 @@ class HostAgent:
             else:
                 self.tracker.track(location)
                 self._check_tpm_secret(location)
+                self._presence[vm_id] = DomainPresence(
+                    name=snapshot.name,
+                    placed=location.epoch > 0,
+                    active=snapshot.active,
+                    shutoff_reason=snapshot.shutoff_reason,
+                )
         self.watcher.sync_watches()
+
+    async def _announce_discovered(self, snapshot: DomainSnapshot) -> None:
+        """Report a TPM/UEFI domain vTPM Keeper did not place, for policy to adopt."""
+        fact = discovered(snapshot, host=self.settings.host_id, adoption=self.settings.adopt)
+        log.info("unplaced domain reported", vm_id=fact.vm_id, name=fact.name)
+        await self.bus.publish_event(fact, subject=fact.vm_id)
+
+    async def _announce_if_unplaced(self, vm_id: str) -> None:
+        presence = self._presence.get(vm_id)
+        if presence is None or presence.placed:
+            return
+        snapshot = await self.hypervisor.domain(vm_id)
+        if snapshot is not None:
+            await self._announce_discovered(snapshot)
 
     def _check_tpm_secret(self, location: DomainStateLocation) -> None:
         """Once per domain and secret: say so when the TPM state is encrypted with a secret
@@ -143,14 +170,28 @@ class HostAgent:
     async def rebuild_view(self) -> None:
         """Track every TPM/UEFI domain libvirt knows and forget those it no longer has; the
         state of each is read and re-announced when it changed. Runs at start-up and after
-        each reconnect to libvirt (events that happened in between were never delivered)."""
+        each reconnect to libvirt (events that happened in between were never delivered):
+        what changed meanwhile is reported as the lifecycle facts it implies, and every
+        domain vTPM Keeper did not place as discovered."""
+        before = dict(self._presence) if self._view_read else None
         domains = await self.hypervisor.list_domains()
         listed = {snapshot.vm_id for snapshot in domains}
         for vm_id in set(self.tracker.vms) - listed:
             self.tracker.untrack(vm_id)
+            self._presence.pop(vm_id, None)
         for snapshot in domains:
             await self.refresh_domain(snapshot.vm_id)
         self.watcher.sync_watches()
+        self._view_read = True
+        for fact in implied_facts(before, dict(self._presence)):
+            log.info("lifecycle missed", vm_id=fact.vm_id, lifecycle=fact.event)
+            await self._publish_lifecycle(
+                LifecycleEvent(fact.vm_id, fact.name, fact.event, fact.stop_reason), missed=True
+            )
+        for snapshot in domains:
+            presence = self._presence.get(snapshot.vm_id)
+            if presence is not None and not presence.placed:
+                await self._announce_discovered(snapshot)
         log.info("view rebuilt", vms=len(self.tracker.vms), domains=len(domains))
 
     def on_lifecycle(self, event: LifecycleEvent) -> None:
@@ -158,10 +199,25 @@ class HostAgent:
         self.lifecycle_tasks.spawn(self._handle_lifecycle(event))
 
     async def _handle_lifecycle(self, event: LifecycleEvent) -> None:
+        try:
+            await self.refresh_domain(event.vm_id)
+        except HypervisorError as error:
+            log.warning("domain refresh failed", vm_id=event.vm_id, reason=str(error))
+        log.info("lifecycle", vm_id=event.vm_id, lifecycle=event.event, reason=event.stop_reason)
+        await self._publish_lifecycle(event, missed=False)
+        if event.event != "undefined":
+            try:
+                await self._announce_if_unplaced(event.vm_id)
+            except HypervisorError as error:
+                log.warning("unplaced domain not reported", vm_id=event.vm_id, reason=str(error))
+
+    async def _publish_lifecycle(self, event: LifecycleEvent, *, missed: bool) -> None:
+        """Publish the fact of ``event``; ``missed`` when it was inferred on a rebuild."""
         common = {"vm_id": event.vm_id, "host": self.settings.host_id, "name": event.name}
         fact: Payload
         if event.event == "stopped":
-            fact = VmStopped(**common, reason=event.stop_reason or StopReason.UNKNOWN)
+            reason = event.stop_reason or StopReason.UNKNOWN
+            fact = VmStopped(**common, reason=reason, missed=missed)
         else:
             fact = {
                 "defined": VmDefined,
@@ -170,11 +226,6 @@ class HostAgent:
                 "suspended": VmSuspended,
                 "resumed": VmResumed,
             }[event.event](**common)
-        try:
-            await self.refresh_domain(event.vm_id)
-        except HypervisorError as error:
-            log.warning("domain refresh failed", vm_id=event.vm_id, reason=str(error))
-        log.info("lifecycle", vm_id=event.vm_id, lifecycle=event.event, reason=event.stop_reason)
         await self.bus.publish_event(fact, subject=event.vm_id)
 
     async def heartbeat_forever(self, capabilities: HostCapabilities) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from keeper_shared.messages.adoption import AdoptionMode
 from keeper_shared.messages.types import HOST_ID_PATTERN
 from keeper_shared.runtime.settings import ServiceSettings
 
@@ -38,3 +39,11 @@ class HostAgentSettings(ServiceSettings):
         default=5.0, gt=0, description="Stat-only safety-net rescan when inotify missed one."
     )
     heartbeat_interval_s: float = Field(default=5.0, gt=0, description="Heartbeat period.")
+    adopt: AdoptionMode = Field(
+        default=AdoptionMode.ALL,
+        description="Which TPM/UEFI domains vTPM Keeper did not place policy adopts by itself: "
+        "`all`, `marked` (only those whose metadata carries `<keeper:adopt/>`) or `none` (only "
+        "on `keeper vm adopt`). `all` by default: a TPM left unprotected is the loss the "
+        "keeper exists to prevent, and adopting only reads the state and stamps an epoch in "
+        "the metadata (the domain is never redefined, restarted or undefined for it).",
+    )

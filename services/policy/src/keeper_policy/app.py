@@ -8,6 +8,8 @@ import socket
 import structlog
 from redis.asyncio import Redis
 
+from keeper_policy.adoption.adopter import Adopter
+from keeper_policy.adoption.records import DiscoveredDomains
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.liveness import HostLiveness
 from keeper_policy.hosts.registry import HostRegistry
@@ -88,6 +90,7 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         disabler=TpmDisabler(
             registry, engine, gateway, store_timeout_s=settings.retrieve_timeout_s
         ),
+        adopter=Adopter(settings, registry, hosts, gateway, DiscoveredDomains(redis)),
     )
 
 

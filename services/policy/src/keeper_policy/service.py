@@ -6,6 +6,7 @@ import time
 
 import structlog
 
+from keeper_policy.adoption.adopter import Adopter
 from keeper_policy.hosts.liveness import HostLiveness
 from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.placement.migration import MigrationTracker
@@ -18,6 +19,7 @@ from keeper_policy.tpm.disabler import TpmDisabler
 from keeper_policy.views.queries import PolicyQueries
 from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_shared.bus.client import Delivery, Route
+from keeper_shared.messages.adoption import AdoptVm, VmAdoptionResult, VmDiscovered
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DisableTpm, StateDeleted
 from keeper_shared.messages.envelope import Envelope
@@ -25,7 +27,7 @@ from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.placement import PlaceVm, StopVm
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded
-from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped
+from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped, VmUndefined
 from keeper_shared.messages.vm_snapshot import SnapshotVm
 from keeper_shared.runtime.background import BackgroundTasks
 
@@ -49,6 +51,7 @@ class PolicyService:
         snapshots: Snapshotter,
         disabler: TpmDisabler,
         queries: PolicyQueries,
+        adopter: Adopter,
     ) -> None:
         self._registry = registry
         self._hosts = hosts
@@ -61,6 +64,7 @@ class PolicyService:
         self._snapshots = snapshots
         self._disabler = disabler
         self._queries = queries
+        self._adopter = adopter
         self._background = BackgroundTasks("background task failed")
 
     def event_routes(self) -> list[Route]:
@@ -72,6 +76,8 @@ class PolicyService:
             Route(VmStopped, self.on_vm_stopped),
             Route(VmStarted, self.on_vm_started),
             Route(TpmStateStranded, self.on_tpm_state_stranded),
+            Route(VmDiscovered, self.on_vm_discovered),
+            Route(VmUndefined, self.on_vm_undefined),
         ]
 
     def command_routes(self) -> list[Route]:
@@ -82,6 +88,7 @@ class PolicyService:
             Route(PlaceVm, self.on_place),
             Route(StopVm, self.on_stop),
             Route(SnapshotVm, self.on_snapshot),
+            Route(AdoptVm, self.on_adopt),
             *self._queries.command_routes(),
         ]
 
@@ -128,8 +135,23 @@ class PolicyService:
         await self._stopper.stopped_on_its_own(event, envelope.time.timestamp())
 
     async def on_vm_started(self, envelope: Envelope[VmStarted], delivery: Delivery) -> None:
-        """A domain started: on a host other than its placement, a migration's destination."""
+        """A domain started: on a host other than its placement, a migration's destination;
+        an adopted VM that runs nowhere, its manager starting it again."""
         await self._migrations.maybe_arrived(envelope.data)
+        await self._adopter.on_started(envelope.data)
+
+    async def on_vm_discovered(self, envelope: Envelope[VmDiscovered], delivery: Delivery) -> None:
+        """A host reports a TPM/UEFI domain vTPM Keeper did not place: adopt it or record
+        why not."""
+        await self._adopter.on_discovered(envelope.data, envelope.time.timestamp())
+
+    async def on_vm_undefined(self, envelope: Envelope[VmUndefined], delivery: Delivery) -> None:
+        """A domain is gone from its host: a reported one is no longer there to adopt."""
+        await self._adopter.on_undefined(envelope.data)
+
+    async def on_adopt(self, envelope: Envelope[AdoptVm], delivery: Delivery) -> VmAdoptionResult:
+        """Adopt a reported domain on request, whatever its host's mode, through the rules."""
+        return await self._adopter.adopt(envelope.data, delivery.user_id or envelope.source)
 
     async def on_tpm_state_stranded(
         self, envelope: Envelope[TpmStateStranded], delivery: Delivery
@@ -154,6 +176,7 @@ class PolicyService:
         outcome = await self._hosts.note_heartbeat(beat, time.time())
         await self._liveness.on_heartbeat(beat, outcome.lost_at if outcome.returned else None)
         await self._migrations.on_heartbeat(beat)
+        await self._adopter.on_heartbeat(beat)
 
     async def on_state_deleted(self, envelope: Envelope[StateDeleted], delivery: Delivery) -> None:
         """The store deleted a VM's state: its recovery point is gone with it."""

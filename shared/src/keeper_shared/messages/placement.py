@@ -82,6 +82,9 @@ class StopTrigger(enum.StrEnum):
     """The host reported the domain crashed."""
     DESTROYED = "destroyed"
     """The host reported the domain destroyed by someone other than policy."""
+    FOUND_STOPPED = "found-stopped"
+    """The host found the domain off when it re-read libvirt (it was down, or libvirtd was),
+    and libvirt did not say why."""
 
 
 class StopVm(Payload):

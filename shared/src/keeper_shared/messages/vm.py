@@ -62,6 +62,12 @@ class VmStopped(VmLifecycleFact):
     message_type = "vm.stopped"
 
     reason: StopReason = Field(description="Why, as libvirt said.")
+    missed: bool = Field(
+        default=False,
+        description="The host did not see the stop: it found the domain off when it re-read "
+        "libvirt (after its own restart or a lost libvirt connection); ``reason`` is then "
+        "libvirt's shut-off reason, `unknown` when libvirt kept none.",
+    )
 
 
 class VmUndefined(VmLifecycleFact):

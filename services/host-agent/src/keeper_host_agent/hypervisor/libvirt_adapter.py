@@ -31,16 +31,36 @@ from keeper_host_agent.hypervisor.libvirt_secrets import (
 )
 from keeper_host_agent.hypervisor.port import DomainSnapshot
 from keeper_shared.messages.types import TpmSecret
+from keeper_shared.messages.vm import StopReason
 
 _T = TypeVar("_T")
 
 
+_SHUTOFF_REASONS = {
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: StopReason.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: StopReason.DESTROYED,
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: StopReason.CRASHED,
+    libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: StopReason.MIGRATED,
+    libvirt.VIR_DOMAIN_SHUTOFF_SAVED: StopReason.SAVED,
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: StopReason.FAILED,
+    libvirt.VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT: StopReason.FROM_SNAPSHOT,
+}
+"""libvirt's reasons for a domain being off; any other (unknown, the daemon's own) is
+`unknown`."""
+
+
 def _snapshot(domain: libvirt.virDomain) -> DomainSnapshot:
+    active = bool(domain.isActive())
+    reason: StopReason | None = None
+    if not active:
+        _state, detail = domain.state()
+        reason = _SHUTOFF_REASONS.get(detail, StopReason.UNKNOWN)
     return DomainSnapshot(
         vm_id=domain.UUIDString().lower(),
         name=domain.name(),
         xml=domain.XMLDesc(0),
-        active=bool(domain.isActive()),
+        active=active,
+        shutoff_reason=reason,
     )
 
 

@@ -34,6 +34,9 @@ class DomainSnapshot:
     name: str
     xml: str
     active: bool
+    shutoff_reason: StopReason | None = None
+    """Why an inactive domain is off, as libvirt keeps it (`unknown` when it kept nothing);
+    None while it runs."""
 
 
 class Hypervisor(Protocol):

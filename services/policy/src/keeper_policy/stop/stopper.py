@@ -23,7 +23,8 @@ EVENT_TRIGGERS = {
     StopReason.DESTROYED: StopTrigger.DESTROYED,
 }
 """Stops a host reports without a ``vm.stop``, after which policy retrieves and undefines.
-`saved` (managed save) and `from_snapshot` keep the VM on its host; `migrated` moves it."""
+`saved` (managed save) and `from_snapshot` keep the VM on its host; `migrated` moves it. A
+stop the host missed and libvirt kept no reason for is ``found-stopped``."""
 
 
 class Stopper:
@@ -81,6 +82,10 @@ class Stopper:
         destroyed it): retrieve its final state before the domain goes. ``reported_at`` is
         when the host sent the report."""
         trigger = EVENT_TRIGGERS.get(event.reason)
+        if trigger is None and event.missed and event.reason is StopReason.UNKNOWN:
+            # Found off after the host or libvirtd was down, with no reason kept: it stopped,
+            # and its state is still on the host until the domain goes.
+            trigger = StopTrigger.FOUND_STOPPED
         if trigger is None:
             return
         placement = await self._registry.placement(event.vm_id)

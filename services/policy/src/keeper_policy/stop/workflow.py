@@ -92,6 +92,11 @@ class StopRunner:
             ok = await self._registry.unplace(vm_id, host)
             if not ok:
                 log.warning("VM was placed elsewhere meanwhile", vm_id=vm_id, host=host)
+        elif step is StopStep.UNDEFINE and await self._registry.is_adopted(vm_id):
+            # An adopted VM's domain is its manager's: stopped and fenced, never undefined.
+            ok = True
+            detail["removed"] = "false"
+            detail["kept"] = "true"
         elif step is StopStep.UNDEFINE:
             ok = not host_lost and await self._command_ok(
                 "undefine", record, self._gateway.undefine
@@ -179,16 +184,16 @@ class StopRunner:
             ),
             record.vm_id,
         )
-        return WorkflowResult(
-            ok=True,
-            detail={
-                "retrieved": str(retrieved).lower(),
-                "removed": str(removed).lower(),
-                "trigger": trigger.value,
-                "host": record.host,
-                "attempts": str(record.attempts),
-            },
-        )
+        detail = {
+            "retrieved": str(retrieved).lower(),
+            "removed": str(removed).lower(),
+            "trigger": trigger.value,
+            "host": record.host,
+            "attempts": str(record.attempts),
+        }
+        if record.data.get("kept") == "true":
+            detail["kept"] = "true"  # an adopted VM's domain stays defined, its manager's
+        return WorkflowResult(ok=True, detail=detail)
 
     async def _host_lost(self, host: str) -> bool:
         record = await self._hosts.host(host)

@@ -19,6 +19,14 @@ EPOCH_PENDING = f"{PREFIX}:policy:epoch-pending"
 """Set: VMs moved by a migration whose destination has not confirmed the new epoch yet (so
 a heartbeat is checked against a few VMs, not all it reports)."""
 
+DISCOVERED = f"{PREFIX}:policy:discovered"
+"""Hash: VM id -> JSON of a TPM/UEFI domain a host reported that is not adopted (its
+``vm.discovered`` fact, why it is not adopted, when reported)."""
+
+DISCOVERY_WAITING = f"{PREFIX}:policy:discovery-waiting"
+"""Set: hosts that reported domains before policy heard their first heartbeat; those
+domains are decided on the host's next heartbeat."""
+
 
 def workflow_key(vm_id: str) -> str:
     """Hash: the VM's workflow in progress (id, kind, step, attempts, host, deadline...)."""

@@ -58,6 +58,9 @@ class VmRecord:
     """The host it was last placed on."""
     lost_from: str | None = None
     """Set while the VM's host is declared lost and it was not placed elsewhere yet."""
+    adopted_on: str | None = None
+    """The host it was adopted on, when vTPM Keeper adopted it rather than defined it: its
+    domain belongs to its manager and is never undefined by a stop."""
     placement: Placement = field(default_factory=lambda: Placement(None, 0))
 
     def recovery_point(self, at: float) -> RecoveryPoint:
@@ -110,6 +113,14 @@ class PolicyRegistry:
         pipe.hdel(vm_record_key(spec.vm_id), "tpm_stranded")
         await pipe.execute()
 
+    async def mark_adopted(self, vm_id: str, host: str) -> None:
+        """Record that the VM was adopted on ``host`` (its domain is its manager's)."""
+        await awaited(self._redis.hset(vm_record_key(vm_id), "adopted_on", host))
+
+    async def is_adopted(self, vm_id: str) -> bool:
+        """Whether the VM was adopted rather than defined by vTPM Keeper."""
+        return bool(await awaited(self._redis.hexists(vm_record_key(vm_id), "adopted_on")))
+
     async def placement(self, vm_id: str) -> Placement:
         """The VM's placement (host None when it runs nowhere)."""
         return parse_placement(await awaited(self._redis.hgetall(placement_key(vm_id))))
@@ -139,6 +150,7 @@ class PolicyRegistry:
             swtpm_version=_text(record.get(b"swtpm_version")),
             last_host=_text(record.get(b"last_host")),
             lost_from=_text(record.get(b"lost_from")),
+            adopted_on=_text(record.get(b"adopted_on")),
             placement=placement,
         )
 
@@ -177,6 +189,15 @@ class PolicyRegistry:
             await self._index(vm_id, old=rest[1], new=rest[2])
             await awaited(self._redis.sadd(EPOCH_PENDING, vm_id))
         return outcome, rest
+
+    async def mark_epoch_pending(self, vm_id: str, host: str, epoch: int) -> None:
+        """The domain on ``host`` still runs under an older epoch than its placement's
+        ``epoch`` (adopted, not started by us): heartbeats repeat the epoch until it is taken
+        (see ``placement.migration``)."""
+        placement = await self.placement(vm_id)
+        if placement.host == host and placement.epoch == epoch:
+            await awaited(self._redis.hset(placement_key(vm_id), "epoch_pending", "1"))
+            await awaited(self._redis.sadd(EPOCH_PENDING, vm_id))
 
     async def epoch_pending(self) -> set[str]:
         """VMs whose destination has not confirmed its new epoch (may hold settled ones)."""

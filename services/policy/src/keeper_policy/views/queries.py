@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 
+from keeper_policy.adoption.records import DiscoveredDomains
 from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.storage.vm_registry import PolicyRegistry
 from keeper_policy.views.host_views import host_view
 from keeper_policy.views.vm_views import read_vm_views, registered_vm_ids, vms_named
 from keeper_shared.bus.client import Delivery, Route
+from keeper_shared.messages.adoption import ListUnprotectedVms, UnprotectedVmsListed
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.queries import HostsListed, ListHosts, ListVms, VmsListed
 
@@ -22,10 +24,15 @@ class PolicyQueries:
         self._redis = registry.redis
         self._hosts = hosts
         self._lost_after_s = lost_after_s
+        self._discovered = DiscoveredDomains(registry.redis)
 
     def command_routes(self) -> list[Route]:
         """Routes of the queries on policy's commands queue."""
-        return [Route(ListVms, self.on_list_vms), Route(ListHosts, self.on_list_hosts)]
+        return [
+            Route(ListVms, self.on_list_vms),
+            Route(ListHosts, self.on_list_hosts),
+            Route(ListUnprotectedVms, self.on_list_unprotected),
+        ]
 
     async def on_list_vms(self, envelope: Envelope[ListVms], delivery: Delivery) -> VmsListed:
         """Every registered VM, or those the request's reference names."""
@@ -42,3 +49,9 @@ class PolicyQueries:
             lost_after_s=self._lost_after_s,
             hosts=[host_view(record, now, self._lost_after_s) for record in records],
         )
+
+    async def on_list_unprotected(
+        self, envelope: Envelope[ListUnprotectedVms], delivery: Delivery
+    ) -> UnprotectedVmsListed:
+        """Every TPM/UEFI domain a host reported that is not adopted, with the reasons."""
+        return UnprotectedVmsListed(vms=[record.view() for record in await self._discovered.all()])
