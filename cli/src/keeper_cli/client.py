@@ -184,12 +184,14 @@ class KeeperClient:
 
     async def list_unprotected(self) -> list[UnprotectedVmView]:
         """The TPM/UEFI domains hosts reported that vTPM Keeper does not protect, with why."""
-        reply = await self._call_policy(ListUnprotectedVms(), UnprotectedVmsListed, "unprotected")
+        reply = await self._call(
+            self._policy_target, ListUnprotectedVms(), UnprotectedVmsListed, "unprotected"
+        )
         return reply.vms
 
     async def adopt(self, request: AdoptVm) -> VmAdoptionResult:
         """Ask policy to adopt a reported domain; the reply says whether, or why not."""
-        return await self._call_policy(request, VmAdoptionResult, request.vm)
+        return await self._call(self._policy_target, request, VmAdoptionResult, request.vm)
 
     async def describe_stored_state(self, vm_ids: Sequence[str]) -> list[StoredVmState]:
         """What the store holds for each of ``vm_ids`` (newest version per kind), in order;
