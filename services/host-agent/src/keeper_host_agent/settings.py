@@ -7,11 +7,12 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from keeper_host_agent.hook.settings import HookSettings
 from keeper_shared.messages.types import HOST_ID_PATTERN
 from keeper_shared.runtime.settings import ServiceSettings
 
 
-class HostAgentSettings(ServiceSettings):
+class HostAgentSettings(ServiceSettings, HookSettings):
     """Everything one host agent needs to know about its host."""
 
     model_config = SettingsConfigDict(env_prefix="KEEPER_HOST_", frozen=True, extra="ignore")
@@ -38,27 +39,3 @@ class HostAgentSettings(ServiceSettings):
         default=5.0, gt=0, description="Stat-only safety-net rescan when inotify missed one."
     )
     heartbeat_interval_s: float = Field(default=5.0, gt=0, description="Heartbeat period.")
-    hook_socket: Path | None = Field(
-        default=Path("/run/keeper/host-agent.sock"),
-        description="The Unix socket libvirt's QEMU hook asks (root only); None: no hook.",
-    )
-    hook_fail_open: bool = Field(
-        default=False,
-        description="Let a start go on (logged) when the VM's stored state cannot be put in "
-        "place, instead of refusing it.",
-    )
-    hook_prepare_timeout_s: float = Field(
-        default=30.0,
-        gt=0,
-        description="Bound on asking policy and the store before a start by another manager.",
-    )
-    hook_stop_timeout_s: float = Field(
-        default=10.0,
-        gt=0,
-        description="Bound on having the final state stored when another manager stops a VM.",
-    )
-    hook_migration_window_s: float = Field(
-        default=600.0,
-        gt=0,
-        description="How long an announced incoming migration keeps its start from restores.",
-    )

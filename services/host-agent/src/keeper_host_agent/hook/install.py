@@ -3,9 +3,10 @@
 Copies the hook (``qemu_hook.py``, standard library only) to
 ``/etc/libvirt/hooks/qemu.d/vtpm-keeper`` (0755) and writes its configuration
 (``/etc/vtpm-keeper/qemu-hook.conf``) from the agent's own settings (the same
-``KEEPER_HOST_*`` environment), so the hook asks the socket the agent serves and waits a
-little longer than the agent's own bounds. libvirtd reads hooks when it starts: restart it
-once after the first install (running VMs survive that).
+``KEEPER_HOST_*`` environment; the socket defaults to ``/run/keeper/host-agent.sock``, which
+the agent must then serve: set ``KEEPER_HOST_HOOK_SOCKET`` for it), so the hook asks the
+socket the agent serves and waits a little longer than the agent's own bounds. libvirtd
+reads hooks when it starts: restart it once after the first install (running VMs survive).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from keeper_host_agent.settings import HostAgentSettings
+from keeper_host_agent.hook.settings import DEFAULT_HOOK_SOCKET, HookSettings
 
 HOOK_NAME = "vtpm-keeper"
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks/qemu.d")
@@ -26,14 +27,12 @@ MARGIN_S = 10.0
 with its reason) arrives before the hook gives up on it."""
 
 
-def hook_config(settings: HostAgentSettings) -> str:
+def hook_config(settings: HookSettings) -> str:
     """The hook's configuration file for an agent with ``settings``."""
-    if settings.hook_socket is None:
-        raise SystemExit("KEEPER_HOST_HOOK_SOCKET is unset: the agent serves no hook socket")
     unreachable = "allow" if settings.hook_fail_open else "refuse"
     return (
         "# vTPM Keeper QEMU hook, written by `python -m keeper_host_agent install-hook`.\n"
-        f"socket = {settings.hook_socket}\n"
+        f"socket = {settings.hook_socket or DEFAULT_HOOK_SOCKET}\n"
         f"prepare_timeout_s = {settings.hook_prepare_timeout_s + MARGIN_S:g}\n"
         f"stop_timeout_s = {settings.hook_stop_timeout_s + MARGIN_S:g}\n"
         "# refuse: a TPM/UEFI domain does not start while the agent does not answer.\n"
@@ -41,7 +40,7 @@ def hook_config(settings: HostAgentSettings) -> str:
     )
 
 
-def install(settings: HostAgentSettings, hooks_dir: Path, config_path: Path) -> list[Path]:
+def install(settings: HookSettings, hooks_dir: Path, config_path: Path) -> list[Path]:
     """Write the hook and its configuration; returns the paths written."""
     source = resources.files(__package__).joinpath("qemu_hook.py").read_bytes()
     hooks_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -72,6 +71,6 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--hooks-dir", type=Path, default=DEFAULT_HOOKS_DIR)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     args = parser.parse_args(argv)
-    for path in install(HostAgentSettings(), args.hooks_dir, args.config):
+    for path in install(HookSettings(), args.hooks_dir, args.config):
         print(f"wrote {path}")
     print("restart libvirtd once so it reads the new hook (running VMs survive it)")
