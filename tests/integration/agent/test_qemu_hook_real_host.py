@@ -121,7 +121,7 @@ def domain_xml(vm_id: str, name: str, disk: Path) -> str:
   <features><acpi/></features>
   <devices>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='raw'/>
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
@@ -204,14 +204,17 @@ def hooked_host(real_host: RealHost) -> Iterator[RealHost]:
 @pytest.fixture
 async def guest(hooked_host: RealHost, stack: Stack, tmp_path: Path) -> Guest:
     """A registered VM (``tpm.enable``) and its domain XML file; nothing defined yet."""
+    return await registered_guest(stack, tmp_path)
+
+
+async def registered_guest(stack: Stack, directory: Path) -> Guest:
+    """A new VM registered with policy, its blank disk image and its domain XML file."""
     vm_id = str(uuid.uuid4())
     name = f"{NAME_PREFIX}{vm_id[:8]}"
-    disk = tmp_path / f"{name}.qcow2"
-    made = await asyncio.create_subprocess_exec(
-        "qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"
-    )
-    assert await made.wait() == 0
-    xml_file = tmp_path / f"{name}.xml"
+    disk = directory / f"{name}.img"
+    with disk.open("wb") as image:
+        image.truncate(16 * 1024 * 1024)  # sparse, blank: the firmware finds nothing to boot
+    xml_file = directory / f"{name}.xml"
     xml_file.write_text(domain_xml(vm_id, name, disk))
     spec = VmSpec(vm_id=vm_id, name=name, guest_os="windows-11")
     await stack.client.enable_tpm(spec, cluster=stack.host_id)
@@ -380,17 +383,7 @@ async def test_undefine_after_a_stop_and_a_destroyed_transient_domain_lose_nothi
     assert phases[-2:] == ["stopped end True", "release end True"], phases
 
     # --- transient: virsh create, destroyed the moment its TPM changed
-    transient_id = str(uuid.uuid4())
-    name = f"{NAME_PREFIX}{transient_id[:8]}"
-    transient = Guest(transient_id, name, tmp_path / f"{name}.xml")
-    transient.xml_file.write_text(
-        guest.xml_file.read_text()
-        .replace(guest.vm_id, transient.vm_id)
-        .replace(guest.name, transient.name)
-    )
-    await client.enable_tpm(
-        VmSpec(vm_id=transient.vm_id, name=name, guest_os="windows-11"), cluster=stack.host_id
-    )
+    transient = await registered_guest(stack, tmp_path)
     mark = len(stack.agent_log())
     virsh("create", str(transient.xml_file))
     await stack.wait_logged("placement epoch stamped after start", mark)
