@@ -159,9 +159,16 @@ class MemoryBroker:
             if any(topic_matches(p, routing_key) for p in queue.spec.event_bindings):
                 queue.deliver(replace(message, queue=queue))
 
-    def publish_command(self, target: str, message: MemoryMessage) -> bool:
-        """Route a command by its target; False when no queue is bound for it."""
-        bound = [q for q in self.queues.values() if q.spec.command_key == target]
+    def publish_command(
+        self, target: str, message: MemoryMessage, *, host_request: bool = False
+    ) -> bool:
+        """Route a command by its target (on the host-requests exchange with
+        ``host_request``); False when no queue is bound for it."""
+        bound = [
+            q
+            for q in self.queues.values()
+            if (q.spec.host_request_key if host_request else q.spec.command_key) == target
+        ]
         for queue in bound:
             queue.deliver(replace(message, queue=queue))
         return bool(bound)
@@ -228,6 +235,7 @@ class MemoryBus(BusClient):
         subject: str,
         timeout_s: float,
         replier: str | None = None,
+        host_request: bool = False,
     ) -> Envelope[R]:
         envelope = new_envelope(payload, source=self.source, subject=subject)
         message = self._memory_message(envelope)
@@ -235,7 +243,7 @@ class MemoryBus(BusClient):
         message.correlation_id = str(envelope.id)
         message.headers = {DEADLINE_HEADER: int((time.time() + timeout_s) * 1000)}
         waiter = self.broker.expect_reply(message.correlation_id)
-        if not self.broker.publish_command(target, message):
+        if not self.broker.publish_command(target, message, host_request=host_request):
             raise NoRouteError(f"{envelope.type}: no queue is bound for {target}")
         deadline = time.monotonic() + timeout_s
         while True:

@@ -121,6 +121,7 @@ SWTPM_ROOT = Path("/var/lib/libvirt/swtpm")
 NVRAM_DIR = Path("/var/lib/libvirt/qemu/nvram")
 NAME_PREFIX = "keeper-rh-"
 EK_HANDLE = "0x81010001"
+HOOK_SOCKET = "/run/keeper/host-agent.sock"
 
 LOCK_FILE = Path(tempfile.gettempdir()) / "keeper-real-host-tests.lock"
 LOCK_TIMEOUT_S = 600.0
@@ -534,6 +535,10 @@ async def stack(
             "KEEPER_HOST_HEARTBEAT_INTERVAL_S": "1",
             "KEEPER_HOST_RESCAN_INTERVAL_S": "2",
             "KEEPER_HOST_LOG_JSON": "true",
+            # Served for the QEMU hook (test_qemu_hook_real_host.py installs it); harmless
+            # without it. Sessions on this machine take turns (the lock), so one path does.
+            "KEEPER_HOST_HOOK_SOCKET": HOOK_SOCKET,
+            "KEEPER_HOST_HOOK_PREPARE_TIMEOUT_S": "8",
         },
         logs / "host-agent.log",
     )
@@ -557,6 +562,8 @@ async def stack(
                 "KEEPER_POLICY_AMQP_URL": rabbitmq_url,
                 "KEEPER_POLICY_REDIS_URL": redis_url,
                 "KEEPER_POLICY_LOG_JSON": "true",
+                # One broker user for every service here, as for the store above.
+                "KEEPER_POLICY_VERIFY_HOST_IDENTITY": "false",
             },
             logs / "policy.log",
         ),

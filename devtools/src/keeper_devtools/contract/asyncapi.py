@@ -32,6 +32,10 @@ class MessageRole(enum.StrEnum):
     """An imperative for any state-store replica."""
     POLICY_COMMAND = "policy-command"
     """An imperative for any policy replica."""
+    STORE_HOST_REQUEST = "store-host-request"
+    """What a host asks the store for itself (the QEMU hook), on its own exchange."""
+    POLICY_HOST_REQUEST = "policy-host-request"
+    """What a host asks policy for itself (the QEMU hook), on its own exchange."""
     REPLY = "reply"
     """The answer to a command, sent to the caller's reply queue."""
 
@@ -80,9 +84,13 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "hosts.list",
         }
     ),
+    MessageRole.STORE_HOST_REQUEST: frozenset({"state.newest"}),
+    MessageRole.POLICY_HOST_REQUEST: frozenset({"vm.claim"}),
     MessageRole.REPLY: frozenset(
         {
             "command.done",
+            "state.newest.read",
+            "vm.claimed",
             "state.fetched",
             "state.history-listed",
             "snapshot.listed",
@@ -297,6 +305,22 @@ def build_document() -> dict[str, Any]:
                 "host": {"description": "The target host's id.", "schema": {"type": "string"}}
             }
         channels[spec.name] = channel
+    host_request_queues = [
+        (MessageRole.STORE_HOST_REQUEST, topology.STATE_STORE_HOST_REQUESTS, "send_store_request"),
+        (MessageRole.POLICY_HOST_REQUEST, topology.POLICY_HOST_REQUESTS, "send_policy_request"),
+    ]
+    for role, spec, operation in host_request_queues:
+        channels[spec.name] = {
+            "description": (
+                f"What a host asks for itself, on the `{topology.HOST_REQUESTS_EXCHANGE}` "
+                f"direct exchange with the routing key `{spec.host_request_key}` (the only "
+                f"exchange a host's user may send requests on), consumed from `{spec.name}` "
+                f"(dead letters in `{spec.dead_letter_queue}`); the store's also takes "
+                "`state.retrieve` of the host's own VMs. Replies as for commands."
+            ),
+            "publish": {"operationId": operation, "message": _one_of(by_role[role])},
+            "bindings": _queue_binding(spec),
+        }
     if by_role[MessageRole.REPLY]:
         channels["{reply_to}"] = {
             "description": (

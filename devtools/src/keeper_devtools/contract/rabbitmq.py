@@ -34,6 +34,8 @@ _STATIC_QUEUES = (
     topology.STATE_STORE_COMMANDS,
     topology.POLICY_EVENTS,
     topology.POLICY_COMMANDS,
+    topology.STATE_STORE_HOST_REQUESTS,
+    topology.POLICY_HOST_REQUESTS,
 )
 
 
@@ -84,6 +86,8 @@ def queue_definitions(
     ]
     if spec.command_key is not None:
         bindings.append(_binding(topology.COMMANDS_EXCHANGE, spec.name, spec.command_key))
+    if spec.host_request_key is not None:
+        bindings.append(_binding(topology.HOST_REQUESTS_EXCHANGE, spec.name, spec.host_request_key))
     return queues, bindings
 
 
@@ -104,6 +108,7 @@ def definitions() -> dict[str, Any]:
             (topology.DEAD_LETTER_EXCHANGE, "direct"),
             (topology.EVENTS_EXCHANGE, "topic"),
             (topology.REPLIES_EXCHANGE, "topic"),
+            (topology.HOST_REQUESTS_EXCHANGE, "direct"),
         )
     ]
     queues: list[dict[str, Any]] = []
@@ -140,6 +145,8 @@ def host_definitions(host_id: str, password: str, *, salt: bytes | None = None) 
     commands = re.escape(topology.COMMANDS_EXCHANGE)
     dead_letter = re.escape(topology.DEAD_LETTER_EXCHANGE)
     replies = re.escape(topology.REPLIES_EXCHANGE)
+    # The only requests a host sends: its own VMs' placement and state (the QEMU hook).
+    host_requests = re.escape(topology.HOST_REQUESTS_EXCHANGE)
     exchanges = "|".join(
         re.escape(name)
         for name in (
@@ -147,6 +154,7 @@ def host_definitions(host_id: str, password: str, *, salt: bytes | None = None) 
             topology.COMMANDS_EXCHANGE,
             topology.DEAD_LETTER_EXCHANGE,
             topology.REPLIES_EXCHANGE,
+            topology.HOST_REQUESTS_EXCHANGE,
         )
     )
     return {
@@ -166,7 +174,7 @@ def host_definitions(host_id: str, password: str, *, salt: bytes | None = None) 
                 "configure": rf"^({exchanges}|{own}|{own}\.dlq|{reply})$",
                 # Publishing events and replies, binding its own queues. Not the default
                 # exchange: it would route to any queue by name, past the topic permissions.
-                "write": rf"^({events}|{replies}|{own}|{own}\.dlq|{reply})$",
+                "write": rf"^({events}|{replies}|{host_requests}|{own}|{own}\.dlq|{reply})$",
                 # Consuming its own queue and reply queue; binding from the exchanges.
                 "read": rf"^({own}|{reply}|{commands}|{dead_letter}|{replies})$",
             }

@@ -7,12 +7,17 @@ import asyncio
 
 import structlog
 
-from keeper_host_agent.commands.placement import PlacementCommands
+from keeper_host_agent.commands.placement import (
+    EpochRefusedError,
+    PlacementCommands,
+    set_placement_epoch,
+)
 from keeper_host_agent.commands.snapshots import SnapshotCommands
 from keeper_host_agent.commands.vm_lifecycle import HostCommands
 from keeper_host_agent.detect.announcer import ChangeAnnouncer
 from keeper_host_agent.detect.change_watcher import ChangeWatcher
 from keeper_host_agent.detect.state_tracker import StateTracker
+from keeper_host_agent.hook.handler import HookHandler
 from keeper_host_agent.hypervisor.domain_xml import (
     DomainStateLocation,
     DomainXmlError,
@@ -74,6 +79,7 @@ class HostAgent:
         self.commands = HostCommands(settings, self.hypervisor, self.tracker)
         self.placement = PlacementCommands(self.hypervisor, self.refresh_domain)
         self.snapshots = SnapshotCommands(self.hypervisor)
+        self.hook = HookHandler(settings, bus, self.hypervisor, self.tracker)
         self.lifecycle_tasks = BackgroundTasks("lifecycle handling failed")
         """What each libvirt event set off (publishing its fact, re-reading the domain)."""
         self._secret_checked: dict[str, str] = {}
@@ -200,6 +206,8 @@ class HostAgent:
 
     async def _handle_lifecycle(self, event: LifecycleEvent) -> None:
         try:
+            if event.event == "started":
+                await self._stamp_epoch(event.vm_id)
             await self.refresh_domain(event.vm_id)
         except HypervisorError as error:
             log.warning("domain refresh failed", vm_id=event.vm_id, reason=str(error))
@@ -227,6 +235,19 @@ class HostAgent:
                 "resumed": VmResumed,
             }[event.event](**common)
         await self.bus.publish_event(fact, subject=event.vm_id)
+
+    async def _stamp_epoch(self, vm_id: str) -> None:
+        """A domain another manager started was placed here by its hook under a new epoch:
+        write it into the domain now that libvirt no longer holds it for the start."""
+        epoch = self.hook.epoch_to_stamp(vm_id)
+        if epoch is None:
+            return
+        try:
+            previous = await set_placement_epoch(self.hypervisor, vm_id, epoch)
+        except EpochRefusedError as error:
+            log.warning("placement epoch not stamped", vm_id=vm_id, reason=str(error))
+            return
+        log.info("placement epoch stamped after start", vm_id=vm_id, epoch=epoch, previous=previous)
 
     async def heartbeat_forever(self, capabilities: HostCapabilities) -> None:
         """Send a heartbeat with the inventory every interval, until cancelled."""

@@ -8,6 +8,7 @@ import asyncio
 import structlog
 
 from keeper_host_agent.agent import HostAgent
+from keeper_host_agent.hook.server import HookServer
 from keeper_host_agent.hypervisor.capabilities import probe_capabilities
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.topology import host_command_queue
@@ -36,6 +37,10 @@ async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
         await agent.rebuild_view()
         commands = host_command_queue(settings.host_id)
         await startup.bus.consume(commands, agent.routes(), prefetch=8)
+        if settings.hook_socket is not None:
+            hook_server = HookServer(settings.hook_socket, agent.hook.handle)
+            await hook_server.start()
+            startup.before_bus_closes.push_async_callback(hook_server.close)
         loops = BackgroundTasks("host agent loop failed")
         loops.spawn(agent.watcher.watch_inotify(), name="inotify")
         loops.spawn(agent.watcher.rescan_periodically(), name="rescan")

@@ -7,12 +7,13 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from keeper_host_agent.hook.settings import HookSettings
 from keeper_shared.messages.adoption import AdoptionMode
 from keeper_shared.messages.types import HOST_ID_PATTERN
 from keeper_shared.runtime.settings import ServiceSettings
 
 
-class HostAgentSettings(ServiceSettings):
+class HostAgentSettings(ServiceSettings, HookSettings):
     """Everything one host agent needs to know about its host."""
 
     model_config = SettingsConfigDict(env_prefix="KEEPER_HOST_", frozen=True, extra="ignore")

@@ -13,6 +13,7 @@ from keeper_policy.adoption.records import DiscoveredDomains
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.liveness import HostLiveness
 from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.placement.claim import PlacementClaims
 from keeper_policy.placement.migration import MigrationTracker
 from keeper_policy.placement.placer import Placer
 from keeper_policy.placement.workflow import PLACE, PlaceRunner
@@ -31,7 +32,7 @@ from keeper_policy.views.queries import PolicyQueries
 from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_policy.workflows.store import WorkflowStore
 from keeper_shared.bus.client import BusClient, Consumer
-from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS
+from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS, POLICY_HOST_REQUESTS
 from keeper_shared.redis_access.connection import connect_redis
 from keeper_shared.runtime.service_runner import ServiceStartup, Serving, serve_on_bus
 from keeper_shared.runtime.startup import (
@@ -91,6 +92,7 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
             registry, engine, gateway, store_timeout_s=settings.retrieve_timeout_s
         ),
         adopter=Adopter(settings, registry, hosts, gateway, DiscoveredDomains(redis)),
+        claims=PlacementClaims(settings, registry, hosts, engine, gateway),
     )
 
 
@@ -124,11 +126,17 @@ async def serve(settings: PolicySettings, stop: asyncio.Event) -> None:
             consumers.append(
                 await startup.bus.consume(POLICY_COMMANDS, service.command_routes(), prefetch=16)
             )
+            consumers.append(
+                await startup.bus.consume(
+                    POLICY_HOST_REQUESTS, service.host_request_routes(), prefetch=16
+                )
+            )
             service.start_background()
             return Serving(
                 dead_letter_queues=[
                     POLICY_EVENTS.dead_letter_queue,
                     POLICY_COMMANDS.dead_letter_queue,
+                    POLICY_HOST_REQUESTS.dead_letter_queue,
                 ]
             )
 

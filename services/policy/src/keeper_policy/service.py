@@ -9,6 +9,7 @@ import structlog
 from keeper_policy.adoption.adopter import Adopter
 from keeper_policy.hosts.liveness import HostLiveness
 from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.placement.claim import PlacementClaims
 from keeper_policy.placement.migration import MigrationTracker
 from keeper_policy.placement.placer import Placer
 from keeper_policy.snapshot.snapshotter import Snapshotter
@@ -24,6 +25,7 @@ from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DisableTpm, StateDeleted
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host import HostHeartbeat
+from keeper_shared.messages.host_requests import ClaimPlacement, PlacementClaimed
 from keeper_shared.messages.placement import PlaceVm, StopVm
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded
@@ -52,6 +54,7 @@ class PolicyService:
         disabler: TpmDisabler,
         queries: PolicyQueries,
         adopter: Adopter,
+        claims: PlacementClaims,
     ) -> None:
         self._registry = registry
         self._hosts = hosts
@@ -65,6 +68,7 @@ class PolicyService:
         self._disabler = disabler
         self._queries = queries
         self._adopter = adopter
+        self._claims = claims
         self._background = BackgroundTasks("background task failed")
 
     def event_routes(self) -> list[Route]:
@@ -92,6 +96,10 @@ class PolicyService:
             *self._queries.command_routes(),
         ]
 
+    def host_request_routes(self) -> list[Route]:
+        """Routes of the policy host-requests queue (what a host may ask for itself)."""
+        return [Route(ClaimPlacement, self.on_claim)]
+
     def start_background(self) -> None:
         """Loss detection and the workflow sweep, until :meth:`close`."""
         self._background.spawn(self._liveness.check_forever())
@@ -115,6 +123,12 @@ class PolicyService:
     async def on_place(self, envelope: Envelope[PlaceVm], delivery: Delivery) -> CommandDone:
         """New epoch, state put in place on the host by the store, then start."""
         return await self._placer.place(envelope.data)
+
+    async def on_claim(
+        self, envelope: Envelope[ClaimPlacement], delivery: Delivery
+    ) -> PlacementClaimed:
+        """A VM manager is starting the VM on the requesting host: place it there."""
+        return await self._claims.claim(envelope.data, delivery.user_id)
 
     async def on_stop(self, envelope: Envelope[StopVm], delivery: Delivery) -> CommandDone:
         """Stop a VM keeping its final state, or join the stop already running."""

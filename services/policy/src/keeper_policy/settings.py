@@ -24,6 +24,12 @@ class PolicySettings(ServiceSettings, RedisSettings):
     host_command_timeout_s: float = Field(
         default=60.0, gt=0, description="Bound on one host command (start, shutdown, undefine)."
     )
+    verify_host_identity: bool = Field(
+        default=True,
+        description="A host's `vm.claim` must come from the broker-validated AMQP user named "
+        "after the host (per-host RabbitMQ users). Off only where every service shares one "
+        "user (development, tests).",
+    )
     host_lost_after_s: float = Field(
         default=30.0, gt=0, description="A host whose last heartbeat is older is lost."
     )

@@ -6,7 +6,12 @@ import asyncio
 
 import structlog
 
-from keeper_shared.bus.topology import STATE_STORE, STATE_STORE_COMMANDS, STATE_STORE_EVENTS
+from keeper_shared.bus.topology import (
+    STATE_STORE,
+    STATE_STORE_COMMANDS,
+    STATE_STORE_EVENTS,
+    STATE_STORE_HOST_REQUESTS,
+)
 from keeper_shared.redis_access.connection import connect_redis
 from keeper_shared.runtime.service_runner import ServiceStartup, Serving, serve_on_bus
 from keeper_shared.runtime.startup import (
@@ -17,6 +22,7 @@ from keeper_shared.runtime.startup import (
 from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.handlers.deletion import DeletionService
 from keeper_state_store.handlers.history import HistoryService
+from keeper_state_store.handlers.host_requests import HostRequests
 from keeper_state_store.handlers.state import StateService
 from keeper_state_store.handlers.transfer import TransferService
 from keeper_state_store.scrub.maintenance import Maintenance
@@ -73,11 +79,16 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                 ],
                 prefetch=8,
             )
+            host_requests = HostRequests(
+                repository, service, verify_host_identity=settings.verify_host_identity
+            )
+            await bus.consume(STATE_STORE_HOST_REQUESTS, host_requests.routes(), prefetch=8)
             maintenance.start()
             return Serving(
                 dead_letter_queues=[
                     STATE_STORE_EVENTS.dead_letter_queue,
                     STATE_STORE_COMMANDS.dead_letter_queue,
+                    STATE_STORE_HOST_REQUESTS.dead_letter_queue,
                 ],
                 ready_fields={"redis": durability, "kek_id": keys.current.key_id},
             )

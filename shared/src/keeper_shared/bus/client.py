@@ -29,6 +29,7 @@ from aio_pika.abc import (
 
 from keeper_shared.bus.node_failover import NodeFailover, broker_user, connect_first_answering
 from keeper_shared.bus.topology import (
+    HOST_REQUESTS_EXCHANGE,
     REPLIES_EXCHANGE,
     QueueSpec,
     declare_exchanges,
@@ -166,6 +167,7 @@ class BusClient:
         self._events: AbstractExchange | None = None
         self._commands: AbstractExchange | None = None
         self._replies: AbstractExchange | None = None
+        self._host_requests: AbstractExchange | None = None
         self._reply_queue_name = reply_queue_name(origin, uuid.uuid4().hex[:12])
         # correlation id -> (reply future, the broker-validated user the reply must come from)
         self._pending_calls: dict[str, tuple[asyncio.Future[bytes], str | None]] = {}
@@ -226,6 +228,7 @@ class BusClient:
         self._channel = channel
         self._events, self._commands = await declare_exchanges(channel)
         self._replies = await channel.get_exchange(REPLIES_EXCHANGE, ensure=False)
+        self._host_requests = await channel.get_exchange(HOST_REQUESTS_EXCHANGE, ensure=False)
         reply_queue = await channel.declare_queue(
             self._reply_queue_name, exclusive=True, auto_delete=True
         )
@@ -278,6 +281,7 @@ class BusClient:
         subject: str,
         timeout_s: float,
         replier: str | None = None,
+        host_request: bool = False,
     ) -> Envelope[R]:
         """Send a command to ``target`` and wait for its reply. The command is void after
         ``timeout_s``: a target that comes back late drops it instead of acting on it.
@@ -285,8 +289,13 @@ class BusClient:
         comes (a quorum queue whose leader is stale) times the call out like a lost reply.
 
         With ``replier``, only a reply whose broker-validated ``user_id`` is ``replier``
-        counts: a host speaks only for itself (invariant 3)."""
+        counts: a host speaks only for itself (invariant 3).
+
+        With ``host_request``, the command goes to the host-requests exchange (a host
+        asking policy or the store for itself) instead of the commands exchange."""
         assert self._commands is not None
+        exchange = self._host_requests if host_request else self._commands
+        assert exchange is not None
         envelope = new_envelope(payload, source=self.source, subject=subject)
         correlation_id = str(envelope.id)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -295,7 +304,7 @@ class BusClient:
         try:
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self._commands.publish(
+                    await exchange.publish(
                         self._message(
                             envelope,
                             correlation_id=correlation_id,

@@ -23,6 +23,10 @@ COMMANDS_EXCHANGE = "keeper.commands"
 DEAD_LETTER_EXCHANGE = "keeper.dead-letter"
 REPLIES_EXCHANGE = "keeper.replies"
 """Topic, so topic permissions can pin a host's bindings to its own reply queue's key."""
+HOST_REQUESTS_EXCHANGE = "keeper.host-requests"
+"""Direct, bound only by the host-requests queues: the one exchange a host's broker user may
+send requests on, so it can ask what a host may ask and nothing else (topic permissions do
+not apply to the direct commands exchange)."""
 REPLY_QUEUE_PREFIX = "keeper.reply"
 DELIVERY_LIMIT = 5
 """Attempts before a message is dead-lettered: enough for transient faults, not a loop."""
@@ -38,6 +42,8 @@ class QueueSpec:
     name: str
     event_bindings: tuple[str, ...] = ()
     command_key: str | None = None
+    host_request_key: str | None = None
+    """Routing key on `HOST_REQUESTS_EXCHANGE` that feeds this queue, if any."""
     delivery_limit: int = DELIVERY_LIMIT
     extra_arguments: dict[str, int | str] = field(default_factory=dict)
 
@@ -84,12 +90,22 @@ POLICY_EVENTS = QueueSpec(
     ),
 )
 POLICY_COMMANDS = QueueSpec(name="keeper.policy.commands", command_key=POLICY)
+POLICY_HOST_REQUESTS = QueueSpec(name="keeper.policy.host-requests", host_request_key=POLICY)
+"""What hosts ask policy (``vm.claim``): kept apart from policy's commands so a host's
+broker user can be allowed to send these and nothing else."""
+STATE_STORE_HOST_REQUESTS = QueueSpec(
+    name="keeper.state-store.host-requests", host_request_key=STATE_STORE
+)
+"""What hosts ask the store (``state.newest``, ``state.retrieve`` of their own VMs)."""
 
 
 async def declare_exchanges(channel: AbstractChannel) -> tuple[AbstractExchange, AbstractExchange]:
     """Declare every exchange (idempotent); return the events and commands exchanges."""
     await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
     await channel.declare_exchange(REPLIES_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    await channel.declare_exchange(
+        HOST_REQUESTS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+    )
     events = await channel.declare_exchange(
         EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
     )
@@ -121,4 +137,6 @@ async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQu
         await queue.bind(EVENTS_EXCHANGE, routing_key=pattern)
     if spec.command_key is not None:
         await queue.bind(COMMANDS_EXCHANGE, routing_key=spec.command_key)
+    if spec.host_request_key is not None:
+        await queue.bind(HOST_REQUESTS_EXCHANGE, routing_key=spec.host_request_key)
     return queue

@@ -1,0 +1,103 @@
+"""What a host asks the store for itself, when a VM manager other than the keeper starts or
+stops a VM there (the libvirt QEMU hook): the VM's newest stored state, verified, to put in
+place before the start; and a pull of its final state before libvirt removes the files.
+
+Only the VM's placement host gets its state, and a host speaks only for itself (invariant
+3): the broker-validated AMQP user must be the host named in the request.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from keeper_shared.bus.client import Delivery, Route
+from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.host_requests import NewestState, ReadNewestState
+from keeper_shared.messages.state import RetrieveState
+from keeper_shared.messages.types import StateBlob, StateKind
+from keeper_state_store.crypto.encryption import DecryptionError
+from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.handlers.state import StateService
+from keeper_state_store.storage.repository import StateRepository
+from keeper_state_store.storage.version_reader import (
+    VersionNotKeptError,
+    VersionReader,
+    VersionUnreadableError,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class HostRequests:
+    """Handlers of the store's host-requests queue."""
+
+    def __init__(
+        self, repository: StateRepository, state: StateService, *, verify_host_identity: bool
+    ) -> None:
+        self._repository = repository
+        self._state = state
+        self._verify = verify_host_identity
+        self._reader = VersionReader(repository.redis, repository.keys)
+        self._secrets = TpmSecretVault(repository)
+
+    def routes(self) -> list[Route]:
+        """Routes of the store's host-requests queue."""
+        return [Route(ReadNewestState, self.on_read_newest), Route(RetrieveState, self.on_retrieve)]
+
+    def _impostor(self, delivery: Delivery, host: str) -> str | None:
+        if self._verify and delivery.user_id != host:
+            return f"sent by AMQP user {delivery.user_id!r}, not by host {host}"
+        return None
+
+    async def on_read_newest(
+        self, envelope: Envelope[ReadNewestState], delivery: Delivery
+    ) -> NewestState:
+        """The newest verified version of each kind, for the VM's placement host only."""
+        request = envelope.data
+        refusal = self._impostor(delivery, request.host)
+        stored = await self._repository.placements_and_head_hashes([request.vm_id])
+        placement, heads = stored[request.vm_id]
+        if refusal is None and (placement is None or placement.host != request.host):
+            where = placement.host if placement is not None else "nowhere"
+            refusal = f"VM {request.vm_id} is placed on {where}, not on {request.host}"
+        if refusal is not None:
+            log.warning("newest state refused", vm_id=request.vm_id, reason=refusal)
+            return NewestState(vm_id=request.vm_id, refused=refusal)
+        blobs: dict[StateKind, StateBlob] = {}
+        versions: dict[StateKind, int] = {}
+        try:
+            for kind in StateKind:
+                version = await self._repository.head_version(request.vm_id, kind)
+                if heads[kind] is None or version is None:
+                    continue
+                blobs[kind] = (await self._reader.read(request.vm_id, kind, version)).blob
+                versions[kind] = version
+            secret = await self._secrets.held(request.vm_id) if blobs else None
+        except (VersionNotKeptError, VersionUnreadableError, DecryptionError) as error:
+            log.error("stored state does not verify", vm_id=request.vm_id, reason=str(error))
+            return NewestState(
+                vm_id=request.vm_id, refused=f"stored state does not verify: {error}"
+            )
+        log.info(
+            "newest state given",
+            vm_id=request.vm_id,
+            host=request.host,
+            versions={kind.value: version for kind, version in versions.items()},
+        )
+        return NewestState(
+            vm_id=request.vm_id,
+            tpm=blobs.get(StateKind.TPM),
+            nvram=blobs.get(StateKind.NVRAM),
+            versions=versions,
+            tpm_secret=secret,
+        )
+
+    async def on_retrieve(
+        self, envelope: Envelope[RetrieveState], delivery: Delivery
+    ) -> CommandDone:
+        """A host's own request to pull its VM's state now (before libvirt removes it)."""
+        refusal = self._impostor(delivery, envelope.data.host)
+        if refusal is not None:
+            return CommandDone(ok=False, error=refusal)
+        return await self._state.on_retrieve(envelope, delivery)

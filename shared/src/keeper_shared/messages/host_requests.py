@@ -1,0 +1,87 @@
+"""What a host agent asks policy and the store for itself, when a VM manager other than the
+keeper starts a VM on its host (the libvirt QEMU hook's ``prepare begin``).
+
+These travel on their own queues (``topology.POLICY_HOST_REQUESTS``,
+``topology.STATE_STORE_HOST_REQUESTS``), the only commands a host's broker user may send:
+a host must not be able to place, stop or delete VMs through policy's general commands.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import Field
+
+from keeper_shared.messages.envelope import Payload
+from keeper_shared.messages.types import HostId, StateBlob, StateKind, TpmSecret, VmId
+
+
+class ClaimPlacement(Payload):
+    """Request to policy: a VM manager is starting this VM on this host; make this host its
+    placement (a new epoch fences the previous one). Replied with `PlacementClaimed`."""
+
+    message_type = "vm.claim"
+
+    vm_id: VmId = Field(description="The domain's UUID.")
+    host: HostId = Field(description="The host it is starting on (the requester).")
+    name: str = Field(max_length=256, description="The libvirt domain name, for the logs.")
+
+
+class ClaimOutcome(enum.StrEnum):
+    """What policy did with a claim."""
+
+    UNREGISTERED = "unregistered"
+    """The VM is not protected by the keeper: nothing to restore, the start goes on."""
+    KEPT = "kept"
+    """Already placed on this host: its local state is its newest."""
+    MOVED = "moved"
+    """Placed here now, under a new epoch (from nowhere or from another host)."""
+    REFUSED = "refused"
+    """It may not start here now; ``reason`` says why."""
+
+
+class PlacementClaimed(Payload):
+    """Reply to `ClaimPlacement`."""
+
+    message_type = "vm.claimed"
+
+    vm_id: VmId = Field(description="The VM.")
+    outcome: ClaimOutcome = Field(description="What policy did.")
+    epoch: int = Field(default=0, ge=0, description="The placement epoch on this host now.")
+    previous_host: HostId | None = Field(
+        default=None, description="Where it was placed before a move, if anywhere."
+    )
+    reason: str | None = Field(default=None, max_length=512, description="Why, when refused.")
+
+
+class ReadNewestState(Payload):
+    """Request to the store: the VM's newest stored TPM and NVRAM, verified, for the host it
+    is placed on. Replied with `NewestState`."""
+
+    message_type = "state.newest"
+
+    vm_id: VmId = Field(description="The VM.")
+    host: HostId = Field(description="The requesting host; must be the VM's placement.")
+
+
+class NewestState(Payload):
+    """Reply to `ReadNewestState`: the newest verified version of each kind stored (none
+    for a VM the store holds nothing of), or why they cannot be given."""
+
+    message_type = "state.newest.read"
+
+    vm_id: VmId = Field(description="The VM.")
+    refused: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Why the stored state cannot be given (not placed there, does not "
+        "verify); None when the blobs below are the whole answer.",
+    )
+    tpm: StateBlob | None = Field(default=None, description="Newest TPM state, if stored.")
+    nvram: StateBlob | None = Field(default=None, description="Newest NVRAM, if stored.")
+    versions: dict[StateKind, int] = Field(
+        default_factory=dict, description="The version number of each blob given."
+    )
+    tpm_secret: TpmSecret | None = Field(
+        default=None, description="The secret the TPM state is encrypted with, if any."
+    )
