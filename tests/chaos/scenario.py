@@ -148,6 +148,8 @@ class ChaosReport:
     recovery_points_checked: int = 0
     recovery_point_violations: list[str] = field(default_factory=list)
     worst_recovery_point_s: float = 0.0
+    worst_recovery_point_since_writable_s: float = 0.0
+    """The same, counted from when the store could last write again (see verdict)."""
     broker_restarts_survived: int = 0
     worst_consumers_back_s: float = 0.0
     replies_dropped: int = 0
@@ -202,6 +204,10 @@ class ChaosReport:
             ("stable changes checked at host kills", self.recovery_points_checked),
             ("  not stored (must be 0)", len(self.recovery_point_violations)),
             ("worst recovery point observed (s)", self.worst_recovery_point_s),
+            (
+                "  counted from when writes were possible (s)",
+                self.worst_recovery_point_since_writable_s,
+            ),
             ("broker restarts survived", self.broker_restarts_survived),
             ("worst broker restart -> consumers back (s)", self.worst_consumers_back_s),
             ("Redis replies lost after a write", self.replies_dropped),
@@ -420,6 +426,7 @@ async def _judge(
     report.recovery_points_checked = points.checked
     report.recovery_point_violations = points.violations
     report.worst_recovery_point_s = points.worst_s
+    report.worst_recovery_point_since_writable_s = points.worst_since_writable_s
 
 
 def _scan_for_canary(report: ChaosReport, canary: bytes, logs: list[Path], work_dir: Path) -> None:

@@ -82,6 +82,19 @@ def test_stable_time_counts_from_when_the_store_could_write_again() -> None:
     assert earlier.stable_s == 10.0
 
 
+def test_the_recovery_point_is_also_counted_from_when_the_store_could_write_again() -> None:
+    # b (written at 20) was the first change lost; no write was possible until 37.
+    judged = at_kill(WRITES, stored(("a", 11.0)), killed_at=40.0, back_at=45.0, writable_since=37.0)
+    assert judged is not None
+    assert (judged.recovery_point_s, judged.since_writable_s) == (20.0, 3.0)
+    # An outage over before the first lost change changes nothing.
+    earlier = at_kill(
+        WRITES, stored(("a", 11.0)), killed_at=40.0, back_at=45.0, writable_since=15.0
+    )
+    assert earlier is not None
+    assert earlier.since_writable_s == 20.0
+
+
 def test_nothing_written_before_a_kill_is_not_judged() -> None:
     assert at_kill(WRITES, [], killed_at=5.0, back_at=6.0) is None
 

@@ -10,6 +10,9 @@
   kill), the worst of which the table reports. Stable counts from when the store could
   write again: nothing is stored while the broker or Redis is down (or, with replicas, while
   no replica can acknowledge a write), so the bound starts again once that fault recovered.
+  The table also reports the worst recovery point counted the same way (from the later of
+  the first change not stored and that recovery): what the store's own catching up cost,
+  apart from the time no store could write at all.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class RecoveryPoints:
     """(kill, VM, kind) cases whose content was older than the bound at the kill."""
     violations: list[str] = field(default_factory=list)
     worst_s: float = 0.0
+    worst_since_writable_s: float = 0.0
+    """The worst recovery point counted from when the store could last write again."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ class AtKill:
     recovery_point_s: float
     """From the first change not stored to the kill (0 when every change was stored): what
     a host that never came back would have cost."""
+    since_writable_s: float = 0.0
+    """The same, counted from when the store could last write again if that was later."""
 
 
 def at_kill(
@@ -95,6 +102,7 @@ def at_kill(
         stable_s=killed_at - max(before[-1].at, writable_since),
         saved=not unsaved,
         recovery_point_s=killed_at - unsaved[0].at if unsaved else 0.0,
+        since_writable_s=killed_at - max(unsaved[0].at, writable_since) if unsaved else 0.0,
     )
 
 
@@ -128,6 +136,9 @@ async def recovery_points(
                     if judged is None:
                         continue
                     result.worst_s = max(result.worst_s, judged.recovery_point_s)
+                    result.worst_since_writable_s = max(
+                        result.worst_since_writable_s, judged.since_writable_s
+                    )
                     if judged.stable_s > bound_s:
                         result.checked += 1
                         if not judged.saved:

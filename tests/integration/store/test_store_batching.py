@@ -69,6 +69,33 @@ async def test_redelivered_and_duplicate_changes_cost_no_fetch(store: Store) -> 
     assert await store.repository.head_version(vm_id, StateKind.TPM) == 1
 
 
+async def test_a_change_older_than_the_stored_head_costs_no_fetch(store: Store) -> None:
+    """A backlog after an outage announces many states a newer stored one superseded: each
+    is acknowledged without a fetch (a fetch would only store the host's current state)."""
+    vm_id = store.new_vm()
+    await store.place(vm_id, epoch=1)
+    newer = store.host.hold(
+        vm_id,
+        StateKind.TPM,
+        pack_tpm_state({MAIN_STATE_FILE_NAME: b"newer" * 50}),
+        FencingToken(epoch=1, generation=2),
+    )
+    await store.pull(vm_id)
+    fetches_before = len(store.host.fetches)
+    store.host.hold(
+        vm_id,
+        StateKind.TPM,
+        pack_tpm_state({MAIN_STATE_FILE_NAME: b"older" * 50}),
+        FencingToken(epoch=1, generation=1),
+    )
+
+    await store.host.announce(vm_id, StateKind.TPM)
+    await store.wait_until_events_drained(TIMEOUT_S)
+
+    assert len(store.host.fetches) == fetches_before
+    assert await store.repository.head_hash(vm_id, StateKind.TPM) == newer.content_hash
+
+
 def _about(vm_id: str) -> Callable[[StatePersisted], bool]:
     return lambda event: event.vm_id == vm_id
 

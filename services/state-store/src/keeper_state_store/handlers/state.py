@@ -89,15 +89,16 @@ class StateService:
         await self._batcher.close()
 
     async def on_state_changed(self, envelope: Envelope[StateChanged], delivery: Delivery) -> None:
-        """Pull each announced state unless it is already stored or the host may not write
-        it; the event is acknowledged once every pull it asked for was persisted."""
+        """Pull each announced state unless it is already stored, superseded by a newer
+        stored one, or the host may not write it; the event is acknowledged once every pull
+        it asked for was persisted."""
         event = envelope.data
         stored = await self._repository.heads_and_placements(
             [(change.vm_id, change.kind) for change in event.changes]
         )
         pulls = []
-        for change, (head_hash, placement) in zip(event.changes, stored, strict=True):
-            if head_hash == change.content_hash:
+        for change, (head, placement) in zip(event.changes, stored, strict=True):
+            if head is not None and head.content_hash == change.content_hash:
                 if delivery.redelivered:
                     # A replica may have died between the durable write and its
                     # announcement; announcing the stored version again is harmless (facts
@@ -116,6 +117,12 @@ class StateService:
                 await self._writer.refuse(
                     change.vm_id, change.kind, event.host, "host is not the VM's placement"
                 )
+                continue
+            if head is not None and not change.token.is_newer_than(head.token):
+                # Superseded: a state the host made after this one is stored already (a pull
+                # takes the host's current state, not the one announced). After an outage
+                # the queue holds many such events per VM; pulling for each kept every
+                # replica busy for seconds while the newest changes waited behind them.
                 continue
             pulls.append(self._batcher.pull(event.host, change.vm_id, change.kind))
         # Every pull waits for its own write; one that failed gets the whole event redelivered,

@@ -159,6 +159,14 @@ class Placement:
         return None if host is None or epoch is None else cls(host.decode(), int(epoch))
 
 
+@dataclass(frozen=True)
+class StoredHead:
+    """The newest stored version of one VM state: what it holds and under which token."""
+
+    content_hash: str
+    token: FencingToken
+
+
 class StateRepository:
     """Redis access for the state store."""
 
@@ -254,18 +262,27 @@ class StateRepository:
 
     async def heads_and_placements(
         self, states: Sequence[tuple[str, StateKind]]
-    ) -> list[tuple[str | None, Placement | None]]:
-        """`head_hash` and `placement` of each (VM, kind) in one round trip: every change a
-        ``state.changed`` announces needs both before it is pulled."""
+    ) -> list[tuple[StoredHead | None, Placement | None]]:
+        """The head (hash and token) and `placement` of each (VM, kind) in one round trip:
+        every change a ``state.changed`` announces needs both before it is pulled."""
         pipe = self._redis.pipeline(transaction=False)
         for vm_id, kind in states:
-            pipe.hget(state_head_key(vm_id, kind), "hash")
+            pipe.hmget(state_head_key(vm_id, kind), ["hash", "epoch", "generation"])
             pipe.hmget(placement_key(vm_id), ["host", "epoch"])
         replies = iter(await pipe.execute())
-        found: list[tuple[str | None, Placement | None]] = []
-        for head, (host, epoch) in zip(replies, replies, strict=True):
-            head_hash = head.decode() if head is not None else None
-            found.append((head_hash, Placement.from_reply(host, epoch)))
+        found: list[tuple[StoredHead | None, Placement | None]] = []
+        for (head_hash, head_epoch, head_generation), (host, epoch) in zip(
+            replies, replies, strict=True
+        ):
+            head = (
+                None
+                if head_hash is None or head_epoch is None or head_generation is None
+                else StoredHead(
+                    head_hash.decode(),
+                    FencingToken(epoch=int(head_epoch), generation=int(head_generation)),
+                )
+            )
+            found.append((head, Placement.from_reply(host, epoch)))
         return found
 
     async def placements_and_head_hashes(
