@@ -23,7 +23,7 @@ import yarl
 from aio_pika.abc import AbstractIncomingMessage
 
 from chaos.tcp_proxy import TcpProxy
-from keeper_devtools.demo.processes import ServiceProcess
+from keeper_devtools.demo.processes import READY_EVENTS, ServiceProcess
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import (
     EVENTS_EXCHANGE,
@@ -41,7 +41,6 @@ from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.placement import StopMode, StopVm
 from keeper_shared.messages.state import ListStateHistory, StateHistory
-from keeper_state_store.crypto.encryption import generate_key_file
 from support.bus_hygiene import purge_service_queues
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
@@ -134,11 +133,11 @@ async def comes_up_despite_the_cut(
     service: ServiceProcess,
     proxy: TcpProxy,
     cut_point: tuple[str, int],
-    ready: str,
     serves: Callable[[], Awaitable[None]],
 ) -> None:
     """Start ``service`` with the cut armed, heal once it tried again, prove it serves,
     and stop it (exit 0)."""
+    ready = READY_EVENTS[service.module]
     proxy.cut_at_method(*cut_point)
     await service.start()
     try:
@@ -167,17 +166,16 @@ async def test_a_store_comes_up_when_its_connection_is_cut_during_start_up(
     rabbitmq_url: str,
     redis_url: str,
     empty_service_queues: None,
+    kek_file: Path,
     tmp_path: Path,
 ) -> None:
-    kek = tmp_path / "kek.key"
-    generate_key_file(kek)
     store = ServiceProcess(
         "store",
         "keeper_state_store",
         {
             "KEEPER_STORE_AMQP_URL": through(proxy, rabbitmq_url),
             "KEEPER_STORE_REDIS_URL": redis_url,
-            "KEEPER_STORE_KEK_FILE": str(kek),
+            "KEEPER_STORE_KEK_FILE": str(kek_file),
             "KEEPER_STORE_REPLICA_ID": "store-cut",
             "KEEPER_STORE_SCRUB_ENABLED": "false",
             "KEEPER_STORE_LOG_JSON": "true",
@@ -194,7 +192,7 @@ async def test_a_store_comes_up_when_its_connection_is_cut_during_start_up(
         for spec in (STATE_STORE_EVENTS, STATE_STORE_COMMANDS):
             assert await consumer_count(bus, spec) == 1, spec.name
 
-    await comes_up_despite_the_cut(store, proxy, cut_point, "state store ready", serves)
+    await comes_up_despite_the_cut(store, proxy, cut_point, serves)
 
 
 @pytest.mark.parametrize("cut_point", CUT_POINTS + SECOND_CONSUMER_CUT_POINTS, ids=cut_point_id)
@@ -231,7 +229,7 @@ async def test_a_policy_replica_comes_up_when_its_connection_is_cut_during_start
         for spec in (POLICY_EVENTS, POLICY_COMMANDS):
             assert await consumer_count(bus, spec) == 1, spec.name
 
-    await comes_up_despite_the_cut(policy, proxy, cut_point, "policy ready", serves)
+    await comes_up_despite_the_cut(policy, proxy, cut_point, serves)
 
 
 @pytest.mark.libvirt
@@ -280,7 +278,7 @@ async def test_a_host_agent_comes_up_when_its_connection_is_cut_during_start_up(
         assert await consumer_count(bus, commands) == 1
 
     try:
-        await comes_up_despite_the_cut(agent, proxy, cut_point, "host agent ready", serves)
+        await comes_up_despite_the_cut(agent, proxy, cut_point, serves)
     finally:
         await channel.queue_delete(commands.name)
         await channel.queue_delete(commands.dead_letter_queue)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from keeper_devtools.demo.processes import ServiceProcess
+from keeper_devtools.demo.processes import READY_EVENTS, ServiceProcess
 from keeper_devtools.localstack import RedisConfig, RedisServer, free_tcp_ports
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
@@ -58,7 +58,7 @@ async def test_a_store_started_before_redis_waits_then_serves(
     try:
         await logged(store, WAITING)
         await asyncio.to_thread(later_redis.start)
-        await logged(store, "state store ready")
+        await logged(store, READY_EVENTS[store.module])
     finally:
         code = await store.stop(TIMEOUT_S)
     assert code == 0
@@ -84,4 +84,4 @@ async def test_a_policy_replica_waiting_for_the_broker_stops_cleanly_on_sigterm(
     finally:
         code = await policy.stop(TIMEOUT_S)
     assert code == 0
-    assert "policy ready" not in policy.logged_events()
+    assert not policy.is_ready()
