@@ -33,7 +33,7 @@ from keeper_policy.storage.vm_registry import (
 )
 from keeper_policy.tpm.rules import ClusterView, Overrides, decide_tpm
 from keeper_shared.messages.adoption import AdoptVm, VmAdopted, VmAdoptionResult, VmDiscovered
-from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
+from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.vm import VmStarted, VmUndefined
 from keeper_shared.messages.vm_control import SetPlacementEpoch
 
@@ -182,7 +182,12 @@ class Adopter:
                 reading.spec,
                 rules=self._settings.guest_os_rules,
                 aliases=self._settings.guest_os_aliases,
-                cluster=ClusterView(host.cluster, await self._live_cluster(host.cluster)),
+                cluster=ClusterView(
+                    host.cluster,
+                    await self._hosts.live_in_cluster(
+                        host.cluster, self._settings.host_lost_after_s
+                    ),
+                ),
                 overrides=request.overrides if request else Overrides(),
             )
             reasons += explain_guest_os(decision.reasons, reading.guest_os_known)
@@ -262,11 +267,3 @@ class Adopter:
         if host is None or not host.alive(time.time(), self._settings.host_lost_after_s):
             return None
         return host
-
-    async def _live_cluster(self, cluster: str) -> dict[str, HostCapabilities]:
-        now = time.time()
-        return {
-            host.host: host.capabilities
-            for host in await self._hosts.hosts()
-            if host.cluster == cluster and host.alive(now, self._settings.host_lost_after_s)
-        }

@@ -9,6 +9,7 @@ scripts with exactly one winning replica.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -78,6 +79,18 @@ class HostRegistry:
         pipe.hgetall(HOST_STATUS)
         raw, statuses = await pipe.execute()
         return [_record(host.decode(), value, statuses.get(host)) for host, value in raw.items()]
+
+    async def live_in_cluster(
+        self, cluster: str, lost_after_s: float
+    ) -> dict[str, HostCapabilities]:
+        """What each host of ``cluster`` heard from within ``lost_after_s`` can run: the
+        cluster a TPM is approved against."""
+        now = time.time()
+        return {
+            host.host: host.capabilities
+            for host in await self.hosts()
+            if host.cluster == cluster and host.alive(now, lost_after_s)
+        }
 
     async def host(self, host: str) -> HostRecord | None:
         """One host, None when it never sent a heartbeat."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import structlog
 
 from keeper_policy.gateway import Gateway
@@ -36,12 +34,7 @@ class Approver:
     async def enable(self, envelope: Envelope[EnableTpm], user_id: str | None) -> CommandDone:
         """Approve or reject; an approval registers the VM and names who overrode what."""
         request = envelope.data
-        now = time.time()
-        live = {
-            host.host: host.capabilities
-            for host in await self._hosts.hosts()
-            if host.cluster == request.cluster and host.alive(now, self._settings.host_lost_after_s)
-        }
+        live = await self._hosts.live_in_cluster(request.cluster, self._settings.host_lost_after_s)
         decision = decide_tpm(
             request.spec,
             rules=self._settings.guest_os_rules,
