@@ -17,16 +17,20 @@ from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.bus.topology import (
     STATE_STORE,
     STATE_STORE_EVENTS,
+    STATE_STORE_HOST_REQUESTS,
     QueueSpec,
     host_command_queue,
 )
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.host_requests import NewestState, ReadNewestState
 from keeper_shared.messages.state import FetchState, StatePersisted, StateWriteRefused
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import PREFIX, placement_key
 from keeper_shared.redis_access.results import awaited
+from keeper_shared.state_format.blobs import open_blob
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
 from keeper_state_store.crypto.key_ring import KeyRing
+from keeper_state_store.handlers.host_requests import HostRequests
 from keeper_state_store.handlers.state import StateService
 from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.storage.repository import StateRepository
@@ -85,6 +89,8 @@ async def scene(redis_url: str, kek: KeyEncryptionKey) -> AsyncIterator[Scene]:
     host = FakeHost(host_id=HOST, bus=broker.client(source=f"host-agent/{HOST}", origin=HOST))
     await host.bus.consume(host_command_queue(HOST), [Route(FetchState, host.on_fetch)], prefetch=8)
     await store_bus.consume(STATE_STORE_EVENTS, service.event_routes(), prefetch=32)
+    host_requests = HostRequests(repository, service, verify_host_identity=True)
+    await store_bus.consume(STATE_STORE_HOST_REQUESTS, host_requests.routes(), prefetch=8)
     policy = PolicyView()
     observer = broker.client(source="policy/t", origin="policy")
     routes = [
@@ -133,3 +139,42 @@ async def test_a_change_published_by_another_hosts_user_is_refused(scene: Scene)
     assert "not by the host" in refused.reason
     assert scene.host.fetches == []
     assert await scene.repository.head_version(scene.vm_id, StateKind.TPM) is None
+
+
+async def ask_newest(scene: Scene, host: str, *, sender: str | None = None) -> NewestState:
+    """What a host's QEMU hook gets when it asks the store for the VM's newest state."""
+    bus = scene.broker.client(source=f"host-agent/{host}", origin=host, user_id=sender or host)
+    reply = await bus.call(
+        STATE_STORE,
+        ReadNewestState(vm_id=scene.vm_id, host=host),
+        NewestState,
+        subject=scene.vm_id,
+        timeout_s=TIMEOUT_S,
+        host_request=True,
+    )
+    return reply.data
+
+
+async def test_the_placement_host_gets_the_newest_verified_state_and_no_other_host_does(
+    scene: Scene,
+) -> None:
+    content = b"tpm state " + uuid.uuid4().bytes
+    scene.host.hold(scene.vm_id, StateKind.TPM, content, FencingToken(epoch=1, generation=1))
+    await scene.host.announce(scene.vm_id, StateKind.TPM)
+    await wait_until(lambda: bool(scene.policy.persisted), "state.persisted", timeout_s=TIMEOUT_S)
+
+    newest = await ask_newest(scene, HOST)
+    elsewhere = await ask_newest(scene, "host-b")
+    forged = await ask_newest(scene, HOST, sender="host-b")
+
+    assert newest.refused is None
+    assert newest.tpm is not None
+    assert open_blob(newest.tpm) == content
+    assert newest.nvram is None
+    assert newest.versions == {StateKind.TPM: 1}
+    assert elsewhere.refused is not None
+    assert "not on host-b" in elsewhere.refused
+    assert elsewhere.tpm is None
+    assert forged.refused is not None
+    assert "not by host" in forged.refused
+    assert forged.tpm is None
