@@ -15,7 +15,7 @@ from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host_requests import NewestState, ReadNewestState
 from keeper_shared.messages.state import RetrieveState
-from keeper_shared.messages.types import StateBlob, StateKind
+from keeper_shared.messages.types import StateKind
 from keeper_state_store.crypto.encryption import DecryptionError
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
 from keeper_state_store.handlers.state import StateService
@@ -25,6 +25,7 @@ from keeper_state_store.storage.version_reader import (
     VersionReader,
     VersionUnreadableError,
 )
+from keeper_state_store.transfer.moving import read_newest
 
 log = structlog.get_logger(__name__)
 
@@ -57,28 +58,25 @@ class HostRequests:
         request = envelope.data
         refusal = self._impostor(delivery, request.host)
         stored = await self._repository.placements_and_head_hashes([request.vm_id])
-        placement, heads = stored[request.vm_id]
+        placement, _ = stored[request.vm_id]
         if refusal is None and (placement is None or placement.host != request.host):
             where = placement.host if placement is not None else "nowhere"
             refusal = f"VM {request.vm_id} is placed on {where}, not on {request.host}"
         if refusal is not None:
             log.warning("newest state refused", vm_id=request.vm_id, reason=refusal)
             return NewestState(vm_id=request.vm_id, refused=refusal)
-        blobs: dict[StateKind, StateBlob] = {}
-        versions: dict[StateKind, int] = {}
         try:
-            for kind in StateKind:
-                version = await self._repository.head_version(request.vm_id, kind)
-                if heads[kind] is None or version is None:
-                    continue
-                blobs[kind] = (await self._reader.read(request.vm_id, kind, version)).blob
-                versions[kind] = version
-            secret = await self._secrets.held(request.vm_id) if blobs else None
+            newest = await read_newest(
+                self._repository, self._reader, request.vm_id, list(StateKind)
+            )
+            secret = await self._secrets.held(request.vm_id) if newest else None
         except (VersionNotKeptError, VersionUnreadableError, DecryptionError) as error:
             log.error("stored state does not verify", vm_id=request.vm_id, reason=str(error))
             return NewestState(
                 vm_id=request.vm_id, refused=f"stored state does not verify: {error}"
             )
+        blobs = {kind: verified.blob for kind, verified in newest.items()}
+        versions = {kind: verified.record.version for kind, verified in newest.items()}
         log.info(
             "newest state given",
             vm_id=request.vm_id,
