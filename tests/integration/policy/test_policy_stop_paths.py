@@ -23,8 +23,9 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -366,9 +367,20 @@ async def test_keeper_shows_status_and_hosts_from_the_services_without_redis(
     assert status["state"]["tpm"]["version"] == int(head)
     assert status["protection"] == "protected"
 
-    result = await asyncio.to_thread(runner.invoke, app, ["hosts", "--json"], env=env)
-    assert result.exit_code == 0, result.output
-    found = {item["host"]: item for item in json.loads(result.stdout)}
+    async def hosts() -> dict[str, Any]:
+        result = await asyncio.to_thread(runner.invoke, app, ["hosts", "--json"], env=env)
+        assert result.exit_code == 0, result.output
+        return {item["host"]: item for item in json.loads(result.stdout)}
+
+    # A host's VM count comes with its next heartbeat after the start.
+    await wait_until(
+        lambda: _lists_a_vm(hosts(), stack.host_id("a")), "host a's heartbeat with the VM"
+    )
+    found = await hosts()
     for name in ("a", "b"):
         assert found[stack.host_id(name)]["status"] == "alive"
     assert found[stack.host_id("a")]["vms"] >= 1
+
+
+async def _lists_a_vm(hosts: Awaitable[dict[str, Any]], host: str) -> bool:
+    return int((await hosts)[host]["vms"]) >= 1
