@@ -105,8 +105,8 @@ class ClusterConfig:
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     """Makes host ids unique in a broker and Redis shared with other tests."""
     verify_host_identity: bool = False
-    """The store trusts a host's events only from the host's own RabbitMQ user; on when
-    each agent connects as its own user (see `agent_amqp_urls`)."""
+    """The store and policy trust a host's messages only from the host's own RabbitMQ user;
+    on when each agent connects as its own user (see `agent_amqp_urls`)."""
     agent_amqp_urls: tuple[str, ...] = ()
     """Per host (in order), the URL its agent connects to instead of ``amqp_url``: a proxy
     that can cut the host off."""
@@ -236,6 +236,7 @@ class ChaosCluster:
             {
                 "KEEPER_POLICY_AMQP_URL": self.config.amqp_url,
                 "KEEPER_POLICY_REDIS_URL": self.config.redis_url,
+                "KEEPER_POLICY_VERIFY_HOST_IDENTITY": str(self.config.verify_host_identity).lower(),
                 "KEEPER_POLICY_LOG_JSON": "true",
                 "KEEPER_POLICY_HOST_LOST_AFTER_S": "15",
                 "KEEPER_POLICY_SHUTDOWN_GRACE_S": "5",

@@ -2,6 +2,9 @@
 replicas and host agents on simulated hosts (libvirt ``test:///`` files), plus what a test
 does to them: write a guest's TPM state, freeze or kill an agent, publish what a host would.
 
+As in production, each host agent connects as its own RabbitMQ user named after the host,
+and the store and policy check that a host's messages come from that user.
+
 Host ids carry a run id, so the broker and Redis shared with the rest of the session never
 mix this stack's hosts with another test's.
 """
@@ -41,6 +44,7 @@ from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import content_hash
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.crypto.encryption import generate_key_file
+from support.broker import Broker
 from support.bus_hygiene import purge_service_queues
 from support.events import EventRecorder
 from support.waiting import wait_until
@@ -64,7 +68,7 @@ FAST_POLICY = {
 class PolicyStack:
     """The services of one test, started by ``async with``."""
 
-    amqp_url: str
+    broker: Broker
     redis_url: str
     work_dir: Path
     host_names: tuple[str, ...] = ("a", "b")
@@ -80,6 +84,7 @@ class PolicyStack:
     _observer: BusClient | None = None
     _events: EventRecorder | None = None
     _publishers: dict[str, BusClient] = field(default_factory=dict)
+    _host_passwords: dict[str, str] = field(default_factory=dict)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -96,7 +101,7 @@ class PolicyStack:
                 "KEEPER_STORE_AMQP_URL": self.amqp_url,
                 "KEEPER_STORE_REDIS_URL": self.redis_url,
                 "KEEPER_STORE_KEK_FILE": str(kek),
-                "KEEPER_STORE_VERIFY_HOST_IDENTITY": "false",
+                "KEEPER_STORE_VERIFY_HOST_IDENTITY": "true",
                 "KEEPER_STORE_FETCH_TIMEOUT_S": "1.5",
                 "KEEPER_STORE_PREPARE_TIMEOUT_S": "3",
                 "KEEPER_STORE_SHUTDOWN_GRACE_S": "2",
@@ -108,6 +113,9 @@ class PolicyStack:
             host = SimulatedHost(f"{name}-{self.run_id}", self.work_dir / f"host-{name}")
             host.create()
             self.hosts[name] = host
+            password = secrets.token_hex(12)
+            self.broker.add_user(host.host_id, password)
+            self._host_passwords[name] = password
             self.services[name] = self.agent_process(name, **self.agent_env.get(name, {}))
         started = time.time()
         try:
@@ -184,7 +192,7 @@ class PolicyStack:
             "keeper_host_agent",
             {
                 "KEEPER_HOST_HOST_ID": host.host_id,
-                "KEEPER_HOST_AMQP_URL": self.amqp_url,
+                "KEEPER_HOST_AMQP_URL": self.host_amqp_url(name),
                 "KEEPER_HOST_LIBVIRT_URI": host.libvirt_uri,
                 "KEEPER_HOST_SWTPM_ROOT": str(host.swtpm_root),
                 "KEEPER_HOST_NVRAM_DIR": str(host.nvram_dir),
@@ -195,6 +203,15 @@ class PolicyStack:
                 **env,
             },
         )
+
+    @property
+    def amqp_url(self) -> str:
+        """The broker as the services other than host agents use it."""
+        return self.broker.url
+
+    def host_amqp_url(self, name: str) -> str:
+        """The broker as host ``name``'s own user."""
+        return self.broker.url_for(self.host_id(name), self._host_passwords[name])
 
     # --- access ---------------------------------------------------------------------------
 
@@ -281,12 +298,13 @@ class PolicyStack:
         return reply.data
 
     async def publish_as_host(self, name: str, payload: Payload, subject: str) -> None:
-        """Publish an event exactly as host ``name``'s agent would (its origin, its key)."""
+        """Publish an event exactly as host ``name``'s agent would (its user, its origin,
+        its key)."""
         host_id = self.host_id(name)
         publisher = self._publishers.get(name)
         if publisher is None:
             publisher = await BusClient.connect(
-                self.amqp_url, source=f"host-agent/{host_id}", origin=host_id
+                self.host_amqp_url(name), source=f"host-agent/{host_id}", origin=host_id
             )
             self._publishers[name] = publisher
         await publisher.publish_event(payload, subject=subject)

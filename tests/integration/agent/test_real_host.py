@@ -99,6 +99,7 @@ from keeper_shared.swtpm import SwtpmError, missing_tools, start_swtpm
 from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
 from keeper_state_store.storage.repository import StateRepository
+from support.broker import Broker
 from support.leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
 
 pytestmark = [
@@ -514,9 +515,13 @@ async def _host_heard_since(redis: Redis, host_id: str, since: float) -> bool:
 
 @pytest.fixture
 async def stack(
-    real_host: RealHost, rabbitmq_url: str, redis_url: str, tmp_path: Path, kek_file: Path
+    real_host: RealHost, rabbitmq_broker: Broker, redis_url: str, tmp_path: Path, kek_file: Path
 ) -> AsyncIterator[Stack]:
     host_id = f"real-{uuid.uuid4().hex[:8]}"
+    rabbitmq_url = rabbitmq_broker.url
+    # The agent on a user of its own, as in production: the store and policy check it.
+    host_password = secrets.token_hex(12)
+    rabbitmq_broker.add_user(host_id, host_password)
     logs = tmp_path / "logs"
     agent = ServiceProcess(
         host_id,
@@ -527,7 +532,7 @@ async def stack(
             # hosts other tests of the session left in Redis (their heartbeats stay fresh
             # for a while, and their test:/// libvirt keeps no secrets).
             "KEEPER_HOST_CLUSTER": host_id,
-            "KEEPER_HOST_AMQP_URL": rabbitmq_url,
+            "KEEPER_HOST_AMQP_URL": rabbitmq_broker.url_for(host_id, host_password),
             "KEEPER_HOST_LIBVIRT_URI": LIBVIRT_URI,
             "KEEPER_HOST_SWTPM_ROOT": str(SWTPM_ROOT),
             "KEEPER_HOST_NVRAM_DIR": str(NVRAM_DIR),
@@ -550,7 +555,6 @@ async def stack(
                 "KEEPER_STORE_AMQP_URL": rabbitmq_url,
                 "KEEPER_STORE_REDIS_URL": redis_url,
                 "KEEPER_STORE_KEK_FILE": str(kek_file),
-                "KEEPER_STORE_VERIFY_HOST_IDENTITY": "false",
                 "KEEPER_STORE_LOG_JSON": "true",
             },
             logs / "state-store.log",
@@ -562,8 +566,6 @@ async def stack(
                 "KEEPER_POLICY_AMQP_URL": rabbitmq_url,
                 "KEEPER_POLICY_REDIS_URL": redis_url,
                 "KEEPER_POLICY_LOG_JSON": "true",
-                # One broker user for every service here, as for the store above.
-                "KEEPER_POLICY_VERIFY_HOST_IDENTITY": "false",
             },
             logs / "policy.log",
         ),

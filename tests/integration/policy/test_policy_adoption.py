@@ -33,6 +33,7 @@ from keeper_shared.messages.vm import VmStarted, VmStopped, VmUndefined
 from keeper_shared.redis_access.keys import vm_record_key
 from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import content_hash
+from support.broker import Broker
 from support.foreign_domains import define_in_node, foreign_domain_xml, shut_off
 from support.policy_stack import STEP_TIMEOUT_S, PolicyStack
 from support.waiting import wait_until
@@ -49,10 +50,10 @@ NVRAM_SIZE = 540_672
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(
-    rabbitmq_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    rabbitmq_broker: Broker, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[PolicyStack]:
     async with PolicyStack(
-        rabbitmq_url,
+        rabbitmq_broker,
         redis_url,
         tmp_path_factory.mktemp("adoption"),
         agent_env={"a": {"KEEPER_HOST_ADOPT": "all"}, "b": {"KEEPER_HOST_ADOPT": "none"}},

@@ -31,6 +31,7 @@ from keeper_shared.messages.placement import StopMode, VmEvicted, VmPlaced
 from keeper_shared.messages.state import StatePersisted, StateWriteRefused
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import StateKind
+from support.broker import Broker
 from support.policy_stack import STEP_TIMEOUT_S, PolicyStack
 from support.waiting import wait_until
 
@@ -41,9 +42,11 @@ TPM_XML = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 
 
 @pytest_asyncio.fixture
-async def stack(rabbitmq_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[PolicyStack]:
+async def stack(
+    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+) -> AsyncIterator[PolicyStack]:
     async with PolicyStack(
-        rabbitmq_url,
+        rabbitmq_broker,
         redis_url,
         tmp_path,
         policy_env={"KEEPER_POLICY_HOST_LOST_AFTER_S": str(LOST_AFTER_S)},

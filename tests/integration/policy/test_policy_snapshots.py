@@ -20,6 +20,7 @@ from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import VmResumed, VmSuspended
 from keeper_shared.messages.vm_snapshot import SnapshotMode, VmSnapshotted
+from support.broker import Broker
 from support.policy_stack import PolicyStack
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
@@ -34,9 +35,9 @@ async def pinned_hash(stack: PolicyStack, vm_id: str, version: int) -> tuple[str
 
 
 async def test_snapshots_with_memory_live_and_offline(
-    rabbitmq_url: str, redis_url: str, tmp_path: Path
+    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
 ) -> None:
-    async with PolicyStack(rabbitmq_url, redis_url, tmp_path) as stack:
+    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path) as stack:
         spec = await stack.new_vm("a")
         vm_id = spec.vm_id
         await stack.write_tpm_persisted("a", vm_id)

@@ -47,6 +47,7 @@ from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import ShutdownVm, StopReason, VmStopped, VmUndefined
 from keeper_shared.redis_access.keys import placement_key, state_head_key
 from keeper_shared.redis_access.results import awaited
+from support.broker import Broker
 from support.events import Seen
 from support.policy_stack import STEP_TIMEOUT_S, PolicyStack
 from support.waiting import wait_until
@@ -61,10 +62,10 @@ pytestmark = [
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(
-    rabbitmq_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    rabbitmq_broker: Broker, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[PolicyStack]:
     async with PolicyStack(
-        rabbitmq_url, redis_url, tmp_path_factory.mktemp("stop-paths")
+        rabbitmq_broker, redis_url, tmp_path_factory.mktemp("stop-paths")
     ) as running:
         yield running
 

@@ -114,6 +114,7 @@ def _services(config: DemoConfig, hosts: list[SimulatedHost]) -> list[ServicePro
             {
                 "KEEPER_POLICY_AMQP_URL": bus,
                 "KEEPER_POLICY_REDIS_URL": config.redis_url,
+                "KEEPER_POLICY_VERIFY_HOST_IDENTITY": "false",  # the shared user, as above
                 "KEEPER_POLICY_LOG_JSON": "true",
                 "KEEPER_POLICY_HOST_LOST_AFTER_S": "15",
             },

@@ -13,6 +13,7 @@ from keeper_policy.adoption.records import DiscoveredDomains
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.liveness import HostLiveness
 from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.hosts.senders import HostSenders
 from keeper_policy.placement.claim import PlacementClaims
 from keeper_policy.placement.migration import MigrationTracker
 from keeper_policy.placement.placer import Placer
@@ -50,6 +51,7 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
     registry = PolicyRegistry(redis, scripts)
     hosts = HostRegistry(redis, scripts)
     workflows = WorkflowStore(redis, scripts)
+    senders = HostSenders(verify=settings.verify_host_identity)
     gateway = Gateway(
         bus,
         retrieve_timeout_s=settings.retrieve_timeout_s,
@@ -92,7 +94,8 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
             registry, engine, gateway, store_timeout_s=settings.retrieve_timeout_s
         ),
         adopter=Adopter(settings, registry, hosts, gateway, DiscoveredDomains(redis)),
-        claims=PlacementClaims(settings, registry, hosts, engine, gateway),
+        claims=PlacementClaims(settings, registry, hosts, engine, gateway, senders),
+        senders=senders,
     )
 
 

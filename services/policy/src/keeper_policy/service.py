@@ -9,6 +9,7 @@ import structlog
 from keeper_policy.adoption.adopter import Adopter
 from keeper_policy.hosts.liveness import HostLiveness
 from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.hosts.senders import HostSenders
 from keeper_policy.placement.claim import PlacementClaims
 from keeper_policy.placement.migration import MigrationTracker
 from keeper_policy.placement.placer import Placer
@@ -55,6 +56,7 @@ class PolicyService:
         queries: PolicyQueries,
         adopter: Adopter,
         claims: PlacementClaims,
+        senders: HostSenders,
     ) -> None:
         self._registry = registry
         self._hosts = hosts
@@ -69,19 +71,21 @@ class PolicyService:
         self._queries = queries
         self._adopter = adopter
         self._claims = claims
+        self._senders = senders
         self._background = BackgroundTasks("background task failed")
 
     def event_routes(self) -> list[Route]:
-        """Routes of the policy events queue."""
+        """Routes of the policy events queue; a host's events only from that host."""
+        from_host = self._senders.only_from_host
         return [
-            Route(HostHeartbeat, self.on_heartbeat),
+            Route(HostHeartbeat, from_host(self.on_heartbeat)),
             Route(StatePersisted, self.on_persisted),
             Route(StateDeleted, self.on_state_deleted),
-            Route(VmStopped, self.on_vm_stopped),
-            Route(VmStarted, self.on_vm_started),
-            Route(TpmStateStranded, self.on_tpm_state_stranded),
-            Route(VmDiscovered, self.on_vm_discovered),
-            Route(VmUndefined, self.on_vm_undefined),
+            Route(VmStopped, from_host(self.on_vm_stopped)),
+            Route(VmStarted, from_host(self.on_vm_started)),
+            Route(TpmStateStranded, from_host(self.on_tpm_state_stranded)),
+            Route(VmDiscovered, from_host(self.on_vm_discovered)),
+            Route(VmUndefined, from_host(self.on_vm_undefined)),
         ]
 
     def command_routes(self) -> list[Route]:

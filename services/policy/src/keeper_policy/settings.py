@@ -26,9 +26,10 @@ class PolicySettings(ServiceSettings, RedisSettings):
     )
     verify_host_identity: bool = Field(
         default=True,
-        description="A host's `vm.claim` must come from the broker-validated AMQP user named "
-        "after the host (per-host RabbitMQ users). Off only where every service shares one "
-        "user (development, tests).",
+        description="A host's events (heartbeats, starts, stops, discoveries, stranded "
+        "states) and its `vm.claim` must come from the broker-validated AMQP user named after "
+        "the host (per-host RabbitMQ users); others are dead-lettered or refused. Off only "
+        "where every service shares one user (development).",
     )
     host_lost_after_s: float = Field(
         default=30.0, gt=0, description="A host whose last heartbeat is older is lost."

@@ -65,6 +65,11 @@ class NoRouteError(CallError):
     """No queue is bound for the command's target; the broker returned it at once."""
 
 
+class MessageRefusedError(Exception):
+    """Raised by a handler for a message that must never be acted on (a host speaking for
+    another host): it is dead-lettered, kept as evidence, and not retried."""
+
+
 BROKER_CLOSE_TIMEOUT_S = 5.0
 """Bound on each closing handshake with the broker: stopping never hangs on a channel or
 connection the broker (or a half-open channel cancelled mid-open) does not answer for."""
@@ -434,6 +439,12 @@ class BusClient:
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
             raise
+        except MessageRefusedError as refusal:
+            log.warning("message refused, dead-lettered", reason=str(refusal))
+            metrics.EVENTS_HANDLED.labels(type=envelope.type, outcome="refused").inc()
+            metrics.DEAD_LETTERED.labels(type=envelope.type).inc()
+            await message.reject(requeue=False)
+            return
         except Exception:
             log.exception("handler failed, message requeued")
             metrics.EVENTS_HANDLED.labels(type=envelope.type, outcome="failed").inc()

@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from keeper_shared.messages.envelope import Payload, register_upcaster
+from keeper_shared.messages.envelope import register_upcaster
+from keeper_shared.messages.host_fact import HostFact
 from keeper_shared.messages.types import HOST_ID_PATTERN, ContentHash, HostId, VmId
 
 
@@ -37,7 +38,7 @@ class VmInventoryEntry(BaseModel):
     nvram_hash: ContentHash | None = Field(description="Hash of its stable NVRAM, if any.")
 
 
-class HostHeartbeat(Payload):
+class HostHeartbeat(HostFact):
     """Sent every few seconds; missing heartbeats make a host lost."""
 
     message_type = "host.heartbeat"

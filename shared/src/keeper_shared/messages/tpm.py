@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_shared.messages.envelope import Payload, register_upcaster
+from keeper_shared.messages.host_fact import HostFact
 from keeper_shared.messages.types import HOST_ID_PATTERN, HostId, SecretUuid, VmId, VmName
 
 CLUSTER_PATTERN = HOST_ID_PATTERN
@@ -136,7 +137,7 @@ class TpmRejected(Payload):
     )
 
 
-class TpmStateStranded(Payload):
+class TpmStateStranded(HostFact):
     """A VM's TPM state is stranded on its host: swtpm encrypts it with a libvirt secret
     the keeper did not create and the host cannot read (a private secret). The state is
     still saved, but it is useless on any other host, so the VM cannot be moved or restored

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from keeper_shared.messages.envelope import Payload, register_upcaster
+from keeper_shared.messages.host_fact import HostFact
 from keeper_shared.messages.types import HostId, StateBlob, TpmSecret, VmId, VmName
 
 
@@ -24,7 +25,7 @@ class StopReason(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
-class VmLifecycleFact(Payload):
+class VmLifecycleFact(HostFact):
     """Common fields of every lifecycle fact."""
 
     vm_id: VmId = Field(description="The domain's UUID.")

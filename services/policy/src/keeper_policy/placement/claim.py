@@ -16,6 +16,7 @@ import structlog
 
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.hosts.senders import HostSenders
 from keeper_policy.placement.rules import check_swtpm_version
 from keeper_policy.settings import PolicySettings
 from keeper_policy.storage.vm_registry import PlacementConflictError, PolicyRegistry, UnknownVmError
@@ -36,8 +37,10 @@ class PlacementClaims:
         hosts: HostRegistry,
         engine: WorkflowEngine,
         gateway: Gateway,
+        senders: HostSenders,
     ) -> None:
         self._settings = settings
+        self._senders = senders
         self._registry = registry
         self._hosts = hosts
         self._engine = engine
@@ -51,8 +54,9 @@ class PlacementClaims:
             log.warning("claim refused", vm_id=vm_id, host=host, reason=reason)
             return PlacementClaimed(vm_id=vm_id, outcome=ClaimOutcome.REFUSED, reason=reason)
 
-        if self._settings.verify_host_identity and user_id != host:
-            return refused(f"sent by AMQP user {user_id!r}, not by host {host}")
+        impostor = self._senders.refusal(host, user_id)
+        if impostor is not None:
+            return refused(impostor)
         try:
             vm = await self._registry.vm(vm_id)
         except UnknownVmError:
