@@ -32,9 +32,10 @@ from keeper_shared.bus.client import (
     NoRouteError,
     R,
     Route,
+    decode_reply,
 )
 from keeper_shared.bus.topology import QueueSpec, event_routing_key, reply_queue_name
-from keeper_shared.messages.envelope import Envelope, Payload, decode, encode, new_envelope
+from keeper_shared.messages.envelope import Envelope, Payload, encode, new_envelope
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
@@ -256,7 +257,7 @@ class MemoryBus(BusClient):
                     f"{envelope.type} to {target} got no reply within {timeout_s:.1f} s"
                 ) from None
             if replier is None or reply.user_id == replier:
-                return decode(reply.body, reply_type)
+                return decode_reply(reply.body, reply_type)
             # A reply from the wrong user is ignored, as BusClient._on_reply does.
             waiter = self.broker.expect_reply(message.correlation_id)
 

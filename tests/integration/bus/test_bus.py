@@ -27,8 +27,10 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import Field
 
 from keeper_shared.bus.client import (
+    DEADLINE_HEADER,
     BusClient,
     CallTimeoutError,
+    CommandRejectedError,
     Consumer,
     Delivery,
     NoRouteError,
@@ -37,10 +39,13 @@ from keeper_shared.bus.client import (
 from keeper_shared.bus.topology import (
     COMMANDS_EXCHANGE,
     EVENTS_EXCHANGE,
+    REPLIES_EXCHANGE,
     QueueSpec,
     declare_queue,
+    reply_queue_name,
 )
-from keeper_shared.messages.envelope import Envelope, Payload, encode, new_envelope
+from keeper_shared.messages.commands import CommandRejected, RejectionCode
+from keeper_shared.messages.envelope import Envelope, Payload, decode, encode, new_envelope
 from support.bus_clients import ConnectBus
 
 pytestmark = pytest.mark.rabbit
@@ -408,3 +413,118 @@ async def test_stop_cancels_a_handler_that_outlives_the_grace_and_requeues_it(
     requeued = await _get_one(await channel.declare_queue(spec.name, passive=True))
     assert requeued.message_id == str(sent.id)
     assert requeued.redelivered
+
+
+async def _reply_queue(channel: AbstractChannel) -> AbstractQueue:
+    """An exclusive queue bound on the replies exchange, as a raw caller would have."""
+    name = reply_queue_name("test", uuid.uuid4().hex[:12])
+    queue = await channel.declare_queue(name, exclusive=True)
+    await queue.bind(REPLIES_EXCHANGE, routing_key=name)
+    return queue
+
+
+async def _send_raw_command(
+    channel: AbstractChannel, command_key: str, body: bytes, reply_to: str, **headers: Any
+) -> str:
+    correlation_id = uuid.uuid4().hex
+    commands = await channel.get_exchange(COMMANDS_EXCHANGE)
+    await commands.publish(
+        aio_pika.Message(
+            body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            headers=headers,
+        ),
+        routing_key=command_key,
+    )
+    return correlation_id
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        pytest.param(b"\xff\xfe\x00 not json", RejectionCode.UNDECODABLE, id="garbage-bytes"),
+        pytest.param(
+            b'{"id": "1", "type": "test.ping", "subject": "vm-1", "schema_version": 1, "data": {}}',
+            RejectionCode.INVALID,
+            id="bad-payload",
+        ),
+        pytest.param(
+            b'{"id": "1", "type": "test.ping", "schema_version": 99, "data": {"text": "x"}}',
+            RejectionCode.INVALID,
+            id="unknown-schema-version",
+        ),
+        pytest.param(
+            b'{"id": "1", "type": "test.nobody", "subject": "vm-1", "schema_version": 1, '
+            b'"data": {}}',
+            RejectionCode.UNKNOWN_TYPE,
+            id="unknown-type",
+        ),
+    ],
+)
+async def test_a_command_that_cannot_be_taken_is_answered_then_dead_lettered(
+    body: bytes,
+    code: RejectionCode,
+    make_bus: BusFactory,
+    channel: AbstractChannel,
+    queue_specs: list[QueueSpec],
+) -> None:
+    bus = await make_bus()
+    command_key = _unique("target")
+    spec = _spec(queue_specs, command_key=command_key)
+    received: asyncio.Queue[Received] = asyncio.Queue()
+    await bus.consume(spec, [_recorder(received)], prefetch=4)
+    replies = await _reply_queue(channel)
+
+    correlation_id = await _send_raw_command(channel, command_key, body, replies.name)
+
+    answer = await _get_one(replies)
+    assert answer.correlation_id == correlation_id
+    rejected = decode(answer.body, CommandRejected)
+    assert rejected.data.code is code
+    assert rejected.data.ok is False
+    assert rejected.data.error
+    parked = await _get_one(await _dead_letter_queue(channel, spec))
+    assert parked.body == body
+    assert received.empty()
+
+
+async def test_a_caller_learns_at_once_that_its_command_type_is_not_handled(
+    make_bus: BusFactory, queue_specs: list[QueueSpec]
+) -> None:
+    caller = await make_bus()
+    responder = await make_bus()
+    target = _unique("target")
+    received: asyncio.Queue[Received] = asyncio.Queue()
+    spec = _spec(queue_specs, command_key=target)
+    await responder.consume(spec, [_recorder(received)], prefetch=4)
+
+    with pytest.raises(CommandRejectedError, match=r"test\.pong") as rejected:
+        # A long timeout: only the rejection can end this call early.
+        await caller.call(target, Pong(text="x"), Pong, subject="vm-1", timeout_s=WAIT_S * 4)
+    assert rejected.value.code is RejectionCode.UNKNOWN_TYPE
+
+
+async def test_an_expired_command_is_answered_and_dropped_not_dead_lettered(
+    make_bus: BusFactory, channel: AbstractChannel, queue_specs: list[QueueSpec]
+) -> None:
+    bus = await make_bus()
+    command_key = _unique("target")
+    spec = _spec(queue_specs, command_key=command_key)
+    received: asyncio.Queue[Received] = asyncio.Queue()
+    await bus.consume(spec, [_recorder(received)], prefetch=4)
+    replies = await _reply_queue(channel)
+    envelope = new_envelope(Ping(text="late"), source="test", subject="vm-1")
+    past = int((time.time() - 60) * 1000)
+
+    await _send_raw_command(
+        channel, command_key, encode(envelope), replies.name, **{DEADLINE_HEADER: past}
+    )
+
+    rejected = decode((await _get_one(replies)).body, CommandRejected)
+    assert rejected.data.code is RejectionCode.EXPIRED
+    assert rejected.subject == "vm-1"
+    await asyncio.sleep(0.5)
+    assert received.empty()
+    assert await (await _dead_letter_queue(channel, spec)).get(no_ack=True, fail=False) is None

@@ -89,6 +89,7 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
     MessageRole.REPLY: frozenset(
         {
             "command.done",
+            "command.rejected",
             "state.newest.read",
             "vm.claimed",
             "state.fetched",
@@ -295,7 +296,9 @@ def build_document() -> dict[str, Any]:
                 f"routing key `{spec.command_key}`, consumed from the quorum queue "
                 f"`{spec.name}` (dead letters in `{spec.dead_letter_queue}`). The reply "
                 f"goes to the `{topology.REPLIES_EXCHANGE}` topic exchange with the AMQP "
-                "`reply_to` as its routing key and the same `correlation_id`."
+                "`reply_to` as its routing key and the same `correlation_id`. A command "
+                "the receiver cannot take (undecodable, unknown type, invalid, or past its "
+                "`x-keeper-deadline-ms`) is answered `command.rejected` with a code."
             ),
             "publish": {"operationId": operation, "message": _one_of(by_role[role])},
             "bindings": _queue_binding(spec),

@@ -28,6 +28,7 @@ from aio_pika.abc import (
 )
 
 from keeper_shared.bus.node_failover import NodeFailover, broker_user, connect_first_answering
+from keeper_shared.bus.rejection import command_subject, rejection
 from keeper_shared.bus.topology import (
     HOST_REQUESTS_EXCHANGE,
     REPLIES_EXCHANGE,
@@ -37,6 +38,7 @@ from keeper_shared.bus.topology import (
     event_routing_key,
     reply_queue_name,
 )
+from keeper_shared.messages.commands import CommandRejected, RejectionCode
 from keeper_shared.messages.envelope import (
     Envelope,
     MessageError,
@@ -63,6 +65,22 @@ class CallTimeoutError(CallError, TimeoutError):
 
 class NoRouteError(CallError):
     """No queue is bound for the command's target; the broker returned it at once."""
+
+
+class CommandRejectedError(CallError):
+    """The receiver could not take the command at all (see ``code``); nothing was done."""
+
+    def __init__(self, rejected: CommandRejected) -> None:
+        super().__init__(f"{rejected.code.value}: {rejected.error}")
+        self.code = rejected.code
+        self.reason = rejected.error
+
+
+def decode_reply(body: bytes, reply_type: type[R]) -> Envelope[R]:
+    """The reply as ``reply_type``; raise CommandRejectedError for a rejection."""
+    if peek_type(body) == CommandRejected.message_type:
+        raise CommandRejectedError(decode(body, CommandRejected).data)
+    return decode(body, reply_type)
 
 
 class MessageRefusedError(Exception):
@@ -348,7 +366,7 @@ class BusClient:
                 ) from None
         finally:
             self._pending_calls.pop(correlation_id, None)
-        return decode(body, reply_type)
+        return decode_reply(body, reply_type)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         pending = self._pending_calls.get(message.correlation_id or "")
@@ -359,6 +377,20 @@ class BusClient:
             log.warning("reply from the wrong user ignored", user=message.user_id, expected=replier)
             return
         future.set_result(message.body)
+
+    async def _answer_rejected(
+        self, message: AbstractIncomingMessage, rejected: CommandRejected
+    ) -> None:
+        """Reply ``rejected`` to a command that names a reply address (events name none)."""
+        if message.reply_to is None:
+            return
+        delivery = Delivery(
+            user_id=message.user_id,
+            redelivered=bool(message.redelivered),
+            reply_to=message.reply_to,
+            correlation_id=message.correlation_id,
+        )
+        await self._reply(delivery, rejected, command_subject(message.body))
 
     async def _reply(self, delivery: Delivery, payload: Payload, subject: str) -> None:
         assert self._replies is not None
@@ -404,24 +436,39 @@ class BusClient:
         deadline = (message.headers or {}).get(DEADLINE_HEADER)
         now_ms = int(time.time() * 1000)
         if isinstance(deadline, int) and now_ms > deadline:
-            log.info("expired command dropped", late_ms=now_ms - deadline)
+            late_ms = now_ms - deadline
+            log.info("expired command dropped", late_ms=late_ms)
             metrics.EVENTS_HANDLED.labels(type="command", outcome="expired").inc()
+            # Answered so the caller knows it was not carried out, then dropped: nothing is
+            # wrong with it that someone would have to look at in a dead-letter queue.
+            await self._answer_rejected(
+                message,
+                CommandRejected(
+                    code=RejectionCode.EXPIRED,
+                    error=f"arrived {late_ms} ms after its deadline; not carried out",
+                    command_type=message.type,
+                ),
+            )
             await message.ack()
             return
         try:
             message_type = peek_type(message.body)
             route = by_type.get(message_type)
-            if route is None:
+            if route is None and message.reply_to is None:
                 # Topic bindings are coarse (`vm.*.*`); types nobody here handles are facts
                 # meant for other consumers, so acknowledging them loses nothing.
                 metrics.EVENTS_HANDLED.labels(type="other", outcome="ignored").inc()
                 await message.ack()
                 return
+            if route is None:
+                raise MessageError(f"no handler here for {message_type!r}")
             envelope = decode(message.body, route.payload_type)
         except MessageError as error:
             log.warning("message refused, dead-lettered", reason=str(error))
             metrics.EVENTS_HANDLED.labels(type="invalid", outcome="refused").inc()
             metrics.DEAD_LETTERED.labels(type="invalid").inc()
+            # A command with a reply address learns why at once, before it is parked.
+            await self._answer_rejected(message, rejection(message.body, set(by_type), error))
             await message.reject(requeue=False)
             return
         structlog.contextvars.bind_contextvars(
