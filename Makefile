@@ -22,9 +22,9 @@ demo: setup
 	$(PY) -m keeper_devtools.demo
 
 lint: setup
-	$(VENV)/bin/ruff check $(PACKAGES) tests bench
-	$(VENV)/bin/ruff format --check $(PACKAGES) tests bench
-	$(VENV)/bin/mypy $(addsuffix /src,$(PACKAGES)) tests bench
+	$(VENV)/bin/ruff check $(PACKAGES) tests bench examples
+	$(VENV)/bin/ruff format --check $(PACKAGES) tests bench examples
+	$(VENV)/bin/mypy $(addsuffix /src,$(PACKAGES)) tests bench examples
 	$(VENV)/bin/lint-imports
 
 test: lint

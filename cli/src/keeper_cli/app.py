@@ -32,7 +32,7 @@ from rich.progress import (
 )
 
 from keeper_cli import output, views
-from keeper_cli.client import KeeperClient, KeeperRequestError
+from keeper_cli.client import KeeperClient, KeeperRequestError, client_origin
 from keeper_cli.config import CliSettings
 from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.loss import describe_loss
@@ -110,7 +110,8 @@ async def _client(settings: CliSettings, *, needs: tuple[str, ...]) -> AsyncIter
             BusClient.connect(
                 settings.amqp_endpoints,
                 source=f"client/keeper-{getpass.getuser()}",
-                origin="client",
+                origin=client_origin(settings.amqp_endpoints),
+                declare_exchanges=False,
             ),
             timeout=15,
         )

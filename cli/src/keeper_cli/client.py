@@ -4,6 +4,7 @@ the events."""
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -12,7 +13,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import SecretBytes, SecretStr
 
 from keeper_shared.bus.client import BusClient
-from keeper_shared.bus.topology import EVENTS_EXCHANGE, POLICY, STATE_STORE
+from keeper_shared.bus.node_failover import broker_user
+from keeper_shared.bus.topology import EVENTS_EXCHANGE, POLICY, STATE_STORE, client_queue_name
 from keeper_shared.messages.adoption import (
     AdoptVm,
     ListUnprotectedVms,
@@ -51,7 +53,7 @@ from keeper_shared.messages.transfer import (
     ImportState,
     StateExported,
 )
-from keeper_shared.messages.types import StateKind
+from keeper_shared.messages.types import HOST_ID_PATTERN, StateKind
 from keeper_shared.messages.vm_snapshot import SnapshotVm
 
 E = TypeVar("E", bound=Payload)
@@ -115,6 +117,14 @@ class EventWatch:
             return found
 
 
+def client_origin(amqp_url: str | Sequence[str]) -> str:
+    """The origin a client's queues are named after: its broker user, whose permissions
+    allow ``keeper.reply.<user>.*`` and ``keeper.client.<user>.*`` (see the integrator users
+    in ``docs/integrating.md``); ``client`` for a user whose name cannot be one."""
+    user = broker_user([amqp_url] if isinstance(amqp_url, str) else list(amqp_url))
+    return user if re.fullmatch(HOST_ID_PATTERN, user) else "client"
+
+
 class KeeperClient:
     """Requests to policy and the state store, and a view of the events."""
 
@@ -138,7 +148,12 @@ class KeeperClient:
         cls, amqp_url: str | Sequence[str], *, name: str, request_timeout_s: float = 120.0
     ) -> KeeperClient:
         """Connect as a client named ``name`` (to one broker URL, or a cluster's nodes)."""
-        bus = await BusClient.connect(amqp_url, source=f"client/{name}", origin="client")
+        bus = await BusClient.connect(
+            amqp_url,
+            source=f"client/{name}",
+            origin=client_origin(amqp_url),
+            declare_exchanges=False,
+        )
         return cls(bus, request_timeout_s=request_timeout_s)
 
     async def close(self) -> None:
@@ -150,7 +165,9 @@ class KeeperClient:
         watch = EventWatch()
         channel = await self._bus.connection.channel()
         queue = await channel.declare_queue(
-            f"keeper.watch.{uuid.uuid4().hex[:12]}", exclusive=True, auto_delete=True
+            client_queue_name(self._bus.origin, f"watch-{uuid.uuid4().hex[:12]}"),
+            exclusive=True,
+            auto_delete=True,
         )
         for pattern in patterns:
             await queue.bind(EVENTS_EXCHANGE, routing_key=pattern)

@@ -1,11 +1,14 @@
 """deploy/rabbitmq/definitions.json is what the topology generates, loads into a real
 RabbitMQ node, and agrees with what the services declare; a host user is confined to its
-own routing keys and command queue."""
+own routing keys and command queue; an integrator or observer user to its own queues, and
+the example integrator client works under one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -15,7 +18,15 @@ import aio_pika.exceptions
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from keeper_devtools.contract.rabbitmq import definitions, host_definitions, main, render
+from keeper_cli.client import client_origin
+from keeper_devtools.contract.rabbitmq import (
+    client_definitions,
+    definitions,
+    host_definitions,
+    main,
+    render,
+)
+from keeper_devtools.demo.processes import ServiceProcess
 from keeper_devtools.localstack import (
     NotInstalledError,
     RabbitMQConfig,
@@ -26,6 +37,7 @@ from keeper_shared.bus import topology
 from keeper_shared.bus.client import BusClient, Delivery, Route
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, Payload
+from support.waiting import wait_until
 
 
 class _Ping(Payload):
@@ -234,3 +246,118 @@ async def test_a_host_user_replies_through_the_replies_exchange_and_reads_no_oth
     finally:
         await caller.close()
         await host.close()
+
+
+def test_a_bad_client_user_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a user name"):
+        client_definitions("Auto_1", "pw", commands=True)
+
+
+@pytest.mark.rabbit
+@pytest.mark.redis
+async def test_the_example_integrator_client_works_with_an_integrator_user(
+    node: RabbitMQNode, redis_url: str, tmp_path: Path
+) -> None:
+    """docs/integrating.md's promise: with the integrator user the generator makes and only
+    aio-pika and docs/asyncapi.json, a client follows events, gets typed replies and learns
+    at once why a command it got wrong was rejected."""
+    _import(node, json.loads(COMMITTED.read_text(encoding="utf-8")), tmp_path / "defs.json")
+    _import(node, client_definitions("auto-1", "secret-1", commands=True), tmp_path / "i.json")
+    policy = ServiceProcess(
+        "policy",
+        "keeper_policy",
+        {
+            "KEEPER_POLICY_AMQP_URL": node.amqp_url,
+            "KEEPER_POLICY_REDIS_URL": redis_url,
+            "KEEPER_POLICY_LOG_JSON": "true",
+        },
+        tmp_path / "policy.log",
+    )
+    await policy.start()
+    try:
+        await wait_until(lambda: _ready(policy), "policy to be ready")
+        example = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(REPO / "examples" / "integrator_client.py"),
+            _url(node, "auto-1", "secret-1"),
+            str(REPO / "docs" / "asyncapi.json"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(120):
+            out, err = await example.communicate()
+    finally:
+        assert await policy.stop() == 0
+    assert example.returncode == 0, err.decode()
+    steps = {line["step"]: line for line in map(json.loads, out.decode().splitlines())}
+    assert steps["tpm.enable"]["reply_type"] == "command.done"
+    assert steps["event"]["type"] in {"tpm.approved", "tpm.rejected"}
+    assert steps["vms.list"]["reply_type"] == "vms.listed"
+    assert steps["invalid command"] == {
+        "step": "invalid command",
+        "reply_type": "command.rejected",
+        "code": "invalid",
+    }
+
+
+async def _ready(service: ServiceProcess) -> bool:
+    return service.is_ready()
+
+
+@pytest.mark.rabbit
+async def test_an_integrator_user_reaches_only_what_is_its_own(
+    node: RabbitMQNode, tmp_path: Path
+) -> None:
+    """Least privilege: an integrator sends commands and reads events and its own replies;
+    it cannot publish events, create or delete exchanges, read a service's queue or another
+    caller's replies. An observer cannot even send commands."""
+    _import(node, json.loads(COMMITTED.read_text(encoding="utf-8")), tmp_path / "defs.json")
+    _import(node, client_definitions("auto-2", "secret-2", commands=True), tmp_path / "i.json")
+    _import(node, client_definitions("watch-1", "secret-3", commands=False), tmp_path / "o.json")
+
+    # The keeper's own client, as the CLI connects under such a user.
+    bus = await BusClient.connect(
+        _url(node, "auto-2", "secret-2"),
+        source="client/test",
+        origin=client_origin(_url(node, "auto-2", "secret-2")),
+        declare_exchanges=False,
+    )
+    await bus.close()
+
+    connection = await aio_pika.connect(_url(node, "auto-2", "secret-2"))
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        events = await channel.get_exchange(topology.EVENTS_EXCHANGE, ensure=False)
+        with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):
+            await events.publish(aio_pika.Message(b"{}"), routing_key="vm.stopped.host-a")
+        channel = await connection.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):
+            await channel.declare_exchange(topology.EVENTS_EXCHANGE, "topic", durable=True)
+        channel = await connection.channel()
+        queue = await channel.get_queue(topology.POLICY_COMMANDS.name, ensure=False)
+        with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):
+            await queue.get(fail=False)
+        channel = await connection.channel()
+        own = await channel.declare_queue(
+            topology.reply_queue_name("auto-2", "00ff"), exclusive=True, auto_delete=True
+        )
+        with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):
+            await own.bind(
+                topology.REPLIES_EXCHANGE, routing_key=topology.reply_queue_name("policy", "00ff")
+            )
+    finally:
+        await connection.close()
+
+    connection = await aio_pika.connect(_url(node, "watch-1", "secret-3"))
+    try:
+        channel = await connection.channel()
+        mine = await channel.declare_queue(
+            topology.client_queue_name("watch-1", "events"), exclusive=True, auto_delete=True
+        )
+        await mine.bind(topology.EVENTS_EXCHANGE, routing_key="state.persisted.*")
+        channel = await connection.channel(publisher_confirms=True)
+        commands = await channel.get_exchange(topology.COMMANDS_EXCHANGE, ensure=False)
+        with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):
+            await commands.publish(aio_pika.Message(b"{}"), routing_key=topology.POLICY)
+    finally:
+        await connection.close()

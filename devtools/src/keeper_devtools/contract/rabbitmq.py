@@ -7,8 +7,10 @@ dead-letter arguments, the dead-letter queues, bindings). ``host HOST`` prints t
 definitions of one host: its command queue, its user (password from ``KEEPER_HOST_PASSWORD``
 or a prompt) and its permissions: it may publish on ``keeper.events`` only with routing keys
 ending in ``.HOST``, reply only through ``keeper.replies`` (never the default exchange),
-bind only its own reply queue, and consume only its own command queue. Load either with
-``rabbitmqctl import_definitions FILE``.
+bind only its own reply queue, and consume only its own command queue. ``integrator USER``
+and ``observer USER`` print a client user's (password from ``KEEPER_USER_PASSWORD`` or a
+prompt; see :func:`client_definitions`). Load any of
+them with ``rabbitmqctl import_definitions FILE``.
 """
 
 from __future__ import annotations
@@ -202,6 +204,71 @@ def host_definitions(host_id: str, password: str, *, salt: bytes | None = None) 
     }
 
 
+def client_definitions(
+    user: str, password: str, *, commands: bool, salt: bytes | None = None
+) -> dict[str, Any]:
+    """An integrator's (``commands``) or a read-only observer's user and permissions.
+
+    Both follow events: they declare, bind and consume only queues named
+    ``keeper.client.<user>.*`` and bind them to any event (events carry hashes and facts,
+    never state). An integrator also sends commands on ``keeper.commands`` and takes replies
+    in its own ``keeper.reply.<user>.<hex>`` queues, bound only to its own reply keys.
+    Neither may publish events, declare or delete exchanges, or touch another queue. The
+    commands exchange is direct, so the broker cannot keep an integrator's command away from
+    a host's queue: host agents take commands only from the services' users
+    (``KEEPER_HOST_COMMAND_SENDERS``).
+    """
+    if not re.fullmatch(HOST_ID_PATTERN, user):
+        raise ValueError(f"not a user name: {user!r} (lowercase letters, digits, '-')")
+    own_queues = re.escape(topology.client_queue_name(user, "")) + r"[a-z0-9._-]+"
+    reply = re.escape(topology.reply_queue_name(user, "")) + "[0-9a-f]+"
+    events = re.escape(topology.EVENTS_EXCHANGE)
+    replies = re.escape(topology.REPLIES_EXCHANGE)
+    queues = f"{own_queues}|{reply}" if commands else own_queues
+    write = f"{re.escape(topology.COMMANDS_EXCHANGE)}|{queues}" if commands else queues
+    read = f"{queues}|{events}|{replies}" if commands else f"{queues}|{events}"
+    topic_permissions: list[dict[str, Any]] = [
+        {
+            "user": user,
+            "vhost": VHOST,
+            "exchange": topology.EVENTS_EXCHANGE,
+            "write": "^$",
+            "read": ".*",
+        }
+    ]
+    if commands:
+        topic_permissions.append(
+            {
+                # Its reply queues bind only its own reply keys: no one else's replies.
+                "user": user,
+                "vhost": VHOST,
+                "exchange": topology.REPLIES_EXCHANGE,
+                "write": "^$",
+                "read": rf"^{reply}$",
+            }
+        )
+    return {
+        "users": [
+            {
+                "name": user,
+                "password_hash": password_hash(password, salt),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": [],
+            }
+        ],
+        "permissions": [
+            {
+                "user": user,
+                "vhost": VHOST,
+                "configure": rf"^({queues})$",
+                "write": rf"^({write})$",
+                "read": rf"^({read})$",
+            }
+        ],
+        "topic_permissions": topic_permissions,
+    }
+
+
 def render(document: dict[str, Any]) -> str:
     """Stable JSON text."""
     return json.dumps(document, indent=2) + "\n"
@@ -227,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     host = commands.add_parser("host", help="one host's user, permissions and queue")
     host.add_argument("host_id")
     host.add_argument("--output", type=Path, default=None, help="default: stdout")
+    for kind, text in (
+        ("integrator", "a user that follows events and sends commands (automation, the CLI)"),
+        ("observer", "a read-only user that follows events"),
+    ):
+        client = commands.add_parser(kind, help=text)
+        client.add_argument("user")
+        client.add_argument("--output", type=Path, default=None, help="default: stdout")
     args = parser.parse_args(argv)
 
     if args.command == "definitions":
@@ -245,11 +319,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {output}")
         return 0
 
-    password = os.environ.get("KEEPER_HOST_PASSWORD") or getpass.getpass(
-        f"password for host user {args.host_id}: "
+    name = args.host_id if args.command == "host" else args.user
+    variable = "KEEPER_HOST_PASSWORD" if args.command == "host" else "KEEPER_USER_PASSWORD"
+    password = os.environ.get(variable) or getpass.getpass(
+        f"password for {args.command} user {name}: "
     )
     try:
-        text = render(host_definitions(args.host_id, password))
+        if args.command == "host":
+            document = host_definitions(name, password)
+        else:
+            document = client_definitions(name, password, commands=args.command == "integrator")
+        text = render(document)
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from keeper_host_agent.reconcile.discovery import discovered
 from keeper_host_agent.reconcile.implied_facts import DomainPresence, implied_facts
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.client import BusClient, Route
+from keeper_shared.bus.senders import only_from
 from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
 from keeper_shared.messages.state import FetchState, StateChanged
@@ -266,8 +267,8 @@ class HostAgent:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     def routes(self) -> list[Route]:
-        """Which command goes to which handler."""
-        return [
+        """Which command goes to which handler; only from the keeper's services."""
+        routes = [
             Route(FetchState, self.commands.fetch),
             Route(PrepareVm, self.commands.prepare),
             Route(StartVm, self.commands.start),
@@ -280,3 +281,4 @@ class HostAgent:
             Route(SnapshotDomain, self.snapshots.snapshot),
             Route(DeleteDomainSnapshot, self.snapshots.delete_snapshot),
         ]
+        return only_from(self.settings.command_senders, routes)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from keeper_host_agent.hook.settings import HookSettings
 from keeper_shared.messages.adoption import AdoptionMode
 from keeper_shared.messages.types import HOST_ID_PATTERN
-from keeper_shared.runtime.settings import ServiceSettings
+from keeper_shared.runtime.settings import ServiceSettings, split_list
 
 
 class HostAgentSettings(ServiceSettings, HookSettings):
@@ -40,6 +41,15 @@ class HostAgentSettings(ServiceSettings, HookSettings):
         default=5.0, gt=0, description="Stat-only safety-net rescan when inotify missed one."
     )
     heartbeat_interval_s: float = Field(default=5.0, gt=0, description="Heartbeat period.")
+    command_senders: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="The AMQP users whose commands this host carries out, comma-separated: "
+        "the state store's and policy's users. Any other user's command (an integrator's or "
+        "the CLI's, which may write the commands exchange and so address any queue on it) is "
+        "refused and dead-lettered. Empty checks nothing: only where every service shares "
+        "one user (development).",
+    )
+    _split_command_senders = field_validator("command_senders", mode="before")(split_list)
     adopt: AdoptionMode = Field(
         default=AdoptionMode.ALL,
         description="Which TPM/UEFI domains vTPM Keeper did not place policy adopts by itself: "

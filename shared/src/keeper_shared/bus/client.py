@@ -30,6 +30,8 @@ from aio_pika.abc import (
 from keeper_shared.bus.node_failover import NodeFailover, broker_user, connect_first_answering
 from keeper_shared.bus.rejection import command_subject, rejection
 from keeper_shared.bus.topology import (
+    COMMANDS_EXCHANGE,
+    EVENTS_EXCHANGE,
     HOST_REQUESTS_EXCHANGE,
     REPLIES_EXCHANGE,
     QueueSpec,
@@ -187,8 +189,10 @@ class BusClient:
         origin: str,
         user_id: str,
         failover: NodeFailover | None = None,
+        declare_exchanges: bool = True,
     ) -> None:
         self._connection = connection
+        self._declares_exchanges = declare_exchanges
         self._failover = failover
         self.source = source
         self.origin = origin
@@ -204,10 +208,19 @@ class BusClient:
         self._consumers: list[Consumer] = []
 
     @classmethod
-    async def connect(cls, urls: str | Sequence[str], *, source: str, origin: str) -> BusClient:
+    async def connect(
+        cls,
+        urls: str | Sequence[str],
+        *,
+        source: str,
+        origin: str,
+        declare_exchanges: bool = True,
+    ) -> BusClient:
         """Connect to the first broker node in ``urls`` that answers (one URL, or every node
-        of a cluster) and declare the exchanges. A lost connection is re-established, on
-        another node while its own stays down, with every channel and consumer restored."""
+        of a cluster) and declare the exchanges, or, without ``declare_exchanges`` (clients,
+        whose users may not create or delete exchanges), only check that they exist. A lost
+        connection is re-established, on another node while its own stays down, with every
+        channel and consumer restored."""
         endpoints = [urls] if isinstance(urls, str) else list(urls)
         user_id = broker_user(endpoints)
         connection, index = await connect_first_answering(endpoints, connection_name=source)
@@ -217,6 +230,7 @@ class BusClient:
             origin=origin,
             user_id=user_id,
             failover=NodeFailover(connection, endpoints, index),
+            declare_exchanges=declare_exchanges,
         )
         try:
             await client._open()
@@ -256,7 +270,11 @@ class BusClient:
         # on_return_raises: a command to a target with no bound queue fails at once.
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
-        self._events, self._commands = await declare_exchanges(channel)
+        if self._declares_exchanges:
+            self._events, self._commands = await declare_exchanges(channel)
+        else:  # passive: needs no configure permission, fails if the services never ran
+            self._events = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
+            self._commands = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=True)
         self._replies = await channel.get_exchange(REPLIES_EXCHANGE, ensure=False)
         self._host_requests = await channel.get_exchange(HOST_REQUESTS_EXCHANGE, ensure=False)
         reply_queue = await channel.declare_queue(
@@ -490,6 +508,12 @@ class BusClient:
             log.warning("message refused, dead-lettered", reason=str(refusal))
             metrics.EVENTS_HANDLED.labels(type=envelope.type, outcome="refused").inc()
             metrics.DEAD_LETTERED.labels(type=envelope.type).inc()
+            await self._answer_rejected(
+                message,
+                CommandRejected(
+                    code=RejectionCode.FORBIDDEN, error=str(refusal), command_type=envelope.type
+                ),
+            )
             await message.reject(requeue=False)
             return
         except Exception:

@@ -68,6 +68,16 @@ def reply_queue_name(origin: str, unique: str) -> str:
     return f"{REPLY_QUEUE_PREFIX}.{origin}.{unique}"
 
 
+CLIENT_QUEUE_PREFIX = "keeper.client"
+"""Queues a client (the CLI, an integrator, an observer) declares to follow events are
+named ``keeper.client.<its broker user>.<anything>``: its broker permissions allow those."""
+
+
+def client_queue_name(user: str, name: str) -> str:
+    """An event queue of the client whose broker user is ``user``."""
+    return f"{CLIENT_QUEUE_PREFIX}.{user}.{name}"
+
+
 def host_command_queue(host_id: str) -> QueueSpec:
     """The queue a host agent takes its commands from."""
     return QueueSpec(name=f"keeper.host.{host_id}.commands", command_key=host_command_key(host_id))

@@ -32,6 +32,9 @@ class RejectionCode(enum.StrEnum):
     """The payload fails validation, or its schema version is one the receiver cannot read."""
     EXPIRED = "expired"
     """It arrived after the deadline its sender set (``x-keeper-deadline-ms``)."""
+    FORBIDDEN = "forbidden"
+    """Its broker-validated sender may not send it (a host's command from a user other
+    than the keeper's services)."""
 
 
 class CommandRejected(Payload):
