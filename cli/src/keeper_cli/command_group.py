@@ -71,7 +71,8 @@ class KeeperGroup(TyperGroup):
             typer_click.echo(error.ctx.get_help(), err=True)
             return int(ExitCode.USAGE)
         except typer_click.UsageError as error:
-            message = error.format_message()
+            # Click's own messages may span lines ("Choose from:" and one choice a line).
+            message = " ".join(error.format_message().split())
             if error.ctx is not None and not as_json:
                 message += f" (see `{error.ctx.command_path} -h`)"
             output.failure(message, ExitCode.USAGE, as_json=as_json)

@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import aio_pika.exceptions
 import aiormq.exceptions
+import pamqp.exceptions
 import typer
 import yarl
 from pydantic import ValidationError
@@ -105,7 +106,11 @@ def run(work: Callable[[CliSettings], Coroutine[Any, Any, T]], *, follow: str | 
         fail(str(error), ExitCode.UNREACHABLE)
     except MessageError as error:
         fail(f"unexpected reply ({error})", ExitCode.REFUSED)
-    except (aio_pika.exceptions.AMQPError, ConnectionError) as error:
+    except (
+        aio_pika.exceptions.AMQPError,
+        pamqp.exceptions.PAMQPException,
+        ConnectionError,
+    ) as error:
         broken = broker_failure(error, settings)
         fail(str(broken), broken.code)
     except KeyboardInterrupt:
@@ -126,10 +131,28 @@ def _user(settings: CliSettings) -> str:
     return yarl.URL(settings.amqp_endpoints[0]).user or "guest"
 
 
+def _closing_frame(error: BaseException) -> Any:
+    """The broker's Connection.Close or Channel.Close frame an error carries, if any."""
+    for part in error.args:
+        if hasattr(part, "reply_code") and hasattr(part, "reply_text"):
+            return part
+    return None
+
+
 def _broker_said(error: BaseException) -> str:
     """What the broker said (its reply text), without the Python wrapping."""
+    frame = _closing_frame(error)
+    if frame is not None:
+        return str(frame.reply_text)
     said = [str(part) for part in error.args if isinstance(part, str | int)]
     return " ".join(said) or type(error).__name__
+
+
+NOT_ALLOWED = 530
+"""AMQP's reply code when the user may not use the virtual host."""
+
+ACCESS_REFUSED = 403
+"""AMQP's reply code for a missing permission."""
 
 
 def broker_failure(error: BaseException, settings: CliSettings) -> CliError:
@@ -144,13 +167,15 @@ def broker_failure(error: BaseException, settings: CliSettings) -> CliError:
             "password in --amqp-url or KEEPER_AMQP_URL",
             ExitCode.DENIED,
         )
-    if isinstance(error, aiormq.exceptions.ConnectionNotAllowed):
+    frame = _closing_frame(error)
+    code = getattr(frame, "reply_code", None)
+    if isinstance(error, aiormq.exceptions.ConnectionNotAllowed) or code == NOT_ALLOWED:
         return CliError(
             f"RabbitMQ at {where} does not let user {user!r} in ({_broker_said(error)}): "
             "permission denied on its virtual host",
             ExitCode.DENIED,
         )
-    if isinstance(error, aiormq.exceptions.ChannelAccessRefused):
+    if isinstance(error, aiormq.exceptions.ChannelAccessRefused) or code == ACCESS_REFUSED:
         return CliError(
             f"RabbitMQ at {where} denied user {user!r} a permission ({_broker_said(error)})",
             ExitCode.DENIED,
@@ -175,7 +200,12 @@ async def connected(settings: CliSettings, *, needs: tuple[str, ...]) -> AsyncIt
             ),
             timeout=CONNECT_TIMEOUT_S,
         )
-    except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as error:
+    except (
+        aio_pika.exceptions.AMQPError,
+        pamqp.exceptions.PAMQPException,  # e.g. a virtual host refused while opening
+        OSError,
+        TimeoutError,
+    ) as error:
         raise broker_failure(error, settings) from None
     try:
         for service in needs:
