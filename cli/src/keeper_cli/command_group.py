@@ -9,18 +9,20 @@ usage errors exit 2 naming the field, an unexpected failure exits 1 naming its t
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
 import typer
 from typer.core import TyperGroup
 
 from keeper_cli import output, typer_click
 from keeper_cli.errors import ExitCode
 
-log = structlog.get_logger(__name__)
+# The standard library's logger: unconfigured (a test, a library user) it drops debug
+# lines, where an unconfigured structlog would print the traceback with its locals.
+log = logging.getLogger(__name__)
 
 
 def wants_json(arguments: Sequence[str]) -> bool:
