@@ -433,3 +433,45 @@ async def test_stopping_a_vm_that_runs_nowhere_says_not_running(
         (vm_id, False, f"{vm_id} is not running"),
         (other, False, f"{other} is not running"),
     ]
+
+
+async def test_restore_asks_first_and_refuses_a_running_vm(store: Store, policy_key: str) -> None:
+    """As the README says: a restore asks before it starts anything, saying what stops
+    being the newest (or that nothing newer is stored), and a running VM is refused."""
+    name = unique("cli-vm")
+    vm_id = await register(store, name)
+    await store.client.create_snapshot(vm_id, "newest")
+    host = store.host.host_id
+
+    running = await keeper(
+        store, policy_key, "vm", "restore", name, "--host", host, "--version", "1"
+    )
+    assert running.exit_code == ExitCode.REFUSED
+    assert "shut it down first" in running.stderr
+
+    await awaited(store.redis.hset(placement_key(vm_id), "host", ""))  # stopped
+    older = await keeper(store, policy_key, "vm", "restore", name, "--host", host, "--version", "1")
+    assert older.exit_code == ExitCode.ABORTED, older.output
+    assert "tpm v2..v2" in older.stderr
+    assert "--yes" in older.stderr
+    same = await keeper(
+        store, policy_key, "vm", "restore", name, "--host", host, "--snapshot", "newest"
+    )
+    assert same.exit_code == ExitCode.ABORTED, same.output
+    assert "nothing newer is stored" in same.stderr
+    assert await store.repository.head_version(vm_id, StateKind.TPM) == 2  # nothing changed
+
+
+async def test_a_refused_login_is_told_as_such(store: Store) -> None:
+    """A wrong password is not "cannot reach RabbitMQ": exit 7, naming the user, never
+    the password."""
+    user_part, host_part = store.amqp_url.split("://", 1)[1].split("@", 1)
+    user = user_part.split(":", 1)[0]
+    wrong = f"amqp://{user}:not-the-password@{host_part}"
+    runner = CliRunner()
+    result = await asyncio.to_thread(
+        runner.invoke, app, ["--amqp-url", wrong, "vm", "list"], env={"KEEPER_AMQP_URLS": ""}
+    )
+    assert result.exit_code == ExitCode.DENIED, result.output
+    assert f"refused the login of user {user!r}" in result.stderr
+    assert "not-the-password" not in result.output
