@@ -1,251 +1,208 @@
 """``keeper``: vTPM Keeper for people and automation.
 
-Every command talks to policy and the state store over RabbitMQ (``KEEPER_AMQP_URL``,
-by default the local stack of ``make demo``); ``status``, ``hosts`` and VM names are their
-answers to queries, so the CLI needs no access to their storage. Human tables by default,
-``--json`` for scripts; exit codes are listed in :class:`~keeper_cli.errors.ExitCode`.
+Every command talks to policy and the state store over RabbitMQ (``--amqp-url``, else
+``KEEPER_AMQP_URL``, by default the local stack of ``make demo``); lists, shows and VM
+names are their answers to queries, so the CLI needs no access to their storage. Human
+tables by default, ``--json`` for scripts (:mod:`keeper_cli.json_documents`); exit codes
+are listed in :class:`~keeper_cli.errors.ExitCode` and in ``keeper --help``.
+
+This module holds the root command, its global options, and the ``vm`` commands that
+change something; the read-only ones are in :mod:`keeper_cli.view_commands`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import getpass
 import os
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import aio_pika.exceptions
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from pydantic import ValidationError
 
-from keeper_cli import output, views
-from keeper_cli.client import KeeperClient, KeeperRequestError, client_origin
+from keeper_cli import inputs, output, view_commands, views
+from keeper_cli.client import KeeperClient, KeeperRequestError
+from keeper_cli.command_group import KeeperGroup
 from keeper_cli.config import CliSettings
 from keeper_cli.errors import CliError, ExitCode
+from keeper_cli.json_documents import JSON_SCHEMA_VERSION, document
 from keeper_cli.loss import describe_loss
-from keeper_shared.bus.client import BusClient, CallError, CallTimeoutError
-from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
-from keeper_shared.messages.adoption import AdoptVm, UnprotectedVmView, VmAdoptionResult
+from keeper_cli.options import (
+    HostOption,
+    JsonOption,
+    ReasonOption,
+    TimeoutOption,
+    VmArgument,
+    VmsArgument,
+    YesOption,
+)
+from keeper_cli.prompts import PASSPHRASE_VARIABLE, confirm, passphrase, progress
+from keeper_cli.running import RESOLVING, GlobalOptions, connected, resolve, run
+from keeper_shared.bus.client import CallError
+from keeper_shared.messages.adoption import AdoptVm, VmAdoptionResult
 from keeper_shared.messages.envelope import MessageError
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.tpm import Firmware, VmSpec
 from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import StateKind
 
-T = TypeVar("T")
 
-app = typer.Typer(
-    name="keeper",
-    help="vTPM Keeper: keep every VM's TPM and UEFI NVRAM state safe off its host.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-vm_app = typer.Typer(
-    help="Enable, start, stop, snapshot, restore, clone, move VMs.", no_args_is_help=True
-)
-app.add_typer(vm_app, name="vm")
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for automation.")]
-YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
-VmArgument = Annotated[str, typer.Argument(help="VM id (UUID) or its unique domain name.")]
-
-
-# --- plumbing ---------------------------------------------------------------------------
-
-
-def _settings() -> CliSettings:
-    return CliSettings()
-
-
-def _run(work: Callable[[CliSettings], Coroutine[Any, Any, T]]) -> T:
-    """Run ``work`` and turn every expected failure into a message and an exit code."""
-    settings = _settings()
-    try:
-        return asyncio.run(work(settings))
-    except CliError as error:
-        output.stderr.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(int(error.code)) from None
-    except KeeperRequestError as error:
-        output.stderr.print(f"[red]refused:[/red] {error}", highlight=False)
-        raise typer.Exit(int(ExitCode.REFUSED)) from None
-    except CallTimeoutError as error:
-        output.stderr.print(
-            f"[red]timeout:[/red] {error}; it may still be carried out", highlight=False
-        )
-        raise typer.Exit(int(ExitCode.TIMEOUT)) from None
-    except CallError as error:
-        output.stderr.print(f"[red]unreachable:[/red] {error}", highlight=False)
-        raise typer.Exit(int(ExitCode.UNREACHABLE)) from None
-    except MessageError as error:
-        output.stderr.print(f"[red]error:[/red] unexpected reply ({error})", highlight=False)
-        raise typer.Exit(int(ExitCode.REFUSED)) from None
-
-
-def _where(url: str) -> str:
-    """host:port of a URL, without credentials."""
-    rest = url.split("://", 1)[-1]
-    return rest.rsplit("@", 1)[-1].split("/", 1)[0]
-
-
-@contextlib.asynccontextmanager
-async def _client(settings: CliSettings, *, needs: tuple[str, ...]) -> AsyncIterator[Any]:
-    """A connected client; checks that the services in
-    ``needs`` (``policy``, ``store``) have a consumer, so a missing one fails at once."""
-    try:
-        bus = await asyncio.wait_for(
-            BusClient.connect(
-                settings.amqp_endpoints,
-                source=f"client/keeper-{getpass.getuser()}",
-                origin=client_origin(settings.amqp_endpoints),
-                declare_exchanges=False,
-            ),
-            timeout=15,
-        )
-    except (aio_pika.exceptions.AMQPError, OSError, TimeoutError):
-        raise CliError(
-            f"cannot reach RabbitMQ at {', '.join(map(_where, settings.amqp_endpoints))} "
-            "(set KEEPER_AMQP_URL; for the local stack: `make stack-status`)",
-            ExitCode.UNREACHABLE,
-        ) from None
-    try:
-        for service in needs:
-            await _require_consumer(bus, service, settings)
-        yield KeeperClient(
-            bus,
-            request_timeout_s=settings.timeout_s,
-            store_target=settings.store_target,
-            policy_target=settings.policy_target,
-        )
-    finally:
-        await bus.close(2.0)
-
-
-async def _require_consumer(bus: BusClient, service: str, settings: CliSettings) -> None:
-    if service == "store":
-        if settings.store_target != STATE_STORE:
-            return  # a private store (tests): its queue has another name
-        queue_name, label = STATE_STORE_COMMANDS.name, "state store"
-    else:
-        if settings.policy_target != POLICY:
-            return  # a private policy (tests): its queue has another name
-        queue_name, label = POLICY_COMMANDS.name, "policy service"
-    channel = await bus.connection.channel()
-    try:
-        queue = await channel.declare_queue(queue_name, passive=True)
-        consumers = queue.declaration_result.consumer_count
-    except aio_pika.exceptions.ChannelClosed:
-        consumers = 0
-    finally:
-        with contextlib.suppress(Exception):
-            await channel.close()
-    if not consumers:
-        raise CliError(
-            f"no {label} is running (nothing consumes {queue_name})", ExitCode.UNREACHABLE
-        )
-
-
-RESOLVING = ("policy", "store")
-"""The services a VM reference needs: policy knows the registered VMs, the store those
-that only have stored state (imported or cloned, not registered yet)."""
-
-
-async def _resolve(client: KeeperClient, reference: str) -> str:
-    """The VM id of a VM id or name; unknown VMs end the command (exit 3)."""
-    matches = await views.resolve_vm(client, reference)
-    if not matches:
-        raise CliError(
-            f"unknown VM {reference!r} (see `keeper vm status`; enable its TPM first)",
-            ExitCode.UNKNOWN_VM,
-        )
-    if len(matches) > 1:
-        raise CliError(
-            f"{len(matches)} VMs are named {reference!r}: give the VM id ({', '.join(matches)})",
-            ExitCode.USAGE,
-        )
-    return matches[0]
-
-
-@contextlib.contextmanager
-def _progress(message: str, *, quiet: bool, total: int = 1) -> Iterator[Callable[[], None]]:
-    """A progress bar on stderr while a long request runs (nothing with --json): elapsed
-    time, and done/total when there are several items. Yields the "one item done" step.
-    Into a pipe or a log file it draws nothing: a bar there is only noise."""
-    if quiet or not output.stderr.is_terminal:
-        yield lambda: None
-        return
-    columns: list[ProgressColumn] = [SpinnerColumn(), TextColumn("{task.description}")]
-    if total > 1:
-        columns += [BarColumn(), MofNCompleteColumn()]
-    with Progress(*columns, TimeElapsedColumn(), console=output.stderr, transient=True) as bar:
-        task = bar.add_task(message, total=total)
-        yield lambda: bar.advance(task)
-
-
-def _confirm(question: str, *, yes: bool) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise CliError(
-            f"{question} Not confirmed: pass --yes to do it without asking.", ExitCode.ABORTED
-        )
-    if not typer.confirm(question, default=False, err=True):
-        raise CliError("not confirmed; nothing was changed", ExitCode.ABORTED)
-
-
-def _passphrase(confirm: bool, passphrase_file: Path | None) -> str:
-    if passphrase_file is not None:
-        return passphrase_file.read_text(encoding="utf-8").rstrip("\n")
-    from_env = os.environ.get("KEEPER_BUNDLE_PASSPHRASE")
-    if from_env:
-        return from_env
-    if not sys.stdin.isatty():
-        raise CliError(
-            "a bundle passphrase is needed: --passphrase-file or KEEPER_BUNDLE_PASSPHRASE",
-            ExitCode.USAGE,
-        )
-    return str(
-        typer.prompt("Bundle passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+def _environment_and_exit_codes() -> str:
+    """The root help's epilog: what scripts need beyond the options."""
+    codes = "\n".join(f"  {int(code):>3}  {code.meaning}" for code in ExitCode)
+    return (
+        "\b\nEnvironment (options given on the command line win):\n"
+        "  KEEPER_AMQP_URL           RabbitMQ URL (default: the local stack, port 28672)\n"
+        "  KEEPER_AMQP_URLS          a cluster's node URLs, comma-separated\n"
+        "  KEEPER_TIMEOUT_S          default of --timeout (120)\n"
+        f"  {PASSPHRASE_VARIABLE}  bundle passphrase of export and import\n"
+        "  KEEPER_LOG_LEVEL          library log level on stderr (WARNING)\n"
+        f"\n\b\nExit codes:\n{codes}\n"
+        f"\n--json prints documents of JSON schema version {JSON_SCHEMA_VERSION} "
+        "(docs/cli-json.md)."
     )
 
 
-# --- vm ---------------------------------------------------------------------------------
+HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+app = typer.Typer(
+    name="keeper",
+    cls=KeeperGroup,
+    help="vTPM Keeper: keep every VM's TPM and UEFI NVRAM state safe off its host.",
+    epilog=_environment_and_exit_codes(),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings=HELP_SETTINGS,
+)
+vm_app = typer.Typer(
+    help="Enable, start, stop, list, snapshot, restore, clone, move VMs.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings=HELP_SETTINGS,
+)
+app.add_typer(vm_app, name="vm")
+
+
+def keeper_version() -> str:
+    """The installed keeper-cli version."""
+    try:
+        return version("keeper-cli")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _print_version(requested: bool) -> None:
+    if requested:
+        typer.echo(f"keeper {keeper_version()} (JSON schema v{JSON_SCHEMA_VERSION})")
+        raise typer.Exit()
+
+
+@app.callback()
+def global_options(
+    ctx: typer.Context,
+    amqp_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--amqp-url",
+            metavar="URL",
+            help="RabbitMQ to talk through, amqp[s]://USER:PASSWORD@HOST:PORT/; once per node "
+            "of a cluster (default: KEEPER_AMQP_URL or KEEPER_AMQP_URLS, else the local stack).",
+        ),
+    ] = None,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_print_version,
+            help="Print keeper's version and its JSON schema version, and exit.",
+        ),
+    ] = False,
+) -> None:
+    """vTPM Keeper: keep every VM's TPM and UEFI NVRAM state safe off its host."""
+    ctx.obj = GlobalOptions(amqp_urls=tuple(amqp_url or ()))
+
+
+def _follow(vm: str) -> str:
+    return f"`keeper vm show {vm}`"
+
+
+# --- vm: register, start, stop ----------------------------------------------------------
+
+_SPEC_OPTIONS = {
+    "vm_id": "--vm-id",
+    "name": "NAME",
+    "arch": "--arch",
+    "machine": "--machine",
+    "firmware": "--firmware",
+    "memory_mib": "--memory-mib",
+    "guest_os": "--guest-os",
+}
 
 
 @vm_app.command("enable-tpm")
 def enable_tpm(
-    name: Annotated[str, typer.Argument(help="libvirt domain name.")],
-    guest_os: Annotated[str, typer.Option(help="Guest OS, e.g. windows-11, rhel-9.2, win2k22.")],
-    vm_id: Annotated[str | None, typer.Option(help="The VM's UUID (a new one by default).")] = None,
-    arch: Annotated[str, typer.Option(help="Guest architecture.")] = "x86_64",
-    machine: Annotated[str, typer.Option(help="Machine type.")] = "q35",
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", callback=inputs.domain_name, help="libvirt domain name."),
+    ],
+    guest_os: Annotated[
+        str, typer.Option(metavar="OS", help="Guest OS, e.g. windows-11, rhel-9.2, win2k22.")
+    ],
+    vm_id: Annotated[
+        str | None,
+        typer.Option(
+            metavar="UUID", callback=inputs.vm_id, help="The VM's UUID (a new one by default)."
+        ),
+    ] = None,
+    arch: Annotated[str, typer.Option(metavar="ARCH", help="Guest architecture.")] = "x86_64",
+    machine: Annotated[str, typer.Option(metavar="TYPE", help="Machine type.")] = "q35",
     firmware: Annotated[Firmware, typer.Option(help="Boot firmware.")] = Firmware.UEFI,
-    memory_mib: Annotated[int, typer.Option(help="Guest RAM in MiB.")] = 256,
-    secure_boot: Annotated[bool, typer.Option(help="UEFI Secure Boot.")] = False,
+    memory_mib: Annotated[
+        int, typer.Option(metavar="MIB", min=16, max=4 * 1024 * 1024, help="Guest RAM in MiB.")
+    ] = 256,
+    secure_boot: Annotated[bool, typer.Option("--secure-boot", help="UEFI Secure Boot.")] = False,
     encrypt_state: Annotated[
         bool,
         typer.Option(
+            "--encrypt-state",
             help="Encrypt the TPM state with a per-VM libvirt secret the keeper creates and "
-            "keeps (needs hosts whose libvirt has a secret driver, as qemu:///system does)."
+            "keeps (needs hosts whose libvirt has a secret driver, as qemu:///system does).",
         ),
     ] = False,
-    override: Annotated[bool, typer.Option(help="Approve despite failed checks.")] = False,
+    override: Annotated[
+        bool,
+        typer.Option(
+            "--override",
+            help="Approve although not every live host of the cluster reports swtpm "
+            "(the guest-OS rules still apply: see --override-guest-os).",
+        ),
+    ] = False,
+    override_guest_os: Annotated[
+        bool,
+        typer.Option(
+            "--override-guest-os",
+            help="Approve although the guest-OS rules refuse a TPM for this guest OS.",
+        ),
+    ] = False,
+    allow_duplicate_name: Annotated[
+        bool,
+        typer.Option(
+            "--allow-duplicate-name",
+            help="Register it although another VM has this name (that name then no longer "
+            "names one VM: commands need the VM id).",
+        ),
+    ] = False,
+    timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Ask policy to approve a TPM for a VM and register it."""
+    """Ask policy to approve a TPM for a VM and register it. A name another VM has is
+    refused unless --allow-duplicate-name."""
     try:
         spec = VmSpec(
             vm_id=vm_id or str(uuid.uuid4()),
@@ -258,25 +215,33 @@ def enable_tpm(
             secure_boot=secure_boot,
             encrypt_tpm_state=encrypt_state,
         )
-    except ValueError as error:
-        raise typer.BadParameter(str(error).splitlines()[0]) from None
+    except ValidationError as error:
+        raise inputs.model_error(error, _SPEC_OPTIONS) from None
 
     async def work(settings: CliSettings) -> str:
-        async with _client(settings, needs=("policy",)) as client:
-            with _progress(f"Asking policy about {name}...", quiet=as_json):
-                xml: str = await client.enable_tpm(spec, override=override)
+        async with connected(settings, needs=("policy",)) as client:
+            with progress(f"Asking policy about {name}...", quiet=as_json):
+                xml: str = await client.enable_tpm(
+                    spec,
+                    override=override,
+                    override_guest_os=override_guest_os,
+                    allow_duplicate_name=allow_duplicate_name,
+                )
                 return xml
 
-    tpm_xml = _run(work)
+    tpm_xml = run(work, follow=_follow(spec.vm_id))
     if as_json:
         output.emit_json(
-            {
-                "vm_id": spec.vm_id,
-                "name": name,
-                "approved": True,
-                "tpm_xml": tpm_xml,
-                "encrypt_state": encrypt_state,
-            }
+            document(
+                "tpm-approval",
+                {
+                    "vm_id": spec.vm_id,
+                    "name": name,
+                    "approved": True,
+                    "tpm_xml": tpm_xml,
+                    "encrypt_state": encrypt_state,
+                },
+            )
         )
         return
     output.facts(
@@ -292,20 +257,23 @@ def enable_tpm(
 @vm_app.command("start")
 def start(
     vm: VmArgument,
-    host: Annotated[str, typer.Option(help="The host to start it on.")],
+    host: HostOption,
+    timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Start a VM on a host with its newest stored TPM and NVRAM state."""
 
     async def work(settings: CliSettings) -> tuple[str, int]:
-        async with _client(settings, needs=RESOLVING) as client:
-            vm_id = await _resolve(client, vm)
-            with _progress(f"Starting {vm} on {host}...", quiet=as_json):
+        async with connected(settings, needs=RESOLVING) as client:
+            vm_id = await resolve(client, vm)
+            with progress(f"Starting {vm} on {host}...", quiet=as_json):
                 return vm_id, int(await client.start(vm_id, host))
 
-    vm_id, epoch = _run(work)
+    vm_id, epoch = run(work, follow=_follow(vm))
     if as_json:
-        output.emit_json({"vm_id": vm_id, "host": host, "epoch": epoch, "started": True})
+        output.emit_json(
+            document("vm-start", {"vm_id": vm_id, "host": host, "epoch": epoch, "started": True})
+        )
         return
     output.facts([("started", vm), ("vm id", vm_id), ("host", host), ("placement epoch", epoch)])
 
@@ -317,39 +285,63 @@ STOP_CONCURRENCY = 4
 """Stops sent to policy at once; each waits for its guest, so a few overlap well."""
 
 
+class NotRunningError(CliError):
+    """The VM runs nowhere: there is nothing to stop."""
+
+    def __init__(self, reference: str) -> None:
+        super().__init__(f"{reference} is not running", ExitCode.REFUSED)
+
+
+async def _stop_one(
+    client: KeeperClient, reference: str, vm_id: str, mode: StopMode, *, alone: bool
+) -> StopOutcome:
+    """Stop one VM that runs; with others (not ``alone``) a failure is its outcome."""
+    try:
+        found = await views.vm_status(client, vm_id)
+        if found is None or found.host is None:
+            raise NotRunningError(reference)
+        return reference, vm_id, bool(await client.stop(vm_id, mode)), None
+    except (KeeperRequestError, CallError, MessageError, NotRunningError) as error:
+        if alone:
+            raise
+        return reference, vm_id, None, str(error)
+
+
 def _stop(vms: list[str], mode: StopMode, as_json: bool) -> None:
     verb = "Shutting down" if mode is StopMode.SHUTDOWN else "Powering off"
 
-    async def stop_one(client: Any, reference: str, vm_id: str) -> StopOutcome:
-        try:
-            return reference, vm_id, bool(await client.stop(vm_id, mode)), None
-        except (KeeperRequestError, CallError, MessageError) as error:
-            if len(vms) == 1:
-                raise
-            return reference, vm_id, None, str(error)
-
     async def work(settings: CliSettings) -> list[StopOutcome]:
         gate = asyncio.Semaphore(STOP_CONCURRENCY)
-        async with _client(settings, needs=RESOLVING) as client:
-            vm_ids = [await _resolve(client, reference) for reference in vms]
+        async with connected(settings, needs=RESOLVING) as client:
+            vm_ids = [await resolve(client, reference) for reference in vms]
             what = vms[0] if len(vms) == 1 else f"{len(vms)} VMs"
             message = f"{verb} {what} (retrieving the final state first)..."
-            with _progress(message, quiet=as_json, total=len(vms)) as one_done:
+            with progress(message, quiet=as_json, total=len(vms)) as one_done:
 
                 async def gated(reference: str, vm_id: str) -> StopOutcome:
                     async with gate:
-                        outcome = await stop_one(client, reference, vm_id)
+                        outcome = await _stop_one(
+                            client, reference, vm_id, mode, alone=len(vms) == 1
+                        )
                     one_done()
                     return outcome
 
                 return list(await asyncio.gather(*map(gated, vms, vm_ids)))
 
-    outcomes = _run(work)
+    outcomes = run(work, follow="`keeper vm list`" if len(vms) > 1 else _follow(vms[0]))
     failed = [item for item in outcomes if item[3] is not None]
     if as_json:
         documents = [
-            {"vm_id": vm_id, "mode": mode.value, "stopped": error is None, "retrieved": retrieved}
-            | ({"error": error} if error is not None else {})
+            document(
+                "vm-stop",
+                {
+                    "vm_id": vm_id,
+                    "mode": mode.value,
+                    "stopped": error is None,
+                    "retrieved": retrieved,
+                    "error": error,
+                },
+            )
             for _, vm_id, retrieved, error in outcomes
         ]
         output.emit_json(documents[0] if len(vms) == 1 else documents)
@@ -361,126 +353,71 @@ def _stop(vms: list[str], mode: StopMode, as_json: bool) -> None:
     else:
         output.table(
             None,
-            ["VM", "ID", "STOPPED", "FINAL STATE RETRIEVED", "ERROR"],
+            ["VM", "VM ID", "STOPPED", "RETRIEVED", "ERROR"],
             [
                 [ref, vm_id, error is None, retrieved, error]
                 for ref, vm_id, retrieved, error in outcomes
             ],
         )
     if any(retrieved is False for _, _, retrieved, _ in outcomes):
-        output.stderr.print(
-            "[yellow]warning:[/yellow] a final state could not be retrieved; the newest "
-            "stored version is what a restart gets (see `keeper vm status`)."
+        output.warning(
+            "a final state could not be retrieved; the newest stored version is what a "
+            "restart gets (see `keeper vm show VM`)."
         )
     if failed:
         raise typer.Exit(int(ExitCode.REFUSED))
 
 
-VmsArgument = Annotated[list[str], typer.Argument(help="VM ids (UUIDs) or domain names.")]
-
-
 @vm_app.command("shutdown")
-def shutdown(vms: VmsArgument, as_json: JsonOption = False) -> None:
-    """Shut VMs down (guest shutdown), keeping their final state, and remove them from their
-    hosts. With several VMs: one JSON object each, in a list."""
+def shutdown(vms: VmsArgument, timeout: TimeoutOption = None, as_json: JsonOption = False) -> None:
+    """Shut running VMs down (guest shutdown), keeping their final state, and remove them
+    from their hosts. With several VMs: one JSON object each, in a list."""
     _stop(vms, StopMode.SHUTDOWN, as_json)
 
 
 @vm_app.command("poweroff")
-def poweroff(vms: VmsArgument, as_json: JsonOption = False) -> None:
-    """Power VMs off, keeping their final state (retrieved while they still run). With
-    several VMs: one JSON object each, in a list."""
+def poweroff(vms: VmsArgument, timeout: TimeoutOption = None, as_json: JsonOption = False) -> None:
+    """Power running VMs off, keeping their final state (retrieved while they still run).
+    With several VMs: one JSON object each, in a list."""
     _stop(vms, StopMode.POWEROFF, as_json)
-
-
-@vm_app.command("status")
-def status(
-    vm: Annotated[str | None, typer.Argument(help="One VM (id or name); all by default.")] = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Every VM: host, placement epoch, newest persisted state and its age, protection; and
-    the TPM domains hosts reported that are not adopted, with the reasons."""
-
-    async def work(
-        settings: CliSettings,
-    ) -> tuple[list[views.VmStatus], list[UnprotectedVmView]]:
-        async with _client(settings, needs=RESOLVING) as client:
-            unprotected = await client.list_unprotected()
-            if vm is None:
-                return await views.vm_statuses(client), unprotected
-            named = [item for item in unprotected if views.names(item, vm)]
-            if named and not await views.resolve_vm(client, vm):
-                return [], named
-            one = await views.vm_status(client, await _resolve(client, vm))
-            return ([one] if one is not None else []), named
-
-    found, unprotected = _run(work)
-    now = time.time()
-    if as_json:
-        documents = [item.as_json(now) for item in found]
-        documents += [views.unprotected_json(item) for item in unprotected]
-        output.emit_json(sorted(documents, key=lambda doc: (doc["name"] or "", doc["vm_id"])))
-        return
-    if not found and not unprotected:
-        output.stdout.print("No VMs yet: `keeper vm enable-tpm NAME --guest-os OS` registers one.")
-        return
-    if found:
-        output.table(
-            None,
-            ["VM", "ID", "HOST", "EPOCH", "TPM", "ENCRYPTED", "NVRAM", "PERSISTED", "PROTECTION"],
-            [
-                [
-                    item.name,
-                    item.vm_id,
-                    item.host or "(stopped)",
-                    item.epoch,
-                    _version(item.kinds.get("tpm")),
-                    "yes" if item.tpm_encrypted else "no",
-                    _version(item.kinds.get("nvram")),
-                    _ago(item.newest_stored_at(), now),
-                    item.protection(),
-                ]
-                for item in found
-            ],
-        )
-    if unprotected:
-        output.table(
-            "TPM domains not protected (`keeper vm adopt NAME` adopts one)",
-            ["VM", "ID", "HOST", "RUNNING", "WHY NOT"],
-            [
-                [
-                    item.name,
-                    item.vm_id,
-                    item.host,
-                    "yes" if item.running else "no",
-                    "; ".join(item.reasons),
-                ]
-                for item in unprotected
-            ],
-        )
 
 
 @vm_app.command("adopt")
 def adopt(
     vm: VmArgument,
     host: Annotated[
-        str | None, typer.Option(help="The host it is on, when several report that name.")
+        str | None,
+        typer.Option(
+            metavar="HOST",
+            callback=inputs.host_id,
+            help="The host it is on, when several report that name.",
+        ),
     ] = None,
     guest_os: Annotated[
         str | None,
-        typer.Option(help="Guest OS, when the domain's metadata names none (e.g. windows-11)."),
+        typer.Option(
+            metavar="OS",
+            help="Guest OS, when the domain's metadata names none (e.g. windows-11).",
+        ),
     ] = None,
     override: Annotated[
-        bool, typer.Option(help="Adopt although the cluster's hosts do not all report swtpm.")
+        bool,
+        typer.Option(
+            "--override", help="Adopt although the cluster's hosts do not all report swtpm."
+        ),
     ] = False,
     override_guest_os: Annotated[
-        bool, typer.Option(help="Adopt although the guest-OS rules do not allow a TPM.")
+        bool,
+        typer.Option(
+            "--override-guest-os", help="Adopt although the guest-OS rules do not allow a TPM."
+        ),
     ] = False,
+    timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Protect a TPM domain a host reported that vTPM Keeper did not define: registered from
-    its XML and placed where it runs, never redefined or restarted. The approval rules
-    still apply; the host's adoption mode does not."""
+    """Protect a TPM domain a host reported that vTPM Keeper did not define: registered
+    from its XML and placed where it runs, never redefined or restarted. The approval
+    rules still apply; the host's adoption mode does not."""
     try:
         request = AdoptVm(
             vm=vm,
@@ -489,123 +426,99 @@ def adopt(
             override=override,
             override_guest_os=override_guest_os,
         )
-    except ValueError as error:
-        raise typer.BadParameter(str(error).splitlines()[0]) from None
+    except ValidationError as error:
+        raise inputs.model_error(
+            error, {"vm": "VM", "host": "--host", "guest_os": "--guest-os"}
+        ) from None
 
     async def work(settings: CliSettings) -> VmAdoptionResult:
-        async with _client(settings, needs=("policy",)) as client:
-            with _progress(f"Adopting {vm}...", quiet=as_json):
+        async with connected(settings, needs=("policy",)) as client:
+            with progress(f"Adopting {vm}...", quiet=as_json):
                 result: VmAdoptionResult = await client.adopt(request)
                 return result
 
-    result = _run(work)
-    if as_json:
-        output.emit_json(result.model_dump(mode="json"))
+    result = run(work, follow=_follow(vm))
     if not result.adopted:
         code = ExitCode.UNKNOWN_VM if result.vm_id is None else ExitCode.REFUSED
-        output.stderr.print(f"[red]refused:[/red] {'; '.join(result.reasons)}", highlight=False)
+        output.failure("; ".join(result.reasons), code, as_json=as_json)
         raise typer.Exit(int(code))
-    if not as_json:
-        rows: list[tuple[str, Any]] = [
-            ("adopted", result.name or vm),
-            ("vm id", result.vm_id),
-            ("host", result.host),
-            ("placement epoch", result.epoch),
-        ]
-        if result.overridden:
-            rows.append(("overridden", "; ".join(result.overridden)))
-        output.facts(rows)
-
-
-def _ago(timestamp: float | None, now: float) -> str | None:
-    return None if timestamp is None else f"{output.age(now - timestamp)} ago"
-
-
-def _version(kind: views.KindStatus | None) -> str | None:
-    return None if kind is None or kind.version is None else f"v{kind.version}"
-
-
-@vm_app.command("history")
-def history(vm: VmArgument, as_json: JsonOption = False) -> None:
-    """Every kept version of a VM's TPM and NVRAM state."""
-
-    async def work(settings: CliSettings) -> Any:
-        async with _client(settings, needs=RESOLVING) as client:
-            return await client.state_history(await _resolve(client, vm))
-
-    reply = _run(work)
     if as_json:
-        output.emit_json(reply.model_dump(mode="json"))
+        output.emit_json(document("adoption", result.model_dump(mode="json")))
         return
-    rows = []
-    for kind in reply.kinds:
-        for item in reversed(kind.versions):
-            rows.append(
-                [
-                    kind.kind.value,
-                    f"v{item.version}" + (" (newest)" if item.version == kind.head_version else ""),
-                    item.stored_at.astimezone().isoformat(timespec="seconds"),
-                    item.size,
-                    item.content_hash[:12],
-                    item.origin.value,
-                    item.host,
-                    item.token.epoch,
-                    ", ".join(item.snapshots) or None,
-                    "ok" if item.flags.get("ok") is True else ("FAILED" if item.flags else None),
-                ]
-            )
-    if not rows:
-        output.stdout.print(f"No state stored yet for {vm}.")
-        return
-    output.table(
-        f"{vm} ({reply.vm_id})",
-        [
-            "KIND",
-            "VERSION",
-            "STORED",
-            "SIZE",
-            "HASH",
-            "ORIGIN",
-            "HOST",
-            "EPOCH",
-            "SNAPSHOTS",
-            "SCRUB",
-        ],
-        rows,
-    )
+    rows: list[tuple[str, Any]] = [
+        ("adopted", result.name or vm),
+        ("vm id", result.vm_id),
+        ("host", result.host),
+        ("placement epoch", result.epoch),
+    ]
+    if result.overridden:
+        rows.append(("overridden", "; ".join(result.overridden)))
+    output.facts(rows)
+
+
+# --- vm: stored state -------------------------------------------------------------------
+
+
+async def _refuse_while_running(client: KeeperClient, vm: str, vm_id: str, then: str) -> None:
+    """End the command when the VM runs: ``then`` is what to do after the shutdown."""
+    found = await views.vm_status(client, vm_id)
+    if found is not None and found.host is not None:
+        raise CliError(
+            f"{vm} runs on {found.host}: shut it down first (`keeper vm shutdown {vm}`), "
+            f"then {then}",
+            ExitCode.REFUSED,
+        )
 
 
 @vm_app.command("restore")
 def restore(
     vm: VmArgument,
-    host: Annotated[str, typer.Option(help="Host to start the VM on with the restored state.")],
-    version: Annotated[int | None, typer.Option(help="The version to restore.")] = None,
+    host: Annotated[
+        str,
+        typer.Option(
+            metavar="HOST",
+            callback=inputs.host_id,
+            help="Host to start the VM on with the restored state.",
+        ),
+    ],
+    state_version: Annotated[
+        int | None,
+        typer.Option("--version", metavar="N", min=1, help="The stored version to restore."),
+    ] = None,
     kind: Annotated[
         list[StateKind] | None, typer.Option(help="Which state (default: both kinds).")
     ] = None,
-    snapshot: Annotated[str | None, typer.Option(help="Restore a snapshot instead.")] = None,
+    snapshot: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME", callback=inputs.snapshot_id, help="Restore a snapshot instead."
+        ),
+    ] = None,
     yes: YesOption = False,
+    timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a VM with an older version (or a snapshot) of its state."""
-    if (version is None) == (snapshot is None):
-        raise typer.BadParameter("give exactly one of --version or --snapshot")
+    """Start a stopped VM with an older version (or a snapshot) of its state. Says what
+    stops being the newest and asks first (--yes for automation)."""
+    if (state_version is None) == (snapshot is None):
+        raise inputs.usage("give exactly one of --version or --snapshot")
+    if snapshot is not None and kind:
+        raise inputs.usage("--kind goes with --version: a snapshot restores what it pinned")
     kinds = kind or list(StateKind)
 
     async def work(settings: CliSettings) -> tuple[str, dict[str, str]]:
-        async with _client(settings, needs=RESOLVING) as client:
-            vm_id = await _resolve(client, vm)
-            if not hasattr(client, "place"):
-                raise CliError("this build's client cannot restore", ExitCode.REFUSED)
+        async with connected(settings, needs=RESOLVING) as client:
+            vm_id = await resolve(client, vm)
+            await _refuse_while_running(client, vm, vm_id, "restore")
             reply = await client.state_history(vm_id)
             heads = {item.kind: item.head_version for item in reply.kinds}
-            if version is not None:
+            if state_version is not None:
                 newer = [
-                    f"{k.value} v{version + 1}..v{heads[k]}"
+                    f"{k.value} v{state_version + 1}..v{heads[k]}"
                     for k in kinds
-                    if heads.get(k) is not None and heads[k] > version
+                    if heads.get(k) is not None and heads[k] > state_version
                 ]
-                what = f"version {version} of {', '.join(k.value for k in kinds)}"
+                what = f"version {state_version} of {', '.join(k.value for k in kinds)}"
             else:
                 found = [s for s in await client.list_snapshots(vm_id) if s.snapshot_id == snapshot]
                 if not found:
@@ -617,18 +530,20 @@ def restore(
                     if v is not None and k in pinned and v > pinned[k]
                 ]
                 what = f"snapshot {snapshot}"
-            if newer:
-                _confirm(
-                    f"{vm} will start on {host} with {what}; the newer state "
-                    f"({'; '.join(newer)}) stops being the newest and the guest loses whatever "
-                    "it sealed since. Continue?",
-                    yes=yes,
-                )
-            with _progress(f"Restoring {vm} on {host}...", quiet=as_json):
+            loses = (
+                f"the newer state ({'; '.join(newer)}) stops being the newest and the guest "
+                "loses whatever it sealed since"
+                if newer
+                else "nothing newer is stored"
+            )
+            confirm(f"{vm} will start on {host} with {what}; {loses}. Continue?", yes=yes)
+            with progress(f"Restoring {vm} on {host}...", quiet=as_json):
                 detail = await client.place(
                     vm_id,
                     host,
-                    versions=dict.fromkeys(kinds, version) if version is not None else None,
+                    versions=dict.fromkeys(kinds, state_version)
+                    if state_version is not None
+                    else None,
                     snapshot_id=snapshot,
                     allow_older=True,
                 )
@@ -640,9 +555,13 @@ def restore(
                 )
             return vm_id, dict(detail)
 
-    vm_id, detail = _run(work)
+    vm_id, detail = run(work, follow=_follow(vm))
     if as_json:
-        output.emit_json({"vm_id": vm_id, "host": host, "restored": True, **detail})
+        output.emit_json(
+            document(
+                "vm-restore", {"vm_id": vm_id, "host": host, "restored": True, "detail": detail}
+            )
+        )
         return
     output.facts([("restored", vm), ("vm id", vm_id), ("host", host), *sorted(detail.items())])
 
@@ -651,76 +570,71 @@ def restore(
 def snapshot(
     vm: VmArgument,
     name: Annotated[
-        str | None, typer.Option("--name", help="Snapshot id (default: a timestamp).")
+        str | None,
+        typer.Option(
+            "--name",
+            metavar="NAME",
+            callback=inputs.snapshot_id,
+            help="Snapshot name (default: a timestamp).",
+        ),
     ] = None,
+    timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Pin the VM's newest stored TPM and NVRAM versions under a snapshot id."""
+    """Pin the VM's newest stored TPM and NVRAM versions under a snapshot name."""
     snapshot_id = name or time.strftime("snap-%Y%m%d-%H%M%S")
 
     async def work(settings: CliSettings) -> tuple[str, dict[StateKind, int]]:
-        async with _client(settings, needs=RESOLVING) as client:
-            vm_id = await _resolve(client, vm)
+        async with connected(settings, needs=RESOLVING) as client:
+            vm_id = await resolve(client, vm)
             return vm_id, await client.create_snapshot(vm_id, snapshot_id)
 
-    vm_id, pinned = _run(work)
+    vm_id, pinned = run(work, follow=f"`keeper vm snapshots {vm}`")
     versions = {k.value: v for k, v in pinned.items()}
     if as_json:
-        output.emit_json({"vm_id": vm_id, "snapshot_id": snapshot_id, "versions": versions})
+        output.emit_json(
+            document("snapshot", {"vm_id": vm_id, "snapshot_id": snapshot_id, "versions": versions})
+        )
         return
     output.facts(
         [("snapshot", snapshot_id), ("vm id", vm_id), *((k, f"v{v}") for k, v in versions.items())]
     )
 
 
-@vm_app.command("snapshots")
-def snapshots(vm: VmArgument, as_json: JsonOption = False) -> None:
-    """List a VM's snapshots."""
-
-    async def work(settings: CliSettings) -> Any:
-        async with _client(settings, needs=RESOLVING) as client:
-            return await client.list_snapshots(await _resolve(client, vm))
-
-    found = _run(work)
-    if as_json:
-        output.emit_json([item.model_dump(mode="json") for item in found])
-        return
-    output.table(
-        None,
-        ["SNAPSHOT", "CREATED", "TPM", "NVRAM"],
-        [
-            [
-                item.snapshot_id,
-                item.created_at.astimezone().isoformat(timespec="seconds"),
-                *(f"v{item.versions[k]}" if k in item.versions else None for k in StateKind),
-            ]
-            for item in found
-        ],
-    )
-
-
 @vm_app.command("snapshot-delete")
 def snapshot_delete(
     vm: VmArgument,
-    snapshot_id: Annotated[str, typer.Argument(help="The snapshot to delete.")],
+    snapshot_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="SNAPSHOT", callback=inputs.snapshot_id, help="The snapshot to delete."
+        ),
+    ],
     yes: YesOption = False,
+    timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Delete a snapshot (versions only it kept are deleted with it)."""
+    """Delete a snapshot (versions only it kept are deleted with it). Asks first (--yes for
+    automation)."""
 
     async def work(settings: CliSettings) -> tuple[str, bool]:
-        async with _client(settings, needs=RESOLVING) as client:
-            vm_id = await _resolve(client, vm)
-            _confirm(
+        async with connected(settings, needs=RESOLVING) as client:
+            vm_id = await resolve(client, vm)
+            confirm(
                 f"Delete snapshot {snapshot_id} of {vm}? TPM and NVRAM versions that only this "
                 "snapshot keeps are deleted and cannot be restored afterwards.",
                 yes=yes,
             )
             return vm_id, bool(await client.delete_snapshot(vm_id, snapshot_id))
 
-    vm_id, deleted = _run(work)
+    vm_id, deleted = run(work, follow=f"`keeper vm snapshots {vm}`")
     if as_json:
-        output.emit_json({"vm_id": vm_id, "snapshot_id": snapshot_id, "deleted": deleted})
+        output.emit_json(
+            document(
+                "snapshot-deletion",
+                {"vm_id": vm_id, "snapshot_id": snapshot_id, "deleted": deleted},
+            )
+        )
         return
     output.stdout.print(f"snapshot {snapshot_id}: {'deleted' if deleted else 'there was none'}")
 
@@ -729,31 +643,32 @@ def _delete(vm: str, *, disable: bool, reason: str, yes: bool, as_json: bool) ->
     """``delete-state`` and ``disable-tpm``: say what is lost, confirm, delete."""
 
     async def work(settings: CliSettings) -> tuple[str, dict[str, int]]:
-        async with _client(settings, needs=RESOLVING) as client:
-            vm_id = await _resolve(client, vm)
-            found = await views.vm_status(client, vm_id)
-            if found is not None and found.host is not None:
-                raise CliError(
-                    f"{vm} runs on {found.host}: shut it down first (`keeper vm shutdown {vm}`)",
-                    ExitCode.REFUSED,
-                )
+        async with connected(settings, needs=RESOLVING) as client:
+            vm_id = await resolve(client, vm)
+            await _refuse_while_running(
+                client, vm, vm_id, "disable its TPM" if disable else "delete its state"
+            )
             lost = describe_loss(
                 await client.state_history(vm_id), await client.list_snapshots(vm_id)
             )
             action = f"Disable the TPM of {vm}" if disable else f"Delete the stored state of {vm}"
             if lost:
                 listed = "".join(f"\n  - {line}" for line in lost)
-                _confirm(f"{action}? This deletes for good:{listed}\nContinue?", yes=yes)
+                confirm(f"{action}? This deletes for good:{listed}\nContinue?", yes=yes)
             elif disable:
-                _confirm(f"{action}? It has no stored state; it is no longer registered.", yes=yes)
-            with _progress(f"{action}...", quiet=as_json):
+                confirm(f"{action}? It has no stored state; it is no longer registered.", yes=yes)
+            with progress(f"{action}...", quiet=as_json):
                 if disable:
                     return vm_id, await client.disable_tpm(vm_id, reason=reason)
                 return vm_id, await client.delete_state(vm_id, reason=reason)
 
-    vm_id, deleted = _run(work)
+    vm_id, deleted = run(work, follow=_follow(vm))
     if as_json:
-        output.emit_json({"vm_id": vm_id, "tpm_disabled": disable, "deleted": deleted})
+        output.emit_json(
+            document(
+                "state-deletion", {"vm_id": vm_id, "tpm_disabled": disable, "deleted": deleted}
+            )
+        )
         return
     output.facts(
         [
@@ -764,15 +679,15 @@ def _delete(vm: str, *, disable: bool, reason: str, yes: bool, as_json: bool) ->
     )
 
 
-ReasonOption = Annotated[str, typer.Option(help="Why, for the audit log.")]
-
-
 @vm_app.command("delete-state")
 def delete_state(
-    vm: VmArgument, reason: ReasonOption = "", yes: YesOption = False, as_json: JsonOption = False
+    vm: VmArgument,
+    reason: ReasonOption = "",
+    yes: YesOption = False,
+    timeout: TimeoutOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Delete a stopped VM's stored TPM and NVRAM state, its snapshots and its data key.
-
     The VM stays registered; its next start begins with an empty TPM and fresh UEFI
     variables. Says what is lost and asks first (--yes for automation)."""
     _delete(vm, disable=False, reason=reason, yes=yes, as_json=as_json)
@@ -780,7 +695,11 @@ def delete_state(
 
 @vm_app.command("disable-tpm")
 def disable_tpm(
-    vm: VmArgument, reason: ReasonOption = "", yes: YesOption = False, as_json: JsonOption = False
+    vm: VmArgument,
+    reason: ReasonOption = "",
+    yes: YesOption = False,
+    timeout: TimeoutOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Disable a stopped VM's TPM: delete its stored state (as delete-state) and its
     registration. Says what is lost and asks first (--yes for automation)."""
@@ -790,59 +709,90 @@ def disable_tpm(
 @vm_app.command("clone")
 def clone(
     source: VmArgument,
-    target_vm_id: Annotated[str, typer.Argument(help="UUID of the new VM (no stored state).")],
+    target_vm_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="NEW_VM_ID",
+            callback=inputs.vm_id,
+            help="UUID of the new VM (no stored state).",
+        ),
+    ],
     tpm: Annotated[CloneTpm, typer.Option(help="copy: same TPM identity; fresh: a new TPM.")],
+    timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Give a new VM a copy of a VM's newest state (same TPM, or a fresh one)."""
-    try:
-        target = str(uuid.UUID(target_vm_id))
-    except ValueError:
-        raise typer.BadParameter(f"not a UUID: {target_vm_id!r}") from None
 
     async def work(settings: CliSettings) -> tuple[str, dict[StateKind, int]]:
-        async with _client(settings, needs=RESOLVING) as client:
-            vm_id = await _resolve(client, source)
-            return vm_id, await client.clone_vm(vm_id, target, tpm)
+        async with connected(settings, needs=RESOLVING) as client:
+            vm_id = await resolve(client, source)
+            return vm_id, await client.clone_vm(vm_id, target_vm_id, tpm)
 
-    source_id, versions = _run(work)
+    source_id, versions = run(work, follow=f"`keeper vm history {target_vm_id}`")
     plain = {k.value: v for k, v in versions.items()}
     if as_json:
         output.emit_json(
-            {"source_vm_id": source_id, "target_vm_id": target, "tpm": tpm.value, "versions": plain}
+            document(
+                "clone",
+                {
+                    "source_vm_id": source_id,
+                    "target_vm_id": target_vm_id,
+                    "tpm": tpm.value,
+                    "versions": plain,
+                },
+            )
         )
         return
-    output.facts([("cloned", source), ("into", target), ("tpm", tpm.value), *plain.items()])
+    output.facts([("cloned", source), ("into", target_vm_id), ("tpm", tpm.value), *plain.items()])
+
+
+PassphraseFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="FILE",
+        help=f"File whose first line is the passphrase (else {PASSPHRASE_VARIABLE}, else a "
+        "prompt); at least 8 characters.",
+    ),
+]
 
 
 @vm_app.command("export")
 def export(
     vm: VmArgument,
-    output_file: Annotated[Path, typer.Option("--output", "-o", help="Bundle file to write.")],
-    passphrase_file: Annotated[
-        Path | None, typer.Option(help="File holding the passphrase (else a prompt).")
-    ] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite the output file.")] = False,
+    output_file: Annotated[
+        Path, typer.Option("--output", "-o", metavar="FILE", help="Bundle file to write.")
+    ],
+    passphrase_file: PassphraseFileOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output file.")] = False,
+    timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Write a VM's newest state into an encrypted, portable bundle file."""
-    if output_file.exists() and not force:
-        raise typer.BadParameter(f"{output_file} exists (use --force to overwrite)")
+    """Write a VM's newest state into an encrypted, portable bundle file (mode 0600)."""
+    inputs.output_file(output_file, overwrite=force)
+    secret = passphrase(confirm_it=True, passphrase_file=passphrase_file)
 
     async def work(settings: CliSettings) -> tuple[str, bytes]:
-        async with _client(settings, needs=RESOLVING) as client:
-            vm_id = await _resolve(client, vm)
-            # In a thread: the connection keeps its heartbeats while someone types.
-            passphrase = await asyncio.to_thread(_passphrase, True, passphrase_file)
-            with _progress(f"Exporting {vm}...", quiet=as_json):
-                return vm_id, await client.export_state(vm_id, passphrase)
+        async with connected(settings, needs=RESOLVING) as client:
+            vm_id = await resolve(client, vm)
+            with progress(f"Exporting {vm}...", quiet=as_json):
+                return vm_id, await client.export_state(vm_id, secret)
 
-    vm_id, bundle = _run(work)
-    descriptor = os.open(output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as stream:
-        stream.write(bundle)
+    vm_id, bundle = run(work)
+    try:
+        descriptor = os.open(output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(bundle)
+    except OSError as error:
+        output.failure(
+            f"--output {output_file}: {error.strerror}; nothing was written",
+            ExitCode.REFUSED,
+            as_json=as_json,
+        )
+        raise typer.Exit(int(ExitCode.REFUSED)) from None
     if as_json:
-        output.emit_json({"vm_id": vm_id, "file": str(output_file), "bytes": len(bundle)})
+        output.emit_json(
+            document("export", {"vm_id": vm_id, "file": str(output_file), "bytes": len(bundle)})
+        )
         return
     output.facts(
         [("exported", vm), ("vm id", vm_id), ("file", output_file), ("bytes", len(bundle))]
@@ -851,85 +801,45 @@ def export(
 
 @vm_app.command("import")
 def import_(
-    bundle_file: Annotated[Path, typer.Argument(help="A bundle written by `keeper vm export`.")],
+    bundle_file: Annotated[
+        Path,
+        typer.Argument(metavar="BUNDLE", help="A bundle written by `keeper vm export`."),
+    ],
     vm_id: Annotated[
-        str | None, typer.Option(help="Import for this VM id (default: the bundle's).")
+        str | None,
+        typer.Option(
+            metavar="UUID",
+            callback=inputs.vm_id,
+            help="Import for this VM id (default: the bundle's).",
+        ),
     ] = None,
-    passphrase_file: Annotated[
-        Path | None, typer.Option(help="File holding the passphrase.")
-    ] = None,
+    passphrase_file: PassphraseFileOption = None,
+    timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Verify a bundle and store it for a VM that has no stored state yet."""
-    try:
-        bundle = bundle_file.read_bytes()
-    except OSError as error:
-        raise typer.BadParameter(f"cannot read {bundle_file}: {error.strerror}") from None
+    bundle = inputs.bundle_bytes(bundle_file)
+    secret = passphrase(confirm_it=False, passphrase_file=passphrase_file)
 
     async def work(settings: CliSettings) -> str:
-        passphrase = _passphrase(False, passphrase_file)
-        async with _client(settings, needs=("store",)) as client:
-            with _progress(f"Importing {bundle_file}...", quiet=as_json):
-                return str(await client.import_state(bundle, passphrase, target_vm_id=vm_id))
+        async with connected(settings, needs=("store",)) as client:
+            with progress(f"Importing {bundle_file}...", quiet=as_json):
+                return str(await client.import_state(bundle, secret, target_vm_id=vm_id))
 
-    imported = _run(work)
+    imported = run(work, follow=f"`keeper vm history {vm_id}`" if vm_id else "`keeper vm list`")
     if as_json:
-        output.emit_json({"vm_id": imported, "file": str(bundle_file), "imported": True})
+        output.emit_json(
+            document("import", {"vm_id": imported, "file": str(bundle_file), "imported": True})
+        )
         return
     output.facts([("imported", bundle_file), ("vm id", imported)])
 
 
-# --- hosts ------------------------------------------------------------------------------
+# --- read-only commands (keeper_cli.view_commands) --------------------------------------
 
-
-@app.command("hosts")
-def hosts(as_json: JsonOption = False) -> None:
-    """Every host: alive, silent or lost, what it can run, and its TPM domains that are not
-    protected."""
-
-    async def work(
-        settings: CliSettings,
-    ) -> tuple[list[views.HostStatus], list[UnprotectedVmView]]:
-        async with _client(settings, needs=("policy",)) as client:
-            return await views.host_statuses(client), await client.list_unprotected()
-
-    found, unprotected = _run(work)
-    now = time.time()
-    by_host: dict[str, list[UnprotectedVmView]] = {}
-    for domain in unprotected:
-        by_host.setdefault(domain.host, []).append(domain)
-    if as_json:
-        output.emit_json(
-            [
-                item.as_json(now)
-                | {
-                    "unprotected": [
-                        {"vm_id": d.vm_id, "name": d.name, "reasons": list(d.reasons)}
-                        for d in by_host.get(item.host, [])
-                    ]
-                }
-                for item in found
-            ]
-        )
-        return
-    if not found:
-        output.stdout.print("No host has sent a heartbeat yet.")
-        return
-    output.table(
-        None,
-        ["HOST", "STATUS", "LAST SEEN", "CLUSTER", "SWTPM", "ARCH", "UEFI", "VMS", "UNPROTECTED"],
-        [
-            [
-                item.host,
-                item.status,
-                output.age(None if item.last_seen is None else now - item.last_seen),
-                item.cluster,
-                item.capabilities.get("swtpm_version"),
-                ",".join(item.capabilities.get("architectures") or []) or None,
-                item.capabilities.get("uefi_firmware"),
-                item.vms,
-                ", ".join(d.name for d in by_host.get(item.host, [])) or None,
-            ]
-            for item in found
-        ],
-    )
+vm_app.command("list")(view_commands.list_vms)
+vm_app.command("show")(view_commands.show)
+vm_app.command("status")(view_commands.status)
+vm_app.command("history")(view_commands.history)
+vm_app.command("snapshots")(view_commands.snapshots)
+app.command("hosts")(view_commands.hosts)

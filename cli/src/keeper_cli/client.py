@@ -62,6 +62,12 @@ E = TypeVar("E", bound=Payload)
 class KeeperRequestError(RuntimeError):
     """Policy or the store refused or could not carry out a request; the message says why."""
 
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+        """The service gave up waiting for a host or the store (``timeout`` in its reply):
+        that one may yet act on what it was sent."""
+
 
 class EventWatch:
     """Events seen since the watch began, to wait for one that matches."""
@@ -184,7 +190,10 @@ class KeeperClient:
         """A command answered with CommandDone: its detail, or KeeperRequestError."""
         done = await self._call(target, payload, CommandDone, subject)
         if not done.ok:
-            raise KeeperRequestError(done.error or "refused without a reason")
+            raise KeeperRequestError(
+                done.error or "refused without a reason",
+                timed_out=done.detail.get("timeout") == "true",
+            )
         return dict(done.detail)
 
     async def list_vms(self, reference: str | None = None) -> list[VmView]:
@@ -222,11 +231,23 @@ class KeeperClient:
         return found
 
     async def enable_tpm(
-        self, spec: VmSpec, *, override: bool = False, cluster: str = DEFAULT_CLUSTER
+        self,
+        spec: VmSpec,
+        *,
+        override: bool = False,
+        override_guest_os: bool = False,
+        allow_duplicate_name: bool = False,
+        cluster: str = DEFAULT_CLUSTER,
     ) -> str:
         """Register a VM with a TPM for ``cluster``'s hosts; returns the approved `<tpm>`
         element (:meth:`request_tpm` returns the whole approval)."""
-        detail = await self.request_tpm(spec, override=override, cluster=cluster)
+        detail = await self.request_tpm(
+            spec,
+            override=override,
+            override_guest_os=override_guest_os,
+            allow_duplicate_name=allow_duplicate_name,
+            cluster=cluster,
+        )
         return str(detail["tpm_xml"])
 
     async def start(self, vm_id: str, host: str) -> int:
@@ -248,12 +269,18 @@ class KeeperClient:
         cluster: str = DEFAULT_CLUSTER,
         override: bool = False,
         override_guest_os: bool = False,
+        allow_duplicate_name: bool = False,
     ) -> dict[str, str]:
         """Register a VM with a TPM in ``cluster``; returns the approval's detail
         (``tpm_xml``, ``guest_os_support``, ``overridden``). Raises KeeperRequestError with
-        every reason when rejected."""
+        every reason when rejected (a name another VM has is one, unless
+        ``allow_duplicate_name``)."""
         request = EnableTpm(
-            spec=spec, cluster=cluster, override=override, override_guest_os=override_guest_os
+            spec=spec,
+            cluster=cluster,
+            override=override,
+            override_guest_os=override_guest_os,
+            allow_duplicate_name=allow_duplicate_name,
         )
         return await self._ask(self._policy_target, request, spec.vm_id)
 

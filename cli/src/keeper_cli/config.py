@@ -1,17 +1,20 @@
-"""Where the CLI finds the bus: ``KEEPER_AMQP_URL`` (or ``KEEPER_AMQP_URLS`` for a cluster),
-defaulting to the local stack's port (``make demo``). It asks policy and the store for
-everything it shows, so it needs no Redis address (``KEEPER_REDIS_*`` variables left from
-earlier releases are ignored)."""
+"""Where the CLI finds the bus: ``--amqp-url``, else ``KEEPER_AMQP_URL`` (or
+``KEEPER_AMQP_URLS`` for a cluster), defaulting to the local stack's port (``make demo``).
+It asks policy and the store for everything it shows, so it needs no Redis address
+(``KEEPER_REDIS_*`` variables left from earlier releases are ignored)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
+import yarl
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from keeper_shared.bus.topology import POLICY, STATE_STORE
 from keeper_shared.runtime.settings import split_list
+
+AMQP_URL_FORM = "amqp://USER:PASSWORD@HOST:PORT/ (or amqps://)"
 
 
 class LocalStackPorts(BaseSettings):
@@ -34,8 +37,24 @@ def _stack() -> LocalStackPorts:
     return LocalStackPorts()
 
 
+def check_amqp_url(url: str) -> str:
+    """``url`` when it is a broker URL the client can dial: amqp or amqps, with a host and
+    a numeric port if one is given. The message never repeats the URL (it may hold a
+    password)."""
+    try:
+        parsed = yarl.URL(url)  # a port that is not a number raises here
+    except ValueError:
+        raise ValueError(f"not an AMQP URL: expected {AMQP_URL_FORM}") from None
+    if parsed.scheme not in ("amqp", "amqps"):
+        raise ValueError(f"the scheme must be amqp or amqps: expected {AMQP_URL_FORM}")
+    if not parsed.host:
+        raise ValueError(f"no host in the URL: expected {AMQP_URL_FORM}")
+    return url
+
+
 class CliSettings(BaseSettings):
-    """Settings of the ``keeper`` command, from ``KEEPER_*`` environment variables."""
+    """Settings of the ``keeper`` command, from ``KEEPER_*`` environment variables (the
+    global options override them)."""
 
     model_config = SettingsConfigDict(env_prefix="KEEPER_", frozen=True, extra="ignore")
 
@@ -49,7 +68,10 @@ class CliSettings(BaseSettings):
         "is not used.",
     )
     timeout_s: float = Field(
-        default=120.0, gt=0, description="How long a request waits for policy or the store."
+        default=120.0,
+        gt=0,
+        le=24 * 3600,
+        description="How long a request waits for policy or the store.",
     )
     store_target: str = Field(
         default=STATE_STORE, description="The store's command key (tests point it elsewhere)."
@@ -59,6 +81,16 @@ class CliSettings(BaseSettings):
     )
 
     _split_amqp_urls = field_validator("amqp_urls", mode="before")(split_list)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _dialable_url(cls, url: str) -> str:
+        return check_amqp_url(url)
+
+    @field_validator("amqp_urls")
+    @classmethod
+    def _dialable_urls(cls, urls: list[str]) -> list[str]:
+        return [check_amqp_url(url) for url in urls]
 
     @property
     def amqp_endpoints(self) -> list[str]:

@@ -1,4 +1,5 @@
-"""Human tables on a terminal, JSON for automation."""
+"""Human tables on a terminal, JSON for automation, and how a failure is told: one line
+on stderr, or one JSON error document there with ``--json``."""
 
 from __future__ import annotations
 
@@ -8,16 +9,38 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from keeper_cli.errors import ExitCode
+from keeper_cli.json_documents import document
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
 
 
 def emit_json(data: Any) -> None:
-    """One JSON document on stdout (plain, so `jq` reads it)."""
+    """One JSON document on stdout (plain, so `jq` reads it); build its objects with
+    :func:`keeper_cli.json_documents.document`."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def failure(message: str, code: ExitCode, *, as_json: bool) -> None:
+    """Tell why the command ends with ``code``: ``error: <message>`` on stderr, or with
+    ``as_json`` a ``keeper.error`` document there (stdout stays empty either way)."""
+    if as_json:
+        error = document("error", {"error": code.label, "exit_code": int(code), "message": message})
+        sys.stderr.write(json.dumps(error) + "\n")
+        sys.stderr.flush()
+        return
+    # Escaped: a message quoting user input ("[x]") is not rich markup.
+    stderr.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+
+
+def warning(message: str) -> None:
+    """A warning line on stderr (the command still succeeds)."""
+    stderr.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

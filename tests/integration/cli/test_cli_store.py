@@ -23,6 +23,7 @@ from typer.testing import CliRunner, Result
 
 from keeper_cli.app import app
 from keeper_cli.errors import ExitCode
+from keeper_cli.json_documents import FIELDS, schema_id
 from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.storage.keys import HOST_STATUS
 from keeper_policy.storage.scripts import PolicyScripts
@@ -314,9 +315,52 @@ async def test_names_resolve_through_policy_and_the_store(store: Store, policy_k
     assert vm_id in ambiguous.stderr
     assert twin in ambiguous.stderr
 
-    for unknown in (str(uuid.uuid4()), unique("nobody"), "not a name!"):
+    for unknown in (str(uuid.uuid4()), unique("nobody")):
         result = await keeper(store, policy_key, "vm", "status", unknown)
         assert result.exit_code == ExitCode.UNKNOWN_VM, result.output
+    # Not a name at all: refused before anything is asked.
+    malformed = await keeper(store, policy_key, "vm", "status", "not a name!")
+    assert malformed.exit_code == ExitCode.USAGE, malformed.output
+
+
+async def test_list_and_show_print_documented_json(store: Store, policy_key: str) -> None:
+    """`vm list` prints `keeper.vm` documents with exactly the documented fields, `vm show`
+    one of them; a table column is its JSON field's name."""
+    name = unique("cli-vm")
+    vm_id = await register(store, name)
+
+    listed = parsed(await keeper(store, policy_key, "vm", "list", "--json"))
+    (mine,) = [item for item in listed if item["vm_id"] == vm_id]
+    assert mine["schema"] == schema_id("vm")
+    assert tuple(mine)[1:] == FIELDS["vm"]
+    assert all(item["schema"] in (schema_id("vm"), schema_id("unprotected-vm")) for item in listed)
+
+    shown = parsed(await keeper(store, policy_key, "vm", "show", name, "--json"))
+    assert shown == mine | {
+        "newest_persisted_age_s": shown["newest_persisted_age_s"],
+        "state": shown["state"],
+    }
+    table = await keeper(store, policy_key, "vm", "show", name)
+    assert table.exit_code == 0, table.output
+    assert "vm id:" in table.stdout
+    assert vm_id in table.stdout
+    assert "VM ID" in (await keeper(store, policy_key, "vm", "list")).stdout
+
+    history = parsed(await keeper(store, policy_key, "vm", "history", name, "--json"))
+    assert tuple(history) == ("schema", *FIELDS["state-history"])
+
+
+async def test_errors_with_json_are_json_on_stderr(store: Store, policy_key: str) -> None:
+    unknown = str(uuid.uuid4())
+    result = await keeper(store, policy_key, "vm", "show", unknown, "--json")
+    assert result.exit_code == ExitCode.UNKNOWN_VM
+    # Nothing for a script on stdout (the in-process store's own log lines may be there).
+    assert not any(line.startswith(("{", "[")) for line in result.stdout.splitlines())
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("{")]
+    error = json.loads(line)
+    assert error["schema"] == schema_id("error")
+    assert (error["error"], error["exit_code"]) == ("unknown-vm", ExitCode.UNKNOWN_VM)
+    assert unknown in error["message"]
 
 
 async def test_a_missing_policy_is_named(store: Store) -> None:
@@ -356,6 +400,7 @@ async def test_delete_state_says_what_is_lost_asks_and_leaves_only_the_placement
 
     deleted = parsed(await keeper(store, policy_key, "vm", "delete-state", name, "--yes", "--json"))
     assert deleted == {
+        "schema": "keeper.state-deletion/v1",
         "vm_id": vm_id,
         "tpm_disabled": False,
         "deleted": {"tpm_versions": 2, "nvram_versions": 0, "snapshots": 1},
@@ -365,3 +410,68 @@ async def test_delete_state_says_what_is_lost_asks_and_leaves_only_the_placement
 
     again = parsed(await keeper(store, policy_key, "vm", "delete-state", name, "--json"))
     assert again["deleted"] == {"tpm_versions": 0, "nvram_versions": 0, "snapshots": 0}
+
+
+async def test_stopping_a_vm_that_runs_nowhere_says_not_running(
+    store: Store, policy_key: str
+) -> None:
+    name = unique("cli-vm")
+    vm_id = await register(store, name)
+    await awaited(store.redis.hset(placement_key(vm_id), "host", ""))  # stopped
+
+    for command in ("shutdown", "poweroff"):
+        alone = await keeper(store, policy_key, "vm", command, name)
+        assert alone.exit_code == ExitCode.REFUSED, alone.output
+        assert f"{name} is not running" in alone.stderr
+
+    other = await register(store, unique("cli-vm"))
+    await awaited(store.redis.hset(placement_key(other), "host", ""))
+    both = await keeper(store, policy_key, "vm", "shutdown", vm_id, other, "--json")
+    assert both.exit_code == ExitCode.REFUSED
+    documents = json.loads(both.stdout[both.stdout.index("[") :])
+    assert [(d["vm_id"], d["stopped"], d["error"]) for d in documents] == [
+        (vm_id, False, f"{vm_id} is not running"),
+        (other, False, f"{other} is not running"),
+    ]
+
+
+async def test_restore_asks_first_and_refuses_a_running_vm(store: Store, policy_key: str) -> None:
+    """As the README says: a restore asks before it starts anything, saying what stops
+    being the newest (or that nothing newer is stored), and a running VM is refused."""
+    name = unique("cli-vm")
+    vm_id = await register(store, name)
+    await store.client.create_snapshot(vm_id, "newest")
+    host = store.host.host_id
+
+    running = await keeper(
+        store, policy_key, "vm", "restore", name, "--host", host, "--version", "1"
+    )
+    assert running.exit_code == ExitCode.REFUSED
+    assert "shut it down first" in running.stderr
+
+    await awaited(store.redis.hset(placement_key(vm_id), "host", ""))  # stopped
+    older = await keeper(store, policy_key, "vm", "restore", name, "--host", host, "--version", "1")
+    assert older.exit_code == ExitCode.ABORTED, older.output
+    assert "tpm v2..v2" in older.stderr
+    assert "--yes" in older.stderr
+    same = await keeper(
+        store, policy_key, "vm", "restore", name, "--host", host, "--snapshot", "newest"
+    )
+    assert same.exit_code == ExitCode.ABORTED, same.output
+    assert "nothing newer is stored" in same.stderr
+    assert await store.repository.head_version(vm_id, StateKind.TPM) == 2  # nothing changed
+
+
+async def test_a_refused_login_is_told_as_such(store: Store) -> None:
+    """A wrong password is not "cannot reach RabbitMQ": exit 7, naming the user, never
+    the password."""
+    user_part, host_part = store.amqp_url.split("://", 1)[1].split("@", 1)
+    user = user_part.split(":", 1)[0]
+    wrong = f"amqp://{user}:not-the-password@{host_part}"
+    runner = CliRunner()
+    result = await asyncio.to_thread(
+        runner.invoke, app, ["--amqp-url", wrong, "vm", "list"], env={"KEEPER_AMQP_URLS": ""}
+    )
+    assert result.exit_code == ExitCode.DENIED, result.output
+    assert f"refused the login of user {user!r}" in result.stderr
+    assert "not-the-password" not in result.output

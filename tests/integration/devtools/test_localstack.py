@@ -15,6 +15,7 @@ import redis
 from aio_pika.exceptions import ChannelPreconditionFailed
 
 from keeper_devtools.localstack import RedisServer, free_tcp_ports
+from keeper_devtools.localstack._process import port_open, wait_port_free
 
 
 @pytest.mark.rabbit
@@ -70,19 +71,22 @@ def test_redis_acknowledged_writes_survive_sigkill(private_redis_server: RedisSe
 @pytest.mark.redis
 @pytest.mark.usefixtures("local_servers_installed")
 def test_cli_start_status_stop(tmp_path: Path) -> None:
-    amqp_port, dist_port, redis_port = free_tcp_ports(3)
+    """Start, status, the tools run against the stack, and a stop that leaves nothing it
+    started running: the node's own epmd included."""
+    amqp_port, dist_port, epmd_port, redis_port = free_tcp_ports(4)
     env = {
         **os.environ,
         "KEEPER_STACK_RUN_DIR": str(tmp_path / "stack"),
         "KEEPER_STACK_RABBITMQ_PORT": str(amqp_port),
         "KEEPER_STACK_RABBITMQ_DIST_PORT": str(dist_port),
+        "KEEPER_STACK_RABBITMQ_EPMD_PORT": str(epmd_port),
         "KEEPER_STACK_RABBITMQ_NODE_NAME": f"keeper-clitest-{amqp_port}",
         "KEEPER_STACK_REDIS_PORT": str(redis_port),
     }
 
-    def cli(command: str) -> subprocess.CompletedProcess[str]:
+    def cli(*command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "keeper_devtools.localstack", command],
+            [sys.executable, "-m", "keeper_devtools.localstack", *command],
             env=env,
             cwd=tmp_path,
             capture_output=True,
@@ -99,8 +103,13 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
         assert f"amqp://guest:guest@127.0.0.1:{amqp_port}/" in lines[0]
         assert f"redis://127.0.0.1:{redis_port}/0" in lines[1]
         assert all("started in" in line for line in lines)
+        assert port_open(epmd_port)  # the node's own port mapper, not the shared one
 
         assert cli("status").returncode == 0
+        queues = cli("rabbitmqctl", "list_queues", "--quiet")
+        assert queues.returncode == 0, queues.stderr
+        pong = cli("redis-cli", "ping")
+        assert (pong.returncode, pong.stdout.strip()) == (0, "PONG")
 
         again = cli("start")
         assert again.returncode == 0, again.stderr
@@ -108,6 +117,7 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
 
         stopped = cli("stop")
         assert stopped.returncode == 0, stopped.stderr
+        assert wait_port_free(epmd_port, timeout=10), "the stack's epmd outlived its stop"
 
         status = cli("status")
         assert status.returncode == 3

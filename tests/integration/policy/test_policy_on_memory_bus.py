@@ -88,9 +88,10 @@ def windows_11(name: str) -> VmSpec:
     return VmSpec(vm_id=str(uuid.uuid4()), name=name, guest_os="windows-11")
 
 
-async def enable(scene: Scene, spec: VmSpec) -> CommandDone:
+async def enable(scene: Scene, spec: VmSpec, *, allow_duplicate_name: bool = False) -> CommandDone:
+    request = EnableTpm(spec=spec, allow_duplicate_name=allow_duplicate_name)
     reply = await scene.caller.call(
-        POLICY, EnableTpm(spec=spec), CommandDone, subject=spec.vm_id, timeout_s=TIMEOUT_S
+        POLICY, request, CommandDone, subject=spec.vm_id, timeout_s=TIMEOUT_S
     )
     return reply.data
 
@@ -111,6 +112,28 @@ async def test_a_tpm_is_approved_on_a_cluster_whose_hosts_run_swtpm(scene: Scene
         POLICY, ListVms(vm="win-01"), VmsListed, subject="win-01", timeout_s=TIMEOUT_S
     )
     assert [vm.vm_id for vm in listed.data.vms] == [spec.vm_id]
+
+
+async def test_a_second_vm_of_one_name_is_refused_unless_asked_for(scene: Scene) -> None:
+    """A name should name one VM: a second registration under it is refused, naming the
+    first; approving the same VM again is not a second one; asked for, it is allowed."""
+    await beat(scene.broker, "host-a", swtpm="0.7.1")
+    first = windows_11("win-twin")
+    assert (await enable(scene, first)).ok
+
+    second = windows_11("win-twin")
+    refused = await enable(scene, second)
+    assert not refused.ok
+    assert refused.error is not None
+    assert first.vm_id in refused.error
+    assert "allow_duplicate_name" in refused.error
+
+    assert (await enable(scene, first.model_copy(update={"memory_mib": 512}))).ok
+    assert (await enable(scene, second, allow_duplicate_name=True)).ok
+    listed = await scene.caller.call(
+        POLICY, ListVms(vm="win-twin"), VmsListed, subject="win-twin", timeout_s=TIMEOUT_S
+    )
+    assert sorted(vm.vm_id for vm in listed.data.vms) == sorted([first.vm_id, second.vm_id])
 
 
 async def test_a_cluster_with_a_host_without_swtpm_is_refused_with_the_reason(

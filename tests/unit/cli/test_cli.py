@@ -35,6 +35,8 @@ def test_help_lists_every_command() -> None:
         "start",
         "shutdown",
         "poweroff",
+        "list",
+        "show",
         "status",
         "history",
         "restore",

@@ -1,13 +1,18 @@
-"""``python -m keeper_devtools.localstack start|stop|status``: the local stack by hand."""
+"""``python -m keeper_devtools.localstack start|stop|status``: the local stack by hand;
+``rabbitmqctl ARGS`` and ``redis-cli ARGS`` run those tools against it (the node's
+cookie, epmd port and name; Redis's port), as ``deploy/local/stack`` does."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
+from keeper_devtools.localstack import _process
 from keeper_devtools.localstack.errors import LocalStackError
 from keeper_devtools.localstack.settings import LocalStackSettings
 
@@ -46,7 +51,23 @@ def _stop(settings: LocalStackSettings) -> int:
         began = time.monotonic()
         server.stop()
         print(f"{label:<8} down  (stopped in {time.monotonic() - began:.1f} s)")
+    # Stopping the node stops its epmd; one left by a node that died is stopped here.
+    settings.rabbitmq_node().stop_own_epmd()
+    print(f"{'epmd':<8} down  (port {settings.rabbitmq_epmd_port})")
     return 0
+
+
+def _rabbitmqctl(settings: LocalStackSettings, arguments: list[str]) -> int:
+    node = settings.rabbitmq_node()
+    ctl = _process.find_binary("rabbitmqctl", Path("/usr/lib/rabbitmq/bin"))
+    command = [ctl, "-n", node.config.node, *arguments]
+    return subprocess.run(command, env=node.ctl_environment(), check=False).returncode
+
+
+def _redis_cli(settings: LocalStackSettings, arguments: list[str]) -> int:
+    cli = _process.find_binary("redis-cli")
+    command = [cli, "-h", "127.0.0.1", "-p", str(settings.redis_port), *arguments]
+    return subprocess.run(command, check=False).returncode
 
 
 def _status(settings: LocalStackSettings) -> int:
@@ -65,12 +86,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m keeper_devtools.localstack",
         description="Start, stop or check the private RabbitMQ node and Redis server.",
     )
-    parser.add_argument("command", choices=["start", "stop", "status"])
-    command = parser.parse_args(argv).command
+    parser.add_argument("command", choices=["start", "stop", "status", "rabbitmqctl", "redis-cli"])
+    parser.add_argument(
+        "arguments", nargs=argparse.REMAINDER, help="for rabbitmqctl and redis-cli: theirs"
+    )
+    parsed = parser.parse_args(argv)
     settings = LocalStackSettings()
     actions = {"start": _start, "stop": _stop, "status": _status}
+    tools = {"rabbitmqctl": _rabbitmqctl, "redis-cli": _redis_cli}
     try:
-        return actions[command](settings)
+        if parsed.command in tools:
+            return tools[parsed.command](settings, parsed.arguments)
+        if parsed.arguments:
+            parser.error(f"{parsed.command} takes no arguments")
+        return actions[parsed.command](settings)
     except LocalStackError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ from keeper_devtools.localstack.errors import LocalStackError
 # such as pytest's tmp dirs; non-root they refuse outright. The upstream scripts behind
 # them take every setting from the environment and run as the caller.
 _DEBIAN_SCRIPTS_DIR = Path("/usr/lib/rabbitmq/bin")
+_ERLANG_BIN_DIR = Path("/usr/lib/erlang/bin")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class RabbitMQConfig:
     base_dir: Path
     erlang_cookie: str | None = field(default=None, repr=False)
     """The Erlang cookie; nodes of one cluster share it. None: a random one of its own."""
+    epmd_port: int | None = None
+    """The port of an Erlang port mapper (epmd) of the node's own, which the node starts
+    and :meth:`RabbitMQNode.stop` stops with it. None: the machine's shared epmd (4369),
+    which other Erlang nodes may use too and is therefore left running. Nodes of one
+    cluster must use the same one."""
 
     @property
     def node(self) -> str:
@@ -134,6 +140,36 @@ class RabbitMQNode:
         with contextlib.suppress(LocalStackError):
             self._ctl("stop", str(self._pid_file), timeout=timeout)
         self._kill_leftover()
+        self.stop_own_epmd()
+
+    def stop_own_epmd(self) -> bool:
+        """Stop the node's own epmd (``epmd_port``) once no node is registered with it;
+        True when one was stopped. The shared epmd (no ``epmd_port``) is never touched:
+        another RabbitMQ may rely on it."""
+        port = self.config.epmd_port
+        if port is None or not _process.port_open(port):
+            return False
+        epmd = _process.find_binary("epmd", _ERLANG_BIN_DIR)
+        names = self._epmd(epmd, "-names")
+        if names is None or " at port " in names:
+            return False  # still in use (or not answering): not ours to stop now
+        self._epmd(epmd, "-kill")
+        return _process.wait_port_free(port)
+
+    def _epmd(self, epmd: str, command: str) -> str | None:
+        assert self.config.epmd_port is not None
+        try:
+            done = subprocess.run(
+                [epmd, "-port", str(self.config.epmd_port), command],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return None
+        return done.stdout if done.returncode == 0 else None
 
     def kill(self) -> None:
         """SIGKILL the node, as a crash would, and wait until it is gone; ``start`` brings
@@ -234,7 +270,17 @@ class RabbitMQNode:
             RABBITMQ_CTL_DIST_PORT_MAX="0",
             ERL_CRASH_DUMP=str(self._log_dir / "erl_crash.dump"),
         )
+        # The node starts an epmd when none answers on this port, and registers there;
+        # rabbitmqctl must look on the same port to find the node.
+        env.pop("ERL_EPMD_PORT", None)
+        if self.config.epmd_port is not None:
+            env["ERL_EPMD_PORT"] = str(self.config.epmd_port)
         return env
+
+    def ctl_environment(self) -> dict[str, str]:
+        """The environment in which ``rabbitmqctl -n <node>`` reaches this node (its
+        cookie is in its HOME, its epmd on its port), for a person at a shell."""
+        return self._env()
 
     def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str] | None:
         """Run ``rabbitmqctl <args>`` against this node (e.g. ``import_definitions FILE``);

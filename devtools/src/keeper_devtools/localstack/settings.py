@@ -31,6 +31,13 @@ class LocalStackSettings(LocalStackPorts):
 
     run_dir: Path = Field(default_factory=default_run_dir)
     rabbitmq_dist_port: int = Field(default=28673, ge=1, le=65535)
+    rabbitmq_epmd_port: int = Field(
+        default=28674,
+        ge=1,
+        le=65535,
+        description="The stack's own Erlang port mapper, started with its node and stopped "
+        "with it; a system RabbitMQ keeps the shared one (4369) to itself.",
+    )
     rabbitmq_node_name: str = Field(default="keeper", pattern=r"^[A-Za-z0-9_-]+$")
 
     def rabbitmq_node(self) -> RabbitMQNode:
@@ -41,6 +48,7 @@ class LocalStackSettings(LocalStackPorts):
                 amqp_port=self.rabbitmq_port,
                 dist_port=self.rabbitmq_dist_port,
                 base_dir=self.run_dir / "rabbitmq",
+                epmd_port=self.rabbitmq_epmd_port,
             )
         )
 

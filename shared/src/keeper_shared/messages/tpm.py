@@ -81,7 +81,7 @@ class EnableTpm(Payload):
     """Command to policy: approve (or reject) a TPM for this VM and register it."""
 
     message_type = "tpm.enable"
-    schema_version = 2
+    schema_version = 3
 
     spec: VmSpec = Field(description="The VM.")
     cluster: str = Field(
@@ -96,11 +96,23 @@ class EnableTpm(Payload):
     override_guest_os: bool = Field(
         default=False, description="Approve although the guest-OS rules do not allow a TPM."
     )
+    allow_duplicate_name: bool = Field(
+        default=False,
+        description="Register the VM although another registered VM has the same domain "
+        "name (refused otherwise: a name should name one VM).",
+    )
 
 
 @register_upcaster(EnableTpm.message_type, 1)
 def _enable_tpm_v1(data: dict[str, Any]) -> dict[str, Any]:
     """v1 specs predate ``encrypt_tpm_state``; its default (not encrypted) applies."""
+    return data
+
+
+@register_upcaster(EnableTpm.message_type, 2)
+def _enable_tpm_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """v2 predates ``allow_duplicate_name``; its default applies: a name another VM has is
+    refused."""
     return data
 
 

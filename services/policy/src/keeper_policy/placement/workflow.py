@@ -26,6 +26,7 @@ from keeper_policy.storage.vm_registry import PlacementConflictError, PolicyRegi
 from keeper_policy.workflows.engine import LeaseLostError, SaveProgress, StepOutcome
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
 from keeper_shared.bus.topology import STATE_STORE
+from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.placement import PlaceVm, VmPlaced
 from keeper_shared.messages.state import RestoreState
 from keeper_shared.messages.vm import StartVm
@@ -148,7 +149,7 @@ class PlaceRunner:
         )
         if not restore.ok:
             error = f"prepare on {record.host} failed: {restore.error}"
-            return record.advanced(step=PlaceStep.UNDO.value, data={"error": error})
+            return record.advanced(step=PlaceStep.UNDO.value, data=_failure(error, restore))
         return record.advanced(
             step=PlaceStep.START.value, attempts=0, data={"restored": json.dumps(restore.detail)}
         )
@@ -173,7 +174,7 @@ class PlaceRunner:
         if started.ok or (unsure and await self._running_there(record, epoch)):
             return record.advanced(step=PlaceStep.RECORD.value, attempts=0)
         error = f"start on {record.host} failed: {started.error}"
-        return record.advanced(step=PlaceStep.UNDO.value, data={"error": error})
+        return record.advanced(step=PlaceStep.UNDO.value, data=_failure(error, started))
 
     async def _record(self, record: WorkflowRecord) -> WorkflowRecord:
         epoch = int(record.data["epoch"])
@@ -198,7 +199,10 @@ class PlaceRunner:
     def _result(self, record: WorkflowRecord) -> WorkflowResult:
         error = record.data.get("error")
         if error:
-            return WorkflowResult(ok=False, error=error)
+            # A step that got no answer in time is told as such: the requester (the CLI
+            # exits 6) knows a host may yet have acted on it.
+            timed_out = {"timeout": "true"} if record.data.get("timed_out") == "true" else {}
+            return WorkflowResult(ok=False, error=error, detail=timed_out)
         detail = {"epoch": record.data["epoch"], **json.loads(record.data.get("restored", "{}"))}
         if record.data["version_overridden"]:
             detail["version_overridden"] = record.data["version_overridden"]
@@ -235,3 +239,9 @@ class PlaceRunner:
                 else self._settings.ovmf_vars_template
             ),
         )
+
+
+def _failure(error: str, reply: CommandDone) -> dict[str, str]:
+    """What a failed step records for the result: why, and whether it was a time-out."""
+    timed_out = reply.detail.get("timeout") == "true"
+    return {"error": error, "timed_out": "true" if timed_out else ""}

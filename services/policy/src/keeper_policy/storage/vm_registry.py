@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from keeper_policy.storage.keys import EPOCH_PENDING, host_vms_key, migration_key
@@ -112,6 +113,28 @@ class PolicyRegistry:
         )
         pipe.hdel(vm_record_key(spec.vm_id), "tpm_stranded")
         await pipe.execute()
+
+    async def vms_named(self, name: str) -> list[str]:
+        """The ids of the registered VMs whose domain name is ``name``, sorted. Policy keeps
+        no index of names: this scans the records, as rare as a registration. Two
+        registrations of one name at the same moment on two replicas can both pass it."""
+        keys = [key async for key in self._redis.scan_iter(match=vm_record_key("*"), count=500)]
+        if not keys:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, "spec")
+        found = []
+        for raw in await pipe.execute():
+            if raw is None:
+                continue
+            try:
+                spec = VmSpec.model_validate_json(raw)
+            except ValidationError:
+                continue  # a spec of another schema: not one this release can compare
+            if spec.name == name:
+                found.append(spec.vm_id)
+        return sorted(found)
 
     async def mark_adopted(self, vm_id: str, host: str) -> None:
         """Record that the VM was adopted on ``host`` (its domain is its manager's)."""

@@ -34,6 +34,11 @@ class Approver:
     async def enable(self, envelope: Envelope[EnableTpm], user_id: str | None) -> CommandDone:
         """Approve or reject; an approval registers the VM and names who overrode what."""
         request = envelope.data
+        if not request.allow_duplicate_name:
+            refusal = await self._name_taken(request)
+            if refusal is not None:
+                log.info("TPM refused: duplicate name", vm_id=request.spec.vm_id)
+                return CommandDone(ok=False, error=refusal)
         live = await self._hosts.live_in_cluster(request.cluster, self._settings.host_lost_after_s)
         decision = decide_tpm(
             request.spec,
@@ -72,3 +77,18 @@ class Approver:
         if decision.overridden:
             detail["overridden"] = "; ".join(decision.overridden)
         return CommandDone(ok=True, detail=detail)
+
+    async def _name_taken(self, request: EnableTpm) -> str | None:
+        """Why the request's domain name cannot be registered again, or None. The VM's own
+        record does not count: approving a VM again is how its spec is changed."""
+        spec = request.spec
+        others = [
+            vm_id for vm_id in await self._registry.vms_named(spec.name) if vm_id != spec.vm_id
+        ]
+        if not others:
+            return None
+        return (
+            f"a VM named {spec.name!r} is registered already ({', '.join(others)}): choose "
+            "another name, or allow a second VM of that name (allow_duplicate_name, "
+            "`keeper vm enable-tpm --allow-duplicate-name`)"
+        )

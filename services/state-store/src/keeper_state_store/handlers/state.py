@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import structlog
 
-from keeper_shared.bus.client import BusClient, CallError, Delivery, Route
+from keeper_shared.bus.client import BusClient, CallError, CallTimeoutError, Delivery, Route
 from keeper_shared.bus.topology import host_command_key
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, MessageError
@@ -215,6 +215,10 @@ class StateService:
                 timeout_s=self._settings.prepare_timeout_s,
                 replier=self._host_user(request.host),
             )
+        except CallTimeoutError as error:
+            # The host may yet write the state (until the command's deadline): say so, so
+            # policy and the CLI can tell a silent host from a refusal.
+            return CommandDone(ok=False, error=str(error), detail={"timeout": "true"})
         except CallError as error:
             return CommandDone(ok=False, error=str(error))
         if reply.data.ok:
