@@ -29,7 +29,13 @@ from keeper_cli.client import KeeperClient, KeeperRequestError, client_origin
 from keeper_cli.config import CliSettings
 from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.typer_click import Context, get_current_context
-from keeper_shared.bus.client import BusClient, CallError, CallTimeoutError, NoRouteError
+from keeper_shared.bus.client import (
+    BusClient,
+    CallError,
+    CallTimeoutError,
+    CommandRejectedError,
+    NoRouteError,
+)
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
 from keeper_shared.messages.envelope import MessageError
 
@@ -102,6 +108,9 @@ def run(work: Callable[[CliSettings], Coroutine[Any, Any, T]], *, follow: str | 
         fail(f"no answer in time ({error}); {goes_on}", ExitCode.TIMEOUT)
     except NoRouteError as error:
         fail(f"{error}: is the service running?", ExitCode.UNREACHABLE)
+    except CommandRejectedError as error:
+        # The service answered that it could not take the request at all: nothing was done.
+        fail(f"rejected by the service ({error}); nothing was done", ExitCode.REFUSED)
     except CallError as error:
         fail(str(error), ExitCode.UNREACHABLE)
     except MessageError as error:
