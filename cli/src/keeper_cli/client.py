@@ -24,6 +24,7 @@ from keeper_shared.messages.adoption import (
 )
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DeleteState, DisableTpm
+from keeper_shared.messages.endorsement import EndorsementKeyRead, ReadEndorsementKey
 from keeper_shared.messages.envelope import Envelope, MessageError, Payload, decode, peek_type
 from keeper_shared.messages.placement import PlaceVm, StopMode, StopVm
 from keeper_shared.messages.queries import (
@@ -319,6 +320,16 @@ class KeeperClient:
         Restore it with :meth:`place` and ``snapshot_id``."""
         request = SnapshotVm(vm_id=vm_id, snapshot_id=snapshot_id, memory=memory)
         return await self._ask(self._policy_target, request, vm_id)
+
+    async def endorsement_key(self, vm_id: str) -> EndorsementKeyRead:
+        """The EK of the VM's newest stored TPM (public key, certificate), read by the store
+        from a throwaway swtpm; KeeperRequestError when there is none to show."""
+        reply = await self._call(
+            self._store_target, ReadEndorsementKey(vm_id=vm_id), EndorsementKeyRead, vm_id
+        )
+        if not reply.ok:
+            raise KeeperRequestError(reply.error or "no endorsement key")
+        return reply
 
     async def state_history(self, vm_id: str) -> StateHistory:
         """Every kept version of the VM's TPM and NVRAM, with pins and scrubber flags."""

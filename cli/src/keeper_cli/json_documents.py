@@ -62,6 +62,13 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "vm-stop": ("vm_id", "mode", "stopped", "retrieved", "error"),
     "adoption": tuple(VmAdoptionResult.model_fields),
     "state-history": tuple(StateHistory.model_fields),
+    "endorsement-key": (
+        "vm_id",
+        "version",
+        "public_key_pem",
+        "certificate_pem",
+        "public_area_sha256",
+    ),
     "vm-restore": ("vm_id", "host", "restored", "detail"),
     "snapshot": ("vm_id", "snapshot_id", "versions"),
     "snapshot-info": tuple(SnapshotInfo.model_fields),

@@ -1,5 +1,5 @@
 """The read-only commands: ``vm list``, ``vm show`` (and ``vm status``, which does both,
-kept for scripts), ``vm history``, ``vm snapshots`` and ``hosts``. They change nothing,
+kept for scripts), ``vm history``, ``vm ek``, ``vm snapshots`` and ``hosts``. They change nothing,
 so an interrupted or timed-out one leaves nothing behind. Registered in
 :mod:`keeper_cli.app`."""
 
@@ -13,7 +13,7 @@ import typer
 from keeper_cli import inputs, output, views
 from keeper_cli.config import CliSettings
 from keeper_cli.errors import CliError, ExitCode
-from keeper_cli.json_documents import document
+from keeper_cli.json_documents import FIELDS, document
 from keeper_cli.options import JsonOption, TimeoutOption, VmArgument
 from keeper_cli.running import RESOLVING, connected, resolve, run
 from keeper_shared.messages.adoption import UnprotectedVmView
@@ -198,6 +198,27 @@ def status(
         output.emit_json(_documents(found, time.time()))
         return
     _tables(found, time.time())
+
+
+def endorsement_key(
+    vm: VmArgument, timeout: TimeoutOption = None, as_json: JsonOption = False
+) -> None:
+    """The endorsement key of the VM's newest stored TPM: its public key (PEM) and its
+    certificate when the TPM was made with one, for an attestation service. Public
+    material only; the store reads it from a throwaway copy of the state."""
+
+    async def work(settings: CliSettings) -> Any:
+        async with connected(settings, needs=RESOLVING) as client:
+            return await client.endorsement_key(await resolve(client, vm))
+
+    reply = run(work)
+    fields = {name: getattr(reply, name) for name in FIELDS["endorsement-key"]}
+    if as_json:
+        output.emit_json(document("endorsement-key", fields))
+        return
+    output.stdout.print(reply.public_key_pem, end="", highlight=False, markup=False)
+    if reply.certificate_pem is not None:
+        output.stdout.print(reply.certificate_pem, end="", highlight=False, markup=False)
 
 
 def history(vm: VmArgument, timeout: TimeoutOption = None, as_json: JsonOption = False) -> None:

@@ -28,9 +28,14 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from redis.asyncio import Redis
 
 from keeper_devtools.swtpm_lab import DEMO_NV_INDEX, manufacture_tpm_state, nv_write_secret
+from keeper_shared.bus.client import Delivery
+from keeper_shared.messages.endorsement import EndorsementKeyRead, ReadEndorsementKey
+from keeper_shared.messages.envelope import new_envelope
 from keeper_shared.messages.scrub import StateScrubFailed, TpmReset
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import (
@@ -62,9 +67,10 @@ from keeper_state_store.crypto.encryption import (
 )
 from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.handlers.endorsement import EndorsementKeys
 from keeper_state_store.scrub.flags import ScrubFlag
 from keeper_state_store.scrub.scrubber import Scrubber, VmScrubOutcome
-from keeper_state_store.scrub.tpm_probe import reap_stale_probes
+from keeper_state_store.scrub.tpm_probe import probe_tpm_state, reap_stale_probes
 from keeper_state_store.storage.repository import StateRepository, VersionWrite, WriteOutcome
 from support.leak_scan import leak_forms
 from support.recording_publisher import RecordingPublisher
@@ -615,3 +621,40 @@ async def test_an_encrypted_tpm_state_is_loaded_with_the_vms_secret(
     flag = (await vm.flags(StateKind.TPM))[version]
     assert not flag.ok
     assert "swtpm could not load the state" in (flag.reason or "")
+
+
+async def test_the_endorsement_key_of_the_newest_tpm_is_read_for_attestation(
+    redis: Redis, kek: KeyEncryptionKey, tpm_states: dict[str, bytes], scrub_dir: Path
+) -> None:
+    """``state.ek.read`` (``keeper vm ek``) loads the newest TPM version into a throwaway
+    swtpm and answers the EK's public key and certificate: the certificate certifies that
+    key, its fingerprint is the scrubber's, and a TPM manufactured again has another one."""
+    vm = await Vm.placed(redis, kek)
+    keys = EndorsementKeys(vm.repository, temp_dir=scrub_dir)
+
+    async def read(vm_id: str) -> EndorsementKeyRead:
+        request = new_envelope(ReadEndorsementKey(vm_id=vm_id), source="test", subject=vm_id)
+        return await keys.on_read(request, Delivery(None, False, None, None))
+
+    nothing = await read(vm.vm_id)
+    assert (nothing.ok, nothing.error) == (False, "the store holds no TPM state for this VM")
+
+    await vm.write(StateKind.TPM, tpm_states["a1"])
+    newest = await vm.write(StateKind.TPM, tpm_states["a2"])
+    first = await read(vm.vm_id)
+    assert first.ok, first.error
+    assert first.version == newest
+    assert first.public_key_pem is not None
+    assert first.certificate_pem is not None
+    public_key = load_pem_public_key(first.public_key_pem.encode())
+    certificate = x509.load_pem_x509_certificate(first.certificate_pem.encode())
+    assert certificate.public_key() == public_key
+    probe = await probe_tpm_state(unpack_tpm_state(tpm_states["a2"]), temp_dir=scrub_dir)
+    assert first.public_area_sha256 == probe.ek_sha256
+
+    await vm.write(StateKind.TPM, tpm_states["b1"])
+    manufactured_again = await read(vm.vm_id)
+    assert manufactured_again.ok, manufactured_again.error
+    assert manufactured_again.public_key_pem != first.public_key_pem
+    for text in (first.model_dump_json(), manufactured_again.model_dump_json()):
+        _assert_no_canary(text)

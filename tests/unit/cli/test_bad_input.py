@@ -81,6 +81,7 @@ BAD_INPUT: dict[str, list[list[str]]] = {
     "vm show": [[], ["bad name!"]],
     "vm status": [["bad name!"], ["vm1", "vm2"]],
     "vm history": [[], ["bad name!"]],
+    "vm ek": [[], ["bad name!"], ["vm1", "vm2"]],
     "vm snapshots": [[], ["bad name!"]],
 }
 """Each command's bad inputs; every one must exit 2 before any network call."""
@@ -104,6 +105,7 @@ GOOD_INPUT: dict[str, list[str]] = {
     "vm show": ["vm1"],
     "vm status": [],
     "vm history": [VM_ID],
+    "vm ek": ["vm1"],
     "vm snapshots": ["vm1"],
 }
 """Input each command accepts: with no broker it gets as far as connecting (exit 4)."""

@@ -69,6 +69,7 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "state.import",
             "state.delete",
             "state.describe",
+            "state.ek.read",
         }
     ),
     MessageRole.POLICY_COMMAND: frozenset(
@@ -97,6 +98,7 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "snapshot.listed",
             "state.exported",
             "state.described",
+            "state.ek.read-result",
             "vms.listed",
             "vms.unprotected.listed",
             "vm.adoption-result",

@@ -21,6 +21,7 @@ from keeper_shared.runtime.startup import (
 )
 from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.handlers.deletion import DeletionService
+from keeper_state_store.handlers.endorsement import EndorsementKeys
 from keeper_state_store.handlers.history import HistoryService
 from keeper_state_store.handlers.host_requests import HostRequests
 from keeper_state_store.handlers.state import StateService
@@ -76,6 +77,7 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                     *TransferService(repository).command_routes(),
                     *DeletionService(repository, bus).command_routes(),
                     *StoreQueries(repository).command_routes(),
+                    *EndorsementKeys(repository, temp_dir=settings.scrub_temp_dir).command_routes(),
                 ],
                 prefetch=8,
             )

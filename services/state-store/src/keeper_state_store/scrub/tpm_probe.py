@@ -30,8 +30,12 @@ from keeper_shared.swtpm import SwtpmError, missing_tools, start_swtpm
 
 EK_HANDLE: Final = 0x81010001
 """Persistent handle of the RSA EK created by ``swtpm_setup --createek``."""
+EK_CERTIFICATE_INDEX: Final = 0x01C00002
+"""NV index of the RSA 2048 EK certificate (TCG EK credential profile), written by
+``swtpm_setup --create-ek-cert`` (libvirt asks for it)."""
 
 _READPUBLIC: Final = "tpm2_readpublic"
+_NVREAD: Final = "tpm2_nvread"
 _TOOL_LIMIT_S: Final = 30.0
 # tpm2-tools report a missing persistent handle as TPM_RC_HANDLE on parameter 1.
 _HANDLE_ABSENT_MARKERS: Final = ("0x18b", "handle is not correct")
@@ -47,6 +51,10 @@ class TpmProbe:
     ek_sha256: str | None
     """sha256 of the EK's public area (TPM2B_PUBLIC), None when the handle is absent or
     tpm2_readpublic is not installed."""
+    ek_public_pem: str | None = None
+    """The EK's public key (PEM, SubjectPublicKeyInfo), when asked for and present."""
+    ek_certificate_der: bytes | None = None
+    """The EK certificate as stored in its NV index, when asked for and present."""
 
 
 def swtpm_available() -> bool:
@@ -71,17 +79,14 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-async def _read_ek(tcti: str, workdir: Path) -> str | None:
-    out = workdir / "ek.pub"
+async def _tpm2_tool(tcti: str, *argv: str) -> bool:
+    """Run one tpm2-tools command against ``tcti``: True when it succeeded, False when the
+    object it names does not exist (TPM_RC_HANDLE); SwtpmError when it fails otherwise."""
     env = dict(os.environ)
     env["TPM2TOOLS_TCTI"] = tcti
     env["TSS2_LOG"] = "all+NONE"
     proc = await asyncio.create_subprocess_exec(
-        _READPUBLIC,
-        "-c",
-        f"0x{EK_HANDLE:x}",
-        "-o",
-        str(out),
+        *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -91,7 +96,7 @@ async def _read_ek(tcti: str, workdir: Path) -> str | None:
         async with asyncio.timeout(_TOOL_LIMIT_S):
             _stdout, stderr = await proc.communicate()
     except TimeoutError:
-        raise SwtpmError(f"{_READPUBLIC} did not finish within {_TOOL_LIMIT_S:g} s") from None
+        raise SwtpmError(f"{argv[0]} did not finish within {_TOOL_LIMIT_S:g} s") from None
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -100,9 +105,27 @@ async def _read_ek(tcti: str, workdir: Path) -> str | None:
     if proc.returncode != 0:
         text = stderr.decode("utf-8", errors="replace").lower()
         if any(marker in text for marker in _HANDLE_ABSENT_MARKERS):
-            return None
-        raise SwtpmError(f"{_READPUBLIC} of the EK failed (exit {proc.returncode})")
-    return hashlib.sha256(out.read_bytes()).hexdigest()
+            return False
+        raise SwtpmError(f"{argv[0]} failed (exit {proc.returncode})")
+    return True
+
+
+async def _read_ek(tcti: str, workdir: Path) -> str | None:
+    out = workdir / "ek.pub"
+    found = await _tpm2_tool(tcti, _READPUBLIC, "-c", f"0x{EK_HANDLE:x}", "-o", str(out))
+    return hashlib.sha256(out.read_bytes()).hexdigest() if found else None
+
+
+async def _read_ek_public_pem(tcti: str, workdir: Path) -> str | None:
+    out = workdir / "ek.pem"
+    argv = (_READPUBLIC, "-c", f"0x{EK_HANDLE:x}", "-f", "pem", "-o", str(out))
+    return out.read_text(encoding="ascii") if await _tpm2_tool(tcti, *argv) else None
+
+
+async def _read_ek_certificate(tcti: str, workdir: Path) -> bytes | None:
+    out = workdir / "ek-cert.der"
+    argv = (_NVREAD, "-C", "o", f"0x{EK_CERTIFICATE_INDEX:x}", "-o", str(out))
+    return out.read_bytes() if await _tpm2_tool(tcti, *argv) else None
 
 
 async def probe_tpm_state(
@@ -110,10 +133,12 @@ async def probe_tpm_state(
     *,
     temp_dir: Path | None = None,
     read_ek: bool = True,
+    ek_details: bool = False,
     passphrase: bytes | None = None,
 ) -> TpmProbe:
     """Start a throwaway swtpm on a copy of ``files`` (validated TPM state files, as
-    `keeper_shared.state_format.tpm_archive.unpack_tpm_state` returns them) and read the EK.
+    `keeper_shared.state_format.tpm_archive.unpack_tpm_state` returns them) and read the EK;
+    with ``ek_details`` also its public key as PEM and its certificate, for attestation.
     ``passphrase``: the value of the libvirt secret an encrypted state was written with.
 
     Raises `SwtpmError` when swtpm does not load the state or a tool fails, `OSError` when
@@ -134,11 +159,15 @@ async def probe_tpm_state(
             async with await start_swtpm(
                 state_dir, work_parent=workdir, passphrase=passphrase
             ) as tpm:
-                ek = await _read_ek(tpm.tcti, workdir) if read_ek and ek_readable() else None
+                readable = ek_readable()
+                ek = await _read_ek(tpm.tcti, workdir) if read_ek and readable else None
+                details = ek_details and readable and ek is not None
+                public_pem = await _read_ek_public_pem(tpm.tcti, workdir) if details else None
+                certificate = await _read_ek_certificate(tpm.tcti, workdir) if details else None
         except SwtpmError as error:
             # The throwaway path says nothing and differs every time; keep what swtpm said.
             raise SwtpmError(str(error).replace(str(state_dir), "the copy")) from None
-        return TpmProbe(ek_sha256=ek)
+        return TpmProbe(ek_sha256=ek, ek_public_pem=public_pem, ek_certificate_der=certificate)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
