@@ -69,6 +69,7 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "state.import",
             "state.delete",
             "state.describe",
+            "state.tpm.accept",
         }
     ),
     MessageRole.POLICY_COMMAND: frozenset(
