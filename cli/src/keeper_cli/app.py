@@ -766,6 +766,40 @@ def _delete(vm: str, *, disable: bool, reason: str, yes: bool, as_json: bool) ->
 ReasonOption = Annotated[str, typer.Option(help="Why, for the audit log.")]
 
 
+@vm_app.command("accept-tpm")
+def accept_tpm(vm: VmArgument, yes: YesOption = False, as_json: JsonOption = False) -> None:
+    """Accept the VM's newest stored TPM as its own, after it was flagged as replaced
+    unasked (status: tpm-reset). From then on restores hand out the newest version again;
+    the versions of the old TPM stay in the history. Asks first (--yes for automation)."""
+
+    async def work(settings: CliSettings) -> tuple[str, dict[str, str]]:
+        async with _client(settings, needs=RESOLVING) as client:
+            vm_id = await _resolve(client, vm)
+            found = await views.vm_status(client, vm_id)
+            flagged = found.tpm_reset if found is not None else None
+            _confirm(
+                f"Accept the newest stored TPM of {vm} as its own? "
+                + (f"It was flagged: {flagged}. " if flagged else "")
+                + "Its next start then gets that TPM, and what the guest sealed into the old "
+                "one is only in the history.",
+                yes=yes,
+            )
+            return vm_id, await client.accept_tpm(vm_id, requested_by=getpass.getuser())
+
+    vm_id, detail = _run(work)
+    if as_json:
+        output.emit_json({"vm_id": vm_id, **detail})
+        return
+    output.facts(
+        [
+            ("tpm accepted", vm),
+            ("vm id", vm_id),
+            ("version", detail.get("version")),
+            ("reset ended", detail.get("reset_version") or "none was pending"),
+        ]
+    )
+
+
 @vm_app.command("delete-state")
 def delete_state(
     vm: VmArgument, reason: ReasonOption = "", yes: YesOption = False, as_json: JsonOption = False
