@@ -13,6 +13,7 @@ change something; the read-only ones are in :mod:`keeper_cli.view_commands`.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import os
 import time
 import uuid
@@ -675,6 +676,54 @@ def _delete(vm: str, *, disable: bool, reason: str, yes: bool, as_json: bool) ->
             ("tpm disabled" if disable else "state deleted", vm),
             ("vm id", vm_id),
             *((name.replace("_", " "), count) for name, count in sorted(deleted.items())),
+        ]
+    )
+
+
+@vm_app.command("accept-tpm")
+def accept_tpm(
+    vm: VmArgument,
+    yes: YesOption = False,
+    timeout: TimeoutOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Accept the VM's newest stored TPM as its own, after it was flagged as replaced
+    unasked (status: tpm-reset). From then on restores hand out the newest version again;
+    the versions of the old TPM stay in the history. Asks first (--yes for automation)."""
+
+    async def work(settings: CliSettings) -> tuple[str, dict[str, str]]:
+        async with connected(settings, needs=RESOLVING) as client:
+            vm_id = await resolve(client, vm)
+            found = await views.vm_status(client, vm_id)
+            flagged = found.tpm_reset if found is not None else None
+            confirm(
+                f"Accept the newest stored TPM of {vm} as its own? "
+                + (f"It was flagged: {flagged}. " if flagged else "")
+                + "Its next start then gets that TPM, and what the guest sealed into the old "
+                "one is only in the history.",
+                yes=yes,
+            )
+            return vm_id, await client.accept_tpm(vm_id, requested_by=getpass.getuser())
+
+    vm_id, detail = run(work, follow=f"`keeper vm show {vm}`")
+    if as_json:
+        output.emit_json(
+            document(
+                "tpm-acceptance",
+                {
+                    "vm_id": vm_id,
+                    "version": detail.get("version"),
+                    "reset_version": detail.get("reset_version"),
+                },
+            )
+        )
+        return
+    output.facts(
+        [
+            ("tpm accepted", vm),
+            ("vm id", vm_id),
+            ("version", detail.get("version")),
+            ("reset ended", detail.get("reset_version") or "none was pending"),
         ]
     )
 

@@ -47,6 +47,7 @@ from keeper_shared.messages.snapshot import (
 )
 from keeper_shared.messages.state import ListStateHistory, RestoreState, StateHistory
 from keeper_shared.messages.tpm import DEFAULT_CLUSTER, EnableTpm, VmSpec
+from keeper_shared.messages.tpm_reset import AcceptTpm
 from keeper_shared.messages.transfer import (
     CloneTpm,
     CloneVm,
@@ -389,6 +390,12 @@ class KeeperClient:
         its registration removed; returns what was deleted."""
         detail = await self._ask(self._policy_target, DisableTpm(vm_id=vm_id, reason=reason), vm_id)
         return _counts(detail)
+
+    async def accept_tpm(self, vm_id: str, *, requested_by: str = "") -> dict[str, str]:
+        """Make the VM's newest stored TPM its own (after a reset); the store's detail:
+        ``version`` accepted, and ``reset_version`` when a reset was pending."""
+        request = AcceptTpm(vm_id=vm_id, requested_by=requested_by)
+        return await self._ask(self._store_target, request, vm_id)
 
     async def list_snapshots(self, vm_id: str) -> list[SnapshotInfo]:
         """The VM's snapshots, oldest first."""

@@ -37,6 +37,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "last_host",
         "tpm_encrypted",
         "tpm_stranded",
+        "tpm_reset",
     ),
     "unprotected-vm": (
         "vm_id",
@@ -62,6 +63,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "vm-stop": ("vm_id", "mode", "stopped", "retrieved", "error"),
     "adoption": tuple(VmAdoptionResult.model_fields),
     "state-history": tuple(StateHistory.model_fields),
+    "tpm-acceptance": ("vm_id", "version", "reset_version"),
     "endorsement-key": (
         "vm_id",
         "version",

@@ -45,6 +45,9 @@ class VmStatus:
     """swtpm encrypts the TPM state with the VM's libvirt secret (``--encrypt-state``)."""
     tpm_stranded: str | None = None
     """Why the TPM state cannot be used off its host (a secret the keeper cannot read)."""
+    tpm_reset: str | None = None
+    """Set while the stored TPM was replaced unasked and nobody accepted the new one."""
+    tpm_reset_version: int | None = None
 
     def newest_stored_at(self) -> float | None:
         times = [k.stored_at for k in self.kinds.values() if k.stored_at is not None]
@@ -53,9 +56,12 @@ class VmStatus:
     def protection(self) -> str:
         """`protected` (state stored), `unprotected` (nothing stored yet), `loss-recorded`
         (a stop could not retrieve the final state), `stranded` (stored, but encrypted with
-        a secret the keeper cannot read: useless on another host)."""
+        a secret the keeper cannot read: useless on another host), `tpm-reset` (the stored
+        TPM was replaced unasked; the VM's own is restored until `accept-tpm`)."""
         if self.lost_from:
             return "loss-recorded"
+        if self.tpm_reset:
+            return "tpm-reset"
         if self.tpm_stranded:
             return "stranded"
         if any(k.version is not None for k in self.kinds.values()):
@@ -87,6 +93,11 @@ class VmStatus:
             "last_host": self.last_host,
             "tpm_encrypted": self.tpm_encrypted,
             "tpm_stranded": self.tpm_stranded,
+            "tpm_reset": (
+                None
+                if self.tpm_reset is None
+                else {"version": self.tpm_reset_version, "detail": self.tpm_reset}
+            ),
         }
 
 
@@ -142,6 +153,8 @@ def vm_status_from(view: VmView, stored: StoredVmState | None) -> VmStatus:
         last_host=view.last_host,
         tpm_encrypted=view.tpm_encrypted,
         tpm_stranded=view.tpm_stranded,
+        tpm_reset=view.tpm_reset,
+        tpm_reset_version=view.tpm_reset_version,
     )
 
 

@@ -12,6 +12,10 @@ and stopped with ``virsh``: the keeper never defines one. The VM is registered w
   QEMU starts, and its TPM has the first run's endorsement key;
 - with the store stopped, ``virsh start`` of a VM whose state is stored is refused with the
   keeper's message and no TPM is manufactured; fail-open mode starts it and logs it;
+- never a silent blank TPM: a VM whose state is stored starts with a new TPM (fail-open,
+  store down, its swtpm directory gone); once the store is back it flags the VM at once
+  (``state.tpm.reset``, ``keeper vm status`` says ``tpm-reset``), and the next start gets
+  the old TPM back (the first run's endorsement key), which ends the reset;
 - ``virsh undefine --tpm --nvram`` after a stop, and a transient domain (``virsh create``)
   destroyed right after a TPM change, lose nothing: what libvirt had at ``release end``
   (copied by a probe hook that runs after the keeper's) is the newest stored version.
@@ -57,9 +61,11 @@ from integration.agent.test_real_host import (
     wait_event,
     wait_persisted_current,
 )
+from keeper_cli import views
 from keeper_cli.client import KeeperClient
 from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.tpm import VmSpec
+from keeper_shared.messages.tpm_reset import ResetFoundBy, TpmReset, TpmResetCleared
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import VmStarted
 from keeper_shared.state_format.blobs import content_hash
@@ -364,6 +370,81 @@ async def test_a_start_whose_stored_state_cannot_be_had_is_refused_unless_fail_o
     ]
     assert "state store did not answer" in str(allowed.get("reason")), allowed
     assert virsh("domstate", guest.name).stdout.strip() == "running"
+    virsh("destroy", guest.name)
+    wipe_host_state(guest)
+
+
+async def test_a_blank_tpm_announced_for_a_vm_with_stored_state_is_flagged_and_not_restored(
+    stack: Stack, guest: Guest, tmp_path: Path
+) -> None:
+    client = stack.client
+    await start_and_store(stack, guest)
+    own_tpm = tmp_path / "own-tpm2"
+    shutil.copytree(tpm_dir(guest.vm_id), own_tpm, ignore=shutil.ignore_patterns(".*"))
+    ek_own = await read_ek_public(own_tpm, tmp_path / "ek-own")
+    virsh("destroy", guest.name)
+    wipe_host_state(guest)
+
+    # --- the store is down and the host fails open: libvirt manufactures a new TPM
+    store = next(service for service in stack.services if service.name == "state-store")
+    await store.stop()
+    await restart_agent(stack, KEEPER_HOST_HOOK_FAIL_OPEN="true")
+    mark = len(stack.agent_log())
+    virsh("define", str(guest.xml_file))
+    virsh("start", guest.name)
+    await stack.wait_logged("start allowed by fail-open although", mark)
+    blank_tpm = tmp_path / "blank-tpm2"
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    while disk_tpm_content(guest.vm_id) is None:
+        assert time.monotonic() < deadline, "libvirt manufactured no TPM"
+        await asyncio.sleep(0.2)
+    shutil.copytree(tpm_dir(guest.vm_id), blank_tpm, ignore=shutil.ignore_patterns(".*"))
+    ek_blank = await read_ek_public(blank_tpm, tmp_path / "ek-blank")
+    assert ek_blank != ek_own, "fail-open started the VM with a new TPM"
+
+    # --- the store comes back and persists what the host announced: flagged at once
+    watch = await client.watch_events("state.tpm.reset.*", "state.tpm.reset.cleared.*")
+    await store.start()
+    reset = (
+        await wait_event(watch, TpmReset, guest.is_ours, "state.tpm.reset of the new TPM")
+    ).data
+    assert reset.found_by is ResetFoundBy.PERSIST
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    while (status := await views.vm_status(client, guest.vm_id)) is None or not status.tpm_reset:
+        assert time.monotonic() < deadline, "policy never flagged the VM"
+        await asyncio.sleep(0.2)
+    assert status.protection() == "tpm-reset"
+    assert status.as_json(time.time())["tpm_reset"]["version"] == reset.version
+    print(f"\nkeeper vm status: {status.protection()}: {status.tpm_reset}")
+
+    # --- the next start (fail closed again) gets the VM's own TPM, not the newest one
+    virsh("destroy", guest.name)
+    wipe_host_state(guest)
+    await restart_agent(stack, KEEPER_HOST_HOOK_FAIL_OPEN="false")
+    virsh("define", str(guest.xml_file))
+    capture = RestoreCapture(guest.vm_id, guest.name)
+    capture.start()
+    try:
+        virsh("start", guest.name)
+    finally:
+        capture.stop()
+    assert capture.tpm is not None, "the hook wrote no TPM state"
+    restored = tmp_path / "restored-tpm2"
+    restored.mkdir()
+    for file_name, data in capture.tpm_files.items():
+        (restored / file_name).write_bytes(data)
+    assert await read_ek_public(restored, tmp_path / "ek-restored") == ek_own
+
+    # --- the guest runs on its own TPM again: the reset is over, status says so
+    cleared = await wait_event(
+        watch, TpmResetCleared, guest.is_ours, "state.tpm.reset.cleared (own TPM back)"
+    )
+    assert cleared.data.reset_version == reset.version
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    while (status := await views.vm_status(client, guest.vm_id)) is None or status.tpm_reset:
+        assert time.monotonic() < deadline, "policy kept the VM flagged"
+        await asyncio.sleep(0.2)
+    assert status.protection() == "protected"
     virsh("destroy", guest.name)
     wipe_host_state(guest)
 

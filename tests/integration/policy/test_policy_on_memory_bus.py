@@ -16,13 +16,25 @@ from keeper_policy.app import build_service
 from keeper_policy.service import PolicyService
 from keeper_policy.settings import PolicySettings
 from keeper_shared.bus.client import Delivery, Route
-from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS, QueueSpec
+from keeper_shared.bus.topology import (
+    POLICY,
+    POLICY_COMMANDS,
+    POLICY_EVENTS,
+    STATE_STORE,
+    QueueSpec,
+)
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
 from keeper_shared.messages.placement import PlaceVm
 from keeper_shared.messages.queries import ListVms, VmsListed
 from keeper_shared.messages.tpm import EnableTpm, TpmApproved, TpmRejected, VmSpec
+from keeper_shared.messages.tpm_reset import (
+    ResetClearing,
+    ResetFoundBy,
+    TpmReset,
+    TpmResetCleared,
+)
 from support.memory_bus import MemoryBroker, MemoryBus
 from support.redis_db import PrivateDatabase
 from support.waiting import wait_until
@@ -183,3 +195,50 @@ async def test_a_refused_placement_lists_every_reason_and_leaves_the_vm_where_it
     )
     (vm,) = listed.data.vms
     assert (vm.host, vm.epoch, vm.last_host) == (None, 0, None)
+
+
+async def _listed(scene: Scene, vm_id: str) -> tuple[str | None, int | None]:
+    listed = await scene.caller.call(
+        POLICY, ListVms(vm=vm_id), VmsListed, subject=vm_id, timeout_s=TIMEOUT_S
+    )
+    (view,) = listed.data.vms
+    return view.tpm_reset, view.tpm_reset_version
+
+
+async def test_a_tpm_reset_is_shown_until_it_ends_whatever_order_the_events_come_in(
+    scene: Scene,
+) -> None:
+    await beat(scene.broker, "host-a", swtpm="0.7.1")
+    spec = windows_11("win-reset")
+    assert (await enable(scene, spec)).ok
+    store = scene.broker.client(source="state-store/t", origin=STATE_STORE)
+
+    async def publish(event: TpmReset | TpmResetCleared) -> None:
+        await store.publish_event(event, subject=spec.vm_id)
+        await scene.broker.settled()
+
+    def reset(version: int, found_by: ResetFoundBy = ResetFoundBy.PERSIST) -> TpmReset:
+        return TpmReset(
+            vm_id=spec.vm_id, version=version, previous_good_version=version - 1, found_by=found_by
+        )
+
+    def cleared(version: int) -> TpmResetCleared:
+        return TpmResetCleared(
+            vm_id=spec.vm_id, version=version, how=ResetClearing.ACCEPTED, reset_version=3
+        )
+
+    await publish(reset(3))
+    text, version = await _listed(scene, spec.vm_id)
+    assert version == 3
+    assert text is not None
+    assert "v2, restored next" in text
+    await publish(reset(3))  # redelivered: the same flag
+    assert (await _listed(scene, spec.vm_id))[1] == 3
+
+    await publish(cleared(5))
+    assert await _listed(scene, spec.vm_id) == (None, None)
+    # A late reset the end already covers (the scrubber judging v4 afterwards) stays over.
+    await publish(reset(4, ResetFoundBy.SCRUB))
+    assert await _listed(scene, spec.vm_id) == (None, None)
+    await publish(reset(7))
+    assert (await _listed(scene, spec.vm_id))[1] == 7

@@ -82,6 +82,7 @@ BAD_INPUT: dict[str, list[list[str]]] = {
     "vm status": [["bad name!"], ["vm1", "vm2"]],
     "vm history": [[], ["bad name!"]],
     "vm ek": [[], ["bad name!"], ["vm1", "vm2"]],
+    "vm accept-tpm": [[], ["bad name!"], ["vm1", "vm2"]],
     "vm snapshots": [[], ["bad name!"]],
 }
 """Each command's bad inputs; every one must exit 2 before any network call."""
@@ -106,6 +107,7 @@ GOOD_INPUT: dict[str, list[str]] = {
     "vm status": [],
     "vm history": [VM_ID],
     "vm ek": ["vm1"],
+    "vm accept-tpm": ["vm1", "--yes"],
     "vm snapshots": ["vm1"],
 }
 """Input each command accepts: with no broker it gets as far as connecting (exit 4)."""

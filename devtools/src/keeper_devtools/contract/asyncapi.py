@@ -70,6 +70,7 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "state.delete",
             "state.describe",
             "state.ek.read",
+            "state.tpm.accept",
         }
     ),
     MessageRole.POLICY_COMMAND: frozenset(

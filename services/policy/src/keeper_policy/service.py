@@ -30,6 +30,7 @@ from keeper_shared.messages.host_requests import ClaimPlacement, PlacementClaime
 from keeper_shared.messages.placement import PlaceVm, StopVm
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded
+from keeper_shared.messages.tpm_reset import ResetFoundBy, TpmReset, TpmResetCleared
 from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped, VmUndefined
 from keeper_shared.messages.vm_snapshot import SnapshotVm
 from keeper_shared.runtime.background import BackgroundTasks
@@ -84,6 +85,8 @@ class PolicyService:
             Route(VmStopped, from_host(self.on_vm_stopped)),
             Route(VmStarted, from_host(self.on_vm_started)),
             Route(TpmStateStranded, from_host(self.on_tpm_state_stranded)),
+            Route(TpmReset, self.on_tpm_reset),
+            Route(TpmResetCleared, self.on_tpm_reset_cleared),
             Route(VmDiscovered, from_host(self.on_vm_discovered)),
             Route(VmUndefined, from_host(self.on_vm_undefined)),
         ]
@@ -187,6 +190,38 @@ class PolicyService:
                 host=event.host,
                 tpm_secret_id=event.secret_uuid,
             )
+
+    async def on_tpm_reset(self, envelope: Envelope[TpmReset], delivery: Delivery) -> None:
+        """Flag a VM whose stored TPM was replaced unasked, so status says so until the new
+        TPM is accepted or the VM's own is back (the store decides what is restored)."""
+        event = envelope.data
+        if event.found_by is ResetFoundBy.PERSIST:
+            text = (
+                f"v{event.version} is another TPM than the VM's own (v"
+                f"{event.previous_good_version}, restored next): `keeper vm accept-tpm` "
+                "keeps the new one"
+            )
+        else:
+            text = (
+                f"the scrubber found a new endorsement key in v{event.version} (v"
+                f"{event.previous_good_version} has the old one)"
+            )
+        if await self._registry.flag_tpm_reset(event.vm_id, event.version, text):
+            log.warning(
+                "VM's TPM was replaced unasked",
+                vm_id=event.vm_id,
+                version=event.version,
+                previous_good_version=event.previous_good_version,
+                found_by=event.found_by.value,
+            )
+
+    async def on_tpm_reset_cleared(
+        self, envelope: Envelope[TpmResetCleared], delivery: Delivery
+    ) -> None:
+        """A VM's TPM reset is over (accepted, its own TPM back, or a restore chose)."""
+        event = envelope.data
+        if await self._registry.clear_tpm_reset(event.vm_id, event.version):
+            log.info("VM's TPM reset is over", vm_id=event.vm_id, how=event.how.value)
 
     async def on_heartbeat(self, envelope: Envelope[HostHeartbeat], delivery: Delivery) -> None:
         """Remember the host as alive; a returning host cleans up; pending epochs settle."""

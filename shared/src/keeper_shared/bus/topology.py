@@ -97,6 +97,8 @@ POLICY_EVENTS = QueueSpec(
         "tpm.state.stranded.*",
         # Only the store deletes state; a host's user may not publish with its origin.
         event_routing_key("state.deleted", STATE_STORE),
+        event_routing_key("state.tpm.reset", STATE_STORE),
+        event_routing_key("state.tpm.reset.cleared", STATE_STORE),
     ),
 )
 POLICY_COMMANDS = QueueSpec(name="keeper.policy.commands", command_key=POLICY)

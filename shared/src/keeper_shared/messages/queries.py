@@ -75,6 +75,15 @@ class VmView(_View):
         description="Why its TPM state cannot be used off its host (encrypted with a secret "
         "the keeper cannot read); None when it can.",
     )
+    tpm_reset: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Set while its stored TPM was replaced unasked (``state.tpm.reset``) and "
+        "nobody accepted the new one: what happened and which version is restored.",
+    )
+    tpm_reset_version: int | None = Field(
+        default=None, ge=1, description="The first TPM version of the unaccepted new TPM."
+    )
 
 
 class VmsListed(Payload):

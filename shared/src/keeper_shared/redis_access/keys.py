@@ -67,6 +67,22 @@ def state_pinned_meta_key(vm_id: str, kind: StateKind) -> str:
     return f"{PREFIX}:{{{vm_id}}}:{kind.value}:pinned-meta"
 
 
+def state_identities_key(vm_id: str, kind: StateKind) -> str:
+    """Hash: version number -> fingerprint of the TPM identity the store read when it
+    persisted that version (TPM only; absent when it could not be read). Trimmed with the
+    history."""
+    return f"{PREFIX}:{{{vm_id}}}:{kind.value}:identities"
+
+
+def state_identity_trust_key(vm_id: str, kind: StateKind) -> str:
+    """Hash: which TPM identity is the VM's own, and a reset found at persist time:
+    ``accepted`` (fingerprint), ``good`` (newest version with it), and while a TPM with
+    another identity is unaccepted, ``reset`` (its first version), ``reset_identity``
+    (its fingerprint, '' when unreadable) and ``restore`` (the version restores hand out
+    instead of the newest). See ``keeper_state_store.storage.tpm_trust``."""
+    return f"{PREFIX}:{{{vm_id}}}:{kind.value}:identity-trust"
+
+
 def kind_state_keys(vm_id: str, kind: StateKind) -> list[str]:
     """Every key holding stored state of one kind (blobs and pinned blobs first): what
     deleting a VM's state deletes."""
@@ -78,6 +94,8 @@ def kind_state_keys(vm_id: str, kind: StateKind) -> list[str]:
         state_history_key(vm_id, kind),
         state_flags_key(vm_id, kind),
         state_pinned_meta_key(vm_id, kind),
+        state_identities_key(vm_id, kind),
+        state_identity_trust_key(vm_id, kind),
     ]
 
 

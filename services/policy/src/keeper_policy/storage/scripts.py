@@ -32,3 +32,4 @@ class PolicyScripts:
         self.index_drop = _load(redis, "index_drop")
         self.forget = _load(redis, "forget")
         self.versions_forget = _load(redis, "versions_forget")
+        self.tpm_reset = _load(redis, "tpm_reset")

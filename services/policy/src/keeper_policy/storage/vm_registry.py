@@ -289,6 +289,21 @@ class PolicyRegistry:
         await awaited(self._redis.hset(key, "tpm_stranded", f"on {host}: {reason}"))
         return True
 
+    async def flag_tpm_reset(self, vm_id: str, version: int, text: str) -> bool:
+        """Record that the VM's TPM was replaced unasked from ``version`` on (status shows
+        ``text``); False when the VM is not registered or an end covers it already."""
+        changed = await self._scripts.tpm_reset(
+            keys=[vm_record_key(vm_id)], args=["flag", version, text]
+        )
+        return bool(changed)
+
+    async def clear_tpm_reset(self, vm_id: str, version: int) -> bool:
+        """Every TPM reset of the VM up to ``version`` is over; True when one was flagged."""
+        changed = await self._scripts.tpm_reset(
+            keys=[vm_record_key(vm_id)], args=["clear", version]
+        )
+        return bool(changed)
+
     async def mark_lost(self, vm_id: str, host: str, point: RecoveryPoint) -> None:
         """Record that the VM's host was declared lost, with its recovery point."""
         await awaited(

@@ -82,6 +82,8 @@ def vm_view(
         last_host=_text(record.get(b"last_host")),
         lost_from=_text(record.get(b"lost_from")),
         tpm_stranded=_text(record.get(b"tpm_stranded")),
+        tpm_reset=_text(record.get(b"tpm_reset")),
+        tpm_reset_version=_number(record.get(b"tpm_reset_version")),
     )
 
 
@@ -105,6 +107,10 @@ def _persisted(record: Mapping[bytes, bytes]) -> dict[StateKind, PersistedVersio
                 version=int(version), persisted_at=datetime.fromtimestamp(float(at), UTC)
             )
     return found
+
+
+def _number(value: bytes | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
 
 
 def _text(value: bytes | None) -> str | None:

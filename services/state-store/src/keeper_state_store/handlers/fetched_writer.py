@@ -4,6 +4,11 @@ Every blob is verified, sealed under its VM's data key (every key read in one ro
 written by its own fenced script, all in one Redis pipeline with one wait for the replicas:
 a batch of a hundred TPM states costs one round trip and shares one AOF fsync instead of
 two round trips each. Only then is each stored version announced ``state.persisted``.
+
+Each TPM version's identity (a fingerprint of its endorsement primary seed, read in
+microseconds; see `keeper_state_store.identity.fingerprint`) goes with its write, and the
+fenced script judges it against the VM's own at once (invariant 10): a TPM replaced unasked
+is stored, flagged and announced ``state.tpm.reset`` right after its ``state.persisted``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from keeper_shared.state_format.blobs import open_blob
 from keeper_shared.state_format.compression import BlobFormatError
 from keeper_state_store.crypto.sealing import BlobSealer
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.handlers.tpm_reset import TpmResetAnnouncer
+from keeper_state_store.identity.fingerprint import TpmIdentity, archive_identity
 from keeper_state_store.storage.repository import (
     StateRepository,
     VersionWrite,
@@ -47,11 +54,13 @@ class FetchedStateWriter:
         sealer: BlobSealer,
         secrets: TpmSecretVault,
         bus: BusClient,
+        resets: TpmResetAnnouncer,
     ) -> None:
         self._repository = repository
         self._sealer = sealer
         self._secrets = secrets
         self._bus = bus
+        self._resets = resets
 
     async def persist(self, host: str, vm_states: Sequence[FetchedVmState]) -> BatchResults:
         """Write every VM's blobs from ``host``; a failure is reported per VM."""
@@ -75,9 +84,22 @@ class FetchedStateWriter:
             if results[vm_state.vm_id] is None
             for blob in vm_state.blobs
         ]
-        verified = await asyncio.gather(*(self._verify(vm_id, host, blob) for vm_id, blob in blobs))
-        to_write = [pair for pair, ok in zip(blobs, verified, strict=True) if ok]
+        opened = await asyncio.gather(*(self._verify(vm_id, host, blob) for vm_id, blob in blobs))
+        to_write = [
+            pair for pair, content in zip(blobs, opened, strict=True) if content is not None
+        ]
         if not to_write:
+            return results
+        try:
+            identities = await asyncio.gather(
+                *(
+                    self._identity(vm_id, blob, content)
+                    for (vm_id, blob), content in zip(blobs, opened, strict=True)
+                    if content is not None
+                )
+            )
+        except Exception as error:
+            self._failed(results, [vm_id for vm_id, _ in to_write], error)
             return results
         try:
             sealed = await self._sealer.seal_all(to_write)
@@ -92,8 +114,11 @@ class FetchedStateWriter:
                         size=blob.size,
                         sealed=ciphertext,
                         swtpm_version=blob.swtpm_version,
+                        tpm_identity=(None if identity is None else identity.fingerprint or ""),
                     )
-                    for (vm_id, blob), ciphertext in zip(to_write, sealed, strict=True)
+                    for (vm_id, blob), ciphertext, identity in zip(
+                        to_write, sealed, identities, strict=True
+                    )
                 ]
             )
         except Exception as error:
@@ -139,16 +164,30 @@ class FetchedStateWriter:
         if secret is not None and await self._secrets.keep(vm_id, secret):
             log.info("TPM secret kept", vm_id=vm_id, tpm_secret_id=secret.uuid, from_host=host)
 
-    async def _verify(self, vm_id: str, host: str, blob: StateBlob) -> bool:
-        """Whether the blob opens to its declared size and hash; refused when not."""
+    async def _verify(self, vm_id: str, host: str, blob: StateBlob) -> bytes | None:
+        """The blob's content when it opens to its declared size and hash; refused (None)
+        when not."""
         metrics.PULLED_BYTES.labels(kind=blob.kind.value).inc(blob.size)
         try:
-            await run_sized(blob.size, open_blob, blob)
+            return await run_sized(blob.size, open_blob, blob)
         except BlobFormatError as error:
             metrics.PERSISTED.labels(kind=blob.kind.value, outcome="refused").inc()
             await self.refuse(vm_id, blob.kind, host, f"blob does not verify: {error}")
-            return False
-        return True
+            return None
+
+    async def _identity(self, vm_id: str, blob: StateBlob, content: bytes) -> TpmIdentity | None:
+        """A TPM version's identity (None for NVRAM); an encrypted state is opened with the
+        VM's secret when the store holds it."""
+        if blob.kind is not StateKind.TPM:
+            return None
+        identity = archive_identity(content)
+        if identity.needs_secret:
+            secret = await self._secrets.held(vm_id)
+            if secret is not None:
+                identity = archive_identity(content, secret.value.get_secret_value())
+        if not identity.known:
+            log.info("TPM identity not readable", vm_id=vm_id, reason=identity.unknown_because)
+        return identity
 
     async def _report(
         self, vm_id: str, host: str, blob: StateBlob, result: WriteResult, elapsed_s: float
@@ -178,6 +217,7 @@ class FetchedStateWriter:
                 ),
                 subject=vm_id,
             )
+            await self._resets.after_write(vm_id, version, result.trust)
         elif result.outcome is WriteOutcome.STALE:
             # Replicas racing on the same VM: the newer write won. Not an audit matter.
             log.info("stale write ignored", vm_id=vm_id, kind=blob.kind.value, head=result.detail)

@@ -35,6 +35,7 @@ from keeper_state_store.crypto.sealing import BlobSealer
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
 from keeper_state_store.handlers.fetched_writer import FetchedStateWriter
 from keeper_state_store.handlers.pull_batcher import PullBatcher
+from keeper_state_store.handlers.tpm_reset import TpmResetAnnouncer
 from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.storage.repository import StateRepository
 from keeper_state_store.storage.snapshots import SnapshotStore
@@ -60,7 +61,10 @@ class StateService:
         self._reader = VersionReader(repository.redis, repository.keys)
         self._secrets = TpmSecretVault(repository)
         self._snapshots = SnapshotStore(repository.redis, repository.replicas)
-        self._writer = FetchedStateWriter(repository, BlobSealer(repository), self._secrets, bus)
+        self._resets = TpmResetAnnouncer(repository.trust, bus)
+        self._writer = FetchedStateWriter(
+            repository, BlobSealer(repository), self._secrets, bus, self._resets
+        )
         self._batcher = PullBatcher(
             self._pull_batch,
             window_s=settings.pull_batch_window_s,
@@ -74,7 +78,11 @@ class StateService:
 
     def command_routes(self) -> list[Route]:
         """Routes of this service on the store's commands queue."""
-        return [Route(RetrieveState, self.on_retrieve), Route(RestoreState, self.on_restore)]
+        return [
+            Route(RetrieveState, self.on_retrieve),
+            Route(RestoreState, self.on_restore),
+            *self._resets.command_routes(),
+        ]
 
     def _host_user(self, host: str) -> str | None:
         """The AMQP user a host's replies must come from (None: not checked)."""
@@ -198,6 +206,11 @@ class StateService:
         except (VersionUnreadableError, DecryptionError) as error:
             log.error("stored state does not verify", vm_id=request.vm_id, reason=str(error))
             return CommandDone(ok=False, error=f"stored state does not verify: {error}")
+        tpm_version = plan.get(StateKind.TPM)
+        if tpm_version is not None:
+            # Before the host writes it, so its first write is judged against it: a version
+            # of another TPM that a restore asked for is the VM's own from now on.
+            await self._resets.after_restore(request.vm_id, tpm_version)
         prepare = PrepareVm(
             vm_id=request.vm_id,
             name=request.name,
@@ -294,3 +307,5 @@ class StateService:
             ),
             subject=vm_id,
         )
+        if kind is StateKind.TPM:
+            await self._resets.announce_pending(vm_id, record.version)

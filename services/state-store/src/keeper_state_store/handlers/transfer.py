@@ -28,9 +28,12 @@ from keeper_shared.messages.transfer import (
     StateExported,
 )
 from keeper_shared.messages.types import StateBlob, StateKind
+from keeper_shared.runtime.cpu_work import run_sized
+from keeper_shared.state_format.blobs import open_blob
 from keeper_state_store.crypto.encryption import DecryptionError
 from keeper_state_store.crypto.sealing import BlobSealer
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.identity.fingerprint import archive_identity
 from keeper_state_store.storage.repository import InitialOutcome, StateRepository
 from keeper_state_store.storage.version_reader import (
     VersionNotKeptError,
@@ -90,7 +93,9 @@ class TransferService:
             secret = await self._secrets.held(source) if StateKind.TPM in blobs else None
         except DecryptionError as error:
             return CommandDone(ok=False, error=f"source TPM secret does not verify: {error}")
-        reply = await self._store_initial(target, blobs, VersionOrigin.CLONE, source)
+        reply = await self._store_initial(
+            target, blobs, VersionOrigin.CLONE, source, secret.value if secret else None
+        )
         if reply.ok and secret is not None:
             await self._secrets.held_or_created(target, value=secret.value.get_secret_value())
         if reply.ok:
@@ -153,7 +158,13 @@ class TransferService:
             return CommandDone(ok=False, error=f"bundle refused: {error}")
         target = request.target_vm_id or bundle.vm_id
         blobs = {entry.blob.kind: entry.blob for entry in bundle.entries}
-        reply = await self._store_initial(target, blobs, VersionOrigin.IMPORT, bundle.vm_id)
+        reply = await self._store_initial(
+            target,
+            blobs,
+            VersionOrigin.IMPORT,
+            bundle.vm_id,
+            bundle.tpm_secret.value if bundle.tpm_secret else None,
+        )
         if reply.ok and bundle.tpm_secret is not None:
             await self._secrets.held_or_created(
                 target,
@@ -166,10 +177,30 @@ class TransferService:
         return reply
 
     async def _store_initial(
-        self, target: str, blobs: dict[StateKind, StateBlob], origin: VersionOrigin, source: str
+        self,
+        target: str,
+        blobs: dict[StateKind, StateBlob],
+        origin: VersionOrigin,
+        source: str,
+        tpm_passphrase: SecretBytes | None,
     ) -> CommandDone:
+        tpm = blobs.get(StateKind.TPM)
+        identity = (
+            None
+            if tpm is None
+            else archive_identity(
+                await run_sized(tpm.size, open_blob, tpm),
+                tpm_passphrase.get_secret_value() if tpm_passphrase is not None else None,
+            )
+        )
         outcome = await store_first_state(
-            self._repository, self._sealer, target, blobs, origin=origin, source_vm_id=source
+            self._repository,
+            self._sealer,
+            target,
+            blobs,
+            origin=origin,
+            source_vm_id=source,
+            tpm_identity=identity.fingerprint or "" if identity is not None else "",
         )
         if outcome is InitialOutcome.EXISTS:
             return CommandDone(

@@ -13,8 +13,10 @@ the state is a usable TPM.
 The result of each version goes into ``state_flags_key(vm, kind)`` (see `ScrubFlag`). A
 failure is counted, logged (names and reasons only, never bytes) and announced as
 ``state.scrub.failed``; a TPM version whose EK differs from the previous good version's is
-flagged ``ek_changed`` and announced as ``state.tpm.reset`` naming that version. A version
-is announced again only when its verdict changes, not on every pass.
+flagged ``ek_changed`` and announced as ``state.tpm.reset`` naming that version, unless the
+store read that version's identity when it persisted it (it judged it then, at once; see
+`keeper_state_store.storage.tpm_trust`). A version is announced again only when its
+verdict changes, not on every pass.
 
 Replicas share the work without a leader: a short per-VM lock (``SET NX PX`` with a random
 token, renewed before each version, released by compare-and-delete) keeps two replicas off
@@ -41,13 +43,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from keeper_shared.messages.envelope import Payload
-from keeper_shared.messages.scrub import StateScrubFailed, TpmReset
+from keeper_shared.messages.scrub import StateScrubFailed
+from keeper_shared.messages.tpm_reset import ResetFoundBy, TpmReset
 from keeper_shared.messages.types import StateKind
 from keeper_shared.redis_access.keys import (
     PREFIX,
     scrub_lock_key,
     state_flags_key,
     state_history_key,
+    state_identities_key,
     state_meta_key,
     state_pinned_meta_key,
     tpm_secret_key,
@@ -489,17 +493,25 @@ class Scrubber:
                 version=version,
                 previous_good_version=previous_good[0],
             )
-            if not (
+            repeated = (
                 same_version
                 and existing is not None
                 and existing.ek_changed
                 and existing.previous_good_version == previous_good[0]
-            ):
+            )
+            # A version whose identity the store read when it persisted it was judged then
+            # (and flagged at once if it was another TPM; an accepted or restored one is
+            # the VM's own): announcing it again would flag what someone already settled.
+            judged = await awaited(
+                self._redis.hexists(state_identities_key(vm_id, kind), str(version))
+            )
+            if not repeated and not judged:
                 await self._publish(
                     TpmReset(
                         vm_id=vm_id,
                         version=version,
                         previous_good_version=previous_good[0],
+                        found_by=ResetFoundBy.SCRUB,
                         ek_sha256=flag.ek_sha256,
                         previous_ek_sha256=previous_good[1],
                     ),

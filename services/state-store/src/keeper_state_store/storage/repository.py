@@ -27,6 +27,8 @@ from keeper_shared.redis_access.keys import (
     state_blobs_key,
     state_head_key,
     state_history_key,
+    state_identities_key,
+    state_identity_trust_key,
     state_meta_key,
 )
 from keeper_shared.redis_access.results import awaited
@@ -37,6 +39,7 @@ from keeper_state_store.crypto.encryption import (
 )
 from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.storage.replication import NO_REPLICAS, ReplicaQuorum, run_replicated
+from keeper_state_store.storage.tpm_trust import TpmTrust, TrustOutcome
 from keeper_state_store.storage.version_meta import (
     VersionMeta,
     pack_version_meta,
@@ -79,6 +82,8 @@ class InitialVersion:
     content_hash: str
     size: int
     sealed: bytes
+    identity: str = ""
+    """The TPM identity fingerprint ('' when unread, or not a TPM)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +99,9 @@ class VersionWrite:
     size: int
     sealed: bytes
     swtpm_version: str | None = None
+    tpm_identity: str | None = None
+    """A TPM version's identity fingerprint, '' when it could not be read; None: not
+    judged (NVRAM, or a writer that does not read identities)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,17 @@ class WriteResult:
 
     outcome: WriteOutcome
     detail: str
+    trust: TrustOutcome | None = None
+    """For a stored TPM version written with its identity: what the identity check found
+    (see persist.lua); None when it was not judged."""
+
+    @classmethod
+    def from_reply(cls, reply: list[bytes]) -> WriteResult:
+        """Parse persist.lua's reply."""
+        outcome = WriteOutcome(reply[0].decode())
+        judged = len(reply) >= 5 and reply[2] != b""
+        trust = TrustOutcome.from_reply(*reply[2:5]) if judged else None
+        return cls(outcome, reply[1].decode(), trust)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,6 +207,8 @@ class StateRepository:
         self._persist_initial = redis.register_script(
             scripts.joinpath("persist_initial.lua").read_text()
         )
+        self.trust = TpmTrust(redis, replicas)
+        """Which TPM is each VM's own, and which version restores hand out."""
 
     @property
     def redis(self) -> Redis:
@@ -338,6 +359,8 @@ class StateRepository:
                         state_blobs_key(write.vm_id, write.kind),
                         state_meta_key(write.vm_id, write.kind),
                         state_history_key(write.vm_id, write.kind),
+                        state_identities_key(write.vm_id, write.kind),
+                        state_identity_trust_key(write.vm_id, write.kind),
                     ],
                     args=[
                         write.host,
@@ -353,15 +376,14 @@ class StateRepository:
                             swtpm_version=write.swtpm_version,
                         ),
                         self._history_depth,
+                        "-" if write.tpm_identity is None else write.tpm_identity,
                     ],
                     client=pipe,
                 )
 
         replies = await run_replicated(self._redis, self._replicas, queue, raise_on_error=False)
         return [
-            reply
-            if isinstance(reply, RedisError)
-            else WriteResult(WriteOutcome(reply[0].decode()), reply[1].decode())
+            reply if isinstance(reply, RedisError) else WriteResult.from_reply(reply)
             for reply in replies
         ]
 
@@ -384,10 +406,12 @@ class StateRepository:
                 state_blobs_key(vm_id, kind),
                 state_meta_key(vm_id, kind),
                 state_history_key(vm_id, kind),
+                state_identities_key(vm_id, kind),
+                state_identity_trust_key(vm_id, kind),
             ]
             initial = versions.get(kind)
             if initial is None:
-                args += ["", "", ""]
+                args += ["", "", "", ""]
                 continue
             meta = version_meta(
                 content_hash=initial.content_hash,
@@ -397,7 +421,7 @@ class StateRepository:
                 origin=origin,
                 source_vm_id=source_vm_id,
             )
-            args += [initial.content_hash, initial.sealed, meta]
+            args += [initial.content_hash, initial.sealed, meta, initial.identity]
         ((outcome,),) = await run_replicated(
             self._redis,
             self._replicas,

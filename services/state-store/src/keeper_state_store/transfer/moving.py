@@ -1,4 +1,5 @@
-"""Reading a VM's newest state to move it, and storing moved state as a VM's first state.
+"""Reading a VM's newest state to move it (its own TPM's, while a reset is pending), and
+storing moved state as a VM's first state.
 
 Clones and imports are a VM's first state: stored as version 1 under token (0, 0), only if
 the VM has no stored state at all (persist_initial.lua), so they can never overwrite what a
@@ -25,13 +26,14 @@ async def read_newest(
     repository: StateRepository, reader: VersionReader, vm_id: str, kinds: list[StateKind]
 ) -> dict[StateKind, VerifiedVersion]:
     """The newest version of each of ``kinds`` the VM has, verified (kinds it has none of
-    are left out). Raises as `VersionReader.read` does."""
-    found = {}
-    for kind in kinds:
-        head = await repository.head_version(vm_id, kind)
-        if head is not None:
-            found[kind] = await reader.read(vm_id, kind, head)
-    return found
+    are left out); for a TPM whose reset is pending, the newest version of the VM's own TPM
+    (see `keeper_state_store.storage.tpm_trust`). Raises as `VersionReader.read` does."""
+    restorable = await repository.trust.restorable_versions(vm_id)
+    return {
+        kind: await reader.read(vm_id, kind, restorable[kind])
+        for kind in kinds
+        if kind in restorable
+    }
 
 
 async def store_first_state(
@@ -42,9 +44,11 @@ async def store_first_state(
     *,
     origin: VersionOrigin,
     source_vm_id: str,
+    tpm_identity: str = "",
 ) -> InitialOutcome:
     """Seal ``blobs`` for ``target`` under the initial token and store them as its version 1,
-    unless it has state already."""
+    unless it has state already. ``tpm_identity``: the copied TPM's fingerprint ('' when
+    unread), which becomes the target's own."""
     versions = {}
     for kind, blob in blobs.items():
         # Re-bound to the target and to the initial token: the AAD names both.
@@ -53,6 +57,7 @@ async def store_first_state(
             content_hash=blob.content_hash,
             size=blob.size,
             sealed=await sealer.seal(target, rebound),
+            identity=tpm_identity if kind is StateKind.TPM else "",
         )
     return await repository.write_initial(
         target, versions, origin=origin, source_vm_id=source_vm_id

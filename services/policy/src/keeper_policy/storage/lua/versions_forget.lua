@@ -4,5 +4,7 @@
 for _, kind in ipairs(ARGV) do
   redis.call('HDEL', KEYS[1], kind .. '_version', kind .. '_persisted_at')
 end
-redis.call('HDEL', KEYS[1], 'last_persisted_at')
+-- A TPM reset went with the state; version numbers start again from 1.
+redis.call('HDEL', KEYS[1], 'last_persisted_at', 'tpm_reset_version', 'tpm_reset',
+  'tpm_reset_cleared_up_to')
 return 1
