@@ -536,6 +536,7 @@ async def stack(
             "KEEPER_HOST_LIBVIRT_URI": LIBVIRT_URI,
             "KEEPER_HOST_SWTPM_ROOT": str(SWTPM_ROOT),
             "KEEPER_HOST_NVRAM_DIR": str(NVRAM_DIR),
+            "KEEPER_HOST_GENERATION_MARK_FILE": str(tmp_path / "agent" / "generation"),
             "KEEPER_HOST_STABILITY_WINDOW_S": "0.3",
             "KEEPER_HOST_HEARTBEAT_INTERVAL_S": "1",
             "KEEPER_HOST_RESCAN_INTERVAL_S": "2",

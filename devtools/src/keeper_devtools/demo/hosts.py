@@ -36,6 +36,11 @@ class SimulatedHost:
         return self.root / "swtpm"
 
     @property
+    def generation_mark_file(self) -> Path:
+        """The agent's generation high-water mark (as /var/lib/vtpm-keeper/generation)."""
+        return self.root / "agent" / "generation"
+
+    @property
     def nvram_dir(self) -> Path:
         """Where NVRAM files live on this host (libvirt's /var/lib/libvirt/qemu/nvram)."""
         return self.root / "nvram"

@@ -74,7 +74,9 @@ class HostAgent:
         self.hypervisor: Hypervisor = hypervisor or LibvirtHypervisor(settings.libvirt_uri)
         self.announcer = ChangeAnnouncer(settings.host_id, self._publish_changes)
         self.tracker = StateTracker(
-            window_s=settings.stability_window_s, announce=self.announcer.announce
+            window_s=settings.stability_window_s,
+            announce=self.announcer.announce,
+            generation_mark=settings.generation_mark_file,
         )
         self.watcher = ChangeWatcher(self.tracker, rescan_interval_s=settings.rescan_interval_s)
         self.commands = HostCommands(settings, self.hypervisor, self.tracker)

@@ -41,6 +41,13 @@ class HostAgentSettings(ServiceSettings, HookSettings):
         default=5.0, gt=0, description="Stat-only safety-net rescan when inotify missed one."
     )
     heartbeat_interval_s: float = Field(default=5.0, gt=0, description="Heartbeat period.")
+    generation_mark_file: Path | None = Field(
+        default=None,
+        description="Where the agent keeps the high-water mark of the generations it hands "
+        "out, so a restart after the clock was set back never writes below what the store "
+        "holds (its writes would be refused as stale until the clock caught up). The "
+        "systemd unit sets /var/lib/vtpm-keeper/generation; unset keeps no mark.",
+    )
     command_senders: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="The AMQP users whose commands this host carries out, comma-separated: "

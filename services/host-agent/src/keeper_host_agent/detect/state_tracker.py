@@ -8,12 +8,13 @@ no burst of writes causes a burst of reads.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
+from keeper_host_agent.detect.generation_clock import GenerationClock
 from keeper_host_agent.detect.state_reader import (
     FileStat,
     StateLocation,
@@ -29,19 +30,6 @@ from keeper_shared.runtime.cpu_work import run_sized
 from keeper_shared.state_format.blobs import seal_blob
 
 log = structlog.get_logger(__name__)
-
-
-class GenerationClock:
-    """Generations that only grow, also across agent restarts: wall-clock microseconds,
-    bumped by one whenever the clock would repeat or step back."""
-
-    def __init__(self) -> None:
-        self._last = 0
-
-    def next(self) -> int:
-        """A generation strictly greater than every one handed out before."""
-        self._last = max(self._last + 1, time.time_ns() // 1000)
-        return self._last
 
 
 @dataclass(frozen=True)
@@ -81,10 +69,12 @@ Announce = Callable[[StateChange], Awaitable[None]]
 class StateTracker:
     """Tracks every TPM/UEFI VM on the host and announces stable changes."""
 
-    def __init__(self, *, window_s: float, announce: Announce) -> None:
+    def __init__(
+        self, *, window_s: float, announce: Announce, generation_mark: Path | None = None
+    ) -> None:
         self._window_s = window_s
         self._announce_change = announce
-        self._clock = GenerationClock()
+        self._clock = GenerationClock(generation_mark)
         self.swtpm_version: str | None = None
         """This host's swtpm version, recorded in every blob (set once it is probed)."""
         self.vms: dict[str, TrackedVm] = {}
