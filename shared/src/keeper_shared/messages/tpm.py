@@ -5,10 +5,11 @@ from __future__ import annotations
 import enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keeper_shared.messages.envelope import Payload, register_upcaster
 from keeper_shared.messages.types import HOST_ID_PATTERN, HostId, SecretUuid, VmId, VmName
+from keeper_shared.messages.vm_hardware import MAX_DISKS, MAX_INTERFACES, DiskSpec, InterfaceSpec
 
 CLUSTER_PATTERN = HOST_ID_PATTERN
 """Cluster names follow the host id rules: plain words that are safe in keys and logs."""
@@ -74,13 +75,37 @@ class VmSpec(BaseModel):
         "`vtpm`) the keeper creates once, keeps encrypted in the store and defines on each "
         "host before the VM starts there.",
     )
+    vcpus: int = Field(
+        default=1, ge=1, le=512, description="Virtual CPUs of the domain policy's template."
+    )
+    disks: list[DiskSpec] = Field(
+        default_factory=list,
+        max_length=MAX_DISKS,
+        description="File-backed disks of the domain policy's template, in boot order.",
+    )
+    interfaces: list[InterfaceSpec] = Field(
+        default_factory=list,
+        max_length=MAX_INTERFACES,
+        description="Network interfaces of the domain policy's template.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_devices(self) -> VmSpec:
+        # libvirt refuses both only when the domain is defined, on the host, mid-start.
+        sources = [disk.source for disk in self.disks]
+        if len(set(sources)) != len(sources):
+            raise ValueError("two disks share an image file")
+        macs = [nic.mac for nic in self.interfaces if nic.mac is not None]
+        if len(set(macs)) != len(macs):
+            raise ValueError("two interfaces share a MAC address")
+        return self
 
 
 class EnableTpm(Payload):
     """Command to policy: approve (or reject) a TPM for this VM and register it."""
 
     message_type = "tpm.enable"
-    schema_version = 2
+    schema_version = 3
 
     spec: VmSpec = Field(description="The VM.")
     cluster: str = Field(
@@ -100,6 +125,13 @@ class EnableTpm(Payload):
 @register_upcaster(EnableTpm.message_type, 1)
 def _enable_tpm_v1(data: dict[str, Any]) -> dict[str, Any]:
     """v1 specs predate ``encrypt_tpm_state``; its default (not encrypted) applies."""
+    return data
+
+
+@register_upcaster(EnableTpm.message_type, 2)
+def _enable_tpm_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """v2 specs predate ``vcpus``, ``disks`` and ``interfaces``; their defaults (one vCPU,
+    no disk, no interface: the template as it was) apply."""
     return data
 
 
