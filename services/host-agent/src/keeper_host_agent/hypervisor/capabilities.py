@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from keeper_shared.messages.host import HostCapabilities
@@ -24,17 +25,40 @@ def guest_architectures(host_arch: str) -> list[str]:
     return [host_arch, *ALSO_RUNS.get(host_arch, ())]
 
 
-async def probe_capabilities(libvirt_version: str, *, tpm_secrets: bool) -> HostCapabilities:
-    """swtpm's version (None when absent), libvirt's, the host arch, UEFI firmware, and
-    whether libvirt keeps secrets (``tpm_secrets``, asked of the hypervisor by the caller)."""
+def runs_kvm(capabilities_xml: str, host_arch: str) -> bool:
+    """Whether libvirt's capabilities (``virsh capabilities``) offer the `kvm` domain type
+    for hvm guests of ``host_arch``. libvirt lists it only where `/dev/kvm` is usable by
+    QEMU, so a host with the device but without access, or a ``test:///`` driver, says no.
+    XML that does not parse says no too: the template then emulates, which always works."""
+    try:
+        root = ET.fromstring(capabilities_xml)  # noqa: S314 - libvirt's own document
+    except ET.ParseError:
+        return False
+    return any(
+        guest.findtext("os_type") == "hvm"
+        and arch.get("name") == host_arch
+        and any(domain.get("type") == "kvm" for domain in arch.findall("domain"))
+        for guest in root.findall("guest")
+        for arch in guest.findall("arch")
+    )
+
+
+async def probe_capabilities(
+    libvirt_version: str, *, tpm_secrets: bool, capabilities_xml: str
+) -> HostCapabilities:
+    """swtpm's version (None when absent), libvirt's, the host arch, UEFI firmware,
+    whether libvirt keeps secrets (``tpm_secrets``) and runs KVM (from
+    ``capabilities_xml``), both asked of the hypervisor by the caller."""
     try:
         swtpm: str | None = await swtpm_version()
     except (SwtpmError, FileNotFoundError):
         swtpm = None
+    host_arch = platform.machine()
     return HostCapabilities(
         swtpm_version=swtpm,
         libvirt_version=libvirt_version,
-        architectures=guest_architectures(platform.machine()),
+        architectures=guest_architectures(host_arch),
         uefi_firmware=any(path.exists() for path in UEFI_FIRMWARE_PATHS),
         tpm_secrets=tpm_secrets,
+        kvm=runs_kvm(capabilities_xml, host_arch),
     )
