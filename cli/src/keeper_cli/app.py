@@ -38,6 +38,11 @@ from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.loss import describe_loss
 from keeper_shared.bus.client import BusClient, CallError, CallTimeoutError
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
+from keeper_shared.domain_document import (
+    MAX_DOMAIN_XML_CHARS,
+    DomainDocumentError,
+    read_domain_element,
+)
 from keeper_shared.messages.adoption import AdoptVm, UnprotectedVmView, VmAdoptionResult
 from keeper_shared.messages.envelope import MessageError
 from keeper_shared.messages.placement import StopMode
@@ -292,21 +297,45 @@ def enable_tpm(
 def start(
     vm: VmArgument,
     host: Annotated[str, typer.Option(help="The host to start it on.")],
+    domain_xml_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--domain-xml",
+            help="Your own libvirt domain XML (virsh dumpxml, virt-install --print-xml): "
+            "policy checks it against the VM's approval, adds the TPM and NVRAM it needs, "
+            "keeps the rest as written, and uses it for later starts too.",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Start a VM on a host with its newest stored TPM and NVRAM state."""
+    domain_xml = _read_domain_xml(domain_xml_file) if domain_xml_file is not None else None
 
     async def work(settings: CliSettings) -> tuple[str, int]:
         async with _client(settings, needs=RESOLVING) as client:
             vm_id = await _resolve(client, vm)
             with _progress(f"Starting {vm} on {host}...", quiet=as_json):
-                return vm_id, int(await client.start(vm_id, host))
+                return vm_id, int(await client.start(vm_id, host, domain_xml=domain_xml))
 
     vm_id, epoch = _run(work)
     if as_json:
         output.emit_json({"vm_id": vm_id, "host": host, "epoch": epoch, "started": True})
         return
     output.facts([("started", vm), ("vm id", vm_id), ("host", host), ("placement epoch", epoch)])
+
+
+def _read_domain_xml(path: Path) -> str:
+    """The file's domain XML, checked as policy checks it first (size, well-formed, no
+    DOCTYPE or entities, a `<domain>`), before anything is sent."""
+    try:
+        with path.open(encoding="utf-8") as file:
+            text = file.read(MAX_DOMAIN_XML_CHARS + 1)
+        read_domain_element(text)
+    except OSError as error:
+        raise typer.BadParameter(f"cannot read {path}: {error.strerror}") from None
+    except (UnicodeDecodeError, DomainDocumentError) as error:
+        raise typer.BadParameter(f"{path}: {error}") from None
+    return text
 
 
 StopOutcome = tuple[str, str, bool | None, str | None]
