@@ -41,7 +41,9 @@ class DiskSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     source: ImagePath = Field(description="The image file on the host (absolute path).")
-    format: Literal["qcow2", "raw"] = Field(default="qcow2", description="Image format.")
+    format: Literal["qcow2", "raw"] | None = Field(
+        default=None, description="Image format; None: `qcow2` for a disk, `raw` for a CD-ROM."
+    )
     bus: Literal["virtio", "sata", "scsi"] = Field(
         default="virtio",
         description="How the guest sees it: `virtio` (virtio-blk, `vdX`), `sata` (AHCI, "
@@ -50,6 +52,13 @@ class DiskSpec(BaseModel):
     cdrom: bool = Field(
         default=False, description="A read-only CD-ROM (an installer ISO) instead of a disk."
     )
+
+    @property
+    def image_format(self) -> str:
+        """The format the image is read as."""
+        if self.format is not None:
+            return self.format
+        return "raw" if self.cdrom else "qcow2"
 
     @model_validator(mode="after")
     def _cdrom_bus(self) -> DiskSpec:

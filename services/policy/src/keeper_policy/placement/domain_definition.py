@@ -81,7 +81,7 @@ def _disks(disks: list[DiskSpec]) -> str:
         elements.append(
             f"""
     <disk type='file' device='{device}'>
-      <driver name='qemu' type='{disk.format}'/>
+      <driver name='qemu' type='{disk.image_format}'/>
       <source file={quoteattr(disk.source)}/>
       <target dev='{target}' bus='{disk.bus}'/>{readonly}
     </disk>"""
