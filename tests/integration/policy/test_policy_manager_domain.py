@@ -2,7 +2,8 @@
 host agent on the in-memory bus double, against a real Redis and a simulated host
 (libvirt's ``test:///`` driver): the host defines exactly the manager's domain (its disks,
 interfaces, vCPUs and metadata) with the approved TPM, the NVRAM where the store restores
-it and the placement epoch added; the definition is kept, so the next start uses it again;
+it and the placement epoch added; the definition is kept, so the next start uses it again
+(while the VM runs, the same one is a repeat and another one is refused);
 a conflicting definition is refused with every reason and changes nothing (no epoch raised,
 no domain on the host, the kept definition as it was)."""
 
@@ -268,6 +269,16 @@ async def test_the_host_defines_exactly_the_managers_domain_and_the_next_start_a
     nvram = domain.findtext("os/nvram")
     assert nvram == str(scene.agent.settings.nvram_dir / f"{spec.name}_VARS.fd")
     assert await scene.kept_definition(spec.vm_id) is not None
+
+    repeated = await scene.ask(PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=given), spec.vm_id)
+    assert repeated.ok, repeated.error  # a redelivery: already placed
+    assert int(repeated.detail["epoch"]) == epoch
+    two_vcpus = given.replace("<vcpu>4</vcpu>", "<vcpu>2</vcpu>")
+    changed = await scene.ask(
+        PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=two_vcpus), spec.vm_id
+    )
+    assert not changed.ok
+    assert "under another definition; stop it" in (changed.error or "")
 
     stopped = await scene.ask(StopVm(vm_id=spec.vm_id, mode=StopMode.POWEROFF), spec.vm_id)
     assert stopped.ok, stopped.error
