@@ -3,9 +3,15 @@ architecture, and its template asks for KVM only where libvirt offers it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from keeper_host_agent.hypervisor.capabilities import guest_architectures, runs_kvm
+from keeper_host_agent.hypervisor.capabilities import (
+    guest_architectures,
+    kvm_emulates_smm,
+    runs_kvm,
+)
 
 
 @pytest.mark.parametrize(
@@ -53,3 +59,8 @@ def test_kvm_is_reported_only_where_libvirt_offers_it_for_the_hosts_arch(
     capabilities: str, kvm: bool
 ) -> None:
     assert runs_kvm(capabilities, "x86_64") is kvm
+
+
+@pytest.mark.parametrize("device", [Path("/nonexistent/kvm"), Path("/dev/null")])
+def test_smm_under_kvm_is_not_claimed_without_a_kvm_device_that_says_so(device: Path) -> None:
+    assert kvm_emulates_smm(device) is False

@@ -27,8 +27,9 @@ class HostCapabilities(BaseModel):
     kvm: bool = Field(
         default=False,
         description="libvirt on the host runs guests of its architecture under KVM (its "
-        "capabilities list a `kvm` domain type); policy's template then asks for "
-        "`type='kvm'` instead of QEMU's emulation.",
+        "capabilities list a `kvm` domain type) and, on x86, that KVM emulates SMM (UEFI "
+        "with Secure Boot needs it; some nested KVMs lack it); policy's template then asks "
+        "for `type='kvm'` instead of QEMU's emulation.",
     )
 
 

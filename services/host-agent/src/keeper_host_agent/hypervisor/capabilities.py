@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import platform
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -14,6 +16,16 @@ UEFI_FIRMWARE_PATHS = (
     Path("/usr/share/OVMF/OVMF_CODE.fd"),
     Path("/usr/share/AAVMF/AAVMF_CODE.fd"),
 )
+
+KVM_DEVICE = Path("/dev/kvm")
+
+KVM_CHECK_EXTENSION = 0xAE03
+"""The `KVM_CHECK_EXTENSION` ioctl on `/dev/kvm` (`_IO(KVMIO, 0x03)`): > 0 when supported."""
+
+KVM_CAP_X86_SMM = 117
+"""KVM emulates System Management Mode, which OVMF with Secure Boot needs."""
+
+X86_HOSTS = ("x86_64", "i686")
 
 ALSO_RUNS = {"x86_64": ("i686",)}
 """Guest architectures a host runs besides its own: every x86_64 CPU runs 32-bit guests.
@@ -43,22 +55,44 @@ def runs_kvm(capabilities_xml: str, host_arch: str) -> bool:
     )
 
 
+def kvm_emulates_smm(device: Path = KVM_DEVICE) -> bool:
+    """Whether this host's KVM emulates SMM. libvirt offers KVM on a host whose KVM has no
+    SMM (some nested or paravirtual KVMs, such as kvm-pvm), and QEMU then refuses to start
+    an x86 UEFI domain with `<smm state='on'/>`: "System Management Mode not supported by
+    this hypervisor". No access to the device says no."""
+    try:
+        descriptor = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(descriptor, KVM_CHECK_EXTENSION, KVM_CAP_X86_SMM) > 0
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+
+
 async def probe_capabilities(
     libvirt_version: str, *, tpm_secrets: bool, capabilities_xml: str
 ) -> HostCapabilities:
     """swtpm's version (None when absent), libvirt's, the host arch, UEFI firmware,
     whether libvirt keeps secrets (``tpm_secrets``) and runs KVM (from
-    ``capabilities_xml``), both asked of the hypervisor by the caller."""
+    ``capabilities_xml``), both asked of the hypervisor by the caller; on x86, KVM counts
+    only when it emulates SMM."""
     try:
         swtpm: str | None = await swtpm_version()
     except (SwtpmError, FileNotFoundError):
         swtpm = None
     host_arch = platform.machine()
+    # The template boots x86 UEFI guests with SMM on: KVM without it cannot run them.
+    kvm = runs_kvm(capabilities_xml, host_arch) and (
+        host_arch not in X86_HOSTS or kvm_emulates_smm()
+    )
     return HostCapabilities(
         swtpm_version=swtpm,
         libvirt_version=libvirt_version,
         architectures=guest_architectures(host_arch),
         uefi_firmware=any(path.exists() for path in UEFI_FIRMWARE_PATHS),
         tpm_secrets=tpm_secrets,
-        kvm=runs_kvm(capabilities_xml, host_arch),
+        kvm=kvm,
     )
