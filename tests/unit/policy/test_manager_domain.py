@@ -374,10 +374,14 @@ def test_dangerous_or_unusable_input_is_refused_clearly(xml: str, text: str) -> 
     assert text in reason
 
 
-def test_a_domain_without_a_type_is_refused() -> None:
-    (reason,) = refused(manager_xml().replace(" type='kvm'", "", 1))
+@pytest.mark.parametrize("domain_type", ["", "xen", "lxc"])
+def test_a_domain_that_is_not_qemus_is_refused(domain_type: str) -> None:
+    (reason,) = refused(manager_xml(domain_type=domain_type))
 
-    assert reason == "domain-xml: <domain> names no type (kvm or qemu)"
+    assert reason == (
+        f"domain-xml: <domain type={domain_type!r}>: the TPM emulator (swtpm) runs with QEMU "
+        "domains, type 'kvm' or 'qemu'"
+    )
 
 
 # --- the start's stamp -----------------------------------------------------------------

@@ -46,6 +46,9 @@ from keeper_shared.domain_document import (
 from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
 from keeper_shared.messages.tpm import Firmware, VmSpec
 
+QEMU_DOMAIN_TYPES = ("kvm", "qemu")
+"""The domain types libvirt gives an emulated TPM (its QEMU driver)."""
+
 SHOWN_CHARS = 64
 """How much of a value from the XML a reason quotes."""
 
@@ -87,8 +90,11 @@ def check_manager_domain(text: str, spec: VmSpec, tpm_xml: str) -> DomainCheck:
     except DomainDocumentError as error:
         return DomainCheck(None, [f"domain-xml: {error}"])
     reasons: list[str] = []
-    if not root.getAttribute("type"):
-        reasons.append("domain-xml: <domain> names no type (kvm or qemu)")
+    if root.getAttribute("type") not in QEMU_DOMAIN_TYPES:
+        reasons.append(
+            f"domain-xml: <domain type={_shown(root.getAttribute('type'))}>: the TPM emulator "
+            "(swtpm) runs with QEMU domains, type 'kvm' or 'qemu'"
+        )
     reasons += _identity(root, spec)
     firmware, boot_reasons = _boot(root, spec)
     reasons += boot_reasons
