@@ -71,6 +71,13 @@ class FakeHypervisor:
         """The fake keeps secrets."""
         return True
 
+    async def capabilities_xml(self) -> str:
+        """An x86_64 host whose libvirt emulates (no KVM), as the demo's hosts."""
+        return (
+            "<capabilities><guest><os_type>hvm</os_type><arch name='x86_64'>"
+            "<domain type='qemu'/></arch></guest></capabilities>"
+        )
+
     async def list_domains(self) -> list[DomainSnapshot]:
         """Every domain."""
         return [domain.snapshot() for domain in self.domains.values()]

@@ -259,16 +259,28 @@ def enable_tpm(
 def start(
     vm: VmArgument,
     host: HostOption,
+    domain_xml_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--domain-xml",
+            metavar="FILE",
+            callback=inputs.domain_xml_file,
+            help="Your own libvirt domain XML (virsh dumpxml, virt-install --print-xml): "
+            "policy checks it against the VM's approval, adds the TPM and NVRAM it needs, "
+            "keeps the rest as written, and uses it for later starts too.",
+        ),
+    ] = None,
     timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Start a VM on a host with its newest stored TPM and NVRAM state."""
+    domain_xml = inputs.domain_xml_text(domain_xml_file) if domain_xml_file is not None else None
 
     async def work(settings: CliSettings) -> tuple[str, int]:
         async with connected(settings, needs=RESOLVING) as client:
             vm_id = await resolve(client, vm)
             with progress(f"Starting {vm} on {host}...", quiet=as_json):
-                return vm_id, int(await client.start(vm_id, host))
+                return vm_id, int(await client.start(vm_id, host, domain_xml=domain_xml))
 
     vm_id, epoch = run(work, follow=_follow(vm))
     if as_json:

@@ -252,10 +252,11 @@ class KeeperClient:
         )
         return str(detail["tpm_xml"])
 
-    async def start(self, vm_id: str, host: str) -> int:
-        """Start a VM on ``host`` with its newest state; returns the new placement epoch
-        (:meth:`place` takes versions, snapshots and overrides)."""
-        detail = await self.place(vm_id, host)
+    async def start(self, vm_id: str, host: str, *, domain_xml: str | None = None) -> int:
+        """Start a VM on ``host`` with its newest state (defining ``domain_xml``, its
+        manager's own domain, when given); returns the new placement epoch (:meth:`place`
+        takes versions, snapshots and overrides)."""
+        detail = await self.place(vm_id, host, domain_xml=domain_xml)
         return int(detail["epoch"])
 
     async def stop(self, vm_id: str, mode: StopMode) -> bool:
@@ -295,9 +296,11 @@ class KeeperClient:
         versions: dict[StateKind, int] | None = None,
         snapshot_id: str | None = None,
         allow_older: bool = False,
+        domain_xml: str | None = None,
     ) -> dict[str, str]:
         """Start a VM on ``host``; returns the detail (``epoch``, versions sent, and
-        ``version_overridden`` when an older swtpm was allowed)."""
+        ``version_overridden`` when an older swtpm was allowed). ``domain_xml``: the VM
+        manager's own domain, which policy checks, completes and keeps for later starts."""
         request = PlaceVm(
             vm_id=vm_id,
             host=host,
@@ -305,6 +308,7 @@ class KeeperClient:
             versions=versions,
             snapshot_id=snapshot_id,
             allow_older=allow_older,
+            domain_xml=domain_xml,
         )
         return await self._ask(self._policy_target, request, vm_id)
 

@@ -22,6 +22,11 @@ import typer
 from pydantic import ValidationError
 
 from keeper_cli.typer_click import UsageError
+from keeper_shared.domain_document import (
+    MAX_DOMAIN_XML_CHARS,
+    DomainDocumentError,
+    read_domain_element,
+)
 from keeper_shared.messages.deletion import REASON_MAX_LENGTH
 from keeper_shared.messages.snapshot import SNAPSHOT_ID_PATTERN
 from keeper_shared.messages.transfer import MAX_PASSPHRASE_CHARS, MIN_PASSPHRASE_CHARS
@@ -128,6 +133,27 @@ def readable_file(path: Path, what: str) -> Path:
     if not os.access(path, os.R_OK):
         raise UsageError(f"{what} {path}: not readable by this user")
     return path
+
+
+def domain_xml_file(path: Path | None) -> Path | None:
+    """A file holding a libvirt domain XML policy would take: readable, within the size
+    bound, well-formed, no DOCTYPE or entities, a ``<domain>`` (checked again by policy)."""
+    if path is not None:
+        domain_xml_text(path)
+    return path
+
+
+def domain_xml_text(path: Path) -> str:
+    """The domain XML in ``path``, checked as :func:`domain_xml_file` says."""
+    try:
+        with path.open(encoding="utf-8") as file:
+            text = file.read(MAX_DOMAIN_XML_CHARS + 1)
+        read_domain_element(text)
+    except OSError as error:
+        raise typer.BadParameter(f"cannot read {path}: {error.strerror}") from None
+    except (UnicodeDecodeError, DomainDocumentError) as error:
+        raise typer.BadParameter(f"{path}: {error}") from None
+    return text
 
 
 def bundle_bytes(path: Path) -> bytes:

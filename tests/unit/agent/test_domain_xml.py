@@ -81,3 +81,26 @@ def test_bad_epoch_metadata_reads_as_unplaced() -> None:
     location = _parse(xml)
     assert location is not None
     assert location.epoch == 0  # type: ignore[attr-defined]
+
+
+def test_filling_the_nvram_path_keeps_a_managers_domain_as_written() -> None:
+    xml = (
+        "<domain type='kvm'><name>web</name><uuid>" + VM_ID + "</uuid><metadata>"
+        "<nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'>"
+        "<nova:name>web</nova:name></nova:instance></metadata>"
+        "<os><type arch='x86_64' machine='q35'>hvm</type><loader type='pflash'>/c.fd</loader>"
+        "<nvram template='/t.fd'/></os><devices><disk type='file' device='disk'>"
+        "<source file='/images/web.qcow2'/><target dev='vda' bus='virtio'/></disk>"
+        "</devices></domain>"
+    )
+
+    filled = fill_nvram_path(xml, NVRAM_DIR)
+
+    assert "<nova:instance xmlns:nova=" in filled  # ElementTree would have made it ns0
+    assert f'<nvram template="/t.fd">{NVRAM_DIR}/web_VARS.fd</nvram>' in filled
+    assert '<source file="/images/web.qcow2"/>' in filled
+
+
+def test_filling_the_nvram_path_refuses_a_doctype() -> None:
+    with pytest.raises(DomainXmlError, match="DOCTYPE"):
+        fill_nvram_path("<!DOCTYPE domain><domain><name>x</name></domain>", NVRAM_DIR)

@@ -39,6 +39,8 @@ BAD_INPUT: dict[str, list[list[str]]] = {
         ["bad name!", "--host", "h"],
         ["vm1", "--host", "Not A Host"],
         ["vm1", "--host", "h", "--timeout", "-5"],
+        ["vm1", "--host", "h", "--domain-xml", "{missing_dir}/domain.xml"],
+        ["vm1", "--host", "h", "--domain-xml", "{existing}"],  # not XML
     ],
     "vm shutdown": [[], ["vm1", "bad name!"], ["vm1", "--timeout", "nan"]],
     "vm poweroff": [[], ["bad name!"]],

@@ -1,4 +1,5 @@
-"""The demo's domain template: each architecture boots the firmware its TPM works with."""
+"""The demo's domain template: each architecture boots the firmware its TPM works with; KVM
+where the host runs it; vCPUs, disks and interfaces from the spec."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_policy.tpm.rules import TPM_MODEL_BY_ARCH, tpm_element
@@ -75,3 +77,108 @@ def test_an_aarch64_vm_boots_uefi_without_smm() -> None:
     tpm = domain.find("devices/tpm")
     assert tpm is not None
     assert tpm.get("model") == "tpm-tis"
+
+
+def test_by_default_the_template_emulates_one_vcpu_without_disk_or_network() -> None:
+    domain = define()
+
+    assert domain.get("type") == "qemu"
+    assert domain.findtext("vcpu") == "1"
+    assert domain.find("devices/disk") is None
+    assert domain.find("devices/interface") is None
+
+
+def test_a_host_that_runs_kvm_gets_a_kvm_domain() -> None:
+    spec = VmSpec(vm_id=VM_ID, name="vm", guest_os="rhel-9")
+    xml = domain_xml(
+        spec,
+        tpm_xml=tpm_element("tpm-crb"),
+        epoch=1,
+        ovmf_code=CODE,
+        ovmf_vars_template=VARS,
+        kvm=True,
+    )
+
+    assert ET.fromstring(xml).get("type") == "kvm"  # noqa: S314 - the template under test
+
+
+def test_vcpus_disks_and_interfaces_come_from_the_spec() -> None:
+    domain = define(
+        vcpus=4,
+        disks=[
+            {"source": "/var/lib/libvirt/images/vm.qcow2"},
+            {"source": "/var/lib/libvirt/images/data.raw", "format": "raw"},
+            {"source": "/srv/iso/win11.iso", "bus": "sata", "cdrom": True},
+        ],
+        interfaces=[
+            {"network": "default", "mac": "52:54:00:00:00:01"},
+            {"bridge": "br0", "model": "e1000e"},
+        ],
+    )
+
+    assert domain.findtext("vcpu") == "4"
+    disks = [
+        (
+            disk.get("device"),
+            attribute(disk, "source", "file"),
+            attribute(disk, "target", "dev"),
+            attribute(disk, "driver", "type"),
+            disk.find("readonly") is not None,
+        )
+        for disk in domain.findall("devices/disk")
+    ]
+    assert disks == [
+        ("disk", "/var/lib/libvirt/images/vm.qcow2", "vda", "qcow2", False),
+        ("disk", "/var/lib/libvirt/images/data.raw", "vdb", "raw", False),
+        ("cdrom", "/srv/iso/win11.iso", "sda", "raw", True),
+    ]
+    nics = [
+        (
+            nic.get("type"),
+            attribute(nic, "source", "network") or attribute(nic, "source", "bridge"),
+            attribute(nic, "model", "type"),
+            attribute(nic, "mac", "address"),
+        )
+        for nic in domain.findall("devices/interface")
+    ]
+    assert nics == [
+        ("network", "default", "virtio", "52:54:00:00:00:01"),
+        ("bridge", "br0", "e1000e", None),
+    ]
+
+
+def attribute(element: ET.Element, path: str, name: str) -> str | None:
+    found = element.find(path)
+    return None if found is None else found.get(name)
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"disks": [{"source": "images/vm.qcow2"}]}, "absolute"),
+        ({"disks": [{"source": "/srv/../etc/shadow"}]}, "absolute"),
+        ({"disks": [{"source": "/srv/a\nb"}]}, "control characters"),
+        ({"disks": [{"source": "/srv/win.iso", "cdrom": True}]}, "sata or scsi"),
+        ({"disks": [{"source": "/srv/a.qcow2"}, {"source": "/srv/a.qcow2"}]}, "share an image"),
+        ({"interfaces": [{"network": "default", "bridge": "br0"}]}, "exactly one"),
+        ({"interfaces": [{}]}, "exactly one"),
+        ({"interfaces": [{"bridge": "br0'/><x"}]}, "pattern"),
+        ({"interfaces": [{"network": "a", "mac": "52:54:00:00:00:0G"}]}, "pattern"),
+        (
+            {
+                "interfaces": [
+                    {"network": "a", "mac": "52:54:00:00:00:01"},
+                    {"bridge": "br0", "mac": "52:54:00:00:00:01"},
+                ]
+            },
+            "share a MAC",
+        ),
+        ({"vcpus": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_a_spec_whose_hardware_the_template_cannot_build_is_refused(
+    changes: dict[str, object], problem: str
+) -> None:
+    values: dict[str, object] = {"vm_id": VM_ID, "name": "vm", "guest_os": "rhel-9", **changes}
+    with pytest.raises(ValidationError, match=problem):
+        VmSpec.model_validate(values)

@@ -32,6 +32,7 @@ async def serve(settings: HostAgentSettings, stop: asyncio.Event) -> None:
         capabilities = await probe_capabilities(
             await agent.hypervisor.library_version(),
             tpm_secrets=await agent.hypervisor.keeps_secrets(),
+            capabilities_xml=await agent.hypervisor.capabilities_xml(),
         )
         agent.tracker.swtpm_version = capabilities.swtpm_version
         await agent.rebuild_view()

@@ -25,6 +25,13 @@ class HostCapabilities(BaseModel):
         description="libvirt on the host keeps secrets (it has a secret driver), which a VM "
         "whose TPM state is encrypted needs.",
     )
+    kvm: bool = Field(
+        default=False,
+        description="libvirt on the host runs guests of its architecture under KVM (its "
+        "capabilities list a `kvm` domain type) and, on x86, that KVM emulates SMM (UEFI "
+        "with Secure Boot needs it; some nested KVMs lack it); policy's template then asks "
+        "for `type='kvm'` instead of QEMU's emulation.",
+    )
 
 
 class VmInventoryEntry(BaseModel):
@@ -42,7 +49,7 @@ class HostHeartbeat(HostFact):
     """Sent every few seconds; missing heartbeats make a host lost."""
 
     message_type = "host.heartbeat"
-    schema_version = 2
+    schema_version = 3
 
     host: HostId = Field(description="The host.")
     interval_s: float = Field(gt=0, description="How often this host sends a heartbeat.")
@@ -59,4 +66,10 @@ class HostHeartbeat(HostFact):
 @register_upcaster(HostHeartbeat.message_type, 1)
 def _heartbeat_v1(data: dict[str, Any]) -> dict[str, Any]:
     """v1 capabilities predate ``tpm_secrets``: such a host is not trusted with secrets."""
+    return data
+
+
+@register_upcaster(HostHeartbeat.message_type, 2)
+def _heartbeat_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """v2 capabilities predate ``kvm``: such a host gets the template's emulated domain."""
     return data

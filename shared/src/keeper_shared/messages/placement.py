@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from keeper_shared.messages.envelope import Payload
+from keeper_shared.domain_document import MAX_DOMAIN_XML_CHARS
+from keeper_shared.messages.envelope import Payload, register_upcaster
 from keeper_shared.messages.snapshot import SnapshotId
 from keeper_shared.messages.types import HostId, StateKind, VmId
 
@@ -18,6 +19,7 @@ class PlaceVm(Payload):
     or snapshot named)."""
 
     message_type = "vm.place"
+    schema_version = 2
 
     vm_id: VmId = Field(description="The VM (registered through ``tpm.enable``).")
     host: HostId = Field(description="Where to start it.")
@@ -36,12 +38,28 @@ class PlaceVm(Payload):
         default=False,
         description="Allow versions older than the newest stored (rolls the TPM back).",
     )
+    domain_xml: str | None = Field(
+        default=None,
+        max_length=MAX_DOMAIN_XML_CHARS,
+        description="The VM manager's own libvirt domain XML (disks, interfaces, devices, "
+        "its metadata): policy checks it against the approved spec and TPM, adds the "
+        "approved `<tpm>` when it has none, an `<nvram>` the host fills in and the placement "
+        "epoch in `<metadata>`, keeps everything else as written, and keeps it for the VM's "
+        "later starts. Refused with every reason when it conflicts. None: the definition "
+        "kept from an earlier start, else policy's template from the spec.",
+    )
 
     @model_validator(mode="after")
     def _one_choice(self) -> PlaceVm:
         if self.versions is not None and self.snapshot_id is not None:
             raise ValueError("versions and snapshot_id are mutually exclusive")
         return self
+
+
+@register_upcaster(PlaceVm.message_type, 1)
+def _place_vm_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 predates ``domain_xml``: the definition kept, else the template, as before."""
+    return data
 
 
 class VmPlaced(Payload):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keeper_shared.messages.envelope import Payload, register_upcaster
 from keeper_shared.messages.host_fact import HostFact
 from keeper_shared.messages.types import HOST_ID_PATTERN, HostId, SecretUuid, VmId, VmName
+from keeper_shared.messages.vm_hardware import MAX_DISKS, MAX_INTERFACES, DiskSpec, InterfaceSpec
 
 CLUSTER_PATTERN = HOST_ID_PATTERN
 """Cluster names follow the host id rules: plain words that are safe in keys and logs."""
@@ -75,6 +76,30 @@ class VmSpec(BaseModel):
         "`vtpm`) the keeper creates once, keeps encrypted in the store and defines on each "
         "host before the VM starts there.",
     )
+    vcpus: int = Field(
+        default=1, ge=1, le=512, description="Virtual CPUs of the domain policy's template."
+    )
+    disks: list[DiskSpec] = Field(
+        default_factory=list,
+        max_length=MAX_DISKS,
+        description="File-backed disks of the domain policy's template, in boot order.",
+    )
+    interfaces: list[InterfaceSpec] = Field(
+        default_factory=list,
+        max_length=MAX_INTERFACES,
+        description="Network interfaces of the domain policy's template.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_devices(self) -> VmSpec:
+        # libvirt refuses both only when the domain is defined, on the host, mid-start.
+        sources = [disk.source for disk in self.disks]
+        if len(set(sources)) != len(sources):
+            raise ValueError("two disks share an image file")
+        macs = [nic.mac for nic in self.interfaces if nic.mac is not None]
+        if len(set(macs)) != len(macs):
+            raise ValueError("two interfaces share a MAC address")
+        return self
 
 
 class EnableTpm(Payload):
@@ -111,8 +136,9 @@ def _enable_tpm_v1(data: dict[str, Any]) -> dict[str, Any]:
 
 @register_upcaster(EnableTpm.message_type, 2)
 def _enable_tpm_v2(data: dict[str, Any]) -> dict[str, Any]:
-    """v2 predates ``allow_duplicate_name``; its default applies: a name another VM has is
-    refused."""
+    """v2 predates ``allow_duplicate_name`` (its default applies: a name another VM has is
+    refused) and the spec's ``vcpus``, ``disks`` and ``interfaces`` (their defaults, one
+    vCPU, no disk, no interface, are the template as it was)."""
     return data
 
 

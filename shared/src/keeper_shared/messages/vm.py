@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
+from keeper_shared.domain_document import MAX_START_XML_CHARS
 from keeper_shared.messages.envelope import Payload, register_upcaster
 from keeper_shared.messages.host_fact import HostFact
 from keeper_shared.messages.types import HostId, StateBlob, TpmSecret, VmId, VmName
@@ -108,7 +109,7 @@ class StartVm(Payload):
 
     vm_id: VmId = Field(description="The VM to start; must match the XML's UUID.")
     epoch: int = Field(ge=1, description="The placement epoch, recorded in domain metadata.")
-    domain_xml: str = Field(max_length=256 * 1024, description="The libvirt domain XML.")
+    domain_xml: str = Field(max_length=MAX_START_XML_CHARS, description="The libvirt domain XML.")
 
 
 class ShutdownVm(Payload):

@@ -11,6 +11,14 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from keeper_shared.domain_document import (
+    MAX_START_XML_CHARS,
+    DomainDocumentError,
+    children,
+    read_domain_element,
+    set_text,
+    text_of,
+)
 from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
 
 
@@ -105,11 +113,17 @@ def fill_nvram_path(xml_text: str, nvram_dir: Path) -> str:
     """Give `<nvram>` an explicit path under this host's NVRAM dir when it names none.
 
     The XML comes from policy, which does not know host paths; the agent does, and the
-    prepare step already wrote the file there.
+    prepare step already wrote the file there. It may be a VM manager's own domain, so
+    everything else stays as written (namespace prefixes of its metadata included).
     """
-    root = ET.fromstring(xml_text)  # noqa: S314 - from policy over the authenticated bus
-    nvram = root.find("os/nvram")
-    name = root.findtext("name")
-    if nvram is not None and not (nvram.text or "").strip() and name:
-        nvram.text = str(nvram_dir / f"{name}_VARS.fd")
-    return ET.tostring(root, encoding="unicode")
+    try:
+        root = read_domain_element(xml_text, max_chars=MAX_START_XML_CHARS)
+    except DomainDocumentError as error:
+        raise DomainXmlError(str(error)) from None
+    names = children(root, "name")
+    name = text_of(names[0]) if names else ""
+    for os_element in children(root, "os"):
+        for nvram in children(os_element, "nvram"):
+            if name and not text_of(nvram) and not nvram.getAttribute("type"):
+                set_text(nvram, str(nvram_dir / f"{name}_VARS.fd"))
+    return root.toxml()

@@ -92,6 +92,10 @@ class LibvirtHypervisor(LibvirtConnection):
             return False
         return True
 
+    async def capabilities_xml(self) -> str:
+        """libvirt's capabilities document: guest architectures and their domain types."""
+        return await self._call(lambda connection: str(connection.getCapabilities()))
+
     async def list_domains(self) -> list[DomainSnapshot]:
         """Every domain (running or not) with its XML."""
         return await self._call(

@@ -64,6 +64,10 @@ class Hypervisor(Protocol):
         """Whether the hypervisor keeps secrets (swtpm can encrypt TPM state with one)."""
         ...
 
+    async def capabilities_xml(self) -> str:
+        """The hypervisor's capabilities document (libvirt's ``virsh capabilities``)."""
+        ...
+
     async def list_domains(self) -> list[DomainSnapshot]:
         """Every domain (running or not) with its XML."""
         ...

@@ -1,5 +1,6 @@
-"""``vm.place``: the checks that decide whether a VM may go to a host, then the placement
-workflow (see workflow) that fences, restores, starts and records.
+"""``vm.place``: the checks that decide whether a VM may go to a host (and whether the
+domain its manager handed over agrees with its approval, see manager_domain), then the
+placement workflow (see workflow) that fences, restores, starts and records.
 
 A request for a placement already in progress joins it (a redelivery after a replica died,
 or a client retrying), so a VM is never placed twice at once.
@@ -12,6 +13,7 @@ import time
 import structlog
 
 from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.placement.manager_domain import DomainCheck, check_manager_domain
 from keeper_policy.placement.rules import (
     check_current_placement,
     check_swtpm_version,
@@ -21,7 +23,7 @@ from keeper_policy.placement.rules import (
 )
 from keeper_policy.placement.workflow import PLACE, new_place
 from keeper_policy.settings import PolicySettings
-from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError
+from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError, VmRecord
 from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowStore
 from keeper_shared.messages.commands import CommandDone
@@ -72,7 +74,16 @@ class Placer:
         refusals = target_problems(
             target, host, now=now, lost_after_s=self._settings.host_lost_after_s
         )
+        domain = manager_domain(request, vm)
+        if domain is not None:
+            refusals += domain.reasons
         if vm.host == host and not refusals:
+            if domain is not None and domain.xml != vm.domain_xml:
+                return CommandDone(
+                    ok=False,
+                    error=f"the VM already runs on {host} under another definition; stop it "
+                    "to start it with this one",
+                )
             # A repeated request: the VM already runs there (invariant 8).
             return CommandDone(ok=True, detail={"epoch": str(vm.epoch), "note": "already placed"})
         current = await self._hosts.host(vm.host) if vm.host else None
@@ -108,6 +119,8 @@ class Placer:
                 swtpm=target.capabilities.swtpm_version,
                 overridden=overridden,
                 bound_s=self.bound_s(),
+                domain_xml=domain.xml if domain is not None else None,
+                kvm=target.capabilities.kvm,
             )
         )
         if not created and (record.kind != PLACE or record.host != host):
@@ -122,3 +135,13 @@ class Placer:
         if result is None:
             return CommandDone(ok=False, error="the placement is still in progress; ask again")
         return CommandDone(ok=result.ok, error=result.error, detail=result.detail)
+
+
+def manager_domain(request: PlaceVm, vm: VmRecord) -> DomainCheck | None:
+    """The VM manager's domain this placement defines, checked: the one in the request, else
+    the one kept from an earlier start (checked again: a new approval may conflict with it);
+    None when neither exists and policy's template is used."""
+    domain_xml = request.domain_xml if request.domain_xml is not None else vm.domain_xml
+    if domain_xml is None:
+        return None
+    return check_manager_domain(domain_xml, vm.spec, vm.tpm_xml)

@@ -21,6 +21,7 @@ import structlog
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.placement.domain_definition import domain_xml, with_tpm_encryption
+from keeper_policy.placement.manager_domain import stamp_for_start
 from keeper_policy.settings import PolicySettings
 from keeper_policy.storage.vm_registry import PlacementConflictError, PolicyRegistry, VmRecord
 from keeper_policy.workflows.engine import LeaseLostError, SaveProgress, StepOutcome
@@ -58,18 +59,25 @@ def new_place(
     swtpm: str | None,
     overridden: str | None,
     bound_s: float,
+    domain_xml: str | None = None,
+    kvm: bool = False,
 ) -> WorkflowRecord:
-    """A placement of ``request.vm_id`` on ``request.host``, not started yet."""
+    """A placement of ``request.vm_id`` on ``request.host``, not started yet, that defines
+    ``domain_xml`` (the manager's domain, checked) or else policy's template (with KVM when
+    the host runs it)."""
     return WorkflowRecord.new(
         request.vm_id,
         PLACE,
         PlaceStep.FENCE.value,
         request.host,
         bound_s,
-        request=request.model_dump_json(),
+        # The manager's XML as given is not needed again: the checked one is kept below.
+        request=request.model_copy(update={"domain_xml": None}).model_dump_json(),
         expected_host=expected_host or "",
         swtpm=swtpm or "",
         version_overridden=overridden or "",
+        domain_xml=domain_xml or "",
+        kvm="true" if kvm else "",
     )
 
 
@@ -164,7 +172,7 @@ class PlaceRunner:
             StartVm(
                 vm_id=record.vm_id,
                 epoch=epoch,
-                domain_xml=self._domain_xml(vm, epoch, secret_uuid),
+                domain_xml=self._domain_xml(record, vm, epoch, secret_uuid),
             ),
             record.vm_id,
         )
@@ -180,7 +188,8 @@ class PlaceRunner:
         epoch = int(record.data["epoch"])
         swtpm = record.data["swtpm"] or None
         overridden = record.data["version_overridden"] or None
-        await self._registry.note_placed(record.vm_id, record.host, swtpm)
+        domain_xml = record.data.get("domain_xml") or None
+        await self._registry.note_placed(record.vm_id, record.host, swtpm, domain_xml)
         await self._gateway.publish(
             VmPlaced(
                 vm_id=record.vm_id,
@@ -223,7 +232,13 @@ class PlaceRunner:
                 return False
             await asyncio.sleep(min(0.2, host.interval_s / 4))
 
-    def _domain_xml(self, vm: VmRecord, epoch: int, tpm_secret_uuid: str | None) -> str:
+    def _domain_xml(
+        self, record: WorkflowRecord, vm: VmRecord, epoch: int, tpm_secret_uuid: str | None
+    ) -> str:
+        """The manager's domain when it handed one over, else policy's template."""
+        manager_xml = record.data.get("domain_xml")
+        if manager_xml:
+            return stamp_for_start(manager_xml, epoch=epoch, tpm_secret_uuid=tpm_secret_uuid)
         secure = vm.spec.secure_boot
         tpm_xml = vm.tpm_xml
         if tpm_secret_uuid is not None:
@@ -232,6 +247,7 @@ class PlaceRunner:
             vm.spec,
             tpm_xml=tpm_xml,
             epoch=epoch,
+            kvm=record.data.get("kvm") == "true",
             ovmf_code=self._settings.ovmf_secure_code if secure else self._settings.ovmf_code,
             ovmf_vars_template=(
                 self._settings.ovmf_secure_vars_template

@@ -63,6 +63,9 @@ class VmRecord:
     """The host it was adopted on, when vTPM Keeper adopted it rather than defined it: its
     domain belongs to its manager and is never undefined by a stop."""
     placement: Placement = field(default_factory=lambda: Placement(None, 0))
+    domain_xml: str | None = None
+    """The domain its manager handed over (checked and completed, no epoch), defined at
+    each start; None: policy's template from the spec."""
 
     def recovery_point(self, at: float) -> RecoveryPoint:
         """What the VM would restart from, seen at ``at``."""
@@ -175,6 +178,7 @@ class PolicyRegistry:
             lost_from=_text(record.get(b"lost_from")),
             adopted_on=_text(record.get(b"adopted_on")),
             placement=placement,
+            domain_xml=_text(record.get(b"domain_xml")),
         )
 
     async def place(self, vm_id: str, host: str, *, expected_host: str | None) -> int:
@@ -257,14 +261,19 @@ class PolicyRegistry:
                 placed.append(vm_id)
         return placed
 
-    async def note_placed(self, vm_id: str, host: str, swtpm_version: str | None) -> None:
-        """The VM started on ``host``: its state is now written by that host's swtpm, and
-        any loss mark is over."""
+    async def note_placed(
+        self, vm_id: str, host: str, swtpm_version: str | None, domain_xml: str | None = None
+    ) -> None:
+        """The VM started on ``host``: its state is now written by that host's swtpm, any
+        loss mark is over, and ``domain_xml`` (when its manager handed one over) is the
+        definition its later starts use."""
         key = vm_record_key(vm_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(key, "last_host", host)
         if swtpm_version is not None:
             pipe.hset(key, "swtpm_version", swtpm_version)
+        if domain_xml is not None:
+            pipe.hset(key, "domain_xml", domain_xml)
         pipe.hdel(key, "lost_from", "recovery_point")
         await pipe.execute()
 
