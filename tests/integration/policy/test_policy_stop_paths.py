@@ -260,6 +260,7 @@ async def test_retrieval_failing_three_times_destroys_anyway_and_records_the_los
         StateLossRecorded, lambda e: e.vm_id == spec.vm_id, STEP_TIMEOUT_S
     )
     assert loss.data.attempts == 3
+    assert "no reply" in (loss.data.reason or "")  # the last attempt's error, said
     assert loss.data.versions[StateKind.TPM] >= 1
     age = loss.data.last_persisted_age_s
     assert age is not None

@@ -1,6 +1,7 @@
 """The state store's event and command handlers on the in-memory bus double, against a
 real Redis: a host's ``state.changed`` is pulled, verified, stored and announced; a change
-published by another host's user is refused. The same paths run on the real broker in
+published by another host's user is refused; a retrieval before a destroy is done only when
+the host's newest state is stored. The same paths run on the real broker in
 test_host_identity and the chaos runs; here they run in well under a second each."""
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ from redis.asyncio import Redis
 from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.bus.topology import (
     STATE_STORE,
+    STATE_STORE_COMMANDS,
     STATE_STORE_EVENTS,
     STATE_STORE_HOST_REQUESTS,
     QueueSpec,
     host_command_queue,
 )
+from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host_requests import NewestState, ReadNewestState
-from keeper_shared.messages.state import FetchState, StatePersisted, StateWriteRefused
+from keeper_shared.messages.state import (
+    FetchState,
+    RetrieveState,
+    StatePersisted,
+    StateWriteRefused,
+)
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import PREFIX, placement_key
 from keeper_shared.redis_access.results import awaited
@@ -89,6 +97,7 @@ async def scene(redis_url: str, kek: KeyEncryptionKey) -> AsyncIterator[Scene]:
     host = FakeHost(host_id=HOST, bus=broker.client(source=f"host-agent/{HOST}", origin=HOST))
     await host.bus.consume(host_command_queue(HOST), [Route(FetchState, host.on_fetch)], prefetch=8)
     await store_bus.consume(STATE_STORE_EVENTS, service.event_routes(), prefetch=32)
+    await store_bus.consume(STATE_STORE_COMMANDS, service.command_routes(), prefetch=8)
     host_requests = HostRequests(repository, service, verify_host_identity=True)
     await store_bus.consume(STATE_STORE_HOST_REQUESTS, host_requests.routes(), prefetch=8)
     policy = PolicyView()
@@ -178,3 +187,45 @@ async def test_the_placement_host_gets_the_newest_verified_state_and_no_other_ho
     assert forged.refused is not None
     assert "not by host" in forged.refused
     assert forged.tpm is None
+
+
+async def retrieve(scene: Scene) -> CommandDone:
+    caller = scene.broker.client(source="policy/t", origin="policy")
+    reply = await caller.call(
+        STATE_STORE,
+        RetrieveState(vm_id=scene.vm_id, host=HOST),
+        CommandDone,
+        subject=scene.vm_id,
+        timeout_s=TIMEOUT_S,
+    )
+    return reply.data
+
+
+async def test_a_retrieval_is_done_when_the_hosts_newest_state_is_stored(scene: Scene) -> None:
+    scene.host.hold(scene.vm_id, StateKind.TPM, b"final", FencingToken(epoch=1, generation=1))
+
+    done = await retrieve(scene)
+
+    assert done.ok, done.error
+    assert done.detail == {"tpm": "1"}
+
+
+async def test_a_vm_the_host_does_not_hold_is_not_retrieved(scene: Scene) -> None:
+    done = await retrieve(scene)
+
+    assert not done.ok
+    assert done.error == f"host {HOST} does not hold the VM"
+
+
+async def test_a_write_the_fence_refuses_is_not_a_retrieval(scene: Scene) -> None:
+    """The VM was placed elsewhere meanwhile: what this host holds is refused, so its
+    newest state is not stored, and the retrieval says so instead of succeeding."""
+    scene.host.hold(scene.vm_id, StateKind.TPM, b"late", FencingToken(epoch=1, generation=1))
+    await awaited(scene.redis.hset(placement_key(scene.vm_id), mapping={"host": "host-b"}))
+
+    done = await retrieve(scene)
+
+    assert not done.ok
+    assert done.error is not None
+    assert "newest tpm state was not stored" in done.error
+    await wait_until(lambda: bool(scene.policy.refused), "state.refused", timeout_s=TIMEOUT_S)

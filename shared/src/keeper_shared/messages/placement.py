@@ -134,6 +134,7 @@ class StateLossRecorded(Payload):
     """Retrieval failed every attempt; the VM was destroyed anyway (invariant 7)."""
 
     message_type = "state.loss.recorded"
+    schema_version = 2
 
     vm_id: VmId = Field(description="The VM.")
     host: HostId = Field(description="The host it was on.")
@@ -152,6 +153,18 @@ class StateLossRecorded(Payload):
         max_length=64,
         description="The stop workflow; a replica resuming it may repeat this event.",
     )
+    reason: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Why nothing (more) could be retrieved: the last attempt's error, or the "
+        "host being lost. None only in events of schema version 1.",
+    )
+
+
+@register_upcaster(StateLossRecorded.message_type, 1)
+def _state_loss_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 events predate ``reason``: they carry none."""
+    return data
 
 
 class RecoveryPoint(BaseModel):

@@ -114,6 +114,7 @@ class StopRunner:
         out_of_time = host_lost or time.time() > record.deadline
         ok = False
         attempts = record.attempts
+        error = f"host {record.host} is lost: nothing could be retrieved" if host_lost else None
         if may_retrieve(attempts, self._bounds, out_of_time=out_of_time):
             attempts += 1
             # Count the attempt before making it: a replica dying mid-attempt still used it,
@@ -130,22 +131,27 @@ class StopRunner:
                     versions=result.detail,
                 )
             else:
+                error = result.error or "the store gave no reason"
                 log.warning(
                     "retrieval failed", vm_id=record.vm_id, attempt=attempts, reason=result.error
                 )
         retry = may_retrieve(attempts, self._bounds, out_of_time=time.time() > record.deadline)
         retry = retry and not host_lost
+        # The last attempt's error is kept: a loss recorded after a later step (out of time,
+        # a resumed workflow) still says why.
+        data = {"retrieved": "true"} if ok else ({"retrieval_error": error} if error else None)
         if loss_recorded(StopStep.RETRIEVE, ok=ok, may_retry=retry):
-            await self._record_loss(record, attempts)
+            reason = error or record.data.get("retrieval_error") or "out of time to retrieve"
+            await self._record_loss(record, attempts, reason)
         return StepOutcome(
             record.advanced(
                 step=next_step(StopStep.RETRIEVE, ok=ok, may_retry=retry).value,
                 attempts=attempts,
-                data={"retrieved": "true"} if ok else None,
+                data=data,
             )
         )
 
-    async def _record_loss(self, record: WorkflowRecord, attempts: int) -> None:
+    async def _record_loss(self, record: WorkflowRecord, attempts: int, reason: str) -> None:
         vm = await self._registry.vm(record.vm_id)
         age = time.time() - vm.last_persisted_at if vm.last_persisted_at else None
         metrics.RETRIEVALS_ABANDONED.inc()
@@ -155,11 +161,12 @@ class StopRunner:
             StateLossRecorded(
                 vm_id=record.vm_id,
                 host=record.host,
-                attempts=max(1, attempts),
+                attempts=attempts,
                 last_persisted_age_s=age,
                 versions=vm.versions,
                 trigger=StopTrigger(record.data["trigger"]),
                 workflow_id=record.id,
+                reason=reason[:1024],
             ),
             record.vm_id,
         )
@@ -167,6 +174,7 @@ class StopRunner:
             "final state not retrieved; destroying anyway",
             vm_id=record.vm_id,
             attempts=attempts,
+            reason=reason,
             last_persisted_age_s=age,
         )
 

@@ -49,6 +49,10 @@ from keeper_state_store.transfer.restore_plan import RestoreRefusedError, plan_r
 log = structlog.get_logger(__name__)
 
 
+class RetrievalError(Exception):
+    """The host's newest state of a VM could not be stored; the reason is safe to show."""
+
+
 class StateService:
     """Handlers of one state-store replica: events from hosts, retrieve and restore."""
 
@@ -166,18 +170,25 @@ class StateService:
     async def on_retrieve(
         self, envelope: Envelope[RetrieveState], delivery: Delivery
     ) -> CommandDone:
-        """Pull the VM's state now (before a destroy) and report the newest stored versions."""
+        """Pull the VM's state now (before a destroy) and report the newest stored versions.
+        Done only when every state the host holds for it is what the store now holds: a VM
+        the host does not hold, a blob that does not verify or a write the fence refused is
+        a failure with its reason, never a retrieval."""
         request = envelope.data
         metrics.RETRIEVAL_ATTEMPTS.inc()
         try:
-            results = await self.pull_and_persist(request.host, [request.vm_id], list(StateKind))
-        except (CallError, MessageError) as error:
+            reply = await self._fetch(request.host, [request.vm_id], list(StateKind))
+            if request.vm_id in reply.missing:
+                raise RetrievalError(f"host {request.host} does not hold the VM")
+            fetched = [vm_state for vm_state in reply.vms if vm_state.vm_id == request.vm_id]
+            failure = (await self._writer.persist(request.host, fetched)).get(request.vm_id)
+            if failure is not None:
+                raise RetrievalError(f"persisting failed: {type(failure).__name__}")
+            for vm_state in fetched:
+                await self._check_stored(request.vm_id, vm_state.blobs)
+        except (CallError, MessageError, RetrievalError) as error:
             metrics.RETRIEVAL_FAILURES.inc()
             return CommandDone(ok=False, error=str(error))
-        failure = results.get(request.vm_id)
-        if failure is not None:
-            metrics.RETRIEVAL_FAILURES.inc()
-            return CommandDone(ok=False, error=f"persisting failed: {type(failure).__name__}")
         versions = {}
         for kind in StateKind:
             version = await self._repository.head_version(request.vm_id, kind)
@@ -270,6 +281,15 @@ class StateService:
         for its VM only, so the others' events are still acknowledged."""
         kinds = sorted({kind for wanted in kinds_by_vm.values() for kind in wanted})
         vm_ids = list(kinds_by_vm)
+        reply = await self._fetch(host, vm_ids, kinds)
+        # A host does not get to push state this way: only what was asked for is written.
+        fetched = [vm_state for vm_state in reply.vms if vm_state.vm_id in kinds_by_vm]
+        results: dict[str, BaseException | None] = dict.fromkeys(vm_ids)
+        results.update(await self._writer.persist(host, fetched))
+        return results
+
+    async def _fetch(self, host: str, vm_ids: list[str], kinds: list[StateKind]) -> StateFetched:
+        """One ``state.fetch`` to ``host``, answered by the host's own user."""
         try:
             reply = await self._bus.call(
                 host_command_key(host),
@@ -283,11 +303,18 @@ class StateService:
             metrics.PULLS.labels(outcome="failed").inc()
             raise
         metrics.PULLS.labels(outcome="ok").inc()
-        # A host does not get to push state this way: only what was asked for is written.
-        fetched = [vm_state for vm_state in reply.data.vms if vm_state.vm_id in kinds_by_vm]
-        results: dict[str, BaseException | None] = dict.fromkeys(vm_ids)
-        results.update(await self._writer.persist(host, fetched))
-        return results
+        return reply.data
+
+    async def _check_stored(self, vm_id: str, blobs: list[StateBlob]) -> None:
+        """Raise RetrievalError unless each of the host's blobs is the stored head of its
+        kind (a refused write leaves another head: the host's newest state is not stored)."""
+        heads = await self._repository.heads_and_placements([(vm_id, blob.kind) for blob in blobs])
+        for blob, (head, _placement) in zip(blobs, heads, strict=True):
+            if head is None or head.content_hash != blob.content_hash:
+                raise RetrievalError(
+                    f"the host's newest {blob.kind.value} state was not stored "
+                    "(refused: see the state.refused event)"
+                )
 
     async def _announce_head(self, vm_id: str, kind: StateKind) -> None:
         version = await self._repository.head_version(vm_id, kind)
