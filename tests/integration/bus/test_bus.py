@@ -129,6 +129,19 @@ def _recorder(sink: asyncio.Queue[Received]) -> Route:
     return Route(Ping, record)
 
 
+async def _ping_consumer(
+    make_bus: BusFactory, queue_specs: list[QueueSpec]
+) -> tuple[str, QueueSpec, asyncio.Queue[Received]]:
+    """A consumer of pings on a command queue of its own: its routing key, its queue, and
+    what it received."""
+    bus = await make_bus()
+    command_key = _unique("target")
+    spec = _spec(queue_specs, command_key=command_key)
+    received: asyncio.Queue[Received] = asyncio.Queue()
+    await bus.consume(spec, [_recorder(received)], prefetch=4)
+    return command_key, spec, received
+
+
 async def _next(sink: asyncio.Queue[Received]) -> Received:
     async with asyncio.timeout(WAIT_S):
         return await sink.get()
@@ -286,11 +299,7 @@ async def test_undecodable_body_is_dead_lettered_at_once_without_the_handler(
     channel: AbstractChannel,
     queue_specs: list[QueueSpec],
 ) -> None:
-    bus = await make_bus()
-    command_key = _unique("target")
-    spec = _spec(queue_specs, command_key=command_key)
-    received: asyncio.Queue[Received] = asyncio.Queue()
-    await bus.consume(spec, [_recorder(received)], prefetch=4)
+    command_key, spec, received = await _ping_consumer(make_bus, queue_specs)
 
     commands = await channel.get_exchange(COMMANDS_EXCHANGE)
     await commands.publish(
@@ -470,11 +479,7 @@ async def test_a_command_that_cannot_be_taken_is_answered_then_dead_lettered(
     channel: AbstractChannel,
     queue_specs: list[QueueSpec],
 ) -> None:
-    bus = await make_bus()
-    command_key = _unique("target")
-    spec = _spec(queue_specs, command_key=command_key)
-    received: asyncio.Queue[Received] = asyncio.Queue()
-    await bus.consume(spec, [_recorder(received)], prefetch=4)
+    command_key, spec, received = await _ping_consumer(make_bus, queue_specs)
     replies = await _reply_queue(channel)
 
     correlation_id = await _send_raw_command(channel, command_key, body, replies.name)
@@ -494,11 +499,7 @@ async def test_a_caller_learns_at_once_that_its_command_type_is_not_handled(
     make_bus: BusFactory, queue_specs: list[QueueSpec]
 ) -> None:
     caller = await make_bus()
-    responder = await make_bus()
-    target = _unique("target")
-    received: asyncio.Queue[Received] = asyncio.Queue()
-    spec = _spec(queue_specs, command_key=target)
-    await responder.consume(spec, [_recorder(received)], prefetch=4)
+    target, _spec_of_target, _received = await _ping_consumer(make_bus, queue_specs)
 
     with pytest.raises(CommandRejectedError, match=r"test\.pong") as rejected:
         # A long timeout: only the rejection can end this call early.
@@ -509,11 +510,7 @@ async def test_a_caller_learns_at_once_that_its_command_type_is_not_handled(
 async def test_an_expired_command_is_answered_and_dropped_not_dead_lettered(
     make_bus: BusFactory, channel: AbstractChannel, queue_specs: list[QueueSpec]
 ) -> None:
-    bus = await make_bus()
-    command_key = _unique("target")
-    spec = _spec(queue_specs, command_key=command_key)
-    received: asyncio.Queue[Received] = asyncio.Queue()
-    await bus.consume(spec, [_recorder(received)], prefetch=4)
+    command_key, spec, received = await _ping_consumer(make_bus, queue_specs)
     replies = await _reply_queue(channel)
     envelope = new_envelope(Ping(text="late"), source="test", subject="vm-1")
     past = int((time.time() - 60) * 1000)
