@@ -4,7 +4,8 @@ with nothing but aio-pika: no keeper package.
 It connects as an integrator user (`python -m keeper_devtools.contract.rabbitmq integrator
 NAME`), follows events on its own queue, asks policy to approve a TPM for a new VM (the reply
 says whether it was approved and why not), lists the VMs policy knows, and sends a command
-policy cannot decode to show the `command.rejected` answer. One JSON line per step on stdout.
+policy cannot decode to show the `command.rejected` answer. Each reply must be one the
+document names for its command. One JSON line per step on stdout.
 
     python examples/integrator_client.py amqp://NAME:PASSWORD@rabbitmq:5672/ docs/asyncapi.json
 """
@@ -32,9 +33,11 @@ TIMEOUT_S = 30.0
 
 
 class Contract:
-    """What this client reads from the AsyncAPI document: each message's schema version."""
+    """What this client reads from the AsyncAPI 3.0 document: each message's schema version,
+    and the replies each command may get."""
 
     def __init__(self, document: dict[str, Any]) -> None:
+        self._document = document
         self._messages = {
             message["name"]: message for message in document["components"]["messages"].values()
         }
@@ -42,6 +45,24 @@ class Contract:
     def schema_version(self, message_type: str) -> int:
         payload = self._messages[message_type]["payload"]
         return int(payload["properties"]["schema_version"]["const"])
+
+    def _resolve(self, node: dict[str, Any]) -> dict[str, Any]:
+        """Follow ``$ref`` pointers (a channel's message refers to a component) to the object."""
+        while "$ref" in node:
+            target: Any = self._document
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part]
+            node = target
+        return node
+
+    def reply_types(self, message_type: str) -> set[str]:
+        """The types of the replies a command may get: the operation that receives it names
+        its reply and the error reply."""
+        for operation in self._document["operations"].values():
+            received = {self._resolve(ref)["name"] for ref in operation["messages"]}
+            if operation["action"] == "receive" and message_type in received:
+                return {self._resolve(ref)["name"] for ref in operation["reply"]["messages"]}
+        raise KeyError(f"{message_type} is no command of the document")
 
 
 class Integrator:
@@ -110,7 +131,10 @@ class Integrator:
             routing_key=POLICY,
         )
         async with asyncio.timeout(TIMEOUT_S):
-            return await answer
+            reply = await answer
+        if reply["type"] not in self._contract.reply_types(message_type):
+            raise RuntimeError(f"{message_type} got {reply['type']}, which the document omits")
+        return reply
 
 
 def show(step: str, **facts: Any) -> None:

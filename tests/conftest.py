@@ -28,6 +28,7 @@ from keeper_devtools.localstack import (
     free_tcp_ports,
 )
 from keeper_state_store.crypto.encryption import KeyEncryptionKey, generate_key_file
+from support import asyncapi_parser
 from support.broker import Broker
 from support.bus_clients import BusClients, ConnectBus
 from support.redis_db import PrivateDatabase, private_database
@@ -233,6 +234,14 @@ def local_servers_installed() -> None:
     """Skip (fail under CI) unless rabbitmq-server and redis-server are installed locally."""
     _require_installed(RabbitMQNode.check_installed)
     _require_installed(RedisServer.check_installed)
+
+
+@pytest.fixture(scope="session")
+def asyncapi_validator() -> Path:
+    """The official AsyncAPI parser, installed (once per lockfile) where `asyncapi_parser.
+    validate` runs it; skips without Node.js and npm (fails under CI)."""
+    _require_installed(asyncapi_parser.check_installed)
+    return asyncapi_parser.installed_validator()
 
 
 @pytest_asyncio.fixture

@@ -259,8 +259,9 @@ async def test_the_example_integrator_client_works_with_an_integrator_user(
     node: RabbitMQNode, redis_url: str, tmp_path: Path
 ) -> None:
     """docs/integrating.md's promise: with the integrator user the generator makes and only
-    aio-pika and docs/asyncapi.json, a client follows events, gets typed replies and learns
-    at once why a command it got wrong was rejected."""
+    aio-pika and docs/asyncapi.json, a client follows events, gets typed replies (each one
+    the document names for its command, or the example exits non-zero) and learns at once
+    why a command it got wrong was rejected."""
     _import(node, json.loads(COMMITTED.read_text(encoding="utf-8")), tmp_path / "defs.json")
     _import(node, client_definitions("auto-1", "secret-1", commands=True), tmp_path / "i.json")
     policy = ServiceProcess(

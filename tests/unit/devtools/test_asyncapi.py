@@ -11,7 +11,14 @@ from typing import Any, ClassVar
 
 import pytest
 
-from keeper_devtools.contract import MessageRole, build_document, discover_payloads, render, role_of
+from keeper_devtools.contract import (
+    MessageRole,
+    build_document,
+    discover_payloads,
+    message_id,
+    render,
+    role_of,
+)
 from keeper_devtools.contract.__main__ import main as contract_main
 from keeper_shared.messages.envelope import (
     MessageError,
@@ -48,14 +55,21 @@ def test_every_payload_is_a_message_of_the_document() -> None:
     document = build_document()
     payloads = discover_payloads()
     assert StateChanged in payloads
+    assert document["asyncapi"] == "3.0.0"
     names = {message["name"] for message in document["components"]["messages"].values()}
     assert names == {cls.message_type for cls in payloads}
     for cls in payloads:
-        message = document["components"]["messages"][cls.__name__]
+        # The key is the message's id in AsyncAPI 3.0 (which has no `messageId` field).
+        message = document["components"]["messages"][message_id(cls)]
+        assert message_id(cls) == cls.__name__
+        assert message["name"] == cls.message_type
         assert message["x-schema-version"] == cls.schema_version
         assert message["payload"]["properties"]["type"]["const"] == cls.message_type
-        if role_of(cls.message_type) is MessageRole.EVENT:
-            assert f"{cls.message_type}.{{origin}}" in document["channels"]
+        assert message["payload"]["properties"]["schema_version"]["const"] == cls.schema_version
+        if role_of(cls) is MessageRole.EVENT:
+            channel = document["channels"][f"events.{cls.message_type}"]
+            assert channel["address"] == f"{cls.message_type}.{{origin}}"
+            assert document["operations"][f"events.{cls.message_type}"]["action"] == "send"
 
 
 def test_every_reference_resolves() -> None:
@@ -169,13 +183,14 @@ _PAST_TENSE_IRREGULAR = {"heartbeat", "lost", "reset"}
 
 def test_every_event_reads_as_a_fact() -> None:
     """Messages default to events; a new command must be named in the contract's table
-    (keeper_devtools.contract.asyncapi._COMMANDS) or it is documented on the wrong channel.
+    (keeper_devtools.contract.commands.COMMANDS) or it is documented on the wrong channel.
     Events are facts in the past tense, so an imperative classed as an event is caught."""
     for cls in discover_payloads():
-        if role_of(cls.message_type) is not MessageRole.EVENT:
+        if role_of(cls) is not MessageRole.EVENT:
             continue
         last = cls.message_type.rsplit(".", 1)[-1]
         assert last.endswith("ed") or last in _PAST_TENSE_IRREGULAR, (
             f"{cls.message_type} looks like a command: add it to "
-            "keeper_devtools.contract.asyncapi._COMMANDS, then regenerate docs/asyncapi.json"
+            "keeper_devtools.contract.commands.COMMANDS with its reply and follow-up events, "
+            "then regenerate docs/asyncapi.json"
         )

@@ -1,151 +1,69 @@
-"""Build the AsyncAPI 2.6 document of the bus from the message models and the topology."""
+"""Build the AsyncAPI 3.0 document of the bus from the message models, the command table
+and the topology.
+
+The document describes vTPM Keeper as one application: it *sends* every event and
+*receives* every command, answering each on the caller's reply queue. A client does the
+opposite. Every message is a component whose key (its id, for generated code) is the model's
+class name and whose ``name`` is its wire type.
+"""
 
 from __future__ import annotations
 
-import enum
-import importlib
 import json
-import pkgutil
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-import keeper_shared.messages
+from keeper_devtools.contract import amqp
+from keeper_devtools.contract.catalogue import MessageRole, discover_payloads, role_of
+from keeper_devtools.contract.commands import COMMANDS, ERROR_REPLY, CommandContract, Receiver
 from keeper_shared.bus import topology
 from keeper_shared.bus.client import DEADLINE_HEADER
 from keeper_shared.messages.envelope import Envelope, Payload
 
-ASYNCAPI_VERSION = "2.6.0"
+ASYNCAPI_VERSION = "3.0.0"
 CONTRACT_VERSION = "1.0.0"
+"""The wire contract's version: the messages, not the document's layout."""
+REPLIES_CHANNEL = "replies"
+FOLLOW_UP_KEY = "x-keeper-follow-up-events"
 _SCHEMA_REF = "#/components/schemas/{model}"
+_CORRELATION_ID = "#/components/correlationIds/command"
 
-
-class MessageRole(enum.StrEnum):
-    """How a message travels."""
-
-    EVENT = "event"
-    """A fact, published to the events exchange with the key ``<type>.<origin>``."""
-    HOST_COMMAND = "host-command"
-    """An imperative for one host agent, on its own command queue."""
-    STORE_COMMAND = "store-command"
-    """An imperative for any state-store replica."""
-    POLICY_COMMAND = "policy-command"
-    """An imperative for any policy replica."""
-    STORE_HOST_REQUEST = "store-host-request"
-    """What a host asks the store for itself (the QEMU hook), on its own exchange."""
-    POLICY_HOST_REQUEST = "policy-host-request"
-    """What a host asks policy for itself (the QEMU hook), on its own exchange."""
-    REPLY = "reply"
-    """The answer to a command, sent to the caller's reply queue."""
-
-
-_COMMANDS: dict[MessageRole, frozenset[str]] = {
-    MessageRole.HOST_COMMAND: frozenset(
-        {
-            "state.fetch",
-            "vm.prepare",
-            "vm.start",
-            "vm.shutdown",
-            "vm.poweroff",
-            "vm.undefine",
-            "vm.set-epoch",
-            "vm.suspend",
-            "vm.resume",
-            "vm.snapshot-domain",
-            "vm.snapshot-domain-delete",
-        }
-    ),
-    MessageRole.STORE_COMMAND: frozenset(
-        {
-            "state.retrieve",
-            "state.restore",
-            "state.history",
-            "snapshot.create",
-            "snapshot.delete",
-            "snapshot.list",
-            "vm.clone",
-            "state.export",
-            "state.import",
-            "state.delete",
-            "state.describe",
-            "state.ek.read",
-            "state.tpm.accept",
-        }
-    ),
-    MessageRole.POLICY_COMMAND: frozenset(
-        {
-            "tpm.enable",
-            "tpm.disable",
-            "vm.place",
-            "vm.stop",
-            "vm.snapshot",
-            "vm.adopt",
-            "vms.list",
-            "vms.unprotected.list",
-            "hosts.list",
-        }
-    ),
-    MessageRole.STORE_HOST_REQUEST: frozenset({"state.newest"}),
-    MessageRole.POLICY_HOST_REQUEST: frozenset({"vm.claim"}),
-    MessageRole.REPLY: frozenset(
-        {
-            "command.done",
-            "command.rejected",
-            "state.newest.read",
-            "vm.claimed",
-            "state.fetched",
-            "state.history-listed",
-            "snapshot.listed",
-            "state.exported",
-            "state.described",
-            "state.ek.read-result",
-            "vms.listed",
-            "vms.unprotected.listed",
-            "vm.adoption-result",
-            "hosts.listed",
-        }
-    ),
+_SERVICE_OF = {
+    Receiver.HOST: "the host agent",
+    Receiver.STATE_STORE: "the state store",
+    Receiver.POLICY: "policy",
+    Receiver.STATE_STORE_FOR_HOSTS: "the state store",
+    Receiver.POLICY_FOR_HOSTS: "policy",
 }
 
 
-def role_of(message_type: str) -> MessageRole:
-    """The role of a message type; anything not named a command or reply is an event (a
-    fact in the past tense, as the design asks)."""
-    for role, types in _COMMANDS.items():
-        if message_type in types:
-            return role
-    return MessageRole.EVENT
-
-
-def discover_payloads() -> list[type[Payload]]:
-    """Every concrete message model under ``keeper_shared.messages``, sorted by type."""
-    package = keeper_shared.messages
-    for module in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}."):
-        importlib.import_module(module.name)
-    found: dict[str, type[Payload]] = {}
-    pending: list[type[Payload]] = list(Payload.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if not cls.__module__.startswith(f"{package.__name__}."):
-            continue
-        message_type = getattr(cls, "message_type", None)
-        if not isinstance(message_type, str):
-            continue  # an abstract family base
-        other = found.get(message_type)
-        if other is not None and other is not cls:
-            raise ValueError(f"{message_type!r} is both {other.__name__} and {cls.__name__}")
-        found[message_type] = cls
-    return [found[name] for name in sorted(found)]
-
-
-def _message_name(cls: type[Payload]) -> str:
+def message_id(cls: type[Payload]) -> str:
+    """The message's key in ``components.messages`` and in its channel: its class name."""
     return cls.__name__
+
+
+def event_channel_id(cls: type[Payload]) -> str:
+    """The channel (and operation) of one event type."""
+    return f"events.{cls.message_type}"
+
+
+def command_operation_id(receiver: Receiver, cls: type[Payload]) -> str:
+    """The operation of one command on one receiver's channel."""
+    return f"{receiver.value}.{cls.message_type}"
 
 
 def _doc(cls: type[Any]) -> str:
     return " ".join((cls.__doc__ or "").split())
+
+
+def _ref(pointer: str) -> dict[str, str]:
+    return {"$ref": pointer}
+
+
+def _channel_message_ref(channel: str, cls: type[Payload]) -> dict[str, str]:
+    return _ref(f"#/channels/{channel}/messages/{message_id(cls)}")
 
 
 def _envelope_schema(cls: type[Payload]) -> dict[str, Any]:
@@ -173,177 +91,205 @@ def _envelope_schema(cls: type[Payload]) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class _Channel:
-    name: str
-    description: str
-    bindings: dict[str, Any]
-    parameters: dict[str, Any]
-
-
-def _queue_binding(spec: topology.QueueSpec) -> dict[str, Any]:
+def _headers(role: MessageRole) -> dict[str, Any]:
+    if role is not MessageRole.COMMAND:
+        return {"type": "object"}
     return {
-        "amqp": {
-            "is": "queue",
-            "queue": {"name": spec.name, "durable": True, "exclusive": False, "autoDelete": False},
-            "bindingVersion": "0.2.0",
-            "x-arguments": {
-                "x-queue-type": "quorum",
-                "x-delivery-limit": spec.delivery_limit,
-                "x-dead-letter-exchange": topology.DEAD_LETTER_EXCHANGE,
-                "x-dead-letter-routing-key": spec.name,
-            },
-            "x-dead-letter-queue": spec.dead_letter_queue,
-        }
+        "type": "object",
+        "properties": {
+            DEADLINE_HEADER: {
+                "type": "integer",
+                "description": (
+                    "Unix time (ms) after which the command is void: a receiver that gets "
+                    "it later answers `command.rejected` (`expired`) and drops it."
+                ),
+            }
+        },
     }
 
 
-def _message_ref(cls: type[Payload]) -> dict[str, str]:
-    return {"$ref": f"#/components/messages/{_message_name(cls)}"}
+def _message(cls: type[Payload]) -> dict[str, Any]:
+    role = role_of(cls)
+    message: dict[str, Any] = {
+        "name": cls.message_type,
+        "title": cls.__name__,
+        "summary": _doc(cls),
+        "contentType": "application/json",
+        "headers": _headers(role),
+        "payload": _envelope_schema(cls),
+    }
+    if role is not MessageRole.EVENT:
+        message["correlationId"] = _ref(_CORRELATION_ID)
+    message["bindings"] = amqp.message_binding(cls.message_type)
+    message["x-role"] = role.value
+    message["x-schema-version"] = cls.schema_version
+    return message
 
 
-def _one_of(classes: list[type[Payload]]) -> dict[str, Any]:
-    refs: list[dict[str, Any]] = [_message_ref(cls) for cls in classes]
-    return refs[0] if len(refs) == 1 else {"oneOf": refs}
+def _event_channel(cls: type[Payload]) -> dict[str, Any]:
+    return {
+        "address": topology.event_routing_key(cls.message_type, "{origin}"),
+        "title": cls.message_type,
+        "description": (
+            f"`{cls.message_type}` events on the `{topology.EVENTS_EXCHANGE}` topic "
+            "exchange; the last word of the routing key is who sent it (a host id, "
+            "`state-store`, `policy`), which per-host topic permissions pin."
+        ),
+        "parameters": {"origin": {"description": "Host id or service name of the publisher."}},
+        "messages": {message_id(cls): _ref(f"#/components/messages/{message_id(cls)}")},
+        "bindings": amqp.exchange_binding(topology.EVENTS_EXCHANGE, "topic"),
+    }
+
+
+def _command_channel(receiver: Receiver, commands: list[type[Payload]]) -> dict[str, Any]:
+    spec = amqp.receiver_queue(receiver)
+    exchange = amqp.receiver_exchange(receiver)
+    if exchange == topology.HOST_REQUESTS_EXCHANGE:
+        who = (
+            f"What a host asks {_SERVICE_OF[receiver]} for itself, on the `{exchange}` direct "
+            "exchange (the only exchange a host's user may send requests on)"
+        )
+    else:
+        who = f"Commands for {_SERVICE_OF[receiver]} on the `{exchange}` direct exchange"
+    channel: dict[str, Any] = {
+        "address": amqp.receiver_routing_key(receiver),
+        "title": spec.name,
+        "description": (
+            f"{who}, routed by the address as routing key to the quorum queue `{spec.name}` "
+            f"(dead letters in `{spec.dead_letter_queue}`). Send each with a `reply_to` and "
+            "a `correlation_id`: the reply goes to that queue. A command the receiver cannot "
+            "take (undecodable, unknown type, invalid, past its "
+            f"`{DEADLINE_HEADER}`, or from a sender it does not serve) is answered "
+            f"`{ERROR_REPLY.message_type}` with a code."
+        ),
+        "messages": {
+            message_id(cls): _ref(f"#/components/messages/{message_id(cls)}") for cls in commands
+        },
+        "bindings": amqp.exchange_binding(exchange, "direct"),
+        "x-keeper-queue": amqp.queue_extension(spec),
+    }
+    if receiver is Receiver.HOST:
+        channel["parameters"] = {"host": {"description": "The target host's id."}}
+    return channel
+
+
+def _replies_channel(replies: Iterable[type[Payload]]) -> dict[str, Any]:
+    return {
+        # The address is the caller's: each command's operation says where it is read.
+        "address": None,
+        "title": "reply queue",
+        "description": (
+            "The caller's own exclusive reply queue (`keeper.reply.<user>.<12 hex>`), bound "
+            f"to the `{topology.REPLIES_EXCHANGE}` topic exchange with its name as the "
+            "routing key. A reply carries the command's `correlation_id`."
+        ),
+        "messages": {
+            message_id(cls): _ref(f"#/components/messages/{message_id(cls)}")
+            for cls in sorted(replies, key=message_id)
+        },
+        "bindings": amqp.exchange_binding(topology.REPLIES_EXCHANGE, "topic"),
+    }
+
+
+def _event_operation(cls: type[Payload]) -> dict[str, Any]:
+    channel = event_channel_id(cls)
+    return {
+        "action": "send",
+        "channel": _ref(f"#/channels/{channel}"),
+        "title": f"Publish {cls.message_type}",
+        "summary": _doc(cls),
+        "messages": [_channel_message_ref(channel, cls)],
+        "bindings": amqp.operation_binding(mandatory=False),
+    }
+
+
+def _command_operation(
+    receiver: Receiver, cls: type[Payload], contract: CommandContract
+) -> dict[str, Any]:
+    reply_types = [contract.reply, ERROR_REPLY]
+    answered = " or ".join(f"`{reply.message_type}` ({reply.__name__})" for reply in reply_types)
+    follow_ups = [event.message_type for event in contract.follow_up_events]
+    followed = (
+        "Followed by the events " + ", ".join(f"`{name}`" for name in follow_ups) + "."
+        if follow_ups
+        else "No event follows it."
+    )
+    return {
+        "action": "receive",
+        "channel": _ref(f"#/channels/{receiver.value}"),
+        "title": f"{cls.message_type} to {_SERVICE_OF[receiver]}",
+        "summary": _doc(cls),
+        "description": f"Answered {answered} on the caller's reply queue. {followed}",
+        "messages": [_channel_message_ref(receiver.value, cls)],
+        "reply": {
+            "address": {
+                "location": "$message.header#/reply_to",
+                "description": (
+                    "The command's AMQP `reply_to` property: the caller's reply queue, "
+                    f"which is also the routing key on `{topology.REPLIES_EXCHANGE}`."
+                ),
+            },
+            "channel": _ref(f"#/channels/{REPLIES_CHANNEL}"),
+            "messages": [_channel_message_ref(REPLIES_CHANNEL, reply) for reply in reply_types],
+        },
+        "bindings": amqp.operation_binding(mandatory=True),
+        FOLLOW_UP_KEY: follow_ups,
+    }
+
+
+def _server() -> dict[str, Any]:
+    return {
+        "host": "{host}:5672",
+        "protocol": "amqp",
+        "protocolVersion": "0-9-1",
+        "title": "RabbitMQ",
+        "description": (
+            f"A RabbitMQ 3.10+ node or cluster (quorum queues), virtual host `{amqp.VHOST}`."
+        ),
+        "variables": {"host": {"default": "localhost"}},
+    }
+
+
+def _check_unique_ids(payloads: list[type[Payload]]) -> None:
+    seen: dict[str, type[Payload]] = {}
+    for cls in payloads:
+        other = seen.setdefault(message_id(cls), cls)
+        if other is not cls:
+            raise ValueError(
+                f"two messages are named {cls.__name__} ({other.__module__}, {cls.__module__})"
+            )
 
 
 def build_document() -> dict[str, Any]:
     """The whole AsyncAPI document as a JSON-ready dict (deterministic)."""
     payloads = discover_payloads()
-    by_role: dict[MessageRole, list[type[Payload]]] = {role: [] for role in MessageRole}
-    for cls in payloads:
-        by_role[role_of(cls.message_type)].append(cls)
-
+    _check_unique_ids(payloads)
+    missing = [cls.__name__ for cls in COMMANDS if cls not in payloads]
+    if missing:
+        raise ValueError(f"the command table names messages not found: {', '.join(missing)}")
     _, schemas = models_json_schema(
         [(cls, "validation") for cls in payloads], ref_template=_SCHEMA_REF
     )
-    components_schemas: dict[str, Any] = dict(schemas.get("$defs", {}))
-
-    messages: dict[str, Any] = {}
-    for cls in payloads:
-        role = role_of(cls.message_type)
-        messages[_message_name(cls)] = {
-            "name": cls.message_type,
-            "title": cls.__name__,
-            "summary": _doc(cls),
-            "contentType": "application/json",
-            "payload": _envelope_schema(cls),
-            "headers": (
-                {
-                    "type": "object",
-                    "properties": {
-                        DEADLINE_HEADER: {
-                            "type": "integer",
-                            "description": "Unix time (ms) after which the command is void.",
-                        }
-                    },
-                }
-                if role not in (MessageRole.EVENT, MessageRole.REPLY)
-                else {"type": "object"}
-            ),
-            "x-role": role.value,
-            "x-schema-version": cls.schema_version,
-            "bindings": {
-                "amqp": {
-                    "contentEncoding": "utf-8",
-                    "messageType": cls.message_type,
-                    "bindingVersion": "0.2.0",
-                }
-            },
-        }
 
     channels: dict[str, Any] = {}
-    for cls in by_role[MessageRole.EVENT]:
-        channels[f"{cls.message_type}.{{origin}}"] = {
-            "description": (
-                f"`{cls.message_type}` events on the `{topology.EVENTS_EXCHANGE}` topic "
-                "exchange; the last word of the routing key is who sent it (a host id, "
-                "`state-store`, `policy`), which per-host topic permissions pin."
-            ),
-            "parameters": {
-                "origin": {
-                    "description": "Host id or service name of the publisher.",
-                    "schema": {"type": "string"},
-                }
-            },
-            "subscribe": {
-                "operationId": f"on_{cls.message_type.replace('.', '_').replace('-', '_')}",
-                "message": _message_ref(cls),
-            },
-            "bindings": {
-                "amqp": {
-                    "is": "routingKey",
-                    "exchange": {
-                        "name": topology.EVENTS_EXCHANGE,
-                        "type": "topic",
-                        "durable": True,
-                        "autoDelete": False,
-                        "vhost": "/",
-                    },
-                    "bindingVersion": "0.2.0",
-                }
-            },
-        }
-
-    command_queues: list[tuple[MessageRole, topology.QueueSpec, str]] = [
-        (MessageRole.HOST_COMMAND, topology.host_command_queue("{host}"), "send_host_command"),
-        (MessageRole.STORE_COMMAND, topology.STATE_STORE_COMMANDS, "send_store_command"),
-        (MessageRole.POLICY_COMMAND, topology.POLICY_COMMANDS, "send_policy_command"),
-    ]
-    for role, spec, operation in command_queues:
-        if not by_role[role]:
+    operations: dict[str, Any] = {}
+    for cls in payloads:
+        if role_of(cls) is MessageRole.EVENT:
+            channels[event_channel_id(cls)] = _event_channel(cls)
+            operations[event_channel_id(cls)] = _event_operation(cls)
+    for receiver in Receiver:
+        commands = [
+            cls for cls in payloads if cls in COMMANDS and receiver in COMMANDS[cls].receivers
+        ]
+        if not commands:
             continue
-        channel: dict[str, Any] = {
-            "description": (
-                f"Commands on the `{topology.COMMANDS_EXCHANGE}` direct exchange with the "
-                f"routing key `{spec.command_key}`, consumed from the quorum queue "
-                f"`{spec.name}` (dead letters in `{spec.dead_letter_queue}`). The reply "
-                f"goes to the `{topology.REPLIES_EXCHANGE}` topic exchange with the AMQP "
-                "`reply_to` as its routing key and the same `correlation_id`. A command "
-                "the receiver cannot take (undecodable, unknown type, invalid, or past its "
-                "`x-keeper-deadline-ms`) is answered `command.rejected` with a code."
-            ),
-            "publish": {"operationId": operation, "message": _one_of(by_role[role])},
-            "bindings": _queue_binding(spec),
-        }
-        if role is MessageRole.HOST_COMMAND:
-            channel["parameters"] = {
-                "host": {"description": "The target host's id.", "schema": {"type": "string"}}
-            }
-        channels[spec.name] = channel
-    host_request_queues = [
-        (MessageRole.STORE_HOST_REQUEST, topology.STATE_STORE_HOST_REQUESTS, "send_store_request"),
-        (MessageRole.POLICY_HOST_REQUEST, topology.POLICY_HOST_REQUESTS, "send_policy_request"),
-    ]
-    for role, spec, operation in host_request_queues:
-        channels[spec.name] = {
-            "description": (
-                f"What a host asks for itself, on the `{topology.HOST_REQUESTS_EXCHANGE}` "
-                f"direct exchange with the routing key `{spec.host_request_key}` (the only "
-                f"exchange a host's user may send requests on), consumed from `{spec.name}` "
-                f"(dead letters in `{spec.dead_letter_queue}`); the store's also takes "
-                "`state.retrieve` of the host's own VMs. Replies as for commands."
-            ),
-            "publish": {"operationId": operation, "message": _one_of(by_role[role])},
-            "bindings": _queue_binding(spec),
-        }
-    if by_role[MessageRole.REPLY]:
-        channels["{reply_to}"] = {
-            "description": (
-                "The caller's exclusive reply queue, named by `reply_to` and bound to "
-                f"`{topology.REPLIES_EXCHANGE}` with that name as the routing key."
-            ),
-            "parameters": {
-                "reply_to": {
-                    "description": "Reply queue of the caller.",
-                    "schema": {"type": "string"},
-                }
-            },
-            "subscribe": {
-                "operationId": "on_reply",
-                "message": _one_of(by_role[MessageRole.REPLY]),
-            },
-        }
+        channels[receiver.value] = _command_channel(receiver, commands)
+        for cls in commands:
+            operations[command_operation_id(receiver, cls)] = _command_operation(
+                receiver, cls, COMMANDS[cls]
+            )
+    replies = [cls for cls in payloads if role_of(cls) is MessageRole.REPLY]
+    channels[REPLIES_CHANNEL] = _replies_channel(replies)
 
     return {
         "asyncapi": ASYNCAPI_VERSION,
@@ -354,24 +300,34 @@ def build_document() -> dict[str, Any]:
             "description": (
                 "Every message of vTPM Keeper, generated from the pydantic models in "
                 "`keeper_shared.messages` by `python -m keeper_devtools.contract`; do not "
-                "edit by hand. Each message travels in a CloudEvents-style envelope whose "
-                "`schema_version` is the payload's; older versions are upcast on read."
+                "edit by hand. The document describes vTPM Keeper as one application: it "
+                "sends the events and receives the commands, answering each on the "
+                "caller's reply queue (a client does the opposite). Each message travels "
+                "in a CloudEvents-style envelope whose `schema_version` is the payload's; "
+                "older versions are upcast on read. Each command operation names its reply, "
+                f"its error reply (`{ERROR_REPLY.message_type}`) and, in `{FOLLOW_UP_KEY}`, "
+                "the events that follow it."
             ),
         },
         "defaultContentType": "application/json",
-        "servers": {
-            "rabbitmq": {
-                "url": "amqp://{host}:5672/",
-                "protocol": "amqp",
-                "protocolVersion": "0-9-1",
-                "description": "A RabbitMQ 3.10+ cluster (quorum queues).",
-                "variables": {"host": {"default": "localhost"}},
-            }
-        },
+        "servers": {"rabbitmq": _server()},
         "channels": dict(sorted(channels.items())),
+        "operations": dict(sorted(operations.items())),
         "components": {
-            "messages": dict(sorted(messages.items())),
-            "schemas": dict(sorted(components_schemas.items())),
+            "messages": {
+                message_id(cls): _message(cls) for cls in sorted(payloads, key=message_id)
+            },
+            "schemas": dict(sorted(schemas.get("$defs", {}).items())),
+            "correlationIds": {
+                "command": {
+                    "location": "$message.header#/correlation_id",
+                    "description": (
+                        "The AMQP `correlation_id` property: the caller sets it on the "
+                        "command (the keeper's services use the envelope `id`) and the "
+                        "reply carries it back."
+                    ),
+                }
+            },
         },
         "x-event-queues": {
             spec.name: {
