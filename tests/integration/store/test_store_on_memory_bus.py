@@ -9,7 +9,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest_asyncio
 from redis.asyncio import Redis
@@ -17,36 +16,28 @@ from redis.asyncio import Redis
 from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.bus.topology import (
     STATE_STORE,
-    STATE_STORE_COMMANDS,
-    STATE_STORE_EVENTS,
-    STATE_STORE_HOST_REQUESTS,
     QueueSpec,
-    host_command_queue,
 )
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host_requests import NewestState, ReadNewestState
 from keeper_shared.messages.state import (
-    FetchState,
     RetrieveState,
     StatePersisted,
     StateWriteRefused,
 )
 from keeper_shared.messages.types import FencingToken, StateKind
-from keeper_shared.redis_access.keys import PREFIX, placement_key
+from keeper_shared.redis_access.keys import placement_key
 from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import open_blob
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
-from keeper_state_store.crypto.key_ring import KeyRing
-from keeper_state_store.handlers.host_requests import HostRequests
-from keeper_state_store.handlers.state import StateService
-from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.storage.repository import StateRepository
 from support.in_process_store import FakeHost, sha256
 from support.memory_bus import MemoryBroker
+from support.memory_store import STORE_HOST, memory_store
 from support.waiting import wait_until
 
-HOST = "host-a"
+HOST = STORE_HOST
 TIMEOUT_S = 30.0
 """Generous: against hangs only."""
 
@@ -81,42 +72,15 @@ class Scene:
 
 @pytest_asyncio.fixture
 async def scene(redis_url: str, kek: KeyEncryptionKey) -> AsyncIterator[Scene]:
-    broker = MemoryBroker()
-    redis = Redis.from_url(redis_url)
-    repository = StateRepository(redis, KeyRing(kek), history_depth=10)
-    settings = StateStoreSettings(
-        amqp_url="amqp://unused/",
-        redis_url=redis_url,
-        kek_file=Path("/nonexistent/kek"),
-        allow_volatile_redis=True,
-        fetch_timeout_s=10.0,
-        verify_host_identity=True,
-    )
-    store_bus = broker.client(source="state-store/t", origin=STATE_STORE)
-    service = StateService(settings, repository, store_bus)
-    host = FakeHost(host_id=HOST, bus=broker.client(source=f"host-agent/{HOST}", origin=HOST))
-    await host.bus.consume(host_command_queue(HOST), [Route(FetchState, host.on_fetch)], prefetch=8)
-    await store_bus.consume(STATE_STORE_EVENTS, service.event_routes(), prefetch=32)
-    await store_bus.consume(STATE_STORE_COMMANDS, service.command_routes(), prefetch=8)
-    host_requests = HostRequests(repository, service, verify_host_identity=True)
-    await store_bus.consume(STATE_STORE_HOST_REQUESTS, host_requests.routes(), prefetch=8)
-    policy = PolicyView()
-    observer = broker.client(source="policy/t", origin="policy")
-    routes = [
-        Route(StatePersisted, policy.on_persisted),
-        Route(StateWriteRefused, policy.on_refused),
-    ]
-    await observer.consume(AUDIT, routes, prefetch=8)
-    vm_id = str(uuid.uuid4())
-    await awaited(redis.hset(placement_key(vm_id), mapping={"host": HOST, "epoch": 1}))
-    try:
-        yield Scene(broker, host, policy, repository, redis, vm_id)
-    finally:
-        await service.close()
-        keys = [key async for key in redis.scan_iter(match=f"{PREFIX}:{{{vm_id}}}:*")]
-        if keys:
-            await redis.delete(*keys)
-        await redis.aclose()
+    async with memory_store(redis_url, kek) as store:
+        policy = PolicyView()
+        observer = store.broker.client(source="policy/t", origin="policy")
+        routes = [
+            Route(StatePersisted, policy.on_persisted),
+            Route(StateWriteRefused, policy.on_refused),
+        ]
+        await observer.consume(AUDIT, routes, prefetch=8)
+        yield Scene(store.broker, store.host, policy, store.repository, store.redis, store.vm_id)
 
 
 async def test_a_change_is_pulled_stored_and_announced(scene: Scene) -> None:

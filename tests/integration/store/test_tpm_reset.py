@@ -28,16 +28,12 @@ from keeper_devtools.swtpm_lab import DEMO_NV_INDEX, manufacture_tpm_state, nv_w
 from keeper_shared.bus.client import BusClient, Delivery, Route
 from keeper_shared.bus.topology import (
     STATE_STORE,
-    STATE_STORE_COMMANDS,
-    STATE_STORE_EVENTS,
-    STATE_STORE_HOST_REQUESTS,
     QueueSpec,
-    host_command_queue,
 )
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, Payload
 from keeper_shared.messages.host_requests import NewestState, ReadNewestState
-from keeper_shared.messages.state import FetchState, RestoreState, StatePersisted
+from keeper_shared.messages.state import RestoreState, StatePersisted
 from keeper_shared.messages.tpm_reset import (
     AcceptTpm,
     ResetClearing,
@@ -46,8 +42,7 @@ from keeper_shared.messages.tpm_reset import (
     TpmResetCleared,
 )
 from keeper_shared.messages.types import FencingToken, StateKind, TpmSecret
-from keeper_shared.messages.vm import PrepareVm
-from keeper_shared.redis_access.keys import PREFIX, placement_key
+from keeper_shared.redis_access.keys import PREFIX
 from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import open_blob
 from keeper_shared.state_format.tpm_archive import (
@@ -58,15 +53,10 @@ from keeper_shared.state_format.tpm_archive import (
 )
 from keeper_shared.swtpm import start_swtpm
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
-from keeper_state_store.crypto.key_ring import KeyRing
-from keeper_state_store.handlers.host_requests import HostRequests
-from keeper_state_store.handlers.state import StateService
 from keeper_state_store.identity.fingerprint import archive_identity
 from keeper_state_store.scrub.tpm_probe import probe_tpm_state
-from keeper_state_store.settings import StateStoreSettings
-from keeper_state_store.storage.repository import StateRepository
 from support.in_process_store import FakeHost
-from support.memory_bus import MemoryBroker
+from support.memory_store import STORE_HOST, memory_store
 from support.waiting import wait_until
 
 pytestmark = [
@@ -75,7 +65,7 @@ pytestmark = [
     pytest.mark.usefixtures("swtpm_tools", "no_swtpm_left"),
 ]
 
-HOST = "host-a"
+HOST = STORE_HOST
 TIMEOUT_S = 30.0
 """Generous: against hangs only."""
 SECRET = b"libvirt-secret-value-" + os.urandom(8).hex().encode()
@@ -232,50 +222,19 @@ class Scene:
 
 
 async def _scene(redis_url: str, kek: KeyEncryptionKey, depth: int) -> AsyncIterator[Scene]:
-    broker = MemoryBroker()
-    redis = Redis.from_url(redis_url)
-    repository = StateRepository(redis, KeyRing(kek), history_depth=depth)
-    settings = StateStoreSettings(
-        amqp_url="amqp://unused/",
-        redis_url=redis_url,
-        kek_file=Path("/nonexistent/kek"),
-        allow_volatile_redis=True,
-        fetch_timeout_s=10.0,
-        verify_host_identity=True,
-    )
-    store_bus = broker.client(source="state-store/t", origin=STATE_STORE)
-    service = StateService(settings, repository, store_bus)
-    host = FakeHost(host_id=HOST, bus=broker.client(source=f"host-agent/{HOST}", origin=HOST))
-    await host.bus.consume(
-        host_command_queue(HOST),
-        [Route(FetchState, host.on_fetch), Route(PrepareVm, host.on_prepare)],
-        prefetch=8,
-    )
-    await store_bus.consume(STATE_STORE_EVENTS, service.event_routes(), prefetch=32)
-    await store_bus.consume(STATE_STORE_COMMANDS, service.command_routes(), prefetch=8)
-    host_requests = HostRequests(repository, service, verify_host_identity=True)
-    await store_bus.consume(STATE_STORE_HOST_REQUESTS, host_requests.routes(), prefetch=8)
-    watcher = Watcher()
-    observer = broker.client(source="policy/t", origin="policy")
-    await observer.consume(
-        WATCHED,
-        [
-            Route(StatePersisted, watcher.on_event),
-            Route(TpmReset, watcher.on_event),
-            Route(TpmResetCleared, watcher.on_event),
-        ],
-        prefetch=8,
-    )
-    vm_id = str(uuid.uuid4())
-    await awaited(redis.hset(placement_key(vm_id), mapping={"host": HOST, "epoch": 1}))
-    try:
-        yield Scene(host, watcher, observer, redis, vm_id)
-    finally:
-        await service.close()
-        keys = [key async for key in redis.scan_iter(match=f"{PREFIX}:{{{vm_id}}}:*")]
-        if keys:
-            await redis.delete(*keys)
-        await redis.aclose()
+    async with memory_store(redis_url, kek, history_depth=depth) as store:
+        watcher = Watcher()
+        observer = store.broker.client(source="policy/t", origin="policy")
+        await observer.consume(
+            WATCHED,
+            [
+                Route(StatePersisted, watcher.on_event),
+                Route(TpmReset, watcher.on_event),
+                Route(TpmResetCleared, watcher.on_event),
+            ],
+            prefetch=8,
+        )
+        yield Scene(store.host, watcher, observer, store.redis, store.vm_id)
 
 
 @pytest_asyncio.fixture
