@@ -84,6 +84,10 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "vms.list",
             "vms.unprotected.list",
             "hosts.list",
+            "template.create",
+            "template.delete",
+            "templates.list",
+            "vm.create-from-template",
         }
     ),
     MessageRole.STORE_HOST_REQUEST: frozenset({"state.newest"}),
@@ -104,6 +108,8 @@ _COMMANDS: dict[MessageRole, frozenset[str]] = {
             "vms.unprotected.listed",
             "vm.adoption-result",
             "hosts.listed",
+            "template.created",
+            "templates.listed",
         }
     ),
 }
