@@ -308,7 +308,7 @@ async def running_policy_queries(
         )
         gateway = Gateway(bus, retrieve_timeout_s=REQUEST_TIMEOUT_S, host_command_timeout_s=5.0)
         templates = TemplateHandlers(
-            TemplateRecords(redis),
+            TemplateRecords(redis, scripts),
             registry,
             Approver(settings, registry, hosts, gateway),
             gateway,

@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest_asyncio
@@ -18,6 +19,8 @@ from redis.asyncio import Redis
 from keeper_policy.app import build_service
 from keeper_policy.service import PolicyService
 from keeper_policy.settings import PolicySettings
+from keeper_policy.storage.scripts import PolicyScripts
+from keeper_policy.templates.records import TemplateRecords
 from keeper_shared.bus.client import Route
 from keeper_shared.bus.topology import (
     POLICY,
@@ -328,3 +331,30 @@ async def test_deleting_a_template_removes_its_nvram_not_its_vms(scene: Scene) -
     assert not again.ok
     assert again.error is not None
     assert "no template" in again.error
+
+
+async def test_of_two_templates_saved_under_one_name_only_the_first_is_recorded(
+    scene: Scene,
+) -> None:
+    """Two replicas creating two templates of one name at once: the name check before the
+    NVRAM copy passes for both, the one-step save lets only one through."""
+    records = TemplateRecords(scene.redis, PolicyScripts(scene.redis))
+    spec = VmSpec(vm_id=str(uuid.uuid4()), name="x", guest_os="rhel-9.2")
+    first, second = (
+        TemplateView(
+            template_id=template_id,
+            name="shared",
+            spec=spec,
+            source_vm_id=None,
+            nvram=False,
+            created_at=datetime.now(UTC),
+        )
+        for template_id in (str(uuid.uuid4()), str(uuid.uuid4()))
+    )
+
+    assert await records.save(first) is None
+    assert await records.save(first) is None  # a repeat is no conflict
+    assert await records.save(second) == first.template_id
+
+    assert [t.template_id for t in await scene.templates()] == [first.template_id]
+    assert await records.template(second.template_id) is None

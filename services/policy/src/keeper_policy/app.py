@@ -74,7 +74,7 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         lease_s=settings.workflow_lease_s,
         sweep_interval_s=settings.workflow_sweep_interval_s,
     )
-    templates = TemplateRecords(redis)
+    templates = TemplateRecords(redis, scripts)
     approver = Approver(settings, registry, hosts, gateway)
     return PolicyService(
         registry=registry,

@@ -28,12 +28,13 @@ DISCOVERY_WAITING = f"{PREFIX}:policy:discovery-waiting"
 domains are decided on the host's next heartbeat."""
 
 
-TEMPLATES = f"{PREFIX}:policy:templates"
+TEMPLATES = f"{PREFIX}:policy:{{templates}}"
 """Hash: template id -> JSON of the template (``TemplateView``). Apart from VM records, so
-a template is never listed, placed or started as a VM."""
+a template is never listed, placed or started as a VM. The ``{templates}`` hash tag puts it
+in one slot with :data:`TEMPLATE_NAMES`, which one script writes with it."""
 
-TEMPLATE_NAMES = f"{PREFIX}:policy:template-names"
-"""Hash: template name -> template id; claimed with HSETNX, so a name names one template."""
+TEMPLATE_NAMES = f"{PREFIX}:policy:{{templates}}:names"
+"""Hash: template name -> template id, so a name names one template."""
 
 
 def workflow_key(vm_id: str) -> str:

@@ -93,13 +93,12 @@ class TemplateHandlers:
             except UnknownVmError as error:
                 return TemplateCreated(error=str(error))
         assert source_spec is not None  # CreateTemplate has a VM or a spec
-        holder = await self._records.claim_name(request.name, request.template_id)
+        holder = await self._records.holder_of(request.name)
         if holder is not None:
             return TemplateCreated(error=f"a template named {request.name!r} exists ({holder})")
         if request.from_vm_id is not None:
             copied = await self._copy_nvram(request.from_vm_id, request.template_id)
             if not copied.ok:
-                await self._records.release_name(request.name, request.template_id)
                 return TemplateCreated(
                     error=f"the NVRAM of VM {request.from_vm_id} was not copied: {copied.error}"
                 )
@@ -111,7 +110,12 @@ class TemplateHandlers:
             nvram=request.from_vm_id is not None,
             created_at=datetime.now(UTC),
         )
-        await self._records.save(template)
+        holder = await self._records.save(template)
+        if holder is not None:
+            # Another replica created a template of this name meanwhile.
+            if template.nvram:
+                await self._drop_copy(template.template_id)
+            return TemplateCreated(error=f"a template named {request.name!r} exists ({holder})")
         log.info(
             "template created",
             template_id=template.template_id,

@@ -1,7 +1,8 @@
 """Policy's template records in Redis: one hash of templates by id, one of ids by name.
 
-The name hash is claimed with HSETNX, so two replicas creating two templates of one name
-at once cannot both win.
+A template and its name are written by one script, so two replicas creating two templates
+of one name at once cannot both win, and no name is ever held by a template that is not
+recorded.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from keeper_policy.storage.keys import TEMPLATE_NAMES, TEMPLATES
+from keeper_policy.storage.scripts import PolicyScripts
 from keeper_shared.messages.template import TemplateView
 from keeper_shared.redis_access.results import awaited
 
@@ -23,8 +25,9 @@ def _text(value: object) -> str | None:
 class TemplateRecords:
     """Redis access for templates."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, scripts: PolicyScripts) -> None:
         self._redis = redis
+        self._save = scripts.template_save
 
     async def template(self, template_id: str) -> TemplateView | None:
         """The template of this id, or None."""
@@ -38,21 +41,19 @@ class TemplateRecords:
             (TemplateView.model_validate_json(item) for item in raw), key=lambda t: t.name
         )
 
-    async def claim_name(self, name: str, template_id: str) -> str | None:
-        """Reserve ``name`` for ``template_id``; the other template that has it, or None."""
-        await awaited(self._redis.hsetnx(TEMPLATE_NAMES, name, template_id))
-        holder = _text(await awaited(self._redis.hget(TEMPLATE_NAMES, name)))
-        return holder if holder != template_id else None
+    async def holder_of(self, name: str) -> str | None:
+        """The id of the template named ``name``, or None."""
+        return _text(await awaited(self._redis.hget(TEMPLATE_NAMES, name)))
 
-    async def release_name(self, name: str, template_id: str) -> None:
-        """Give ``name`` back when the template that claimed it was not created."""
-        holder = _text(await awaited(self._redis.hget(TEMPLATE_NAMES, name)))
-        if holder == template_id:
-            await awaited(self._redis.hdel(TEMPLATE_NAMES, name))
-
-    async def save(self, template: TemplateView) -> None:
-        """Record a template (its name claimed first)."""
-        await awaited(self._redis.hset(TEMPLATES, template.template_id, template.model_dump_json()))
+    async def save(self, template: TemplateView) -> str | None:
+        """Record a template and its name in one step, unless another template has the
+        name: then nothing is written and that template's id is returned."""
+        holder = await self._save(
+            keys=[TEMPLATE_NAMES, TEMPLATES],
+            args=[template.name, template.template_id, template.model_dump_json()],
+        )
+        holder_id = _text(holder)
+        return holder_id or None
 
     async def delete(self, template: TemplateView) -> None:
         """Forget a template and its name."""
