@@ -24,9 +24,14 @@ import aio_pika
 from redis.asyncio import Redis
 
 from keeper_cli.client import KeeperClient
+from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.registry import HostRegistry
+from keeper_policy.settings import PolicySettings
 from keeper_policy.storage.scripts import PolicyScripts
 from keeper_policy.storage.vm_registry import PolicyRegistry
+from keeper_policy.templates.handlers import TemplateHandlers
+from keeper_policy.templates.records import TemplateRecords
+from keeper_policy.tpm.approver import Approver
 from keeper_policy.views.queries import PolicyQueries
 from keeper_shared.bus.client import BusClient, Consumer, Delivery, Route
 from keeper_shared.bus.topology import QueueSpec, host_command_queue
@@ -284,19 +289,35 @@ async def running_store(
 
 @contextlib.asynccontextmanager
 async def running_policy_queries(
-    amqp_url: str, redis: Redis, *, lost_after_s: float
+    amqp_url: str, redis: Redis, *, lost_after_s: float, store_target: str | None = None
 ) -> AsyncIterator[str]:
     """Policy's query handlers (``vms.list``, ``hosts.list``) over ``redis`` on a private
-    commands queue; yields its command key (the CLI's ``KEEPER_POLICY_TARGET``)."""
+    commands queue; yields its command key (the CLI's ``KEEPER_POLICY_TARGET``). With
+    ``store_target`` (a store's command key) also the template commands, which approve VMs
+    as ``tpm.enable`` does and have that store copy and delete NVRAM."""
     policy_key = unique("test-policy")
     commands = QueueSpec(name=unique("test-policy-commands"), command_key=policy_key)
     scripts = PolicyScripts(redis)
-    queries = PolicyQueries(
-        PolicyRegistry(redis, scripts), HostRegistry(redis, scripts), lost_after_s=lost_after_s
-    )
+    registry, hosts = PolicyRegistry(redis, scripts), HostRegistry(redis, scripts)
+    queries = PolicyQueries(registry, hosts, lost_after_s=lost_after_s)
     bus = await BusClient.connect(amqp_url, source="policy/test", origin=unique("policy"))
+    routes = queries.command_routes()
+    if store_target is not None:
+        settings = PolicySettings(
+            amqp_url=amqp_url, redis_url="redis://unused/", host_lost_after_s=lost_after_s
+        )
+        gateway = Gateway(bus, retrieve_timeout_s=REQUEST_TIMEOUT_S, host_command_timeout_s=5.0)
+        templates = TemplateHandlers(
+            TemplateRecords(redis, scripts),
+            registry,
+            Approver(settings, registry, hosts, gateway),
+            gateway,
+            store_timeout_s=REQUEST_TIMEOUT_S,
+            store_target=store_target,
+        )
+        routes += templates.command_routes()
     try:
-        await bus.consume(commands, queries.command_routes(), prefetch=8)
+        await bus.consume(commands, routes, prefetch=8)
         yield policy_key
     finally:
         await bus.close(5.0)

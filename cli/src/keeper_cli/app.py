@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from keeper_cli import inputs, output, view_commands, views
+from keeper_cli import inputs, output, template_commands, view_commands, views
 from keeper_cli.client import KeeperClient, KeeperRequestError
 from keeper_cli.command_group import KeeperGroup
 from keeper_cli.config import CliSettings
@@ -81,12 +81,13 @@ app = typer.Typer(
     context_settings=HELP_SETTINGS,
 )
 vm_app = typer.Typer(
-    help="Enable, start, stop, list, snapshot, restore, clone, move VMs.",
+    help="Enable, create, start, stop, list, snapshot, restore, clone, move VMs.",
     no_args_is_help=True,
     rich_markup_mode=None,
     context_settings=HELP_SETTINGS,
 )
 app.add_typer(vm_app, name="vm")
+app.add_typer(template_commands.template_app, name="template")
 
 
 def keeper_version() -> str:
@@ -898,6 +899,7 @@ def import_(
 
 # --- read-only commands (keeper_cli.view_commands) --------------------------------------
 
+vm_app.command("create")(template_commands.create_vm)
 vm_app.command("list")(view_commands.list_vms)
 vm_app.command("show")(view_commands.show)
 vm_app.command("status")(view_commands.status)

@@ -46,6 +46,15 @@ from keeper_shared.messages.snapshot import (
     SnapshotList,
 )
 from keeper_shared.messages.state import ListStateHistory, RestoreState, StateHistory
+from keeper_shared.messages.template import (
+    CreateTemplate,
+    CreateVmFromTemplate,
+    DeleteTemplate,
+    ListTemplates,
+    TemplateCreated,
+    TemplatesListed,
+    TemplateView,
+)
 from keeper_shared.messages.tpm import DEFAULT_CLUSTER, EnableTpm, VmSpec
 from keeper_shared.messages.tpm_reset import AcceptTpm
 from keeper_shared.messages.transfer import (
@@ -414,6 +423,28 @@ class KeeperClient:
         """Give a VM without state a copy of another's (same TPM, or a fresh one)."""
         request = CloneVm(source_vm_id=source_vm_id, target_vm_id=target_vm_id, tpm=tpm)
         return _versions(await self._ask(self._store_target, request, target_vm_id))
+
+    async def create_template(self, request: CreateTemplate) -> TemplateView:
+        """Create a template from a VM or a spec (see :class:`CreateTemplate`)."""
+        reply = await self._call(self._policy_target, request, TemplateCreated, request.name)
+        if reply.template is None:
+            raise KeeperRequestError(reply.error or "refused without a reason")
+        return reply.template
+
+    async def list_templates(self) -> list[TemplateView]:
+        """Every template, by name."""
+        reply = await self._call(self._policy_target, ListTemplates(), TemplatesListed, "templates")
+        return reply.templates
+
+    async def delete_template(self, template_id: str) -> dict[str, str]:
+        """Delete a template and its NVRAM copy; policy's detail (``nvram_versions``)."""
+        request = DeleteTemplate(template_id=template_id)
+        return await self._ask(self._policy_target, request, template_id)
+
+    async def create_vm_from_template(self, request: CreateVmFromTemplate) -> dict[str, str]:
+        """Register a VM from a template through the TPM rules; policy's detail
+        (``tpm_xml``, ``nvram`` = ``copied`` or ``none``)."""
+        return await self._ask(self._policy_target, request, request.vm_id)
 
     async def export_state(self, vm_id: str, passphrase: str) -> bytes:
         """The VM's newest state as a bundle file's bytes (the store's bundle format)."""

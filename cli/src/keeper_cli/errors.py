@@ -14,7 +14,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     """Bad input: an argument, option, file or environment variable breaks a rule."""
     UNKNOWN_VM = 3
-    """No VM with that id or name is registered."""
+    """No VM (or template, for the template commands) with that id or name exists."""
     UNREACHABLE = 4
     """RabbitMQ, policy or the state store cannot be reached."""
     ABORTED = 5
@@ -41,7 +41,7 @@ _MEANINGS = {
     ExitCode.OK: "done",
     ExitCode.REFUSED: "refused or failed (the reason is printed)",
     ExitCode.USAGE: "bad input (the field and the rule are named)",
-    ExitCode.UNKNOWN_VM: "unknown VM",
+    ExitCode.UNKNOWN_VM: "unknown VM or template",
     ExitCode.UNREACHABLE: "RabbitMQ, policy or the state store cannot be reached",
     ExitCode.ABORTED: "not confirmed (nothing was changed)",
     ExitCode.TIMEOUT: "no answer in time (it may still be carried out)",

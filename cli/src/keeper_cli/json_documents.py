@@ -79,6 +79,23 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "clone": ("source_vm_id", "target_vm_id", "tpm", "versions"),
     "export": ("vm_id", "file", "bytes"),
     "import": ("vm_id", "file", "imported"),
+    "template": (
+        "template_id",
+        "name",
+        "source_vm_id",
+        "nvram",
+        "guest_os",
+        "arch",
+        "machine",
+        "firmware",
+        "secure_boot",
+        "encrypt_state",
+        "memory_mib",
+        "vcpus",
+        "created_at",
+    ),
+    "template-deletion": ("template_id", "name", "deleted", "nvram_versions"),
+    "vm-creation": ("vm_id", "name", "template_id", "tpm_xml", "nvram"),
 }
 """Each kind's fields (besides ``schema``), in the order they are printed."""
 

@@ -272,6 +272,13 @@ async def resolve(client: KeeperClient, reference: str) -> str:
     """The VM id of a VM id or name; unknown VMs end the command (exit 3)."""
     matches = await views.resolve_vm(client, reference)
     if not matches:
+        template = await views.template_named(client, reference)
+        if template is not None:
+            raise CliError(
+                f"{reference!r} is a template, not a VM: create a VM from it "
+                f"(`keeper vm create NAME --template {template.name}`)",
+                ExitCode.REFUSED,
+            )
         raise CliError(
             f"unknown VM {reference!r} (see `keeper vm list`; enable its TPM first)",
             ExitCode.UNKNOWN_VM,

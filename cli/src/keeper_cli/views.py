@@ -12,8 +12,11 @@ from datetime import datetime
 from typing import Any
 
 from keeper_cli.client import KeeperClient
+from keeper_shared.bus.client import CallError
 from keeper_shared.messages.adoption import UnprotectedVmView
+from keeper_shared.messages.envelope import MessageError
 from keeper_shared.messages.queries import HostView, StoredVmState, VmView
+from keeper_shared.messages.template import TemplateView
 from keeper_shared.messages.types import VM_NAME_PATTERN, StateKind
 
 
@@ -191,6 +194,22 @@ async def resolve_vm(client: KeeperClient, reference: str) -> list[str]:
         if stored.has_data_key or stored.newest:
             return [vm_id]
     return [view.vm_id for view in views]
+
+
+async def template_named(
+    client: KeeperClient, reference: str, *, strict: bool = False
+) -> TemplateView | None:
+    """The template ``reference`` (a name or a template id) names, or None. Unless
+    ``strict``, a policy that cannot answer (one released before templates) counts as
+    having none, so a VM command's "unknown VM" is not turned into another failure."""
+    try:
+        templates = await client.list_templates()
+    except (CallError, MessageError):
+        if strict:
+            raise
+        return None
+    found = [item for item in templates if reference in (item.name, item.template_id)]
+    return found[0] if found else None
 
 
 def host_status_from(view: HostView) -> HostStatus:

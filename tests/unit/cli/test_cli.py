@@ -47,9 +47,11 @@ def test_help_lists_every_command() -> None:
         "delete-state",
         "disable-tpm",
         "adopt",
+        "create",
     ):
         assert command in result.output
     assert "hosts" in runner.invoke(app, ["--help"]).output
+    assert "template" in runner.invoke(app, ["--help"]).output
 
 
 def test_defaults_point_at_the_local_stack(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -86,6 +86,26 @@ BAD_INPUT: dict[str, list[list[str]]] = {
     "vm ek": [[], ["bad name!"], ["vm1", "vm2"]],
     "vm accept-tpm": [[], ["bad name!"], ["vm1", "vm2"]],
     "vm snapshots": [[], ["bad name!"]],
+    "vm create": [
+        ["vm1"],  # --template missing
+        ["bad name!", "--template", "t1"],
+        ["vm1", "--template", "bad name!"],
+        ["vm1", "--template", "t1", "--vm-id", "not-a-uuid"],
+    ],
+    "template create": [
+        ["t1"],  # neither --from-vm nor --guest-os
+        ["t1", "--from-vm", "vm1", "--guest-os", "windows-11"],
+        ["t1", "--from-vm", "vm1", "--secure-boot"],  # the spec is the VM's
+        ["bad name!", "--guest-os", "windows-11"],
+        ["t1", "--from-vm", "bad name!"],
+        ["t1", "--guest-os", "w" * 65],
+        ["t1", "--guest-os", "windows-11", "--firmware", "coreboot"],
+        ["t1", "--guest-os", "windows-11", "--memory-mib", "1"],
+        ["t1", "--guest-os", "windows-11", "--arch", "a" * 33],
+    ],
+    "template list": [["t1"], ["--timeout", "0"]],
+    "template show": [[], ["bad name!"], ["t1", "t2"]],
+    "template delete": [[], ["bad name!"], ["t1", "t2"]],
 }
 """Each command's bad inputs; every one must exit 2 before any network call."""
 
@@ -111,6 +131,11 @@ GOOD_INPUT: dict[str, list[str]] = {
     "vm ek": ["vm1"],
     "vm accept-tpm": ["vm1", "--yes"],
     "vm snapshots": ["vm1"],
+    "vm create": ["vm1", "--template", "t1", "--vm-id", VM_ID],
+    "template create": ["t1", "--guest-os", "windows-11", "--secure-boot"],
+    "template list": [],
+    "template show": ["t1"],
+    "template delete": ["t1", "--yes"],
 }
 """Input each command accepts: with no broker it gets as far as connecting (exit 4)."""
 

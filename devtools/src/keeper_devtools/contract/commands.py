@@ -61,6 +61,14 @@ from keeper_shared.messages.state import (
     StatePersisted,
     StateWriteRefused,
 )
+from keeper_shared.messages.template import (
+    CreateTemplate,
+    CreateVmFromTemplate,
+    DeleteTemplate,
+    ListTemplates,
+    TemplateCreated,
+    TemplatesListed,
+)
 from keeper_shared.messages.tpm import EnableTpm, TpmApproved, TpmRejected
 from keeper_shared.messages.tpm_reset import AcceptTpm, TpmResetCleared
 from keeper_shared.messages.transfer import CloneVm, ExportState, ImportState, StateExported
@@ -155,6 +163,10 @@ COMMANDS: Mapping[type[Payload], CommandContract] = {
     ReadNewestState: CommandContract((Receiver.STATE_STORE_FOR_HOSTS,), NewestState),
     # Policy.
     EnableTpm: CommandContract(_POLICY, CommandDone, (TpmApproved, TpmRejected)),
+    CreateTemplate: CommandContract(_POLICY, TemplateCreated),
+    ListTemplates: CommandContract(_POLICY, TemplatesListed),
+    DeleteTemplate: CommandContract(_POLICY, CommandDone),
+    CreateVmFromTemplate: CommandContract(_POLICY, CommandDone, (TpmApproved, TpmRejected)),
     DisableTpm: CommandContract(_POLICY, CommandDone, (StateDeleted, TpmDisabled)),
     PlaceVm: CommandContract(_POLICY, CommandDone, (VmDefined, VmStarted, VmPlaced)),
     StopVm: CommandContract(

@@ -27,6 +27,8 @@ from keeper_policy.stop.stopper import Stopper
 from keeper_policy.stop.workflow import STOP, StopRunner
 from keeper_policy.storage.scripts import PolicyScripts
 from keeper_policy.storage.vm_registry import PolicyRegistry
+from keeper_policy.templates.handlers import TemplateHandlers
+from keeper_policy.templates.records import TemplateRecords
 from keeper_policy.tpm.approver import Approver
 from keeper_policy.tpm.disabler import TpmDisabler
 from keeper_policy.views.queries import PolicyQueries
@@ -72,12 +74,14 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         lease_s=settings.workflow_lease_s,
         sweep_interval_s=settings.workflow_sweep_interval_s,
     )
+    templates = TemplateRecords(redis, scripts)
+    approver = Approver(settings, registry, hosts, gateway)
     return PolicyService(
         registry=registry,
         hosts=hosts,
         engine=engine,
-        approver=Approver(settings, registry, hosts, gateway),
-        placer=Placer(settings, registry, hosts, workflows, engine),
+        approver=approver,
+        placer=Placer(settings, registry, hosts, workflows, engine, templates),
         stopper=Stopper(registry, engine, bounds, lease_s=settings.workflow_lease_s),
         liveness=HostLiveness(
             redis,
@@ -96,6 +100,9 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         adopter=Adopter(settings, registry, hosts, gateway, DiscoveredDomains(redis)),
         claims=PlacementClaims(settings, registry, hosts, engine, gateway, senders),
         senders=senders,
+        templates=TemplateHandlers(
+            templates, registry, approver, gateway, store_timeout_s=settings.retrieve_timeout_s
+        ),
     )
 
 

@@ -16,6 +16,7 @@ from keeper_policy.placement.placer import Placer
 from keeper_policy.snapshot.snapshotter import Snapshotter
 from keeper_policy.stop.stopper import Stopper
 from keeper_policy.storage.vm_registry import PolicyRegistry
+from keeper_policy.templates.handlers import TemplateHandlers
 from keeper_policy.tpm.approver import Approver
 from keeper_policy.tpm.disabler import TpmDisabler
 from keeper_policy.views.queries import PolicyQueries
@@ -58,6 +59,7 @@ class PolicyService:
         adopter: Adopter,
         claims: PlacementClaims,
         senders: HostSenders,
+        templates: TemplateHandlers,
     ) -> None:
         self._registry = registry
         self._hosts = hosts
@@ -73,6 +75,7 @@ class PolicyService:
         self._adopter = adopter
         self._claims = claims
         self._senders = senders
+        self._templates = templates
         self._background = BackgroundTasks("background task failed")
 
     def event_routes(self) -> list[Route]:
@@ -101,6 +104,7 @@ class PolicyService:
             Route(SnapshotVm, self.on_snapshot),
             Route(AdoptVm, self.on_adopt),
             *self._queries.command_routes(),
+            *self._templates.command_routes(),
         ]
 
     def host_request_routes(self) -> list[Route]:

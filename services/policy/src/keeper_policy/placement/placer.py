@@ -24,6 +24,8 @@ from keeper_policy.placement.rules import (
 from keeper_policy.placement.workflow import PLACE, new_place
 from keeper_policy.settings import PolicySettings
 from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError, VmRecord
+from keeper_policy.templates.records import TemplateRecords
+from keeper_policy.templates.spec import start_refusal
 from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowStore
 from keeper_shared.messages.commands import CommandDone
@@ -42,8 +44,10 @@ class Placer:
         hosts: HostRegistry,
         workflows: WorkflowStore,
         engine: WorkflowEngine,
+        templates: TemplateRecords,
     ) -> None:
         self._settings = settings
+        self._templates = templates
         self._registry = registry
         self._hosts = hosts
         self._workflows = workflows
@@ -68,6 +72,10 @@ class Placer:
         try:
             vm = await self._registry.vm(vm_id)
         except UnknownVmError as error:
+            template = await self._templates.template(vm_id)
+            if template is not None:
+                log.info("refused to place a template", template_id=vm_id, host=host)
+                return CommandDone(ok=False, error=start_refusal(template))
             return CommandDone(ok=False, error=str(error))
         now = time.time()
         target = await self._hosts.host(host)

@@ -28,6 +28,15 @@ DISCOVERY_WAITING = f"{PREFIX}:policy:discovery-waiting"
 domains are decided on the host's next heartbeat."""
 
 
+TEMPLATES = f"{PREFIX}:policy:{{templates}}"
+"""Hash: template id -> JSON of the template (``TemplateView``). Apart from VM records, so
+a template is never listed, placed or started as a VM. The ``{templates}`` hash tag puts it
+in one slot with :data:`TEMPLATE_NAMES`, which one script writes with it."""
+
+TEMPLATE_NAMES = f"{PREFIX}:policy:{{templates}}:names"
+"""Hash: template name -> template id, so a name names one template."""
+
+
 def workflow_key(vm_id: str) -> str:
     """Hash: the VM's workflow in progress (id, kind, step, attempts, host, deadline...)."""
     return f"{PREFIX}:{{{vm_id}}}:workflow"

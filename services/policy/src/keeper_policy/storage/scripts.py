@@ -33,3 +33,4 @@ class PolicyScripts:
         self.forget = _load(redis, "forget")
         self.versions_forget = _load(redis, "versions_forget")
         self.tpm_reset = _load(redis, "tpm_reset")
+        self.template_save = _load(redis, "template_save")

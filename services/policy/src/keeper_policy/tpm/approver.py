@@ -33,7 +33,12 @@ class Approver:
 
     async def enable(self, envelope: Envelope[EnableTpm], user_id: str | None) -> CommandDone:
         """Approve or reject; an approval registers the VM and names who overrode what."""
-        request = envelope.data
+        # The broker-validated user if there is one: the envelope's source is the sender's
+        # own claim.
+        return await self.approve(envelope.data, user_id or envelope.source)
+
+    async def approve(self, request: EnableTpm, requester: str) -> CommandDone:
+        """Approve or reject ``request``; ``requester`` is named when it overrode a rule."""
         if not request.allow_duplicate_name:
             refusal = await self._name_taken(request)
             if refusal is not None:
@@ -53,9 +58,7 @@ class Approver:
             log.info("TPM rejected", vm_id=vm_id, reasons=decision.reasons)
             return CommandDone(ok=False, error="; ".join(decision.reasons))
         await self._registry.register_vm(request.spec, decision.tpm_xml)
-        # The broker-validated user if there is one: the envelope's source is the sender's
-        # own claim.
-        requested_by = (user_id or envelope.source) if decision.overridden else None
+        requested_by = requester if decision.overridden else None
         await self._gateway.publish(
             TpmApproved(
                 vm_id=vm_id,

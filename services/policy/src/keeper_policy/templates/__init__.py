@@ -1,0 +1,1 @@
+"""VM templates: a TPM-enabled spec and an NVRAM, never a TPM state."""
