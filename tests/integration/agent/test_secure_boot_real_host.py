@@ -112,8 +112,10 @@ async def test_secure_boot_keys_and_state_survive_power_off_wipe_and_restore(
         seen = await console.wait_for_any(BOOT_DONE, BOOT_TIMEOUT_S)
     finally:
         console.close()
+    domain_type = re.search(r"<domain type='(\w+)'", live_xml)
     figures.append(
-        f"first boot ({template_path.name}): {seen.decode()!r} after "
+        f"first boot ({domain_type and domain_type.group(1)}, {template_path.name}): "
+        f"{seen.decode()!r} after "
         f"{time.monotonic() - began:.1f} s"
     )
     template_hash = content_hash(template_path.read_bytes())
