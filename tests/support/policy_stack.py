@@ -76,6 +76,8 @@ class PolicyStack:
     policy_replicas: int = 1
     agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
     """Extra environment per host name (e.g. a PATH with another swtpm)."""
+    store_env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the store (over the stack's short bounds)."""
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     hosts: dict[str, SimulatedHost] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
@@ -105,6 +107,7 @@ class PolicyStack:
                 "KEEPER_STORE_FETCH_TIMEOUT_S": "1.5",
                 "KEEPER_STORE_PREPARE_TIMEOUT_S": "3",
                 "KEEPER_STORE_SHUTDOWN_GRACE_S": "2",
+                **self.store_env,
             },
         )
         for index in range(self.policy_replicas):

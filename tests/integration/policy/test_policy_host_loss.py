@@ -11,6 +11,11 @@ remove the VM without retrieving anything (`host.returned`, `vm.evicted`).
 To see the late write reach the store before the clean-up removes it, policy is frozen
 (SIGSTOP) while host-a restarts; it is thawed well within the loss limit so host-b is not
 declared lost meanwhile.
+
+A start sent to a host whose agent was just SIGKILLed never reaches it: the restore times
+out, and the host is declared lost while it waits. The placement is undone as if the start
+had never been asked for (the VM runs nowhere and is not `loss-recorded`); only its epoch
+stays raised, since the host may yet act on the prepare it was sent.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import pytest
 import pytest_asyncio
 
 from keeper_cli.client import KeeperRequestError
+from keeper_cli.views import vm_status
 from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.messages.host_loss import HostLost, HostReturned
@@ -38,6 +44,10 @@ from support.waiting import wait_until
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 
 LOST_AFTER_S = 8.0
+QUICK_LOSS_S = 6.0
+SLOW_PREPARE_S = 20.0
+"""The loss comes well before the restore gives up, as with the defaults (30 s each, the
+loss counted from the agent's last heartbeat, before the start was asked for)."""
 TPM_XML = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 
 
@@ -139,3 +149,50 @@ async def test_lost_host_is_fenced_its_vm_restarts_elsewhere_and_it_cleans_up(
     stopped = await stack.client.stop_vm(spec.vm_id, StopMode.POWEROFF)
     assert stopped["retrieved"] == "true"
     assert not any(b"Traceback" in Path(s.log_path).read_bytes() for s in stack.services.values())
+
+
+async def test_a_start_that_never_reached_its_dead_host_records_no_loss(
+    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+) -> None:
+    async with PolicyStack(
+        rabbitmq_broker,
+        redis_url,
+        tmp_path,
+        policy_env={
+            "KEEPER_POLICY_HOST_LOST_AFTER_S": str(QUICK_LOSS_S),
+            "KEEPER_POLICY_HOST_COMMAND_TIMEOUT_S": str(SLOW_PREPARE_S),
+        },
+        store_env={"KEEPER_STORE_PREPARE_TIMEOUT_S": str(SLOW_PREPARE_S)},
+    ) as stack:
+        spec = await stack.new_vm("a")
+        await stack.write_tpm_persisted("a", spec.vm_id)
+        await stack.client.stop_vm(spec.vm_id, StopMode.POWEROFF)
+        before = await vm_status(stack.client, spec.vm_id)
+        assert before is not None
+        assert (before.host, before.protection()) == (None, "protected")
+        assert await stack.placement(spec.vm_id) == ("", 1)
+
+        host_b = stack.host_id("b")
+        stack.signal("b", signal.SIGKILL)
+        await stack.services["b"].stop()
+        with pytest.raises(KeeperRequestError) as failed:
+            await stack.client.place(spec.vm_id, host_b)
+        replied_at = time.time()
+        assert failed.value.timed_out, failed.value
+
+        lost = await stack.events.wait_for(HostLost, lambda e: e.host == host_b, STEP_TIMEOUT_S)
+        declared_at = lost.data.last_seen.timestamp() + lost.data.silent_for_s
+        assert declared_at < replied_at  # declared while the start waited for the host
+        after = await vm_status(stack.client, spec.vm_id)
+        assert after is not None
+        assert (after.host, after.lost_from, after.protection()) == (None, None, "protected")
+        assert after.kinds == before.kinds  # the stored state is untouched
+        # The fence is kept: the prepare sent to host-b may yet be carried out under it.
+        assert await stack.placement(spec.vm_id) == ("", 2)
+
+        # Nothing holds the VM to host-b: it starts on host-a, under the next epoch.
+        detail = await stack.client.place(spec.vm_id, stack.host_id("a"))
+        assert detail["epoch"] == "3"
+        assert not any(
+            b"Traceback" in Path(s.log_path).read_bytes() for s in stack.services.values()
+        )

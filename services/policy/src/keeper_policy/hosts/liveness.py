@@ -6,6 +6,10 @@ exactly one replica handles each loss. A host's clean-up list holds the VMs it m
 without retrieving them: those placed on it when it was lost, and those whose stop could not
 confirm the undefine. A VM on the list is removed when the host reports it while it is
 placed elsewhere (or nowhere); if the VM was not moved meanwhile it simply stays.
+
+A VM is marked lost only if it is still placed on the host when the mark is written: a
+placement undone meanwhile (its start never reached the host) records no loss, and one
+undone after the mark takes the mark back (see placement/workflow.py).
 """
 
 from __future__ import annotations
@@ -81,8 +85,8 @@ class HostLiveness:
             except UnknownVmError:
                 continue
             point = vm.recovery_point(now)
-            await self._registry.mark_lost(vm_id, host, point)
-            points.append(point)
+            if await self._registry.mark_lost(vm_id, host, point):
+                points.append(point)
         await self._hosts.add_cleanup(host, vm_ids)
         await self._gateway.publish(
             HostLost(

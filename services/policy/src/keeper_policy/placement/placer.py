@@ -127,6 +127,7 @@ class Placer:
                 swtpm=target.capabilities.swtpm_version,
                 overridden=overridden,
                 bound_s=self.bound_s(),
+                lost_before=await self._registry.lost_mark(vm_id),
                 domain_xml=domain.xml if domain is not None else None,
                 kvm=target.capabilities.kvm,
             )

@@ -2,6 +2,16 @@
 puts the state in place there), start, record. A failed restore or start undoes the
 placement so the VM can be placed again at once.
 
+An undone placement leaves the VM as it was before, but for its epoch: it runs nowhere
+(also when it was taken from a lost host, which is not put back: the new epoch fenced that
+host, so the VM could no longer be protected there), and a loss
+recorded on the target meanwhile (its agent died, and the loss was declared while the
+restore or start waited for it) is taken back: the host never reported the VM running under
+the new epoch, so nothing of it can have been lost there. The epoch stays raised: a
+timed-out prepare or start may have reached the agent before it died, or may wait in its
+queue for it to come back, and a host that writes under that epoch must stay fenced; an
+epoch number used twice would let it write into the VM's next placement there.
+
 Being a workflow, a placement survives its replica dying: another one resumes it at the
 recorded step, and a repeated request joins it instead of starting a second one. A step
 that may already have happened before the crash (the domain may be running) is first
@@ -23,7 +33,12 @@ from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.placement.domain_definition import domain_xml, with_tpm_encryption
 from keeper_policy.placement.manager_domain import stamp_for_start
 from keeper_policy.settings import PolicySettings
-from keeper_policy.storage.vm_registry import PlacementConflictError, PolicyRegistry, VmRecord
+from keeper_policy.storage.vm_registry import (
+    LostMark,
+    PlacementConflictError,
+    PolicyRegistry,
+    VmRecord,
+)
 from keeper_policy.workflows.engine import LeaseLostError, SaveProgress, StepOutcome
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
 from keeper_shared.bus.topology import STATE_STORE
@@ -59,12 +74,13 @@ def new_place(
     swtpm: str | None,
     overridden: str | None,
     bound_s: float,
+    lost_before: LostMark,
     domain_xml: str | None = None,
     kvm: bool = False,
 ) -> WorkflowRecord:
     """A placement of ``request.vm_id`` on ``request.host``, not started yet, that defines
     ``domain_xml`` (the manager's domain, checked) or else policy's template (with KVM when
-    the host runs it)."""
+    the host runs it); ``lost_before`` is the VM's loss mark, put back if it is undone."""
     return WorkflowRecord.new(
         request.vm_id,
         PLACE,
@@ -78,6 +94,8 @@ def new_place(
         version_overridden=overridden or "",
         domain_xml=domain_xml or "",
         kvm="true" if kvm else "",
+        lost_from_before=lost_before.host or "",
+        recovery_point_before=lost_before.recovery_point or "",
     )
 
 
@@ -106,7 +124,7 @@ class PlaceRunner:
         if step is PlaceStep.RECORD:
             return StepOutcome(await self._record(record))
         if step is PlaceStep.UNDO:
-            await self._registry.unplace(record.vm_id, record.host)
+            await self._undo(record)
             # The start may yet happen (a slow host): it removes the domain when it reports it.
             await self._hosts.add_cleanup(record.host, [record.vm_id])
             return StepOutcome(record.advanced(step=PlaceStep.DONE.value))
@@ -204,6 +222,21 @@ class PlaceRunner:
             "VM placed", vm_id=record.vm_id, host=record.host, epoch=epoch, overridden=overridden
         )
         return record.advanced(step=PlaceStep.DONE.value)
+
+    async def _undo(self, record: WorkflowRecord) -> None:
+        """The VM runs nowhere; a loss recorded on the target meanwhile is taken back unless
+        the host's last report lists the VM under this placement's epoch (then it ran there,
+        and what it wrote after the last persist may be lost: the mark stays)."""
+        epoch = int(record.data.get("epoch") or 0)
+        host = await self._hosts.host(record.host)
+        if host is not None and epoch > 0 and host.inventory.get(record.vm_id) == epoch:
+            await self._registry.unplace(record.vm_id, record.host)
+            return
+        before = LostMark(
+            record.data.get("lost_from_before") or None,
+            record.data.get("recovery_point_before") or None,
+        )
+        await self._registry.undo_place(record.vm_id, record.host, before)
 
     def _result(self, record: WorkflowRecord) -> WorkflowResult:
         error = record.data.get("error")

@@ -20,6 +20,8 @@ class PolicyScripts:
     def __init__(self, redis: Redis) -> None:
         self.place = _load(redis, "place")
         self.unplace = _load(redis, "unplace")
+        self.place_undo = _load(redis, "place_undo")
+        self.mark_lost = _load(redis, "mark_lost")
         self.migrate = _load(redis, "migrate")
         self.persisted = _load(redis, "persisted")
         self.host_beat = _load(redis, "host_beat")

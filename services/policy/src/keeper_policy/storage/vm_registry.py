@@ -44,6 +44,14 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class LostMark:
+    """A VM's loss mark: the lost host it was on, and its recovery point then (JSON)."""
+
+    host: str | None
+    recovery_point: str | None
+
+
+@dataclass(frozen=True)
 class VmRecord:
     """A registered VM."""
 
@@ -203,6 +211,27 @@ class PolicyRegistry:
             await self._index(vm_id, old=host, new=None)
         return cleared
 
+    async def undo_place(self, vm_id: str, host: str, before: LostMark) -> bool:
+        """Take back a placement on ``host`` whose start never reached it: the VM runs
+        nowhere, and a loss recorded on ``host`` meanwhile gives way to the mark ``before``
+        the placement (see ``lua/place_undo.lua``). False when it is placed on another host."""
+        cleared = bool(
+            await self._scripts.place_undo(
+                keys=[placement_key(vm_id), vm_record_key(vm_id)],
+                args=[host, before.host or "", before.recovery_point or ""],
+            )
+        )
+        if cleared:
+            await self._index(vm_id, old=host, new=None)
+        return cleared
+
+    async def lost_mark(self, vm_id: str) -> LostMark:
+        """The VM's loss mark as it is now (to be put back by :meth:`undo_place`)."""
+        host, point = await awaited(
+            self._redis.hmget(vm_record_key(vm_id), ["lost_from", "recovery_point"])
+        )
+        return LostMark(_text(host), _text(point))
+
     async def migrate_half(
         self, vm_id: str, role: str, host: str, window_s: float
     ) -> tuple[str, list[str]]:
@@ -313,14 +342,14 @@ class PolicyRegistry:
         )
         return bool(changed)
 
-    async def mark_lost(self, vm_id: str, host: str, point: RecoveryPoint) -> None:
-        """Record that the VM's host was declared lost, with its recovery point."""
-        await awaited(
-            self._redis.hset(
-                vm_record_key(vm_id),
-                mapping={"lost_from": host, "recovery_point": point.model_dump_json()},
-            )
+    async def mark_lost(self, vm_id: str, host: str, point: RecoveryPoint) -> bool:
+        """Record that the VM's host was declared lost, with its recovery point, if it is
+        still placed there; False when it is not (its placement was undone or moved)."""
+        marked = await self._scripts.mark_lost(
+            keys=[vm_record_key(vm_id), placement_key(vm_id)],
+            args=[host, point.model_dump_json()],
         )
+        return bool(marked)
 
     async def note_persisted(self, vm_id: str, kind: StateKind, version: int, at: float) -> None:
         """Remember the newest persisted version of ``kind`` and when (the recovery point)."""
