@@ -31,6 +31,7 @@ from keeper_state_store.crypto.encryption import KeyEncryptionKey, generate_key_
 from support import asyncapi_parser
 from support.broker import Broker
 from support.bus_clients import BusClients, ConnectBus
+from support.deployed_redis import StartRedis, deployed_redis_servers
 from support.redis_db import PrivateDatabase, private_database
 
 # The machine runs real brokers and services beside the tests: on 2 busy cores a property
@@ -227,6 +228,15 @@ def private_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def start_deployed_redis(tmp_path: Path) -> Iterator[StartRedis]:
+    """Start Redis servers from the files in ``deploy/redis/`` (free ports, the test's
+    directory); always local processes, stopped after the test."""
+    _require_installed(RedisServer.check_installed)
+    with deployed_redis_servers(tmp_path / "deployed-redis") as start:
+        yield start
 
 
 @pytest.fixture

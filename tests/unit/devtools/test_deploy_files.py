@@ -68,15 +68,29 @@ def test_compose_runs_replicas_against_clusters() -> None:
     assert len(replica_ids) == 3
 
 
-def test_redis_conf_keeps_every_write() -> None:
-    lines = {
+def _redis_directives(name: str) -> dict[str, str]:
+    return {
         line.split(None, 1)[0]: line.split(None, 1)[1].strip()
-        for line in (DEPLOY / "redis" / "redis.conf").read_text(encoding="utf-8").splitlines()
+        for line in (DEPLOY / "redis" / name).read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.startswith("#")
     }
+
+
+def test_redis_conf_keeps_every_write_and_listens_on_loopback() -> None:
+    # Started for real from these files: tests/integration/devtools/test_redis_deploy_files.py.
+    lines = _redis_directives("redis.conf")
     assert lines["appendonly"] == "yes"
     assert lines["appendfsync"] == "always"
     assert lines["maxmemory-policy"] == "noeviction"
+    assert lines["bind"].split() == ["127.0.0.1", "-::1"]
+    # A single Redis has no replica to wait for; replicated.conf adds the rule.
+    assert "min-replicas-to-write" not in lines
+
+
+def test_replicated_conf_is_redis_conf_plus_a_replica_per_write() -> None:
+    lines = _redis_directives("replicated.conf")
+    assert lines["include"] == "/etc/redis/redis.conf"
+    assert lines["min-replicas-to-write"] == "1"
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)

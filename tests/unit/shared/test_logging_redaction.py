@@ -153,6 +153,25 @@ def test_hash_sized_hex_stays_and_longer_hex_goes() -> None:
     assert redact(value=f"expected {HASH} got {HASH}")["value"] == f"expected {HASH} got {HASH}"
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "redis://keeper-store:s3cret-pw@redis-1:6379/0",
+            "redis://keeper-store:<redacted>@redis-1:6379/0",
+        ),
+        ("rediss://:s3cret-pw@redis-1/0", "rediss://:<redacted>@redis-1/0"),
+        ("amqp://keeper:s3cret-pw@rabbit-1:5672/", "amqp://keeper:<redacted>@rabbit-1:5672/"),
+        ("redis://redis-1:6379/0", "redis://redis-1:6379/0"),
+    ],
+)
+def test_a_password_in_a_url_is_replaced(url: str, shown: str) -> None:
+    # In a neutral field and in an exception's text alike: the Redis URL comes from the
+    # settings and may carry the service's password.
+    assert redact(url=url)["url"] == shown
+    assert redact(event=f"cannot reach {url}: refused")["event"] == f"cannot reach {shown}: refused"
+
+
 def test_encoded_blobs_in_neutral_fields_and_text_are_replaced(
     canary: bytes, canary_blob: bytes
 ) -> None:

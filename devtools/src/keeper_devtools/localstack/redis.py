@@ -26,13 +26,21 @@ class RedisConfig:
     base_dir: Path
     replica_of: int | None = None
     """Port of the primary on 127.0.0.1 this server replicates; None for a primary."""
+    config_file: Path | None = None
+    """A configuration file to start from (``deploy/redis/redis.conf``): it then says how
+    the server persists, and only the address, directory and process files are set here."""
+    extra_args: tuple[str, ...] = ()
+    """More options for the command line, after all others (``--aclfile PATH``)."""
+    login: tuple[str, str] | None = None
+    """User and password to check the server with, when its ``default`` user is off."""
 
 
 class RedisServer:
     """Starts, checks, stops and kills one private Redis server.
 
     The server listens on 127.0.0.1 only and writes every acknowledged write to its
-    append-only file before answering (``appendfsync always``); RDB snapshots are off.
+    append-only file before answering (``appendfsync always``); RDB snapshots are off
+    (started from ``config.config_file``, that file says how it persists instead).
     Its AOF, log and pid file live in ``config.base_dir``.
     """
 
@@ -118,8 +126,14 @@ class RedisServer:
         return pid is not None and not _process.process_exists(pid)
 
     def _answers_ping(self) -> bool:
+        username, password = self.config.login or (None, None)
         client = redis.Redis(
-            host="127.0.0.1", port=self.config.port, socket_timeout=1, socket_connect_timeout=1
+            host="127.0.0.1",
+            port=self.config.port,
+            username=username,
+            password=password,
+            socket_timeout=1,
+            socket_connect_timeout=1,
         )
         try:
             return bool(client.ping())
@@ -137,23 +151,24 @@ class RedisServer:
         base = self._base
         base.mkdir(parents=True, exist_ok=True)
         self._pid_file.unlink(missing_ok=True)
-        command = [
-            binary,
+        command = [binary]
+        if self.config.config_file is not None:
+            command.append(str(self.config.config_file.absolute()))
+        command += [
             "--port", str(self.config.port),
             "--bind", "127.0.0.1",
             "--dir", str(base),
-            "--appendonly", "yes",
-            "--appendfsync", "always",
-            "--save", "",
             "--daemonize", "yes",
             "--pidfile", str(self._pid_file),
             "--logfile", str(self.log_file),
         ]  # fmt: skip
+        if self.config.config_file is None:
+            command += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
         if self.config.replica_of is not None:
             command += ["--replicaof", "127.0.0.1", str(self.config.replica_of)]
         # A replica that (re)joins gets its copy at once, instead of after the 5 s Redis
         # waits by default for other replicas to share the transfer.
-        command += ["--repl-diskless-sync-delay", "0"]
+        command += ["--repl-diskless-sync-delay", "0", *self.config.extra_args]
         with self._startup_out.open("ab") as out:
             # A file, not a pipe: the daemon would inherit a pipe and keep it open.
             launched = subprocess.run(

@@ -53,6 +53,9 @@ _BYTES_LITERAL = re.compile(
     r"""(?<![A-Za-z0-9_])b(?:'(?:[^'\\\n]|\\.)*(?:'|$)|"(?:[^"\\\n]|\\.)*(?:"|$))""",
     re.MULTILINE,
 )
+# The password of a URL (redis://keeper-store:<password>@host/0, amqp://…): the user and
+# the address stay readable.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s@/]*@")
 # Longer than a SHA-256 hex digest (64), so hashes stay readable.
 _LONG_HEX = re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{65,}(?![0-9A-Fa-f])")
 _LONG_BASE64 = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{65,}={0,2}")
@@ -89,6 +92,7 @@ def _mask_padded_base64(match: re.Match[str]) -> str:
 
 
 def _redact_text(text: str) -> str:
+    text = _URL_PASSWORD.sub(r"\g<1><redacted>@", text)
     text = _BYTES_LITERAL.sub(_mask_bytes_literal, text)
     text = _LONG_HEX.sub(lambda m: f"<redacted {len(m.group(0))} chars>", text)
     text = _LONG_BASE64.sub(_mask_long_base64, text)
