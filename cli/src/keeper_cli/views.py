@@ -58,9 +58,10 @@ class VmStatus:
 
     def protection(self) -> str:
         """`protected` (state stored), `unprotected` (nothing stored yet), `loss-recorded`
-        (its host was declared lost while it ran there: it restarts from the recovery point), `stranded` (stored, but encrypted with
-        a secret the keeper cannot read: useless on another host), `tpm-reset` (the stored
-        TPM was replaced unasked; the VM's own is restored until `accept-tpm`)."""
+        (its host was declared lost while it ran there: it restarts from the recovery
+        point), `stranded` (stored, but encrypted with a secret the keeper cannot read:
+        useless on another host), `tpm-reset` (the stored TPM was replaced unasked; the VM's
+        own is restored until `accept-tpm`)."""
         if self.lost_from:
             return "loss-recorded"
         if self.tpm_reset:
