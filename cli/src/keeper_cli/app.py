@@ -32,8 +32,11 @@ from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.json_documents import JSON_SCHEMA_VERSION, document
 from keeper_cli.loss import describe_loss
 from keeper_cli.options import (
+    AllowDuplicateNameOption,
     HostOption,
     JsonOption,
+    OverrideGuestOsOption,
+    OverrideOption,
     ReasonOption,
     TimeoutOption,
     VmArgument,
@@ -177,29 +180,9 @@ def enable_tpm(
             "keeps (needs hosts whose libvirt has a secret driver, as qemu:///system does).",
         ),
     ] = False,
-    override: Annotated[
-        bool,
-        typer.Option(
-            "--override",
-            help="Approve although not every live host of the cluster reports swtpm "
-            "(the guest-OS rules still apply: see --override-guest-os).",
-        ),
-    ] = False,
-    override_guest_os: Annotated[
-        bool,
-        typer.Option(
-            "--override-guest-os",
-            help="Approve although the guest-OS rules refuse a TPM for this guest OS.",
-        ),
-    ] = False,
-    allow_duplicate_name: Annotated[
-        bool,
-        typer.Option(
-            "--allow-duplicate-name",
-            help="Register it although another VM has this name (that name then no longer "
-            "names one VM: commands need the VM id).",
-        ),
-    ] = False,
+    override: OverrideOption = False,
+    override_guest_os: OverrideGuestOsOption = False,
+    allow_duplicate_name: AllowDuplicateNameOption = False,
     timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -46,3 +46,26 @@ HostOption = Annotated[
 ReasonOption = Annotated[
     str, typer.Option(metavar="TEXT", callback=inputs.reason, help="Why, for the audit log.")
 ]
+OverrideOption = Annotated[
+    bool,
+    typer.Option(
+        "--override",
+        help="Approve although not every live host of the cluster reports swtpm "
+        "(the guest-OS rules still apply: see --override-guest-os).",
+    ),
+]
+OverrideGuestOsOption = Annotated[
+    bool,
+    typer.Option(
+        "--override-guest-os",
+        help="Approve although the guest-OS rules refuse a TPM for this guest OS.",
+    ),
+]
+AllowDuplicateNameOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-duplicate-name",
+        help="Register it although another VM has this name (that name then no longer "
+        "names one VM: commands need the VM id).",
+    ),
+]

@@ -19,7 +19,14 @@ from keeper_cli.client import KeeperClient
 from keeper_cli.config import CliSettings
 from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.json_documents import document
-from keeper_cli.options import JsonOption, TimeoutOption, YesOption
+from keeper_cli.options import (
+    AllowDuplicateNameOption,
+    JsonOption,
+    OverrideGuestOsOption,
+    OverrideOption,
+    TimeoutOption,
+    YesOption,
+)
 from keeper_cli.prompts import confirm, progress
 from keeper_cli.running import RESOLVING, connected, resolve, run
 from keeper_shared.messages.template import CreateTemplate, CreateVmFromTemplate, TemplateView
@@ -290,26 +297,9 @@ def create_vm(
             metavar="UUID", callback=inputs.vm_id, help="The VM's UUID (a new one by default)."
         ),
     ] = None,
-    override: Annotated[
-        bool,
-        typer.Option(
-            "--override",
-            help="Approve although not every live host of the cluster reports swtpm.",
-        ),
-    ] = False,
-    override_guest_os: Annotated[
-        bool,
-        typer.Option(
-            "--override-guest-os",
-            help="Approve although the guest-OS rules refuse a TPM for this guest OS.",
-        ),
-    ] = False,
-    allow_duplicate_name: Annotated[
-        bool,
-        typer.Option(
-            "--allow-duplicate-name", help="Register it although another VM has this name."
-        ),
-    ] = False,
+    override: OverrideOption = False,
+    override_guest_os: OverrideGuestOsOption = False,
+    allow_duplicate_name: AllowDuplicateNameOption = False,
     timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
