@@ -263,6 +263,8 @@ async def test_agent_process_serves_commands_and_publishes_events(
             beats = await tap.wait_for_count(
                 HostHeartbeat, len(beats) + 1, lists_the_vm, CALL_TIMEOUT_S
             )
+        # The libtpms it reports is the one Debian installed (the agent asks the library).
+        assert beats[-1].data.capabilities.libtpms_version == _packaged_libtpms_version()
         (entry,) = beats[-1].data.vms
         assert (entry.epoch, entry.tpm_hash, entry.nvram_hash) == (
             2,
@@ -287,3 +289,14 @@ async def test_agent_process_serves_commands_and_publishes_events(
         assert secret[:32].hex() not in output
         assert base64.b64encode(secret[:48]).decode() not in output
     assert "state stable" in output
+
+
+def _packaged_libtpms_version() -> str:
+    """libtpms' upstream version as dpkg records it (``0.9.2-3.1+deb12u1`` -> ``0.9.2``)."""
+    packaged = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", "libtpms0"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return packaged.split(":")[-1].split("-")[0]

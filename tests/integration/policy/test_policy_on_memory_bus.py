@@ -28,6 +28,7 @@ from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
 from keeper_shared.messages.placement import PlaceVm
 from keeper_shared.messages.queries import ListVms, VmsListed
+from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import EnableTpm, TpmApproved, TpmRejected, VmSpec
 from keeper_shared.messages.tpm_reset import (
     ResetClearing,
@@ -35,6 +36,7 @@ from keeper_shared.messages.tpm_reset import (
     TpmReset,
     TpmResetCleared,
 )
+from keeper_shared.messages.types import FencingToken, StateKind
 from support.memory_bus import MemoryBroker, MemoryBus
 from support.redis_db import PrivateDatabase
 from support.waiting import wait_until
@@ -82,9 +84,11 @@ async def beat(
     *,
     architectures: tuple[str, ...] = ("x86_64",),
     uefi_firmware: bool = True,
+    libtpms: str | None = None,
 ) -> None:
     capabilities = HostCapabilities(
         swtpm_version=swtpm,
+        libtpms_version=libtpms,
         libvirt_version="9.0.0",
         architectures=list(architectures),
         uefi_firmware=uefi_firmware,
@@ -242,3 +246,52 @@ async def test_a_tpm_reset_is_shown_until_it_ends_whatever_order_the_events_come
     assert await _listed(scene, spec.vm_id) == (None, None)
     await publish(reset(7))
     assert (await _listed(scene, spec.vm_id))[1] == 7
+
+
+async def test_a_host_whose_libtpms_cannot_load_the_vms_tpm_state_format_is_refused(
+    scene: Scene,
+) -> None:
+    """The store read the profile of the VM's newest TPM state (libtpms 0.10's default-v1,
+    StateFormatLevel 7): a host with libtpms 0.9 cannot load it, one with 0.10 can."""
+    await beat(scene.broker, "host-a", swtpm="0.7.1", libtpms="0.10.2")
+    spec = windows_11("win-profile")
+    assert (await enable(scene, spec)).ok
+    store = scene.broker.client(source="state-store/t", origin="state-store")
+    await store.publish_event(
+        StatePersisted(
+            vm_id=spec.vm_id,
+            kind=StateKind.TPM,
+            content_hash="ab" * 32,
+            size=4096,
+            token=FencingToken(epoch=1, generation=1),
+            version=1,
+            host="host-a",
+            tpm_profile="default-v1",
+            state_format_level=7,
+        ),
+        subject=spec.vm_id,
+    )
+    await scene.broker.settled()
+    await beat(scene.broker, "old-1", swtpm="0.7.1", libtpms="0.9.2", uefi_firmware=False)
+    await beat(scene.broker, "new-1", swtpm="0.7.1", libtpms="0.10.2", uefi_firmware=False)
+
+    async def refusals(host: str) -> list[str]:
+        reply = await scene.caller.call(
+            POLICY,
+            PlaceVm(vm_id=spec.vm_id, host=host),
+            CommandDone,
+            subject=spec.vm_id,
+            timeout_s=TIMEOUT_S,
+        )
+        assert not reply.data.ok
+        assert reply.data.error is not None
+        return reply.data.error.split("; ")
+
+    assert await refusals("old-1") == [
+        "host old-1 has no UEFI firmware (OVMF/AAVMF) for the VM's UEFI boot",
+        "host old-1 runs libtpms 0.9.2, which loads up to StateFormatLevel 1, but the VM's TPM "
+        "state (libtpms profile default-v1) needs StateFormatLevel 7",
+    ]
+    assert await refusals("new-1") == [
+        "host new-1 has no UEFI firmware (OVMF/AAVMF) for the VM's UEFI boot"
+    ]

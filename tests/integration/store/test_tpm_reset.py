@@ -30,6 +30,12 @@ from keeper_shared.bus.topology import (
     STATE_STORE,
     QueueSpec,
 )
+from keeper_shared.libtpms import (
+    NULL_PROFILE,
+    NULL_PROFILE_LEVEL,
+    installed_libtpms_version,
+    release_of,
+)
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, Payload
 from keeper_shared.messages.host_requests import NewestState, ReadNewestState
@@ -55,6 +61,7 @@ from keeper_shared.swtpm import start_swtpm
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
 from keeper_state_store.identity.fingerprint import archive_identity
 from keeper_state_store.scrub.tpm_probe import probe_tpm_state
+from keeper_state_store.storage.history_listing import read_kind_history
 from support.in_process_store import FakeHost
 from support.memory_store import STORE_HOST, memory_store
 from support.waiting import wait_until
@@ -279,6 +286,28 @@ async def test_a_blank_tpm_is_flagged_at_once_and_the_own_one_stays_the_one_hand
     assert await scene.newest_tpm() == (4, other[1]), "accepted: the newest is handed out"
     assert await scene.persist(_variant(other[1])) == 5
     assert len(scene.resets()) == 1, "the accepted TPM is the VM's own now"
+
+
+async def test_each_tpm_version_records_the_libtpms_profile_swtpm_made_it_with(
+    scene: Scene, tpm_states: TpmStates
+) -> None:
+    version = await scene.persist(tpm_states.own[0])
+    persisted = scene.watcher.of(StatePersisted)[-1]
+    assert isinstance(persisted, StatePersisted)
+    # A TPM swtpm_setup made with the installed libtpms: before 0.10 it has no profile
+    # (Debian 12: libtpms 0.9.2), from 0.10 on the newest profile of that release.
+    libtpms = installed_libtpms_version()
+    assert libtpms is not None
+    release = release_of(libtpms)
+    expected = (
+        (NULL_PROFILE, NULL_PROFILE_LEVEL)
+        if release.newest_profile is None
+        else (release.newest_profile, release.highest_level)
+    )
+    assert (persisted.tpm_profile, persisted.state_format_level) == expected
+    history = await read_kind_history(scene.redis, scene.vm_id, StateKind.TPM, {})
+    (listed,) = [entry for entry in history.versions if entry.version == version]
+    assert (listed.tpm_profile, listed.state_format_level) == expected
 
 
 async def test_the_own_tpm_persisted_again_ends_the_reset(

@@ -8,11 +8,13 @@ import pytest
 from keeper_policy.hosts.registry import HostRecord
 from keeper_policy.placement.rules import (
     check_current_placement,
+    check_state_format,
     check_swtpm_version,
     check_tpm_secrets,
     machine_problems,
     target_problems,
 )
+from keeper_shared.libtpms import NULL_STATE_PROFILE, StateProfile
 from keeper_shared.messages.host import HostCapabilities
 from keeper_shared.messages.tpm import Firmware, VmSpec
 
@@ -179,3 +181,55 @@ def test_an_encrypted_tpm_goes_only_where_libvirt_keeps_secrets() -> None:
     keeps = host(capabilities=CAPS.model_copy(update={"tpm_secrets": True}))
     assert check_tpm_secrets(keeps, "host-b", encrypt_tpm_state=True) is None
     assert check_tpm_secrets(host(), "host-b", encrypt_tpm_state=False) is None
+
+
+DEFAULT_V1 = StateProfile("default-v1", 7)
+DEFAULT_V2 = StateProfile("default-v2", 8)
+
+
+def with_libtpms(version: str | None) -> HostRecord:
+    return host(capabilities=CAPS.model_copy(update={"libtpms_version": version}))
+
+
+@pytest.mark.parametrize("libtpms", [None, "0.8.2", "0.9.2", "0.10.2", "0.11.0", "0.12.1"])
+@pytest.mark.parametrize("profile", [None, NULL_STATE_PROFILE])
+def test_state_of_the_null_profile_or_unknown_goes_to_any_libtpms(
+    libtpms: str | None, profile: StateProfile | None
+) -> None:
+    assert check_state_format(with_libtpms(libtpms), "host-b", profile) is None
+
+
+@pytest.mark.parametrize(
+    ("libtpms", "profile", "loads"),
+    [
+        ("0.10.0", DEFAULT_V1, True),
+        ("0.11.0", DEFAULT_V1, True),
+        ("0.13.0", DEFAULT_V2, True),
+        ("0.9.2", DEFAULT_V1, False),
+        ("0.10.2", DEFAULT_V2, False),
+    ],
+)
+def test_a_profile_goes_only_where_libtpms_loads_its_state_format_level(
+    libtpms: str, profile: StateProfile, loads: bool
+) -> None:
+    refusal = check_state_format(with_libtpms(libtpms), "host-b", profile)
+    if loads:
+        assert refusal is None
+    else:
+        assert refusal is not None
+        assert f"host host-b runs libtpms {libtpms}, which loads up to StateFormatLevel" in refusal
+        assert f"profile {profile.name}) needs StateFormatLevel {profile.state_format_level}" in (
+            refusal
+        )
+
+
+def test_a_host_that_does_not_report_libtpms_gets_no_state_above_level_1() -> None:
+    refusal = check_state_format(with_libtpms(None), "host-b", DEFAULT_V1)
+    assert refusal is not None
+    assert refusal.startswith("host host-b does not report its libtpms version")
+
+
+def test_a_libtpms_version_that_is_no_version_is_refused_with_what_it_said() -> None:
+    refusal = check_state_format(with_libtpms("git-abc"), "host-b", DEFAULT_V1)
+    assert refusal is not None
+    assert "reports libtpms 'git-abc', not a version, and" in refusal

@@ -14,6 +14,7 @@ import struct
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from keeper_shared.libtpms import NULL_STATE_PROFILE, StateProfile
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.identity.fingerprint import (
     archive_identity,
@@ -26,6 +27,7 @@ from keeper_state_store.identity.permall import (
     endorsement_seed,
     read_swtpm_blob,
 )
+from keeper_state_store.identity.profile import state_profile
 from keeper_state_store.identity.swtpm_encryption import state_key
 from keeper_state_store.storage.repository import WriteOutcome, WriteResult
 from keeper_state_store.storage.tpm_trust import TrustVerdict
@@ -35,11 +37,14 @@ def _tpm2b(data: bytes) -> bytes:
     return struct.pack(">H", len(data)) + data
 
 
-def _libtpms_state(seed: bytes, *, version: int = 4) -> bytes:
+DEFAULT_V1 = b'{"ActiveProfile":{"Name":"default-v1","StateFormatLevel":7,"Commands":"0x11f"}}'
+
+
+def _libtpms_state(seed: bytes, *, version: int = 4, profile_json: bytes = DEFAULT_V1) -> bytes:
     """A PERSISTENT_ALL laid out as libtpms marshals it, up to the seeds (the rest is
     opaque here), with its closing magic."""
     header = struct.pack(">HIH", version, 0xAB364723, version)
-    profile = _tpm2b(b'{"Name":"default-v1"}\x00') if version >= 4 else b""
+    profile = _tpm2b(profile_json + b"\x00") if version >= 4 else b""
     constants = struct.pack(">HIHI", 3, 0xC9EA6431, 1, 3) + struct.pack(">3I", 1, 2, 3)
     constants += b"\x01" + _tpm2b(b"\x00\x07")  # a skippable block with 2 bytes in it
     data = struct.pack(">HIH", 5, 0x12213443, 5) + b"\x00" + struct.pack(">3H", 0x0B, 0x0B, 0x0B)
@@ -156,3 +161,48 @@ def test_the_fenced_writes_reply_carries_the_identity_verdict() -> None:
     assert judged.trust.reset_version == 7
     assert WriteResult.from_reply([b"stored", b"3", b"", b"", b""]).trust is None
     assert WriteResult.from_reply([b"stale", b"3"]) == WriteResult(WriteOutcome.STALE, "3")
+
+
+def test_a_state_libtpms_0_9_wrote_is_the_null_profile_at_level_1() -> None:
+    state = _libtpms_state(SEED, version=3)
+    assert state_profile(state) == NULL_STATE_PROFILE == StateProfile("null", 1)
+    assert permall_identity(_framed(state)).profile == NULL_STATE_PROFILE
+
+
+def test_the_profile_and_level_libtpms_0_10_wrote_are_read_from_the_state() -> None:
+    permall = _framed(_libtpms_state(SEED))
+    assert permall_identity(permall).profile == StateProfile("default-v1", 7)
+
+
+def test_a_profile_without_a_level_is_level_1_as_libtpms_reads_it() -> None:
+    state = _libtpms_state(SEED, profile_json=b'{"ActiveProfile":{"Name":"null"}}')
+    assert state_profile(state) == StateProfile("null", 1)
+
+
+@pytest.mark.parametrize(
+    "profile_json",
+    [
+        b"not json",
+        b'{"Name":"default-v1"}',
+        b'{"ActiveProfile":{"StateFormatLevel":7}}',
+        b'{"ActiveProfile":{"Name":"","StateFormatLevel":7}}',
+        b'{"ActiveProfile":{"Name":"custom","StateFormatLevel":0}}',
+        b'{"ActiveProfile":{"Name":"custom","StateFormatLevel":"7"}}',
+        b'{"ActiveProfile":{"Name":"custom","StateFormatLevel":true}}',
+    ],
+)
+def test_a_profile_that_is_not_libtpms_json_is_unknown_and_the_identity_stands(
+    profile_json: bytes,
+) -> None:
+    state = _libtpms_state(SEED, profile_json=profile_json)
+    with pytest.raises(PermallFormatError):
+        state_profile(state)
+    identity = permall_identity(_framed(state))
+    assert identity.fingerprint == seed_fingerprint(SEED)
+    assert identity.profile is None
+
+
+def test_an_encrypted_state_gives_its_profile_only_with_its_secret() -> None:
+    permall = _encrypted(_libtpms_state(SEED), b"the libvirt secret")
+    assert permall_identity(permall).profile is None
+    assert permall_identity(permall, b"the libvirt secret").profile == StateProfile("default-v1", 7)

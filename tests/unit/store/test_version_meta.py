@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -126,3 +127,14 @@ def test_a_hash_that_is_not_sha256_hex_is_not_packed() -> None:
         pack_version_meta(VersionMeta(**{**host_meta().__dict__, "content_hash": "xyz"}))
     with pytest.raises(VersionMetaError):
         pack_version_meta(VersionMeta(**{**host_meta().__dict__, "content_hash": "ab" * 16}))
+
+
+def test_a_tpm_version_round_trips_with_its_libtpms_profile_in_format_2() -> None:
+    meta = replace(host_meta(), tpm_profile="default-v1", state_format_level=7)
+    packed = pack_version_meta(meta)
+    assert packed[0] == 2
+    assert unpack_version_meta(packed) == meta
+
+
+def test_a_version_without_a_profile_stays_format_1_which_the_release_before_reads() -> None:
+    assert pack_version_meta(host_meta())[0] == 1

@@ -22,6 +22,7 @@ from keeper_policy.tpm.disabler import TpmDisabler
 from keeper_policy.views.queries import PolicyQueries
 from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_shared.bus.client import Delivery, Route
+from keeper_shared.libtpms import StateProfile
 from keeper_shared.messages.adoption import AdoptVm, VmAdoptionResult, VmDiscovered
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DisableTpm, StateDeleted
@@ -242,6 +243,11 @@ class PolicyService:
     async def on_persisted(self, envelope: Envelope[StatePersisted], delivery: Delivery) -> None:
         """Track the recovery point of each VM."""
         event = envelope.data
+        profile = (
+            None
+            if event.tpm_profile is None or event.state_format_level is None
+            else StateProfile(event.tpm_profile, event.state_format_level)
+        )
         await self._registry.note_persisted(
-            event.vm_id, event.kind, event.version, envelope.time.timestamp()
+            event.vm_id, event.kind, event.version, envelope.time.timestamp(), profile
         )

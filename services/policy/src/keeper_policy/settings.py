@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from keeper_policy.tpm.guest_os import DEFAULT_GUEST_OS_ALIASES, DEFAULT_GUEST_OS_RULES, GuestOsRule
+from keeper_policy.tpm.profile_choice import OLDEST_HOST
 from keeper_shared.redis_access.connection import RedisSettings
 from keeper_shared.runtime.settings import ServiceSettings
 
@@ -65,6 +66,13 @@ class PolicySettings(ServiceSettings, RedisSettings):
     ovmf_secure_vars_template: Path = Field(
         default=Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
         description="NVRAM template with the Microsoft keys enrolled, for Secure Boot VMs.",
+    )
+    tpm_profiles: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per cluster, the libtpms profile new TPMs are made with: a profile name "
+        "(`null`, `default-v1`, `default-v2`) pinned with libvirt's `<profile>`, or "
+        f"`{OLDEST_HOST}` (the default for a cluster not named): the newest profile of the "
+        "oldest libtpms in the cluster, where every host can pin one.",
     )
     guest_os_rules: list[GuestOsRule] = Field(
         default_factory=lambda: list(DEFAULT_GUEST_OS_RULES),

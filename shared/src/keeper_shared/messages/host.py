@@ -17,6 +17,12 @@ class HostCapabilities(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     swtpm_version: str | None = Field(description="swtpm version, None when not installed.")
+    libtpms_version: str | None = Field(
+        default=None,
+        max_length=32,
+        description="libtpms version (the TPM swtpm emulates; it decides which TPM state "
+        "formats the host loads), None when not installed or not reported.",
+    )
     libvirt_version: str = Field(description="libvirt library version.")
     architectures: list[str] = Field(description="Guest architectures the host can run.")
     uefi_firmware: bool = Field(description="OVMF (or another UEFI firmware) is installed.")
@@ -49,7 +55,7 @@ class HostHeartbeat(HostFact):
     """Sent every few seconds; missing heartbeats make a host lost."""
 
     message_type = "host.heartbeat"
-    schema_version = 3
+    schema_version = 4
 
     host: HostId = Field(description="The host.")
     interval_s: float = Field(gt=0, description="How often this host sends a heartbeat.")
@@ -72,4 +78,11 @@ def _heartbeat_v1(data: dict[str, Any]) -> dict[str, Any]:
 @register_upcaster(HostHeartbeat.message_type, 2)
 def _heartbeat_v2(data: dict[str, Any]) -> dict[str, Any]:
     """v2 capabilities predate ``kvm``: such a host gets the template's emulated domain."""
+    return data
+
+
+@register_upcaster(HostHeartbeat.message_type, 3)
+def _heartbeat_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """v3 capabilities predate ``libtpms_version``: such a host is taken to load only the
+    oldest TPM state format."""
     return data

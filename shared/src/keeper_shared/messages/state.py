@@ -106,6 +106,7 @@ class StatePersisted(Payload):
     """A version is durably stored; from now on it survives any single failure."""
 
     message_type = "state.persisted"
+    schema_version = 2
 
     vm_id: VmId = Field(description="The VM.")
     kind: StateKind = Field(description="TPM or NVRAM.")
@@ -114,6 +115,25 @@ class StatePersisted(Payload):
     token: FencingToken = Field(description="The version's fencing token.")
     version: int = Field(ge=1, description="Sequence number of this version for the VM and kind.")
     host: HostId = Field(description="The host it came from.")
+    tpm_profile: str | None = Field(
+        default=None,
+        max_length=32,
+        description="A TPM version's libtpms profile (`null` for state libtpms 0.9 or older "
+        "made); None for NVRAM and when the state could not be read (encrypted with a secret "
+        "the store does not hold).",
+    )
+    state_format_level: int | None = Field(
+        default=None,
+        ge=1,
+        description="The libtpms StateFormatLevel that profile needs: a host whose libtpms "
+        "implements a lower level cannot load this state. None exactly when tpm_profile is.",
+    )
+
+
+@register_upcaster(StatePersisted.message_type, 1)
+def _persisted_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 predates the profile: unknown (policy keeps the level it knew for the VM)."""
+    return data
 
 
 class StateWriteRefused(Payload):
@@ -222,6 +242,12 @@ class StateVersionInfo(BaseModel):
     stored_at: datetime = Field(description="When the store wrote it (UTC).")
     swtpm_version: str | None = Field(
         default=None, description="swtpm version of the host that read it, when known."
+    )
+    tpm_profile: str | None = Field(
+        default=None, max_length=32, description="A TPM version's libtpms profile, when known."
+    )
+    state_format_level: int | None = Field(
+        default=None, ge=1, description="The libtpms StateFormatLevel it needs, when known."
     )
     in_history: bool = Field(
         description="Within the last N versions; False when only a snapshot keeps it."

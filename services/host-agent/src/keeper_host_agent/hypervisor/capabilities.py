@@ -8,6 +8,7 @@ import platform
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from keeper_shared.libtpms import installed_libtpms_version
 from keeper_shared.messages.host import HostCapabilities
 from keeper_shared.swtpm import SwtpmError, swtpm_version
 
@@ -75,7 +76,7 @@ def kvm_emulates_smm(device: Path = KVM_DEVICE) -> bool:
 async def probe_capabilities(
     libvirt_version: str, *, tpm_secrets: bool, capabilities_xml: str
 ) -> HostCapabilities:
-    """swtpm's version (None when absent), libvirt's, the host arch, UEFI firmware,
+    """swtpm's and libtpms' versions (None when absent), libvirt's, the host arch, UEFI firmware,
     whether libvirt keeps secrets (``tpm_secrets``) and runs KVM (from
     ``capabilities_xml``), both asked of the hypervisor by the caller; on x86, KVM counts
     only when it emulates SMM."""
@@ -90,6 +91,7 @@ async def probe_capabilities(
     )
     return HostCapabilities(
         swtpm_version=swtpm,
+        libtpms_version=installed_libtpms_version(),
         libvirt_version=libvirt_version,
         architectures=guest_architectures(host_arch),
         uefi_firmware=any(path.exists() for path in UEFI_FIRMWARE_PATHS),

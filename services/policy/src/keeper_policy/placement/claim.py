@@ -17,7 +17,7 @@ import structlog
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.hosts.senders import HostSenders
-from keeper_policy.placement.rules import check_swtpm_version
+from keeper_policy.placement.rules import check_state_format, check_swtpm_version
 from keeper_policy.settings import PolicySettings
 from keeper_policy.storage.vm_registry import PlacementConflictError, PolicyRegistry, UnknownVmError
 from keeper_policy.workflows.engine import WorkflowEngine
@@ -89,6 +89,9 @@ class PlacementClaims:
         )
         if version.refusal is not None:
             return refused(version.refusal)
+        state_format = check_state_format(target, host, vm.state_profile)
+        if state_format is not None:
+            return refused(state_format)
         try:
             epoch = await self._registry.place(vm_id, host, expected_host=previous)
         except PlacementConflictError as error:

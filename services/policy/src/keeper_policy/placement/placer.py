@@ -16,6 +16,7 @@ from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.placement.manager_domain import DomainCheck, check_manager_domain
 from keeper_policy.placement.rules import (
     check_current_placement,
+    check_state_format,
     check_swtpm_version,
     check_tpm_secrets,
     machine_problems,
@@ -101,6 +102,9 @@ class Placer:
         overridden: str | None = None
         if target is not None:
             refusals += machine_problems(target, host, vm.spec)
+            state_format = check_state_format(target, host, vm.state_profile)
+            if state_format is not None:
+                refusals.append(state_format)
             secrets = check_tpm_secrets(target, host, encrypt_tpm_state=vm.spec.encrypt_tpm_state)
             if secrets is not None:
                 refusals.append(secrets)

@@ -5,7 +5,9 @@ when the VM boots UEFI), as the host's heartbeat reports them, and not to one wh
 older than the one that last ran it: swtpm's state format only moves forward, so an older
 swtpm may fail to read (or silently misread) newer state. An explicit override lets that one
 through and is recorded. A VM whose TPM state is encrypted goes only to a host whose libvirt
-keeps secrets. Each check returns every problem it finds, so a refusal lists them all.
+keeps secrets. A VM whose TPM state needs a libtpms StateFormatLevel goes only to a host
+whose libtpms loads that level (see `keeper_shared.libtpms`). Each check returns every
+problem it finds, so a refusal lists them all.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 from keeper_policy.hosts.registry import HostRecord
 from keeper_policy.versions import VersionError, parse_version
+from keeper_shared.libtpms import NULL_PROFILE_LEVEL, LibtpmsVersionError, StateProfile, release_of
 from keeper_shared.messages.tpm import Firmware, VmSpec
 
 
@@ -68,6 +71,34 @@ def check_tpm_secrets(target: HostRecord, host_id: str, *, encrypt_tpm_state: bo
             "is encrypted"
         )
     return None
+
+
+def check_state_format(
+    target: HostRecord | None, host_id: str, profile: StateProfile | None
+) -> str | None:
+    """Why ``host_id``'s libtpms cannot load the VM's TPM state, or None. Level 1 (the
+    ``null`` profile, all state libtpms 0.9 and older made) every libtpms loads; an unknown
+    profile (never persisted, or unreadable) leaves nothing to check. A host that does not
+    report its libtpms (an older agent) is taken to load level 1 only."""
+    if target is None or profile is None or profile.state_format_level <= NULL_PROFILE_LEVEL:
+        return None
+    needs = (
+        f"the VM's TPM state (libtpms profile {profile.name}) needs StateFormatLevel "
+        f"{profile.state_format_level}"
+    )
+    version = target.capabilities.libtpms_version
+    if version is None:
+        return f"host {host_id} does not report its libtpms version, and {needs}"
+    try:
+        highest = release_of(version).highest_level
+    except LibtpmsVersionError:
+        return f"host {host_id} reports libtpms {version!r}, not a version, and {needs}"
+    if highest >= profile.state_format_level:
+        return None
+    return (
+        f"host {host_id} runs libtpms {version}, which loads up to StateFormatLevel "
+        f"{highest}, but {needs}"
+    )
 
 
 def check_swtpm_version(

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from keeper_policy.storage.keys import EPOCH_PENDING, host_vms_key, migration_key
 from keeper_policy.storage.scripts import PolicyScripts
+from keeper_shared.libtpms import StateProfile
 from keeper_shared.messages.placement import RecoveryPoint
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import StateKind
@@ -74,6 +75,8 @@ class VmRecord:
     domain_xml: str | None = None
     """The domain its manager handed over (checked and completed, no epoch), defined at
     each start; None: policy's template from the spec."""
+    state_profile: StateProfile | None = None
+    """The libtpms profile of its newest TPM state whose profile the store could read."""
 
     def recovery_point(self, at: float) -> RecoveryPoint:
         """What the VM would restart from, seen at ``at``."""
@@ -89,6 +92,13 @@ class VmRecord:
 
 def _text(value: bytes | None) -> str | None:
     return value.decode() if value else None
+
+
+def _profile(record: dict[bytes, bytes]) -> StateProfile | None:
+    name, level = record.get(b"tpm_profile"), record.get(b"state_format_level")
+    if name is None or level is None:
+        return None
+    return StateProfile(name.decode(), int(level))
 
 
 def parse_placement(raw: dict[bytes, bytes]) -> Placement:
@@ -187,6 +197,7 @@ class PolicyRegistry:
             adopted_on=_text(record.get(b"adopted_on")),
             placement=placement,
             domain_xml=_text(record.get(b"domain_xml")),
+            state_profile=_profile(record),
         )
 
     async def place(self, vm_id: str, host: str, *, expected_host: str | None) -> int:
@@ -351,6 +362,23 @@ class PolicyRegistry:
         )
         return bool(marked)
 
-    async def note_persisted(self, vm_id: str, kind: StateKind, version: int, at: float) -> None:
-        """Remember the newest persisted version of ``kind`` and when (the recovery point)."""
-        await self._scripts.persisted(keys=[vm_record_key(vm_id)], args=[kind.value, version, at])
+    async def note_persisted(
+        self,
+        vm_id: str,
+        kind: StateKind,
+        version: int,
+        at: float,
+        profile: StateProfile | None = None,
+    ) -> None:
+        """Remember the newest persisted version of ``kind`` and when (the recovery point),
+        and a TPM version's libtpms profile when the store could read it."""
+        await self._scripts.persisted(
+            keys=[vm_record_key(vm_id)],
+            args=[
+                kind.value,
+                version,
+                at,
+                "" if profile is None else profile.name,
+                "" if profile is None else profile.state_format_level,
+            ],
+        )

@@ -8,6 +8,7 @@ from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.settings import PolicySettings
 from keeper_policy.storage.vm_registry import PolicyRegistry
+from keeper_policy.tpm.profile_choice import OLDEST_HOST
 from keeper_policy.tpm.rules import ClusterView, Overrides, decide_tpm
 from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
@@ -51,6 +52,7 @@ class Approver:
             aliases=self._settings.guest_os_aliases,
             cluster=ClusterView(request.cluster, live),
             overrides=Overrides(cluster=request.override, guest_os=request.override_guest_os),
+            profile_setting=self._settings.tpm_profiles.get(request.cluster, OLDEST_HOST),
         )
         vm_id = request.spec.vm_id
         if decision.tpm_xml is None:

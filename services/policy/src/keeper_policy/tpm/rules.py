@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from keeper_policy.tpm.guest_os import GuestOsRule, guest_os_support
+from keeper_policy.tpm.profile_choice import OLDEST_HOST, backend_profile_element, choose_profile
 from keeper_shared.messages.host import HostCapabilities
 from keeper_shared.messages.tpm import Firmware, OsTpmSupport, VmSpec
 
@@ -87,9 +88,13 @@ class TpmDecision:
         return not self.reasons
 
 
-def tpm_element(model: str) -> str:
-    """The exact libvirt `<tpm>` element: emulated (swtpm), TPM 2.0."""
-    return f"<tpm model='{model}'><backend type='emulator' version='2.0'/></tpm>"
+def tpm_element(model: str, profile: str | None = None) -> str:
+    """The exact libvirt `<tpm>` element: emulated (swtpm), TPM 2.0, with the libtpms
+    profile its first start makes it with when one is pinned (see profile_choice)."""
+    backend = "<backend type='emulator' version='2.0'"
+    pinned = backend_profile_element(profile)
+    backend += f">{pinned}</backend>" if pinned else "/>"
+    return f"<tpm model='{model}'>{backend}</tpm>"
 
 
 def is_q35(machine: str) -> bool:
@@ -191,8 +196,10 @@ def decide_tpm(
     aliases: Mapping[str, str],
     cluster: ClusterView,
     overrides: Overrides,
+    profile_setting: str = OLDEST_HOST,
 ) -> TpmDecision:
-    """Apply every rule to ``spec`` for ``cluster``."""
+    """Apply every rule to ``spec`` for ``cluster``; ``profile_setting``: the cluster's
+    libtpms profile setting (see profile_choice)."""
     reasons = hard_rule_failures(spec)
     overridden: list[str] = []
 
@@ -201,13 +208,16 @@ def decide_tpm(
         problem = _reason(Rule.GUEST_OS, f"not allowed a TPM: {verdict.explanation}")
         (overridden if overrides.guest_os else reasons).append(problem)
 
+    profile = choose_profile(cluster.name, cluster.hosts, profile_setting)
     capability = cluster_problems(cluster) + encryption_problems(spec, cluster)
+    if profile.problem is not None:
+        capability.append(_reason(Rule.CLUSTER, profile.problem))
     (overridden if overrides.cluster else reasons).extend(capability)
 
     if reasons:
         return TpmDecision(reasons=reasons, overridden=overridden, guest_os_support=verdict.support)
     return TpmDecision(
         overridden=overridden,
-        tpm_xml=tpm_element(TPM_MODEL_BY_ARCH[spec.arch]),
+        tpm_xml=tpm_element(TPM_MODEL_BY_ARCH[spec.arch], profile.profile),
         guest_os_support=verdict.support,
     )

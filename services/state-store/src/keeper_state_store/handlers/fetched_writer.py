@@ -21,6 +21,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from keeper_shared.bus.client import BusClient
+from keeper_shared.libtpms import StateProfile
 from keeper_shared.messages.state import FetchedVmState, StatePersisted, StateWriteRefused
 from keeper_shared.messages.types import StateBlob, StateKind, TpmSecret
 from keeper_shared.observability import metrics
@@ -115,6 +116,7 @@ class FetchedStateWriter:
                         sealed=ciphertext,
                         swtpm_version=blob.swtpm_version,
                         tpm_identity=(None if identity is None else identity.fingerprint or ""),
+                        tpm_profile=None if identity is None else identity.profile,
                     )
                     for (vm_id, blob), ciphertext, identity in zip(
                         to_write, sealed, identities, strict=True
@@ -126,19 +128,20 @@ class FetchedStateWriter:
             return results
         elapsed = time.perf_counter() - began
         written = []
-        for (vm_id, blob), outcome in zip(to_write, outcomes, strict=True):
+        for (vm_id, blob), outcome, identity in zip(to_write, outcomes, identities, strict=True):
             if isinstance(outcome, RedisError):
                 self._failed(results, [vm_id], outcome)
             else:
-                written.append((vm_id, blob, outcome))
+                profile = None if identity is None else identity.profile
+                written.append((vm_id, blob, outcome, profile))
         reports = await asyncio.gather(
             *(
-                self._report(vm_id, host, blob, outcome, elapsed)
-                for vm_id, blob, outcome in written
+                self._report(vm_id, host, blob, outcome, profile, elapsed)
+                for vm_id, blob, outcome, profile in written
             ),
             return_exceptions=True,
         )
-        for (vm_id, _, _), reported in zip(written, reports, strict=True):
+        for (vm_id, _, _, _), reported in zip(written, reports, strict=True):
             if isinstance(reported, Exception):
                 self._failed(results, [vm_id], reported)
             elif isinstance(reported, BaseException):
@@ -190,7 +193,13 @@ class FetchedStateWriter:
         return identity
 
     async def _report(
-        self, vm_id: str, host: str, blob: StateBlob, result: WriteResult, elapsed_s: float
+        self,
+        vm_id: str,
+        host: str,
+        blob: StateBlob,
+        result: WriteResult,
+        profile: StateProfile | None,
+        elapsed_s: float,
     ) -> None:
         """Metrics, a log line and the event each written version's outcome calls for."""
         metrics.PERSIST_SECONDS.observe(elapsed_s)
@@ -214,6 +223,8 @@ class FetchedStateWriter:
                     token=blob.token,
                     version=version,
                     host=host,
+                    tpm_profile=None if profile is None else profile.name,
+                    state_format_level=None if profile is None else profile.state_format_level,
                 ),
                 subject=vm_id,
             )

@@ -17,6 +17,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Final
 
+from keeper_shared.libtpms import StateProfile
 from keeper_shared.state_format.compression import BlobFormatError
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, unpack_tpm_state
 from keeper_state_store.identity.permall import (
@@ -25,6 +26,7 @@ from keeper_state_store.identity.permall import (
     plain_state,
     read_swtpm_blob,
 )
+from keeper_state_store.identity.profile import state_profile
 from keeper_state_store.identity.swtpm_encryption import decrypt_state
 
 _LABEL: Final = b"vtpm-keeper endorsement primary seed v1\x00"
@@ -39,6 +41,8 @@ class TpmIdentity:
     unknown_because: str | None = None
     needs_secret: bool = False
     """Unknown because the state is encrypted and no secret was given."""
+    profile: StateProfile | None = None
+    """The libtpms profile and format level the state needs; None when unreadable."""
 
     @property
     def known(self) -> bool:
@@ -63,9 +67,14 @@ def permall_identity(permall: bytes, passphrase: bytes | None = None) -> TpmIden
             state = decrypt_state(blob, passphrase)
         else:
             state = plain_state(blob)
-        return TpmIdentity(seed_fingerprint(endorsement_seed(state)))
+        seed = endorsement_seed(state)
     except PermallFormatError as error:
         return TpmIdentity(None, str(error))
+    try:
+        profile: StateProfile | None = state_profile(state)
+    except PermallFormatError:
+        profile = None  # the seed was readable: the identity stands without the profile
+    return TpmIdentity(seed_fingerprint(seed), profile=profile)
 
 
 def archive_identity(content: bytes, passphrase: bytes | None = None) -> TpmIdentity:

@@ -162,6 +162,21 @@ class _Reader:
             self.take(size, what)
 
 
+def profile_text(state: bytes) -> str | None:
+    """The profile a libtpms TPM 2 permanent state carries (libtpms' JSON, as written), or
+    None when it carries none (a state libtpms 0.9 or older wrote: ``PERSISTENT_ALL``
+    before version 4)."""
+    reader = _Reader(state)
+    if reader.header(PERSISTENT_ALL_MAGIC, "PERSISTENT_ALL") < 4:
+        return None
+    raw = reader.sized("the profile")
+    # libtpms writes the string with its terminating NUL, counted in the size.
+    try:
+        return raw.rstrip(b"\x00").decode("utf-8")
+    except UnicodeDecodeError:
+        raise PermallFormatError("the profile is not UTF-8") from None
+
+
 def endorsement_seed(state: bytes) -> bytes:
     """The EPSeed of a libtpms TPM 2 permanent state (``PERSISTENT_ALL``)."""
     reader = _Reader(state)

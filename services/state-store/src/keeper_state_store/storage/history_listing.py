@@ -54,6 +54,8 @@ async def read_kind_history(
                 source_vm_id=record.source_vm_id,
                 stored_at=record.stored_at,
                 swtpm_version=record.swtpm_version,
+                tpm_profile=record.tpm_profile,
+                state_format_level=record.state_format_level,
                 in_history=version in in_history,
                 snapshots=[
                     name

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
+from keeper_shared.libtpms import StateProfile
 from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import (
@@ -102,6 +103,8 @@ class VersionWrite:
     tpm_identity: str | None = None
     """A TPM version's identity fingerprint, '' when it could not be read; None: not
     judged (NVRAM, or a writer that does not read identities)."""
+    tpm_profile: StateProfile | None = None
+    """A TPM version's libtpms profile, when it could be read."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ def version_meta(
     origin: VersionOrigin = VersionOrigin.HOST,
     source_vm_id: str | None = None,
     swtpm_version: str | None = None,
+    tpm_profile: StateProfile | None = None,
 ) -> bytes:
     """The packed metadata stored beside a version, stamped now (what
     `VersionRecord.from_meta` reads)."""
@@ -161,6 +165,8 @@ def version_meta(
             origin=origin,
             source_vm_id=source_vm_id,
             swtpm_version=swtpm_version,
+            tpm_profile=None if tpm_profile is None else tpm_profile.name,
+            state_format_level=None if tpm_profile is None else tpm_profile.state_format_level,
         )
     )
 
@@ -374,6 +380,7 @@ class StateRepository:
                             token=write.token,
                             host=write.host,
                             swtpm_version=write.swtpm_version,
+                            tpm_profile=write.tpm_profile,
                         ),
                         self._history_depth,
                         "-" if write.tpm_identity is None else write.tpm_identity,

@@ -11,6 +11,10 @@ NVRAM blob; packed it is about 75 bytes. Format 1, after its format byte:
 - host, source VM id and swtpm version, each a varint length and UTF-8 bytes; for the two
   optional ones the length is stored plus one, and 0 means absent.
 
+Format 2 appends a TPM version's libtpms profile (its name, a varint length and UTF-8
+bytes) and StateFormatLevel (a varint). It is written only when the profile is known, so
+NVRAM versions, clones and imports keep format 1, which a store of the release before reads.
+
 Records written as JSON objects by earlier releases stay readable: a JSON object starts
 with ``{``, never with the format byte.
 """
@@ -26,6 +30,7 @@ from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.types import FencingToken
 
 _FORMAT_V1: Final = 1
+_FORMAT_V2: Final = 2
 _HASH_SIZE: Final = 32
 _UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ORIGIN_CODES: Final = {VersionOrigin.HOST: 0, VersionOrigin.CLONE: 1, VersionOrigin.IMPORT: 2}
@@ -53,10 +58,14 @@ class VersionMeta:
     source_vm_id: str | None = None
     swtpm_version: str | None = None
     """swtpm on the host that read this state (None for old records, clones, imports)."""
+    tpm_profile: str | None = None
+    """The libtpms profile of a TPM version (None: NVRAM, unreadable, or an old record)."""
+    state_format_level: int | None = None
+    """The libtpms StateFormatLevel that profile needs; None exactly when the profile is."""
 
 
 def pack_version_meta(meta: VersionMeta) -> bytes:
-    """The record for the meta hash (format 1)."""
+    """The record for the meta hash (format 2 when it has a profile, else 1)."""
     try:
         digest = bytes.fromhex(meta.content_hash)
     except ValueError:
@@ -64,8 +73,9 @@ def pack_version_meta(meta: VersionMeta) -> bytes:
     if len(digest) != _HASH_SIZE:
         raise VersionMetaError(f"content hash has {len(digest)} bytes, expected {_HASH_SIZE}")
     stored_at_us = (meta.stored_at - _UNIX_EPOCH) // timedelta(microseconds=1)
+    with_profile = meta.tpm_profile is not None and meta.state_format_level is not None
     parts = [
-        bytes([_FORMAT_V1]),
+        bytes([_FORMAT_V2 if with_profile else _FORMAT_V1]),
         digest,
         _varint(meta.size),
         _varint(meta.token.epoch),
@@ -76,14 +86,16 @@ def pack_version_meta(meta: VersionMeta) -> bytes:
         _optional_text(meta.source_vm_id),
         _optional_text(meta.swtpm_version),
     ]
+    if meta.tpm_profile is not None and meta.state_format_level is not None:
+        parts += [_text(meta.tpm_profile), _varint(meta.state_format_level)]
     return b"".join(parts)
 
 
 def unpack_version_meta(raw: bytes) -> VersionMeta:
-    """Parse a meta-hash record, packed (format 1) or JSON (earlier releases)."""
+    """Parse a meta-hash record, packed (format 1 or 2) or JSON (earlier releases)."""
     if raw[:1] == b"{":
         return _from_json(raw)
-    if raw[:1] != bytes([_FORMAT_V1]):
+    if raw[:1] not in (bytes([_FORMAT_V1]), bytes([_FORMAT_V2])):
         raise VersionMetaError(f"version metadata has unknown format {raw[:1]!r}")
     reader = _Reader(raw, 1)
     digest = reader.take(_HASH_SIZE)
@@ -94,6 +106,7 @@ def unpack_version_meta(raw: bytes) -> VersionMeta:
     host = reader.text()
     source_vm_id = reader.optional_text()
     swtpm_version = reader.optional_text()
+    profile, level = (reader.text(), reader.varint()) if raw[0] == _FORMAT_V2 else (None, None)
     reader.expect_end()
     return VersionMeta(
         content_hash=digest.hex(),
@@ -104,6 +117,8 @@ def unpack_version_meta(raw: bytes) -> VersionMeta:
         origin=origin,
         source_vm_id=source_vm_id,
         swtpm_version=swtpm_version,
+        tpm_profile=profile,
+        state_format_level=level,
     )
 
 
