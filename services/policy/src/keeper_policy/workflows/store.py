@@ -115,6 +115,10 @@ class WorkflowRecord:
         )
 
 
+_UNTYPED = ""
+"""The reply type of a result kept before results were typed."""
+
+
 @dataclass(frozen=True)
 class WorkflowResult:
     """How a finished workflow ended: the reply its requester is told (a ``vm.place``,
@@ -138,7 +142,7 @@ class WorkflowResult:
 
     def reply(self, reply_type: type[ReplyT]) -> ReplyT:
         """The reply as ``reply_type``; a result of another kind is an error (a bug)."""
-        if self.reply_type != reply_type.message_type:
+        if self.reply_type not in (reply_type.message_type, _UNTYPED):
             raise TypeError(f"a {self.reply_type} result read as {reply_type.message_type}")
         return reply_type.model_validate(self.fields)
 
@@ -150,6 +154,10 @@ class WorkflowResult:
     def from_json(cls, text: bytes) -> WorkflowResult:
         """Parse what :meth:`to_json` wrote."""
         data = json.loads(text)
+        if "type" not in data:
+            # Kept by a replica of the previous version (ok, error and a string map): its
+            # outcome still answers, without the facts it wrote as strings.
+            return cls(_UNTYPED, {"ok": bool(data["ok"]), "error": data.get("error")})
         return cls(reply_type=str(data["type"]), fields=dict(data["reply"]))
 
 
