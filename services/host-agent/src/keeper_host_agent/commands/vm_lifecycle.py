@@ -198,7 +198,7 @@ class HostCommands:
                 )
                 log.info("local state wiped", vm_id=request.vm_id, removed=len(removed))
                 await self._remove_secret(request.vm_id)
-            return result.model_copy(update={"was_defined": True})
+            return UndefineVmReply(ok=True, was_defined=True)
         return result
 
     async def _remove_secret(self, vm_id: str) -> None:
