@@ -10,7 +10,7 @@ from pathlib import Path
 
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import host_command_key
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.replies import PrepareVmReply
 from keeper_shared.messages.types import StateBlob
 from keeper_shared.messages.vm import PrepareVm
 
@@ -32,7 +32,7 @@ async def prepare_calls(
         reply = await bus.call(
             host_command_key(host_id),
             PrepareVm(vm_id=vm_id, name=name, epoch=1, tpm=tpm, nvram=nvram),
-            CommandDone,
+            PrepareVmReply,
             subject=vm_id,
             timeout_s=30,
         )

@@ -19,8 +19,8 @@ from pydantic import SecretBytes
 from chaos.harness import ChaosCluster
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, event_routing_key, host_command_key
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import encode, new_envelope
+from keeper_shared.messages.replies import PrepareVmReply
 from keeper_shared.messages.state import StateChange, StateChanged
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 from keeper_shared.messages.vm import PrepareVm
@@ -117,7 +117,7 @@ async def send_poison(cluster: ChaosCluster, canary: bytes) -> PoisonOutcome:
             reply = await bus.call(
                 host_command_key(host.host_id),
                 prepare,
-                CommandDone,
+                PrepareVmReply,
                 subject=prepare.vm_id,
                 timeout_s=REPLY_TIMEOUT_S,
             )

@@ -38,9 +38,9 @@ from keeper_shared.bus.topology import (
     host_command_key,
     host_command_queue,
 )
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import MAX_MESSAGE_BYTES, Payload, encode, new_envelope
 from keeper_shared.messages.placement import PlaceVm
+from keeper_shared.messages.replies import PrepareVmReply
 from keeper_shared.messages.state import RestoreState, StateChange, StateChanged
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm import PrepareVm
@@ -166,7 +166,7 @@ async def test_bad_input_is_dead_lettered_refused_and_changes_nothing(
         reply = await caller.call(
             host_command_key(host.host_id),
             crafted,
-            CommandDone,
+            PrepareVmReply,
             subject=crafted.vm_id,
             timeout_s=REPLY_TIMEOUT_S,
         )

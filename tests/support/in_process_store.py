@@ -35,8 +35,8 @@ from keeper_policy.tpm.approver import Approver
 from keeper_policy.views.queries import PolicyQueries
 from keeper_shared.bus.client import BusClient, Consumer, Delivery, Route
 from keeper_shared.bus.topology import QueueSpec, host_command_queue
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.replies import PrepareVmReply
 from keeper_shared.messages.state import (
     FetchedVmState,
     FetchState,
@@ -126,13 +126,19 @@ class FakeHost:
         missing = [vm_id for vm_id in request.vm_ids if vm_id not in self.state]
         return StateFetched(vms=found, missing=missing)
 
-    async def on_prepare(self, envelope: Envelope[PrepareVm], _delivery: Delivery) -> CommandDone:
+    async def on_prepare(
+        self, envelope: Envelope[PrepareVm], _delivery: Delivery
+    ) -> PrepareVmReply:
         self.prepared.append(envelope.data)
         # Like the agent: verify what arrived before accepting it.
         for blob in (envelope.data.tpm, envelope.data.nvram):
             if blob is not None:
                 open_blob(blob)
-        return CommandDone(ok=True)
+        return PrepareVmReply(
+            ok=True,
+            tpm_hash=envelope.data.tpm.content_hash if envelope.data.tpm else None,
+            nvram_hash=envelope.data.nvram.content_hash if envelope.data.nvram else None,
+        )
 
 
 def prepared_content(prepare: PrepareVm, kind: StateKind) -> bytes | None:

@@ -32,7 +32,7 @@ from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import (
     host_command_key,
 )
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.commands import ReplyT
 from keeper_shared.messages.envelope import (
     Payload,
 )
@@ -289,13 +289,15 @@ class PolicyStack:
         assert process is not None
         process.send_signal(sig)
 
-    async def command_host(self, name: str, payload: Payload, subject: str) -> CommandDone:
+    async def command_host(
+        self, name: str, payload: Payload, reply_type: type[ReplyT], subject: str
+    ) -> ReplyT:
         """Send a command straight to host ``name``'s agent, bypassing policy."""
         assert self._observer is not None
         reply = await self._observer.call(
             host_command_key(self.host_id(name)),
             payload,
-            CommandDone,
+            reply_type,
             subject=subject,
             timeout_s=10,
         )

@@ -49,6 +49,12 @@ from keeper_shared.bus.client import CallError
 from keeper_shared.messages.adoption import AdoptVm, VmAdoptionResult
 from keeper_shared.messages.envelope import MessageError
 from keeper_shared.messages.placement import StopMode
+from keeper_shared.messages.replies import (
+    AcceptTpmReply,
+    DeleteStateReply,
+    DisableTpmReply,
+    PlaceVmReply,
+)
 from keeper_shared.messages.tpm import Firmware, VmSpec
 from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import StateKind
@@ -503,7 +509,7 @@ def restore(
         raise inputs.usage("--kind goes with --version: a snapshot restores what it pinned")
     kinds = kind or list(StateKind)
 
-    async def work(settings: CliSettings) -> tuple[str, dict[str, str]]:
+    async def work(settings: CliSettings) -> tuple[str, PlaceVmReply]:
         async with connected(settings, needs=RESOLVING) as client:
             vm_id = await resolve(client, vm)
             await _refuse_while_running(client, vm, vm_id, "restore")
@@ -535,7 +541,7 @@ def restore(
             )
             confirm(f"{vm} will start on {host} with {what}; {loses}. Continue?", yes=yes)
             with progress(f"Restoring {vm} on {host}...", quiet=as_json):
-                detail = await client.place(
+                placed = await client.place(
                     vm_id,
                     host,
                     versions=dict.fromkeys(kinds, state_version)
@@ -544,23 +550,39 @@ def restore(
                     snapshot_id=snapshot,
                     allow_older=True,
                 )
-            if detail.get("note") == "already placed":
+            if placed.already_placed:
                 raise CliError(
                     f"{vm} already runs on {host}: nothing was restored. Shut it down first "
                     f"(`keeper vm shutdown {vm}`), then restore.",
                     ExitCode.REFUSED,
                 )
-            return vm_id, dict(detail)
+            return vm_id, placed
 
-    vm_id, detail = run(work, follow=_follow(vm))
+    vm_id, placed = run(work, follow=_follow(vm))
+    versions = {kind.value: version for kind, version in sorted(placed.versions.items())}
     if as_json:
         output.emit_json(
             document(
-                "vm-restore", {"vm_id": vm_id, "host": host, "restored": True, "detail": detail}
+                "vm-restore",
+                {
+                    "vm_id": vm_id,
+                    "host": host,
+                    "restored": True,
+                    "epoch": placed.epoch,
+                    "versions": versions,
+                },
             )
         )
         return
-    output.facts([("restored", vm), ("vm id", vm_id), ("host", host), *sorted(detail.items())])
+    output.facts(
+        [
+            ("restored", vm),
+            ("vm id", vm_id),
+            ("host", host),
+            ("epoch", placed.epoch),
+            *((f"{kind} version", version) for kind, version in versions.items()),
+        ]
+    )
 
 
 @vm_app.command("snapshot")
@@ -639,7 +661,7 @@ def snapshot_delete(
 def _delete(vm: str, *, disable: bool, reason: str, yes: bool, as_json: bool) -> None:
     """``delete-state`` and ``disable-tpm``: say what is lost, confirm, delete."""
 
-    async def work(settings: CliSettings) -> tuple[str, dict[str, int]]:
+    async def work(settings: CliSettings) -> tuple[str, DeleteStateReply | DisableTpmReply]:
         async with connected(settings, needs=RESOLVING) as client:
             vm_id = await resolve(client, vm)
             await _refuse_while_running(
@@ -659,7 +681,11 @@ def _delete(vm: str, *, disable: bool, reason: str, yes: bool, as_json: bool) ->
                     return vm_id, await client.disable_tpm(vm_id, reason=reason)
                 return vm_id, await client.delete_state(vm_id, reason=reason)
 
-    vm_id, deleted = run(work, follow=_follow(vm))
+    vm_id, reply = run(work, follow=_follow(vm))
+    deleted = {
+        **{f"{kind.value}_versions": reply.deleted_versions.get(kind, 0) for kind in StateKind},
+        "snapshots": reply.deleted_snapshots,
+    }
     if as_json:
         output.emit_json(
             document(
@@ -687,7 +713,7 @@ def accept_tpm(
     unasked (status: tpm-reset). From then on restores hand out the newest version again;
     the versions of the old TPM stay in the history. Asks first (--yes for automation)."""
 
-    async def work(settings: CliSettings) -> tuple[str, dict[str, str]]:
+    async def work(settings: CliSettings) -> tuple[str, AcceptTpmReply]:
         async with connected(settings, needs=RESOLVING) as client:
             vm_id = await resolve(client, vm)
             found = await views.vm_status(client, vm_id)
@@ -701,15 +727,15 @@ def accept_tpm(
             )
             return vm_id, await client.accept_tpm(vm_id, requested_by=getpass.getuser())
 
-    vm_id, detail = run(work, follow=f"`keeper vm show {vm}`")
+    vm_id, accepted = run(work, follow=f"`keeper vm show {vm}`")
     if as_json:
         output.emit_json(
             document(
                 "tpm-acceptance",
                 {
                     "vm_id": vm_id,
-                    "version": detail.get("version"),
-                    "reset_version": detail.get("reset_version"),
+                    "version": accepted.version,
+                    "reset_version": accepted.reset_version,
                 },
             )
         )
@@ -718,8 +744,8 @@ def accept_tpm(
         [
             ("tpm accepted", vm),
             ("vm id", vm_id),
-            ("version", detail.get("version")),
-            ("reset ended", detail.get("reset_version") or "none was pending"),
+            ("version", accepted.version),
+            ("reset ended", accepted.reset_version or "none was pending"),
         ]
     )
 

@@ -22,7 +22,7 @@ from keeper_shared.messages.adoption import (
     UnprotectedVmView,
     VmAdoptionResult,
 )
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.commands import ReplyT
 from keeper_shared.messages.deletion import DeleteState, DisableTpm
 from keeper_shared.messages.endorsement import EndorsementKeyRead, ReadEndorsementKey
 from keeper_shared.messages.envelope import Envelope, MessageError, Payload, decode, peek_type
@@ -37,6 +37,22 @@ from keeper_shared.messages.queries import (
     StoredVmState,
     VmsListed,
     VmView,
+)
+from keeper_shared.messages.replies import (
+    AcceptTpmReply,
+    CloneVmReply,
+    CreateSnapshotReply,
+    CreateVmFromTemplateReply,
+    DeleteSnapshotReply,
+    DeleteStateReply,
+    DeleteTemplateReply,
+    DisableTpmReply,
+    EnableTpmReply,
+    ImportStateReply,
+    PlaceVmReply,
+    RestoreStateReply,
+    SnapshotVmReply,
+    StopVmReply,
 )
 from keeper_shared.messages.snapshot import (
     CreateSnapshot,
@@ -197,15 +213,17 @@ class KeeperClient:
         )
         return reply.data
 
-    async def _ask(self, target: str, payload: Payload, subject: str) -> dict[str, str]:
-        """A command answered with CommandDone: its detail, or KeeperRequestError."""
-        done = await self._call(target, payload, CommandDone, subject)
+    async def _ask(
+        self, target: str, payload: Payload, reply_type: type[ReplyT], subject: str
+    ) -> ReplyT:
+        """A command that is carried out or refused: its reply when done, else
+        KeeperRequestError with the reason."""
+        done = await self._call(target, payload, reply_type, subject)
         if not done.ok:
             raise KeeperRequestError(
-                done.error or "refused without a reason",
-                timed_out=done.detail.get("timeout") == "true",
+                done.error or "refused without a reason", timed_out=done.timed_out
             )
-        return dict(done.detail)
+        return done
 
     async def list_vms(self, reference: str | None = None) -> list[VmView]:
         """Every registered VM as policy keeps it, or those ``reference`` (a VM id or a
@@ -252,27 +270,30 @@ class KeeperClient:
     ) -> str:
         """Register a VM with a TPM for ``cluster``'s hosts; returns the approved `<tpm>`
         element (:meth:`request_tpm` returns the whole approval)."""
-        detail = await self.request_tpm(
+        approval = await self.request_tpm(
             spec,
             override=override,
             override_guest_os=override_guest_os,
             allow_duplicate_name=allow_duplicate_name,
             cluster=cluster,
         )
-        return str(detail["tpm_xml"])
+        if approval.tpm_xml is None:
+            raise KeeperRequestError("policy approved without a <tpm> element")
+        return approval.tpm_xml
 
     async def start(self, vm_id: str, host: str, *, domain_xml: str | None = None) -> int:
         """Start a VM on ``host`` with its newest state (defining ``domain_xml``, its
         manager's own domain, when given); returns the new placement epoch (:meth:`place`
         takes versions, snapshots and overrides)."""
-        detail = await self.place(vm_id, host, domain_xml=domain_xml)
-        return int(detail["epoch"])
+        placed = await self.place(vm_id, host, domain_xml=domain_xml)
+        if placed.epoch is None:
+            raise KeeperRequestError("policy placed the VM without naming its epoch")
+        return placed.epoch
 
     async def stop(self, vm_id: str, mode: StopMode) -> bool:
         """Stop a VM, keeping its final state; True when that state was retrieved
         (:meth:`stop_vm` returns the whole account)."""
-        detail = await self.stop_vm(vm_id, mode)
-        return detail.get("retrieved") == "true"
+        return (await self.stop_vm(vm_id, mode)).retrieved
 
     async def request_tpm(
         self,
@@ -282,9 +303,9 @@ class KeeperClient:
         override: bool = False,
         override_guest_os: bool = False,
         allow_duplicate_name: bool = False,
-    ) -> dict[str, str]:
-        """Register a VM with a TPM in ``cluster``; returns the approval's detail
-        (``tpm_xml``, ``guest_os_support``, ``overridden``). Raises KeeperRequestError with
+    ) -> EnableTpmReply:
+        """Register a VM with a TPM in ``cluster``; returns the approval (``tpm_xml``,
+        ``guest_os_support``, ``overridden``). Raises KeeperRequestError with
         every reason when rejected (a name another VM has is one, unless
         ``allow_duplicate_name``)."""
         request = EnableTpm(
@@ -294,7 +315,7 @@ class KeeperClient:
             override_guest_os=override_guest_os,
             allow_duplicate_name=allow_duplicate_name,
         )
-        return await self._ask(self._policy_target, request, spec.vm_id)
+        return await self._ask(self._policy_target, request, EnableTpmReply, spec.vm_id)
 
     async def place(
         self,
@@ -306,10 +327,11 @@ class KeeperClient:
         snapshot_id: str | None = None,
         allow_older: bool = False,
         domain_xml: str | None = None,
-    ) -> dict[str, str]:
-        """Start a VM on ``host``; returns the detail (``epoch``, versions sent, and
-        ``version_overridden`` when an older swtpm was allowed). ``domain_xml``: the VM
-        manager's own domain, which policy checks, completes and keeps for later starts."""
+    ) -> PlaceVmReply:
+        """Start a VM on ``host``; returns how (``epoch``, the versions it started with,
+        ``version_overridden`` when an older swtpm was allowed, ``already_placed`` for a
+        repeat). ``domain_xml``: the VM manager's own domain, which policy checks, completes
+        and keeps for later starts."""
         request = PlaceVm(
             vm_id=vm_id,
             host=host,
@@ -319,21 +341,22 @@ class KeeperClient:
             allow_older=allow_older,
             domain_xml=domain_xml,
         )
-        return await self._ask(self._policy_target, request, vm_id)
+        return await self._ask(self._policy_target, request, PlaceVmReply, vm_id)
 
-    async def stop_vm(self, vm_id: str, mode: StopMode) -> dict[str, str]:
+    async def stop_vm(self, vm_id: str, mode: StopMode) -> StopVmReply:
         """Stop a VM; returns how it went (``retrieved``, ``removed``, ``trigger``,
-        ``attempts``), or a ``note`` when it ran nowhere."""
-        return await self._ask(self._policy_target, StopVm(vm_id=vm_id, mode=mode), vm_id)
+        ``attempts``; ``was_running`` false when it ran nowhere)."""
+        request = StopVm(vm_id=vm_id, mode=mode)
+        return await self._ask(self._policy_target, request, StopVmReply, vm_id)
 
     async def snapshot(
         self, vm_id: str, snapshot_id: str, *, memory: bool = False
-    ) -> dict[str, str]:
-        """Snapshot a VM (with memory: paused while its TPM state is retrieved); returns the
-        detail (``mode``, the pinned version per kind, ``persisted_age_s`` for a live one).
-        Restore it with :meth:`place` and ``snapshot_id``."""
+    ) -> SnapshotVmReply:
+        """Snapshot a VM (with memory: paused while its TPM state is retrieved); returns
+        ``mode``, the pinned version per kind, ``persisted_age_s`` for a live one. Restore
+        it with :meth:`place` and ``snapshot_id``."""
         request = SnapshotVm(vm_id=vm_id, snapshot_id=snapshot_id, memory=memory)
-        return await self._ask(self._policy_target, request, vm_id)
+        return await self._ask(self._policy_target, request, SnapshotVmReply, vm_id)
 
     async def endorsement_key(self, vm_id: str) -> EndorsementKeyRead:
         """The EK of the VM's newest stored TPM (public key, certificate), read by the store
@@ -362,10 +385,10 @@ class KeeperClient:
         snapshot_id: str | None = None,
         allow_older: bool = False,
         encrypt_tpm_state: bool = False,
-    ) -> dict[str, str]:
+    ) -> RestoreStateReply:
         """Have the store put stored state in place on ``host`` (a low-level step of a
-        start: policy sends it after raising the epoch). Returns the prepare's detail
-        (with ``tpm_secret_uuid`` when the TPM state is encrypted with a libvirt secret)."""
+        start: policy sends it after raising the epoch). Returns the versions sent (and
+        ``tpm_secret_uuid`` when the TPM state is encrypted with a libvirt secret)."""
         request = RestoreState(
             vm_id=vm_id,
             name=name,
@@ -376,39 +399,37 @@ class KeeperClient:
             allow_older=allow_older,
             encrypt_tpm_state=encrypt_tpm_state,
         )
-        return await self._ask(self._store_target, request, vm_id)
+        return await self._ask(self._store_target, request, RestoreStateReply, vm_id)
 
     async def create_snapshot(self, vm_id: str, snapshot_id: str) -> dict[StateKind, int]:
         """Pin the VM's newest versions under ``snapshot_id``; returns what was pinned."""
-        detail = await self._ask(
-            self._store_target, CreateSnapshot(vm_id=vm_id, snapshot_id=snapshot_id), vm_id
-        )
-        return _versions(detail)
+        request = CreateSnapshot(vm_id=vm_id, snapshot_id=snapshot_id)
+        pinned = await self._ask(self._store_target, request, CreateSnapshotReply, vm_id)
+        return pinned.versions
 
     async def delete_snapshot(self, vm_id: str, snapshot_id: str) -> bool:
         """Delete a snapshot; False when there was none."""
-        detail = await self._ask(
-            self._store_target, DeleteSnapshot(vm_id=vm_id, snapshot_id=snapshot_id), vm_id
-        )
-        return detail.get("deleted") == "true"
+        request = DeleteSnapshot(vm_id=vm_id, snapshot_id=snapshot_id)
+        reply = await self._ask(self._store_target, request, DeleteSnapshotReply, vm_id)
+        return reply.deleted
 
-    async def delete_state(self, vm_id: str, *, reason: str = "") -> dict[str, int]:
+    async def delete_state(self, vm_id: str, *, reason: str = "") -> DeleteStateReply:
         """Delete a stopped VM's stored state, snapshots and data key; returns how many
-        ``tpm_versions``, ``nvram_versions`` and ``snapshots`` were deleted."""
-        detail = await self._ask(self._store_target, DeleteState(vm_id=vm_id, reason=reason), vm_id)
-        return _counts(detail)
+        versions of each kind and how many snapshots were deleted."""
+        request = DeleteState(vm_id=vm_id, reason=reason)
+        return await self._ask(self._store_target, request, DeleteStateReply, vm_id)
 
-    async def disable_tpm(self, vm_id: str, *, reason: str = "") -> dict[str, int]:
+    async def disable_tpm(self, vm_id: str, *, reason: str = "") -> DisableTpmReply:
         """Disable a stopped VM's TPM: its state is deleted (as :meth:`delete_state`) and
         its registration removed; returns what was deleted."""
-        detail = await self._ask(self._policy_target, DisableTpm(vm_id=vm_id, reason=reason), vm_id)
-        return _counts(detail)
+        request = DisableTpm(vm_id=vm_id, reason=reason)
+        return await self._ask(self._policy_target, request, DisableTpmReply, vm_id)
 
-    async def accept_tpm(self, vm_id: str, *, requested_by: str = "") -> dict[str, str]:
-        """Make the VM's newest stored TPM its own (after a reset); the store's detail:
-        ``version`` accepted, and ``reset_version`` when a reset was pending."""
+    async def accept_tpm(self, vm_id: str, *, requested_by: str = "") -> AcceptTpmReply:
+        """Make the VM's newest stored TPM its own (after a reset); returns the ``version``
+        accepted, and ``reset_version`` when a reset was pending."""
         request = AcceptTpm(vm_id=vm_id, requested_by=requested_by)
-        return await self._ask(self._store_target, request, vm_id)
+        return await self._ask(self._store_target, request, AcceptTpmReply, vm_id)
 
     async def list_snapshots(self, vm_id: str) -> list[SnapshotInfo]:
         """The VM's snapshots, oldest first."""
@@ -422,7 +443,8 @@ class KeeperClient:
     ) -> dict[StateKind, int]:
         """Give a VM without state a copy of another's (same TPM, or a fresh one)."""
         request = CloneVm(source_vm_id=source_vm_id, target_vm_id=target_vm_id, tpm=tpm)
-        return _versions(await self._ask(self._store_target, request, target_vm_id))
+        cloned = await self._ask(self._store_target, request, CloneVmReply, target_vm_id)
+        return cloned.versions
 
     async def create_template(self, request: CreateTemplate) -> TemplateView:
         """Create a template from a VM or a spec (see :class:`CreateTemplate`)."""
@@ -436,15 +458,19 @@ class KeeperClient:
         reply = await self._call(self._policy_target, ListTemplates(), TemplatesListed, "templates")
         return reply.templates
 
-    async def delete_template(self, template_id: str) -> dict[str, str]:
-        """Delete a template and its NVRAM copy; policy's detail (``nvram_versions``)."""
+    async def delete_template(self, template_id: str) -> DeleteTemplateReply:
+        """Delete a template and its NVRAM copy; returns how many NVRAM versions went."""
         request = DeleteTemplate(template_id=template_id)
-        return await self._ask(self._policy_target, request, template_id)
+        return await self._ask(self._policy_target, request, DeleteTemplateReply, template_id)
 
-    async def create_vm_from_template(self, request: CreateVmFromTemplate) -> dict[str, str]:
-        """Register a VM from a template through the TPM rules; policy's detail
-        (``tpm_xml``, ``nvram`` = ``copied`` or ``none``)."""
-        return await self._ask(self._policy_target, request, request.vm_id)
+    async def create_vm_from_template(
+        self, request: CreateVmFromTemplate
+    ) -> CreateVmFromTemplateReply:
+        """Register a VM from a template through the TPM rules; returns the approval
+        (``tpm_xml``) and whether the template's NVRAM was copied."""
+        return await self._ask(
+            self._policy_target, request, CreateVmFromTemplateReply, request.vm_id
+        )
 
     async def export_state(self, vm_id: str, passphrase: str) -> bytes:
         """The VM's newest state as a bundle file's bytes (the store's bundle format)."""
@@ -463,15 +489,8 @@ class KeeperClient:
             passphrase=SecretStr(passphrase),
             target_vm_id=target_vm_id,
         )
-        detail = await self._ask(self._store_target, request, target_vm_id or "import")
-        return detail["vm_id"]
-
-
-def _counts(detail: dict[str, str]) -> dict[str, int]:
-    """The numeric facts of a reply's detail."""
-    return {name: int(value) for name, value in detail.items() if value.isdigit()}
-
-
-def _versions(detail: dict[str, str]) -> dict[StateKind, int]:
-    """The per-kind versions in a store reply's detail."""
-    return {kind: int(detail[kind.value]) for kind in StateKind if kind.value in detail}
+        subject = target_vm_id or "import"
+        imported = await self._ask(self._store_target, request, ImportStateReply, subject)
+        if imported.vm_id is None:
+            raise KeeperRequestError("the store imported the bundle without naming the VM")
+        return imported.vm_id

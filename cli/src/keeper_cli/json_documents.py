@@ -17,8 +17,10 @@ from keeper_shared.messages.adoption import VmAdoptionResult
 from keeper_shared.messages.snapshot import SnapshotInfo
 from keeper_shared.messages.state import StateHistory
 
-JSON_SCHEMA_VERSION = 1
-"""Raised when a document changes other than by a new field."""
+JSON_SCHEMA_VERSION = 2
+"""Raised when a document changes other than by a new field. 2: ``vm-restore`` has
+``epoch`` and ``versions`` instead of a ``detail`` map of strings, and ``tpm-acceptance``
+gives its versions as numbers (they were strings)."""
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "error": ("error", "exit_code", "message"),
@@ -71,7 +73,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "certificate_pem",
         "public_area_sha256",
     ),
-    "vm-restore": ("vm_id", "host", "restored", "detail"),
+    "vm-restore": ("vm_id", "host", "restored", "epoch", "versions"),
     "snapshot": ("vm_id", "snapshot_id", "versions"),
     "snapshot-info": tuple(SnapshotInfo.model_fields),
     "snapshot-deletion": ("vm_id", "snapshot_id", "deleted"),
@@ -101,7 +103,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
 
 
 def schema_id(kind: str) -> str:
-    """The ``schema`` value of a document of ``kind``, e.g. ``keeper.vm/v1``."""
+    """The ``schema`` value of a document of ``kind``, e.g. ``keeper.vm/v2``."""
     return f"keeper.{kind}/v{JSON_SCHEMA_VERSION}"
 
 

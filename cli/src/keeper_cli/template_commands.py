@@ -29,6 +29,7 @@ from keeper_cli.options import (
 )
 from keeper_cli.prompts import confirm, progress
 from keeper_cli.running import RESOLVING, connected, resolve, run
+from keeper_shared.messages.replies import CreateVmFromTemplateReply, DeleteTemplateReply
 from keeper_shared.messages.template import CreateTemplate, CreateVmFromTemplate, TemplateView
 from keeper_shared.messages.tpm import Firmware, VmSpec
 
@@ -245,7 +246,7 @@ def delete(
     """Delete a template and its NVRAM copy. VMs made from it keep their own NVRAM. Asks
     first (--yes for automation)."""
 
-    async def work(settings: CliSettings) -> tuple[TemplateView, dict[str, str]]:
+    async def work(settings: CliSettings) -> tuple[TemplateView, DeleteTemplateReply]:
         async with connected(settings, needs=("policy",)) as client:
             found = await find_template(client, template)
             held = " and its NVRAM (the enrolled keys)" if found.nvram else ""
@@ -253,8 +254,8 @@ def delete(
             with progress(f"Deleting the template {found.name}...", quiet=as_json):
                 return found, await client.delete_template(found.template_id)
 
-    found, detail = run(work, follow="`keeper template list`")
-    nvram_versions = int(detail.get("nvram_versions", "0"))
+    found, deleted = run(work, follow="`keeper template list`")
+    nvram_versions = deleted.nvram_versions
     if as_json:
         output.emit_json(
             document(
@@ -308,7 +309,7 @@ def create_vm(
     TPM: a template holds no TPM state."""
     new_vm_id = vm_id or str(uuid.uuid4())
 
-    async def work(settings: CliSettings) -> tuple[TemplateView, dict[str, str]]:
+    async def work(settings: CliSettings) -> tuple[TemplateView, CreateVmFromTemplateReply]:
         async with connected(settings, needs=RESOLVING) as client:
             found = await find_template(client, template)
             request = CreateVmFromTemplate(
@@ -322,8 +323,8 @@ def create_vm(
             with progress(f"Creating {name} from {found.name}...", quiet=as_json):
                 return found, await client.create_vm_from_template(request)
 
-    found, detail = run(work, follow=f"`keeper vm show {new_vm_id}`")
-    nvram = detail.get("nvram", "none")
+    found, created = run(work, follow=f"`keeper vm show {new_vm_id}`")
+    nvram = "copied" if created.nvram_copied else "none"
     if as_json:
         output.emit_json(
             document(
@@ -332,7 +333,7 @@ def create_vm(
                     "vm_id": new_vm_id,
                     "name": name,
                     "template_id": found.template_id,
-                    "tpm_xml": detail.get("tpm_xml", ""),
+                    "tpm_xml": created.tpm_xml or "",
                     "nvram": nvram,
                 },
             )

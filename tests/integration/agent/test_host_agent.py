@@ -46,8 +46,8 @@ from keeper_host_agent.hypervisor.port import LifecycleEvent
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.client import BusClient, Delivery
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, P, new_envelope
+from keeper_shared.messages.replies import PrepareVmReply, StartVmReply
 from keeper_shared.messages.state import FetchState, StateChange, StateChanged
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, TpmSecret
@@ -290,13 +290,13 @@ class Host:
         tpm: StateBlob | None = None,
         nvram: StateBlob | None = None,
         tpm_secret: TpmSecret | None = None,
-    ) -> CommandDone:
+    ) -> PrepareVmReply:
         request = PrepareVm(
             vm_id=VM_ID, name=VM_NAME, epoch=1, tpm=tpm, nvram=nvram, tpm_secret=tpm_secret
         )
         return await self.commands.prepare(envelope(request), DELIVERY)
 
-    async def start(self, *, xml_epoch: int, epoch: int) -> CommandDone:
+    async def start(self, *, xml_epoch: int, epoch: int) -> StartVmReply:
         request = StartVm(vm_id=VM_ID, epoch=epoch, domain_xml=vm_domain_xml(epoch=xml_epoch))
         return await self.commands.start(envelope(request), DELIVERY)
 
@@ -358,7 +358,7 @@ async def test_prepare_writes_the_tpm_state_where_swtpm_reads_it(host: Host) -> 
     blob = tpm_blob(permall)
     done = await host.prepare(tpm=blob, nvram=nvram_blob(nvram))
     assert done.ok, done.error
-    assert done.detail == {"tpm": blob.content_hash, "nvram": content_hash(nvram)}
+    assert (done.tpm_hash, done.nvram_hash) == (blob.content_hash, content_hash(nvram))
 
     permall_path = host.tpm_dir / MAIN_STATE_FILE_NAME
     assert permall_path.read_bytes() == permall
@@ -533,6 +533,7 @@ async def test_undefine_with_wipe_state_removes_tpm_and_nvram(host: Host) -> Non
         envelope(UndefineVm(vm_id=VM_ID, wipe_state=True)), DELIVERY
     )
     assert done.ok, done.error
+    assert done.was_defined
     assert await host.hypervisor.domain(VM_ID) is None
     assert not (host.settings.swtpm_root / VM_ID).exists()
     assert not host.nvram_path.exists()
@@ -544,7 +545,7 @@ async def test_undefine_with_wipe_state_removes_tpm_and_nvram(host: Host) -> Non
         envelope(UndefineVm(vm_id=VM_ID, wipe_state=True)), DELIVERY
     )
     assert again.ok
-    assert again.detail == {"note": "not defined here"}
+    assert not again.was_defined
 
 
 async def test_undefine_without_wipe_keeps_the_local_state(host: Host) -> None:

@@ -31,8 +31,14 @@ import pytest
 from keeper_devtools.swtpm_lab import permall_framing
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.topology import host_command_key
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.commands import ReplyT
 from keeper_shared.messages.host import HostHeartbeat
+from keeper_shared.messages.replies import (
+    PowerOffVmReply,
+    PrepareVmReply,
+    StartVmReply,
+    UndefineVmReply,
+)
 from keeper_shared.messages.state import FetchState, StateChanged, StateFetched
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import FencingToken, StateKind
@@ -187,11 +193,13 @@ async def test_agent_process_serves_commands_and_publishes_events(
     tap = await EventRecorder.start(rabbitmq_url, f"#.{host_id}", name="test/driver events")
     try:
 
-        async def call(payload: PrepareVm | StartVm | PowerOffVm | UndefineVm) -> CommandDone:
+        async def call(
+            payload: PrepareVm | StartVm | PowerOffVm | UndefineVm, reply_type: type[ReplyT]
+        ) -> ReplyT:
             reply = await bus.call(
                 host_command_key(host_id),
                 payload,
-                CommandDone,
+                reply_type,
                 subject=VM_ID,
                 timeout_s=CALL_TIMEOUT_S,
             )
@@ -207,7 +215,7 @@ async def test_agent_process_serves_commands_and_publishes_events(
         nvram_blob = seal_blob(StateKind.NVRAM, nvram, FencingToken(epoch=1, generation=1))
 
         prepared = await call(
-            PrepareVm(vm_id=VM_ID, name=VM_NAME, epoch=2, tpm=tpm, nvram=nvram_blob)
+            PrepareVm(vm_id=VM_ID, name=VM_NAME, epoch=2, tpm=tpm, nvram=nvram_blob), PrepareVmReply
         )
         assert prepared.ok, prepared.error
         tpm_dir = agent_process.swtpm_root / VM_ID / "tpm2"
@@ -220,9 +228,9 @@ async def test_agent_process_serves_commands_and_publishes_events(
             ovmf_code=Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
             ovmf_vars_template=Path("/usr/share/OVMF/OVMF_VARS_4M.fd"),
         )
-        wrong_epoch = await call(StartVm(vm_id=VM_ID, epoch=3, domain_xml=xml))
+        wrong_epoch = await call(StartVm(vm_id=VM_ID, epoch=3, domain_xml=xml), StartVmReply)
         assert not wrong_epoch.ok
-        started = await call(StartVm(vm_id=VM_ID, epoch=2, domain_xml=xml))
+        started = await call(StartVm(vm_id=VM_ID, epoch=2, domain_xml=xml), StartVmReply)
         assert started.ok, started.error
 
         await tap.wait_for(VmStarted, timeout_s=CALL_TIMEOUT_S)
@@ -272,10 +280,10 @@ async def test_agent_process_serves_commands_and_publishes_events(
             content_hash(nvram),
         )
 
-        assert (await call(PowerOffVm(vm_id=VM_ID))).ok
+        assert (await call(PowerOffVm(vm_id=VM_ID), PowerOffVmReply)).ok
         (stopped,) = await tap.wait_for_count(VmStopped, 1, timeout_s=CALL_TIMEOUT_S)
         assert stopped.data.reason is StopReason.DESTROYED
-        assert (await call(UndefineVm(vm_id=VM_ID, wipe_state=True))).ok
+        assert (await call(UndefineVm(vm_id=VM_ID, wipe_state=True), UndefineVmReply)).ok
         await tap.wait_for(VmUndefined, timeout_s=CALL_TIMEOUT_S)
         assert not (agent_process.swtpm_root / VM_ID).exists()
         assert not (agent_process.nvram_dir / f"{VM_NAME}_VARS.fd").exists()

@@ -35,7 +35,7 @@ from keeper_devtools.localstack import (
 )
 from keeper_shared.bus import topology
 from keeper_shared.bus.client import BusClient, Delivery, Route
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.commands import CommandOutcome
 from keeper_shared.messages.envelope import Envelope, Payload
 from support.waiting import wait_until
 
@@ -214,8 +214,13 @@ async def test_a_host_user_replies_through_the_replies_exchange_and_reads_no_oth
 
         message_type: ClassVar[str] = "test.poke"
 
-    async def answer(_envelope: Envelope[_Poke], _delivery: Delivery) -> CommandDone:
-        return CommandDone(ok=True)
+    class _Poked(CommandOutcome):
+        """Its reply."""
+
+        message_type: ClassVar[str] = "test.poke.reply"
+
+    async def answer(_envelope: Envelope[_Poke], _delivery: Delivery) -> _Poked:
+        return _Poked(ok=True)
 
     host = await BusClient.connect(
         _url(node, "host-f", "secret-f"), source="host-agent/host-f", origin="host-f"
@@ -228,7 +233,7 @@ async def test_a_host_user_replies_through_the_replies_exchange_and_reads_no_oth
         reply = await caller.call(
             topology.host_command_key("host-f"),
             _Poke(),
-            CommandDone,
+            _Poked,
             subject="host-f",
             timeout_s=30,
             replier="host-f",
@@ -291,7 +296,7 @@ async def test_the_example_integrator_client_works_with_an_integrator_user(
         assert await policy.stop() == 0
     assert example.returncode == 0, err.decode()
     steps = {line["step"]: line for line in map(json.loads, out.decode().splitlines())}
-    assert steps["tpm.enable"]["reply_type"] == "command.done"
+    assert steps["tpm.enable"]["reply_type"] == "tpm.enable.reply"
     assert steps["event"]["type"] in {"tpm.approved", "tpm.rejected"}
     assert steps["vms.list"]["reply_type"] == "vms.listed"
     assert steps["invalid command"] == {

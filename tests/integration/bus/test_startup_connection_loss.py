@@ -37,9 +37,9 @@ from keeper_shared.bus.topology import (
     event_routing_key,
     host_command_queue,
 )
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.placement import StopMode, StopVm
+from keeper_shared.messages.replies import StopVmReply
 from keeper_shared.messages.state import ListStateHistory, StateHistory
 from support.bus_hygiene import purge_service_queues
 
@@ -221,7 +221,7 @@ async def test_a_policy_replica_comes_up_when_its_connection_is_cut_during_start
         reply = await bus.call(
             POLICY,
             StopVm(vm_id=vm_id, mode=StopMode.POWEROFF),
-            CommandDone,
+            StopVmReply,
             subject=vm_id,
             timeout_s=30,
         )

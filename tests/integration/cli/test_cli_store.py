@@ -400,7 +400,7 @@ async def test_delete_state_says_what_is_lost_asks_and_leaves_only_the_placement
 
     deleted = parsed(await keeper(store, policy_key, "vm", "delete-state", name, "--yes", "--json"))
     assert deleted == {
-        "schema": "keeper.state-deletion/v1",
+        "schema": "keeper.state-deletion/v2",
         "vm_id": vm_id,
         "tpm_disabled": False,
         "deleted": {"tpm_versions": 2, "nvram_versions": 0, "snapshots": 1},

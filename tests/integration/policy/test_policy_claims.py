@@ -17,9 +17,9 @@ from keeper_policy.settings import PolicySettings
 from keeper_policy.storage.scripts import PolicyScripts
 from keeper_policy.storage.vm_registry import PolicyRegistry
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, POLICY_EVENTS, POLICY_HOST_REQUESTS
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
 from keeper_shared.messages.host_requests import ClaimOutcome, ClaimPlacement, PlacementClaimed
+from keeper_shared.messages.replies import EnableTpmReply
 from keeper_shared.messages.tpm import EnableTpm, VmSpec
 from support.memory_bus import MemoryBroker
 from support.redis_db import PrivateDatabase
@@ -69,7 +69,7 @@ async def register(scene: Scene) -> str:
     spec = VmSpec(vm_id=str(uuid.uuid4()), name="win-01", guest_os="windows-11")
     caller = scene.broker.client(source="automation/t", origin="automation")
     done = await caller.call(
-        POLICY, EnableTpm(spec=spec), CommandDone, subject=spec.vm_id, timeout_s=TIMEOUT_S
+        POLICY, EnableTpm(spec=spec), EnableTpmReply, subject=spec.vm_id, timeout_s=TIMEOUT_S
     )
     assert done.data.ok, done.data.error
     return spec.vm_id

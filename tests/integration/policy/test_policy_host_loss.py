@@ -105,7 +105,7 @@ async def test_lost_host_is_fenced_its_vm_restarts_elsewhere_and_it_cleans_up(
 
     # Started elsewhere: a new epoch fences host-a, the state is the last persisted one.
     detail = await stack.client.place(spec.vm_id, host_b)
-    assert detail["epoch"] == "2"
+    assert detail.epoch == 2
     assert stack.hosts["b"].tpm_state_hash(spec.vm_id) == last
     assert await stack.placement(spec.vm_id) == (host_b, 2)
     await stack.events.wait_for(VmPlaced, lambda e: e.vm_id == spec.vm_id and e.host == host_b)
@@ -147,7 +147,7 @@ async def test_lost_host_is_fenced_its_vm_restarts_elsewhere_and_it_cleans_up(
     )
     assert await stack.placement(spec.vm_id) == (host_b, 2)
     stopped = await stack.client.stop_vm(spec.vm_id, StopMode.POWEROFF)
-    assert stopped["retrieved"] == "true"
+    assert stopped.retrieved
     assert not any(b"Traceback" in Path(s.log_path).read_bytes() for s in stack.services.values())
 
 
@@ -192,7 +192,7 @@ async def test_a_start_that_never_reached_its_dead_host_records_no_loss(
 
         # Nothing holds the VM to host-b: it starts on host-a, under the next epoch.
         detail = await stack.client.place(spec.vm_id, stack.host_id("a"))
-        assert detail["epoch"] == "3"
+        assert detail.epoch == 3
         assert not any(
             b"Traceback" in Path(s.log_path).read_bytes() for s in stack.services.values()
         )

@@ -33,10 +33,11 @@ from keeper_shared.bus.topology import (
     host_command_queue,
 )
 from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.commands import ReplyT
 from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.host import HostCapabilities
 from keeper_shared.messages.placement import PlaceVm, StopMode, StopVm
+from keeper_shared.messages.replies import EnableTpmReply, PlaceVmReply, StopVmReply
 from keeper_shared.messages.tpm import EnableTpm, VmSpec
 from keeper_shared.redis_access.keys import hosts_key, placement_key, vm_record_key
 from keeper_shared.redis_access.results import awaited
@@ -110,16 +111,16 @@ class Scene:
     agent: HostAgent
     redis_db: PrivateDatabase
 
-    async def ask(self, payload: Payload, subject: str) -> CommandDone:
+    async def ask(self, payload: Payload, reply_type: type[ReplyT], subject: str) -> ReplyT:
         reply = await self.caller.call(
-            POLICY, payload, CommandDone, subject=subject, timeout_s=TIMEOUT_S
+            POLICY, payload, reply_type, subject=subject, timeout_s=TIMEOUT_S
         )
         return reply.data
 
     async def enable(self) -> VmSpec:
         vm_id = str(uuid.uuid4())
         spec = VmSpec(vm_id=vm_id, name=f"web-{vm_id[:8]}", guest_os="windows-11")
-        done = await self.ask(EnableTpm(spec=spec), vm_id)
+        done = await self.ask(EnableTpm(spec=spec), EnableTpmReply, vm_id)
         assert done.ok, done.error
         return spec
 
@@ -242,10 +243,13 @@ async def test_the_host_defines_exactly_the_managers_domain_and_the_next_start_a
     spec = await scene.enable()
     given = manager_xml(spec.vm_id, spec.name)
 
-    done = await scene.ask(PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=given), spec.vm_id)
+    done = await scene.ask(
+        PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=given), PlaceVmReply, spec.vm_id
+    )
 
     assert done.ok, done.error
-    epoch = int(done.detail["epoch"])
+    epoch = done.epoch
+    assert epoch is not None
     domain = await scene.defined(spec.vm_id)
     assert domain is not None
     manager = ET.fromstring(given)  # noqa: S314 - the test's own literal
@@ -270,23 +274,27 @@ async def test_the_host_defines_exactly_the_managers_domain_and_the_next_start_a
     assert nvram == str(scene.agent.settings.nvram_dir / f"{spec.name}_VARS.fd")
     assert await scene.kept_definition(spec.vm_id) is not None
 
-    repeated = await scene.ask(PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=given), spec.vm_id)
+    repeated = await scene.ask(
+        PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=given), PlaceVmReply, spec.vm_id
+    )
     assert repeated.ok, repeated.error  # a redelivery: already placed
-    assert int(repeated.detail["epoch"]) == epoch
+    assert repeated.epoch == epoch
     two_vcpus = given.replace("<vcpu>4</vcpu>", "<vcpu>2</vcpu>")
     changed = await scene.ask(
-        PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=two_vcpus), spec.vm_id
+        PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=two_vcpus), PlaceVmReply, spec.vm_id
     )
     assert not changed.ok
     assert "under another definition; stop it" in (changed.error or "")
 
-    stopped = await scene.ask(StopVm(vm_id=spec.vm_id, mode=StopMode.POWEROFF), spec.vm_id)
+    stopped = await scene.ask(
+        StopVm(vm_id=spec.vm_id, mode=StopMode.POWEROFF), StopVmReply, spec.vm_id
+    )
     assert stopped.ok, stopped.error
     assert await scene.defined(spec.vm_id) is None
-    again = await scene.ask(PlaceVm(vm_id=spec.vm_id, host=HOST), spec.vm_id)
+    again = await scene.ask(PlaceVm(vm_id=spec.vm_id, host=HOST), PlaceVmReply, spec.vm_id)
 
     assert again.ok, again.error
-    assert int(again.detail["epoch"]) > epoch
+    assert (again.epoch or 0) > epoch
     redefined = await scene.defined(spec.vm_id)
     assert redefined is not None
     assert disks_and_interfaces(redefined) == disks_and_interfaces(manager)
@@ -304,7 +312,7 @@ async def test_a_conflicting_definition_is_refused_with_every_reason_and_changes
     ).replace("<name>", "<name>other-", 1)
 
     refused = await scene.ask(
-        PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=conflicting), spec.vm_id
+        PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=conflicting), PlaceVmReply, spec.vm_id
     )
 
     assert not refused.ok
@@ -318,12 +326,18 @@ async def test_a_conflicting_definition_is_refused_with_every_reason_and_changes
 
     # Started once with its manager's domain and stopped: a conflicting one changes nothing.
     given = manager_xml(spec.vm_id, spec.name)
-    assert (await scene.ask(PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=given), spec.vm_id)).ok
-    assert (await scene.ask(StopVm(vm_id=spec.vm_id, mode=StopMode.POWEROFF), spec.vm_id)).ok
+    assert (
+        await scene.ask(
+            PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=given), PlaceVmReply, spec.vm_id
+        )
+    ).ok
+    assert (
+        await scene.ask(StopVm(vm_id=spec.vm_id, mode=StopMode.POWEROFF), StopVmReply, spec.vm_id)
+    ).ok
     kept, before = await scene.kept_definition(spec.vm_id), await scene.placement(spec.vm_id)
 
     refused = await scene.ask(
-        PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=conflicting), spec.vm_id
+        PlaceVm(vm_id=spec.vm_id, host=HOST, domain_xml=conflicting), PlaceVmReply, spec.vm_id
     )
 
     assert not refused.ok

@@ -23,11 +23,11 @@ from keeper_shared.bus.topology import (
     STATE_STORE,
     QueueSpec,
 )
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
 from keeper_shared.messages.placement import PlaceVm
 from keeper_shared.messages.queries import ListVms, VmsListed
+from keeper_shared.messages.replies import EnableTpmReply, PlaceVmReply
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import EnableTpm, TpmApproved, TpmRejected, VmSpec
 from keeper_shared.messages.tpm_reset import (
@@ -104,10 +104,12 @@ def windows_11(name: str) -> VmSpec:
     return VmSpec(vm_id=str(uuid.uuid4()), name=name, guest_os="windows-11")
 
 
-async def enable(scene: Scene, spec: VmSpec, *, allow_duplicate_name: bool = False) -> CommandDone:
+async def enable(
+    scene: Scene, spec: VmSpec, *, allow_duplicate_name: bool = False
+) -> EnableTpmReply:
     request = EnableTpm(spec=spec, allow_duplicate_name=allow_duplicate_name)
     reply = await scene.caller.call(
-        POLICY, request, CommandDone, subject=spec.vm_id, timeout_s=TIMEOUT_S
+        POLICY, request, EnableTpmReply, subject=spec.vm_id, timeout_s=TIMEOUT_S
     )
     return reply.data
 
@@ -182,7 +184,7 @@ async def test_a_refused_placement_lists_every_reason_and_leaves_the_vm_where_it
     reply = await scene.caller.call(
         POLICY,
         PlaceVm(vm_id=spec.vm_id, host="arm-1"),
-        CommandDone,
+        PlaceVmReply,
         subject=spec.vm_id,
         timeout_s=TIMEOUT_S,
     )
@@ -279,7 +281,7 @@ async def test_a_host_whose_libtpms_cannot_load_the_vms_tpm_state_format_is_refu
         reply = await scene.caller.call(
             POLICY,
             PlaceVm(vm_id=spec.vm_id, host=host),
-            CommandDone,
+            PlaceVmReply,
             subject=spec.vm_id,
             timeout_s=TIMEOUT_S,
         )

@@ -45,8 +45,8 @@ async def test_snapshots_with_memory_live_and_offline(
 
         detail = await stack.client.snapshot(vm_id, "before-upgrade", memory=True)
 
-        assert detail["mode"] == "memory"
-        assert await pinned_hash(stack, vm_id, int(detail["tpm"])) == (
+        assert detail.mode is SnapshotMode.MEMORY
+        assert await pinned_hash(stack, vm_id, detail.versions[StateKind.TPM]) == (
             at_pause,
             ["before-upgrade"],
         )
@@ -69,17 +69,17 @@ async def test_snapshots_with_memory_live_and_offline(
 
         # Live, without memory: the newest persisted state, and how old it is.
         live = await stack.client.snapshot(vm_id, "live-1")
-        assert live["mode"] == "live"
-        assert float(live["persisted_age_s"]) >= 0
-        assert (await pinned_hash(stack, vm_id, int(live["tpm"])))[0] == after
+        assert live.mode is SnapshotMode.LIVE
+        assert (live.persisted_age_s or 0.0) >= 0
+        assert (await pinned_hash(stack, vm_id, live.versions[StateKind.TPM]))[0] == after
 
         # The libvirt snapshot stays; undefine drops its metadata with the domain.
         stopped = await stack.client.stop_vm(vm_id, StopMode.SHUTDOWN)
-        assert stopped["removed"] == "true"
+        assert stopped.removed
 
         # Offline: the stored state.
         offline = await stack.client.snapshot(vm_id, "offline-1")
-        assert offline["mode"] == "offline"
+        assert offline.mode is SnapshotMode.OFFLINE
 
         # Restoring the memory snapshot puts the TPM state of the pause back, elsewhere.
         await stack.client.place(

@@ -41,8 +41,9 @@ from keeper_shared.messages.placement import (
     VmEvicted,
     VmRetired,
 )
+from keeper_shared.messages.replies import ShutdownVmReply
 from keeper_shared.messages.state import StatePersisted
-from keeper_shared.messages.tpm import TpmApproved, VmSpec
+from keeper_shared.messages.tpm import OsTpmSupport, TpmApproved, VmSpec
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import ShutdownVm, StopReason, VmStopped, VmUndefined
 from keeper_shared.redis_access.keys import placement_key, state_head_key
@@ -109,9 +110,9 @@ async def test_shutdown_retrieves_the_final_state_after_the_guest_is_down(
 
     detail = await stack.client.stop_vm(spec.vm_id, StopMode.SHUTDOWN)
 
-    assert detail["retrieved"] == "true"
-    assert detail["removed"] == "true"
-    assert detail["trigger"] == "shutdown"
+    assert detail.retrieved
+    assert detail.removed
+    assert detail.trigger is StopTrigger.SHUTDOWN
     host_a = stack.host_id("a")
     down = await stack.events.wait_for(
         VmStopped,
@@ -134,8 +135,8 @@ async def test_poweroff_retrieves_while_running_then_destroys(stack: PolicyStack
 
     detail = await stack.client.stop_vm(spec.vm_id, StopMode.POWEROFF)
 
-    assert detail["retrieved"] == "true"
-    assert detail["trigger"] == "poweroff"
+    assert detail.retrieved
+    assert detail.trigger is StopTrigger.POWEROFF
     stored = await persisted(stack, spec.vm_id, final)
     destroyed = await stack.events.wait_for(
         VmStopped,
@@ -158,7 +159,9 @@ async def test_guest_shutdown_without_a_stop_request_is_retrieved_before_undefin
 
     # The guest powers itself down: libvirt reports it stopped (shutdown); nobody asked
     # policy for anything.
-    done = await stack.command_host("a", ShutdownVm(vm_id=spec.vm_id, timeout_s=5), spec.vm_id)
+    done = await stack.command_host(
+        "a", ShutdownVm(vm_id=spec.vm_id, timeout_s=5), ShutdownVmReply, spec.vm_id
+    )
     assert done.ok
 
     event = await retired(stack, spec.vm_id)
@@ -222,7 +225,7 @@ async def test_approval_checks_the_cluster_and_records_an_override(stack: Policy
 
     detail = await stack.client.request_tpm(spec, cluster="lab", override=True)
 
-    assert detail["guest_os_support"] == "required"
+    assert detail.guest_os_support is OsTpmSupport.REQUIRED
     approved = await stack.events.wait_for(
         TpmApproved, lambda e: e.vm_id == spec.vm_id, STEP_TIMEOUT_S
     )
@@ -250,9 +253,9 @@ async def test_retrieval_failing_three_times_destroys_anyway_and_records_the_los
     finally:
         stack.signal("a", signal.SIGCONT)
 
-    assert detail["retrieved"] == "false"
-    assert detail["removed"] == "false"
-    assert detail["attempts"] == "3"
+    assert not detail.retrieved
+    assert not detail.removed
+    assert detail.attempts == 3
     # Three retrievals, each ended by the store's 1.5 s fetch bound (policy's own is 2 s),
     # then power-off and undefine, each ended by policy's 3 s host command bound.
     assert 3 * 1.5 + 2 * 3.0 <= took < 3 * 2.0 + 2 * 3.0 + 5
@@ -304,8 +307,9 @@ async def test_disable_tpm_is_refused_while_running_then_deletes_state_and_regis
     _, epoch = await stack.placement(spec.vm_id)
     deleted = await stack.client.disable_tpm(spec.vm_id, reason="decommissioned")
 
-    assert deleted["tpm_versions"] == 1  # the final retrieval found the same content
-    assert deleted["snapshots"] == 0
+    # The final retrieval found the same content.
+    assert deleted.deleted_versions == {StateKind.TPM: 1, StateKind.NVRAM: 0}
+    assert deleted.deleted_snapshots == 0
     gone = await stack.events.wait_for(
         StateDeleted, lambda e: e.vm_id == spec.vm_id, STEP_TIMEOUT_S
     )

@@ -31,6 +31,7 @@ from keeper_cli.views import vm_status
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_policy.storage.keys import workflow_key
 from keeper_shared.messages.placement import StopMode, VmEvicted, VmMigrated, VmPlaced
+from keeper_shared.messages.replies import StartVmReply
 from keeper_shared.messages.state import (
     StateChange,
     StateChanged,
@@ -75,8 +76,8 @@ async def test_a_stop_survives_its_policy_replica_being_killed(
         await stack.services["policy-1"].start()
         detail = await asyncio.wait_for(stopping, STEP_TIMEOUT_S)
 
-        assert detail["retrieved"] == "true"
-        assert int(detail["attempts"]) >= 2  # the killed replica's attempt was counted
+        assert detail.retrieved
+        assert detail.attempts >= 2  # the killed replica's attempt was counted
         await stack.events.wait_for(
             StatePersisted,
             lambda e: e.vm_id == spec.vm_id and e.content_hash == final,
@@ -107,7 +108,7 @@ async def test_live_migration_moves_the_placement_and_fences_the_source(
             ovmf_vars_template=Path("/usr/share/OVMF/OVMF_VARS_4M.fd"),
         )
         started = await stack.command_host(
-            "b", StartVm(vm_id=spec.vm_id, epoch=1, domain_xml=xml), spec.vm_id
+            "b", StartVm(vm_id=spec.vm_id, epoch=1, domain_xml=xml), StartVmReply, spec.vm_id
         )
         assert started.ok, started.error
         await stack.events.wait_for(VmStarted, lambda e: e.vm_id == spec.vm_id and e.host == host_b)
@@ -168,8 +169,8 @@ async def test_live_migration_moves_the_placement_and_fences_the_source(
         assert (stored.data.host, stored.data.token.epoch) == (host_b, 2)
         assert newer != migrated_state
         stopped = await stack.client.stop_vm(spec.vm_id, StopMode.SHUTDOWN)
-        assert stopped["retrieved"] == "true"
-        assert stopped["host"] == host_b
+        assert stopped.retrieved
+        assert stopped.host == host_b
 
 
 async def test_an_older_swtpm_is_refused_unless_overridden(
@@ -206,7 +207,7 @@ async def test_an_older_swtpm_is_refused_unless_overridden(
         assert await stack.placement(spec.vm_id) == ("", 1)  # nothing happened
 
         detail = await stack.client.place(spec.vm_id, host_b, override_version=True)
-        assert "older than swtpm" in detail["version_overridden"]
+        assert "older than swtpm" in (detail.version_overridden or "")
         placed = await stack.events.wait_for(
             VmPlaced, lambda e: e.vm_id == spec.vm_id and e.host == host_b
         )
@@ -242,7 +243,7 @@ async def test_a_placement_survives_its_policy_replica_being_killed(
         await stack.services["policy-1"].start()
         detail = await asyncio.wait_for(placing, STEP_TIMEOUT_S)
 
-        assert detail["epoch"] == "2"  # resumed under the epoch it had, not a third one
+        assert detail.epoch == 2  # resumed under the epoch it had, not a third one
         assert stack.hosts["b"].tpm_state_hash(spec.vm_id) == sealed
         placed = stack.events.matching(VmPlaced, lambda e: e.vm_id == spec.vm_id)
         assert [(e.data.host, e.data.epoch) for e in placed] == [
@@ -251,7 +252,7 @@ async def test_a_placement_survives_its_policy_replica_being_killed(
         ]
         assert not await awaited(stack.redis.exists(workflow_key(spec.vm_id)))
         stopped = await stack.client.stop_vm(spec.vm_id, StopMode.POWEROFF)
-        assert stopped["retrieved"] == "true"
+        assert stopped.retrieved
 
 
 async def test_an_encrypted_tpm_is_not_approved_or_placed_where_libvirt_keeps_no_secrets(
@@ -270,7 +271,7 @@ async def test_an_encrypted_tpm_is_not_approved_or_placed_where_libvirt_keeps_no
         assert stack.host_id("a") in str(refused.value)
 
         approved = await stack.client.request_tpm(spec, override=True)
-        assert "keeps no secrets" in approved["overridden"]
+        assert any("keeps no secrets" in check for check in approved.overridden)
         with pytest.raises(KeeperRequestError, match="libvirt keeps no secrets"):
             await stack.client.place(vm_id, stack.host_id("a"))
 

@@ -30,10 +30,17 @@ from keeper_shared.bus.topology import (
     STATE_STORE_COMMANDS,
     host_command_queue,
 )
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.commands import ReplyT
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
 from keeper_shared.messages.placement import PlaceVm
 from keeper_shared.messages.queries import ListVms, VmsListed
+from keeper_shared.messages.replies import (
+    CreateVmFromTemplateReply,
+    DeleteTemplateReply,
+    EnableTpmReply,
+    PlaceVmReply,
+    RestoreStateReply,
+)
 from keeper_shared.messages.state import FetchState, RestoreState
 from keeper_shared.messages.template import (
     CreateTemplate,
@@ -81,10 +88,12 @@ class Scene:
     redis: Redis
 
     async def ask(
-        self, payload: EnableTpm | CreateVmFromTemplate | DeleteTemplate | PlaceVm
-    ) -> CommandDone:
+        self,
+        payload: EnableTpm | CreateVmFromTemplate | DeleteTemplate | PlaceVm,
+        reply_type: type[ReplyT],
+    ) -> ReplyT:
         reply = await self.caller.call(
-            POLICY, payload, CommandDone, subject="test", timeout_s=TIMEOUT_S
+            POLICY, payload, reply_type, subject="test", timeout_s=TIMEOUT_S
         )
         return reply.data
 
@@ -178,7 +187,7 @@ async def a_vm_that_ran(scene: Scene, name: str) -> tuple[VmSpec, bytes, bytes]:
         memory_mib=4096,
         disks=[disk],
     )
-    assert (await scene.ask(EnableTpm(spec=spec))).ok
+    assert (await scene.ask(EnableTpm(spec=spec), EnableTpmReply)).ok
     await awaited(scene.redis.hset(placement_key(spec.vm_id), mapping={"host": HOST, "epoch": 1}))
     tpm = pack_tpm_state({MAIN_STATE_FILE_NAME: os.urandom(512)})
     nvram = b"enrolled secure boot keys " + os.urandom(64)
@@ -212,18 +221,19 @@ async def test_a_template_from_a_vm_gives_its_vms_its_nvram_and_a_new_tpm(scene:
 
     vm_id = str(uuid.uuid4())
     made = await scene.ask(
-        CreateVmFromTemplate(template_id=template_id, vm_id=vm_id, name="desk-01")
+        CreateVmFromTemplate(template_id=template_id, vm_id=vm_id, name="desk-01"),
+        CreateVmFromTemplateReply,
     )
 
     assert made.ok, made.error
-    assert made.detail["nvram"] == "copied"
-    assert "tpm-crb" in made.detail["tpm_xml"]
+    assert made.nvram_copied
+    assert "tpm-crb" in (made.tpm_xml or "")
     assert vm_id in await scene.vm_ids()
     assert await scene.stored(vm_id) == {StateKind.NVRAM: nvram}
     # What its first start is handed: the template's NVRAM, and no TPM state.
     restore = RestoreState(vm_id=vm_id, name="desk-01", host=HOST, epoch=1)
     started = await scene.caller.call(
-        STATE_STORE, restore, CommandDone, subject=vm_id, timeout_s=TIMEOUT_S
+        STATE_STORE, restore, RestoreStateReply, subject=vm_id, timeout_s=TIMEOUT_S
     )
     assert started.data.ok, started.data.error
     prepare = scene.host.last_prepared(vm_id)
@@ -240,7 +250,7 @@ async def test_a_template_cannot_be_placed(scene: Scene) -> None:
     assert created.template is not None
     assert not created.template.nvram
 
-    refused = await scene.ask(PlaceVm(vm_id=template_id, host=HOST))
+    refused = await scene.ask(PlaceVm(vm_id=template_id, host=HOST), PlaceVmReply)
 
     assert not refused.ok
     assert refused.error is not None
@@ -258,11 +268,12 @@ async def test_a_vm_from_a_spec_template_has_nothing_stored_and_its_own_spec(
     vm_id = str(uuid.uuid4())
 
     made = await scene.ask(
-        CreateVmFromTemplate(template_id=template_id, vm_id=vm_id, name="web-01")
+        CreateVmFromTemplate(template_id=template_id, vm_id=vm_id, name="web-01"),
+        CreateVmFromTemplateReply,
     )
 
     assert made.ok, made.error
-    assert made.detail["nvram"] == "none"
+    assert not made.nvram_copied
     assert await scene.stored(vm_id) == {}  # the firmware's own NVRAM, a new TPM
 
 
@@ -278,7 +289,8 @@ async def test_a_rejected_vm_keeps_no_copy_of_the_templates_nvram(scene: Scene) 
 
     # No live host in that cluster runs swtpm: the approval rules refuse.
     refused = await scene.ask(
-        CreateVmFromTemplate(template_id=template_id, vm_id=vm_id, name="d2", cluster="empty")
+        CreateVmFromTemplate(template_id=template_id, vm_id=vm_id, name="d2", cluster="empty"),
+        CreateVmFromTemplateReply,
     )
 
     assert not refused.ok
@@ -288,7 +300,7 @@ async def test_a_rejected_vm_keeps_no_copy_of_the_templates_nvram(scene: Scene) 
 
 async def test_a_template_needs_its_vms_nvram_and_a_name_of_its_own(scene: Scene) -> None:
     never_ran = VmSpec(vm_id=str(uuid.uuid4()), name="fresh", guest_os="windows-11")
-    assert (await scene.ask(EnableTpm(spec=never_ran))).ok
+    assert (await scene.ask(EnableTpm(spec=never_ran), EnableTpmReply)).ok
     template_id = str(uuid.uuid4())
 
     refused = await scene.create_template(
@@ -317,17 +329,20 @@ async def test_deleting_a_template_removes_its_nvram_not_its_vms(scene: Scene) -
         CreateTemplate(template_id=template_id, name="win11-base", from_vm_id=source.vm_id)
     )
     vm_id = str(uuid.uuid4())
-    made = await scene.ask(CreateVmFromTemplate(template_id=template_id, vm_id=vm_id, name="d1"))
+    made = await scene.ask(
+        CreateVmFromTemplate(template_id=template_id, vm_id=vm_id, name="d1"),
+        CreateVmFromTemplateReply,
+    )
     assert made.ok, made.error
 
-    deleted = await scene.ask(DeleteTemplate(template_id=template_id))
+    deleted = await scene.ask(DeleteTemplate(template_id=template_id), DeleteTemplateReply)
 
     assert deleted.ok, deleted.error
-    assert deleted.detail["nvram_versions"] == "1"
+    assert deleted.nvram_versions == 1
     assert await scene.templates() == []
     assert await scene.stored(template_id) == {}
     assert await scene.stored(vm_id) == {StateKind.NVRAM: nvram}
-    again = await scene.ask(DeleteTemplate(template_id=template_id))
+    again = await scene.ask(DeleteTemplate(template_id=template_id), DeleteTemplateReply)
     assert not again.ok
     assert again.error is not None
     assert "no template" in again.error

@@ -22,6 +22,7 @@ import pytest
 import pytest_asyncio
 
 from keeper_cli.client import KeeperRequestError
+from keeper_shared.messages.replies import RestoreStateReply
 from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import state_flags_key
@@ -61,7 +62,7 @@ async def write_versions(store: Store, vm_id: str, count: int, *, epoch: int = 1
     return contents
 
 
-async def restore(store: Store, vm_id: str, **choice: object) -> dict[str, str]:
+async def restore(store: Store, vm_id: str, **choice: object) -> RestoreStateReply:
     return await store.client.restore_state(
         vm_id,
         name=VM_NAME,
@@ -117,14 +118,14 @@ async def test_restore_sends_newest_by_default_and_a_chosen_version_when_asked(
 
     detail = await restore(store, vm_id)
     assert prepared_content(store.host.last_prepared(vm_id), StateKind.TPM) == contents[2]
-    assert detail["tpm_version"] == "3"
+    assert detail.versions[StateKind.TPM] == 3
 
     detail = await restore(store, vm_id, versions={StateKind.TPM: 2}, allow_older=True)
     prepare = store.host.last_prepared(vm_id)
     assert prepared_content(prepare, StateKind.TPM) == contents[1]
     assert prepare.tpm is not None
     assert prepare.tpm.token == FencingToken(epoch=1, generation=2)
-    assert detail["tpm_version"] == "2"
+    assert detail.versions[StateKind.TPM] == 2
 
     # Naming the newest version explicitly is not a rollback.
     await restore(store, vm_id, versions={StateKind.TPM: 3})

@@ -18,9 +18,9 @@ from keeper_shared.bus.topology import (
     STATE_STORE,
     QueueSpec,
 )
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host_requests import NewestState, ReadNewestState
+from keeper_shared.messages.replies import RetrieveStateReply
 from keeper_shared.messages.state import (
     RetrieveState,
     StatePersisted,
@@ -153,12 +153,12 @@ async def test_the_placement_host_gets_the_newest_verified_state_and_no_other_ho
     assert forged.tpm is None
 
 
-async def retrieve(scene: Scene) -> CommandDone:
+async def retrieve(scene: Scene) -> RetrieveStateReply:
     caller = scene.broker.client(source="policy/t", origin="policy")
     reply = await caller.call(
         STATE_STORE,
         RetrieveState(vm_id=scene.vm_id, host=HOST),
-        CommandDone,
+        RetrieveStateReply,
         subject=scene.vm_id,
         timeout_s=TIMEOUT_S,
     )
@@ -171,7 +171,7 @@ async def test_a_retrieval_is_done_when_the_hosts_newest_state_is_stored(scene: 
     done = await retrieve(scene)
 
     assert done.ok, done.error
-    assert done.detail == {"tpm": "1"}
+    assert done.versions == {StateKind.TPM: 1}
 
 
 async def test_a_vm_the_host_does_not_hold_is_not_retrieved(scene: Scene) -> None:

@@ -14,6 +14,7 @@ import uuid
 import pytest
 from pydantic import SecretBytes
 
+from keeper_shared.messages.replies import RestoreStateReply
 from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import FencingToken, StateKind, TpmSecret
 from keeper_shared.redis_access.keys import tpm_secret_key
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 PASSPHRASE = "export passphrase 7c1d"
 
 
-async def _restore(store: Store, vm_id: str, epoch: int, *, encrypt: bool) -> dict[str, str]:
+async def _restore(store: Store, vm_id: str, epoch: int, *, encrypt: bool) -> RestoreStateReply:
     return await store.client.restore_state(
         vm_id, name="enc-vm", host=store.host.host_id, epoch=epoch, encrypt_tpm_state=encrypt
     )
@@ -50,7 +51,7 @@ async def test_an_encrypted_vm_gets_one_secret_made_once_and_sent_every_time(
     assert prepared.tpm is None  # a new VM: swtpm manufactures its TPM, encrypted
     secret = prepared.tpm_secret
     assert secret is not None
-    assert first["tpm_secret_uuid"] == secret.uuid
+    assert first.tpm_secret_uuid == secret.uuid
     value = secret.value.get_secret_value()
     assert len(value) >= 32
     stored = await _stored_record(store, vm_id)
@@ -60,7 +61,7 @@ async def test_an_encrypted_vm_gets_one_secret_made_once_and_sent_every_time(
     second = await _restore(store, vm_id, 2, encrypt=True)
     again = store.host.last_prepared(vm_id).tpm_secret
     assert again == secret
-    assert second["tpm_secret_uuid"] == secret.uuid
+    assert second.tpm_secret_uuid == secret.uuid
     assert await _stored_record(store, vm_id) == stored
 
 
@@ -71,7 +72,7 @@ async def test_a_vm_without_encryption_gets_no_secret(store: Store) -> None:
     detail = await _restore(store, vm_id, 1, encrypt=False)
 
     assert store.host.last_prepared(vm_id).tpm_secret is None
-    assert "tpm_secret_uuid" not in detail
+    assert detail.tpm_secret_uuid is None
     assert await store.redis.get(tpm_secret_key(vm_id)) is None
 
 
@@ -94,7 +95,7 @@ async def test_a_secret_the_host_read_is_kept_and_sent_with_the_state(store: Sto
     prepared = store.host.last_prepared(vm_id)
     assert prepared.tpm is not None
     assert prepared.tpm_secret == foreign
-    assert detail["tpm_secret_uuid"] == foreign.uuid
+    assert detail.tpm_secret_uuid == foreign.uuid
 
     # Pulled again unchanged: nothing rewritten.
     await store.pull(vm_id)

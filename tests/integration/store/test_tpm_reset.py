@@ -36,9 +36,9 @@ from keeper_shared.libtpms import (
     installed_libtpms_version,
     release_of,
 )
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, Payload
 from keeper_shared.messages.host_requests import NewestState, ReadNewestState
+from keeper_shared.messages.replies import AcceptTpmReply, RestoreStateReply
 from keeper_shared.messages.state import RestoreState, StatePersisted
 from keeper_shared.messages.tpm_reset import (
     AcceptTpm,
@@ -211,11 +211,11 @@ class Scene:
         assert reply.data.tpm is not None
         return reply.data.versions[StateKind.TPM], open_blob(reply.data.tpm)
 
-    async def accept(self) -> CommandDone:
+    async def accept(self) -> AcceptTpmReply:
         reply = await self.client.call(
             STATE_STORE,
             AcceptTpm(vm_id=self.vm_id, requested_by="test"),
-            CommandDone,
+            AcceptTpmReply,
             subject=self.vm_id,
             timeout_s=TIMEOUT_S,
         )
@@ -280,7 +280,7 @@ async def test_a_blank_tpm_is_flagged_at_once_and_the_own_one_stays_the_one_hand
 
     done = await scene.accept()
     assert done.ok
-    assert done.detail == {"version": "4", "reset_version": "3"}
+    assert (done.version, done.reset_version) == (4, 3)
     (cleared,) = scene.cleared()
     assert (cleared.how, cleared.version, cleared.reset_version) == (ResetClearing.ACCEPTED, 4, 3)
     assert await scene.newest_tpm() == (4, other[1]), "accepted: the newest is handed out"
@@ -329,7 +329,7 @@ async def test_the_own_tpm_persisted_again_ends_the_reset(
     assert await scene.newest_tpm() == (back, own[1])
     done = await scene.accept()
     assert done.ok
-    assert "reset_version" not in done.detail
+    assert done.reset_version is None
 
 
 async def test_the_own_tpm_is_never_trimmed_while_a_reset_is_pending(
@@ -382,16 +382,16 @@ async def test_a_restore_hands_out_the_own_tpm_and_refuses_the_unaccepted_one(
     await scene.persist(tpm_states.own[0])
     await scene.persist(tpm_states.other[0])
 
-    async def restore(**options: object) -> CommandDone:
+    async def restore(**options: object) -> RestoreStateReply:
         request = RestoreState(vm_id=scene.vm_id, name="vm", host=HOST, epoch=1, **options)  # type: ignore[arg-type]
         reply = await scene.client.call(
-            STATE_STORE, request, CommandDone, subject=scene.vm_id, timeout_s=TIMEOUT_S
+            STATE_STORE, request, RestoreStateReply, subject=scene.vm_id, timeout_s=TIMEOUT_S
         )
         return reply.data
 
     done = await restore()
     assert done.ok
-    assert done.detail["tpm_version"] == "1"
+    assert done.versions[StateKind.TPM] == 1
     assert open_blob(scene.host.last_prepared(scene.vm_id).tpm) == tpm_states.own[0]  # type: ignore[arg-type]
     refused = await restore(versions={StateKind.TPM: 2})
     assert not refused.ok

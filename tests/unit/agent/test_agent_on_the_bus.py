@@ -16,8 +16,8 @@ from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.bus.topology import POLICY_EVENTS, host_command_key, host_command_queue
 from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.replies import SetPlacementEpochReply
 from keeper_shared.messages.state import FetchState, StateFetched
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped
@@ -94,7 +94,7 @@ async def test_policy_sets_the_placement_epoch_over_the_bus(
     reply = await policy.call(
         host_command_key(HOST),
         SetPlacementEpoch(vm_id=vm_id, epoch=3),
-        CommandDone,
+        SetPlacementEpochReply,
         subject=vm_id,
         timeout_s=10,
         replier=HOST,

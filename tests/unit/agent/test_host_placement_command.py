@@ -10,8 +10,8 @@ from keeper_host_agent.commands.placement import PlacementCommands, epoch_in
 from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_shared.bus.client import Delivery
 from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import new_envelope
+from keeper_shared.messages.replies import SetPlacementEpochReply
 from keeper_shared.messages.vm_control import SetPlacementEpoch
 from support.fake_hypervisor import FakeDomain, FakeHypervisor
 
@@ -28,7 +28,7 @@ class Refreshes:
         self.vm_ids.append(vm_id)
 
 
-async def set_epoch(commands: PlacementCommands, vm_id: str, epoch: int) -> CommandDone:
+async def set_epoch(commands: PlacementCommands, vm_id: str, epoch: int) -> SetPlacementEpochReply:
     envelope = new_envelope(SetPlacementEpoch(vm_id=vm_id, epoch=epoch), source="t", subject=vm_id)
     return await commands.set_epoch(envelope, DELIVERY)
 
@@ -47,7 +47,7 @@ async def test_a_domain_without_an_epoch_takes_one_and_is_re_read() -> None:
     done = await set_epoch(commands, vm_id, 4)
 
     assert done.ok, done.error
-    assert done.detail == {"epoch": "4", "previous": "0"}
+    assert (done.epoch, done.previous_epoch) == (4, 0)
     assert stored_epoch(fake, vm_id) == 4
     assert refreshes.vm_ids == [vm_id]
 
@@ -63,7 +63,7 @@ async def test_the_epoch_only_moves_forward_and_a_repeat_writes_nothing() -> Non
     older = await set_epoch(commands, vm_id, 1)
 
     assert repeat.ok
-    assert repeat.detail == {"epoch": "2", "previous": "2"}
+    assert (repeat.epoch, repeat.previous_epoch) == (2, 2)
     assert not older.ok
     assert older.error == "domain runs under epoch 2, newer than 1"
     assert stored_epoch(fake, vm_id) == 2

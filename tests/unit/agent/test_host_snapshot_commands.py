@@ -42,7 +42,7 @@ async def test_a_running_domain_is_paused_snapshotted_and_resumed_once_each() ->
     resumed = await commands.resume(envelope(ResumeVm(vm_id=vm_id)), DELIVERY)
 
     assert [paused.ok, taken.ok, resumed.ok] == [True, True, True]
-    assert [done.detail for done in (paused, taken, resumed)] == [{"changed": "true"}] * 3
+    assert [done.changed for done in (paused, taken, resumed)] == [True] * 3
     domain = fake.domains[vm_id]
     assert domain.snapshots == [SNAPSHOT]
     assert not domain.paused
@@ -69,7 +69,7 @@ async def test_each_repeat_succeeds_without_doing_anything() -> None:
     ]
 
     assert all(done.ok for done in repeats)
-    assert [done.detail for done in repeats] == [{"changed": "false"}] * 4
+    assert [done.changed for done in repeats] == [False] * 4
     acted = [operation for operation, _ in fake.calls]
     for operation in ("suspend", "create_snapshot", "resume", "delete_snapshot"):
         assert acted.count(operation) == 1, operation

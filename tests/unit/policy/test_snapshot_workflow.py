@@ -13,11 +13,14 @@ from keeper_policy.snapshot.workflow import SnapshotRunner, new_memory_snapshot
 from keeper_policy.stop.plan import StopBounds
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
 from keeper_shared.bus.client import BusClient
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.commands import ReplyT
 from keeper_shared.messages.envelope import Payload
-from keeper_shared.messages.vm_snapshot import VmSnapshotted
+from keeper_shared.messages.replies import CreateSnapshotReply, RetrieveStateReply, SnapshotVmReply
+from keeper_shared.messages.types import StateKind
+from keeper_shared.messages.vm_snapshot import SnapshotMode, VmSnapshotted
 
 VM_ID = "6b2f7e0a-3c1d-4d6e-9a8b-1c2d3e4f5a6b"
+PINNED = {StateKind.TPM: 3, StateKind.NVRAM: 2}
 BOUNDS = StopBounds(retrieve_attempts=3, retrieve_timeout_s=1.0, host_command_timeout_s=1.0)
 
 
@@ -30,24 +33,36 @@ class ScriptedGateway(Gateway):
         self.sent: list[str] = []
         self.published: list[Payload] = []
 
-    def _answer(self, kind: str) -> CommandDone:
+    def _answer(self, kind: str, reply_type: type[ReplyT]) -> ReplyT:
         self.sent.append(kind)
         if kind in self.failing:
-            return CommandDone(ok=False, error=f"{kind} refused")
-        return CommandDone(ok=True, detail={"tpm": "3", "nvram": "2"})
+            return reply_type.failed(f"{kind} refused")
+        if reply_type is CreateSnapshotReply:
+            return reply_type.model_validate({"ok": True, "versions": PINNED})
+        return reply_type(ok=True)
 
     async def host(
-        self, host: str, payload: Payload, vm_id: str, timeout_s: float | None = None
-    ) -> CommandDone:
-        return self._answer(payload.message_type)
+        self,
+        host: str,
+        payload: Payload,
+        reply_type: type[ReplyT],
+        vm_id: str,
+        timeout_s: float | None = None,
+    ) -> ReplyT:
+        return self._answer(payload.message_type, reply_type)
 
     async def call(
-        self, target: str, payload: Payload, vm_id: str, timeout_s: float
-    ) -> CommandDone:
-        return self._answer(payload.message_type)
+        self,
+        target: str,
+        payload: Payload,
+        reply_type: type[ReplyT],
+        vm_id: str,
+        timeout_s: float,
+    ) -> ReplyT:
+        return self._answer(payload.message_type, reply_type)
 
-    async def retrieve(self, vm_id: str, host: str) -> CommandDone:
-        return self._answer("state.retrieve")
+    async def retrieve(self, vm_id: str, host: str) -> RetrieveStateReply:
+        return self._answer("state.retrieve", RetrieveStateReply)
 
     async def publish(self, payload: Payload, subject: str) -> None:
         self.published.append(payload)
@@ -77,7 +92,8 @@ async def test_state_is_retrieved_and_pinned_while_paused() -> None:
     result = await run(gateway)
     assert result.ok
     assert gateway.sent == [PAUSE, RETRIEVE, PIN, SNAPSHOT, RESUME]
-    assert result.detail == {"mode": "memory", "tpm": "3", "nvram": "2"}
+    reply = result.reply(SnapshotVmReply)
+    assert (reply.mode, reply.versions) == (SnapshotMode.MEMORY, PINNED)
     (event,) = gateway.published
     assert isinstance(event, VmSnapshotted)
 
@@ -97,8 +113,9 @@ async def test_every_failure_still_resumes_the_vm(
 ) -> None:
     gateway = ScriptedGateway(failing=failing)
     result = await run(gateway)
-    assert not result.ok
-    assert result.error is not None
-    assert error in result.error
+    reply = result.reply(SnapshotVmReply)
+    assert not reply.ok
+    assert reply.error is not None
+    assert error in reply.error
     assert gateway.sent == sent
     assert gateway.published == []

@@ -12,7 +12,7 @@ from pydantic import Field
 from keeper_shared.bus.client import CommandRejectedError, Delivery, Route
 from keeper_shared.bus.senders import only_from
 from keeper_shared.bus.topology import QueueSpec
-from keeper_shared.messages.commands import CommandDone, RejectionCode
+from keeper_shared.messages.commands import CommandOutcome, RejectionCode
 from keeper_shared.messages.envelope import Envelope, Payload
 from support.memory_bus import MemoryBroker
 
@@ -27,10 +27,16 @@ class Undefine(Payload):
     vm: str = Field(description="Which VM.")
 
 
+class Undefined(CommandOutcome):
+    """The test command's reply."""
+
+    message_type = "test.undefine.reply"
+
+
 async def serve(broker: MemoryBroker, allowed: list[str], handled: list[str]) -> None:
-    async def undefine(envelope: Envelope[Any], delivery: Delivery) -> CommandDone:
+    async def undefine(envelope: Envelope[Any], delivery: Delivery) -> Undefined:
         handled.append(envelope.data.vm)
-        return CommandDone(ok=True)
+        return Undefined(ok=True)
 
     agent = broker.client(source="host-agent/test", origin="host-test")
     await agent.consume(COMMANDS, only_from(allowed, [Route(Undefine, undefine)]), prefetch=1)
@@ -41,7 +47,7 @@ async def test_a_command_from_an_allowed_user_is_carried_out() -> None:
     await serve(broker, ["keeper-policy", "keeper-store"], handled)
     policy = broker.client(source="policy/1", origin="policy", user_id="keeper-policy")
 
-    reply = await policy.call("host.test", Undefine(vm="a"), CommandDone, subject="a", timeout_s=5)
+    reply = await policy.call("host.test", Undefine(vm="a"), Undefined, subject="a", timeout_s=5)
 
     assert reply.data.ok
     assert handled == ["a"]
@@ -53,7 +59,7 @@ async def test_another_users_command_is_rejected_as_forbidden_and_dead_lettered(
     integrator = broker.client(source="integrator/x", origin="auto-1", user_id="auto-1")
 
     with pytest.raises(CommandRejectedError) as rejected:
-        await integrator.call("host.test", Undefine(vm="a"), CommandDone, subject="a", timeout_s=5)
+        await integrator.call("host.test", Undefine(vm="a"), Undefined, subject="a", timeout_s=5)
 
     assert rejected.value.code is RejectionCode.FORBIDDEN
     assert "auto-1" in rejected.value.reason
@@ -67,7 +73,7 @@ async def test_no_allowed_users_checks_nothing() -> None:
     await serve(broker, [], handled)
     anyone = broker.client(source="cli/x", origin="client", user_id="guest")
 
-    reply = await anyone.call("host.test", Undefine(vm="b"), CommandDone, subject="b", timeout_s=5)
+    reply = await anyone.call("host.test", Undefine(vm="b"), Undefined, subject="b", timeout_s=5)
 
     assert reply.data.ok
     assert handled == ["b"]

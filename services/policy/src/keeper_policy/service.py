@@ -24,12 +24,18 @@ from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.libtpms import StateProfile
 from keeper_shared.messages.adoption import AdoptVm, VmAdoptionResult, VmDiscovered
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DisableTpm, StateDeleted
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.host_requests import ClaimPlacement, PlacementClaimed
 from keeper_shared.messages.placement import PlaceVm, StopVm
+from keeper_shared.messages.replies import (
+    DisableTpmReply,
+    EnableTpmReply,
+    PlaceVmReply,
+    SnapshotVmReply,
+    StopVmReply,
+)
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded
 from keeper_shared.messages.tpm_reset import ResetFoundBy, TpmReset, TpmResetCleared
@@ -122,17 +128,19 @@ class PolicyService:
         await self._background.cancel_all()
         await self._engine.close()
 
-    async def on_enable_tpm(self, envelope: Envelope[EnableTpm], delivery: Delivery) -> CommandDone:
+    async def on_enable_tpm(
+        self, envelope: Envelope[EnableTpm], delivery: Delivery
+    ) -> EnableTpmReply:
         """Approve or reject a TPM; an approval registers the VM."""
         return await self._approver.enable(envelope, delivery.user_id)
 
     async def on_disable_tpm(
         self, envelope: Envelope[DisableTpm], delivery: Delivery
-    ) -> CommandDone:
+    ) -> DisableTpmReply:
         """Delete a stopped VM's stored state and its registration."""
         return await self._disabler.disable(envelope.data, delivery.user_id)
 
-    async def on_place(self, envelope: Envelope[PlaceVm], delivery: Delivery) -> CommandDone:
+    async def on_place(self, envelope: Envelope[PlaceVm], delivery: Delivery) -> PlaceVmReply:
         """New epoch, state put in place on the host by the store, then start."""
         return await self._placer.place(envelope.data)
 
@@ -142,11 +150,13 @@ class PolicyService:
         """A VM manager is starting the VM on the requesting host: place it there."""
         return await self._claims.claim(envelope.data, delivery.user_id)
 
-    async def on_stop(self, envelope: Envelope[StopVm], delivery: Delivery) -> CommandDone:
+    async def on_stop(self, envelope: Envelope[StopVm], delivery: Delivery) -> StopVmReply:
         """Stop a VM keeping its final state, or join the stop already running."""
         return await self._stopper.stop(envelope.data)
 
-    async def on_snapshot(self, envelope: Envelope[SnapshotVm], delivery: Delivery) -> CommandDone:
+    async def on_snapshot(
+        self, envelope: Envelope[SnapshotVm], delivery: Delivery
+    ) -> SnapshotVmReply:
         """Snapshot a VM: a pin of its stored state, or (with memory) pause, retrieve, pin,
         libvirt snapshot, resume."""
         return await self._snapshots.snapshot(envelope.data)

@@ -1,24 +1,40 @@
-"""The reply every command gets when it has nothing richer to return, and the one it gets
-when its receiver could not take it at all."""
+"""What every command's reply has in common, and the reply a command gets when its receiver
+could not take it at all. Each command's own reply (its typed facts) is in
+:mod:`keeper_shared.messages.replies`."""
 
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Literal, Self, TypeVar
 
 from pydantic import Field
 
 from keeper_shared.messages.envelope import Payload
 
 
-class CommandDone(Payload):
-    """Outcome of a command: done, or refused/failed with a reason safe to log."""
-
-    message_type = "command.done"
+class CommandOutcome(Payload):
+    """Base of the replies of commands that are carried out or refused: done, or not with a
+    reason safe to log. Each subclass is one command's reply and names its own type; a
+    refused or failed command's reply carries only ``ok``, ``error`` and ``timed_out`` (its
+    other fields keep their defaults)."""
 
     ok: bool = Field(description="True when the command was carried out.")
-    error: str | None = Field(default=None, description="Why not, when ok is False.")
-    detail: dict[str, str] = Field(default_factory=dict, description="Small facts worth showing.")
+    error: str | None = Field(default=None, description="Why not, when ok is false.")
+    timed_out: bool = Field(
+        default=False,
+        description="True when ok is false because a service this command was relayed to "
+        "(a host, the store) did not answer in time: what it was asked may still happen "
+        "until the command's deadline, so look before asking again.",
+    )
+
+    @classmethod
+    def failed(cls, error: str, *, timed_out: bool = False) -> Self:
+        """This reply saying the command was refused or failed, and why."""
+        return cls(ok=False, error=error, timed_out=timed_out)
+
+
+ReplyT = TypeVar("ReplyT", bound=CommandOutcome)
+"""Any command's reply, for code that answers or relays several commands alike."""
 
 
 class RejectionCode(enum.StrEnum):

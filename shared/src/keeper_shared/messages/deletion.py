@@ -22,8 +22,8 @@ class DeleteState(Payload):
     its snapshots, its TPM secret and its data key (the ciphertext of any copy left
     elsewhere, e.g. in a Redis backup, cannot be opened without that key).
 
-    Replied with ``CommandDone``; its detail has ``tpm_versions``, ``nvram_versions`` and
-    ``snapshots`` (how many were deleted). Deleting a VM without state is not an error."""
+    Replied with ``DeleteStateReply``: how many versions of each kind and how many
+    snapshots were deleted. Deleting a VM without state is not an error."""
 
     message_type = "state.delete"
 
@@ -54,7 +54,7 @@ class DisableTpm(Payload):
     deleted (as :class:`DeleteState`) and its registration removed; enabling it again
     starts with a new, empty TPM.
 
-    Replied with ``CommandDone`` carrying the store's deletion detail."""
+    Replied with ``DisableTpmReply``, the store's deletion counts."""
 
     message_type = "tpm.disable"
 

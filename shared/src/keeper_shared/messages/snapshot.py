@@ -23,7 +23,7 @@ SnapshotId = Annotated[str, Field(pattern=SNAPSHOT_ID_PATTERN)]
 class CreateSnapshot(Payload):
     """Command to the store: pin the newest stored version of each kind under a name.
 
-    Replied with ``CommandDone`` whose detail maps each pinned kind to its version. Creating
+    Replied with ``CreateSnapshotReply``: each pinned kind's version. Creating
     the same snapshot again is a no-op while the newest versions are still the pinned ones,
     and refused once they differ (a name stands for one set of versions)."""
 
@@ -36,7 +36,7 @@ class CreateSnapshot(Payload):
 class DeleteSnapshot(Payload):
     """Command to the store: drop a snapshot and unpin the versions no other snapshot uses.
 
-    Replied with ``CommandDone``; detail ``deleted`` is ``false`` when there was no such
+    Replied with ``DeleteSnapshotReply``; ``deleted`` is false when there was no such
     snapshot (a repeated delete is not an error)."""
 
     message_type = "snapshot.delete"

@@ -150,7 +150,7 @@ class StateWriteRefused(Payload):
 class RetrieveState(Payload):
     """Command to the store: pull this VM's current state from its host now and persist it.
 
-    Replied with ``CommandDone`` whose detail maps each kind to its newest stored version."""
+    Replied with ``RetrieveStateReply``: the newest stored version of each kind."""
 
     message_type = "state.retrieve"
 
@@ -163,7 +163,8 @@ class RestoreState(Payload):
 
     By default the newest version of each kind; ``versions`` or ``snapshot_id`` choose
     others. Every version sent is decrypted, decompressed and hash-checked first. Replied
-    with the host's ``CommandDone``, or the store's own when it refuses."""
+    with ``RestoreStateReply`` (the versions sent, the TPM secret's UUID), or its failure:
+    the host's refusal, or the store's own."""
 
     message_type = "state.restore"
     schema_version = 2
@@ -188,7 +189,7 @@ class RestoreState(Payload):
         default=False,
         description="The VM's TPM state is to be encrypted: the store creates the VM's "
         "libvirt secret if it holds none yet. A secret the store holds is sent either way; "
-        "its UUID is in the reply's detail as `tpm_secret_uuid`.",
+        "its UUID is the reply's `tpm_secret_uuid`.",
     )
 
     @model_validator(mode="after")

@@ -89,7 +89,7 @@ class TemplatesListed(Payload):
 
 class DeleteTemplate(Payload):
     """Command to policy: delete a template and its NVRAM copy in the store. VMs made from
-    it keep their own NVRAM. Replied with ``CommandDone``; deleting an unknown template is
+    it keep their own NVRAM. Replied with ``DeleteTemplateReply``; deleting an unknown template is
     refused, so a typo does not read as a deletion."""
 
     message_type = "template.delete"
@@ -100,8 +100,8 @@ class DeleteTemplate(Payload):
 class CreateVmFromTemplate(Payload):
     """Command to policy: register a new VM from a template through the TPM approval rules
     (as ``tpm.enable``); the store gives it the template's NVRAM, and its TPM is made anew
-    on its first start. Replied with ``CommandDone`` as ``tpm.enable`` is, with detail
-    ``nvram`` = ``copied`` or ``none``."""
+    on its first start. Replied with ``CreateVmFromTemplateReply``: the approval as
+    ``tpm.enable``'s reply has it, and whether the template's NVRAM was copied."""
 
     message_type = "vm.create-from-template"
 

@@ -111,8 +111,8 @@ class AcceptTpm(Payload):
     """Command to the store: the VM's newest stored TPM is its own from now on (after a
     reset: a new TPM the guest was re-provisioned for). Older versions stay in the history.
 
-    Replied with ``CommandDone``; detail ``version`` (the accepted one) and, when a reset
-    was pending, ``reset_version``. Refused when the VM has no stored TPM. Idempotent."""
+    Replied with ``AcceptTpmReply``: ``version`` (the accepted one) and, when a reset was
+    pending, ``reset_version``. Refused when the VM has no stored TPM. Idempotent."""
 
     message_type = "state.tpm.accept"
 

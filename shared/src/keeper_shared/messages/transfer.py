@@ -45,7 +45,7 @@ class CloneVm(Payload):
     """Command to the store: give a VM without stored state a copy of another VM's state.
 
     The copy is re-encrypted under the target's data key and bound to the target's id.
-    Replied with ``CommandDone`` whose detail maps each stored kind to its version; refused
+    Replied with ``CloneVmReply``: each stored kind's version; refused
     when the target already has stored state (a repeat of the same clone is a no-op)."""
 
     message_type = "vm.clone"
@@ -83,7 +83,7 @@ class ImportState(Payload):
     """Command to the store: verify a bundle completely, then store its state for a VM that
     has none.
 
-    Replied with ``CommandDone``: detail ``vm_id`` and each stored kind's version."""
+    Replied with ``ImportStateReply``: ``vm_id`` and each stored kind's version."""
 
     message_type = "state.import"
 

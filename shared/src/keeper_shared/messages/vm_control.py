@@ -15,7 +15,8 @@ class SetPlacementEpoch(Payload):
     """Command to a host: record this placement epoch in the running domain's metadata, so
     the state it announces from now on carries it. Never lowers an epoch.
 
-    Replied with ``CommandDone``; asking for the epoch the domain already has is a no-op."""
+    Replied with ``SetPlacementEpochReply``; asking for the epoch the domain already has is
+    a no-op."""
 
     message_type = "vm.set-epoch"
 
@@ -25,7 +26,7 @@ class SetPlacementEpoch(Payload):
 
 class SuspendVm(Payload):
     """Command to a host: pause the running domain (libvirt suspend); a paused domain stays
-    paused. Replied with ``CommandDone``."""
+    paused. Replied with ``SuspendVmReply``."""
 
     message_type = "vm.suspend"
 
@@ -34,7 +35,7 @@ class SuspendVm(Payload):
 
 class ResumeVm(Payload):
     """Command to a host: let a paused domain run again; a running one is left alone.
-    Replied with ``CommandDone``."""
+    Replied with ``ResumeVmReply``."""
 
     message_type = "vm.resume"
 
@@ -44,7 +45,7 @@ class ResumeVm(Payload):
 class SnapshotDomain(Payload):
     """Command to a host: take a libvirt snapshot of the domain as it is (with its memory
     when it runs or is paused). Taking one that exists is a no-op. Replied with
-    ``CommandDone``."""
+    ``SnapshotDomainReply``."""
 
     message_type = "vm.snapshot-domain"
 
@@ -57,7 +58,8 @@ class SnapshotDomain(Payload):
 
 class DeleteDomainSnapshot(Payload):
     """Command to a host: delete a libvirt snapshot of the domain (its metadata and data);
-    deleting one that does not exist is a no-op. Replied with ``CommandDone``."""
+    deleting one that does not exist is a no-op. Replied with
+    ``DeleteDomainSnapshotReply``."""
 
     message_type = "vm.snapshot-domain-delete"
 

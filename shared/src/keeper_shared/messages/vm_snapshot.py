@@ -28,8 +28,8 @@ class SnapshotVm(Payload):
     """Command to policy: snapshot this VM. Restoring is a ``vm.place`` with the
     ``snapshot_id`` (and ``allow_older``), which restores the pinned TPM and NVRAM.
 
-    Replied with ``CommandDone``: detail ``mode``, the pinned version per kind, and for a
-    live snapshot ``persisted_age_s``."""
+    Replied with ``SnapshotVmReply``: ``mode``, the pinned version per kind, and for a live
+    snapshot ``persisted_age_s``."""
 
     message_type = "vm.snapshot"
 

@@ -19,8 +19,8 @@ from keeper_host_agent.hypervisor.errors import HypervisorError
 from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_shared.bus.client import Delivery
 from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.replies import SetPlacementEpochReply
 from keeper_shared.messages.vm_control import SetPlacementEpoch
 
 log = structlog.get_logger(__name__)
@@ -67,7 +67,7 @@ class PlacementCommands:
 
     async def set_epoch(
         self, envelope: Envelope[SetPlacementEpoch], _delivery: Delivery
-    ) -> CommandDone:
+    ) -> SetPlacementEpochReply:
         """Take the new epoch; the state is re-announced under it."""
         request = envelope.data
         try:
@@ -76,10 +76,10 @@ class PlacementCommands:
             log.warning(
                 "epoch not taken", vm_id=request.vm_id, epoch=request.epoch, reason=str(error)
             )
-            return CommandDone(ok=False, error=str(error))
+            return SetPlacementEpochReply.failed(str(error))
         if previous != request.epoch:
             await self._refresh(request.vm_id)
             log.info(
                 "placement epoch taken", vm_id=request.vm_id, epoch=request.epoch, previous=previous
             )
-        return CommandDone(ok=True, detail={"epoch": str(request.epoch), "previous": str(previous)})
+        return SetPlacementEpochReply(ok=True, epoch=request.epoch, previous_epoch=previous)

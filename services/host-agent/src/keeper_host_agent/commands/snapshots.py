@@ -11,14 +11,21 @@ one that does not all succeed without doing anything.
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from typing import TypeVar
 
 import structlog
 
 from keeper_host_agent.hypervisor.errors import HypervisorError
 from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_shared.bus.client import Delivery
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.replies import (
+    DeleteDomainSnapshotReply,
+    DomainChangeReply,
+    ResumeVmReply,
+    SnapshotDomainReply,
+    SuspendVmReply,
+)
 from keeper_shared.messages.vm_control import (
     DeleteDomainSnapshot,
     ResumeVm,
@@ -27,6 +34,8 @@ from keeper_shared.messages.vm_control import (
 )
 
 log = structlog.get_logger(__name__)
+
+ChangeT = TypeVar("ChangeT", bound=DomainChangeReply)
 
 
 async def suspend(hypervisor: Hypervisor, vm_id: str) -> bool:
@@ -69,28 +78,30 @@ class SnapshotCommands:
     def __init__(self, hypervisor: Hypervisor) -> None:
         self._hypervisor = hypervisor
 
-    async def _run(self, action: str, vm_id: str, call: Awaitable[bool]) -> CommandDone:
+    async def _run(
+        self, action: str, vm_id: str, call: Awaitable[bool], reply: type[ChangeT]
+    ) -> ChangeT:
         try:
             changed = await call
         except HypervisorError as error:
             log.warning(f"{action} failed", vm_id=vm_id, reason=str(error))
-            return CommandDone(ok=False, error=str(error))
+            return reply.failed(str(error))
         log.info(f"{action} done", vm_id=vm_id, changed=changed)
-        return CommandDone(ok=True, detail={"changed": str(changed).lower()})
+        return reply(ok=True, changed=changed)
 
-    async def suspend(self, envelope: Envelope[SuspendVm], _delivery: Delivery) -> CommandDone:
+    async def suspend(self, envelope: Envelope[SuspendVm], _delivery: Delivery) -> SuspendVmReply:
         """Pause the domain."""
         vm_id = envelope.data.vm_id
-        return await self._run("suspend", vm_id, suspend(self._hypervisor, vm_id))
+        return await self._run("suspend", vm_id, suspend(self._hypervisor, vm_id), SuspendVmReply)
 
-    async def resume(self, envelope: Envelope[ResumeVm], _delivery: Delivery) -> CommandDone:
+    async def resume(self, envelope: Envelope[ResumeVm], _delivery: Delivery) -> ResumeVmReply:
         """Resume the domain."""
         vm_id = envelope.data.vm_id
-        return await self._run("resume", vm_id, resume(self._hypervisor, vm_id))
+        return await self._run("resume", vm_id, resume(self._hypervisor, vm_id), ResumeVmReply)
 
     async def snapshot(
         self, envelope: Envelope[SnapshotDomain], _delivery: Delivery
-    ) -> CommandDone:
+    ) -> SnapshotDomainReply:
         """Take the libvirt snapshot."""
         request = envelope.data
         return await self._run(
@@ -99,15 +110,17 @@ class SnapshotCommands:
             take_snapshot(
                 self._hypervisor, request.vm_id, request.snapshot_id, request.description
             ),
+            SnapshotDomainReply,
         )
 
     async def delete_snapshot(
         self, envelope: Envelope[DeleteDomainSnapshot], _delivery: Delivery
-    ) -> CommandDone:
+    ) -> DeleteDomainSnapshotReply:
         """Delete a libvirt snapshot."""
         request = envelope.data
         return await self._run(
             "domain snapshot delete",
             request.vm_id,
             delete_snapshot(self._hypervisor, request.vm_id, request.snapshot_id),
+            DeleteDomainSnapshotReply,
         )

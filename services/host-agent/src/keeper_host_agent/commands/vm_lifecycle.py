@@ -16,8 +16,15 @@ from keeper_host_agent.hypervisor.errors import HypervisorError
 from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.client import Delivery
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.commands import ReplyT
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.replies import (
+    PowerOffVmReply,
+    PrepareVmReply,
+    ShutdownVmReply,
+    StartVmReply,
+    UndefineVmReply,
+)
 from keeper_shared.messages.state import FetchedVmState, FetchState, StateFetched
 from keeper_shared.messages.types import StateKind, TpmSecret
 from keeper_shared.messages.vm import PowerOffVm, PrepareVm, ShutdownVm, StartVm, UndefineVm
@@ -70,14 +77,14 @@ class HostCommands:
             log.info("TPM secret not shipped", vm_id=vm_id, reason=str(error))
             return None
 
-    async def prepare(self, envelope: Envelope[PrepareVm], _delivery: Delivery) -> CommandDone:
+    async def prepare(self, envelope: Envelope[PrepareVm], _delivery: Delivery) -> PrepareVmReply:
         """Write the given state into place, verified, before the VM starts here."""
         request = envelope.data
         existing = await self._hypervisor.domain(request.vm_id)
         if existing is not None and existing.active:
-            return CommandDone(ok=False, error="VM is running on this host; refusing to overwrite")
+            return PrepareVmReply.failed("VM is running on this host; refusing to overwrite")
         nvram_path = self._settings.nvram_dir / f"{request.name}_VARS.fd"
-        written: dict[str, str] = {}
+        tpm_hash = nvram_hash = secret_uuid = None
         try:
             # Verify everything before writing anything, so a bad NVRAM cannot leave a
             # half-prepared VM with a new TPM and an old NVRAM.
@@ -95,7 +102,7 @@ class HostCommands:
                         vm_id=request.vm_id,
                         tpm_secret_id=request.tpm_secret.uuid,
                     )
-                written["tpm_secret_uuid"] = request.tpm_secret.uuid
+                secret_uuid = request.tpm_secret.uuid
             if tpm_files is not None:
                 await asyncio.to_thread(
                     write_tpm_state,
@@ -104,17 +111,24 @@ class HostCommands:
                     tpm_files,
                     self._owner,
                 )
-                written[StateKind.TPM.value] = request.tpm.content_hash if request.tpm else ""
+                tpm_hash = request.tpm.content_hash if request.tpm else None
             if nvram is not None:
                 await asyncio.to_thread(write_nvram, nvram_path, nvram, self._owner)
-                written[StateKind.NVRAM.value] = request.nvram.content_hash if request.nvram else ""
+                nvram_hash = request.nvram.content_hash if request.nvram else None
         except (BlobFormatError, UnsafeStateWriteError, ValueError, HypervisorError) as error:
             log.warning("prepare refused", vm_id=request.vm_id, reason=str(error))
-            return CommandDone(ok=False, error=str(error))
-        log.info("prepared", vm_id=request.vm_id, epoch=request.epoch, written=sorted(written))
-        return CommandDone(ok=True, detail=written)
+            return PrepareVmReply.failed(str(error))
+        written = [
+            kind
+            for kind, digest in ((StateKind.TPM, tpm_hash), (StateKind.NVRAM, nvram_hash))
+            if digest
+        ]
+        log.info("prepared", vm_id=request.vm_id, epoch=request.epoch, written=written)
+        return PrepareVmReply(
+            ok=True, tpm_hash=tpm_hash, nvram_hash=nvram_hash, tpm_secret_uuid=secret_uuid
+        )
 
-    async def start(self, envelope: Envelope[StartVm], _delivery: Delivery) -> CommandDone:
+    async def start(self, envelope: Envelope[StartVm], _delivery: Delivery) -> StartVmReply:
         """Define the domain from the given XML and start it."""
         request = envelope.data
         try:
@@ -123,25 +137,39 @@ class HostCommands:
                 xml, swtpm_root=self._settings.swtpm_root, nvram_dir=self._settings.nvram_dir
             )
         except (DomainXmlError, SyntaxError) as error:
-            return CommandDone(ok=False, error=f"unusable domain XML: {error}")
+            return StartVmReply.failed(f"unusable domain XML: {error}")
         if domain is None or domain.vm_id != request.vm_id or domain.epoch != request.epoch:
-            return CommandDone(ok=False, error="domain XML does not match the VM id and epoch")
-        return await self._run("start", request.vm_id, self._hypervisor.define_and_start(xml))
+            return StartVmReply.failed("domain XML does not match the VM id and epoch")
+        return await self._run(
+            "start", request.vm_id, self._hypervisor.define_and_start(xml), StartVmReply
+        )
 
-    async def shutdown(self, envelope: Envelope[ShutdownVm], _delivery: Delivery) -> CommandDone:
+    async def shutdown(
+        self, envelope: Envelope[ShutdownVm], _delivery: Delivery
+    ) -> ShutdownVmReply:
         """Ask the guest to shut down; reply when the domain is off."""
         request = envelope.data
         return await self._run(
-            "shutdown", request.vm_id, self._hypervisor.shutdown(request.vm_id, request.timeout_s)
+            "shutdown",
+            request.vm_id,
+            self._hypervisor.shutdown(request.vm_id, request.timeout_s),
+            ShutdownVmReply,
         )
 
-    async def power_off(self, envelope: Envelope[PowerOffVm], _delivery: Delivery) -> CommandDone:
+    async def power_off(
+        self, envelope: Envelope[PowerOffVm], _delivery: Delivery
+    ) -> PowerOffVmReply:
         """Stop the domain at once."""
         return await self._run(
-            "power-off", envelope.data.vm_id, self._hypervisor.power_off(envelope.data.vm_id)
+            "power-off",
+            envelope.data.vm_id,
+            self._hypervisor.power_off(envelope.data.vm_id),
+            PowerOffVmReply,
         )
 
-    async def undefine(self, envelope: Envelope[UndefineVm], _delivery: Delivery) -> CommandDone:
+    async def undefine(
+        self, envelope: Envelope[UndefineVm], _delivery: Delivery
+    ) -> UndefineVmReply:
         """Remove the domain, and with ``wipe_state`` its local TPM and NVRAM."""
         request = envelope.data
         snapshot = await self._hypervisor.domain(request.vm_id)
@@ -149,7 +177,7 @@ class HostCommands:
             if request.wipe_state:
                 # A prepare whose start never happened may have left the secret behind.
                 await self._remove_secret(request.vm_id)
-            return CommandDone(ok=True, detail={"note": "not defined here"})
+            return UndefineVmReply(ok=True, was_defined=False)
         location = parse_domain(
             snapshot.xml, swtpm_root=self._settings.swtpm_root, nvram_dir=self._settings.nvram_dir
         )
@@ -157,6 +185,7 @@ class HostCommands:
             "undefine",
             request.vm_id,
             self._hypervisor.undefine(request.vm_id, keep_state=not request.wipe_state),
+            UndefineVmReply,
         )
         if result.ok:
             self._tracker.untrack(request.vm_id)
@@ -169,6 +198,7 @@ class HostCommands:
                 )
                 log.info("local state wiped", vm_id=request.vm_id, removed=len(removed))
                 await self._remove_secret(request.vm_id)
+            return UndefineVmReply(ok=True, was_defined=True)
         return result
 
     async def _remove_secret(self, vm_id: str) -> None:
@@ -183,11 +213,13 @@ class HostCommands:
         if removed:
             log.info("TPM secret removed", vm_id=vm_id)
 
-    async def _run(self, action: str, vm_id: str, operation: Awaitable[None]) -> CommandDone:
+    async def _run(
+        self, action: str, vm_id: str, operation: Awaitable[None], reply: type[ReplyT]
+    ) -> ReplyT:
         try:
             await operation
         except HypervisorError as error:
             log.warning(f"{action} failed", vm_id=vm_id, reason=str(error))
-            return CommandDone(ok=False, error=str(error))
+            return reply.failed(str(error))
         log.info(f"{action} done", vm_id=vm_id)
-        return CommandDone(ok=True)
+        return reply(ok=True)

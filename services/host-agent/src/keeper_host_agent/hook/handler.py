@@ -41,7 +41,6 @@ from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.client import BusClient, CallError
 from keeper_shared.bus.topology import POLICY, STATE_STORE
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import MessageError
 from keeper_shared.messages.host_requests import (
     ClaimOutcome,
@@ -50,6 +49,7 @@ from keeper_shared.messages.host_requests import (
     PlacementClaimed,
     ReadNewestState,
 )
+from keeper_shared.messages.replies import RetrieveStateReply
 from keeper_shared.messages.state import RetrieveState
 from keeper_shared.messages.types import StateKind
 from keeper_shared.state_format.blobs import open_blob
@@ -250,7 +250,7 @@ class HookHandler:
             reply = await self._bus.call(
                 STATE_STORE,
                 RetrieveState(vm_id=vm_id, host=self._settings.host_id),
-                CommandDone,
+                RetrieveStateReply,
                 subject=vm_id,
                 timeout_s=self._settings.hook_stop_timeout_s,
                 host_request=True,
@@ -262,7 +262,7 @@ class HookHandler:
         if not reply.data.ok:
             log.warning("final state not stored", vm_id=vm_id, reason=reply.data.error, took_s=took)
             return HookReply(ok=True, message=f"final state not stored: {reply.data.error}")
-        log.info("final state stored", vm_id=vm_id, versions=reply.data.detail, took_s=took)
+        log.info("final state stored", vm_id=vm_id, versions=reply.data.versions, took_s=took)
         return HookReply(ok=True, message="final state stored")
 
 

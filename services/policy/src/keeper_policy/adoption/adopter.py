@@ -34,6 +34,7 @@ from keeper_policy.storage.vm_registry import (
 from keeper_policy.tpm.rules import ClusterView, Overrides, decide_tpm
 from keeper_shared.messages.adoption import AdoptVm, VmAdopted, VmAdoptionResult, VmDiscovered
 from keeper_shared.messages.host import HostHeartbeat
+from keeper_shared.messages.replies import SetPlacementEpochReply
 from keeper_shared.messages.vm import VmStarted, VmUndefined
 from keeper_shared.messages.vm_control import SetPlacementEpoch
 
@@ -253,7 +254,9 @@ class Adopter:
         await self._tell_epoch(vm_id, host, epoch)
 
     async def _tell_epoch(self, vm_id: str, host: str, epoch: int) -> None:
-        result = await self._gateway.host(host, SetPlacementEpoch(vm_id=vm_id, epoch=epoch), vm_id)
+        result = await self._gateway.host(
+            host, SetPlacementEpoch(vm_id=vm_id, epoch=epoch), SetPlacementEpochReply, vm_id
+        )
         if not result.ok:
             log.warning(
                 "host not told the adopted VM's epoch yet; retried on its heartbeat",

@@ -19,6 +19,7 @@ from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.storage.vm_registry import PolicyRegistry
 from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.placement import VmEvicted, VmMigrated
+from keeper_shared.messages.replies import SetPlacementEpochReply
 from keeper_shared.messages.vm import VmStarted, VmStopped
 from keeper_shared.messages.vm_control import SetPlacementEpoch
 
@@ -110,7 +111,7 @@ class MigrationTracker:
         self._telling.add((vm_id, epoch))
         try:
             result = await self._gateway.host(
-                host, SetPlacementEpoch(vm_id=vm_id, epoch=epoch), vm_id
+                host, SetPlacementEpoch(vm_id=vm_id, epoch=epoch), SetPlacementEpochReply, vm_id
             )
         finally:
             self._telling.discard((vm_id, epoch))

@@ -29,8 +29,8 @@ from keeper_policy.templates.records import TemplateRecords
 from keeper_policy.templates.spec import start_refusal
 from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowStore
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.placement import PlaceVm
+from keeper_shared.messages.replies import PlaceVmReply
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +59,7 @@ class Placer:
         heartbeats to confirm a start, and slack for the writes in between."""
         return 3 * self._settings.host_command_timeout_s + 30.0
 
-    async def place(self, request: PlaceVm) -> CommandDone:
+    async def place(self, request: PlaceVm) -> PlaceVmReply:
         """Check, then run (or join) the placement workflow; a refusal says why."""
         vm_id, host = request.vm_id, request.host
         running = await self._workflows.load(vm_id)
@@ -67,8 +67,8 @@ class Placer:
             if running.kind == PLACE and running.host == host:
                 log.info("joining the placement in progress", vm_id=vm_id, step=running.step)
                 return await self._finish(running)
-            return CommandDone(
-                ok=False, error=f"a {running.kind} of this VM is in progress on {running.host}"
+            return PlaceVmReply.failed(
+                f"a {running.kind} of this VM is in progress on {running.host}"
             )
         try:
             vm = await self._registry.vm(vm_id)
@@ -76,8 +76,8 @@ class Placer:
             template = await self._templates.template(vm_id)
             if template is not None:
                 log.info("refused to place a template", template_id=vm_id, host=host)
-                return CommandDone(ok=False, error=start_refusal(template))
-            return CommandDone(ok=False, error=str(error))
+                return PlaceVmReply.failed(start_refusal(template))
+            return PlaceVmReply.failed(str(error))
         now = time.time()
         target = await self._hosts.host(host)
         refusals = target_problems(
@@ -88,13 +88,12 @@ class Placer:
             refusals += domain.reasons
         if vm.host == host and not refusals:
             if domain is not None and domain.xml != vm.domain_xml:
-                return CommandDone(
-                    ok=False,
-                    error=f"the VM already runs on {host} under another definition; stop it "
-                    "to start it with this one",
+                return PlaceVmReply.failed(
+                    f"the VM already runs on {host} under another definition; stop it "
+                    "to start it with this one"
                 )
             # A repeated request: the VM already runs there (invariant 8).
-            return CommandDone(ok=True, detail={"epoch": str(vm.epoch), "note": "already placed"})
+            return PlaceVmReply(ok=True, epoch=vm.epoch, already_placed=True)
         current = await self._hosts.host(vm.host) if vm.host else None
         moving = check_current_placement(vm.host, current, host)
         if moving is not None:
@@ -123,7 +122,7 @@ class Placer:
             # Nothing has changed yet: the VM stays where it was, and every reason is given
             # so the operator fixes them all at once.
             log.info("placement refused", vm_id=vm_id, host=host, reasons=refusals)
-            return CommandDone(ok=False, error="; ".join(refusals))
+            return PlaceVmReply.failed("; ".join(refusals))
         record, created = await self._engine.start(
             new_place(
                 request,
@@ -137,17 +136,17 @@ class Placer:
             )
         )
         if not created and (record.kind != PLACE or record.host != host):
-            return CommandDone(
-                ok=False, error=f"a {record.kind} of this VM is in progress on {record.host}"
+            return PlaceVmReply.failed(
+                f"a {record.kind} of this VM is in progress on {record.host}"
             )
         return await self._finish(record)
 
-    async def _finish(self, record: WorkflowRecord) -> CommandDone:
+    async def _finish(self, record: WorkflowRecord) -> PlaceVmReply:
         timeout = max(1.0, record.deadline - time.time()) + 2 * self._settings.workflow_lease_s
         result = await self._engine.run_to_end(record, timeout)
         if result is None:
-            return CommandDone(ok=False, error="the placement is still in progress; ask again")
-        return CommandDone(ok=result.ok, error=result.error, detail=result.detail)
+            return PlaceVmReply.failed("the placement is still in progress; ask again")
+        return result.reply(PlaceVmReply)
 
 
 def manager_domain(request: PlaceVm, vm: VmRecord) -> DomainCheck | None:

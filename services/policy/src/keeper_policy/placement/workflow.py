@@ -27,6 +27,7 @@ import json
 import time
 
 import structlog
+from pydantic import ValidationError
 
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.registry import HostRegistry
@@ -42,8 +43,9 @@ from keeper_policy.storage.vm_registry import (
 from keeper_policy.workflows.engine import LeaseLostError, SaveProgress, StepOutcome
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
 from keeper_shared.bus.topology import STATE_STORE
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.commands import CommandOutcome
 from keeper_shared.messages.placement import PlaceVm, VmPlaced
+from keeper_shared.messages.replies import PlaceVmReply, RestoreStateReply, StartVmReply
 from keeper_shared.messages.state import RestoreState
 from keeper_shared.messages.vm import StartVm
 
@@ -170,6 +172,7 @@ class PlaceRunner:
                 allow_older=request.allow_older,
                 encrypt_tpm_state=vm.spec.encrypt_tpm_state,
             ),
+            RestoreStateReply,
             record.vm_id,
             self._settings.host_command_timeout_s,
         )
@@ -177,14 +180,14 @@ class PlaceRunner:
             error = f"prepare on {record.host} failed: {restore.error}"
             return record.advanced(step=PlaceStep.UNDO.value, data=_failure(error, restore))
         return record.advanced(
-            step=PlaceStep.START.value, attempts=0, data={"restored": json.dumps(restore.detail)}
+            step=PlaceStep.START.value, attempts=0, data={"restored": restore.model_dump_json()}
         )
 
     async def _start(self, record: WorkflowRecord, epoch: int) -> WorkflowRecord:
         vm = await self._registry.vm(record.vm_id)
         # The store names the secret it put on the host with the state: the domain's TPM
         # must name the same one, or swtpm cannot read (or would not encrypt) its state.
-        secret_uuid = json.loads(record.data.get("restored", "{}")).get("tpm_secret_uuid")
+        secret_uuid = _restored(record).tpm_secret_uuid
         started = await self._gateway.host(
             record.host,
             StartVm(
@@ -192,11 +195,12 @@ class PlaceRunner:
                 epoch=epoch,
                 domain_xml=self._domain_xml(record, vm, epoch, secret_uuid),
             ),
+            StartVmReply,
             record.vm_id,
         )
         # A start repeated after a crash is refused by a host that already runs the domain,
         # and a start that timed out may yet have happened: the host's report decides.
-        unsure = record.attempts > 1 or started.detail.get("timeout") == "true"
+        unsure = record.attempts > 1 or started.timed_out
         if started.ok or (unsure and await self._running_there(record, epoch)):
             return record.advanced(step=PlaceStep.RECORD.value, attempts=0)
         error = f"start on {record.host} failed: {started.error}"
@@ -243,12 +247,18 @@ class PlaceRunner:
         if error:
             # A step that got no answer in time is told as such: the requester (the CLI
             # exits 6) knows a host may yet have acted on it.
-            timed_out = {"timeout": "true"} if record.data.get("timed_out") == "true" else {}
-            return WorkflowResult(ok=False, error=error, detail=timed_out)
-        detail = {"epoch": record.data["epoch"], **json.loads(record.data.get("restored", "{}"))}
-        if record.data["version_overridden"]:
-            detail["version_overridden"] = record.data["version_overridden"]
-        return WorkflowResult(ok=True, detail=detail)
+            timed_out = record.data.get("timed_out") == "true"
+            return WorkflowResult.of(PlaceVmReply.failed(error, timed_out=timed_out))
+        restored = _restored(record)
+        return WorkflowResult.of(
+            PlaceVmReply(
+                ok=True,
+                epoch=int(record.data["epoch"]),
+                versions=restored.versions,
+                tpm_secret_uuid=restored.tpm_secret_uuid,
+                version_overridden=record.data["version_overridden"] or None,
+            )
+        )
 
     async def _running_there(self, record: WorkflowRecord, epoch: int) -> bool:
         """Whether the host reports the VM under ``epoch`` in a heartbeat sent after the
@@ -290,7 +300,20 @@ class PlaceRunner:
         )
 
 
-def _failure(error: str, reply: CommandDone) -> dict[str, str]:
+def _failure(error: str, reply: CommandOutcome) -> dict[str, str]:
     """What a failed step records for the result: why, and whether it was a time-out."""
-    timed_out = reply.detail.get("timeout") == "true"
-    return {"error": error, "timed_out": "true" if timed_out else ""}
+    return {"error": error, "timed_out": "true" if reply.timed_out else ""}
+
+
+def _restored(record: WorkflowRecord) -> RestoreStateReply:
+    """What the restore step put on the host (nothing yet before it)."""
+    saved = record.data.get("restored")
+    if not saved:
+        return RestoreStateReply(ok=True)
+    try:
+        return RestoreStateReply.model_validate_json(saved)
+    except ValidationError:
+        # Saved by a replica of the previous version (a string map), which an upgrade may
+        # leave mid-placement: only the secret matters to the steps still to come.
+        old = json.loads(saved)
+        return RestoreStateReply(ok=True, tpm_secret_uuid=old.get("tpm_secret_uuid"))

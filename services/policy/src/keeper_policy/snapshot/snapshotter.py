@@ -13,9 +13,8 @@ from keeper_policy.stop.plan import StopBounds
 from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError
 from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_shared.bus.topology import STATE_STORE
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.replies import CreateSnapshotReply, SnapshotVmReply
 from keeper_shared.messages.snapshot import CreateSnapshot
-from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm_snapshot import SnapshotMode, SnapshotVm, VmSnapshotted
 from keeper_shared.observability import metrics
 
@@ -39,18 +38,18 @@ class Snapshotter:
         self._bounds = bounds
         self._lease_s = lease_s
 
-    async def snapshot(self, request: SnapshotVm) -> CommandDone:
+    async def snapshot(self, request: SnapshotVm) -> SnapshotVmReply:
         """Pin (offline, live) or run the memory workflow; a refusal says why."""
         vm_id = request.vm_id
         running = await self._engine.current(vm_id)
         if running is not None and not (
             running.kind == SNAPSHOT and running.data.get("snapshot_id") == request.snapshot_id
         ):
-            return CommandDone(ok=False, error=f"a {running.kind} of this VM is in progress")
+            return SnapshotVmReply.failed(f"a {running.kind} of this VM is in progress")
         try:
             vm = await self._registry.vm(vm_id)
         except UnknownVmError as error:
-            return CommandDone(ok=False, error=str(error))
+            return SnapshotVmReply.failed(str(error))
         if running is None and (vm.host is None or not request.memory):
             return await self._pin(request, vm.host, vm.last_persisted_at)
         record = running
@@ -62,22 +61,25 @@ class Snapshotter:
         timeout = max(1.0, record.deadline - time.time()) + 2 * self._lease_s
         result = await self._engine.run_to_end(record, timeout)
         if result is None:
-            return CommandDone(ok=False, error="the snapshot is still in progress; ask again")
-        return CommandDone(ok=result.ok, error=result.error, detail=result.detail)
+            return SnapshotVmReply.failed("the snapshot is still in progress; ask again")
+        return result.reply(SnapshotVmReply)
 
     async def _pin(
         self, request: SnapshotVm, host: str | None, persisted_at: float | None
-    ) -> CommandDone:
+    ) -> SnapshotVmReply:
         mode = SnapshotMode.OFFLINE if host is None else SnapshotMode.LIVE
         pinned = await self._gateway.call(
             STATE_STORE,
             CreateSnapshot(vm_id=request.vm_id, snapshot_id=request.snapshot_id),
+            CreateSnapshotReply,
             request.vm_id,
             self._gateway.host_timeout_s,
         )
         if not pinned.ok:
-            return pinned
-        versions = {StateKind(k): int(v) for k, v in pinned.detail.items() if k in set(StateKind)}
+            return SnapshotVmReply.failed(
+                pinned.error or "the store gave no reason", timed_out=pinned.timed_out
+            )
+        versions = pinned.versions
         # A live snapshot takes what was persisted; say how far it may trail the running TPM.
         age = time.time() - persisted_at if mode is SnapshotMode.LIVE and persisted_at else None
         await self._gateway.publish(
@@ -92,8 +94,6 @@ class Snapshotter:
             request.vm_id,
         )
         log.info("snapshot pinned", vm_id=request.vm_id, mode=mode.value, persisted_age_s=age)
-        detail = {"mode": mode.value, **{k.value: str(v) for k, v in versions.items()}}
         if age is not None:
-            detail["persisted_age_s"] = f"{age:.3f}"
             metrics.RECOVERY_POINT_AGE_SECONDS.observe(age)
-        return CommandDone(ok=True, detail=detail)
+        return SnapshotVmReply(ok=True, mode=mode, versions=versions, persisted_age_s=age)

@@ -22,6 +22,14 @@ from keeper_policy.stop.plan import StopBounds, may_retrieve
 from keeper_policy.workflows.engine import LeaseLostError, SaveProgress, StepOutcome
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
 from keeper_shared.bus.topology import STATE_STORE
+from keeper_shared.messages.commands import CommandOutcome
+from keeper_shared.messages.replies import (
+    CreateSnapshotReply,
+    ResumeVmReply,
+    SnapshotDomainReply,
+    SnapshotVmReply,
+    SuspendVmReply,
+)
 from keeper_shared.messages.snapshot import CreateSnapshot
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm_control import ResumeVm, SnapshotDomain, SuspendVm
@@ -76,31 +84,38 @@ class SnapshotRunner:
         if step is SnapshotStep.RETRIEVE:
             return StepOutcome(await self._retrieve(record, save))
         if step is SnapshotStep.SUSPEND:
-            done = await self._gateway.host(host, SuspendVm(vm_id=vm_id), vm_id)
+            done: CommandOutcome = await self._gateway.host(
+                host, SuspendVm(vm_id=vm_id), SuspendVmReply, vm_id
+            )
             following = SnapshotStep.RETRIEVE
             error = f"pause failed: {done.error}"
         elif step is SnapshotStep.PIN:
-            done = await self._gateway.call(
+            pinned = await self._gateway.call(
                 STATE_STORE,
                 CreateSnapshot(vm_id=vm_id, snapshot_id=snapshot_id),
+                CreateSnapshotReply,
                 vm_id,
                 self._gateway.host_timeout_s,
             )
+            done = pinned
             following = SnapshotStep.DOMAIN_SNAPSHOT
-            error = f"pinning the state failed: {done.error}"
-            if done.ok:
-                versions = {k: v for k, v in done.detail.items() if k in set(StateKind)}
+            error = f"pinning the state failed: {pinned.error}"
+            if pinned.ok:
+                versions = {kind.value: version for kind, version in pinned.versions.items()}
                 record = record.advanced(data={"versions": json.dumps(versions)})
         else:
             versions = json.loads(record.data.get("versions", "{}"))
-            pinned = ", ".join(f"{kind} v{version}" for kind, version in sorted(versions.items()))
+            pinned_text = ", ".join(
+                f"{kind} v{version}" for kind, version in sorted(versions.items())
+            )
             done = await self._gateway.host(
                 host,
                 SnapshotDomain(
                     vm_id=vm_id,
                     snapshot_id=snapshot_id,
-                    description=f"vTPM Keeper: TPM/NVRAM pinned as {snapshot_id} ({pinned})",
+                    description=f"vTPM Keeper: TPM/NVRAM pinned as {snapshot_id} ({pinned_text})",
                 ),
+                SnapshotDomainReply,
                 vm_id,
             )
             following = SnapshotStep.RESUME
@@ -122,7 +137,9 @@ class SnapshotRunner:
                 raise LeaseLostError(record.vm_id)
             result = await self._gateway.retrieve(record.vm_id, record.host)
             if result.ok:
-                log.info("state retrieved while paused", vm_id=record.vm_id, versions=result.detail)
+                log.info(
+                    "state retrieved while paused", vm_id=record.vm_id, versions=result.versions
+                )
                 return record.advanced(step=SnapshotStep.PIN.value, attempts=0)
         if may_retrieve(attempts, self._bounds, out_of_time=time.time() > record.deadline):
             return record.advanced(attempts=attempts)  # try again
@@ -133,7 +150,9 @@ class SnapshotRunner:
         attempts = record.attempts + 1
         if not await save(record.advanced(attempts=attempts)):
             raise LeaseLostError(record.vm_id)
-        done = await self._gateway.host(record.host, ResumeVm(vm_id=record.vm_id), record.vm_id)
+        done = await self._gateway.host(
+            record.host, ResumeVm(vm_id=record.vm_id), ResumeVmReply, record.vm_id
+        )
         if done.ok:
             return record.advanced(step=SnapshotStep.DONE.value, attempts=attempts)
         if attempts < self._bounds.retrieve_attempts:
@@ -151,7 +170,7 @@ class SnapshotRunner:
     async def _finish(self, record: WorkflowRecord) -> WorkflowResult:
         error = record.data.get("error")
         if error:
-            return WorkflowResult(ok=False, error=error)
+            return WorkflowResult.of(SnapshotVmReply.failed(error))
         versions = {StateKind(k): int(v) for k, v in json.loads(record.data["versions"]).items()}
         await self._gateway.publish(
             VmSnapshotted(
@@ -163,10 +182,6 @@ class SnapshotRunner:
             ),
             record.vm_id,
         )
-        return WorkflowResult(
-            ok=True,
-            detail={
-                "mode": SnapshotMode.MEMORY.value,
-                **{kind.value: str(version) for kind, version in versions.items()},
-            },
+        return WorkflowResult.of(
+            SnapshotVmReply(ok=True, mode=SnapshotMode.MEMORY, versions=versions)
         )

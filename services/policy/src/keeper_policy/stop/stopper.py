@@ -11,8 +11,8 @@ from keeper_policy.stop.plan import StopBounds
 from keeper_policy.stop.workflow import STOP, new_stop
 from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError
 from keeper_policy.workflows.engine import WorkflowEngine
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.placement import StopMode, StopTrigger, StopVm
+from keeper_shared.messages.replies import StopVmReply
 from keeper_shared.messages.vm import StopReason, VmStopped
 
 log = structlog.get_logger(__name__)
@@ -43,7 +43,7 @@ class Stopper:
         self._bounds = bounds
         self._lease_s = lease_s
 
-    async def stop(self, request: StopVm) -> CommandDone:
+    async def stop(self, request: StopVm) -> StopVmReply:
         """Stop a VM keeping its final state; a stop already running (from this request's
         first delivery, or from the host's report) is joined, not repeated."""
         record = await self._engine.current(request.vm_id)
@@ -51,9 +51,9 @@ class Stopper:
             try:
                 vm = await self._registry.vm(request.vm_id)
             except UnknownVmError as error:
-                return CommandDone(ok=False, error=str(error))
+                return StopVmReply.failed(str(error))
             if vm.host is None:
-                return CommandDone(ok=True, detail={"note": "VM is not running anywhere"})
+                return StopVmReply(ok=True, was_running=False)
             shutdown = request.mode is StopMode.SHUTDOWN
             trigger = StopTrigger.SHUTDOWN if shutdown else StopTrigger.POWEROFF
             record, created = await self._engine.start(
@@ -62,7 +62,7 @@ class Stopper:
         else:
             created = False
         if record.kind != STOP:
-            return CommandDone(ok=False, error=f"a {record.kind} of this VM is in progress")
+            return StopVmReply.failed(f"a {record.kind} of this VM is in progress")
         if not created:
             log.info(
                 "joining the stop in progress",
@@ -74,8 +74,8 @@ class Stopper:
         timeout = max(1.0, record.deadline - time.time()) + 2 * self._lease_s
         result = await self._engine.run_to_end(record, timeout)
         if result is None:
-            return CommandDone(ok=False, error="the stop is still in progress; ask again")
-        return CommandDone(ok=result.ok, error=result.error, detail=result.detail)
+            return StopVmReply.failed("the stop is still in progress; ask again")
+        return result.reply(StopVmReply)
 
     async def stopped_on_its_own(self, event: VmStopped, reported_at: float) -> None:
         """A domain stopped without a ``vm.stop`` (the guest shut down, it crashed, someone

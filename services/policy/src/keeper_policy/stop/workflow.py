@@ -26,13 +26,14 @@ from keeper_policy.stop.plan import (
 from keeper_policy.storage.vm_registry import PolicyRegistry
 from keeper_policy.workflows.engine import LeaseLostError, SaveProgress, StepOutcome
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
-from keeper_shared.messages.commands import CommandDone
+from keeper_shared.messages.commands import CommandOutcome
 from keeper_shared.messages.placement import StateLossRecorded, StopTrigger, VmRetired
+from keeper_shared.messages.replies import StopVmReply
 from keeper_shared.observability import metrics
 
 log = structlog.get_logger(__name__)
 
-HostCommand = Callable[[str, str], Awaitable[CommandDone]]
+HostCommand = Callable[[str, str], Awaitable[CommandOutcome]]
 
 STOP = "stop"
 """The workflow kind."""
@@ -128,7 +129,7 @@ class StopRunner:
                     "final state retrieved",
                     vm_id=record.vm_id,
                     attempt=attempts,
-                    versions=result.detail,
+                    versions=result.versions,
                 )
             else:
                 error = result.error or "the store gave no reason"
@@ -192,16 +193,19 @@ class StopRunner:
             ),
             record.vm_id,
         )
-        detail = {
-            "retrieved": str(retrieved).lower(),
-            "removed": str(removed).lower(),
-            "trigger": trigger.value,
-            "host": record.host,
-            "attempts": str(record.attempts),
-        }
-        if record.data.get("kept") == "true":
-            detail["kept"] = "true"  # an adopted VM's domain stays defined, its manager's
-        return WorkflowResult(ok=True, detail=detail)
+        return WorkflowResult.of(
+            StopVmReply(
+                ok=True,
+                was_running=True,
+                host=record.host,
+                trigger=trigger,
+                retrieved=retrieved,
+                attempts=record.attempts,
+                removed=removed,
+                # An adopted VM's domain stays defined: it is its manager's.
+                kept=record.data.get("kept") == "true",
+            )
+        )
 
     async def _host_lost(self, host: str) -> bool:
         record = await self._hosts.host(host)

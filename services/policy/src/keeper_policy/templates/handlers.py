@@ -21,9 +21,14 @@ from keeper_policy.templates.spec import template_spec, vm_spec
 from keeper_policy.tpm.approver import Approver
 from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.bus.topology import STATE_STORE
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DeleteState
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.replies import (
+    CloneVmReply,
+    CreateVmFromTemplateReply,
+    DeleteStateReply,
+    DeleteTemplateReply,
+)
 from keeper_shared.messages.template import (
     CreateTemplate,
     CreateVmFromTemplate,
@@ -35,6 +40,7 @@ from keeper_shared.messages.template import (
 )
 from keeper_shared.messages.tpm import EnableTpm, VmSpec
 from keeper_shared.messages.transfer import CloneTpm, CloneVm
+from keeper_shared.messages.types import StateKind
 
 log = structlog.get_logger(__name__)
 
@@ -126,52 +132,53 @@ class TemplateHandlers:
 
     async def on_delete(
         self, envelope: Envelope[DeleteTemplate], delivery: Delivery
-    ) -> CommandDone:
+    ) -> DeleteTemplateReply:
         """Delete the template's NVRAM copy in the store, then the template."""
         template_id = envelope.data.template_id
         template = await self._records.template(template_id)
         if template is None:
-            return CommandDone(ok=False, error=f"there is no template {template_id}")
+            return DeleteTemplateReply.failed(f"there is no template {template_id}")
         # State first: if the record went first and the deletion failed, the NVRAM copy
         # would be left under an id nothing names. A repeat deletes nothing twice.
         deleted = await self._gateway.call(
             self._store,
             DeleteState(vm_id=template_id, reason=f"template {template.name} deleted"),
+            DeleteStateReply,
             template_id,
             self._store_timeout_s,
         )
         if not deleted.ok:
-            return CommandDone(
-                ok=False, error=f"the store did not delete the template's NVRAM: {deleted.error}"
+            return DeleteTemplateReply.failed(
+                f"the store did not delete the template's NVRAM: {deleted.error}",
+                timed_out=deleted.timed_out,
             )
         await self._records.delete(template)
         log.info("template deleted", template_id=template_id)
-        return CommandDone(
+        return DeleteTemplateReply(
             ok=True,
-            detail={
-                "template_id": template_id,
-                "name": template.name,
-                "nvram_versions": deleted.detail.get("nvram_versions", "0"),
-            },
+            template_id=template_id,
+            name=template.name,
+            nvram_versions=deleted.deleted_versions.get(StateKind.NVRAM, 0),
         )
 
     async def on_create_vm(
         self, envelope: Envelope[CreateVmFromTemplate], delivery: Delivery
-    ) -> CommandDone:
+    ) -> CreateVmFromTemplateReply:
         """Copy the template's NVRAM to the new VM, then approve and register it."""
         request = envelope.data
         template = await self._records.template(request.template_id)
         if template is None:
-            return CommandDone(ok=False, error=f"there is no template {request.template_id}")
+            return CreateVmFromTemplateReply.failed(f"there is no template {request.template_id}")
         spec = vm_spec(template, request.vm_id, request.name)
         refusal = await self._id_refusal(spec)
         if refusal is not None:
-            return CommandDone(ok=False, error=refusal)
+            return CreateVmFromTemplateReply.failed(refusal)
         if template.nvram:
             copied = await self._copy_nvram(template.template_id, request.vm_id)
             if not copied.ok:
-                return CommandDone(
-                    ok=False, error=f"the template's NVRAM was not copied: {copied.error}"
+                return CreateVmFromTemplateReply.failed(
+                    f"the template's NVRAM was not copied: {copied.error}",
+                    timed_out=copied.timed_out,
                 )
         approval = EnableTpm(
             spec=spec,
@@ -184,16 +191,18 @@ class TemplateHandlers:
         if not decided.ok:
             if template.nvram:
                 await self._drop_copy(request.vm_id)
-            return decided
+            return CreateVmFromTemplateReply.failed(decided.error or "rejected without a reason")
         log.info(
             "VM created from a template", vm_id=request.vm_id, template_id=template.template_id
         )
-        detail = {
-            **decided.detail,
-            "template_id": template.template_id,
-            "nvram": "copied" if template.nvram else "none",
-        }
-        return CommandDone(ok=True, detail=detail)
+        return CreateVmFromTemplateReply(
+            ok=True,
+            tpm_xml=decided.tpm_xml,
+            guest_os_support=decided.guest_os_support,
+            overridden=decided.overridden,
+            template_id=template.template_id,
+            nvram_copied=bool(template.nvram),
+        )
 
     async def _id_refusal(self, spec: VmSpec) -> str | None:
         """Why the new VM's id cannot be used: a template's, or another VM's (a repeat of
@@ -208,11 +217,13 @@ class TemplateHandlers:
             return f"VM {spec.vm_id} is registered already"
         return None
 
-    async def _copy_nvram(self, source: str, target: str) -> CommandDone:
+    async def _copy_nvram(self, source: str, target: str) -> CloneVmReply:
         """Have the store copy the newest NVRAM of ``source`` as ``target``'s first state;
         ``fresh``: the NVRAM only, never the TPM."""
         clone = CloneVm(source_vm_id=source, target_vm_id=target, tpm=CloneTpm.FRESH)
-        return await self._gateway.call(self._store, clone, target, self._store_timeout_s)
+        return await self._gateway.call(
+            self._store, clone, CloneVmReply, target, self._store_timeout_s
+        )
 
     async def _drop_copy(self, vm_id: str) -> None:
         """Delete the NVRAM copied for a VM that was not approved (a best effort: what is
@@ -220,6 +231,7 @@ class TemplateHandlers:
         dropped = await self._gateway.call(
             self._store,
             DeleteState(vm_id=vm_id, reason="VM from a template not approved"),
+            DeleteStateReply,
             vm_id,
             self._store_timeout_s,
         )

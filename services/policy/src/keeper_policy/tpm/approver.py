@@ -10,8 +10,8 @@ from keeper_policy.settings import PolicySettings
 from keeper_policy.storage.vm_registry import PolicyRegistry
 from keeper_policy.tpm.profile_choice import OLDEST_HOST
 from keeper_policy.tpm.rules import ClusterView, Overrides, decide_tpm
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.replies import EnableTpmReply
 from keeper_shared.messages.tpm import EnableTpm, TpmApproved, TpmRejected
 
 log = structlog.get_logger(__name__)
@@ -32,19 +32,19 @@ class Approver:
         self._hosts = hosts
         self._gateway = gateway
 
-    async def enable(self, envelope: Envelope[EnableTpm], user_id: str | None) -> CommandDone:
+    async def enable(self, envelope: Envelope[EnableTpm], user_id: str | None) -> EnableTpmReply:
         """Approve or reject; an approval registers the VM and names who overrode what."""
         # The broker-validated user if there is one: the envelope's source is the sender's
         # own claim.
         return await self.approve(envelope.data, user_id or envelope.source)
 
-    async def approve(self, request: EnableTpm, requester: str) -> CommandDone:
+    async def approve(self, request: EnableTpm, requester: str) -> EnableTpmReply:
         """Approve or reject ``request``; ``requester`` is named when it overrode a rule."""
         if not request.allow_duplicate_name:
             refusal = await self._name_taken(request)
             if refusal is not None:
                 log.info("TPM refused: duplicate name", vm_id=request.spec.vm_id)
-                return CommandDone(ok=False, error=refusal)
+                return EnableTpmReply.failed(refusal)
         live = await self._hosts.live_in_cluster(request.cluster, self._settings.host_lost_after_s)
         decision = decide_tpm(
             request.spec,
@@ -58,7 +58,7 @@ class Approver:
         if decision.tpm_xml is None:
             await self._gateway.publish(TpmRejected(vm_id=vm_id, reasons=decision.reasons), vm_id)
             log.info("TPM rejected", vm_id=vm_id, reasons=decision.reasons)
-            return CommandDone(ok=False, error="; ".join(decision.reasons))
+            return EnableTpmReply.failed("; ".join(decision.reasons))
         await self._registry.register_vm(request.spec, decision.tpm_xml)
         requested_by = requester if decision.overridden else None
         await self._gateway.publish(
@@ -78,10 +78,12 @@ class Approver:
             overridden=decision.overridden,
             override_requested_by=requested_by,
         )
-        detail = {"tpm_xml": decision.tpm_xml, "guest_os_support": decision.guest_os_support}
-        if decision.overridden:
-            detail["overridden"] = "; ".join(decision.overridden)
-        return CommandDone(ok=True, detail=detail)
+        return EnableTpmReply(
+            ok=True,
+            tpm_xml=decision.tpm_xml,
+            guest_os_support=decision.guest_os_support,
+            overridden=decision.overridden,
+        )
 
     async def _name_taken(self, request: EnableTpm) -> str | None:
         """Why the request's domain name cannot be registered again, or None. The VM's own

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -25,6 +26,7 @@ from keeper_policy.storage.keys import (
     workflow_result_key,
 )
 from keeper_policy.storage.scripts import PolicyScripts
+from keeper_shared.messages.commands import CommandOutcome, ReplyT
 from keeper_shared.redis_access.results import awaited
 
 RESULT_TTL_S = 3600
@@ -113,23 +115,50 @@ class WorkflowRecord:
         )
 
 
+_UNTYPED = ""
+"""The reply type of a result kept before results were typed."""
+
+
 @dataclass(frozen=True)
 class WorkflowResult:
-    """How a finished workflow ended, as its requester is told."""
+    """How a finished workflow ended: the reply its requester is told (a ``vm.place``,
+    ``vm.stop`` or ``vm.snapshot`` reply), kept as that reply's type and fields so any
+    replica can answer a redelivered request with it."""
 
-    ok: bool
-    error: str | None = None
-    detail: dict[str, str] = field(default_factory=dict)
+    reply_type: str
+    """The reply's message type."""
+    fields: Mapping[str, Any]
+    """The reply's fields as JSON values."""
+
+    @classmethod
+    def of(cls, reply: CommandOutcome) -> WorkflowResult:
+        """The result that answers with ``reply``."""
+        return cls(reply.message_type, reply.model_dump(mode="json"))
+
+    @property
+    def ok(self) -> bool:
+        """Whether the workflow did what it was asked."""
+        return bool(self.fields.get("ok"))
+
+    def reply(self, reply_type: type[ReplyT]) -> ReplyT:
+        """The reply as ``reply_type``; a result of another kind is an error (a bug)."""
+        if self.reply_type not in (reply_type.message_type, _UNTYPED):
+            raise TypeError(f"a {self.reply_type} result read as {reply_type.message_type}")
+        return reply_type.model_validate(self.fields)
 
     def to_json(self) -> str:
         """Serialised for Redis."""
-        return json.dumps({"ok": self.ok, "error": self.error, "detail": self.detail})
+        return json.dumps({"type": self.reply_type, "reply": dict(self.fields)})
 
     @classmethod
     def from_json(cls, text: bytes) -> WorkflowResult:
         """Parse what :meth:`to_json` wrote."""
         data = json.loads(text)
-        return cls(ok=bool(data["ok"]), error=data.get("error"), detail=dict(data["detail"]))
+        if "type" not in data:
+            # Kept by a replica of the previous version (ok, error and a string map): its
+            # outcome still answers, without the facts it wrote as strings.
+            return cls(_UNTYPED, {"ok": bool(data["ok"]), "error": data.get("error")})
+        return cls(reply_type=str(data["type"]), fields=dict(data["reply"]))
 
 
 class WorkflowStore:

@@ -14,9 +14,9 @@ from importlib import resources
 import structlog
 
 from keeper_shared.bus.client import BusClient, Delivery, Route
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.deletion import DeleteState, StateDeleted
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.replies import DeleteStateReply
 from keeper_shared.messages.types import StateKind
 from keeper_shared.redis_access.keys import (
     data_key_key,
@@ -46,7 +46,9 @@ class DeletionService:
         """Routes of this service on the store's commands queue."""
         return [Route(DeleteState, self.on_delete)]
 
-    async def on_delete(self, envelope: Envelope[DeleteState], delivery: Delivery) -> CommandDone:
+    async def on_delete(
+        self, envelope: Envelope[DeleteState], delivery: Delivery
+    ) -> DeleteStateReply:
         """Delete the VM's state unless it is placed; announce what was deleted."""
         request = envelope.data
         vm_id = request.vm_id
@@ -70,9 +72,8 @@ class DeletionService:
         )
         if reply[0] == b"placed":
             host = reply[1].decode()
-            return CommandDone(
-                ok=False,
-                error=f"VM {vm_id} is placed on {host}: stop it first, its state is in use",
+            return DeleteStateReply.failed(
+                f"VM {vm_id} is placed on {host}: stop it first, its state is in use"
             )
         snapshots = sorted(name for name in json.loads(reply[1]) if isinstance(name, str))
         versions = {kind: int(count) for kind, count in zip(kinds, reply[2:], strict=True)}
@@ -94,5 +95,6 @@ class DeletionService:
             ),
             subject=vm_id,
         )
-        detail = {f"{kind.value}_versions": str(count) for kind, count in versions.items()}
-        return CommandDone(ok=True, detail={**detail, "snapshots": str(len(snapshots))})
+        return DeleteStateReply(
+            ok=True, deleted_versions=versions, deleted_snapshots=len(snapshots)
+        )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import structlog
 
 from keeper_shared.bus.client import Delivery, Route
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.replies import CreateSnapshotReply, DeleteSnapshotReply
 from keeper_shared.messages.snapshot import (
     CreateSnapshot,
     DeleteSnapshot,
@@ -50,41 +50,41 @@ class HistoryService:
 
     async def on_snapshot_create(
         self, envelope: Envelope[CreateSnapshot], delivery: Delivery
-    ) -> CommandDone:
+    ) -> CreateSnapshotReply:
         """Pin the newest versions under the snapshot's name (a repeat is a no-op)."""
         request = envelope.data
         result = await self._snapshots.create(request.vm_id, request.snapshot_id)
         if result.outcome is SnapshotOutcome.EMPTY:
-            return CommandDone(ok=False, error=f"VM {request.vm_id} has no stored state to pin")
+            return CreateSnapshotReply.failed(f"VM {request.vm_id} has no stored state to pin")
         if result.outcome is SnapshotOutcome.MISSING:
-            return CommandDone(
-                ok=False, error=f"newest {result.detail} of {request.vm_id} is not in Redis"
+            return CreateSnapshotReply.failed(
+                f"newest {result.detail} of {request.vm_id} is not in Redis"
             )
         assert result.record is not None
         pinned = _describe(result.record)
         if result.outcome is SnapshotOutcome.CONFLICT:
-            return CommandDone(
-                ok=False,
-                error=f"snapshot {request.snapshot_id!r} of {request.vm_id} already pins other "
+            return CreateSnapshotReply.failed(
+                f"snapshot {request.snapshot_id!r} of {request.vm_id} already pins other "
                 f"versions ({pinned})",
             )
         if result.outcome is SnapshotOutcome.STORED:
             log.info("snapshot created", vm_id=request.vm_id, snapshot=request.snapshot_id)
-        detail = {kind.value: str(version) for kind, version in result.record.versions.items()}
-        if result.outcome is SnapshotOutcome.DUPLICATE:
-            detail["note"] = "already exists"
-        return CommandDone(ok=True, detail=detail)
+        return CreateSnapshotReply(
+            ok=True,
+            versions=dict(result.record.versions),
+            already_existed=result.outcome is SnapshotOutcome.DUPLICATE,
+        )
 
     async def on_snapshot_delete(
         self, envelope: Envelope[DeleteSnapshot], delivery: Delivery
-    ) -> CommandDone:
+    ) -> DeleteSnapshotReply:
         """Drop the snapshot and unpin what only it pinned (deleting twice is fine)."""
         request = envelope.data
         result = await self._snapshots.delete(request.vm_id, request.snapshot_id)
         deleted = result.outcome is SnapshotOutcome.DELETED
         if deleted:
             log.info("snapshot deleted", vm_id=request.vm_id, snapshot=request.snapshot_id)
-        return CommandDone(ok=True, detail={"deleted": str(deleted).lower()})
+        return DeleteSnapshotReply(ok=True, deleted=deleted)
 
     async def on_snapshot_list(
         self, envelope: Envelope[ListSnapshots], delivery: Delivery

@@ -11,9 +11,9 @@ from __future__ import annotations
 import structlog
 
 from keeper_shared.bus.client import Delivery, Route
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host_requests import NewestState, ReadNewestState
+from keeper_shared.messages.replies import RetrieveStateReply
 from keeper_shared.messages.state import RetrieveState
 from keeper_shared.messages.types import StateKind
 from keeper_state_store.crypto.encryption import DecryptionError
@@ -93,9 +93,9 @@ class HostRequests:
 
     async def on_retrieve(
         self, envelope: Envelope[RetrieveState], delivery: Delivery
-    ) -> CommandDone:
+    ) -> RetrieveStateReply:
         """A host's own request to pull its VM's state now (before libvirt removes it)."""
         refusal = self._impostor(delivery, envelope.data.host)
         if refusal is not None:
-            return CommandDone(ok=False, error=refusal)
+            return RetrieveStateReply.failed(refusal)
         return await self._state.on_retrieve(envelope, delivery)

@@ -15,9 +15,9 @@ import structlog
 
 from keeper_shared.bus.client import BusClient, CallError, CallTimeoutError, Delivery, Route
 from keeper_shared.bus.topology import host_command_key
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope, MessageError
 from keeper_shared.messages.host import HostHeartbeat
+from keeper_shared.messages.replies import PrepareVmReply, RestoreStateReply, RetrieveStateReply
 from keeper_shared.messages.state import (
     FetchState,
     RestoreState,
@@ -169,7 +169,7 @@ class StateService:
 
     async def on_retrieve(
         self, envelope: Envelope[RetrieveState], delivery: Delivery
-    ) -> CommandDone:
+    ) -> RetrieveStateReply:
         """Pull the VM's state now (before a destroy) and report the newest stored versions.
         Done only when every state the host holds for it is what the store now holds: a VM
         the host does not hold, a blob that does not verify or a write the fence refused is
@@ -188,15 +188,17 @@ class StateService:
                 await self._check_stored(request.vm_id, vm_state.blobs)
         except (CallError, MessageError, RetrievalError) as error:
             metrics.RETRIEVAL_FAILURES.inc()
-            return CommandDone(ok=False, error=str(error))
+            return RetrieveStateReply.failed(str(error))
         versions = {}
         for kind in StateKind:
             version = await self._repository.head_version(request.vm_id, kind)
             if version is not None:
-                versions[kind.value] = str(version)
-        return CommandDone(ok=True, detail=versions)
+                versions[kind] = version
+        return RetrieveStateReply(ok=True, versions=versions)
 
-    async def on_restore(self, envelope: Envelope[RestoreState], delivery: Delivery) -> CommandDone:
+    async def on_restore(
+        self, envelope: Envelope[RestoreState], delivery: Delivery
+    ) -> RestoreStateReply:
         """Send stored state (newest, or the versions asked for) to the host the VM is about
         to start on, each version verified first."""
         request = envelope.data
@@ -213,10 +215,10 @@ class StateService:
                 else self._secrets.held(request.vm_id)
             )
         except (RestoreRefusedError, VersionNotKeptError) as error:
-            return CommandDone(ok=False, error=str(error))
+            return RestoreStateReply.failed(str(error))
         except (VersionUnreadableError, DecryptionError) as error:
             log.error("stored state does not verify", vm_id=request.vm_id, reason=str(error))
-            return CommandDone(ok=False, error=f"stored state does not verify: {error}")
+            return RestoreStateReply.failed(f"stored state does not verify: {error}")
         tpm_version = plan.get(StateKind.TPM)
         if tpm_version is not None:
             # Before the host writes it, so its first write is judged against it: a version
@@ -234,7 +236,7 @@ class StateService:
             reply = await self._bus.call(
                 host_command_key(request.host),
                 prepare,
-                CommandDone,
+                PrepareVmReply,
                 subject=request.vm_id,
                 timeout_s=self._settings.prepare_timeout_s,
                 replier=self._host_user(request.host),
@@ -242,24 +244,21 @@ class StateService:
         except CallTimeoutError as error:
             # The host may yet write the state (until the command's deadline): say so, so
             # policy and the CLI can tell a silent host from a refusal.
-            return CommandDone(ok=False, error=str(error), detail={"timeout": "true"})
+            return RestoreStateReply.failed(str(error), timed_out=True)
         except CallError as error:
-            return CommandDone(ok=False, error=str(error))
-        if reply.data.ok:
-            sent = {f"{kind.value}_version": str(version) for kind, version in plan.items()}
-            secret_id = secret.uuid if secret is not None else None
-            log.info(
-                "state restored",
-                vm_id=request.vm_id,
-                host=request.host,
-                versions=sent,
-                tpm_secret_id=secret_id,
-            )
-            if secret_id is not None:
-                # Policy names it in the domain's <encryption secret>.
-                sent["tpm_secret_uuid"] = secret_id
-            return reply.data.model_copy(update={"detail": {**reply.data.detail, **sent}})
-        return reply.data
+            return RestoreStateReply.failed(str(error))
+        if not reply.data.ok:
+            return RestoreStateReply.failed(reply.data.error or "the host gave no reason")
+        secret_id = secret.uuid if secret is not None else None
+        log.info(
+            "state restored",
+            vm_id=request.vm_id,
+            host=request.host,
+            versions={kind.value: version for kind, version in plan.items()},
+            tpm_secret_id=secret_id,
+        )
+        # Policy names the secret in the domain's <encryption secret>.
+        return RestoreStateReply(ok=True, versions=dict(plan), tpm_secret_uuid=secret_id)
 
     async def pull_and_persist(
         self, host: str, vm_ids: list[str], kinds: list[StateKind]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import structlog
 
 from keeper_shared.bus.client import BusClient, Delivery, Route
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.replies import AcceptTpmReply
 from keeper_shared.messages.tpm_reset import (
     AcceptTpm,
     ResetClearing,
@@ -92,12 +92,12 @@ class TpmResetAnnouncer:
         )
         await self._cleared(vm_id, trusted.newest, ResetClearing.RESTORED, trusted.cleared_reset)
 
-    async def on_accept(self, envelope: Envelope[AcceptTpm], delivery: Delivery) -> CommandDone:
+    async def on_accept(self, envelope: Envelope[AcceptTpm], delivery: Delivery) -> AcceptTpmReply:
         """Make the VM's newest TPM its own; old versions stay in the history."""
         request = envelope.data
         trusted = await self._trust.accept_newest(request.vm_id)
         if trusted is None:
-            return CommandDone(ok=False, error=f"VM {request.vm_id} has no stored TPM")
+            return AcceptTpmReply.failed(f"VM {request.vm_id} has no stored TPM")
         log.warning(
             "newest TPM accepted as the VM's own",
             vm_id=request.vm_id,
@@ -108,10 +108,7 @@ class TpmResetAnnouncer:
         await self._cleared(
             request.vm_id, trusted.version, ResetClearing.ACCEPTED, trusted.cleared_reset
         )
-        detail = {"version": str(trusted.version)}
-        if trusted.cleared_reset is not None:
-            detail["reset_version"] = str(trusted.cleared_reset)
-        return CommandDone(ok=True, detail=detail)
+        return AcceptTpmReply(ok=True, version=trusted.version, reset_version=trusted.cleared_reset)
 
     async def _cleared(
         self, vm_id: str, version: int, how: ResetClearing, reset_version: int | None

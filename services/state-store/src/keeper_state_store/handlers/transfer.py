@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import structlog
 from pydantic import SecretBytes
 
 from keeper_shared.bus.client import Delivery, Route
-from keeper_shared.messages.commands import CommandDone
 from keeper_shared.messages.envelope import Envelope
+from keeper_shared.messages.replies import CloneVmReply, FirstStateReply, ImportStateReply
 from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.transfer import (
     CloneTpm,
@@ -51,6 +52,8 @@ from keeper_state_store.transfer.moving import read_newest, store_first_state
 
 log = structlog.get_logger(__name__)
 
+FirstStateT = TypeVar("FirstStateT", bound=FirstStateReply)
+
 _UNREADABLE = (VersionNotKeptError, VersionUnreadableError, DecryptionError)
 
 
@@ -71,30 +74,35 @@ class TransferService:
             Route(ImportState, self.on_import),
         ]
 
-    async def on_clone(self, envelope: Envelope[CloneVm], delivery: Delivery) -> CommandDone:
+    async def on_clone(self, envelope: Envelope[CloneVm], delivery: Delivery) -> CloneVmReply:
         """Give the target the source's newest TPM and NVRAM (copy) or its NVRAM only
         (fresh: the target's TPM is manufactured anew, a new identity)."""
         request = envelope.data
         source, target = request.source_vm_id, request.target_vm_id
         if source == target:
-            return CommandDone(ok=False, error="a VM cannot be cloned onto itself")
+            return CloneVmReply.failed("a VM cannot be cloned onto itself")
         kinds = (
             [StateKind.TPM, StateKind.NVRAM] if request.tpm is CloneTpm.COPY else [StateKind.NVRAM]
         )
         try:
             newest = await read_newest(self._repository, self._reader, source, kinds)
         except _UNREADABLE as error:
-            return CommandDone(ok=False, error=f"source state does not verify: {error}")
+            return CloneVmReply.failed(f"source state does not verify: {error}")
         if not newest:
             wanted = " or ".join(kind.value for kind in kinds)
-            return CommandDone(ok=False, error=f"source VM {source} has no stored {wanted}")
+            return CloneVmReply.failed(f"source VM {source} has no stored {wanted}")
         blobs = {kind: verified.blob for kind, verified in newest.items()}
         try:
             secret = await self._secrets.held(source) if StateKind.TPM in blobs else None
         except DecryptionError as error:
-            return CommandDone(ok=False, error=f"source TPM secret does not verify: {error}")
+            return CloneVmReply.failed(f"source TPM secret does not verify: {error}")
         reply = await self._store_initial(
-            target, blobs, VersionOrigin.CLONE, source, secret.value if secret else None
+            target,
+            blobs,
+            VersionOrigin.CLONE,
+            source,
+            secret.value if secret else None,
+            CloneVmReply,
         )
         if reply.ok and secret is not None:
             await self._secrets.held_or_created(target, value=secret.value.get_secret_value())
@@ -144,7 +152,9 @@ class TransferService:
         log.info("state exported", vm_id=request.vm_id, kinds=sorted(newest), size=len(data))
         return StateExported(vm_id=request.vm_id, bundle=SecretBytes(data))
 
-    async def on_import(self, envelope: Envelope[ImportState], delivery: Delivery) -> CommandDone:
+    async def on_import(
+        self, envelope: Envelope[ImportState], delivery: Delivery
+    ) -> ImportStateReply:
         """Verify the bundle completely, then store it as the target's first state."""
         request = envelope.data
         try:
@@ -155,7 +165,7 @@ class TransferService:
             )
         except BundleError as error:
             log.warning("bundle refused", reason=str(error))
-            return CommandDone(ok=False, error=f"bundle refused: {error}")
+            return ImportStateReply.failed(f"bundle refused: {error}")
         target = request.target_vm_id or bundle.vm_id
         blobs = {entry.blob.kind: entry.blob for entry in bundle.entries}
         reply = await self._store_initial(
@@ -164,6 +174,7 @@ class TransferService:
             VersionOrigin.IMPORT,
             bundle.vm_id,
             bundle.tpm_secret.value if bundle.tpm_secret else None,
+            ImportStateReply,
         )
         if reply.ok and bundle.tpm_secret is not None:
             await self._secrets.held_or_created(
@@ -183,7 +194,8 @@ class TransferService:
         origin: VersionOrigin,
         source: str,
         tpm_passphrase: SecretBytes | None,
-    ) -> CommandDone:
+        reply: type[FirstStateT],
+    ) -> FirstStateT:
         tpm = blobs.get(StateKind.TPM)
         identity = (
             None
@@ -203,10 +215,10 @@ class TransferService:
             tpm_identity=identity.fingerprint or "" if identity is not None else "",
         )
         if outcome is InitialOutcome.EXISTS:
-            return CommandDone(
-                ok=False, error=f"VM {target} already has stored state; refusing to overwrite it"
-            )
-        detail = {"vm_id": target, **{kind.value: "1" for kind in blobs}}
-        if outcome is InitialOutcome.DUPLICATE:
-            detail["note"] = "already stored"
-        return CommandDone(ok=True, detail=detail)
+            return reply.failed(f"VM {target} already has stored state; refusing to overwrite it")
+        return reply(
+            ok=True,
+            vm_id=target,
+            versions=dict.fromkeys(blobs, 1),
+            already_stored=outcome is InitialOutcome.DUPLICATE,
+        )
