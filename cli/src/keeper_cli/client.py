@@ -65,7 +65,7 @@ from keeper_shared.messages.transfer import (
     StateExported,
 )
 from keeper_shared.messages.types import HOST_ID_PATTERN, StateKind
-from keeper_shared.messages.vm_snapshot import SnapshotVm
+from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm
 
 E = TypeVar("E", bound=Payload)
 
@@ -333,6 +333,12 @@ class KeeperClient:
         detail (``mode``, the pinned version per kind, ``persisted_age_s`` for a live one).
         Restore it with :meth:`place` and ``snapshot_id``."""
         request = SnapshotVm(vm_id=vm_id, snapshot_id=snapshot_id, memory=memory)
+        return await self._ask(self._policy_target, request, vm_id)
+
+    async def revert(self, vm_id: str, snapshot_id: str) -> dict[str, str]:
+        """Go back to a snapshot with memory (a running VM is powered off first, its final
+        state kept); returns the detail (``host``, ``epoch``, the versions restored)."""
+        request = RevertVm(vm_id=vm_id, snapshot_id=snapshot_id)
         return await self._ask(self._policy_target, request, vm_id)
 
     async def endorsement_key(self, vm_id: str) -> EndorsementKeyRead:

@@ -7,8 +7,10 @@ from __future__ import annotations
 from typing import cast
 
 import pytest
+from redis.asyncio import Redis
 
 from keeper_policy.gateway import Gateway
+from keeper_policy.snapshot.memory_records import MemorySnapshot, MemorySnapshots
 from keeper_policy.snapshot.workflow import SnapshotRunner, new_memory_snapshot
 from keeper_policy.stop.plan import StopBounds
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
@@ -34,6 +36,8 @@ class ScriptedGateway(Gateway):
         self.sent.append(kind)
         if kind in self.failing:
             return CommandDone(ok=False, error=f"{kind} refused")
+        if kind == SNAPSHOT:
+            return CommandDone(ok=True, detail={"changed": "true", "snapshot_xml": SNAPSHOT_XML})
         return CommandDone(ok=True, detail={"tpm": "3", "nvram": "2"})
 
     async def host(
@@ -53,8 +57,19 @@ class ScriptedGateway(Gateway):
         self.published.append(payload)
 
 
-async def run(gateway: ScriptedGateway) -> WorkflowResult:
-    runner = SnapshotRunner(gateway, BOUNDS)
+class KeptSnapshots(MemorySnapshots):
+    """The records in a dict."""
+
+    def __init__(self) -> None:
+        super().__init__(cast(Redis, None))
+        self.kept: dict[tuple[str, str], MemorySnapshot] = {}
+
+    async def save(self, vm_id: str, snapshot: MemorySnapshot) -> None:
+        self.kept[(vm_id, snapshot.snapshot_id)] = snapshot
+
+
+async def run(gateway: ScriptedGateway, kept: KeptSnapshots | None = None) -> WorkflowResult:
+    runner = SnapshotRunner(gateway, BOUNDS, kept or KeptSnapshots())
     record = new_memory_snapshot(VM_ID, "host-a", "snap-1", BOUNDS)
 
     async def save(_progress: WorkflowRecord) -> bool:
@@ -70,16 +85,24 @@ async def run(gateway: ScriptedGateway) -> WorkflowResult:
 
 PAUSE, RETRIEVE, PIN = "vm.suspend", "state.retrieve", "snapshot.create"
 SNAPSHOT, RESUME = "vm.snapshot-domain", "vm.resume"
+SNAPSHOT_XML = "<domainsnapshot><name>snap-1</name></domainsnapshot>"
 
 
 async def test_state_is_retrieved_and_pinned_while_paused() -> None:
     gateway = ScriptedGateway(failing=set())
-    result = await run(gateway)
+    kept = KeptSnapshots()
+    result = await run(gateway, kept)
     assert result.ok
     assert gateway.sent == [PAUSE, RETRIEVE, PIN, SNAPSHOT, RESUME]
     assert result.detail == {"mode": "memory", "tpm": "3", "nvram": "2"}
     (event,) = gateway.published
     assert isinstance(event, VmSnapshotted)
+    # What a revert after an undefine needs: the host with the memory, libvirt's XML.
+    assert kept.kept == {
+        (VM_ID, "snap-1"): MemorySnapshot(
+            snapshot_id="snap-1", host="host-a", snapshot_xml=SNAPSHOT_XML
+        )
+    }
 
 
 @pytest.mark.parametrize(
@@ -96,9 +119,11 @@ async def test_every_failure_still_resumes_the_vm(
     failing: set[str], sent: list[str], error: str
 ) -> None:
     gateway = ScriptedGateway(failing=failing)
-    result = await run(gateway)
+    kept = KeptSnapshots()
+    result = await run(gateway, kept)
     assert not result.ok
     assert result.error is not None
     assert error in result.error
     assert gateway.sent == sent
     assert gateway.published == []
+    assert kept.kept == {}, "a failed snapshot leaves nothing to revert to"

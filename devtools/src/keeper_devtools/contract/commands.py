@@ -88,11 +88,12 @@ from keeper_shared.messages.vm import (
 from keeper_shared.messages.vm_control import (
     DeleteDomainSnapshot,
     ResumeVm,
+    RevertDomain,
     SetPlacementEpoch,
     SnapshotDomain,
     SuspendVm,
 )
-from keeper_shared.messages.vm_snapshot import SnapshotVm, VmSnapshotted
+from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm, VmSnapshotted
 
 ERROR_REPLY: type[Payload] = CommandRejected
 """The answer any command can get instead of its reply: its receiver could not take it
@@ -142,6 +143,7 @@ COMMANDS: Mapping[type[Payload], CommandContract] = {
     ResumeVm: CommandContract(_HOST, CommandDone, (VmResumed,)),
     SnapshotDomain: CommandContract(_HOST, CommandDone),
     DeleteDomainSnapshot: CommandContract(_HOST, CommandDone),
+    RevertDomain: CommandContract(_HOST, CommandDone, (VmDefined, VmStarted)),
     # State store.
     RetrieveState: CommandContract(
         (Receiver.STATE_STORE, Receiver.STATE_STORE_FOR_HOSTS),
@@ -179,6 +181,12 @@ COMMANDS: Mapping[type[Payload], CommandContract] = {
         CommandDone,
         # Suspended, retrieved and resumed only for a snapshot with memory.
         (VmSuspended, StatePersisted, VmResumed, VmSnapshotted),
+    ),
+    RevertVm: CommandContract(
+        _POLICY,
+        CommandDone,
+        # A running VM is powered off first, as by vm.stop; the revert is a placement.
+        (StatePersisted, VmStopped, VmUndefined, VmDefined, VmStarted, VmPlaced),
     ),
     AdoptVm: CommandContract(_POLICY, VmAdoptionResult, (VmAdopted,)),
     ListVms: CommandContract(_POLICY, VmsListed),

@@ -31,6 +31,11 @@ class HostAgentSettings(ServiceSettings, HookSettings):
         default=Path("/var/lib/libvirt/qemu/nvram"),
         description="Where NVRAM files go when the domain XML names none.",
     )
+    snapshot_dir: Path = Field(
+        default=Path("/var/lib/libvirt/qemu/snapshot"),
+        description="Where snapshots with memory keep their memory file "
+        "(`<vm-uuid>/<snapshot>.mem`); it stays on this host until the snapshot is deleted.",
+    )
     state_owner: str | None = Field(
         default=None, description="`user:group` swtpm runs as; None keeps the agent's own."
     )
