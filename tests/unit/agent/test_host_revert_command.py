@@ -22,9 +22,10 @@ from support.fake_hypervisor import FakeDomain, FakeHypervisor
 
 DELIVERY = Delivery(user_id=None, redelivered=False, reply_to=None, correlation_id=None)
 SNAPSHOT = "before-update"
+MEMORY = "/var/lib/libvirt/qemu/memory-snapshots/x/before-update.mem"
 SNAPSHOT_XML = (
     f"<domainsnapshot><name>{SNAPSHOT}</name>"
-    "<memory snapshot='external' file='/var/lib/libvirt/qemu/snapshot/x/before-update.mem'/>"
+    f"<memory snapshot='external' file='{MEMORY}'/>"
     "<disks><disk name='vda' snapshot='no'/></disks></domainsnapshot>"
 )
 
@@ -116,10 +117,7 @@ async def test_a_running_domain_or_another_placements_xml_is_refused(
 
 
 def test_the_memory_file_and_disk_overlays_are_read_from_the_snapshot_xml() -> None:
-    assert memory_parts(SNAPSHOT_XML) == (
-        "/var/lib/libvirt/qemu/snapshot/x/before-update.mem",
-        False,
-    )
+    assert memory_parts(SNAPSHOT_XML) == (MEMORY, False)
     with_overlay = SNAPSHOT_XML.replace("snapshot='no'", "snapshot='external'")
     assert memory_parts(with_overlay)[1] is True
     without_memory = "<domainsnapshot><name>s</name><memory snapshot='no'/></domainsnapshot>"

@@ -32,7 +32,9 @@ class HostAgentSettings(ServiceSettings, HookSettings):
         description="Where NVRAM files go when the domain XML names none.",
     )
     snapshot_dir: Path = Field(
-        default=Path("/var/lib/libvirt/qemu/snapshot"),
+        # Not libvirt's own snapshot directory (/var/lib/libvirt/qemu/snapshot/<name>/
+        # holds its snapshot metadata); under /var/lib/libvirt/qemu for its file labels.
+        default=Path("/var/lib/libvirt/qemu/memory-snapshots"),
         description="Where snapshots with memory keep their memory file "
         "(`<vm-uuid>/<snapshot>.mem`); it stays on this host until the snapshot is deleted.",
     )
