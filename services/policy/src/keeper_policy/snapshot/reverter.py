@@ -90,7 +90,9 @@ class Reverter:
                 return _reply(request, error=f"the VM could not be powered off: {stopped.error}")
         placed = await self._placer.place(plan.place, revert_to=snapshot)
         if not placed.ok:
-            return _reply(request, error=placed.error, detail=placed.detail)
+            # An undone placement leaves the VM off, its newest state untouched.
+            error = f"{placed.error}; the VM is off (a start uses its newest state)"
+            return _reply(request, error=error, detail=placed.detail)
         log.info(
             "VM reverted to a snapshot with memory",
             vm_id=vm_id,
