@@ -91,8 +91,8 @@ class Reverter:
         placed = await self._placer.place(plan.place, revert_to=snapshot)
         if not placed.ok:
             # An undone placement leaves the VM off, its newest state untouched.
-            error = f"{placed.error}; the VM is off (a start uses its newest state)"
-            return _reply(request, error=error, detail=placed.detail)
+            why = f"{placed.error}; the VM is off (a start uses its newest state)"
+            return _reply(request, error=why, detail=placed.detail)
         log.info(
             "VM reverted to a snapshot with memory",
             vm_id=vm_id,
