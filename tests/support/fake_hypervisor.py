@@ -9,6 +9,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from keeper_host_agent.hypervisor.errors import DomainNotFoundError, TpmSecretUnreadableError
 from keeper_host_agent.hypervisor.port import DomainSnapshot, LifecycleEvent
@@ -45,6 +46,8 @@ class FakeHypervisor:
         self.secrets: dict[str, TpmSecret] = {}
         """VM id -> the keeper's TPM secret defined for it."""
         self.calls: list[tuple[str, str]] = []
+        self.memory_files: dict[tuple[str, str], Path] = {}
+        """(VM id, snapshot) -> where its memory went."""
 
     def _get(self, operation: str, vm_id: str) -> FakeDomain:
         self.calls.append((operation, vm_id))
@@ -125,9 +128,44 @@ class FakeHypervisor:
         """The domain's snapshots."""
         return list(self._get("snapshot_names", vm_id).snapshots)
 
-    async def create_snapshot(self, vm_id: str, name: str, description: str) -> None:
-        """Add a snapshot."""
-        self._get("create_snapshot", vm_id).snapshots.append(name)
+    async def create_snapshot(
+        self, vm_id: str, name: str, description: str, memory_file: Path
+    ) -> None:
+        """Add a snapshot; an active domain's names its memory file."""
+        domain = self._get("create_snapshot", vm_id)
+        domain.snapshots.append(name)
+        if domain.active:
+            self.memory_files[(vm_id, name)] = memory_file
+
+    async def snapshot_xml(self, vm_id: str, name: str) -> str:
+        """A snapshot document naming its memory file, as libvirt's would."""
+        if name not in self._get("snapshot_xml", vm_id).snapshots:
+            raise DomainNotFoundError(f"no snapshot {name}")
+        memory = self.memory_files.get((vm_id, name))
+        element = f"<memory snapshot='external' file='{memory}'/>" if memory else ""
+        return f"<domainsnapshot><name>{name}</name>{element}</domainsnapshot>"
+
+    async def revert_to_snapshot(
+        self, domain_xml: str, snapshot_xml: str, name: str, metadata: tuple[str, str, str]
+    ) -> None:
+        """Define the domain, take the snapshot back from ``snapshot_xml`` when it lacks
+        it, and run it with ``metadata``."""
+        root = ET.fromstring(domain_xml)  # noqa: S314 - the test's own XML
+        vm_id = (root.findtext("uuid") or "").lower()
+        self.calls.append(("revert_to_snapshot", vm_id))
+        known = self.domains.get(vm_id)
+        snapshots = known.snapshots if known is not None else []
+        if name not in snapshots:
+            self.calls.append(("redefine_snapshot", vm_id))
+            snapshots = [*snapshots, name]
+        element, _prefix, namespace = metadata
+        self.domains[vm_id] = FakeDomain(
+            vm_id,
+            root.findtext("name") or "",
+            domain_xml,
+            snapshots=snapshots,
+            metadata={namespace: element},
+        )
 
     async def delete_snapshot(self, vm_id: str, name: str) -> None:
         """Remove a snapshot."""

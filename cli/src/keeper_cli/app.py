@@ -54,6 +54,7 @@ from keeper_shared.messages.replies import (
     DeleteStateReply,
     DisableTpmReply,
     PlaceVmReply,
+    RevertVmReply,
 )
 from keeper_shared.messages.tpm import Firmware, VmSpec
 from keeper_shared.messages.transfer import CloneTpm
@@ -597,26 +598,124 @@ def snapshot(
             help="Snapshot name (default: a timestamp).",
         ),
     ] = None,
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory",
+            help="Include the running VM's memory: it is paused while its TPM and NVRAM are "
+            "retrieved and pinned, so `keeper vm revert` brings back both together.",
+        ),
+    ] = False,
     timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Pin the VM's newest stored TPM and NVRAM versions under a snapshot name."""
+    """Pin the VM's newest stored TPM and NVRAM versions under a snapshot name (with
+    --memory: a libvirt snapshot of the running VM with the TPM and NVRAM it had then)."""
     snapshot_id = name or time.strftime("snap-%Y%m%d-%H%M%S")
 
     async def work(settings: CliSettings) -> tuple[str, dict[StateKind, int]]:
         async with connected(settings, needs=RESOLVING) as client:
             vm_id = await resolve(client, vm)
-            return vm_id, await client.create_snapshot(vm_id, snapshot_id)
+            if not memory:
+                return vm_id, await client.create_snapshot(vm_id, snapshot_id)
+            status = await views.vm_status(client, vm_id)
+            if status is None or status.host is None:
+                raise CliError(
+                    f"{vm} is not running: there is no memory to snapshot (without --memory "
+                    "its stored state is pinned)",
+                    ExitCode.REFUSED,
+                )
+            with progress(f"Snapshotting {vm} with its memory...", quiet=as_json):
+                detail = await client.snapshot(vm_id, snapshot_id, memory=True)
+            return vm_id, {k: int(detail[k.value]) for k in StateKind if k.value in detail}
 
     vm_id, pinned = run(work, follow=f"`keeper vm snapshots {vm}`")
     versions = {k.value: v for k, v in pinned.items()}
     if as_json:
         output.emit_json(
-            document("snapshot", {"vm_id": vm_id, "snapshot_id": snapshot_id, "versions": versions})
+            document(
+                "snapshot",
+                {
+                    "vm_id": vm_id,
+                    "snapshot_id": snapshot_id,
+                    "versions": versions,
+                    "memory": memory,
+                },
+            )
+        )
+        return
+    rows: list[tuple[str, Any]] = [("snapshot", snapshot_id), ("vm id", vm_id)]
+    if memory:
+        rows.append(("memory", f"kept; `keeper vm revert {vm} {snapshot_id}` goes back to it"))
+    output.facts([*rows, *((k, f"v{v}") for k, v in versions.items())])
+
+
+@vm_app.command("revert")
+def revert(
+    vm: VmArgument,
+    snapshot_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="SNAPSHOT",
+            callback=inputs.snapshot_id,
+            help="A snapshot taken with --memory.",
+        ),
+    ],
+    yes: YesOption = False,
+    timeout: TimeoutOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Go back to a snapshot with memory: the VM runs on from that moment with the TPM and
+    NVRAM it had then. A running VM is powered off first (its final state is kept in the
+    history). Says what stops being the newest and asks first (--yes for automation)."""
+
+    async def work(settings: CliSettings) -> tuple[str, RevertVmReply]:
+        async with connected(settings, needs=RESOLVING) as client:
+            vm_id = await resolve(client, vm)
+            found = [s for s in await client.list_snapshots(vm_id) if s.snapshot_id == snapshot_id]
+            if not found:
+                raise CliError(f"{vm} has no snapshot {snapshot_id!r}", ExitCode.REFUSED)
+            status = await views.vm_status(client, vm_id)
+            running = status is not None and status.host is not None
+            lost = (
+                f"{vm} runs: it is powered off at once (no shutdown), and what its guest did "
+                "since the snapshot, in memory and on the TPM, is left behind"
+                if running
+                else "what the guest did since the snapshot is left behind"
+            )
+            confirm(
+                f"Revert {vm} to snapshot {snapshot_id}? {lost}; the stored TPM and NVRAM "
+                "stay in the history. Continue?",
+                yes=yes,
+            )
+            with progress(f"Reverting {vm} to {snapshot_id}...", quiet=as_json):
+                return vm_id, await client.revert(vm_id, snapshot_id)
+
+    vm_id, reverted = run(work, follow=_follow(vm))
+    versions = {kind.value: version for kind, version in sorted(reverted.versions.items())}
+    if as_json:
+        output.emit_json(
+            document(
+                "vm-revert",
+                {
+                    "vm_id": vm_id,
+                    "snapshot_id": snapshot_id,
+                    "host": reverted.host,
+                    "epoch": reverted.epoch,
+                    "versions": versions,
+                },
+            )
         )
         return
     output.facts(
-        [("snapshot", snapshot_id), ("vm id", vm_id), *((k, f"v{v}") for k, v in versions.items())]
+        [
+            ("reverted", vm),
+            ("snapshot", snapshot_id),
+            ("vm id", vm_id),
+            ("host", reverted.host),
+            ("epoch", reverted.epoch),
+            *((f"{kind} version", version) for kind, version in versions.items()),
+        ]
     )
 
 

@@ -51,6 +51,7 @@ from keeper_shared.messages.replies import (
     ImportStateReply,
     PlaceVmReply,
     RestoreStateReply,
+    RevertVmReply,
     SnapshotVmReply,
     StopVmReply,
 )
@@ -81,7 +82,7 @@ from keeper_shared.messages.transfer import (
     StateExported,
 )
 from keeper_shared.messages.types import HOST_ID_PATTERN, StateKind
-from keeper_shared.messages.vm_snapshot import SnapshotVm
+from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm
 
 E = TypeVar("E", bound=Payload)
 
@@ -357,6 +358,13 @@ class KeeperClient:
         it with :meth:`place` and ``snapshot_id``."""
         request = SnapshotVm(vm_id=vm_id, snapshot_id=snapshot_id, memory=memory)
         return await self._ask(self._policy_target, request, SnapshotVmReply, vm_id)
+
+    async def revert(self, vm_id: str, snapshot_id: str) -> RevertVmReply:
+        """Go back to a snapshot with memory (a running VM is powered off first, its final
+        state kept); returns where and under which epoch it runs, and the versions put
+        back."""
+        request = RevertVm(vm_id=vm_id, snapshot_id=snapshot_id)
+        return await self._ask(self._policy_target, request, RevertVmReply, vm_id)
 
     async def endorsement_key(self, vm_id: str) -> EndorsementKeyRead:
         """The EK of the VM's newest stored TPM (public key, certificate), read by the store

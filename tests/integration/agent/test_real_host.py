@@ -231,8 +231,11 @@ def _remove_leftover_domains() -> list[str]:
                 if domain.isActive():
                     domain.destroy()
             with contextlib.suppress(libvirt.libvirtError):
+                # A snapshot left by a failed memory-snapshot test would refuse the undefine.
                 domain.undefineFlags(
-                    libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_TPM
+                    libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                    | libvirt.VIR_DOMAIN_UNDEFINE_TPM
+                    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                 )
             removed.append(domain.name())
         for secret in conn.listAllSecrets(0):

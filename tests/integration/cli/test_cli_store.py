@@ -462,6 +462,34 @@ async def test_restore_asks_first_and_refuses_a_running_vm(store: Store, policy_
     assert await store.repository.head_version(vm_id, StateKind.TPM) == 2  # nothing changed
 
 
+async def test_revert_asks_first_saying_a_running_vm_is_powered_off(
+    store: Store, policy_key: str
+) -> None:
+    """A revert names a snapshot the store holds, and asks before anything changes: a
+    running VM is powered off and what its guest did since is left behind. A snapshot
+    with memory without a running VM is refused before anything is sent."""
+    name = unique("cli-vm")
+    vm_id = await register(store, name)
+    await store.client.create_snapshot(vm_id, "before-update")
+
+    unknown = await keeper(store, policy_key, "vm", "revert", name, "no-such", "--yes")
+    assert unknown.exit_code == ExitCode.REFUSED, unknown.output
+    assert "has no snapshot 'no-such'" in unknown.stderr
+    unconfirmed = await keeper(store, policy_key, "vm", "revert", name, "before-update")
+    assert unconfirmed.exit_code == ExitCode.ABORTED, unconfirmed.output
+    assert "it is powered off at once" in unconfirmed.stderr
+    assert "--yes" in unconfirmed.stderr
+
+    await awaited(store.redis.hset(placement_key(vm_id), "host", ""))  # stopped
+    stopped = await keeper(store, policy_key, "vm", "revert", name, "before-update")
+    assert stopped.exit_code == ExitCode.ABORTED, stopped.output
+    assert "powered off" not in stopped.stderr
+    memory = await keeper(store, policy_key, "vm", "snapshot", name, "--name", "m", "--memory")
+    assert memory.exit_code == ExitCode.REFUSED, memory.output
+    assert "not running: there is no memory to snapshot" in memory.stderr
+    assert [s.snapshot_id for s in await store.client.list_snapshots(vm_id)] == ["before-update"]
+
+
 async def test_a_refused_login_is_told_as_such(store: Store) -> None:
     """A wrong password is not "cannot reach RabbitMQ": exit 7, naming the user, never
     the password."""

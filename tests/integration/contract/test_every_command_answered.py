@@ -47,11 +47,12 @@ from keeper_shared.messages.vm import PowerOffVm, PrepareVm, ShutdownVm, StartVm
 from keeper_shared.messages.vm_control import (
     DeleteDomainSnapshot,
     ResumeVm,
+    RevertDomain,
     SetPlacementEpoch,
     SnapshotDomain,
     SuspendVm,
 )
-from keeper_shared.messages.vm_snapshot import SnapshotVm
+from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm
 from support.broker import Broker
 from support.policy_stack import PolicyStack
 
@@ -106,6 +107,13 @@ EXAMPLES: dict[type[Payload], Callable[[Scene], Payload]] = {
     SuspendVm: lambda s: SuspendVm(vm_id=_new_id()),
     ResumeVm: lambda s: ResumeVm(vm_id=s.vm_id),
     SnapshotDomain: lambda s: SnapshotDomain(vm_id=_new_id(), snapshot_id="s1", description=""),
+    RevertDomain: lambda s: RevertDomain(
+        vm_id=_new_id(),
+        epoch=1,
+        domain_xml="<domain/>",
+        snapshot_id="s1",
+        snapshot_xml="<domainsnapshot/>",
+    ),
     DeleteDomainSnapshot: lambda s: DeleteDomainSnapshot(vm_id=_new_id(), snapshot_id="s1"),
     # State store.
     RetrieveState: lambda s: RetrieveState(vm_id=s.vm_id, host=s.host),
@@ -134,6 +142,7 @@ EXAMPLES: dict[type[Payload], Callable[[Scene], Payload]] = {
     PlaceVm: lambda s: PlaceVm(vm_id=s.vm_id, host=s.host),
     StopVm: lambda s: StopVm(vm_id=_new_id(), mode=StopMode.POWEROFF),
     SnapshotVm: lambda s: SnapshotVm(vm_id=s.vm_id, snapshot_id="live"),
+    RevertVm: lambda s: RevertVm(vm_id=s.vm_id, snapshot_id="never-taken"),
     AdoptVm: lambda s: AdoptVm(vm="no-such-domain", host=s.host),
     ListVms: lambda s: ListVms(),
     ListUnprotectedVms: lambda s: ListUnprotectedVms(),

@@ -5,11 +5,13 @@ domain this host does not have is a refusal, not an exception."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 from keeper_host_agent.commands.snapshots import SnapshotCommands
 from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_shared.bus.client import Delivery
 from keeper_shared.messages.envelope import Envelope, P, new_envelope
+from keeper_shared.messages.replies import SnapshotDomainReply
 from keeper_shared.messages.vm_control import (
     DeleteDomainSnapshot,
     ResumeVm,
@@ -31,10 +33,12 @@ def running_vm() -> tuple[str, FakeHypervisor]:
     return vm_id, FakeHypervisor(FakeDomain(vm_id, "vm", active=True))
 
 
-async def test_a_running_domain_is_paused_snapshotted_and_resumed_once_each() -> None:
+async def test_a_running_domain_is_paused_snapshotted_and_resumed_once_each(
+    tmp_path: Path,
+) -> None:
     vm_id, fake = running_vm()
     hypervisor: Hypervisor = fake
-    commands = SnapshotCommands(hypervisor)
+    commands = SnapshotCommands(hypervisor, tmp_path)
     snapshot = SnapshotDomain(vm_id=vm_id, snapshot_id=SNAPSHOT, description="pinned v3")
 
     paused = await commands.suspend(envelope(SuspendVm(vm_id=vm_id)), DELIVERY)
@@ -43,15 +47,22 @@ async def test_a_running_domain_is_paused_snapshotted_and_resumed_once_each() ->
 
     assert [paused.ok, taken.ok, resumed.ok] == [True, True, True]
     assert [done.changed for done in (paused, taken, resumed)] == [True] * 3
+    # The memory goes to the snapshot directory, in a directory only root reads, and the
+    # reply carries the snapshot's XML for policy to keep (naming that memory file).
+    memory = tmp_path / vm_id / f"{SNAPSHOT}.mem"
+    assert fake.memory_files[(vm_id, SNAPSHOT)] == memory
+    assert memory.parent.stat().st_mode & 0o777 == 0o700
+    assert taken.snapshot_xml is not None
+    assert f"file='{memory}'" in taken.snapshot_xml
     domain = fake.domains[vm_id]
     assert domain.snapshots == [SNAPSHOT]
     assert not domain.paused
     assert domain.active
 
 
-async def test_each_repeat_succeeds_without_doing_anything() -> None:
+async def test_each_repeat_succeeds_without_doing_anything(tmp_path: Path) -> None:
     vm_id, fake = running_vm()
-    commands = SnapshotCommands(fake)
+    commands = SnapshotCommands(fake, tmp_path)
     snapshot = SnapshotDomain(vm_id=vm_id, snapshot_id=SNAPSHOT)
     delete = DeleteDomainSnapshot(vm_id=vm_id, snapshot_id=SNAPSHOT)
 
@@ -70,14 +81,17 @@ async def test_each_repeat_succeeds_without_doing_anything() -> None:
 
     assert all(done.ok for done in repeats)
     assert [done.changed for done in repeats] == [False] * 4
+    snapshot_again = repeats[1]
+    assert isinstance(snapshot_again, SnapshotDomainReply)
+    assert snapshot_again.snapshot_xml, "a repeated snapshot still reports its XML"
     acted = [operation for operation, _ in fake.calls]
     for operation in ("suspend", "create_snapshot", "resume", "delete_snapshot"):
         assert acted.count(operation) == 1, operation
     assert fake.domains[vm_id].snapshots == []
 
 
-async def test_a_domain_this_host_does_not_have_is_refused() -> None:
-    commands = SnapshotCommands(FakeHypervisor())
+async def test_a_domain_this_host_does_not_have_is_refused(tmp_path: Path) -> None:
+    commands = SnapshotCommands(FakeHypervisor(), tmp_path)
     missing = str(uuid.uuid4())
 
     done = await commands.snapshot(

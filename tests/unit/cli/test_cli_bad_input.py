@@ -54,8 +54,14 @@ BAD_INPUT: dict[str, list[list[str]]] = {
         ["vm1", "--host", "h", "--version", "1", "--kind", "bios"],
         ["vm1", "--version", "1"],  # --host missing
     ],
-    "vm snapshot": [["vm1", "--name", "a b"], ["vm1", "--name", "-leading-dash"], ["bad name!"]],
+    "vm snapshot": [
+        ["vm1", "--name", "a b"],
+        ["vm1", "--name", "-leading-dash"],
+        ["bad name!"],
+        ["vm1", "--memory", "yes"],
+    ],
     "vm snapshot-delete": [["vm1"], ["vm1", "a b"]],
+    "vm revert": [["vm1"], ["vm1", "a b"], ["bad name!", "s1"], ["vm1", "s1", "--memory"]],
     "vm delete-state": [["bad name!"], ["vm1", "--reason", "r" * 300]],
     "vm disable-tpm": [["bad name!"], ["vm1", "--reason", "r" * 300]],
     "vm clone": [
@@ -119,6 +125,7 @@ GOOD_INPUT: dict[str, list[str]] = {
     "vm restore": ["vm1", "--host", "host-a", "--snapshot", "s1", "--yes"],
     "vm snapshot": ["vm1", "--name", "s1"],
     "vm snapshot-delete": ["vm1", "s1", "--yes"],
+    "vm revert": ["vm1", "s1", "--yes"],
     "vm delete-state": ["vm1", "--yes"],
     "vm disable-tpm": ["vm1", "--yes"],
     "vm clone": ["vm1", VM_ID, "--tpm", "fresh"],

@@ -7,15 +7,22 @@ from __future__ import annotations
 from typing import cast
 
 import pytest
+from redis.asyncio import Redis
 
 from keeper_policy.gateway import Gateway
+from keeper_policy.snapshot.memory_records import MemorySnapshot, MemorySnapshots
 from keeper_policy.snapshot.workflow import SnapshotRunner, new_memory_snapshot
 from keeper_policy.stop.plan import StopBounds
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
 from keeper_shared.bus.client import BusClient
 from keeper_shared.messages.commands import ReplyT
 from keeper_shared.messages.envelope import Payload
-from keeper_shared.messages.replies import CreateSnapshotReply, RetrieveStateReply, SnapshotVmReply
+from keeper_shared.messages.replies import (
+    CreateSnapshotReply,
+    RetrieveStateReply,
+    SnapshotDomainReply,
+    SnapshotVmReply,
+)
 from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm_snapshot import SnapshotMode, VmSnapshotted
 
@@ -39,6 +46,10 @@ class ScriptedGateway(Gateway):
             return reply_type.failed(f"{kind} refused")
         if reply_type is CreateSnapshotReply:
             return reply_type.model_validate({"ok": True, "versions": PINNED})
+        if reply_type is SnapshotDomainReply:
+            return reply_type.model_validate(
+                {"ok": True, "changed": True, "snapshot_xml": SNAPSHOT_XML}
+            )
         return reply_type(ok=True)
 
     async def host(
@@ -68,8 +79,19 @@ class ScriptedGateway(Gateway):
         self.published.append(payload)
 
 
-async def run(gateway: ScriptedGateway) -> WorkflowResult:
-    runner = SnapshotRunner(gateway, BOUNDS)
+class KeptSnapshots(MemorySnapshots):
+    """The records in a dict."""
+
+    def __init__(self) -> None:
+        super().__init__(cast(Redis, None))
+        self.kept: dict[tuple[str, str], MemorySnapshot] = {}
+
+    async def save(self, vm_id: str, snapshot: MemorySnapshot) -> None:
+        self.kept[(vm_id, snapshot.snapshot_id)] = snapshot
+
+
+async def run(gateway: ScriptedGateway, kept: KeptSnapshots | None = None) -> WorkflowResult:
+    runner = SnapshotRunner(gateway, BOUNDS, kept or KeptSnapshots())
     record = new_memory_snapshot(VM_ID, "host-a", "snap-1", BOUNDS)
 
     async def save(_progress: WorkflowRecord) -> bool:
@@ -85,17 +107,25 @@ async def run(gateway: ScriptedGateway) -> WorkflowResult:
 
 PAUSE, RETRIEVE, PIN = "vm.suspend", "state.retrieve", "snapshot.create"
 SNAPSHOT, RESUME = "vm.snapshot-domain", "vm.resume"
+SNAPSHOT_XML = "<domainsnapshot><name>snap-1</name></domainsnapshot>"
 
 
 async def test_state_is_retrieved_and_pinned_while_paused() -> None:
     gateway = ScriptedGateway(failing=set())
-    result = await run(gateway)
+    kept = KeptSnapshots()
+    result = await run(gateway, kept)
     assert result.ok
     assert gateway.sent == [PAUSE, RETRIEVE, PIN, SNAPSHOT, RESUME]
     reply = result.reply(SnapshotVmReply)
     assert (reply.mode, reply.versions) == (SnapshotMode.MEMORY, PINNED)
     (event,) = gateway.published
     assert isinstance(event, VmSnapshotted)
+    # What a revert after an undefine needs: the host with the memory, libvirt's XML.
+    assert kept.kept == {
+        (VM_ID, "snap-1"): MemorySnapshot(
+            snapshot_id="snap-1", host="host-a", snapshot_xml=SNAPSHOT_XML
+        )
+    }
 
 
 @pytest.mark.parametrize(
@@ -112,10 +142,12 @@ async def test_every_failure_still_resumes_the_vm(
     failing: set[str], sent: list[str], error: str
 ) -> None:
     gateway = ScriptedGateway(failing=failing)
-    result = await run(gateway)
+    kept = KeptSnapshots()
+    result = await run(gateway, kept)
     reply = result.reply(SnapshotVmReply)
     assert not reply.ok
     assert reply.error is not None
     assert error in reply.error
     assert gateway.sent == sent
     assert gateway.published == []
+    assert kept.kept == {}, "a failed snapshot leaves nothing to revert to"

@@ -63,6 +63,8 @@ from keeper_shared.messages.replies import (
     RestoreStateReply,
     ResumeVmReply,
     RetrieveStateReply,
+    RevertDomainReply,
+    RevertVmReply,
     SetPlacementEpochReply,
     ShutdownVmReply,
     SnapshotDomainReply,
@@ -115,11 +117,12 @@ from keeper_shared.messages.vm import (
 from keeper_shared.messages.vm_control import (
     DeleteDomainSnapshot,
     ResumeVm,
+    RevertDomain,
     SetPlacementEpoch,
     SnapshotDomain,
     SuspendVm,
 )
-from keeper_shared.messages.vm_snapshot import SnapshotVm, VmSnapshotted
+from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm, VmSnapshotted
 
 ERROR_REPLY: type[Payload] = CommandRejected
 """The answer any command can get instead of its reply: its receiver could not take it
@@ -169,6 +172,7 @@ COMMANDS: Mapping[type[Payload], CommandContract] = {
     ResumeVm: CommandContract(_HOST, ResumeVmReply, (VmResumed,)),
     SnapshotDomain: CommandContract(_HOST, SnapshotDomainReply),
     DeleteDomainSnapshot: CommandContract(_HOST, DeleteDomainSnapshotReply),
+    RevertDomain: CommandContract(_HOST, RevertDomainReply, (VmDefined, VmStarted)),
     # State store.
     RetrieveState: CommandContract(
         (Receiver.STATE_STORE, Receiver.STATE_STORE_FOR_HOSTS),
@@ -208,6 +212,12 @@ COMMANDS: Mapping[type[Payload], CommandContract] = {
         SnapshotVmReply,
         # Suspended, retrieved and resumed only for a snapshot with memory.
         (VmSuspended, StatePersisted, VmResumed, VmSnapshotted),
+    ),
+    RevertVm: CommandContract(
+        _POLICY,
+        RevertVmReply,
+        # A running VM is powered off first, as by vm.stop; the revert is a placement.
+        (StatePersisted, VmStopped, VmUndefined, VmDefined, VmStarted, VmPlaced),
     ),
     AdoptVm: CommandContract(_POLICY, VmAdoptionResult, (VmAdopted,)),
     ListVms: CommandContract(_POLICY, VmsListed),

@@ -123,6 +123,7 @@ def policy_patterns() -> list[str]:
         policy_keys.workflow_lease_key(ANY),
         policy_keys.workflow_result_key(ANY),
         policy_keys.migration_key(ANY),
+        policy_keys.memory_snapshots_key(ANY),
         policy_keys.cleanup_lock_key(ANY),
         policy_keys.host_vms_key(ANY),
         policy_keys.host_cleanup_key(ANY),

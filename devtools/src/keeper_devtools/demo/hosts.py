@@ -45,6 +45,11 @@ class SimulatedHost:
         """Where NVRAM files live on this host (libvirt's /var/lib/libvirt/qemu/nvram)."""
         return self.root / "nvram"
 
+    @property
+    def snapshot_dir(self) -> Path:
+        """Where snapshots with memory keep their memory (the agent's ``snapshot_dir``)."""
+        return self.root / "memory-snapshots"
+
     def create(self) -> None:
         """Lay out an empty host."""
         self.root.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,7 @@ def _services(config: DemoConfig, hosts: list[SimulatedHost]) -> list[ServicePro
                     "KEEPER_HOST_LIBVIRT_URI": host.libvirt_uri,
                     "KEEPER_HOST_SWTPM_ROOT": str(host.swtpm_root),
                     "KEEPER_HOST_NVRAM_DIR": str(host.nvram_dir),
+                    "KEEPER_HOST_SNAPSHOT_DIR": str(host.snapshot_dir),
                     "KEEPER_HOST_GENERATION_MARK_FILE": str(host.generation_mark_file),
                     "KEEPER_HOST_STABILITY_WINDOW_S": str(config.stability_window_s),
                     "KEEPER_HOST_HEARTBEAT_INTERVAL_S": str(config.heartbeat_interval_s),

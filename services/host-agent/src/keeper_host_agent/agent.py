@@ -12,6 +12,7 @@ from keeper_host_agent.commands.placement import (
     PlacementCommands,
     set_placement_epoch,
 )
+from keeper_host_agent.commands.revert import RevertCommands
 from keeper_host_agent.commands.snapshots import SnapshotCommands
 from keeper_host_agent.commands.vm_lifecycle import HostCommands
 from keeper_host_agent.detect.announcer import ChangeAnnouncer
@@ -52,6 +53,7 @@ from keeper_shared.messages.vm import (
 from keeper_shared.messages.vm_control import (
     DeleteDomainSnapshot,
     ResumeVm,
+    RevertDomain,
     SetPlacementEpoch,
     SnapshotDomain,
     SuspendVm,
@@ -81,7 +83,8 @@ class HostAgent:
         self.watcher = ChangeWatcher(self.tracker, rescan_interval_s=settings.rescan_interval_s)
         self.commands = HostCommands(settings, self.hypervisor, self.tracker)
         self.placement = PlacementCommands(self.hypervisor, self.refresh_domain)
-        self.snapshots = SnapshotCommands(self.hypervisor)
+        self.snapshots = SnapshotCommands(self.hypervisor, settings.snapshot_dir)
+        self.revert = RevertCommands(settings, self.hypervisor)
         self.hook = HookHandler(settings, bus, self.hypervisor, self.tracker)
         self.lifecycle_tasks = BackgroundTasks("lifecycle handling failed")
         """What each libvirt event set off (publishing its fact, re-reading the domain)."""
@@ -282,5 +285,6 @@ class HostAgent:
             Route(ResumeVm, self.snapshots.resume),
             Route(SnapshotDomain, self.snapshots.snapshot),
             Route(DeleteDomainSnapshot, self.snapshots.delete_snapshot),
+            Route(RevertDomain, self.revert.revert),
         ]
         return only_from(self.settings.command_senders, routes)

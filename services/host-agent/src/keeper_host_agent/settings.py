@@ -31,6 +31,13 @@ class HostAgentSettings(ServiceSettings, HookSettings):
         default=Path("/var/lib/libvirt/qemu/nvram"),
         description="Where NVRAM files go when the domain XML names none.",
     )
+    snapshot_dir: Path = Field(
+        # Not libvirt's own snapshot directory (/var/lib/libvirt/qemu/snapshot/<name>/
+        # holds its snapshot metadata); under /var/lib/libvirt/qemu for its file labels.
+        default=Path("/var/lib/libvirt/qemu/memory-snapshots"),
+        description="Where snapshots with memory keep their memory file "
+        "(`<vm-uuid>/<snapshot>.mem`); it stays on this host until the snapshot is deleted.",
+    )
     state_owner: str | None = Field(
         default=None, description="`user:group` swtpm runs as; None keeps the agent's own."
     )

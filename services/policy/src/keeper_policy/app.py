@@ -20,6 +20,8 @@ from keeper_policy.placement.placer import Placer
 from keeper_policy.placement.workflow import PLACE, PlaceRunner
 from keeper_policy.service import PolicyService
 from keeper_policy.settings import PolicySettings
+from keeper_policy.snapshot.memory_records import MemorySnapshots
+from keeper_policy.snapshot.reverter import Reverter
 from keeper_policy.snapshot.snapshotter import Snapshotter
 from keeper_policy.snapshot.workflow import SNAPSHOT, SnapshotRunner
 from keeper_policy.stop.plan import StopBounds
@@ -54,6 +56,7 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
     hosts = HostRegistry(redis, scripts)
     workflows = WorkflowStore(redis, scripts)
     senders = HostSenders(verify=settings.verify_host_identity)
+    memory_snapshots = MemorySnapshots(redis)
     gateway = Gateway(
         bus,
         retrieve_timeout_s=settings.retrieve_timeout_s,
@@ -69,20 +72,22 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         {
             STOP: StopRunner(gateway, registry, hosts, bounds),
             PLACE: PlaceRunner(settings, gateway, registry, hosts),
-            SNAPSHOT: SnapshotRunner(gateway, bounds),
+            SNAPSHOT: SnapshotRunner(gateway, bounds, memory_snapshots),
         },
         lease_s=settings.workflow_lease_s,
         sweep_interval_s=settings.workflow_sweep_interval_s,
     )
     templates = TemplateRecords(redis, scripts)
     approver = Approver(settings, registry, hosts, gateway)
+    placer = Placer(settings, registry, hosts, workflows, engine, templates)
+    stopper = Stopper(registry, engine, bounds, lease_s=settings.workflow_lease_s)
     return PolicyService(
         registry=registry,
         hosts=hosts,
         engine=engine,
         approver=approver,
-        placer=Placer(settings, registry, hosts, workflows, engine, templates),
-        stopper=Stopper(registry, engine, bounds, lease_s=settings.workflow_lease_s),
+        placer=placer,
+        stopper=stopper,
         liveness=HostLiveness(
             redis,
             registry,
@@ -93,6 +98,8 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         ),
         migrations=MigrationTracker(registry, hosts, gateway, window_s=settings.migration_window_s),
         snapshots=Snapshotter(registry, engine, gateway, bounds, settings.workflow_lease_s),
+        reverter=Reverter(registry, memory_snapshots, stopper, placer),
+        memory_snapshots=memory_snapshots,
         queries=PolicyQueries(registry, hosts, lost_after_s=settings.host_lost_after_s),
         disabler=TpmDisabler(
             registry, engine, gateway, store_timeout_s=settings.retrieve_timeout_s

@@ -13,6 +13,8 @@ from keeper_policy.hosts.senders import HostSenders
 from keeper_policy.placement.claim import PlacementClaims
 from keeper_policy.placement.migration import MigrationTracker
 from keeper_policy.placement.placer import Placer
+from keeper_policy.snapshot.memory_records import MemorySnapshots
+from keeper_policy.snapshot.reverter import Reverter
 from keeper_policy.snapshot.snapshotter import Snapshotter
 from keeper_policy.stop.stopper import Stopper
 from keeper_policy.storage.vm_registry import PolicyRegistry
@@ -33,6 +35,7 @@ from keeper_shared.messages.replies import (
     DisableTpmReply,
     EnableTpmReply,
     PlaceVmReply,
+    RevertVmReply,
     SnapshotVmReply,
     StopVmReply,
 )
@@ -40,7 +43,7 @@ from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded
 from keeper_shared.messages.tpm_reset import ResetFoundBy, TpmReset, TpmResetCleared
 from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped, VmUndefined
-from keeper_shared.messages.vm_snapshot import SnapshotVm
+from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm
 from keeper_shared.runtime.background import BackgroundTasks
 
 log = structlog.get_logger(__name__)
@@ -61,6 +64,8 @@ class PolicyService:
         liveness: HostLiveness,
         migrations: MigrationTracker,
         snapshots: Snapshotter,
+        reverter: Reverter,
+        memory_snapshots: MemorySnapshots,
         disabler: TpmDisabler,
         queries: PolicyQueries,
         adopter: Adopter,
@@ -77,6 +82,8 @@ class PolicyService:
         self._liveness = liveness
         self._migrations = migrations
         self._snapshots = snapshots
+        self._reverter = reverter
+        self._memory_snapshots = memory_snapshots
         self._disabler = disabler
         self._queries = queries
         self._adopter = adopter
@@ -109,6 +116,7 @@ class PolicyService:
             Route(PlaceVm, self.on_place),
             Route(StopVm, self.on_stop),
             Route(SnapshotVm, self.on_snapshot),
+            Route(RevertVm, self.on_revert),
             Route(AdoptVm, self.on_adopt),
             *self._queries.command_routes(),
             *self._templates.command_routes(),
@@ -160,6 +168,11 @@ class PolicyService:
         """Snapshot a VM: a pin of its stored state, or (with memory) pause, retrieve, pin,
         libvirt snapshot, resume."""
         return await self._snapshots.snapshot(envelope.data)
+
+    async def on_revert(self, envelope: Envelope[RevertVm], delivery: Delivery) -> RevertVmReply:
+        """Go back to a snapshot with memory: power off when running, restore the pinned
+        TPM and NVRAM, revert the domain on the snapshot's host."""
+        return await self._reverter.revert(envelope.data)
 
     async def on_vm_stopped(self, envelope: Envelope[VmStopped], delivery: Delivery) -> None:
         """A domain stopped without a ``vm.stop``: a migration moves the placement, any
@@ -247,8 +260,10 @@ class PolicyService:
         await self._adopter.on_heartbeat(beat)
 
     async def on_state_deleted(self, envelope: Envelope[StateDeleted], delivery: Delivery) -> None:
-        """The store deleted a VM's state: its recovery point is gone with it."""
+        """The store deleted a VM's state: its recovery point, and the snapshots with memory
+        whose pins went with it, are gone with it."""
         await self._registry.forget_versions(envelope.data.vm_id)
+        await self._memory_snapshots.forget_vm(envelope.data.vm_id)
 
     async def on_persisted(self, envelope: Envelope[StatePersisted], delivery: Delivery) -> None:
         """Track the recovery point of each VM."""

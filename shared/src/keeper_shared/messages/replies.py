@@ -13,6 +13,7 @@ from pydantic import Field
 
 from keeper_shared.messages.commands import CommandOutcome
 from keeper_shared.messages.placement import StopTrigger
+from keeper_shared.messages.snapshot import SnapshotId
 from keeper_shared.messages.tpm import OsTpmSupport
 from keeper_shared.messages.types import ContentHash, HostId, SecretUuid, StateKind, VmId
 from keeper_shared.messages.vm_snapshot import SnapshotMode
@@ -104,6 +105,19 @@ class SnapshotDomainReply(DomainChangeReply):
     existed already)."""
 
     message_type = "vm.snapshot-domain.reply"
+
+    snapshot_xml: str | None = Field(
+        default=None,
+        max_length=1_048_576,
+        description="The snapshot's libvirt XML (secure), which policy keeps so the snapshot "
+        "can be redefined after the domain was undefined.",
+    )
+
+
+class RevertDomainReply(CommandOutcome):
+    """Reply to ``vm.revert-domain``: the domain runs again from the snapshot's memory."""
+
+    message_type = "vm.revert-domain.reply"
 
 
 class DeleteDomainSnapshotReply(DomainChangeReply):
@@ -317,4 +331,21 @@ class SnapshotVmReply(CommandOutcome):
         default=None,
         description="For a live snapshot: how old the pinned state was (how far it may "
         "trail the running TPM).",
+    )
+
+
+class RevertVmReply(CommandOutcome):
+    """Reply to ``vm.revert``."""
+
+    message_type = "vm.revert.reply"
+
+    snapshot_id: SnapshotId | None = Field(
+        default=None, description="The snapshot the VM went back to."
+    )
+    host: HostId | None = Field(
+        default=None, description="Where the snapshot's memory is, and the VM runs again."
+    )
+    epoch: int | None = Field(default=None, description="The VM's new placement epoch.")
+    versions: dict[StateKind, int] = Field(
+        default_factory=dict, description=f"The pinned versions put back. {_VERSIONS}"
     )

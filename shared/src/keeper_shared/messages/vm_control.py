@@ -1,14 +1,18 @@
 """Commands policy sends a host beyond the basic lifecycle: a new placement epoch for a
-running domain (after a live migration), and pause / snapshot / resume for snapshots with
-memory."""
+running domain (after a live migration), pause / snapshot / resume for snapshots with
+memory, and the revert of one."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
+from keeper_shared.domain_document import MAX_START_XML_CHARS
 from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.snapshot import SnapshotId
 from keeper_shared.messages.types import VmId
+
+MAX_SNAPSHOT_XML_CHARS = 2 * MAX_START_XML_CHARS
+"""A libvirt snapshot's XML holds the domain twice (its live and its inactive definition)."""
 
 
 class SetPlacementEpoch(Payload):
@@ -43,9 +47,11 @@ class ResumeVm(Payload):
 
 
 class SnapshotDomain(Payload):
-    """Command to a host: take a libvirt snapshot of the domain as it is (with its memory
-    when it runs or is paused). Taking one that exists is a no-op. Replied with
-    ``SnapshotDomainReply``."""
+    """Command to a host: take a libvirt snapshot of the domain as it is, with its memory
+    (an external memory file in the host's snapshot directory) when it runs or is paused.
+    Taking one that exists is a no-op. Replied with ``SnapshotDomainReply``, which carries
+    the snapshot's libvirt XML (secure) that policy keeps so the snapshot can be redefined
+    after the domain was undefined."""
 
     message_type = "vm.snapshot-domain"
 
@@ -65,3 +71,22 @@ class DeleteDomainSnapshot(Payload):
 
     vm_id: VmId = Field(description="The VM.")
     snapshot_id: SnapshotId = Field(description="The snapshot's name in libvirt.")
+
+
+class RevertDomain(Payload):
+    """Command to a host: define the domain from this XML (the VM's start XML under its new
+    placement epoch), give it back the snapshot from ``snapshot_xml`` when libvirt lost it
+    (an undefine drops snapshot metadata), and revert to that snapshot, memory included:
+    the guest runs on where it was, on the TPM and NVRAM the store has just put in place.
+    The domain must be off. Replied with ``RevertDomainReply``."""
+
+    message_type = "vm.revert-domain"
+
+    vm_id: VmId = Field(description="The VM; must match the XML's UUID.")
+    epoch: int = Field(ge=1, description="The placement epoch, recorded in domain metadata.")
+    domain_xml: str = Field(max_length=MAX_START_XML_CHARS, description="The libvirt domain XML.")
+    snapshot_id: SnapshotId = Field(description="The snapshot's name in libvirt.")
+    snapshot_xml: str = Field(
+        max_length=MAX_SNAPSHOT_XML_CHARS,
+        description="The snapshot's XML as the host reported it when taking it.",
+    )

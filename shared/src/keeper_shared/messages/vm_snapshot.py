@@ -26,7 +26,8 @@ class SnapshotMode(enum.StrEnum):
 
 class SnapshotVm(Payload):
     """Command to policy: snapshot this VM. Restoring is a ``vm.place`` with the
-    ``snapshot_id`` (and ``allow_older``), which restores the pinned TPM and NVRAM.
+    ``snapshot_id`` (and ``allow_older``), which restores the pinned TPM and NVRAM; a
+    snapshot with memory is gone back to with ``vm.revert``.
 
     Replied with ``SnapshotVmReply``: ``mode``, the pinned version per kind, and for a live
     snapshot ``persisted_age_s``."""
@@ -57,3 +58,19 @@ class VmSnapshotted(Payload):
         "pinned TPM may trail the running one). None for offline and memory snapshots.",
     )
     host: HostId | None = Field(default=None, description="Where the VM ran, if anywhere.")
+
+
+class RevertVm(Payload):
+    """Command to policy: go back to a snapshot with memory. A running VM is powered off
+    first (its final state retrieved, as by ``vm.stop``); then the pinned TPM and NVRAM are
+    put in place on the host that holds the snapshot's memory, the domain is defined under
+    a new placement epoch, and libvirt reverts to the snapshot (redefined from the XML
+    policy kept when an undefine dropped it): the guest runs on from the moment of the
+    snapshot with the TPM it had then.
+
+    Replied with ``RevertVmReply``: the host, the new epoch and the versions put back."""
+
+    message_type = "vm.revert"
+
+    vm_id: VmId = Field(description="The VM.")
+    snapshot_id: SnapshotId = Field(description="A snapshot with memory of this VM.")

@@ -1,7 +1,8 @@
 """Commands the host agent carries out for snapshots with memory: pause the domain, take a
-libvirt snapshot, resume it (and delete a libvirt snapshot). Policy retrieves the TPM and
-NVRAM state between pause and snapshot, so the state it pins is the one the memory image
-expects.
+libvirt snapshot (its memory in ``<snapshot_dir>/<vm-uuid>/<snapshot>.mem``), resume it
+(and delete a libvirt snapshot). Policy retrieves the TPM and NVRAM state between pause and
+snapshot, so the state it pins is the one the memory image expects; the snapshot's XML goes
+back to policy in the reply, for a revert after an undefine.
 
 Each is idempotent, because a policy replica resuming a workflow may repeat any of them:
 pausing a paused domain, resuming a running one, taking a snapshot that exists and deleting
@@ -10,7 +11,9 @@ one that does not all succeed without doing anything.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import TypeVar
 
 import structlog
@@ -54,12 +57,22 @@ async def resume(hypervisor: Hypervisor, vm_id: str) -> bool:
     return True
 
 
-async def take_snapshot(hypervisor: Hypervisor, vm_id: str, name: str, description: str) -> bool:
+def memory_file(snapshot_dir: Path, vm_id: str, name: str) -> Path:
+    """Where the memory of the VM's snapshot ``name`` goes on this host."""
+    return snapshot_dir / vm_id / f"{name}.mem"
+
+
+async def take_snapshot(
+    hypervisor: Hypervisor, vm_id: str, name: str, description: str, snapshot_dir: Path
+) -> bool:
     """Snapshot the domain as it is (memory included when active); False when a snapshot of
     that name exists."""
     if name in await hypervisor.snapshot_names(vm_id):
         return False
-    await hypervisor.create_snapshot(vm_id, name, description)
+    target = memory_file(snapshot_dir, vm_id, name)
+    # Only root (libvirtd) reads it: it is the guest's whole memory.
+    await asyncio.to_thread(target.parent.mkdir, mode=0o700, parents=True, exist_ok=True)
+    await hypervisor.create_snapshot(vm_id, name, description, target)
     return True
 
 
@@ -75,15 +88,16 @@ class SnapshotCommands:
     """Handlers of ``vm.suspend``, ``vm.resume``, ``vm.snapshot-domain`` and
     ``vm.snapshot-domain-delete``."""
 
-    def __init__(self, hypervisor: Hypervisor) -> None:
+    def __init__(self, hypervisor: Hypervisor, snapshot_dir: Path) -> None:
         self._hypervisor = hypervisor
+        self._snapshot_dir = snapshot_dir
 
     async def _run(
         self, action: str, vm_id: str, call: Awaitable[bool], reply: type[ChangeT]
     ) -> ChangeT:
         try:
             changed = await call
-        except HypervisorError as error:
+        except (HypervisorError, OSError) as error:
             log.warning(f"{action} failed", vm_id=vm_id, reason=str(error))
             return reply.failed(str(error))
         log.info(f"{action} done", vm_id=vm_id, changed=changed)
@@ -102,16 +116,29 @@ class SnapshotCommands:
     async def snapshot(
         self, envelope: Envelope[SnapshotDomain], _delivery: Delivery
     ) -> SnapshotDomainReply:
-        """Take the libvirt snapshot."""
+        """Take the libvirt snapshot; the reply carries its XML (secure), which policy keeps
+        so the snapshot can be redefined after the domain was undefined."""
         request = envelope.data
-        return await self._run(
+        taken = await self._run(
             "domain snapshot",
             request.vm_id,
             take_snapshot(
-                self._hypervisor, request.vm_id, request.snapshot_id, request.description
+                self._hypervisor,
+                request.vm_id,
+                request.snapshot_id,
+                request.description,
+                self._snapshot_dir,
             ),
             SnapshotDomainReply,
         )
+        if not taken.ok:
+            return taken
+        try:
+            xml = await self._hypervisor.snapshot_xml(request.vm_id, request.snapshot_id)
+        except HypervisorError as error:
+            log.warning("domain snapshot XML unreadable", vm_id=request.vm_id, reason=str(error))
+            return SnapshotDomainReply.failed(str(error))
+        return taken.model_copy(update={"snapshot_xml": xml})
 
     async def delete_snapshot(
         self, envelope: Envelope[DeleteDomainSnapshot], _delivery: Delivery

@@ -35,6 +35,19 @@ from keeper_shared.state_format.tpm_archive import unpack_tpm_state
 log = structlog.get_logger(__name__)
 
 
+def start_xml(xml: str, vm_id: str, epoch: int, settings: HostAgentSettings) -> str:
+    """The domain XML policy sent for a start (or a revert), with the host's NVRAM path
+    filled in; ``DomainXmlError`` when it is unusable or names another VM or epoch."""
+    try:
+        filled = fill_nvram_path(xml, settings.nvram_dir)
+        domain = parse_domain(filled, swtpm_root=settings.swtpm_root, nvram_dir=settings.nvram_dir)
+    except (DomainXmlError, SyntaxError) as error:
+        raise DomainXmlError(f"unusable domain XML: {error}") from error
+    if domain is None or domain.vm_id != vm_id or domain.epoch != epoch:
+        raise DomainXmlError("domain XML does not match the VM id and epoch")
+    return filled
+
+
 class HostCommands:
     """Handlers of the VM commands: fetch, prepare, start, shutdown, power-off, undefine."""
 
@@ -132,14 +145,9 @@ class HostCommands:
         """Define the domain from the given XML and start it."""
         request = envelope.data
         try:
-            xml = fill_nvram_path(request.domain_xml, self._settings.nvram_dir)
-            domain = parse_domain(
-                xml, swtpm_root=self._settings.swtpm_root, nvram_dir=self._settings.nvram_dir
-            )
-        except (DomainXmlError, SyntaxError) as error:
-            return StartVmReply.failed(f"unusable domain XML: {error}")
-        if domain is None or domain.vm_id != request.vm_id or domain.epoch != request.epoch:
-            return StartVmReply.failed("domain XML does not match the VM id and epoch")
+            xml = start_xml(request.domain_xml, request.vm_id, request.epoch, self._settings)
+        except DomainXmlError as error:
+            return StartVmReply.failed(str(error))
         return await self._run(
             "start", request.vm_id, self._hypervisor.define_and_start(xml), StartVmReply
         )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
-from xml.sax.saxutils import escape
 
 import libvirt
 
@@ -24,6 +24,11 @@ from keeper_host_agent.hypervisor.errors import (
 )
 from keeper_host_agent.hypervisor.libvirt_connection import LibvirtConnection
 from keeper_host_agent.hypervisor.libvirt_errors import translating
+from keeper_host_agent.hypervisor.libvirt_memory_snapshots import (
+    create_memory_snapshot,
+    revert_with_memory,
+    snapshot_xml,
+)
 from keeper_host_agent.hypervisor.libvirt_secrets import (
     define_tpm_secret,
     read_foreign_secret,
@@ -179,13 +184,28 @@ class LibvirtHypervisor(LibvirtConnection):
         names = await self._on_domain(vm_id, lambda domain: domain.snapshotListNames())
         return [str(name) for name in names]
 
-    async def create_snapshot(self, vm_id: str, name: str, description: str) -> None:
-        """Snapshot the domain as it is (memory included when it runs)."""
-        xml = (
-            f"<domainsnapshot><name>{escape(name)}</name>"
-            f"<description>{escape(description)}</description></domainsnapshot>"
+    async def create_snapshot(
+        self, vm_id: str, name: str, description: str, memory_file: Path
+    ) -> None:
+        """See ``libvirt_memory_snapshots.create_memory_snapshot``."""
+        await self._on_domain(
+            vm_id,
+            lambda domain: create_memory_snapshot(domain, name, description, memory_file),
         )
-        await self._on_domain(vm_id, lambda domain: domain.snapshotCreateXML(xml, 0))
+
+    async def snapshot_xml(self, vm_id: str, name: str) -> str:
+        """The snapshot's XML, secure details included."""
+        return await self._on_domain(vm_id, lambda domain: snapshot_xml(domain, name))
+
+    async def revert_to_snapshot(
+        self, domain_xml: str, snapshot_xml: str, name: str, metadata: tuple[str, str, str]
+    ) -> None:
+        """See ``libvirt_memory_snapshots.revert_with_memory``."""
+        await self._call(
+            lambda connection: revert_with_memory(
+                connection, domain_xml, snapshot_xml, name, metadata
+            )
+        )
 
     async def delete_snapshot(self, vm_id: str, name: str) -> None:
         """Delete the domain's snapshot ``name``."""

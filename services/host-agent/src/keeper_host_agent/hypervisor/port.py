@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from keeper_shared.messages.types import TpmSecret
@@ -108,8 +109,25 @@ class Hypervisor(Protocol):
         """The names of the domain's snapshots."""
         ...
 
-    async def create_snapshot(self, vm_id: str, name: str, description: str) -> None:
-        """Snapshot the domain as it is (memory included when it runs)."""
+    async def create_snapshot(
+        self, vm_id: str, name: str, description: str, memory_file: Path
+    ) -> None:
+        """Snapshot the domain as it is; when it runs (or is paused) its memory goes to
+        ``memory_file``."""
+        ...
+
+    async def snapshot_xml(self, vm_id: str, name: str) -> str:
+        """The snapshot's XML, secure details included (what a redefine needs)."""
+        ...
+
+    async def revert_to_snapshot(
+        self, domain_xml: str, snapshot_xml: str, name: str, metadata: tuple[str, str, str]
+    ) -> None:
+        """Define the domain from ``domain_xml``, redefine snapshot ``name`` from
+        ``snapshot_xml`` when the domain lacks it, and revert to it with its memory; the
+        reverted domain runs with ``metadata`` (element, prefix, namespace) written, while
+        it was still paused, in place of what the snapshot had (its placement epoch: so the
+        state it announces carries the new one). The domain must be off."""
         ...
 
     async def delete_snapshot(self, vm_id: str, name: str) -> None:

@@ -24,6 +24,7 @@ from keeper_policy.placement.rules import (
 )
 from keeper_policy.placement.workflow import PLACE, new_place
 from keeper_policy.settings import PolicySettings
+from keeper_policy.snapshot.memory_records import MemorySnapshot
 from keeper_policy.storage.vm_registry import PolicyRegistry, UnknownVmError, VmRecord
 from keeper_policy.templates.records import TemplateRecords
 from keeper_policy.templates.spec import start_refusal
@@ -59,8 +60,11 @@ class Placer:
         heartbeats to confirm a start, and slack for the writes in between."""
         return 3 * self._settings.host_command_timeout_s + 30.0
 
-    async def place(self, request: PlaceVm) -> PlaceVmReply:
-        """Check, then run (or join) the placement workflow; a refusal says why."""
+    async def place(
+        self, request: PlaceVm, *, revert_to: MemorySnapshot | None = None
+    ) -> PlaceVmReply:
+        """Check, then run (or join) the placement workflow; a refusal says why. With
+        ``revert_to`` the host reverts the domain to that snapshot instead of starting it."""
         vm_id, host = request.vm_id, request.host
         running = await self._workflows.load(vm_id)
         if running is not None:
@@ -133,6 +137,7 @@ class Placer:
                 lost_before=await self._registry.lost_mark(vm_id),
                 domain_xml=domain.xml if domain is not None else None,
                 kvm=target.capabilities.kvm,
+                revert_to=revert_to,
             )
         )
         if not created and (record.kind != PLACE or record.host != host):

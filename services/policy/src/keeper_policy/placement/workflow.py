@@ -34,6 +34,7 @@ from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.placement.domain_definition import domain_xml, with_tpm_encryption
 from keeper_policy.placement.manager_domain import stamp_for_start
 from keeper_policy.settings import PolicySettings
+from keeper_policy.snapshot.memory_records import MemorySnapshot
 from keeper_policy.storage.vm_registry import (
     LostMark,
     PlacementConflictError,
@@ -45,9 +46,15 @@ from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
 from keeper_shared.bus.topology import STATE_STORE
 from keeper_shared.messages.commands import CommandOutcome
 from keeper_shared.messages.placement import PlaceVm, VmPlaced
-from keeper_shared.messages.replies import PlaceVmReply, RestoreStateReply, StartVmReply
+from keeper_shared.messages.replies import (
+    PlaceVmReply,
+    RestoreStateReply,
+    RevertDomainReply,
+    StartVmReply,
+)
 from keeper_shared.messages.state import RestoreState
 from keeper_shared.messages.vm import StartVm
+from keeper_shared.messages.vm_control import RevertDomain
 
 log = structlog.get_logger(__name__)
 
@@ -79,10 +86,13 @@ def new_place(
     lost_before: LostMark,
     domain_xml: str | None = None,
     kvm: bool = False,
+    revert_to: MemorySnapshot | None = None,
 ) -> WorkflowRecord:
     """A placement of ``request.vm_id`` on ``request.host``, not started yet, that defines
     ``domain_xml`` (the manager's domain, checked) or else policy's template (with KVM when
-    the host runs it); ``lost_before`` is the VM's loss mark, put back if it is undone."""
+    the host runs it); ``lost_before`` is the VM's loss mark, put back if it is undone.
+    With ``revert_to`` the domain is not started but reverted to that snapshot with memory
+    (``vm.revert``: the request restores the snapshot's pinned state)."""
     return WorkflowRecord.new(
         request.vm_id,
         PLACE,
@@ -98,6 +108,7 @@ def new_place(
         kvm="true" if kvm else "",
         lost_from_before=lost_before.host or "",
         recovery_point_before=lost_before.recovery_point or "",
+        revert_to=revert_to.model_dump_json() if revert_to is not None else "",
     )
 
 
@@ -188,16 +199,22 @@ class PlaceRunner:
         # The store names the secret it put on the host with the state: the domain's TPM
         # must name the same one, or swtpm cannot read (or would not encrypt) its state.
         secret_uuid = _restored(record).tpm_secret_uuid
-        started = await self._gateway.host(
-            record.host,
-            StartVm(
+        xml = self._domain_xml(record, vm, epoch, secret_uuid)
+        revert_to = record.data.get("revert_to")
+        started: StartVmReply | RevertDomainReply
+        if revert_to:
+            snapshot = MemorySnapshot.model_validate_json(revert_to)
+            revert = RevertDomain(
                 vm_id=record.vm_id,
                 epoch=epoch,
-                domain_xml=self._domain_xml(record, vm, epoch, secret_uuid),
-            ),
-            StartVmReply,
-            record.vm_id,
-        )
+                domain_xml=xml,
+                snapshot_id=snapshot.snapshot_id,
+                snapshot_xml=snapshot.snapshot_xml,
+            )
+            started = await self._gateway.host(record.host, revert, RevertDomainReply, record.vm_id)
+        else:
+            start = StartVm(vm_id=record.vm_id, epoch=epoch, domain_xml=xml)
+            started = await self._gateway.host(record.host, start, StartVmReply, record.vm_id)
         # A start repeated after a crash is refused by a host that already runs the domain,
         # and a start that timed out may yet have happened: the host's report decides.
         unsure = record.attempts > 1 or started.timed_out

@@ -1,6 +1,7 @@
 """A snapshot with memory as a workflow: pause the VM, retrieve its TPM and NVRAM state
 while it is frozen, pin that state in the store under the snapshot's name, take the libvirt
-snapshot (memory included), resume.
+snapshot (memory included), resume; the snapshot's libvirt XML is kept (memory_records) so
+``vm.revert`` can go back to it even after the domain was undefined.
 
 While the guest is paused nothing runs that could use the TPM, so the state retrieved, and
 the version pinned, is exactly the state at the pause: the one the memory image expects
@@ -18,6 +19,7 @@ import time
 import structlog
 
 from keeper_policy.gateway import Gateway
+from keeper_policy.snapshot.memory_records import MemorySnapshot, MemorySnapshots
 from keeper_policy.stop.plan import StopBounds, may_retrieve
 from keeper_policy.workflows.engine import LeaseLostError, SaveProgress, StepOutcome
 from keeper_policy.workflows.store import WorkflowRecord, WorkflowResult
@@ -68,9 +70,10 @@ def new_memory_snapshot(
 class SnapshotRunner:
     """Steps of the snapshot-with-memory workflow."""
 
-    def __init__(self, gateway: Gateway, bounds: StopBounds) -> None:
+    def __init__(self, gateway: Gateway, bounds: StopBounds, records: MemorySnapshots) -> None:
         self._gateway = gateway
         self._bounds = bounds
+        self._records = records
 
     async def step(self, record: WorkflowRecord, save: SaveProgress) -> StepOutcome:
         """Run the current step; return the record advanced to the next one."""
@@ -108,7 +111,7 @@ class SnapshotRunner:
             pinned_text = ", ".join(
                 f"{kind} v{version}" for kind, version in sorted(versions.items())
             )
-            done = await self._gateway.host(
+            taken = await self._gateway.host(
                 host,
                 SnapshotDomain(
                     vm_id=vm_id,
@@ -118,8 +121,11 @@ class SnapshotRunner:
                 SnapshotDomainReply,
                 vm_id,
             )
+            done = taken
             following = SnapshotStep.RESUME
-            error = f"the libvirt snapshot failed (TPM/NVRAM stay pinned): {done.error}"
+            error = f"the libvirt snapshot failed (TPM/NVRAM stay pinned): {taken.error}"
+            if taken.ok:
+                record = record.advanced(data={"snapshot_xml": taken.snapshot_xml or ""})
         if done.ok:
             return StepOutcome(record.advanced(step=following.value, attempts=0))
         log.warning(
@@ -172,10 +178,20 @@ class SnapshotRunner:
         if error:
             return WorkflowResult.of(SnapshotVmReply.failed(error))
         versions = {StateKind(k): int(v) for k, v in json.loads(record.data["versions"]).items()}
+        snapshot_id = record.data["snapshot_id"]
+        if record.data.get("snapshot_xml"):
+            await self._records.save(
+                record.vm_id,
+                MemorySnapshot(
+                    snapshot_id=snapshot_id,
+                    host=record.host,
+                    snapshot_xml=record.data["snapshot_xml"],
+                ),
+            )
         await self._gateway.publish(
             VmSnapshotted(
                 vm_id=record.vm_id,
-                snapshot_id=record.data["snapshot_id"],
+                snapshot_id=snapshot_id,
                 mode=SnapshotMode.MEMORY,
                 versions=versions,
                 host=record.host,

@@ -53,6 +53,12 @@ def workflow_result_key(vm_id: str) -> str:
     return f"{PREFIX}:{{{vm_id}}}:workflow-result"
 
 
+def memory_snapshots_key(vm_id: str) -> str:
+    """Hash: snapshot id -> JSON of the VM's snapshot with memory (its host, where the
+    memory file is, and libvirt's snapshot XML, to redefine it after an undefine)."""
+    return f"{PREFIX}:{{{vm_id}}}:memory-snapshots"
+
+
 def migration_key(vm_id: str) -> str:
     """Hash with a TTL: the halves of a migration seen so far (`left`, `arrived`)."""
     return f"{PREFIX}:{{{vm_id}}}:migration"
