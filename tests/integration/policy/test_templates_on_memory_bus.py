@@ -64,6 +64,7 @@ from keeper_state_store.transfer.moving import read_newest
 from support.in_process_store import FakeHost, prepared_content
 from support.memory_bus import MemoryBroker, MemoryBus
 from support.redis_db import PrivateDatabase
+from support.sealing_keys import register_host, store_sealing
 
 HOST = "host-a"
 TIMEOUT_S = 30.0
@@ -130,11 +131,13 @@ async def scene(private_redis: PrivateDatabase, kek: KeyEncryptionKey) -> AsyncI
             amqp_url="amqp://unused/",
             redis_url=private_redis.url,
             kek_file=Path("/nonexistent/kek"),
+            sealing_key_file=Path("/nonexistent/sealing"),  # keys handed over directly
             allow_volatile_redis=True,
             fetch_timeout_s=10.0,
         ),
         repository,
         store_bus,
+        sealing := store_sealing(redis),
     )
     routes = [
         *store.command_routes(),
@@ -142,7 +145,12 @@ async def scene(private_redis: PrivateDatabase, kek: KeyEncryptionKey) -> AsyncI
         *DeletionService(repository, store_bus).command_routes(),
     ]
     await store_bus.consume(STATE_STORE_COMMANDS, routes, prefetch=8)
-    host = FakeHost(host_id=HOST, bus=broker.client(source=f"host-agent/{HOST}", origin=HOST))
+    host = FakeHost(
+        host_id=HOST,
+        bus=broker.client(source=f"host-agent/{HOST}", origin=HOST),
+        store_key=sealing.own.public,
+    )
+    await register_host(sealing, HOST, host.keys.public)
     host_routes = [Route(FetchState, host.on_fetch), Route(PrepareVm, host.on_prepare)]
     await host.bus.consume(host_command_queue(HOST), host_routes, prefetch=8)
     beat = HostHeartbeat(

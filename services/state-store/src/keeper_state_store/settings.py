@@ -32,6 +32,16 @@ class StateStoreSettings(ServiceSettings, RedisSettings):
         description="How long one write waits for its replicas before it counts as not durable.",
     )
     kek_file: Path = Field(description="Key-encryption key file (mode 0600); never in Redis.")
+    sealing_key_file: Path = Field(
+        description="The store's X25519 private key (PKCS#8 PEM, mode 0600), shared by every "
+        "replica: hosts seal fetch replies to its public key (`keeper-host-agent keygen` "
+        "makes one and prints the public key hosts pin)."
+    )
+    previous_sealing_key_files: list[Path] = Field(
+        default_factory=list,
+        description="Earlier store sealing keys: they open replies sealed before a "
+        "rotation, until none is in flight.",
+    )
     history_depth: int = Field(default=10, ge=1, le=1000, description="Versions kept per kind.")
     allow_volatile_redis: bool = Field(
         default=False,

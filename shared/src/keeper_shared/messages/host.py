@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from keeper_shared.messages.envelope import register_upcaster
 from keeper_shared.messages.host_fact import HostFact
 from keeper_shared.messages.types import HOST_ID_PATTERN, ContentHash, HostId, VmId
+from keeper_shared.sealing.keys import SEALING_PUBLIC_KEY_PATTERN
 
 
 class HostCapabilities(BaseModel):
@@ -49,7 +50,7 @@ class HostHeartbeat(HostFact):
     """Sent every few seconds; missing heartbeats make a host lost."""
 
     message_type = "host.heartbeat"
-    schema_version = 3
+    schema_version = 4
 
     host: HostId = Field(description="The host.")
     interval_s: float = Field(gt=0, description="How often this host sends a heartbeat.")
@@ -60,6 +61,12 @@ class HostHeartbeat(HostFact):
         pattern=HOST_ID_PATTERN,
         description="The cluster the host belongs to (TPM approval checks a cluster's hosts); "
         "hosts that name none are in `default`.",
+    )
+    sealing_key: str | None = Field(
+        default=None,
+        pattern=SEALING_PUBLIC_KEY_PATTERN,
+        description="The host's current X25519 public key (base64), which the store seals "
+        "the state it sends this host to; believed only from the host's own broker user.",
     )
 
 
@@ -72,4 +79,10 @@ def _heartbeat_v1(data: dict[str, Any]) -> dict[str, Any]:
 @register_upcaster(HostHeartbeat.message_type, 2)
 def _heartbeat_v2(data: dict[str, Any]) -> dict[str, Any]:
     """v2 capabilities predate ``kvm``: such a host gets the template's emulated domain."""
+    return data
+
+
+@register_upcaster(HostHeartbeat.message_type, 3)
+def _heartbeat_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """v3 predates ``sealing_key``: no state is sealed to such a host, so none is sent."""
     return data

@@ -13,7 +13,8 @@ import enum
 from pydantic import Field
 
 from keeper_shared.messages.envelope import Payload
-from keeper_shared.messages.types import HostId, StateBlob, StateKind, TpmSecret, VmId
+from keeper_shared.messages.sealed import SealedStateBlob, SealedTpmSecret
+from keeper_shared.messages.types import HostId, StateKind, VmId
 
 
 class ClaimPlacement(Payload):
@@ -66,9 +67,13 @@ class ReadNewestState(Payload):
 
 class NewestState(Payload):
     """Reply to `ReadNewestState`: the newest verified version of each kind stored (none
-    for a VM the store holds nothing of), or why they cannot be given."""
+    for a VM the store holds nothing of), sealed to the requesting host's key, or why they
+    cannot be given.
+
+    v2 seals the blobs and the secret; v1 carried them in clear and is refused."""
 
     message_type = "state.newest.read"
+    schema_version = 2
 
     vm_id: VmId = Field(description="The VM.")
     refused: str | None = Field(
@@ -77,11 +82,11 @@ class NewestState(Payload):
         description="Why the stored state cannot be given (not placed there, does not "
         "verify); None when the blobs below are the whole answer.",
     )
-    tpm: StateBlob | None = Field(default=None, description="Newest TPM state, if stored.")
-    nvram: StateBlob | None = Field(default=None, description="Newest NVRAM, if stored.")
+    tpm: SealedStateBlob | None = Field(default=None, description="Newest TPM state, if stored.")
+    nvram: SealedStateBlob | None = Field(default=None, description="Newest NVRAM, if stored.")
     versions: dict[StateKind, int] = Field(
         default_factory=dict, description="The version number of each blob given."
     )
-    tpm_secret: TpmSecret | None = Field(
+    tpm_secret: SealedTpmSecret | None = Field(
         default=None, description="The secret the TPM state is encrypted with, if any."
     )
