@@ -309,7 +309,10 @@ async def running_store(
         repository=repository,
         service=service,
         client=KeeperClient(
-            client_bus, request_timeout_s=REQUEST_TIMEOUT_S, store_target=store_key
+            client_bus,
+            request_timeout_s=REQUEST_TIMEOUT_S,
+            store_target=store_key,
+            store_sealing_key=sealing.own.public,
         ),
         host=host,
         origin=origin,
@@ -328,7 +331,7 @@ async def running_store(
             [
                 *service.command_routes(),
                 *HistoryService(repository).command_routes(),
-                *TransferService(repository).command_routes(),
+                *TransferService(repository, sealing.own).command_routes(),
                 *DeletionService(repository, store_bus).command_routes(),
                 *StoreQueries(repository).command_routes(),
             ],

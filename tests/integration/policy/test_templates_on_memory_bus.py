@@ -141,7 +141,7 @@ async def scene(private_redis: PrivateDatabase, kek: KeyEncryptionKey) -> AsyncI
     )
     routes = [
         *store.command_routes(),
-        *TransferService(repository).command_routes(),
+        *TransferService(repository, sealing.own).command_routes(),
         *DeletionService(repository, store_bus).command_routes(),
     ]
     await store_bus.consume(STATE_STORE_COMMANDS, routes, prefetch=8)

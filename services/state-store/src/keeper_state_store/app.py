@@ -82,7 +82,7 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                 [
                     *service.command_routes(),
                     *HistoryService(repository).command_routes(),
-                    *TransferService(repository).command_routes(),
+                    *TransferService(repository, sealing.own).command_routes(),
                     *DeletionService(repository, bus).command_routes(),
                     *StoreQueries(repository).command_routes(),
                     *EndorsementKeys(repository, temp_dir=settings.scrub_temp_dir).command_routes(),

@@ -8,5 +8,8 @@ HKDF-SHA256 and AES-256-GCM, and bound to what it is (VM, kind, token, hash, rec
 
 - ``construction``: seal and open one payload (`SealBinding`, `SealingError`);
 - ``keys``: key pairs, their ids, files and the ring of private keys a receiver holds;
-- ``state_blobs``: a `StateBlob` or `TpmSecret` sealed for a message and opened from one.
+- ``state_blobs``: a `StateBlob` or `TpmSecret` sealed for a message and opened from one;
+- ``passphrases``: a bundle passphrase sealed to the store by the exporting client;
+- ``wire``: between the construction's `SealedPayload` and the messages' `SealedBlob`;
+- ``keygen``: ``python -m keeper_shared.sealing.keygen PATH`` makes a key file.
 """

@@ -3,8 +3,9 @@
 Writes a new X25519 private key to PATH (mode 0600; refuses to overwrite) and prints its
 public key (base64) and key id. Run it for the store (every replica gets the same file;
 hosts pin the printed public key as ``KEEPER_HOST_STORE_SEALING_KEY``), or on a host before
-its agent first starts (the agent otherwise makes its own). With ``--public`` it prints the
-public key of an existing file instead.
+its agent first starts (the agent otherwise makes its own). With ``--public`` it prints
+only the public key of an existing file, for scripts
+(``KEEPER_STORE_SEALING_KEY="$(python -m keeper_shared.sealing.keygen --public FILE)"``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     public = SealingPublicKey(key.public_key())
+    if show_only:
+        print(public.to_text())
+        return 0
     print(f"public key: {public.to_text()}")
     print(f"key id:     {public.key_id}")
     return 0

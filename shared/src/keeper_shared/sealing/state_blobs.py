@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from pydantic import SecretBytes
 
-from keeper_shared.messages.sealed import SealedBlob, SealedStateBlob, SealedTpmSecret
+from keeper_shared.messages.sealed import SealedStateBlob, SealedTpmSecret
 from keeper_shared.messages.types import StateBlob, TpmSecret
-from keeper_shared.sealing.construction import SealBinding, SealedPayload, open_sealed, seal
+from keeper_shared.sealing.construction import SealBinding, open_sealed, seal
 from keeper_shared.sealing.keys import SealingPrivateKeys, SealingPublicKey
+from keeper_shared.sealing.wire import to_payload, to_sealed_blob
 
 TPM_SECRET_KIND = "tpm-secret"  # noqa: S105 (the binding's label, not a password)
 
@@ -40,21 +41,6 @@ def _secret_binding(vm_id: str, secret_uuid: str, command_epoch: int | None) -> 
     return SealBinding(vm_id, TPM_SECRET_KIND, token, "")
 
 
-def _to_model(payload: SealedPayload) -> SealedBlob:
-    return SealedBlob(
-        key_id=payload.key_id,
-        ephemeral_public_key=payload.ephemeral_public_key,
-        nonce=payload.nonce,
-        ciphertext=payload.ciphertext,
-    )
-
-
-def _from_model(sealed: SealedBlob) -> SealedPayload:
-    return SealedPayload(
-        sealed.key_id, sealed.ephemeral_public_key, sealed.nonce, sealed.ciphertext
-    )
-
-
 def seal_state_blob(
     vm_id: str, blob: StateBlob, receiver: SealingPublicKey, *, command_epoch: int | None = None
 ) -> SealedStateBlob:
@@ -67,7 +53,7 @@ def seal_state_blob(
         content_hash=blob.content_hash,
         size=blob.size,
         token=blob.token,
-        sealed=_to_model(payload),
+        sealed=to_sealed_blob(payload),
         swtpm_version=blob.swtpm_version,
     )
 
@@ -82,7 +68,7 @@ def open_state_blob(
     """The clear `StateBlob` in ``sealed``; `SealingError` when it does not open under the
     binding its own fields (and ``vm_id``, ``command_epoch``) declare."""
     compressed = open_sealed(
-        _from_model(sealed.sealed), keys, _blob_binding(vm_id, sealed, command_epoch)
+        to_payload(sealed.sealed), keys, _blob_binding(vm_id, sealed, command_epoch)
     )
     return StateBlob(
         kind=sealed.kind,
@@ -103,7 +89,7 @@ def seal_tpm_secret(
         receiver,
         _secret_binding(vm_id, secret.uuid, command_epoch),
     )
-    return SealedTpmSecret(uuid=secret.uuid, sealed=_to_model(payload))
+    return SealedTpmSecret(uuid=secret.uuid, sealed=to_sealed_blob(payload))
 
 
 def open_tpm_secret(
@@ -115,6 +101,6 @@ def open_tpm_secret(
 ) -> TpmSecret:
     """The clear `TpmSecret` in ``sealed``; `SealingError` when it does not open."""
     value = open_sealed(
-        _from_model(sealed.sealed), keys, _secret_binding(vm_id, sealed.uuid, command_epoch)
+        to_payload(sealed.sealed), keys, _secret_binding(vm_id, sealed.uuid, command_epoch)
     )
     return TpmSecret(uuid=sealed.uuid, value=SecretBytes(value))
