@@ -154,6 +154,7 @@ async def scene(
     await policy_bus.consume(POLICY_EVENTS, policy.event_routes(), prefetch=32)
     await policy_bus.consume(POLICY_COMMANDS, policy.command_routes(), prefetch=16)
     store_bus = broker.client(source="state-store/t", origin=STATE_STORE)
+    sealing = store_sealing(redis)
     store = StateService(
         StateStoreSettings(
             amqp_url="amqp://unused/",
@@ -165,7 +166,7 @@ async def scene(
         ),
         StateRepository(redis, KeyRing(kek), history_depth=10),
         store_bus,
-        sealing := store_sealing(redis),
+        sealing,
     )
     await store_bus.consume(STATE_STORE_COMMANDS, store.command_routes(), prefetch=8)
     node = tmp_path / "node.xml"

@@ -126,6 +126,7 @@ async def scene(private_redis: PrivateDatabase, kek: KeyEncryptionKey) -> AsyncI
     await policy_bus.consume(POLICY_COMMANDS, policy.command_routes(), prefetch=16)
     repository = StateRepository(redis, KeyRing(kek), history_depth=10)
     store_bus = broker.client(source="state-store/t", origin=STATE_STORE)
+    sealing = store_sealing(redis)
     store = StateService(
         StateStoreSettings(
             amqp_url="amqp://unused/",
@@ -137,7 +138,7 @@ async def scene(private_redis: PrivateDatabase, kek: KeyEncryptionKey) -> AsyncI
         ),
         repository,
         store_bus,
-        sealing := store_sealing(redis),
+        sealing,
     )
     routes = [
         *store.command_routes(),
