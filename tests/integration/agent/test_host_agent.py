@@ -409,6 +409,30 @@ async def test_prepare_writes_the_tpm_state_where_swtpm_reads_it(host: Host) -> 
     assert sorted(p.name for p in host.tpm_dir.iterdir()) == [MAIN_STATE_FILE_NAME]
 
 
+async def test_prepare_refuses_state_sealed_for_another_host_or_another_start(
+    host: Host,
+) -> None:
+    """A prepare the host's key does not open (sealed to another host) or whose blobs were
+    sealed for another start (replayed under a new epoch) writes nothing."""
+    good = await host.prepare(tpm=tpm_blob(random_permall(6_000)), nvram=nvram_blob(b"\x01" * 4096))
+    assert good.ok, good.error
+    before = tree(host.settings.swtpm_root) | tree(host.settings.nvram_dir)
+    blob = tpm_blob(random_permall(6_000), generation=2)
+    elsewhere = PrepareVm(
+        vm_id=VM_ID,
+        name=VM_NAME,
+        epoch=1,
+        tpm=seal_state_blob(VM_ID, blob, new_keys().public, command_epoch=1),
+    )
+    replayed = sealed_prepare(host.sealing, 1, tpm=blob).model_copy(update={"epoch": 2})
+
+    for request, reason in ((elsewhere, "does not hold"), (replayed, "does not open")):
+        refused = await host.commands.prepare(envelope(request), DELIVERY)
+        assert not refused.ok
+        assert reason in (refused.error or "")
+    assert tree(host.settings.swtpm_root) | tree(host.settings.nvram_dir) == before
+
+
 async def test_prepare_refuses_a_blob_whose_hash_does_not_match(host: Host) -> None:
     good = await host.prepare(tpm=tpm_blob(random_permall(6_000)), nvram=nvram_blob(b"\x01" * 4096))
     assert good.ok, good.error
