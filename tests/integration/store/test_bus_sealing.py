@@ -163,3 +163,36 @@ async def test_a_fetch_reply_sealed_to_another_key_is_not_stored(store: MemorySt
     assert not reply.data.ok
     assert "does not open" in (reply.data.error or "")
     assert await store.repository.head_version(store.vm_id, StateKind.TPM) is None
+
+
+async def _ask_newest(store: MemoryStore, key: SealingPublicKey, *, user: str) -> NewestState:
+    bus = store.broker.client(source=f"host-agent/{STORE_HOST}", origin=STORE_HOST, user_id=user)
+    reply = await bus.call(
+        STATE_STORE,
+        ReadNewestState(vm_id=store.vm_id, host=STORE_HOST, sealing_key=key.to_text()),
+        NewestState,
+        subject=store.vm_id,
+        timeout_s=TIMEOUT_S,
+        host_request=True,
+    )
+    return reply.data
+
+
+async def test_a_hosts_own_request_for_its_newest_state_names_the_key_to_seal_to(
+    store: MemoryStore,
+) -> None:
+    """The QEMU hook may ask before the store handled the agent's first heartbeat: the key in
+    the host's own request is learnt (and one in another user's request is not)."""
+    await _stored(store)
+    await awaited(store.redis.hdel(host_sealing_keys_key(), STORE_HOST))
+    attacker = new_keys()
+
+    forged = await _ask_newest(store, attacker.public, user="host-b")
+    assert forged.tpm is None
+    assert await _known_key(store) is None
+
+    newest = await _ask_newest(store, store.host.keys.public, user=STORE_HOST)
+    assert newest.refused is None
+    assert newest.tpm is not None
+    assert newest.tpm.sealed.key_id == store.host.keys.public.key_id
+    assert await _known_key(store) == store.host.keys.public.to_text()

@@ -166,7 +166,11 @@ class HookHandler:
         try:
             newest = await self._bus.call(
                 STATE_STORE,
-                ReadNewestState(vm_id=vm_id, host=self._settings.host_id),
+                ReadNewestState(
+                    vm_id=vm_id,
+                    host=self._settings.host_id,
+                    sealing_key=self._sealing.own.public.to_text(),
+                ),
                 NewestState,
                 subject=vm_id,
                 timeout_s=max(1.0, timeout - (time.monotonic() - began)),

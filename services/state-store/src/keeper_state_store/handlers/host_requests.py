@@ -16,6 +16,7 @@ from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.host_requests import NewestState, ReadNewestState
 from keeper_shared.messages.state import RetrieveState
 from keeper_shared.messages.types import StateKind
+from keeper_shared.sealing.keys import SealingPublicKey
 from keeper_shared.sealing.state_blobs import seal_state_blob, seal_tpm_secret
 from keeper_state_store.crypto.bus_sealing import HostKeyUnknownError
 from keeper_state_store.crypto.encryption import DecryptionError
@@ -67,6 +68,10 @@ class HostRequests:
         if refusal is not None:
             log.warning("newest state refused", vm_id=request.vm_id, reason=refusal)
             return NewestState(vm_id=request.vm_id, refused=refusal)
+        if request.sealing_key is not None:
+            # The host's own broker user sent it (checked above), as for a heartbeat.
+            key = SealingPublicKey.from_text(request.sealing_key)
+            await self._state.sealing.hosts.learn(request.host, key)
         try:
             newest = await read_newest(
                 self._repository, self._reader, request.vm_id, list(StateKind)
