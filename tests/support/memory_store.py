@@ -51,7 +51,11 @@ class MemoryStore:
 
 @contextlib.asynccontextmanager
 async def memory_store(
-    redis_url: str, kek: KeyEncryptionKey, *, history_depth: int = 10
+    redis_url: str,
+    kek: KeyEncryptionKey,
+    *,
+    history_depth: int = 10,
+    host_key_wait_s: float = 1.0,
 ) -> AsyncIterator[MemoryStore]:
     """The store's event, command and host-request handlers with identity checks on; the
     VM's keys are deleted from Redis afterwards."""
@@ -65,6 +69,7 @@ async def memory_store(
         sealing_key_file=Path("/nonexistent/sealing"),  # keys handed over directly
         allow_volatile_redis=True,
         fetch_timeout_s=10.0,
+        host_key_wait_s=host_key_wait_s,
         verify_host_identity=True,
     )
     store_bus = broker.client(source="state-store/t", origin=STATE_STORE)

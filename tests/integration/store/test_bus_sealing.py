@@ -4,6 +4,7 @@ policy declares the host lost), and fetch replies it will not open."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import cast
@@ -196,3 +197,21 @@ async def test_a_hosts_own_request_for_its_newest_state_names_the_key_to_seal_to
     assert newest.tpm is not None
     assert newest.tpm.sealed.key_id == store.host.keys.public.key_id
     assert await _known_key(store) == store.host.keys.public.to_text()
+
+
+async def test_a_restore_waits_for_a_key_its_hosts_heartbeat_brings(
+    redis_url: str, kek: KeyEncryptionKey
+) -> None:
+    """Policy may place a VM on a host whose first heartbeat this store has not handled."""
+    async with memory_store(redis_url, kek, host_key_wait_s=60.0) as store:
+        store.host.hold(store.vm_id, StateKind.TPM, b"tpm", FencingToken(epoch=1, generation=1))
+        await _stored(store)
+        await awaited(store.redis.hdel(host_sealing_keys_key(), STORE_HOST))
+
+        restoring = asyncio.create_task(_restore(store, epoch=2))
+        await asyncio.sleep(0.2)  # most likely waiting for the key by now (it passes either way)
+        await _heartbeat(store, store.host.keys.public)
+        done = await restoring
+
+        assert done.ok, done.error
+        assert store.host.last_prepared(store.vm_id).tpm is not None

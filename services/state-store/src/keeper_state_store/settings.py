@@ -49,6 +49,13 @@ class StateStoreSettings(ServiceSettings, RedisSettings):
     )
     fetch_timeout_s: float = Field(default=10.0, gt=0, description="Wait for a host's fetch reply.")
     prepare_timeout_s: float = Field(default=30.0, gt=0, description="Wait for a host's prepare.")
+    host_key_wait_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=120,
+        description="How long a restore waits for the sealing key of a host whose heartbeat "
+        "this store has not handled yet (two default heartbeat intervals); then it fails.",
+    )
     pull_batch_window_s: float = Field(
         default=0.005,
         ge=0,

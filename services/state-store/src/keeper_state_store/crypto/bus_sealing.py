@@ -11,6 +11,8 @@ heartbeats again as itself.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import cast
 
 import structlog
@@ -23,6 +25,9 @@ from keeper_shared.sealing.keys import SealingPrivateKeys, SealingPublicKey
 from keeper_shared.sealing.state_blobs import open_state_blob, open_tpm_secret
 
 log = structlog.get_logger(__name__)
+
+_KEY_POLL_S = 0.2
+"""How often a restore waiting for a host's key looks again."""
 
 
 def _text(value: object) -> str:
@@ -59,6 +64,18 @@ class HostSealingKeys:
                 "host was declared lost): state is not sent to it"
             )
         return SealingPublicKey.from_text(_text(value))
+
+    async def await_key_of(self, host: str, wait_s: float) -> SealingPublicKey:
+        """`key_of`, waiting up to ``wait_s`` for a host whose key is not known yet (policy
+        may place a VM on a host whose first heartbeat this store has not handled)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return await self.key_of(host)
+            except HostKeyUnknownError:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(_KEY_POLL_S)
 
     async def forget(self, host: str) -> None:
         """Seal nothing to ``host`` any more (it was declared lost)."""

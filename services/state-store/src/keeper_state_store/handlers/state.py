@@ -235,7 +235,9 @@ class StateService:
                 if request.encrypt_tpm_state
                 else self._secrets.held(request.vm_id)
             )
-            host_key = await self.sealing.hosts.key_of(request.host)
+            host_key = await self.sealing.hosts.await_key_of(
+                request.host, self._settings.host_key_wait_s
+            )
         except (RestoreRefusedError, VersionNotKeptError, HostKeyUnknownError) as error:
             return CommandDone(ok=False, error=str(error))
         except (VersionUnreadableError, DecryptionError) as error:
