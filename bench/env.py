@@ -33,6 +33,7 @@ from keeper_devtools.localstack import (
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, declare_exchanges
 from keeper_shared.messages.envelope import MessageError, decode, peek_type
 from keeper_shared.messages.state import StatePersisted
+from keeper_shared.sealing.keys import SealingPublicKey, load_private_key
 
 
 @dataclass
@@ -111,6 +112,11 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
+def store_sealing_key_file(work: Path) -> Path:
+    """The store's sealing key of a bench run (made with its KEK)."""
+    return work / "keys" / "store-sealing.key"
+
+
 def store_process(stack: Stack, work: Path, kek: Path, *, history_depth: int) -> ServiceProcess:
     """The real state store (one replica)."""
     return ServiceProcess(
@@ -120,6 +126,7 @@ def store_process(stack: Stack, work: Path, kek: Path, *, history_depth: int) ->
             "KEEPER_STORE_AMQP_URL": stack.rabbit.amqp_url,
             "KEEPER_STORE_REDIS_URL": stack.redis.url,
             "KEEPER_STORE_KEK_FILE": str(kek),
+            "KEEPER_STORE_SEALING_KEY_FILE": str(store_sealing_key_file(work)),
             "KEEPER_STORE_REPLICA_ID": "bench-store-1",
             "KEEPER_STORE_HISTORY_DEPTH": str(history_depth),
             # Bench TPM contents are random bytes no swtpm can load; the rest of the scrubber
@@ -146,6 +153,7 @@ def agent_process(
     heartbeat_s: float = 5.0,
 ) -> ServiceProcess:
     """The real host agent of one simulated host (a libvirt test:/// node file)."""
+    store_key = SealingPublicKey(load_private_key(store_sealing_key_file(work)).public_key())
     return ServiceProcess(
         host_id,
         "keeper_host_agent",
@@ -155,6 +163,8 @@ def agent_process(
             "KEEPER_HOST_LIBVIRT_URI": f"test://{root / 'libvirt-node.xml'}",
             "KEEPER_HOST_SWTPM_ROOT": str(root / "swtpm"),
             "KEEPER_HOST_NVRAM_DIR": str(root / "nvram"),
+            "KEEPER_HOST_SEALING_KEY_FILE": str(root / "sealing.key"),
+            "KEEPER_HOST_STORE_SEALING_KEY": store_key.to_text(),
             "KEEPER_HOST_STABILITY_WINDOW_S": str(window_s),
             "KEEPER_HOST_RESCAN_INTERVAL_S": str(rescan_s),
             "KEEPER_HOST_HEARTBEAT_INTERVAL_S": str(heartbeat_s),

@@ -13,6 +13,8 @@ from keeper_shared.bus.topology import host_command_key
 from keeper_shared.messages.replies import PrepareVmReply
 from keeper_shared.messages.types import StateBlob
 from keeper_shared.messages.vm import PrepareVm
+from keeper_shared.sealing.keys import SealingPublicKey, load_private_key
+from keeper_shared.sealing.state_blobs import seal_state_blob
 
 
 async def prepare_calls(
@@ -23,15 +25,25 @@ async def prepare_calls(
     nvram: StateBlob,
     calls: int,
 ) -> list[float]:
-    """Seconds per PrepareVm call, one at a time; the written state is removed after."""
+    """Seconds per PrepareVm call, one at a time; the written state is removed after. The
+    blobs are sealed to the host's key (as the store does) before the clock starts: the
+    host's opening is part of the time, the store's sealing is not."""
+    host_key = SealingPublicKey(load_private_key(host_root / "sealing.key").public_key())
     samples = []
     for index in range(calls):
         vm_id = str(uuid.uuid4())
         name = f"restore-{index:04d}-{vm_id[:8]}"
+        prepare = PrepareVm(
+            vm_id=vm_id,
+            name=name,
+            epoch=1,
+            tpm=seal_state_blob(vm_id, tpm, host_key, command_epoch=1),
+            nvram=seal_state_blob(vm_id, nvram, host_key, command_epoch=1),
+        )
         began = time.monotonic()
         reply = await bus.call(
             host_command_key(host_id),
-            PrepareVm(vm_id=vm_id, name=name, epoch=1, tpm=tpm, nvram=nvram),
+            prepare,
             PrepareVmReply,
             subject=vm_id,
             timeout_s=30,

@@ -22,6 +22,7 @@ from bench.env import (
     rss_bytes,
     start_service,
     store_process,
+    store_sealing_key_file,
 )
 from bench.hosts import OVMF_VARS_SIZE, BenchVm, lay_out_host
 from bench.stats import Figure, percentile
@@ -29,6 +30,11 @@ from keeper_devtools.demo.processes import ServiceProcess
 from keeper_shared.bus.client import BusClient
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import placement_key
+from keeper_shared.sealing.keys import (
+    SealingPublicKey,
+    create_private_key_file,
+    load_private_key,
+)
 from keeper_shared.state_format.blobs import seal_blob
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.crypto.encryption import generate_key_file
@@ -100,6 +106,7 @@ class Bench:
         kek = self.work / "keys" / "kek.key"
         kek.parent.mkdir(parents=True)
         generate_key_file(kek)
+        create_private_key_file(store_sealing_key_file(self.work))
         self.redis = Redis.from_url(self.stack.redis.url)
         self.recorder = await PersistedRecorder.start(self.stack.rabbit.amqp_url)
         self.bus = await BusClient.connect(
@@ -385,7 +392,8 @@ class Bench:
                 f"Compressed {label} blob (raw {pools[kind][0].size:,} bytes)",
                 "KB",
             ).add(sum(sizes) / len(sizes) / 1000)
-        hosts = await scale.FakeHosts.start(self.bus, pools)
+        store_key = load_private_key(store_sealing_key_file(self.work)).public_key()
+        hosts = await scale.FakeHosts.start(self.bus, pools, SealingPublicKey(store_key))
         try:
             for count in (1, 10, 100):
                 await self.scale_over(hosts, count)

@@ -28,14 +28,16 @@ from keeper_shared.bus.client import BusClient, Delivery, Route
 from keeper_shared.bus.topology import declare_exchanges, event_routing_key, host_command_queue
 from keeper_shared.messages.envelope import Envelope, encode, new_envelope
 from keeper_shared.messages.state import (
-    FetchedVmState,
     FetchState,
+    SealedVmState,
     StateChange,
     StateChanged,
     StateFetched,
 )
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 from keeper_shared.redis_access.keys import placement_key
+from keeper_shared.sealing.keys import SealingPublicKey
+from keeper_shared.sealing.state_blobs import seal_state_blob
 
 WAIT_S = 30.0
 
@@ -55,6 +57,8 @@ class FakeHosts:
     bus: BusClient
     events: AbstractExchange
     pools: dict[StateKind, list[StateBlob]]
+    store_key: SealingPublicKey
+    """What fetch replies are sealed to, as an agent does."""
     current: dict[tuple[str, StateKind], StateBlob] = field(default_factory=dict)
     steps: dict[tuple[str, StateKind], int] = field(default_factory=dict)
     generation: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -63,11 +67,13 @@ class FakeHosts:
     """Per simulated host, the agent's own batching of announcements."""
 
     @classmethod
-    async def start(cls, bus: BusClient, pools: dict[StateKind, list[StateBlob]]) -> FakeHosts:
+    async def start(
+        cls, bus: BusClient, pools: dict[StateKind, list[StateBlob]], store_key: SealingPublicKey
+    ) -> FakeHosts:
         """Ready to serve hosts added with ``serve``."""
         channel = await bus.connection.channel(publisher_confirms=True)
         events, _ = await declare_exchanges(channel)
-        return cls(bus, events, pools)
+        return cls(bus, events, pools, store_key)
 
     async def serve(self, host_ids: Sequence[str]) -> None:
         """Consume these hosts' command queues."""
@@ -82,11 +88,11 @@ class FakeHosts:
         found = []
         for vm_id in envelope.data.vm_ids:
             blobs = [
-                self.current[(vm_id, kind)]
+                seal_state_blob(vm_id, self.current[(vm_id, kind)], self.store_key)
                 for kind in envelope.data.kinds
                 if (vm_id, kind) in self.current
             ]
-            found.append(FetchedVmState(vm_id=vm_id, blobs=blobs))
+            found.append(SealedVmState(vm_id=vm_id, blobs=blobs))
         return StateFetched(vms=found)
 
     async def change(self, vm: FakeVm, kind: StateKind) -> StateBlob:

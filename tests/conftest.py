@@ -33,6 +33,7 @@ from support.broker import Broker
 from support.bus_clients import BusClients, ConnectBus
 from support.deployed_redis import StartRedis, deployed_redis_servers
 from support.redis_db import PrivateDatabase, private_database
+from support.sealing_keys import key_file
 
 # The machine runs real brokers and services beside the tests: on 2 busy cores a property
 # test's data generation may be slow, which is no failure of the code under test.
@@ -286,4 +287,13 @@ def kek_file(tmp_path: Path) -> Path:
     a store run as a process."""
     path = tmp_path / "kek.key"
     generate_key_file(path)
+    return path
+
+
+@pytest.fixture
+def store_sealing_key_file(tmp_path: Path) -> Path:
+    """The store's sealing private key file of the test's own (mode 0600), for a store run
+    as a process (its hosts seal fetch replies to its public half)."""
+    path = tmp_path / "store-sealing.key"
+    key_file(path)
     return path

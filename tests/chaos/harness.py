@@ -47,6 +47,11 @@ from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import hosts_key, state_head_key, state_meta_key
 from keeper_shared.redis_access.results import awaited
+from keeper_shared.sealing.keys import (
+    SealingPublicKey,
+    create_private_key_file,
+    load_private_key,
+)
 from keeper_shared.state_format.blobs import content_hash
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.crypto.encryption import generate_key_file
@@ -153,6 +158,13 @@ class ChaosCluster:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.kek_file = config.work_dir / "keys" / "kek.key"
+        self.store_sealing_key_file = self.kek_file.with_name("store-sealing.key")
+        # Made now, not at start: every agent's environment pins its public key.
+        if not self.store_sealing_key_file.exists():
+            create_private_key_file(self.store_sealing_key_file)
+        self.store_sealing_key = SealingPublicKey(
+            load_private_key(self.store_sealing_key_file).public_key()
+        )
         self.logs_dir = config.work_dir / "logs"
         self.hosts = [
             SimulatedHost(host_id_for(config.run_id, index), config.work_dir / f"host-{index}")
@@ -219,6 +231,7 @@ class ChaosCluster:
                 "KEEPER_STORE_AMQP_URL": self.config.amqp_url,
                 "KEEPER_STORE_REDIS_URL": redis_url,
                 "KEEPER_STORE_KEK_FILE": str(self.kek_file),
+                "KEEPER_STORE_SEALING_KEY_FILE": str(self.store_sealing_key_file),
                 "KEEPER_STORE_VERIFY_HOST_IDENTITY": str(self.config.verify_host_identity).lower(),
                 "KEEPER_STORE_REPLICA_ID": replica,
                 "KEEPER_STORE_HISTORY_DEPTH": str(self.config.history_depth),
@@ -260,6 +273,8 @@ class ChaosCluster:
                 "KEEPER_HOST_NVRAM_DIR": str(host.nvram_dir),
                 "KEEPER_HOST_SNAPSHOT_DIR": str(host.snapshot_dir),
                 "KEEPER_HOST_GENERATION_MARK_FILE": str(host.generation_mark_file),
+                "KEEPER_HOST_SEALING_KEY_FILE": str(host.sealing_key_file),
+                "KEEPER_HOST_STORE_SEALING_KEY": self.store_sealing_key.to_text(),
                 "KEEPER_HOST_STABILITY_WINDOW_S": str(config.stability_window_s),
                 "KEEPER_HOST_HEARTBEAT_INTERVAL_S": str(config.heartbeat_interval_s),
                 "KEEPER_HOST_RESCAN_INTERVAL_S": str(config.rescan_interval_s),

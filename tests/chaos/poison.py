@@ -24,8 +24,10 @@ from keeper_shared.messages.replies import PrepareVmReply
 from keeper_shared.messages.state import StateChange, StateChanged
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 from keeper_shared.messages.vm import PrepareVm
+from keeper_shared.sealing.state_blobs import seal_state_blob
 from keeper_shared.state_format.blobs import seal_blob
 from keeper_shared.state_format.compression import compress
+from support.sealing_keys import public_key_of
 
 ESCAPING_MEMBER = "../escaped-by-chaos"
 """A member name that would land outside the VM's directory if unpacked naively."""
@@ -99,18 +101,24 @@ async def send_poison(cluster: ChaosCluster, canary: bytes) -> PoisonOutcome:
         await channel.close()
 
         token = FencingToken(epoch=1, generation=1)
+        # Sealed to the host, as the store would: what it opens must still not be written.
+        host_key = public_key_of(host.sealing_key_file)
+        archive_vm, hash_vm = str(uuid.uuid4()), str(uuid.uuid4())
+        archive = seal_blob(StateKind.TPM, escaping_archive(canary), token)
         crafted = [
             PrepareVm(
-                vm_id=str(uuid.uuid4()),
+                vm_id=archive_vm,
                 name="chaos-poison-archive",
                 epoch=1,
-                tpm=seal_blob(StateKind.TPM, escaping_archive(canary), token),
+                tpm=seal_state_blob(archive_vm, archive, host_key, command_epoch=1),
             ),
             PrepareVm(
-                vm_id=str(uuid.uuid4()),
+                vm_id=hash_vm,
                 name="chaos-poison-hash",
                 epoch=1,
-                nvram=mismatched_blob(canary, token),
+                nvram=seal_state_blob(
+                    hash_vm, mismatched_blob(canary, token), host_key, command_epoch=1
+                ),
             ),
         ]
         for prepare in crafted:

@@ -46,8 +46,10 @@ from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.redis_access.keys import placement_key
 from keeper_shared.redis_access.results import awaited
+from keeper_shared.sealing.state_blobs import seal_state_blob
 from keeper_shared.state_format.blobs import seal_blob
 from support.bus_clients import ConnectBus
+from support.sealing_keys import public_key_of
 from support.waiting import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
@@ -156,11 +158,15 @@ async def test_bad_input_is_dead_lettered_refused_and_changes_nothing(
         expected = {spec.dead_letter_queue: len(queue_bodies) for spec, queue_bodies in bodies}
         expected[STATE_STORE_EVENTS.dead_letter_queue] += 1
 
+        crafted_vm = str(uuid.uuid4())
+        archive = seal_blob(StateKind.TPM, escaping_archive(b"x" * 64), token)
         crafted = PrepareVm(
-            vm_id=str(uuid.uuid4()),
+            vm_id=crafted_vm,
             name="chaos-archive",
             epoch=1,
-            tpm=seal_blob(StateKind.TPM, escaping_archive(b"x" * 64), token),
+            tpm=seal_state_blob(
+                crafted_vm, archive, public_key_of(host.sealing_key_file), command_epoch=1
+            ),
         )
         caller = await connect_bus(source="test/bad-input", origin="test")
         reply = await caller.call(

@@ -37,9 +37,10 @@ from keeper_shared.bus.client import BusClient, Consumer, Delivery, Route
 from keeper_shared.bus.topology import QueueSpec, host_command_queue
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.replies import PrepareVmReply
+from keeper_shared.messages.sealed import SealedTpmSecret
 from keeper_shared.messages.state import (
-    FetchedVmState,
     FetchState,
+    SealedVmState,
     StateChange,
     StateChanged,
     StateFetched,
@@ -48,6 +49,13 @@ from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, Tpm
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.redis_access.keys import placement_key, state_blobs_key
 from keeper_shared.redis_access.results import awaited
+from keeper_shared.sealing.keys import SealingPrivateKeys, SealingPublicKey
+from keeper_shared.sealing.state_blobs import (
+    open_state_blob,
+    open_tpm_secret,
+    seal_state_blob,
+    seal_tpm_secret,
+)
 from keeper_shared.state_format.blobs import open_blob, seal_blob
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
 from keeper_state_store.crypto.key_ring import KeyRing
@@ -58,6 +66,7 @@ from keeper_state_store.handlers.transfer import TransferService
 from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.storage.repository import StateRepository
 from keeper_state_store.views.queries import StoreQueries
+from support.sealing_keys import forget_hosts, new_keys, register_host, store_sealing
 
 REQUEST_TIMEOUT_S = 30.0
 
@@ -67,15 +76,32 @@ def unique(label: str) -> str:
     return f"{label}-{uuid.uuid4().hex[:10]}"
 
 
+@dataclass(frozen=True)
+class OpenedPrepare:
+    """A ``vm.prepare`` as the host opened it with its key: what it would write."""
+
+    vm_id: str
+    name: str
+    epoch: int
+    tpm: StateBlob | None
+    nvram: StateBlob | None
+    tpm_secret: TpmSecret | None
+
+
 @dataclass
 class FakeHost:
-    """A host agent reduced to its commands: state in memory, fetches counted."""
+    """A host agent reduced to its commands: state in memory, fetches counted; it seals
+    fetch replies to the store's key and opens prepares with its own, as the agent does."""
 
     host_id: str
     bus: BusClient
+    store_key: SealingPublicKey
+    keys: SealingPrivateKeys = field(default_factory=new_keys)
     state: dict[str, dict[StateKind, StateBlob]] = field(default_factory=dict)
     fetches: list[list[str]] = field(default_factory=list)
-    prepared: list[PrepareVm] = field(default_factory=list)
+    prepared: list[OpenedPrepare] = field(default_factory=list)
+    sealed_prepares: list[PrepareVm] = field(default_factory=list)
+    """The prepares as they arrived on the bus."""
     tpm_secrets: dict[str, TpmSecret] = field(default_factory=dict)
     """Secrets the keeper did not create that the host reads from its domains' TPMs."""
 
@@ -107,7 +133,7 @@ class FakeHost:
         event = StateChanged(host=self.host_id, changes=changes)
         await self.bus.publish_event(event, subject=self.host_id)
 
-    def last_prepared(self, vm_id: str) -> PrepareVm:
+    def last_prepared(self, vm_id: str) -> OpenedPrepare:
         """The newest prepare the host got for ``vm_id``."""
         return next(p for p in reversed(self.prepared) if p.vm_id == vm_id)
 
@@ -115,10 +141,14 @@ class FakeHost:
         request = envelope.data
         self.fetches.append(list(request.vm_ids))
         found = [
-            FetchedVmState(
+            SealedVmState(
                 vm_id=vm_id,
-                blobs=[blob for kind, blob in self.state[vm_id].items() if kind in request.kinds],
-                tpm_secret=self.tpm_secrets.get(vm_id),
+                blobs=[
+                    seal_state_blob(vm_id, blob, self.store_key)
+                    for kind, blob in self.state[vm_id].items()
+                    if kind in request.kinds
+                ],
+                tpm_secret=self._sealed_secret(vm_id),
             )
             for vm_id in request.vm_ids
             if vm_id in self.state
@@ -126,22 +156,49 @@ class FakeHost:
         missing = [vm_id for vm_id in request.vm_ids if vm_id not in self.state]
         return StateFetched(vms=found, missing=missing)
 
+    def _sealed_secret(self, vm_id: str) -> SealedTpmSecret | None:
+        secret = self.tpm_secrets.get(vm_id)
+        return seal_tpm_secret(vm_id, secret, self.store_key) if secret is not None else None
+
     async def on_prepare(
         self, envelope: Envelope[PrepareVm], _delivery: Delivery
     ) -> PrepareVmReply:
-        self.prepared.append(envelope.data)
-        # Like the agent: verify what arrived before accepting it.
-        for blob in (envelope.data.tpm, envelope.data.nvram):
+        request = envelope.data
+        self.sealed_prepares.append(request)
+        epoch = request.epoch
+        # Like the agent: open and verify what arrived before accepting it.
+        opened = OpenedPrepare(
+            vm_id=request.vm_id,
+            name=request.name,
+            epoch=epoch,
+            tpm=(
+                open_state_blob(request.vm_id, request.tpm, self.keys, command_epoch=epoch)
+                if request.tpm is not None
+                else None
+            ),
+            nvram=(
+                open_state_blob(request.vm_id, request.nvram, self.keys, command_epoch=epoch)
+                if request.nvram is not None
+                else None
+            ),
+            tpm_secret=(
+                open_tpm_secret(request.vm_id, request.tpm_secret, self.keys, command_epoch=epoch)
+                if request.tpm_secret is not None
+                else None
+            ),
+        )
+        for blob in (opened.tpm, opened.nvram):
             if blob is not None:
                 open_blob(blob)
+        self.prepared.append(opened)
         return PrepareVmReply(
             ok=True,
-            tpm_hash=envelope.data.tpm.content_hash if envelope.data.tpm else None,
-            nvram_hash=envelope.data.nvram.content_hash if envelope.data.nvram else None,
+            tpm_hash=opened.tpm.content_hash if opened.tpm else None,
+            nvram_hash=opened.nvram.content_hash if opened.nvram else None,
         )
 
 
-def prepared_content(prepare: PrepareVm, kind: StateKind) -> bytes | None:
+def prepared_content(prepare: OpenedPrepare, kind: StateKind) -> bytes | None:
     """The canonical content a prepare carried for ``kind`` (verified), None if none."""
     blob = prepare.tpm if kind is StateKind.TPM else prepare.nvram
     return open_blob(blob) if blob is not None else None
@@ -234,6 +291,7 @@ async def running_store(
         amqp_url=amqp_url,
         redis_url=redis_url,
         kek_file=Path("/nonexistent/kek"),  # the KEK is handed over directly
+        sealing_key_file=Path("/nonexistent/sealing"),  # keys handed over directly
         history_depth=history_depth,
         allow_volatile_redis=True,
         fetch_timeout_s=10.0,
@@ -248,14 +306,19 @@ async def running_store(
     )
     client_bus = await BusClient.connect(amqp_url, source="client/test", origin=unique("client"))
     repository = StateRepository(redis, KeyRing(kek), history_depth=history_depth)
-    service = StateService(settings, repository, store_bus)
-    host = FakeHost(host_id=host_id, bus=host_bus)
+    sealing = store_sealing(redis)
+    service = StateService(settings, repository, store_bus, sealing)
+    host = FakeHost(host_id=host_id, bus=host_bus, store_key=sealing.own.public)
+    await register_host(sealing, host_id, host.keys.public)
     store = Store(
         redis=redis,
         repository=repository,
         service=service,
         client=KeeperClient(
-            client_bus, request_timeout_s=REQUEST_TIMEOUT_S, store_target=store_key
+            client_bus,
+            request_timeout_s=REQUEST_TIMEOUT_S,
+            store_target=store_key,
+            store_sealing_key=sealing.own.public,
         ),
         host=host,
         origin=origin,
@@ -274,7 +337,7 @@ async def running_store(
             [
                 *service.command_routes(),
                 *HistoryService(repository).command_routes(),
-                *TransferService(repository).command_routes(),
+                *TransferService(repository, sealing.own).command_routes(),
                 *DeletionService(repository, store_bus).command_routes(),
                 *StoreQueries(repository).command_routes(),
             ],
@@ -286,6 +349,7 @@ async def running_store(
             await bus.close(5.0)
         await service.close()
         await _delete_queues(amqp_url, [events, commands, host_queue])
+        await forget_hosts(redis, host_id)
         for vm_id in store.vm_ids:
             keys = [key async for key in redis.scan_iter(match=f"keeper:{{{vm_id}}}:*")]
             if keys:

@@ -32,6 +32,7 @@ from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.storage.repository import StateRepository
 from support.in_process_store import FakeHost
 from support.memory_bus import MemoryBroker
+from support.sealing_keys import forget_hosts, register_host, store_sealing
 
 STORE_HOST = "host-a"
 """The simulated host the VM is placed on (epoch 1)."""
@@ -50,7 +51,11 @@ class MemoryStore:
 
 @contextlib.asynccontextmanager
 async def memory_store(
-    redis_url: str, kek: KeyEncryptionKey, *, history_depth: int = 10
+    redis_url: str,
+    kek: KeyEncryptionKey,
+    *,
+    history_depth: int = 10,
+    host_key_wait_s: float = 1.0,
 ) -> AsyncIterator[MemoryStore]:
     """The store's event, command and host-request handlers with identity checks on; the
     VM's keys are deleted from Redis afterwards."""
@@ -61,15 +66,21 @@ async def memory_store(
         amqp_url="amqp://unused/",
         redis_url=redis_url,
         kek_file=Path("/nonexistent/kek"),
+        sealing_key_file=Path("/nonexistent/sealing"),  # keys handed over directly
         allow_volatile_redis=True,
         fetch_timeout_s=10.0,
+        host_key_wait_s=host_key_wait_s,
         verify_host_identity=True,
     )
     store_bus = broker.client(source="state-store/t", origin=STATE_STORE)
-    service = StateService(settings, repository, store_bus)
+    sealing = store_sealing(redis)
+    service = StateService(settings, repository, store_bus, sealing)
     host = FakeHost(
-        host_id=STORE_HOST, bus=broker.client(source=f"host-agent/{STORE_HOST}", origin=STORE_HOST)
+        host_id=STORE_HOST,
+        bus=broker.client(source=f"host-agent/{STORE_HOST}", origin=STORE_HOST),
+        store_key=sealing.own.public,
     )
+    await register_host(sealing, STORE_HOST, host.keys.public)
     await host.bus.consume(
         host_command_queue(STORE_HOST),
         [Route(FetchState, host.on_fetch), Route(PrepareVm, host.on_prepare)],
@@ -85,6 +96,7 @@ async def memory_store(
         yield MemoryStore(broker, host, repository, redis, vm_id)
     finally:
         await service.close()
+        await forget_hosts(redis, STORE_HOST)
         keys = [key async for key in redis.scan_iter(match=f"{PREFIX}:{{{vm_id}}}:*")]
         if keys:
             await redis.delete(*keys)

@@ -41,12 +41,14 @@ from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import StateKind
 from keeper_shared.redis_access.keys import hosts_key, placement_key
 from keeper_shared.redis_access.results import awaited
+from keeper_shared.sealing.keys import SealingPublicKey
 from keeper_shared.state_format.blobs import content_hash
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.crypto.encryption import generate_key_file
 from support.broker import Broker
 from support.bus_hygiene import purge_service_queues
 from support.events import EventRecorder
+from support.sealing_keys import key_file
 from support.waiting import wait_until
 
 STEP_TIMEOUT_S = 45.0
@@ -87,6 +89,7 @@ class PolicyStack:
     _events: EventRecorder | None = None
     _publishers: dict[str, BusClient] = field(default_factory=dict)
     _host_passwords: dict[str, str] = field(default_factory=dict)
+    _store_sealing_key: SealingPublicKey | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -95,6 +98,8 @@ class PolicyStack:
         await purge_service_queues(self.amqp_url)
         kek = self.work_dir / "kek.key"
         generate_key_file(kek)
+        store_sealing = self.work_dir / "store-sealing.key"
+        self._store_sealing_key = key_file(store_sealing)
         self._redis = Redis.from_url(self.redis_url)
         self.services["store"] = self._service(
             "store",
@@ -103,6 +108,7 @@ class PolicyStack:
                 "KEEPER_STORE_AMQP_URL": self.amqp_url,
                 "KEEPER_STORE_REDIS_URL": self.redis_url,
                 "KEEPER_STORE_KEK_FILE": str(kek),
+                "KEEPER_STORE_SEALING_KEY_FILE": str(store_sealing),
                 "KEEPER_STORE_VERIFY_HOST_IDENTITY": "true",
                 "KEEPER_STORE_FETCH_TIMEOUT_S": "1.5",
                 "KEEPER_STORE_PREPARE_TIMEOUT_S": "3",
@@ -190,6 +196,7 @@ class PolicyStack:
     def agent_process(self, name: str, **env: str) -> ServiceProcess:
         """The host agent of host ``name`` (not started)."""
         host = self.hosts[name]
+        assert self._store_sealing_key is not None, "the stack makes the store's key first"
         return self._service(
             name,
             "keeper_host_agent",
@@ -201,6 +208,8 @@ class PolicyStack:
                 "KEEPER_HOST_NVRAM_DIR": str(host.nvram_dir),
                 "KEEPER_HOST_SNAPSHOT_DIR": str(host.snapshot_dir),
                 "KEEPER_HOST_GENERATION_MARK_FILE": str(host.generation_mark_file),
+                "KEEPER_HOST_SEALING_KEY_FILE": str(host.sealing_key_file),
+                "KEEPER_HOST_STORE_SEALING_KEY": self._store_sealing_key.to_text(),
                 "KEEPER_HOST_STABILITY_WINDOW_S": "0.2",
                 "KEEPER_HOST_HEARTBEAT_INTERVAL_S": "0.5",
                 "KEEPER_HOST_RESCAN_INTERVAL_S": "1",
@@ -219,6 +228,12 @@ class PolicyStack:
         return self.broker.url_for(self.host_id(name), self._host_passwords[name])
 
     # --- access ---------------------------------------------------------------------------
+
+    @property
+    def store_sealing_key(self) -> SealingPublicKey:
+        """The store's public sealing key, which what is sent to the store is sealed to."""
+        assert self._store_sealing_key is not None, "the stack makes the store's key first"
+        return self._store_sealing_key
 
     @property
     def client(self) -> KeeperClient:

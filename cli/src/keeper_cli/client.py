@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from pydantic import SecretBytes, SecretStr
+from pydantic import SecretBytes
 
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.node_failover import broker_user
@@ -83,6 +83,8 @@ from keeper_shared.messages.transfer import (
 )
 from keeper_shared.messages.types import HOST_ID_PATTERN, StateKind
 from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm
+from keeper_shared.sealing.keys import SealingPublicKey
+from keeper_shared.sealing.passphrases import export_binding, import_binding, seal_passphrase
 
 E = TypeVar("E", bound=Payload)
 
@@ -169,8 +171,12 @@ class KeeperClient:
         request_timeout_s: float,
         store_target: str = STATE_STORE,
         policy_target: str = POLICY,
+        store_sealing_key: SealingPublicKey | None = None,
     ) -> None:
+        """``store_sealing_key``: the store's public key (pinned in configuration), which
+        export and import passphrases are sealed to; without it they are not sent."""
         self._bus = bus
+        self._store_sealing_key = store_sealing_key
         self._timeout = request_timeout_s
         # The services' command routing keys; only tests point them at private services.
         self._store_target = store_target
@@ -179,7 +185,12 @@ class KeeperClient:
 
     @classmethod
     async def connect(
-        cls, amqp_url: str | Sequence[str], *, name: str, request_timeout_s: float = 120.0
+        cls,
+        amqp_url: str | Sequence[str],
+        *,
+        name: str,
+        request_timeout_s: float = 120.0,
+        store_sealing_key: SealingPublicKey | None = None,
     ) -> KeeperClient:
         """Connect as a client named ``name`` (to one broker URL, or a cluster's nodes)."""
         bus = await BusClient.connect(
@@ -188,7 +199,7 @@ class KeeperClient:
             origin=client_origin(amqp_url),
             declare_exchanges=False,
         )
-        return cls(bus, request_timeout_s=request_timeout_s)
+        return cls(bus, request_timeout_s=request_timeout_s, store_sealing_key=store_sealing_key)
 
     async def close(self) -> None:
         """Disconnect."""
@@ -482,7 +493,8 @@ class KeeperClient:
 
     async def export_state(self, vm_id: str, passphrase: str) -> bytes:
         """The VM's newest state as a bundle file's bytes (the store's bundle format)."""
-        request = ExportState(vm_id=vm_id, passphrase=SecretStr(passphrase))
+        sealed = seal_passphrase(passphrase, self._store_key(), export_binding(vm_id))
+        request = ExportState(vm_id=vm_id, passphrase=sealed)
         reply = await self._call(self._store_target, request, StateExported, vm_id)
         if reply.bundle is None:
             raise KeeperRequestError(reply.error or "export failed without a reason")
@@ -492,9 +504,10 @@ class KeeperClient:
         self, bundle: bytes, passphrase: str, *, target_vm_id: str | None = None
     ) -> str:
         """Verify and store a bundle for a VM without state; returns that VM's id."""
+        binding = import_binding(bundle, target_vm_id)
         request = ImportState(
             bundle=SecretBytes(bundle),
-            passphrase=SecretStr(passphrase),
+            passphrase=seal_passphrase(passphrase, self._store_key(), binding),
             target_vm_id=target_vm_id,
         )
         subject = target_vm_id or "import"
@@ -502,3 +515,13 @@ class KeeperClient:
         if imported.vm_id is None:
             raise KeeperRequestError("the store imported the bundle without naming the VM")
         return imported.vm_id
+
+    def _store_key(self) -> SealingPublicKey:
+        """The key passphrases are sealed to, or a refusal to send one in clear."""
+        if self._store_sealing_key is None:
+            raise KeeperRequestError(
+                "the store's sealing key is not configured (KEEPER_STORE_SEALING_KEY, the "
+                "public key `python -m keeper_shared.sealing.keygen --public` prints): a "
+                "bundle passphrase is never sent in clear"
+            )
+        return self._store_sealing_key

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from keeper_shared.bus.topology import POLICY, STATE_STORE
 from keeper_shared.runtime.settings import split_list
+from keeper_shared.sealing.keys import SEALING_PUBLIC_KEY_PATTERN
 
 AMQP_URL_FORM = "amqp://USER:PASSWORD@HOST:PORT/ (or amqps://)"
 
@@ -75,6 +76,13 @@ class CliSettings(BaseSettings):
     )
     store_target: str = Field(
         default=STATE_STORE, description="The store's command key (tests point it elsewhere)."
+    )
+    store_sealing_key: str | None = Field(
+        default=None,
+        pattern=SEALING_PUBLIC_KEY_PATTERN,
+        description="The store's sealing public key (base64, `python -m "
+        "keeper_shared.sealing.keygen --public <store key file>`): export and import "
+        "passphrases are sealed to it, and not sent without it.",
     )
     policy_target: str = Field(
         default=POLICY, description="Policy's command key (tests point it elsewhere)."

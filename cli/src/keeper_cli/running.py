@@ -38,6 +38,7 @@ from keeper_shared.bus.client import (
 )
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
 from keeper_shared.messages.envelope import MessageError
+from keeper_shared.sealing.keys import SealingPublicKey
 
 T = TypeVar("T")
 
@@ -232,6 +233,11 @@ async def connected(settings: CliSettings, *, needs: tuple[str, ...]) -> AsyncIt
             request_timeout_s=settings.timeout_s,
             store_target=settings.store_target,
             policy_target=settings.policy_target,
+            store_sealing_key=(
+                SealingPublicKey.from_text(settings.store_sealing_key)
+                if settings.store_sealing_key
+                else None
+            ),
         )
     finally:
         await bus.close(2.0)

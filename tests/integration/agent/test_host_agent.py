@@ -43,6 +43,7 @@ from keeper_host_agent.detect.state_tracker import StateTracker
 from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path, parse_domain
 from keeper_host_agent.hypervisor.libvirt_adapter import LibvirtHypervisor
 from keeper_host_agent.hypervisor.port import LifecycleEvent
+from keeper_host_agent.sealing_keys import HostSealingKeys
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.client import BusClient, Delivery
@@ -62,10 +63,12 @@ from keeper_shared.messages.vm import (
     VmStopped,
     VmUndefined,
 )
+from keeper_shared.sealing.state_blobs import seal_state_blob, seal_tpm_secret
 from keeper_shared.state_format.blobs import content_hash, seal_blob
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from support.leak_scan import find_leaks, leak_forms
 from support.recording_publisher import RecordingPublisher
+from support.sealing_keys import new_keys
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.libvirt
@@ -275,6 +278,7 @@ class Host:
     commands: HostCommands
     published: list[StateChange]
     events: list[LifecycleEvent]
+    sealing: HostSealingKeys
 
     @property
     def tpm_dir(self) -> Path:
@@ -291,14 +295,34 @@ class Host:
         nvram: StateBlob | None = None,
         tpm_secret: TpmSecret | None = None,
     ) -> PrepareVmReply:
-        request = PrepareVm(
-            vm_id=VM_ID, name=VM_NAME, epoch=1, tpm=tpm, nvram=nvram, tpm_secret=tpm_secret
-        )
+        request = sealed_prepare(self.sealing, 1, tpm=tpm, nvram=nvram, tpm_secret=tpm_secret)
         return await self.commands.prepare(envelope(request), DELIVERY)
 
     async def start(self, *, xml_epoch: int, epoch: int) -> StartVmReply:
         request = StartVm(vm_id=VM_ID, epoch=epoch, domain_xml=vm_domain_xml(epoch=xml_epoch))
         return await self.commands.start(envelope(request), DELIVERY)
+
+
+def sealed_prepare(
+    sealing: HostSealingKeys,
+    epoch: int,
+    *,
+    tpm: StateBlob | None = None,
+    nvram: StateBlob | None = None,
+    tpm_secret: TpmSecret | None = None,
+) -> PrepareVm:
+    """A prepare of the test VM sealed to the host, as the store sends it."""
+    key = sealing.own.public
+    return PrepareVm(
+        vm_id=VM_ID,
+        name=VM_NAME,
+        epoch=epoch,
+        tpm=seal_state_blob(VM_ID, tpm, key, command_epoch=epoch) if tpm else None,
+        nvram=seal_state_blob(VM_ID, nvram, key, command_epoch=epoch) if nvram else None,
+        tpm_secret=(
+            seal_tpm_secret(VM_ID, tpm_secret, key, command_epoch=epoch) if tpm_secret else None
+        ),
+    )
 
 
 def host_settings(tmp_path: Path) -> HostAgentSettings:
@@ -312,6 +336,8 @@ def host_settings(tmp_path: Path) -> HostAgentSettings:
         nvram_dir=nvram_dir,
         libvirt_uri=empty_test_node(tmp_path),
         stability_window_s=0.2,
+        sealing_key_file=tmp_path / "host-sealing.key",
+        store_sealing_key=new_keys().public.to_text(),
     )
 
 
@@ -327,14 +353,16 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
     hypervisor = LibvirtHypervisor(settings.libvirt_uri)
     tracker = StateTracker(window_s=settings.stability_window_s, announce=publish)
     hypervisor.open(events.append)
+    sealing = HostSealingKeys.from_settings(settings)
     try:
         yield Host(
             settings,
             hypervisor,
             tracker,
-            HostCommands(settings, hypervisor, tracker),
+            HostCommands(settings, hypervisor, tracker, sealing),
             published,
             events,
+            sealing,
         )
     finally:
         for vm_id in list(tracker.vms):
@@ -379,6 +407,30 @@ async def test_prepare_writes_the_tpm_state_where_swtpm_reads_it(host: Host) -> 
     assert permall_path.read_bytes() == newer
     assert mode_of(permall_path) == 0o600
     assert sorted(p.name for p in host.tpm_dir.iterdir()) == [MAIN_STATE_FILE_NAME]
+
+
+async def test_prepare_refuses_state_sealed_for_another_host_or_another_start(
+    host: Host,
+) -> None:
+    """A prepare the host's key does not open (sealed to another host) or whose blobs were
+    sealed for another start (replayed under a new epoch) writes nothing."""
+    good = await host.prepare(tpm=tpm_blob(random_permall(6_000)), nvram=nvram_blob(b"\x01" * 4096))
+    assert good.ok, good.error
+    before = tree(host.settings.swtpm_root) | tree(host.settings.nvram_dir)
+    blob = tpm_blob(random_permall(6_000), generation=2)
+    elsewhere = PrepareVm(
+        vm_id=VM_ID,
+        name=VM_NAME,
+        epoch=1,
+        tpm=seal_state_blob(VM_ID, blob, new_keys().public, command_epoch=1),
+    )
+    replayed = sealed_prepare(host.sealing, 1, tpm=blob).model_copy(update={"epoch": 2})
+
+    for request, reason in ((elsewhere, "does not hold"), (replayed, "does not open")):
+        refused = await host.commands.prepare(envelope(request), DELIVERY)
+        assert not refused.ok
+        assert reason in (refused.error or "")
+    assert tree(host.settings.swtpm_root) | tree(host.settings.nvram_dir) == before
 
 
 async def test_prepare_refuses_a_blob_whose_hash_does_not_match(host: Host) -> None:
@@ -622,7 +674,7 @@ async def test_agent_tracks_a_started_vm_and_announces_the_prepared_state(
     nvram = os.urandom(NVRAM_SIZE)
     tpm = tpm_blob(permall)
     prepared = await host_agent.commands.prepare(
-        envelope(PrepareVm(vm_id=VM_ID, name=VM_NAME, epoch=3, tpm=tpm, nvram=nvram_blob(nvram))),
+        envelope(sealed_prepare(host_agent.sealing, 3, tpm=tpm, nvram=nvram_blob(nvram))),
         DELIVERY,
     )
     assert prepared.ok, prepared.error

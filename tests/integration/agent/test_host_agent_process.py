@@ -52,10 +52,13 @@ from keeper_shared.messages.vm import (
     VmStopped,
     VmUndefined,
 )
+from keeper_shared.sealing.keys import SealingPrivateKeys, SealingPublicKey
+from keeper_shared.sealing.state_blobs import open_state_blob, seal_state_blob
 from keeper_shared.state_format.blobs import content_hash, open_blob, seal_blob
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from support.bus_clients import ConnectBus
 from support.events import EventRecorder
+from support.sealing_keys import host_key_environment, new_keys
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.rabbit]
 
@@ -73,6 +76,8 @@ class AgentProcess:
     host_id: str
     swtpm_root: Path
     nvram_dir: Path
+    store_keys: SealingPrivateKeys
+    """The store's keys: the agent seals its fetch replies to their public half."""
     process: subprocess.Popen[bytes]
     stdout_path: Path
     stderr_path: Path
@@ -130,7 +135,9 @@ def agent_process(tmp_path: Path, rabbitmq_url: str) -> Iterator[AgentProcess]:
     nvram_dir.mkdir()
     node = tmp_path / "node.xml"
     node.write_text("<node>\n</node>\n")
+    store_keys = new_keys()
     env = {
+        **host_key_environment(tmp_path, store_keys.public),
         **{k: v for k, v in os.environ.items() if not k.startswith("KEEPER_")},
         "KEEPER_HOST_HOST_ID": host_id,
         "KEEPER_HOST_AMQP_URL": rabbitmq_url,
@@ -154,7 +161,9 @@ def agent_process(tmp_path: Path, rabbitmq_url: str) -> Iterator[AgentProcess]:
             env=env,
             cwd=tmp_path,
         )
-    agent = AgentProcess(host_id, swtpm_root, nvram_dir, process, stdout_path, stderr_path)
+    agent = AgentProcess(
+        host_id, swtpm_root, nvram_dir, store_keys, process, stdout_path, stderr_path
+    )
     try:
         yield agent
     finally:
@@ -214,8 +223,19 @@ async def test_agent_process_serves_commands_and_publishes_events(
         )
         nvram_blob = seal_blob(StateKind.NVRAM, nvram, FencingToken(epoch=1, generation=1))
 
+        # The store learns the host's key from its heartbeat, made on the agent's first start.
+        beat = await tap.wait_for(HostHeartbeat, timeout_s=CALL_TIMEOUT_S)
+        assert beat.data.sealing_key is not None
+        host_key = SealingPublicKey.from_text(beat.data.sealing_key)
         prepared = await call(
-            PrepareVm(vm_id=VM_ID, name=VM_NAME, epoch=2, tpm=tpm, nvram=nvram_blob), PrepareVmReply
+            PrepareVm(
+                vm_id=VM_ID,
+                name=VM_NAME,
+                epoch=2,
+                tpm=seal_state_blob(VM_ID, tpm, host_key, command_epoch=2),
+                nvram=seal_state_blob(VM_ID, nvram_blob, host_key, command_epoch=2),
+            ),
+            PrepareVmReply,
         )
         assert prepared.ok, prepared.error
         tpm_dir = agent_process.swtpm_root / VM_ID / "tpm2"
@@ -254,8 +274,11 @@ async def test_agent_process_serves_commands_and_publishes_events(
             subject=VM_ID,
             timeout_s=CALL_TIMEOUT_S,
         )
-        (vm_state,) = fetched.data.vms
-        blobs = {blob.kind: blob for blob in vm_state.blobs}
+        (sealed_state,) = fetched.data.vms
+        blobs = {
+            blob.kind: open_state_blob(VM_ID, blob, agent_process.store_keys)
+            for blob in sealed_state.blobs
+        }
         assert open_blob(blobs[StateKind.TPM]) == pack_tpm_state({MAIN_STATE_FILE_NAME: permall})
         assert open_blob(blobs[StateKind.NVRAM]) == nvram
 

@@ -88,6 +88,7 @@ from keeper_shared.messages.vm import (
 )
 from keeper_shared.redis_access.keys import hosts_key, tpm_secret_key
 from keeper_shared.redis_access.results import awaited
+from keeper_shared.sealing.keys import SealingPublicKey, load_private_key
 from keeper_shared.state_format.blobs import content_hash
 from keeper_shared.state_format.compression import compress
 from keeper_shared.state_format.tpm_archive import (
@@ -518,7 +519,12 @@ async def _host_heard_since(redis: Redis, host_id: str, since: float) -> bool:
 
 @pytest.fixture
 async def stack(
-    real_host: RealHost, rabbitmq_broker: Broker, redis_url: str, tmp_path: Path, kek_file: Path
+    real_host: RealHost,
+    rabbitmq_broker: Broker,
+    redis_url: str,
+    tmp_path: Path,
+    kek_file: Path,
+    store_sealing_key_file: Path,
 ) -> AsyncIterator[Stack]:
     host_id = f"real-{uuid.uuid4().hex[:8]}"
     rabbitmq_url = rabbitmq_broker.url
@@ -540,6 +546,10 @@ async def stack(
             "KEEPER_HOST_SWTPM_ROOT": str(SWTPM_ROOT),
             "KEEPER_HOST_NVRAM_DIR": str(NVRAM_DIR),
             "KEEPER_HOST_GENERATION_MARK_FILE": str(tmp_path / "agent" / "generation"),
+            "KEEPER_HOST_SEALING_KEY_FILE": str(tmp_path / "agent" / "sealing.key"),
+            "KEEPER_HOST_STORE_SEALING_KEY": SealingPublicKey(
+                load_private_key(store_sealing_key_file).public_key()
+            ).to_text(),
             "KEEPER_HOST_STABILITY_WINDOW_S": "0.3",
             "KEEPER_HOST_HEARTBEAT_INTERVAL_S": "1",
             "KEEPER_HOST_RESCAN_INTERVAL_S": "2",
@@ -559,6 +569,7 @@ async def stack(
                 "KEEPER_STORE_AMQP_URL": rabbitmq_url,
                 "KEEPER_STORE_REDIS_URL": redis_url,
                 "KEEPER_STORE_KEK_FILE": str(kek_file),
+                "KEEPER_STORE_SEALING_KEY_FILE": str(store_sealing_key_file),
                 "KEEPER_STORE_LOG_JSON": "true",
             },
             logs / "state-store.log",

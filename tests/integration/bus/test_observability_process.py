@@ -29,7 +29,7 @@ async def _get(port: int, path: str) -> tuple[int, str]:
 
 
 async def test_store_process_serves_health_and_metrics(
-    rabbitmq_url: str, redis_url: str, tmp_path: Path
+    rabbitmq_url: str, redis_url: str, tmp_path: Path, store_sealing_key_file: Path
 ) -> None:
     kek = tmp_path / "kek"
     kek.write_bytes(os.urandom(32))
@@ -40,6 +40,7 @@ async def test_store_process_serves_health_and_metrics(
         "KEEPER_STORE_AMQP_URL": rabbitmq_url,
         "KEEPER_STORE_REDIS_URL": redis_url,
         "KEEPER_STORE_KEK_FILE": str(kek),
+        "KEEPER_STORE_SEALING_KEY_FILE": str(store_sealing_key_file),
         "KEEPER_STORE_REPLICA_ID": "metrics-test",
         "KEEPER_STORE_SCRUB_ENABLED": "false",
         "KEEPER_METRICS_PORT": str(port),

@@ -42,6 +42,7 @@ from keeper_shared.messages.placement import StopMode, StopVm
 from keeper_shared.messages.replies import StopVmReply
 from keeper_shared.messages.state import ListStateHistory, StateHistory
 from support.bus_hygiene import purge_service_queues
+from support.sealing_keys import host_key_environment, new_keys
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 
@@ -167,6 +168,7 @@ async def test_a_store_comes_up_when_its_connection_is_cut_during_start_up(
     redis_url: str,
     empty_service_queues: None,
     kek_file: Path,
+    store_sealing_key_file: Path,
     tmp_path: Path,
 ) -> None:
     store = ServiceProcess(
@@ -176,6 +178,7 @@ async def test_a_store_comes_up_when_its_connection_is_cut_during_start_up(
             "KEEPER_STORE_AMQP_URL": through(proxy, rabbitmq_url),
             "KEEPER_STORE_REDIS_URL": redis_url,
             "KEEPER_STORE_KEK_FILE": str(kek_file),
+            "KEEPER_STORE_SEALING_KEY_FILE": str(store_sealing_key_file),
             "KEEPER_STORE_REPLICA_ID": "store-cut",
             "KEEPER_STORE_SCRUB_ENABLED": "false",
             "KEEPER_STORE_LOG_JSON": "true",
@@ -255,6 +258,7 @@ async def test_a_host_agent_comes_up_when_its_connection_is_cut_during_start_up(
             "KEEPER_HOST_LIBVIRT_URI": f"test://{node}",
             "KEEPER_HOST_SWTPM_ROOT": str(tmp_path / "swtpm"),
             "KEEPER_HOST_NVRAM_DIR": str(tmp_path / "nvram"),
+            **host_key_environment(tmp_path, new_keys().public),
             "KEEPER_HOST_HEARTBEAT_INTERVAL_S": "1",
             "KEEPER_HOST_SHUTDOWN_GRACE_S": "5",
             "KEEPER_HOST_LOG_JSON": "true",

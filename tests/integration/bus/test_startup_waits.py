@@ -40,7 +40,11 @@ def later_redis(tmp_path: Path, local_servers_installed: None) -> Iterator[Redis
 
 
 async def test_a_store_started_before_redis_waits_then_serves(
-    rabbitmq_url: str, later_redis: RedisServer, kek_file: Path, tmp_path: Path
+    rabbitmq_url: str,
+    later_redis: RedisServer,
+    kek_file: Path,
+    store_sealing_key_file: Path,
+    tmp_path: Path,
 ) -> None:
     store = ServiceProcess(
         "store",
@@ -49,6 +53,7 @@ async def test_a_store_started_before_redis_waits_then_serves(
             "KEEPER_STORE_AMQP_URL": rabbitmq_url,
             "KEEPER_STORE_REDIS_URL": later_redis.url,
             "KEEPER_STORE_KEK_FILE": str(kek_file),
+            "KEEPER_STORE_SEALING_KEY_FILE": str(store_sealing_key_file),
             "KEEPER_STORE_REPLICA_ID": "store-waits",
             "KEEPER_STORE_LOG_JSON": "true",
         },

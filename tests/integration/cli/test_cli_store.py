@@ -65,6 +65,7 @@ async def keeper(store: Store, policy_key: str, *arguments: str, stdin: str = ""
         "KEEPER_AMQP_URL": store.amqp_url,
         "KEEPER_REDIS_URL": f"redis://127.0.0.1:{_closed_port()}/0",
         "KEEPER_STORE_TARGET": store.client._store_target,
+        "KEEPER_STORE_SEALING_KEY": store.service.sealing.own.public.to_text(),
         "KEEPER_POLICY_TARGET": policy_key,
         "KEEPER_TIMEOUT_S": "20",
     }
@@ -371,6 +372,7 @@ async def test_a_missing_policy_is_named(store: Store) -> None:
     env = {
         "KEEPER_AMQP_URL": store.amqp_url,
         "KEEPER_STORE_TARGET": store.client._store_target,
+        "KEEPER_STORE_SEALING_KEY": store.service.sealing.own.public.to_text(),
         "KEEPER_POLICY_TARGET": "policy",  # the real policy's queue: nobody consumes it here
         "KEEPER_TIMEOUT_S": "20",
     }

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from pydantic import Field, SecretBytes, SecretStr
+from pydantic import Field, SecretBytes
 
 from keeper_devtools.contract import COMMANDS, ERROR_REPLY, Receiver
 from keeper_shared.bus.client import BusClient, CommandRejectedError
@@ -53,6 +53,8 @@ from keeper_shared.messages.vm_control import (
     SuspendVm,
 )
 from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm
+from keeper_shared.sealing.keys import SealingPublicKey
+from keeper_shared.sealing.passphrases import export_binding, import_binding, seal_passphrase
 from support.broker import Broker
 from support.policy_stack import PolicyStack
 
@@ -66,7 +68,8 @@ pytestmark = [
 CALL_TIMEOUT_S = 60.0
 """Generous: only a service that never answers reaches it."""
 
-PASSPHRASE = SecretStr("a passphrase long enough for a bundle")
+PASSPHRASE = "a passphrase long enough for a bundle"
+NOT_A_BUNDLE = b"not a bundle"
 
 
 class NotACommand(Payload):
@@ -84,6 +87,7 @@ class Scene:
     vm_id: str
     name: str
     host: str
+    store_key: SealingPublicKey
 
 
 def _new_id() -> str:
@@ -123,8 +127,13 @@ EXAMPLES: dict[type[Payload], Callable[[Scene], Payload]] = {
     DeleteSnapshot: lambda s: DeleteSnapshot(vm_id=s.vm_id, snapshot_id="never-taken"),
     ListSnapshots: lambda s: ListSnapshots(vm_id=s.vm_id),
     CloneVm: lambda s: CloneVm(source_vm_id=s.vm_id, target_vm_id=_new_id(), tpm=CloneTpm.COPY),
-    ExportState: lambda s: ExportState(vm_id=s.vm_id, passphrase=PASSPHRASE),
-    ImportState: lambda s: ImportState(bundle=SecretBytes(b"not a bundle"), passphrase=PASSPHRASE),
+    ExportState: lambda s: ExportState(
+        vm_id=s.vm_id, passphrase=seal_passphrase(PASSPHRASE, s.store_key, export_binding(s.vm_id))
+    ),
+    ImportState: lambda s: ImportState(
+        bundle=SecretBytes(NOT_A_BUNDLE),
+        passphrase=seal_passphrase(PASSPHRASE, s.store_key, import_binding(NOT_A_BUNDLE, None)),
+    ),
     DeleteState: lambda s: DeleteState(vm_id=_new_id(), reason="contract test"),
     DescribeStoredState: lambda s: DescribeStoredState(vm_ids=[s.vm_id]),
     ReadEndorsementKey: lambda s: ReadEndorsementKey(vm_id=s.vm_id),
@@ -189,7 +198,8 @@ async def callers(
             stack.host_amqp_url("a"), source=f"host-agent/{host_id}", origin=host_id
         )
         try:
-            yield Callers(stack, Scene(spec.vm_id, spec.name, host_id), services, host)
+            scene = Scene(spec.vm_id, spec.name, host_id, stack.store_sealing_key)
+            yield Callers(stack, scene, services, host)
         finally:
             await host.close()
             await services.close()

@@ -48,6 +48,7 @@ from keeper_state_store.settings import StateStoreSettings
 from keeper_state_store.storage.repository import StateRepository
 from support.memory_bus import MemoryBroker, MemoryBus
 from support.redis_db import PrivateDatabase
+from support.sealing_keys import register_host, store_sealing
 from support.waiting import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.libvirt]
@@ -154,16 +155,19 @@ async def scene(
     await policy_bus.consume(POLICY_EVENTS, policy.event_routes(), prefetch=32)
     await policy_bus.consume(POLICY_COMMANDS, policy.command_routes(), prefetch=16)
     store_bus = broker.client(source="state-store/t", origin=STATE_STORE)
+    sealing = store_sealing(redis)
     store = StateService(
         StateStoreSettings(
             amqp_url="amqp://unused/",
             redis_url=private_redis.url,
             kek_file=Path("/nonexistent/kek"),
+            sealing_key_file=Path("/nonexistent/sealing"),  # keys handed over directly
             allow_volatile_redis=True,
             verify_host_identity=False,
         ),
         StateRepository(redis, KeyRing(kek), history_depth=10),
         store_bus,
+        sealing,
     )
     await store_bus.consume(STATE_STORE_COMMANDS, store.command_routes(), prefetch=8)
     node = tmp_path / "node.xml"
@@ -177,8 +181,11 @@ async def scene(
         nvram_dir=tmp_path / "nvram",
         stability_window_s=0.2,
         heartbeat_interval_s=0.5,
+        sealing_key_file=tmp_path / "host-sealing.key",
+        store_sealing_key=sealing.own.public.to_text(),
     )
     agent = HostAgent(settings, broker.client(source=f"host-agent/{HOST}", origin=HOST))
+    await register_host(sealing, HOST, agent.sealing.own.public)
     agent.hypervisor.open(agent.on_lifecycle, on_reconnect=agent.rebuild_view)
     await agent.bus.consume(host_command_queue(HOST), agent.routes(), prefetch=8)
     capabilities = HostCapabilities(

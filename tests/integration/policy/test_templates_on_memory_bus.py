@@ -71,6 +71,7 @@ from keeper_state_store.transfer.moving import read_newest
 from support.in_process_store import FakeHost, prepared_content
 from support.memory_bus import MemoryBroker, MemoryBus
 from support.redis_db import PrivateDatabase
+from support.sealing_keys import register_host, store_sealing
 
 HOST = "host-a"
 TIMEOUT_S = 30.0
@@ -134,24 +135,32 @@ async def scene(private_redis: PrivateDatabase, kek: KeyEncryptionKey) -> AsyncI
     await policy_bus.consume(POLICY_COMMANDS, policy.command_routes(), prefetch=16)
     repository = StateRepository(redis, KeyRing(kek), history_depth=10)
     store_bus = broker.client(source="state-store/t", origin=STATE_STORE)
+    sealing = store_sealing(redis)
     store = StateService(
         StateStoreSettings(
             amqp_url="amqp://unused/",
             redis_url=private_redis.url,
             kek_file=Path("/nonexistent/kek"),
+            sealing_key_file=Path("/nonexistent/sealing"),  # keys handed over directly
             allow_volatile_redis=True,
             fetch_timeout_s=10.0,
         ),
         repository,
         store_bus,
+        sealing,
     )
     routes = [
         *store.command_routes(),
-        *TransferService(repository).command_routes(),
+        *TransferService(repository, sealing.own).command_routes(),
         *DeletionService(repository, store_bus).command_routes(),
     ]
     await store_bus.consume(STATE_STORE_COMMANDS, routes, prefetch=8)
-    host = FakeHost(host_id=HOST, bus=broker.client(source=f"host-agent/{HOST}", origin=HOST))
+    host = FakeHost(
+        host_id=HOST,
+        bus=broker.client(source=f"host-agent/{HOST}", origin=HOST),
+        store_key=sealing.own.public,
+    )
+    await register_host(sealing, HOST, host.keys.public)
     host_routes = [Route(FetchState, host.on_fetch), Route(PrepareVm, host.on_prepare)]
     await host.bus.consume(host_command_queue(HOST), host_routes, prefetch=8)
     beat = HostHeartbeat(

@@ -12,8 +12,8 @@ import pytest_asyncio
 from keeper_shared.bus.client import Route
 from keeper_shared.bus.topology import host_command_queue
 from keeper_shared.messages.state import (
-    FetchedVmState,
     FetchState,
+    SealedVmState,
     StateChange,
     StateChanged,
     StateFetched,
@@ -21,6 +21,7 @@ from keeper_shared.messages.state import (
     StateWriteRefused,
 )
 from keeper_shared.messages.types import FencingToken, StateKind
+from keeper_shared.sealing.state_blobs import seal_state_blob
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
 from support.broker import Broker
 from support.bus_clients import ConnectBus
@@ -104,7 +105,9 @@ async def test_a_fetch_reply_from_another_user_is_ignored(
 
     async def answer(envelope: object, delivery: object) -> StateFetched:
         answered.append(vm_id)
-        return StateFetched(vms=[FetchedVmState(vm_id=vm_id, blobs=[forged])])
+        # Sealed to the store's public key, which anyone may know: sealing is no identity.
+        sealed = seal_state_blob(vm_id, forged, store.service.sealing.own.public)
+        return StateFetched(vms=[SealedVmState(vm_id=vm_id, blobs=[sealed])])
 
     try:
         await impostor.consume(

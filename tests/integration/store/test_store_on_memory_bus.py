@@ -29,6 +29,7 @@ from keeper_shared.messages.state import (
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import placement_key
 from keeper_shared.redis_access.results import awaited
+from keeper_shared.sealing.state_blobs import open_state_blob
 from keeper_shared.state_format.blobs import open_blob
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
 from keeper_state_store.storage.repository import StateRepository
@@ -142,7 +143,7 @@ async def test_the_placement_host_gets_the_newest_verified_state_and_no_other_ho
 
     assert newest.refused is None
     assert newest.tpm is not None
-    assert open_blob(newest.tpm) == content
+    assert open_blob(open_state_blob(scene.vm_id, newest.tpm, scene.host.keys)) == content
     assert newest.nvram is None
     assert newest.versions == {StateKind.TPM: 1}
     assert elsewhere.refused is not None

@@ -19,7 +19,7 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from keeper_cli.client import KeeperRequestError
+from keeper_cli.client import KeeperClient, KeeperRequestError
 from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import FencingToken, StateKind
@@ -32,6 +32,7 @@ from keeper_state_store.crypto.encryption import (
 )
 from support.in_process_store import Store, prepared_content, sha256
 from support.leak_scan import content_fingerprints, find_leaks, leak_forms
+from support.sealing_keys import new_keys
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 
@@ -241,6 +242,38 @@ async def test_exporting_a_vm_without_state_says_so(store: Store) -> None:
     vm_id = str(uuid.uuid4())
     with pytest.raises(KeeperRequestError, match="has no state"):
         await store.client.export_state(vm_id, PASSPHRASE)
+
+
+async def test_a_passphrase_is_never_sent_unsealed_nor_opened_under_another_key(
+    store: Store, empty_store: Store
+) -> None:
+    """A client without the store's key refuses to send the passphrase; one pinned to
+    another key gets a refusal from the store, and nothing is exported or imported."""
+    vm_id, _, _ = await vm_with_state(store)
+    bundle = await store.client.export_state(vm_id, PASSPHRASE)
+    empty_store.vm_ids.append(vm_id)
+    unpinned = KeeperClient(
+        store.client._bus, request_timeout_s=10, store_target=store.client._store_target
+    )
+    wrongly_pinned = KeeperClient(
+        store.client._bus,
+        request_timeout_s=10,
+        store_target=store.client._store_target,
+        store_sealing_key=new_keys().public,
+    )
+
+    with pytest.raises(KeeperRequestError, match="sealing key is not configured"):
+        await unpinned.export_state(vm_id, PASSPHRASE)
+    with pytest.raises(KeeperRequestError, match="passphrase refused: sealed for key"):
+        await wrongly_pinned.export_state(vm_id, PASSPHRASE)
+    with pytest.raises(KeeperRequestError, match="passphrase refused: sealed for key"):
+        await KeeperClient(
+            empty_store.client._bus,
+            request_timeout_s=10,
+            store_target=empty_store.client._store_target,
+            store_sealing_key=store.service.sealing.own.public,  # not this store's key
+        ).import_state(bundle, PASSPHRASE)
+    assert await empty_store.repository.head_version(vm_id, StateKind.TPM) is None
 
 
 async def _all_values(redis: Redis) -> list[tuple[str, bytes]]:

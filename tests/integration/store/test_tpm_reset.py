@@ -50,6 +50,7 @@ from keeper_shared.messages.tpm_reset import (
 from keeper_shared.messages.types import FencingToken, StateKind, TpmSecret
 from keeper_shared.redis_access.keys import PREFIX
 from keeper_shared.redis_access.results import awaited
+from keeper_shared.sealing.state_blobs import open_state_blob
 from keeper_shared.state_format.blobs import open_blob
 from keeper_shared.state_format.tpm_archive import (
     MAIN_STATE_FILE_NAME,
@@ -209,7 +210,8 @@ class Scene:
         )
         assert reply.data.refused is None
         assert reply.data.tpm is not None
-        return reply.data.versions[StateKind.TPM], open_blob(reply.data.tpm)
+        opened = open_state_blob(self.vm_id, reply.data.tpm, self.host.keys)
+        return reply.data.versions[StateKind.TPM], open_blob(opened)
 
     async def accept(self) -> AcceptTpmReply:
         reply = await self.client.call(

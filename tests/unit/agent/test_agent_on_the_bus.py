@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped
 from keeper_shared.messages.vm_control import SetPlacementEpoch
 from support.fake_hypervisor import FakeDomain, FakeHypervisor
 from support.memory_bus import MemoryBroker, MemoryMessage
+from support.sealing_keys import new_keys
 from support.waiting import wait_until
 
 HOST = "host-a"
@@ -45,8 +47,13 @@ def hypervisor(vm_id: str) -> FakeHypervisor:
 
 
 @pytest.fixture
-def agent(broker: MemoryBroker, hypervisor: FakeHypervisor) -> Iterator[HostAgent]:
-    settings = HostAgentSettings(host_id=HOST, libvirt_uri="test:///unused")
+def agent(broker: MemoryBroker, hypervisor: FakeHypervisor, tmp_path: Path) -> Iterator[HostAgent]:
+    settings = HostAgentSettings(
+        host_id=HOST,
+        libvirt_uri="test:///unused",
+        sealing_key_file=tmp_path / "host-sealing.key",
+        store_sealing_key=new_keys().public.to_text(),
+    )
     bus = broker.client(source=f"host-agent/{HOST}", origin=HOST)
     agent = HostAgent(settings, bus, hypervisor)
     try:

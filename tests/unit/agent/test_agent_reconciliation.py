@@ -24,6 +24,7 @@ from keeper_shared.messages.tpm import Firmware
 from keeper_shared.messages.vm import StopReason, VmDefined, VmStarted, VmStopped, VmUndefined
 from support.fake_hypervisor import FakeDomain, FakeHypervisor
 from support.memory_bus import MemoryBroker
+from support.sealing_keys import new_keys
 from support.waiting import wait_until
 
 HOST = "host-r"
@@ -82,6 +83,8 @@ def agent(broker: MemoryBroker, hypervisor: FakeHypervisor, tmp_path: Path) -> I
         swtpm_root=tmp_path / "swtpm",
         nvram_dir=tmp_path / "nvram",
         adopt=AdoptionMode.MARKED,
+        sealing_key_file=tmp_path / "host-sealing.key",
+        store_sealing_key=new_keys().public.to_text(),
     )
     agent = HostAgent(settings, broker.client(source=f"host-agent/{HOST}", origin=HOST), hypervisor)
     try:

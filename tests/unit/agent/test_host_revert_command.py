@@ -19,6 +19,7 @@ from keeper_shared.domain_metadata import PLACEMENT_NAMESPACE
 from keeper_shared.messages.envelope import new_envelope
 from keeper_shared.messages.vm_control import RevertDomain
 from support.fake_hypervisor import FakeDomain, FakeHypervisor
+from support.sealing_keys import new_keys
 
 DELIVERY = Delivery(user_id=None, redelivered=False, reply_to=None, correlation_id=None)
 SNAPSHOT = "before-update"
@@ -43,7 +44,11 @@ def domain_xml(vm_id: str, epoch: int) -> str:
 
 def commands(fake: FakeHypervisor, tmp_path: Path) -> RevertCommands:
     settings = HostAgentSettings(
-        host_id="host-a", swtpm_root=tmp_path / "swtpm", nvram_dir=tmp_path / "nvram"
+        host_id="host-a",
+        swtpm_root=tmp_path / "swtpm",
+        nvram_dir=tmp_path / "nvram",
+        sealing_key_file=tmp_path / "host-sealing.key",
+        store_sealing_key=new_keys().public.to_text(),
     )
     return RevertCommands(settings, fake)
 

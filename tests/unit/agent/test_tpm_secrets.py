@@ -23,10 +23,12 @@ from keeper_policy.placement.domain_definition import domain_xml, with_tpm_encry
 from keeper_policy.tpm.rules import tpm_element
 from keeper_shared.messages.envelope import MessageError, decode, encode, new_envelope
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
-from keeper_shared.messages.state import FetchedVmState, RestoreState, StateFetched
+from keeper_shared.messages.state import RestoreState
 from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded, VmSpec
 from keeper_shared.messages.types import MAX_TPM_SECRET_BYTES, TpmSecret
 from keeper_shared.messages.vm import PrepareVm
+from keeper_shared.sealing.construction import SealingError
+from keeper_shared.sealing.state_blobs import open_tpm_secret, seal_tpm_secret
 from keeper_state_store.crypto.encryption import (
     DecryptionError,
     blob_associated_data,
@@ -37,6 +39,7 @@ from keeper_state_store.crypto.encryption import (
 )
 from keeper_state_store.crypto.tpm_secrets import new_secret_value
 from support.leak_scan import leak_forms
+from support.sealing_keys import new_keys
 
 VM_ID = "6b2f7e0a-3c1d-4d6e-9a8b-1c2d3e4f5a6b"
 SECRET_UUID = "0c6a4b7e-54a4-4bb5-a0d2-6e3b3f1e2d11"
@@ -50,12 +53,17 @@ def value() -> bytes:
     return new_secret_value()
 
 
+HOST_KEYS = new_keys()
+"""The host the prepares below are sealed to."""
+
+
 def _prepare(value: bytes) -> PrepareVm:
+    secret = TpmSecret(uuid=SECRET_UUID, value=SecretBytes(value))
     return PrepareVm(
         vm_id=VM_ID,
         name="win11",
         epoch=3,
-        tpm_secret=TpmSecret(uuid=SECRET_UUID, value=SecretBytes(value)),
+        tpm_secret=seal_tpm_secret(VM_ID, secret, HOST_KEYS.public, command_epoch=3),
     )
 
 
@@ -78,31 +86,39 @@ def test_new_values_are_random_printable_passphrases() -> None:
 # --- messages ---------------------------------------------------------------------------
 
 
-def test_the_value_is_masked_in_repr_and_str_and_base64_on_the_wire(value: bytes) -> None:
+def test_the_value_is_sealed_on_the_wire_and_opens_only_for_the_host(value: bytes) -> None:
     prepare = _prepare(value)
 
     assert not _contains_any_form(repr(prepare), value)
     assert not _contains_any_form(str(prepare), value)
     wire = encode(new_envelope(prepare, source="state-store", subject=VM_ID))
-    assert json.loads(wire)["data"]["tpm_secret"] == {
-        "uuid": SECRET_UUID,
-        "value": base64.b64encode(value).decode(),
-    }
+    assert not _contains_any_form(wire, value)
+    assert json.loads(wire)["data"]["tpm_secret"]["uuid"] == SECRET_UUID
     decoded = decode(wire, PrepareVm).data
     assert decoded.tpm_secret is not None
-    assert decoded.tpm_secret.value.get_secret_value() == value
+    opened = open_tpm_secret(VM_ID, decoded.tpm_secret, HOST_KEYS, command_epoch=3)
+    assert opened.value.get_secret_value() == value
+    with pytest.raises(SealingError):
+        open_tpm_secret(VM_ID, decoded.tpm_secret, new_keys(), command_epoch=3)
 
 
-def test_an_oversized_value_is_refused_without_quoting_it() -> None:
+def test_a_tpm_secret_value_over_the_limit_is_refused_without_quoting_it() -> None:
     huge = secrets.token_urlsafe(MAX_TPM_SECRET_BYTES).encode()
-    body = json.loads(encode(new_envelope(_prepare(b"x"), source="t", subject=VM_ID)))
-    body["data"]["tpm_secret"]["value"] = base64.b64encode(huge).decode()
+    with pytest.raises(ValidationError) as refused:
+        TpmSecret(uuid=SECRET_UUID, value=SecretBytes(huge))
 
-    with pytest.raises(MessageError) as refused:
-        decode(json.dumps(body).encode(), PrepareVm)
-
-    assert "tpm_secret.value" in str(refused.value)
+    assert "value" in str(refused.value)
     assert not _contains_any_form(str(refused.value), huge[:64])
+
+
+def test_clear_secrets_of_older_senders_are_refused(value: bytes) -> None:
+    """v2 prepares and fetch replies carried the value in clear: no upcaster reads them."""
+    body = json.loads(encode(new_envelope(_prepare(value), source="old", subject=VM_ID)))
+    body["schema_version"] = 2
+    body["data"]["tpm_secret"] = {"uuid": SECRET_UUID, "value": base64.b64encode(value).decode()}
+
+    with pytest.raises(MessageError, match="schema version 2 is not supported"):
+        decode(json.dumps(body).encode(), PrepareVm)
 
 
 @pytest.mark.parametrize("bad", ["", "not-a-uuid", "{" + SECRET_UUID + "}"])
@@ -120,23 +136,21 @@ def test_an_empty_value_is_refused() -> None:
 @pytest.mark.parametrize(
     ("payload", "field", "default"),
     [
-        (_prepare(b"v").model_copy(update={"tpm_secret": None}), "tpm_secret", None),
         (
             RestoreState(vm_id=VM_ID, name="win11", host="hv01", epoch=2),
             "encrypt_tpm_state",
             False,
         ),
-        (StateFetched(vms=[FetchedVmState(vm_id=VM_ID, blobs=[])]), None, None),
         (
             EnableTpm(spec=VmSpec(vm_id=VM_ID, name="w", guest_os="windows-11")),
             "allow_duplicate_name",  # v3's field: a v1 message lacks it too
             False,
         ),
     ],
-    ids=["vm.prepare", "state.restore", "state.fetched", "tpm.enable"],
+    ids=["state.restore", "tpm.enable"],
 )
 def test_version_1_messages_are_still_read(
-    payload: PrepareVm | RestoreState | StateFetched | EnableTpm,
+    payload: RestoreState | EnableTpm,
     field: str | None,
     default: object,
 ) -> None:
@@ -146,8 +160,6 @@ def test_version_1_messages_are_still_read(
     body["schema_version"] = 1
     if field is not None:
         del body["data"][field]
-    for vm in body["data"].get("vms", []):
-        del vm["tpm_secret"]
     for newer in ("encrypt_tpm_state", "vcpus", "disks", "interfaces"):
         body["data"].get("spec", {}).pop(newer, None)
 

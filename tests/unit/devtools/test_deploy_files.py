@@ -44,15 +44,23 @@ def test_kubernetes_deployments(name: str, replicas: int) -> None:
     assert pod["terminationGracePeriodSeconds"] >= 30
 
 
-def test_the_kek_secret_is_mounted_read_only_for_the_owner() -> None:
+@pytest.mark.parametrize(
+    ("secret", "variable"),
+    [
+        ("keeper-kek", "KEEPER_STORE_KEK_FILE"),
+        ("keeper-store-sealing-key", "KEEPER_STORE_SEALING_KEY_FILE"),
+    ],
+    ids=["kek", "sealing key"],
+)
+def test_the_store_keys_are_mounted_read_only_for_the_owner(secret: str, variable: str) -> None:
     pod = _kubernetes("Deployment", "state-store")["spec"]["template"]["spec"]
-    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret]
     assert volume["secret"]["defaultMode"] == 0o400
     (container,) = pod["containers"]
     mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
     assert mount["readOnly"] is True
     env = {item["name"]: item for item in container["env"]}
-    assert env["KEEPER_STORE_KEK_FILE"]["value"].startswith(mount["mountPath"])
+    assert env[variable]["value"].startswith(mount["mountPath"])
 
 
 def test_compose_runs_replicas_against_clusters() -> None:

@@ -13,15 +13,21 @@ from keeper_shared.messages.envelope import MessageError, decode, encode, new_en
 from keeper_shared.messages.state import StateChanged
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm import PrepareVm
+from keeper_shared.sealing.state_blobs import open_state_blob, seal_state_blob
 from keeper_shared.state_format.blobs import open_blob, seal_blob
+from support.sealing_keys import new_keys
 
 VM_ID = "6b2f7e0a-3c1d-4d6e-9a8b-1c2d3e4f5a6b"
 CANARY = b"CANARY-" + bytes(range(256)) * 4
 
 
+HOST_KEYS = new_keys()
+
+
 def _prepare() -> PrepareVm:
     blob = seal_blob(StateKind.TPM, CANARY, FencingToken(epoch=1, generation=7))
-    return PrepareVm(vm_id=VM_ID, name="vm1", epoch=1, tpm=blob)
+    sealed = seal_state_blob(VM_ID, blob, HOST_KEYS.public, command_epoch=1)
+    return PrepareVm(vm_id=VM_ID, name="vm1", epoch=1, tpm=sealed)
 
 
 def _secret_forms(secret: bytes) -> list[str]:
@@ -33,14 +39,14 @@ def test_round_trip_keeps_the_blob_bytes() -> None:
     decoded = decode(encode(envelope), PrepareVm)
     assert decoded == envelope
     assert decoded.data.tpm is not None
-    assert open_blob(decoded.data.tpm) == CANARY
+    assert open_blob(open_state_blob(VM_ID, decoded.data.tpm, HOST_KEYS, command_epoch=1)) == CANARY
 
 
-def test_secret_bytes_are_masked_in_repr_and_str() -> None:
+def test_blob_bytes_are_neither_in_repr_and_str_nor_on_the_wire() -> None:
     envelope = new_envelope(_prepare(), source="s", subject=VM_ID)
-    text = repr(envelope) + str(envelope)
-    compressed = envelope.data.tpm.compressed.get_secret_value()  # type: ignore[union-attr]
-    for form in _secret_forms(compressed):
+    text = repr(envelope) + str(envelope) + encode(envelope).decode()
+    compressed = seal_blob(StateKind.TPM, CANARY, FencingToken(epoch=1, generation=7))
+    for form in _secret_forms(compressed.compressed.get_secret_value()):
         assert form not in text
 
 
@@ -59,13 +65,13 @@ def test_unknown_schema_version_is_refused_by_name() -> None:
 
 def test_validation_error_never_quotes_the_input() -> None:
     body = json.loads(encode(new_envelope(_prepare(), source="s", subject=VM_ID)))
-    secret_b64 = body["data"]["tpm"]["compressed"]
-    body["data"]["tpm"]["compressed"] = secret_b64 + "!not-base64"
+    secret_b64 = body["data"]["tpm"]["sealed"]["ciphertext"]
+    body["data"]["tpm"]["sealed"]["ciphertext"] = secret_b64 + "!not-base64"
     body["data"]["tpm"]["content_hash"] = "zz" + secret_b64[:40]
     with pytest.raises(MessageError) as caught:
         decode(json.dumps(body).encode(), PrepareVm)
     message = str(caught.value)
-    assert "compressed" in message
+    assert "ciphertext" in message
     assert secret_b64[:24] not in message
     assert caught.value.__cause__ is None
     assert caught.value.__context__ is None

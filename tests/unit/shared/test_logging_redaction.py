@@ -20,8 +20,10 @@ from structlog.typing import EventDict
 from keeper_shared.messages.types import TpmSecret
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.runtime.logging import configure_logging, redact_secrets
+from keeper_shared.sealing.state_blobs import seal_tpm_secret
 from keeper_state_store.crypto.tpm_secrets import new_secret_value
 from support.leak_scan import find_leaks, leak_forms
+from support.sealing_keys import new_keys
 
 VM_ID = "5b0e8d1e-3c55-4d8f-9a51-0c6f6f8e2a11"
 SECRET_UUID = "0c6a4b7e-54a4-4bb5-a0d2-6e3b3f1e2d11"
@@ -287,7 +289,8 @@ def test_a_tpm_secret_in_a_prepare_never_renders(capsys: pytest.CaptureFixture[s
     masking keeps it out, wherever it is logged."""
     value = new_secret_value()
     secret = TpmSecret(uuid=SECRET_UUID, value=SecretBytes(value))
-    prepare = PrepareVm(vm_id=VM_ID, name="win11", epoch=3, tpm_secret=secret)
+    sealed = seal_tpm_secret(VM_ID, secret, new_keys().public, command_epoch=3)
+    prepare = PrepareVm(vm_id=VM_ID, name="win11", epoch=3, tpm_secret=sealed)
     configure_logging("host-agent", json_output=True)
     log = structlog.get_logger("keeper.test")
 

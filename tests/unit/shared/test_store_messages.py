@@ -4,12 +4,13 @@ masked everywhere but the wire, and a bad one is refused without being quoted.""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from datetime import UTC, datetime
 
 import pytest
-from pydantic import SecretBytes, SecretStr, ValidationError
+from pydantic import SecretBytes, ValidationError
 
 from keeper_shared.messages.envelope import MessageError, Payload, decode, encode, new_envelope
 from keeper_shared.messages.snapshot import (
@@ -35,11 +36,20 @@ from keeper_shared.messages.transfer import (
     StateExported,
 )
 from keeper_shared.messages.types import FencingToken, StateKind
+from keeper_shared.sealing.construction import SealingError
+from keeper_shared.sealing.passphrases import (
+    export_binding,
+    import_binding,
+    open_passphrase,
+    seal_passphrase,
+)
+from support.sealing_keys import new_keys
 
 VM_ID = "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6"
 OTHER_VM_ID = "1e2f3a4b-5c6d-4e7f-8091-a2b3c4d5e6f7"
 PASSPHRASE = "a passphrase nobody may log"
 BUNDLE = b"VTPMKEEP" + os.urandom(200)
+STORE_KEYS = new_keys()
 
 
 def _payloads() -> list[Payload]:
@@ -82,11 +92,18 @@ def _payloads() -> list[Payload]:
             ],
         ),
         CloneVm(source_vm_id=VM_ID, target_vm_id=OTHER_VM_ID, tpm=CloneTpm.FRESH),
-        ExportState(vm_id=VM_ID, passphrase=SecretStr(PASSPHRASE)),
+        ExportState(
+            vm_id=VM_ID,
+            passphrase=seal_passphrase(PASSPHRASE, STORE_KEYS.public, export_binding(VM_ID)),
+        ),
         StateExported(vm_id=VM_ID, bundle=SecretBytes(BUNDLE)),
         StateExported(vm_id=VM_ID, error="VM has no state"),
         ImportState(
-            bundle=SecretBytes(BUNDLE), passphrase=SecretStr(PASSPHRASE), target_vm_id=OTHER_VM_ID
+            bundle=SecretBytes(BUNDLE),
+            passphrase=seal_passphrase(
+                PASSPHRASE, STORE_KEYS.public, import_binding(BUNDLE, OTHER_VM_ID)
+            ),
+            target_vm_id=OTHER_VM_ID,
         ),
     ]
 
@@ -97,27 +114,38 @@ def test_every_new_message_round_trips(payload: Payload) -> None:
     assert decode(encode(envelope), type(payload)) == envelope
 
 
-def test_passphrase_and_bundle_travel_but_never_show() -> None:
-    request = ImportState(bundle=SecretBytes(BUNDLE), passphrase=SecretStr(PASSPHRASE))
-    envelope = new_envelope(request, source="test", subject=VM_ID)
-
-    decoded = decode(encode(envelope), ImportState)
-    assert decoded.data.passphrase.get_secret_value() == PASSPHRASE
-    assert decoded.data.bundle.get_secret_value() == BUNDLE
-    shown = repr(envelope) + str(envelope) + repr(decoded.data)
-    assert PASSPHRASE not in shown
-    assert BUNDLE.hex()[:40] not in shown
-
-
-def test_a_too_short_passphrase_is_refused_without_quoting_it() -> None:
-    envelope = new_envelope(
-        ExportState(vm_id=VM_ID, passphrase=SecretStr(PASSPHRASE)), source="test", subject=VM_ID
+def test_the_passphrase_travels_sealed_to_the_store_and_bound_to_its_bundle() -> None:
+    binding = import_binding(BUNDLE, None)
+    request = ImportState(
+        bundle=SecretBytes(BUNDLE),
+        passphrase=seal_passphrase(PASSPHRASE, STORE_KEYS.public, binding),
     )
+    envelope = new_envelope(request, source="test", subject=VM_ID)
+    wire = encode(envelope)
+
+    decoded = decode(wire, ImportState)
+    opened = open_passphrase(decoded.data.passphrase, STORE_KEYS, binding)
+    assert opened.get_secret_value() == PASSPHRASE
+    assert decoded.data.bundle.get_secret_value() == BUNDLE
+    shown = repr(envelope) + str(envelope) + repr(decoded.data) + wire.decode()
+    assert PASSPHRASE not in shown
+    assert base64.b64encode(PASSPHRASE.encode()).decode()[:16] not in shown
+    assert BUNDLE.hex()[:40] not in shown
+    with pytest.raises(SealingError):
+        open_passphrase(decoded.data.passphrase, STORE_KEYS, import_binding(b"other", None))
+    with pytest.raises(SealingError):
+        open_passphrase(decoded.data.passphrase, STORE_KEYS, import_binding(BUNDLE, OTHER_VM_ID))
+
+
+def test_a_clear_passphrase_of_an_older_client_is_refused_without_quoting_it() -> None:
+    sealed = seal_passphrase(PASSPHRASE, STORE_KEYS.public, export_binding(VM_ID))
+    envelope = new_envelope(ExportState(vm_id=VM_ID, passphrase=sealed), source="t", subject=VM_ID)
     body = json.loads(encode(envelope))
-    body["data"]["passphrase"] = "short"
-    with pytest.raises(MessageError, match="passphrase: too_short") as refused:
+    body["schema_version"] = 1
+    body["data"]["passphrase"] = PASSPHRASE
+    with pytest.raises(MessageError, match="schema version 1 is not supported") as refused:
         decode(json.dumps(body).encode(), ExportState)
-    assert 'short"' not in str(refused.value)
+    assert PASSPHRASE not in str(refused.value)
     assert "'short'" not in str(refused.value)
 
 

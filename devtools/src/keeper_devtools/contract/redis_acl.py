@@ -97,7 +97,7 @@ _SENTINEL_RULES = (
 
 def store_write_patterns() -> list[str]:
     """Keys the store reads and writes: each VM's state of every kind, its data key, TPM
-    secret, snapshots and scrub lock, and the replication barrier."""
+    secret, snapshots and scrub lock, the replication barrier and the hosts' sealing keys."""
     per_vm = [
         shared_keys.data_key_key(ANY),
         shared_keys.tpm_secret_key(ANY),
@@ -105,7 +105,12 @@ def store_write_patterns() -> list[str]:
         shared_keys.scrub_lock_key(ANY),
     ]
     per_kind = [key for kind in StateKind for key in shared_keys.kind_state_keys(ANY, kind)]
-    return [*per_vm, *per_kind, shared_keys.replication_barrier_key()]
+    return [
+        *per_vm,
+        *per_kind,
+        shared_keys.replication_barrier_key(),
+        shared_keys.host_sealing_keys_key(),
+    ]
 
 
 def store_read_patterns() -> list[str]:

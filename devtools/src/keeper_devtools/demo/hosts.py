@@ -41,6 +41,12 @@ class SimulatedHost:
         return self.root / "agent" / "generation"
 
     @property
+    def sealing_key_file(self) -> Path:
+        """The agent's sealing private key, made on its first start (as
+        /var/lib/vtpm-keeper/sealing.key)."""
+        return self.root / "agent" / "sealing.key"
+
+    @property
     def nvram_dir(self) -> Path:
         """Where NVRAM files live on this host (libvirt's /var/lib/libvirt/qemu/nvram)."""
         return self.root / "nvram"

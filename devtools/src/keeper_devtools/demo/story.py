@@ -32,6 +32,11 @@ from keeper_shared.messages.types import StateKind
 from keeper_shared.redis_access.connection import RedisSettings, connect_redis
 from keeper_shared.redis_access.keys import hosts_key
 from keeper_shared.redis_access.results import awaited
+from keeper_shared.sealing.keys import (
+    SealingPublicKey,
+    create_private_key_file,
+    load_private_key,
+)
 from keeper_shared.swtpm import start_swtpm
 from keeper_state_store.crypto.encryption import generate_key_file
 
@@ -53,6 +58,12 @@ class DemoConfig:
     """Wiped and recreated: hosts, logs, swtpm CA."""
     kek_file: Path
     """Created (0600) when missing; kept across runs so stored state stays readable."""
+
+    @property
+    def store_sealing_key_file(self) -> Path:
+        """The store's sealing key, beside the KEK: created when missing, kept likewise."""
+        return self.kek_file.with_name("store-sealing.key")
+
     allow_volatile_redis: bool = False
     stability_window_s: float = 0.3
     heartbeat_interval_s: float = 1.0
@@ -92,6 +103,7 @@ def _services(config: DemoConfig, hosts: list[SimulatedHost]) -> list[ServicePro
     logs = config.work_dir / "logs"
     common = {"KEEPER_LOG_JSON": "true"}
     bus = config.amqp_url
+    store_key = SealingPublicKey(load_private_key(config.store_sealing_key_file).public_key())
     services = [
         ServiceProcess(
             "state-store",
@@ -101,6 +113,7 @@ def _services(config: DemoConfig, hosts: list[SimulatedHost]) -> list[ServicePro
                 "KEEPER_STORE_AMQP_URL": bus,
                 "KEEPER_STORE_REDIS_URL": config.redis_url,
                 "KEEPER_STORE_KEK_FILE": str(config.kek_file),
+                "KEEPER_STORE_SEALING_KEY_FILE": str(config.store_sealing_key_file),
                 # Every service of this stack shares the broker user "guest".
                 "KEEPER_STORE_VERIFY_HOST_IDENTITY": "false",
                 "KEEPER_STORE_ALLOW_VOLATILE_REDIS": str(config.allow_volatile_redis).lower(),
@@ -134,6 +147,8 @@ def _services(config: DemoConfig, hosts: list[SimulatedHost]) -> list[ServicePro
                     "KEEPER_HOST_NVRAM_DIR": str(host.nvram_dir),
                     "KEEPER_HOST_SNAPSHOT_DIR": str(host.snapshot_dir),
                     "KEEPER_HOST_GENERATION_MARK_FILE": str(host.generation_mark_file),
+                    "KEEPER_HOST_SEALING_KEY_FILE": str(host.sealing_key_file),
+                    "KEEPER_HOST_STORE_SEALING_KEY": store_key.to_text(),
                     "KEEPER_HOST_STABILITY_WINDOW_S": str(config.stability_window_s),
                     "KEEPER_HOST_HEARTBEAT_INTERVAL_S": str(config.heartbeat_interval_s),
                     "KEEPER_HOST_RESCAN_INTERVAL_S": "2",
@@ -164,6 +179,8 @@ async def run_story(config: DemoConfig, out: TextIO) -> StoryResult:
     if not config.kek_file.exists():
         config.kek_file.parent.mkdir(parents=True, exist_ok=True)
         generate_key_file(config.kek_file)
+    if not config.store_sealing_key_file.exists():
+        create_private_key_file(config.store_sealing_key_file)
     host_a = SimulatedHost("host-a", config.work_dir / "host-a")
     host_b = SimulatedHost("host-b", config.work_dir / "host-b")
     for host in (host_a, host_b):

@@ -29,6 +29,7 @@ from keeper_host_agent.hypervisor.libvirt_adapter import LibvirtHypervisor
 from keeper_host_agent.hypervisor.port import DomainSnapshot, Hypervisor, LifecycleEvent
 from keeper_host_agent.reconcile.discovery import discovered
 from keeper_host_agent.reconcile.implied_facts import DomainPresence, implied_facts
+from keeper_host_agent.sealing_keys import HostSealingKeys
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.client import BusClient, Route
 from keeper_shared.bus.senders import only_from
@@ -70,8 +71,10 @@ class HostAgent:
     def __init__(
         self, settings: HostAgentSettings, bus: BusClient, hypervisor: Hypervisor | None = None
     ) -> None:
-        """``hypervisor`` defaults to libvirt at ``settings.libvirt_uri`` (tests pass a fake)."""
+        """``hypervisor`` defaults to libvirt at ``settings.libvirt_uri`` (tests pass a fake).
+        The host's sealing key is made here on first start."""
         self.settings = settings
+        self.sealing = HostSealingKeys.from_settings(settings)
         self.bus = bus
         self.hypervisor: Hypervisor = hypervisor or LibvirtHypervisor(settings.libvirt_uri)
         self.announcer = ChangeAnnouncer(settings.host_id, self._publish_changes)
@@ -81,11 +84,11 @@ class HostAgent:
             generation_mark=settings.generation_mark_file,
         )
         self.watcher = ChangeWatcher(self.tracker, rescan_interval_s=settings.rescan_interval_s)
-        self.commands = HostCommands(settings, self.hypervisor, self.tracker)
+        self.commands = HostCommands(settings, self.hypervisor, self.tracker, self.sealing)
         self.placement = PlacementCommands(self.hypervisor, self.refresh_domain)
         self.snapshots = SnapshotCommands(self.hypervisor, settings.snapshot_dir)
         self.revert = RevertCommands(settings, self.hypervisor)
-        self.hook = HookHandler(settings, bus, self.hypervisor, self.tracker)
+        self.hook = HookHandler(settings, bus, self.hypervisor, self.tracker, self.sealing)
         self.lifecycle_tasks = BackgroundTasks("lifecycle handling failed")
         """What each libvirt event set off (publishing its fact, re-reading the domain)."""
         self._secret_checked: dict[str, str] = {}
@@ -264,6 +267,7 @@ class HostAgent:
                 cluster=self.settings.cluster,
                 capabilities=capabilities,
                 vms=self.tracker.inventory(),
+                sealing_key=self.sealing.own.public.to_text(),
             )
             try:
                 await self.bus.publish_event(beat, subject=self.settings.host_id)

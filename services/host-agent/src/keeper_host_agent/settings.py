@@ -12,6 +12,7 @@ from keeper_host_agent.hook.settings import HookSettings
 from keeper_shared.messages.adoption import AdoptionMode
 from keeper_shared.messages.types import HOST_ID_PATTERN
 from keeper_shared.runtime.settings import ServiceSettings, split_list
+from keeper_shared.sealing.keys import SEALING_PUBLIC_KEY_PATTERN
 
 
 class HostAgentSettings(ServiceSettings, HookSettings):
@@ -54,6 +55,24 @@ class HostAgentSettings(ServiceSettings, HookSettings):
         "out, so a restart after the clock was set back never writes below what the store "
         "holds (its writes would be refused as stale until the clock caught up). The "
         "systemd unit sets /var/lib/vtpm-keeper/generation; unset keeps no mark.",
+    )
+    sealing_key_file: Path = Field(
+        description="This host's X25519 private key (PKCS#8 PEM, mode 0600), made by the "
+        "agent on its first start when absent; the store seals the state it sends here to "
+        "its public key. The systemd unit sets /var/lib/vtpm-keeper/sealing.key."
+    )
+    previous_sealing_key_files: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Earlier private keys of this host, comma-separated: they open what was "
+        "sealed to them before a rotation (a `vm.prepare` still queued).",
+    )
+    _split_previous_sealing = field_validator("previous_sealing_key_files", mode="before")(
+        split_list
+    )
+    store_sealing_key: str = Field(
+        pattern=SEALING_PUBLIC_KEY_PATTERN,
+        description="The store's X25519 public key (base64), pinned: fetch replies are sealed "
+        "to it (`python -m keeper_shared.sealing.keygen --public <store key file>` prints it).",
     )
     command_senders: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -19,6 +19,8 @@ from keeper_shared.runtime.startup import (
     StoppedWhileWaitingError,
     wait_for_dependency,
 )
+from keeper_shared.sealing.keys import SealingPrivateKeys
+from keeper_state_store.crypto.bus_sealing import HostSealingKeys, StoreBusSealing
 from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.handlers.deletion import DeletionService
 from keeper_state_store.handlers.endorsement import EndorsementKeys
@@ -64,7 +66,13 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                     settings.redis_min_replicas, settings.redis_replica_timeout_ms
                 ),
             )
-            service = StateService(settings, repository, bus)
+            sealing = StoreBusSealing(
+                SealingPrivateKeys.from_files(
+                    settings.sealing_key_file, settings.previous_sealing_key_files
+                ),
+                HostSealingKeys(redis),
+            )
+            service = StateService(settings, repository, bus, sealing)
             # Its pulls in flight end after the consumers that wait for them stopped.
             startup.after_bus_closes.push_async_callback(service.close)
             # Prefetch bounds how many state.changed events can wait in one pull batch.
@@ -74,7 +82,7 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                 [
                     *service.command_routes(),
                     *HistoryService(repository).command_routes(),
-                    *TransferService(repository).command_routes(),
+                    *TransferService(repository, sealing.own).command_routes(),
                     *DeletionService(repository, bus).command_routes(),
                     *StoreQueries(repository).command_routes(),
                     *EndorsementKeys(repository, temp_dir=settings.scrub_temp_dir).command_routes(),
@@ -92,7 +100,11 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
                     STATE_STORE_COMMANDS.dead_letter_queue,
                     STATE_STORE_HOST_REQUESTS.dead_letter_queue,
                 ],
-                ready_fields={"redis": durability, "kek_id": keys.current.key_id},
+                ready_fields={
+                    "redis": durability,
+                    "kek_id": keys.current.key_id,
+                    "sealing_key_id": sealing.own.public.key_id,
+                },
             )
 
         await serve_on_bus(

@@ -32,6 +32,16 @@ class StateStoreSettings(ServiceSettings, RedisSettings):
         description="How long one write waits for its replicas before it counts as not durable.",
     )
     kek_file: Path = Field(description="Key-encryption key file (mode 0600); never in Redis.")
+    sealing_key_file: Path = Field(
+        description="The store's X25519 private key (PKCS#8 PEM, mode 0600), shared by every "
+        "replica: hosts seal fetch replies to its public key (`keeper-host-agent keygen` "
+        "makes one and prints the public key hosts pin)."
+    )
+    previous_sealing_key_files: list[Path] = Field(
+        default_factory=list,
+        description="Earlier store sealing keys: they open replies sealed before a "
+        "rotation, until none is in flight.",
+    )
     history_depth: int = Field(default=10, ge=1, le=1000, description="Versions kept per kind.")
     allow_volatile_redis: bool = Field(
         default=False,
@@ -39,6 +49,13 @@ class StateStoreSettings(ServiceSettings, RedisSettings):
     )
     fetch_timeout_s: float = Field(default=10.0, gt=0, description="Wait for a host's fetch reply.")
     prepare_timeout_s: float = Field(default=30.0, gt=0, description="Wait for a host's prepare.")
+    host_key_wait_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=120,
+        description="How long a restore waits for the sealing key of a host whose heartbeat "
+        "this store has not handled yet (two default heartbeat intervals); then it fails.",
+    )
     pull_batch_window_s: float = Field(
         default=0.005,
         ge=0,

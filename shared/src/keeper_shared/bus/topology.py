@@ -85,7 +85,12 @@ def host_command_queue(host_id: str) -> QueueSpec:
 
 STATE_STORE_EVENTS = QueueSpec(
     name="keeper.state-store.events",
-    event_bindings=("state.changed.*", "host.heartbeat.*"),
+    event_bindings=(
+        "state.changed.*",
+        "host.heartbeat.*",
+        # The store drops a lost host's sealing key; only policy declares a host lost.
+        event_routing_key("host.lost", POLICY),
+    ),
 )
 STATE_STORE_COMMANDS = QueueSpec(name="keeper.state-store.commands", command_key=STATE_STORE)
 POLICY_EVENTS = QueueSpec(

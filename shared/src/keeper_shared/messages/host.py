@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from keeper_shared.messages.envelope import register_upcaster
 from keeper_shared.messages.host_fact import HostFact
 from keeper_shared.messages.types import HOST_ID_PATTERN, ContentHash, HostId, VmId
+from keeper_shared.sealing.keys import SEALING_PUBLIC_KEY_PATTERN
 
 
 class HostCapabilities(BaseModel):
@@ -67,6 +68,12 @@ class HostHeartbeat(HostFact):
         description="The cluster the host belongs to (TPM approval checks a cluster's hosts); "
         "hosts that name none are in `default`.",
     )
+    sealing_key: str | None = Field(
+        default=None,
+        pattern=SEALING_PUBLIC_KEY_PATTERN,
+        description="The host's current X25519 public key (base64), which the store seals "
+        "the state it sends this host to; believed only from the host's own broker user.",
+    )
 
 
 @register_upcaster(HostHeartbeat.message_type, 1)
@@ -83,6 +90,6 @@ def _heartbeat_v2(data: dict[str, Any]) -> dict[str, Any]:
 
 @register_upcaster(HostHeartbeat.message_type, 3)
 def _heartbeat_v3(data: dict[str, Any]) -> dict[str, Any]:
-    """v3 capabilities predate ``libtpms_version``: such a host is taken to load only the
-    oldest TPM state format."""
+    """v3 predates ``libtpms_version`` and ``sealing_key``: such a host is taken to load only
+    the oldest TPM state format, and no state is sealed to it, so none is sent."""
     return data

@@ -9,11 +9,14 @@ a host must not be able to place, stop or delete VMs through policy's general co
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from pydantic import Field
 
-from keeper_shared.messages.envelope import Payload
-from keeper_shared.messages.types import HostId, StateBlob, StateKind, TpmSecret, VmId
+from keeper_shared.messages.envelope import Payload, register_upcaster
+from keeper_shared.messages.sealed import SealedStateBlob, SealedTpmSecret
+from keeper_shared.messages.types import HostId, StateKind, VmId
+from keeper_shared.sealing.keys import SEALING_PUBLIC_KEY_PATTERN
 
 
 class ClaimPlacement(Payload):
@@ -59,16 +62,35 @@ class ReadNewestState(Payload):
     is placed on. Replied with `NewestState`."""
 
     message_type = "state.newest"
+    schema_version = 2
 
     vm_id: VmId = Field(description="The VM.")
     host: HostId = Field(description="The requesting host; must be the VM's placement.")
+    sealing_key: str | None = Field(
+        default=None,
+        pattern=SEALING_PUBLIC_KEY_PATTERN,
+        description="The host's current X25519 public key (base64), as its heartbeats announce "
+        "it: the store seals the reply to it, and learns it, only when the request comes "
+        "from the host's own broker user (a start right after the agent's first heartbeat "
+        "need not wait for the store to have handled one).",
+    )
+
+
+@register_upcaster(ReadNewestState.message_type, 1)
+def _read_newest_state_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 named no key: the store seals to the one the host's heartbeats announced."""
+    return data
 
 
 class NewestState(Payload):
     """Reply to `ReadNewestState`: the newest verified version of each kind stored (none
-    for a VM the store holds nothing of), or why they cannot be given."""
+    for a VM the store holds nothing of), sealed to the requesting host's key, or why they
+    cannot be given.
+
+    v2 seals the blobs and the secret; v1 carried them in clear and is refused."""
 
     message_type = "state.newest.read"
+    schema_version = 2
 
     vm_id: VmId = Field(description="The VM.")
     refused: str | None = Field(
@@ -77,11 +99,11 @@ class NewestState(Payload):
         description="Why the stored state cannot be given (not placed there, does not "
         "verify); None when the blobs below are the whole answer.",
     )
-    tpm: StateBlob | None = Field(default=None, description="Newest TPM state, if stored.")
-    nvram: StateBlob | None = Field(default=None, description="Newest NVRAM, if stored.")
+    tpm: SealedStateBlob | None = Field(default=None, description="Newest TPM state, if stored.")
+    nvram: SealedStateBlob | None = Field(default=None, description="Newest NVRAM, if stored.")
     versions: dict[StateKind, int] = Field(
         default_factory=dict, description="The version number of each blob given."
     )
-    tpm_secret: TpmSecret | None = Field(
+    tpm_secret: SealedTpmSecret | None = Field(
         default=None, description="The secret the TPM state is encrypted with, if any."
     )

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from keeper_shared.messages.envelope import Payload, register_upcaster
+from keeper_shared.messages.sealed import SealedStateBlob, SealedTpmSecret
 from keeper_shared.messages.snapshot import SnapshotId
 from keeper_shared.messages.types import (
     ContentHash,
@@ -73,7 +74,8 @@ class FetchState(Payload):
 
 
 class FetchedVmState(BaseModel):
-    """One VM's blobs inside a :class:`StateFetched` reply."""
+    """One VM's blobs as the host read them and the store writes them (never on the bus:
+    it travels as a :class:`SealedVmState`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
@@ -86,20 +88,33 @@ class FetchedVmState(BaseModel):
     )
 
 
+class SealedVmState(BaseModel):
+    """One VM's blobs inside a :class:`StateFetched` reply, sealed to the store's key; the
+    store opens it into a :class:`FetchedVmState`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    vm_id: VmId = Field(description="The VM.")
+    blobs: list[SealedStateBlob] = Field(description="Its stable blobs, one per kind it has.")
+    tpm_secret: SealedTpmSecret | None = Field(
+        default=None,
+        description="The libvirt secret its TPM state is encrypted with, when the domain names "
+        "one the keeper did not create and libvirt lets the host read it (not private).",
+    )
+
+
 class StateFetched(Payload):
-    """Reply to :class:`FetchState`: the blobs, and the VMs the host does not hold."""
+    """Reply to :class:`FetchState`: the blobs, sealed to the store, and the VMs the host
+    does not hold.
+
+    v3 seals every blob and secret; v1 and v2 carried them in clear and are refused (no
+    upcaster: clear state is not accepted off the bus)."""
 
     message_type = "state.fetched"
-    schema_version = 2
+    schema_version = 3
 
-    vms: list[FetchedVmState] = Field(description="State of each VM the host holds.")
+    vms: list[SealedVmState] = Field(description="State of each VM the host holds.")
     missing: list[VmId] = Field(default_factory=list, description="VMs the host does not hold.")
-
-
-@register_upcaster(StateFetched.message_type, 1)
-def _state_fetched_v1(data: dict[str, Any]) -> dict[str, Any]:
-    """v1 replies predate ``tpm_secret``: they never carry one."""
-    return data
 
 
 class StatePersisted(Payload):

@@ -8,28 +8,17 @@ that has no stored state yet, under fencing token (0, 0), so the first real writ
 from __future__ import annotations
 
 import enum
-from typing import Annotated
 
-from pydantic import Field, PlainSerializer, SecretStr
+from pydantic import Field
 
 from keeper_shared.messages.envelope import Payload
+from keeper_shared.messages.sealed import SealedBlob
 from keeper_shared.messages.types import SecretBlob, VmId
 
 MIN_PASSPHRASE_CHARS = 8
 MAX_PASSPHRASE_CHARS = 1024
-
-
-def _reveal(value: SecretStr) -> str:
-    return value.get_secret_value()
-
-
-Passphrase = Annotated[
-    SecretStr,
-    Field(min_length=MIN_PASSPHRASE_CHARS, max_length=MAX_PASSPHRASE_CHARS),
-    PlainSerializer(_reveal, return_type=str, when_used="json"),
-]
-"""A bundle passphrase: plain text on the wire (the bus is the trusted channel), masked in
-every repr, str and log line."""
+"""Bounds of a bundle passphrase, checked by the client before sealing it and by the store
+after opening it."""
 
 
 class CloneTpm(enum.StrEnum):
@@ -61,9 +50,13 @@ class ExportState(Payload):
     Replied with :class:`StateExported`."""
 
     message_type = "state.export"
+    schema_version = 2
 
     vm_id: VmId = Field(description="The VM to export.")
-    passphrase: Passphrase = Field(description="Protects the bundle (scrypt, AES-256-GCM).")
+    passphrase: SealedBlob = Field(
+        description="Protects the bundle (scrypt, AES-256-GCM); sealed to the store's key "
+        "and bound to the VM (v1 carried it in clear and is refused)."
+    )
 
 
 class StateExported(Payload):
@@ -86,9 +79,13 @@ class ImportState(Payload):
     Replied with ``ImportStateReply``: ``vm_id`` and each stored kind's version."""
 
     message_type = "state.import"
+    schema_version = 2
 
     bundle: SecretBlob = Field(description="The bundle file's bytes.")
-    passphrase: Passphrase = Field(description="The passphrase the bundle was exported with.")
+    passphrase: SealedBlob = Field(
+        description="The passphrase the bundle was exported with, sealed to the store's key "
+        "and bound to the bundle's hash and the target (v1 carried it in clear and is refused)."
+    )
     target_vm_id: VmId | None = Field(
         default=None, description="The VM to store it for; default the bundle's own VM."
     )

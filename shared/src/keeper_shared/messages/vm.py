@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import enum
-from typing import Any
 
 from pydantic import Field
 
 from keeper_shared.domain_document import MAX_START_XML_CHARS
-from keeper_shared.messages.envelope import Payload, register_upcaster
+from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.host_fact import HostFact
-from keeper_shared.messages.types import HostId, StateBlob, TpmSecret, VmId, VmName
+from keeper_shared.messages.sealed import SealedStateBlob, SealedTpmSecret
+from keeper_shared.messages.types import HostId, VmId, VmName
 
 
 class StopReason(enum.StrEnum):
@@ -79,27 +79,26 @@ class VmUndefined(VmLifecycleFact):
 
 
 class PrepareVm(Payload):
-    """Command: write this state into place before the VM starts on this host."""
+    """Command: write this state into place before the VM starts on this host.
+
+    v3 seals the blobs and the secret to the host's key, bound to ``epoch``; v2 carried them
+    in clear and is refused (no upcaster: clear state is not accepted off the bus)."""
 
     message_type = "vm.prepare"
-    schema_version = 2
+    schema_version = 3
 
     vm_id: VmId = Field(description="The VM to prepare.")
     name: VmName = Field(description="Domain name; the NVRAM file is `<name>_VARS.fd`.")
     epoch: int = Field(ge=1, description="The placement epoch this start belongs to.")
-    tpm: StateBlob | None = Field(default=None, description="TPM state, or None for a new TPM.")
-    nvram: StateBlob | None = Field(default=None, description="NVRAM, or None for a new one.")
-    tpm_secret: TpmSecret | None = Field(
+    tpm: SealedStateBlob | None = Field(
+        default=None, description="TPM state, or None for a new TPM."
+    )
+    nvram: SealedStateBlob | None = Field(default=None, description="NVRAM, or None for a new one.")
+    tpm_secret: SealedTpmSecret | None = Field(
         default=None,
         description="The libvirt secret the TPM state is encrypted with: defined on the host "
         "(private, persistent) before the VM starts. None for an unencrypted TPM.",
     )
-
-
-@register_upcaster(PrepareVm.message_type, 1)
-def _prepare_vm_v1(data: dict[str, Any]) -> dict[str, Any]:
-    """v1 predates ``tpm_secret``: its TPM state was never encrypted."""
-    return data
 
 
 class StartVm(Payload):

@@ -109,6 +109,12 @@ def hosts_key() -> str:
     return f"{PREFIX}:hosts"
 
 
+def host_sealing_keys_key() -> str:
+    """Hash: host id -> the X25519 public key (base64) the store seals that host's state
+    to, as the host last announced it in a heartbeat (the store's)."""
+    return f"{PREFIX}:host-sealing-keys"
+
+
 def scrub_lock_key(vm_id: str) -> str:
     """String with a TTL: which scrubber replica is verifying the VM right now."""
     return f"{PREFIX}:{{{vm_id}}}:scrub-lock"

@@ -14,6 +14,7 @@ from keeper_host_agent.files.state_writer import UnsafeStateWriteError, write_nv
 from keeper_host_agent.hypervisor.domain_xml import DomainXmlError, fill_nvram_path, parse_domain
 from keeper_host_agent.hypervisor.errors import HypervisorError
 from keeper_host_agent.hypervisor.port import Hypervisor
+from keeper_host_agent.sealing_keys import HostSealingKeys
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.client import Delivery
 from keeper_shared.messages.commands import ReplyT
@@ -25,9 +26,16 @@ from keeper_shared.messages.replies import (
     StartVmReply,
     UndefineVmReply,
 )
-from keeper_shared.messages.state import FetchedVmState, FetchState, StateFetched
-from keeper_shared.messages.types import StateKind, TpmSecret
+from keeper_shared.messages.state import FetchState, SealedVmState, StateFetched
+from keeper_shared.messages.types import StateBlob, StateKind, TpmSecret
 from keeper_shared.messages.vm import PowerOffVm, PrepareVm, ShutdownVm, StartVm, UndefineVm
+from keeper_shared.sealing.construction import SealingError
+from keeper_shared.sealing.state_blobs import (
+    open_state_blob,
+    open_tpm_secret,
+    seal_state_blob,
+    seal_tpm_secret,
+)
 from keeper_shared.state_format.blobs import open_blob
 from keeper_shared.state_format.compression import BlobFormatError
 from keeper_shared.state_format.tpm_archive import unpack_tpm_state
@@ -52,17 +60,23 @@ class HostCommands:
     """Handlers of the VM commands: fetch, prepare, start, shutdown, power-off, undefine."""
 
     def __init__(
-        self, settings: HostAgentSettings, hypervisor: Hypervisor, tracker: StateTracker
+        self,
+        settings: HostAgentSettings,
+        hypervisor: Hypervisor,
+        tracker: StateTracker,
+        sealing: HostSealingKeys,
     ) -> None:
         self._settings = settings
+        self._sealing = sealing
         self._hypervisor = hypervisor
         self._tracker = tracker
         self._owner = resolve_owner(settings.state_owner)
 
     async def fetch(self, envelope: Envelope[FetchState], _delivery: Delivery) -> StateFetched:
-        """Reply with the current stable blobs of the requested VMs."""
+        """Reply with the current stable blobs of the requested VMs, sealed to the store."""
         request = envelope.data
-        found: list[FetchedVmState] = []
+        store = self._sealing.store
+        found: list[SealedVmState] = []
         missing: list[str] = []
         for vm_id in request.vm_ids:
             if vm_id not in self._tracker.vms:
@@ -72,9 +86,10 @@ class HostCommands:
             for kind in request.kinds:
                 blob = await self._tracker.current_blob(vm_id, kind)
                 if blob is not None:
-                    blobs.append(blob)
+                    blobs.append(seal_state_blob(vm_id, blob, store))
             secret = await self._foreign_secret(vm_id) if StateKind.TPM in request.kinds else None
-            found.append(FetchedVmState(vm_id=vm_id, blobs=blobs, tpm_secret=secret))
+            sealed_secret = seal_tpm_secret(vm_id, secret, store) if secret is not None else None
+            found.append(SealedVmState(vm_id=vm_id, blobs=blobs, tpm_secret=sealed_secret))
         return StateFetched(vms=found, missing=missing)
 
     async def _foreign_secret(self, vm_id: str) -> TpmSecret | None:
@@ -101,21 +116,20 @@ class HostCommands:
         try:
             # Verify everything before writing anything, so a bad NVRAM cannot leave a
             # half-prepared VM with a new TPM and an old NVRAM.
-            tpm_files = unpack_tpm_state(open_blob(request.tpm)) if request.tpm else None
-            nvram = open_blob(request.nvram) if request.nvram else None
-            if request.tpm_secret is not None:
+            tpm, nvram_blob, secret = self._open_prepared(request)
+            tpm_files = unpack_tpm_state(open_blob(tpm)) if tpm else None
+            nvram = open_blob(nvram_blob) if nvram_blob else None
+            if secret is not None:
                 # Before any file: when it fails nothing is written; a secret left behind
                 # by a later failure is defined again (same UUID, same value) next time.
-                defined = await self._hypervisor.define_tpm_secret(
-                    request.vm_id, request.tpm_secret
-                )
+                defined = await self._hypervisor.define_tpm_secret(request.vm_id, secret)
                 if not defined:
                     log.info(
                         "TPM secret already defined here by someone else; left as it is",
                         vm_id=request.vm_id,
-                        tpm_secret_id=request.tpm_secret.uuid,
+                        tpm_secret_id=secret.uuid,
                     )
-                secret_uuid = request.tpm_secret.uuid
+                secret_uuid = secret.uuid
             if tpm_files is not None:
                 await asyncio.to_thread(
                     write_tpm_state,
@@ -124,11 +138,17 @@ class HostCommands:
                     tpm_files,
                     self._owner,
                 )
-                tpm_hash = request.tpm.content_hash if request.tpm else None
+                tpm_hash = tpm.content_hash if tpm else None
             if nvram is not None:
                 await asyncio.to_thread(write_nvram, nvram_path, nvram, self._owner)
-                nvram_hash = request.nvram.content_hash if request.nvram else None
-        except (BlobFormatError, UnsafeStateWriteError, ValueError, HypervisorError) as error:
+                nvram_hash = nvram_blob.content_hash if nvram_blob else None
+        except (
+            BlobFormatError,
+            UnsafeStateWriteError,
+            ValueError,
+            HypervisorError,
+            SealingError,
+        ) as error:
             log.warning("prepare refused", vm_id=request.vm_id, reason=str(error))
             return PrepareVmReply.failed(str(error))
         written = [
@@ -139,6 +159,26 @@ class HostCommands:
         log.info("prepared", vm_id=request.vm_id, epoch=request.epoch, written=written)
         return PrepareVmReply(
             ok=True, tpm_hash=tpm_hash, nvram_hash=nvram_hash, tpm_secret_uuid=secret_uuid
+        )
+
+    def _open_prepared(
+        self, request: PrepareVm
+    ) -> tuple[StateBlob | None, StateBlob | None, TpmSecret | None]:
+        """The TPM state, NVRAM and secret a prepare carries, opened with this host's keys
+        and checked against its VM and epoch (`SealingError` when any does not open)."""
+        keys, vm_id, epoch = self._sealing.own, request.vm_id, request.epoch
+        return (
+            open_state_blob(vm_id, request.tpm, keys, command_epoch=epoch) if request.tpm else None,
+            (
+                open_state_blob(vm_id, request.nvram, keys, command_epoch=epoch)
+                if request.nvram
+                else None
+            ),
+            (
+                open_tpm_secret(vm_id, request.tpm_secret, keys, command_epoch=epoch)
+                if request.tpm_secret
+                else None
+            ),
         )
 
     async def start(self, envelope: Envelope[StartVm], _delivery: Delivery) -> StartVmReply:

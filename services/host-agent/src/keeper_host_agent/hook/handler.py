@@ -38,6 +38,7 @@ from keeper_host_agent.hypervisor.domain_xml import (
 )
 from keeper_host_agent.hypervisor.errors import HypervisorError
 from keeper_host_agent.hypervisor.port import Hypervisor
+from keeper_host_agent.sealing_keys import HostSealingKeys
 from keeper_host_agent.settings import HostAgentSettings
 from keeper_shared.bus.client import BusClient, CallError
 from keeper_shared.bus.topology import POLICY, STATE_STORE
@@ -52,6 +53,8 @@ from keeper_shared.messages.host_requests import (
 from keeper_shared.messages.replies import RetrieveStateReply
 from keeper_shared.messages.state import RetrieveState
 from keeper_shared.messages.types import StateKind
+from keeper_shared.sealing.construction import SealingError
+from keeper_shared.sealing.state_blobs import open_state_blob, open_tpm_secret
 from keeper_shared.state_format.blobs import open_blob
 from keeper_shared.state_format.compression import BlobFormatError
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, unpack_tpm_state
@@ -76,8 +79,10 @@ class HookHandler:
         bus: BusClient,
         hypervisor: Hypervisor,
         tracker: StateTracker,
+        sealing: HostSealingKeys,
     ) -> None:
         self._settings = settings
+        self._sealing = sealing
         self._bus = bus
         self._hypervisor = hypervisor
         self._tracker = tracker
@@ -161,7 +166,11 @@ class HookHandler:
         try:
             newest = await self._bus.call(
                 STATE_STORE,
-                ReadNewestState(vm_id=vm_id, host=self._settings.host_id),
+                ReadNewestState(
+                    vm_id=vm_id,
+                    host=self._settings.host_id,
+                    sealing_key=self._sealing.own.public.to_text(),
+                ),
                 NewestState,
                 subject=vm_id,
                 timeout_s=max(1.0, timeout - (time.monotonic() - began)),
@@ -208,16 +217,22 @@ class HookHandler:
         )
         if problem is not None:
             raise StateNotPlacedError(problem)
+        keys, vm_id = self._sealing.own, location.vm_id
         try:
             tpm_files = (
-                unpack_tpm_state(open_blob(newest.tpm)) if restoring_tpm and newest.tpm else None
+                unpack_tpm_state(open_blob(open_state_blob(vm_id, newest.tpm, keys)))
+                if restoring_tpm and newest.tpm
+                else None
             )
             nvram = (
-                open_blob(newest.nvram) if StateKind.NVRAM in plan.write and newest.nvram else None
+                open_blob(open_state_blob(vm_id, newest.nvram, keys))
+                if StateKind.NVRAM in plan.write and newest.nvram
+                else None
             )
             if tpm_files is not None and newest.tpm_secret is not None:
                 # The secret API does not touch the domain libvirt holds for the hook.
-                await self._hypervisor.define_tpm_secret(location.vm_id, newest.tpm_secret)
+                secret = open_tpm_secret(vm_id, newest.tpm_secret, keys)
+                await self._hypervisor.define_tpm_secret(location.vm_id, secret)
             if tpm_files is not None:
                 await asyncio.to_thread(
                     write_tpm_state,
@@ -234,6 +249,7 @@ class HookHandler:
             ValueError,
             OSError,
             HypervisorError,
+            SealingError,
         ) as error:
             raise StateNotPlacedError(f"stored state could not be put in place: {error}") from None
 

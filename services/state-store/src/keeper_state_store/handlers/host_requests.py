@@ -16,6 +16,9 @@ from keeper_shared.messages.host_requests import NewestState, ReadNewestState
 from keeper_shared.messages.replies import RetrieveStateReply
 from keeper_shared.messages.state import RetrieveState
 from keeper_shared.messages.types import StateKind
+from keeper_shared.sealing.keys import SealingPublicKey
+from keeper_shared.sealing.state_blobs import seal_state_blob, seal_tpm_secret
+from keeper_state_store.crypto.bus_sealing import HostKeyUnknownError
 from keeper_state_store.crypto.encryption import DecryptionError
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
 from keeper_state_store.handlers.state import StateService
@@ -65,17 +68,29 @@ class HostRequests:
         if refusal is not None:
             log.warning("newest state refused", vm_id=request.vm_id, reason=refusal)
             return NewestState(vm_id=request.vm_id, refused=refusal)
+        if request.sealing_key is not None:
+            # The host's own broker user sent it (checked above), as for a heartbeat.
+            key = SealingPublicKey.from_text(request.sealing_key)
+            await self._state.sealing.hosts.learn(request.host, key)
         try:
             newest = await read_newest(
                 self._repository, self._reader, request.vm_id, list(StateKind)
             )
             secret = await self._secrets.held(request.vm_id) if newest else None
+            host_key = await self._state.sealing.hosts.key_of(request.host)
+        except HostKeyUnknownError as error:
+            log.warning("newest state refused", vm_id=request.vm_id, reason=str(error))
+            return NewestState(vm_id=request.vm_id, refused=str(error))
         except (VersionNotKeptError, VersionUnreadableError, DecryptionError) as error:
             log.error("stored state does not verify", vm_id=request.vm_id, reason=str(error))
             return NewestState(
                 vm_id=request.vm_id, refused=f"stored state does not verify: {error}"
             )
-        blobs = {kind: verified.blob for kind, verified in newest.items()}
+        # Sealed to the requesting host: the reply rests in its reply queue.
+        blobs = {
+            kind: seal_state_blob(request.vm_id, verified.blob, host_key)
+            for kind, verified in newest.items()
+        }
         versions = {kind: verified.record.version for kind, verified in newest.items()}
         log.info(
             "newest state given",
@@ -88,7 +103,9 @@ class HostRequests:
             tpm=blobs.get(StateKind.TPM),
             nvram=blobs.get(StateKind.NVRAM),
             versions=versions,
-            tpm_secret=secret,
+            tpm_secret=(
+                seal_tpm_secret(request.vm_id, secret, host_key) if secret is not None else None
+            ),
         )
 
     async def on_retrieve(

@@ -17,8 +17,10 @@ from keeper_shared.bus.client import BusClient, CallError, CallTimeoutError, Del
 from keeper_shared.bus.topology import host_command_key
 from keeper_shared.messages.envelope import Envelope, MessageError
 from keeper_shared.messages.host import HostHeartbeat
+from keeper_shared.messages.host_loss import HostLost
 from keeper_shared.messages.replies import PrepareVmReply, RestoreStateReply, RetrieveStateReply
 from keeper_shared.messages.state import (
+    FetchedVmState,
     FetchState,
     RestoreState,
     RetrieveState,
@@ -30,6 +32,10 @@ from keeper_shared.messages.state import (
 from keeper_shared.messages.types import StateBlob, StateKind
 from keeper_shared.messages.vm import PrepareVm
 from keeper_shared.observability import metrics
+from keeper_shared.sealing.construction import SealingError
+from keeper_shared.sealing.keys import SealingPublicKey
+from keeper_shared.sealing.state_blobs import seal_state_blob, seal_tpm_secret
+from keeper_state_store.crypto.bus_sealing import HostKeyUnknownError, StoreBusSealing
 from keeper_state_store.crypto.encryption import DecryptionError
 from keeper_state_store.crypto.sealing import BlobSealer
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
@@ -57,9 +63,15 @@ class StateService:
     """Handlers of one state-store replica: events from hosts, retrieve and restore."""
 
     def __init__(
-        self, settings: StateStoreSettings, repository: StateRepository, bus: BusClient
+        self,
+        settings: StateStoreSettings,
+        repository: StateRepository,
+        bus: BusClient,
+        sealing: StoreBusSealing,
     ) -> None:
         self._settings = settings
+        self.sealing = sealing
+        """The store's sealing keys and the hosts' (host requests seal with them too)."""
         self._repository = repository
         self._bus = bus
         self._reader = VersionReader(repository.redis, repository.keys)
@@ -78,7 +90,11 @@ class StateService:
 
     def event_routes(self) -> list[Route]:
         """Routes for the store's events queue."""
-        return [Route(StateChanged, self.on_state_changed), Route(HostHeartbeat, self.on_heartbeat)]
+        return [
+            Route(StateChanged, self.on_state_changed),
+            Route(HostHeartbeat, self.on_heartbeat),
+            Route(HostLost, self.on_host_lost),
+        ]
 
     def command_routes(self) -> list[Route]:
         """Routes of this service on the store's commands queue."""
@@ -150,6 +166,9 @@ class StateService:
         if not self._speaks_for(delivery, beat.host):
             log.warning("heartbeat ignored: publisher is not the host", host=beat.host)
             return
+        if beat.sealing_key is not None:
+            # Trusted because the broker says the host sent it (checked just above).
+            await self.sealing.hosts.learn(beat.host, SealingPublicKey.from_text(beat.sealing_key))
         stored = await self._repository.placements_and_head_hashes(
             [entry.vm_id for entry in beat.vms]
         )
@@ -167,6 +186,10 @@ class StateService:
             log.info("reconciling from heartbeat", host=beat.host, vms=len(behind))
             await self.pull_and_persist(beat.host, behind, list(StateKind))
 
+    async def on_host_lost(self, envelope: Envelope[HostLost], _delivery: Delivery) -> None:
+        """Seal nothing more to a host policy declared lost (its key is dropped)."""
+        await self.sealing.hosts.forget(envelope.data.host)
+
     async def on_retrieve(
         self, envelope: Envelope[RetrieveState], delivery: Delivery
     ) -> RetrieveStateReply:
@@ -177,10 +200,10 @@ class StateService:
         request = envelope.data
         metrics.RETRIEVAL_ATTEMPTS.inc()
         try:
-            reply = await self._fetch(request.host, [request.vm_id], list(StateKind))
-            if request.vm_id in reply.missing:
+            vm_states, missing = await self._fetch(request.host, [request.vm_id], list(StateKind))
+            if request.vm_id in missing:
                 raise RetrievalError(f"host {request.host} does not hold the VM")
-            fetched = [vm_state for vm_state in reply.vms if vm_state.vm_id == request.vm_id]
+            fetched = [vm_state for vm_state in vm_states if vm_state.vm_id == request.vm_id]
             failure = (await self._writer.persist(request.host, fetched)).get(request.vm_id)
             if failure is not None:
                 raise RetrievalError(f"persisting failed: {type(failure).__name__}")
@@ -214,7 +237,10 @@ class StateService:
                 if request.encrypt_tpm_state
                 else self._secrets.held(request.vm_id)
             )
-        except (RestoreRefusedError, VersionNotKeptError) as error:
+            host_key = await self.sealing.hosts.await_key_of(
+                request.host, self._settings.host_key_wait_s
+            )
+        except (RestoreRefusedError, VersionNotKeptError, HostKeyUnknownError) as error:
             return RestoreStateReply.failed(str(error))
         except (VersionUnreadableError, DecryptionError) as error:
             log.error("stored state does not verify", vm_id=request.vm_id, reason=str(error))
@@ -224,13 +250,23 @@ class StateService:
             # Before the host writes it, so its first write is judged against it: a version
             # of another TPM that a restore asked for is the VM's own from now on.
             await self._resets.after_restore(request.vm_id, tpm_version)
+        # Sealed to the host's key and bound to this start's epoch: the command rests in
+        # the host's queue (and its dead-letter queue if refused), never the state in clear.
+        sealed = {
+            kind: seal_state_blob(request.vm_id, blob, host_key, command_epoch=request.epoch)
+            for kind, blob in blobs.items()
+        }
         prepare = PrepareVm(
             vm_id=request.vm_id,
             name=request.name,
             epoch=request.epoch,
-            tpm=blobs.get(StateKind.TPM),
-            nvram=blobs.get(StateKind.NVRAM),
-            tpm_secret=secret,
+            tpm=sealed.get(StateKind.TPM),
+            nvram=sealed.get(StateKind.NVRAM),
+            tpm_secret=(
+                seal_tpm_secret(request.vm_id, secret, host_key, command_epoch=request.epoch)
+                if secret is not None
+                else None
+            ),
         )
         try:
             reply = await self._bus.call(
@@ -280,15 +316,19 @@ class StateService:
         for its VM only, so the others' events are still acknowledged."""
         kinds = sorted({kind for wanted in kinds_by_vm.values() for kind in wanted})
         vm_ids = list(kinds_by_vm)
-        reply = await self._fetch(host, vm_ids, kinds)
+        vm_states, _missing = await self._fetch(host, vm_ids, kinds)
         # A host does not get to push state this way: only what was asked for is written.
-        fetched = [vm_state for vm_state in reply.vms if vm_state.vm_id in kinds_by_vm]
+        fetched = [vm_state for vm_state in vm_states if vm_state.vm_id in kinds_by_vm]
         results: dict[str, BaseException | None] = dict.fromkeys(vm_ids)
         results.update(await self._writer.persist(host, fetched))
         return results
 
-    async def _fetch(self, host: str, vm_ids: list[str], kinds: list[StateKind]) -> StateFetched:
-        """One ``state.fetch`` to ``host``, answered by the host's own user."""
+    async def _fetch(
+        self, host: str, vm_ids: list[str], kinds: list[StateKind]
+    ) -> tuple[list[FetchedVmState], list[str]]:
+        """One ``state.fetch`` to ``host``, answered by the host's own user: the opened
+        state of each VM it holds, and the VMs it does not hold. A reply that does not open
+        (sealed to another key, or altered) is a `MessageError`."""
         try:
             reply = await self._bus.call(
                 host_command_key(host),
@@ -301,8 +341,14 @@ class StateService:
         except BaseException:
             metrics.PULLS.labels(outcome="failed").inc()
             raise
+        try:
+            opened = self.sealing.open_fetched(reply.data.vms)
+        except SealingError as error:
+            metrics.PULLS.labels(outcome="failed").inc()
+            log.error("fetch reply does not open", host=host, reason=str(error))
+            raise MessageError(f"fetch reply from {host} does not open: {error}") from None
         metrics.PULLS.labels(outcome="ok").inc()
-        return reply.data
+        return opened, reply.data.missing
 
     async def _check_stored(self, vm_id: str, blobs: list[StateBlob]) -> None:
         """Raise RetrievalError unless each of the host's blobs is the stored head of its

@@ -15,13 +15,16 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 import structlog
-from pydantic import SecretBytes
+from pydantic import SecretBytes, SecretStr
 
 from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.replies import CloneVmReply, FirstStateReply, ImportStateReply
+from keeper_shared.messages.sealed import SealedBlob
 from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.transfer import (
+    MAX_PASSPHRASE_CHARS,
+    MIN_PASSPHRASE_CHARS,
     CloneTpm,
     CloneVm,
     ExportState,
@@ -30,6 +33,9 @@ from keeper_shared.messages.transfer import (
 )
 from keeper_shared.messages.types import StateBlob, StateKind
 from keeper_shared.runtime.cpu_work import run_sized
+from keeper_shared.sealing.construction import SealBinding, SealingError
+from keeper_shared.sealing.keys import SealingPrivateKeys
+from keeper_shared.sealing.passphrases import export_binding, import_binding, open_passphrase
 from keeper_shared.state_format.blobs import open_blob
 from keeper_state_store.crypto.encryption import DecryptionError
 from keeper_state_store.crypto.sealing import BlobSealer
@@ -60,8 +66,10 @@ _UNREADABLE = (VersionNotKeptError, VersionUnreadableError, DecryptionError)
 class TransferService:
     """Clone, export and import for one store replica."""
 
-    def __init__(self, repository: StateRepository) -> None:
+    def __init__(self, repository: StateRepository, sealing_keys: SealingPrivateKeys) -> None:
+        """``sealing_keys``: the store's own, which open the passphrases clients seal."""
         self._repository = repository
+        self._sealing_keys = sealing_keys
         self._reader = VersionReader(repository.redis, repository.keys)
         self._sealer = BlobSealer(repository)
         self._secrets = TpmSecretVault(repository)
@@ -114,6 +122,10 @@ class TransferService:
         """The VM's newest state in one passphrase-encrypted bundle."""
         request = envelope.data
         try:
+            passphrase = self._passphrase(request.passphrase, export_binding(request.vm_id))
+        except SealingError as error:
+            return StateExported(vm_id=request.vm_id, error=f"passphrase refused: {error}")
+        try:
             newest = await read_newest(
                 self._repository, self._reader, request.vm_id, list(StateKind)
             )
@@ -144,9 +156,7 @@ class TransferService:
             tpm_secret=secret,
         )
         try:
-            data = await asyncio.to_thread(
-                write_bundle, bundle, request.passphrase.get_secret_value()
-            )
+            data = await asyncio.to_thread(write_bundle, bundle, passphrase.get_secret_value())
         except BundleError as error:
             return StateExported(vm_id=request.vm_id, error=str(error))
         log.info("state exported", vm_id=request.vm_id, kinds=sorted(newest), size=len(data))
@@ -157,12 +167,15 @@ class TransferService:
     ) -> ImportStateReply:
         """Verify the bundle completely, then store it as the target's first state."""
         request = envelope.data
+        data = request.bundle.get_secret_value()
         try:
-            bundle = await asyncio.to_thread(
-                read_bundle,
-                request.bundle.get_secret_value(),
-                request.passphrase.get_secret_value(),
+            passphrase = self._passphrase(
+                request.passphrase, import_binding(data, request.target_vm_id)
             )
+        except SealingError as error:
+            return ImportStateReply.failed(f"passphrase refused: {error}")
+        try:
+            bundle = await asyncio.to_thread(read_bundle, data, passphrase.get_secret_value())
         except BundleError as error:
             log.warning("bundle refused", reason=str(error))
             return ImportStateReply.failed(f"bundle refused: {error}")
@@ -186,6 +199,16 @@ class TransferService:
         if reply.ok:
             log.info("state imported", vm_id=target, source_vm_id=bundle.vm_id)
         return reply
+
+    def _passphrase(self, sealed: SealedBlob, binding: SealBinding) -> SecretStr:
+        """The bundle passphrase the client sealed to the store; `SealingError` when it does
+        not open or is not of a passphrase's length."""
+        passphrase = open_passphrase(sealed, self._sealing_keys, binding)
+        if not MIN_PASSPHRASE_CHARS <= len(passphrase.get_secret_value()) <= MAX_PASSPHRASE_CHARS:
+            raise SealingError(
+                f"a passphrase has {MIN_PASSPHRASE_CHARS} to {MAX_PASSPHRASE_CHARS} characters"
+            )
+        return passphrase
 
     async def _store_initial(
         self,
