@@ -19,7 +19,7 @@ from chaos.scenario import CI_PROFILE, LONG_PROFILE, run_chaos
 
 PROFILE = LONG_PROFILE if os.environ.get("KEEPER_CHAOS_PROFILE") == "long" else CI_PROFILE
 TIMEOUT_S = 3600 if PROFILE is LONG_PROFILE else 900
-"""Against hangs only; the CI run takes about three minutes on a quiet machine."""
+"""Against hangs only; the CI run takes about a minute and a half on a quiet machine."""
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 
@@ -34,8 +34,7 @@ async def test_every_fault_under_load_keeps_every_invariant(
     print(table)
     failures = report.failures()
     assert not failures, "\n".join([table, *report.fault_log, *failures])
-    assert report.faults[FaultKind.HOST_KILL] >= 5
-    assert report.faults[FaultKind.STORE_KILL] >= 5
-    assert report.faults[FaultKind.BROKER_RESTART] >= 2
-    assert report.faults[FaultKind.REDIS_RESTART] >= 2
+    assert all(report.faults[kind] >= count for kind, count in PROFILE.faults.items()), (
+        report.faults
+    )
     assert report.recovery_points_checked > 0, "no host kill met a change older than the bound"
