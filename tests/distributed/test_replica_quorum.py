@@ -30,7 +30,10 @@ async def test_a_write_is_durable_once_the_replica_holds_it_and_not_before(
 ) -> None:
     group = redis_sentinel_group
     settings = RedisSettings(
-        redis_sentinels=group.sentinel_addresses, redis_master_name=group.master_name
+        # Its user, password and TLS options (the address comes from the Sentinels).
+        redis_url=group.servers[0].url,
+        redis_sentinels=group.sentinel_addresses,
+        redis_master_name=group.master_name,
     )
     redis = connect_redis(settings, decode_responses=True)
     try:
