@@ -70,7 +70,7 @@ STORE_COMMANDS: tuple[str, ...] = (
 POLICY_COMMANDS: tuple[str, ...] = (
     *_CLIENT_COMMANDS,
     *("get", "set", "del", "exists", "pexpire"),
-    *("hget", "hset", "hdel", "hexists", "hgetall", "hvals", "hincrby"),
+    *("hget", "hmget", "hset", "hdel", "hexists", "hgetall", "hvals", "hincrby"),
     *("sadd", "srem", "smembers"),
     *("zadd", "zrange", "zrem", "zscore"),
 )
