@@ -270,11 +270,14 @@ def private_redis_server(
 
 
 @pytest.fixture
-def start_deployed_redis(tmp_path: Path) -> Iterator[StartRedis]:
+def start_deployed_redis(
+    tmp_path: Path, tls_files: TlsFiles, redis_users: RedisUsers
+) -> Iterator[StartRedis]:
     """Start Redis servers from the files in ``deploy/redis/`` (free ports, the test's
-    directory); always local processes, stopped after the test."""
+    directory, the session's certificates and ACL users installed beside them); always
+    local processes, stopped after the test."""
     _require_installed(RedisServer.check_installed)
-    with deployed_redis_servers(tmp_path / "deployed-redis") as start:
+    with deployed_redis_servers(tmp_path / "deployed-redis", tls_files, redis_users) as start:
         yield start
 
 
