@@ -1,11 +1,11 @@
 """A throwaway certificate authority for the local stack and the tests: one CA, a server
 certificate for this machine's loopback names, and a client certificate, short-lived.
 
-``python -m keeper_devtools.tls make DIR`` writes into ``DIR``:
+``python -m keeper_devtools.tls make DIR [--name NAME]…`` writes into ``DIR``:
 
 - ``ca.pem``: the CA certificate every client and server trusts (public).
 - ``server.pem`` / ``server.key``: RabbitMQ's and Redis's certificate, for ``localhost``,
-  ``127.0.0.1`` and ``::1``.
+  ``127.0.0.1``, ``::1`` and every ``--name``.
 - ``client.pem`` / ``client.key``: a client certificate (optional for every server).
 
 Keys are ECDSA P-256 (cheap to make: a test session makes one CA in milliseconds), written
@@ -150,9 +150,13 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def make_tls_files(directory: Path, *, ca_name: str = "keeper-local-ca") -> TlsFiles:
+def make_tls_files(
+    directory: Path, *, ca_name: str = "keeper-local-ca", server_names: Sequence[str] = ()
+) -> TlsFiles:
     """Make a new CA and its server and client certificates in ``directory`` (created
-    0700 if missing); files of an older set are replaced."""
+    0700 if missing); files of an older set are replaced. The server certificate holds the
+    loopback names and ``server_names`` (DNS names the servers are dialled by, such as a
+    compose file's service names)."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     files = TlsFiles(directory)
     now = datetime.datetime.now(datetime.UTC)
@@ -186,7 +190,7 @@ def make_tls_files(directory: Path, *, ca_name: str = "keeper-local-ca") -> TlsF
     )
     server_names = x509.SubjectAlternativeName(
         [
-            *(x509.DNSName(name) for name in SERVER_NAMES),
+            *(x509.DNSName(name) for name in (*SERVER_NAMES, *server_names)),
             *(x509.IPAddress(ipaddress.ip_address(address)) for address in SERVER_ADDRESSES),
         ]
     )
@@ -241,8 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=["make"])
     parser.add_argument("directory", type=Path)
+    parser.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="another DNS name for the server certificate (repeatable)",
+    )
     parsed = parser.parse_args(argv)
-    files = make_tls_files(parsed.directory)
+    files = make_tls_files(parsed.directory, server_names=parsed.name)
     for label, path in (
         ("CA", files.ca),
         ("server certificate", files.server_cert),

@@ -49,7 +49,10 @@ def test_a_current_set_is_kept_and_an_incomplete_one_made_again(tmp_path: Path) 
 
 
 def test_the_command_makes_a_set(tmp_path: Path) -> None:
-    assert main(["make", str(tmp_path / "made")]) == 0
+    assert main(["make", str(tmp_path / "made"), "--name", "redis-1", "--name", "redis-2"]) == 0
+    server = _certificate(tmp_path / "made" / "server.pem")
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "redis-1", "redis-2"} == set(names.get_values_for_type(x509.DNSName))
     assert sorted(os.listdir(tmp_path / "made")) == [
         "ca.pem",
         "client.key",

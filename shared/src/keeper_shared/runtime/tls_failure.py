@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 _OPENSSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
-_VERIFY_DETAIL = re.compile(r"certificate verify failed: ([^(\]']+)")
+_VERIFY_DETAIL = re.compile(r"certificate verify failed: (.+?)\.? \(_ssl")
 
 SERVER_NOT_TRUSTED = (
     "the server's certificate is not trusted ({detail}): give the client the CA that "
