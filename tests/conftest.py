@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, settings
 
+from chaos.netns import MACHINE_NAME
 from keeper_devtools.localstack import (
     NotInstalledError,
     RabbitMQConfig,
@@ -153,8 +154,11 @@ def _redis_server(base_dir: Path, tls: TlsFiles, users: RedisUsers) -> RedisServ
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     """The session's throwaway CA with a server and a client certificate: every server the
-    tests start takes TLS only and trusts this CA."""
-    return make_tls_files(tmp_path_factory.mktemp("tls"), ca_name="keeper-test-ca")
+    tests start takes TLS only and trusts this CA. The server certificate also names the
+    machine as the chaos runs' agents in a network namespace dial it."""
+    return make_tls_files(
+        tmp_path_factory.mktemp("tls"), ca_name="keeper-test-ca", server_names=(MACHINE_NAME,)
+    )
 
 
 @pytest.fixture(scope="session")

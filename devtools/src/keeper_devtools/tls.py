@@ -188,7 +188,7 @@ def make_tls_files(
             (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False),
         ],
     )
-    server_names = x509.SubjectAlternativeName(
+    server_san = x509.SubjectAlternativeName(
         [
             *(x509.DNSName(name) for name in (*SERVER_NAMES, *server_names)),
             *(x509.IPAddress(ipaddress.ip_address(address)) for address in SERVER_ADDRESSES),
@@ -198,7 +198,7 @@ def make_tls_files(
     # it when it connects to a primary (tls-replication).
     server_usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     leaves = [
-        (files.server_cert, files.server_key, SERVER_NAMES[0], server_usages, server_names),
+        (files.server_cert, files.server_key, SERVER_NAMES[0], server_usages, server_san),
         (files.client_cert, files.client_key, CLIENT_NAME, [ExtendedKeyUsageOID.CLIENT_AUTH], None),
     ]
     for cert_path, key_path, common_name, usages, names in leaves:

@@ -6,6 +6,7 @@ as those users."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 import uuid
@@ -221,3 +222,29 @@ def test_the_default_user_cannot_log_in(acl_server: RedisServer) -> None:
             anonymous.ping()
         with pytest.raises(AuthenticationError):
             anonymous.execute_command("AUTH", "default", "")  # type: ignore[no-untyped-call]
+
+
+async def test_a_restart_keeps_the_services_transactions(acl_server: RedisServer) -> None:
+    """Policy's placement (a Lua script writing several keys, logged as MULTI/EXEC) and a
+    transaction survive a SIGKILL: Redis 7.0 replays the append-only file as ``default``
+    and dropped every such write while ``default`` had no permissions."""
+    vm_id = str(uuid.uuid4())
+    async with _as_user(acl_server, "keeper-policy") as policy_redis:
+        registry = PolicyRegistry(policy_redis, PolicyScripts(policy_redis))
+        await registry.register_vm(VmSpec(vm_id=vm_id, name="win-02", guest_os="windows-11"), "")
+        epoch = await registry.place(vm_id, "hv-1", expected_host=None)
+        async with policy_redis.pipeline(transaction=True) as pipe:
+            pipe.hset(workflow_key(vm_id), "step", "one")
+            pipe.hset(workflow_key(vm_id), "owner", "policy-1")
+            await pipe.execute()
+
+    await asyncio.to_thread(acl_server.kill)
+    await asyncio.to_thread(acl_server.start)
+
+    async with _as_user(acl_server, "keeper-policy") as policy_redis:
+        placement = await awaited(policy_redis.hgetall(placement_key(vm_id)))
+        assert placement[b"host"] == b"hv-1"
+        assert int(placement[b"epoch"]) == epoch
+        workflow = await awaited(policy_redis.hgetall(workflow_key(vm_id)))
+        assert workflow == {b"step": b"one", b"owner": b"policy-1"}
+    assert "NOPERM" not in acl_server.log_file.read_text(encoding="utf-8")
