@@ -10,7 +10,12 @@ import aiormq.exceptions
 import pytest
 import redis.exceptions
 
-from keeper_shared.runtime.tls_failure import CLIENT_REFUSED, NOT_TLS, describe_tls_failure
+from keeper_shared.runtime.tls_failure import (
+    CLIENT_REFUSED,
+    NOT_TLS,
+    certificate_refused,
+    describe_tls_failure,
+)
 
 
 def _wrapped(error: BaseException) -> aiormq.exceptions.AMQPConnectionError:
@@ -67,3 +72,20 @@ def test_other_failures_are_not_tls_failures() -> None:
 def test_an_unknown_openssl_reason_is_named() -> None:
     error = ConnectionError("[SSL: NO_SHARED_CIPHER] no shared cipher")
     assert describe_tls_failure(error) == "the TLS handshake failed (OpenSSL: NO_SHARED_CIPHER)"
+
+
+def test_only_a_refused_certificate_stops_a_service_from_waiting() -> None:
+    """A broker going down mid-handshake is worth waiting out; a wrong CA is not."""
+    cut_short = ConnectionError(
+        "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation of protocol"
+    )
+    assert describe_tls_failure(cut_short) is not None
+    assert certificate_refused(cut_short) is None
+    assert certificate_refused(ConnectionError("[SSL: WRONG_VERSION_NUMBER] x")) is None
+    untrusted = ConnectionError(
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local "
+        "issuer certificate (_ssl.c:1006)"
+    )
+    assert (certificate_refused(untrusted) or "").startswith("the server's certificate")
+    refused = ConnectionError("[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca")
+    assert certificate_refused(refused) == CLIENT_REFUSED

@@ -16,7 +16,7 @@ from typing import TypeVar
 import redis.exceptions
 import structlog
 
-from keeper_shared.runtime.tls_failure import TlsHandshakeError, describe_tls_failure
+from keeper_shared.runtime.tls_failure import TlsHandshakeError, certificate_refused
 
 T = TypeVar("T")
 
@@ -45,9 +45,9 @@ async def wait_for_dependency(
     fatal: tuple[type[BaseException], ...] = (),
 ) -> T:
     """Run ``attempt`` until it succeeds; retry (backing off up to 5 s) on ``retry_on``
-    unless the error is also one of ``fatal``. A failed TLS handshake (a wrong CA or client
-    certificate) is fatal too: TlsHandshakeError says why. Raises StoppedWhileWaitingError
-    when ``stop`` is set meanwhile."""
+    unless the error is also one of ``fatal``. A certificate refused by either side (a
+    wrong CA or client certificate) is fatal too: TlsHandshakeError says why. Raises
+    StoppedWhileWaitingError when ``stop`` is set meanwhile."""
     delay = FIRST_RETRY_S
     while True:
         try:
@@ -55,7 +55,7 @@ async def wait_for_dependency(
         except fatal:
             raise
         except retry_on as error:
-            tls_reason = describe_tls_failure(error)
+            tls_reason = certificate_refused(error)
             if tls_reason is not None:
                 raise TlsHandshakeError(f"TLS with {dependency} failed: {tls_reason}") from error
             log.warning(

@@ -24,6 +24,7 @@ NOT_TLS = (
     "(amqp://, redis://) if it really has no TLS"
 )
 
+_VERIFY_FAILED = "CERTIFICATE_VERIFY_FAILED"
 _CLIENT_CERTIFICATE_ALERTS = frozenset(
     {
         "TLSV1_ALERT_UNKNOWN_CA",
@@ -56,16 +57,22 @@ def _texts(error: BaseException) -> list[str]:
     return texts
 
 
+def _openssl_reason(error: BaseException) -> tuple[str, str] | None:
+    """OpenSSL's reason for the failure behind ``error`` and the text it was read from."""
+    text = " ".join(_texts(error))
+    found = _OPENSSL_REASON.search(text)
+    return None if found is None else (found.group(1), text)
+
+
 def describe_tls_failure(error: BaseException) -> str | None:
     """Why the TLS handshake behind ``error`` failed, for a person (never a secret: only
     OpenSSL's reason and the certificate check's own words); None when ``error`` is not a
     TLS failure."""
-    text = " ".join(_texts(error))
-    found = _OPENSSL_REASON.search(text)
+    found = _openssl_reason(error)
     if found is None:
         return None
-    reason = found.group(1)
-    if reason == "CERTIFICATE_VERIFY_FAILED":
+    reason, text = found
+    if reason == _VERIFY_FAILED:
         detail = _VERIFY_DETAIL.search(text)
         return SERVER_NOT_TRUSTED.format(
             detail=detail.group(1).strip() if detail else "verification failed"
@@ -75,6 +82,16 @@ def describe_tls_failure(error: BaseException) -> str | None:
     if reason in _NOT_TLS_REASONS:
         return NOT_TLS
     return f"the TLS handshake failed (OpenSSL: {reason})"
+
+
+def certificate_refused(error: BaseException) -> str | None:
+    """`describe_tls_failure` when one side refused the other's certificate (no retry
+    cures that); None for anything else, a handshake cut short by a server going down
+    included, which is worth waiting out."""
+    found = _openssl_reason(error)
+    if found is None or (found[0] != _VERIFY_FAILED and found[0] not in _CLIENT_CERTIFICATE_ALERTS):
+        return None
+    return describe_tls_failure(error)
 
 
 class TlsHandshakeError(Exception):
