@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keeper_devtools.contract.rabbitmq import password_hash
 from keeper_devtools.localstack import _process
 from keeper_devtools.localstack.errors import LocalStackError
 from keeper_devtools.tls import TlsFiles
@@ -207,18 +209,37 @@ class RabbitMQNode:
     ) -> None:
         """Create (or reset) a user on the default vhost with these permission regexes.
 
-        Per-host users are how a host's messages get a broker-validated identity.
+        Per-host users are how a host's messages get a broker-validated identity. The
+        password never reaches a command line (rabbitmqctl 3.10 takes it only as an
+        argument): the user is imported from a definitions file holding its hash.
         """
-        steps = [
-            ("delete_user", name),
-            ("add_user", name, password),
-            ("set_permissions", "-p", "/", name, configure, write, read),
-        ]
-        for index, step in enumerate(steps):
-            result = self._ctl(*step, timeout=30.0)
-            if index > 0 and (result is None or result.returncode != 0):
-                detail = result.stderr.strip()[-300:] if result else "timed out"
-                raise LocalStackError(f"rabbitmqctl {step[0]} {name} failed: {detail}")
+        document = {
+            "users": [
+                {
+                    "name": name,
+                    "password_hash": password_hash(password),
+                    "hashing_algorithm": "rabbit_password_hashing_sha256",
+                    "tags": [],
+                }
+            ],
+            "permissions": [
+                {"user": name, "vhost": "/", "configure": configure, "write": write, "read": read}
+            ],
+        }
+        definitions = self._base / f"user-{secrets.token_hex(8)}.json"
+        fd = os.open(definitions, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(document, handle)
+        try:
+            self._ctl("delete_user", name, timeout=30.0)
+            result = self._ctl("import_definitions", str(definitions), timeout=30.0)
+        finally:
+            definitions.unlink(missing_ok=True)
+        if result is None or result.returncode != 0:
+            detail = result.stderr.strip()[-300:] if result else "timed out"
+            raise LocalStackError(
+                f"rabbitmqctl import_definitions for user {name} failed: {detail}"
+            )
 
     def pid(self) -> int | None:
         """The server's process id while it runs (None when it does not)."""
