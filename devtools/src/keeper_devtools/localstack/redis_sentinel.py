@@ -35,9 +35,14 @@ def _ask(client: redis.Redis, *command: str) -> Any:
 
 
 def _client(
-    port: int, tls: TlsFiles | None = None, login: tuple[str, str] | None = None
+    port: int,
+    tls: TlsFiles | None = None,
+    login: tuple[str, str] | None = None,
+    password: str | None = None,
 ) -> redis.Redis:
-    username, password = login or (None, None)
+    """A client of a data node as ``login``, or of a Sentinel with its ``password``."""
+    username, user_password = login or (None, password)
+    password = user_password
     tls_options: dict[str, Any] = {} if tls is None else {"ssl": True, "ssl_ca_certs": str(tls.ca)}
     return redis.Redis(
         host="127.0.0.1",
@@ -74,6 +79,9 @@ def _sentinel_config(
         lines += [
             f"sentinel auth-user {master_name} {SENTINEL}",
             f"sentinel auth-pass {master_name} {users.password(SENTINEL)}",
+            # Clients and the other Sentinels log in to this one with its own password.
+            f"requirepass {users.sentinel_password}",
+            f"sentinel sentinel-pass {users.sentinel_password}",
         ]
     return lines
 
@@ -95,6 +103,7 @@ class RedisSentinel:
         self.port = port
         self._tls = tls
         self._users = users
+        self._password = users.sentinel_password if users is not None else None
         self._base = base_dir.absolute()
         self._pid_file = self._base / "sentinel.pid"
         self._config_file = self._base / "sentinel.conf"
@@ -153,7 +162,7 @@ class RedisSentinel:
         """Tell whether the Sentinel's process is alive and answers PING."""
         if _process.live_pid(self._pid_file, "redis-server") is None:
             return False
-        client = _client(self.port, self._tls)
+        client = _client(self.port, self._tls, password=self._password)
         try:
             return bool(client.ping())
         except redis.RedisError:
@@ -327,7 +336,7 @@ class RedisSentinelGroup:
 
     def _master_port(self) -> int:
         for sentinel in self.sentinels:
-            client = _client(sentinel.port, self.tls)
+            client = self._sentinel_client(sentinel.port)
             try:
                 address = _ask(client, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
             except redis.RedisError:
@@ -351,7 +360,7 @@ class RedisSentinelGroup:
 
     def _sentinels_agree(self) -> bool:
         for sentinel in self.sentinels:
-            client = _client(sentinel.port, self.tls)
+            client = self._sentinel_client(sentinel.port)
             try:
                 replicas = _ask(client, "SENTINEL", "REPLICAS", self.master_name)
                 peers = _ask(client, "SENTINEL", "SENTINELS", self.master_name)
@@ -362,6 +371,14 @@ class RedisSentinelGroup:
             if len(replicas) != 1 or len(peers) != _SENTINEL_COUNT - 1:
                 return False
         return True
+
+    @property
+    def sentinel_password(self) -> str | None:
+        """The Sentinels' password (None: they take none)."""
+        return self.users.sentinel_password if self.users is not None else None
+
+    def _sentinel_client(self, port: int) -> redis.Redis:
+        return _client(port, self.tls, password=self.sentinel_password)
 
     def _data_client(self, port: int) -> redis.Redis:
         return _client(port, self.tls, self.users.login(ADMIN) if self.users else None)

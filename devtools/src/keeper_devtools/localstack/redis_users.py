@@ -8,6 +8,8 @@ In its directory (0700), every file 0600:
 - ``users.acl``: the ACL file (``--aclfile``); it holds only the passwords' SHA-256.
 - ``masterauth.conf``: ``masterauth <password>`` of the replication user, for a replica
   (``--include``, as ``deploy/redis/replicated.conf`` includes it).
+- ``sentinels.password``: the Sentinels' own password (their ``requirepass``), which
+  clients and the Sentinels among themselves log in with.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class RedisUsers:
             if not path.is_file():
                 _write_private(path, secrets.token_urlsafe(32))
             environment[user.password_variable] = made.password(user.name)
+        if not made.sentinel_password_file.is_file():
+            _write_private(made.sentinel_password_file, secrets.token_urlsafe(32))
         _write_private(made.acl_file, acl_file(environment))
         _write_private(made.masterauth_file, f"masterauth {made.password(REPLICATION)}\n")
         return made
@@ -68,6 +72,16 @@ class RedisUsers:
     def login(self, user: str) -> tuple[str, str]:
         """``(user, password)``."""
         return user, self.password(user)
+
+    @property
+    def sentinel_password_file(self) -> Path:
+        """The file holding the Sentinels' password."""
+        return self.directory / "sentinels.password"
+
+    @property
+    def sentinel_password(self) -> str:
+        """The Sentinels' password."""
+        return self.sentinel_password_file.read_text(encoding="utf-8").strip()
 
     @property
     def acl_file(self) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import yarl
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel
@@ -38,6 +38,11 @@ class RedisSettings(BaseModel):
     )
     redis_master_name: str = Field(
         default="keeper", description="The name the Sentinels monitor the primary under."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None,
+        description="The Sentinels' own password (requirepass in sentinel.conf); None: "
+        "they take none.",
     )
 
     _split_sentinels = field_validator("redis_sentinels", mode="before")(split_list)
@@ -76,6 +81,11 @@ def _tls_options(url: yarl.URL) -> dict[str, Any]:
     return {"ssl": True, **given}
 
 
+def _sentinel_login(settings: RedisSettings) -> dict[str, Any]:
+    secret = settings.redis_sentinel_password
+    return {} if secret is None else {"password": secret.get_secret_value()}
+
+
 def connect_redis(settings: RedisSettings, **options: Any) -> Redis:
     """A client of the Redis ``settings`` name (``options`` go to every connection, e.g.
     ``socket_timeout``); nothing is connected until the first command.
@@ -100,6 +110,7 @@ def connect_redis(settings: RedisSettings, **options: Any) -> Redis:
             "socket_timeout": SENTINEL_TIMEOUT_S,
             "socket_connect_timeout": SENTINEL_TIMEOUT_S,
             **tls,
+            **_sentinel_login(settings),
         },
         db=database,
         username=url.user,
