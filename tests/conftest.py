@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, settings
 
+from chaos.netns import MACHINE_NAME
 from keeper_devtools.localstack import (
     NotInstalledError,
     RabbitMQConfig,
@@ -27,6 +28,8 @@ from keeper_devtools.localstack import (
     RedisServer,
     free_tcp_ports,
 )
+from keeper_devtools.localstack.redis_users import RedisUsers
+from keeper_devtools.tls import TlsFiles, make_tls_files
 from keeper_state_store.crypto.encryption import KeyEncryptionKey, generate_key_file
 from support import asyncapi_parser
 from support.broker import Broker
@@ -130,7 +133,7 @@ def _docker_engine_answers() -> bool:
             gc.collect()
 
 
-def _rabbitmq_node(base_dir: Path) -> RabbitMQNode:
+def _rabbitmq_node(base_dir: Path, tls: TlsFiles) -> RabbitMQNode:
     amqp_port, dist_port = free_tcp_ports(2)
     # Node names share one epmd per machine, so each session's node gets its own.
     return RabbitMQNode(
@@ -139,13 +142,38 @@ def _rabbitmq_node(base_dir: Path) -> RabbitMQNode:
             amqp_port=amqp_port,
             dist_port=dist_port,
             base_dir=base_dir,
+            tls=tls,
         )
     )
 
 
-def _redis_server(base_dir: Path) -> RedisServer:
+def _redis_server(base_dir: Path, tls: TlsFiles, users: RedisUsers) -> RedisServer:
     (port,) = free_tcp_ports(1)
-    return RedisServer(RedisConfig(port=port, base_dir=base_dir))
+    return RedisServer(RedisConfig(port=port, base_dir=base_dir, tls=tls, users=users))
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """The session's throwaway CA with a server and a client certificate: every server the
+    tests start takes TLS only and trusts this CA. The server certificate also names the
+    machine as the chaos runs' agents in a network namespace dial it."""
+    return make_tls_files(
+        tmp_path_factory.mktemp("tls"), ca_name="keeper-test-ca", server_names=(MACHINE_NAME,)
+    )
+
+
+@pytest.fixture(scope="session")
+def foreign_tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """Another throwaway CA with its certificates, which no server of the session trusts
+    (the wrong CA for a client, a client certificate a server must refuse)."""
+    return make_tls_files(tmp_path_factory.mktemp("foreign-tls"), ca_name="keeper-foreign-ca")
+
+
+@pytest.fixture(scope="session")
+def redis_users(tmp_path_factory: pytest.TempPathFactory) -> RedisUsers:
+    """The generated Redis ACL users with the session's passwords (``default`` is off on
+    every Redis the tests start); ``redis_url`` is the admin's, services take their own."""
+    return RedisUsers.ensure(tmp_path_factory.mktemp("redis-users"))
 
 
 @pytest.fixture(scope="session")
@@ -156,9 +184,10 @@ def docker_engine() -> bool:
 
 @pytest.fixture(scope="session")
 def rabbitmq_broker(
-    tmp_path_factory: pytest.TempPathFactory, docker_engine: bool
+    tmp_path_factory: pytest.TempPathFactory, docker_engine: bool, tls_files: TlsFiles
 ) -> Iterator[Broker]:
-    """A RabbitMQ node private to this test session (quorum queues work)."""
+    """A RabbitMQ node private to this test session (quorum queues work), AMQP over TLS
+    only (in a Docker container: plain AMQP)."""
     if docker_engine:
         from testcontainers.core.container import DockerContainer
         from testcontainers.core.waiting_utils import wait_for_logs
@@ -175,7 +204,7 @@ def rabbitmq_broker(
             url = f"amqp://guest:guest@{host}:{container.get_exposed_port(5672)}/"
             yield Broker(url, add_user_in_container)
         return
-    node = _rabbitmq_node(tmp_path_factory.mktemp("rabbitmq"))
+    node = _rabbitmq_node(tmp_path_factory.mktemp("rabbitmq"), tls_files)
     _require_installed(node.check_installed)
 
     def add_user(name: str, password: str) -> None:
@@ -195,8 +224,24 @@ def rabbitmq_url(rabbitmq_broker: Broker) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory, docker_engine: bool) -> Iterator[str]:
-    """URL of a Redis server private to this test session, AOF on with ``fsync always``."""
+def session_redis(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles, redis_users: RedisUsers
+) -> Iterator[RedisServer]:
+    """A Redis server private to this test session, AOF on with ``fsync always``, TLS only,
+    the ACL users on (a local process; see ``redis_url`` for Docker)."""
+    server = _redis_server(tmp_path_factory.mktemp("redis"), tls_files, redis_users)
+    _require_installed(server.check_installed)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest, docker_engine: bool) -> Iterator[str]:
+    """URL of the session's Redis as its admin user (TLS, ``rediss``), AOF on with
+    ``fsync always`` (in a Docker container: plain, no users)."""
     if docker_engine:
         from testcontainers.redis import RedisContainer
 
@@ -207,22 +252,20 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory, docker_engine: bool) -> 
             host = container.get_container_host_ip()
             yield f"redis://{host}:{container.get_exposed_port(container.port)}/0"
         return
-    server = _redis_server(tmp_path_factory.mktemp("redis"))
-    _require_installed(server.check_installed)
-    try:
-        server.start()
-        yield server.url
-    finally:
-        server.stop()
+    server: RedisServer = request.getfixturevalue("session_redis")
+    yield server.url
 
 
 @pytest.fixture
-def private_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A running Redis server of the test's own, for tests that kill and restart it.
+def private_redis_server(
+    tmp_path: Path, tls_files: TlsFiles, redis_users: RedisUsers
+) -> Iterator[RedisServer]:
+    """A running Redis server of the test's own, for tests that kill and restart it (TLS
+    and ACL users on, as the session's).
 
     Always a local process (never a container), because the test controls its lifetime.
     """
-    server = _redis_server(tmp_path / "redis")
+    server = _redis_server(tmp_path / "redis", tls_files, redis_users)
     _require_installed(server.check_installed)
     try:
         server.start()
@@ -232,11 +275,14 @@ def private_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def start_deployed_redis(tmp_path: Path) -> Iterator[StartRedis]:
+def start_deployed_redis(
+    tmp_path: Path, tls_files: TlsFiles, redis_users: RedisUsers
+) -> Iterator[StartRedis]:
     """Start Redis servers from the files in ``deploy/redis/`` (free ports, the test's
-    directory); always local processes, stopped after the test."""
+    directory, the session's certificates and ACL users installed beside them); always
+    local processes, stopped after the test."""
     _require_installed(RedisServer.check_installed)
-    with deployed_redis_servers(tmp_path / "deployed-redis") as start:
+    with deployed_redis_servers(tmp_path / "deployed-redis", tls_files, redis_users) as start:
         yield start
 
 

@@ -147,6 +147,7 @@ class DistributedBackend:
             amqp_urls=[*urls[1:], urls[0]],
             redis_sentinels=self.redis.sentinel_addresses,
             redis_master_name=self.redis.master_name,
+            redis_sentinel_password=self.redis.sentinel_password,
             store_min_replicas=1,
         )
 

@@ -18,6 +18,8 @@ from keeper_devtools.localstack import (
     RedisServer,
     free_tcp_ports,
 )
+from keeper_devtools.localstack.redis_users import RedisUsers
+from keeper_devtools.tls import TlsFiles
 
 
 @pytest.fixture(autouse=True)
@@ -31,9 +33,12 @@ def no_process_outlives_the_test() -> Iterator[None]:
 
 
 @pytest.fixture
-def local_chaos_backend(tmp_path: Path, local_servers_installed: None) -> Iterator[LocalBackend]:
+def local_chaos_backend(
+    tmp_path: Path, local_servers_installed: None, tls_files: TlsFiles, redis_users: RedisUsers
+) -> Iterator[LocalBackend]:
     """A RabbitMQ node and a Redis server of the test's own (a chaos run restarts and kills
-    them), stopped at the end whatever happened."""
+    them), TLS only with the session's CA and Redis's ACL users, stopped at the end
+    whatever happened."""
     amqp_port, dist_port, redis_port = free_tcp_ports(3)
     node = RabbitMQNode(
         RabbitMQConfig(
@@ -41,9 +46,12 @@ def local_chaos_backend(tmp_path: Path, local_servers_installed: None) -> Iterat
             amqp_port=amqp_port,
             dist_port=dist_port,
             base_dir=tmp_path / "rabbitmq",
+            tls=tls_files,
         )
     )
-    redis = RedisServer(RedisConfig(port=redis_port, base_dir=tmp_path / "redis"))
+    redis = RedisServer(
+        RedisConfig(port=redis_port, base_dir=tmp_path / "redis", tls=tls_files, users=redis_users)
+    )
     try:
         node.start()
         redis.start()

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from chaos.harness import ChaosCluster, ClusterConfig
@@ -34,6 +35,7 @@ class Engines:
     """Every node, in the order the services try them."""
     redis_sentinels: Sequence[str] = ()
     redis_master_name: str = "keeper"
+    redis_sentinel_password: str | None = None
     store_min_replicas: int = 0
     store_replica_timeout_ms: int = 2000
     extra: dict[str, str] = field(default_factory=dict)
@@ -47,6 +49,8 @@ class Engines:
         if self.redis_sentinels and module != "keeper_host_agent":
             values["REDIS_SENTINELS"] = ",".join(self.redis_sentinels)
             values["REDIS_MASTER_NAME"] = self.redis_master_name
+            if self.redis_sentinel_password is not None:
+                values["REDIS_SENTINEL_PASSWORD"] = self.redis_sentinel_password
         if module == "keeper_state_store":
             values["REDIS_MIN_REPLICAS"] = str(self.store_min_replicas)
             values["REDIS_REPLICA_TIMEOUT_MS"] = str(self.store_replica_timeout_ms)
@@ -68,6 +72,11 @@ class EngineChaosCluster(ChaosCluster):
                     redis_url=config.redis_url,
                     redis_sentinels=list(engines.redis_sentinels),
                     redis_master_name=engines.redis_master_name,
+                    redis_sentinel_password=(
+                        None
+                        if engines.redis_sentinel_password is None
+                        else SecretStr(engines.redis_sentinel_password)
+                    ),
                 )
             )
 

@@ -10,6 +10,7 @@ learns that its connection is gone and it reconnects. Needs root and ``ip`` (ipr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -19,6 +20,12 @@ from dataclasses import dataclass
 from chaos.tcp_proxy import TcpProxy
 
 NETNS_DIR = "/run/netns"
+NETNS_ETC_DIR = "/etc/netns"
+"""``ip netns exec NS`` bind-mounts the files of ``/etc/netns/NS/`` over ``/etc/``."""
+MACHINE_NAME = "keeper-machine"
+"""The name an agent in a namespace dials the machine by (its ``/etc/hosts`` there maps it
+to the machine's address), so the servers' TLS certificate can name it: the address
+itself is random per run."""
 _netns_dir_was_mounted: bool | None = None
 """Whether ``ip netns add`` found /run/netns mounted already when this process first made a
 namespace; if not, it mounted it, and the last `HostNetwork.destroy` unmounts it again (so
@@ -76,6 +83,10 @@ class HostNetwork:
             _ip("-n", namespace, "addr", "add", f"{subnet}.2/30", "dev", ns_side)
             _ip("-n", namespace, "link", "set", ns_side, "up")
             _ip("-n", namespace, "link", "set", "lo", "up")
+            etc = os.path.join(NETNS_ETC_DIR, namespace)
+            os.makedirs(etc, exist_ok=True)
+            with open(os.path.join(etc, "hosts"), "w", encoding="ascii") as hosts:
+                hosts.write(f"127.0.0.1 localhost\n{subnet}.1 {MACHINE_NAME}\n")
         except NetnsUnavailableError:
             network.destroy()
             raise
@@ -98,6 +109,9 @@ class HostNetwork:
         """Remove the namespace and the pair (either may be half made); never raises."""
         for args in (("link", "del", self.host_side), ("netns", "del", self.namespace)):
             subprocess.run(["ip", *args], capture_output=True, timeout=30, check=False)
+        shutil.rmtree(os.path.join(NETNS_ETC_DIR, self.namespace), ignore_errors=True)
+        with contextlib.suppress(OSError):  # only when empty: another namespace's is kept
+            os.rmdir(NETNS_ETC_DIR)
         # Unmounted only when empty: another namespace may still live there.
         ours = _netns_dir_was_mounted is False and _is_mount_point(NETNS_DIR)
         if ours and not os.listdir(NETNS_DIR):
@@ -112,6 +126,11 @@ class HostLink:
     network: HostNetwork | None
     """None where namespaces cannot be made: a cut then only resets and refuses the
     agent's connections at the proxy (the table says which kind of cut ran)."""
+
+    @property
+    def dial_host(self) -> str:
+        """What the agent dials: `MACHINE_NAME` in a namespace, else the proxy's address."""
+        return MACHINE_NAME if self.network is not None else self.proxy.listen_host
 
     def cut(self) -> None:
         """Cut the host off."""

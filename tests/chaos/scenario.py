@@ -38,7 +38,7 @@ from chaos.harness import (
 )
 from chaos.netns import HostLink, HostNetwork, NetnsUnavailableError
 from chaos.poison import PoisonOutcome, send_poison
-from chaos.tcp_proxy import TcpProxy
+from chaos.tcp_proxy import TcpProxy, plain_url_through, upstream_tls_for
 from chaos.verdict import acknowledged_lost, classify, recovery_points
 from support.leak_scan import find_leaks, leak_forms, read_files
 
@@ -233,14 +233,17 @@ def fault_sequence(profile: ChaosProfile, rng: random.Random) -> list[FaultKind]
     return sequence
 
 
-def _via(url: str, proxy: TcpProxy, user: tuple[str, str] | None = None) -> str:
-    """``url`` pointed at ``proxy`` instead of the server, as ``user`` (name, password)
-    when given."""
+def _via(
+    url: str, proxy: TcpProxy, user: tuple[str, str] | None = None, host: str | None = None
+) -> str:
+    """``url`` pointed at ``proxy`` instead of the server (dialled as ``host``, by default
+    its address), as ``user`` (name, password) when given."""
     parts = urlsplit(url)
     credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
     if user is not None:
         credentials = f"{user[0]}:{user[1]}@"
-    return urlunsplit(parts._replace(netloc=f"{credentials}{proxy.listen_host}:{proxy.port}"))
+    address = f"{host or proxy.listen_host}:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=f"{credentials}{address}"))
 
 
 def _target(url: str) -> tuple[str, int]:
@@ -252,7 +255,8 @@ def _target(url: str) -> tuple[str, int]:
 
 @contextlib.asynccontextmanager
 async def _proxies(url: str, count: int) -> AsyncIterator[list[TcpProxy]]:
-    proxies = [TcpProxy(*_target(url)) for _ in range(count)]
+    # The reply-drop fault reads the Redis protocol: the proxies end TLS (see TcpProxy).
+    proxies = [TcpProxy(*_target(url), upstream_tls=upstream_tls_for(url)) for _ in range(count)]
     try:
         for proxy in proxies:
             await proxy.start()
@@ -332,13 +336,15 @@ async def run_chaos(
             run_id=run_id,
             verify_host_identity=proxied,
             agent_amqp_urls=tuple(
-                _via(backend.amqp_url, link.proxy, user)
+                _via(backend.amqp_url, link.proxy, user, host=link.dial_host)
                 for link, user in zip(host_links, host_users[: len(host_links)], strict=True)
             ),
             agent_command_prefixes=tuple(
                 link.network.command_prefix if link.network else () for link in host_links
             ),
-            store_redis_urls=tuple(_via(backend.redis_url, proxy) for proxy in redis_proxies),
+            store_redis_urls=tuple(
+                plain_url_through(proxy, backend.redis_url) for proxy in redis_proxies
+            ),
         )
         cluster = ChaosCluster(config) if proxied else EngineChaosCluster(config, engines)
         async with cluster:

@@ -11,15 +11,21 @@ Placed between a service and a server, it forwards bytes both ways untouched unt
 - `cut_at_method(name, occurrence)`: for AMQP clients, `cut()` the moment the client
   sends the ``occurrence``-th frame of that method (``"Queue.Bind"``, ``"Basic.Qos"`` ...),
   which is swallowed: the broker node is gone while that declaration is in flight.
+
+Both read the protocol, which TLS hides: against a TLS-only server the proxy is given an
+``upstream_tls`` context and speaks TLS to the server, plain to its clients (on loopback,
+in the test only), as a TLS-terminating load balancer would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import struct
 from typing import cast
 
+import yarl
 from pamqp.base import Frame
 from pamqp.commands import INDEX_MAPPING
 
@@ -59,12 +65,42 @@ class AmqpMethodReader:
         return names
 
 
+TLS_SCHEMES = {"amqps": "amqp", "rediss": "redis"}
+CA_QUERY_OPTIONS = ("cafile", "ssl_ca_certs")
+
+
+def upstream_tls_for(url: str) -> ssl.SSLContext | None:
+    """The TLS context a protocol-reading proxy dials the server of ``url`` with (its CA
+    from the URL), or None when ``url`` is plain."""
+    parsed = yarl.URL(url)
+    if parsed.scheme not in TLS_SCHEMES:
+        return None
+    ca = next((parsed.query[name] for name in CA_QUERY_OPTIONS if name in parsed.query), None)
+    return ssl.create_default_context(cafile=ca)
+
+
+def plain_url_through(proxy: TcpProxy, url: str) -> str:
+    """``url`` pointed at a TLS-terminating ``proxy``: its host and port, the plain scheme,
+    no TLS options; user, password and database kept."""
+    parsed = yarl.URL(url)
+    scheme = TLS_SCHEMES.get(parsed.scheme, parsed.scheme)
+    moved = parsed.with_scheme(scheme).with_host(proxy.listen_host).with_port(proxy.port)
+    return str(moved.with_query(None))
+
+
 class TcpProxy:
     """Forwards ``listen_host:<port>`` to ``target_host:target_port``."""
 
-    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        listen_host: str = "127.0.0.1",
+        upstream_tls: ssl.SSLContext | None = None,
+    ):
         self._target = (target_host, target_port)
         self.listen_host = listen_host
+        self._upstream_tls = upstream_tls
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -153,7 +189,9 @@ class TcpProxy:
                 self.refused += 1
                 return
             try:
-                server_r, server_w = await asyncio.open_connection(*self._target)
+                server_r, server_w = await asyncio.open_connection(
+                    *self._target, ssl=self._upstream_tls
+                )
             except OSError:
                 return
             self._writers.add(server_w)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from chaos.backend import LocalBackend
-from chaos.faults import FaultKind
 from chaos.scenario import CI_PROFILE, LONG_PROFILE, run_chaos
 
 PROFILE = LONG_PROFILE if os.environ.get("KEEPER_CHAOS_PROFILE") == "long" else CI_PROFILE

@@ -14,13 +14,19 @@ import pytest
 
 from chaos.harness import kill_leftovers
 from keeper_devtools.localstack import RabbitMQCluster, RedisSentinelGroup
+from keeper_devtools.localstack.redis_users import RedisUsers
+from keeper_devtools.tls import TlsFiles
 
 
 @pytest.fixture
-def rabbitmq_cluster(tmp_path: Path, local_servers_installed: None) -> Iterator[RabbitMQCluster]:
-    """Three private RabbitMQ nodes joined into one cluster."""
+def rabbitmq_cluster(
+    tmp_path: Path, local_servers_installed: None, tls_files: TlsFiles
+) -> Iterator[RabbitMQCluster]:
+    """Three private RabbitMQ nodes joined into one cluster, AMQP over TLS only."""
     # Node names share one epmd per machine, so each test's nodes get their own.
-    cluster = RabbitMQCluster(tmp_path / "rabbitmq", prefix=f"keeper-c{secrets.token_hex(3)}")
+    cluster = RabbitMQCluster(
+        tmp_path / "rabbitmq", prefix=f"keeper-c{secrets.token_hex(3)}", tls=tls_files
+    )
     try:
         cluster.start()
         yield cluster
@@ -30,10 +36,11 @@ def rabbitmq_cluster(tmp_path: Path, local_servers_installed: None) -> Iterator[
 
 @pytest.fixture
 def redis_sentinel_group(
-    tmp_path: Path, local_servers_installed: None
+    tmp_path: Path, local_servers_installed: None, tls_files: TlsFiles, redis_users: RedisUsers
 ) -> Iterator[RedisSentinelGroup]:
-    """A Redis primary, its replica and three Sentinels, AOF on."""
-    group = RedisSentinelGroup(tmp_path / "redis")
+    """A Redis primary, its replica and three Sentinels, AOF on, every link over TLS, the
+    data nodes with the ACL users."""
+    group = RedisSentinelGroup(tmp_path / "redis", tls=tls_files, users=redis_users)
     try:
         group.start()
         yield group

@@ -29,7 +29,7 @@ async def test_the_first_node_that_answers_is_used(rabbitmq_url: str) -> None:
     bus = await BusClient.connect([dead, rabbitmq_url], source="test/node-list", origin="test")
     try:
         connection = cast(aio_pika.RobustConnection, bus.connection)
-        assert connection.url.port == int(rabbitmq_url.rsplit(":", 1)[1].strip("/"))
+        assert connection.url.port == yarl.URL(rabbitmq_url).port
     finally:
         await bus.close()
 

@@ -63,6 +63,7 @@ async def test_sentinel_failover_loses_no_acknowledged_write(
     engines = Engines(
         redis_sentinels=group.sentinel_addresses,
         redis_master_name=group.master_name,
+        redis_sentinel_password=group.sentinel_password,
         store_min_replicas=1,
     )
     async with EngineChaosCluster(config, engines) as cluster:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from pydantic import SecretStr
 from redis.asyncio.client import Pipeline
+from redis.asyncio.sentinel import MasterNotFoundError
 
 from keeper_devtools.localstack import RedisSentinelGroup
 from keeper_shared.redis_access.connection import RedisSettings, connect_redis
@@ -30,8 +32,20 @@ async def test_a_write_is_durable_once_the_replica_holds_it_and_not_before(
 ) -> None:
     group = redis_sentinel_group
     settings = RedisSettings(
-        redis_sentinels=group.sentinel_addresses, redis_master_name=group.master_name
+        # Its user, password and TLS options (the address comes from the Sentinels).
+        redis_url=group.servers[0].url,
+        redis_sentinels=group.sentinel_addresses,
+        redis_master_name=group.master_name,
+        redis_sentinel_password=SecretStr(group.sentinel_password or ""),
     )
+    # Every link is TLS and the Sentinels take their own password: without it, no
+    # Sentinel names the primary.
+    anonymous = connect_redis(settings.model_copy(update={"redis_sentinel_password": None}))
+    try:
+        with pytest.raises(MasterNotFoundError, match="Authentication required"):
+            await anonymous.ping()
+    finally:
+        await anonymous.aclose()
     redis = connect_redis(settings, decode_responses=True)
     try:
         results = await run_replicated(redis, ONE_REPLICA, lambda p: _set(p, "k", "held"))

@@ -1,5 +1,6 @@
 """The demo story end to end against real RabbitMQ, Redis, swtpm and libvirt's test driver,
-then a scan of everything written for the secret and the TPM bytes (invariant 4)."""
+over TLS, the store and policy each as its own Redis ACL user; then a scan of everything
+written for the secret, the TPM bytes (invariant 4) and the Redis passwords."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from keeper_devtools.contract.redis_acl import users
 from keeper_devtools.demo.story import DemoConfig, run_story
+from keeper_devtools.localstack import RedisServer
+from keeper_devtools.localstack.redis_users import POLICY, STORE, RedisUsers
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME
 from support.bus_hygiene import purge_service_queues
 from support.leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
@@ -18,13 +22,18 @@ pytestmark = [pytest.mark.e2e, pytest.mark.rabbit, pytest.mark.redis, pytest.mar
 
 
 async def test_secret_sealed_on_host_a_reads_back_on_host_b_and_never_leaks(
-    rabbitmq_url: str, redis_url: str, tmp_path: Path
+    rabbitmq_url: str,
+    redis_url: str,
+    session_redis: RedisServer,
+    redis_users: RedisUsers,
+    tmp_path: Path,
 ) -> None:
     await purge_service_queues(rabbitmq_url)
     out = io.StringIO()
     config = DemoConfig(
         amqp_url=rabbitmq_url,
-        redis_url=redis_url,
+        redis_url=session_redis.url_for(*redis_users.login(STORE)),
+        policy_redis_url=session_redis.url_for(*redis_users.login(POLICY)),
         work_dir=tmp_path / "demo",
         kek_file=tmp_path / "keys" / "kek.key",
     )
@@ -44,6 +53,8 @@ async def test_secret_sealed_on_host_a_reads_back_on_host_b_and_never_leaks(
     written = [("demo output", printed.encode())]
     written += [(str(path), path.read_bytes()) for path in result.log_files]
     assert find_leaks(written, needles) == []
+    passwords = [redis_users.password(user.name).encode() for user in users()]
+    assert find_leaks(written, passwords) == []
     for name, data in written:
         assert b"Traceback" not in data, name
 

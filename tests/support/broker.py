@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import yarl
+
 
 @dataclass(frozen=True)
 class Broker:
@@ -16,6 +18,5 @@ class Broker:
     user may do is a matter of topic permissions, tested apart)."""
 
     def url_for(self, user: str, password: str) -> str:
-        """The AMQP URL of this broker as another user."""
-        host_part = self.url.split("@", 1)[1]
-        return f"amqp://{user}:{password}@{host_part}"
+        """The AMQP URL of this broker as another user (its scheme and TLS options kept)."""
+        return str(yarl.URL(self.url).with_user(user).with_password(password))

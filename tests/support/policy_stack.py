@@ -3,7 +3,8 @@ replicas and host agents on simulated hosts (libvirt ``test:///`` files), plus w
 does to them: write a guest's TPM state, freeze or kill an agent, publish what a host would.
 
 As in production, each host agent connects as its own RabbitMQ user named after the host,
-and the store and policy check that a host's messages come from that user.
+and the store and policy check that a host's messages come from that user; given the
+session's Redis users, the store and policy each log in to Redis as their own user.
 
 Host ids carry a run id, so the broker and Redis shared with the rest of the session never
 mix this stack's hosts with another test's.
@@ -22,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import yarl
 from redis.asyncio import Redis
 
 from keeper_cli.client import KeeperClient
 from keeper_devtools.demo.hosts import SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
+from keeper_devtools.localstack.redis_users import POLICY, STORE, RedisUsers
 from keeper_devtools.swtpm_lab import permall_framing
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import (
@@ -80,6 +83,9 @@ class PolicyStack:
     """Extra environment per host name (e.g. a PATH with another swtpm)."""
     store_env: dict[str, str] = field(default_factory=dict)
     """Extra environment of the store (over the stack's short bounds)."""
+    redis_users: RedisUsers | None = None
+    """The Redis users of ``redis_url``'s server: the store and policy then log in as
+    theirs (least privilege), the test itself as ``redis_url``'s user. None: all as that."""
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     hosts: dict[str, SimulatedHost] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
@@ -106,7 +112,7 @@ class PolicyStack:
             "keeper_state_store",
             {
                 "KEEPER_STORE_AMQP_URL": self.amqp_url,
-                "KEEPER_STORE_REDIS_URL": self.redis_url,
+                "KEEPER_STORE_REDIS_URL": self.service_redis_url(STORE),
                 "KEEPER_STORE_KEK_FILE": str(kek),
                 "KEEPER_STORE_SEALING_KEY_FILE": str(store_sealing),
                 "KEEPER_STORE_VERIFY_HOST_IDENTITY": "true",
@@ -175,6 +181,13 @@ class PolicyStack:
         if self._redis is not None:
             await self._redis.aclose()
 
+    def service_redis_url(self, user: str) -> str:
+        """``redis_url`` as the service's own Redis user (when the stack knows the users)."""
+        if self.redis_users is None:
+            return self.redis_url
+        name, password = self.redis_users.login(user)
+        return str(yarl.URL(self.redis_url).with_user(name).with_password(password))
+
     def _service(self, name: str, module: str, env: dict[str, str]) -> ServiceProcess:
         return ServiceProcess(
             name, module, {"KEEPER_LOG_JSON": "true", **env}, self.work_dir / f"{name}.log"
@@ -187,7 +200,7 @@ class PolicyStack:
             "keeper_policy",
             {
                 "KEEPER_POLICY_AMQP_URL": self.amqp_url,
-                "KEEPER_POLICY_REDIS_URL": self.redis_url,
+                "KEEPER_POLICY_REDIS_URL": self.service_redis_url(POLICY),
                 **FAST_POLICY,
                 **self.policy_env,
             },

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import yarl
 from redis.asyncio import Redis
 
 PRIVATE_DB = 9
@@ -27,7 +28,8 @@ class PrivateDatabase:
 async def private_database(redis_url: str) -> AsyncIterator[PrivateDatabase]:
     """Database `PRIVATE_DB` of the server at ``redis_url``, emptied before and after use,
     so a test that SCANs every key sees only its own."""
-    url = f"{redis_url.rsplit('/', 1)[0]}/{PRIVATE_DB}"
+    parsed = yarl.URL(redis_url)
+    url = str(parsed.with_path(f"/{PRIVATE_DB}").with_query(parsed.query))
     client = Redis.from_url(url)
     await client.flushdb()
     try:

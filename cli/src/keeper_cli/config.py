@@ -1,10 +1,12 @@
 """Where the CLI finds the bus: ``--amqp-url``, else ``KEEPER_AMQP_URL`` (or
-``KEEPER_AMQP_URLS`` for a cluster), defaulting to the local stack's port (``make demo``).
+``KEEPER_AMQP_URLS`` for a cluster), defaulting to the local stack (``make demo``): its
+port, over TLS with its CA.
 It asks policy and the store for everything it shows, so it needs no Redis address
 (``KEEPER_REDIS_*`` variables left from earlier releases are ignored)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import yarl
@@ -18,10 +20,20 @@ from keeper_shared.sealing.keys import SEALING_PUBLIC_KEY_PATTERN
 AMQP_URL_FORM = "amqp://USER:PASSWORD@HOST:PORT/ (or amqps://)"
 
 
+def default_run_dir() -> Path:
+    """``<repo root>/run/stack``, the repo root being the nearest directory (from the
+    current one upwards) that holds ``deploy/local``; ``./run/stack`` outside a checkout."""
+    cwd = Path.cwd()
+    for candidate in (cwd, *cwd.parents):
+        if (candidate / "deploy" / "local").is_dir():
+            return candidate / "run" / "stack"
+    return cwd / "run" / "stack"
+
+
 class LocalStackPorts(BaseSettings):
-    """Where the local stack (``make demo``) listens, from ``KEEPER_STACK_*`` variables: the
-    CLI's default target. The development package's stack settings extend this class, so
-    both read the same variables and defaults.
+    """Where the local stack (``make demo``) listens and keeps its files, from
+    ``KEEPER_STACK_*`` variables: the CLI's default target. The development package's stack
+    settings extend this class, so both read the same variables and defaults.
 
     The default ports differ from a system broker's (5672, 25672) and Redis's (6379), so
     the private servers run beside those, and lie below Linux's ephemeral range (32768 to
@@ -32,10 +44,22 @@ class LocalStackPorts(BaseSettings):
 
     rabbitmq_port: int = Field(default=28672, ge=1, le=65535)
     redis_port: int = Field(default=28379, ge=1, le=65535)
+    run_dir: Path = Field(
+        default_factory=default_run_dir,
+        description="Where the stack keeps its files, its CA (tls/ca.pem) among them.",
+    )
 
 
 def _stack() -> LocalStackPorts:
     return LocalStackPorts()
+
+
+def local_stack_url() -> str:
+    """The local stack's broker as guest (allowed over loopback only), over TLS with the
+    stack's own CA (``run/stack/tls/ca.pem``, made by ``deploy/local/stack start``)."""
+    stack = _stack()
+    ca = stack.run_dir / "tls" / "ca.pem"
+    return f"amqps://guest:guest@127.0.0.1:{stack.rabbitmq_port}/?cafile={ca}"
 
 
 def check_amqp_url(url: str) -> str:
@@ -60,8 +84,9 @@ class CliSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KEEPER_", frozen=True, extra="ignore")
 
     amqp_url: str = Field(
-        default_factory=lambda: f"amqp://guest:guest@127.0.0.1:{_stack().rabbitmq_port}/",
-        description="RabbitMQ URL (the local stack's by default).",
+        default_factory=local_stack_url,
+        description="RabbitMQ URL (the local stack's by default); amqps:// for TLS with "
+        "?cafile=CA-FILE (and certfile=, keyfile= for a client certificate).",
     )
     amqp_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -22,7 +22,8 @@ class ExitCode(enum.IntEnum):
     TIMEOUT = 6
     """No answer in time (the service, or a host it waited for, may still act on it)."""
     DENIED = 7
-    """RabbitMQ refused the login or the user lacks a permission."""
+    """RabbitMQ refused the login or a certificate (either side's), or the user lacks a
+    permission."""
     INTERRUPTED = 130
     """Ctrl-C: what was already sent goes on server side."""
 
@@ -45,7 +46,7 @@ _MEANINGS = {
     ExitCode.UNREACHABLE: "RabbitMQ, policy or the state store cannot be reached",
     ExitCode.ABORTED: "not confirmed (nothing was changed)",
     ExitCode.TIMEOUT: "no answer in time (it may still be carried out)",
-    ExitCode.DENIED: "RabbitMQ refused the login or a permission",
+    ExitCode.DENIED: "RabbitMQ refused the login, a permission or a TLS certificate",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C); what was sent goes on",
 }
 

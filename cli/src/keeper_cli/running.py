@@ -38,6 +38,7 @@ from keeper_shared.bus.client import (
 )
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
 from keeper_shared.messages.envelope import MessageError
+from keeper_shared.runtime.tls_failure import NOT_TLS, describe_tls_failure
 from keeper_shared.sealing.keys import SealingPublicKey
 
 T = TypeVar("T")
@@ -165,6 +166,22 @@ ACCESS_REFUSED = 403
 """AMQP's reply code for a missing permission."""
 
 
+def _reset_hint(settings: CliSettings) -> str:
+    """Why a broker may have dropped the connection unexplained: it takes TLS only and the
+    URL is plain, or (TLS 1.3 checks a client certificate after the client's side of the
+    handshake is done, so a refusal can arrive as a bare reset) it refused the client
+    certificate."""
+    urls = [yarl.URL(url) for url in settings.amqp_endpoints]
+    if any(url.scheme == "amqp" for url in urls):
+        return "; if it takes TLS only, use amqps://…/?cafile=CA-FILE"
+    if any("certfile" in url.query for url in urls):
+        return (
+            "; if it refused the client certificate, check certfile= and keyfile= (signed "
+            "by a CA the broker trusts, not expired)"
+        )
+    return ""
+
+
 def broker_failure(error: BaseException, settings: CliSettings) -> CliError:
     """The CLI error for a failure to connect or to use RabbitMQ: a refused login and a
     missing permission are told as such, anything else as a broker out of reach."""
@@ -176,6 +193,12 @@ def broker_failure(error: BaseException, settings: CliSettings) -> CliError:
             f"RabbitMQ at {where} refused the login of user {user!r}: check the user and "
             "password in --amqp-url or KEEPER_AMQP_URL",
             ExitCode.DENIED,
+        )
+    tls_reason = describe_tls_failure(error)
+    if tls_reason is not None:
+        return CliError(
+            f"TLS with RabbitMQ at {where} failed: {tls_reason}",
+            ExitCode.UNREACHABLE if tls_reason == NOT_TLS else ExitCode.DENIED,
         )
     frame = _closing_frame(error)
     code = getattr(frame, "reply_code", None)
@@ -197,9 +220,10 @@ def broker_failure(error: BaseException, settings: CliSettings) -> CliError:
             "no keeper service has run against it yet",
             ExitCode.UNREACHABLE,
         )
+    hint = _reset_hint(settings) if "reset" in _broker_said(error).lower() else ""
     return CliError(
         f"cannot reach RabbitMQ at {where} (--amqp-url or KEEPER_AMQP_URL; for the local "
-        "stack: `make stack-status`)",
+        f"stack: `make stack-status`){hint}",
         ExitCode.UNREACHABLE,
     )
 

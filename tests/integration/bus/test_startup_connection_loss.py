@@ -22,7 +22,7 @@ import pytest_asyncio
 import yarl
 from aio_pika.abc import AbstractIncomingMessage
 
-from chaos.tcp_proxy import TcpProxy
+from chaos.tcp_proxy import TcpProxy, plain_url_through, upstream_tls_for
 from keeper_devtools.demo.processes import READY_EVENTS, ServiceProcess
 from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import (
@@ -82,17 +82,18 @@ async def until(condition: Callable[[], bool], service: ServiceProcess, what: st
 
 
 def through(proxy: TcpProxy, url: str) -> str:
-    """``url`` with its host and port replaced by the proxy's."""
-    return str(yarl.URL(url).with_host(proxy.listen_host).with_port(proxy.port))
+    """``url`` pointed at the proxy (plain AMQP: the proxy speaks TLS to the broker)."""
+    return plain_url_through(proxy, url)
 
 
 @pytest_asyncio.fixture
 async def proxy(rabbitmq_url: str) -> AsyncIterator[TcpProxy]:
-    """A proxy in front of the session's broker."""
+    """A proxy in front of the session's broker; it reads the AMQP methods, so it ends the
+    broker's TLS and serves the service plain AMQP (on loopback)."""
     broker = yarl.URL(rabbitmq_url)
     assert broker.host is not None
     assert broker.port is not None
-    tcp_proxy = TcpProxy(broker.host, broker.port)
+    tcp_proxy = TcpProxy(broker.host, broker.port, upstream_tls=upstream_tls_for(rabbitmq_url))
     await tcp_proxy.start()
     try:
         yield tcp_proxy

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import yarl
 from typer.testing import CliRunner, Result
 
 from keeper_cli.app import app
@@ -495,9 +496,9 @@ async def test_revert_asks_first_saying_a_running_vm_is_powered_off(
 async def test_a_refused_login_is_told_as_such(store: Store) -> None:
     """A wrong password is not "cannot reach RabbitMQ": exit 7, naming the user, never
     the password."""
-    user_part, host_part = store.amqp_url.split("://", 1)[1].split("@", 1)
-    user = user_part.split(":", 1)[0]
-    wrong = f"amqp://{user}:not-the-password@{host_part}"
+    url = yarl.URL(store.amqp_url)
+    user = url.user
+    wrong = str(url.with_password("not-the-password"))
     runner = CliRunner()
     result = await asyncio.to_thread(
         runner.invoke, app, ["--amqp-url", wrong, "vm", "list"], env={"KEEPER_AMQP_URLS": ""}

@@ -100,8 +100,12 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
         assert started.returncode == 0, started.stderr
         lines = started.stdout.splitlines()
         assert len(lines) == 2
-        assert f"amqp://guest:guest@127.0.0.1:{amqp_port}/" in lines[0]
-        assert f"redis://127.0.0.1:{redis_port}/0" in lines[1]
+        # TLS only, with the stack's own CA; the admin's Redis password is not shown.
+        ca = tmp_path / "stack" / "tls" / "ca.pem"
+        assert f"amqps://guest:***@127.0.0.1:{amqp_port}/?cafile={ca}" in lines[0]
+        assert f"rediss://keeper-admin:***@127.0.0.1:{redis_port}/0?ssl_ca_certs={ca}" in lines[1]
+        admin = (tmp_path / "stack" / "redis-users" / "keeper-admin.password").read_text()
+        assert admin.strip() not in started.stdout
         assert all("started in" in line for line in lines)
         assert port_open(epmd_port)  # the node's own port mapper, not the shared one
 

@@ -1,26 +1,33 @@
-"""The Redis files in ``deploy/redis/`` work as shipped, and the generated ACL users let
-each service do exactly its work: real servers started from those files (port, directory
-and, for the ACL, the users file set on the command line), the real store repository and
-policy registries as those users."""
+"""The Redis files in ``deploy/redis/`` work as shipped, TLS only with the generated ACL
+users, and those users let each service do exactly its work: real servers started from
+those files (port and directory set on the command line, the certificates and users file
+installed where the files expect them), the real store repository and policy registries
+as those users."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import redis
+import yarl
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError, ReadOnlyError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    ReadOnlyError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
-from keeper_devtools.contract.redis_acl import acl_file, users
 from keeper_devtools.localstack import RedisServer
 from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.storage.keys import workflow_key
@@ -45,14 +52,11 @@ REPLICA_SYNC_TIMEOUT_S = 30.0
 
 
 @contextmanager
-def _client(server: RedisServer) -> Iterator[redis.Redis]:
+def _client(server: RedisServer, url: str | None = None) -> Iterator[redis.Redis]:
+    """The admin's client over TLS (or one from ``url``)."""
     # No retries: a refused login is the answer, not a reason to try again.
-    with redis.Redis(
-        host="127.0.0.1",
-        port=server.config.port,
-        decode_responses=True,
-        socket_timeout=10,
-        retry=Retry(NoBackoff(), 0),
+    with redis.Redis.from_url(
+        url or server.url, decode_responses=True, socket_timeout=10, retry=Retry(NoBackoff(), 0)
     ) as client:
         yield client
 
@@ -69,6 +73,14 @@ def test_a_single_node_from_redis_conf_accepts_writes_and_keeps_each_one(
     assert config["appendfsync"] == "always"
     assert config["maxmemory-policy"] == "noeviction"
     assert config["min-replicas-to-write"] == "0"
+    # TLS only (the test moved the TLS port; the plain one stays off), replication too.
+    assert config["port"] == "0"
+    assert config["tls-port"] == str(server.config.port)
+    assert config["tls-replication"] == "yes"
+    assert config["tls-auth-clients"] == "optional"
+    plain = yarl.URL(server.url).with_scheme("redis").with_query(None)
+    with _client(server, str(plain)) as client, pytest.raises(RedisConnectionError):
+        client.ping()
 
 
 def _info(client: redis.Redis, section: str) -> dict[str, Any]:
@@ -115,31 +127,18 @@ def _wait_for_aof_written(client: redis.Redis) -> None:
         time.sleep(0.1)
 
 
-PASSWORDS = {user.password_variable: secrets.token_urlsafe(24) for user in users()}
-
-
-def _password(name: str) -> str:
-    (user,) = [user for user in users() if user.name == name]
-    return PASSWORDS[user.password_variable]
-
-
 @pytest.fixture
-def acl_server(start_deployed_redis: StartRedis, tmp_path: Path) -> RedisServer:
-    """A single node from redis.conf with the generated users loaded."""
-    users_file = tmp_path / "users.acl"
-    users_file.write_text(acl_file(PASSWORDS), encoding="utf-8")
-    return start_deployed_redis(
-        "redis.conf",
-        extra_args=("--aclfile", str(users_file)),
-        login=("keeper-admin", _password("keeper-admin")),
-    )
+def acl_server(start_deployed_redis: StartRedis) -> RedisServer:
+    """A single node from redis.conf, whose users.acl holds the generated users."""
+    return start_deployed_redis("redis.conf")
 
 
 @asynccontextmanager
 async def _as_user(server: RedisServer, name: str) -> AsyncIterator[Redis]:
     """A client made as the service makes it: from a URL carrying user and password."""
-    url = f"redis://{name}:{_password(name)}@127.0.0.1:{server.config.port}/0"
-    client = connect_redis(RedisSettings(redis_url=url))
+    users = server.config.users
+    assert users is not None, "deployed servers have the session's users"
+    client = connect_redis(RedisSettings(redis_url=server.url_for(*users.login(name))))
     try:
         yield client
     finally:
@@ -218,8 +217,34 @@ async def test_policy_and_store_users_do_their_work_and_nothing_else(
 
 
 def test_the_default_user_cannot_log_in(acl_server: RedisServer) -> None:
-    with _client(acl_server) as anonymous:
+    with _client(acl_server, acl_server.url_for(None, None)) as anonymous:
         with pytest.raises(AuthenticationError):
             anonymous.ping()
         with pytest.raises(AuthenticationError):
             anonymous.execute_command("AUTH", "default", "")  # type: ignore[no-untyped-call]
+
+
+async def test_a_restart_keeps_the_services_transactions(acl_server: RedisServer) -> None:
+    """Policy's placement (a Lua script writing several keys, logged as MULTI/EXEC) and a
+    transaction survive a SIGKILL: Redis 7.0 replays the append-only file as ``default``
+    and dropped every such write while ``default`` had no permissions."""
+    vm_id = str(uuid.uuid4())
+    async with _as_user(acl_server, "keeper-policy") as policy_redis:
+        registry = PolicyRegistry(policy_redis, PolicyScripts(policy_redis))
+        await registry.register_vm(VmSpec(vm_id=vm_id, name="win-02", guest_os="windows-11"), "")
+        epoch = await registry.place(vm_id, "hv-1", expected_host=None)
+        async with policy_redis.pipeline(transaction=True) as pipe:
+            pipe.hset(workflow_key(vm_id), "step", "one")
+            pipe.hset(workflow_key(vm_id), "owner", "policy-1")
+            await pipe.execute()
+
+    await asyncio.to_thread(acl_server.kill)
+    await asyncio.to_thread(acl_server.start)
+
+    async with _as_user(acl_server, "keeper-policy") as policy_redis:
+        placement = await awaited(policy_redis.hgetall(placement_key(vm_id)))
+        assert placement[b"host"] == b"hv-1"
+        assert int(placement[b"epoch"]) == epoch
+        workflow = await awaited(policy_redis.hgetall(workflow_key(vm_id)))
+        assert workflow == {b"step": b"one", b"owner": b"policy-1"}
+    assert "NOPERM" not in acl_server.log_file.read_text(encoding="utf-8")

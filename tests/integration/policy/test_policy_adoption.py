@@ -23,6 +23,7 @@ import pytest_asyncio
 from typer.testing import CliRunner
 
 from keeper_cli.app import app
+from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.messages.adoption import UnprotectedVmView, VmAdopted, VmDiscovered
 from keeper_shared.messages.placement import StopTrigger, VmRetired
@@ -50,12 +51,16 @@ NVRAM_SIZE = 540_672
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    rabbitmq_broker: Broker,
+    redis_url: str,
+    redis_users: RedisUsers,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[PolicyStack]:
     async with PolicyStack(
         rabbitmq_broker,
         redis_url,
         tmp_path_factory.mktemp("adoption"),
+        redis_users=redis_users,
         agent_env={"a": {"KEEPER_HOST_ADOPT": "all"}, "b": {"KEEPER_HOST_ADOPT": "none"}},
     ) as running:
         yield running

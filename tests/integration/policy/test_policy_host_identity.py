@@ -14,6 +14,7 @@ import aio_pika
 import pytest
 
 from keeper_cli.views import vm_status
+from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_shared.bus.topology import POLICY_EVENTS
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
 from keeper_shared.messages.placement import VmEvicted, VmMigrated
@@ -44,9 +45,9 @@ async def dead_lettered_about(amqp_url: str, vm_id: str, host: str) -> set[str]:
 
 
 async def test_a_host_cannot_speak_for_another_host(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+    rabbitmq_broker: Broker, redis_url: str, redis_users: RedisUsers, tmp_path: Path
 ) -> None:
-    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path) as stack:
+    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path, redis_users=redis_users) as stack:
         spec = await stack.new_vm("a")
         await stack.write_tpm_persisted("a", spec.vm_id)
         host_a, host_b = stack.host_id("a"), stack.host_id("b")

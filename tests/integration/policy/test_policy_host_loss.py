@@ -30,6 +30,7 @@ import pytest_asyncio
 
 from keeper_cli.client import KeeperRequestError
 from keeper_cli.views import vm_status
+from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.messages.host_loss import HostLost, HostReturned
@@ -53,12 +54,13 @@ TPM_XML = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 
 @pytest_asyncio.fixture
 async def stack(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+    rabbitmq_broker: Broker, redis_url: str, redis_users: RedisUsers, tmp_path: Path
 ) -> AsyncIterator[PolicyStack]:
     async with PolicyStack(
         rabbitmq_broker,
         redis_url,
         tmp_path,
+        redis_users=redis_users,
         policy_env={"KEEPER_POLICY_HOST_LOST_AFTER_S": str(LOST_AFTER_S)},
     ) as running:
         yield running
@@ -152,12 +154,13 @@ async def test_lost_host_is_fenced_its_vm_restarts_elsewhere_and_it_cleans_up(
 
 
 async def test_a_start_that_never_reached_its_dead_host_records_no_loss(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+    rabbitmq_broker: Broker, redis_url: str, redis_users: RedisUsers, tmp_path: Path
 ) -> None:
     async with PolicyStack(
         rabbitmq_broker,
         redis_url,
         tmp_path,
+        redis_users=redis_users,
         policy_env={
             "KEEPER_POLICY_HOST_LOST_AFTER_S": str(QUICK_LOSS_S),
             "KEEPER_POLICY_HOST_COMMAND_TIMEOUT_S": str(SLOW_PREPARE_S),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import StateKind
@@ -35,9 +36,9 @@ async def pinned_hash(stack: PolicyStack, vm_id: str, version: int) -> tuple[str
 
 
 async def test_snapshots_with_memory_live_and_offline(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+    rabbitmq_broker: Broker, redis_url: str, redis_users: RedisUsers, tmp_path: Path
 ) -> None:
-    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path) as stack:
+    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path, redis_users=redis_users) as stack:
         spec = await stack.new_vm("a")
         vm_id = spec.vm_id
         await stack.write_tpm_persisted("a", vm_id)

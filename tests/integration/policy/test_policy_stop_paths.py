@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 
 from keeper_cli.app import app
 from keeper_cli.client import KeeperRequestError
+from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_shared.messages.deletion import StateDeleted, TpmDisabled
 from keeper_shared.messages.placement import (
     StateLossRecorded,
@@ -63,10 +64,13 @@ pytestmark = [
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    rabbitmq_broker: Broker,
+    redis_url: str,
+    redis_users: RedisUsers,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[PolicyStack]:
     async with PolicyStack(
-        rabbitmq_broker, redis_url, tmp_path_factory.mktemp("stop-paths")
+        rabbitmq_broker, redis_url, tmp_path_factory.mktemp("stop-paths"), redis_users=redis_users
     ) as running:
         yield running
 

@@ -28,6 +28,7 @@ import pytest
 
 from keeper_cli.client import KeeperRequestError
 from keeper_cli.views import vm_status
+from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_policy.storage.keys import workflow_key
 from keeper_shared.messages.placement import StopMode, VmEvicted, VmMigrated, VmPlaced
@@ -53,9 +54,9 @@ TPM_XML = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 
 
 async def test_a_stop_survives_its_policy_replica_being_killed(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+    rabbitmq_broker: Broker, redis_url: str, redis_users: RedisUsers, tmp_path: Path
 ) -> None:
-    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path) as stack:
+    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path, redis_users=redis_users) as stack:
         spec = await stack.new_vm("a")
         await stack.write_tpm_persisted("a", spec.vm_id)
         stack.signal("a", signal.SIGSTOP)  # retrievals hang until the host is thawed
@@ -90,9 +91,9 @@ async def test_a_stop_survives_its_policy_replica_being_killed(
 
 
 async def test_live_migration_moves_the_placement_and_fences_the_source(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+    rabbitmq_broker: Broker, redis_url: str, redis_users: RedisUsers, tmp_path: Path
 ) -> None:
-    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path) as stack:
+    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path, redis_users=redis_users) as stack:
         spec = await stack.new_vm("a")
         host_a, host_b = stack.host_id("a"), stack.host_id("b")
         migrated_state = await stack.write_tpm_persisted("a", spec.vm_id)
@@ -174,7 +175,7 @@ async def test_live_migration_moves_the_placement_and_fences_the_source(
 
 
 async def test_an_older_swtpm_is_refused_unless_overridden(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+    rabbitmq_broker: Broker, redis_url: str, redis_users: RedisUsers, tmp_path: Path
 ) -> None:
     fake_bin = tmp_path / "old-swtpm-bin"
     fake_bin.mkdir()
@@ -188,6 +189,7 @@ async def test_an_older_swtpm_is_refused_unless_overridden(
         rabbitmq_broker,
         redis_url,
         tmp_path / "stack",
+        redis_users=redis_users,
         agent_env={"b": {"PATH": f"{fake_bin}:{Path(real).parent}:/usr/bin:/bin"}},
     ) as stack:
         spec = await stack.new_vm("a")  # a runs the installed swtpm
@@ -220,9 +222,9 @@ async def test_an_older_swtpm_is_refused_unless_overridden(
 
 
 async def test_a_placement_survives_its_policy_replica_being_killed(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+    rabbitmq_broker: Broker, redis_url: str, redis_users: RedisUsers, tmp_path: Path
 ) -> None:
-    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path) as stack:
+    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path, redis_users=redis_users) as stack:
         spec = await stack.new_vm("a")
         sealed = await stack.write_tpm_persisted("a", spec.vm_id)
         await stack.client.stop_vm(spec.vm_id, StopMode.SHUTDOWN)
@@ -256,12 +258,12 @@ async def test_a_placement_survives_its_policy_replica_being_killed(
 
 
 async def test_an_encrypted_tpm_is_not_approved_or_placed_where_libvirt_keeps_no_secrets(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+    rabbitmq_broker: Broker, redis_url: str, redis_users: RedisUsers, tmp_path: Path
 ) -> None:
     """The simulated hosts' test:/// driver has no secret driver, and their heartbeats say
     so: a TPM whose state is to be encrypted is refused for their cluster (the rule names
     the hosts) unless overridden, and then not placed on them, with the reason."""
-    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path) as stack:
+    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path, redis_users=redis_users) as stack:
         vm_id = str(uuid.uuid4())
         spec = VmSpec(
             vm_id=vm_id, name=f"vm-{vm_id[:8]}", guest_os="windows-11", encrypt_tpm_state=True
@@ -281,11 +283,11 @@ async def test_an_encrypted_tpm_is_not_approved_or_placed_where_libvirt_keeps_no
 
 
 async def test_a_stranded_tpm_reported_by_its_host_shows_in_the_vms_status(
-    rabbitmq_broker: Broker, redis_url: str, tmp_path: Path
+    rabbitmq_broker: Broker, redis_url: str, redis_users: RedisUsers, tmp_path: Path
 ) -> None:
     """A host that finds the VM's TPM state encrypted with a secret it cannot read says
     so; policy marks the VM (only on the word of its placement host) and status shows it."""
-    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path) as stack:
+    async with PolicyStack(rabbitmq_broker, redis_url, tmp_path, redis_users=redis_users) as stack:
         spec = await stack.new_vm("a")
         secret_uuid = str(uuid.uuid4())
         reason = f"secret {secret_uuid} is private: libvirt does not reveal its value"

@@ -57,8 +57,10 @@ def test_help_lists_every_command() -> None:
 def test_defaults_point_at_the_local_stack(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("KEEPER_AMQP_URL", "KEEPER_AMQP_URLS", "KEEPER_STACK_RABBITMQ_PORT"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KEEPER_STACK_RUN_DIR", "/srv/stack")
     settings = CliSettings()
-    assert settings.amqp_url == "amqp://guest:guest@127.0.0.1:28672/"
+    # Over TLS, trusting the stack's own CA.
+    assert settings.amqp_url == "amqps://guest:guest@127.0.0.1:28672/?cafile=/srv/stack/tls/ca.pem"
     assert settings.amqp_endpoints == [settings.amqp_url]
 
 

@@ -95,10 +95,26 @@ def test_redis_conf_keeps_every_write_and_listens_on_loopback() -> None:
     assert "min-replicas-to-write" not in lines
 
 
+def test_redis_conf_takes_tls_only_and_named_users_only() -> None:
+    lines = _redis_directives("redis.conf")
+    assert lines["port"] == "0"
+    assert lines["tls-port"] == "6379"
+    assert lines["tls-replication"] == "yes"
+    assert lines["aclfile"] == "/etc/redis/users.acl"
+
+
+def _includes(name: str) -> list[str]:
+    text = (DEPLOY / "redis" / name).read_text(encoding="utf-8")
+    return [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("include ")]
+
+
 def test_replicated_conf_is_redis_conf_plus_a_replica_per_write() -> None:
     lines = _redis_directives("replicated.conf")
-    assert lines["include"] == "/etc/redis/redis.conf"
+    assert _includes("replicated.conf") == ["/etc/redis/redis.conf", "/etc/redis/masterauth.conf"]
     assert lines["min-replicas-to-write"] == "1"
+    # Replicas log in as the replication user; its password is never in this file.
+    assert lines["masteruser"] == "keeper-replication"
+    assert "masterauth" not in lines
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pydantic
 import pytest
+from redis.asyncio.connection import SSLConnection
 
 from keeper_shared.bus.node_failover import broker_user
-from keeper_shared.redis_access.connection import RedisSettings
+from keeper_shared.redis_access.connection import RedisSettings, connect_redis
 from keeper_shared.runtime.settings import ServiceSettings
 
 
@@ -33,3 +34,36 @@ def test_sentinel_addresses_are_host_and_port() -> None:
     assert settings.redis_sentinels == ["s1:26379", "s2:26379"]
     with pytest.raises(pydantic.ValidationError, match="host:port"):
         RedisSettings.model_validate({"redis_sentinels": "s1"})
+
+
+async def test_a_rediss_url_puts_the_sentinels_and_the_primary_on_tls() -> None:
+    """Following Sentinel, the URL's TLS options reach both: the Sentinels (whose answers
+    name the primary) and the primary's connections (the real servers:
+    tests/distributed/test_replica_quorum.py)."""
+    settings = RedisSettings(
+        redis_url="rediss://keeper-store:pw@ignored:1/3?ssl_ca_certs=/etc/ca.pem",
+        redis_sentinels=["s1:26379"],
+    )
+    client = connect_redis(settings)
+    try:
+        pool = client.connection_pool
+        assert issubclass(pool.connection_class, SSLConnection)
+        assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+        assert pool.connection_kwargs["username"] == "keeper-store"
+        assert pool.connection_kwargs["db"] == 3
+        sentinel = pool.sentinel_manager.sentinels[0].connection_pool  # type: ignore[attr-defined]
+        assert issubclass(sentinel.connection_class, SSLConnection)
+        assert sentinel.connection_kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+    finally:
+        await client.aclose()
+
+
+async def test_a_plain_url_keeps_the_sentinels_plain() -> None:
+    settings = RedisSettings(redis_url="redis://u:pw@ignored:1/0", redis_sentinels=["s1:26379"])
+    client = connect_redis(settings)
+    try:
+        pool = client.connection_pool
+        assert not issubclass(pool.connection_class, SSLConnection)
+        assert "ssl_ca_certs" not in pool.connection_kwargs
+    finally:
+        await client.aclose()

@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from keeper_devtools.demo.story import DemoConfig, StoryFailed, run_story
+from keeper_devtools.localstack.redis_users import POLICY, STORE
 from keeper_devtools.localstack.settings import LocalStackSettings
 
 
@@ -14,8 +15,9 @@ def main() -> None:
     stack = LocalStackSettings()
     run_dir = stack.run_dir.parent
     config = DemoConfig(
-        amqp_url=f"amqp://guest:guest@127.0.0.1:{stack.rabbitmq_port}/",
-        redis_url=f"redis://127.0.0.1:{stack.redis_port}/0",
+        amqp_url=stack.rabbitmq_node().amqp_url,
+        redis_url=stack.redis_url_for(STORE),
+        policy_redis_url=stack.redis_url_for(POLICY),
         work_dir=run_dir / "demo",
         kek_file=run_dir / "keys" / "kek.key",
     )

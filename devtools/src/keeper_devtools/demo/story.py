@@ -54,6 +54,7 @@ class DemoConfig:
 
     amqp_url: str
     redis_url: str
+    """The store's Redis URL (as its own ACL user where Redis has users)."""
     work_dir: Path
     """Wiped and recreated: hosts, logs, swtpm CA."""
     kek_file: Path
@@ -67,6 +68,14 @@ class DemoConfig:
     allow_volatile_redis: bool = False
     stability_window_s: float = 0.3
     heartbeat_interval_s: float = 1.0
+    policy_redis_url: str | None = None
+    """Policy's Redis URL (its own ACL user), which the story also reads the hosts with;
+    None: ``redis_url``."""
+
+    @property
+    def policy_redis(self) -> str:
+        """Policy's Redis URL."""
+        return self.policy_redis_url or self.redis_url
 
 
 @dataclass
@@ -126,7 +135,7 @@ def _services(config: DemoConfig, hosts: list[SimulatedHost]) -> list[ServicePro
             "keeper_policy",
             {
                 "KEEPER_POLICY_AMQP_URL": bus,
-                "KEEPER_POLICY_REDIS_URL": config.redis_url,
+                "KEEPER_POLICY_REDIS_URL": config.policy_redis,
                 "KEEPER_POLICY_VERIFY_HOST_IDENTITY": "false",  # the shared user, as above
                 "KEEPER_POLICY_LOG_JSON": "true",
                 "KEEPER_POLICY_HOST_LOST_AFTER_S": "15",
@@ -189,7 +198,7 @@ async def run_story(config: DemoConfig, out: TextIO) -> StoryResult:
     result = StoryResult()
     services = _services(config, [host_a, host_b])
     result.log_files = [service.log_path for service in services]
-    redis = connect_redis(RedisSettings(redis_url=config.redis_url))
+    redis = connect_redis(RedisSettings(redis_url=config.policy_redis))
     client: KeeperClient | None = None
     try:
         for service in services:
@@ -216,8 +225,9 @@ async def run_story(config: DemoConfig, out: TextIO) -> StoryResult:
 
 
 async def _hosts_heard_since(redis: Redis, host_ids: list[str], since: float) -> bool:
-    """Policy recorded a heartbeat from each host after ``since`` (records outlive runs)."""
-    records = await awaited(redis.hmget(hosts_key(), host_ids))
+    """Policy recorded a heartbeat from each host after ``since`` (records outlive runs).
+    Read as policy's Redis user, with the commands policy itself uses (HGET, not HMGET)."""
+    records = [await awaited(redis.hget(hosts_key(), host_id)) for host_id in host_ids]
     return all(
         record is not None and json.loads(record)["last_seen"] >= since for record in records
     )

@@ -5,6 +5,7 @@ cookie, epmd port and name; Redis's port), as ``deploy/local/stack`` does."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -12,8 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+import yarl
+
 from keeper_devtools.localstack import _process
 from keeper_devtools.localstack.errors import LocalStackError
+from keeper_devtools.localstack.redis_users import ADMIN
 from keeper_devtools.localstack.settings import LocalStackSettings
 
 EXIT_DOWN = 3  # LSB's "program is not running", so scripts can tell down from broken
@@ -25,13 +29,20 @@ class _Server(Protocol):
     def is_running(self) -> bool: ...
 
 
+def _shown(url: str) -> str:
+    """``url`` with its password masked (the admin's Redis password is not for a screen)."""
+    parsed = yarl.URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
 def _servers(settings: LocalStackSettings) -> list[tuple[str, _Server, str]]:
     rabbit = settings.rabbitmq_node()
     redis = settings.redis_server()
-    return [("rabbitmq", rabbit, rabbit.amqp_url), ("redis", redis, redis.url)]
+    return [("rabbitmq", rabbit, _shown(rabbit.amqp_url)), ("redis", redis, _shown(redis.url))]
 
 
 def _start(settings: LocalStackSettings) -> int:
+    settings.prepare()
     for label, server, url in _servers(settings):
         if server.is_running():
             print(f"{label:<8} up    {url}  (already running)")
@@ -66,8 +77,12 @@ def _rabbitmqctl(settings: LocalStackSettings, arguments: list[str]) -> int:
 
 def _redis_cli(settings: LocalStackSettings, arguments: list[str]) -> int:
     cli = _process.find_binary("redis-cli")
-    command = [cli, "-h", "127.0.0.1", "-p", str(settings.redis_port), *arguments]
-    return subprocess.run(command, check=False).returncode
+    user, password = settings.redis_users.login(ADMIN)
+    command = [cli, "-h", "127.0.0.1", "-p", str(settings.redis_port)]
+    command += ["--tls", "--cacert", str(settings.tls.ca), "--user", user, *arguments]
+    # redis-cli reads the password from REDISCLI_AUTH, so it is not on its command line.
+    environment = {**os.environ, "REDISCLI_AUTH": password}
+    return subprocess.run(command, env=environment, check=False).returncode
 
 
 def _status(settings: LocalStackSettings) -> int:

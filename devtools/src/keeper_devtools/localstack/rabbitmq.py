@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -12,8 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keeper_devtools.contract.rabbitmq import password_hash
 from keeper_devtools.localstack import _process
 from keeper_devtools.localstack.errors import LocalStackError
+from keeper_devtools.tls import TlsFiles
 
 # Debian's /usr/sbin wrappers cd to /var/lib/rabbitmq and, as root, `su` to the rabbitmq
 # user, which resets HOME (so the Erlang cookie) and cannot reach a root-only directory
@@ -38,6 +41,10 @@ class RabbitMQConfig:
     and :meth:`RabbitMQNode.stop` stops with it. None: the machine's shared epmd (4369),
     which other Erlang nodes may use too and is therefore left running. Nodes of one
     cluster must use the same one."""
+    tls: TlsFiles | None = None
+    """Certificates for AMQP over TLS: the node then listens with TLS only (``amqps``),
+    verifies a client certificate when one is given (signed by ``tls.ca``) and still lets
+    clients without one log in with their password. None: plain AMQP."""
 
     @property
     def node(self) -> str:
@@ -71,8 +78,17 @@ class RabbitMQNode:
 
     @property
     def amqp_url(self) -> str:
-        """The AMQP URL of the node (guest is allowed because it connects over loopback)."""
-        return f"amqp://guest:guest@127.0.0.1:{self.config.amqp_port}/"
+        """The AMQP URL of the node (guest is allowed because it connects over loopback);
+        with TLS, ``amqps`` and the CA to verify the node with (aiormq reads ``cafile``)."""
+        return self.url_for("guest", "guest")
+
+    def url_for(self, user: str, password: str) -> str:
+        """The node's AMQP URL as ``user``."""
+        address = f"{user}:{password}@127.0.0.1:{self.config.amqp_port}/"
+        tls = self.config.tls
+        if tls is None:
+            return f"amqp://{address}"
+        return f"amqps://{address}?cafile={tls.ca}"
 
     @staticmethod
     def check_installed() -> None:
@@ -193,18 +209,37 @@ class RabbitMQNode:
     ) -> None:
         """Create (or reset) a user on the default vhost with these permission regexes.
 
-        Per-host users are how a host's messages get a broker-validated identity.
+        Per-host users are how a host's messages get a broker-validated identity. The
+        password never reaches a command line (rabbitmqctl 3.10 takes it only as an
+        argument): the user is imported from a definitions file holding its hash.
         """
-        steps = [
-            ("delete_user", name),
-            ("add_user", name, password),
-            ("set_permissions", "-p", "/", name, configure, write, read),
-        ]
-        for index, step in enumerate(steps):
-            result = self._ctl(*step, timeout=30.0)
-            if index > 0 and (result is None or result.returncode != 0):
-                detail = result.stderr.strip()[-300:] if result else "timed out"
-                raise LocalStackError(f"rabbitmqctl {step[0]} {name} failed: {detail}")
+        document = {
+            "users": [
+                {
+                    "name": name,
+                    "password_hash": password_hash(password),
+                    "hashing_algorithm": "rabbit_password_hashing_sha256",
+                    "tags": [],
+                }
+            ],
+            "permissions": [
+                {"user": name, "vhost": "/", "configure": configure, "write": write, "read": read}
+            ],
+        }
+        definitions = self._base / f"user-{secrets.token_hex(8)}.json"
+        fd = os.open(definitions, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(document, handle)
+        try:
+            self._ctl("delete_user", name, timeout=30.0)
+            result = self._ctl("import_definitions", str(definitions), timeout=30.0)
+        finally:
+            definitions.unlink(missing_ok=True)
+        if result is None or result.returncode != 0:
+            detail = result.stderr.strip()[-300:] if result else "timed out"
+            raise LocalStackError(
+                f"rabbitmqctl import_definitions for user {name} failed: {detail}"
+            )
 
     def pid(self) -> int | None:
         """The server's process id while it runs (None when it does not)."""
@@ -229,9 +264,7 @@ class RabbitMQNode:
         for directory in (base, self._log_dir, self._mnesia_dir):
             directory.mkdir(parents=True, exist_ok=True)
         (base / "enabled_plugins").write_text("[].\n", encoding="ascii")
-        (base / "rabbitmq.conf").write_text(
-            "# Private node: settings come from the environment.\n", encoding="ascii"
-        )
+        (base / "rabbitmq.conf").write_text(self._config_text(), encoding="utf-8")
         (base / "advanced.config").write_text("[].\n", encoding="ascii")
         (base / "rabbitmq-env.conf").write_text("", encoding="ascii")
         cookie = base / ".erlang.cookie"
@@ -245,6 +278,29 @@ class RabbitMQNode:
             with os.fdopen(fd, "w", encoding="ascii") as handle:
                 handle.write(value)
 
+    def _config_text(self) -> str:
+        tls = self.config.tls
+        if tls is None:
+            return "# Private node: settings come from the environment.\n"
+        # The plain listener is off: a client without TLS is refused at the TCP level.
+        # verify_peer with fail_if_no_peer_cert false: a client certificate is optional, but
+        # one that is given must be signed by the CA (else the handshake fails).
+        return "\n".join(
+            [
+                "# Private node: AMQP over TLS only; the rest comes from the environment.",
+                "listeners.tcp = none",
+                f"listeners.ssl.default = 127.0.0.1:{self.config.amqp_port}",
+                f"ssl_options.cacertfile = {tls.ca}",
+                f"ssl_options.certfile = {tls.server_cert}",
+                f"ssl_options.keyfile = {tls.server_key}",
+                "ssl_options.verify = verify_peer",
+                "ssl_options.fail_if_no_peer_cert = false",
+                "ssl_options.versions.1 = tlsv1.3",
+                "ssl_options.versions.2 = tlsv1.2",
+                "",
+            ]
+        )
+
     def _env(self) -> dict[str, str]:
         base = self._base
         # A caller's own RABBITMQ_* settings would leak into the private node.
@@ -252,8 +308,6 @@ class RabbitMQNode:
         env.update(
             HOME=str(base),
             RABBITMQ_NODENAME=self.config.node,
-            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
-            RABBITMQ_NODE_PORT=str(self.config.amqp_port),
             RABBITMQ_DIST_PORT=str(self.config.dist_port),
             RABBITMQ_MNESIA_BASE=str(self._mnesia_dir),
             RABBITMQ_LOG_BASE=str(self._log_dir),
@@ -270,6 +324,12 @@ class RabbitMQNode:
             RABBITMQ_CTL_DIST_PORT_MAX="0",
             ERL_CRASH_DUMP=str(self._log_dir / "erl_crash.dump"),
         )
+        if self.config.tls is None:
+            # With TLS the listener is in rabbitmq.conf; these would add a plain one.
+            env.update(
+                RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+                RABBITMQ_NODE_PORT=str(self.config.amqp_port),
+            )
         # The node starts an epmd when none answers on this port, and registers there;
         # rabbitmqctl must look on the same port to find the node.
         env.pop("ERL_EPMD_PORT", None)

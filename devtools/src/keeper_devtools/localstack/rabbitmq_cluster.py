@@ -13,6 +13,7 @@ from pathlib import Path
 from keeper_devtools.localstack import _process
 from keeper_devtools.localstack.errors import LocalStackError
 from keeper_devtools.localstack.rabbitmq import RabbitMQConfig, RabbitMQNode
+from keeper_devtools.tls import TlsFiles
 
 
 class RabbitMQCluster:
@@ -25,8 +26,11 @@ class RabbitMQCluster:
     of any one node.
     """
 
-    def __init__(self, base_dir: Path, *, prefix: str, size: int = 3) -> None:
-        """Prepare the nodes on free ports (nothing is started)."""
+    def __init__(
+        self, base_dir: Path, *, prefix: str, size: int = 3, tls: TlsFiles | None = None
+    ) -> None:
+        """Prepare the nodes on free ports (nothing is started); with ``tls`` each takes
+        AMQP over TLS only (the nodes' own Erlang distribution stays on loopback)."""
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         ports = _process.free_tcp_ports(2 * size)
@@ -40,6 +44,7 @@ class RabbitMQCluster:
                     dist_port=ports[2 * index + 1],
                     base_dir=base_dir / f"node-{index + 1}",
                     erlang_cookie=cookie,
+                    tls=tls,
                 )
             )
             for index in range(size)

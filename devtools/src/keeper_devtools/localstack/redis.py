@@ -12,6 +12,8 @@ import redis
 
 from keeper_devtools.localstack import _process
 from keeper_devtools.localstack.errors import LocalStackError
+from keeper_devtools.localstack.redis_users import ADMIN, REPLICATION, RedisUsers
+from keeper_devtools.tls import TlsFiles
 
 # Redis rewrites its process title to "redis-server 127.0.0.1:<port>", so this is what a
 # live server's command line holds.
@@ -32,7 +34,16 @@ class RedisConfig:
     extra_args: tuple[str, ...] = ()
     """More options for the command line, after all others (``--aclfile PATH``)."""
     login: tuple[str, str] | None = None
-    """User and password to check the server with, when its ``default`` user is off."""
+    """User and password to check the server with, when its ``default`` user is off
+    (with ``users``: the admin user's by default)."""
+    tls: TlsFiles | None = None
+    """Certificates: the server then takes TLS only on ``port`` (a client certificate is
+    optional, but one that is given must be signed by ``tls.ca``) and replicates over TLS.
+    With ``config_file``, that file names the certificates; only the port is set here."""
+    users: RedisUsers | None = None
+    """The ACL users (``default`` off): the server reads ``users.acl`` and, as a replica,
+    logs in to its primary as the replication user (the password from an included file).
+    With ``config_file``, that file names the ACL file instead."""
 
 
 class RedisServer:
@@ -55,8 +66,19 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """The URL of database 0 on the server."""
-        return f"redis://127.0.0.1:{self.config.port}/0"
+        """The URL of database 0 on the server, as the admin user when it has ACL users."""
+        users = self.config.users
+        return self.url_for(*(users.login(ADMIN) if users else (None, None)))
+
+    def url_for(self, user: str | None, password: str | None, database: int = 0) -> str:
+        """The URL of ``database`` as ``user`` (None: the ``default`` user), with TLS
+        ``rediss`` and the CA to verify the server with (redis-py reads ``ssl_ca_certs``)."""
+        login = f"{user}:{password}@" if user is not None else ""
+        address = f"{login}127.0.0.1:{self.config.port}/{database}"
+        tls = self.config.tls
+        if tls is None:
+            return f"redis://{address}"
+        return f"rediss://{address}?ssl_ca_certs={tls.ca}"
 
     @staticmethod
     def check_installed() -> None:
@@ -126,14 +148,10 @@ class RedisServer:
         return pid is not None and not _process.process_exists(pid)
 
     def _answers_ping(self) -> bool:
-        username, password = self.config.login or (None, None)
-        client = redis.Redis(
-            host="127.0.0.1",
-            port=self.config.port,
-            username=username,
-            password=password,
-            socket_timeout=1,
-            socket_connect_timeout=1,
+        users = self.config.users
+        username, password = self.config.login or (users.login(ADMIN) if users else (None, None))
+        client = redis.Redis.from_url(
+            self.url_for(username, password), socket_timeout=1, socket_connect_timeout=1
         )
         try:
             return bool(client.ping())
@@ -151,24 +169,7 @@ class RedisServer:
         base = self._base
         base.mkdir(parents=True, exist_ok=True)
         self._pid_file.unlink(missing_ok=True)
-        command = [binary]
-        if self.config.config_file is not None:
-            command.append(str(self.config.config_file.absolute()))
-        command += [
-            "--port", str(self.config.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(base),
-            "--daemonize", "yes",
-            "--pidfile", str(self._pid_file),
-            "--logfile", str(self.log_file),
-        ]  # fmt: skip
-        if self.config.config_file is None:
-            command += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-        if self.config.replica_of is not None:
-            command += ["--replicaof", "127.0.0.1", str(self.config.replica_of)]
-        # A replica that (re)joins gets its copy at once, instead of after the 5 s Redis
-        # waits by default for other replicas to share the transfer.
-        command += ["--repl-diskless-sync-delay", "0", *self.config.extra_args]
+        command = [binary, *self.launch_arguments()]
         with self._startup_out.open("ab") as out:
             # A file, not a pipe: the daemon would inherit a pipe and keep it open.
             launched = subprocess.run(
@@ -185,6 +186,51 @@ class RedisServer:
                 f"redis-server exited with {launched.returncode} on port {self.config.port}; "
                 f"{_process.log_tail(self._startup_out)}"
             )
+
+    def launch_arguments(self) -> list[str]:
+        """The arguments ``redis-server`` is started with: paths and settings, never a
+        password (those are in the ACL file and the included files it names)."""
+        command: list[str] = []
+        if self.config.config_file is not None:
+            command.append(str(self.config.config_file.absolute()))
+        command += [*self._port_args(), *self._access_args()]
+        command += [
+            "--bind", "127.0.0.1",
+            "--dir", str(self._base),
+            "--daemonize", "yes",
+            "--pidfile", str(self._pid_file),
+            "--logfile", str(self.log_file),
+        ]  # fmt: skip
+        if self.config.config_file is None:
+            command += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        if self.config.replica_of is not None:
+            command += ["--replicaof", "127.0.0.1", str(self.config.replica_of)]
+        # A replica that (re)joins gets its copy at once, instead of after the 5 s Redis
+        # waits by default for other replicas to share the transfer.
+        command += ["--repl-diskless-sync-delay", "0", *self.config.extra_args]
+        return command
+
+    def _port_args(self) -> list[str]:
+        port = str(self.config.port)
+        return ["--port", port] if self.config.tls is None else ["--port", "0", "--tls-port", port]
+
+    def _access_args(self) -> list[str]:
+        """Certificates and users (only paths: no password is ever on the command line)."""
+        tls, users = self.config.tls, self.config.users
+        args: list[str] = []
+        if tls is not None and self.config.config_file is None:
+            args += [
+                "--tls-cert-file", str(tls.server_cert),
+                "--tls-key-file", str(tls.server_key),
+                "--tls-ca-cert-file", str(tls.ca),
+                "--tls-auth-clients", "optional",
+                "--tls-replication", "yes",
+            ]  # fmt: skip
+        if users is not None and self.config.config_file is None:
+            # A primary too: after a failover it may be told to replicate the new one.
+            args += ["--aclfile", str(users.acl_file), "--masteruser", REPLICATION]
+            args += ["--include", str(users.masterauth_file)]
+        return args
 
     def _kill_leftover(self) -> None:
         pid = self.pid()

@@ -7,6 +7,7 @@ needed.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ import redis
 from keeper_devtools.localstack import _process
 from keeper_devtools.localstack.errors import LocalStackError
 from keeper_devtools.localstack.redis import RedisConfig, RedisServer
+from keeper_devtools.localstack.redis_users import ADMIN, SENTINEL, RedisUsers
+from keeper_devtools.tls import TlsFiles
 
 _SENTINEL_COUNT = 3
 _QUORUM = 2
@@ -31,22 +34,76 @@ def _ask(client: redis.Redis, *command: str) -> Any:
     return client.execute_command(*command)  # type: ignore[no-untyped-call]
 
 
-def _client(port: int) -> redis.Redis:
+def _client(
+    port: int,
+    tls: TlsFiles | None = None,
+    login: tuple[str, str] | None = None,
+    password: str | None = None,
+) -> redis.Redis:
+    """A client of a data node as ``login``, or of a Sentinel with its ``password``."""
+    username, user_password = login or (None, password)
+    password = user_password
+    tls_options: dict[str, Any] = {} if tls is None else {"ssl": True, "ssl_ca_certs": str(tls.ca)}
     return redis.Redis(
         host="127.0.0.1",
         port=port,
+        username=username,
+        password=password,
         socket_timeout=2,
         socket_connect_timeout=1,
         decode_responses=True,
+        **tls_options,
     )
+
+
+def _sentinel_config(
+    port: int, tls: TlsFiles | None, users: RedisUsers | None, master_name: str
+) -> list[str]:
+    """The lines that differ with TLS and ACL users: the Sentinel's listener, and how it
+    logs in to the data nodes (the password only ever in this file)."""
+    lines = (
+        [f"port {port}"]
+        if tls is None
+        else [
+            "port 0",
+            f"tls-port {port}",
+            f"tls-cert-file {tls.server_cert}",
+            f"tls-key-file {tls.server_key}",
+            f"tls-ca-cert-file {tls.ca}",
+            "tls-auth-clients optional",
+            # Sentinels reach the data nodes and each other over TLS.
+            "tls-replication yes",
+        ]
+    )
+    if users is not None:
+        lines += [
+            f"sentinel auth-user {master_name} {SENTINEL}",
+            f"sentinel auth-pass {master_name} {users.password(SENTINEL)}",
+            # Clients and the other Sentinels log in to this one with its own password.
+            f"requirepass {users.sentinel_password}",
+            f"sentinel sentinel-pass {users.sentinel_password}",
+        ]
+    return lines
 
 
 class RedisSentinel:
     """One Sentinel process watching the group's primary; its state file is its config."""
 
-    def __init__(self, port: int, base_dir: Path) -> None:
-        """Prepare to manage the Sentinel on ``port`` with its files in ``base_dir``."""
+    def __init__(
+        self,
+        port: int,
+        base_dir: Path,
+        *,
+        tls: TlsFiles | None = None,
+        users: RedisUsers | None = None,
+    ) -> None:
+        """Prepare to manage the Sentinel on ``port`` with its files in ``base_dir``; with
+        ``tls`` it takes TLS only, with ``users`` it logs in to the data nodes as the
+        Sentinel user."""
         self.port = port
+        self._tls = tls
+        self._users = users
+        self._password = users.sentinel_password if users is not None else None
         self._base = base_dir.absolute()
         self._pid_file = self._base / "sentinel.pid"
         self._config_file = self._base / "sentinel.conf"
@@ -65,10 +122,12 @@ class RedisSentinel:
         # Sentinel rewrites this file with what it learns (replicas, peers, the current
         # primary), so it is written only once: a restarted Sentinel resumes from it.
         if not self._config_file.exists():
-            self._config_file.write_text(
+            listener = _sentinel_config(self.port, self._tls, self._users, master_name)
+            _write_private(
+                self._config_file,
                 "\n".join(
                     [
-                        f"port {self.port}",
+                        *listener,
                         "bind 127.0.0.1",
                         f"dir {self._base}",
                         "daemonize yes",
@@ -81,7 +140,6 @@ class RedisSentinel:
                         "",
                     ]
                 ),
-                encoding="ascii",
             )
         binary = _process.find_binary("redis-server")
         launched = _process_run([binary, str(self._config_file), "--sentinel"], self._base)
@@ -104,7 +162,7 @@ class RedisSentinel:
         """Tell whether the Sentinel's process is alive and answers PING."""
         if _process.live_pid(self._pid_file, "redis-server") is None:
             return False
-        client = _client(self.port)
+        client = _client(self.port, self._tls, password=self._password)
         try:
             return bool(client.ping())
         except redis.RedisError:
@@ -118,6 +176,13 @@ class RedisSentinel:
         if pid is not None:
             _process.terminate(pid, grace=10.0)
         self._pid_file.unlink(missing_ok=True)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by its owner only: it may hold the Sentinel's password."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(text)
 
 
 def _process_run(command: list[str], cwd: Path) -> int:
@@ -142,21 +207,38 @@ class RedisSentinelGroup:
     it for ``down_after_ms``; :meth:`kill_primary` and :meth:`wait_for_failover` drive that.
     """
 
-    def __init__(self, base_dir: Path, *, master_name: str = "keeper", down_after_ms: int = 2000):
-        """Prepare the servers and Sentinels (nothing is started)."""
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        master_name: str = "keeper",
+        down_after_ms: int = 2000,
+        tls: TlsFiles | None = None,
+        users: RedisUsers | None = None,
+    ):
+        """Prepare the servers and Sentinels (nothing is started); with ``tls`` every link
+        is TLS, with ``users`` the data nodes have the ACL users and ``default`` off."""
         self.master_name = master_name
         self.down_after_ms = down_after_ms
+        self.tls = tls
+        self.users = users
         primary_port, replica_port, *sentinel_ports = _process.free_tcp_ports(2 + _SENTINEL_COUNT)
         self.servers = [
-            RedisServer(RedisConfig(port=primary_port, base_dir=base_dir / "primary")),
+            RedisServer(
+                RedisConfig(port=primary_port, base_dir=base_dir / "primary", tls=tls, users=users)
+            ),
             RedisServer(
                 RedisConfig(
-                    port=replica_port, base_dir=base_dir / "replica", replica_of=primary_port
+                    port=replica_port,
+                    base_dir=base_dir / "replica",
+                    replica_of=primary_port,
+                    tls=tls,
+                    users=users,
                 )
             ),
         ]
         self.sentinels = [
-            RedisSentinel(port, base_dir / f"sentinel-{index + 1}")
+            RedisSentinel(port, base_dir / f"sentinel-{index + 1}", tls=tls, users=users)
             for index, port in enumerate(sentinel_ports)
         ]
 
@@ -244,7 +326,7 @@ class RedisSentinelGroup:
             port = self._master_port()
         except LocalStackError:
             return None
-        client = _client(port)
+        client = self._data_client(port)
         try:
             return port, _ask(client, *command)
         except redis.RedisError:
@@ -254,7 +336,7 @@ class RedisSentinelGroup:
 
     def _master_port(self) -> int:
         for sentinel in self.sentinels:
-            client = _client(sentinel.port)
+            client = self._sentinel_client(sentinel.port)
             try:
                 address = _ask(client, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
             except redis.RedisError:
@@ -266,7 +348,7 @@ class RedisSentinelGroup:
         raise LocalStackError(f"no Sentinel names a primary for {self.master_name}")
 
     def _replica_in_sync(self) -> bool:
-        client = _client(self.servers[1].config.port)
+        client = self._data_client(self.servers[1].config.port)
         try:
             info = _ask(client, "INFO", "replication")
         except redis.RedisError:
@@ -278,7 +360,7 @@ class RedisSentinelGroup:
 
     def _sentinels_agree(self) -> bool:
         for sentinel in self.sentinels:
-            client = _client(sentinel.port)
+            client = self._sentinel_client(sentinel.port)
             try:
                 replicas = _ask(client, "SENTINEL", "REPLICAS", self.master_name)
                 peers = _ask(client, "SENTINEL", "SENTINELS", self.master_name)
@@ -289,6 +371,17 @@ class RedisSentinelGroup:
             if len(replicas) != 1 or len(peers) != _SENTINEL_COUNT - 1:
                 return False
         return True
+
+    @property
+    def sentinel_password(self) -> str | None:
+        """The Sentinels' password (None: they take none)."""
+        return self.users.sentinel_password if self.users is not None else None
+
+    def _sentinel_client(self, port: int) -> redis.Redis:
+        return _client(port, self.tls, password=self.sentinel_password)
+
+    def _data_client(self, port: int) -> redis.Redis:
+        return _client(port, self.tls, self.users.login(ADMIN) if self.users else None)
 
     @staticmethod
     def _wait(condition: Callable[[], bool], what: str, deadline: float) -> None:

@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from keeper_cli.config import LocalStackPorts
 from keeper_devtools.localstack.rabbitmq import RabbitMQConfig, RabbitMQNode
 from keeper_devtools.localstack.redis import RedisConfig, RedisServer
-
-
-def default_run_dir() -> Path:
-    """``<repo root>/run/stack``, the repo root being the nearest directory (from the
-    current one upwards) that holds ``deploy/local``; ``./run/stack`` outside a checkout."""
-    cwd = Path.cwd()
-    for candidate in (cwd, *cwd.parents):
-        if (candidate / "deploy" / "local").is_dir():
-            return candidate / "run" / "stack"
-    return cwd / "run" / "stack"
+from keeper_devtools.localstack.redis_users import RedisUsers
+from keeper_devtools.tls import TlsFiles, ensure_tls_files
 
 
 class LocalStackSettings(LocalStackPorts):
     """The local stack's settings, read from ``KEEPER_STACK_*`` environment variables: its
     ports (shared with the CLI's defaults), directory and node name. When a port is taken,
-    start says which, and these variables move the stack."""
+    start says which, and these variables move the stack.
+
+    The stack's links are TLS only, with its own throwaway CA in ``<run_dir>/tls``, and
+    Redis has the generated ACL users, their passwords in ``<run_dir>/redis-users``."""
 
     model_config = SettingsConfigDict(env_prefix="KEEPER_STACK_", frozen=True)
 
-    run_dir: Path = Field(default_factory=default_run_dir)
     rabbitmq_dist_port: int = Field(default=28673, ge=1, le=65535)
     rabbitmq_epmd_port: int = Field(
         default=28674,
@@ -40,6 +32,22 @@ class LocalStackSettings(LocalStackPorts):
     )
     rabbitmq_node_name: str = Field(default="keeper", pattern=r"^[A-Za-z0-9_-]+$")
 
+    @property
+    def tls(self) -> TlsFiles:
+        """The stack's certificates (made by `prepare`)."""
+        return TlsFiles(self.run_dir / "tls")
+
+    @property
+    def redis_users(self) -> RedisUsers:
+        """The stack's Redis users (made by `prepare`)."""
+        return RedisUsers(self.run_dir / "redis-users")
+
+    def prepare(self) -> None:
+        """Make the certificates (again, when they are about to expire) and the Redis users'
+        passwords that are missing; before every start."""
+        ensure_tls_files(self.tls.directory)
+        RedisUsers.ensure(self.redis_users.directory)
+
     def rabbitmq_node(self) -> RabbitMQNode:
         """The stack's RabbitMQ node (in ``<run_dir>/rabbitmq``), not started."""
         return RabbitMQNode(
@@ -49,9 +57,21 @@ class LocalStackSettings(LocalStackPorts):
                 dist_port=self.rabbitmq_dist_port,
                 base_dir=self.run_dir / "rabbitmq",
                 epmd_port=self.rabbitmq_epmd_port,
+                tls=self.tls,
             )
         )
 
     def redis_server(self) -> RedisServer:
         """The stack's Redis server (in ``<run_dir>/redis``), not started."""
-        return RedisServer(RedisConfig(port=self.redis_port, base_dir=self.run_dir / "redis"))
+        return RedisServer(
+            RedisConfig(
+                port=self.redis_port,
+                base_dir=self.run_dir / "redis",
+                tls=self.tls,
+                users=self.redis_users,
+            )
+        )
+
+    def redis_url_for(self, user: str) -> str:
+        """The stack's Redis URL as ``user`` (``keeper-store``, ``keeper-policy``…)."""
+        return self.redis_server().url_for(*self.redis_users.login(user))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import yarl
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel
@@ -25,8 +25,11 @@ class RedisSettings(BaseModel):
     redis_url: str = Field(
         default="redis://127.0.0.1:28379/0",
         description=(
-            "Redis URL. With redis_sentinels set, only its database number, user and "
-            "password are used: the address comes from the Sentinels."
+            "Redis URL: redis://USER:PASSWORD@HOST:PORT/DB, or rediss:// for TLS with "
+            "?ssl_ca_certs=CA-FILE (and ssl_certfile=, ssl_keyfile= for a client "
+            "certificate). With redis_sentinels set, only its scheme, database number, user, "
+            "password and TLS options are used: the address comes from the Sentinels, which "
+            "are then reached over TLS too when the scheme is rediss."
         ),
     )
     redis_sentinels: Annotated[list[str], NoDecode] = Field(
@@ -35,6 +38,11 @@ class RedisSettings(BaseModel):
     )
     redis_master_name: str = Field(
         default="keeper", description="The name the Sentinels monitor the primary under."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None,
+        description="The Sentinels' own password (requirepass in sentinel.conf); None: "
+        "they take none.",
     )
 
     _split_sentinels = field_validator("redis_sentinels", mode="before")(split_list)
@@ -60,6 +68,24 @@ class _SentinelFollowingRedis(Redis):
                 await sentinel.aclose()
 
 
+TLS_QUERY_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+"""The TLS options a Redis URL may carry (redis-py reads the same from a plain URL)."""
+
+
+def _tls_options(url: yarl.URL) -> dict[str, Any]:
+    """The TLS connection options of a ``rediss://`` URL (none for ``redis://``), for the
+    Sentinels and the primary they name."""
+    if url.scheme != "rediss":
+        return {}
+    given = {name: url.query[name] for name in TLS_QUERY_OPTIONS if name in url.query}
+    return {"ssl": True, **given}
+
+
+def _sentinel_login(settings: RedisSettings) -> dict[str, Any]:
+    secret = settings.redis_sentinel_password
+    return {} if secret is None else {"password": secret.get_secret_value()}
+
+
 def connect_redis(settings: RedisSettings, **options: Any) -> Redis:
     """A client of the Redis ``settings`` name (``options`` go to every connection, e.g.
     ``socket_timeout``); nothing is connected until the first command.
@@ -73,6 +99,7 @@ def connect_redis(settings: RedisSettings, **options: Any) -> Redis:
         return plain
     url = yarl.URL(settings.redis_url)
     database = int(url.path.strip("/") or 0)
+    tls = _tls_options(url)
     addresses = [
         (host, int(port))
         for host, _, port in (address.rpartition(":") for address in settings.redis_sentinels)
@@ -82,10 +109,13 @@ def connect_redis(settings: RedisSettings, **options: Any) -> Redis:
         sentinel_kwargs={
             "socket_timeout": SENTINEL_TIMEOUT_S,
             "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+            **tls,
+            **_sentinel_login(settings),
         },
         db=database,
         username=url.user,
         password=url.password,
+        **tls,
         **options,
     )
     client: Redis = sentinel.master_for(

@@ -3,8 +3,8 @@
 A service started while a dependency is down (a machine booting its services in any order,
 a restart during a broker or Redis outage) would otherwise exit at once and leave the rest
 to its supervisor's restart loop; it waits instead, with backoff, until the dependency
-answers or it is told to stop. Errors that waiting cannot cure (bad credentials, Redis
-without persistence) are raised at once.
+answers or it is told to stop. Errors that waiting cannot cure (bad credentials, a
+certificate the other side refuses, Redis without persistence) are raised at once.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import redis.exceptions
 import structlog
+
+from keeper_shared.runtime.tls_failure import TlsHandshakeError, certificate_refused
 
 T = TypeVar("T")
 
@@ -43,8 +45,9 @@ async def wait_for_dependency(
     fatal: tuple[type[BaseException], ...] = (),
 ) -> T:
     """Run ``attempt`` until it succeeds; retry (backing off up to 5 s) on ``retry_on``
-    unless the error is also one of ``fatal``. Raises StoppedWhileWaitingError when
-    ``stop`` is set meanwhile."""
+    unless the error is also one of ``fatal``. A certificate refused by either side (a
+    wrong CA or client certificate) is fatal too: TlsHandshakeError says why. Raises
+    StoppedWhileWaitingError when ``stop`` is set meanwhile."""
     delay = FIRST_RETRY_S
     while True:
         try:
@@ -52,6 +55,9 @@ async def wait_for_dependency(
         except fatal:
             raise
         except retry_on as error:
+            tls_reason = certificate_refused(error)
+            if tls_reason is not None:
+                raise TlsHandshakeError(f"TLS with {dependency} failed: {tls_reason}") from error
             log.warning(
                 "waiting for a dependency",
                 dependency=dependency,
