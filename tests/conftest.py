@@ -152,6 +152,20 @@ def _redis_server(base_dir: Path, tls: TlsFiles, users: RedisUsers) -> RedisServ
     return RedisServer(RedisConfig(port=port, base_dir=base_dir, tls=tls, users=users))
 
 
+def _running_redis(
+    directory: Path, tls_files: TlsFiles, redis_users: RedisUsers
+) -> Iterator[RedisServer]:
+    """A Redis server in ``directory`` (TLS, the ACL users), running until the generator
+    is closed; stopped also when the test fails."""
+    server = _redis_server(directory, tls_files, redis_users)
+    _require_installed(server.check_installed)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     """The session's throwaway CA with a server and a client certificate: every server the
@@ -229,13 +243,7 @@ def session_redis(
 ) -> Iterator[RedisServer]:
     """A Redis server private to this test session, AOF on with ``fsync always``, TLS only,
     the ACL users on (a local process; see ``redis_url`` for Docker)."""
-    server = _redis_server(tmp_path_factory.mktemp("redis"), tls_files, redis_users)
-    _require_installed(server.check_installed)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _running_redis(tmp_path_factory.mktemp("redis"), tls_files, redis_users)
 
 
 @pytest.fixture(scope="session")
@@ -265,13 +273,7 @@ def private_redis_server(
 
     Always a local process (never a container), because the test controls its lifetime.
     """
-    server = _redis_server(tmp_path / "redis", tls_files, redis_users)
-    _require_installed(server.check_installed)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _running_redis(tmp_path / "redis", tls_files, redis_users)
 
 
 @pytest.fixture
