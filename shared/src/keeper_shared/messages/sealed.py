@@ -6,7 +6,6 @@ needs to route and check it: kind, declared hash, size, token, and the receiver'
 from __future__ import annotations
 
 import base64
-import re
 from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
@@ -17,19 +16,12 @@ from keeper_shared.messages.types import (
     FencingToken,
     SecretUuid,
     StateKind,
+    decode_base64,
 )
 from keeper_shared.sealing.keys import KEY_ID_PATTERN
 
 _SEAL_OVERHEAD_BYTES = 16
 """AES-GCM's tag at the end of every ciphertext."""
-
-
-def _from_base64(value: object) -> object:
-    if isinstance(value, str):
-        if not re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", value):
-            raise ValueError("not base64")
-        return base64.b64decode(value)
-    return value
 
 
 def _to_base64(value: bytes) -> str:
@@ -38,7 +30,7 @@ def _to_base64(value: bytes) -> str:
 
 Base64Bytes = Annotated[
     bytes,
-    BeforeValidator(_from_base64),
+    BeforeValidator(decode_base64),
     PlainSerializer(_to_base64, return_type=str, when_used="json"),
 ]
 """Bytes as base64 on the wire (not secret: ciphertext, nonces and public keys)."""

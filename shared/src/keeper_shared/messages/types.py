@@ -49,7 +49,8 @@ VmName = Annotated[str, Field(pattern=VM_NAME_PATTERN)]
 ContentHash = Annotated[str, Field(pattern=SHA256_HEX_PATTERN)]
 
 
-def _decode_base64(value: object) -> object:
+def decode_base64(value: object) -> object:
+    """A base64 string from the wire as bytes (anything else as it is, for validation)."""
     if isinstance(value, str):
         if not re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", value):
             raise ValueError("not base64")
@@ -63,7 +64,7 @@ def _encode_base64(value: SecretBytes) -> str:
 
 SecretBlob = Annotated[
     SecretBytes,
-    BeforeValidator(_decode_base64),
+    BeforeValidator(decode_base64),
     PlainSerializer(_encode_base64, return_type=str, when_used="json"),
     Field(max_length=MAX_COMPRESSED_BLOB_BYTES),
 ]
@@ -75,7 +76,7 @@ MAX_TPM_SECRET_BYTES = 1024
 
 SecretValue = Annotated[
     SecretBytes,
-    BeforeValidator(_decode_base64),
+    BeforeValidator(decode_base64),
     PlainSerializer(_encode_base64, return_type=str, when_used="json"),
     Field(min_length=1, max_length=MAX_TPM_SECRET_BYTES),
 ]
