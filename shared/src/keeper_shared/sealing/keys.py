@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from keeper_shared.runtime.private_files import (
+    PrivateFileError,
+    create_private_file,
+    read_private_file,
+)
 
 KEY_ID_HEX_CHARS = 16
 KEY_ID_PATTERN = r"^[0-9a-f]{16}$"
@@ -29,7 +33,7 @@ SEALING_PUBLIC_KEY_PATTERN = r"^[A-Za-z0-9+/]{43}=$"
 _MAX_KEY_FILE_BYTES = 4096
 
 
-class SealingKeyFileError(Exception):
+class SealingKeyFileError(PrivateFileError):
     """A sealing key file is missing, unsafe or not a key (the text never holds key bytes)."""
 
 
@@ -110,23 +114,9 @@ class SealingPrivateKeys:
 def load_private_key(path: Path) -> X25519PrivateKey:
     """Read an X25519 private key (PKCS#8 PEM) from ``path``, refusing a file that is not
     regular, that group or others may access, or that holds no X25519 key."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        raise SealingKeyFileError(f"cannot open sealing key {path}: {error.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SealingKeyFileError(f"sealing key {path} is not a regular file")
-        if info.st_mode & 0o077:
-            raise SealingKeyFileError(
-                f"sealing key {path} has mode {stat.S_IMODE(info.st_mode):04o}; it must not "
-                "be readable or writable by group or others (chmod 600)"
-            )
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            content = handle.read(_MAX_KEY_FILE_BYTES)
-    finally:
-        os.close(fd)
+    content = read_private_file(
+        path, label="sealing key", max_size=_MAX_KEY_FILE_BYTES, error=SealingKeyFileError
+    )
     problem: str | None = None
     try:
         key = serialization.load_pem_private_key(content, password=None)
@@ -150,23 +140,11 @@ def private_key_pem(key: X25519PrivateKey) -> bytes:
 
 def create_private_key_file(path: Path) -> X25519PrivateKey:
     """Write a new private key to ``path`` (mode 0600) and return it; refuses to overwrite
-    (`SealingKeyFileError`). Written under a temporary name, fsynced and hard-linked into
-    place, so the file appears complete or not at all."""
+    (`SealingKeyFileError`). The file appears complete or not at all (see
+    `create_private_file`)."""
     key = X25519PrivateKey.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, private_key_pem(key))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(temporary, path)
-    except FileExistsError:
-        raise SealingKeyFileError(f"sealing key {path} already exists") from None
-    finally:
-        temporary.unlink()
+    create_private_file(path, private_key_pem(key), label="sealing key", error=SealingKeyFileError)
     return key
 
 
@@ -176,5 +154,6 @@ def load_or_create_private_key(path: Path) -> X25519PrivateKey:
         try:
             return create_private_key_file(path)
         except SealingKeyFileError:
-            pass  # another process made it between the check and the link: read that one
+            if not path.exists():
+                raise  # not another process's key made meanwhile: the reason stands
     return load_private_key(path)

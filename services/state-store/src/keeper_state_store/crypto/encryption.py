@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
-import os
 import secrets
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,12 @@ from cryptography.hazmat.primitives.keywrap import (
     InvalidUnwrap,
     aes_key_unwrap,
     aes_key_wrap,
+)
+
+from keeper_shared.runtime.private_files import (
+    PrivateFileError,
+    create_private_file,
+    read_private_file,
 )
 
 KEY_SIZE: Final = 32
@@ -55,7 +58,7 @@ class EncryptionError(Exception):
     """Base class for every error raised by this module."""
 
 
-class KeyFileError(EncryptionError):
+class KeyFileError(EncryptionError, PrivateFileError):
     """A key file is missing, unsafe (too open) or does not hold a usable key."""
 
 
@@ -208,82 +211,24 @@ def load_key_encryption_key(path: Path) -> KeyEncryptionKey:
 
     Refuses a file that group or others can access (``mode & 0o077``), that is not a
     regular file, or whose content is not exactly a 32-byte key, with a `KeyFileError`
-    naming the path and the problem but never the content. Symlinks are followed, since
-    secret mounts (Kubernetes, systemd credentials) are symlinks; the checks apply to the
-    file actually opened.
+    naming the path and the problem but never the content (see `read_private_file`).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        msg = f"cannot open key file {path}: {exc.strerror}"
-        raise KeyFileError(msg) from None
-    try:
-        # fstat on the open descriptor, not stat on the path, so the file checked is the
-        # file read even if the path is swapped in between.
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            msg = f"key file {path} is not a regular file"
-            raise KeyFileError(msg)
-        if st.st_mode & 0o077:
-            msg = (
-                f"key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be "
-                "readable or writable by group or others (chmod 600)"
-            )
-            raise KeyFileError(msg)
-        if st.st_size > _MAX_KEY_FILE_SIZE:
-            msg = f"key file {path} is {st.st_size} bytes, far too large for a key"
-            raise KeyFileError(msg)
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            content = handle.read(_MAX_KEY_FILE_SIZE)
-    finally:
-        os.close(fd)
+    content = read_private_file(
+        path, label="key file", max_size=_MAX_KEY_FILE_SIZE, error=KeyFileError
+    )
     return KeyEncryptionKey(_parse_key_material(path, content))
 
 
 def generate_key_file(path: Path) -> KeyEncryptionKey:
     """Create ``path`` holding a new random KEK (64 hex chars), mode 0600, and return it.
 
-    Refuses to overwrite an existing file (`KeyFileError`). The key is written and
-    fsynced under a temporary name and then hard-linked into place, so ``path`` appears
-    either complete or not at all and the no-overwrite check is atomic (link fails with
-    EEXIST like ``O_EXCL``).
+    Refuses to overwrite an existing file (`KeyFileError`); the file appears either
+    complete or not at all (see `create_private_file`).
     """
     material = secrets.token_bytes(KEY_SIZE)
-    directory = path.parent
-    tmp_path = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    try:
-        fd = os.open(
-            tmp_path,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-        )
-    except OSError as exc:
-        msg = f"cannot create key file in {directory}: {exc.strerror}"
-        raise KeyFileError(msg) from None
-    try:
-        try:
-            # The umask can only remove bits; set the mode explicitly so it is exactly 0600.
-            os.fchmod(fd, 0o600)
-            os.write(fd, material.hex().encode("ascii") + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp_path, path)
-        except FileExistsError:
-            msg = f"key file {path} already exists; refusing to overwrite it"
-            raise KeyFileError(msg) from None
-        except OSError as exc:
-            msg = f"cannot create key file {path}: {exc.strerror}"
-            raise KeyFileError(msg) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    create_private_file(
+        path, material.hex().encode("ascii") + b"\n", label="key file", error=KeyFileError
+    )
     return KeyEncryptionKey(material)
 
 
