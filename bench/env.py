@@ -48,13 +48,14 @@ class Stack:
     @contextlib.contextmanager
     def running(cls, base: Path) -> Iterator[Stack]:
         """Start both servers on free ports under ``base``; stop them on exit."""
-        amqp, dist, redis_port = free_tcp_ports(3)
+        amqp, dist, epmd, redis_port = free_tcp_ports(4)
         rabbit_dir = base / "rabbitmq"
         rabbit = RabbitMQNode(
             RabbitMQConfig(
                 name=f"bench{uuid.uuid4().hex[:6]}",
                 amqp_port=amqp,
                 dist_port=dist,
+                epmd_port=epmd,
                 base_dir=rabbit_dir,
             )
         )

@@ -134,13 +134,15 @@ def _docker_engine_answers() -> bool:
 
 
 def _rabbitmq_node(base_dir: Path, tls: TlsFiles) -> RabbitMQNode:
-    amqp_port, dist_port = free_tcp_ports(2)
-    # Node names share one epmd per machine, so each session's node gets its own.
+    amqp_port, dist_port, epmd_port = free_tcp_ports(3)
+    # The node gets a port mapper of its own, which its stop stops: the machine's shared
+    # one (4369) would outlive the tests.
     return RabbitMQNode(
         RabbitMQConfig(
             name=f"keeper-test-{amqp_port}",
             amqp_port=amqp_port,
             dist_port=dist_port,
+            epmd_port=epmd_port,
             base_dir=base_dir,
             tls=tls,
         )

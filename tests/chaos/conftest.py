@@ -39,12 +39,13 @@ def local_chaos_backend(
     """A RabbitMQ node and a Redis server of the test's own (a chaos run restarts and kills
     them), TLS only with the session's CA and Redis's ACL users, stopped at the end
     whatever happened."""
-    amqp_port, dist_port, redis_port = free_tcp_ports(3)
+    amqp_port, dist_port, epmd_port, redis_port = free_tcp_ports(4)
     node = RabbitMQNode(
         RabbitMQConfig(
             name=f"keeper-chaos-{amqp_port}",
             amqp_port=amqp_port,
             dist_port=dist_port,
+            epmd_port=epmd_port,
             base_dir=tmp_path / "rabbitmq",
             tls=tls_files,
         )

@@ -48,13 +48,14 @@ SECRET = b"BITLOCKER-VMK-" + os.urandom(48).hex().encode()
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[tuple[Broker, Path]]:
     """A RabbitMQ node for this test alone, and the directory holding all its files."""
-    amqp_port, dist_port = free_tcp_ports(2)
+    amqp_port, dist_port, epmd_port = free_tcp_ports(3)
     base_dir = tmp_path / "rabbitmq"
     node = RabbitMQNode(
         RabbitMQConfig(
             name=f"keeper-seal-{amqp_port}",
             amqp_port=amqp_port,
             dist_port=dist_port,
+            epmd_port=epmd_port,
             base_dir=base_dir,
         )
     )

@@ -71,12 +71,13 @@ def test_a_bad_host_id_is_refused() -> None:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQNode]:
-    amqp_port, dist_port = free_tcp_ports(2)
+    amqp_port, dist_port, epmd_port = free_tcp_ports(3)
     rabbit = RabbitMQNode(
         RabbitMQConfig(
             name=f"keeper-defs-{amqp_port}",
             amqp_port=amqp_port,
             dist_port=dist_port,
+            epmd_port=epmd_port,
             base_dir=tmp_path_factory.mktemp("rabbitmq-defs"),
         )
     )

@@ -33,7 +33,10 @@ class RabbitMQCluster:
         AMQP over TLS only (the nodes' own Erlang distribution stays on loopback)."""
         if size < 1:
             raise ValueError("a cluster needs at least one node")
-        ports = _process.free_tcp_ports(2 * size)
+        ports = _process.free_tcp_ports(2 * size + 1)
+        # The nodes find each other through one port mapper of their own (the last port),
+        # which the last node's stop stops: the machine's shared one would outlive them.
+        epmd_port = ports[-1]
         # One cookie for all: Erlang nodes only talk to nodes that present the same one.
         cookie = "".join(secrets.choice(string.ascii_uppercase) for _ in range(32))
         self.nodes = [
@@ -42,6 +45,7 @@ class RabbitMQCluster:
                     name=f"{prefix}-{index + 1}",
                     amqp_port=ports[2 * index],
                     dist_port=ports[2 * index + 1],
+                    epmd_port=epmd_port,
                     base_dir=base_dir / f"node-{index + 1}",
                     erlang_cookie=cookie,
                     tls=tls,
