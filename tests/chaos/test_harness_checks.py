@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from chaos.faults import FaultKind, InjectedFault
 from chaos.harness import StoredVersion, Write, check_chain
-from chaos.verdict import at_kill, classify
+from chaos.verdict import at_kill, classify, store_writable_since
 from keeper_shared.messages.types import FencingToken
 
 pytestmark = [pytest.mark.chaos]
@@ -93,6 +94,21 @@ def test_the_recovery_point_is_also_counted_from_when_the_store_could_write_agai
     )
     assert earlier is not None
     assert earlier.since_writable_s == 20.0
+
+
+def test_the_store_can_write_again_after_outages_and_the_killed_hosts_own_cut_off() -> None:
+    kill = InjectedFault(FaultKind.HOST_KILL, "host-a", at=40.0, back_at=45.0)
+    faults = [
+        InjectedFault(FaultKind.REDIS_RESTART, "redis", at=10.0, back_at=11.0, recovery_s=2.0),
+        InjectedFault(FaultKind.HOST_CUT, "host-a", at=20.0, back_at=25.0),
+        InjectedFault(FaultKind.HOST_CUT, "host-b", at=30.0, back_at=33.0),  # another host
+        InjectedFault(FaultKind.STORE_KILL, "store-1", at=34.0, back_at=35.0),  # others write
+        InjectedFault(FaultKind.BROKER_RESTART, "rabbitmq", at=41.0, back_at=42.0),  # later
+        kill,
+    ]
+    assert store_writable_since(kill, faults) == 25.0
+    assert store_writable_since(kill, faults[:1]) == 12.0
+    assert store_writable_since(kill, []) == 0.0
 
 
 def test_nothing_written_before_a_kill_is_not_judged() -> None:

@@ -9,7 +9,8 @@
   came back would have cost (the recovery point: from the first change not stored to the
   kill), the worst of which the table reports. Stable counts from when the store could
   write again: nothing is stored while the broker or Redis is down (or, with replicas, while
-  no replica can acknowledge a write), so the bound starts again once that fault recovered.
+  no replica can acknowledge a write), nor while the killed host itself was cut off from the
+  broker, so the bound starts again once that fault recovered.
   The table also reports the worst recovery point counted the same way (from the later of
   the first change not stored and that recovery): what the store's own catching up cost,
   apart from the time no store could write at all.
@@ -106,6 +107,24 @@ def at_kill(
     )
 
 
+def store_writable_since(kill: InjectedFault, faults: Sequence[InjectedFault]) -> float:
+    """When the store could last take the killed host's state again before ``kill`` (0: no
+    outage before it): after a broker or Redis outage, or after that host's own cut-off
+    from the broker healed (while cut off it cannot hand the store anything)."""
+    return max(
+        (
+            fault.recovered_at
+            for fault in faults
+            if (
+                fault.kind in STORAGE_OUTAGES
+                or (fault.kind is FaultKind.HOST_CUT and fault.target == kill.target)
+            )
+            and fault.recovered_at <= kill.at
+        ),
+        default=0.0,
+    )
+
+
 async def recovery_points(
     cluster: ChaosCluster,
     loads: Sequence[StateLoad],
@@ -115,15 +134,7 @@ async def recovery_points(
     """Check and measure every host kill (see the module docstring)."""
     result = RecoveryPoints()
     kills = [fault for fault in faults if fault.kind is FaultKind.HOST_KILL]
-    outages = [fault for fault in faults if fault.kind in STORAGE_OUTAGES]
-    # Per kill, when the store could last write again before it (0: no outage before it).
-    writable_since = {
-        kill: max(
-            (outage.recovered_at for outage in outages if outage.recovered_at <= kill.at),
-            default=0.0,
-        )
-        for kill in kills
-    }
+    writable_since = {kill: store_writable_since(kill, faults) for kill in kills}
     for load in loads:
         for vm in load.vms:
             for kind in StateKind:
