@@ -256,6 +256,8 @@ class BusClient:
         connection is re-established, on another node while its own stays down, with every
         channel and consumer restored."""
         endpoints = [urls] if isinstance(urls, str) else list(urls)
+        # Before connecting: a release this build cannot talk to is a configuration error.
+        levels = ReceiverLevels(configured_level())
         user_id = broker_user(endpoints)
         connection, index = await connect_first_answering(endpoints, connection_name=source)
         client = cls(
@@ -265,6 +267,7 @@ class BusClient:
             user_id=user_id,
             failover=NodeFailover(connection, endpoints, index),
             declare_exchanges=declare_exchanges,
+            levels=levels,
         )
         if not client.levels.configured.is_current:
             log.info(
