@@ -476,7 +476,7 @@ class BusClient:
         try:
             message = self._message(envelope, level, correlation_id=delivery.correlation_id)
         except NotExpressibleError:
-            # Logged by _message. The command was carried out, so no rejection is sent in
+            # Logged by encode_for. The command was carried out, so no rejection is sent in
             # its place: the caller times out as if the reply were lost.
             return
         try:
