@@ -28,7 +28,7 @@ import secrets
 import signal
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -120,6 +120,13 @@ class ClusterConfig:
     store_redis_urls: tuple[str, ...] = ()
     """Per store replica (in order), the Redis URL it uses instead of ``redis_url``: a
     proxy that can lose a reply."""
+    store_env: Mapping[str, str] = field(default_factory=dict)
+    """Added to every store replica's environment (``PYTHONPATH`` of an older release,
+    ``KEEPER_UPGRADE_LEVEL``: tests/integration/upgrade)."""
+    policy_env: Mapping[str, str] = field(default_factory=dict)
+    """Added to every policy replica's environment, likewise."""
+    agent_envs: tuple[Mapping[str, str], ...] = ()
+    """Per host (in order), added to its agent's environment, likewise."""
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,7 @@ class ChaosCluster:
                 "KEEPER_STORE_SCRUB_SWTPM": str(self.config.scrub_swtpm).lower(),
                 "KEEPER_STORE_LOG_JSON": "true",
                 "KEEPER_STORE_SHUTDOWN_GRACE_S": "5",
+                **self.config.store_env,
             },
             self.logs_dir / f"{replica}.log",
         )
@@ -253,6 +261,7 @@ class ChaosCluster:
                 "KEEPER_POLICY_LOG_JSON": "true",
                 "KEEPER_POLICY_HOST_LOST_AFTER_S": "15",
                 "KEEPER_POLICY_SHUTDOWN_GRACE_S": "5",
+                **self.config.policy_env,
             },
             self.logs_dir / f"policy-{index}.log",
         )
@@ -262,6 +271,7 @@ class ChaosCluster:
         amqp_urls = config.agent_amqp_urls
         amqp_url = amqp_urls[index] if index < len(amqp_urls) else config.amqp_url
         prefixes = config.agent_command_prefixes
+        extra_env = config.agent_envs[index] if index < len(config.agent_envs) else {}
         return ServiceProcess(
             host.host_id,
             "keeper_host_agent",
@@ -280,6 +290,7 @@ class ChaosCluster:
                 "KEEPER_HOST_RESCAN_INTERVAL_S": str(config.rescan_interval_s),
                 "KEEPER_HOST_LOG_JSON": "true",
                 "KEEPER_HOST_SHUTDOWN_GRACE_S": "5",
+                **extra_env,
             },
             self.logs_dir / f"{host.host_id}.log",
             command_prefix=prefixes[index] if index < len(prefixes) else (),

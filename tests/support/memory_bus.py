@@ -31,11 +31,15 @@ from keeper_shared.bus.client import (
     Delivery,
     NoRouteError,
     R,
+    ReceiverCannotReadError,
     Route,
     decode_reply,
+    encode_for,
 )
 from keeper_shared.bus.topology import QueueSpec, event_routing_key, reply_queue_name
-from keeper_shared.messages.envelope import Envelope, Payload, encode, new_envelope
+from keeper_shared.bus.upgrade_levels import RELEASE_HEADER, ReceiverLevels
+from keeper_shared.messages.envelope import Envelope, NotExpressibleError, Payload, new_envelope
+from keeper_shared.messages.releases import CURRENT_RELEASE, UpgradeLevel
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
@@ -213,17 +217,20 @@ class MemoryBus(BusClient):
         self.broker = broker
         self._reply_queue = reply_queue_name(origin, uuid.uuid4().hex[:12])
 
-    def _memory_message(self, envelope: Envelope[Any]) -> MemoryMessage:
+    def _memory_message(self, envelope: Envelope[Any], level: UpgradeLevel) -> MemoryMessage:
+        """The message as `BusClient._message` builds it: capped at ``level``, naming this
+        build's release."""
         return MemoryMessage(
-            body=encode(envelope),
+            body=encode_for(envelope, level),
             message_id=str(envelope.id),
             type=envelope.type,
             user_id=self._user_id or None,
+            headers={RELEASE_HEADER: CURRENT_RELEASE},
         )
 
     async def publish_event(self, payload: Payload, *, subject: str) -> Envelope[Any]:
         envelope = new_envelope(payload, source=self.source, subject=subject)
-        message = self._memory_message(envelope)
+        message = self._memory_message(envelope, self.levels.configured)
         self.broker.publish_event(event_routing_key(envelope.type, self.origin), message)
         return envelope
 
@@ -239,10 +246,13 @@ class MemoryBus(BusClient):
         host_request: bool = False,
     ) -> Envelope[R]:
         envelope = new_envelope(payload, source=self.source, subject=subject)
-        message = self._memory_message(envelope)
+        try:
+            message = self._memory_message(envelope, self.levels.for_target(target))
+        except NotExpressibleError as error:
+            raise ReceiverCannotReadError(f"{envelope.type} to {target}: {error}") from None
         message.reply_to = self._reply_queue
         message.correlation_id = str(envelope.id)
-        message.headers = {DEADLINE_HEADER: int((time.time() + timeout_s) * 1000)}
+        message.headers[DEADLINE_HEADER] = int((time.time() + timeout_s) * 1000)
         waiter = self.broker.expect_reply(message.correlation_id)
         if not self.broker.publish_command(target, message, host_request=host_request):
             raise NoRouteError(f"{envelope.type}: no queue is bound for {target}")
@@ -265,7 +275,12 @@ class MemoryBus(BusClient):
         if delivery.reply_to is None:
             return
         envelope = new_envelope(payload, source=self.source, subject=subject)
-        message = self._memory_message(envelope)
+        try:
+            message = self._memory_message(
+                envelope, ReceiverLevels.for_reply(delivery.caller_release)
+            )
+        except NotExpressibleError:
+            return  # as BusClient._reply: logged, and the caller times out
         message.correlation_id = delivery.correlation_id
         self.broker.reply(message)
 

@@ -37,7 +37,9 @@ from keeper_shared.bus.client import (
     NoRouteError,
 )
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
+from keeper_shared.bus.upgrade_levels import configured_level
 from keeper_shared.messages.envelope import MessageError
+from keeper_shared.messages.releases import UnknownReleaseError
 from keeper_shared.runtime.tls_failure import NOT_TLS, describe_tls_failure
 from keeper_shared.sealing.keys import SealingPublicKey
 
@@ -66,6 +68,13 @@ def settings_for(ctx: Context) -> CliSettings:
     timeout = ctx.params.get("timeout")
     if timeout is not None:
         overrides["timeout_s"] = timeout
+    try:
+        # Checked here so a release this build cannot talk to is a usage error, not a crash.
+        configured_level()
+    except ValidationError as error:
+        raise inputs.model_error(error, {"upgrade_level": "KEEPER_UPGRADE_LEVEL"}) from None
+    except UnknownReleaseError as error:
+        raise inputs.usage(f"KEEPER_UPGRADE_LEVEL: {error}") from None
     try:
         return CliSettings(**overrides)
     except ValidationError as error:

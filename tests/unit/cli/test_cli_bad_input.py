@@ -270,6 +270,8 @@ def test_good_input_without_a_broker_exits_4_in_one_line(
         ({"KEEPER_AMQP_URLS": "amqp://127.0.0.1:1/,notaurl"}, "KEEPER_AMQP_URLS"),
         ({"KEEPER_TIMEOUT_S": "soon"}, "KEEPER_TIMEOUT_S"),
         ({"KEEPER_TIMEOUT_S": "-1"}, "KEEPER_TIMEOUT_S"),
+        ({"KEEPER_UPGRADE_LEVEL": "latest"}, "KEEPER_UPGRADE_LEVEL"),
+        ({"KEEPER_UPGRADE_LEVEL": "0.0.1"}, "KEEPER_UPGRADE_LEVEL"),
     ],
 )
 def test_bad_environment_fails_at_once_naming_the_variable(

@@ -20,7 +20,9 @@ from keeper_devtools.contract.catalogue import MessageRole, discover_payloads, r
 from keeper_devtools.contract.commands import COMMANDS, ERROR_REPLY, CommandContract, Receiver
 from keeper_shared.bus import topology
 from keeper_shared.bus.client import DEADLINE_HEADER
+from keeper_shared.bus.upgrade_levels import RELEASE_HEADER
 from keeper_shared.messages.envelope import Envelope, Payload
+from keeper_shared.messages.releases import RELEASE_PATTERN
 
 ASYNCAPI_VERSION = "3.0.0"
 CONTRACT_VERSION = "1.0.0"
@@ -103,7 +105,16 @@ def _headers(role: MessageRole) -> dict[str, Any]:
                     "Unix time (ms) after which the command is void: a receiver that gets "
                     "it later answers `command.rejected` (`expired`) and drops it."
                 ),
-            }
+            },
+            RELEASE_HEADER: {
+                "type": "string",
+                "pattern": RELEASE_PATTERN,
+                "description": (
+                    "The keeper release whose schema versions the sender reads; the reply "
+                    "comes at them. Without it, at the oldest release the receiver still "
+                    "talks to (docs/upgrades.md)."
+                ),
+            },
         },
     }
 

@@ -35,6 +35,7 @@ from keeper_shared.bus.client import BusClient, Route
 from keeper_shared.bus.senders import only_from
 from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
+from keeper_shared.messages.releases import CURRENT_RELEASE
 from keeper_shared.messages.state import FetchState, StateChanged
 from keeper_shared.messages.tpm import TpmStateStranded
 from keeper_shared.messages.vm import (
@@ -268,6 +269,7 @@ class HostAgent:
                 capabilities=capabilities,
                 vms=self.tracker.inventory(),
                 sealing_key=self.sealing.own.public.to_text(),
+                release=CURRENT_RELEASE,
             )
             try:
                 await self.bus.publish_event(beat, subject=self.settings.host_id)

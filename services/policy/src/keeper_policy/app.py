@@ -110,6 +110,7 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         templates=TemplateHandlers(
             templates, registry, approver, gateway, store_timeout_s=settings.retrieve_timeout_s
         ),
+        receiver_levels=bus.levels,
     )
 
 

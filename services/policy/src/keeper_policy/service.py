@@ -24,6 +24,8 @@ from keeper_policy.tpm.disabler import TpmDisabler
 from keeper_policy.views.queries import PolicyQueries
 from keeper_policy.workflows.engine import WorkflowEngine
 from keeper_shared.bus.client import Delivery, Route
+from keeper_shared.bus.topology import host_command_key
+from keeper_shared.bus.upgrade_levels import ReceiverLevels
 from keeper_shared.libtpms import StateProfile
 from keeper_shared.messages.adoption import AdoptVm, VmAdoptionResult, VmDiscovered
 from keeper_shared.messages.deletion import DisableTpm, StateDeleted
@@ -72,6 +74,7 @@ class PolicyService:
         claims: PlacementClaims,
         senders: HostSenders,
         templates: TemplateHandlers,
+        receiver_levels: ReceiverLevels,
     ) -> None:
         self._registry = registry
         self._hosts = hosts
@@ -90,6 +93,7 @@ class PolicyService:
         self._claims = claims
         self._senders = senders
         self._templates = templates
+        self._receiver_levels = receiver_levels
         self._background = BackgroundTasks("background task failed")
 
     def event_routes(self) -> list[Route]:
@@ -254,6 +258,8 @@ class PolicyService:
     async def on_heartbeat(self, envelope: Envelope[HostHeartbeat], delivery: Delivery) -> None:
         """Remember the host as alive; a returning host cleans up; pending epochs settle."""
         beat = envelope.data
+        # Believed: only_from_host let through only the host's own broker user.
+        self._receiver_levels.learn(host_command_key(beat.host), beat.release)
         outcome = await self._hosts.note_heartbeat(beat, time.time())
         await self._liveness.on_heartbeat(beat, outcome.lost_at if outcome.returned else None)
         await self._migrations.on_heartbeat(beat)

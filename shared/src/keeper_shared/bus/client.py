@@ -40,16 +40,24 @@ from keeper_shared.bus.topology import (
     event_routing_key,
     reply_queue_name,
 )
+from keeper_shared.bus.upgrade_levels import (
+    RELEASE_HEADER,
+    ReceiverLevels,
+    configured_level,
+    sender_release,
+)
 from keeper_shared.messages.commands import CommandRejected, RejectionCode
 from keeper_shared.messages.envelope import (
     Envelope,
     MessageError,
+    NotExpressibleError,
     Payload,
     decode,
     encode,
     new_envelope,
     peek_type,
 )
+from keeper_shared.messages.releases import CURRENT_RELEASE, UpgradeLevel
 from keeper_shared.observability import metrics
 from keeper_shared.runtime.startup import wait_for_dependency
 
@@ -69,6 +77,11 @@ class NoRouteError(CallError):
     """No queue is bound for the command's target; the broker returned it at once."""
 
 
+class ReceiverCannotReadError(CallError):
+    """The command was not sent: the target's release cannot read it (see
+    ``keeper_shared.bus.upgrade_levels``); nothing was done."""
+
+
 class CommandRejectedError(CallError):
     """The receiver could not take the command at all (see ``code``); nothing was done."""
 
@@ -83,6 +96,22 @@ def decode_reply(body: bytes, reply_type: type[R]) -> Envelope[R]:
     if peek_type(body) == CommandRejected.message_type:
         raise CommandRejectedError(decode(body, CommandRejected).data)
     return decode(body, reply_type)
+
+
+def encode_for(envelope: Envelope[Any], level: UpgradeLevel) -> bytes:
+    """``envelope`` for the wire at the versions a receiver at ``level`` reads; raises
+    NotExpressibleError (logged: the sender refuses it) when it cannot be told there."""
+    try:
+        version = None if level.is_current else level.version_for(envelope.type)
+        return encode(envelope, version=version)
+    except NotExpressibleError as error:
+        log.error(
+            "message not sent: its receiver's release cannot read it",
+            type=envelope.type,
+            release=level.release,
+            reason=str(error),
+        )
+        raise
 
 
 class MessageRefusedError(Exception):
@@ -139,6 +168,8 @@ class Delivery:
     redelivered: bool
     reply_to: str | None
     correlation_id: str | None
+    caller_release: str | None = None
+    """The release the sender named (``x-keeper-release``); its reply is sent at it."""
 
 
 Handler = Callable[[Envelope[Any], Delivery], Awaitable[Payload | None]]
@@ -190,8 +221,11 @@ class BusClient:
         user_id: str,
         failover: NodeFailover | None = None,
         declare_exchanges: bool = True,
+        levels: ReceiverLevels | None = None,
     ) -> None:
         self._connection = connection
+        self.levels = levels if levels is not None else ReceiverLevels(configured_level())
+        """The release each receiver reads; policy and the store teach it the hosts'."""
         self._declares_exchanges = declare_exchanges
         self._failover = failover
         self.source = source
@@ -222,6 +256,8 @@ class BusClient:
         connection is re-established, on another node while its own stays down, with every
         channel and consumer restored."""
         endpoints = [urls] if isinstance(urls, str) else list(urls)
+        # Before connecting: a release this build cannot talk to is a configuration error.
+        levels = ReceiverLevels(configured_level())
         user_id = broker_user(endpoints)
         connection, index = await connect_first_answering(endpoints, connection_name=source)
         client = cls(
@@ -231,7 +267,13 @@ class BusClient:
             user_id=user_id,
             failover=NodeFailover(connection, endpoints, index),
             declare_exchanges=declare_exchanges,
+            levels=levels,
         )
+        if not client.levels.configured.is_current:
+            log.info(
+                "sending at an older release's versions (KEEPER_UPGRADE_LEVEL)",
+                upgrade_level=client.levels.configured.release,
+            )
         try:
             await client._open()
         except BaseException:
@@ -297,9 +339,18 @@ class BusClient:
         except TimeoutError:
             log.warning("broker did not confirm the close in time; leaving the connection")
 
-    def _message(self, envelope: Envelope[Any], **properties: Any) -> aio_pika.Message:
+    def _message(
+        self,
+        envelope: Envelope[Any],
+        level: UpgradeLevel,
+        headers: dict[str, Any] | None = None,
+        **properties: Any,
+    ) -> aio_pika.Message:
+        """The AMQP message for ``envelope``, at the versions ``level`` reads."""
+        body = encode_for(envelope, level)
         return aio_pika.Message(
-            body=encode(envelope),
+            body=body,
+            headers={**(headers or {}), RELEASE_HEADER: CURRENT_RELEASE},
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=str(envelope.id),
@@ -316,7 +367,7 @@ class BusClient:
         envelope = new_envelope(payload, source=self.source, subject=subject)
         async with asyncio.timeout(EVENT_CONFIRM_TIMEOUT_S):
             await self._events.publish(
-                self._message(envelope),
+                self._message(envelope, self.levels.configured),
                 routing_key=event_routing_key(envelope.type, self.origin),
                 mandatory=False,
             )
@@ -347,6 +398,16 @@ class BusClient:
         exchange = self._host_requests if host_request else self._commands
         assert exchange is not None
         envelope = new_envelope(payload, source=self.source, subject=subject)
+        try:
+            message = self._message(
+                envelope,
+                self.levels.for_target(target),
+                correlation_id=str(envelope.id),
+                reply_to=self._reply_queue_name,
+                headers={DEADLINE_HEADER: int((time.time() + timeout_s) * 1000)},
+            )
+        except NotExpressibleError as error:
+            raise ReceiverCannotReadError(f"{envelope.type} to {target}: {error}") from None
         correlation_id = str(envelope.id)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending_calls[correlation_id] = (future, replier)
@@ -355,12 +416,7 @@ class BusClient:
             try:
                 async with asyncio.timeout_at(deadline):
                     await exchange.publish(
-                        self._message(
-                            envelope,
-                            correlation_id=correlation_id,
-                            reply_to=self._reply_queue_name,
-                            headers={DEADLINE_HEADER: int((time.time() + timeout_s) * 1000)},
-                        ),
+                        message,
                         routing_key=target,
                         mandatory=True,
                     )
@@ -407,6 +463,7 @@ class BusClient:
             redelivered=bool(message.redelivered),
             reply_to=message.reply_to,
             correlation_id=message.correlation_id,
+            caller_release=sender_release(message.headers),
         )
         await self._reply(delivery, rejected, command_subject(message.body))
 
@@ -415,9 +472,16 @@ class BusClient:
         if delivery.reply_to is None:
             return
         envelope = new_envelope(payload, source=self.source, subject=subject)
+        level = ReceiverLevels.for_reply(delivery.caller_release)
+        try:
+            message = self._message(envelope, level, correlation_id=delivery.correlation_id)
+        except NotExpressibleError:
+            # Logged by encode_for. The command was carried out, so no rejection is sent in
+            # its place: the caller times out as if the reply were lost.
+            return
         try:
             await self._replies.publish(
-                self._message(envelope, correlation_id=delivery.correlation_id),
+                message,
                 routing_key=delivery.reply_to,
                 mandatory=False,
             )
@@ -497,6 +561,7 @@ class BusClient:
             redelivered=bool(message.redelivered),
             reply_to=message.reply_to,
             correlation_id=message.correlation_id,
+            caller_release=sender_release(message.headers),
         )
         try:
             reply = await route.handler(envelope, delivery)

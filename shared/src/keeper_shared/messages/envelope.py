@@ -23,6 +23,12 @@ class MessageError(ValueError):
     """A body that is not a valid message of the expected type. Safe to log."""
 
 
+class NotExpressibleError(MessageError):
+    """A message its receiver's release cannot read (a type it does not know, or a field
+    set that its older schema has no place for). The sender refuses it, so it is never
+    dead-lettered at the receiver. Safe to log."""
+
+
 class Payload(BaseModel):
     """Base of every message body; subclasses name their type and schema version."""
 
@@ -67,9 +73,17 @@ def new_envelope(payload: P, *, source: str, subject: str) -> Envelope[P]:
     )
 
 
-def encode(envelope: Envelope[Any]) -> bytes:
-    """Serialise for the wire (JSON; secret bytes as base64, see ``SecretBlob``)."""
-    return envelope.model_dump_json().encode()
+def encode(envelope: Envelope[Any], *, version: int | None = None) -> bytes:
+    """Serialise for the wire (JSON; secret bytes as base64, see ``SecretBlob``), at
+    ``version`` of its schema when that is older than the payload's (the receiver's release
+    reads no newer: see ``keeper_shared.messages.releases``). Raises NotExpressibleError
+    when the data cannot be told at that version."""
+    if version is None or version >= envelope.schema_version:
+        return envelope.model_dump_json().encode()
+    document = json.loads(envelope.model_dump_json())
+    document["data"] = _downcast(envelope.type, document["data"], envelope.schema_version, version)
+    document["schema_version"] = version
+    return json.dumps(document).encode()
 
 
 def _safe_errors(error: ValidationError) -> str:
@@ -107,6 +121,61 @@ def register_upcaster(message_type: str, from_version: int) -> Callable[[Upcaste
 def unregister_upcaster(message_type: str, from_version: int) -> None:
     """Forget an upcaster (for tests)."""
     _UPCASTERS.pop((message_type, from_version), None)
+
+
+Downcaster = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns the ``data`` of a message at one schema version into the previous version's;
+raises NotExpressibleError when the data has no equivalent there."""
+
+_DOWNCASTERS: dict[tuple[str, int], Downcaster] = {}
+
+
+def register_downcaster(message_type: str, from_version: int) -> Callable[[Downcaster], Downcaster]:
+    """Register (as a decorator) how ``message_type`` data moves from ``from_version`` down
+    to ``from_version - 1``, so it can be sent to a receiver of an older release during a
+    rolling upgrade. Register it beside the upcaster of the same step; a step without one
+    cannot be sent to the older release at all (the sender refuses)."""
+
+    def register(downcaster: Downcaster) -> Downcaster:
+        key = (message_type, from_version)
+        if key in _DOWNCASTERS and _DOWNCASTERS[key] is not downcaster:
+            raise ValueError(f"a downcaster for {message_type} v{from_version} already exists")
+        _DOWNCASTERS[key] = downcaster
+        return downcaster
+
+    return register
+
+
+def unregister_downcaster(message_type: str, from_version: int) -> None:
+    """Forget a downcaster (for tests)."""
+    _DOWNCASTERS.pop((message_type, from_version), None)
+
+
+def _downcast(
+    message_type: str, data: dict[str, Any], from_version: int, to_version: int
+) -> dict[str, Any]:
+    """``data`` brought down from ``from_version`` to ``to_version``, one step at a time."""
+    problem: str | None = None
+    version = from_version
+    while version > to_version:
+        downcaster = _DOWNCASTERS.get((message_type, version))
+        if downcaster is None:
+            raise NotExpressibleError(
+                f"{message_type} v{from_version} cannot be sent as v{to_version}: no "
+                f"downcaster from v{version}"
+            )
+        try:
+            data = downcaster(dict(data))
+        except NotExpressibleError:
+            raise
+        except Exception as error:  # the text of a downcaster's error may quote the data
+            problem = type(error).__name__
+        if problem is not None:
+            break
+        version -= 1
+    if problem is not None:
+        raise NotExpressibleError(f"{message_type} v{version} could not be downcast ({problem})")
+    return data
 
 
 def _upcast(body: bytes, header: _EnvelopeHeader, target_version: int) -> bytes:

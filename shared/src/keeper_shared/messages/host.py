@@ -6,8 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from keeper_shared.messages.envelope import register_upcaster
+from keeper_shared.messages.envelope import register_downcaster, register_upcaster
 from keeper_shared.messages.host_fact import HostFact
+from keeper_shared.messages.releases import CURRENT_RELEASE, RELEASE_PATTERN
 from keeper_shared.messages.types import HOST_ID_PATTERN, ContentHash, HostId, VmId
 from keeper_shared.sealing.keys import SEALING_PUBLIC_KEY_PATTERN
 
@@ -56,7 +57,7 @@ class HostHeartbeat(HostFact):
     """Sent every few seconds; missing heartbeats make a host lost."""
 
     message_type = "host.heartbeat"
-    schema_version = 4
+    schema_version = 5
 
     host: HostId = Field(description="The host.")
     interval_s: float = Field(gt=0, description="How often this host sends a heartbeat.")
@@ -73,6 +74,14 @@ class HostHeartbeat(HostFact):
         pattern=SEALING_PUBLIC_KEY_PATTERN,
         description="The host's current X25519 public key (base64), which the store seals "
         "the state it sends this host to; believed only from the host's own broker user.",
+    )
+    release: str = Field(
+        default=CURRENT_RELEASE,
+        pattern=RELEASE_PATTERN,
+        description="The keeper release the agent runs, and so the schema version of each "
+        "message it reads: policy and the store send their commands to this host at that "
+        "release's versions during a rolling upgrade (see docs/upgrades.md); by default the "
+        "release of the code that builds the heartbeat.",
     )
 
 
@@ -93,3 +102,15 @@ def _heartbeat_v3(data: dict[str, Any]) -> dict[str, Any]:
     """v3 predates ``libtpms_version`` and ``sealing_key``: such a host is taken to load only
     the oldest TPM state format, and no state is sealed to it, so none is sent."""
     return data
+
+
+@register_upcaster(HostHeartbeat.message_type, 4)
+def _heartbeat_v4(data: dict[str, Any]) -> dict[str, Any]:
+    """v4 predates ``release``: only release 0.1.0 sent v4 heartbeats."""
+    return {**data, "release": "0.1.0"}
+
+
+@register_downcaster(HostHeartbeat.message_type, 5)
+def _heartbeat_v5_as_v4(data: dict[str, Any]) -> dict[str, Any]:
+    """To a receiver of release 0.1.0: it sends this host what it knows (0.1.0's versions)."""
+    return {name: value for name, value in data.items() if name != "release"}

@@ -20,9 +20,12 @@ from typing import Any
 
 import aiormq.exceptions
 import structlog
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from keeper_shared.bus.client import BusClient
+from keeper_shared.bus.upgrade_levels import configured_level
+from keeper_shared.messages.releases import UnknownReleaseError
 from keeper_shared.observability import observe_service
 from keeper_shared.runtime.startup import StoppedWhileWaitingError, wait_for_dependency
 
@@ -51,8 +54,13 @@ ConnectionError and fails the start-up as well."""
 def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``serve(stop)``; SIGTERM or SIGINT sets ``stop`` and ``serve`` winds down.
 
-    ``serve`` owns the bounded wait for in-flight work; the signal only asks.
+    ``serve`` owns the bounded wait for in-flight work; the signal only asks. A
+    ``KEEPER_UPGRADE_LEVEL`` this build cannot talk to stops the start before any wait.
     """
+    try:
+        configured_level()
+    except (UnknownReleaseError, ValidationError) as error:
+        raise SystemExit(f"KEEPER_UPGRADE_LEVEL: {error}") from None
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -166,6 +166,8 @@ class StateService:
         if not self._speaks_for(delivery, beat.host):
             log.warning("heartbeat ignored: publisher is not the host", host=beat.host)
             return
+        # Commands to the host go at the versions its release reads (checked just above).
+        self._bus.levels.learn(host_command_key(beat.host), beat.release)
         if beat.sealing_key is not None:
             # Trusted because the broker says the host sent it (checked just above).
             await self.sealing.hosts.learn(beat.host, SealingPublicKey.from_text(beat.sealing_key))
