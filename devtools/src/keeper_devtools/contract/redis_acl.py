@@ -55,6 +55,9 @@ _CLIENT_COMMANDS = (
     "exec",
     "discard",
     "scan",
+    # A Redis Cluster client learns the slots' owners and the commands' key positions.
+    "cluster|slots",
+    "command",
 )
 
 STORE_COMMANDS: tuple[str, ...] = (
@@ -110,6 +113,7 @@ def store_write_patterns() -> list[str]:
         *per_vm,
         *per_kind,
         shared_keys.replication_barrier_key(),
+        shared_keys.shard_barrier_key(ANY),
         shared_keys.host_sealing_keys_key(),
     ]
 
