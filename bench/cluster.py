@@ -64,7 +64,7 @@ async def cluster_benchmarks(bench: Bench) -> None:
     settings = bench.settings
     # The bench's own store consumes the same queue: it stays stopped from here on.
     await bench.store.stop(10.0)
-    cluster = RedisClusterGroup(bench.work / "redis-cluster")
+    cluster = RedisClusterGroup.local(bench.work / "redis-cluster")
     hosts: scale.FakeHosts | None = None
     try:
         cluster.start()

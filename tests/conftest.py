@@ -285,7 +285,7 @@ def private_redis_cluster(
     ACL users as on the session's Redis), stopped also when the test fails. A cluster that
     does not start fails the test; a missing redis-server skips it (fails under CI)."""
     _require_installed(RedisServer.check_installed)
-    cluster = RedisClusterGroup(tmp_path / "redis-cluster", tls=tls_files, users=redis_users)
+    cluster = RedisClusterGroup.local(tmp_path / "redis-cluster", tls=tls_files, users=redis_users)
     try:
         cluster.start()
         yield cluster

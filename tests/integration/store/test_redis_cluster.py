@@ -30,6 +30,7 @@ from keeper_shared.state_format.blobs import seal_blob
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
 from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.crypto.sealing import BlobSealer
+from keeper_state_store.storage.durability import ensure_durable
 from keeper_state_store.storage.replication import NotReplicatedError, ReplicaQuorum
 from keeper_state_store.storage.repository import (
     StateRepository,
@@ -170,6 +171,10 @@ async def test_the_store_writes_reads_fences_and_survives_a_primary_kill(
     assert len(shards) == 3, "the VMs should spread over every shard"
     for vm_id in vm_ids:
         await awaited(policy_redis.hset(placement_key(vm_id), mapping=PLACED))
+    # The store's start-up check asks every node, replicas too.
+    assert await ensure_durable(store_redis, allow_volatile=False) == (
+        "appendonly=yes appendfsync=always (6 nodes)"
+    )
     repository = StateRepository(
         store_redis, KeyRing(kek), history_depth=3, replicas=ReplicaQuorum(1, 2000)
     )

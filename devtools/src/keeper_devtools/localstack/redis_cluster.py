@@ -30,44 +30,65 @@ NODE_TIMEOUT_MS = 2000
 15 s; the tests wait for failovers, an operator tunes this in ``deploy/redis``)."""
 
 
+def cluster_arguments(bus_port: int, *, tls: bool) -> tuple[str, ...]:
+    """The command-line options that make a server a node of the test cluster (a server
+    started from ``deploy/redis/cluster.conf`` needs only ``--cluster-port``)."""
+    args = [
+        "--cluster-enabled", "yes",
+        "--cluster-port", str(bus_port),
+        "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+        # A replica whose primary is gone takes over however long it was cut off: the
+        # tests kill primaries on purpose; deploy/redis/cluster.conf keeps Redis's default.
+        "--cluster-replica-validity-factor", "0",
+    ]  # fmt: skip
+    if tls:
+        args += ["--tls-cluster", "yes"]
+    return tuple(args)
+
+
 class RedisClusterGroup:
-    """Three primaries and three replicas under ``base_dir`` (``node-1`` … ``node-6``),
+    """Three primaries and three replicas (`local`: under ``base_dir``, ``node-1`` … ``node-6``),
     AOF on with ``appendfsync always``; nodes 1-3 start as primaries, 4-6 replicate them."""
 
     def __init__(
-        self, base_dir: Path, *, tls: TlsFiles | None = None, users: RedisUsers | None = None
+        self,
+        servers: list[RedisServer],
+        bus_ports: dict[int, int],
+        *,
+        tls: TlsFiles | None = None,
+        users: RedisUsers | None = None,
     ) -> None:
-        """Prepare the six servers on free ports (nothing is started)."""
+        """Manage ``servers`` (six, started as cluster nodes; ``bus_ports``: client port ->
+        cluster bus port) as one cluster; nothing is started. `local` makes the servers."""
+        if len(servers) != 2 * PRIMARY_COUNT:
+            raise LocalStackError(
+                f"a cluster here has {2 * PRIMARY_COUNT} nodes, not {len(servers)}"
+            )
+        self.servers = servers
+        self._bus_ports = bus_ports
         self.tls = tls
         self.users = users
+
+    @classmethod
+    def local(
+        cls, base_dir: Path, *, tls: TlsFiles | None = None, users: RedisUsers | None = None
+    ) -> RedisClusterGroup:
+        """Six servers on free ports under ``base_dir``, configured on the command line."""
         ports = _process.free_tcp_ports(4 * PRIMARY_COUNT)
         client_ports, bus_ports = ports[: 2 * PRIMARY_COUNT], ports[2 * PRIMARY_COUNT :]
-        self.servers = [
+        servers = [
             RedisServer(
                 RedisConfig(
                     port=port,
                     base_dir=base_dir / f"node-{index + 1}",
                     tls=tls,
                     users=users,
-                    extra_args=self._cluster_args(bus_port),
+                    extra_args=cluster_arguments(bus_port, tls=tls is not None),
                 )
             )
             for index, (port, bus_port) in enumerate(zip(client_ports, bus_ports, strict=True))
         ]
-        self._bus_ports = dict(zip(client_ports, bus_ports, strict=True))
-
-    def _cluster_args(self, bus_port: int) -> tuple[str, ...]:
-        args = [
-            "--cluster-enabled", "yes",
-            "--cluster-port", str(bus_port),
-            "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-            # A replica whose primary is gone takes over however long it was cut off: the
-            # tests kill primaries on purpose, and an operator sets this in deploy/redis.
-            "--cluster-replica-validity-factor", "0",
-        ]  # fmt: skip
-        if self.tls is not None:
-            args += ["--tls-cluster", "yes"]
-        return tuple(args)
+        return cls(servers, dict(zip(client_ports, bus_ports, strict=True)), tls=tls, users=users)
 
     @property
     def startup_nodes(self) -> list[str]:
@@ -202,6 +223,17 @@ class RedisClusterGroup:
             len(primaries) == PRIMARY_COUNT
             and all(role[3] == "connected" for role in replicas)
             and all(len(role[2]) >= 1 for role in primaries)
+            and self._every_node_lists_the_replicas()
+        )
+
+    def _every_node_lists_the_replicas(self) -> bool:
+        """Every live node's CLUSTER SLOTS names a replica for each range: what a client
+        learns the nodes from (a primary hears of its new replica by gossip, a moment after
+        the replica itself reports it is connected)."""
+        live = [server for server in self.servers if server.pid() is not None]
+        return all(
+            all(len(entry) >= 4 for entry in self.ask(server, "CLUSTER", "SLOTS"))
+            for server in live
         )
 
     @staticmethod
