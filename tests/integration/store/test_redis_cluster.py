@@ -4,7 +4,9 @@ the ACL users): versions written and read back, fencing, and a primary killed.
 The store reaches the cluster as it would in production (``KEEPER_STORE_REDIS_CLUSTER_NODES``
 through `connect_redis`, its own ACL user), with every write waiting for one replica of
 its shard (``redis_min_replicas = 1``). After a primary is SIGKILLed and its replica took
-over, every version acknowledged before is still there, and writes go on.
+over, every version acknowledged before is still there, and writes go on. The store's
+services on the real broker (pull on ``state.changed``, persist, ``state.persisted``) run
+on the same cluster before and after.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 import pytest_asyncio
@@ -21,12 +23,14 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from keeper_devtools.localstack.redis_cluster import RedisClusterGroup
-from keeper_devtools.localstack.redis_users import POLICY, STORE, RedisUsers
+from keeper_devtools.localstack.redis_users import ADMIN, POLICY, STORE, RedisUsers
+from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.connection import RedisSettings, connect_redis
 from keeper_shared.redis_access.keys import placement_key
 from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import seal_blob
+from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 from keeper_state_store.crypto.encryption import KeyEncryptionKey
 from keeper_state_store.crypto.key_ring import KeyRing
 from keeper_state_store.crypto.sealing import BlobSealer
@@ -39,9 +43,10 @@ from keeper_state_store.storage.repository import (
     WriteResult,
 )
 from keeper_state_store.storage.version_reader import VersionReader
+from support.in_process_store import Store, running_store, sha256
 from support.vm_keys import vm_keys
 
-pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.redis, pytest.mark.rabbit, pytest.mark.timeout(120)]
 
 VM_COUNT = 24
 """Enough VMs that every shard holds some (checked)."""
@@ -83,6 +88,46 @@ async def policy_redis(
         yield client
     finally:
         await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def bus_store(
+    private_redis_cluster: RedisClusterGroup,
+    redis_users: RedisUsers,
+    rabbitmq_url: str,
+    kek: KeyEncryptionKey,
+) -> AsyncIterator[Store]:
+    """The store's services on the real broker (private queues, a fake host) with the
+    cluster as their Redis; the admin's login, as it also writes the placements."""
+    settings = _settings(private_redis_cluster, redis_users, ADMIN)
+    async with running_store(
+        rabbitmq_url,
+        settings.redis_url,
+        kek,
+        redis_cluster_nodes=settings.redis_cluster_nodes,
+    ) as store:
+        yield store
+
+
+async def _changes_through_the_bus(store: Store, vm_ids: Sequence[str], generation: int) -> None:
+    """Each VM's TPM changes on the fake host and is announced: the store pulls, seals and
+    persists it on the cluster and says so with ``state.persisted``."""
+    persisted = await store.client.watch_events(f"state.persisted.{store.origin}")
+    contents = {}
+    for vm_id in vm_ids:
+        await store.place(vm_id, epoch=1)
+        contents[vm_id] = pack_tpm_state({MAIN_STATE_FILE_NAME: os.urandom(64) * 40})
+        store.host.hold(
+            vm_id, StateKind.TPM, contents[vm_id], FencingToken(epoch=1, generation=generation)
+        )
+    await store.host.announce_together(list(vm_ids), StateKind.TPM)
+    for vm_id in vm_ids:
+        await persisted.wait_for(StatePersisted, _about(vm_id), 30.0)
+        assert await store.repository.head_hash(vm_id, StateKind.TPM) == sha256(contents[vm_id])
+
+
+def _about(vm_id: str) -> Callable[[StatePersisted], bool]:
+    return lambda event: event.vm_id == vm_id
 
 
 def _blob_write(
@@ -159,10 +204,14 @@ async def test_the_store_writes_reads_fences_and_survives_a_primary_kill(
     private_redis_cluster: RedisClusterGroup,
     store_redis: Redis,
     policy_redis: Redis,
+    bus_store: Store,
     kek: KeyEncryptionKey,
 ) -> None:
     cluster = private_redis_cluster
     vm_ids = [str(uuid.uuid4()) for _ in range(VM_COUNT)]
+    bus_vms = [bus_store.new_vm() for _ in range(VM_COUNT // 2)]
+    # The whole store path: an announced change pulled from its host and persisted.
+    await _changes_through_the_bus(bus_store, bus_vms, generation=1)
     # Every key of a VM in one slot, as the server computes it.
     for label, key in vm_keys(vm_ids[0]).items():
         server_slot = cluster.ask(cluster.servers[0], "CLUSTER", "KEYSLOT", key)
@@ -215,6 +264,7 @@ async def test_the_store_writes_reads_fences_and_survives_a_primary_kill(
     cluster.wait_for_replicas()
 
     second = await _write(repository, vm_ids, generation=2)
+    await _changes_through_the_bus(bus_store, bus_vms, generation=2)
     await _read_back(repository, second, version=2)
     await _read_back(repository, first, version=1)
     for vm_id in vm_ids:
