@@ -29,13 +29,13 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument(
         "--only",
-        choices=["pipeline", "idle", "scale"],
+        choices=["pipeline", "idle", "scale", "cluster"],
         action="append",
         help="run only these parts (repeatable); default: all",
     )
     parser.add_argument("--quick", action="store_true", help="short rounds (a smoke run)")
     args = parser.parse_args()
-    parts = tuple(args.only or ("pipeline", "idle", "scale"))
+    parts = tuple(args.only or ("pipeline", "idle", "scale", "cluster"))
     settings = Settings(rounds=args.rounds, quick=args.quick, parts=parts)
     work = Path(tempfile.mkdtemp(prefix="keeper-bench-"))
     began = time.monotonic()

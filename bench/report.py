@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench import cluster
 from bench.stats import fmt, percentile, table
 
 if TYPE_CHECKING:
@@ -115,6 +116,7 @@ def _targets(bench: Bench, settings: Settings) -> list[str]:
             f"- Scale: store throughput at 10 and 100 hosts is {scale[1] / scale[0]:.2f} and "
             f"{scale[2] / scale[0]:.2f} of the 1-host figure"
         )
+    rows += cluster.summary(median)
     return [*rows, ""]
 
 
@@ -168,6 +170,7 @@ def _method(settings: Settings) -> list[str]:
         "count changes. Redis memory is INFO `used_memory` deltas over TPM-only and NVRAM-only "
         "runs, taken once every change in flight has landed, divided by every version those "
         "runs stored; no version is trimmed meanwhile.",
+        cluster.METHOD,
         "",
     ]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from bench import content, idle, pipeline, profile, raw, restore, scale
+from bench import cluster, content, idle, pipeline, profile, raw, restore, scale
 from bench.env import (
     PersistedRecorder,
     Stack,
@@ -56,7 +56,7 @@ class Settings:
     latency_rate: float = 50.0
     restore_calls: int = 100
     history_depth: int = 100
-    parts: tuple[str, ...] = ("pipeline", "idle", "scale")
+    parts: tuple[str, ...] = ("pipeline", "idle", "scale", "cluster")
 
     @property
     def throughput_s(self) -> float:
@@ -130,6 +130,8 @@ class Bench:
             assert self.store.process is not None
             rss = rss_bytes(self.store.process.pid) / 2**20
             self.figure("store_rss", "State store RSS at the end", "MiB").add(rss)
+            if "cluster" in self.settings.parts:  # last: it stops the store above
+                await cluster.cluster_benchmarks(self)
         finally:
             for service in reversed(self._services):
                 with contextlib.suppress(Exception):

@@ -28,6 +28,7 @@ from keeper_devtools.localstack import (
     RedisServer,
     free_tcp_ports,
 )
+from keeper_devtools.localstack.redis_cluster import RedisClusterGroup
 from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_devtools.tls import TlsFiles, make_tls_files
 from keeper_state_store.crypto.encryption import KeyEncryptionKey, generate_key_file
@@ -276,6 +277,22 @@ def private_redis_server(
     Always a local process (never a container), because the test controls its lifetime.
     """
     yield from _running_redis(tmp_path / "redis", tls_files, redis_users)
+
+
+@pytest.fixture
+def private_redis_cluster(
+    tmp_path: Path, tls_files: TlsFiles, redis_users: RedisUsers
+) -> Iterator[RedisClusterGroup]:
+    """A Redis Cluster of the test's own (three primaries, one replica each; TLS and the
+    ACL users as on the session's Redis), stopped also when the test fails. A cluster that
+    does not start fails the test; a missing redis-server skips it (fails under CI)."""
+    _require_installed(RedisServer.check_installed)
+    cluster = RedisClusterGroup.local(tmp_path / "redis-cluster", tls=tls_files, users=redis_users)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from keeper_devtools.tls import TlsFiles
 DEPLOY_REDIS = Path(__file__).resolve().parents[2] / "deploy" / "redis"
 INSTALLED_DIR = "/etc/redis/"
 """Where the deploy files expect each other and what is installed beside them."""
-DEPLOY_FILES = ("redis.conf", "replicated.conf")
+DEPLOY_FILES = ("redis.conf", "replicated.conf", "cluster.conf")
 
 
 class StartRedis(Protocol):

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -47,6 +47,7 @@ from keeper_shared.messages.state import (
 )
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind, TpmSecret
 from keeper_shared.messages.vm import PrepareVm
+from keeper_shared.redis_access.connection import connect_redis
 from keeper_shared.redis_access.keys import placement_key, state_blobs_key
 from keeper_shared.redis_access.results import awaited
 from keeper_shared.sealing.keys import SealingPrivateKeys, SealingPublicKey
@@ -273,12 +274,14 @@ async def running_store(
     history_depth: int = 10,
     host_id: str | None = None,
     host_amqp_url: str | None = None,
+    redis_cluster_nodes: Sequence[str] = (),
 ) -> AsyncIterator[Store]:
     """Start a store on private queues, with its own fake host and client; clean up after.
 
     With ``host_amqp_url`` (a per-host broker user named ``host_id``) the store verifies
     host identities as in production; otherwise every party is the same user and it does
-    not."""
+    not. With ``redis_cluster_nodes`` it reaches Redis as a Redis Cluster (``redis_url``
+    then gives the login and TLS options)."""
     host_id = host_id or unique("h")
     store_key = unique("test-store")
     events = QueueSpec(
@@ -290,6 +293,7 @@ async def running_store(
     settings = StateStoreSettings(
         amqp_url=amqp_url,
         redis_url=redis_url,
+        redis_cluster_nodes=list(redis_cluster_nodes),
         kek_file=Path("/nonexistent/kek"),  # the KEK is handed over directly
         sealing_key_file=Path("/nonexistent/sealing"),  # keys handed over directly
         history_depth=history_depth,
@@ -298,7 +302,7 @@ async def running_store(
         prepare_timeout_s=10.0,
         verify_host_identity=host_amqp_url is not None,
     )
-    redis = Redis.from_url(redis_url)
+    redis = connect_redis(settings)
     origin = unique("store")
     store_bus = await BusClient.connect(amqp_url, source=f"state-store/{origin}", origin=origin)
     host_bus = await BusClient.connect(

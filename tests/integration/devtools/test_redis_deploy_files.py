@@ -28,7 +28,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
-from keeper_devtools.localstack import RedisServer
+from keeper_devtools.localstack import RedisServer, free_tcp_ports
+from keeper_devtools.localstack.redis_cluster import RedisClusterGroup
 from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.storage.keys import workflow_key
 from keeper_policy.storage.scripts import PolicyScripts
@@ -248,3 +249,59 @@ async def test_a_restart_keeps_the_services_transactions(acl_server: RedisServer
         workflow = await awaited(policy_redis.hgetall(workflow_key(vm_id)))
         assert workflow == {b"step": b"one", b"owner": b"policy-1"}
     assert "NOPERM" not in acl_server.log_file.read_text(encoding="utf-8")
+
+
+async def test_six_nodes_from_cluster_conf_serve_policy_and_the_store(
+    start_deployed_redis: StartRedis, kek: KeyEncryptionKey
+) -> None:
+    """cluster.conf as shipped (only each node's cluster bus port on the command line):
+    the nodes form a cluster of three shards with a replica each, and policy's registries
+    and the store's fenced writes (waiting for the shard's replica) work on it as their
+    own users."""
+    bus_ports = free_tcp_ports(6)
+    servers = [
+        start_deployed_redis("cluster.conf", extra_args=("--cluster-port", str(port)))
+        for port in bus_ports
+    ]
+    users = servers[0].config.users
+    assert users is not None
+    cluster = RedisClusterGroup(
+        servers,
+        {server.config.port: port for server, port in zip(servers, bus_ports, strict=True)},
+        tls=servers[0].config.tls,
+        users=users,
+    )
+    cluster.start()
+
+    def as_user(name: str) -> Redis:
+        return connect_redis(
+            RedisSettings(
+                redis_url=servers[0].url_for(*users.login(name)),
+                redis_cluster_nodes=cluster.startup_nodes,
+            )
+        )
+
+    vm_id = str(uuid.uuid4())
+    policy_redis, store_redis = as_user("keeper-policy"), as_user("keeper-store")
+    try:
+        scripts = PolicyScripts(policy_redis)
+        registry = PolicyRegistry(policy_redis, scripts)
+        await registry.register_vm(VmSpec(vm_id=vm_id, name="win-01", guest_os="windows-11"), "")
+        epoch = await registry.place(vm_id, "hv-1", expected_host=None)
+        assert await registry.vms_on("hv-1") == [vm_id]
+        workflows = WorkflowStore(policy_redis, scripts)
+        assert await workflows.acquire(vm_id, "policy-1", 30.0)
+        await workflows.release(vm_id, "policy-1")
+
+        assert await ensure_durable(store_redis, allow_volatile=False) == (
+            "appendonly=yes appendfsync=always (6 nodes)"
+        )
+        repository = StateRepository(
+            store_redis, KeyRing(kek), history_depth=3, replicas=ReplicaQuorum(1, 2000)
+        )
+        written = await repository.write_version(_version(vm_id, epoch=epoch, content=b"v1"))
+        assert written.outcome is WriteOutcome.STORED
+        assert await repository.head_version(vm_id, StateKind.TPM) == 1
+    finally:
+        await policy_redis.aclose()
+        await store_redis.aclose()

@@ -117,6 +117,14 @@ def test_replicated_conf_is_redis_conf_plus_a_replica_per_write() -> None:
     assert "masterauth" not in lines
 
 
+def test_cluster_conf_is_replicated_conf_plus_the_cluster_over_tls() -> None:
+    lines = _redis_directives("cluster.conf")
+    assert _includes("cluster.conf") == ["/etc/redis/replicated.conf"]
+    assert lines["cluster-enabled"] == "yes"
+    assert lines["tls-cluster"] == "yes"
+    assert lines["cluster-require-full-coverage"] == "yes"
+
+
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_systemd_unit_settings(unit: Path) -> None:
     parser = configparser.ConfigParser(strict=False, interpolation=None)

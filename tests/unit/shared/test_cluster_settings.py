@@ -7,7 +7,7 @@ import pytest
 from redis.asyncio.connection import SSLConnection
 
 from keeper_shared.bus.node_failover import broker_user
-from keeper_shared.redis_access.connection import RedisSettings, connect_redis
+from keeper_shared.redis_access.connection import RedisSettings, cluster_of, connect_redis
 from keeper_shared.runtime.settings import ServiceSettings
 
 
@@ -67,3 +67,38 @@ async def test_a_plain_url_keeps_the_sentinels_plain() -> None:
         assert "ssl_ca_certs" not in pool.connection_kwargs
     finally:
         await client.aclose()
+
+
+def test_redis_cluster_nodes_are_host_and_port_and_exclude_sentinels() -> None:
+    settings = RedisSettings.model_validate({"redis_cluster_nodes": "n1:6379, n2:6379"})
+    assert settings.redis_cluster_nodes == ["n1:6379", "n2:6379"]
+    with pytest.raises(pydantic.ValidationError, match="host:port"):
+        RedisSettings.model_validate({"redis_cluster_nodes": "n1"})
+    with pytest.raises(pydantic.ValidationError, match="not both"):
+        RedisSettings.model_validate({"redis_cluster_nodes": "n1:1", "redis_sentinels": "s1:2"})
+    with pytest.raises(pydantic.ValidationError, match="database 0 only"):
+        RedisSettings.model_validate(
+            {"redis_cluster_nodes": "n1:1", "redis_url": "redis://127.0.0.1/3"}
+        )
+
+
+async def test_cluster_nodes_make_a_cluster_client_with_the_urls_login_and_tls() -> None:
+    """Nothing is connected: the client only holds what it will log in and verify with."""
+    client = connect_redis(
+        RedisSettings(
+            redis_url="rediss://keeper-store:pw@ignored:1/0?ssl_ca_certs=/etc/ca.pem",
+            redis_cluster_nodes=["n1:7001", "n2:7002"],
+        )
+    )
+    try:
+        cluster = cluster_of(client)
+        assert cluster is not None
+        startup = cluster.nodes_manager.startup_nodes
+        assert list(startup) == ["n1:7001", "n2:7002"]
+        options = startup["n1:7001"].connection_kwargs
+        assert (options["username"], options["password"]) == ("keeper-store", "pw")
+        assert options["ssl_ca_certs"] == "/etc/ca.pem"
+        assert startup["n1:7001"].connection_class is SSLConnection
+    finally:
+        await client.aclose()
+    assert cluster_of(connect_redis(RedisSettings(redis_url="redis://127.0.0.1/0"))) is None

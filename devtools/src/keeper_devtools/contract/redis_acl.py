@@ -5,9 +5,9 @@ service reaches only its own keys with only its own commands.
 file (``aclfile`` in ``deploy/redis/redis.conf``):
 
 - ``keeper-store``: the state store. Its keys of every VM (state, data key, TPM secret,
-  snapshots, scrub lock) and the replication barrier; the placement read-only (it fences
-  on it, policy writes it). Scripts, WAIT for replicas, CONFIG GET (the durability check at
-  start), SCAN (the scrubber, KEK rotation).
+  snapshots, scrub lock) and the replication barriers (one per Redis Cluster shard there);
+  the placement read-only (it fences on it, policy writes it). Scripts, WAIT for replicas,
+  CONFIG GET (the durability check at start), SCAN (the scrubber, KEK rotation).
 - ``keeper-policy``: policy. Placements, VM records, workflows, hosts, templates, its
   indexes; never the store's state or data keys. Scripts, SCAN (VM listings).
 - ``keeper-replication``: what a replica logs in to its primary as (``masteruser``).
@@ -40,6 +40,7 @@ ANY = "*"
 """A VM id or host id in a key pattern: every VM's (every host's) key."""
 
 # What every service client sends besides its own work: SELECT (a database other than 0),
+# CLUSTER SLOTS and COMMAND (a Redis Cluster client learning the layout and key positions),
 # PING (readiness, and a Sentinel
 # client's check of a new connection), the scripts behind every fenced write (redis-py's
 # Script: EVALSHA, and SCRIPT EXISTS/LOAD when the server lacks one), MULTI/EXEC
@@ -55,6 +56,9 @@ _CLIENT_COMMANDS = (
     "exec",
     "discard",
     "scan",
+    # A Redis Cluster client learns the slots' owners and the commands' key positions.
+    "cluster|slots",
+    "command",
 )
 
 STORE_COMMANDS: tuple[str, ...] = (
@@ -110,6 +114,7 @@ def store_write_patterns() -> list[str]:
         *per_vm,
         *per_kind,
         shared_keys.replication_barrier_key(),
+        shared_keys.shard_barrier_key(ANY),
         shared_keys.host_sealing_keys_key(),
     ]
 

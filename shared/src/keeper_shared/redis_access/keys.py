@@ -120,6 +120,12 @@ def scrub_lock_key(vm_id: str) -> str:
     return f"{PREFIX}:{{{vm_id}}}:scrub-lock"
 
 
+def shard_barrier_key(tag: str) -> str:
+    """`replication_barrier_key` of one Redis Cluster shard: the store picks ``tag`` so the
+    key falls in a slot that shard serves (WAIT is per shard there)."""
+    return f"{PREFIX}:{{{tag}}}:replication-barrier"
+
+
 def replication_barrier_key() -> str:
     """A counter the store bumps after each state write it waits for replicas on: Redis
     WAIT covers only writes made on its own connection, and a write the store found

@@ -127,13 +127,14 @@ class PolicyRegistry:
     async def register_vm(self, spec: VmSpec, tpm_xml: str) -> None:
         """Record an approved VM (idempotent; a new approval replaces spec and element, and
         forgets a stranded-TPM mark: the operator has dealt with it)."""
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(
-            vm_record_key(spec.vm_id),
-            mapping={"spec": spec.model_dump_json(), "tpm_xml": tpm_xml},
-        )
-        pipe.hdel(vm_record_key(spec.vm_id), "tpm_stranded")
-        await pipe.execute()
+        # A block: a Redis Cluster transaction hands its connection back only on reset.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                vm_record_key(spec.vm_id),
+                mapping={"spec": spec.model_dump_json(), "tpm_xml": tpm_xml},
+            )
+            pipe.hdel(vm_record_key(spec.vm_id), "tpm_stranded")
+            await pipe.execute()
 
     async def vms_named(self, name: str) -> list[str]:
         """The ids of the registered VMs whose domain name is ``name``, sorted. Policy keeps
@@ -308,14 +309,14 @@ class PolicyRegistry:
         loss mark is over, and ``domain_xml`` (when its manager handed one over) is the
         definition its later starts use."""
         key = vm_record_key(vm_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(key, "last_host", host)
-        if swtpm_version is not None:
-            pipe.hset(key, "swtpm_version", swtpm_version)
-        if domain_xml is not None:
-            pipe.hset(key, "domain_xml", domain_xml)
-        pipe.hdel(key, "lost_from", "recovery_point")
-        await pipe.execute()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, "last_host", host)
+            if swtpm_version is not None:
+                pipe.hset(key, "swtpm_version", swtpm_version)
+            if domain_xml is not None:
+                pipe.hset(key, "domain_xml", domain_xml)
+            pipe.hdel(key, "lost_from", "recovery_point")
+            await pipe.execute()
 
     async def forget(self, vm_id: str) -> str | None:
         """Remove the VM's registration; None when done, else the host it was placed on

@@ -57,7 +57,8 @@ class TemplateRecords:
 
     async def delete(self, template: TemplateView) -> None:
         """Forget a template and its name."""
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hdel(TEMPLATES, template.template_id)
-        pipe.hdel(TEMPLATE_NAMES, template.name)
-        await pipe.execute()
+        # A block: a Redis Cluster transaction hands its connection back only on reset.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(TEMPLATES, template.template_id)
+            pipe.hdel(TEMPLATE_NAMES, template.name)
+            await pipe.execute()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import Redis
+
+from keeper_shared.redis_access.connection import cluster_of
 
 
 class VolatileRedisError(RuntimeError):
@@ -10,13 +14,29 @@ class VolatileRedisError(RuntimeError):
 
 
 async def ensure_durable(redis: Redis, *, allow_volatile: bool) -> str:
-    """Check ``appendonly`` and ``appendfsync``; return a one-line description."""
-    config = await redis.config_get("append*")
-    appendonly = config.get("appendonly", "no")
-    fsync = config.get("appendfsync", "?")
-    if appendonly != "yes" and not allow_volatile:
+    """Check ``appendonly`` and ``appendfsync``; return a one-line description.
+
+    On a Redis Cluster every node is asked, replicas too: each may become a primary."""
+    cluster = cluster_of(redis)
+    if cluster is None:
+        return _judge({"redis": await redis.config_get("append*")}, allow_volatile)
+    configs: dict[str, Any] = await cluster.config_get("append*", target_nodes=cluster.ALL_NODES)
+    return _judge(configs, allow_volatile)
+
+
+def _judge(configs: dict[str, Any], allow_volatile: bool) -> str:
+    """``configs``: per node, its ``append*`` settings."""
+    found = {
+        (config.get("appendonly", "no"), config.get("appendfsync", "?"))
+        for config in configs.values()
+    }
+    volatile = sorted(node for node, config in configs.items() if config.get("appendonly") != "yes")
+    if volatile and not allow_volatile:
+        where = f" on {', '.join(volatile)}" if len(configs) > 1 else ""
         raise VolatileRedisError(
-            "Redis has appendonly=no: acknowledged state would be lost on restart. "
-            "Turn the append-only file on, or set KEEPER_STORE_ALLOW_VOLATILE_REDIS=true in tests."
+            f"Redis has appendonly=no{where}: acknowledged state would be lost "
+            "on restart. Turn the append-only file on, or set "
+            "KEEPER_STORE_ALLOW_VOLATILE_REDIS=true in tests."
         )
-    return f"appendonly={appendonly} appendfsync={fsync}"
+    described = "; ".join(f"appendonly={on} appendfsync={fsync}" for on, fsync in sorted(found))
+    return described if len(configs) == 1 else f"{described} ({len(configs)} nodes)"

@@ -16,7 +16,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, ResponseError
 
+from keeper_shared.redis_access.connection import cluster_of
 from keeper_shared.redis_access.keys import replication_barrier_key
+from keeper_state_store.storage.cluster_replication import run_on_cluster
 
 
 class NotReplicatedError(RuntimeError):
@@ -57,7 +59,14 @@ async def run_replicated(
     A script command that met NOSCRIPT ran nothing; it runs again, after the others, once
     its script is loaded. Queue only commands whose order among each other does not matter
     (one fenced write per VM and kind, say).
+
+    On a Redis Cluster the same holds per shard (see ``cluster_replication``).
     """
+    cluster = cluster_of(redis)
+    if cluster is not None:
+        results = await run_on_cluster(cluster, quorum.min_replicas, quorum.timeout_ms, queue)
+        _raise_first_error(results, raise_on_error)
+        return results
     async with redis.pipeline(transaction=False) as pipe:
         await queue(pipe)
         scripts = set(pipe.scripts)
@@ -78,10 +87,14 @@ async def run_replicated(
             pipe.command_stack.extend(commands[index] for index in forgotten)
             for index, result in zip(forgotten, await _execute(pipe, quorum), strict=True):
                 results[index] = result
+    _raise_first_error(results, raise_on_error)
+    return results
+
+
+def _raise_first_error(results: list[Any], raise_on_error: bool) -> None:
     for result in results:
         if raise_on_error and isinstance(result, ResponseError):
             raise result
-    return results
 
 
 _scripts_loaded: WeakKeyDictionary[Redis, set[str]] = WeakKeyDictionary()

@@ -124,11 +124,12 @@ class TpmTrust:
         """The version of each kind a restore, the QEMU hook, a clone or an export hands
         out by default: the newest, except a TPM whose reset is pending, whose own newest
         version is handed out instead (kinds without stored state are left out)."""
-        pipe = self._redis.pipeline(transaction=True)
-        for kind in StateKind:
-            pipe.hget(state_head_key(vm_id, kind), "version")
-        pipe.hget(state_identity_trust_key(vm_id, StateKind.TPM), "restore")
-        *heads, restore = await pipe.execute()
+        # A block: a Redis Cluster transaction hands its connection back only on reset.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for kind in StateKind:
+                pipe.hget(state_head_key(vm_id, kind), "version")
+            pipe.hget(state_identity_trust_key(vm_id, StateKind.TPM), "restore")
+            *heads, restore = await pipe.execute()
         found = {
             kind: int(head) for kind, head in zip(StateKind, heads, strict=True) if head is not None
         }

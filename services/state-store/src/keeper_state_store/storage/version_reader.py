@@ -194,12 +194,14 @@ class VersionReader:
     async def fetch(self, vm_id: str, kind: StateKind, version: int) -> StoredVersion | None:
         """A version's copies as Redis holds them, unopened; None when neither is kept."""
         field = str(version)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hget(state_meta_key(vm_id, kind), field)
-        pipe.hget(state_blobs_key(vm_id, kind), field)
-        pipe.hget(state_pinned_meta_key(vm_id, kind), field)
-        pipe.hget(state_pinned_blobs_key(vm_id, kind), field)
-        meta, sealed, pinned_meta, pinned_sealed = await pipe.execute()
+        # A block, not a bare execute: a Redis Cluster transaction hands its connection
+        # back only when the pipeline is reset, and one left out breaks later commands.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(state_meta_key(vm_id, kind), field)
+            pipe.hget(state_blobs_key(vm_id, kind), field)
+            pipe.hget(state_pinned_meta_key(vm_id, kind), field)
+            pipe.hget(state_pinned_blobs_key(vm_id, kind), field)
+            meta, sealed, pinned_meta, pinned_sealed = await pipe.execute()
         copies = tuple(
             StoredCopy(
                 where,
