@@ -24,8 +24,7 @@ import typer
 import yarl
 from pydantic import ValidationError
 
-from keeper_cli import inputs, output, views
-from keeper_cli.client import KeeperClient, KeeperRequestError, client_origin
+from keeper_cli import inputs, output
 from keeper_cli.config import CliSettings
 from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.typer_click import Context, get_current_context
@@ -37,6 +36,8 @@ from keeper_shared.bus.client import (
     NoRouteError,
 )
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
+from keeper_shared.keeper_client import views
+from keeper_shared.keeper_client.client import KeeperClient, KeeperRequestError, client_origin
 from keeper_shared.messages.envelope import MessageError
 from keeper_shared.runtime.tls_failure import NOT_TLS, describe_tls_failure
 from keeper_shared.sealing.keys import SealingPublicKey

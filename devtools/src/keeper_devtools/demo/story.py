@@ -15,7 +15,6 @@ from typing import TextIO
 
 from redis.asyncio import Redis
 
-from keeper_cli.client import KeeperClient
 from keeper_devtools.demo.hosts import SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
 from keeper_devtools.swtpm_lab import (
@@ -25,6 +24,7 @@ from keeper_devtools.swtpm_lab import (
     nv_write_secret,
     write_private_ca_config,
 )
+from keeper_shared.keeper_client.client import KeeperClient
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import VmSpec
