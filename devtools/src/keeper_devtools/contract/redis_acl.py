@@ -194,7 +194,11 @@ def users() -> list[AclUser]:
             "KEEPER_REDIS_POLICY_PASSWORD",
             _service_rules(POLICY_COMMANDS, policy_patterns()),
         ),
-        AclUser("keeper-api", "KEEPER_REDIS_API_PASSWORD", _service_rules(API_COMMANDS, [API_KEY_PATTERN])),
+        AclUser(
+            "keeper-api",
+            "KEEPER_REDIS_API_PASSWORD",
+            _service_rules(API_COMMANDS, [API_KEY_PATTERN]),
+        ),
         AclUser("keeper-replication", "KEEPER_REDIS_REPLICATION_PASSWORD", _REPLICATION_RULES),
         AclUser("keeper-sentinel", "KEEPER_REDIS_SENTINEL_PASSWORD", _SENTINEL_RULES),
         AclUser("keeper-admin", "KEEPER_REDIS_ADMIN_PASSWORD", ("+@all", "~*", "&*")),
