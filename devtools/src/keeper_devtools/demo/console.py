@@ -4,8 +4,11 @@ value is written (0600) where the operator can paste it into the console's login
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import secrets
+import urllib.request
 from pathlib import Path
 
 from keeper_api.tokens import token_hash
@@ -36,3 +39,15 @@ def console_service(
         work_dir / "logs" / "api.log",
     )
     return process, f"http://127.0.0.1:{port}/console", token_file
+
+
+async def console_answers(console_url: str) -> bool:
+    """Whether the API behind ``console_url`` answers its health check."""
+    health = console_url.removesuffix("/console") + "/health"
+
+    def ask() -> bool:
+        with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=2) as answer:  # noqa: S310 (our own http URL)
+            return bool(answer.status == 200)
+        return False
+
+    return await asyncio.to_thread(ask)

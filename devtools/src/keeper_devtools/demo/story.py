@@ -15,7 +15,7 @@ from typing import TextIO
 
 from redis.asyncio import Redis
 
-from keeper_devtools.demo.console import console_service
+from keeper_devtools.demo.console import console_answers, console_service
 from keeper_devtools.demo.hosts import SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
 from keeper_devtools.swtpm_lab import (
@@ -227,6 +227,7 @@ async def run_story(config: DemoConfig, out: TextIO) -> StoryResult:
         say.step("stack", "state-store, policy, host-a and host-b are up; both hosts heartbeat")
         if console is not None:
             _, url, token_file = console
+            await _wait_until(lambda: console_answers(url), "the API and console to answer")
             say.step("console", f"{url} while the demo runs (operator token in {token_file})")
         client = await KeeperClient.connect(config.amqp_url, name="demo")
         await _play(config, client, host_a, host_b, say, result)
