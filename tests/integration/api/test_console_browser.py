@@ -6,7 +6,7 @@ who may not: no token, a wrong one, a reader."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +17,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.wait import WebDriverWait
 
-from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import StateKind
-from support.api_service import OPERATOR_TOKEN, READER_TOKEN, ApiService, running_api
-from support.broker import Broker
+from support.api_service import OPERATOR_TOKEN, READER_TOKEN, ApiService
 from support.browser import headless_chromium
 from support.policy_stack import PolicyStack
 
@@ -29,7 +27,7 @@ pytestmark = [
     pytest.mark.rabbit,
     pytest.mark.redis,
     pytest.mark.libvirt,
-    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.asyncio(loop_scope="package"),
 ]
 
 PAGE_TIMEOUT_S = 30.0
@@ -42,28 +40,19 @@ class Console:
     vm_id: str
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def console(
-    rabbitmq_broker: Broker,
-    redis_url: str,
-    redis_users: RedisUsers,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[Console]:
+@pytest_asyncio.fixture(scope="module", loop_scope="package")
+async def console(stack: tuple[PolicyStack, ApiService]) -> Console:
     """A stopped VM with stored TPM and NVRAM state, and the API in front of it."""
-    work = tmp_path_factory.mktemp("console")
-    async with (
-        PolicyStack(rabbitmq_broker, redis_url, work, redis_users=redis_users) as services,
-        running_api(services, work) as api,
-    ):
-        spec = await services.new_vm("a")
-        await services.write_tpm_persisted("a", spec.vm_id)
-        services.hosts["a"].create_nvram_from_template(spec.name)
-        await services.events.wait_for(
-            StatePersisted, lambda e: e.vm_id == spec.vm_id and e.kind is StateKind.NVRAM, 45.0
-        )
-        stopped = await api.finished(await api.call("POST", f"/api/v1/vms/{spec.vm_id}/shutdown"))
-        assert stopped["status"] == "succeeded", stopped
-        yield Console(services, api, spec.vm_id)
+    services, api = stack
+    spec = await services.new_vm("a")
+    await services.write_tpm_persisted("a", spec.vm_id)
+    services.hosts["a"].create_nvram_from_template(spec.name)
+    await services.events.wait_for(
+        StatePersisted, lambda e: e.vm_id == spec.vm_id and e.kind is StateKind.NVRAM, 45.0
+    )
+    stopped = await api.finished(await api.call("POST", f"/api/v1/vms/{spec.vm_id}/shutdown"))
+    assert stopped["status"] == "succeeded", stopped
+    return Console(services, api, spec.vm_id)
 
 
 @pytest.fixture(scope="module")
