@@ -6,6 +6,15 @@ from __future__ import annotations
 
 import enum
 
+from keeper_shared.bus.client import (
+    CallError,
+    CallTimeoutError,
+    CommandRejectedError,
+    NoRouteError,
+)
+from keeper_shared.keeper_client.client import KeeperRequestError
+from keeper_shared.messages.envelope import MessageError
+
 
 class ExitCode(enum.IntEnum):
     """What a script can tell from ``$?`` (listed in ``keeper --help`` and the README)."""
@@ -51,3 +60,29 @@ _MEANINGS = {
     ExitCode.DENIED: "RabbitMQ refused the login, a permission or a TLS certificate",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C); what was sent goes on",
 }
+
+
+REQUEST_FAILURES = (KeeperRequestError, CallError, MessageError)
+"""What a request to policy or the store fails with, short of the broker itself failing."""
+
+
+def request_failure(
+    error: KeeperRequestError | CallError | MessageError, *, goes_on: str
+) -> tuple[ExitCode, str]:
+    """The exit reason and the one-line message for a failed request. ``goes_on`` says
+    what became of the request when no answer came (it may still be carried out, or it
+    only read)."""
+    if isinstance(error, KeeperRequestError):
+        if error.timed_out:
+            return ExitCode.TIMEOUT, f"{error}; {goes_on}"
+        return ExitCode.REFUSED, str(error)
+    if isinstance(error, CallTimeoutError):
+        return ExitCode.TIMEOUT, f"no answer in time ({error}); {goes_on}"
+    if isinstance(error, NoRouteError):
+        return ExitCode.UNREACHABLE, f"{error}: is the service running?"
+    if isinstance(error, CommandRejectedError):
+        # The service answered that it could not take the request at all: nothing was done.
+        return ExitCode.REFUSED, f"rejected by the service ({error}); nothing was done"
+    if isinstance(error, CallError):
+        return ExitCode.UNREACHABLE, str(error)
+    return ExitCode.REFUSED, f"unexpected reply ({error})"
