@@ -201,8 +201,18 @@ async def _vm_id(state: ApiState, vm: str) -> str:
     return await resolve(state.keeper, vm)
 
 
+def _kind(raw: str | None) -> StateKind | None:
+    """The state kind a form or link names; None for none or an unknown one."""
+    return next((kind for kind in StateKind if kind.value == raw), None)
+
+
 async def _what_is_lost(
-    state: ApiState, vm_id: str, action: str, version: int | None, snapshot: str | None
+    state: ApiState,
+    vm_id: str,
+    action: str,
+    version: int | None,
+    snapshot: str | None,
+    kind: StateKind | None,
 ) -> list[str]:
     history = await state.keeper.state_history(vm_id)
     snapshots = await state.keeper.list_snapshots(vm_id)
@@ -238,11 +248,12 @@ async def confirm(
     version: int | None = None,
     snapshot: str | None = None,
     host: str | None = None,
+    kind: str | None = None,
 ) -> HTMLResponse:
     if action not in ACTIONS:
         return _refusal(request, who, 404, f"no action {action!r}")
     vm_id = await _vm_id(state, vm)
-    lost = await _what_is_lost(state, vm_id, action, version, snapshot)
+    lost = await _what_is_lost(state, vm_id, action, version, snapshot, _kind(kind))
     return _page(
         request,
         "confirm.html",
@@ -255,6 +266,7 @@ async def confirm(
         version=version,
         snapshot=snapshot,
         host=host,
+        kind=_kind(kind),
         hosts=[item.host for item in await views.host_statuses(state.keeper)],
     )
 
@@ -270,6 +282,7 @@ async def carry_out(
     fields = await form_fields(request)
     raw_version, snapshot, host = fields.get("version"), fields.get("snapshot"), fields.get("host")
     version = int(raw_version) if raw_version and raw_version.isdigit() else None
+    kind = _kind(fields.get("kind"))
     if who.role is not Role.OPERATOR:
         return _refusal(request, who, 403, f"{who.name} has the reader role: no changes")
     if action not in ACTIONS:
@@ -284,13 +297,12 @@ async def carry_out(
         await keeper.delete_state(vm_id, reason=f"console: {who.name}")
     elif action == "delete-snapshot" and snapshot:
         await keeper.delete_snapshot(vm_id, snapshot)
-    elif action == "restore" and version is not None and host:
+    elif action == "restore" and version is not None and host and kind is not None:
         await require_stopped(keeper, vm, vm_id, "restore")
-        await keeper.place(
-            vm_id, host, versions=dict.fromkeys(StateKind, version), allow_older=True
-        )
+        # Only the kind whose version was chosen goes back; the other keeps its newest.
+        await keeper.place(vm_id, host, versions={kind: version}, allow_older=True)
     else:
-        return _refusal(request, who, 422, "missing version, host or snapshot")
+        return _refusal(request, who, 422, "missing version, kind, host or snapshot")
     return RedirectResponse(f"/console/vms/{quote(vm)}", status_code=303)
 
 
