@@ -1,13 +1,16 @@
-"""The console's other confirmations, over plain HTTP with its login cookie (the browser
-tests cover deleting state): deleting a snapshot and restoring an older version each
-show what is lost first and then do it; a reader's form is refused and changes nothing."""
+"""The console over plain HTTP with its login cookie (the browser tests cover deleting
+state): deleting a snapshot and restoring an older version each show what is lost first
+and then do it; a reader's form is refused and changes nothing; stored state older than
+the threshold is highlighted."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import httpx
 import pytest
 
-from support.api_service import OPERATOR_TOKEN, READER_TOKEN, ApiService
+from support.api_service import OPERATOR_TOKEN, READER_TOKEN, ApiService, running_api
 from support.policy_stack import PolicyStack
 
 pytestmark = [
@@ -75,3 +78,26 @@ async def test_snapshot_deletion_and_restore_confirm_what_is_lost(
     assert await services.placement(vm_id) == (host_a, shown["epoch"])
     off = await api.finished(await api.call("POST", f"/api/v1/vms/{vm_id}/poweroff"))
     assert off["status"] == "succeeded", off
+
+
+async def test_state_older_than_the_threshold_is_highlighted(
+    stack: tuple[PolicyStack, ApiService], tmp_path: Path
+) -> None:
+    services, api = stack
+    vms = (await api.call("GET", "/api/v1/vms")).json()["vms"]
+    oldest = max(vms, key=lambda vm: vm["newest_persisted_age_s"] or 0.0)
+    assert oldest["newest_persisted_age_s"] is not None
+    # A threshold of 0.1 s: by the time a second API is up, the state is older than that.
+    async with (
+        running_api(services, tmp_path, KEEPER_API_STALE_AFTER_S="0.1") as strict,
+        httpx.AsyncClient(base_url=strict.base_url, timeout=90.0) as browser,
+    ):
+        await log_in(browser, OPERATOR_TOKEN)
+        page = (await browser.get("/console")).text
+    assert f'<tr class="stale" data-vm-id="{oldest["vm_id"]}">' in page
+    # The shared API's threshold is an hour: nothing of this run is stale there.
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=90.0) as browser:
+        await log_in(browser, OPERATOR_TOKEN)
+        assert (
+            f'<tr class="" data-vm-id="{oldest["vm_id"]}">' in (await browser.get("/console")).text
+        )
