@@ -231,12 +231,20 @@ async def test_bad_input_gets_a_problem_detail(stack: tuple[PolicyStack, ApiServ
     problem(await api.call("GET", f"/api/v1/operations/{uuid.uuid4()}"), 404, "not-found")
 
 
-async def test_sigterm_stops_the_api_cleanly(
+async def test_any_replica_answers_a_poll_and_sigterm_stops_one_cleanly(
     stack: tuple[PolicyStack, ApiService], tmp_path: Path
 ) -> None:
-    services, _ = stack
+    services, first = stack
+    accepted = await first.call(
+        "POST",
+        "/api/v1/vms/import",
+        json={"bundle_base64": base64.b64encode(b"not a bundle").decode(), "passphrase": "p" * 12},
+    )
     async with running_api(services, tmp_path) as second:
-        assert (await second.call("GET", "/api/v1/hosts")).status_code == 200
+        # The operation was accepted by the first replica; the second reports its outcome.
+        polled = await second.finished(accepted)
+        assert polled["status"] == "failed"
+        assert polled["problem"]["reason"] == "refused", polled  # the store refused it
         assert second.process.process is not None
         second.process.process.send_signal(signal.SIGTERM)
         assert await second.process.process.wait() == 0
