@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-PACKAGES := shared services/host-agent services/state-store services/policy cli devtools
+PACKAGES := shared services/host-agent services/state-store services/policy services/api cli devtools
 
 .PHONY: setup demo test lint stack-start stack-stop stack-status lock bench chaos
 

@@ -36,12 +36,12 @@ from types import TracebackType
 import aio_pika
 from redis.asyncio import Redis
 
-from keeper_cli.client import KeeperClient
 from keeper_devtools.demo.hosts import OVMF_VARS_SIZE, OVMF_VARS_TEMPLATE, SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
 from keeper_devtools.swtpm_lab import permall_framing
 from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path
 from keeper_policy.placement.domain_definition import domain_xml
+from keeper_shared.keeper_client.client import KeeperClient
 from keeper_shared.messages.state import StatePersisted, StateWriteRefused
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.types import FencingToken, StateKind

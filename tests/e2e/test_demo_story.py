@@ -13,8 +13,9 @@ from redis.asyncio import Redis
 from keeper_devtools.contract.redis_acl import users
 from keeper_devtools.demo.story import DemoConfig, run_story
 from keeper_devtools.localstack import RedisServer
-from keeper_devtools.localstack.redis_users import POLICY, STORE, RedisUsers
+from keeper_devtools.localstack.redis_users import API, POLICY, STORE, RedisUsers
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME
+from support.api_service import free_port
 from support.bus_hygiene import purge_service_queues
 from support.leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
 
@@ -34,6 +35,8 @@ async def test_secret_sealed_on_host_a_reads_back_on_host_b_and_never_leaks(
         amqp_url=rabbitmq_url,
         redis_url=session_redis.url_for(*redis_users.login(STORE)),
         policy_redis_url=session_redis.url_for(*redis_users.login(POLICY)),
+        api_redis_url=session_redis.url_for(*redis_users.login(API)),
+        api_port=free_port(),
         work_dir=tmp_path / "demo",
         kek_file=tmp_path / "keys" / "kek.key",
     )
@@ -44,6 +47,7 @@ async def test_secret_sealed_on_host_a_reads_back_on_host_b_and_never_leaks(
     print(printed)
     assert result.secret_matches
     assert "the secret matches" in printed
+    assert f"http://127.0.0.1:{config.api_port}/console while the demo runs" in printed
     assert set(result.exit_codes.values()) == {0}, result.exit_codes
 
     permall = (

@@ -23,7 +23,6 @@ from typing import cast
 import aio_pika
 from redis.asyncio import Redis
 
-from keeper_cli.client import KeeperClient
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.settings import PolicySettings
@@ -35,6 +34,7 @@ from keeper_policy.tpm.approver import Approver
 from keeper_policy.views.queries import PolicyQueries
 from keeper_shared.bus.client import BusClient, Consumer, Delivery, Route
 from keeper_shared.bus.topology import QueueSpec, host_command_queue
+from keeper_shared.keeper_client.client import KeeperClient
 from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.replies import PrepareVmReply
 from keeper_shared.messages.sealed import SealedTpmSecret

@@ -26,7 +26,6 @@ from types import TracebackType
 import yarl
 from redis.asyncio import Redis
 
-from keeper_cli.client import KeeperClient
 from keeper_devtools.demo.hosts import SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
 from keeper_devtools.localstack.redis_users import POLICY, STORE, RedisUsers
@@ -35,6 +34,7 @@ from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.topology import (
     host_command_key,
 )
+from keeper_shared.keeper_client.client import KeeperClient
 from keeper_shared.messages.commands import ReplyT
 from keeper_shared.messages.envelope import (
     Payload,

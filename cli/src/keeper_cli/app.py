@@ -24,13 +24,11 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from keeper_cli import inputs, output, template_commands, view_commands, views
-from keeper_cli.client import KeeperClient, KeeperRequestError
+from keeper_cli import inputs, output, template_commands, view_commands
 from keeper_cli.command_group import KeeperGroup
 from keeper_cli.config import CliSettings
 from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.json_documents import JSON_SCHEMA_VERSION, document
-from keeper_cli.loss import describe_loss
 from keeper_cli.options import (
     AllowDuplicateNameOption,
     HostOption,
@@ -46,6 +44,9 @@ from keeper_cli.options import (
 from keeper_cli.prompts import PASSPHRASE_VARIABLE, confirm, passphrase, progress
 from keeper_cli.running import RESOLVING, GlobalOptions, connected, resolve, run
 from keeper_shared.bus.client import CallError
+from keeper_shared.keeper_client import views
+from keeper_shared.keeper_client.client import KeeperClient, KeeperRequestError
+from keeper_shared.keeper_client.loss import describe_loss
 from keeper_shared.messages.adoption import AdoptVm, VmAdoptionResult
 from keeper_shared.messages.envelope import MessageError
 from keeper_shared.messages.placement import StopMode

@@ -1,54 +1,11 @@
-"""Exit codes of ``keeper`` and the error that carries one."""
+"""Exit codes of ``keeper`` (:class:`ExitCode`, shared with the HTTP API) and the error
+that carries one."""
 
 from __future__ import annotations
 
-import enum
+from keeper_shared.keeper_client.outcomes import ExitCode
 
-
-class ExitCode(enum.IntEnum):
-    """What a script can tell from ``$?`` (listed in ``keeper --help`` and the README)."""
-
-    OK = 0
-    REFUSED = 1
-    """Policy or the store refused or failed the request (the message says why)."""
-    USAGE = 2
-    """Bad input: an argument, option, file or environment variable breaks a rule."""
-    UNKNOWN_VM = 3
-    """No VM (or template, for the template commands) with that id or name exists."""
-    UNREACHABLE = 4
-    """RabbitMQ, policy or the state store cannot be reached."""
-    ABORTED = 5
-    """A destructive action was not confirmed."""
-    TIMEOUT = 6
-    """No answer in time (the service, or a host it waited for, may still act on it)."""
-    DENIED = 7
-    """RabbitMQ refused the login or a certificate (either side's), or the user lacks a
-    permission."""
-    INTERRUPTED = 130
-    """Ctrl-C: what was already sent goes on server side."""
-
-    @property
-    def label(self) -> str:
-        """The name scripts read in a JSON error (``error`` field), e.g. ``unknown-vm``."""
-        return self.name.lower().replace("_", "-")
-
-    @property
-    def meaning(self) -> str:
-        """One line for the help text."""
-        return _MEANINGS[self]
-
-
-_MEANINGS = {
-    ExitCode.OK: "done",
-    ExitCode.REFUSED: "refused or failed (the reason is printed)",
-    ExitCode.USAGE: "bad input (the field and the rule are named)",
-    ExitCode.UNKNOWN_VM: "unknown VM or template",
-    ExitCode.UNREACHABLE: "RabbitMQ, policy or the state store cannot be reached",
-    ExitCode.ABORTED: "not confirmed (nothing was changed)",
-    ExitCode.TIMEOUT: "no answer in time (it may still be carried out)",
-    ExitCode.DENIED: "RabbitMQ refused the login, a permission or a TLS certificate",
-    ExitCode.INTERRUPTED: "interrupted (Ctrl-C); what was sent goes on",
-}
+__all__ = ["CliError", "ExitCode"]
 
 
 class CliError(Exception):

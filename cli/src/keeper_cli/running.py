@@ -24,21 +24,18 @@ import typer
 import yarl
 from pydantic import ValidationError
 
-from keeper_cli import inputs, output, views
-from keeper_cli.client import KeeperClient, KeeperRequestError, client_origin
+from keeper_cli import inputs, output
 from keeper_cli.config import CliSettings
 from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.typer_click import Context, get_current_context
 from keeper_shared.bus.client import (
     BusClient,
-    CallError,
-    CallTimeoutError,
-    CommandRejectedError,
-    NoRouteError,
 )
 from keeper_shared.bus.topology import POLICY, POLICY_COMMANDS, STATE_STORE, STATE_STORE_COMMANDS
 from keeper_shared.bus.upgrade_levels import configured_level
-from keeper_shared.messages.envelope import MessageError
+from keeper_shared.keeper_client import views
+from keeper_shared.keeper_client.client import KeeperClient, client_origin
+from keeper_shared.keeper_client.outcomes import REQUEST_FAILURES, request_failure
 from keeper_shared.messages.releases import UnknownReleaseError
 from keeper_shared.runtime.tls_failure import NOT_TLS, describe_tls_failure
 from keeper_shared.sealing.keys import SealingPublicKey
@@ -111,21 +108,9 @@ def run(work: Callable[[CliSettings], Coroutine[Any, Any, T]], *, follow: str | 
         return asyncio.run(work(settings))
     except CliError as error:
         fail(str(error), error.code)
-    except KeeperRequestError as error:
-        if error.timed_out:
-            fail(f"{error}; {goes_on}", ExitCode.TIMEOUT)
-        fail(str(error), ExitCode.REFUSED)
-    except CallTimeoutError as error:
-        fail(f"no answer in time ({error}); {goes_on}", ExitCode.TIMEOUT)
-    except NoRouteError as error:
-        fail(f"{error}: is the service running?", ExitCode.UNREACHABLE)
-    except CommandRejectedError as error:
-        # The service answered that it could not take the request at all: nothing was done.
-        fail(f"rejected by the service ({error}); nothing was done", ExitCode.REFUSED)
-    except CallError as error:
-        fail(str(error), ExitCode.UNREACHABLE)
-    except MessageError as error:
-        fail(f"unexpected reply ({error})", ExitCode.REFUSED)
+    except REQUEST_FAILURES as error:
+        code, message = request_failure(error, goes_on=goes_on)
+        fail(message, code)
     except (
         aio_pika.exceptions.AMQPError,
         pamqp.exceptions.PAMQPException,

@@ -14,8 +14,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from keeper_cli import inputs, output, views
-from keeper_cli.client import KeeperClient
+from keeper_cli import inputs, output
 from keeper_cli.config import CliSettings
 from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.json_documents import document
@@ -29,6 +28,8 @@ from keeper_cli.options import (
 )
 from keeper_cli.prompts import confirm, progress
 from keeper_cli.running import RESOLVING, connected, resolve, run
+from keeper_shared.keeper_client import views
+from keeper_shared.keeper_client.client import KeeperClient
 from keeper_shared.messages.replies import CreateVmFromTemplateReply, DeleteTemplateReply
 from keeper_shared.messages.template import CreateTemplate, CreateVmFromTemplate, TemplateView
 from keeper_shared.messages.tpm import Firmware, VmSpec

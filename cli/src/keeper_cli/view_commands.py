@@ -10,12 +10,13 @@ from typing import Annotated, Any
 
 import typer
 
-from keeper_cli import inputs, output, views
+from keeper_cli import inputs, output
 from keeper_cli.config import CliSettings
 from keeper_cli.errors import CliError, ExitCode
 from keeper_cli.json_documents import FIELDS, document
 from keeper_cli.options import JsonOption, TimeoutOption, VmArgument
 from keeper_cli.running import RESOLVING, connected, resolve, run
+from keeper_shared.keeper_client import views
 from keeper_shared.messages.adoption import UnprotectedVmView
 from keeper_shared.messages.types import StateKind
 

@@ -50,13 +50,13 @@ from integration.agent.test_real_host import (
     wait_event,
     wait_persisted_current,
 )
-from keeper_cli.client import EventWatch
 from keeper_devtools.swtpm_lab import (
     DEMO_NV_INDEX,
     manufacture_tpm_state,
     nv_read_secret,
     nv_write_secret,
 )
+from keeper_shared.keeper_client.client import EventWatch
 from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.state import StatePersisted

@@ -61,8 +61,8 @@ from integration.agent.test_real_host import (
     wait_event,
     wait_persisted_current,
 )
-from keeper_cli import views
-from keeper_cli.client import KeeperClient
+from keeper_shared.keeper_client import views
+from keeper_shared.keeper_client.client import KeeperClient
 from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.tpm import VmSpec
 from keeper_shared.messages.tpm_reset import ResetFoundBy, TpmReset, TpmResetCleared

@@ -69,11 +69,11 @@ import pytest
 from pydantic import SecretBytes
 from redis.asyncio import Redis
 
-from keeper_cli.client import EventWatch, KeeperClient
 from keeper_devtools.demo.processes import ServiceProcess
 from keeper_host_agent.hypervisor.errors import TpmSecretError
 from keeper_host_agent.hypervisor.libvirt_secrets import KEEPER_USAGE_PREFIX as KEEPER_SECRET_PREFIX
 from keeper_host_agent.hypervisor.libvirt_secrets import define_tpm_secret, read_foreign_secret
+from keeper_shared.keeper_client.client import EventWatch, KeeperClient
 from keeper_shared.messages.envelope import Envelope, Payload
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.state import StatePersisted

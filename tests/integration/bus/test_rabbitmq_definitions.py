@@ -18,7 +18,6 @@ import aio_pika.exceptions
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from keeper_cli.client import client_origin
 from keeper_devtools.contract.rabbitmq import (
     client_definitions,
     definitions,
@@ -35,6 +34,7 @@ from keeper_devtools.localstack import (
 )
 from keeper_shared.bus import topology
 from keeper_shared.bus.client import BusClient, Delivery, Route
+from keeper_shared.keeper_client.client import client_origin
 from keeper_shared.messages.commands import CommandOutcome
 from keeper_shared.messages.envelope import Envelope, Payload
 from support.waiting import wait_until

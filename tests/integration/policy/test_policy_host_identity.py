@@ -13,9 +13,9 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from keeper_cli.views import vm_status
 from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_shared.bus.topology import POLICY_EVENTS
+from keeper_shared.keeper_client.views import vm_status
 from keeper_shared.messages.host import HostCapabilities, HostHeartbeat
 from keeper_shared.messages.placement import VmEvicted, VmMigrated
 from keeper_shared.messages.tpm import TpmStateStranded

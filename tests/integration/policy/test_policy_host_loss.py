@@ -28,11 +28,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from keeper_cli.client import KeeperRequestError
-from keeper_cli.views import vm_status
 from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_host_agent.hypervisor.domain_xml import fill_nvram_path
 from keeper_policy.placement.domain_definition import domain_xml
+from keeper_shared.keeper_client.client import KeeperRequestError
+from keeper_shared.keeper_client.views import vm_status
 from keeper_shared.messages.host_loss import HostLost, HostReturned
 from keeper_shared.messages.placement import StopMode, VmEvicted, VmPlaced
 from keeper_shared.messages.state import StatePersisted, StateWriteRefused

@@ -32,8 +32,8 @@ import pytest_asyncio
 from typer.testing import CliRunner
 
 from keeper_cli.app import app
-from keeper_cli.client import KeeperRequestError
 from keeper_devtools.localstack.redis_users import RedisUsers
+from keeper_shared.keeper_client.client import KeeperRequestError
 from keeper_shared.messages.deletion import StateDeleted, TpmDisabled
 from keeper_shared.messages.placement import (
     StateLossRecorded,

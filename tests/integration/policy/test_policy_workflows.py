@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from keeper_cli.client import KeeperRequestError
-from keeper_cli.views import vm_status
 from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_policy.storage.keys import workflow_key
+from keeper_shared.keeper_client.client import KeeperRequestError
+from keeper_shared.keeper_client.views import vm_status
 from keeper_shared.messages.placement import StopMode, VmEvicted, VmMigrated, VmPlaced
 from keeper_shared.messages.replies import StartVmReply
 from keeper_shared.messages.state import (

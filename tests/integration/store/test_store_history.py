@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from keeper_cli.client import KeeperRequestError
+from keeper_shared.keeper_client.client import KeeperRequestError
 from keeper_shared.messages.replies import RestoreStateReply
 from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.types import FencingToken, StateKind

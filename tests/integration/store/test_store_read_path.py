@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from keeper_cli.client import KeeperRequestError
+from keeper_shared.keeper_client.client import KeeperRequestError
 from keeper_shared.messages.envelope import Payload
 from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import FencingToken, StateKind

@@ -19,7 +19,7 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from keeper_cli.client import KeeperClient, KeeperRequestError
+from keeper_shared.keeper_client.client import KeeperClient, KeeperRequestError
 from keeper_shared.messages.state import VersionOrigin
 from keeper_shared.messages.transfer import CloneTpm
 from keeper_shared.messages.types import FencingToken, StateKind

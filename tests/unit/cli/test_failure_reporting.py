@@ -15,13 +15,13 @@ from pamqp import commands
 from pamqp.exceptions import AMQPInternalError
 from typer.testing import CliRunner
 
-from keeper_cli.client import KeeperRequestError
 from keeper_cli.command_group import KeeperGroup
 from keeper_cli.config import CliSettings
 from keeper_cli.errors import ExitCode
 from keeper_cli.options import JsonOption, TimeoutOption
 from keeper_cli.running import run
 from keeper_shared.bus.client import CallTimeoutError, NoRouteError
+from keeper_shared.keeper_client.client import KeeperRequestError
 
 FOLLOW = "`keeper vm show web-01`"
 

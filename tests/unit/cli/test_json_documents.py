@@ -8,8 +8,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from keeper_cli import views
 from keeper_cli.json_documents import FIELDS, JSON_SCHEMA_VERSION, document, schema_id
+from keeper_shared.keeper_client import views
 from keeper_shared.messages.adoption import UnprotectedVmView
 
 DOC = Path(__file__).parents[3] / "docs" / "cli-json.md"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from keeper_cli.loss import describe_loss
+from keeper_shared.keeper_client.loss import describe_loss
 from keeper_shared.messages.snapshot import SnapshotInfo
 from keeper_shared.messages.state import (
     KindHistory,

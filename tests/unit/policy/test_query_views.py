@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from keeper_cli.views import host_status_from, vm_status_from
 from keeper_policy.hosts.registry import HostRecord
 from keeper_policy.views.host_views import host_view, liveness
 from keeper_policy.views.vm_views import vm_view
+from keeper_shared.keeper_client.views import host_status_from, vm_status_from
 from keeper_shared.messages.envelope import Payload, decode, encode, new_envelope
 from keeper_shared.messages.host import HostCapabilities
 from keeper_shared.messages.queries import (

@@ -10,6 +10,8 @@ file (``aclfile`` in ``deploy/redis/redis.conf``):
   CONFIG GET (the durability check at start), SCAN (the scrubber, KEK rotation).
 - ``keeper-policy``: policy. Placements, VM records, workflows, hosts, templates, its
   indexes; never the store's state or data keys. Scripts, SCAN (VM listings).
+- ``keeper-api``: the HTTP API. Only its operations' records (``keeper:api:operation:*``),
+  with GET and SET; it asks the services over the bus for everything else.
 - ``keeper-replication``: what a replica logs in to its primary as (``masteruser``).
 - ``keeper-sentinel``: what a Sentinel logs in to the nodes as (``sentinel auth-user``).
 - ``keeper-admin``: every command and key, for the operator (backups, ``redis-cli``).
@@ -19,7 +21,8 @@ file (``aclfile`` in ``deploy/redis/redis.conf``):
 The CLI has no user: it asks the services over the bus, never Redis.
 
 Passwords come from the environment (``KEEPER_REDIS_STORE_PASSWORD``,
-``KEEPER_REDIS_POLICY_PASSWORD``, ``KEEPER_REDIS_REPLICATION_PASSWORD``,
+``KEEPER_REDIS_POLICY_PASSWORD``, ``KEEPER_REDIS_API_PASSWORD``,
+``KEEPER_REDIS_REPLICATION_PASSWORD``,
 ``KEEPER_REDIS_SENTINEL_PASSWORD``, ``KEEPER_REDIS_ADMIN_PASSWORD``), never the command
 line, where every user of the machine can read them; the file holds only their SHA-256.
 """
@@ -80,6 +83,13 @@ POLICY_COMMANDS: tuple[str, ...] = (
     *("zadd", "zrange", "zrem", "zscore"),
 )
 """Commands policy sends, directly or from its Lua scripts."""
+
+API_COMMANDS: tuple[str, ...] = ("select", "ping", "get", "set")
+"""Commands the API sends: its operations' records are read and written whole."""
+
+API_KEY_PATTERN = "keeper:api:operation:*"
+"""The API's keys (``keeper_api.operations.OPERATION_KEY_PREFIX``; the API is not imported
+here, a test holds the two together)."""
 
 # Replication and Sentinel: the permissions the Redis manual gives for these roles.
 _REPLICATION_RULES = ("+psync", "+replconf", "+ping")
@@ -188,6 +198,11 @@ def users() -> list[AclUser]:
             "keeper-policy",
             "KEEPER_REDIS_POLICY_PASSWORD",
             _service_rules(POLICY_COMMANDS, policy_patterns()),
+        ),
+        AclUser(
+            "keeper-api",
+            "KEEPER_REDIS_API_PASSWORD",
+            _service_rules(API_COMMANDS, [API_KEY_PATTERN]),
         ),
         AclUser("keeper-replication", "KEEPER_REDIS_REPLICATION_PASSWORD", _REPLICATION_RULES),
         AclUser("keeper-sentinel", "KEEPER_REDIS_SENTINEL_PASSWORD", _SENTINEL_RULES),

@@ -6,7 +6,7 @@ import asyncio
 import sys
 
 from keeper_devtools.demo.story import DemoConfig, StoryFailed, run_story
-from keeper_devtools.localstack.redis_users import POLICY, STORE
+from keeper_devtools.localstack.redis_users import API, POLICY, STORE
 from keeper_devtools.localstack.settings import LocalStackSettings
 
 
@@ -18,6 +18,7 @@ def main() -> None:
         amqp_url=stack.rabbitmq_node().amqp_url,
         redis_url=stack.redis_url_for(STORE),
         policy_redis_url=stack.redis_url_for(POLICY),
+        api_redis_url=stack.redis_url_for(API),
         work_dir=run_dir / "demo",
         kek_file=run_dir / "keys" / "kek.key",
     )

@@ -15,7 +15,7 @@ from typing import TextIO
 
 from redis.asyncio import Redis
 
-from keeper_cli.client import KeeperClient
+from keeper_devtools.demo.console import console_answers, console_service
 from keeper_devtools.demo.hosts import SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
 from keeper_devtools.swtpm_lab import (
@@ -25,6 +25,7 @@ from keeper_devtools.swtpm_lab import (
     nv_write_secret,
     write_private_ca_config,
 )
+from keeper_shared.keeper_client.client import KeeperClient
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import VmSpec
@@ -71,6 +72,10 @@ class DemoConfig:
     policy_redis_url: str | None = None
     """Policy's Redis URL (its own ACL user), which the story also reads the hosts with;
     None: ``redis_url``."""
+    api_redis_url: str | None = None
+    """The API's Redis URL (its own ACL user): the API and console run beside the services
+    while the story plays; None: not started."""
+    api_port: int = 28080
 
     @property
     def policy_redis(self) -> str:
@@ -197,6 +202,17 @@ async def run_story(config: DemoConfig, out: TextIO) -> StoryResult:
     say = Narrator(out)
     result = StoryResult()
     services = _services(config, [host_a, host_b])
+    console: tuple[ServiceProcess, str, Path] | None = None
+    if config.api_redis_url is not None:
+        store_key = SealingPublicKey(load_private_key(config.store_sealing_key_file).public_key())
+        console = console_service(
+            amqp_url=config.amqp_url,
+            redis_url=config.api_redis_url,
+            port=config.api_port,
+            store_key=store_key.to_text(),
+            work_dir=config.work_dir,
+        )
+        services.append(console[0])
     result.log_files = [service.log_path for service in services]
     redis = connect_redis(RedisSettings(redis_url=config.policy_redis))
     client: KeeperClient | None = None
@@ -209,6 +225,10 @@ async def run_story(config: DemoConfig, out: TextIO) -> StoryResult:
             "heartbeats from host-a and host-b to reach policy",
         )
         say.step("stack", "state-store, policy, host-a and host-b are up; both hosts heartbeat")
+        if console is not None:
+            _, url, token_file = console
+            await _wait_until(lambda: console_answers(url), "the API and console to answer")
+            say.step("console", f"{url} while the demo runs (operator token in {token_file})")
         client = await KeeperClient.connect(config.amqp_url, name="demo")
         await _play(config, client, host_a, host_b, say, result)
     finally:

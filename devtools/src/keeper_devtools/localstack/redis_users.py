@@ -24,6 +24,7 @@ from keeper_devtools.contract.redis_acl import acl_file, users
 ADMIN = "keeper-admin"
 STORE = "keeper-store"
 POLICY = "keeper-policy"
+API = "keeper-api"
 REPLICATION = "keeper-replication"
 SENTINEL = "keeper-sentinel"
 

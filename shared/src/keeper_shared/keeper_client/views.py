@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from keeper_cli.client import KeeperClient
 from keeper_shared.bus.client import CallError
+from keeper_shared.keeper_client.client import KeeperClient
 from keeper_shared.messages.adoption import UnprotectedVmView
 from keeper_shared.messages.envelope import MessageError
 from keeper_shared.messages.queries import HostView, StoredVmState, VmView

@@ -1,0 +1,2 @@
+"""The web console: server-rendered pages over the same requests as the API, with a
+confirmation page before anything is deleted."""

@@ -1,0 +1,49 @@
+"""Debian's chromium, headless, driven by Selenium through Debian's chromedriver (no
+browser download): for the console's tests. Where chromium is missing the tests are
+skipped, except under CI=true, where that is a failure (the fresh machine installs it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def require_chromium() -> None:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if shutil.which(path) is None]
+    if not missing:
+        return
+    message = f"{', '.join(missing)} missing: deploy/local/install-packages installs them"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@contextmanager
+def headless_chromium() -> Iterator[webdriver.Chrome]:
+    """A headless chromium with a window big enough for the console's tables."""
+    require_chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # the tests may run as root, where chromium's sandbox cannot
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
