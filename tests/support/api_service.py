@@ -74,8 +74,12 @@ def write_tokens(path: Path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def running_api(stack: PolicyStack, work_dir: Path, **env: str) -> AsyncIterator[ApiService]:
-    """Start the API against ``stack`` and wait until it answers ``/health``."""
+async def running_api(
+    stack: PolicyStack, work_dir: Path, *, ready: bool = True, **env: str
+) -> AsyncIterator[ApiService]:
+    """Start the API against ``stack`` and wait until it answers ``/health/ready`` (it
+    reached RabbitMQ), or only ``/health`` (it serves) when not ``ready``."""
+    probe = "/health/ready" if ready else "/health"
     port = free_port()
     process = ServiceProcess(
         "api",
@@ -99,7 +103,7 @@ async def running_api(stack: PolicyStack, work_dir: Path, **env: str) -> AsyncIt
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             while True:
                 with contextlib.suppress(httpx.TransportError):
-                    if (await http.get("/health")).status_code == 200:
+                    if (await http.get(probe)).status_code == 200:
                         break
                 if not process.running or time.monotonic() > deadline:
                     raise AssertionError(

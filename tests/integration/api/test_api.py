@@ -1,19 +1,24 @@
 """The HTTP API as a process in front of the real services (store, policy, host agents on
 simulated hosts; session RabbitMQ and Redis): every ``keeper vm`` operation over HTTP with
 the CLI's outcomes, a reader refused on every route that changes something, bad input
-answered with problem details, and a clean stop on SIGTERM."""
+answered with problem details, a clean stop on SIGTERM, and a start while RabbitMQ is
+down (the API serves, answers 503 and waits for it)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import signal
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yarl
 
+from chaos.tcp_proxy import TcpProxy, plain_url_through, upstream_tls_for
 from keeper_api.app import create_app
 from keeper_shared.keeper_client.outcomes import ExitCode
 from keeper_shared.messages.state import StatePersisted
@@ -29,6 +34,8 @@ pytestmark = [
 ]
 
 PROBLEM = "application/problem+json"
+READY_TIMEOUT_S = 60.0
+"""Generous: against hangs only (the API backs off up to 5 s between attempts)."""
 
 
 def problem(response: httpx.Response, status: int, reason: str) -> dict[str, Any]:
@@ -251,3 +258,36 @@ async def test_any_replica_answers_a_poll_and_sigterm_stops_one_cleanly(
         log = second.process.log_path.read_text()
         assert "Application shutdown complete." in log
         assert "Traceback" not in log
+
+
+async def test_the_api_serves_before_rabbitmq_answers_and_uses_it_once_it_does(
+    stack: tuple[PolicyStack, ApiService], tmp_path: Path, rabbitmq_url: str
+) -> None:
+    services, _ = stack
+    broker = yarl.URL(rabbitmq_url)
+    assert broker.host is not None
+    assert broker.port is not None
+    proxy = TcpProxy(broker.host, broker.port, upstream_tls=upstream_tls_for(rabbitmq_url))
+    await proxy.start()
+    proxy.cut()  # RabbitMQ "down": every connection refused
+    try:
+        through = plain_url_through(proxy, services.amqp_url)
+        async with running_api(
+            services, tmp_path, ready=False, KEEPER_API_AMQP_URLS=through
+        ) as api:
+            problem(await api.http.get("/health/ready"), 503, "unreachable")
+            problem(await api.call("GET", "/api/v1/vms"), 503, "unreachable")
+            assert api.process.running, "the API exited instead of waiting for RabbitMQ"
+            proxy.heal()
+            await wait_until_ready(api)
+            listed = await api.call("GET", "/api/v1/vms", token=READER_TOKEN)
+            assert listed.status_code == 200, listed.text
+    finally:
+        await proxy.close()
+
+
+async def wait_until_ready(api: ApiService) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while (await api.http.get("/health/ready")).status_code != 200:
+        assert time.monotonic() < deadline, "the API did not reach RabbitMQ once it was up"
+        await asyncio.sleep(0.2)

@@ -42,8 +42,9 @@ def console_service(
 
 
 async def console_answers(console_url: str) -> bool:
-    """Whether the API behind ``console_url`` answers its health check."""
-    health = console_url.removesuffix("/console") + "/health"
+    """Whether the API behind ``console_url`` answers its readiness check (it reached
+    RabbitMQ)."""
+    health = console_url.removesuffix("/console") + "/health/ready"
 
     def ask() -> bool:
         with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=2) as answer:  # noqa: S310 (our own http URL)

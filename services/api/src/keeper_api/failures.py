@@ -8,6 +8,7 @@ import aio_pika.exceptions
 import pamqp.exceptions
 
 from keeper_api.problems import ProblemError
+from keeper_api.state import BusNotReadyError
 from keeper_shared.keeper_client.outcomes import REQUEST_FAILURES, ExitCode, request_failure
 
 BUS_FAILURES = (
@@ -30,4 +31,6 @@ def as_problem(error: BaseException, *, changes: bool) -> ProblemError:
         )
         code, message = request_failure(error, goes_on=goes_on)
         return ProblemError(message, code)
+    if isinstance(error, BusNotReadyError):
+        return ProblemError(str(error), ExitCode.UNREACHABLE)
     return ProblemError(f"RabbitMQ cannot be used ({type(error).__name__})", ExitCode.UNREACHABLE)

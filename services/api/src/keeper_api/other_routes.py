@@ -14,7 +14,7 @@ from keeper_api.models import CreateTemplateBody, CreateVmFromTemplateBody
 from keeper_api.operations import Operation
 from keeper_api.problems import ProblemError
 from keeper_api.resolving import resolve
-from keeper_api.state import ApiState, api_state
+from keeper_api.state import ApiState, BusNotReadyError, api_state
 from keeper_api.vm_routes import PROBLEMS
 from keeper_shared.keeper_client import views
 from keeper_shared.keeper_client.outcomes import ExitCode
@@ -34,6 +34,17 @@ polls = APIRouter(prefix="/api/v1/operations", tags=["operations"], responses=PR
 @health.get("/health", summary="Liveness of this replica (no token needed)")
 async def alive() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@health.get(
+    "/health/ready",
+    summary="Readiness of this replica: RabbitMQ reached (no token needed)",
+    responses=PROBLEMS,
+)
+async def ready(state: State) -> dict[str, str]:
+    if state.connected is None:
+        raise BusNotReadyError(state.bus_problem)  # a 503 `unreachable` problem
+    return {"status": "ready"}
 
 
 @hosts.get("", summary="Every host policy heard from, with liveness and versions")

@@ -285,13 +285,21 @@ class BusClient:
 
     @classmethod
     async def connect_when_up(
-        cls, urls: str | Sequence[str], *, source: str, origin: str, stop: asyncio.Event
+        cls,
+        urls: str | Sequence[str],
+        *,
+        source: str,
+        origin: str,
+        stop: asyncio.Event,
+        declare_exchanges: bool = True,
     ) -> BusClient:
         """`connect`, waiting while the broker is down or still booting (a service's
         start-up); refused credentials fail at once. Raises StoppedWhileWaitingError when
         ``stop`` is set first."""
         return await wait_for_dependency(
-            lambda: cls.connect(urls, source=source, origin=origin),
+            lambda: cls.connect(
+                urls, source=source, origin=origin, declare_exchanges=declare_exchanges
+            ),
             "RabbitMQ",
             stop,
             retry_on=(aio_pika.exceptions.AMQPConnectionError, OSError, TimeoutError),
