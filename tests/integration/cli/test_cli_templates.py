@@ -1,8 +1,8 @@
 """`keeper template` and `keeper vm create --template` against a real state store and
 policy's real template handlers (in process, from support.in_process_store, on the
 session's RabbitMQ and Redis): a template made from a VM, listed and shown apart from the
-VMs, a VM made from it, a template refused where a VM is expected, and a deletion that asks
-first."""
+VMs, a VM made from it, a template refused where a VM is expected (by name or by id), and
+a deletion that asks first."""
 
 from __future__ import annotations
 
@@ -142,6 +142,11 @@ async def test_a_template_from_a_vm_makes_vms_and_is_deleted_when_confirmed(
     as_vm = await keeper(store, policy_key, "vm", "start", template, "--host", store.host.host_id)
     assert as_vm.exit_code == ExitCode.REFUSED, as_vm.output
     assert "is a template, not a VM" in as_vm.stderr
+    # By its id too, which names stored state the store holds: the template's NVRAM stays.
+    by_id = await keeper(store, policy_key, "vm", "delete-state", template_id, "--yes")
+    assert by_id.exit_code == ExitCode.REFUSED, by_id.output
+    assert "is a template, not a VM" in by_id.stderr
+    assert await stored_kinds(store, template_id) == {StateKind.NVRAM}
 
     unconfirmed = await keeper(store, policy_key, "template", "delete", template)
     assert unconfirmed.exit_code == ExitCode.ABORTED, unconfirmed.output

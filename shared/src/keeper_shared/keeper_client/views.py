@@ -182,7 +182,8 @@ async def vm_status(client: KeeperClient, vm_id: str) -> VmStatus | None:
 async def resolve_vm(client: KeeperClient, reference: str) -> list[str]:
     """The ids of the VMs ``reference`` names (a VM id, or a domain name, which several
     VMs may share); empty when none. A VM id also names a VM that is not registered but has
-    stored state (imported or cloned for a VM to be registered later)."""
+    stored state (imported or cloned for a VM to be registered later), unless the id is a
+    template's: its stored NVRAM is the template's, which no VM command may touch."""
     if not re.fullmatch(VM_NAME_PATTERN, reference):
         return []  # neither an id nor a domain name: nothing can be registered under it
     views = await client.list_vms(reference)
@@ -192,7 +193,7 @@ async def resolve_vm(client: KeeperClient, reference: str) -> list[str]:
         vm_id = None
     if vm_id is not None and all(view.vm_id != vm_id for view in views):
         (stored,) = await client.describe_stored_state([vm_id])
-        if stored.has_data_key or stored.newest:
+        if (stored.has_data_key or stored.newest) and await template_named(client, vm_id) is None:
             return [vm_id]
     return [view.vm_id for view in views]
 
