@@ -44,6 +44,25 @@ def test_kubernetes_deployments(name: str, replicas: int) -> None:
     assert pod["terminationGracePeriodSeconds"] >= 30
 
 
+def test_the_api_runs_stateless_replicas_with_its_own_probes_and_tokens_read_only() -> None:
+    deployment = _kubernetes("Deployment", "api")
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    for probe, path in (("livenessProbe", "/health"), ("readinessProbe", "/health/ready")):
+        assert container[probe]["httpGet"]["path"] == path
+    env = {item["name"]: item for item in container["env"]}
+    assert env["KEEPER_API_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "api-redis-url"
+    (tokens,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName")]
+    assert tokens["secret"]["defaultMode"] == 0o400
+    mount = next(m for m in container["volumeMounts"] if m["name"] == tokens["name"])
+    assert mount["readOnly"] is True
+    assert env["KEEPER_API_TOKENS_FILE"]["value"].startswith(mount["mountPath"])
+    assert _kubernetes("Service", "api")["spec"]["selector"] == {"app.kubernetes.io/name": "api"}
+    (compose,) = _yaml_documents(DEPLOY / "compose" / "compose.yaml")
+    assert compose["services"]["api"]["deploy"]["replicas"] >= 2
+
+
 @pytest.mark.parametrize(
     ("secret", "variable"),
     [

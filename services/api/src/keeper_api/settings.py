@@ -9,19 +9,20 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from keeper_shared.bus.topology import POLICY, STATE_STORE
+from keeper_shared.redis_access.connection import RedisSettings
 
 
-class ApiSettings(BaseSettings):
-    """Where the API listens, which bus and Redis it uses, and who may call it."""
+class ApiSettings(BaseSettings, RedisSettings):
+    """Where the API listens, which bus it uses, who may call it, and the Redis (one, its
+    Sentinels or a cluster, as the services find theirs: ``KEEPER_API_REDIS_URL`` as the
+    API's own user ``keeper-api``, ``KEEPER_API_REDIS_SENTINELS``...) its operations'
+    outcomes are kept in."""
 
     model_config = SettingsConfigDict(env_prefix="KEEPER_API_", frozen=True, extra="ignore")
 
     amqp_urls: Annotated[list[str], NoDecode] = Field(
         min_length=1,
         description="RabbitMQ node URLs, comma-separated (amqps://USER:PASSWORD@HOST:PORT/).",
-    )
-    redis_url: str = Field(
-        description="Redis for operations' outcomes, as the API's own user (keeper-api)."
     )
     tokens_file: Path = Field(description="Bearer tokens' SHA-256 with their roles.")
     listen_host: str = "127.0.0.1"

@@ -21,6 +21,7 @@ from keeper_api.settings import ApiSettings
 from keeper_api.tokens import Tokens
 from keeper_shared.bus.client import BusClient
 from keeper_shared.keeper_client.client import KeeperClient, client_origin
+from keeper_shared.redis_access.connection import connect_redis
 from keeper_shared.runtime.startup import StoppedWhileWaitingError
 from keeper_shared.runtime.tls_failure import TlsHandshakeError
 from keeper_shared.sealing.keys import SealingPublicKey
@@ -95,7 +96,7 @@ async def _connect(state: ApiState, stop: asyncio.Event) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ApiSettings = app.state.settings
     tokens = Tokens.load(settings.tokens_file)
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect_redis(settings)
     state = ApiState(settings, tokens, redis)
     app.state.api = state
     stop = asyncio.Event()
