@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PACKAGES := shared services/host-agent services/state-store services/policy services/api cli devtools
 
-.PHONY: setup demo test lint stack-start stack-stop stack-status lock bench chaos
+.PHONY: setup demo console test lint stack-start stack-stop stack-status lock bench chaos
 
 # Debian packages first (python3-venv, libvirt-dev and gcc are needed to build the venv).
 $(INSTALLED): requirements.lock deploy/local/install-packages $(addsuffix /pyproject.toml,$(PACKAGES))
@@ -20,6 +20,11 @@ setup: $(INSTALLED)
 demo: setup
 	deploy/local/stack start
 	$(PY) -m keeper_devtools.demo
+
+# The demo, then its services and the web console keep running until Ctrl-C.
+console: setup
+	deploy/local/stack start
+	$(PY) -m keeper_devtools.demo --keep-serving
 
 lint: setup
 	$(VENV)/bin/ruff check $(PACKAGES) tests bench examples

@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
+from keeper_api.auth import CONSOLE_COOKIE
 from keeper_devtools.contract.redis_acl import users
 from keeper_devtools.demo.story import DemoConfig, run_story
 from keeper_devtools.localstack import RedisServer
@@ -41,13 +43,24 @@ async def test_secret_sealed_on_host_a_reads_back_on_host_b_and_never_leaks(
         kek_file=tmp_path / "keys" / "kek.key",
     )
 
-    result = await run_story(config, out)
+    served: list[int] = []
+
+    async def look_at_the_console(console_url: str) -> None:
+        # What a person does with `make console`: the demo's VM is listed, logged in.
+        token = (config.work_dir / "console-token").read_text().strip()
+        async with httpx.AsyncClient(cookies={CONSOLE_COOKIE: token}) as http:
+            listed = await http.get(console_url)
+        assert listed.status_code == 200, listed.text
+        served.append(listed.text.count("win11-"))
+
+    result = await run_story(config, out, keep_serving=look_at_the_console)
 
     printed = out.getvalue()
     print(printed)
     assert result.secret_matches
     assert "the secret matches" in printed
     assert f"http://127.0.0.1:{config.api_port}/console while the demo runs" in printed
+    assert served == [1], "the console kept serving did not list the demo's VM"
     assert set(result.exit_codes.values()) == {0}, result.exit_codes
 
     permall = (

@@ -1,13 +1,26 @@
-"""`python -m keeper_devtools.demo`: run the story against the local stack; exit 0 if it held."""
+"""`python -m keeper_devtools.demo`: run the story against the local stack; exit 0 if it held.
+``--keep-serving`` (``make console``): then keep the services and the console running until
+Ctrl-C or SIGTERM, to look at the demo's VM in the browser."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 
 from keeper_devtools.demo.story import DemoConfig, StoryFailed, run_story
 from keeper_devtools.localstack.redis_users import API, POLICY, STORE
 from keeper_devtools.localstack.settings import LocalStackSettings
+
+
+async def _until_stopped(console_url: str) -> None:
+    """Return on Ctrl-C or SIGTERM (the story then stops every service as usual)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"open {console_url}; Ctrl-C stops the services", flush=True)
+    await stop.wait()
 
 
 def main() -> None:
@@ -23,7 +36,8 @@ def main() -> None:
         kek_file=run_dir / "keys" / "kek.key",
     )
     try:
-        asyncio.run(run_story(config, sys.stdout))
+        keep_serving = _until_stopped if "--keep-serving" in sys.argv[1:] else None
+        asyncio.run(run_story(config, sys.stdout, keep_serving=keep_serving))
     except Exception as error:  # every failure ends the demo the same way: a reason, exit 1
         reason = (
             str(error) if isinstance(error, StoryFailed) else f"{type(error).__name__}: {error}"

@@ -186,8 +186,15 @@ async def _wait_until(
         await asyncio.sleep(0.1)
 
 
-async def run_story(config: DemoConfig, out: TextIO) -> StoryResult:
-    """Run the whole story; raise StoryFailed (or the underlying error) if any step fails."""
+async def run_story(
+    config: DemoConfig,
+    out: TextIO,
+    *,
+    keep_serving: Callable[[str], Awaitable[None]] | None = None,
+) -> StoryResult:
+    """Run the whole story; raise StoryFailed (or the underlying error) if any step fails.
+    ``keep_serving``: once the story held, the services (and the console, whose URL it is
+    given) keep running until it returns, for a person to look around."""
     shutil.rmtree(config.work_dir, ignore_errors=True)
     config.work_dir.mkdir(parents=True)
     if not config.kek_file.exists():
@@ -231,6 +238,9 @@ async def run_story(config: DemoConfig, out: TextIO) -> StoryResult:
             say.step("console", f"{url} while the demo runs (operator token in {token_file})")
         client = await KeeperClient.connect(config.amqp_url, name="demo")
         await _play(config, client, host_a, host_b, say, result)
+        if keep_serving is not None and console is not None:
+            say.step("console", f"{console[1]} keeps serving the demo's VM until Ctrl-C")
+            await keep_serving(console[1])
     finally:
         if client is not None:
             await client.close()
