@@ -206,7 +206,9 @@ class StateTracker:
         if tracked.domain.epoch == 0:
             # Not placed by vTPM Keeper: nothing to fence with, so nothing is announced.
             return
-        log.info(
+        # Per change at debug only: at a boot storm's rates a line per change was a seventh
+        # of the agent's CPU. The announcement's own line (one per batch) names every VM.
+        log.debug(
             "state stable",
             vm_id=tracked.domain.vm_id,
             kind=kind.value,
