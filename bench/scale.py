@@ -25,7 +25,14 @@ from redis.asyncio import Redis
 from bench.env import PersistedRecorder
 from keeper_host_agent.detect.announcer import ChangeAnnouncer
 from keeper_shared.bus.client import BusClient, Delivery, Route
-from keeper_shared.bus.topology import declare_exchanges, event_routing_key, host_command_queue
+from keeper_shared.bus.topology import (
+    COMMANDS_EXCHANGE,
+    QueueSpec,
+    declare_exchanges,
+    event_routing_key,
+    host_command_key,
+    host_command_queue,
+)
 from keeper_shared.messages.envelope import Envelope, encode, new_envelope
 from keeper_shared.messages.state import (
     FetchState,
@@ -81,6 +88,22 @@ class FakeHosts:
             await self.bus.consume(
                 host_command_queue(host_id), [Route(FetchState, self.fetch)], prefetch=8
             )
+
+    async def serve_fleet(self, name: str, host_ids: Sequence[str]) -> None:
+        """Take these hosts' commands from one bench queue bound to every host's command
+        key: a thousand hosts without the broker keeping two thousand quorum queues (each
+        host's queue and its dead-letter queue) on a 2-core machine. The store sends each
+        fetch under its host's own key exactly as to a real host; only the broker's side
+        of a fleet (a queue per host) is left out."""
+        spec = QueueSpec(name=f"bench.fleet.{name}", command_key=host_command_key(host_ids[0]))
+        await self.bus.consume(spec, [Route(FetchState, self.fetch)], prefetch=256)
+        channel = await self.bus.connection.channel()
+        try:
+            queue = await channel.get_queue(spec.name, ensure=True)
+            for host_id in host_ids[1:]:
+                await queue.bind(COMMANDS_EXCHANGE, routing_key=host_command_key(host_id))
+        finally:
+            await channel.close()
 
     async def fetch(self, envelope: Envelope[FetchState], _delivery: Delivery) -> StateFetched:
         """What a host agent answers: the current blob of each asked VM and kind."""
