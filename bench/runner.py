@@ -63,6 +63,17 @@ class Settings:
     storm_hosts: int = 100
 
     @property
+    def fanin_s(self) -> float:
+        """Measured seconds of each fan-in round, after ``fanin_warmup_s``: many times the
+        time a change takes to come back with a thousand VMs in flight."""
+        return 6.0 if self.quick else 12.0
+
+    @property
+    def fanin_warmup_s(self) -> float:
+        """Unmeasured seconds before each fan-in round's window."""
+        return 2.0 if self.quick else 4.0
+
+    @property
     def storm_vms(self) -> int:
         """VMs that boot at once in the boot storm."""
         return 2_000 if self.quick else 10_000
@@ -448,7 +459,12 @@ class Bench:
             rates: dict[int, float] = {}
             for count in order:
                 loop = await scale.closed_loop(
-                    hosts, self.recorder, fleets[count], both, duration_s=settings.scale_s
+                    hosts,
+                    self.recorder,
+                    fleets[count],
+                    both,
+                    duration_s=settings.fanin_s,
+                    warmup_s=settings.fanin_warmup_s,
                 )
                 if loop.timeouts:
                     self.notes.append(f"fan-in {count} hosts: {loop.timeouts} changes timed out")
