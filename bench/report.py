@@ -127,7 +127,8 @@ def _targets(bench: Bench, settings: Settings) -> list[str]:
         steady = median("storm_vs_steady")
         slowest = median("storm_slowest")
         rows.append(
-            f"- {figures['storm_all'].name}: {fmt(median('storm_all'))} s; storm rate / "
+            f"- {figures['storm_all'].name}: {fmt(median('storm_all'))} s "
+            f"({fmt(median('storm_finished'))} VMs finished in time); storm rate / "
             "steady = " + _verdict(steady, steady >= 0.9) + " (target ≥ 0.9); slowest VM / "
             "median = " + _verdict(slowest, slowest <= 2) + " (target ≤ 2); slowest host's "
             f"median / fastest host's = {fmt(median('storm_hosts'))}; recovery point per "

@@ -40,7 +40,7 @@ from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tp
 from keeper_state_store.crypto.encryption import generate_key_file
 
 TPM_SIZE = 16 * 1024
-STORM_WAIT_S = 300.0
+STORM_WAIT_S = 180.0
 """How long the boot storm waits for every VM's newest state (keeps `make bench` bounded)."""
 SIZES = (("tpm", TPM_SIZE, "16 KiB"), ("nvram", OVMF_VARS_SIZE, "540 KiB"))
 
@@ -523,7 +523,10 @@ class Bench:
             "ratio",
             target="≥ 0.9",
         ).add(summary.stored_per_s / self.steady_fleet_rate)
-        self.figure("storm_median", "… median VM: newest state stored after", "s").add(
+        self.figure(
+            "storm_finished", "… VMs whose newest TPM and NVRAM were stored in time", "VMs"
+        ).add(summary.vms - summary.unfinished)
+        self.figure("storm_median", "… median VM (of those): newest state stored after", "s").add(
             summary.median_vm_s
         )
         self.figure("storm_slowest", "… slowest VM / median VM", "ratio", target="≤ 2").add(
@@ -552,7 +555,8 @@ class Bench:
             )
         self.say(
             f"boot storm: {summary.writes:,} writes, {summary.versions_stored:,} versions, "
-            f"all stored in {summary.all_stored_s:.1f} s"
+            f"{summary.vms - summary.unfinished:,} VMs finished, all stored after "
+            f"{summary.all_stored_s:.1f} s"
         )
 
     async def scale_memory(self, hosts: scale.FakeHosts, count: int) -> None:

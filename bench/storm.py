@@ -53,11 +53,15 @@ class StormSummary:
     hosts: int
     writes: int
     versions_stored: int
+    observed_s: float
+    """From the start to the last version stored: the divisor of the storm's rate."""
     unfinished: int
     """VMs whose newest state of some kind was not stored when the bench stopped waiting."""
     all_stored_s: float
+    """Until every VM's newest state was stored; nan when some never was."""
     median_vm_s: float
     slowest_vm_s: float
+    """Among the VMs that finished (all of them unless ``unfinished``)."""
     host_median_spread: float
     """Slowest host's median VM against the fastest host's (1.0: every host alike)."""
     slowest_host_median_s: float
@@ -71,7 +75,7 @@ class StormSummary:
     @property
     def stored_per_s(self) -> float:
         """Versions the store wrote per second of the storm."""
-        return self.versions_stored / max(self.all_stored_s, 1e-9)
+        return self.versions_stored / max(self.observed_s, 1e-9)
 
     @property
     def slowest_over_median(self) -> float:
@@ -96,11 +100,13 @@ def summarise(
     # Per VM and kind, the stored generations in arrival order.
     stored: dict[tuple[str, StateKind], list[tuple[float, int]]] = defaultdict(list)
     versions = 0
+    last = started
     for arrived, vm_id, digest in sorted(persisted):
         known = generation_of.get((vm_id, digest))
         if known is None:
             continue  # not a storm write (an earlier state of another scenario)
         versions += 1
+        last = max(last, arrived)
         kind, generation = known
         stored[(vm_id, kind)].append((arrived, generation))
 
@@ -135,8 +141,9 @@ def summarise(
         hosts=len(set(host_of.values())),
         writes=len(writes),
         versions_stored=versions,
+        observed_s=last - started,
         unfinished=len(unfinished),
-        all_stored_s=max(finished),
+        all_stored_s=float("nan") if unfinished else max(finished),
         median_vm_s=statistics.median(finished),
         slowest_vm_s=max(finished),
         host_median_spread=(
