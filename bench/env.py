@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -210,6 +210,8 @@ class PersistedRecorder:
     connection: AbstractRobustConnection
     waiters: dict[str, asyncio.Future[float]] = field(default_factory=dict)
     count: int = 0
+    listeners: list[Callable[[tuple[float, str, str]], None]] = field(default_factory=list)
+    """Called with (arrival, vm_id, content_hash) of every event (the boot storm's log)."""
 
     @classmethod
     async def start(cls, amqp_url: str) -> PersistedRecorder:
@@ -247,6 +249,8 @@ class PersistedRecorder:
         except MessageError:
             return
         self.count += 1
+        for listener in self.listeners:
+            listener((now, event.data.vm_id, event.data.content_hash))
         future = self.waiters.pop(f"{event.data.vm_id}:{event.data.content_hash}", None)
         if future is not None and not future.done():
             future.set_result(now)

@@ -25,7 +25,14 @@ from redis.asyncio import Redis
 from bench.env import PersistedRecorder
 from keeper_host_agent.detect.announcer import ChangeAnnouncer
 from keeper_shared.bus.client import BusClient, Delivery, Route
-from keeper_shared.bus.topology import declare_exchanges, event_routing_key, host_command_queue
+from keeper_shared.bus.topology import (
+    COMMANDS_EXCHANGE,
+    QueueSpec,
+    declare_exchanges,
+    event_routing_key,
+    host_command_key,
+    host_command_queue,
+)
 from keeper_shared.messages.envelope import Envelope, encode, new_envelope
 from keeper_shared.messages.state import (
     FetchState,
@@ -81,6 +88,22 @@ class FakeHosts:
             await self.bus.consume(
                 host_command_queue(host_id), [Route(FetchState, self.fetch)], prefetch=8
             )
+
+    async def serve_fleet(self, name: str, host_ids: Sequence[str]) -> None:
+        """Take these hosts' commands from one bench queue bound to every host's command
+        key: a thousand hosts without the broker keeping two thousand quorum queues (each
+        host's queue and its dead-letter queue) on a 2-core machine. The store sends each
+        fetch under its host's own key exactly as to a real host; only the broker's side
+        of a fleet (a queue per host) is left out."""
+        spec = QueueSpec(name=f"bench.fleet.{name}", command_key=host_command_key(host_ids[0]))
+        await self.bus.consume(spec, [Route(FetchState, self.fetch)], prefetch=256)
+        channel = await self.bus.connection.channel()
+        try:
+            queue = await channel.get_queue(spec.name, ensure=True)
+            for host_id in host_ids[1:]:
+                await queue.bind(COMMANDS_EXCHANGE, routing_key=host_command_key(host_id))
+        finally:
+            await channel.close()
 
     async def fetch(self, envelope: Envelope[FetchState], _delivery: Delivery) -> StateFetched:
         """What a host agent answers: the current blob of each asked VM and kind."""
@@ -167,12 +190,16 @@ async def closed_loop(
     *,
     duration_s: float | None,
     steps: int | None = None,
+    warmup_s: float = 0.0,
 ) -> LoopResult:
     """Each VM changes (cycling through ``kinds``) as soon as its last change was persisted,
-    for ``duration_s`` or ``steps`` changes each; returns once every change in flight has
-    been persisted or timed out."""
+    for ``warmup_s`` and then ``duration_s``, or ``steps`` changes each; returns once every
+    change in flight has been persisted or timed out. Only versions persisted after the
+    warm-up count: a thousand VMs that start together land in waves at first, and a window
+    shorter than a few of those waves measures their phase, not the rate."""
     began = time.monotonic()
-    ends = began + duration_s if duration_s is not None else float("inf")
+    counts_from = began + warmup_s
+    ends = counts_from + duration_s if duration_s is not None else float("inf")
     done = 0
     persisted = 0
     timeouts = 0
@@ -192,7 +219,7 @@ async def closed_loop(
                 recorder.forget(vm.vm_id, blob.content_hash)
                 continue
             persisted += 1
-            if at < ends:
+            if counts_from <= at < ends:
                 done += 1
 
     await asyncio.gather(*(one(vm, index) for index, vm in enumerate(vms)))

@@ -319,7 +319,7 @@ async def test_agent_process_serves_commands_and_publishes_events(
     for secret in (permall, nvram):
         assert secret[:32].hex() not in output
         assert base64.b64encode(secret[:48]).decode() not in output
-    assert "state stable" in output
+    assert "state changes announced" in output
 
 
 def _packaged_libtpms_version() -> str:

@@ -103,6 +103,11 @@ class HostAgent:
         await self.bus.publish_event(event, subject=event.host)
         for change in event.changes:
             metrics.STATE_CHANGES_PUBLISHED.labels(kind=change.kind.value).inc()
+        log.info(
+            "state changes announced",
+            count=len(event.changes),
+            changed=[f"{change.vm_id}/{change.kind.value}" for change in event.changes],
+        )
 
     async def refresh_domain(self, vm_id: str) -> None:
         """Re-read one domain from libvirt and track or untrack it."""

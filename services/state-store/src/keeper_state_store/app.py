@@ -75,8 +75,11 @@ async def serve(settings: StateStoreSettings, stop: asyncio.Event) -> None:
             service = StateService(settings, repository, bus, sealing)
             # Its pulls in flight end after the consumers that wait for them stopped.
             startup.after_bus_closes.push_async_callback(service.close)
-            # Prefetch bounds how many state.changed events can wait in one pull batch.
-            await bus.consume(STATE_STORE_EVENTS, service.event_routes(), prefetch=32)
+            # Prefetch bounds how many state.changed events can wait in one pull batch, and
+            # with many hosts of few changes each, the VMs in flight (see the setting).
+            await bus.consume(
+                STATE_STORE_EVENTS, service.event_routes(), prefetch=settings.events_prefetch
+            )
             await bus.consume(
                 STATE_STORE_COMMANDS,
                 [

@@ -71,6 +71,20 @@ class StateStoreSettings(ServiceSettings, RedisSettings):
         le=64,
         description="Most batched fetches to one host in flight at once.",
     )
+    events_prefetch: int = Field(
+        default=128,
+        ge=1,
+        le=4096,
+        description=(
+            "Most events (state.changed, heartbeats) one replica handles at once. An event "
+            "is acknowledged after its pulls were written, so this bounds the VMs in flight "
+            "when every host announces one or two changes at a time: at 32, a fleet of "
+            "hosts with a VM each had 32 VMs in flight where one host with all of them had "
+            "hundreds (an event carries up to 256 changes). Not much more: at 512, a boot "
+            "storm on a saturated 2-core machine kept so many announcements in flight that "
+            "the broker's confirms took over their 3 s bound and events were retried."
+        ),
+    )
     pull_batch_max_vms: int = Field(
         default=32,
         ge=1,

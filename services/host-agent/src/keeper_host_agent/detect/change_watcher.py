@@ -34,6 +34,9 @@ class ChangeWatcher:
         self._tpm_dirs: dict[str, str] = {}
         self._nvram_files: dict[str, str] = {}
         self._parents: dict[str, str] = {}
+        self._wanted: set[str] = set()
+        self._layout_seen: int | None = None
+        """The tracker's layout generation the paths above were computed for."""
 
     def close(self) -> None:
         """Release the inotify descriptor."""
@@ -41,14 +44,23 @@ class ChangeWatcher:
 
     def sync_watches(self) -> None:
         """Watch every tracked TPM directory and NVRAM directory that exists now."""
-        self._tpm_dirs = self._tracker.paths_by_kind(StateKind.TPM)
-        self._nvram_files = self._tracker.paths_by_kind(StateKind.NVRAM)
-        # A TPM directory appears only when libvirt (or a prepare) creates it, so its parent
-        # and the swtpm root are watched too: their CREATE events add the missing watch.
-        self._parents = {str(Path(path).parent): vm_id for path, vm_id in self._tpm_dirs.items()}
-        wanted = set(self._tpm_dirs) | set(self._parents)
-        wanted |= {str(Path(path).parent.parent) for path in self._tpm_dirs}
-        wanted |= {str(Path(path).parent) for path in self._nvram_files}
+        if self._layout_seen != self._tracker.layout_generation:
+            # The paths are computed again only when VMs or their paths changed: on an
+            # idle host with 1,000 VMs this was most of every rescan's work.
+            self._layout_seen = self._tracker.layout_generation
+            self._tpm_dirs = self._tracker.paths_by_kind(StateKind.TPM)
+            self._nvram_files = self._tracker.paths_by_kind(StateKind.NVRAM)
+            # A TPM directory appears only when libvirt (or a prepare) creates it, so its
+            # parent and the swtpm root are watched too: their CREATE events add the missing
+            # watch.
+            self._parents = {
+                str(Path(path).parent): vm_id for path, vm_id in self._tpm_dirs.items()
+            }
+            wanted = set(self._tpm_dirs) | set(self._parents)
+            wanted |= {str(Path(path).parent.parent) for path in self._tpm_dirs}
+            wanted |= {str(Path(path).parent) for path in self._nvram_files}
+            self._wanted = wanted
+        wanted = self._wanted
         for path in set(self._watches) - wanted:
             with contextlib.suppress(OSError, KeyError):
                 self._inotify.rm_watch(self._watches.pop(path))

@@ -3,7 +3,10 @@
 Every blob is verified, sealed under its VM's data key (every key read in one round trip) and
 written by its own fenced script, all in one Redis pipeline with one wait for the replicas:
 a batch of a hundred TPM states costs one round trip and shares one AOF fsync instead of
-two round trips each. Only then is each stored version announced ``state.persisted``.
+two round trips each. Batches from different hosts that are ready together share that
+pipeline too (see `keeper_state_store.handlers.write_coalescer`), so spreading the same
+VMs over more hosts does not multiply the round trips. Only then is each stored version
+announced ``state.persisted``.
 
 Each TPM version's identity (a fingerprint of its endorsement primary seed, read in
 microseconds; see `keeper_state_store.identity.fingerprint`) goes with its write, and the
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 from redis.exceptions import RedisError
@@ -31,6 +35,7 @@ from keeper_shared.state_format.compression import BlobFormatError
 from keeper_state_store.crypto.sealing import BlobSealer
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
 from keeper_state_store.handlers.tpm_reset import TpmResetAnnouncer
+from keeper_state_store.handlers.write_coalescer import WriteCoalescer
 from keeper_state_store.identity.fingerprint import TpmIdentity, archive_identity
 from keeper_state_store.storage.repository import (
     StateRepository,
@@ -46,6 +51,16 @@ BatchResults = dict[str, BaseException | None]
 that kept them from being; that VM's event is then redelivered."""
 
 
+@dataclass(frozen=True)
+class _PendingWrite:
+    """A verified blob of one VM from one host, waiting for its shared pipeline."""
+
+    host: str
+    vm_id: str
+    blob: StateBlob
+    identity: TpmIdentity | None
+
+
 class FetchedStateWriter:
     """Verifies, seals, writes and announces the blobs of one fetch reply."""
 
@@ -56,12 +71,49 @@ class FetchedStateWriter:
         secrets: TpmSecretVault,
         bus: BusClient,
         resets: TpmResetAnnouncer,
+        *,
+        max_coalesced_writes: int = 500,
+        coalesced_writes_in_flight: int = 2,
     ) -> None:
         self._repository = repository
         self._sealer = sealer
         self._secrets = secrets
         self._bus = bus
         self._resets = resets
+        self._coalescer: WriteCoalescer[_PendingWrite, WriteResult | RedisError] = WriteCoalescer(
+            self._write_all,
+            lambda pending: (pending.vm_id, pending.blob.kind),
+            max_items=max_coalesced_writes,
+            max_in_flight=coalesced_writes_in_flight,
+        )
+
+    async def close(self) -> None:
+        """Cancel writes still waiting to be coalesced (their callers see it)."""
+        await self._coalescer.close()
+
+    async def _write_all(self, pending: list[_PendingWrite]) -> list[WriteResult | RedisError]:
+        """Seal every blob (each VM's data key read in one round trip) and write them all
+        in one pipeline with one wait for the replicas; one result per write, in order."""
+        sealed = await self._sealer.seal_all([(item.vm_id, item.blob) for item in pending])
+        return await self._repository.write_versions(
+            [
+                VersionWrite(
+                    vm_id=item.vm_id,
+                    kind=item.blob.kind,
+                    host=item.host,
+                    token=item.blob.token,
+                    content_hash=item.blob.content_hash,
+                    size=item.blob.size,
+                    sealed=ciphertext,
+                    swtpm_version=item.blob.swtpm_version,
+                    tpm_identity=(
+                        None if item.identity is None else item.identity.fingerprint or ""
+                    ),
+                    tpm_profile=None if item.identity is None else item.identity.profile,
+                )
+                for item, ciphertext in zip(pending, sealed, strict=True)
+            ]
+        )
 
     async def persist(self, host: str, vm_states: Sequence[FetchedVmState]) -> BatchResults:
         """Write every VM's blobs from ``host``; a failure is reported per VM."""
@@ -103,24 +155,10 @@ class FetchedStateWriter:
             self._failed(results, [vm_id for vm_id, _ in to_write], error)
             return results
         try:
-            sealed = await self._sealer.seal_all(to_write)
-            outcomes = await self._repository.write_versions(
+            outcomes = await self._coalescer.write(
                 [
-                    VersionWrite(
-                        vm_id=vm_id,
-                        kind=blob.kind,
-                        host=host,
-                        token=blob.token,
-                        content_hash=blob.content_hash,
-                        size=blob.size,
-                        sealed=ciphertext,
-                        swtpm_version=blob.swtpm_version,
-                        tpm_identity=(None if identity is None else identity.fingerprint or ""),
-                        tpm_profile=None if identity is None else identity.profile,
-                    )
-                    for (vm_id, blob), ciphertext, identity in zip(
-                        to_write, sealed, identities, strict=True
-                    )
+                    _PendingWrite(host, vm_id, blob, identity)
+                    for (vm_id, blob), identity in zip(to_write, identities, strict=True)
                 ]
             )
         except Exception as error:
@@ -146,6 +184,15 @@ class FetchedStateWriter:
                 self._failed(results, [vm_id], reported)
             elif isinstance(reported, BaseException):
                 raise reported
+        stored = [
+            f"{vm_id}/{blob.kind.value}/{outcome.detail}"
+            for vm_id, blob, outcome, _ in written
+            if outcome.outcome is WriteOutcome.STORED
+        ]
+        if stored:
+            # One line per batch, naming each VM, kind and version: a line per version was
+            # a sixth of the store's CPU per stored version.
+            log.info("states persisted", from_host=host, count=len(stored), stored=stored)
         return results
 
     async def refuse(self, vm_id: str, kind: StateKind, host: str, reason: str) -> None:
@@ -206,7 +253,7 @@ class FetchedStateWriter:
         metrics.PERSISTED.labels(kind=blob.kind.value, outcome=result.outcome.value).inc()
         if result.outcome is WriteOutcome.STORED:
             version = int(result.detail)
-            log.info(
+            log.debug(
                 "state persisted",
                 vm_id=vm_id,
                 kind=blob.kind.value,

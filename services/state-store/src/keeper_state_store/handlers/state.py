@@ -113,8 +113,10 @@ class StateService:
         return not self._settings.verify_host_identity or delivery.user_id == host
 
     async def close(self) -> None:
-        """Stop batched pulls still in flight (after the consumers stopped)."""
+        """Stop batched pulls and coalesced writes still in flight (after the consumers
+        stopped)."""
         await self._batcher.close()
+        await self._writer.close()
 
     async def on_state_changed(self, envelope: Envelope[StateChanged], delivery: Delivery) -> None:
         """Pull each announced state unless it is already stored, superseded by a newer

@@ -1,0 +1,77 @@
+"""docs/benchmarks.md's verdicts (`bench.report`) from figures made by hand: each target is
+judged on the median of its same-run ratios, a missing figure is never "met", and every
+figure lands in the table with its target beside it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+from bench.report import write_report
+from bench.runner import Settings
+from bench.stats import Figure
+
+if TYPE_CHECKING:
+    from bench.profile import Summary
+    from bench.runner import Bench
+
+
+@dataclass
+class FakeBench:
+    figures: dict[str, Figure] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    profiles: dict[str, Summary] = field(default_factory=dict)
+
+    def add(self, key: str, name: str, rounds: list[float], target: str = "") -> None:
+        self.figures[key] = Figure(name, "ratio", list(rounds), target=target)
+
+
+def report(tmp_path: Path, bench: FakeBench) -> str:
+    return write_report(
+        tmp_path / "benchmarks.md", cast("Bench", bench), {"cpus": "2"}, Settings(), 60.0
+    )
+
+
+def line_with(text: str, needle: str) -> str:
+    (line,) = [line for line in text.splitlines() if line.startswith("- ") and needle in line]
+    return line
+
+
+def test_each_target_is_judged_on_the_median_of_its_rounds(tmp_path: Path) -> None:
+    bench = FakeBench()
+    bench.add("cpu_ratio_tpm", "CPU ratio", [2.5, 3.5, 2.9], target="≤ 3")
+    bench.add("lat_hop_ratio", "Latency ratio", [3.0, 5.0, 4.5], target="≤ 4")
+    bench.add("fanin_ratio_10", "Fan-in: 10 hosts / 1 host", [0.96, 0.97, 0.9], target="≥ 0.95")
+    bench.add("fanin_ratio_1000", "Fan-in: 1,000 hosts / 1 host", [0.91, 0.5, 0.92], "≥ 0.9")
+    bench.pooled_latency = [1.0, 2.0]  # type: ignore[attr-defined]
+
+    text = report(tmp_path, bench)
+
+    assert "2.90 — met" in line_with(text, "Cost per version")
+    assert "4.50 — NOT met" in line_with(text, "Latency:")
+    assert "0.960 — met" in line_with(text, "Fan-in: 10 hosts")
+    assert "0.910 — met" in line_with(text, "Fan-in: 1,000 hosts")
+    assert "| CPU ratio | ratio | 2.50 | 2.90 | 3.50 | 3 | ≤ 3 |" in text
+    assert (tmp_path / "benchmarks.md").read_text(encoding="utf-8") == text
+
+
+def test_a_figure_that_was_not_measured_is_never_met(tmp_path: Path) -> None:
+    text = report(tmp_path, FakeBench())
+
+    assert "n/a — NOT met" in line_with(text, "Cost per version")
+    assert "NOT met" in line_with(text, "Idle host agent")
+
+
+def test_the_boot_storm_line_carries_its_goals(tmp_path: Path) -> None:
+    bench = FakeBench()
+    bench.add("storm_all", "Boot storm: every newest state stored", [42.0])
+    bench.add("storm_vs_steady", "storm / steady", [0.95], target="≥ 0.9")
+    bench.add("storm_slowest", "slowest / median", [2.5], target="≤ 2")
+    bench.add("storm_hosts", "host spread", [1.1])
+
+    line = line_with(report(tmp_path, bench), "Boot storm: every newest state stored:")
+
+    assert "42.0 s" in line
+    assert "steady = 0.950 — met" in line
+    assert "median = 2.50 — NOT met" in line
