@@ -38,7 +38,6 @@ from keeper_shared.keeper_client.client import KeeperClient, client_origin
 from keeper_shared.keeper_client.outcomes import REQUEST_FAILURES, request_failure
 from keeper_shared.messages.releases import UnknownReleaseError
 from keeper_shared.runtime.tls_failure import NOT_TLS, describe_tls_failure
-from keeper_shared.sealing.keys import SealingPublicKey
 
 T = TypeVar("T")
 
@@ -246,17 +245,7 @@ async def connected(settings: CliSettings, *, needs: tuple[str, ...]) -> AsyncIt
     try:
         for service in needs:
             await _require_consumer(bus, service, settings)
-        yield KeeperClient(
-            bus,
-            request_timeout_s=settings.timeout_s,
-            store_target=settings.store_target,
-            policy_target=settings.policy_target,
-            store_sealing_key=(
-                SealingPublicKey.from_text(settings.store_sealing_key)
-                if settings.store_sealing_key
-                else None
-            ),
-        )
+        yield KeeperClient.configured(bus, settings)
     finally:
         await bus.close(2.0)
 

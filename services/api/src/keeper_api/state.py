@@ -24,7 +24,6 @@ from keeper_shared.keeper_client.client import KeeperClient, client_origin
 from keeper_shared.redis_access.connection import connect_redis
 from keeper_shared.runtime.startup import StoppedWhileWaitingError
 from keeper_shared.runtime.tls_failure import TlsHandshakeError
-from keeper_shared.sealing.keys import SealingPublicKey
 
 log = structlog.get_logger(__name__)
 
@@ -78,17 +77,7 @@ async def _connect(state: ApiState, stop: asyncio.Event) -> None:
         state.bus_problem = f"RabbitMQ refused the API: {error}"
         log.error("bus refused", reason=str(error))
         return
-    state.connected = KeeperClient(
-        bus,
-        request_timeout_s=settings.timeout_s,
-        store_target=settings.store_target,
-        policy_target=settings.policy_target,
-        store_sealing_key=(
-            SealingPublicKey.from_text(settings.store_sealing_key)
-            if settings.store_sealing_key
-            else None
-        ),
-    )
+    state.connected = KeeperClient.configured(bus, settings)
     log.info("bus reached")
 
 

@@ -7,7 +7,7 @@ import asyncio
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import SecretBytes
@@ -161,6 +161,19 @@ def client_origin(amqp_url: str | Sequence[str]) -> str:
     return user if re.fullmatch(HOST_ID_PATTERN, user) else "client"
 
 
+class ClientSettings(Protocol):
+    """What the CLI's and the API's settings both say about their requests."""
+
+    @property
+    def timeout_s(self) -> float: ...
+    @property
+    def store_target(self) -> str: ...
+    @property
+    def policy_target(self) -> str: ...
+    @property
+    def store_sealing_key(self) -> str | None: ...
+
+
 class KeeperClient:
     """Requests to policy and the state store, and a view of the events."""
 
@@ -182,6 +195,18 @@ class KeeperClient:
         self._store_target = store_target
         self._policy_target = policy_target
         self._watch_queue: AbstractQueue | None = None
+
+    @classmethod
+    def configured(cls, bus: BusClient, settings: ClientSettings) -> KeeperClient:
+        """A client on ``bus`` as ``settings`` say (the store's key pinned there, if any)."""
+        pinned = settings.store_sealing_key
+        return cls(
+            bus,
+            request_timeout_s=settings.timeout_s,
+            store_target=settings.store_target,
+            policy_target=settings.policy_target,
+            store_sealing_key=SealingPublicKey.from_text(pinned) if pinned else None,
+        )
 
     @classmethod
     async def connect(
