@@ -101,6 +101,23 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 _UPCASTERS: dict[tuple[str, int], Upcaster] = {}
 
 
+def _registrar(
+    steps: dict[tuple[str, int], Upcaster], what: str, message_type: str, from_version: int
+) -> Callable[[Upcaster], Upcaster]:
+    """A decorator that files one schema step of ``message_type`` in ``steps`` (the
+    upcasters or the downcasters); a second, different step for the same version is an
+    error."""
+
+    def register(step: Upcaster) -> Upcaster:
+        key = (message_type, from_version)
+        if key in steps and steps[key] is not step:
+            raise ValueError(f"{what} for {message_type} v{from_version} already exists")
+        steps[key] = step
+        return step
+
+    return register
+
+
 def register_upcaster(message_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
     """Register (as a decorator) how ``message_type`` data moves from ``from_version`` to
     ``from_version + 1``. When a payload's ``schema_version`` is raised, register the step
@@ -108,14 +125,7 @@ def register_upcaster(message_type: str, from_version: int) -> Callable[[Upcaste
     not yet upgraded) are read: :func:`decode` applies the steps one version at a time
     before validating."""
 
-    def register(upcaster: Upcaster) -> Upcaster:
-        key = (message_type, from_version)
-        if key in _UPCASTERS and _UPCASTERS[key] is not upcaster:
-            raise ValueError(f"an upcaster for {message_type} v{from_version} already exists")
-        _UPCASTERS[key] = upcaster
-        return upcaster
-
-    return register
+    return _registrar(_UPCASTERS, "an upcaster", message_type, from_version)
 
 
 def unregister_upcaster(message_type: str, from_version: int) -> None:
@@ -136,14 +146,7 @@ def register_downcaster(message_type: str, from_version: int) -> Callable[[Downc
     rolling upgrade. Register it beside the upcaster of the same step; a step without one
     cannot be sent to the older release at all (the sender refuses)."""
 
-    def register(downcaster: Downcaster) -> Downcaster:
-        key = (message_type, from_version)
-        if key in _DOWNCASTERS and _DOWNCASTERS[key] is not downcaster:
-            raise ValueError(f"a downcaster for {message_type} v{from_version} already exists")
-        _DOWNCASTERS[key] = downcaster
-        return downcaster
-
-    return register
+    return _registrar(_DOWNCASTERS, "a downcaster", message_type, from_version)
 
 
 def unregister_downcaster(message_type: str, from_version: int) -> None:
