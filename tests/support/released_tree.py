@@ -1,5 +1,5 @@
-"""A tagged release's source tree, extracted from this repository's history with
-``git archive``, to run it beside the current one (tests/integration/upgrade)."""
+"""A released source tree, extracted from this repository's history with ``git archive``,
+to run it beside the current one (tests/integration/upgrade)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,16 @@ SERVICE_SOURCES = (
     "services/state-store/src",
 )
 
+# Each release's commit, recorded when it is tagged (docs/upgrades.md). The tests find a
+# release by its commit, not its tag: a clone made by fetching the branch alone (as CI's is)
+# has the whole history but no tags.
+RELEASE_COMMITS = {
+    "0.1.0": "b22ef2064d8114d550864130615d1cac95320d22",
+}
 
-class ReleaseTagMissingError(LookupError):
-    """The release's tag is not in this clone."""
+
+class ReleaseMissingError(LookupError):
+    """The release's commit is not in this clone (a shallow clone)."""
 
 
 @dataclass(frozen=True)
@@ -36,20 +43,19 @@ class ReleasedTree:
 
 
 def extract_release(release: str, into: Path) -> ReleasedTree:
-    """Extract tag ``v<release>`` into ``into``; raise ReleaseTagMissingError without it."""
-    tag = f"v{release}"
-    found = subprocess.run(
-        ["git", "-C", str(REPOSITORY), "rev-parse", "--verify", "--quiet", f"{tag}^{{commit}}"],
-        capture_output=True,
-        check=False,
-    )
-    if found.returncode != 0:
-        raise ReleaseTagMissingError(
-            f"tag {tag} (release {release}) is not in {REPOSITORY}: fetch the tags "
-            "(`git fetch --tags`, or clone without --depth) to test rolling upgrades"
+    """Extract ``release``'s recorded commit into ``into``; raise ReleaseMissingError when the
+    clone lacks it, and ValueError when the release's tag names another commit."""
+    commit = RELEASE_COMMITS[release]
+    if _resolve(f"{commit}^{{commit}}") != commit:
+        raise ReleaseMissingError(
+            f"commit {commit[:12]} (release {release}) is not in {REPOSITORY}: clone with the "
+            "whole history (without --depth, or `git fetch --unshallow`) to test rolling upgrades"
         )
+    tagged = _resolve(f"v{release}^{{commit}}")
+    if tagged is not None and tagged != commit:
+        raise ValueError(f"tag v{release} names {tagged[:12]}, but release {release} is {commit}")
     archive = subprocess.run(
-        ["git", "-C", str(REPOSITORY), "archive", "--format=tar", tag],
+        ["git", "-C", str(REPOSITORY), "archive", "--format=tar", commit],
         capture_output=True,
         check=True,
     ).stdout
@@ -58,3 +64,14 @@ def extract_release(release: str, into: Path) -> ReleasedTree:
     into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return ReleasedTree(release, into)
+
+
+def _resolve(revision: str) -> str | None:
+    """The commit ``revision`` names in this repository, or None when it names nothing here."""
+    found = subprocess.run(
+        ["git", "-C", str(REPOSITORY), "rev-parse", "--verify", "--quiet", revision],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return found.stdout.strip() if found.returncode == 0 else None

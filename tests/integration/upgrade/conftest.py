@@ -11,16 +11,16 @@ import pytest
 
 from chaos.harness import kill_leftovers
 from keeper_shared.messages.releases import OLDEST_RELEASE
-from support.released_tree import ReleasedTree, ReleaseTagMissingError, extract_release
+from support.released_tree import ReleasedTree, ReleaseMissingError, extract_release
 
 
 @pytest.fixture(scope="session")
 def previous_release(tmp_path_factory: pytest.TempPathFactory) -> ReleasedTree:
-    """Release N-1 from its tag. A missing tag skips, and fails under ``CI=true``: a clone
-    without tags must not pass by not testing upgrades."""
+    """Release N-1 from its recorded commit. A clone without it (shallow) skips, and fails
+    under ``CI=true``: such a clone must not pass by not testing upgrades."""
     try:
         return extract_release(OLDEST_RELEASE, tmp_path_factory.mktemp("previous-release"))
-    except ReleaseTagMissingError as error:
+    except ReleaseMissingError as error:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{error} (CI=true: the upgrade tests must not skip)")
         pytest.skip(str(error))

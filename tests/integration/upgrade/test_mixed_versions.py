@@ -1,7 +1,8 @@
 """Releases N and N-1 side by side, every service a real process, under load.
 
-The previous release is extracted from this repository's history (its tag) and run from the
-same venv with ``PYTHONPATH`` pointing at its sources. Both halves of a rolling upgrade:
+The previous release is extracted from this repository's history (its recorded commit) and
+run from the same venv with ``PYTHONPATH`` pointing at its sources. Both halves of a rolling
+upgrade:
 
 - store and policy upgraded first, hosts not yet: the NEW store and policy beside an OLD
   host agent (and a new one). They learn from its heartbeats which release it reads and

@@ -1,5 +1,5 @@
 """The manifest frozen for the previous release is what that release's code declares, read
-from its payload classes in a process that imports the tagged tree."""
+from its payload classes in a process that imports the released tree."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def declared_manifest(shared_sources: str) -> dict[str, int]:
     return declared
 
 
-def test_the_frozen_manifest_is_what_the_tagged_release_declares(
+def test_the_frozen_manifest_is_what_the_released_code_declares(
     previous_release: ReleasedTree,
 ) -> None:
     declared = declared_manifest(str(previous_release.root / "shared" / "src"))
