@@ -53,6 +53,7 @@ from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.replies import (
     AcceptTpmReply,
     DeleteStateReply,
+    DeleteVmSnapshotReply,
     DisableTpmReply,
     PlaceVmReply,
     RevertVmReply,
@@ -733,29 +734,44 @@ def snapshot_delete(
     timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Delete a snapshot (versions only it kept are deleted with it). Asks first (--yes for
-    automation)."""
+    """Delete a snapshot (versions only it kept are deleted with it; a snapshot with memory
+    loses its memory file on its host). Asks first (--yes for automation)."""
 
-    async def work(settings: CliSettings) -> tuple[str, bool]:
+    async def work(settings: CliSettings) -> tuple[str, DeleteVmSnapshotReply]:
         async with connected(settings, needs=RESOLVING) as client:
             vm_id = await resolve(client, vm)
             confirm(
                 f"Delete snapshot {snapshot_id} of {vm}? TPM and NVRAM versions that only this "
-                "snapshot keeps are deleted and cannot be restored afterwards.",
+                "snapshot keeps, and its memory, are deleted and cannot be restored afterwards.",
                 yes=yes,
             )
-            return vm_id, bool(await client.delete_snapshot(vm_id, snapshot_id))
+            return vm_id, await client.delete_snapshot(vm_id, snapshot_id)
 
-    vm_id, deleted = run(work, follow=f"`keeper vm snapshots {vm}`")
+    vm_id, reply = run(work, follow=f"`keeper vm snapshots {vm}`")
     if as_json:
         output.emit_json(
             document(
                 "snapshot-deletion",
-                {"vm_id": vm_id, "snapshot_id": snapshot_id, "deleted": deleted},
+                {
+                    "vm_id": vm_id,
+                    "snapshot_id": snapshot_id,
+                    "deleted": reply.deleted,
+                    "memory_deleted_on": reply.memory_deleted_on,
+                    "memory_left_on": reply.memory_left_on,
+                },
             )
         )
         return
-    output.stdout.print(f"snapshot {snapshot_id}: {'deleted' if deleted else 'there was none'}")
+    output.stdout.print(
+        f"snapshot {snapshot_id}: {'deleted' if reply.deleted else 'there was none'}"
+    )
+    if reply.memory_deleted_on is not None:
+        output.stdout.print(f"its memory was deleted on {reply.memory_deleted_on}")
+    if reply.memory_left_on is not None:
+        output.stderr.print(
+            f"its memory file is still on {reply.memory_left_on} (declared lost): remove "
+            f"<snapshot_dir>/{vm_id}/{snapshot_id}.mem there before the host rejoins"
+        )
 
 
 def _delete(vm: str, *, disable: bool, reason: str, yes: bool, as_json: bool) -> None:

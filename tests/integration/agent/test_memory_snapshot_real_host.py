@@ -41,6 +41,7 @@ from integration.agent.test_real_host import (
     RestoreCapture,
     SerialConsole,
     Stack,
+    _libvirt_call,
     _live_xml,
     disk_nvram_content,
     disk_tpm_content,
@@ -113,6 +114,13 @@ def started_from_memory(name: str) -> bool:
     starts = log.split(": starting up libvirt version")
     assert len(starts) > 1, f"no QEMU start in {QEMU_LOG_DIR / name}.log"
     return "\n-incoming " in starts[-1]
+
+
+def _snapshot_names(vm_id: str) -> list[str]:
+    """The domain's snapshots as libvirt lists them."""
+    return _libvirt_call(
+        lambda conn: [str(name) for name in conn.lookupByUUIDString(vm_id).snapshotListNames()]
+    )
 
 
 def pinned(watch: EventWatch, vm_id: str, kind: StateKind, version: int) -> str:
@@ -206,12 +214,19 @@ async def test_a_memory_snapshot_reverts_to_the_tpm_pinned_with_it_also_after_an
         assert started_from_memory(name), "the VM booted instead of reverting"
         assert await value_in(vm_id, tmp_path / "reverted-again") == pinned_value
 
+        # --- deleted while the domain runs: libvirt's record and the memory file go
+        assert SNAPSHOT in _snapshot_names(vm_id)
+        deleted = await client.delete_snapshot(vm_id, SNAPSHOT)
+        assert (deleted.deleted, deleted.memory_deleted_on) == (True, host), deleted
+        assert SNAPSHOT not in _snapshot_names(vm_id)
+        assert not memory_file.exists(), "the snapshot's memory outlived it"
+
         assert await client.stop(vm_id, StopMode.POWEROFF)
         codes = await stack.stop_services()
         assert set(codes.values()) == {0}, codes
         for service in stack.services:
             assert b"Traceback" not in service.log_path.read_bytes(), service.log_path
     finally:
-        # The keeper does not delete memory files yet (see docs/snapshots.md).
+        # The snapshot's deletion removes the memory file; a failed test may not get there.
         shutil.rmtree(SNAPSHOT_DIR / vm_id, ignore_errors=True)
         shutil.rmtree(SWTPM_ROOT / vm_id, ignore_errors=True)

@@ -52,7 +52,7 @@ from keeper_shared.messages.vm_control import (
     SnapshotDomain,
     SuspendVm,
 )
-from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm
+from keeper_shared.messages.vm_snapshot import DeleteVmSnapshot, RevertVm, SnapshotVm
 from keeper_shared.sealing.keys import SealingPublicKey
 from keeper_shared.sealing.passphrases import export_binding, import_binding, seal_passphrase
 from support.broker import Broker
@@ -152,6 +152,7 @@ EXAMPLES: dict[type[Payload], Callable[[Scene], Payload]] = {
     StopVm: lambda s: StopVm(vm_id=_new_id(), mode=StopMode.POWEROFF),
     SnapshotVm: lambda s: SnapshotVm(vm_id=s.vm_id, snapshot_id="live"),
     RevertVm: lambda s: RevertVm(vm_id=s.vm_id, snapshot_id="never-taken"),
+    DeleteVmSnapshot: lambda s: DeleteVmSnapshot(vm_id=s.vm_id, snapshot_id="never-taken"),
     AdoptVm: lambda s: AdoptVm(vm="no-such-domain", host=s.host),
     ListVms: lambda s: ListVms(),
     ListUnprotectedVms: lambda s: ListUnprotectedVms(),

@@ -219,8 +219,8 @@ async def test_snapshot_pins_survive_history_trimming(store: Store) -> None:
     listed = await store.client.list_snapshots(vm_id)
     assert [(s.snapshot_id, s.versions) for s in listed] == [("before-upgrade", pinned)]
 
-    assert await store.client.delete_snapshot(vm_id, "before-upgrade")
-    assert not await store.client.delete_snapshot(vm_id, "before-upgrade")
+    assert await store.client.unpin_snapshot(vm_id, "before-upgrade")
+    assert not await store.client.unpin_snapshot(vm_id, "before-upgrade")
     history = await store.client.state_history(vm_id)
     assert [v.version for v in history.kinds[0].versions] == [3, 4, 5]
     with pytest.raises(KeeperRequestError, match="not"):
@@ -249,7 +249,7 @@ async def test_a_version_pinned_twice_stays_pinned_until_the_last_snapshot_goes(
         )
         await store.pull(vm_id)
 
-    assert await store.client.delete_snapshot(vm_id, "a")
+    assert await store.client.unpin_snapshot(vm_id, "a")
     versions = (await store.client.state_history(vm_id)).kinds[0].versions
     assert [(v.version, v.snapshots) for v in versions if not v.in_history] == [
         (1, ["b"]),
@@ -257,7 +257,7 @@ async def test_a_version_pinned_twice_stays_pinned_until_the_last_snapshot_goes(
     ]
     await restore(store, vm_id, snapshot_id="b", allow_older=True)
 
-    assert await store.client.delete_snapshot(vm_id, "b")
+    assert await store.client.unpin_snapshot(vm_id, "b")
     versions = (await store.client.state_history(vm_id)).kinds[0].versions
     assert [v.version for v in versions if not v.in_history] == [2]
 

@@ -101,3 +101,38 @@ async def test_a_domain_this_host_does_not_have_is_refused(tmp_path: Path) -> No
     assert not done.ok
     assert done.error is not None
     assert missing in done.error
+
+
+async def test_a_deleted_snapshot_takes_its_memory_file_with_it(tmp_path: Path) -> None:
+    vm_id, fake = running_vm()
+    commands = SnapshotCommands(fake, tmp_path)
+    await commands.snapshot(envelope(SnapshotDomain(vm_id=vm_id, snapshot_id=SNAPSHOT)), DELIVERY)
+    await commands.snapshot(envelope(SnapshotDomain(vm_id=vm_id, snapshot_id="other")), DELIVERY)
+    # The fake has no QEMU to write the memory; put it where QEMU would.
+    for name in (SNAPSHOT, "other"):
+        fake.memory_files[(vm_id, name)].write_bytes(b"guest memory")
+
+    done = await commands.delete_snapshot(
+        envelope(DeleteDomainSnapshot(vm_id=vm_id, snapshot_id=SNAPSHOT)), DELIVERY
+    )
+
+    assert (done.ok, done.changed) == (True, True)
+    assert not fake.memory_files[(vm_id, SNAPSHOT)].exists()
+    assert fake.memory_files[(vm_id, "other")].is_file(), "another snapshot's memory went too"
+    assert fake.domains[vm_id].snapshots == ["other"]
+
+
+async def test_the_memory_file_is_deleted_after_the_domain_was_undefined(tmp_path: Path) -> None:
+    vm_id = str(uuid.uuid4())
+    commands = SnapshotCommands(FakeHypervisor(), tmp_path)
+    memory = tmp_path / vm_id / f"{SNAPSHOT}.mem"
+    memory.parent.mkdir()
+    memory.write_bytes(b"guest memory")
+    delete = DeleteDomainSnapshot(vm_id=vm_id, snapshot_id=SNAPSHOT)
+
+    first = await commands.delete_snapshot(envelope(delete), DELIVERY)
+    second = await commands.delete_snapshot(envelope(delete), DELIVERY)
+
+    assert (first.ok, first.changed) == (True, True)
+    assert (second.ok, second.changed) == (True, False)
+    assert not memory.parent.exists(), "the VM's emptied memory directory is left behind"

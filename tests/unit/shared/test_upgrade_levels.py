@@ -41,6 +41,8 @@ from keeper_shared.messages.releases import (
     current_manifest,
     upgrade_level,
 )
+from keeper_shared.messages.replies import DeleteVmSnapshotReply
+from keeper_shared.messages.vm_snapshot import DeleteVmSnapshot
 from support.memory_bus import MemoryBroker
 
 
@@ -102,9 +104,14 @@ def test_the_current_manifest_is_read_from_the_payload_classes() -> None:
     assert Gauge.message_type not in manifest, "a test's payload is no part of a release"
 
 
-CHANGED_SINCE_PREVIOUS_RELEASE = {HostHeartbeat.message_type}
+CHANGED_SINCE_PREVIOUS_RELEASE = {
+    HostHeartbeat.message_type,
+    DeleteVmSnapshot.message_type,
+    DeleteVmSnapshotReply.message_type,
+}
 """Message types whose version differs from N-1's (docs/upgrades.md): each has a
-downcaster to N-1's version, or is refused by a sender capped at N-1."""
+downcaster to N-1's version, or is new and refused by a sender capped at N-1 (the client
+then deletes a snapshot as N-1 did: the store's pin only)."""
 
 
 def test_the_types_changed_since_the_previous_release_are_the_known_ones() -> None:

@@ -54,6 +54,7 @@ from keeper_shared.messages.replies import (
     DeleteSnapshotReply,
     DeleteStateReply,
     DeleteTemplateReply,
+    DeleteVmSnapshotReply,
     DisableTpmReply,
     EnableTpmReply,
     ImportStateReply,
@@ -122,7 +123,12 @@ from keeper_shared.messages.vm_control import (
     SnapshotDomain,
     SuspendVm,
 )
-from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm, VmSnapshotted
+from keeper_shared.messages.vm_snapshot import (
+    DeleteVmSnapshot,
+    RevertVm,
+    SnapshotVm,
+    VmSnapshotted,
+)
 
 ERROR_REPLY: type[Payload] = CommandRejected
 """The answer any command can get instead of its reply: its receiver could not take it
@@ -219,6 +225,8 @@ COMMANDS: Mapping[type[Payload], CommandContract] = {
         # A running VM is powered off first, as by vm.stop; the revert is a placement.
         (StatePersisted, VmStopped, VmUndefined, VmDefined, VmStarted, VmPlaced),
     ),
+    # A snapshot with memory is deleted on its host first; events: none.
+    DeleteVmSnapshot: CommandContract(_POLICY, DeleteVmSnapshotReply),
     AdoptVm: CommandContract(_POLICY, VmAdoptionResult, (VmAdopted,)),
     ListVms: CommandContract(_POLICY, VmsListed),
     ListUnprotectedVms: CommandContract(_POLICY, UnprotectedVmsListed),

@@ -238,7 +238,13 @@ async def delete_snapshot(
 ) -> dict[str, Any]:
     vm_id = await resolve(state.keeper, vm)
     deleted = await state.keeper.delete_snapshot(vm_id, snapshot_id)
-    return {"vm_id": vm_id, "snapshot_id": snapshot_id, "deleted": deleted}
+    return {
+        "vm_id": vm_id,
+        "snapshot_id": snapshot_id,
+        "deleted": deleted.deleted,
+        "memory_deleted_on": deleted.memory_deleted_on,
+        "memory_left_on": deleted.memory_left_on,
+    }
 
 
 @router.post("/{vm}/revert", status_code=202, summary="Go back to a snapshot with memory")

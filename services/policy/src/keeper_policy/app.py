@@ -20,6 +20,7 @@ from keeper_policy.placement.placer import Placer
 from keeper_policy.placement.workflow import PLACE, PlaceRunner
 from keeper_policy.service import PolicyService
 from keeper_policy.settings import PolicySettings
+from keeper_policy.snapshot.deleter import SnapshotDeleter
 from keeper_policy.snapshot.memory_records import MemorySnapshots
 from keeper_policy.snapshot.reverter import Reverter
 from keeper_policy.snapshot.snapshotter import Snapshotter
@@ -99,7 +100,9 @@ def build_service(settings: PolicySettings, redis: Redis, bus: BusClient) -> Pol
         migrations=MigrationTracker(registry, hosts, gateway, window_s=settings.migration_window_s),
         snapshots=Snapshotter(registry, engine, gateway, bounds, settings.workflow_lease_s),
         reverter=Reverter(registry, memory_snapshots, stopper, placer),
-        memory_snapshots=memory_snapshots,
+        snapshot_deleter=SnapshotDeleter(
+            memory_snapshots, hosts, engine, gateway, store_timeout_s=settings.retrieve_timeout_s
+        ),
         queries=PolicyQueries(registry, hosts, lost_after_s=settings.host_lost_after_s),
         disabler=TpmDisabler(
             registry, engine, gateway, store_timeout_s=settings.retrieve_timeout_s

@@ -13,7 +13,7 @@ from keeper_policy.hosts.senders import HostSenders
 from keeper_policy.placement.claim import PlacementClaims
 from keeper_policy.placement.migration import MigrationTracker
 from keeper_policy.placement.placer import Placer
-from keeper_policy.snapshot.memory_records import MemorySnapshots
+from keeper_policy.snapshot.deleter import SnapshotDeleter
 from keeper_policy.snapshot.reverter import Reverter
 from keeper_policy.snapshot.snapshotter import Snapshotter
 from keeper_policy.stop.stopper import Stopper
@@ -34,6 +34,7 @@ from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.host_requests import ClaimPlacement, PlacementClaimed
 from keeper_shared.messages.placement import PlaceVm, StopVm
 from keeper_shared.messages.replies import (
+    DeleteVmSnapshotReply,
     DisableTpmReply,
     EnableTpmReply,
     PlaceVmReply,
@@ -45,7 +46,7 @@ from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded
 from keeper_shared.messages.tpm_reset import ResetFoundBy, TpmReset, TpmResetCleared
 from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped, VmUndefined
-from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm
+from keeper_shared.messages.vm_snapshot import DeleteVmSnapshot, RevertVm, SnapshotVm
 from keeper_shared.runtime.background import BackgroundTasks
 
 log = structlog.get_logger(__name__)
@@ -67,7 +68,7 @@ class PolicyService:
         migrations: MigrationTracker,
         snapshots: Snapshotter,
         reverter: Reverter,
-        memory_snapshots: MemorySnapshots,
+        snapshot_deleter: SnapshotDeleter,
         disabler: TpmDisabler,
         queries: PolicyQueries,
         adopter: Adopter,
@@ -86,7 +87,7 @@ class PolicyService:
         self._migrations = migrations
         self._snapshots = snapshots
         self._reverter = reverter
-        self._memory_snapshots = memory_snapshots
+        self._snapshot_deleter = snapshot_deleter
         self._disabler = disabler
         self._queries = queries
         self._adopter = adopter
@@ -121,6 +122,7 @@ class PolicyService:
             Route(StopVm, self.on_stop),
             Route(SnapshotVm, self.on_snapshot),
             Route(RevertVm, self.on_revert),
+            Route(DeleteVmSnapshot, self.on_snapshot_delete),
             Route(AdoptVm, self.on_adopt),
             *self._queries.command_routes(),
             *self._templates.command_routes(),
@@ -177,6 +179,12 @@ class PolicyService:
         """Go back to a snapshot with memory: power off when running, restore the pinned
         TPM and NVRAM, revert the domain on the snapshot's host."""
         return await self._reverter.revert(envelope.data)
+
+    async def on_snapshot_delete(
+        self, envelope: Envelope[DeleteVmSnapshot], delivery: Delivery
+    ) -> DeleteVmSnapshotReply:
+        """Delete a snapshot: its memory file on its host first, then the store's pin."""
+        return await self._snapshot_deleter.delete(envelope.data)
 
     async def on_vm_stopped(self, envelope: Envelope[VmStopped], delivery: Delivery) -> None:
         """A domain stopped without a ``vm.stop``: a migration moves the placement, any
@@ -267,9 +275,9 @@ class PolicyService:
 
     async def on_state_deleted(self, envelope: Envelope[StateDeleted], delivery: Delivery) -> None:
         """The store deleted a VM's state: its recovery point, and the snapshots with memory
-        whose pins went with it, are gone with it."""
+        whose pins went with it (their memory files deleted on their hosts), are gone."""
         await self._registry.forget_versions(envelope.data.vm_id)
-        await self._memory_snapshots.forget_vm(envelope.data.vm_id)
+        await self._snapshot_deleter.forget_vm(envelope.data.vm_id)
 
     async def on_persisted(self, envelope: Envelope[StatePersisted], delivery: Delivery) -> None:
         """Track the recovery point of each VM."""

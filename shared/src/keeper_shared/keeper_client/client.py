@@ -12,7 +12,7 @@ from typing import Protocol, TypeVar
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import SecretBytes
 
-from keeper_shared.bus.client import BusClient
+from keeper_shared.bus.client import BusClient, ReceiverCannotReadError
 from keeper_shared.bus.node_failover import broker_user
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, POLICY, STATE_STORE, client_queue_name
 from keeper_shared.messages.adoption import (
@@ -46,6 +46,7 @@ from keeper_shared.messages.replies import (
     DeleteSnapshotReply,
     DeleteStateReply,
     DeleteTemplateReply,
+    DeleteVmSnapshotReply,
     DisableTpmReply,
     EnableTpmReply,
     ImportStateReply,
@@ -82,7 +83,7 @@ from keeper_shared.messages.transfer import (
     StateExported,
 )
 from keeper_shared.messages.types import HOST_ID_PATTERN, StateKind
-from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm
+from keeper_shared.messages.vm_snapshot import DeleteVmSnapshot, RevertVm, SnapshotVm
 from keeper_shared.sealing.keys import SealingPublicKey
 from keeper_shared.sealing.passphrases import export_binding, import_binding, seal_passphrase
 
@@ -451,8 +452,21 @@ class KeeperClient:
         pinned = await self._ask(self._store_target, request, CreateSnapshotReply, vm_id)
         return pinned.versions
 
-    async def delete_snapshot(self, vm_id: str, snapshot_id: str) -> bool:
-        """Delete a snapshot; False when there was none."""
+    async def delete_snapshot(self, vm_id: str, snapshot_id: str) -> DeleteVmSnapshotReply:
+        """Delete a snapshot through policy, its memory file on its host included; the
+        reply's ``deleted`` is False when there was none. Policy of the previous release
+        does not know the command: then only the store's pin is deleted, as that release
+        did (the reply names no host)."""
+        request = DeleteVmSnapshot(vm_id=vm_id, snapshot_id=snapshot_id)
+        try:
+            return await self._ask(self._policy_target, request, DeleteVmSnapshotReply, vm_id)
+        except ReceiverCannotReadError:
+            deleted = await self.unpin_snapshot(vm_id, snapshot_id)
+            return DeleteVmSnapshotReply(ok=True, deleted=deleted)
+
+    async def unpin_snapshot(self, vm_id: str, snapshot_id: str) -> bool:
+        """Have the store drop a snapshot's pin (a low-level step of :meth:`delete_snapshot`,
+        which deletes a snapshot's memory too); False when there was none."""
         request = DeleteSnapshot(vm_id=vm_id, snapshot_id=snapshot_id)
         reply = await self._ask(self._store_target, request, DeleteSnapshotReply, vm_id)
         return reply.deleted

@@ -121,8 +121,8 @@ class RevertDomainReply(CommandOutcome):
 
 
 class DeleteDomainSnapshotReply(DomainChangeReply):
-    """Reply to ``vm.snapshot-domain-delete``: the libvirt snapshot is gone (``changed``
-    false: there was none)."""
+    """Reply to ``vm.snapshot-domain-delete``: the snapshot and its memory file are gone
+    (``changed`` false: there was neither)."""
 
     message_type = "vm.snapshot-domain-delete.reply"
 
@@ -171,6 +171,24 @@ class DeleteSnapshotReply(CommandOutcome):
     message_type = "snapshot.delete.reply"
 
     deleted: bool = Field(default=False, description="False when there was no such snapshot.")
+
+
+class DeleteVmSnapshotReply(CommandOutcome):
+    """Reply to ``vm.snapshot-delete``."""
+
+    message_type = "vm.snapshot-delete.reply"
+
+    deleted: bool = Field(default=False, description="False when there was no such snapshot.")
+    memory_deleted_on: HostId | None = Field(
+        default=None,
+        description="The host whose copy of the snapshot's memory was deleted; None for a "
+        "snapshot without memory.",
+    )
+    memory_left_on: HostId | None = Field(
+        default=None,
+        description="A host declared lost that still holds the snapshot's memory file: "
+        "remove it there before the host rejoins (`<snapshot_dir>/<vm>/<snapshot>.mem`).",
+    )
 
 
 class FirstStateReply(CommandOutcome):

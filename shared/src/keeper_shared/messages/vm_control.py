@@ -63,8 +63,9 @@ class SnapshotDomain(Payload):
 
 
 class DeleteDomainSnapshot(Payload):
-    """Command to a host: delete a libvirt snapshot of the domain (its metadata and data);
-    deleting one that does not exist is a no-op. Replied with
+    """Command to a host: delete a snapshot of the domain, libvirt's record and the memory
+    file the host keeps for it (also when the domain was undefined since); deleting one
+    that does not exist is a no-op. Replied with
     ``DeleteDomainSnapshotReply``."""
 
     message_type = "vm.snapshot-domain-delete"

@@ -74,3 +74,18 @@ class RevertVm(Payload):
 
     vm_id: VmId = Field(description="The VM.")
     snapshot_id: SnapshotId = Field(description="A snapshot with memory of this VM.")
+
+
+class DeleteVmSnapshot(Payload):
+    """Command to policy: delete a snapshot of a VM. One with memory loses its libvirt
+    snapshot and its memory file on the host that holds them (the guest's whole memory,
+    keys the TPM released to it included) before the store unpins its versions; one
+    without memory is the store's pin only. Deleting one that does not exist is not an
+    error.
+
+    Replied with ``DeleteVmSnapshotReply``."""
+
+    message_type = "vm.snapshot-delete"
+
+    vm_id: VmId = Field(description="The VM.")
+    snapshot_id: SnapshotId = Field(description="The snapshot to delete.")

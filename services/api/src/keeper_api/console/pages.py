@@ -235,6 +235,7 @@ async def _what_is_lost(
     return [
         f"snapshot {snapshot}",
         "TPM and NVRAM versions that only this snapshot keeps; they cannot be restored afterwards",
+        "its memory, if it was taken with memory (deleted on the host that holds it)",
     ]
 
 

@@ -1,8 +1,8 @@
 """Commands the host agent carries out for snapshots with memory: pause the domain, take a
-libvirt snapshot (its memory in ``<snapshot_dir>/<vm-uuid>/<snapshot>.mem``), resume it
-(and delete a libvirt snapshot). Policy retrieves the TPM and NVRAM state between pause and
-snapshot, so the state it pins is the one the memory image expects; the snapshot's XML goes
-back to policy in the reply, for a revert after an undefine.
+libvirt snapshot (its memory in ``<snapshot_dir>/<vm-uuid>/<snapshot>.mem``), resume it,
+and delete a snapshot with its memory file. Policy retrieves the TPM and NVRAM state between
+pause and snapshot, so the state it pins is the one the memory image expects; the
+snapshot's XML goes back to policy in the reply, for a revert after an undefine.
 
 Each is idempotent, because a policy replica resuming a workflow may repeat any of them:
 pausing a paused domain, resuming a running one, taking a snapshot that exists and deleting
@@ -12,13 +12,14 @@ one that does not all succeed without doing anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
 import structlog
 
-from keeper_host_agent.hypervisor.errors import HypervisorError
+from keeper_host_agent.hypervisor.errors import DomainNotFoundError, HypervisorError
 from keeper_host_agent.hypervisor.port import Hypervisor
 from keeper_shared.bus.client import Delivery
 from keeper_shared.messages.envelope import Envelope
@@ -76,11 +77,32 @@ async def take_snapshot(
     return True
 
 
-async def delete_snapshot(hypervisor: Hypervisor, vm_id: str, name: str) -> bool:
-    """Delete the named snapshot; False when there is none."""
-    if name not in await hypervisor.snapshot_names(vm_id):
+async def delete_snapshot(
+    hypervisor: Hypervisor, vm_id: str, name: str, snapshot_dir: Path
+) -> bool:
+    """Delete the named snapshot and its memory file; False when there was neither. The
+    domain may be gone (an undefine drops libvirt's snapshots, not the memory file)."""
+    try:
+        defined = name in await hypervisor.snapshot_names(vm_id)
+    except DomainNotFoundError:
+        defined = False
+    if defined:
+        await hypervisor.delete_snapshot(vm_id, name)
+    # The guest's whole memory, keys the TPM released to it included: it must not outlive
+    # the snapshot that needed it.
+    target = memory_file(snapshot_dir, vm_id, name)
+    removed = await asyncio.to_thread(_remove_memory_file, target)
+    return defined or removed
+
+
+def _remove_memory_file(target: Path) -> bool:
+    """Remove ``target`` and its VM's directory once empty; False when it was not there."""
+    try:
+        target.unlink()
+    except FileNotFoundError:
         return False
-    await hypervisor.delete_snapshot(vm_id, name)
+    with contextlib.suppress(OSError):  # the VM's other snapshots still live there
+        target.parent.rmdir()
     return True
 
 
@@ -143,11 +165,13 @@ class SnapshotCommands:
     async def delete_snapshot(
         self, envelope: Envelope[DeleteDomainSnapshot], _delivery: Delivery
     ) -> DeleteDomainSnapshotReply:
-        """Delete a libvirt snapshot."""
+        """Delete a snapshot: libvirt's record and its memory file."""
         request = envelope.data
         return await self._run(
             "domain snapshot delete",
             request.vm_id,
-            delete_snapshot(self._hypervisor, request.vm_id, request.snapshot_id),
+            delete_snapshot(
+                self._hypervisor, request.vm_id, request.snapshot_id, self._snapshot_dir
+            ),
             DeleteDomainSnapshotReply,
         )

@@ -26,6 +26,7 @@ from keeper_host_agent.hypervisor.libvirt_connection import LibvirtConnection
 from keeper_host_agent.hypervisor.libvirt_errors import translating
 from keeper_host_agent.hypervisor.libvirt_memory_snapshots import (
     create_memory_snapshot,
+    delete_memory_snapshot,
     revert_with_memory,
     snapshot_xml,
 )
@@ -208,8 +209,8 @@ class LibvirtHypervisor(LibvirtConnection):
         )
 
     async def delete_snapshot(self, vm_id: str, name: str) -> None:
-        """Delete the domain's snapshot ``name``."""
-        await self._on_domain(vm_id, lambda domain: domain.snapshotLookupByName(name).delete(0))
+        """See ``libvirt_memory_snapshots.delete_memory_snapshot``."""
+        await self._on_domain(vm_id, lambda domain: delete_memory_snapshot(domain, name))
 
     async def metadata(self, vm_id: str, namespace: str) -> str | None:
         """The domain's `<metadata>` element in ``namespace``; None when it has none."""

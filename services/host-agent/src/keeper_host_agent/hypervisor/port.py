@@ -131,7 +131,8 @@ class Hypervisor(Protocol):
         ...
 
     async def delete_snapshot(self, vm_id: str, name: str) -> None:
-        """Delete the domain's snapshot ``name``."""
+        """Delete the domain's snapshot ``name`` (its external memory file is the caller's
+        to remove)."""
         ...
 
     async def metadata(self, vm_id: str, namespace: str) -> str | None:

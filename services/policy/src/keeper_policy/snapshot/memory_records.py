@@ -2,7 +2,7 @@
 NVRAM: the host whose disk holds the memory file, and libvirt's snapshot XML. libvirt
 forgets a snapshot when its domain is undefined (every power-off through the keeper
 undefines); the memory file stays on the host, and this record lets a revert redefine the
-snapshot there."""
+snapshot there, and a deletion find the file."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ class MemorySnapshots:
         """The snapshot with memory of that name, or None."""
         raw = await awaited(self._redis.hget(memory_snapshots_key(vm_id), snapshot_id))
         return MemorySnapshot.model_validate_json(raw) if raw else None
+
+    async def all(self, vm_id: str) -> list[MemorySnapshot]:
+        """Every snapshot with memory of the VM."""
+        raw = await awaited(self._redis.hvals(memory_snapshots_key(vm_id)))
+        return [MemorySnapshot.model_validate_json(record) for record in raw]
+
+    async def forget(self, vm_id: str, snapshot_id: str) -> None:
+        """Drop the record of one snapshot (its memory file was deleted)."""
+        await awaited(self._redis.hdel(memory_snapshots_key(vm_id), snapshot_id))
 
     async def forget_vm(self, vm_id: str) -> None:
         """Drop every record of the VM (its stored state, pins included, is gone)."""
