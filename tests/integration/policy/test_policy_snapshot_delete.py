@@ -2,7 +2,8 @@
 memory file on the snapshot's host goes first (it is the guest's whole memory), then
 policy's record and the store's pin. While the host does not answer, nothing is deleted.
 A snapshot without memory is the store's pin only. Deleting the VM's state deletes the
-memory of every snapshot it had."""
+memory of every snapshot it had; a host declared lost cannot be asked, and the reply names
+it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_shared.keeper_client.client import KeeperRequestError
+from keeper_shared.messages.host_loss import HostLost
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.vm_snapshot import SnapshotMode
 from support.broker import Broker
@@ -98,3 +100,31 @@ async def test_deleting_a_vms_state_deletes_the_memory_of_its_snapshots(
             "the snapshots' memory files to be deleted on their host",
         )
         assert not memories[0].parent.exists(), "the VM's memory directory is left behind"
+
+
+async def test_a_lost_hosts_snapshot_is_deleted_and_the_reply_names_the_host(
+    rabbitmq_broker: Broker, redis_url: str, redis_users: RedisUsers, tmp_path: Path
+) -> None:
+    async with PolicyStack(
+        rabbitmq_broker,
+        redis_url,
+        tmp_path,
+        redis_users=redis_users,
+        policy_env={"KEEPER_POLICY_HOST_LOST_AFTER_S": "3"},
+    ) as stack:
+        spec = await stack.new_vm("a")
+        vm_id, host_a = spec.vm_id, stack.host_id("a")
+        await stack.write_tpm_persisted("a", vm_id)
+        await stack.client.snapshot(vm_id, "s1", memory=True)
+        memory = memory_file(stack, "a", vm_id, "s1")
+        assert (await stack.client.stop_vm(vm_id, StopMode.SHUTDOWN)).removed
+        stack.signal("a", signal.SIGKILL)
+        await stack.services["a"].stop()
+        await stack.events.wait_for(HostLost, lambda e: e.host == host_a)
+
+        deleted = await stack.client.delete_snapshot(vm_id, "s1")
+
+        assert deleted.deleted
+        assert (deleted.memory_deleted_on, deleted.memory_left_on) == (None, host_a)
+        assert memory.is_file(), "nobody could have deleted it: its host is down"
+        assert await snapshot_names(stack, vm_id) == []
