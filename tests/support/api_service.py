@@ -49,9 +49,10 @@ class ApiService:
         return await self.http.request(method, path, headers=self.auth(token), **kwargs)
 
     async def finished(self, accepted: httpx.Response) -> dict[str, Any]:
-        """Poll the operation a 202 named until it is no longer running; its record."""
+        """Poll the operation a 202 named, at this replica (whichever accepted it), until it
+        is no longer running; its record."""
         assert accepted.status_code == 202, accepted.text
-        location = accepted.headers["location"]
+        location = httpx.URL(accepted.headers["location"]).path
         deadline = time.monotonic() + OPERATION_TIMEOUT_S
         while time.monotonic() < deadline:
             polled = await self.call("GET", location, token=READER_TOKEN)

@@ -1,8 +1,9 @@
 """The HTTP API as a process in front of the real services (store, policy, host agents on
 simulated hosts; session RabbitMQ and Redis): every ``keeper vm`` operation over HTTP with
 the CLI's outcomes, a reader refused on every route that changes something, bad input
-answered with problem details, a clean stop on SIGTERM, and a start while RabbitMQ is
-down (the API serves, answers 503 and waits for it)."""
+answered with problem details, a clean stop on SIGTERM, an operation whose replica is
+killed reported interrupted, and a start while RabbitMQ is down (the API serves, answers
+503 and waits for it)."""
 
 from __future__ import annotations
 
@@ -259,6 +260,32 @@ async def test_any_replica_answers_a_poll_and_sigterm_stops_one_cleanly(
         log = second.process.log_path.read_text()
         assert "Application shutdown complete." in log
         assert "Traceback" not in log
+
+
+async def test_an_operation_whose_replica_is_killed_is_reported_interrupted(
+    stack: tuple[PolicyStack, ApiService], tmp_path: Path
+) -> None:
+    services, first = stack
+    bundle = {"bundle_base64": base64.b64encode(b"not a bundle").decode(), "passphrase": "p" * 12}
+    # A frozen store answers nothing, so the import waits on its reply when the replica dies.
+    services.signal("store", signal.SIGSTOP)
+    try:
+        async with running_api(
+            services, tmp_path, KEEPER_API_OPERATION_HEARTBEAT_S="0.2"
+        ) as doomed:
+            accepted = await doomed.call("POST", "/api/v1/vms/import", json=bundle)
+            assert accepted.status_code == 202, accepted.text
+            assert doomed.process.process is not None
+            doomed.process.process.send_signal(signal.SIGKILL)
+            await doomed.process.process.wait()
+            # The surviving replica answers: running while the liveness key lasts, then
+            # interrupted, with the CLI's time-out reason (the outcome is unknown).
+            polled = await first.finished(accepted)
+    finally:
+        services.signal("store", signal.SIGCONT)
+    assert polled["status"] == "interrupted", polled
+    assert polled["problem"]["reason"] == "timeout", polled
+    assert "may still be carried out" in polled["problem"]["detail"]
 
 
 async def test_the_api_serves_before_rabbitmq_answers_and_uses_it_once_it_does(

@@ -10,8 +10,9 @@ file (``aclfile`` in ``deploy/redis/redis.conf``):
   CONFIG GET (the durability check at start), SCAN (the scrubber, KEK rotation).
 - ``keeper-policy``: policy. Placements, VM records, workflows, hosts, templates, its
   indexes; never the store's state or data keys. Scripts, SCAN (VM listings).
-- ``keeper-api``: the HTTP API. Only its operations' records (``keeper:api:operation:*``),
-  with GET and SET; it asks the services over the bus for everything else.
+- ``keeper-api``: the HTTP API. Only its operations' records and their liveness keys
+  (``keeper:api:operation:*``), with GET, SET, EXISTS and DEL; it asks the services over
+  the bus for everything else.
 - ``keeper-replication``: what a replica logs in to its primary as (``masteruser``).
 - ``keeper-sentinel``: what a Sentinel logs in to the nodes as (``sentinel auth-user``).
 - ``keeper-admin``: every command and key, for the operator (backups, ``redis-cli``).
@@ -84,8 +85,9 @@ POLICY_COMMANDS: tuple[str, ...] = (
 )
 """Commands policy sends, directly or from its Lua scripts."""
 
-API_COMMANDS: tuple[str, ...] = ("select", "ping", "get", "set")
-"""Commands the API sends: its operations' records are read and written whole."""
+API_COMMANDS: tuple[str, ...] = ("select", "ping", "get", "set", "exists", "del")
+"""Commands the API sends: its operations' records are read and written whole, and the
+liveness key of each running one is renewed, checked and dropped."""
 
 API_KEY_PATTERN = "keeper:api:operation:*"
 """The API's keys (``keeper_api.operations.OPERATION_KEY_PREFIX``; the API is not imported

@@ -36,6 +36,13 @@ class ApiSettings(BaseSettings, RedisSettings):
     )
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     operation_ttl_s: int = Field(default=86400, ge=60)
+    operation_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="How often a replica renews the liveness of an operation it carries out; "
+        "three missed and a poll reports it interrupted.",
+    )
     store_target: str = STATE_STORE
     policy_target: str = POLICY
 

@@ -95,11 +95,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         stop.set()
         await connecting
-        running = state.tasks
+        running = set(state.tasks)
         if running:
             # An operation already sent goes on server side; give its reply a bounded wait
-            # so its outcome is recorded, then leave it as `running` for a poll to see.
-            await asyncio.wait(running, timeout=min(settings.timeout_s, 20.0))
+            # so its outcome is recorded, then record those still waiting as interrupted.
+            _done, waiting = await asyncio.wait(running, timeout=min(settings.timeout_s, 20.0))
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
         if state.connected is not None:
             await state.connected.close()
         await redis.aclose()
