@@ -166,7 +166,8 @@ async def test_policy_and_store_users_do_their_work_and_nothing_else(
         scripts = PolicyScripts(policy_redis)
         registry = PolicyRegistry(policy_redis, scripts)
         await registry.register_vm(VmSpec(vm_id=vm_id, name="win-01", guest_os="windows-11"), "")
-        assert await registry.vms_named("win-01") == [vm_id]
+        assert await registry.names.index_existing() == 1
+        assert await registry.names.claim("win-01", "other", exclusive=True) == [vm_id]
         epoch = await registry.place(vm_id, "hv-1", expected_host=None)
         assert await registry.vms_on("hv-1") == [vm_id]
         hosts = HostRegistry(policy_redis, scripts)

@@ -53,4 +53,5 @@ def test_global_keys_are_only_the_known_ones() -> None:
         "shard_barrier_key",
         "host_vms_key",
         "host_cleanup_key",
+        "vm_name_key",
     }

@@ -79,7 +79,7 @@ STORE_COMMANDS: tuple[str, ...] = (
 POLICY_COMMANDS: tuple[str, ...] = (
     *_CLIENT_COMMANDS,
     *("get", "set", "del", "exists", "pexpire"),
-    *("hget", "hmget", "hset", "hdel", "hexists", "hgetall", "hvals", "hincrby"),
+    *("hget", "hmget", "hset", "hsetnx", "hdel", "hexists", "hgetall", "hvals", "hincrby"),
     *("sadd", "srem", "smembers"),
     *("zadd", "zrange", "zrem", "zscore"),
 )
@@ -157,6 +157,8 @@ def policy_patterns() -> list[str]:
         policy_keys.DISCOVERY_WAITING,
         policy_keys.TEMPLATES,
         policy_keys.TEMPLATE_NAMES,
+        policy_keys.vm_name_key(ANY),
+        policy_keys.NAMES_INDEXED,
     ]
 
 

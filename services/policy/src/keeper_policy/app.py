@@ -29,6 +29,7 @@ from keeper_policy.stop.plan import StopBounds
 from keeper_policy.stop.stopper import Stopper
 from keeper_policy.stop.workflow import STOP, StopRunner
 from keeper_policy.storage.scripts import PolicyScripts
+from keeper_policy.storage.vm_names import VmNames
 from keeper_policy.storage.vm_registry import PolicyRegistry
 from keeper_policy.templates.handlers import TemplateHandlers
 from keeper_policy.templates.records import TemplateRecords
@@ -121,8 +122,14 @@ async def serve(settings: PolicySettings, stop: asyncio.Event) -> None:
     """Run one policy replica until ``stop`` is set."""
     redis = connect_redis(settings)
     try:
+        names = VmNames(redis, PolicyScripts(redis))
         try:
             await wait_for_dependency(redis.ping, "Redis", stop, retry_on=REDIS_UNAVAILABLE)
+            # Before any approval: a name claimed by a VM registered by an older release
+            # must be in the index it is checked against.
+            await wait_for_dependency(
+                names.index_existing, "Redis", stop, retry_on=REDIS_UNAVAILABLE
+            )
         except StoppedWhileWaitingError:
             return
 

@@ -37,6 +37,16 @@ TEMPLATE_NAMES = f"{PREFIX}:policy:{{templates}}:names"
 """Hash: template name -> template id, so a name names one template."""
 
 
+NAMES_INDEXED = f"{PREFIX}:policy:vm-names-indexed"
+"""String: set once every VM record registered before the name index existed is in it."""
+
+
+def vm_name_key(name: str) -> str:
+    """Hash: VM id -> when it claimed the domain name ``name`` (see ``storage.vm_names``). Its
+    own hash tag: a name's claims are one slot, whichever VMs hold it."""
+    return f"{PREFIX}:policy:{{name:{name}}}:vms"
+
+
 def workflow_key(vm_id: str) -> str:
     """Hash: the VM's workflow in progress (id, kind, step, attempts, host, deadline...)."""
     return f"{PREFIX}:{{{vm_id}}}:workflow"

@@ -36,3 +36,5 @@ class PolicyScripts:
         self.versions_forget = _load(redis, "versions_forget")
         self.tpm_reset = _load(redis, "tpm_reset")
         self.template_save = _load(redis, "template_save")
+        self.name_claim = _load(redis, "name_claim")
+        self.name_release = _load(redis, "name_release")

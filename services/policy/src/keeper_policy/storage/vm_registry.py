@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from keeper_policy.storage.keys import EPOCH_PENDING, host_vms_key, migration_key
 from keeper_policy.storage.scripts import PolicyScripts
+from keeper_policy.storage.vm_names import VmNames
 from keeper_shared.libtpms import StateProfile
 from keeper_shared.messages.placement import RecoveryPoint
 from keeper_shared.messages.tpm import VmSpec
@@ -118,6 +119,8 @@ class PolicyRegistry:
     def __init__(self, redis: Redis, scripts: PolicyScripts) -> None:
         self._redis = redis
         self._scripts = scripts
+        self.names = VmNames(redis, scripts)
+        """Claims on domain names (an approval claims one before it registers)."""
 
     @property
     def redis(self) -> Redis:
@@ -126,7 +129,11 @@ class PolicyRegistry:
 
     async def register_vm(self, spec: VmSpec, tpm_xml: str) -> None:
         """Record an approved VM (idempotent; a new approval replaces spec and element, and
-        forgets a stranded-TPM mark: the operator has dealt with it)."""
+        forgets a stranded-TPM mark: the operator has dealt with it). Its name is claimed
+        beside any other holder (an approval that refuses duplicates claimed it first); a
+        renamed VM gives its old name up."""
+        previous = await self.registered_name(spec.vm_id)
+        await self.names.claim(spec.name, spec.vm_id, exclusive=False)
         # A block: a Redis Cluster transaction hands its connection back only on reset.
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(
@@ -135,28 +142,19 @@ class PolicyRegistry:
             )
             pipe.hdel(vm_record_key(spec.vm_id), "tpm_stranded")
             await pipe.execute()
+        if previous is not None and previous != spec.name:
+            await self.names.release(previous, spec.vm_id)
 
-    async def vms_named(self, name: str) -> list[str]:
-        """The ids of the registered VMs whose domain name is ``name``, sorted. Policy keeps
-        no index of names: this scans the records, as rare as a registration. Two
-        registrations of one name at the same moment on two replicas can both pass it."""
-        keys = [key async for key in self._redis.scan_iter(match=vm_record_key("*"), count=500)]
-        if not keys:
-            return []
-        pipe = self._redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.hget(key, "spec")
-        found = []
-        for raw in await pipe.execute():
-            if raw is None:
-                continue
-            try:
-                spec = VmSpec.model_validate_json(raw)
-            except ValidationError:
-                continue  # a spec of another schema: not one this release can compare
-            if spec.name == name:
-                found.append(spec.vm_id)
-        return sorted(found)
+    async def registered_name(self, vm_id: str) -> str | None:
+        """The domain name the VM is registered under; None when it is not registered (or
+        under a spec this release cannot read)."""
+        raw = await awaited(self._redis.hget(vm_record_key(vm_id), "spec"))
+        if raw is None:
+            return None
+        try:
+            return VmSpec.model_validate_json(raw).name
+        except ValidationError:
+            return None
 
     async def mark_adopted(self, vm_id: str, host: str) -> None:
         """Record that the VM was adopted on ``host`` (its domain is its manager's)."""
@@ -321,8 +319,12 @@ class PolicyRegistry:
     async def forget(self, vm_id: str) -> str | None:
         """Remove the VM's registration; None when done, else the host it was placed on
         meanwhile (then nothing changed)."""
+        name = await self.registered_name(vm_id)
         host = await self._scripts.forget(keys=[vm_record_key(vm_id), placement_key(vm_id)])
-        return host.decode() or None
+        placed_on = host.decode() or None
+        if placed_on is None and name is not None:
+            await self.names.release(name, vm_id)
+        return placed_on
 
     async def forget_versions(self, vm_id: str) -> None:
         """The store deleted the VM's state: no persisted version is known any more."""

@@ -40,11 +40,15 @@ class Approver:
 
     async def approve(self, request: EnableTpm, requester: str) -> EnableTpmReply:
         """Approve or reject ``request``; ``requester`` is named when it overrode a rule."""
+        spec = request.spec
+        previous_name = await self._registry.registered_name(spec.vm_id)
         if not request.allow_duplicate_name:
-            refusal = await self._name_taken(request)
-            if refusal is not None:
-                log.info("TPM refused: duplicate name", vm_id=request.spec.vm_id)
-                return EnableTpmReply.failed(refusal)
+            # Claimed before anything is decided: of two approvals of one name at once, on
+            # any replicas, one gets it.
+            holders = await self._registry.names.claim(spec.name, spec.vm_id, exclusive=True)
+            if holders:
+                log.info("TPM refused: duplicate name", vm_id=spec.vm_id)
+                return EnableTpmReply.failed(_name_taken(spec.name, holders))
         live = await self._hosts.live_in_cluster(request.cluster, self._settings.host_lost_after_s)
         decision = decide_tpm(
             request.spec,
@@ -56,6 +60,8 @@ class Approver:
         )
         vm_id = request.spec.vm_id
         if decision.tpm_xml is None:
+            if previous_name != spec.name:
+                await self._registry.names.release(spec.name, vm_id)
             await self._gateway.publish(TpmRejected(vm_id=vm_id, reasons=decision.reasons), vm_id)
             log.info("TPM rejected", vm_id=vm_id, reasons=decision.reasons)
             return EnableTpmReply.failed("; ".join(decision.reasons))
@@ -85,17 +91,11 @@ class Approver:
             overridden=decision.overridden,
         )
 
-    async def _name_taken(self, request: EnableTpm) -> str | None:
-        """Why the request's domain name cannot be registered again, or None. The VM's own
-        record does not count: approving a VM again is how its spec is changed."""
-        spec = request.spec
-        others = [
-            vm_id for vm_id in await self._registry.vms_named(spec.name) if vm_id != spec.vm_id
-        ]
-        if not others:
-            return None
-        return (
-            f"a VM named {spec.name!r} is registered already ({', '.join(others)}): choose "
-            "another name, or allow a second VM of that name (allow_duplicate_name, "
-            "`keeper vm enable-tpm --allow-duplicate-name`)"
-        )
+
+def _name_taken(name: str, holders: list[str]) -> str:
+    """Why ``name`` cannot be registered again."""
+    return (
+        f"a VM named {name!r} is registered already ({', '.join(holders)}): choose "
+        "another name, or allow a second VM of that name (allow_duplicate_name, "
+        "`keeper vm enable-tpm --allow-duplicate-name`)"
+    )
