@@ -10,10 +10,13 @@ are used instead. When the servers are not installed the tests skip, except unde
 from __future__ import annotations
 
 import gc
+import json
 import os
+import secrets
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -217,9 +220,18 @@ def rabbitmq_broker(
                 container.exec(["rabbitmqctl", "add_user", name, password])
                 container.exec(["rabbitmqctl", "set_permissions", name, ".*", ".*", ".*"])
 
+            def import_in_container(document: dict[str, Any]) -> None:
+                for user in document.get("users", []):
+                    container.exec(["rabbitmqctl", "delete_user", user["name"]])
+                path = f"/tmp/definitions-{secrets.token_hex(8)}.json"
+                text = json.dumps(document)
+                container.exec(["sh", "-c", f"umask 077 && cat > {path} <<'EOF'\n{text}\nEOF"])
+                container.exec(["rabbitmqctl", "import_definitions", path])
+                container.exec(["rm", "-f", path])
+
             host = container.get_container_host_ip()
             url = f"amqp://guest:guest@{host}:{container.get_exposed_port(5672)}/"
-            yield Broker(url, add_user_in_container)
+            yield Broker(url, add_user_in_container, import_in_container)
         return
     node = _rabbitmq_node(tmp_path_factory.mktemp("rabbitmq"), tls_files)
     _require_installed(node.check_installed)
@@ -229,7 +241,7 @@ def rabbitmq_broker(
 
     try:
         node.start()
-        yield Broker(node.amqp_url, add_user)
+        yield Broker(node.amqp_url, add_user, node.import_user_definitions)
     finally:
         node.stop()
 

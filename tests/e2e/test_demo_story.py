@@ -18,6 +18,7 @@ from keeper_devtools.localstack import RedisServer
 from keeper_devtools.localstack.redis_users import API, POLICY, STORE, RedisUsers
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME
 from support.api_service import free_port
+from support.broker import Broker
 from support.bus_hygiene import purge_service_queues
 from support.leak_scan import content_fingerprints, every_redis_value, find_leaks, leak_forms
 
@@ -25,16 +26,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.rabbit, pytest.mark.redis, pytest.mar
 
 
 async def test_secret_sealed_on_host_a_reads_back_on_host_b_and_never_leaks(
-    rabbitmq_url: str,
+    rabbitmq_broker: Broker,
     redis_url: str,
     session_redis: RedisServer,
     redis_users: RedisUsers,
     tmp_path: Path,
 ) -> None:
-    await purge_service_queues(rabbitmq_url)
+    await purge_service_queues(rabbitmq_broker.url)
     out = io.StringIO()
     config = DemoConfig(
-        amqp_url=rabbitmq_url,
+        amqp_url=rabbitmq_broker.url,
+        broker=rabbitmq_broker,
         redis_url=session_redis.url_for(*redis_users.login(STORE)),
         policy_redis_url=session_redis.url_for(*redis_users.login(POLICY)),
         api_redis_url=session_redis.url_for(*redis_users.login(API)),

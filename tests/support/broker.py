@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import yarl
 
@@ -16,6 +17,13 @@ class Broker:
     add_user: Callable[[str, str], None]
     """(name, password) -> None: a user with every permission on the default vhost (what a
     user may do is a matter of topic permissions, tested apart)."""
+    import_definitions: Callable[[dict[str, Any]], None]
+    """A definitions document's users with their permissions (a host's or a client's, from
+    ``keeper_devtools.contract.rabbitmq``), as a deployment makes them."""
+
+    def import_user_definitions(self, document: dict[str, Any]) -> None:
+        """See :attr:`import_definitions` (the demo's ``BrokerAccounts``)."""
+        self.import_definitions(document)
 
     def url_for(self, user: str, password: str) -> str:
         """The AMQP URL of this broker as another user (its scheme and TLS options kept)."""

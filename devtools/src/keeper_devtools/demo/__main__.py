@@ -27,8 +27,10 @@ def main() -> None:
     """Run the story against the local stack started by ``deploy/local/stack start``."""
     stack = LocalStackSettings()
     run_dir = stack.run_dir.parent
+    node = stack.rabbitmq_node()
     config = DemoConfig(
-        amqp_url=stack.rabbitmq_node().amqp_url,
+        amqp_url=node.amqp_url,
+        broker=node,
         redis_url=stack.redis_url_for(STORE),
         policy_redis_url=stack.redis_url_for(POLICY),
         api_redis_url=stack.redis_url_for(API),

@@ -15,6 +15,7 @@ from typing import TextIO
 
 from redis.asyncio import Redis
 
+from keeper_devtools.demo.bus_users import BrokerAccounts, DemoBusUsers, create_bus_users
 from keeper_devtools.demo.console import console_answers, console_service
 from keeper_devtools.demo.hosts import SimulatedHost
 from keeper_devtools.demo.processes import ServiceProcess
@@ -25,6 +26,7 @@ from keeper_devtools.swtpm_lab import (
     nv_write_secret,
     write_private_ca_config,
 )
+from keeper_shared.bus.node_failover import broker_user
 from keeper_shared.keeper_client.client import KeeperClient
 from keeper_shared.messages.placement import StopMode
 from keeper_shared.messages.state import StatePersisted
@@ -54,6 +56,9 @@ class DemoConfig:
     """Where the story runs."""
 
     amqp_url: str
+    """The store's, policy's and the demo's own AMQP URL (the stack's service user)."""
+    broker: BrokerAccounts
+    """Where each host and the API get their own user (see ``demo.bus_users``)."""
     redis_url: str
     """The store's Redis URL (as its own ACL user where Redis has users)."""
     work_dir: Path
@@ -113,7 +118,9 @@ class Narrator:
         self._step_started = now
 
 
-def _services(config: DemoConfig, hosts: list[SimulatedHost]) -> list[ServiceProcess]:
+def _services(
+    config: DemoConfig, hosts: list[SimulatedHost], users: DemoBusUsers
+) -> list[ServiceProcess]:
     logs = config.work_dir / "logs"
     common = {"KEEPER_LOG_JSON": "true"}
     bus = config.amqp_url
@@ -128,8 +135,8 @@ def _services(config: DemoConfig, hosts: list[SimulatedHost]) -> list[ServicePro
                 "KEEPER_STORE_REDIS_URL": config.redis_url,
                 "KEEPER_STORE_KEK_FILE": str(config.kek_file),
                 "KEEPER_STORE_SEALING_KEY_FILE": str(config.store_sealing_key_file),
-                # Every service of this stack shares the broker user "guest".
-                "KEEPER_STORE_VERIFY_HOST_IDENTITY": "false",
+                # Each host has its own broker user: what it says of itself is checked.
+                "KEEPER_STORE_VERIFY_HOST_IDENTITY": "true",
                 "KEEPER_STORE_ALLOW_VOLATILE_REDIS": str(config.allow_volatile_redis).lower(),
                 "KEEPER_STORE_LOG_JSON": "true",
             },
@@ -141,7 +148,7 @@ def _services(config: DemoConfig, hosts: list[SimulatedHost]) -> list[ServicePro
             {
                 "KEEPER_POLICY_AMQP_URL": bus,
                 "KEEPER_POLICY_REDIS_URL": config.policy_redis,
-                "KEEPER_POLICY_VERIFY_HOST_IDENTITY": "false",  # the shared user, as above
+                "KEEPER_POLICY_VERIFY_HOST_IDENTITY": "true",
                 "KEEPER_POLICY_LOG_JSON": "true",
                 "KEEPER_POLICY_HOST_LOST_AFTER_S": "15",
             },
@@ -155,7 +162,9 @@ def _services(config: DemoConfig, hosts: list[SimulatedHost]) -> list[ServicePro
                 "keeper_host_agent",
                 {
                     "KEEPER_HOST_HOST_ID": host.host_id,
-                    "KEEPER_HOST_AMQP_URL": bus,
+                    "KEEPER_HOST_AMQP_URL": users.host_urls[host.host_id],
+                    # Commands only from the services' user, never from the API's.
+                    "KEEPER_HOST_COMMAND_SENDERS": broker_user([bus]),
                     "KEEPER_HOST_LIBVIRT_URI": host.libvirt_uri,
                     "KEEPER_HOST_SWTPM_ROOT": str(host.swtpm_root),
                     "KEEPER_HOST_NVRAM_DIR": str(host.nvram_dir),
@@ -208,12 +217,13 @@ async def run_story(
         host.create()
     say = Narrator(out)
     result = StoryResult()
-    services = _services(config, [host_a, host_b])
+    users = await create_bus_users(config.broker, [host_a.host_id, host_b.host_id])
+    services = _services(config, [host_a, host_b], users)
     console: tuple[ServiceProcess, str, Path] | None = None
     if config.api_redis_url is not None:
         store_key = SealingPublicKey(load_private_key(config.store_sealing_key_file).public_key())
         console = console_service(
-            amqp_url=config.amqp_url,
+            amqp_url=users.api_url,
             redis_url=config.api_redis_url,
             port=config.api_port,
             store_key=store_key.to_text(),
@@ -231,7 +241,11 @@ async def run_story(
             lambda: _hosts_heard_since(redis, [host_a.host_id, host_b.host_id], started_at),
             "heartbeats from host-a and host-b to reach policy",
         )
-        say.step("stack", "state-store, policy, host-a and host-b are up; both hosts heartbeat")
+        say.step(
+            "stack",
+            "state-store, policy, host-a and host-b are up; both hosts heartbeat, each as its "
+            "own broker user",
+        )
         if console is not None:
             _, url, token_file = console
             await _wait_until(lambda: console_answers(url), "the API and console to answer")

@@ -12,6 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from keeper_devtools.contract.rabbitmq import password_hash
 from keeper_devtools.localstack import _process
@@ -213,32 +214,47 @@ class RabbitMQNode:
         password never reaches a command line (rabbitmqctl 3.10 takes it only as an
         argument): the user is imported from a definitions file holding its hash.
         """
-        document = {
-            "users": [
-                {
-                    "name": name,
-                    "password_hash": password_hash(password),
-                    "hashing_algorithm": "rabbit_password_hashing_sha256",
-                    "tags": [],
-                }
-            ],
-            "permissions": [
-                {"user": name, "vhost": "/", "configure": configure, "write": write, "read": read}
-            ],
-        }
+        self.import_user_definitions(
+            {
+                "users": [
+                    {
+                        "name": name,
+                        "password_hash": password_hash(password),
+                        "hashing_algorithm": "rabbit_password_hashing_sha256",
+                        "tags": [],
+                    }
+                ],
+                "permissions": [
+                    {
+                        "user": name,
+                        "vhost": "/",
+                        "configure": configure,
+                        "write": write,
+                        "read": read,
+                    }
+                ],
+            }
+        )
+
+    def import_user_definitions(self, document: dict[str, Any]) -> None:
+        """Create (or reset) the users ``document`` defines, with their permissions and
+        anything else it holds (``keeper_devtools.contract.rabbitmq`` makes such documents
+        for a host or a client). Passwords travel as hashes in a 0600 file, never in argv."""
         definitions = self._base / f"user-{secrets.token_hex(8)}.json"
         fd = os.open(definitions, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(document, handle)
+        names = [user["name"] for user in document.get("users", [])]
         try:
-            self._ctl("delete_user", name, timeout=30.0)
+            for name in names:
+                self._ctl("delete_user", name, timeout=30.0)
             result = self._ctl("import_definitions", str(definitions), timeout=30.0)
         finally:
             definitions.unlink(missing_ok=True)
         if result is None or result.returncode != 0:
             detail = result.stderr.strip()[-300:] if result else "timed out"
             raise LocalStackError(
-                f"rabbitmqctl import_definitions for user {name} failed: {detail}"
+                f"rabbitmqctl import_definitions for {', '.join(names)} failed: {detail}"
             )
 
     def pid(self) -> int | None:
