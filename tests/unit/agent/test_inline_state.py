@@ -16,10 +16,12 @@ from keeper_host_agent.detect.inline_state import (
     InlineBudget,
     StateInliner,
     inline_candidate,
+    inliner_for,
     sealed_size,
 )
 from keeper_host_agent.hypervisor.domain_xml import DomainStateLocation
 from keeper_host_agent.settings import HostAgentSettings
+from keeper_shared.messages.releases import CURRENT_RELEASE, upgrade_level
 from keeper_shared.messages.state import StateChange, StateChanged
 from keeper_shared.messages.types import FencingToken, StateBlob, StateKind
 from keeper_shared.sealing.construction import SealingError
@@ -162,3 +164,9 @@ async def test_the_announcer_inlines_what_fits_of_each_batch() -> None:
 
     changes = [change for event in published for change in event.changes]
     assert [change.sealed is not None for change in changes] == [True, False, False]
+
+
+def test_an_agent_capped_at_0_1_0_inlines_nothing() -> None:
+    # Its state.changed goes as v2, which has no place for inline state: nothing is sealed.
+    assert inliner_for(upgrade_level("0.1.0"), STORE.public, InlineBudget()) is None
+    assert inliner_for(upgrade_level(CURRENT_RELEASE), STORE.public, InlineBudget()) is not None

@@ -17,7 +17,7 @@ from keeper_host_agent.commands.snapshots import SnapshotCommands
 from keeper_host_agent.commands.vm_lifecycle import HostCommands
 from keeper_host_agent.detect.announcer import ChangeAnnouncer
 from keeper_host_agent.detect.change_watcher import ChangeWatcher
-from keeper_host_agent.detect.inline_state import InlineBudget, StateInliner
+from keeper_host_agent.detect.inline_state import InlineBudget, inliner_for
 from keeper_host_agent.detect.state_tracker import StateTracker
 from keeper_host_agent.hook.handler import HookHandler
 from keeper_host_agent.hypervisor.domain_xml import (
@@ -79,7 +79,8 @@ class HostAgent:
         self.sealing = HostSealingKeys.from_settings(settings)
         self.bus = bus
         self.hypervisor: Hypervisor = hypervisor or LibvirtHypervisor(settings.libvirt_uri)
-        inliner = StateInliner(
+        inliner = inliner_for(
+            bus.levels.configured,
             self.sealing.store,
             InlineBudget(settings.inline_state_max_bytes, settings.inline_blob_max_bytes),
         )

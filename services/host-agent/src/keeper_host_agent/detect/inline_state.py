@@ -20,12 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from keeper_host_agent.hypervisor.domain_xml import DomainStateLocation
+from keeper_shared.messages.releases import UpgradeLevel
 from keeper_shared.messages.sealed import SEAL_OVERHEAD_BYTES
-from keeper_shared.messages.state import StateChange
+from keeper_shared.messages.state import StateChange, StateChanged
 from keeper_shared.messages.types import StateBlob
 from keeper_shared.sealing.keys import SealingPublicKey
 from keeper_shared.sealing.state_blobs import seal_state_blob
 
+INLINE_SINCE = 3
+"""The ``state.changed`` schema version that carries inline state."""
 DEFAULT_EVENT_BYTES = 1024 * 1024
 """Default budget of sealed state per ``state.changed``: a batch of about a hundred TPM
 states, or of NVRAMs as OVMF leaves them (mostly erased, so tens of KB compressed)."""
@@ -89,3 +92,14 @@ class StateInliner:
                 )
             )
         return changes
+
+
+def inliner_for(
+    level: UpgradeLevel, store: SealingPublicKey, budget: InlineBudget
+) -> StateInliner | None:
+    """The inliner of an agent whose events go at ``level``; None when that level's
+    ``state.changed`` has no place for inline state (capped at release 0.1.0, the store
+    fetches every change, so sealing would be wasted work)."""
+    if level.version_for(StateChanged.message_type) < INLINE_SINCE:
+        return None
+    return StateInliner(store, budget)
