@@ -47,13 +47,13 @@ class InlineStateIntake:
     def open(
         self, host: str, changes: Sequence[StateChange]
     ) -> tuple[list[FetchedVmState], list[StateChange]]:
-        """The opened state of each change that carries one, by VM, and the changes whose
-        blob did not open (to be pulled instead)."""
+        """The opened state of each change that carries one, by VM, and the changes to pull:
+        those announced by their hash alone, and those whose blob did not open."""
         by_vm: dict[str, list[StateBlob]] = {}
-        unopened: list[StateChange] = []
+        to_pull: list[StateChange] = []
         for change in changes:
             if change.sealed is None:
-                unopened.append(change)
+                to_pull.append(change)
                 continue
             try:
                 blob = open_state_blob(change.vm_id, change.sealed, self._keys)
@@ -66,13 +66,12 @@ class InlineStateIntake:
                     from_host=host,
                     reason=str(error),
                 )
-                unopened.append(change)
+                to_pull.append(change)
                 continue
             metrics.INLINE_STATES.labels(outcome="opened").inc()
             by_vm.setdefault(change.vm_id, []).append(blob)
-        return [
-            FetchedVmState(vm_id=vm_id, blobs=blobs) for vm_id, blobs in by_vm.items()
-        ], unopened
+        opened = [FetchedVmState(vm_id=vm_id, blobs=blobs) for vm_id, blobs in by_vm.items()]
+        return opened, to_pull
 
     async def persist(self, host: str, vm_states: list[FetchedVmState]) -> None:
         """Write them all in one call (so the write coalescer groups them with other hosts'

@@ -162,8 +162,8 @@ class StateService:
         # Only now, past the identity, placement and freshness checks, is an inline blob
         # opened: one call persists all of them, so the writer coalesces them with other
         # hosts' as it does fetched batches. One that does not open is pulled instead.
-        inline, unopened = self._inline.open(event.host, to_store)
-        writes = [self._batcher.pull(event.host, change.vm_id, change.kind) for change in unopened]
+        inline, to_pull = self._inline.open(event.host, to_store)
+        writes = [self._batcher.pull(event.host, change.vm_id, change.kind) for change in to_pull]
         writes.append(self._inline.persist(event.host, inline))
         # Every write waits for its own; one that failed gets the whole event redelivered,
         # and the changes already stored are then duplicates, skipped above.
