@@ -34,9 +34,17 @@ def main() -> int:
         help="run only these parts (repeatable); default: all",
     )
     parser.add_argument("--quick", action="store_true", help="short rounds (a smoke run)")
+    parser.add_argument(
+        "--fetch-path",
+        action="store_true",
+        help="hosts announce every change by its hash and the store fetches it (no inline "
+        "state): the path before inline state, for comparison",
+    )
     args = parser.parse_args()
     parts = tuple(args.only or ("pipeline", "idle", "scale", "cluster"))
-    settings = Settings(rounds=args.rounds, quick=args.quick, parts=parts)
+    settings = Settings(
+        rounds=args.rounds, quick=args.quick, parts=parts, inline=not args.fetch_path
+    )
     work = Path(tempfile.mkdtemp(prefix="keeper-bench-"))
     began = time.monotonic()
     print(f"bench: work dir {work}", flush=True)
@@ -46,6 +54,8 @@ def main() -> int:
             versions["load_start"] = _loadavg()
             print(f"bench: {versions}", flush=True)
             bench = Bench(stack, work, settings)
+            if args.fetch_path:
+                bench.notes.append("--fetch-path: every change hash-only, each version fetched.")
             asyncio.run(bench.run_all())
         elapsed = time.monotonic() - began
         versions["load_end"] = _loadavg()

@@ -79,7 +79,9 @@ async def cluster_benchmarks(bench: Bench) -> None:
             StateKind.NVRAM: content.variants(StateKind.NVRAM, content.nvram_base(), 8, seed=2),
         }
         store_key = load_private_key(store_sealing_key_file(bench.work)).public_key()
-        hosts = await scale.FakeHosts.start(bench.bus, pools, SealingPublicKey(store_key))
+        hosts = await scale.FakeHosts.start(
+            bench.bus, pools, SealingPublicKey(store_key), settings.inline_budget
+        )
         run = uuid.uuid4().hex[:4]
         host_ids = [f"bench-c-{run}-{i}" for i in range(HOSTS)]
         vms = [scale.FakeVm(str(uuid.uuid4()), host_ids[i % HOSTS]) for i in range(settings.vms)]

@@ -152,8 +152,10 @@ def agent_process(
     window_s: float,
     rescan_s: float = 5.0,
     heartbeat_s: float = 5.0,
+    inline: bool = True,
 ) -> ServiceProcess:
-    """The real host agent of one simulated host (a libvirt test:/// node file)."""
+    """The real host agent of one simulated host (a libvirt test:/// node file); without
+    ``inline`` it announces every change by its hash alone (each version is fetched)."""
     store_key = SealingPublicKey(load_private_key(store_sealing_key_file(work)).public_key())
     return ServiceProcess(
         host_id,
@@ -171,6 +173,8 @@ def agent_process(
             "KEEPER_HOST_HEARTBEAT_INTERVAL_S": str(heartbeat_s),
             "KEEPER_HOST_LOG_JSON": "true",
             "KEEPER_HOST_SHUTDOWN_GRACE_S": "5",
+            **({} if inline else {"KEEPER_HOST_INLINE_STATE_MAX_BYTES": "0"}),
+            **({} if inline else {"KEEPER_HOST_INLINE_BLOB_MAX_BYTES": "0"}),
         },
         work / "logs" / f"{host_id}.log",
     )

@@ -27,6 +27,7 @@ from bench.env import (
 from bench.hosts import OVMF_VARS_SIZE, BenchVm, lay_out_host
 from bench.stats import Figure, percentile
 from keeper_devtools.demo.processes import ServiceProcess
+from keeper_host_agent.detect.inline_state import InlineBudget
 from keeper_shared.bus.client import BusClient
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.redis_access.keys import placement_key
@@ -59,10 +60,18 @@ class Settings:
     restore_calls: int = 100
     history_depth: int = 100
     parts: tuple[str, ...] = ("pipeline", "idle", "scale", "cluster")
+    inline: bool = True
+    """Hosts send small state inline with its change; False announces every change by its
+    hash alone, so each version is fetched (the path before inline state, for comparison)."""
     fanin_vms: int = 1000
     """VMs in flight in the fan-in series, spread over each of ``fanin_hosts``."""
     fanin_hosts: tuple[int, ...] = (1, 10, 100, 1000)
     storm_hosts: int = 100
+
+    @property
+    def inline_budget(self) -> InlineBudget:
+        """What the simulated hosts inline: the agent's default, or nothing."""
+        return InlineBudget() if self.inline else InlineBudget(0, 0)
 
     @property
     def fanin_s(self) -> float:
@@ -177,7 +186,9 @@ class Bench:
             for vm in vms:
                 pipe.hset(placement_key(vm.vm_id), mapping={"host": host_id, "epoch": "1"})
             await pipe.execute()
-        agent = agent_process(self.stack, self.work, host_id, root, window_s=settings.window_s)
+        agent = agent_process(
+            self.stack, self.work, host_id, root, window_s=settings.window_s, inline=settings.inline
+        )
         self._services.append(agent)
         await start_service(agent)
         assert agent.process is not None
@@ -430,7 +441,9 @@ class Bench:
                 "KB",
             ).add(sum(sizes) / len(sizes) / 1000)
         store_key = load_private_key(store_sealing_key_file(self.work)).public_key()
-        hosts = await scale.FakeHosts.start(self.bus, pools, SealingPublicKey(store_key))
+        hosts = await scale.FakeHosts.start(
+            self.bus, pools, SealingPublicKey(store_key), self.settings.inline_budget
+        )
         try:
             await self.scale_memory(hosts, 10)
             await self.fan_in(hosts)

@@ -1,12 +1,13 @@
 """Scale: the real store against many simulated hosts.
 
 What is real: the state-store process, RabbitMQ, Redis, every message (``state.changed``
-published under each host's routing key, ``state.fetch`` sent by the store to each host's
-own quorum queue, the ``state.fetched`` reply with real compressed blobs). What is
-simulated: the hosts. One bench-only responder in this process consumes the command queues
-of all simulated host ids and answers fetches with the blob it announced last, so 100 hosts
-do not need 100 host-agent processes on a 2-core machine; each simulated host batches its
-announcements with the agent's own `ChangeAnnouncer`.
+published under each host's routing key with its state sealed inline, and for what does not
+go inline a ``state.fetch`` sent by the store to each host's own quorum queue and the
+``state.fetched`` reply with real compressed blobs). What is simulated: the hosts. Each
+simulated host batches its announcements and inlines their state with the agent's own
+`ChangeAnnouncer` and `StateInliner`; one bench-only responder in this process consumes the
+command queues of all simulated host ids and answers fetches with the blob it announced
+last, so 100 hosts do not need 100 host-agent processes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from redis.asyncio import Redis
 
 from bench.env import PersistedRecorder
 from keeper_host_agent.detect.announcer import ChangeAnnouncer
+from keeper_host_agent.detect.inline_state import InlineBudget, StateInliner
 from keeper_shared.bus.client import BusClient, Delivery, Route
 from keeper_shared.bus.topology import (
     COMMANDS_EXCHANGE,
@@ -65,7 +67,9 @@ class FakeHosts:
     events: AbstractExchange
     pools: dict[StateKind, list[StateBlob]]
     store_key: SealingPublicKey
-    """What fetch replies are sealed to, as an agent does."""
+    """What fetch replies and inline state are sealed to, as an agent does."""
+    inline: InlineBudget
+    """The agent's inline budget (zero: every change hash-only and fetched, as before)."""
     current: dict[tuple[str, StateKind], StateBlob] = field(default_factory=dict)
     steps: dict[tuple[str, StateKind], int] = field(default_factory=dict)
     generation: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -75,12 +79,16 @@ class FakeHosts:
 
     @classmethod
     async def start(
-        cls, bus: BusClient, pools: dict[StateKind, list[StateBlob]], store_key: SealingPublicKey
+        cls,
+        bus: BusClient,
+        pools: dict[StateKind, list[StateBlob]],
+        store_key: SealingPublicKey,
+        inline: InlineBudget,
     ) -> FakeHosts:
         """Ready to serve hosts added with ``serve``."""
         channel = await bus.connection.channel(publisher_confirms=True)
         events, _ = await declare_exchanges(channel)
-        return cls(bus, events, pools, store_key)
+        return cls(bus, events, pools, store_key, inline)
 
     async def serve(self, host_ids: Sequence[str]) -> None:
         """Consume these hosts' command queues."""
@@ -128,7 +136,11 @@ class FakeHosts:
         self.current[(vm.vm_id, kind)] = blob
         announcer = self.announcers.get(vm.host)
         if announcer is None:
-            announcer = ChangeAnnouncer(vm.host, functools.partial(self._publish, vm.host))
+            announcer = ChangeAnnouncer(
+                vm.host,
+                functools.partial(self._publish, vm.host),
+                StateInliner(self.store_key, self.inline),
+            )
             self.announcers[vm.host] = announcer
         await announcer.announce(
             StateChange(
@@ -137,7 +149,8 @@ class FakeHosts:
                 content_hash=blob.content_hash,
                 size=blob.size,
                 token=token,
-            )
+            ),
+            blob,
         )
         return blob
 

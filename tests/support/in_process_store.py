@@ -112,27 +112,39 @@ class FakeHost:
         self.state.setdefault(vm_id, {})[kind] = blob
         return blob
 
-    async def announce(self, vm_id: str, kind: StateKind) -> None:
+    async def announce(
+        self, vm_id: str, kind: StateKind, *, inline_to: SealingPublicKey | None = None
+    ) -> None:
         """Publish ``state.changed`` for what the host holds, as the agent does."""
-        await self.announce_together([vm_id], kind)
+        await self.announce_together([vm_id], kind, inline_to=inline_to)
 
-    async def announce_together(self, vm_ids: list[str], kind: StateKind) -> None:
+    async def announce_together(
+        self, vm_ids: list[str], kind: StateKind, *, inline_to: SealingPublicKey | None = None
+    ) -> None:
         """One ``state.changed`` for these VMs' states, as the agent sends what it found
-        stable while its previous announcement was on its way."""
-        changes = []
-        for vm_id in vm_ids:
-            blob = self.state[vm_id][kind]
-            changes.append(
-                StateChange(
-                    vm_id=vm_id,
-                    kind=kind,
-                    content_hash=blob.content_hash,
-                    size=blob.size,
-                    token=blob.token,
-                )
-            )
-        event = StateChanged(host=self.host_id, changes=changes)
+        stable while its previous announcement was on its way: by their hashes alone (as
+        the agent announces a blob above its inline cap or a VM with a foreign TPM secret),
+        or with ``inline_to`` each blob sealed inline to that key (the store's, normally)."""
+        event = StateChanged(
+            host=self.host_id,
+            changes=[self.change(vm_id, kind, inline_to=inline_to) for vm_id in vm_ids],
+        )
         await self.bus.publish_event(event, subject=self.host_id)
+
+    def change(
+        self, vm_id: str, kind: StateKind, *, inline_to: SealingPublicKey | None = None
+    ) -> StateChange:
+        """The change announcing what the host holds, its blob sealed inline to
+        ``inline_to`` when given."""
+        blob = self.state[vm_id][kind]
+        return StateChange(
+            vm_id=vm_id,
+            kind=kind,
+            content_hash=blob.content_hash,
+            size=blob.size,
+            token=blob.token,
+            sealed=None if inline_to is None else seal_state_blob(vm_id, blob, inline_to),
+        )
 
     def last_prepared(self, vm_id: str) -> OpenedPrepare:
         """The newest prepare the host got for ``vm_id``."""

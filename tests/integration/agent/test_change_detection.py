@@ -32,7 +32,7 @@ from keeper_host_agent.detect.state_reader import UndisturbedRead
 from keeper_host_agent.detect.state_tracker import StateTracker
 from keeper_host_agent.hypervisor.domain_xml import DomainStateLocation
 from keeper_shared.messages.state import StateChange
-from keeper_shared.messages.types import StateKind
+from keeper_shared.messages.types import StateBlob, StateKind
 from keeper_shared.state_format.blobs import content_hash, open_blob
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
 
@@ -54,6 +54,8 @@ class Published:
 
     at: float
     change: StateChange
+    inline: StateBlob | None
+    """The blob handed over to travel inline with the change."""
 
 
 class Harness:
@@ -77,8 +79,8 @@ class Harness:
         self.watcher = ChangeWatcher(self.tracker, rescan_interval_s=3600)
         self._inotify_task: asyncio.Task[None] | None = None
 
-    async def _publish(self, change: StateChange) -> None:
-        self.published.append(Published(time.monotonic(), change))
+    async def _publish(self, change: StateChange, inline: StateBlob | None) -> None:
+        self.published.append(Published(time.monotonic(), change, inline))
         if self.on_publish is not None:
             self.on_publish(change)
         if self.confirms is not None:
@@ -283,6 +285,11 @@ async def test_torn_reads_are_never_published(harness: Harness) -> None:
     # None of the intermediate versions, whole or torn, was ever announced.
     announced_hashes = {p.change.content_hash for p in harness.published}
     assert announced_hashes == {content_hash(version_bytes(0, NVRAM_SIZE)), content_hash(final)}
+    # What travels inline is the content that was hashed, never a later read of the file.
+    for published in harness.published:
+        assert published.inline is not None
+        assert published.inline.token == published.change.token
+        assert content_hash(open_blob(published.inline)) == published.change.content_hash
 
 
 async def test_rescan_finds_a_change_inotify_never_reported(harness: Harness) -> None:

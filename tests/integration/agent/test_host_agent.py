@@ -347,7 +347,7 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
     published: list[StateChange] = []
     events: list[LifecycleEvent] = []
 
-    async def publish(change: StateChange) -> None:
+    async def publish(change: StateChange, _inline: StateBlob | None) -> None:
         published.append(change)
 
     hypervisor = LibvirtHypervisor(settings.libvirt_uri)

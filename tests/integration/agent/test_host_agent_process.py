@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from keeper_devtools.swtpm_lab import permall_framing
+from keeper_host_agent.detect.inline_state import InlineBudget, sealed_size
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.bus.topology import host_command_key
 from keeper_shared.messages.commands import ReplyT
@@ -281,6 +282,17 @@ async def test_agent_process_serves_commands_and_publishes_events(
         }
         assert open_blob(blobs[StateKind.TPM]) == pack_tpm_state({MAIN_STATE_FILE_NAME: permall})
         assert open_blob(blobs[StateKind.NVRAM]) == nvram
+        # The TPM state travelled inline, sealed to the store, the very blob the fetch
+        # returns; the random NVRAM does not compress below the per-blob cap, so it was
+        # announced by its hash for the store to fetch.
+        tpm_change, nvram_change = by_kind[StateKind.TPM], by_kind[StateKind.NVRAM]
+        assert tpm_change.sealed is not None
+        assert (
+            open_state_blob(VM_ID, tpm_change.sealed, agent_process.store_keys)
+            == (blobs[StateKind.TPM])
+        )
+        assert sealed_size(blobs[StateKind.NVRAM]) > InlineBudget().per_blob_bytes
+        assert nvram_change.sealed is None
 
         # A heartbeat after the announcement carries the VM with the hashes of what it holds.
         # (One sent between the start and the state turning stable lists it without them.)

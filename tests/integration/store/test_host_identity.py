@@ -92,6 +92,28 @@ async def test_a_change_published_by_another_user_is_refused_and_audited(
     assert await store.repository.head_hash(vm_id, StateKind.NVRAM) is None
 
 
+async def test_an_inline_change_published_by_another_user_is_refused_and_audited(
+    store: Store, connect_bus: ConnectBus
+) -> None:
+    """State pushed inline is no way around invariant 3: sealed to the store's public key
+    (which anyone may know) it still comes from the wrong broker user."""
+    refused = await store.client.watch_events(f"state.refused.{store.origin}")
+    vm_id = store.new_vm()
+    await store.place(vm_id, epoch=1)
+    store.host.hold(vm_id, StateKind.NVRAM, NVRAM, FencingToken(epoch=1, generation=1))
+    forged = store.host.change(vm_id, StateKind.NVRAM, inline_to=store.service.sealing.own.public)
+    impostor = await connect_bus(source="impostor", origin=store.host.host_id)
+
+    await impostor.publish_event(
+        StateChanged(host=store.host.host_id, changes=[forged]), subject=vm_id
+    )
+
+    audit = await refused.wait_for(StateWriteRefused, lambda e: e.vm_id == vm_id, TIMEOUT_S)
+    assert "not by the host" in audit.data.reason
+    assert store.host.fetches == []
+    assert await store.repository.head_hash(vm_id, StateKind.NVRAM) is None
+
+
 async def test_a_fetch_reply_from_another_user_is_ignored(
     store: Store, connect_bus: ConnectBus
 ) -> None:

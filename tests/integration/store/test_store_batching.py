@@ -1,8 +1,12 @@
 """Pulls batched per host: many ``state.changed`` events for one host at once cost far fewer
 ``state.fetch`` calls than events, and every one of them is persisted and acknowledged.
 
-The events travel the real way: the fake host publishes them on the events exchange, the
-store consumes them from its queue (prefetch 32) and coalesces the pulls.
+The changes here are announced by their hashes alone, as an agent announces what it does
+not send inline (a blob above its cap, a VM whose TPM has a foreign secret, or any change
+while it is capped at release 0.1.0); inline state costs no fetch at all
+(test_store_inline_state). The events travel the real way: the fake host publishes them on
+the events exchange, the store consumes them from its queue (prefetch 32) and coalesces the
+pulls.
 """
 
 from __future__ import annotations

@@ -42,8 +42,13 @@ from keeper_shared.messages.releases import (
     upgrade_level,
 )
 from keeper_shared.messages.replies import DeleteVmSnapshotReply
+from keeper_shared.messages.state import StateChange, StateChanged
+from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.messages.vm_snapshot import DeleteVmSnapshot
+from keeper_shared.sealing.state_blobs import seal_state_blob
+from keeper_shared.state_format.blobs import seal_blob
 from support.memory_bus import MemoryBroker
+from support.sealing_keys import new_keys
 
 
 class Gauge(Payload):
@@ -106,6 +111,7 @@ def test_the_current_manifest_is_read_from_the_payload_classes() -> None:
 
 CHANGED_SINCE_PREVIOUS_RELEASE = {
     HostHeartbeat.message_type,
+    StateChanged.message_type,
     DeleteVmSnapshot.message_type,
     DeleteVmSnapshotReply.message_type,
 }
@@ -151,6 +157,48 @@ def test_a_heartbeat_capped_at_0_1_0_is_the_v4_that_release_reads() -> None:
     assert "release" not in document["data"]
     # Read back by this release: the v4 upcaster says who sends v4.
     assert decode(body, HostHeartbeat).data.release == "0.1.0"
+
+
+def _inline_changes() -> StateChanged:
+    """One change with its state inline, one by its hash alone."""
+    store = new_keys()
+    changes = []
+    for generation, inline in ((1, True), (2, False)):
+        blob = seal_blob(StateKind.TPM, b"tpm state", FencingToken(epoch=1, generation=generation))
+        vm_id = f"00000000-0000-4000-8000-00000000000{generation}"
+        changes.append(
+            StateChange(
+                vm_id=vm_id,
+                kind=blob.kind,
+                content_hash=blob.content_hash,
+                size=blob.size,
+                token=blob.token,
+                sealed=seal_state_blob(vm_id, blob, store.public) if inline else None,
+            )
+        )
+    return StateChanged(host="hv01", changes=changes)
+
+
+def test_changes_capped_at_0_1_0_are_the_v2_hashes_that_release_fetches() -> None:
+    event = _inline_changes()
+    envelope = new_envelope(event, source="host-agent/hv01", subject="hv01")
+
+    body = encode(envelope, version=upgrade_level("0.1.0").version_for(envelope.type))
+
+    document = json.loads(body)
+    assert document["schema_version"] == 2
+    assert all("sealed" not in change for change in document["data"]["changes"])
+    # Read back by this release: every change hash-only, so fetched as before.
+    read = decode(body, StateChanged).data
+    assert read.changes == [change.model_copy(update={"sealed": None}) for change in event.changes]
+
+
+def test_uncapped_changes_keep_their_inline_state() -> None:
+    event = _inline_changes()
+    body = encode(new_envelope(event, source="host-agent/hv01", subject="hv01"))
+
+    assert json.loads(body)["schema_version"] == 3
+    assert decode(body, StateChanged).data == event
 
 
 def test_an_uncapped_heartbeat_names_the_agents_release() -> None:

@@ -17,6 +17,7 @@ from keeper_host_agent.commands.snapshots import SnapshotCommands
 from keeper_host_agent.commands.vm_lifecycle import HostCommands
 from keeper_host_agent.detect.announcer import ChangeAnnouncer
 from keeper_host_agent.detect.change_watcher import ChangeWatcher
+from keeper_host_agent.detect.inline_state import InlineBudget, inliner_for
 from keeper_host_agent.detect.state_tracker import StateTracker
 from keeper_host_agent.hook.handler import HookHandler
 from keeper_host_agent.hypervisor.domain_xml import (
@@ -78,7 +79,12 @@ class HostAgent:
         self.sealing = HostSealingKeys.from_settings(settings)
         self.bus = bus
         self.hypervisor: Hypervisor = hypervisor or LibvirtHypervisor(settings.libvirt_uri)
-        self.announcer = ChangeAnnouncer(settings.host_id, self._publish_changes)
+        inliner = inliner_for(
+            bus.levels.configured,
+            self.sealing.store,
+            InlineBudget(settings.inline_state_max_bytes, settings.inline_blob_max_bytes),
+        )
+        self.announcer = ChangeAnnouncer(settings.host_id, self._publish_changes, inliner)
         self.tracker = StateTracker(
             window_s=settings.stability_window_s,
             announce=self.announcer.announce,
@@ -106,6 +112,7 @@ class HostAgent:
         log.info(
             "state changes announced",
             count=len(event.changes),
+            inline=sum(change.sealed is not None for change in event.changes),
             changed=[f"{change.vm_id}/{change.kind.value}" for change in event.changes],
         )
 

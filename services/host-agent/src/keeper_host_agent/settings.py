@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from keeper_host_agent.detect.inline_state import DEFAULT_BLOB_BYTES, DEFAULT_EVENT_BYTES
 from keeper_host_agent.hook.settings import HookSettings
 from keeper_shared.messages.adoption import AdoptionMode
 from keeper_shared.messages.types import HOST_ID_PATTERN
@@ -49,6 +50,22 @@ class HostAgentSettings(ServiceSettings, HookSettings):
         default=5.0, gt=0, description="Stat-only safety-net rescan when inotify missed one."
     )
     heartbeat_interval_s: float = Field(default=5.0, gt=0, description="Heartbeat period.")
+    inline_state_max_bytes: int = Field(
+        default=DEFAULT_EVENT_BYTES,
+        ge=0,
+        le=4 * 1024 * 1024,
+        description="Sealed state one `state.changed` carries inline, all its changes together "
+        "(the store then stores it without fetching it back); changes beyond it are "
+        "announced by their hash and fetched. At most 4 MiB, so that an event stays well "
+        "within a message's 8 MiB once base64-encoded; 0 sends every change hash-only.",
+    )
+    inline_blob_max_bytes: int = Field(
+        default=DEFAULT_BLOB_BYTES,
+        ge=0,
+        description="A single blob larger than this once sealed (compressed, + 16 bytes) is "
+        "never inlined but fetched: a large NVRAM does not crowd the small TPM states out of "
+        "the event. At most `inline_state_max_bytes`.",
+    )
     generation_mark_file: Path | None = Field(
         default=None,
         description="Where the agent keeps the high-water mark of the generations it hands "
@@ -91,3 +108,12 @@ class HostAgentSettings(ServiceSettings, HookSettings):
         "keeper exists to prevent, and adopting only reads the state and stamps an epoch in "
         "the metadata (the domain is never redefined, restarted or undefined for it).",
     )
+
+    @model_validator(mode="after")
+    def _blob_cap_within_event_budget(self) -> HostAgentSettings:
+        if self.inline_blob_max_bytes > self.inline_state_max_bytes:
+            raise ValueError(
+                "inline_blob_max_bytes must not exceed inline_state_max_bytes "
+                f"({self.inline_blob_max_bytes} > {self.inline_state_max_bytes})"
+            )
+        return self

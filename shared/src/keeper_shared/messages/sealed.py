@@ -20,7 +20,7 @@ from keeper_shared.messages.types import (
 )
 from keeper_shared.sealing.keys import KEY_ID_PATTERN
 
-_SEAL_OVERHEAD_BYTES = 16
+SEAL_OVERHEAD_BYTES = 16
 """AES-GCM's tag at the end of every ciphertext."""
 
 
@@ -48,8 +48,8 @@ class SealedBlob(BaseModel):
     )
     nonce: Base64Bytes = Field(min_length=12, max_length=12, description="AES-GCM nonce.")
     ciphertext: Base64Bytes = Field(
-        min_length=_SEAL_OVERHEAD_BYTES,
-        max_length=MAX_COMPRESSED_BLOB_BYTES + _SEAL_OVERHEAD_BYTES,
+        min_length=SEAL_OVERHEAD_BYTES,
+        max_length=MAX_COMPRESSED_BLOB_BYTES + SEAL_OVERHEAD_BYTES,
         description="The sealed payload, AES-GCM tag included.",
     )
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
-from keeper_shared.messages.envelope import Payload, register_upcaster
+from keeper_shared.messages.envelope import Payload, register_downcaster, register_upcaster
 from keeper_shared.messages.sealed import SealedStateBlob, SealedTpmSecret
 from keeper_shared.messages.snapshot import SnapshotId
 from keeper_shared.messages.types import (
@@ -28,7 +28,8 @@ MAX_VMS_PER_MESSAGE = 256
 
 class StateChange(BaseModel):
     """One VM's state that changed on its host and has been stable, inside a
-    :class:`StateChanged`: the hash, not the bytes."""
+    :class:`StateChanged`: its hash, and the state itself sealed to the store when it is
+    small enough to travel inline (else the store fetches it)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
@@ -37,6 +38,26 @@ class StateChange(BaseModel):
     content_hash: ContentHash = Field(description="sha256 of the canonical content.")
     size: int = Field(ge=0, description="Length of the canonical content.")
     token: FencingToken = Field(description="Placement epoch and generation of this change.")
+    sealed: SealedStateBlob | None = Field(
+        default=None,
+        description="The announced content itself, sealed to the store's key exactly as in a "
+        "`state.fetched` reply, so the store stores it without a fetch; None when it did "
+        "not fit the host's inline budget, or the VM's TPM state is encrypted with a secret "
+        "the keeper did not create (the fetch ships that secret too): the store fetches it.",
+    )
+
+    @model_validator(mode="after")
+    def _sealed_is_this_change(self) -> StateChange:
+        """An inline blob is the version announced, not another one."""
+        sealed = self.sealed
+        if sealed is not None and (
+            sealed.kind is not self.kind
+            or sealed.content_hash != self.content_hash
+            or sealed.size != self.size
+            or sealed.token != self.token
+        ):
+            raise ValueError("the inline blob's kind, hash, size or token is not the change's")
+        return self
 
 
 class StateChanged(Payload):
@@ -45,7 +66,7 @@ class StateChanged(Payload):
     two broker hops per stored version, the pipeline's largest cost at TPM size)."""
 
     message_type = "state.changed"
-    schema_version = 2
+    schema_version = 3
 
     host: HostId = Field(description="The host that holds the VMs.")
     changes: list[StateChange] = Field(
@@ -58,6 +79,25 @@ def _state_changed_v1(data: dict[str, Any]) -> dict[str, Any]:
     """v1 announced one VM's change per event, with the host beside it."""
     change = {key: value for key, value in data.items() if key != "host"}
     return {"host": data.get("host"), "changes": [change]}
+
+
+@register_upcaster(StateChanged.message_type, 2)
+def _state_changed_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """v2 announced hashes only: nothing travels inline, the store fetches every change."""
+    return data
+
+
+@register_downcaster(StateChanged.message_type, 3)
+def _state_changed_v3_as_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """To a store of release 0.1.0: the hashes alone (it fetches each change as before)."""
+    changes = data.get("changes", [])
+    return {
+        **data,
+        "changes": [
+            {name: value for name, value in change.items() if name != "sealed"}
+            for change in changes
+        ],
+    }
 
 
 class FetchState(Payload):

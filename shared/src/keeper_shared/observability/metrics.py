@@ -19,6 +19,12 @@ PULLS = Counter(
     "State fetches the store sent to a host, by outcome (ok, failed).",
     ["outcome"],
 )
+INLINE_STATES = Counter(
+    "keeper_inline_states_total",
+    "States a host sent inline with its change, by outcome (opened = stored without a "
+    "fetch, pulled = it did not open with the store's keys and was fetched instead).",
+    ["outcome"],
+)
 PULLED_BYTES = Counter(
     "keeper_pulled_bytes_total",
     "Uncompressed bytes of state received from hosts, by kind (tpm, nvram).",

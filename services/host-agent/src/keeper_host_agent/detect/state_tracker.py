@@ -8,13 +8,14 @@ no burst of writes causes a burst of reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from keeper_host_agent.detect.generation_clock import GenerationClock
+from keeper_host_agent.detect.inline_state import inline_candidate
 from keeper_host_agent.detect.state_reader import (
     FileStat,
     StateLocation,
@@ -62,8 +63,11 @@ class TrackedVm:
     states: dict[StateKind, TrackedState] = field(default_factory=dict)
 
 
-Announce = Callable[[StateChange], Awaitable[None]]
-"""Hands one change to the bus; returns once the broker has it."""
+class Announce(Protocol):
+    """Hands one change to the bus, with the blob it announces when that may travel
+    inline; returns once the broker has it."""
+
+    async def __call__(self, change: StateChange, inline: StateBlob | None, /) -> None: ...
 
 
 class StateTracker:
@@ -224,7 +228,10 @@ class StateTracker:
                     content_hash=snapshot.content_hash,
                     size=len(snapshot.content),
                     token=token,
-                )
+                ),
+                # The blob just built from the stable read: what is inlined is exactly
+                # what the hash and token above describe.
+                inline_candidate(tracked.domain, state.blob),
             )
         finally:
             state.announcing = False

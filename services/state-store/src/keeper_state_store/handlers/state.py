@@ -1,9 +1,10 @@
-"""The store's behaviour: pull what changed, verify, encrypt, persist fenced, announce.
+"""The store's behaviour: take or pull what changed, verify, encrypt, persist fenced, announce.
 
 A ``state.changed`` event is acknowledged only after the durable write (or after deciding
 there is nothing to write), so a replica killed mid-way means redelivery to another one, and
-the fenced write makes the second attempt a no-op when the first had landed. Pulls for one
-host are coalesced into batched fetches (see handlers.pull_batcher).
+the fenced write makes the second attempt a no-op when the first had landed. State the host
+sent inline is written as it came (see handlers.inline_state); the rest is pulled, and
+pulls for one host are coalesced into batched fetches (see handlers.pull_batcher).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from keeper_shared.messages.state import (
     FetchState,
     RestoreState,
     RetrieveState,
+    StateChange,
     StateChanged,
     StateFetched,
     StatePersisted,
@@ -40,6 +42,7 @@ from keeper_state_store.crypto.encryption import DecryptionError
 from keeper_state_store.crypto.sealing import BlobSealer
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
 from keeper_state_store.handlers.fetched_writer import FetchedStateWriter
+from keeper_state_store.handlers.inline_state import InlineStateIntake
 from keeper_state_store.handlers.pull_batcher import PullBatcher
 from keeper_state_store.handlers.tpm_reset import TpmResetAnnouncer
 from keeper_state_store.settings import StateStoreSettings
@@ -81,6 +84,7 @@ class StateService:
         self._writer = FetchedStateWriter(
             repository, BlobSealer(repository), self._secrets, bus, self._resets
         )
+        self._inline = InlineStateIntake(sealing.own, self._writer)
         self._batcher = PullBatcher(
             self._pull_batch,
             window_s=settings.pull_batch_window_s,
@@ -119,14 +123,14 @@ class StateService:
         await self._writer.close()
 
     async def on_state_changed(self, envelope: Envelope[StateChanged], delivery: Delivery) -> None:
-        """Pull each announced state unless it is already stored, superseded by a newer
-        stored one, or the host may not write it; the event is acknowledged once every pull
-        it asked for was persisted."""
+        """Store each announced state unless it is already stored, superseded by a newer
+        stored one, or the host may not write it: as sent inline when it came so and opens,
+        else pulled. The event is acknowledged once every write it asked for landed."""
         event = envelope.data
         stored = await self._repository.heads_and_placements(
             [(change.vm_id, change.kind) for change in event.changes]
         )
-        pulls = []
+        to_store: list[StateChange] = []
         for change, (head, placement) in zip(event.changes, stored, strict=True):
             if head is not None and head.content_hash == change.content_hash:
                 if delivery.redelivered:
@@ -154,10 +158,16 @@ class StateService:
                 # the queue holds many such events per VM; pulling for each kept every
                 # replica busy for seconds while the newest changes waited behind them.
                 continue
-            pulls.append(self._batcher.pull(event.host, change.vm_id, change.kind))
-        # Every pull waits for its own write; one that failed gets the whole event redelivered,
+            to_store.append(change)
+        # Only now, past the identity, placement and freshness checks, is an inline blob
+        # opened: one call persists all of them, so the writer coalesces them with other
+        # hosts' as it does fetched batches. One that does not open is pulled instead.
+        inline, to_pull = self._inline.open(event.host, to_store)
+        writes = [self._batcher.pull(event.host, change.vm_id, change.kind) for change in to_pull]
+        writes.append(self._inline.persist(event.host, inline))
+        # Every write waits for its own; one that failed gets the whole event redelivered,
         # and the changes already stored are then duplicates, skipped above.
-        for outcome in await asyncio.gather(*pulls, return_exceptions=True):
+        for outcome in await asyncio.gather(*writes, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 raise outcome
 
@@ -321,7 +331,9 @@ class StateService:
         kinds = sorted({kind for wanted in kinds_by_vm.values() for kind in wanted})
         vm_ids = list(kinds_by_vm)
         vm_states, _missing = await self._fetch(host, vm_ids, kinds)
-        # A host does not get to push state this way: only what was asked for is written.
+        # Only what was asked for is written: a reply is no way to push other VMs' state. A
+        # host pushes state only inline with its own announcement, which passes the same
+        # identity, placement and fencing checks first (see handlers.inline_state).
         fetched = [vm_state for vm_state in vm_states if vm_state.vm_id in kinds_by_vm]
         results: dict[str, BaseException | None] = dict.fromkeys(vm_ids)
         results.update(await self._writer.persist(host, fetched))
