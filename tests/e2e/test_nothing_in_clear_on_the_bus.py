@@ -62,7 +62,7 @@ def own_broker(tmp_path: Path) -> Iterator[tuple[Broker, Path]]:
     node.check_installed()
     node.start()
     try:
-        yield Broker(node.amqp_url, node.add_user), base_dir
+        yield Broker(node.amqp_url, node.add_user, node.import_user_definitions), base_dir
     finally:
         node.stop()
 
