@@ -128,12 +128,23 @@ class FakeHosts:
 
     async def change(self, vm: FakeVm, kind: StateKind) -> StateBlob:
         """The VM's state changes to its next variant; announce it as its host would."""
+        blob = self.write(vm, kind)
+        await self.announce_current(vm, kind)
+        return blob
+
+    def write(self, vm: FakeVm, kind: StateKind) -> StateBlob:
+        """The VM's state changes to its next variant on its host (not announced yet)."""
         step = self.steps.get((vm.vm_id, kind), 0)
         self.steps[(vm.vm_id, kind)] = step + 1
         pool = self.pools[kind]
         token = FencingToken(epoch=1, generation=next(self.generation))
         blob = pool[step % len(pool)].model_copy(update={"token": token})
         self.current[(vm.vm_id, kind)] = blob
+        return blob
+
+    async def announce_current(self, vm: FakeVm, kind: StateKind) -> None:
+        """Announce the VM's current state as its host would; return once confirmed."""
+        blob = self.current[(vm.vm_id, kind)]
         announcer = self.announcers.get(vm.host)
         if announcer is None:
             announcer = ChangeAnnouncer(
@@ -148,11 +159,10 @@ class FakeHosts:
                 kind=kind,
                 content_hash=blob.content_hash,
                 size=blob.size,
-                token=token,
+                token=blob.token,
             ),
             blob,
         )
-        return blob
 
     async def _publish(self, host: str, event: StateChanged) -> None:
         """Publish under the host's routing key, as its agent would."""

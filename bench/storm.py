@@ -1,12 +1,14 @@
 """Boot storm: thousands of VMs on many simulated hosts write their TPM and NVRAM at once.
 
 After a power cut or a maintenance window every VM of a fleet boots together, and each boot
-writes its TPM and its NVRAM several times within a second or two. Every write is announced
-by its (simulated) host as an agent would; nobody waits for a write to be stored before the
-next one. What an operator asks: how long until every VM's newest state is stored, how much
-the store does meanwhile against its steady rate, whether some VM or some host waits much
-longer than the rest, and how old the stored state of a VM may be at any moment during the
-storm (the recovery point: what a host lost right then would cost).
+writes its TPM and its NVRAM several times within a second or two. Each (simulated) host
+announces a state as its agent does: once it has been unchanged for the agent's stability
+window (writes closer together than that are announced once, as the newest); nobody waits
+for a state to be stored before the VM writes again. What an operator asks: how long until
+every VM's newest state is stored, how much the store does meanwhile against its steady
+rate, whether some VM or some host waits much longer than the rest, and how old the stored
+state of a VM may be at any moment during the storm (the recovery point: what a host lost
+right then would cost).
 
 `summarise` is the arithmetic over what was written and what was announced persisted, kept
 apart from the run so that it can be tested on its own.
@@ -31,6 +33,9 @@ BOOT_WRITES = (StateKind.TPM, StateKind.NVRAM, StateKind.TPM, StateKind.NVRAM, S
 """What one boot writes, in order: the firmware's variables and the TPM, several times."""
 BOOT_GAP_S = (0.0, 0.2)
 """Pause between one VM's writes (uniform): a boot's writes are spread over about a second."""
+STABILITY_WINDOW_S = 0.5
+"""The host agent's default ``stability_window_s``: it announces a state once two reads this
+far apart agree."""
 
 
 @dataclass(frozen=True)
@@ -173,17 +178,33 @@ async def boot_storm(
     recorder.listeners.append(seen.append)
     started = time.monotonic()
 
+    last_write: dict[tuple[str, StateKind], float] = {}
+    settling: dict[tuple[str, StateKind], asyncio.Task[None]] = {}
+
+    async def announce_when_stable(vm: FakeVm, kind: StateKind) -> None:
+        key = (vm.vm_id, kind)
+        # A debounce: each write moves the deadline, so it is read again after each sleep.
+        while (left := last_write[key] + STABILITY_WINDOW_S - time.monotonic()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(left)
+        del settling[key]
+        await hosts.announce_current(vm, kind)
+
     async def boot(vm: FakeVm) -> None:
         for kind, gap in zip(BOOT_WRITES, gaps[vm.vm_id], strict=True):
             await asyncio.sleep(gap)
             at = time.monotonic()
-            blob = await hosts.change(vm, kind)
+            blob = hosts.write(vm, kind)
             writes.append(
                 Write(at, vm.vm_id, vm.host, kind, blob.content_hash, blob.token.generation)
             )
+            last_write[(vm.vm_id, kind)] = at
+            if (vm.vm_id, kind) not in settling:
+                settling[(vm.vm_id, kind)] = asyncio.create_task(announce_when_stable(vm, kind))
 
     try:
         await asyncio.gather(*(boot(vm) for vm in vms))
+        while settling:
+            await asyncio.gather(*settling.values())
         newest = {(w.vm_id, w.content_hash) for w in _newest(writes)}
         deadline = started + wait_s
         while time.monotonic() < deadline:
