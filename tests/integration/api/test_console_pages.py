@@ -2,8 +2,8 @@
 state): deleting a snapshot and restoring an older version each show what is lost first
 and then do it; a reader's form is refused and changes nothing; a VM's everyday actions
 (snapshot, shut down, start on a chosen host, power off) each end on an operation page
-that says how they went, and a reader is refused each; stored state older than the
-threshold is highlighted."""
+that says how they went (a refused start with policy's reason), and a reader is refused
+each; stored state older than the threshold is highlighted."""
 
 from __future__ import annotations
 
@@ -170,6 +170,13 @@ async def test_everyday_actions_go_through_operations_and_refuse_a_reader(
         assert f"{vm_id} is not running" in again.text
         assert "Traceback" not in again.text
 
+        failed = await followed(
+            operator,
+            await operator.post(f"/console/vms/{vm_id}/start", data={"host": "no-such-host"}),
+        )
+        assert ">failed<" in failed, failed
+        assert "host no-such-host has never sent a heartbeat" in failed
+        assert "Traceback" not in failed
         done = await followed(
             operator, await operator.post(f"/console/vms/{vm_id}/start", data={"host": host_b})
         )
