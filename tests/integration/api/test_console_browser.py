@@ -1,7 +1,8 @@
 """The web console in a real headless chromium (Debian's, through Selenium) in front of the
 API and the real services: the VM list (with a screenshot kept in the test's directory),
-a deletion that is cancelled (nothing deleted) and then confirmed (deleted), and callers
-who may not: no token, a wrong one, a reader."""
+a start on a chosen host followed on its self-reloading operation page, a deletion that is
+cancelled (nothing deleted) and then confirmed (deleted), and callers who may not: no
+token, a wrong one, a reader."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
 from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.types import StateKind
-from support.api_service import OPERATOR_TOKEN, READER_TOKEN, ApiService
+from support.api_service import OPERATION_TIMEOUT_S, OPERATOR_TOKEN, READER_TOKEN, ApiService
 from support.browser import headless_chromium
 from support.policy_stack import PolicyStack
 
@@ -99,6 +102,36 @@ async def test_the_vm_list_shows_protection_host_epoch_and_age(
     hosts = browser.find_element(By.ID, "hosts").text
     assert console.services.host_id("a") in hosts
     assert "alive" in hosts
+
+
+def operation_status(browser: webdriver.Chrome) -> str:
+    """The status the operation page shows (read again after each of its reloads)."""
+    return browser.find_element(By.ID, "operation-status").text
+
+
+async def test_a_start_on_a_chosen_host_is_followed_until_it_succeeded(
+    console: Console, browser: webdriver.Chrome
+) -> None:
+    log_in(browser, console, OPERATOR_TOKEN)
+    browser.get(f"{console.api.base_url}/console/vms/{console.vm_id}")
+    host_b = console.services.host_id("b")
+    Select(browser.find_element(By.ID, "start-host")).select_by_visible_text(host_b)
+    click(browser, "start")
+
+    # Nothing but the page's own <meta> refresh reloads it until the operation is done.
+    WebDriverWait(
+        browser, OPERATION_TIMEOUT_S, ignored_exceptions=[StaleElementReferenceException]
+    ).until(lambda driver: operation_status(driver) != "running")
+    assert operation_status(browser) == "succeeded", browser.page_source
+    click(browser, "back-to-vm")
+    assert browser.find_element(By.ID, "vm-host").text == host_b
+    assert browser.find_elements(By.ID, "start") == []
+
+    # Stopped again (through the API) for the deletion that follows.
+    stopped = await console.api.finished(
+        await console.api.call("POST", f"/api/v1/vms/{console.vm_id}/shutdown")
+    )
+    assert stopped["status"] == "succeeded", stopped
 
 
 async def test_a_deletion_cancelled_keeps_everything_and_confirmed_deletes(

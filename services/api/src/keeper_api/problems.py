@@ -80,7 +80,7 @@ def problem_response(error: ProblemError) -> JSONResponse:
     )
 
 
-def _describe_validation(errors: list[Any]) -> str:
+def describe_validation(errors: list[Any]) -> str:
     """The fields and rules a request broke, as the CLI names an option and its rule."""
     parts = []
     for error in errors[:5]:
@@ -91,7 +91,7 @@ def _describe_validation(errors: list[Any]) -> str:
 
 async def on_validation(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    detail = _describe_validation(list(error.errors()))
+    detail = describe_validation(list(error.errors()))
     return problem_response(ProblemError(detail, ExitCode.USAGE))
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import ValidationError
 
-from keeper_api import operations
+from keeper_api import operations, vm_lifecycle
 from keeper_api.auth import Operator, Reader
 from keeper_api.models import (
     AdoptBody,
@@ -137,12 +137,9 @@ async def start(
     vm: VmRef, body: StartBody, request: Request, response: Response, state: State, who: Operator
 ) -> Operation:
     vm_id = await resolve(state.keeper, vm)
-
-    async def work() -> dict[str, Any]:
-        placed = await state.keeper.place(vm_id, body.host, domain_xml=body.domain_xml)
-        return {"vm_id": vm_id, "host": body.host, "epoch": placed.epoch, "started": True}
-
-    operation = await operations.start(state, "vm.start", vm_id, who.name, work)
+    operation = await vm_lifecycle.begin_start(
+        state, vm_id, body.host, who.name, domain_xml=body.domain_xml
+    )
     return _accepted(response, request, operation)
 
 
@@ -150,15 +147,7 @@ async def _stop(
     vm: str, mode: StopMode, request: Request, response: Response, state: ApiState, who: str
 ) -> Operation:
     vm_id = await resolve(state.keeper, vm)
-    found = await views.vm_status(state.keeper, vm_id)
-    if found is None or found.host is None:
-        raise ProblemError(f"{vm} is not running", ExitCode.REFUSED)
-
-    async def work() -> dict[str, Any]:
-        stopped = await state.keeper.stop_vm(vm_id, mode)
-        return {"vm_id": vm_id, "mode": mode.value, "stopped": True, "retrieved": stopped.retrieved}
-
-    operation = await operations.start(state, f"vm.{mode.value}", vm_id, who, work)
+    operation = await vm_lifecycle.begin_stop(state, vm, vm_id, mode, who)
     return _accepted(response, request, operation)
 
 
@@ -220,13 +209,7 @@ async def create_snapshot(
     vm: VmRef, body: SnapshotBody, state: State, _: Operator
 ) -> dict[str, Any]:
     vm_id = await resolve(state.keeper, vm)
-    if body.memory:
-        detail = await state.keeper.snapshot(vm_id, body.snapshot_id, memory=True)
-        versions = {k.value: int(v) for k, v in detail.versions.items()}
-    else:
-        pinned = await state.keeper.create_snapshot(vm_id, body.snapshot_id)
-        versions = {k.value: v for k, v in pinned.items()}
-    return {"vm_id": vm_id, "snapshot_id": body.snapshot_id, "versions": versions}
+    return await vm_lifecycle.take_snapshot(state, vm_id, body.snapshot_id, memory=body.memory)
 
 
 @router.delete("/{vm}/snapshots/{snapshot_id}", summary="Delete a snapshot")

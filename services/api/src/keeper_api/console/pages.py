@@ -1,46 +1,51 @@
 """The console's pages (``/console``): VMs, one VM with its history timeline and
 snapshots, hosts; and the confirmations that say what will be lost before deleting state,
-disabling a TPM, restoring an older version or deleting a snapshot. The browser logs in
-with an API token (kept in an HttpOnly, SameSite=Strict cookie, so another site cannot
-make it post a form); a reader sees everything and is refused every change."""
+disabling a TPM, restoring an older version, deleting a snapshot or powering a VM off.
+The browser logs in with an API token (kept in an HttpOnly, SameSite=Strict cookie, so
+another site cannot make it post a form); a reader sees everything and is refused every
+change. Starting, stopping and snapshotting a VM: :mod:`keeper_api.console.vm_actions`."""
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 
 from keeper_api.auth import CONSOLE_COOKIE
+from keeper_api.console import vm_actions
+from keeper_api.console.rendering import HERE, ago, page, reader_refusal, refusal
+from keeper_api.console.session import (
+    LoginNeededError,
+    State,
+    Who,
+    form_fields,
+    vm_id_of,
+)
 from keeper_api.failures import BUS_FAILURES, as_problem
 from keeper_api.problems import ProblemError
-from keeper_api.resolving import require_stopped, resolve
+from keeper_api.resolving import require_stopped
 from keeper_api.state import ApiState, api_state
-from keeper_api.tokens import Caller, Role
 from keeper_shared.keeper_client import views
 from keeper_shared.keeper_client.loss import describe_loss
+from keeper_shared.messages.queries import Liveness
 from keeper_shared.messages.state import StateVersionInfo
-from keeper_shared.messages.types import VM_NAME_PATTERN, StateKind
+from keeper_shared.messages.types import StateKind
 
-HERE = Path(__file__).parent
-templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(prefix="/console", include_in_schema=False)
-State = Annotated[ApiState, Depends(api_state)]
 
 ACTIONS = {
     "delete-state": "Delete the stored state",
     "disable-tpm": "Disable the TPM",
     "restore": "Restore an older version",
     "delete-snapshot": "Delete a snapshot",
+    "poweroff": "Power off",
 }
+"""What a confirmation page may ask about. Power off is confirmed here and carried out by
+:mod:`keeper_api.console.vm_actions` (an operation, as the API's route)."""
 
 
 @dataclass(frozen=True)
@@ -52,60 +57,9 @@ class TimelineEntry:
     head: bool
 
 
-class LoginNeededError(Exception):
-    """No valid console token: back to the login page."""
-
-
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f} {unit} ago"
-    return f"{seconds:.0f} s ago"
-
-
-def _when(stamp: datetime | float | None) -> str:
-    if stamp is None:
-        return "-"
-    moment = stamp if isinstance(stamp, datetime) else datetime.fromtimestamp(stamp, UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-templates.env.filters["ago"] = _ago
-templates.env.filters["when"] = _when
-
-
-def console_caller(request: Request) -> Caller:
-    token = request.cookies.get(CONSOLE_COOKIE)
-    found = api_state(request).tokens.caller(token) if token else None
-    if found is None:
-        raise LoginNeededError
-    return found
-
-
-Who = Annotated[Caller, Depends(console_caller)]
-
-
-def _page(request: Request, name: str, http_status: int = 200, **context: Any) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, context, status_code=http_status)
-
-
-def _refusal(request: Request, who: Caller | None, status: int, message: str) -> HTMLResponse:
-    return _page(request, "refused.html", status, who=who, message=message)
-
-
 @router.get("/login")
 async def login_form(request: Request) -> HTMLResponse:
-    return _page(request, "login.html", who=None, message=None)
-
-
-async def form_fields(request: Request) -> dict[str, str]:
-    """The fields of a posted form (application/x-www-form-urlencoded, all the console's
-    forms send), first value of each; read here rather than through python-multipart,
-    which only file uploads would need."""
-    fields = parse_qs((await request.body()).decode("utf-8", errors="replace"))
-    return {name: values[0] for name, values in fields.items() if values}
+    return page(request, "login.html", who=None, message=None)
 
 
 @router.post("/login")
@@ -113,7 +67,7 @@ async def login(request: Request) -> Response:
     token = (await form_fields(request)).get("token", "")[:512]
     found = api_state(request).tokens.caller(token.strip())
     if found is None:
-        return _page(request, "login.html", 401, who=None, message="That token is not valid.")
+        return page(request, "login.html", 401, who=None, message="That token is not valid.")
     answer = RedirectResponse("/console", status_code=303)
     answer.set_cookie(
         CONSOLE_COOKIE,
@@ -149,13 +103,13 @@ async def vm_list(request: Request, state: State, who: Who) -> HTMLResponse:
                 "stale": age is None or age > state.settings.stale_after_s,
             }
         )
-    return _page(
+    return page(
         request,
         "vms.html",
         who=who,
         rows=rows,
         unprotected=unprotected,
-        stale_after=_ago(state.settings.stale_after_s).removesuffix(" ago"),
+        stale_after=ago(state.settings.stale_after_s).removesuffix(" ago"),
     )
 
 
@@ -165,15 +119,16 @@ async def hosts(request: Request, state: State, who: Who) -> HTMLResponse:
     found = await views.host_statuses(state.keeper)
     statuses = await views.vm_statuses(state.keeper)
     flagged = [item for item in statuses if item.lost_from or item.tpm_reset or item.tpm_stranded]
-    return _page(request, "hosts.html", who=who, hosts=found, now=now, flagged=flagged)
+    return page(request, "hosts.html", who=who, hosts=found, now=now, flagged=flagged)
 
 
 @router.get("/vms/{vm}")
 async def vm_page(request: Request, vm: str, state: State, who: Who) -> HTMLResponse:
-    vm_id = await _vm_id(state, vm)
+    vm_id = await vm_id_of(state, vm)
     status = await views.vm_status(state.keeper, vm_id)
     history = await state.keeper.state_history(vm_id)
     snapshots = await state.keeper.list_snapshots(vm_id)
+    hosts = await views.host_statuses(state.keeper)
     timeline = sorted(
         (
             TimelineEntry(kind.kind.value, item, item.version == kind.head_version)
@@ -183,7 +138,7 @@ async def vm_page(request: Request, vm: str, state: State, who: Who) -> HTMLResp
         key=lambda entry: entry.item.stored_at,
         reverse=True,
     )
-    return _page(
+    return page(
         request,
         "vm.html",
         who=who,
@@ -191,14 +146,10 @@ async def vm_page(request: Request, vm: str, state: State, who: Who) -> HTMLResp
         status=status,
         timeline=timeline,
         snapshots=snapshots,
+        running=status is not None and status.host is not None,
+        live_hosts=[item.host for item in hosts if item.status == Liveness.ALIVE.value],
         now=time.time(),
     )
-
-
-async def _vm_id(state: ApiState, vm: str) -> str:
-    if not re.fullmatch(VM_NAME_PATTERN, vm):
-        raise ProblemError(f"{vm!r} is not a VM id or name", status=422, reason="usage")
-    return await resolve(state.keeper, vm)
 
 
 def _kind(raw: str | None) -> StateKind | None:
@@ -214,6 +165,11 @@ async def _what_is_lost(
     snapshot: str | None,
     kind: StateKind | None,
 ) -> list[str]:
+    if action == "poweroff":
+        return [
+            "what the guest has not written to its disk: unsaved files, its memory",
+            "nothing of its TPM and NVRAM: they are saved while it still runs, then it stops",
+        ]
     history = await state.keeper.state_history(vm_id)
     snapshots = await state.keeper.list_snapshots(vm_id)
     if action in ("delete-state", "disable-tpm"):
@@ -252,10 +208,10 @@ async def confirm(
     kind: str | None = None,
 ) -> HTMLResponse:
     if action not in ACTIONS:
-        return _refusal(request, who, 404, f"no action {action!r}")
-    vm_id = await _vm_id(state, vm)
+        return refusal(request, who, 404, f"no action {action!r}")
+    vm_id = await vm_id_of(state, vm)
     lost = await _what_is_lost(state, vm_id, action, version, snapshot, _kind(kind))
-    return _page(
+    return page(
         request,
         "confirm.html",
         who=who,
@@ -280,15 +236,16 @@ async def carry_out(
     state: State,
     who: Who,
 ) -> Response:
+    refused = reader_refusal(request, who)
+    if refused is not None:
+        return refused
     fields = await form_fields(request)
     raw_version, snapshot, host = fields.get("version"), fields.get("snapshot"), fields.get("host")
     version = int(raw_version) if raw_version and raw_version.isdigit() else None
     kind = _kind(fields.get("kind"))
-    if who.role is not Role.OPERATOR:
-        return _refusal(request, who, 403, f"{who.name} has the reader role: no changes")
     if action not in ACTIONS:
-        return _refusal(request, who, 404, f"no action {action!r}")
-    vm_id = await _vm_id(state, vm)
+        return refusal(request, who, 404, f"no action {action!r}")
+    vm_id = await vm_id_of(state, vm)
     keeper = state.keeper
     if action in ("delete-state", "disable-tpm"):
         await require_stopped(keeper, vm, vm_id, "try again")
@@ -303,12 +260,14 @@ async def carry_out(
         # Only the kind whose version was chosen goes back; the other keeps its newest.
         await keeper.place(vm_id, host, versions={kind: version}, allow_older=True)
     else:
-        return _refusal(request, who, 422, "missing version, kind, host or snapshot")
+        return refusal(request, who, 422, "missing version, kind, host or snapshot")
     return RedirectResponse(f"/console/vms/{quote(vm)}", status_code=303)
 
 
 def mount(app: FastAPI) -> None:
     """Add the console's routes, static files and error pages to ``app``."""
+    # The VM actions first: this module's ``POST /vms/{vm}/{action}`` would take them.
+    app.include_router(vm_actions.router)
     app.include_router(router)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
 
@@ -323,8 +282,8 @@ async def console_failure(request: Request, error: Exception) -> Response | None
     if not request.url.path.startswith("/console"):
         return None
     if isinstance(error, ProblemError):
-        return _refusal(request, None, error.status, error.detail)
+        return refusal(request, None, error.status, error.detail)
     if isinstance(error, BUS_FAILURES):
         problem = as_problem(error, changes=request.method == "POST")
-        return _refusal(request, None, problem.status, problem.detail)
+        return refusal(request, None, problem.status, problem.detail)
     return None
