@@ -12,7 +12,7 @@ Both tests run on one stack of this module's (no other test's stack may run besi
 the shared service queues): each kills the replica that runs and starts the next.
 Live migration and encrypted or stranded TPM state are in
 ``shared_stack/test_policy_migration_and_secrets.py``, the older swtpm in
-``test_policy_swtpm_version.py``.
+``configured_hosts/test_policy_swtpm_version.py``.
 """
 
 from __future__ import annotations

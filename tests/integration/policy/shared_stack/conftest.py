@@ -4,8 +4,8 @@ stack is most of such a test's time. Each test works on VMs of its own (new ids)
 one leaves behind is no other's business; a test that freezes an agent thaws it before it
 ends, also when it fails.
 
-Tests that kill a replica or an agent, or need other settings, start their own stack
-(``test_policy_workflows.py``, ``test_policy_host_loss.py``, ``test_policy_adoption.py``).
+Tests that kill a replica or an agent, or need other settings, run on other stacks
+(``test_policy_workflows.py``, ``test_policy_host_loss.py``, ``configured_hosts/``).
 """
 
 from __future__ import annotations
