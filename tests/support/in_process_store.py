@@ -287,13 +287,15 @@ async def running_store(
     host_id: str | None = None,
     host_amqp_url: str | None = None,
     redis_cluster_nodes: Sequence[str] = (),
+    fetch_timeout_s: float = 10.0,
 ) -> AsyncIterator[Store]:
     """Start a store on private queues, with its own fake host and client; clean up after.
 
     With ``host_amqp_url`` (a per-host broker user named ``host_id``) the store verifies
     host identities as in production; otherwise every party is the same user and it does
     not. With ``redis_cluster_nodes`` it reaches Redis as a Redis Cluster (``redis_url``
-    then gives the login and TLS options)."""
+    then gives the login and TLS options). ``fetch_timeout_s`` bounds the store's wait for
+    a host's fetch reply (shorter for a test whose fetch must go unanswered)."""
     host_id = host_id or unique("h")
     store_key = unique("test-store")
     events = QueueSpec(
@@ -310,7 +312,7 @@ async def running_store(
         sealing_key_file=Path("/nonexistent/sealing"),  # keys handed over directly
         history_depth=history_depth,
         allow_volatile_redis=True,
-        fetch_timeout_s=10.0,
+        fetch_timeout_s=fetch_timeout_s,
         prepare_timeout_s=10.0,
         verify_host_identity=host_amqp_url is not None,
     )

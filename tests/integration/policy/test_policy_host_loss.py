@@ -46,9 +46,11 @@ pytestmark = [pytest.mark.rabbit, pytest.mark.redis, pytest.mark.libvirt]
 
 LOST_AFTER_S = 8.0
 QUICK_LOSS_S = 6.0
-SLOW_PREPARE_S = 20.0
+SLOW_PREPARE_S = 12.0
 """The loss comes well before the restore gives up, as with the defaults (30 s each, the
-loss counted from the agent's last heartbeat, before the start was asked for)."""
+loss counted from the agent's last heartbeat, before the start was asked for): here at
+most QUICK_LOSS_S plus a heartbeat and a liveness check interval (0.5 s each) after the
+kill, half the restore's bound, which starts only once the start was asked for."""
 TPM_XML = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 
 

@@ -1,7 +1,8 @@
 """Policy's handlers on the in-memory bus double, against a real Redis: approval reads the
 cluster from the hosts' heartbeats, answers the caller, and tells everyone (``tpm.approved``
 or ``tpm.rejected`` with every reason); the approved VM is listed by the ``vms.list`` query
-the CLI uses. The same services run on the real broker in test_policy_workflows."""
+the CLI uses. The same services run on the real broker in test_policy_workflows and in
+shared_stack/."""
 
 from __future__ import annotations
 

@@ -15,15 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from typer.testing import CliRunner
 
 from keeper_cli.app import app
-from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_policy.placement.domain_definition import domain_xml
 from keeper_shared.messages.adoption import UnprotectedVmView, VmAdopted, VmDiscovered
 from keeper_shared.messages.placement import StopTrigger, VmRetired
@@ -34,7 +32,6 @@ from keeper_shared.messages.vm import VmStarted, VmStopped, VmUndefined
 from keeper_shared.redis_access.keys import vm_record_key
 from keeper_shared.redis_access.results import awaited
 from keeper_shared.state_format.blobs import content_hash
-from support.broker import Broker
 from support.foreign_domains import define_in_node, foreign_domain_xml, shut_off
 from support.policy_stack import STEP_TIMEOUT_S, PolicyStack
 from support.waiting import wait_until
@@ -43,27 +40,10 @@ pytestmark = [
     pytest.mark.rabbit,
     pytest.mark.redis,
     pytest.mark.libvirt,
-    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.asyncio(loop_scope="package"),
 ]
 
 NVRAM_SIZE = 540_672
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(
-    rabbitmq_broker: Broker,
-    redis_url: str,
-    redis_users: RedisUsers,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[PolicyStack]:
-    async with PolicyStack(
-        rabbitmq_broker,
-        redis_url,
-        tmp_path_factory.mktemp("adoption"),
-        redis_users=redis_users,
-        agent_env={"a": {"KEEPER_HOST_ADOPT": "all"}, "b": {"KEEPER_HOST_ADOPT": "none"}},
-    ) as running:
-        yield running
 
 
 async def restart_agent(stack: PolicyStack, name: str, *domains: str) -> None:

@@ -23,16 +23,14 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from typer.testing import CliRunner
 
 from keeper_cli.app import app
-from keeper_devtools.localstack.redis_users import RedisUsers
 from keeper_shared.keeper_client.client import KeeperRequestError
 from keeper_shared.messages.deletion import StateDeleted, TpmDisabled
 from keeper_shared.messages.placement import (
@@ -49,7 +47,6 @@ from keeper_shared.messages.types import StateKind
 from keeper_shared.messages.vm import ShutdownVm, StopReason, VmStopped, VmUndefined
 from keeper_shared.redis_access.keys import placement_key, state_head_key
 from keeper_shared.redis_access.results import awaited
-from support.broker import Broker
 from support.events import Seen
 from support.policy_stack import STEP_TIMEOUT_S, PolicyStack
 from support.waiting import wait_until
@@ -58,21 +55,8 @@ pytestmark = [
     pytest.mark.rabbit,
     pytest.mark.redis,
     pytest.mark.libvirt,
-    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.asyncio(loop_scope="package"),
 ]
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(
-    rabbitmq_broker: Broker,
-    redis_url: str,
-    redis_users: RedisUsers,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[PolicyStack]:
-    async with PolicyStack(
-        rabbitmq_broker, redis_url, tmp_path_factory.mktemp("stop-paths"), redis_users=redis_users
-    ) as running:
-        yield running
 
 
 async def persisted(stack: PolicyStack, vm_id: str, digest: str) -> Seen[StatePersisted]:
@@ -291,7 +275,8 @@ async def test_retrieval_failing_three_times_destroys_anyway_and_records_the_los
 
 
 async def test_logs_hold_no_traceback(stack: PolicyStack) -> None:
-    """Runs last: nothing above made a service fail unexpectedly."""
+    """Runs after the tests above and those of the package's earlier files (on the same
+    stack): none of them made a service fail unexpectedly."""
     for service in stack.services.values():
         log = Path(service.log_path).read_bytes()
         assert b"Traceback" not in log, service.name
