@@ -471,10 +471,20 @@ class Bench:
             await scale.closed_loop(hosts, self.recorder, vms, both, duration_s=None, steps=2)
             fleets[count] = vms
         counts = list(settings.fanin_hosts)
+        # Where the CPU of a version goes at the two ends of the series: the machine's cores
+        # are shared by the store, the broker, Redis and the simulated hosts.
+        assert self.store.process is not None
+        pids = {
+            "state store": self.store.process.pid,
+            "RabbitMQ": self.stack.rabbit.pid(),
+            "Redis": self.stack.redis.pid(),
+            "simulated hosts (bench)": os.getpid(),
+        }
         for index in range(settings.rounds):
             order = counts[index % len(counts) :] + counts[: index % len(counts)]
             rates: dict[int, float] = {}
             for count in order:
+                cpu_before = {who: self.cpu_of(pid) for who, pid in pids.items()}
                 loop = await scale.closed_loop(
                     hosts,
                     self.recorder,
@@ -483,6 +493,15 @@ class Bench:
                     duration_s=settings.fanin_s,
                     warmup_s=settings.fanin_warmup_s,
                 )
+                if count in (counts[0], counts[-1]):
+                    for who, pid in pids.items():
+                        spent = self.cpu_of(pid) - cpu_before[who]
+                        self.figure(
+                            f"fanin_cpu_{count}_{who}",
+                            f"CPU per version at {count:,} simulated host"
+                            f"{'s' if count > 1 else ''}: {who}",
+                            "ms",
+                        ).add(1000 * spent / max(loop.persisted, 1))
                 if loop.timeouts:
                     self.notes.append(f"fan-in {count} hosts: {loop.timeouts} changes timed out")
                 rates[count] = loop.persisted_in_time / loop.seconds
