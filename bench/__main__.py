@@ -37,8 +37,8 @@ def main() -> int:
     parser.add_argument(
         "--fetch-path",
         action="store_true",
-        help="hosts announce every change by its hash and the store fetches it (no inline "
-        "state): the path before inline state, for comparison",
+        help="hosts announce every change by its hash and the store fetches it: the agent's "
+        "default (inline state is its opt-in, which the bench measures otherwise)",
     )
     args = parser.parse_args()
     parts = tuple(args.only or ("pipeline", "idle", "scale", "cluster"))

@@ -30,6 +30,7 @@ from keeper_devtools.localstack import (
     RedisServer,
     free_tcp_ports,
 )
+from keeper_host_agent.detect.inline_state import DEFAULT_EVENT_BYTES
 from keeper_shared.bus.topology import EVENTS_EXCHANGE, declare_exchanges
 from keeper_shared.messages.envelope import MessageError, decode, peek_type
 from keeper_shared.messages.state import StatePersisted
@@ -154,8 +155,9 @@ def agent_process(
     heartbeat_s: float = 5.0,
     inline: bool = True,
 ) -> ServiceProcess:
-    """The real host agent of one simulated host (a libvirt test:/// node file); without
-    ``inline`` it announces every change by its hash alone (each version is fetched)."""
+    """The real host agent of one simulated host (a libvirt test:/// node file), with the
+    opt-in inline state on; without ``inline`` it announces every change by its hash alone
+    (each version is fetched), the agent's default."""
     store_key = SealingPublicKey(load_private_key(store_sealing_key_file(work)).public_key())
     return ServiceProcess(
         host_id,
@@ -173,8 +175,8 @@ def agent_process(
             "KEEPER_HOST_HEARTBEAT_INTERVAL_S": str(heartbeat_s),
             "KEEPER_HOST_LOG_JSON": "true",
             "KEEPER_HOST_SHUTDOWN_GRACE_S": "5",
-            **({} if inline else {"KEEPER_HOST_INLINE_STATE_MAX_BYTES": "0"}),
-            **({} if inline else {"KEEPER_HOST_INLINE_BLOB_MAX_BYTES": "0"}),
+            # Inline state is the agent's opt-in; the bench measures it unless told not to.
+            **({"KEEPER_HOST_INLINE_STATE_MAX_BYTES": str(DEFAULT_EVENT_BYTES)} if inline else {}),
         },
         work / "logs" / f"{host_id}.log",
     )

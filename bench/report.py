@@ -151,7 +151,9 @@ def _method(settings: Settings) -> list[str]:
         "acks (prefetch 64). Messages acknowledged per second after a 0.5 s warm-up.",
         f"- **Pipeline**: one real host agent (libvirt `test:///` driver with {settings.vms} "
         "running UEFI domains with an emulated TPM, inotify, stability window "
-        f"{settings.window_s * 1000:.0f} ms) and one real state-store process (history depth "
+        f"{settings.window_s * 1000:.0f} ms, inline state "
+        f"{'on (the opt-in, 1 MiB per event)' if settings.inline else 'off (the default)'}) "
+        "and one real state-store process (history depth "
         f"{settings.history_depth}, scrubber on at its default rate, swtpm probe off). The "
         "bench writes on disk as swtpm and OVMF do: a new 16 KiB random TPM state "
         "(temp file + rename; random, so compression does not help) or 64 random bytes "

@@ -61,8 +61,8 @@ class Settings:
     history_depth: int = 100
     parts: tuple[str, ...] = ("pipeline", "idle", "scale", "cluster")
     inline: bool = True
-    """Hosts send small state inline with its change; False announces every change by its
-    hash alone, so each version is fetched (the path before inline state, for comparison)."""
+    """Hosts send small state inline with its change (the agent's opt-in); False announces
+    every change by its hash alone, so each version is fetched (the agent's default)."""
     fanin_vms: int = 1000
     """VMs in flight in the fan-in series, spread over each of ``fanin_hosts``."""
     fanin_hosts: tuple[int, ...] = (1, 10, 100, 1000)

@@ -150,6 +150,8 @@ def agent_process(tmp_path: Path, rabbitmq_url: str) -> Iterator[AgentProcess]:
         "KEEPER_HOST_HEARTBEAT_INTERVAL_S": "1",
         "KEEPER_HOST_RESCAN_INTERVAL_S": "2",
         "KEEPER_HOST_SHUTDOWN_GRACE_S": "5",
+        # The opt-in, so that the process shows it sealing state inline from its settings.
+        "KEEPER_HOST_INLINE_STATE_MAX_BYTES": str(InlineBudget().per_event_bytes),
     }
     stdout_path = tmp_path / "agent.stdout"
     stderr_path = tmp_path / "agent.stderr"

@@ -126,8 +126,11 @@ def _settings(**env: str) -> HostAgentSettings:
     )
 
 
-def test_the_budget_is_set_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _settings().inline_state_max_bytes == InlineBudget().per_event_bytes
+def test_inline_state_is_off_unless_the_environment_sets_a_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Off by default: every change by its hash, pulled by the store, as the design says.
+    assert _settings().inline_state_max_bytes == 0
     monkeypatch.setenv("KEEPER_HOST_INLINE_STATE_MAX_BYTES", "65536")
     monkeypatch.setenv("KEEPER_HOST_INLINE_BLOB_MAX_BYTES", "16384")
 

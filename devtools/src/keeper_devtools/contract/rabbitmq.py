@@ -211,7 +211,8 @@ def client_definitions(
 
     Both follow events: they declare, bind and consume only queues named
     ``keeper.client.<user>.*`` and bind them to any event (events carry hashes and facts,
-    never state). An integrator also sends commands on ``keeper.commands`` and takes replies
+    never state in clear: a host that opts in to inline state seals it to the store). An
+    integrator also sends commands on ``keeper.commands`` and takes replies
     in its own ``keeper.reply.<user>.<hex>`` queues, bound only to its own reply keys.
     Neither may publish events, declare or delete exchanges, or touch another queue. The
     commands exchange is direct, so the broker cannot keep an integrator's command away from

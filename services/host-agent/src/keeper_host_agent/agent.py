@@ -79,10 +79,14 @@ class HostAgent:
         self.sealing = HostSealingKeys.from_settings(settings)
         self.bus = bus
         self.hypervisor: Hypervisor = hypervisor or LibvirtHypervisor(settings.libvirt_uri)
-        inliner = inliner_for(
-            bus.levels.configured,
-            self.sealing.store,
-            InlineBudget(settings.inline_state_max_bytes, settings.inline_blob_max_bytes),
+        inliner = (
+            inliner_for(
+                bus.levels.configured,
+                self.sealing.store,
+                InlineBudget(settings.inline_state_max_bytes, settings.inline_blob_max_bytes),
+            )
+            if settings.inline_state_max_bytes > 0
+            else None
         )
         self.announcer = ChangeAnnouncer(settings.host_id, self._publish_changes, inliner)
         self.tracker = StateTracker(

@@ -51,20 +51,22 @@ class HostAgentSettings(ServiceSettings, HookSettings):
     )
     heartbeat_interval_s: float = Field(default=5.0, gt=0, description="Heartbeat period.")
     inline_state_max_bytes: int = Field(
-        default=DEFAULT_EVENT_BYTES,
+        default=0,
         ge=0,
         le=4 * 1024 * 1024,
-        description="Sealed state one `state.changed` carries inline, all its changes together "
-        "(the store then stores it without fetching it back); changes beyond it are "
-        "announced by their hash and fetched. At most 4 MiB, so that an event stays well "
-        "within a message's 8 MiB once base64-encoded; 0 sends every change hash-only.",
+        description="Opt-in: sealed state one `state.changed` carries inline, all its changes "
+        "together (the store then stores it without fetching it back); changes beyond it "
+        "are announced by their hash and fetched. 0 (the default) announces every change by "
+        "its hash alone and the store pulls it, as the design describes; "
+        f"{DEFAULT_EVENT_BYTES} is what the benchmarks measure. At most 4 MiB, so that an "
+        "event stays well within a message's 8 MiB once base64-encoded.",
     )
     inline_blob_max_bytes: int = Field(
         default=DEFAULT_BLOB_BYTES,
         ge=0,
         description="A single blob larger than this once sealed (compressed, + 16 bytes) is "
         "never inlined but fetched: a large NVRAM does not crowd the small TPM states out of "
-        "the event. At most `inline_state_max_bytes`.",
+        "the event. At most `inline_state_max_bytes` when that is set.",
     )
     generation_mark_file: Path | None = Field(
         default=None,
@@ -111,7 +113,7 @@ class HostAgentSettings(ServiceSettings, HookSettings):
 
     @model_validator(mode="after")
     def _blob_cap_within_event_budget(self) -> HostAgentSettings:
-        if self.inline_blob_max_bytes > self.inline_state_max_bytes:
+        if 0 < self.inline_state_max_bytes < self.inline_blob_max_bytes:
             raise ValueError(
                 "inline_blob_max_bytes must not exceed inline_state_max_bytes "
                 f"({self.inline_blob_max_bytes} > {self.inline_state_max_bytes})"
