@@ -26,12 +26,16 @@ from redis.asyncio import Redis
 from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.settings import PolicySettings
+from keeper_policy.snapshot.deleter import SnapshotDeleter
+from keeper_policy.snapshot.memory_records import MemorySnapshots
 from keeper_policy.storage.scripts import PolicyScripts
 from keeper_policy.storage.vm_registry import PolicyRegistry
 from keeper_policy.templates.handlers import TemplateHandlers
 from keeper_policy.templates.records import TemplateRecords
 from keeper_policy.tpm.approver import Approver
 from keeper_policy.views.queries import PolicyQueries
+from keeper_policy.workflows.engine import WorkflowEngine
+from keeper_policy.workflows.store import WorkflowStore
 from keeper_shared.bus.client import BusClient, Consumer, Delivery, Route
 from keeper_shared.bus.topology import QueueSpec, host_command_queue
 from keeper_shared.keeper_client.client import KeeperClient
@@ -382,7 +386,8 @@ async def running_policy_queries(
     """Policy's query handlers (``vms.list``, ``hosts.list``) over ``redis`` on a private
     commands queue; yields its command key (the CLI's ``KEEPER_POLICY_TARGET``). With
     ``store_target`` (a store's command key) also the template commands, which approve VMs
-    as ``tpm.enable`` does and have that store copy and delete NVRAM."""
+    as ``tpm.enable`` does and have that store copy and delete NVRAM, and snapshot deletion,
+    which has that store unpin."""
     policy_key = unique("test-policy")
     commands = QueueSpec(name=unique("test-policy-commands"), command_key=policy_key)
     scripts = PolicyScripts(redis)
@@ -404,6 +409,18 @@ async def running_policy_queries(
             store_target=store_target,
         )
         routes += templates.command_routes()
+        engine = WorkflowEngine(
+            WorkflowStore(redis, scripts), {}, lease_s=5.0, sweep_interval_s=1.0
+        )
+        deleter = SnapshotDeleter(
+            MemorySnapshots(redis),
+            hosts,
+            engine,
+            gateway,
+            store_timeout_s=REQUEST_TIMEOUT_S,
+            store_target=store_target,
+        )
+        routes += deleter.command_routes()
     try:
         await bus.consume(commands, routes, prefetch=8)
         yield policy_key

@@ -52,9 +52,13 @@ def _closed_port() -> int:
 
 @pytest_asyncio.fixture
 async def policy_key(store: Store) -> AsyncIterator[str]:
-    """Policy's query handlers over the store's Redis; their command key."""
+    """Policy's query handlers (and snapshot deletion, through this store) over the store's
+    Redis; their command key."""
     async with running_policy_queries(
-        store.amqp_url, store.redis, lost_after_s=LOST_AFTER_S
+        store.amqp_url,
+        store.redis,
+        lost_after_s=LOST_AFTER_S,
+        store_target=store.client._store_target,
     ) as key:
         yield key
 

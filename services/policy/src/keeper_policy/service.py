@@ -34,7 +34,6 @@ from keeper_shared.messages.host import HostHeartbeat
 from keeper_shared.messages.host_requests import ClaimPlacement, PlacementClaimed
 from keeper_shared.messages.placement import PlaceVm, StopVm
 from keeper_shared.messages.replies import (
-    DeleteVmSnapshotReply,
     DisableTpmReply,
     EnableTpmReply,
     PlaceVmReply,
@@ -46,7 +45,7 @@ from keeper_shared.messages.state import StatePersisted
 from keeper_shared.messages.tpm import EnableTpm, TpmStateStranded
 from keeper_shared.messages.tpm_reset import ResetFoundBy, TpmReset, TpmResetCleared
 from keeper_shared.messages.vm import StopReason, VmStarted, VmStopped, VmUndefined
-from keeper_shared.messages.vm_snapshot import DeleteVmSnapshot, RevertVm, SnapshotVm
+from keeper_shared.messages.vm_snapshot import RevertVm, SnapshotVm
 from keeper_shared.runtime.background import BackgroundTasks
 
 log = structlog.get_logger(__name__)
@@ -122,7 +121,7 @@ class PolicyService:
             Route(StopVm, self.on_stop),
             Route(SnapshotVm, self.on_snapshot),
             Route(RevertVm, self.on_revert),
-            Route(DeleteVmSnapshot, self.on_snapshot_delete),
+            *self._snapshot_deleter.command_routes(),
             Route(AdoptVm, self.on_adopt),
             *self._queries.command_routes(),
             *self._templates.command_routes(),
@@ -179,12 +178,6 @@ class PolicyService:
         """Go back to a snapshot with memory: power off when running, restore the pinned
         TPM and NVRAM, revert the domain on the snapshot's host."""
         return await self._reverter.revert(envelope.data)
-
-    async def on_snapshot_delete(
-        self, envelope: Envelope[DeleteVmSnapshot], delivery: Delivery
-    ) -> DeleteVmSnapshotReply:
-        """Delete a snapshot: its memory file on its host first, then the store's pin."""
-        return await self._snapshot_deleter.delete(envelope.data)
 
     async def on_vm_stopped(self, envelope: Envelope[VmStopped], delivery: Delivery) -> None:
         """A domain stopped without a ``vm.stop``: a migration moves the placement, any

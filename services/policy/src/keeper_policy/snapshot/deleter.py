@@ -18,7 +18,9 @@ from keeper_policy.gateway import Gateway
 from keeper_policy.hosts.registry import HostRegistry
 from keeper_policy.snapshot.memory_records import MemorySnapshot, MemorySnapshots
 from keeper_policy.workflows.engine import WorkflowEngine
+from keeper_shared.bus.client import Delivery, Route
 from keeper_shared.bus.topology import STATE_STORE
+from keeper_shared.messages.envelope import Envelope
 from keeper_shared.messages.replies import (
     DeleteDomainSnapshotReply,
     DeleteSnapshotReply,
@@ -55,12 +57,24 @@ class SnapshotDeleter:
         gateway: Gateway,
         *,
         store_timeout_s: float,
+        store_target: str = STATE_STORE,
     ) -> None:
         self._records = records
         self._hosts = hosts
         self._engine = engine
         self._gateway = gateway
         self._store_timeout_s = store_timeout_s
+        self._store = store_target
+
+    def command_routes(self) -> list[Route]:
+        """The route of ``vm.snapshot-delete`` on policy's commands queue."""
+        return [Route(DeleteVmSnapshot, self.on_delete)]
+
+    async def on_delete(
+        self, envelope: Envelope[DeleteVmSnapshot], _delivery: Delivery
+    ) -> DeleteVmSnapshotReply:
+        """Delete a snapshot: its memory file on its host first, then the store's pin."""
+        return await self.delete(envelope.data)
 
     async def delete(self, request: DeleteVmSnapshot) -> DeleteVmSnapshotReply:
         """Delete the snapshot's memory (if it has any), then its pin; a refusal says why
@@ -81,7 +95,7 @@ class SnapshotDeleter:
                 return DeleteVmSnapshotReply.failed(f"{error}; nothing was deleted")
             await self._records.forget(vm_id, request.snapshot_id)
         unpinned = await self._gateway.call(
-            STATE_STORE,
+            self._store,
             DeleteSnapshot(vm_id=vm_id, snapshot_id=request.snapshot_id),
             DeleteSnapshotReply,
             vm_id,
