@@ -228,7 +228,10 @@ class MemoryBus(BusClient):
             headers={RELEASE_HEADER: CURRENT_RELEASE},
         )
 
-    async def publish_event(self, payload: Payload, *, subject: str) -> Envelope[Any]:
+    async def publish_event(
+        self, payload: Payload, *, subject: str, attempts: int = 1
+    ) -> Envelope[Any]:
+        # In memory every publish is confirmed at once: ``attempts`` is never needed.
         envelope = new_envelope(payload, source=self.source, subject=subject)
         message = self._memory_message(envelope, self.levels.configured)
         self.broker.publish_event(event_routing_key(envelope.type, self.origin), message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Callable
 
 import pytest
 from pydantic import SecretBytes
@@ -75,6 +76,24 @@ def test_validation_error_never_quotes_the_input() -> None:
     assert secret_b64[:24] not in message
     assert caught.value.__cause__ is None
     assert caught.value.__context__ is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b64: b64 + "!",  # outside the alphabet
+        lambda b64: b64[:-1],  # padding cut
+        lambda b64: b64[:8] + "=" + b64[9:],  # padding inside
+        lambda b64: b64[:8] + "\n" + b64[8:],  # a line break (MIME style)
+        lambda b64: b64[:8] + "é" + b64[9:],  # not ASCII
+    ],
+)
+def test_a_blob_that_is_not_strict_base64_is_refused(damage: Callable[[str], str]) -> None:
+    body = json.loads(encode(new_envelope(_prepare(), source="s", subject=VM_ID)))
+    ciphertext = body["data"]["tpm"]["sealed"]["ciphertext"]
+    body["data"]["tpm"]["sealed"]["ciphertext"] = damage(ciphertext)
+    with pytest.raises(MessageError, match=r"sealed\.ciphertext"):
+        decode(json.dumps(body).encode(), PrepareVm)
 
 
 @pytest.mark.parametrize(

@@ -368,17 +368,28 @@ class BusClient:
             **properties,
         )
 
-    async def publish_event(self, payload: Payload, *, subject: str) -> Envelope[Any]:
+    async def publish_event(
+        self, payload: Payload, *, subject: str, attempts: int = 1
+    ) -> Envelope[Any]:
         """Publish a fact to the events exchange and wait for the broker's confirm; raises
-        TimeoutError when it does not come within `EVENT_CONFIRM_TIMEOUT_S`."""
+        TimeoutError when it does not come within `EVENT_CONFIRM_TIMEOUT_S` in any of
+        ``attempts`` publishes. A caller whose own retry costs much (the store's is a
+        redelivered event, checked and announced again) asks for more than one: an
+        overloaded broker confirms late, and the same fact published again is harmless."""
         assert self._events is not None
         envelope = new_envelope(payload, source=self.source, subject=subject)
-        async with asyncio.timeout(EVENT_CONFIRM_TIMEOUT_S):
-            await self._events.publish(
-                self._message(envelope, self.levels.configured),
-                routing_key=event_routing_key(envelope.type, self.origin),
-                mandatory=False,
-            )
+        message = self._message(envelope, self.levels.configured)
+        routing_key = event_routing_key(envelope.type, self.origin)
+        for attempt in range(1, attempts + 1):
+            try:
+                async with asyncio.timeout(EVENT_CONFIRM_TIMEOUT_S):
+                    await self._events.publish(message, routing_key=routing_key, mandatory=False)
+            except TimeoutError:
+                metrics.EVENT_CONFIRMS_LATE.inc()
+                if attempt == attempts:
+                    raise
+            else:
+                break
         return envelope
 
     async def call(

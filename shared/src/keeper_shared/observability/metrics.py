@@ -36,6 +36,12 @@ PERSISTED = Counter(
     "wrong_host, stale_epoch, refused = the blob did not verify).",
     ["kind", "outcome"],
 )
+TPM_IDENTITY_UNREADABLE = Counter(
+    "keeper_tpm_identity_unreadable_total",
+    "TPM versions stored whose identity (endorsement seed) could not be read, so a TPM "
+    "replaced unasked cannot be told apart (encrypted without the secret, or not swtpm's "
+    "format); the store logs each VM once per reason.",
+)
 PERSIST_SECONDS = Histogram(
     "keeper_persist_seconds",
     "Time from receiving a blob to its durable, fenced write (verify, encrypt, Redis).",
@@ -74,5 +80,10 @@ STATE_CHANGES_PUBLISHED = Counter(
     "keeper_state_changes_published_total",
     "state.changed events a host agent published, by kind.",
     ["kind"],
+)
+EVENT_CONFIRMS_LATE = Counter(
+    "keeper_event_confirms_late_total",
+    "Events the broker did not confirm within the bound (published again, or failed): a "
+    "broker overloaded or a connection lost mid-publish.",
 )
 READY = Gauge("keeper_ready", "1 while the process reports itself ready.")

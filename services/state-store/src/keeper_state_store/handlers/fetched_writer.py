@@ -4,7 +4,7 @@ Every blob is verified, sealed under its VM's data key (every key read in one ro
 written by its own fenced script, all in one Redis pipeline with one wait for the replicas:
 a batch of a hundred TPM states costs one round trip and shares one AOF fsync instead of
 two round trips each. Batches from different hosts that are ready together share that
-pipeline too (see `keeper_state_store.handlers.write_coalescer`), so spreading the same
+pipeline too (see `keeper_state_store.handlers.coalescer`), so spreading the same
 VMs over more hosts does not multiply the round trips. Only then is each stored version
 announced ``state.persisted``.
 
@@ -34,8 +34,9 @@ from keeper_shared.state_format.blobs import open_blob
 from keeper_shared.state_format.compression import BlobFormatError
 from keeper_state_store.crypto.sealing import BlobSealer
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.handlers.coalescer import Coalescer
+from keeper_state_store.handlers.reasons_said import ReasonsSaid
 from keeper_state_store.handlers.tpm_reset import TpmResetAnnouncer
-from keeper_state_store.handlers.write_coalescer import WriteCoalescer
 from keeper_state_store.identity.fingerprint import TpmIdentity, archive_identity
 from keeper_state_store.storage.repository import (
     StateRepository,
@@ -45,6 +46,9 @@ from keeper_state_store.storage.repository import (
 )
 
 log = structlog.get_logger(__name__)
+
+PERSISTED_PUBLISH_ATTEMPTS = 3
+"""Publishes of a ``state.persisted`` before its event is given back for redelivery."""
 
 BatchResults = dict[str, BaseException | None]
 """Per VM: None when its blobs were handled (stored, duplicate or refused), else the error
@@ -80,7 +84,9 @@ class FetchedStateWriter:
         self._secrets = secrets
         self._bus = bus
         self._resets = resets
-        self._coalescer: WriteCoalescer[_PendingWrite, WriteResult | RedisError] = WriteCoalescer(
+        self._unreadable = ReasonsSaid()
+        """VMs whose TPM identity was last not readable, and why."""
+        self._coalescer: Coalescer[_PendingWrite, WriteResult | RedisError] = Coalescer(
             self._write_all,
             lambda pending: (pending.vm_id, pending.blob.kind),
             max_items=max_coalesced_writes,
@@ -95,7 +101,7 @@ class FetchedStateWriter:
         """Seal every blob (each VM's data key read in one round trip) and write them all
         in one pipeline with one wait for the replicas; one result per write, in order."""
         sealed = await self._sealer.seal_all([(item.vm_id, item.blob) for item in pending])
-        return await self._repository.write_versions(
+        results = await self._repository.write_versions(
             [
                 VersionWrite(
                     vm_id=item.vm_id,
@@ -114,6 +120,17 @@ class FetchedStateWriter:
                 for item, ciphertext in zip(pending, sealed, strict=True)
             ]
         )
+        stored = [
+            f"{item.vm_id}/{item.blob.kind.value}/{result.detail} from {item.host}"
+            for item, result in zip(pending, results, strict=True)
+            if isinstance(result, WriteResult) and result.outcome is WriteOutcome.STORED
+        ]
+        if stored:
+            # One line per shared pipeline, naming each VM, kind, version and host: a line
+            # per version was a sixth of the store's CPU per stored version, and a line per
+            # host's batch still a twelfth when a thousand hosts sent one change each.
+            log.info("states persisted", count=len(stored), stored=stored)
+        return results
 
     async def persist(self, host: str, vm_states: Sequence[FetchedVmState]) -> BatchResults:
         """Write every VM's blobs from ``host``; a failure is reported per VM."""
@@ -155,7 +172,7 @@ class FetchedStateWriter:
             self._failed(results, [vm_id for vm_id, _ in to_write], error)
             return results
         try:
-            outcomes = await self._coalescer.write(
+            outcomes = await self._coalescer.call(
                 [
                     _PendingWrite(host, vm_id, blob, identity)
                     for (vm_id, blob), identity in zip(to_write, identities, strict=True)
@@ -184,15 +201,6 @@ class FetchedStateWriter:
                 self._failed(results, [vm_id], reported)
             elif isinstance(reported, BaseException):
                 raise reported
-        stored = [
-            f"{vm_id}/{blob.kind.value}/{outcome.detail}"
-            for vm_id, blob, outcome, _ in written
-            if outcome.outcome is WriteOutcome.STORED
-        ]
-        if stored:
-            # One line per batch, naming each VM, kind and version: a line per version was
-            # a sixth of the store's CPU per stored version.
-            log.info("states persisted", from_host=host, count=len(stored), stored=stored)
         return results
 
     async def refuse(self, vm_id: str, kind: StateKind, host: str, reason: str) -> None:
@@ -236,7 +244,14 @@ class FetchedStateWriter:
             if secret is not None:
                 identity = archive_identity(content, secret.value.get_secret_value())
         if not identity.known:
-            log.info("TPM identity not readable", vm_id=vm_id, reason=identity.unknown_because)
+            metrics.TPM_IDENTITY_UNREADABLE.inc()
+            # Said when a VM's reason changes, not for each of its versions: a VM whose
+            # state never parses would otherwise log a line per write (a tenth of the
+            # store's CPU per version when every write is one).
+            if self._unreadable.is_news(vm_id, identity.unknown_because):
+                log.info("TPM identity not readable", vm_id=vm_id, reason=identity.unknown_because)
+        else:
+            self._unreadable.forget(vm_id)
         return identity
 
     async def _report(
@@ -274,6 +289,10 @@ class FetchedStateWriter:
                     state_format_level=None if profile is None else profile.state_format_level,
                 ),
                 subject=vm_id,
+                # The version is durable already: failing here redelivers the whole event,
+                # whose every stored change is then checked and announced again; under a
+                # boot storm's load that retry was the larger part of the broker's backlog.
+                attempts=PERSISTED_PUBLISH_ATTEMPTS,
             )
             await self._resets.after_write(vm_id, version, result.trust)
         elif result.outcome is WriteOutcome.STALE:

@@ -41,12 +41,13 @@ from keeper_state_store.crypto.bus_sealing import HostKeyUnknownError, StoreBusS
 from keeper_state_store.crypto.encryption import DecryptionError
 from keeper_state_store.crypto.sealing import BlobSealer
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.handlers.coalescer import Coalescer
 from keeper_state_store.handlers.fetched_writer import FetchedStateWriter
 from keeper_state_store.handlers.inline_state import InlineStateIntake
 from keeper_state_store.handlers.pull_batcher import PullBatcher
 from keeper_state_store.handlers.tpm_reset import TpmResetAnnouncer
 from keeper_state_store.settings import StateStoreSettings
-from keeper_state_store.storage.repository import StateRepository
+from keeper_state_store.storage.repository import Placement, StateRepository, StoredHead
 from keeper_state_store.storage.snapshots import SnapshotStore
 from keeper_state_store.storage.version_reader import (
     VersionNotKeptError,
@@ -85,6 +86,12 @@ class StateService:
             repository, BlobSealer(repository), self._secrets, bus, self._resets
         )
         self._inline = InlineStateIntake(sealing.own, self._writer)
+        # What each event announces is checked against the stored heads and placements;
+        # events from many hosts that arrive together share one read.
+        self._heads: Coalescer[tuple[str, StateKind], tuple[StoredHead | None, Placement | None]]
+        self._heads = Coalescer(
+            repository.heads_and_placements, None, max_items=1000, max_in_flight=2
+        )
         self._batcher = PullBatcher(
             self._pull_batch,
             window_s=settings.pull_batch_window_s,
@@ -120,6 +127,7 @@ class StateService:
         """Stop batched pulls and coalesced writes still in flight (after the consumers
         stopped)."""
         await self._batcher.close()
+        await self._heads.close()
         await self._writer.close()
 
     async def on_state_changed(self, envelope: Envelope[StateChanged], delivery: Delivery) -> None:
@@ -127,17 +135,16 @@ class StateService:
         stored one, or the host may not write it: as sent inline when it came so and opens,
         else pulled. The event is acknowledged once every write it asked for landed."""
         event = envelope.data
-        stored = await self._repository.heads_and_placements(
-            [(change.vm_id, change.kind) for change in event.changes]
-        )
+        stored = await self._heads.call([(change.vm_id, change.kind) for change in event.changes])
         to_store: list[StateChange] = []
+        announce_again: list[StateChange] = []
         for change, (head, placement) in zip(event.changes, stored, strict=True):
             if head is not None and head.content_hash == change.content_hash:
                 if delivery.redelivered:
                     # A replica may have died between the durable write and its
                     # announcement; announcing the stored version again is harmless (facts
                     # are idempotent).
-                    await self._announce_head(change.vm_id, change.kind)
+                    announce_again.append(change)
                 continue
             if not self._speaks_for(delivery, event.host):
                 await self._writer.refuse(
@@ -159,6 +166,11 @@ class StateService:
                 # replica busy for seconds while the newest changes waited behind them.
                 continue
             to_store.append(change)
+        # Together, not one after another: a redelivered event of a hundred stored changes
+        # was two hundred Redis round trips in a row, under the load that redelivered it.
+        await asyncio.gather(
+            *(self._announce_head(change.vm_id, change.kind) for change in announce_again)
+        )
         # Only now, past the identity, placement and freshness checks, is an inline blob
         # opened: one call persists all of them, so the writer coalesces them with other
         # hosts' as it does fetched batches. One that does not open is pulled instead.

@@ -1,21 +1,27 @@
-"""Group commit across hosts: the writes of concurrent fetch batches share one Redis pipeline.
+"""Group commit across hosts: concurrent calls to Redis from different events share one
+pipeline.
 
 Fetches are per host (only the host holds its VMs' state), so when the same VMs in flight
 are spread over a hundred hosts each fetch brings back two VMs instead of two hundred, and
 every batch paid its own data-key read, its own pipeline round trip, its own wait for the
 replicas and its own AOF fsync. The store's throughput then fell with the number of hosts.
+The same held for the reads each ``state.changed`` makes before anything is written (the
+heads and placements of what it announces): a thousand hosts with a change each were a
+thousand round trips where one host with a thousand changes was one.
 
-Here the batches that are ready while a write is on its way wait for it and then go
-together, whichever host they came from (at a light load a batch goes at once: there is
+Here the groups that are ready while a call is on its way wait for it and then go
+together, whichever host they came from (at a light load a group goes at once: there is
 nothing to wait for). Each write is still its own fenced script with its own result, so
 fencing, the per-VM outcome and the acknowledgement of each event after its own durable
-write are unchanged; a batch whose VM and kind are already in the pipeline being formed
-waits for the next one (the repository takes one write per VM and kind per pipeline).
+write are unchanged. Writes name a key each: a group whose VM and kind are already in the
+call being formed waits for the next one (the repository takes one write per VM and kind
+per pipeline); reads name none and always join.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -23,8 +29,8 @@ from typing import Generic, TypeVar
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-WriteAll = Callable[[list[Item]], Awaitable[Sequence[Result]]]
-"""Write these items together; one result per item, in order (raises when none landed)."""
+CallAll = Callable[[list[Item]], Awaitable[Sequence[Result]]]
+"""Do these items together; one result per item, in order (raises when none was done)."""
 
 
 @dataclass
@@ -34,18 +40,19 @@ class _Group(Generic[Item, Result]):
     future: asyncio.Future[list[Result]]
 
 
-class WriteCoalescer(Generic[Item, Result]):
-    """Merges concurrent groups of writes into shared calls of ``write_all``."""
+class Coalescer(Generic[Item, Result]):
+    """Merges concurrent groups of items into shared calls of ``call_all``; ``key_of``
+    names what at most one item of a call may touch (None: items never exclude each other)."""
 
     def __init__(
         self,
-        write_all: WriteAll[Item, Result],
-        key_of: Callable[[Item], Hashable],
+        call_all: CallAll[Item, Result],
+        key_of: Callable[[Item], Hashable] | None,
         *,
         max_items: int,
         max_in_flight: int,
     ) -> None:
-        self._write_all = write_all
+        self._call_all = call_all
         self._key_of = key_of
         self._max_items = max_items
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -54,21 +61,26 @@ class WriteCoalescer(Generic[Item, Result]):
         self._flying: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def write(self, items: list[Item]) -> list[Result]:
-        """Write ``items`` in the next shared call; their results, in order."""
+    async def call(self, items: list[Item]) -> list[Result]:
+        """Have ``items`` done in the next shared call; their results, in order."""
         if not items:
             return []
         if self._closed:
             raise asyncio.CancelledError("the store is stopping")
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Group(items, {self._key_of(item) for item in items}, future))
+        keys = set() if self._key_of is None else {self._key_of(item) for item in items}
+        self._waiting.append(_Group(items, keys, future))
         if self._dispatcher is None or self._dispatcher.done():
-            self._dispatcher = asyncio.create_task(self._dispatch(), name="write-coalescer")
+            # In a context of its own: the shared calls serve many events, and must not log
+            # under the one whose call happened to start the dispatcher.
+            self._dispatcher = asyncio.create_task(
+                self._dispatch(), name="coalescer", context=contextvars.Context()
+            )
         return await future
 
     async def close(self) -> None:
-        """Cancel what waits or is being written (its callers see the cancellation), and
-        any later write."""
+        """Cancel what waits or is under way (its callers see the cancellation), and any
+        later call."""
         self._closed = True
         tasks = [task for task in (self._dispatcher, *self._flying) if task is not None]
         for task in tasks:
@@ -82,7 +94,7 @@ class WriteCoalescer(Generic[Item, Result]):
                 # Batches that became ready in this same turn of the loop join the call.
                 await asyncio.sleep(0)
                 taken = self._take()
-                task = asyncio.create_task(self._run(taken), name="coalesced-write")
+                task = asyncio.create_task(self._run(taken), name="coalesced-call")
                 self._flying.add(task)
                 task.add_done_callback(self._flying.discard)
         finally:
@@ -113,7 +125,7 @@ class WriteCoalescer(Generic[Item, Result]):
         try:
             items = [item for group in groups for item in group.items]
             try:
-                results = list(await self._write_all(items))
+                results = list(await self._call_all(items))
             except asyncio.CancelledError:
                 for group in groups:
                     group.future.cancel()
