@@ -29,9 +29,10 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument(
         "--only",
-        choices=["pipeline", "idle", "scale", "cluster"],
+        choices=["pipeline", "idle", "scale", "storm", "cluster"],
         action="append",
-        help="run only these parts (repeatable); default: all",
+        help="run only these parts (repeatable); default: all (scale includes the storm; "
+        "storm alone has no steady rate to compare with)",
     )
     parser.add_argument("--quick", action="store_true", help="short rounds (a smoke run)")
     parser.add_argument(

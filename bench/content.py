@@ -21,6 +21,7 @@ from keeper_shared.state_format.tpm_archive import (
     pack_tpm_state,
     read_tpm_state_dir,
 )
+from keeper_state_store.identity.fingerprint import archive_identity
 
 _PERMALL_HEAD = 32
 """swtpm's header, its record header and libtpms' header, with room to spare."""
@@ -53,15 +54,20 @@ def variants(kind: StateKind, base: bytes, count: int, seed: int) -> list[StateB
     """``count`` sealed blobs of ``base`` with a few bytes changed, as a TPM or the firmware
     changes them (16 bytes for a TPM, one 64-byte variable write for the NVRAM). A TPM
     changes inside its state, never in swtpm's and libtpms' headers or closing magic (a
-    host refuses a permall whose framing is broken)."""
+    host refuses a permall whose framing is broken), and stays the same TPM: a change that
+    hit its endorsement seed would be a TPM replaced unasked, which the store flags and
+    announces, work a real boot never causes."""
     rng = random.Random(seed)
-    blobs = []
-    for _ in range(count):
+    own = _identity(kind, base)
+    blobs: list[StateBlob] = []
+    while len(blobs) < count:
         content = bytearray(base)
         width = 16 if kind is StateKind.TPM else 64
         head, tail = (_PERMALL_HEAD, _PERMALL_TAIL) if kind is StateKind.TPM else (0, 0)
         offset = rng.randrange(head, len(content) - width - tail)
         content[offset : offset + width] = rng.randbytes(width)
+        if _identity(kind, bytes(content)) != own:
+            continue
         canonical = (
             pack_tpm_state({MAIN_STATE_FILE_NAME: bytes(content)})
             if kind is StateKind.TPM
@@ -69,6 +75,13 @@ def variants(kind: StateKind, base: bytes, count: int, seed: int) -> list[StateB
         )
         blobs.append(seal_blob(kind, canonical, FencingToken(epoch=1, generation=1)))
     return blobs
+
+
+def _identity(kind: StateKind, content: bytes) -> str | None:
+    """The TPM's identity as the store reads it (None for NVRAM, or when not readable)."""
+    if kind is not StateKind.TPM:
+        return None
+    return archive_identity(pack_tpm_state({MAIN_STATE_FILE_NAME: content})).fingerprint
 
 
 def nvram_base() -> bytes:

@@ -120,6 +120,8 @@ class Bench:
     figures: dict[str, Figure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     profiles: dict[str, profile.Summary] = field(default_factory=dict)
+    steady_fleet_rate: float = float("nan")
+    """The fan-in's closed-loop rate at the storm's host count (nan: not measured)."""
     _services: list[ServiceProcess] = field(default_factory=list)
 
     def figure(self, key: str, name: str, unit: str, target: str = "") -> Figure:
@@ -156,7 +158,7 @@ class Bench:
                 await self.pipeline_benchmarks()
             if "idle" in self.settings.parts:
                 await self.idle_benchmark()
-            if "scale" in self.settings.parts:
+            if {"scale", "storm"} & set(self.settings.parts):
                 await self.scale_benchmarks()
             assert self.store.process is not None
             rss = rss_bytes(self.store.process.pid) / 2**20
@@ -445,8 +447,9 @@ class Bench:
             self.bus, pools, SealingPublicKey(store_key), self.settings.inline_budget
         )
         try:
-            await self.scale_memory(hosts, 10)
-            await self.fan_in(hosts)
+            if "scale" in self.settings.parts:
+                await self.scale_memory(hosts, 10)
+                await self.fan_in(hosts)
             await self.boot_storm(hosts)
         finally:
             await hosts.close()
@@ -521,11 +524,47 @@ class Bench:
             self.say(
                 f"fan-in round {index + 1}: " + ", ".join(f"{c}: {rates[c]:.0f}/s" for c in counts)
             )
+        for count in (counts[0], counts[-1]):
+            await self.profile_fan_in(hosts, fleets[count], both)
         self.steady_fleet_rate = (
             self.figures[f"fanin_{settings.storm_hosts}"].median
             if f"fanin_{settings.storm_hosts}" in self.figures
             else float("nan")
         )
+
+    async def profile_fan_in(
+        self, hosts: scale.FakeHosts, vms: list[scale.FakeVm], kinds: list[StateKind]
+    ) -> None:
+        """One extra (untimed) closed-loop round of a fleet with the store under py-spy: the
+        narrowest and the widest fleet's side by side show where the per-event work of many
+        small hosts goes."""
+        if profile.py_spy() is None or self.store.process is None:
+            return
+        count = len({vm.host for vm in vms})
+        seconds = 3 if self.settings.quick else 6
+        out = self.work / f"profile-store-fanin-{count}.txt"
+        load = asyncio.create_task(
+            scale.closed_loop(
+                hosts, self.recorder, vms, kinds, duration_s=seconds + 2, warmup_s=0.0
+            )
+        )
+        await asyncio.sleep(1.0)
+        if await profile.record(self.store.process.pid, out, seconds):
+            self.profiles[f"state store, fan-in from {count:,} host{'s' if count > 1 else ''}"] = (
+                profile.summarise(out, top=20)
+            )
+        await load
+
+    async def profile_storm(self, storming: asyncio.Task[storm.StormSummary]) -> None:
+        """The store under py-spy through the storm's first seconds, while it runs."""
+        if profile.py_spy() is None or self.store.process is None:
+            return
+        out = self.work / "profile-store-storm.txt"
+        recording = asyncio.create_task(
+            profile.record(self.store.process.pid, out, 10 if self.settings.quick else 30)
+        )
+        if await recording:
+            self.profiles["state store, boot storm"] = profile.summarise(out, top=20)
 
     async def boot_storm(self, hosts: scale.FakeHosts) -> None:
         """10,000 VMs on 100 simulated hosts boot at once (see bench.storm); one round."""
@@ -540,7 +579,11 @@ class Bench:
         await scale.place(self.redis, vms)
         assert self.store.process is not None
         cpu_before = self.cpu_of(self.store.process.pid)
-        summary = await storm.boot_storm(hosts, self.recorder, vms, wait_s=STORM_WAIT_S)
+        storming = asyncio.create_task(
+            storm.boot_storm(hosts, self.recorder, vms, wait_s=STORM_WAIT_S)
+        )
+        await self.profile_storm(storming)
+        summary = await storming
         store_cpu = self.cpu_of(self.store.process.pid) - cpu_before
         label = (
             f"{summary.vms:,} VMs on {summary.hosts} hosts, {len(storm.BOOT_WRITES)} writes each"
