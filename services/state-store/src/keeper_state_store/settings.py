@@ -85,6 +85,18 @@ class StateStoreSettings(ServiceSettings, RedisSettings):
             "the broker's confirms took over their 3 s bound and events were retried."
         ),
     )
+    changes_in_flight: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description=(
+            "Most announced changes one replica opens, verifies and writes at once, in "
+            "arrival order (the prefetch counts events, which carry one change or hundreds). "
+            "About what two shared write pipelines take: in a boot storm, ten thousand at "
+            "once kept the event loop so far behind that confirms were read after their "
+            "bound and whole events were redone."
+        ),
+    )
     pull_batch_max_vms: int = Field(
         default=32,
         ge=1,

@@ -41,6 +41,7 @@ from keeper_state_store.crypto.bus_sealing import HostKeyUnknownError, StoreBusS
 from keeper_state_store.crypto.encryption import DecryptionError
 from keeper_state_store.crypto.sealing import BlobSealer
 from keeper_state_store.crypto.tpm_secrets import TpmSecretVault
+from keeper_state_store.handlers.admission import ChangeAdmission
 from keeper_state_store.handlers.coalescer import Coalescer
 from keeper_state_store.handlers.fetched_writer import FetchedStateWriter
 from keeper_state_store.handlers.inline_state import InlineStateIntake
@@ -92,6 +93,7 @@ class StateService:
         self._heads = Coalescer(
             repository.heads_and_placements, None, max_items=1000, max_in_flight=2
         )
+        self._admission = ChangeAdmission(settings.changes_in_flight)
         self._batcher = PullBatcher(
             self._pull_batch,
             window_s=settings.pull_batch_window_s,
@@ -171,14 +173,18 @@ class StateService:
         await asyncio.gather(
             *(self._announce_head(change.vm_id, change.kind) for change in announce_again)
         )
+        async with self._admission.admit(len(to_store)):
+            await self._store(event.host, to_store)
+
+    async def _store(self, host: str, to_store: list[StateChange]) -> None:
+        """Write the changes that passed every check, inline or pulled; raises the first
+        failure (the event is then redelivered, and what was stored is a duplicate)."""
         # Only now, past the identity, placement and freshness checks, is an inline blob
         # opened: one call persists all of them, so the writer coalesces them with other
         # hosts' as it does fetched batches. One that does not open is pulled instead.
-        inline, to_pull = self._inline.open(event.host, to_store)
-        writes = [self._batcher.pull(event.host, change.vm_id, change.kind) for change in to_pull]
-        writes.append(self._inline.persist(event.host, inline))
-        # Every write waits for its own; one that failed gets the whole event redelivered,
-        # and the changes already stored are then duplicates, skipped above.
+        inline, to_pull = self._inline.open(host, to_store)
+        writes = [self._batcher.pull(host, change.vm_id, change.kind) for change in to_pull]
+        writes.append(self._inline.persist(host, inline))
         for outcome in await asyncio.gather(*writes, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 raise outcome
