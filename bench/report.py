@@ -88,6 +88,18 @@ def _targets(bench: Bench, settings: Settings) -> list[str]:
         + _verdict(cpu_ratio, cpu_ratio <= 3)
         + " (target ≤ 3; 5.3-6.8 before issue 19)"
     )
+    if "cpu_floor_ratio" in figures:
+        floor = median("cpu_floor_ratio")
+        raw_ms = median("cpu_raw_tpm")
+        rows.append(
+            f"- The floor under that ratio: the state's message, its `state.persisted` and "
+            f"Redis's durable write alone are {floor:.2f} raw messages, which leaves "
+            f"{max(3 - floor, 0) * raw_ms:.2f} ms for everything the agent and the store do "
+            f"with a version at 3x; they spend {median('cpu_beyond_floor'):.2f} ms, of which "
+            f"{median('cpu_essential'):.2f} ms is the hashing, compression and cryptography "
+            "the invariants ask for and the rest the Python services' own per-message work "
+            "(validation, the AMQP and Redis clients, the event loop)"
+        )
     latency_ratio = median("lat_hop_ratio")
     pooled = getattr(bench, "pooled_latency", [])
     if pooled:

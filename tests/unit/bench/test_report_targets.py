@@ -75,3 +75,18 @@ def test_the_boot_storm_line_carries_its_goals(tmp_path: Path) -> None:
     assert "42.0 s" in line
     assert "steady = 0.950 — met" in line
     assert "median = 2.50 — NOT met" in line
+
+
+def test_the_floor_line_says_what_the_target_leaves_and_what_is_spent(tmp_path: Path) -> None:
+    bench = FakeBench()
+    bench.add("cpu_ratio_tpm", "CPU ratio", [5.0], target="≤ 3")
+    bench.add("cpu_raw_tpm", "Raw CPU", [1.0])
+    bench.add("cpu_floor_ratio", "Floor", [2.25])
+    bench.add("cpu_beyond_floor", "Beyond", [2.5])
+    bench.add("cpu_essential", "Essential", [0.5])
+
+    line = line_with(report(tmp_path, bench), "The floor under that ratio")
+
+    assert "alone are 2.25 raw messages" in line
+    assert "leaves 0.75 ms" in line
+    assert "they spend 2.50 ms, of which 0.50 ms" in line
