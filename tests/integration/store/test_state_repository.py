@@ -680,6 +680,24 @@ async def test_only_the_commands_that_met_noscript_run_again(
         await redis.aclose()
 
 
+async def test_new_vms_read_together_twice_at_once_get_one_key_each(
+    repository: StateRepository, redis: Redis
+) -> None:
+    # Two replicas taking a storm's first versions of the same VMs: each VM's first SET NX
+    # wins and both read its key back.
+    vms = [str(uuid.uuid4()) for _ in range(20)]
+    try:
+        first, second = await asyncio.gather(repository.data_keys(vms), repository.data_keys(vms))
+
+        assert first == second
+        assert len({first[vm].material for vm in vms}) == len(vms)
+        for vm in vms:
+            assert await repository.data_key(vm) == first[vm]
+    finally:
+        for vm in vms:
+            await _delete_vm_keys(redis, vm)
+
+
 async def test_data_keys_of_many_vms_are_each_vms_own(
     repository: StateRepository, redis: Redis
 ) -> None:

@@ -245,24 +245,33 @@ class StateRepository:
         pipe = self._redis.pipeline(transaction=False)
         for vm_id in wanted:
             pipe.get(data_key_key(vm_id))
-        stored = await pipe.execute()
-        found: dict[str, DataKey] = {}
-        for vm_id, raw in zip(wanted, stored, strict=True):
-            found[vm_id] = self._unwrap(
-                bytes(raw) if raw is not None else await self._new_data_key(vm_id)
-            )
-        return found
+        stored = dict(zip(wanted, await pipe.execute(), strict=True))
+        missing = [vm_id for vm_id, raw in stored.items() if raw is None]
+        if missing:
+            # A boot storm's first versions: every VM at once, in one more round trip.
+            stored.update(await self._new_data_keys(missing))
+        return {vm_id: self._unwrap(bytes(raw)) for vm_id, raw in stored.items()}
 
     async def _new_data_key(self, vm_id: str) -> bytes:
-        """Store a data key for a VM that had none; the stored (wrapped) key. Two replicas
-        racing agree on one key: only the first SET NX wins and both read back the winner."""
-        key = data_key_key(vm_id)
-        candidate = self._keys.wrap(new_data_key())
-        await awaited(self._redis.set(key, candidate.to_bytes(), nx=True))
-        stored = await awaited(self._redis.get(key))
-        if stored is None:
-            raise RuntimeError(f"data key of {vm_id} vanished right after it was written")
-        return bytes(stored)
+        """Store a data key for a VM that had none; the stored (wrapped) key."""
+        return (await self._new_data_keys([vm_id]))[vm_id]
+
+    async def _new_data_keys(self, vm_ids: list[str]) -> dict[str, bytes]:
+        """Store a data key for each VM that had none; the stored (wrapped) keys. Two
+        replicas racing agree on one key per VM: only the first SET NX wins, and the GET
+        after it on the same connection reads back the winner."""
+        pipe = self._redis.pipeline(transaction=False)
+        for vm_id in vm_ids:
+            key = data_key_key(vm_id)
+            pipe.set(key, self._keys.wrap(new_data_key()).to_bytes(), nx=True)
+            pipe.get(key)
+        replies = await pipe.execute()
+        stored: dict[str, bytes] = {}
+        for vm_id, raw in zip(vm_ids, replies[1::2], strict=True):
+            if raw is None:
+                raise RuntimeError(f"data key of {vm_id} vanished right after it was written")
+            stored[vm_id] = bytes(raw)
+        return stored
 
     def _unwrap(self, stored: bytes) -> DataKey:
         """Unwrap a stored data key, remembering recent ones by their wrapped bytes.
