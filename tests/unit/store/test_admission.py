@@ -74,6 +74,27 @@ async def test_a_cancelled_waiter_frees_the_queue_behind_it() -> None:
     assert gate.in_flight == 0
 
 
+async def test_nothing_to_admit_never_waits_in_the_queue() -> None:
+    gate = ChangeAdmission(1)
+    held = asyncio.Event()
+
+    async def holder() -> None:
+        async with gate.admit(1):
+            await held.wait()
+
+    holding = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(holder())  # queued behind the first
+    await asyncio.sleep(0)
+
+    async with asyncio.timeout(5):
+        async with gate.admit(0):
+            assert gate.in_flight == 1
+
+    held.set()
+    await asyncio.gather(holding, waiting)
+
+
 async def test_a_failing_block_gives_its_room_back() -> None:
     gate = ChangeAdmission(2)
     with pytest.raises(RuntimeError):

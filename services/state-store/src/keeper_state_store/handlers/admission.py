@@ -45,6 +45,8 @@ class ChangeAdmission:
             self._release(wanted)
 
     async def _acquire(self, wanted: int) -> None:
+        if wanted == 0:
+            return  # nothing to hold: no reason to queue behind those who hold something
         if not self._waiting and self._free >= wanted:
             self._free -= wanted
             return

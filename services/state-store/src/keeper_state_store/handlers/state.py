@@ -173,8 +173,9 @@ class StateService:
         await asyncio.gather(
             *(self._announce_head(change.vm_id, change.kind) for change in announce_again)
         )
-        async with self._admission.admit(len(to_store)):
-            await self._store(event.host, to_store)
+        if to_store:
+            async with self._admission.admit(len(to_store)):
+                await self._store(event.host, to_store)
 
     async def _store(self, host: str, to_store: list[StateChange]) -> None:
         """Write the changes that passed every check, inline or pulled; raises the first
