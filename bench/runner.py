@@ -594,15 +594,13 @@ class Bench:
             )
         await load
 
-    async def profile_storm(self, storming: asyncio.Task[storm.StormSummary]) -> None:
-        """The store under py-spy through the storm's first seconds, while it runs."""
+    async def profile_storm(self) -> None:
+        """The store under py-spy through the storm's first seconds (the storm runs in a
+        task of its own meanwhile)."""
         if profile.py_spy() is None or self.store.process is None:
             return
         out = self.work / "profile-store-storm.txt"
-        recording = asyncio.create_task(
-            profile.record(self.store.process.pid, out, 10 if self.settings.quick else 30)
-        )
-        if await recording:
+        if await profile.record(self.store.process.pid, out, 10 if self.settings.quick else 30):
             self.profiles["state store, boot storm"] = profile.summarise(out, top=20)
 
     async def boot_storm(self, hosts: scale.FakeHosts) -> None:
@@ -621,7 +619,7 @@ class Bench:
         storming = asyncio.create_task(
             storm.boot_storm(hosts, self.recorder, vms, wait_s=STORM_WAIT_S)
         )
-        await self.profile_storm(storming)
+        await self.profile_storm()
         summary = await storming
         store_cpu = self.cpu_of(self.store.process.pid) - cpu_before
         label = (

@@ -101,20 +101,18 @@ def _decompress_zstd(data: bytes, max_size: int) -> bytes:
     decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
     try:
         declared = zstandard.frame_content_size(data)
+        if declared > max_size:
+            raise _bomb(data, max_size)
+        if declared > 0:
+            # Every frame this project writes declares its size (`compress`). One call
+            # decodes it into a buffer of exactly that size, which the check above bounds: a
+            # frame holding more than it declares overflows that buffer and is refused, one
+            # holding less is refused as corrupt, and so is anything after the frame. A
+            # tenth of the two passes below, which cost more than the sha256 of the content
+            # they check.
+            return decompressor.decompress(data, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise CorruptBlobError(f"compressed blob is corrupt (zstd: {exc})") from None
-    if declared > max_size:
-        raise _bomb(data, max_size)
-    if declared > 0:
-        # Every frame this project writes declares its size (`compress`). One call decodes
-        # it into a buffer of exactly that size, which the check above bounds: a frame
-        # holding more than it declares overflows that buffer and is refused, one holding
-        # less is refused as corrupt, and so is anything after the frame. A tenth of the
-        # two passes below, which cost more than the sha256 of the content they check.
-        try:
-            return decompressor.decompress(data, allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise CorruptBlobError(f"compressed blob is corrupt (zstd: {exc})") from None
     return _decompress_zstd_undeclared(decompressor, data, max_size)
 
 

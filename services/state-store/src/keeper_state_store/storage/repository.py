@@ -233,13 +233,11 @@ class StateRepository:
 
     async def data_key(self, vm_id: str) -> DataKey:
         """The VM's data key, created on first use."""
-        stored = await awaited(self._redis.get(data_key_key(vm_id)))
-        return self._unwrap(
-            bytes(stored) if stored is not None else await self._new_data_key(vm_id)
-        )
+        return (await self.data_keys([vm_id]))[vm_id]
 
     async def data_keys(self, vm_ids: Collection[str]) -> dict[str, DataKey]:
-        """`data_key` of many VMs, in one round trip when they all have one already."""
+        """The data keys of many VMs, each created on first use: one round trip when they all
+        have one already, two when some are new."""
         wanted = list(vm_ids)
         # GETs in a pipeline, not one MGET: each VM's keys are in its own cluster slot.
         pipe = self._redis.pipeline(transaction=False)
@@ -251,10 +249,6 @@ class StateRepository:
             # A boot storm's first versions: every VM at once, in one more round trip.
             stored.update(await self._new_data_keys(missing))
         return {vm_id: self._unwrap(bytes(raw)) for vm_id, raw in stored.items()}
-
-    async def _new_data_key(self, vm_id: str) -> bytes:
-        """Store a data key for a VM that had none; the stored (wrapped) key."""
-        return (await self._new_data_keys([vm_id]))[vm_id]
 
     async def _new_data_keys(self, vm_ids: list[str]) -> dict[str, bytes]:
         """Store a data key for each VM that had none; the stored (wrapped) keys. Two
