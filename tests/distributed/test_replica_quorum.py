@@ -17,6 +17,9 @@ from keeper_state_store.storage.replication import NotReplicatedError, ReplicaQu
 pytestmark = [pytest.mark.redis]
 
 ONE_REPLICA = ReplicaQuorum(min_replicas=1, timeout_ms=300)
+ONE_REPLICA_PATIENT = ReplicaQuorum(min_replicas=1, timeout_ms=10_000)
+"""For a wait that must succeed: a replica just back acknowledges once it has caught up, which
+on a loaded machine took more than 300 ms (a clean-clone CI run failed on it)."""
 
 
 async def _set(pipe: Pipeline, key: str, value: str) -> None:
@@ -64,6 +67,6 @@ async def test_a_write_is_durable_once_the_replica_holds_it_and_not_before(
         await asyncio.to_thread(replica.start)
         await asyncio.to_thread(group.wait_for_replica)
         # A retry that writes nothing new still waits for everything written before it.
-        assert await run_replicated(redis, ONE_REPLICA, _noop) == []
+        assert await run_replicated(redis, ONE_REPLICA_PATIENT, _noop) == []
     finally:
         await redis.aclose()
