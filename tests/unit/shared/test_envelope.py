@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextvars
 import json
 import uuid
 from collections.abc import Callable
@@ -115,6 +116,21 @@ def test_not_json_is_refused() -> None:
 def test_oversized_body_is_refused_before_parsing() -> None:
     with pytest.raises(MessageError, match="exceeds"):
         decode(b" " * (9 * 1024 * 1024), PrepareVm)
+
+
+def test_a_task_in_a_context_of_its_own_reuses_the_envelope_class() -> None:
+    """pydantic keeps parametrised generics per context; the store's shared calls run in
+    empty contexts and rebuilt the envelope's schema for every message they sent."""
+    outside = type(new_envelope(_prepare(), source="s", subject=VM_ID))
+
+    def in_empty_context() -> tuple[type, type]:
+        sent = type(new_envelope(_prepare(), source="s", subject=VM_ID))
+        received = type(
+            decode(encode(new_envelope(_prepare(), source="s", subject=VM_ID)), PrepareVm)
+        )
+        return sent, received
+
+    assert contextvars.Context().run(in_empty_context) == (outside, outside)
 
 
 def test_envelope_ids_are_unique() -> None:
