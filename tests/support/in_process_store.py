@@ -109,6 +109,12 @@ class FakeHost:
     """The prepares as they arrived on the bus."""
     tpm_secrets: dict[str, TpmSecret] = field(default_factory=dict)
     """Secrets the keeper did not create that the host reads from its domains' TPMs."""
+    answering: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set: fetches are answered at once; cleared, each fetch is counted and its answer
+    waits until it is set again (a host slow to answer)."""
+
+    def __post_init__(self) -> None:
+        self.answering.set()
 
     def hold(self, vm_id: str, kind: StateKind, content: bytes, token: FencingToken) -> StateBlob:
         """Make ``content`` the VM's current stable state of ``kind`` on this host."""
@@ -157,6 +163,7 @@ class FakeHost:
     async def on_fetch(self, envelope: Envelope[FetchState], _delivery: Delivery) -> StateFetched:
         request = envelope.data
         self.fetches.append(list(request.vm_ids))
+        await self.answering.wait()
         found = [
             SealedVmState(
                 vm_id=vm_id,

@@ -8,6 +8,8 @@ store consumes them from its queue.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 
 import pytest
@@ -15,8 +17,10 @@ import pytest
 from keeper_shared.messages.state import StatePersisted, StateWriteRefused
 from keeper_shared.messages.types import FencingToken, StateKind
 from keeper_shared.state_format.tpm_archive import MAIN_STATE_FILE_NAME, pack_tpm_state
-from support.in_process_store import Store, sha256
+from keeper_state_store.crypto.encryption import KeyEncryptionKey
+from support.in_process_store import Store, running_store, sha256
 from support.sealing_keys import new_keys
+from support.waiting import wait_until
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.redis]
 
@@ -114,3 +118,41 @@ async def test_an_inline_state_older_than_the_stored_head_is_not_written(store: 
     assert await store.repository.head_hash(vm_id, StateKind.TPM) == newer.content_hash
     assert await store.repository.head_version(vm_id, StateKind.TPM) == 1
     assert store.host.fetches == []
+
+
+async def test_a_change_waiting_for_its_fetch_holds_up_no_other_event(
+    rabbitmq_url: str, redis_url: str, kek: KeyEncryptionKey
+) -> None:
+    """Changes from events that arrive together are checked and written as one batch, but
+    one to fetch leaves the batch for its own event: two events waiting on a host that does
+    not answer (as many as batches go at once) leave inline changes behind them unhindered.
+    Had they held their batches, the inline ones would wait for the fetches' timeout and
+    each waiting event would be fetched a second time first."""
+    async with running_store(rabbitmq_url, redis_url, kek, fetch_timeout_s=120.0) as store:
+        persisted = await store.client.watch_events(f"state.persisted.{store.origin}")
+        waiting = [store.new_vm() for _ in range(2)]
+        inline = [store.new_vm() for _ in range(VMS)]
+        for index, vm_id in enumerate([*waiting, *inline]):
+            await store.place(vm_id, epoch=1)
+            store.host.hold(
+                vm_id, StateKind.TPM, _tpm(f"vm {index}"), FencingToken(epoch=1, generation=1)
+            )
+        store.host.answering.clear()
+        for vm_id in waiting:
+            await store.host.announce(vm_id, StateKind.TPM)  # by hash: to be fetched
+            fetched = functools.partial(operator.contains, store.host.fetches, [vm_id])
+            await wait_until(fetched, "the fetch", poll_s=0.02)
+
+        await store.host.announce_together(
+            inline, StateKind.TPM, inline_to=store.service.sealing.own.public
+        )
+        for vm_id in inline:
+            await persisted.wait_for(StatePersisted, _about(vm_id, StateKind.TPM), TIMEOUT_S)
+
+        assert store.host.fetches == [[vm_id] for vm_id in waiting], "each fetched once"
+        for vm_id in waiting:
+            assert await store.repository.head_hash(vm_id, StateKind.TPM) is None
+        store.host.answering.set()
+        for vm_id in waiting:
+            await persisted.wait_for(StatePersisted, _about(vm_id, StateKind.TPM), TIMEOUT_S)
+        await store.wait_until_events_drained(TIMEOUT_S)

@@ -25,7 +25,6 @@ import structlog
 from redis.exceptions import RedisError
 
 from keeper_shared.bus.client import BusClient
-from keeper_shared.libtpms import StateProfile
 from keeper_shared.messages.state import FetchedVmState, StatePersisted, StateWriteRefused
 from keeper_shared.messages.types import StateBlob, StateKind, TpmSecret
 from keeper_shared.observability import metrics
@@ -53,6 +52,15 @@ PERSISTED_PUBLISH_ATTEMPTS = 3
 BatchResults = dict[str, BaseException | None]
 """Per VM: None when its blobs were handled (stored, duplicate or refused), else the error
 that kept them from being; that VM's event is then redelivered."""
+
+
+@dataclass(frozen=True)
+class _Received:
+    """A blob of one VM from one host, as fetched or sent inline."""
+
+    host: str
+    vm_id: str
+    blob: StateBlob
 
 
 @dataclass(frozen=True)
@@ -134,71 +142,65 @@ class FetchedStateWriter:
 
     async def persist(self, host: str, vm_states: Sequence[FetchedVmState]) -> BatchResults:
         """Write every VM's blobs from ``host``; a failure is reported per VM."""
+        return await self.persist_from([(host, vm_state) for vm_state in vm_states])
+
+    async def persist_from(self, vm_states: Sequence[tuple[str, FetchedVmState]]) -> BatchResults:
+        """Write every VM's blobs, each VM's from the host named beside it (one host per
+        VM); a failure is reported per VM."""
         began = time.perf_counter()
-        results: BatchResults = {vm_state.vm_id: None for vm_state in vm_states}
+        results: BatchResults = {vm_state.vm_id: None for _, vm_state in vm_states}
         # A VM's secret is kept before its state: encrypted state without it opens nowhere.
-        with_secret = [vm_state for vm_state in vm_states if vm_state.tpm_secret is not None]
+        with_secret = [pair for pair in vm_states if pair[1].tpm_secret is not None]
         secrets = await asyncio.gather(
             *(
                 self._keep_secret(vm_state.vm_id, host, vm_state.tpm_secret)
-                for vm_state in with_secret
+                for host, vm_state in with_secret
             ),
             return_exceptions=True,
         )
-        for vm_state, kept in zip(with_secret, secrets, strict=True):
+        for (_, vm_state), kept in zip(with_secret, secrets, strict=True):
             if isinstance(kept, BaseException):
                 self._failed(results, [vm_state.vm_id], kept)
         blobs = [
-            (vm_state.vm_id, blob)
-            for vm_state in vm_states
+            _Received(host, vm_state.vm_id, blob)
+            for host, vm_state in vm_states
             if results[vm_state.vm_id] is None
             for blob in vm_state.blobs
         ]
-        opened = await asyncio.gather(*(self._verify(vm_id, host, blob) for vm_id, blob in blobs))
+        opened = await asyncio.gather(*(self._verify(item) for item in blobs))
         to_write = [
-            pair for pair, content in zip(blobs, opened, strict=True) if content is not None
+            (item, content)
+            for item, content in zip(blobs, opened, strict=True)
+            if content is not None
         ]
         if not to_write:
             return results
         try:
             identities = await asyncio.gather(
-                *(
-                    self._identity(vm_id, blob, content)
-                    for (vm_id, blob), content in zip(blobs, opened, strict=True)
-                    if content is not None
-                )
+                *(self._identity(item.vm_id, item.blob, content) for item, content in to_write)
             )
+            pending = [
+                _PendingWrite(item.host, item.vm_id, item.blob, identity)
+                for (item, _), identity in zip(to_write, identities, strict=True)
+            ]
+            outcomes = await self._coalescer.call(pending)
         except Exception as error:
-            self._failed(results, [vm_id for vm_id, _ in to_write], error)
-            return results
-        try:
-            outcomes = await self._coalescer.call(
-                [
-                    _PendingWrite(host, vm_id, blob, identity)
-                    for (vm_id, blob), identity in zip(to_write, identities, strict=True)
-                ]
-            )
-        except Exception as error:
-            self._failed(results, [vm_id for vm_id, _ in to_write], error)
+            self._failed(results, [item.vm_id for item, _ in to_write], error)
             return results
         elapsed = time.perf_counter() - began
         written = []
-        for (vm_id, blob), outcome, identity in zip(to_write, outcomes, identities, strict=True):
+        for write, outcome in zip(pending, outcomes, strict=True):
             if isinstance(outcome, RedisError):
-                self._failed(results, [vm_id], outcome)
+                self._failed(results, [write.vm_id], outcome)
             else:
-                profile = None if identity is None else identity.profile
-                written.append((vm_id, blob, outcome, profile))
+                written.append((write, outcome))
         reports = await asyncio.gather(
-            *(
-                self._report(vm_id, host, blob, outcome, profile, elapsed)
-                for vm_id, blob, outcome, profile in written
-            ),
+            *(self._report(write, outcome, elapsed) for write, outcome in written),
             return_exceptions=True,
         )
-        for (vm_id, _, _, _), reported in zip(written, reports, strict=True):
+        for (write, _), reported in zip(written, reports, strict=True):
             if isinstance(reported, Exception):
-                self._failed(results, [vm_id], reported)
+                self._failed(results, [write.vm_id], reported)
             elif isinstance(reported, BaseException):
                 raise reported
         return results
@@ -222,15 +224,18 @@ class FetchedStateWriter:
         if secret is not None and await self._secrets.keep(vm_id, secret):
             log.info("TPM secret kept", vm_id=vm_id, tpm_secret_id=secret.uuid, from_host=host)
 
-    async def _verify(self, vm_id: str, host: str, blob: StateBlob) -> bytes | None:
+    async def _verify(self, received: _Received) -> bytes | None:
         """The blob's content when it opens to its declared size and hash; refused (None)
         when not."""
+        blob = received.blob
         metrics.PULLED_BYTES.labels(kind=blob.kind.value).inc(blob.size)
         try:
             return await run_sized(blob.size, open_blob, blob)
         except BlobFormatError as error:
             metrics.PERSISTED.labels(kind=blob.kind.value, outcome="refused").inc()
-            await self.refuse(vm_id, blob.kind, host, f"blob does not verify: {error}")
+            await self.refuse(
+                received.vm_id, blob.kind, received.host, f"blob does not verify: {error}"
+            )
             return None
 
     async def _identity(self, vm_id: str, blob: StateBlob, content: bytes) -> TpmIdentity | None:
@@ -254,16 +259,10 @@ class FetchedStateWriter:
             self._unreadable.forget(vm_id)
         return identity
 
-    async def _report(
-        self,
-        vm_id: str,
-        host: str,
-        blob: StateBlob,
-        result: WriteResult,
-        profile: StateProfile | None,
-        elapsed_s: float,
-    ) -> None:
+    async def _report(self, write: _PendingWrite, result: WriteResult, elapsed_s: float) -> None:
         """Metrics, a log line and the event each written version's outcome calls for."""
+        vm_id, host, blob = write.vm_id, write.host, write.blob
+        profile = None if write.identity is None else write.identity.profile
         metrics.PERSIST_SECONDS.observe(elapsed_s)
         metrics.PERSISTED.labels(kind=blob.kind.value, outcome=result.outcome.value).inc()
         if result.outcome is WriteOutcome.STORED:

@@ -22,64 +22,40 @@ is not an error of the event: the change is pulled as it would have been without
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import structlog
 
-from keeper_shared.messages.state import FetchedVmState, StateChange
+from keeper_shared.messages.state import StateChange
 from keeper_shared.messages.types import StateBlob
 from keeper_shared.observability import metrics
 from keeper_shared.sealing.construction import SealingError
 from keeper_shared.sealing.keys import SealingPrivateKeys
 from keeper_shared.sealing.state_blobs import open_state_blob
-from keeper_state_store.handlers.fetched_writer import FetchedStateWriter
 
 log = structlog.get_logger(__name__)
 
 
 class InlineStateIntake:
-    """Opens inline blobs with the store's keys and persists them like fetched ones."""
+    """Opens inline blobs with the store's keys; the store persists them like fetched ones."""
 
-    def __init__(self, keys: SealingPrivateKeys, writer: FetchedStateWriter) -> None:
+    def __init__(self, keys: SealingPrivateKeys) -> None:
         self._keys = keys
-        self._writer = writer
 
-    def open(
-        self, host: str, changes: Sequence[StateChange]
-    ) -> tuple[list[FetchedVmState], list[StateChange]]:
-        """The opened state of each change that carries one, by VM, and the changes to pull:
-        those announced by their hash alone, and those whose blob did not open."""
-        by_vm: dict[str, list[StateBlob]] = {}
-        to_pull: list[StateChange] = []
-        for change in changes:
-            if change.sealed is None:
-                to_pull.append(change)
-                continue
-            try:
-                blob = open_state_blob(change.vm_id, change.sealed, self._keys)
-            except SealingError as error:
-                metrics.INLINE_STATES.labels(outcome="pulled").inc()
-                log.warning(
-                    "inline state does not open, fetched instead",
-                    vm_id=change.vm_id,
-                    kind=change.kind.value,
-                    from_host=host,
-                    reason=str(error),
-                )
-                to_pull.append(change)
-                continue
-            metrics.INLINE_STATES.labels(outcome="opened").inc()
-            by_vm.setdefault(change.vm_id, []).append(blob)
-        opened = [FetchedVmState(vm_id=vm_id, blobs=blobs) for vm_id, blobs in by_vm.items()]
-        return opened, to_pull
-
-    async def persist(self, host: str, vm_states: list[FetchedVmState]) -> None:
-        """Write them all in one call (so the write coalescer groups them with other hosts'
-        writes); raises the first VM's failure, so the event is redelivered (what was
-        written meanwhile is then a duplicate, skipped)."""
-        if not vm_states:
-            return
-        results = await self._writer.persist(host, vm_states)
-        for failure in results.values():
-            if failure is not None:
-                raise failure
+    def open(self, host: str, change: StateChange) -> StateBlob | None:
+        """The state ``change`` carries, opened; None when it is to be pulled: announced by
+        its hash alone, or its blob did not open."""
+        if change.sealed is None:
+            return None
+        try:
+            blob = open_state_blob(change.vm_id, change.sealed, self._keys)
+        except SealingError as error:
+            metrics.INLINE_STATES.labels(outcome="pulled").inc()
+            log.warning(
+                "inline state does not open, fetched instead",
+                vm_id=change.vm_id,
+                kind=change.kind.value,
+                from_host=host,
+                reason=str(error),
+            )
+            return None
+        metrics.INLINE_STATES.labels(outcome="opened").inc()
+        return blob

@@ -5,12 +5,20 @@ there is nothing to write), so a replica killed mid-way means redelivery to anot
 the fenced write makes the second attempt a no-op when the first had landed. State the host
 sent inline is written as it came (see handlers.inline_state); the rest is pulled, and
 pulls for one host are coalesced into batched fetches (see handlers.pull_batcher).
+
+The changes of the events that arrive together are checked and written together, whichever
+host sent them (see ``StateService._take_changes``): a fleet is many hosts announcing a
+change or two each, and handling each event on its own paid a read of the heads, the
+opening of a write batch and its bookkeeping per event, where one host announcing a
+hundred changes paid them once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import structlog
 
@@ -64,6 +72,34 @@ class RetrievalError(Exception):
     """The host's newest state of a VM could not be stored; the reason is safe to show."""
 
 
+@dataclass(frozen=True)
+class _Announced:
+    """One change of a ``state.changed`` event, with what its checks need of the event."""
+
+    change: StateChange
+    host: str
+    delivery: Delivery
+
+
+class _Taken(enum.Enum):
+    DONE = "done"
+    """Stored, already stored, superseded or refused: nothing more to do for it."""
+    PULL = "pull"
+    """Announced by its hash alone, or its inline blob did not open: to be fetched."""
+
+
+_Outcome = _Taken | BaseException
+"""What taking one announced change came to (an exception: it failed, and its event is
+redelivered)."""
+
+
+class _Check(enum.Enum):
+    STORE = "store"
+    SKIP = "skip"
+    ANNOUNCE_AGAIN = "announce again"
+    """Already stored, and its event redelivered: its ``state.persisted`` may be lost."""
+
+
 class StateService:
     """Handlers of one state-store replica: events from hosts, retrieve and restore."""
 
@@ -86,14 +122,17 @@ class StateService:
         self._writer = FetchedStateWriter(
             repository, BlobSealer(repository), self._secrets, bus, self._resets
         )
-        self._inline = InlineStateIntake(sealing.own, self._writer)
-        # What each event announces is checked against the stored heads and placements;
-        # events from many hosts that arrive together share one read.
-        self._heads: Coalescer[tuple[str, StateKind], tuple[StoredHead | None, Placement | None]]
-        self._heads = Coalescer(
-            repository.heads_and_placements, None, max_items=1000, max_in_flight=2
-        )
+        self._inline = InlineStateIntake(sealing.own)
         self._admission = ChangeAdmission(settings.changes_in_flight)
+        # Two batches of changes may be on their way at once (one written while the next is
+        # checked); both fit in the admission gate. A change of a VM and kind already in
+        # the batch being formed waits for the next one, so a batch writes each once.
+        self._changes: Coalescer[_Announced, _Outcome] = Coalescer(
+            self._take_changes,
+            lambda announced: (announced.change.vm_id, announced.change.kind),
+            max_items=max(1, settings.changes_in_flight // 2),
+            max_in_flight=2,
+        )
         self._batcher = PullBatcher(
             self._pull_batch,
             window_s=settings.pull_batch_window_s,
@@ -129,66 +168,127 @@ class StateService:
         """Stop batched pulls and coalesced writes still in flight (after the consumers
         stopped)."""
         await self._batcher.close()
-        await self._heads.close()
+        await self._changes.close()
         await self._writer.close()
 
     async def on_state_changed(self, envelope: Envelope[StateChanged], delivery: Delivery) -> None:
         """Store each announced state unless it is already stored, superseded by a newer
         stored one, or the host may not write it: as sent inline when it came so and opens,
-        else pulled. The event is acknowledged once every write it asked for landed."""
+        else pulled. The event is acknowledged once every write it asked for landed (raises
+        the first failure otherwise: the event is redelivered, and what was stored
+        meanwhile is then a duplicate)."""
         event = envelope.data
-        stored = await self._heads.call([(change.vm_id, change.kind) for change in event.changes])
-        to_store: list[StateChange] = []
-        announce_again: list[StateChange] = []
-        for change, (head, placement) in zip(event.changes, stored, strict=True):
-            if head is not None and head.content_hash == change.content_hash:
-                if delivery.redelivered:
-                    # A replica may have died between the durable write and its
-                    # announcement; announcing the stored version again is harmless (facts
-                    # are idempotent).
-                    announce_again.append(change)
-                continue
-            if not self._speaks_for(delivery, event.host):
-                await self._writer.refuse(
-                    change.vm_id,
-                    change.kind,
-                    event.host,
-                    f"published by AMQP user {delivery.user_id!r}, not by the host",
-                )
-                continue
-            if placement is None or placement.host != event.host:
-                await self._writer.refuse(
-                    change.vm_id, change.kind, event.host, "host is not the VM's placement"
-                )
-                continue
-            if head is not None and not change.token.is_newer_than(head.token):
-                # Superseded: a state the host made after this one is stored already (a pull
-                # takes the host's current state, not the one announced). After an outage
-                # the queue holds many such events per VM; pulling for each kept every
-                # replica busy for seconds while the newest changes waited behind them.
-                continue
-            to_store.append(change)
-        # Together, not one after another: a redelivered event of a hundred stored changes
-        # was two hundred Redis round trips in a row, under the load that redelivered it.
-        await asyncio.gather(
-            *(self._announce_head(change.vm_id, change.kind) for change in announce_again)
-        )
-        if to_store:
-            async with self._admission.admit(len(to_store)):
-                await self._store(event.host, to_store)
-
-    async def _store(self, host: str, to_store: list[StateChange]) -> None:
-        """Write the changes that passed every check, inline or pulled; raises the first
-        failure (the event is then redelivered, and what was stored is a duplicate)."""
-        # Only now, past the identity, placement and freshness checks, is an inline blob
-        # opened: one call persists all of them, so the writer coalesces them with other
-        # hosts' as it does fetched batches. One that does not open is pulled instead.
-        inline, to_pull = self._inline.open(host, to_store)
-        writes = [self._batcher.pull(host, change.vm_id, change.kind) for change in to_pull]
-        writes.append(self._inline.persist(host, inline))
-        for outcome in await asyncio.gather(*writes, return_exceptions=True):
+        announced = [_Announced(change, event.host, delivery) for change in event.changes]
+        outcomes = await self._changes.call(announced)
+        for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        to_pull = [
+            item.change
+            for item, outcome in zip(announced, outcomes, strict=True)
+            if outcome is _Taken.PULL
+        ]
+        if to_pull:
+            async with self._admission.admit(len(to_pull)):
+                pulls = [self._batcher.pull(event.host, c.vm_id, c.kind) for c in to_pull]
+                for failure in await asyncio.gather(*pulls, return_exceptions=True):
+                    if isinstance(failure, BaseException):
+                        raise failure
+
+    async def _take_changes(self, announced: list[_Announced]) -> list[_Outcome]:
+        """Check the changes of the events that arrived together against the stored heads
+        and placements (one read), and write every inline state that passes in one call:
+        what each change came to, in order. Those to fetch are left to their events, so a
+        host slow to answer holds up only its own."""
+        async with self._admission.admit(len(announced)):
+            stored = await self._repository.heads_and_placements(
+                [(item.change.vm_id, item.change.kind) for item in announced]
+            )
+            outcomes: list[_Outcome] = [_Taken.DONE] * len(announced)
+            announce_again: list[StateChange] = []
+            to_store: dict[tuple[str, StateKind], int] = {}
+            for index, (item, (head, placement)) in enumerate(zip(announced, stored, strict=True)):
+                verdict = await self._check(item, head, placement)
+                if verdict is _Check.ANNOUNCE_AGAIN:
+                    announce_again.append(item.change)
+                elif verdict is _Check.STORE:
+                    key = (item.change.vm_id, item.change.kind)
+                    earlier = to_store.get(key)
+                    # One event naming the same state twice (only a faulty host does):
+                    # the newer one is written, for both.
+                    if earlier is None or item.change.token.is_newer_than(
+                        announced[earlier].change.token
+                    ):
+                        to_store[key] = index
+            # Together, not one after another: a redelivered event of a hundred stored
+            # changes was two hundred Redis round trips in a row, under the load that
+            # redelivered it.
+            await asyncio.gather(
+                *(self._announce_head(change.vm_id, change.kind) for change in announce_again)
+            )
+            await self._store_inline(announced, sorted(to_store.values()), outcomes)
+        return outcomes
+
+    async def _check(
+        self, item: _Announced, head: StoredHead | None, placement: Placement | None
+    ) -> _Check:
+        """What to do with one announced change, given its VM's stored head and placement
+        (a refusal is announced here)."""
+        change = item.change
+        if head is not None and head.content_hash == change.content_hash:
+            # A replica may have died between the durable write and its announcement;
+            # announcing the stored version again is harmless (facts are idempotent).
+            return _Check.ANNOUNCE_AGAIN if item.delivery.redelivered else _Check.SKIP
+        if not self._speaks_for(item.delivery, item.host):
+            await self._writer.refuse(
+                change.vm_id,
+                change.kind,
+                item.host,
+                f"published by AMQP user {item.delivery.user_id!r}, not by the host",
+            )
+            return _Check.SKIP
+        if placement is None or placement.host != item.host:
+            await self._writer.refuse(
+                change.vm_id, change.kind, item.host, "host is not the VM's placement"
+            )
+            return _Check.SKIP
+        if head is not None and not change.token.is_newer_than(head.token):
+            # Superseded: a state the host made after this one is stored already (a pull
+            # takes the host's current state, not the one announced). After an outage the
+            # queue holds many such events per VM; pulling for each kept every replica busy
+            # for seconds while the newest changes waited behind them.
+            return _Check.SKIP
+        return _Check.STORE
+
+    async def _store_inline(
+        self, announced: list[_Announced], indices: list[int], outcomes: list[_Outcome]
+    ) -> None:
+        """Open the inline states of ``indices`` (only now, past every check) and persist
+        them in one call, so the writer coalesces them as it does fetched batches; record
+        each change's outcome (PULL for one announced by its hash or that does not open)."""
+        by_vm: dict[str, tuple[str, list[StateBlob], list[int]]] = {}
+        for index in indices:
+            item = announced[index]
+            blob = self._inline.open(item.host, item.change)
+            if blob is None:
+                outcomes[index] = _Taken.PULL
+                continue
+            _host, blobs, of_vm = by_vm.setdefault(item.change.vm_id, (item.host, [], []))
+            blobs.append(blob)
+            of_vm.append(index)
+        if not by_vm:
+            return
+        results = await self._writer.persist_from(
+            [
+                (host, FetchedVmState(vm_id=vm_id, blobs=blobs))
+                for vm_id, (host, blobs, _) in by_vm.items()
+            ]
+        )
+        for vm_id, (_host, _blobs, of_vm) in by_vm.items():
+            failure = results.get(vm_id)
+            if failure is not None:
+                for index in of_vm:
+                    outcomes[index] = failure
 
     async def on_heartbeat(self, envelope: Envelope[HostHeartbeat], delivery: Delivery) -> None:
         """Reconcile: pull any hash in the host's inventory that the store has not seen, so a
