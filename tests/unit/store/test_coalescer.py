@@ -4,8 +4,9 @@ a fake pipeline.
 What the store relies on: groups ready together (from any host) share one call; groups
 that arrive while calls are in flight share the next one; each caller gets exactly its own
 results in its own order, or the call's error; one call never carries the same key twice
-nor more than its item limit (a single larger group still goes whole); items without keys
-(reads) always join; a shared call logs under no one event's context.
+nor more than its item limit (a single larger group still goes whole); a key on its way in
+one call holds back its later groups, in order, and no other; items without keys (reads)
+always join; a shared call logs under no one event's context.
 """
 
 from __future__ import annotations
@@ -93,6 +94,25 @@ async def test_a_call_never_writes_one_key_twice_nor_more_than_its_limit() -> No
         [("vm-a", "tpm"), ("vm-a", "tpm"), ("vm-b", "tpm"), ("vm-c", "tpm"), ("vm-d", "tpm")]
         + [(f"vm-big-{i}", "tpm") for i in range(5)]
     )
+
+
+async def test_a_key_on_its_way_holds_back_its_later_groups_in_order_and_no_other() -> None:
+    # Two calls may fly at once; were the second allowed the first's key, whichever landed
+    # first would win, and an older write that lands last is refused as stale.
+    write_all = FakeWriteAll(delay_s=0.05)
+    writer = coalescer(write_all, max_in_flight=2)
+
+    first = asyncio.create_task(writer.call([("vm-a", "tpm")]))
+    await asyncio.sleep(0.01)  # the first call is on its way, a slot is free
+    again = asyncio.create_task(writer.call([("vm-a", "tpm")]))
+    other = asyncio.create_task(writer.call([("vm-b", "tpm")]))
+    after = asyncio.create_task(writer.call([("vm-a", "tpm"), ("vm-c", "tpm")]))
+    await asyncio.sleep(0.02)  # the second call is on its way too
+
+    assert write_all.calls == [[("vm-a", "tpm")], [("vm-b", "tpm")]]
+    await asyncio.gather(first, again, other, after)
+    assert write_all.calls[2:] == [[("vm-a", "tpm")], [("vm-a", "tpm"), ("vm-c", "tpm")]]
+    assert [task.result()[0][1] for task in (first, other, again, after)] == [0, 1, 2, 3]
 
 
 async def test_a_failed_call_fails_every_group_it_carried_and_no_other() -> None:

@@ -14,14 +14,17 @@ together, whichever host they came from (at a light load a group goes at once: t
 nothing to wait for). Each write is still its own fenced script with its own result, so
 fencing, the per-VM outcome and the acknowledgement of each event after its own durable
 write are unchanged. Writes name a key each: a group whose VM and kind are already in the
-call being formed waits for the next one (the repository takes one write per VM and kind
-per pipeline); reads name none and always join.
+call being formed, or in a call still on its way, waits for a later one (the repository
+takes one write per VM and kind per pipeline, and a VM's later change must not overtake its
+earlier one in a call that happens to finish first: the earlier one would be verified and
+written for nothing, refused as stale); reads name none and always join.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -59,6 +62,10 @@ class Coalescer(Generic[Item, Result]):
         self._waiting: list[_Group[Item, Result]] = []
         self._dispatcher: asyncio.Task[None] | None = None
         self._flying: set[asyncio.Task[None]] = set()
+        self._flying_keys: Counter[Hashable] = Counter()
+        self._news = asyncio.Event()
+        """Set when a call lands (groups that waited for its keys may go) or a group
+        arrives."""
         self._closed = False
 
     async def call(self, items: list[Item]) -> list[Result]:
@@ -70,6 +77,7 @@ class Coalescer(Generic[Item, Result]):
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         keys = set() if self._key_of is None else {self._key_of(item) for item in items}
         self._waiting.append(_Group(items, keys, future))
+        self._news.set()
         if self._dispatcher is None or self._dispatcher.done():
             # In a context of its own: the shared calls serve many events, and must not log
             # under the one whose call happened to start the dispatcher.
@@ -94,7 +102,16 @@ class Coalescer(Generic[Item, Result]):
                 # Batches that became ready in this same turn of the loop join the call.
                 await asyncio.sleep(0)
                 taken = self._take()
-                task = asyncio.create_task(self._run(taken), name="coalesced-call")
+                if not taken:
+                    # Every group waits for a key of a call on its way: wait for one to land
+                    # (or for a group that may go at once).
+                    self._slots.release()
+                    self._news.clear()
+                    await self._news.wait()
+                    continue
+                keys = [key for group in taken for key in group.keys]
+                self._flying_keys.update(keys)
+                task = asyncio.create_task(self._run(taken, keys), name="coalesced-call")
                 self._flying.add(task)
                 task.add_done_callback(self._flying.discard)
         finally:
@@ -104,24 +121,29 @@ class Coalescer(Generic[Item, Result]):
             self._waiting.clear()
 
     def _take(self) -> list[_Group[Item, Result]]:
-        """Waiting groups, oldest first, up to ``max_items`` (at least one group) and none
-        that writes a key already taken."""
+        """Waiting groups, oldest first, up to ``max_items`` (at least one group, when one
+        may go) and none that writes a key already taken or still on its way."""
         taken: list[_Group[Item, Result]] = []
         keys: set[Hashable] = set()
         count = 0
         left: list[_Group[Item, Result]] = []
         for group in self._waiting:
             fits = not taken or count + len(group.items) <= self._max_items
-            if fits and keys.isdisjoint(group.keys):
+            free = keys.isdisjoint(group.keys) and not any(
+                key in self._flying_keys for key in group.keys
+            )
+            if fits and free:
                 taken.append(group)
                 keys |= group.keys
                 count += len(group.items)
             else:
+                # A later group with the same key waits too, so a key's groups go in order.
+                keys |= group.keys
                 left.append(group)
         self._waiting = left
         return taken
 
-    async def _run(self, groups: list[_Group[Item, Result]]) -> None:
+    async def _run(self, groups: list[_Group[Item, Result]], keys: list[Hashable]) -> None:
         try:
             items = [item for group in groups for item in group.items]
             try:
@@ -142,4 +164,7 @@ class Coalescer(Generic[Item, Result]):
                     group.future.set_result(results[start:end])
                 start = end
         finally:
+            self._flying_keys.subtract(keys)
+            self._flying_keys += Counter()  # drops the keys no call holds any more
             self._slots.release()
+            self._news.set()
