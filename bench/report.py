@@ -136,6 +136,12 @@ def _targets(bench: Bench, settings: Settings) -> list[str]:
                 + _verdict(figure.median, figure.median >= goal)
                 + f" (target {figure.target}; per-round ratios)"
             )
+    if "fanin_store_cpu_ratio" in figures:
+        rows.append(
+            f"- {figures['fanin_store_cpu_ratio'].name}: {fmt(median('fanin_store_cpu_ratio'))} "
+            "(the store alone; the fan-in above also pays the broker's and the simulated "
+            "hosts' CPU per event, on the same cores)"
+        )
     if "storm_all" in figures:
         steady = median("storm_vs_steady")
         # Among the VMs that finished: no verdict of "met" while some never did.
@@ -148,7 +154,8 @@ def _targets(bench: Bench, settings: Settings) -> list[str]:
             "steady = " + _verdict(steady, steady >= 0.9) + " (target ≥ 0.9); slowest VM / "
             "median = " + _verdict(slowest, slowest <= 2) + " (target ≤ 2); slowest host's "
             f"median / fastest host's = {fmt(median('storm_hosts'))}; recovery point per "
-            f"write p50 {fmt(median('storm_rpo_p50'))} s, p99 {fmt(median('storm_rpo_p99'))} s"
+            f"write p50 {fmt(median('storm_rpo_p50'))} s, p99 {fmt(median('storm_rpo_p99'))} s; "
+            f"the machine's CPUs {fmt(median('storm_busy'))} % busy"
         )
     rows += cluster.summary(median)
     return [*rows, ""]

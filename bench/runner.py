@@ -333,6 +333,16 @@ class Bench:
         await agent.stop(10.0)
         shutil.rmtree(root, ignore_errors=True)
 
+    def machine_pids(self) -> dict[str, int | None]:
+        """The processes that share the machine's cores in the scale runs, by name."""
+        assert self.store.process is not None
+        return {
+            "state store": self.store.process.pid,
+            "RabbitMQ": self.stack.rabbit.pid(),
+            "Redis": self.stack.redis.pid(),
+            "simulated hosts (bench)": os.getpid(),
+        }
+
     def cpu_of(self, *pids: int | None) -> float:
         """utime + stime of these processes together, in seconds."""
         return sum(cpu_seconds(pid) for pid in pids if pid is not None)
@@ -515,16 +525,11 @@ class Bench:
         counts = list(settings.fanin_hosts)
         # Where the CPU of a version goes at the two ends of the series: the machine's cores
         # are shared by the store, the broker, Redis and the simulated hosts.
-        assert self.store.process is not None
-        pids = {
-            "state store": self.store.process.pid,
-            "RabbitMQ": self.stack.rabbit.pid(),
-            "Redis": self.stack.redis.pid(),
-            "simulated hosts (bench)": os.getpid(),
-        }
+        pids = self.machine_pids()
         for index in range(settings.rounds):
             order = counts[index % len(counts) :] + counts[: index % len(counts)]
             rates: dict[int, float] = {}
+            store_ms: dict[int, float] = {}
             for count in order:
                 cpu_before = {who: self.cpu_of(pid) for who, pid in pids.items()}
                 loop = await scale.closed_loop(
@@ -538,12 +543,15 @@ class Bench:
                 if count in (counts[0], counts[-1]):
                     for who, pid in pids.items():
                         spent = self.cpu_of(pid) - cpu_before[who]
+                        per_version_ms = 1000 * spent / max(loop.persisted, 1)
                         self.figure(
                             f"fanin_cpu_{count}_{who}",
                             f"CPU per version at {count:,} simulated host"
                             f"{'s' if count > 1 else ''}: {who}",
                             "ms",
-                        ).add(1000 * spent / max(loop.persisted, 1))
+                        ).add(per_version_ms)
+                        if who == "state store":
+                            store_ms[count] = per_version_ms
                 if loop.timeouts:
                     self.notes.append(f"fan-in {count} hosts: {loop.timeouts} changes timed out")
                 rates[count] = loop.persisted_in_time / loop.seconds
@@ -560,6 +568,14 @@ class Bench:
                     "ratio",
                     target="≥ 0.9" if count >= 1000 else "≥ 0.95",
                 ).add(rates[count] / rates[counts[0]])
+            # The store's own part of the fan-in: what an operator sizing replicas pays per
+            # version, apart from the broker's and the simulated hosts' per-event CPU, which
+            # share this machine's cores but not a fleet's.
+            self.figure(
+                "fanin_store_cpu_ratio",
+                f"Fan-in, the store's own CPU per version: 1 host / {counts[-1]:,} hosts",
+                "ratio",
+            ).add(store_ms[counts[0]] / store_ms[counts[-1]])
             self.say(
                 f"fan-in round {index + 1}: " + ", ".join(f"{c}: {rates[c]:.0f}/s" for c in counts)
             )
@@ -615,13 +631,16 @@ class Bench:
         ]
         await scale.place(self.redis, vms)
         assert self.store.process is not None
-        cpu_before = self.cpu_of(self.store.process.pid)
+        pids = self.machine_pids()
+        cpu_before = {who: self.cpu_of(pid) for who, pid in pids.items()}
+        began = time.monotonic()
         storming = asyncio.create_task(
             storm.boot_storm(hosts, self.recorder, vms, wait_s=STORM_WAIT_S)
         )
         await self.profile_storm()
         summary = await storming
-        store_cpu = self.cpu_of(self.store.process.pid) - cpu_before
+        wall_s = time.monotonic() - began
+        cpu = {who: self.cpu_of(pid) - cpu_before[who] for who, pid in pids.items()}
         label = (
             f"{summary.vms:,} VMs on {summary.hosts} hosts, {len(storm.BOOT_WRITES)} writes each"
         )
@@ -658,8 +677,15 @@ class Bench:
         self.figure("storm_rpo_max", "… recovery point per write max", "s").add(
             summary.exposure_max_s
         )
-        self.figure("storm_store_cpu", "… state store CPU per version stored", "ms").add(
-            1000 * store_cpu / max(summary.versions_stored, 1)
+        for who, seconds in cpu.items():
+            self.figure(f"storm_cpu_{who}", f"… CPU per version stored: {who}", "ms").add(
+                1000 * seconds / max(summary.versions_stored, 1)
+            )
+        # Whether the storm had the machine to itself: the store, the broker, Redis and the
+        # simulated hosts share its cores, so a rate below the steady one with every core
+        # busy is the machine's limit, not the store's.
+        self.figure("storm_busy", "… the machine's CPUs busy during the storm", "%").add(
+            100 * sum(cpu.values()) / (wall_s * (os.cpu_count() or 1))
         )
         if summary.unfinished:
             self.notes.append(
