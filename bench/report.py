@@ -225,8 +225,10 @@ def _method(settings: Settings) -> list[str]:
         "every host's key, so the broker does not keep a quorum queue per simulated host "
         "(two thousand on this machine): the series measures the store's fan-in, not the "
         "broker's per-queue cost.",
-        f"- **Boot storm**: {settings.storm_vms:,} fresh VMs on {settings.storm_hosts} "
-        "simulated hosts all boot at once, one round: each writes TPM, NVRAM, TPM, NVRAM, "
+        f"- **Boot storm**: {settings.storm_vms:,} VMs on {settings.storm_hosts} "
+        "simulated hosts, each with a TPM and an NVRAM stored before (a fleet after a power "
+        "cut or a maintenance window; those first versions are not measured), all boot at "
+        "once, one round: each writes TPM, NVRAM, TPM, NVRAM, "
         "TPM, 0-0.2 s apart; its host announces a state once it has been unchanged for the "
         "agent's 0.5 s stability window (writes closer together are announced once, as the "
         "newest), state inline, without waiting for any to be stored. "
