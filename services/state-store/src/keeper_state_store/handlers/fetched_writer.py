@@ -150,7 +150,7 @@ class FetchedStateWriter:
         began = time.perf_counter()
         results: BatchResults = {vm_state.vm_id: None for _, vm_state in vm_states}
         # A VM's secret is kept before its state: encrypted state without it opens nowhere.
-        with_secret = [pair for pair in vm_states if pair[1].tpm_secret is not None]
+        with_secret = [(host, state) for host, state in vm_states if state.tpm_secret is not None]
         secrets = await asyncio.gather(
             *(
                 self._keep_secret(vm_state.vm_id, host, vm_state.tpm_secret)

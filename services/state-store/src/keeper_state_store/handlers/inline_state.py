@@ -12,7 +12,7 @@ blob trustworthy holds for it too:
 - **whether it may be written**: it reaches the same writer, which verifies its content
   against its hash and writes it through the same fenced script (the VM's placement host
   and epoch, and a token newer than the head), after the same placement and superseded
-  checks in ``StateService.on_state_changed``.
+  checks in ``StateService._check``.
 
 What the push adds is only that the host chose which version to send; so it could with a
 fetch (the reply is whatever the host holds), and the fence still refuses an older one.
