@@ -27,6 +27,7 @@ from keeper_shared.bus.client import BusClient
 from keeper_shared.bus.upgrade_levels import configured_level
 from keeper_shared.messages.releases import UnknownReleaseError
 from keeper_shared.observability import observe_service
+from keeper_shared.runtime.garbage_collection import collect_whole_heap_less_often
 from keeper_shared.runtime.startup import StoppedWhileWaitingError, wait_for_dependency
 
 log = structlog.get_logger(__name__)
@@ -56,11 +57,14 @@ def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) -> No
 
     ``serve`` owns the bounded wait for in-flight work; the signal only asks. A
     ``KEEPER_UPGRADE_LEVEL`` this build cannot talk to stops the start before any wait.
+    The garbage collector is set for a long-running service first (see
+    :mod:`keeper_shared.runtime.garbage_collection`).
     """
     try:
         configured_level()
     except (UnknownReleaseError, ValidationError) as error:
         raise SystemExit(f"KEEPER_UPGRADE_LEVEL: {error}") from None
+    collect_whole_heap_less_often()
 
     async def main() -> None:
         stop = asyncio.Event()
