@@ -13,7 +13,19 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from bench import cluster, content, essential, idle, pipeline, profile, raw, restore, scale, storm
+from bench import (
+    cluster,
+    consume_floor,
+    content,
+    essential,
+    idle,
+    pipeline,
+    profile,
+    raw,
+    restore,
+    scale,
+    storm,
+)
 from bench.env import (
     PersistedRecorder,
     Stack,
@@ -44,6 +56,9 @@ TPM_SIZE = 16 * 1024
 PERSISTED_EVENT_SIZE = 512
 """Bytes of a ``state.persisted`` body on the wire (its JSON envelope is about 490), as the
 floor counts it."""
+FLOOR_EVENT_SIZE = 4096
+"""About a fan-in event with one change: a TPM state sealed inline is 5.5 KB, an NVRAM's
+under 1 KB."""
 STORM_WAIT_S = 180.0
 """How long the boot storm waits for every VM's newest state (keeps `make bench` bounded)."""
 SIZES = (("tpm", TPM_SIZE, "16 KiB"), ("nvram", OVMF_VARS_SIZE, "540 KiB"))
@@ -530,8 +545,10 @@ class Bench:
             order = counts[index % len(counts) :] + counts[: index % len(counts)]
             rates: dict[int, float] = {}
             store_ms: dict[int, float] = {}
+            all_ms: dict[int, float] = {}
             for count in order:
                 cpu_before = {who: self.cpu_of(pid) for who, pid in pids.items()}
+                began = time.monotonic()
                 loop = await scale.closed_loop(
                     hosts,
                     self.recorder,
@@ -541,8 +558,11 @@ class Bench:
                     warmup_s=settings.fanin_warmup_s,
                 )
                 if count in (counts[0], counts[-1]):
+                    wall_s = time.monotonic() - began
+                    all_spent = 0.0
                     for who, pid in pids.items():
                         spent = self.cpu_of(pid) - cpu_before[who]
+                        all_spent += spent
                         per_version_ms = 1000 * spent / max(loop.persisted, 1)
                         self.figure(
                             f"fanin_cpu_{count}_{who}",
@@ -552,6 +572,13 @@ class Bench:
                         ).add(per_version_ms)
                         if who == "state store":
                             store_ms[count] = per_version_ms
+                    all_ms[count] = 1000 * all_spent / max(loop.persisted, 1)
+                    self.figure(
+                        f"fanin_busy_{count}",
+                        f"… the machine's CPUs busy at {count:,} simulated host"
+                        f"{'s' if count > 1 else ''}",
+                        "%",
+                    ).add(100 * all_spent / (wall_s * (os.cpu_count() or 1)))
                 if loop.timeouts:
                     self.notes.append(f"fan-in {count} hosts: {loop.timeouts} changes timed out")
                 rates[count] = loop.persisted_in_time / loop.seconds
@@ -576,6 +603,13 @@ class Bench:
                 f"Fan-in, the store's own CPU per version: 1 host / {counts[-1]:,} hosts",
                 "ratio",
             ).add(store_ms[counts[0]] / store_ms[counts[-1]])
+            # With the machine as busy at both ends, the throughput ratio is this one.
+            self.figure(
+                "fanin_all_cpu_ratio",
+                f"Fan-in, every process's CPU per version: 1 host / {counts[-1]:,} hosts",
+                "ratio",
+            ).add(all_ms[counts[0]] / all_ms[counts[-1]])
+            await self.consume_floors(store_ms[counts[0]])
             self.say(
                 f"fan-in round {index + 1}: " + ", ".join(f"{c}: {rates[c]:.0f}/s" for c in counts)
             )
@@ -586,6 +620,31 @@ class Bench:
             if f"fanin_{settings.storm_hosts}" in self.figures
             else float("nan")
         )
+
+    async def consume_floors(self, store_ms_one_host: float) -> None:
+        """aio-pika's own CPU per message consumed (see bench.consume_floor), and what it
+        leaves of the fan-in's store ratio at one event per version: its 1-host CPU per
+        version against that plus the floor, were the store's own per-event work free."""
+        settings = self.settings
+        for ack_every, how in ((1, "one acknowledgement each"), (64, "one per 64")):
+            floor_ms = await consume_floor.consume_floor(
+                self.stack.rabbit.amqp_url,
+                FLOOR_EVENT_SIZE,
+                2000 if settings.quick else 5000,
+                prefetch=1024,
+                ack_every=ack_every,
+            )
+            self.figure(
+                f"floor_consume_{ack_every}",
+                f"aio-pika alone: CPU per 4 KiB message consumed, {how}",
+                "ms",
+            ).add(floor_ms)
+            self.figure(
+                f"fanin_ceiling_{ack_every}",
+                f"… the store's own fan-in ratio at {settings.fanin_hosts[-1]:,} hosts at "
+                f"best, {how}: 1-host CPU per version / (that + the above)",
+                "ratio",
+            ).add(store_ms_one_host / (store_ms_one_host + floor_ms))
 
     async def profile_fan_in(
         self, hosts: scale.FakeHosts, vms: list[scale.FakeVm], kinds: list[StateKind]

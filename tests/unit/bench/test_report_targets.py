@@ -90,3 +90,27 @@ def test_the_floor_line_says_what_the_target_leaves_and_what_is_spent(tmp_path: 
     assert "alone are 2.25 raw messages" in line
     assert "leaves 0.75 ms" in line
     assert "they spend 2.50 ms, of which 0.50 ms" in line
+
+
+def test_the_fan_in_bound_says_whether_one_ack_per_event_leaves_the_target_in_reach(
+    tmp_path: Path,
+) -> None:
+    bench = FakeBench()
+    for key, value in (
+        ("fanin_busy_1", 86.0),
+        ("fanin_busy_1000", 85.0),
+        ("fanin_all_cpu_ratio", 0.54),
+        ("floor_consume_1", 0.12),
+        ("floor_consume_64", 0.07),
+        ("fanin_ceiling_64", 0.925),
+    ):
+        bench.add(key, key, [value])
+    bench.add("fanin_ceiling_1", "ceiling", [0.88])
+
+    line = line_with(report(tmp_path, bench), "What bounds the fan-in at 1,000 hosts")
+
+    assert "at most 0.880 (0.925 with batched acknowledgements): 0.9 is out of reach" in line
+    assert "= 0.540" in line
+
+    bench.add("fanin_ceiling_1", "ceiling", [0.91])
+    assert "0.9 is within reach" in line_with(report(tmp_path, bench), "What bounds the fan-in")
