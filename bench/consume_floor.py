@@ -13,12 +13,11 @@ import os
 import sys
 import time
 import uuid
-from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-QUORUM: dict[str, Any] = {"x-queue-type": "quorum", "x-delivery-limit": 5}
+from bench.raw import QUORUM_QUEUE
 
 
 async def consume_floor(
@@ -32,7 +31,7 @@ async def consume_floor(
     connection = await aio_pika.connect_robust(amqp_url, timeout=30)
     try:
         channel = await connection.channel(publisher_confirms=True)
-        queue = await channel.declare_queue(queue_name, durable=True, arguments=QUORUM)
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=QUORUM_QUEUE)
         body = os.urandom(body_size)
         for first in range(0, count, 256):
             await asyncio.gather(

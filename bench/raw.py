@@ -14,6 +14,9 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+QUORUM_QUEUE: dict[str, Any] = {"x-queue-type": "quorum", "x-delivery-limit": 5}
+"""The raw paths' queues: quorum queues, as the services' are."""
+
 
 async def raw_round_trip(
     amqp_url: str,
@@ -33,11 +36,10 @@ async def raw_round_trip(
     window: list[float] = []
     try:
         pub_channel = await publisher.channel(publisher_confirms=True)
-        queue_args: dict[str, Any] = {"x-queue-type": "quorum", "x-delivery-limit": 5}
-        await pub_channel.declare_queue(queue_name, durable=True, arguments=queue_args)
+        await pub_channel.declare_queue(queue_name, durable=True, arguments=QUORUM_QUEUE)
         sub_channel = await consumer.channel()
         await sub_channel.set_qos(prefetch_count=in_flight)
-        queue = await sub_channel.declare_queue(queue_name, durable=True, arguments=queue_args)
+        queue = await sub_channel.declare_queue(queue_name, durable=True, arguments=QUORUM_QUEUE)
         counting = False
 
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -82,8 +84,7 @@ async def raw_latency(amqp_url: str, body_size: int, count: int) -> list[float]:
     samples: list[float] = []
     try:
         channel = await connection.channel(publisher_confirms=True)
-        queue_args: dict[str, Any] = {"x-queue-type": "quorum", "x-delivery-limit": 5}
-        queue = await channel.declare_queue(queue_name, durable=True, arguments=queue_args)
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=QUORUM_QUEUE)
         arrived: asyncio.Queue[float] = asyncio.Queue()
 
         async def on_message(message: AbstractIncomingMessage) -> None:
