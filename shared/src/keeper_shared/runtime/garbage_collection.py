@@ -8,8 +8,9 @@ storm holds up to a thousand events with their blobs; each batch's survivors are
 and then freed by reference count, which that quarter does not see. So full collections
 came about twice a second, each walking the whole held heap (137 ms on average): in the
 bench's scale run the store spent 26 s of its 172 s of CPU in 181 full collections. With
-:data:`FULL_THRESHOLD` it spent about 2 s in 20, and the storm stored every newest state
-in 50 s instead of 71 s (docs/benchmarks.md has the committed code's figures).
+:data:`FULL_THRESHOLD` it spent about 3 s in 21, and the storm stored every newest state
+in 61 s instead of 71 s (a storm whose simulator then announced about twice the versions
+it meant to; docs/benchmarks.md has the figures of today's storm).
 """
 
 from __future__ import annotations
