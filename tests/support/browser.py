@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.remote.webelement import WebElement
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -25,6 +27,31 @@ def require_chromium() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def is_gone(error: WebDriverException) -> bool:
+    """Whether an error from asking about an element says its page has been replaced.
+    Chromium 156 answers a query made while the next page replaces the document with a
+    generic "unknown error" from its inspector ("Node with given id does not belong to the
+    document") instead of a stale element, depending on when the query lands."""
+    if isinstance(error, StaleElementReferenceException):
+        return True
+    return "does not belong to the document" in (error.msg or "")
+
+
+def has_left_page(element: WebElement) -> Callable[[webdriver.Chrome], bool]:
+    """A wait condition: the page that held `element` has been replaced."""
+
+    def left(_: webdriver.Chrome) -> bool:
+        try:
+            element.is_enabled()
+        except WebDriverException as error:
+            if is_gone(error):
+                return True
+            raise
+        return False
+
+    return left
 
 
 @contextmanager
