@@ -12,6 +12,7 @@ from bench.stats import fmt, percentile, table
 
 if TYPE_CHECKING:
     from bench.runner import Bench, Settings
+    from bench.stats import Figure
 
 
 IDLE_BEFORE_PERCENT = 1.2
@@ -20,6 +21,20 @@ IDLE_BEFORE_PERCENT = 1.2
 
 def _verdict(value: float, ok: bool) -> str:
     return f"{fmt(value)} — {'met' if ok else 'NOT met'}"
+
+
+def _fan_in_bound(figures: dict[str, Figure], count: int) -> str:
+    """What a fan-in ratio is set against: every process's CPU per version at 1 host over
+    that at ``count`` hosts (the throughput ratio's bound when the machine is as busy at
+    both), and how many versions each ``state.changed`` event carried at both."""
+    keys = (f"fanin_all_cpu_ratio_{count}", "fanin_per_event_1", f"fanin_per_event_{count}")
+    if not all(key in figures for key in keys):
+        return ""
+    cpu, one, many = (figures[key].median for key in keys)
+    return (
+        f"; every process's CPU per version, 1 host / {count:,} hosts: {fmt(cpu)}, "
+        f"versions per state.changed event {fmt(one)} at 1 host and {fmt(many)} at {count:,}"
+    )
 
 
 def write_report(
@@ -135,6 +150,7 @@ def _targets(bench: Bench, settings: Settings) -> list[str]:
                 f"- {figure.name}: "
                 + _verdict(figure.median, figure.median >= goal)
                 + f" (target {figure.target}; per-round ratios)"
+                + _fan_in_bound(figures, int(key.removeprefix("fanin_ratio_")))
             )
     if "fanin_store_cpu_ratio" in figures:
         rows.append(
@@ -150,7 +166,8 @@ def _targets(bench: Bench, settings: Settings) -> list[str]:
             f"{fmt(median('fanin_busy_1'))} % busy at 1 host and "
             f"{fmt(median(f'fanin_busy_{widest}'))} % at {widest:,}, so the throughput ratio "
             "follows every process's CPU per version, 1 host / "
-            f"{widest:,} hosts = {fmt(median('fanin_all_cpu_ratio'))}. The store's own part: "
+            f"{widest:,} hosts = {fmt(median(f'fanin_all_cpu_ratio_{widest}'))}. "
+            "The store's own part: "
             f"aio-pika alone spends {fmt(median('floor_consume_1'))} ms of CPU per message "
             "consumed with one acknowledgement each (the bus client's way; "
             f"{fmt(median('floor_consume_64'))} ms with one per 64), and at {widest:,} hosts "

@@ -538,8 +538,8 @@ class Bench:
             await scale.closed_loop(hosts, self.recorder, vms, both, duration_s=None, steps=2)
             fleets[count] = vms
         counts = list(settings.fanin_hosts)
-        # Where the CPU of a version goes at the two ends of the series: the machine's cores
-        # are shared by the store, the broker, Redis and the simulated hosts.
+        # Where the CPU of a version goes at each host count: the machine's cores are shared
+        # by the store, the broker, Redis and the simulated hosts.
         pids = self.machine_pids()
         for index in range(settings.rounds):
             order = counts[index % len(counts) :] + counts[: index % len(counts)]
@@ -547,7 +547,9 @@ class Bench:
             store_ms: dict[int, float] = {}
             all_ms: dict[int, float] = {}
             for count in order:
+                hosts_s = "s" if count > 1 else ""
                 cpu_before = {who: self.cpu_of(pid) for who, pid in pids.items()}
+                events_before = (hosts.events_published, hosts.changes_published)
                 began = time.monotonic()
                 loop = await scale.closed_loop(
                     hosts,
@@ -557,34 +559,37 @@ class Bench:
                     duration_s=settings.fanin_s,
                     warmup_s=settings.fanin_warmup_s,
                 )
-                if count in (counts[0], counts[-1]):
-                    wall_s = time.monotonic() - began
-                    all_spent = 0.0
-                    for who, pid in pids.items():
-                        spent = self.cpu_of(pid) - cpu_before[who]
-                        all_spent += spent
-                        per_version_ms = 1000 * spent / max(loop.persisted, 1)
-                        self.figure(
-                            f"fanin_cpu_{count}_{who}",
-                            f"CPU per version at {count:,} simulated host"
-                            f"{'s' if count > 1 else ''}: {who}",
-                            "ms",
-                        ).add(per_version_ms)
-                        if who == "state store":
-                            store_ms[count] = per_version_ms
-                    all_ms[count] = 1000 * all_spent / max(loop.persisted, 1)
+                wall_s = time.monotonic() - began
+                all_spent = 0.0
+                for who, pid in pids.items():
+                    spent = self.cpu_of(pid) - cpu_before[who]
+                    all_spent += spent
+                    per_version_ms = 1000 * spent / max(loop.persisted, 1)
                     self.figure(
-                        f"fanin_busy_{count}",
-                        f"… the machine's CPUs busy at {count:,} simulated host"
-                        f"{'s' if count > 1 else ''}",
-                        "%",
-                    ).add(100 * all_spent / (wall_s * (os.cpu_count() or 1)))
+                        f"fanin_cpu_{count}_{who}",
+                        f"CPU per version at {count:,} simulated host{hosts_s}: {who}",
+                        "ms",
+                    ).add(per_version_ms)
+                    if who == "state store":
+                        store_ms[count] = per_version_ms
+                all_ms[count] = 1000 * all_spent / max(loop.persisted, 1)
+                self.figure(
+                    f"fanin_busy_{count}",
+                    f"… the machine's CPUs busy at {count:,} simulated host{hosts_s}",
+                    "%",
+                ).add(100 * all_spent / (wall_s * (os.cpu_count() or 1)))
+                events = hosts.events_published - events_before[0]
+                self.figure(
+                    f"fanin_per_event_{count}",
+                    f"… versions per state.changed event at {count:,} simulated host{hosts_s}",
+                    "versions",
+                ).add((hosts.changes_published - events_before[1]) / max(events, 1))
                 if loop.timeouts:
                     self.notes.append(f"fan-in {count} hosts: {loop.timeouts} changes timed out")
                 rates[count] = loop.persisted_in_time / loop.seconds
                 self.figure(
                     f"fanin_{count}",
-                    f"Store throughput, {count:,} simulated host{'s' if count > 1 else ''} "
+                    f"Store throughput, {count:,} simulated host{hosts_s} "
                     f"x {settings.fanin_vms // count:,} VMs (TPM and NVRAM)",
                     "versions/s",
                 ).add(rates[count])
@@ -595,6 +600,12 @@ class Bench:
                     "ratio",
                     target="≥ 0.9" if count >= 1000 else "≥ 0.95",
                 ).add(rates[count] / rates[counts[0]])
+                # With the machine as busy at both counts, the throughput ratio is this one.
+                self.figure(
+                    f"fanin_all_cpu_ratio_{count}",
+                    f"… every process's CPU per version: 1 host / {count:,} hosts",
+                    "ratio",
+                ).add(all_ms[counts[0]] / all_ms[count])
             # The store's own part of the fan-in: what an operator sizing replicas pays per
             # version, apart from the broker's and the simulated hosts' per-event CPU, which
             # share this machine's cores but not a fleet's.
@@ -603,12 +614,6 @@ class Bench:
                 f"Fan-in, the store's own CPU per version: 1 host / {counts[-1]:,} hosts",
                 "ratio",
             ).add(store_ms[counts[0]] / store_ms[counts[-1]])
-            # With the machine as busy at both ends, the throughput ratio is this one.
-            self.figure(
-                "fanin_all_cpu_ratio",
-                f"Fan-in, every process's CPU per version: 1 host / {counts[-1]:,} hosts",
-                "ratio",
-            ).add(all_ms[counts[0]] / all_ms[counts[-1]])
             await self.consume_floors(store_ms[counts[0]])
             self.say(
                 f"fan-in round {index + 1}: " + ", ".join(f"{c}: {rates[c]:.0f}/s" for c in counts)

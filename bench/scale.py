@@ -74,6 +74,10 @@ class FakeHosts:
     steps: dict[tuple[str, StateKind], int] = field(default_factory=dict)
     generation: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     fetches: int = 0
+    events_published: int = 0
+    changes_published: int = 0
+    """``state.changed`` events published and the changes they carried: how many versions
+    share one event's per-message costs (the broker's, aio-pika's, the store's)."""
     announcers: dict[str, ChangeAnnouncer] = field(default_factory=dict)
     """Per simulated host, the agent's own batching of announcements."""
 
@@ -166,6 +170,8 @@ class FakeHosts:
 
     async def _publish(self, host: str, event: StateChanged) -> None:
         """Publish under the host's routing key, as its agent would."""
+        self.events_published += 1
+        self.changes_published += len(event.changes)
         envelope = new_envelope(event, source=f"host-agent/{host}", subject=host)
         await self.events.publish(
             aio_pika.Message(

@@ -99,7 +99,7 @@ def test_the_fan_in_bound_says_whether_one_ack_per_event_leaves_the_target_in_re
     for key, value in (
         ("fanin_busy_1", 86.0),
         ("fanin_busy_1000", 85.0),
-        ("fanin_all_cpu_ratio", 0.54),
+        ("fanin_all_cpu_ratio_1000", 0.54),
         ("floor_consume_1", 0.12),
         ("floor_consume_64", 0.07),
         ("fanin_ceiling_64", 0.925),
@@ -114,3 +114,21 @@ def test_the_fan_in_bound_says_whether_one_ack_per_event_leaves_the_target_in_re
 
     bench.add("fanin_ceiling_1", "ceiling", [0.91])
     assert "0.9 is within reach" in line_with(report(tmp_path, bench), "What bounds the fan-in")
+
+
+def test_each_fan_in_ratio_is_set_beside_its_cpu_bound_and_event_sizes(tmp_path: Path) -> None:
+    bench = FakeBench()
+    bench.add("fanin_ratio_100", "Fan-in: 100 hosts / 1 host", [0.8], target="≥ 0.95")
+    bench.add("fanin_ratio_10", "Fan-in: 10 hosts / 1 host", [0.96], target="≥ 0.95")
+    bench.add("fanin_all_cpu_ratio_100", "bound", [0.78])
+    bench.add("fanin_per_event_1", "per event", [120.0])
+    bench.add("fanin_per_event_100", "per event", [2.5])
+
+    text = report(tmp_path, bench)
+
+    assert line_with(text, "Fan-in: 100 hosts").endswith(
+        "; every process's CPU per version, 1 host / 100 hosts: 0.780, "
+        "versions per state.changed event 120 at 1 host and 2.50 at 100"
+    )
+    # Without its own bound measured, a ratio is shown alone.
+    assert line_with(text, "Fan-in: 10 hosts").endswith("per-round ratios)")
