@@ -161,13 +161,15 @@ def _targets(bench: Bench, settings: Settings) -> list[str]:
     if "fanin_ceiling_1" in figures:
         widest = settings.fanin_hosts[-1]
         ceiling, batched = median("fanin_ceiling_1"), median("fanin_ceiling_64")
+        busy_one, busy_widest = median("fanin_busy_1"), median(f"fanin_busy_{widest}")
+        cpu_ratio = median(f"fanin_all_cpu_ratio_{widest}")
         rows.append(
             f"- What bounds the fan-in at {widest:,} hosts here: the machine's CPUs were "
-            f"{fmt(median('fanin_busy_1'))} % busy at 1 host and "
-            f"{fmt(median(f'fanin_busy_{widest}'))} % at {widest:,}, so the throughput ratio "
-            "follows every process's CPU per version, 1 host / "
-            f"{widest:,} hosts = {fmt(median(f'fanin_all_cpu_ratio_{widest}'))}. "
-            "The store's own part: "
+            f"{fmt(busy_one)} % busy at 1 host and {fmt(busy_widest)} % at {widest:,}, so "
+            "the throughput ratio is about every process's CPU per version, 1 host / "
+            f"{widest:,} hosts = {fmt(cpu_ratio)}, times {fmt(busy_widest)} / "
+            f"{fmt(busy_one)}: {fmt(cpu_ratio * busy_widest / busy_one)} (each version costs "
+            "more CPU; nothing waits with CPUs idle). The store's own part: "
             f"aio-pika alone spends {fmt(median('floor_consume_1'))} ms of CPU per message "
             "consumed with one acknowledgement each (the bus client's way; "
             f"{fmt(median('floor_consume_64'))} ms with one per 64), and at {widest:,} hosts "
