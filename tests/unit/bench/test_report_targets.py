@@ -44,6 +44,7 @@ def test_each_target_is_judged_on_the_median_of_its_rounds(tmp_path: Path) -> No
     bench.add("lat_hop_ratio", "Latency ratio", [3.0, 5.0, 4.5], target="≤ 4")
     bench.add("fanin_ratio_10", "Fan-in: 10 hosts / 1 host", [0.96, 0.97, 0.9], target="≥ 0.95")
     bench.add("fanin_ratio_1000", "Fan-in: 1,000 hosts / 1 host", [0.91, 0.5, 0.92], "≥ 0.9")
+    bench.add("restore_p99", "Restore p99", [13.5])
     bench.pooled_latency = [1.0, 2.0]  # type: ignore[attr-defined]
 
     text = report(tmp_path, bench)
@@ -52,6 +53,7 @@ def test_each_target_is_judged_on_the_median_of_its_rounds(tmp_path: Path) -> No
     assert "4.50 — NOT met" in line_with(text, "Latency:")
     assert "0.960 — met" in line_with(text, "Fan-in: 10 hosts")
     assert "0.910 — met" in line_with(text, "Fan-in: 1,000 hosts")
+    assert "13.5 ms — met (target < 20 ms)" in line_with(text, "Restore p99")
     assert "| CPU ratio | ratio | 2.50 | 2.90 | 3.50 | 3 | ≤ 3 |" in text
     assert (tmp_path / "benchmarks.md").read_text(encoding="utf-8") == text
 
