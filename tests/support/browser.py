@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from selenium import webdriver
@@ -55,8 +56,10 @@ def has_left_page(element: WebElement) -> Callable[[webdriver.Chrome], bool]:
 
 
 @contextmanager
-def headless_chromium() -> Iterator[webdriver.Chrome]:
-    """A headless chromium with a window big enough for the console's tables."""
+def headless_chromium(scratch: Path) -> Iterator[webdriver.Chrome]:
+    """A headless chromium with a window big enough for the console's tables, its
+    temporary files in ``scratch`` (left in /tmp, each run kept a directory of chromium's
+    after it quit)."""
     require_chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -68,7 +71,8 @@ def headless_chromium() -> Iterator[webdriver.Chrome]:
         "--window-size=1280,900",
     ):
         options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    service = Service(CHROMEDRIVER, env={**os.environ, "TMPDIR": str(scratch)})
+    driver = webdriver.Chrome(service=service, options=options)
     driver.set_page_load_timeout(60)
     try:
         yield driver

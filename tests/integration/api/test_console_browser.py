@@ -58,8 +58,8 @@ async def console(stack: tuple[PolicyStack, ApiService]) -> Console:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
-    with headless_chromium() as driver:
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    with headless_chromium(tmp_path_factory.mktemp("chromium")) as driver:
         yield driver
 
 
