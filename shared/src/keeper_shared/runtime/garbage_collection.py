@@ -10,7 +10,7 @@ came about twice a second, each walking the whole held heap (137 ms on average):
 bench's scale run the store spent 26 s of its 172 s of CPU in 181 full collections. With
 :data:`FULL_THRESHOLD` it spent about 3 s in 21, and the storm stored every newest state
 in 61 s instead of 71 s (a storm whose simulator then announced about twice the versions
-it meant to; docs/benchmarks.md has the figures of today's storm).
+it meant to; docs/benchmarks.md has those of the storm as simulated now).
 """
 
 from __future__ import annotations
